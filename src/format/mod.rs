@@ -1,0 +1,54 @@
+//! Outside formats: MS-HRL change logs (in), VHD and VHDX disks (in), fixed VHD (out).
+//!
+//! Every parser here works over [`ReadAt`] (positional reads, no shared cursor) so one open
+//! file can serve concurrent readers, and so the server can validate a log that sits sealed in
+//! the object store through the same code that reads a local file. Parsers validate every
+//! offset and length they are given before using it and return a precise error enum.
+
+pub mod hrl;
+pub mod image;
+pub mod vhd;
+pub mod vhdx;
+
+/// Positional reads, as `std::os::unix::fs::FileExt::read_exact_at`.
+pub trait ReadAt: Send + Sync {
+    /// Fills `buf` from `offset`; an `UnexpectedEof` error when the source is shorter.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// Total length of the source in bytes.
+    fn len(&self) -> std::io::Result<u64>;
+}
+
+impl ReadAt for std::fs::File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+}
+
+impl ReadAt for [u8] {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let start = usize::try_from(offset).ok().filter(|&s| s <= self.len());
+        let end = start.and_then(|s| s.checked_add(buf.len())).filter(|&e| e <= self.len());
+        match (start, end) {
+            (Some(s), Some(e)) => {
+                buf.copy_from_slice(&self[s..e]);
+                Ok(())
+            }
+            _ => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past end")),
+        }
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(<[u8]>::len(self) as u64)
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.as_slice().read_exact_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.as_slice().len() as u64)
+    }
+}

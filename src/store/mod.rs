@@ -1,0 +1,284 @@
+//! The vault's object store: the only module that imports `object_store`.
+//!
+//! Everything above this module sees a [`Store`] with a handful of operations that every backend
+//! (local directory, Azure Blob, S3) implements with the same semantics:
+//!
+//! | operation        | semantics                                                             |
+//! |------------------|-----------------------------------------------------------------------|
+//! | `put`            | atomic whole-object write (last writer wins)                          |
+//! | `put_if_absent`  | create-only write: a second create of the same key is `Existed`       |
+//! | `get`/`get_range`| whole object or byte range; missing key is [`StoreError::NotFound`]   |
+//! | `list`           | every key under a prefix (recursive), with sizes                      |
+//! | `delete`         | idempotent removal                                                    |
+//!
+//! The vault format needs nothing else (see the crate docs for the key layout), which is what lets
+//! several servers share one bucket later. Keys are [`Key`]s: built only by server code from
+//! validated components, never from a caller-supplied path.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use object_store::path::Path as OsPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use futures_util::TryStreamExt;
+
+/// A server-built object key such as `chunks/ab/ab12…` (segments separated by `/`).
+///
+/// Constructed only through [`Key::new`], which rejects empty segments, `.`/`..`, and any byte
+/// outside `[A-Za-z0-9._-]`: callers format keys from ids the server generated or hashed.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(String);
+
+impl Key {
+    /// Builds a key from segments; panics never, returns `None` for a segment that is not safe.
+    pub fn new<S: AsRef<str>>(segments: &[S]) -> Option<Key> {
+        let mut s = String::new();
+        for (i, seg) in segments.iter().enumerate() {
+            let seg = seg.as_ref();
+            if !is_safe_segment(seg) {
+                return None;
+            }
+            if i > 0 {
+                s.push('/');
+            }
+            s.push_str(seg);
+        }
+        if s.is_empty() {
+            return None;
+        }
+        Some(Key(s))
+    }
+
+    /// Parses a key as returned by `list` (trusted: it came from our own store).
+    fn from_listed(s: &str) -> Option<Key> {
+        let parts: Vec<&str> = s.split('/').collect();
+        Key::new(&parts)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Last segment (the file name).
+    pub fn name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+
+    fn os_path(&self) -> OsPath {
+        OsPath::from(self.0.as_str())
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn is_safe_segment(seg: &str) -> bool {
+    !seg.is_empty()
+        && seg.len() <= 128
+        && seg != "."
+        && seg != ".."
+        // LocalFileSystem reserves names ending in `#<digits>` for staging files.
+        && seg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+/// Errors of the store layer. `Unavailable` is transient (retry); the rest are definite.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object {key} not found")]
+    NotFound { key: String },
+    #[error("store unavailable during {op} of {key}: {source}")]
+    Unavailable {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("store configuration: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    fn from_os(op: &'static str, key: &Key, e: object_store::Error) -> StoreError {
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.to_string() },
+            other => StoreError::Unavailable { op, key: key.to_string(), source: Box::new(other) },
+        }
+    }
+}
+
+/// Outcome of a create-only put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    /// The key already held an object: for content-addressed keys, a deduplication hit.
+    Existed,
+}
+
+/// One listed object.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub key: Key,
+    pub size: u64,
+}
+
+/// A handle on the vault's object store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<dyn ObjectStore>,
+    url: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("url", &self.url).finish()
+    }
+}
+
+impl Store {
+    /// Opens the store named by `url`: `file:///abs/dir` (fsync on), `memory://`,
+    /// `az://container` / `azure://container`, `s3://bucket`. Cloud credentials and endpoints
+    /// come from `options` (object_store's config keys, e.g. `azure_storage_account_name`)
+    /// and from the environment.
+    pub fn open(url: &str, options: &[(String, String)]) -> Result<Store, StoreError> {
+        let inner: Arc<dyn ObjectStore> = if let Some(path) = url.strip_prefix("file://") {
+            std::fs::create_dir_all(path)
+                .map_err(|e| StoreError::Config(format!("cannot create vault directory {path}: {e}")))?;
+            let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
+                .map_err(|e| StoreError::Config(format!("local vault {path}: {e}")))?
+                .with_fsync(true)
+                .with_automatic_cleanup(true);
+            Arc::new(fs)
+        } else if url == "memory://" {
+            Arc::new(object_store::memory::InMemory::new())
+        } else if let Some(container) =
+            url.strip_prefix("az://").or_else(|| url.strip_prefix("azure://"))
+        {
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_container_name(container.trim_end_matches('/'));
+            for (k, v) in options {
+                let key: object_store::azure::AzureConfigKey = k
+                    .parse()
+                    .map_err(|e| StoreError::Config(format!("azure option {k}: {e}")))?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(|e| StoreError::Config(format!("azure store {url}: {e}")))?)
+        } else if let Some(bucket) = url.strip_prefix("s3://") {
+            let mut b = object_store::aws::AmazonS3Builder::from_env()
+                .with_bucket_name(bucket.trim_end_matches('/'));
+            for (k, v) in options {
+                let key: object_store::aws::AmazonS3ConfigKey = k
+                    .parse()
+                    .map_err(|e| StoreError::Config(format!("s3 option {k}: {e}")))?;
+                b = b.with_config(key, v);
+            }
+            Arc::new(b.build().map_err(|e| StoreError::Config(format!("s3 store {url}: {e}")))?)
+        } else {
+            return Err(StoreError::Config(format!(
+                "unsupported vault URL {url:?}: use file:///dir, az://container, s3://bucket or memory://"
+            )));
+        };
+        Ok(Store { inner, url: url.to_string() })
+    }
+
+    /// Wraps an already-built object store (used by wrappers such as fault injection).
+    pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: &str) -> Store {
+        Store { inner, url: url.to_string() }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Atomic whole-object write.
+    pub async fn put(&self, key: &Key, data: Bytes) -> Result<(), StoreError> {
+        self.inner
+            .put(&key.os_path(), PutPayload::from_bytes(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| StoreError::from_os("put", key, e))
+    }
+
+    /// Create-only write. `Existed` when the key already holds an object.
+    pub async fn put_if_absent(&self, key: &Key, data: Bytes) -> Result<PutOutcome, StoreError> {
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.inner.put_opts(&key.os_path(), PutPayload::from_bytes(data), opts).await {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(PutOutcome::Existed),
+            Err(e) => Err(StoreError::from_os("put_if_absent", key, e)),
+        }
+    }
+
+    pub async fn get(&self, key: &Key) -> Result<Bytes, StoreError> {
+        let r = self.inner.get(&key.os_path()).await.map_err(|e| StoreError::from_os("get", key, e))?;
+        r.bytes().await.map_err(|e| StoreError::from_os("get", key, e))
+    }
+
+    pub async fn get_range(&self, key: &Key, range: Range<u64>) -> Result<Bytes, StoreError> {
+        self.inner
+            .get_range(&key.os_path(), range)
+            .await
+            .map_err(|e| StoreError::from_os("get_range", key, e))
+    }
+
+    /// Size of the object, or `None` when it does not exist.
+    pub async fn head(&self, key: &Key) -> Result<Option<u64>, StoreError> {
+        match self.inner.head(&key.os_path()).await {
+            Ok(m) => Ok(Some(m.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(StoreError::from_os("head", key, e)),
+        }
+    }
+
+    /// Idempotent delete: deleting a missing key succeeds.
+    pub async fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        match self.inner.delete(&key.os_path()).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StoreError::from_os("delete", key, e)),
+        }
+    }
+
+    /// Every object under `prefix` (recursive). Keys that are not ours (foreign files in a
+    /// shared bucket, staging files of the local backend) are skipped.
+    pub async fn list(&self, prefix: &Key) -> Result<Vec<Listed>, StoreError> {
+        let p = prefix.os_path();
+        let items: Vec<object_store::ObjectMeta> = self
+            .inner
+            .list(Some(&p))
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::from_os("list", prefix, e))?;
+        Ok(items
+            .into_iter()
+            .filter_map(|m| Key::from_listed(m.location.as_ref()).map(|key| Listed { key, size: m.size }))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_reject_unsafe_segments() {
+        assert!(Key::new(&["chunks", "ab", "abcdef"]).is_some());
+        for bad in ["..", ".", "", "a/b", "a%2e", "x\0y", "名前", "a b"] {
+            assert!(Key::new(&["vms", bad]).is_none(), "{bad:?} accepted");
+        }
+        assert!(Key::new(&["a".repeat(129)]).is_none());
+    }
+
+    #[tokio::test]
+    async fn create_only_put_reports_existing() {
+        let s = Store::open("memory://", &[]).unwrap();
+        let k = Key::new(&["t", "x"]).unwrap();
+        assert_eq!(s.put_if_absent(&k, Bytes::from_static(b"1")).await.unwrap(), PutOutcome::Created);
+        assert_eq!(s.put_if_absent(&k, Bytes::from_static(b"2")).await.unwrap(), PutOutcome::Existed);
+        assert_eq!(s.get(&k).await.unwrap(), Bytes::from_static(b"1"));
+    }
+}
