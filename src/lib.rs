@@ -1,7 +1,10 @@
-//! drvault: the storage side of Hyper-V-style disaster-recovery replication.
-//!
-//! (The full design document is being written; see DESIGN notes in the repository.)
+//! drvault (design document: being written)
 #![forbid(unsafe_code)]
 
+pub mod chunk;
+pub mod error;
+pub mod file_formats;
 pub mod format;
 pub mod store;
+pub mod util;
+pub mod vault;

@@ -30,13 +30,18 @@ impl ReadAt for std::fs::File {
 impl ReadAt for [u8] {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let start = usize::try_from(offset).ok().filter(|&s| s <= self.len());
-        let end = start.and_then(|s| s.checked_add(buf.len())).filter(|&e| e <= self.len());
+        let end = start
+            .and_then(|s| s.checked_add(buf.len()))
+            .filter(|&e| e <= self.len());
         match (start, end) {
             (Some(s), Some(e)) => {
                 buf.copy_from_slice(&self[s..e]);
                 Ok(())
             }
-            _ => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past end")),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past end",
+            )),
         }
     }
     fn len(&self) -> std::io::Result<u64> {

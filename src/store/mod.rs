@@ -19,9 +19,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::TryStreamExt;
 use object_store::path::Path as OsPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use futures_util::TryStreamExt;
 
 /// A server-built object key such as `chunks/ab/ab12…` (segments separated by `/`).
 ///
@@ -106,8 +106,14 @@ pub enum StoreError {
 impl StoreError {
     fn from_os(op: &'static str, key: &Key, e: object_store::Error) -> StoreError {
         match e {
-            object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.to_string() },
-            other => StoreError::Unavailable { op, key: key.to_string(), source: Box::new(other) },
+            object_store::Error::NotFound { .. } => StoreError::NotFound {
+                key: key.to_string(),
+            },
+            other => StoreError::Unavailable {
+                op,
+                key: key.to_string(),
+                source: Box::new(other),
+            },
         }
     }
 }
@@ -147,8 +153,9 @@ impl Store {
     /// and from the environment.
     pub fn open(url: &str, options: &[(String, String)]) -> Result<Store, StoreError> {
         let inner: Arc<dyn ObjectStore> = if let Some(path) = url.strip_prefix("file://") {
-            std::fs::create_dir_all(path)
-                .map_err(|e| StoreError::Config(format!("cannot create vault directory {path}: {e}")))?;
+            std::fs::create_dir_all(path).map_err(|e| {
+                StoreError::Config(format!("cannot create vault directory {path}: {e}"))
+            })?;
             let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
                 .map_err(|e| StoreError::Config(format!("local vault {path}: {e}")))?
                 .with_fsync(true)
@@ -156,8 +163,9 @@ impl Store {
             Arc::new(fs)
         } else if url == "memory://" {
             Arc::new(object_store::memory::InMemory::new())
-        } else if let Some(container) =
-            url.strip_prefix("az://").or_else(|| url.strip_prefix("azure://"))
+        } else if let Some(container) = url
+            .strip_prefix("az://")
+            .or_else(|| url.strip_prefix("azure://"))
         {
             let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_container_name(container.trim_end_matches('/'));
@@ -167,7 +175,10 @@ impl Store {
                     .map_err(|e| StoreError::Config(format!("azure option {k}: {e}")))?;
                 b = b.with_config(key, v);
             }
-            Arc::new(b.build().map_err(|e| StoreError::Config(format!("azure store {url}: {e}")))?)
+            Arc::new(
+                b.build()
+                    .map_err(|e| StoreError::Config(format!("azure store {url}: {e}")))?,
+            )
         } else if let Some(bucket) = url.strip_prefix("s3://") {
             let mut b = object_store::aws::AmazonS3Builder::from_env()
                 .with_bucket_name(bucket.trim_end_matches('/'));
@@ -177,18 +188,27 @@ impl Store {
                     .map_err(|e| StoreError::Config(format!("s3 option {k}: {e}")))?;
                 b = b.with_config(key, v);
             }
-            Arc::new(b.build().map_err(|e| StoreError::Config(format!("s3 store {url}: {e}")))?)
+            Arc::new(
+                b.build()
+                    .map_err(|e| StoreError::Config(format!("s3 store {url}: {e}")))?,
+            )
         } else {
             return Err(StoreError::Config(format!(
                 "unsupported vault URL {url:?}: use file:///dir, az://container, s3://bucket or memory://"
             )));
         };
-        Ok(Store { inner, url: url.to_string() })
+        Ok(Store {
+            inner,
+            url: url.to_string(),
+        })
     }
 
     /// Wraps an already-built object store (used by wrappers such as fault injection).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: &str) -> Store {
-        Store { inner, url: url.to_string() }
+        Store {
+            inner,
+            url: url.to_string(),
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -206,8 +226,15 @@ impl Store {
 
     /// Create-only write. `Existed` when the key already holds an object.
     pub async fn put_if_absent(&self, key: &Key, data: Bytes) -> Result<PutOutcome, StoreError> {
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.inner.put_opts(&key.os_path(), PutPayload::from_bytes(data), opts).await {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .inner
+            .put_opts(&key.os_path(), PutPayload::from_bytes(data), opts)
+            .await
+        {
             Ok(_) => Ok(PutOutcome::Created),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(PutOutcome::Existed),
             Err(e) => Err(StoreError::from_os("put_if_absent", key, e)),
@@ -215,8 +242,14 @@ impl Store {
     }
 
     pub async fn get(&self, key: &Key) -> Result<Bytes, StoreError> {
-        let r = self.inner.get(&key.os_path()).await.map_err(|e| StoreError::from_os("get", key, e))?;
-        r.bytes().await.map_err(|e| StoreError::from_os("get", key, e))
+        let r = self
+            .inner
+            .get(&key.os_path())
+            .await
+            .map_err(|e| StoreError::from_os("get", key, e))?;
+        r.bytes()
+            .await
+            .map_err(|e| StoreError::from_os("get", key, e))
     }
 
     pub async fn get_range(&self, key: &Key, range: Range<u64>) -> Result<Bytes, StoreError> {
@@ -255,7 +288,9 @@ impl Store {
             .map_err(|e| StoreError::from_os("list", prefix, e))?;
         Ok(items
             .into_iter()
-            .filter_map(|m| Key::from_listed(m.location.as_ref()).map(|key| Listed { key, size: m.size }))
+            .filter_map(|m| {
+                Key::from_listed(m.location.as_ref()).map(|key| Listed { key, size: m.size })
+            })
             .collect())
     }
 }
@@ -277,8 +312,14 @@ mod tests {
     async fn create_only_put_reports_existing() {
         let s = Store::open("memory://", &[]).unwrap();
         let k = Key::new(&["t", "x"]).unwrap();
-        assert_eq!(s.put_if_absent(&k, Bytes::from_static(b"1")).await.unwrap(), PutOutcome::Created);
-        assert_eq!(s.put_if_absent(&k, Bytes::from_static(b"2")).await.unwrap(), PutOutcome::Existed);
+        assert_eq!(
+            s.put_if_absent(&k, Bytes::from_static(b"1")).await.unwrap(),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            s.put_if_absent(&k, Bytes::from_static(b"2")).await.unwrap(),
+            PutOutcome::Existed
+        );
         assert_eq!(s.get(&k).await.unwrap(), Bytes::from_static(b"1"));
     }
 }

@@ -1,0 +1,358 @@
+//! The block pipeline: zero check → hash → name → (skip if stored) → compress → seal →
+//! create-only put; and the way back: get → open → verify the name against the content.
+//!
+//! CPU work runs on [`CpuPool`], a semaphore-bounded set of blocking threads, never on the async
+//! runtime's workers. The pool size bounds CPU use and, with the callers' own semaphores, memory:
+//! at most `threads` blocks are being compressed/sealed at once.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use crate::chunk::digest::{is_zero, ChunkName, PlainHash};
+use crate::chunk::keys::KeyRing;
+use crate::chunk::seal::{self, SealError};
+use crate::file_formats::ObjectKind;
+use crate::store::{Key, PutOutcome, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Corrupt(#[from] SealError),
+    #[error("content hash {actual} does not match the claimed {claimed}")]
+    HashMismatch { claimed: String, actual: String },
+}
+
+/// Bounded pool for CPU-heavy work (hashing, compression, encryption).
+#[derive(Clone)]
+pub struct CpuPool {
+    permits: Arc<Semaphore>,
+}
+
+impl CpuPool {
+    pub fn new(threads: usize) -> CpuPool {
+        CpuPool {
+            permits: Arc::new(Semaphore::new(threads.max(1))),
+        }
+    }
+
+    /// Number of threads matching the machine (one per core).
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    }
+
+    /// Runs `f` on a blocking thread once a permit is free. A panic in `f` is re-raised here.
+    pub async fn run<F, R>(&self, f: F) -> R
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        // The semaphore is never closed, so acquire cannot fail.
+        let _permit = self.permits.acquire().await;
+        match tokio::task::spawn_blocking(f).await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+/// What happened to one block.
+#[derive(Debug, Clone)]
+pub struct BlockPut {
+    /// `None` for an all-zero block (never stored).
+    pub name: Option<ChunkName>,
+    pub hash: PlainHash,
+    pub len: u64,
+    /// `Existed` is a deduplication hit; `None` for a zero block.
+    pub outcome: Option<PutOutcome>,
+    /// Bytes written to the store (0 for zero blocks and dedup hits).
+    pub stored_bytes: u64,
+}
+
+/// Chunk storage over a [`Store`].
+#[derive(Clone)]
+pub struct ChunkStore {
+    store: Store,
+    keys: Arc<KeyRing>,
+    cpu: CpuPool,
+    zstd_level: i32,
+}
+
+impl ChunkStore {
+    pub fn new(store: Store, keys: Arc<KeyRing>, cpu: CpuPool, zstd_level: i32) -> ChunkStore {
+        ChunkStore {
+            store,
+            keys,
+            cpu,
+            zstd_level,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
+    }
+
+    pub fn cpu(&self) -> &CpuPool {
+        &self.cpu
+    }
+
+    /// The object key of a chunk: `chunks/<first 3 hex>/<64 hex>` (4096 fan-out directories).
+    pub fn chunk_key(name: &ChunkName) -> Key {
+        let h = name.to_hex();
+        Key::new(&["chunks", &h[..3], &h]).unwrap_or_else(|| unreachable!("hex is a safe key"))
+    }
+
+    /// Stores one block. `claimed` is the plain BLAKE3 the sender announced: re-checked here.
+    pub async fn put_block(
+        &self,
+        data: Bytes,
+        claimed: Option<PlainHash>,
+    ) -> Result<BlockPut, ChunkError> {
+        let len = data.len() as u64;
+        let keys = self.keys.clone();
+        let d = data.clone();
+        // First CPU step: zero check and hashing (cheap) — decides whether sealing is needed.
+        let (zero, hash) = self
+            .cpu
+            .run(move || {
+                let zero = is_zero(&d);
+                (zero, PlainHash::of(&d))
+            })
+            .await;
+        if let Some(c) = claimed {
+            if !c.ct_eq(&hash) {
+                return Err(ChunkError::HashMismatch {
+                    claimed: c.to_hex(),
+                    actual: hash.to_hex(),
+                });
+            }
+        }
+        if zero {
+            metrics::counter!("drvault_blocks_zero_total").increment(1);
+            metrics::counter!("drvault_bytes_zero_total").increment(len);
+            return Ok(BlockPut {
+                name: None,
+                hash,
+                len,
+                outcome: None,
+                stored_bytes: 0,
+            });
+        }
+        let name = ChunkName::derive(keys.name_key(), &hash, len);
+        let key = Self::chunk_key(&name);
+        // A stat is far cheaper than compress + seal: identical blocks skip the CPU work.
+        if self.store.head(&key).await?.is_some() {
+            metrics::counter!("drvault_blocks_dedup_total").increment(1);
+            metrics::counter!("drvault_bytes_dedup_total").increment(len);
+            return Ok(BlockPut {
+                name: Some(name),
+                hash,
+                len,
+                outcome: Some(PutOutcome::Existed),
+                stored_bytes: 0,
+            });
+        }
+        let level = self.zstd_level;
+        let key_str = key.as_str().to_string();
+        let sealed = self
+            .cpu
+            .run(move || seal::seal(&keys, ObjectKind::Chunk, &key_str, &data, Some(level)))
+            .await;
+        let stored = sealed.bytes.len() as u64;
+        let outcome = self
+            .store
+            .put_if_absent(&key, Bytes::from(sealed.bytes))
+            .await?;
+        let stored_bytes = if outcome == PutOutcome::Created {
+            stored
+        } else {
+            0
+        };
+        match outcome {
+            PutOutcome::Created => {
+                metrics::counter!("drvault_blocks_stored_total").increment(1);
+                metrics::counter!("drvault_bytes_stored_plain_total").increment(len);
+                metrics::counter!("drvault_bytes_stored_sealed_total").increment(stored);
+            }
+            PutOutcome::Existed => {
+                metrics::counter!("drvault_blocks_dedup_total").increment(1);
+                metrics::counter!("drvault_bytes_dedup_total").increment(len);
+            }
+        }
+        Ok(BlockPut {
+            name: Some(name),
+            hash,
+            len,
+            outcome: Some(outcome),
+            stored_bytes,
+        })
+    }
+
+    /// Reads a block back, verifying the tag and that the content still derives its name.
+    pub async fn get_block(&self, name: &ChunkName) -> Result<(Bytes, PlainHash), ChunkError> {
+        let key = Self::chunk_key(name);
+        let raw = self.store.get(&key).await?;
+        let keys = self.keys.clone();
+        let name = *name;
+        self.cpu
+            .run(move || {
+                let key_str = key.as_str();
+                let plain = seal::open(&keys, ObjectKind::Chunk, key_str, raw.to_vec())?;
+                let hash = PlainHash::of(&plain);
+                let derived = ChunkName::derive(keys.name_key(), &hash, plain.len() as u64);
+                if !derived.ct_eq(&name) {
+                    return Err(ChunkError::Corrupt(SealError::ContentMismatch {
+                        name: key_str.to_string(),
+                    }));
+                }
+                Ok((Bytes::from(plain), hash))
+            })
+            .await
+    }
+
+    /// Seals and writes a small metadata object under a content-derived key (create-only).
+    pub async fn put_sealed_if_absent(
+        &self,
+        kind: ObjectKind,
+        key: &Key,
+        plaintext: Vec<u8>,
+        compress: bool,
+    ) -> Result<PutOutcome, ChunkError> {
+        let keys = self.keys.clone();
+        let key_str = key.as_str().to_string();
+        let level = compress.then_some(self.zstd_level);
+        let sealed = self
+            .cpu
+            .run(move || seal::seal(&keys, kind, &key_str, &plaintext, level))
+            .await;
+        Ok(self
+            .store
+            .put_if_absent(key, Bytes::from(sealed.bytes))
+            .await?)
+    }
+
+    /// Seals and writes (overwriting) a small object.
+    pub async fn put_sealed(
+        &self,
+        kind: ObjectKind,
+        key: &Key,
+        plaintext: Vec<u8>,
+    ) -> Result<(), ChunkError> {
+        let keys = self.keys.clone();
+        let key_str = key.as_str().to_string();
+        let sealed = self
+            .cpu
+            .run(move || seal::seal(&keys, kind, &key_str, &plaintext, None))
+            .await;
+        Ok(self.store.put(key, Bytes::from(sealed.bytes)).await?)
+    }
+
+    /// Reads and opens a sealed object of `kind`.
+    pub async fn get_sealed(&self, kind: ObjectKind, key: &Key) -> Result<Vec<u8>, ChunkError> {
+        let raw = self.store.get(key).await?;
+        let keys = self.keys.clone();
+        let key_str = key.as_str().to_string();
+        Ok(self
+            .cpu
+            .run(move || seal::open(&keys, kind, &key_str, raw.to_vec()))
+            .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cs() -> ChunkStore {
+        ChunkStore::new(
+            Store::open("memory://", &[]).unwrap(),
+            Arc::new(KeyRing::random()),
+            CpuPool::new(2),
+            1,
+        )
+    }
+
+    #[tokio::test]
+    async fn dedup_zero_and_round_trip() {
+        let cs = cs();
+        let block = Bytes::from((0..65536u32).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+        let a = cs
+            .put_block(block.clone(), Some(PlainHash::of(&block)))
+            .await
+            .unwrap();
+        assert_eq!(a.outcome, Some(PutOutcome::Created));
+        assert!(
+            a.stored_bytes > 0 && a.stored_bytes < 65536,
+            "compressible block stored compressed"
+        );
+        let b = cs.put_block(block.clone(), None).await.unwrap();
+        assert_eq!(b.outcome, Some(PutOutcome::Existed));
+        assert_eq!(a.name, b.name);
+        let z = cs
+            .put_block(Bytes::from(vec![0u8; 65536]), None)
+            .await
+            .unwrap();
+        assert!(z.name.is_none() && z.outcome.is_none());
+        assert_eq!(
+            cs.store()
+                .list(&Key::new(&["chunks"]).unwrap())
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        let (back, h) = cs.get_block(&a.name.unwrap()).await.unwrap();
+        assert_eq!(back, block);
+        assert_eq!(h, a.hash);
+    }
+
+    #[tokio::test]
+    async fn wrong_claimed_hash_stores_nothing() {
+        let cs = cs();
+        let block = Bytes::from(vec![5u8; 4096]);
+        let r = cs.put_block(block, Some(PlainHash::of(b"other"))).await;
+        assert!(matches!(r, Err(ChunkError::HashMismatch { .. })));
+        assert!(cs
+            .store()
+            .list(&Key::new(&["chunks"]).unwrap())
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn swapped_chunk_is_detected() {
+        let cs = cs();
+        let a = cs
+            .put_block(Bytes::from(vec![1u8; 8192]), None)
+            .await
+            .unwrap()
+            .name
+            .unwrap();
+        let b = cs
+            .put_block(Bytes::from(vec![2u8; 8192]), None)
+            .await
+            .unwrap()
+            .name
+            .unwrap();
+        // Copy b's object over a's name: the tag (bound to the key) must fail.
+        let braw = cs.store().get(&ChunkStore::chunk_key(&b)).await.unwrap();
+        cs.store()
+            .put(&ChunkStore::chunk_key(&a), braw)
+            .await
+            .unwrap();
+        assert!(matches!(
+            cs.get_block(&a).await,
+            Err(ChunkError::Corrupt(_))
+        ));
+    }
+}

@@ -1,0 +1,148 @@
+//! The domain error: what every layer above the store reports, with a stable machine-readable
+//! `code`, a human message with context, and whether a client should retry (`recoverable`).
+//! The mapping to HTTP status lives in one place, `api::error`.
+//!
+//! Layer errors (`StoreError`, `SealError`, format errors) convert into it: store trouble is
+//! transient (retry), a seal error is corruption (never retried, never served).
+
+use crate::chunk::SealError;
+use crate::store::StoreError;
+
+/// The public kinds; each has one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    InvalidInput,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Conflict,
+    TooLarge,
+    Busy,
+    Unavailable,
+    Corrupt,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    #[error("{message}")]
+    Unauthorized { message: String },
+    #[error("{message}")]
+    Forbidden { message: String },
+    #[error("{message}")]
+    NotFound { code: &'static str, message: String },
+    #[error("{message}")]
+    Conflict {
+        code: &'static str,
+        message: String,
+        recoverable: bool,
+    },
+    #[error("{message}")]
+    TooLarge { code: &'static str, message: String },
+    /// Back-pressure: retry after the given number of seconds.
+    #[error("{message}")]
+    Busy {
+        code: &'static str,
+        message: String,
+        retry_after_s: u64,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("corrupt object: {0}")]
+    Corrupt(#[from] SealError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Error {
+        Error::Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Error {
+        Error::NotFound {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Error {
+        Error::Conflict {
+            code,
+            message: message.into(),
+            recoverable: false,
+        }
+    }
+    pub fn forbidden(message: impl Into<String>) -> Error {
+        Error::Forbidden {
+            message: message.into(),
+        }
+    }
+    pub fn internal(message: impl Into<String>) -> Error {
+        Error::Internal(message.into())
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Error::Invalid { .. } => Kind::InvalidInput,
+            Error::Unauthorized { .. } => Kind::Unauthorized,
+            Error::Forbidden { .. } => Kind::Forbidden,
+            Error::NotFound { .. } => Kind::NotFound,
+            Error::Conflict { .. } => Kind::Conflict,
+            Error::TooLarge { .. } => Kind::TooLarge,
+            Error::Busy { .. } => Kind::Busy,
+            Error::Store(StoreError::NotFound { .. }) => Kind::Corrupt,
+            Error::Store(_) => Kind::Unavailable,
+            Error::Corrupt(_) => Kind::Corrupt,
+            Error::Internal(_) => Kind::Internal,
+        }
+    }
+
+    /// Stable machine-readable code (part of the API contract; see docs/api.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Invalid { code, .. }
+            | Error::NotFound { code, .. }
+            | Error::Conflict { code, .. }
+            | Error::TooLarge { code, .. }
+            | Error::Busy { code, .. } => code,
+            Error::Unauthorized { .. } => "unauthorized",
+            Error::Forbidden { .. } => "forbidden",
+            // An object the vault's own records point at is gone: that is damage, not a 404.
+            Error::Store(StoreError::NotFound { .. }) => "object_missing",
+            Error::Store(StoreError::Config(_)) => "store_misconfigured",
+            Error::Store(_) => "store_unavailable",
+            Error::Corrupt(_) => "corrupt_object",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// Whether the agent should retry with back-off (DESIGN.md "Errors as the agent sees them").
+    pub fn recoverable(&self) -> bool {
+        match self {
+            Error::Conflict { recoverable, .. } => *recoverable,
+            Error::Busy { .. } => true,
+            Error::Store(StoreError::Unavailable { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<crate::chunk::pipeline::ChunkError> for Error {
+    fn from(e: crate::chunk::pipeline::ChunkError) -> Error {
+        use crate::chunk::pipeline::ChunkError;
+        match e {
+            ChunkError::Store(s) => Error::Store(s),
+            ChunkError::Corrupt(c) => Error::Corrupt(c),
+            ChunkError::HashMismatch { claimed, actual } => Error::invalid(
+                "hash_mismatch",
+                format!("block content hashes to {actual}, the request claimed {claimed}"),
+            ),
+        }
+    }
+}

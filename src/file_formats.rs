@@ -1,0 +1,82 @@
+//! Every magic number and derivation context of drvault's own formats, in one registry.
+//!
+//! **Do not change any value here**: each one is written into vaults that must stay readable.
+//! A format change gets a new version number next to the old one, and readers keep both.
+//! Outside formats (MS-HRL, VHD, VHDX) keep their constants in their own modules under
+//! `format/`, next to the specification text they come from.
+
+/// First four bytes of every sealed object: "DRVS" (DR Vault Sealed).
+pub const SEALED_MAGIC: [u8; 4] = *b"DRVS";
+/// Version of the sealed-object framing (header layout, associated data, algorithms).
+pub const SEALED_VERSION: u8 = 1;
+/// Size of the sealed-object header (see `chunk::seal`).
+pub const SEALED_HEADER_LEN: usize = 32;
+/// AES-256-GCM tag length.
+pub const SEALED_TAG_LEN: usize = 16;
+
+/// What a sealed object holds; part of the authenticated header, so an object of one kind can
+/// never be opened as another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ObjectKind {
+    /// One disk block (plaintext up to the block size).
+    Chunk = 1,
+    /// A block-map root: disk geometry plus the names of its segments.
+    MapRoot = 2,
+    /// A block-map segment: up to `MAP_SEGMENT_ENTRIES` block entries.
+    MapSegment = 3,
+    /// A versioned record (JSON): VM, disk, job, registry.
+    Record = 4,
+    /// A receipt for one block received during a replication session.
+    Receipt = 5,
+    /// One frame of a stored change log.
+    LogFrame = 6,
+}
+
+impl ObjectKind {
+    pub fn from_u8(v: u8) -> Option<ObjectKind> {
+        Some(match v {
+            1 => ObjectKind::Chunk,
+            2 => ObjectKind::MapRoot,
+            3 => ObjectKind::MapSegment,
+            4 => ObjectKind::Record,
+            5 => ObjectKind::Receipt,
+            6 => ObjectKind::LogFrame,
+            _ => return None,
+        })
+    }
+}
+
+/// Header flag: the payload is zstd-compressed.
+pub const FLAG_ZSTD: u8 = 0x01;
+
+/// Entries per block-map segment: 1024 × 64 bytes = 64 KiB of plaintext per segment, so a new map
+/// version rewrites only the segments whose blocks changed.
+pub const MAP_SEGMENT_ENTRIES: usize = 1024;
+/// Bytes per block-map entry: chunk name (32, all zero for a zero block) + plain BLAKE3 (32).
+pub const MAP_ENTRY_LEN: usize = 64;
+/// Version of the block-map root layout.
+pub const MAP_VERSION: u32 = 1;
+
+/// BLAKE3 `derive_key` contexts (globally unique, hard-coded, application-specific, as BLAKE3
+/// asks). Each derives one 32-byte key from a master key.
+pub const KDF_CHUNK_NAME: &str = "drvault 2026-11-26 chunk name v1";
+pub const KDF_SEAL: &str = "drvault 2026-11-26 AES-256-GCM seal v1";
+pub const KDF_IDENT: &str = "drvault 2026-11-26 object identifiers v1";
+pub const KDF_TOKEN: &str = "drvault 2026-11-26 token digest v1";
+
+/// Largest plaintext any sealed object may claim; bounds every decompression (a crafted object
+/// cannot make the server allocate more than this).
+pub const MAX_SEALED_PLAINTEXT: u64 = 64 * 1024 * 1024;
+/// zstd window limit on decompression (2^27 = 128 MiB is zstd's default maximum for level ≤ 19;
+/// our writer uses far less), so a crafted frame cannot demand a larger window.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+
+/// Block size bounds: a power of two between 64 KiB and 64 MiB; 4 MiB by default (the same
+/// fixed-index granularity as Proxmox Backup Server).
+pub const DEFAULT_BLOCK_SIZE: u32 = 4 * 1024 * 1024;
+pub const MIN_BLOCK_SIZE: u32 = 64 * 1024;
+pub const MAX_BLOCK_SIZE: u32 = 64 * 1024 * 1024;
+
+/// Largest disk a VM may protect (4 TiB, the prerequisite).
+pub const MAX_DISK_SIZE: u64 = 4 * 1024 * 1024 * 1024 * 1024;

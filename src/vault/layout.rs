@@ -1,0 +1,87 @@
+//! The object key layout of a vault. Every key drvault writes is built here, from ids the server
+//! made (keyed hashes of names, UUIDs, content names): no caller text reaches a key.
+//!
+//! ```text
+//! vault/keycheck                            sealed; proves the key ring opens this vault
+//! chunks/<3 hex>/<64 hex>                   block contents (content-addressed, shared by all disks)
+//! maps/<3 hex>/<64 hex>                     block-map roots and segments (content-addressed)
+//! records/<family>/<id>/v<20 digits>        versioned records: registry, vm, disk, job
+//! stage/<vm>/<disk>/<session>/<10 digits>   receipts of blocks received in a replication session
+//! ```
+
+use crate::chunk::ChunkName;
+use crate::store::Key;
+
+fn key(segments: &[&str]) -> Key {
+    // Every caller passes fixed words, hex, decimal digits or UUIDs: all safe segments.
+    Key::new(segments).unwrap_or_else(|| unreachable!("unsafe key segment in {segments:?}"))
+}
+
+pub fn key_check() -> Key {
+    key(&["vault", "keycheck"])
+}
+
+pub fn map_object(name: &ChunkName) -> Key {
+    let h = name.to_hex();
+    key(&["maps", &h[..3], &h])
+}
+
+/// Families of versioned records.
+#[derive(Debug, Clone, Copy)]
+pub enum Family {
+    Registry,
+    Vm,
+    Disk,
+    Job,
+}
+
+impl Family {
+    fn word(self) -> &'static str {
+        match self {
+            Family::Registry => "registry",
+            Family::Vm => "vm",
+            Family::Disk => "disk",
+            Family::Job => "job",
+        }
+    }
+}
+
+/// Prefix under which the versions of one record live.
+pub fn record(family: Family, id: &str) -> Key {
+    key(&["records", family.word(), id])
+}
+
+pub fn record_family(family: Family) -> Key {
+    key(&["records", family.word()])
+}
+
+pub fn record_version(prefix: &Key, version: u64) -> Key {
+    let v = format!("v{version:020}");
+    let segs: Vec<&str> = prefix
+        .as_str()
+        .split('/')
+        .chain(std::iter::once(v.as_str()))
+        .collect();
+    key(&segs)
+}
+
+/// Parses the version from a listed record key's last segment.
+pub fn parse_record_version(k: &Key) -> Option<u64> {
+    let n = k.name().strip_prefix('v')?;
+    if n.len() != 20 {
+        return None;
+    }
+    n.parse().ok()
+}
+
+pub fn disk_record_id(vm_id: &str, disk_id: &str) -> String {
+    format!("{vm_id}-{disk_id}")
+}
+
+pub fn stage_session(vm_id: &str, disk_id: &str, session: &str) -> Key {
+    key(&["stage", vm_id, disk_id, session])
+}
+
+pub fn stage_receipt(vm_id: &str, disk_id: &str, session: &str, index: u64) -> Key {
+    key(&["stage", vm_id, disk_id, session, &format!("{index:010}")])
+}
