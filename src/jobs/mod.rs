@@ -1,0 +1,211 @@
+//! Jobs: the seed's Jobs tab. Every long operation (enable protection, finalize protection, and
+//! later merge, resync, failover) is a job with a kind, a VM, a state, progress, steps, start and
+//! end time and, when it failed, the error the caller saw.
+//!
+//! Job records are versioned records in the vault (written on every state change); progress is
+//! kept in memory only and merged in when jobs are listed, so a hot upload path never writes a
+//! record per block.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::RwLock;
+
+use crate::error::{Error, Result};
+use crate::vault::layout::{self, Family};
+use crate::vault::Records;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    EnableProtection,
+    FinalizeProtection,
+}
+
+impl JobKind {
+    pub fn title(self) -> &'static str {
+        match self {
+            JobKind::EnableProtection => "Enable protection",
+            JobKind::FinalizeProtection => "Finalize protection",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    WaitingForInput,
+    Succeeded,
+    Failed,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::WaitingForInput => "waiting_for_input",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobStep {
+    pub name: String,
+    pub state: JobState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+    pub recoverable: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub kind: JobKind,
+    pub title: String,
+    pub vm: Option<String>,
+    pub state: JobState,
+    /// 0.0 ..= 1.0
+    pub progress: f64,
+    pub steps: Vec<JobStep>,
+    pub created_unix: u64,
+    pub started_unix: Option<u64>,
+    pub ended_unix: Option<u64>,
+    pub error: Option<JobError>,
+}
+
+/// The job registry: vault records plus an in-memory cache (this server writes all jobs).
+#[derive(Clone)]
+pub struct Jobs {
+    records: Records,
+    cache: Arc<RwLock<BTreeMap<String, Job>>>,
+}
+
+impl Jobs {
+    /// Loads every job record of the vault.
+    pub async fn load(records: Records) -> Result<Jobs> {
+        let mut cache = BTreeMap::new();
+        for id in records.ids(Family::Job).await? {
+            if let Some(v) = records.load::<Job>(&layout::record(Family::Job, &id)).await? {
+                cache.insert(id, v.value);
+            }
+        }
+        publish_state_gauges(&cache);
+        Ok(Jobs { records, cache: Arc::new(RwLock::new(cache)) })
+    }
+
+    /// Creates a job (state running unless `queued`), durable before returning.
+    pub async fn create(&self, kind: JobKind, vm: Option<&str>, steps: &[&str], state: JobState) -> Result<Job> {
+        let now = crate::util::unix_now();
+        let job = Job {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind,
+            title: kind.title().to_string(),
+            vm: vm.map(String::from),
+            state,
+            progress: 0.0,
+            steps: steps.iter().map(|s| JobStep { name: s.to_string(), state: JobState::Queued }).collect(),
+            created_unix: now,
+            started_unix: (state == JobState::Running).then_some(now),
+            ended_unix: None,
+            error: None,
+        };
+        self.records.create(&layout::record(Family::Job, &job.id), &job).await?;
+        let mut c = self.cache.write().await;
+        c.insert(job.id.clone(), job.clone());
+        publish_state_gauges(&c);
+        Ok(job)
+    }
+
+    /// Applies `f` to a job and persists the result.
+    pub async fn modify(&self, id: &str, f: impl Fn(&mut Job)) -> Result<Job> {
+        let prefix = layout::record(Family::Job, id);
+        let updated = self
+            .records
+            .update(&prefix, |cur: Option<&Job>| {
+                let mut j = cur.cloned().ok_or_else(|| Error::not_found("job_not_found", format!("job {id} not found")))?;
+                f(&mut j);
+                Ok(Some(j))
+            })
+            .await?
+            .ok_or_else(|| Error::not_found("job_not_found", format!("job {id} not found")))?;
+        let mut c = self.cache.write().await;
+        c.insert(id.to_string(), updated.value.clone());
+        publish_state_gauges(&c);
+        Ok(updated.value)
+    }
+
+    pub async fn step(&self, id: &str, step: &str, state: JobState) -> Result<Job> {
+        self.modify(id, |j| {
+            if let Some(s) = j.steps.iter_mut().find(|s| s.name == step) {
+                s.state = state;
+            }
+            if j.state == JobState::Queued {
+                j.state = JobState::Running;
+                j.started_unix = Some(crate::util::unix_now());
+            }
+        })
+        .await
+    }
+
+    pub async fn succeed(&self, id: &str) -> Result<Job> {
+        self.modify(id, |j| {
+            j.state = JobState::Succeeded;
+            j.progress = 1.0;
+            j.ended_unix = Some(crate::util::unix_now());
+            for s in &mut j.steps {
+                if !s.state.is_final() {
+                    s.state = JobState::Succeeded;
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn fail(&self, id: &str, err: &Error) -> Result<Job> {
+        let je = JobError { code: err.code().to_string(), message: err.to_string(), recoverable: err.recoverable() };
+        self.modify(id, |j| {
+            j.state = JobState::Failed;
+            j.ended_unix = Some(crate::util::unix_now());
+            j.error = Some(je.clone());
+        })
+        .await
+    }
+
+    /// In-memory progress update (not persisted: cheap enough for the upload path).
+    pub async fn set_progress(&self, id: &str, progress: f64) {
+        if let Some(j) = self.cache.write().await.get_mut(id) {
+            j.progress = progress.clamp(0.0, 1.0);
+        }
+    }
+
+    pub async fn get(&self, id: &str) -> Option<Job> {
+        self.cache.read().await.get(id).cloned()
+    }
+
+    /// All jobs, newest first.
+    pub async fn list(&self) -> Vec<Job> {
+        let mut v: Vec<Job> = self.cache.read().await.values().cloned().collect();
+        v.sort_by(|a, b| b.created_unix.cmp(&a.created_unix).then_with(|| b.id.cmp(&a.id)));
+        v
+    }
+}
+
+fn publish_state_gauges(cache: &BTreeMap<String, Job>) {
+    for state in [JobState::Queued, JobState::Running, JobState::WaitingForInput, JobState::Succeeded, JobState::Failed] {
+        let n = cache.values().filter(|j| j.state == state).count();
+        metrics::gauge!("drvault_jobs", "state" => state.as_str()).set(n as f64);
+    }
+}

@@ -1,0 +1,393 @@
+//! Protecting VMs: enable protection, initial replication, finalize protection (the seed's
+//! first three steps).
+//!
+//! * [`spec`]: the agent's declaration of a VM and the prerequisite checks.
+//! * [`session`]: receiving a disk's blocks (receipts, resume queries, completion into a map).
+//!
+//! State lives in the vault as versioned records (`records/vm/<id>`, `records/disk/<vm>-<disk>`);
+//! this service caches them because this process is their only writer.
+
+pub mod session;
+pub mod spec;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::RwLock;
+
+use crate::error::{Error, Result};
+use crate::jobs::{JobKind, JobState, Jobs};
+use crate::vault::layout::{self, Family};
+use crate::vault::Vault;
+
+pub use session::{BlockAck, CompleteRequest, ReceivedQuery};
+pub use spec::{DiskSpec, NicSpec, Policy, VmSpec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    InitialReplication,
+    Protected,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskState {
+    /// Initial replication in progress: blocks arrive as receipts of the current session.
+    Receiving,
+    /// The disk's base block map is complete.
+    Complete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Health {
+    Normal,
+    Warning,
+    Critical,
+}
+
+/// The vault's record of a protected VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    pub id: String,
+    /// The host that enabled protection; only it (or its cloud's provider) may touch the VM.
+    pub owner: String,
+    pub spec: VmSpec,
+    pub state: VmState,
+    pub warnings: Vec<String>,
+    pub created_unix: u64,
+    pub protected_unix: Option<u64>,
+    pub enable_job: String,
+    pub finalize_job: Option<String>,
+}
+
+/// The vault's record of one disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskRecord {
+    pub vm: String,
+    pub disk: String,
+    pub vm_id: String,
+    pub disk_id: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub state: DiskState,
+    /// Current replication session (receipts live under it).
+    pub session: String,
+    /// Root of the base block map once complete (hex chunk name).
+    pub map_root: Option<String>,
+    /// BLAKE3 over the plain hashes of all blocks, as agreed with the agent at completion.
+    #[serde(default)]
+    pub content_digest: Option<String>,
+    pub stats: DiskStats,
+    pub completed_unix: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskStats {
+    pub blocks: u64,
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+    /// Bytes of the disk held in data blocks.
+    pub data_bytes: u64,
+}
+
+/// What the API shows of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmView {
+    pub name: String,
+    pub owner: String,
+    pub state: VmState,
+    pub health: Health,
+    pub health_reasons: Vec<String>,
+    pub generation: u8,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub policy: Policy,
+    pub disks: Vec<DiskView>,
+    pub nics: Vec<NicSpec>,
+    pub created: String,
+    pub protected: Option<String>,
+    pub enable_job: String,
+    pub finalize_job: Option<String>,
+    /// 0.0 ..= 1.0 while initial replication runs.
+    pub progress: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskView {
+    pub id: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub state: DiskState,
+    pub blocks: u64,
+    pub blocks_received: u64,
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+}
+
+/// The protection service.
+#[derive(Clone)]
+pub struct Protection {
+    pub(crate) vault: Vault,
+    pub(crate) jobs: Jobs,
+    block_size: u32,
+    mapped_networks: Arc<BTreeSet<String>>,
+    vms: Arc<RwLock<BTreeMap<String, VmRecord>>>,
+    disks: Arc<RwLock<BTreeMap<(String, String), DiskRecord>>>,
+    pub(crate) sessions: session::Sessions,
+}
+
+impl Protection {
+    /// Loads every VM and disk record and finishes any finalize step a crash interrupted.
+    pub async fn load(vault: Vault, jobs: Jobs, block_size: u32, mapped_networks: BTreeSet<String>) -> Result<Protection> {
+        let mut vms = BTreeMap::new();
+        for id in vault.records.ids(Family::Vm).await? {
+            if let Some(v) = vault.records.load::<VmRecord>(&layout::record(Family::Vm, &id)).await? {
+                vms.insert(v.value.name.clone(), v.value);
+            }
+        }
+        let mut disks = BTreeMap::new();
+        for id in vault.records.ids(Family::Disk).await? {
+            if let Some(d) = vault.records.load::<DiskRecord>(&layout::record(Family::Disk, &id)).await? {
+                disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
+            }
+        }
+        let p = Protection {
+            vault,
+            jobs,
+            block_size,
+            mapped_networks: Arc::new(mapped_networks),
+            vms: Arc::new(RwLock::new(vms)),
+            disks: Arc::new(RwLock::new(disks)),
+            sessions: session::Sessions::default(),
+        };
+        let pending: Vec<String> = p
+            .vms
+            .read()
+            .await
+            .values()
+            .filter(|v| v.state == VmState::InitialReplication)
+            .map(|v| v.name.clone())
+            .collect();
+        for vm in pending {
+            p.finalize_if_complete(&vm).await?;
+        }
+        Ok(p)
+    }
+
+    pub fn vm_id(&self, vm: &str) -> String {
+        self.vault.keys().ident("vm", vm)
+    }
+
+    pub fn disk_id(&self, vm: &str, disk: &str) -> String {
+        self.vault.keys().ident("disk", &format!("{vm}\0{disk}"))
+    }
+
+    /// Enable protection (idempotent for the same host and spec).
+    pub async fn enable(&self, host: &str, vm: &str, spec: &VmSpec) -> Result<(VmView, bool)> {
+        let (spec, warnings) = spec::validate(vm, spec, &self.mapped_networks)?;
+        if let Some(existing) = self.vms.read().await.get(vm).cloned() {
+            if existing.owner != host {
+                return Err(Error::forbidden(format!("VM {vm} is protected by another host")));
+            }
+            if existing.spec != spec {
+                return Err(Error::conflict(
+                    "vm_exists",
+                    format!("VM {vm} is already protected with a different specification; disable protection first"),
+                ));
+            }
+            return Ok((self.view(&existing).await, false));
+        }
+        let vm_id = self.vm_id(vm);
+        let mut steps: Vec<String> = vec!["Check prerequisites".into()];
+        steps.extend(spec.disks.iter().map(|d| format!("Initial replication of disk {}", d.id)));
+        let step_refs: Vec<&str> = steps.iter().map(String::as_str).collect();
+        let job = self.jobs.create(JobKind::EnableProtection, Some(vm), &step_refs, JobState::Running).await?;
+        self.jobs.step(&job.id, "Check prerequisites", JobState::Succeeded).await?;
+        let now = crate::util::unix_now();
+        // Disk records first: a VM record is never visible without its disks.
+        for d in &spec.disks {
+            let disk_id = self.disk_id(vm, &d.id);
+            let rec = DiskRecord {
+                vm: vm.to_string(),
+                disk: d.id.clone(),
+                vm_id: vm_id.clone(),
+                disk_id: disk_id.clone(),
+                size: d.size,
+                block_size: self.block_size,
+                state: DiskState::Receiving,
+                session: uuid::Uuid::new_v4().simple().to_string(),
+                map_root: None,
+                content_digest: None,
+                stats: DiskStats { blocks: crate::replica::blockmap::block_count(d.size, self.block_size), ..Default::default() },
+                completed_unix: None,
+            };
+            let prefix = layout::record(Family::Disk, &layout::disk_record_id(&vm_id, &disk_id));
+            // A leftover from a crashed enable is replaced; the VM record below is the commit point.
+            self.vault.records.update(&prefix, |_: Option<&DiskRecord>| Ok(Some(rec.clone()))).await?;
+            self.disks.write().await.insert((vm.to_string(), d.id.clone()), rec);
+        }
+        let rec = VmRecord {
+            name: vm.to_string(),
+            id: vm_id.clone(),
+            owner: host.to_string(),
+            spec,
+            state: VmState::InitialReplication,
+            warnings,
+            created_unix: now,
+            protected_unix: None,
+            enable_job: job.id.clone(),
+            finalize_job: None,
+        };
+        if !self.vault.records.create(&layout::record(Family::Vm, &vm_id), &rec).await? {
+            return Err(Error::Conflict { code: "vm_exists", message: format!("VM {vm} was created concurrently; retry"), recoverable: true });
+        }
+        self.vms.write().await.insert(vm.to_string(), rec.clone());
+        tracing::info!(vm, host, disks = rec.spec.disks.len(), "protection enabled");
+        Ok((self.view(&rec).await, true))
+    }
+
+    /// The VM record, checking that `host` may act on it (None = operator).
+    pub async fn vm_for(&self, host: Option<&str>, vm: &str) -> Result<VmRecord> {
+        let rec = self
+            .vms
+            .read()
+            .await
+            .get(vm)
+            .cloned()
+            .ok_or_else(|| Error::not_found("vm_not_found", format!("VM {vm} is not protected")))?;
+        if let Some(h) = host {
+            if rec.owner != h {
+                return Err(Error::forbidden(format!("VM {vm} belongs to another host")));
+            }
+        }
+        Ok(rec)
+    }
+
+    pub async fn disk_for(&self, host: Option<&str>, vm: &str, disk: &str) -> Result<(VmRecord, DiskRecord)> {
+        let v = self.vm_for(host, vm).await?;
+        let d = self
+            .disks
+            .read()
+            .await
+            .get(&(vm.to_string(), disk.to_string()))
+            .cloned()
+            .ok_or_else(|| Error::not_found("disk_not_found", format!("VM {vm} has no disk {disk}")))?;
+        Ok((v, d))
+    }
+
+    pub(crate) async fn store_disk(&self, rec: DiskRecord) -> Result<()> {
+        let prefix = layout::record(Family::Disk, &layout::disk_record_id(&rec.vm_id, &rec.disk_id));
+        self.vault.records.update(&prefix, |_: Option<&DiskRecord>| Ok(Some(rec.clone()))).await?;
+        self.disks.write().await.insert((rec.vm.clone(), rec.disk.clone()), rec);
+        Ok(())
+    }
+
+    /// When every disk of a VM is complete: the "Finalize protection" job marks it protected.
+    pub(crate) async fn finalize_if_complete(&self, vm: &str) -> Result<()> {
+        let rec = self.vm_for(None, vm).await?;
+        if rec.state != VmState::InitialReplication {
+            return Ok(());
+        }
+        let disks = self.disks.read().await;
+        let all = rec.spec.disks.iter().all(|d| {
+            disks.get(&(vm.to_string(), d.id.clone())).map(|r| r.state == DiskState::Complete).unwrap_or(false)
+        });
+        drop(disks);
+        if !all {
+            return Ok(());
+        }
+        let job = self
+            .jobs
+            .create(JobKind::FinalizeProtection, Some(vm), &["Configure post-replication settings", "Mark protected"], JobState::Running)
+            .await?;
+        self.jobs.step(&job.id, "Configure post-replication settings", JobState::Succeeded).await?;
+        let now = crate::util::unix_now();
+        let jid = job.id.clone();
+        let updated = self
+            .vault
+            .records
+            .update(&layout::record(Family::Vm, &rec.id), |cur: Option<&VmRecord>| {
+                let mut r = cur.cloned().ok_or_else(|| Error::not_found("vm_not_found", "VM record vanished"))?;
+                if r.state == VmState::Protected {
+                    return Ok(None);
+                }
+                r.state = VmState::Protected;
+                r.protected_unix = Some(now);
+                r.finalize_job = Some(jid.clone());
+                Ok(Some(r))
+            })
+            .await?
+            .ok_or_else(|| Error::internal("VM record missing after update"))?;
+        self.vms.write().await.insert(vm.to_string(), updated.value.clone());
+        self.jobs.succeed(&job.id).await?;
+        if let Some(j) = self.jobs.get(&rec.enable_job).await {
+            if !j.state.is_final() {
+                self.jobs.succeed(&rec.enable_job).await?;
+            }
+        }
+        tracing::info!(vm, "protection finalized: VM protected");
+        Ok(())
+    }
+
+    pub async fn list(&self) -> Vec<VmView> {
+        let vms: Vec<VmRecord> = self.vms.read().await.values().cloned().collect();
+        let mut out = Vec::with_capacity(vms.len());
+        for v in &vms {
+            out.push(self.view(v).await);
+        }
+        out
+    }
+
+    pub async fn view(&self, rec: &VmRecord) -> VmView {
+        let disks = self.disks.read().await;
+        let mut dv = Vec::new();
+        let (mut done, mut total) = (0u64, 0u64);
+        for d in &rec.spec.disks {
+            if let Some(r) = disks.get(&(rec.name.clone(), d.id.clone())) {
+                let received = match r.state {
+                    DiskState::Complete => r.stats.blocks,
+                    DiskState::Receiving => self.sessions.received_count(&r.vm_id, &r.disk_id).await,
+                };
+                done += received.min(r.stats.blocks);
+                total += r.stats.blocks;
+                dv.push(DiskView {
+                    id: r.disk.clone(),
+                    size: r.size,
+                    block_size: r.block_size,
+                    state: r.state,
+                    blocks: r.stats.blocks,
+                    blocks_received: received,
+                    data_blocks: r.stats.data_blocks,
+                    zero_blocks: r.stats.zero_blocks,
+                });
+            }
+        }
+        let mut reasons = rec.warnings.clone();
+        let health = if reasons.is_empty() { Health::Normal } else { Health::Warning };
+        if rec.state == VmState::InitialReplication {
+            reasons.push("initial replication in progress".into());
+        }
+        let policy = rec.spec.policy.clone().unwrap_or_default();
+        VmView {
+            name: rec.name.clone(),
+            owner: rec.owner.clone(),
+            state: rec.state,
+            health,
+            health_reasons: reasons,
+            generation: rec.spec.generation,
+            cpus: rec.spec.cpus,
+            memory_mib: rec.spec.memory_mib,
+            policy,
+            disks: dv,
+            nics: rec.spec.nics.clone(),
+            created: crate::util::rfc3339(rec.created_unix),
+            protected: rec.protected_unix.map(crate::util::rfc3339),
+            enable_job: rec.enable_job.clone(),
+            finalize_job: rec.finalize_job.clone(),
+            progress: if rec.state == VmState::Protected { 1.0 } else if total == 0 { 0.0 } else { done as f64 / total as f64 },
+        }
+    }
+}

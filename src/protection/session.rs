@@ -1,0 +1,339 @@
+//! Initial replication of one disk: a *session* of block uploads.
+//!
+//! Each accepted block is stored as a chunk (or recognised as zero / a duplicate) and then a small
+//! sealed *receipt* is written at `stage/<vm>/<disk>/<session>/<index>`: chunk first, receipt
+//! second, acknowledgement last, so an acknowledged block is durable and reachable (invariant 1).
+//! The agent resumes an interrupted replication by asking which of its blocks (index + plain
+//! hash) the session lacks. Completion checks that every block the agent says holds data has a
+//! receipt and that a digest over all block hashes matches the agent's, builds the disk's block
+//! map from the receipts, and switches the disk record to it in one versioned update.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::{DiskRecord, DiskState, Protection};
+use crate::chunk::{ChunkName, PlainHash};
+use crate::error::{Error, Result};
+use crate::file_formats::ObjectKind;
+use crate::jobs::JobState;
+use crate::replica::blockmap::{block_len, BlockMap, MapEntry};
+use crate::store::PutOutcome;
+use crate::vault::layout;
+
+/// Receipt plaintext: chunk name (32, zero for a zero block) ‖ plain hash (32) ‖ length (u64 LE).
+const RECEIPT_LEN: usize = 72;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Receipt {
+    name: Option<ChunkName>,
+    hash: PlainHash,
+}
+
+struct SessionState {
+    session: String,
+    received: BTreeMap<u64, Receipt>,
+}
+
+/// In-memory view of open sessions, rebuilt from receipts on first use after a restart.
+#[derive(Clone, Default)]
+pub struct Sessions {
+    open: Arc<Mutex<HashMap<(String, String), Arc<Mutex<SessionState>>>>>,
+}
+
+impl Sessions {
+    pub async fn received_count(&self, vm_id: &str, disk_id: &str) -> u64 {
+        let s = self.open.lock().await.get(&(vm_id.to_string(), disk_id.to_string())).cloned();
+        match s {
+            Some(s) => s.lock().await.received.len() as u64,
+            None => 0,
+        }
+    }
+}
+
+/// How an uploaded block was taken.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlockAck {
+    pub index: u64,
+    /// `stored`, `deduplicated`, `zero` or `already_received`.
+    pub outcome: String,
+    /// Bytes written to the store for this block (after compression and sealing).
+    pub stored_bytes: u64,
+}
+
+/// Resume query: the agent's view of some blocks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceivedQuery {
+    pub blocks: Vec<QueryBlock>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryBlock {
+    pub index: u64,
+    pub hash: String,
+}
+
+/// Completion request: which blocks hold data (runs of `[first, count]`) and the digest over the
+/// plain hashes of all blocks in order (a zero block contributing the hash of its zero bytes).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteRequest {
+    pub data_runs: Vec<(u64, u64)>,
+    pub digest: String,
+}
+
+/// Largest resume query accepted in one request.
+pub const MAX_QUERY_BLOCKS: usize = 65_536;
+
+impl Protection {
+    async fn session_state(&self, d: &DiskRecord) -> Result<Arc<Mutex<SessionState>>> {
+        let key = (d.vm_id.clone(), d.disk_id.clone());
+        let slot = {
+            let mut open = self.sessions.open.lock().await;
+            match open.get(&key) {
+                Some(s) if s.lock().await.session == d.session => return Ok(s.clone()),
+                _ => {}
+            }
+            let s = Arc::new(Mutex::new(SessionState { session: d.session.clone(), received: BTreeMap::new() }));
+            open.insert(key.clone(), s.clone());
+            s
+        };
+        // Rebuild from the receipts in the vault while holding the session lock, so uploads
+        // that arrive meanwhile wait and then see a complete picture.
+        let mut st = slot.lock().await;
+        let prefix = layout::stage_session(&d.vm_id, &d.disk_id, &d.session);
+        let listed = self.vault.store().list(&prefix).await?;
+        let chunks = self.vault.chunks.clone();
+        let mut loads = futures_util::stream::iter(listed.into_iter().filter_map(|l| {
+            let index: u64 = l.key.name().parse().ok()?;
+            Some((index, l.key))
+        }))
+        .map(|(index, key)| {
+            let chunks = chunks.clone();
+            async move { (index, chunks.get_sealed(ObjectKind::Receipt, &key).await) }
+        })
+        .buffer_unordered(32);
+        while let Some((index, r)) = loads.next().await {
+            let plain = r?;
+            if plain.len() != RECEIPT_LEN {
+                return Err(Error::internal(format!("receipt {index} of disk {} has length {}", d.disk, plain.len())));
+            }
+            let mut n = [0u8; 32];
+            let mut h = [0u8; 32];
+            n.copy_from_slice(&plain[..32]);
+            h.copy_from_slice(&plain[32..64]);
+            let name = (n != [0u8; 32]).then_some(ChunkName(n));
+            st.received.insert(index, Receipt { name, hash: PlainHash(h) });
+        }
+        drop(st);
+        Ok(slot)
+    }
+
+    /// Takes one block of an initial replication.
+    pub async fn put_block(&self, host: &str, vm: &str, disk: &str, index: u64, claimed: PlainHash, body: Bytes) -> Result<BlockAck> {
+        let (_, d) = self.disk_for(Some(host), vm, disk).await?;
+        check_block(&d, index, body.len() as u64)?;
+        if d.state == DiskState::Complete {
+            return Err(Error::conflict("replication_complete", format!("disk {disk} of VM {vm} already completed initial replication")));
+        }
+        let st = self.session_state(&d).await?;
+        if let Some(r) = st.lock().await.received.get(&index) {
+            if r.hash.ct_eq(&claimed) {
+                return Ok(BlockAck { index, outcome: "already_received".into(), stored_bytes: 0 });
+            }
+        }
+        let put = self.vault.chunks.put_block(body, Some(claimed)).await?;
+        let mut plain = Vec::with_capacity(RECEIPT_LEN);
+        plain.extend_from_slice(&put.name.map(|n| n.0).unwrap_or([0u8; 32]));
+        plain.extend_from_slice(&put.hash.0);
+        plain.extend_from_slice(&put.len.to_le_bytes());
+        let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &d.session, index);
+        self.vault.chunks.put_sealed(ObjectKind::Receipt, &key, plain).await?;
+        st.lock().await.received.insert(index, Receipt { name: put.name, hash: put.hash });
+        metrics::counter!("drvault_blocks_received_total").increment(1);
+        metrics::counter!("drvault_bytes_received_total").increment(put.len);
+        let outcome = match put.outcome {
+            None => "zero",
+            Some(PutOutcome::Created) => "stored",
+            Some(PutOutcome::Existed) => "deduplicated",
+        };
+        self.note_progress(&d).await;
+        Ok(BlockAck { index, outcome: outcome.into(), stored_bytes: put.stored_bytes })
+    }
+
+    async fn note_progress(&self, d: &DiskRecord) {
+        if let Ok(v) = self.vm_for(None, &d.vm).await {
+            let view = self.view(&v).await;
+            self.jobs.set_progress(&v.enable_job, view.progress).await;
+        }
+    }
+
+    /// Which of the queried blocks the session does not hold with that content.
+    pub async fn missing_blocks(&self, host: &str, vm: &str, disk: &str, q: &ReceivedQuery) -> Result<Vec<u64>> {
+        if q.blocks.len() > MAX_QUERY_BLOCKS {
+            return Err(Error::invalid("query_too_large", format!("at most {MAX_QUERY_BLOCKS} blocks per query")));
+        }
+        let (_, d) = self.disk_for(Some(host), vm, disk).await?;
+        let mut wanted = Vec::with_capacity(q.blocks.len());
+        for b in &q.blocks {
+            check_block(&d, b.index, block_len(d.size, d.block_size, b.index))?;
+            let h = PlainHash::from_hex(&b.hash)
+                .ok_or_else(|| Error::invalid("invalid_hash", format!("block {}: hash is not 64 hex digits", b.index)))?;
+            wanted.push((b.index, h));
+        }
+        if d.state == DiskState::Complete {
+            // Everything is in the base map now; nothing is missing for this session.
+            return Ok(Vec::new());
+        }
+        let st = self.session_state(&d).await?;
+        let st = st.lock().await;
+        Ok(wanted
+            .into_iter()
+            .filter(|(i, h)| !st.received.get(i).map(|r| r.hash.ct_eq(h)).unwrap_or(false))
+            .map(|(i, _)| i)
+            .collect())
+    }
+
+    /// Ends a disk's initial replication: verify, build the block map, switch the record.
+    pub async fn complete_disk(&self, host: &str, vm: &str, disk: &str, req: &CompleteRequest) -> Result<super::DiskView> {
+        let (_, d) = self.disk_for(Some(host), vm, disk).await?;
+        let claimed = PlainHash::from_hex(&req.digest)
+            .ok_or_else(|| Error::invalid("invalid_hash", "digest is not 64 hex digits"))?;
+        let nblocks = d.stats.blocks;
+        // Validate runs: in range, sorted, not overlapping.
+        let mut next_free = 0u64;
+        for &(first, count) in &req.data_runs {
+            let end = first.checked_add(count).filter(|&e| e <= nblocks && count > 0);
+            match end {
+                Some(end) if first >= next_free => next_free = end,
+                _ => return Err(Error::invalid("invalid_runs", format!("data run [{first}, +{count}] is empty, overlaps, is unsorted or passes block {nblocks}"))),
+            }
+        }
+        if d.state == DiskState::Complete {
+            return self.disk_view_if_same(&d, &claimed).await;
+        }
+        let st = self.session_state(&d).await?;
+        let st = st.lock().await;
+        let mut missing = Vec::new();
+        for &(first, count) in &req.data_runs {
+            for i in first..first + count {
+                if !st.received.contains_key(&i) {
+                    missing.push(i);
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Error::conflict(
+                "blocks_missing",
+                format!("{} data blocks were never received (first: block {}); resume the upload", missing.len(), missing[0]),
+            ));
+        }
+        let mut map = BlockMap::zeroed(d.size, d.block_size);
+        let mut digest = blake3::Hasher::new();
+        let zero_full = PlainHash::of(&vec![0u8; d.block_size as usize]);
+        let mut runs = req.data_runs.iter().peekable();
+        let (mut data_blocks, mut data_bytes) = (0u64, 0u64);
+        for i in 0..nblocks {
+            while runs.peek().map(|&&(f, c)| i >= f + c).unwrap_or(false) {
+                runs.next();
+            }
+            let in_data = runs.peek().map(|&&(f, _)| i >= f).unwrap_or(false);
+            let len = block_len(d.size, d.block_size, i);
+            let zero_hash = || if len == d.block_size as u64 { zero_full } else { PlainHash::of(&vec![0u8; len as usize]) };
+            if in_data {
+                // Present by the check above.
+                let r = st.received.get(&i).copied().ok_or_else(|| Error::internal("receipt vanished"))?;
+                digest.update(&r.hash.0);
+                if let Some(name) = r.name {
+                    map.set(i, MapEntry::Data { name, hash: r.hash })?;
+                    data_blocks += 1;
+                    data_bytes += len;
+                }
+            } else {
+                digest.update(&zero_hash().0);
+            }
+        }
+        let actual = PlainHash(*digest.finalize().as_bytes());
+        if !actual.ct_eq(&claimed) {
+            return Err(Error::conflict(
+                "digest_mismatch",
+                format!("disk {disk}: the received blocks digest to {}, the agent's disk to {}; resume to resend changed blocks", actual.to_hex(), claimed.to_hex()),
+            ));
+        }
+        drop(st);
+        let root = map.save(&self.vault.chunks).await?;
+        let mut rec = d.clone();
+        rec.state = DiskState::Complete;
+        rec.map_root = Some(root.to_hex());
+        rec.content_digest = Some(actual.to_hex());
+        rec.completed_unix = Some(crate::util::unix_now());
+        rec.stats.data_blocks = data_blocks;
+        rec.stats.zero_blocks = nblocks - data_blocks;
+        rec.stats.data_bytes = data_bytes;
+        self.store_disk(rec.clone()).await?;
+        tracing::info!(vm, disk, data_blocks, "initial replication of disk complete");
+        // Receipts are no longer needed: the map holds everything. Removing them is best effort.
+        self.sessions.open.lock().await.remove(&(d.vm_id.clone(), d.disk_id.clone()));
+        let store = self.vault.store().clone();
+        let prefix = layout::stage_session(&d.vm_id, &d.disk_id, &d.session);
+        tokio::spawn(async move {
+            if let Ok(items) = store.list(&prefix).await {
+                for l in items {
+                    let _ = store.delete(&l.key).await;
+                }
+            }
+        });
+        let v = self.vm_for(None, vm).await?;
+        self.jobs.step(&v.enable_job, &format!("Initial replication of disk {disk}"), JobState::Succeeded).await?;
+        self.note_progress(&rec).await;
+        self.finalize_if_complete(vm).await?;
+        self.disk_view(vm, disk).await
+    }
+
+    async fn disk_view_if_same(&self, d: &DiskRecord, claimed: &PlainHash) -> Result<super::DiskView> {
+        match d.content_digest.as_deref().and_then(PlainHash::from_hex) {
+            Some(h) if h.ct_eq(claimed) => self.disk_view(&d.vm, &d.disk).await,
+            _ => Err(Error::conflict("replication_complete", format!("disk {} already completed with different content", d.disk))),
+        }
+    }
+
+    pub async fn disk_view(&self, vm: &str, disk: &str) -> Result<super::DiskView> {
+        let v = self.vm_for(None, vm).await?;
+        let view = self.view(&v).await;
+        view.disks.into_iter().find(|x| x.id == disk).ok_or_else(|| Error::not_found("disk_not_found", format!("VM {vm} has no disk {disk}")))
+    }
+
+    /// The base block map of a completed disk.
+    pub async fn base_map(&self, vm: &str, disk: &str) -> Result<(DiskRecord, BlockMap)> {
+        let (_, d) = self.disk_for(None, vm, disk).await?;
+        let root = match (&d.state, &d.map_root) {
+            (DiskState::Complete, Some(r)) => ChunkName::from_hex(r).ok_or_else(|| Error::internal("bad map root in disk record"))?,
+            _ => return Err(Error::conflict("replication_incomplete", format!("disk {disk} of VM {vm} has not completed initial replication"))),
+        };
+        let map = BlockMap::load(&self.vault.chunks, &root).await?;
+        Ok((d, map))
+    }
+}
+
+fn check_block(d: &DiskRecord, index: u64, len: u64) -> Result<()> {
+    if index >= d.stats.blocks {
+        return Err(Error::invalid(
+            "block_out_of_range",
+            format!("block {index} is past the end of disk {} ({} blocks of {} bytes)", d.disk, d.stats.blocks, d.block_size),
+        ));
+    }
+    let want = block_len(d.size, d.block_size, index);
+    if len > want {
+        return Err(Error::invalid("body_too_long", format!("block {index} carries {len} bytes; the block is {want} bytes")));
+    }
+    if len < want {
+        return Err(Error::invalid("body_too_short", format!("block {index} carries {len} bytes; the block is {want} bytes")));
+    }
+    Ok(())
+}
