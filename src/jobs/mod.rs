@@ -98,16 +98,28 @@ impl Jobs {
     pub async fn load(records: Records) -> Result<Jobs> {
         let mut cache = BTreeMap::new();
         for id in records.ids(Family::Job).await? {
-            if let Some(v) = records.load::<Job>(&layout::record(Family::Job, &id)).await? {
+            if let Some(v) = records
+                .load::<Job>(&layout::record(Family::Job, &id))
+                .await?
+            {
                 cache.insert(id, v.value);
             }
         }
         publish_state_gauges(&cache);
-        Ok(Jobs { records, cache: Arc::new(RwLock::new(cache)) })
+        Ok(Jobs {
+            records,
+            cache: Arc::new(RwLock::new(cache)),
+        })
     }
 
     /// Creates a job (state running unless `queued`), durable before returning.
-    pub async fn create(&self, kind: JobKind, vm: Option<&str>, steps: &[&str], state: JobState) -> Result<Job> {
+    pub async fn create(
+        &self,
+        kind: JobKind,
+        vm: Option<&str>,
+        steps: &[&str],
+        state: JobState,
+    ) -> Result<Job> {
         let now = crate::util::unix_now();
         let job = Job {
             id: uuid::Uuid::new_v4().to_string(),
@@ -116,13 +128,21 @@ impl Jobs {
             vm: vm.map(String::from),
             state,
             progress: 0.0,
-            steps: steps.iter().map(|s| JobStep { name: s.to_string(), state: JobState::Queued }).collect(),
+            steps: steps
+                .iter()
+                .map(|s| JobStep {
+                    name: s.to_string(),
+                    state: JobState::Queued,
+                })
+                .collect(),
             created_unix: now,
             started_unix: (state == JobState::Running).then_some(now),
             ended_unix: None,
             error: None,
         };
-        self.records.create(&layout::record(Family::Job, &job.id), &job).await?;
+        self.records
+            .create(&layout::record(Family::Job, &job.id), &job)
+            .await?;
         let mut c = self.cache.write().await;
         c.insert(job.id.clone(), job.clone());
         publish_state_gauges(&c);
@@ -135,7 +155,9 @@ impl Jobs {
         let updated = self
             .records
             .update(&prefix, |cur: Option<&Job>| {
-                let mut j = cur.cloned().ok_or_else(|| Error::not_found("job_not_found", format!("job {id} not found")))?;
+                let mut j = cur.cloned().ok_or_else(|| {
+                    Error::not_found("job_not_found", format!("job {id} not found"))
+                })?;
                 f(&mut j);
                 Ok(Some(j))
             })
@@ -175,7 +197,11 @@ impl Jobs {
     }
 
     pub async fn fail(&self, id: &str, err: &Error) -> Result<Job> {
-        let je = JobError { code: err.code().to_string(), message: err.to_string(), recoverable: err.recoverable() };
+        let je = JobError {
+            code: err.code().to_string(),
+            message: err.to_string(),
+            recoverable: err.recoverable(),
+        };
         self.modify(id, |j| {
             j.state = JobState::Failed;
             j.ended_unix = Some(crate::util::unix_now());
@@ -198,13 +224,23 @@ impl Jobs {
     /// All jobs, newest first.
     pub async fn list(&self) -> Vec<Job> {
         let mut v: Vec<Job> = self.cache.read().await.values().cloned().collect();
-        v.sort_by(|a, b| b.created_unix.cmp(&a.created_unix).then_with(|| b.id.cmp(&a.id)));
+        v.sort_by(|a, b| {
+            b.created_unix
+                .cmp(&a.created_unix)
+                .then_with(|| b.id.cmp(&a.id))
+        });
         v
     }
 }
 
 fn publish_state_gauges(cache: &BTreeMap<String, Job>) {
-    for state in [JobState::Queued, JobState::Running, JobState::WaitingForInput, JobState::Succeeded, JobState::Failed] {
+    for state in [
+        JobState::Queued,
+        JobState::Running,
+        JobState::WaitingForInput,
+        JobState::Succeeded,
+        JobState::Failed,
+    ] {
         let n = cache.values().filter(|j| j.state == state).count();
         metrics::gauge!("drvault_jobs", "state" => state.as_str()).set(n as f64);
     }

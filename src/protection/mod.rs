@@ -10,6 +10,8 @@
 pub mod session;
 pub mod spec;
 
+pub use spec::validate as validate_spec;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -141,16 +143,29 @@ pub struct Protection {
 
 impl Protection {
     /// Loads every VM and disk record and finishes any finalize step a crash interrupted.
-    pub async fn load(vault: Vault, jobs: Jobs, block_size: u32, mapped_networks: BTreeSet<String>) -> Result<Protection> {
+    pub async fn load(
+        vault: Vault,
+        jobs: Jobs,
+        block_size: u32,
+        mapped_networks: BTreeSet<String>,
+    ) -> Result<Protection> {
         let mut vms = BTreeMap::new();
         for id in vault.records.ids(Family::Vm).await? {
-            if let Some(v) = vault.records.load::<VmRecord>(&layout::record(Family::Vm, &id)).await? {
+            if let Some(v) = vault
+                .records
+                .load::<VmRecord>(&layout::record(Family::Vm, &id))
+                .await?
+            {
                 vms.insert(v.value.name.clone(), v.value);
             }
         }
         let mut disks = BTreeMap::new();
         for id in vault.records.ids(Family::Disk).await? {
-            if let Some(d) = vault.records.load::<DiskRecord>(&layout::record(Family::Disk, &id)).await? {
+            if let Some(d) = vault
+                .records
+                .load::<DiskRecord>(&layout::record(Family::Disk, &id))
+                .await?
+            {
                 disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
             }
         }
@@ -177,6 +192,11 @@ impl Protection {
         Ok(p)
     }
 
+    /// Block size given to newly protected disks.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
     pub fn vm_id(&self, vm: &str) -> String {
         self.vault.keys().ident("vm", vm)
     }
@@ -190,7 +210,9 @@ impl Protection {
         let (spec, warnings) = spec::validate(vm, spec, &self.mapped_networks)?;
         if let Some(existing) = self.vms.read().await.get(vm).cloned() {
             if existing.owner != host {
-                return Err(Error::forbidden(format!("VM {vm} is protected by another host")));
+                return Err(Error::forbidden(format!(
+                    "VM {vm} is protected by another host"
+                )));
             }
             if existing.spec != spec {
                 return Err(Error::conflict(
@@ -202,10 +224,24 @@ impl Protection {
         }
         let vm_id = self.vm_id(vm);
         let mut steps: Vec<String> = vec!["Check prerequisites".into()];
-        steps.extend(spec.disks.iter().map(|d| format!("Initial replication of disk {}", d.id)));
+        steps.extend(
+            spec.disks
+                .iter()
+                .map(|d| format!("Initial replication of disk {}", d.id)),
+        );
         let step_refs: Vec<&str> = steps.iter().map(String::as_str).collect();
-        let job = self.jobs.create(JobKind::EnableProtection, Some(vm), &step_refs, JobState::Running).await?;
-        self.jobs.step(&job.id, "Check prerequisites", JobState::Succeeded).await?;
+        let job = self
+            .jobs
+            .create(
+                JobKind::EnableProtection,
+                Some(vm),
+                &step_refs,
+                JobState::Running,
+            )
+            .await?;
+        self.jobs
+            .step(&job.id, "Check prerequisites", JobState::Succeeded)
+            .await?;
         let now = crate::util::unix_now();
         // Disk records first: a VM record is never visible without its disks.
         for d in &spec.disks {
@@ -221,13 +257,22 @@ impl Protection {
                 session: uuid::Uuid::new_v4().simple().to_string(),
                 map_root: None,
                 content_digest: None,
-                stats: DiskStats { blocks: crate::replica::blockmap::block_count(d.size, self.block_size), ..Default::default() },
+                stats: DiskStats {
+                    blocks: crate::replica::blockmap::block_count(d.size, self.block_size),
+                    ..Default::default()
+                },
                 completed_unix: None,
             };
             let prefix = layout::record(Family::Disk, &layout::disk_record_id(&vm_id, &disk_id));
             // A leftover from a crashed enable is replaced; the VM record below is the commit point.
-            self.vault.records.update(&prefix, |_: Option<&DiskRecord>| Ok(Some(rec.clone()))).await?;
-            self.disks.write().await.insert((vm.to_string(), d.id.clone()), rec);
+            self.vault
+                .records
+                .update(&prefix, |_: Option<&DiskRecord>| Ok(Some(rec.clone())))
+                .await?;
+            self.disks
+                .write()
+                .await
+                .insert((vm.to_string(), d.id.clone()), rec);
         }
         let rec = VmRecord {
             name: vm.to_string(),
@@ -241,8 +286,17 @@ impl Protection {
             enable_job: job.id.clone(),
             finalize_job: None,
         };
-        if !self.vault.records.create(&layout::record(Family::Vm, &vm_id), &rec).await? {
-            return Err(Error::Conflict { code: "vm_exists", message: format!("VM {vm} was created concurrently; retry"), recoverable: true });
+        if !self
+            .vault
+            .records
+            .create(&layout::record(Family::Vm, &vm_id), &rec)
+            .await?
+        {
+            return Err(Error::Conflict {
+                code: "vm_exists",
+                message: format!("VM {vm} was created concurrently; retry"),
+                recoverable: true,
+            });
         }
         self.vms.write().await.insert(vm.to_string(), rec.clone());
         tracing::info!(vm, host, disks = rec.spec.disks.len(), "protection enabled");
@@ -251,13 +305,10 @@ impl Protection {
 
     /// The VM record, checking that `host` may act on it (None = operator).
     pub async fn vm_for(&self, host: Option<&str>, vm: &str) -> Result<VmRecord> {
-        let rec = self
-            .vms
-            .read()
-            .await
-            .get(vm)
-            .cloned()
-            .ok_or_else(|| Error::not_found("vm_not_found", format!("VM {vm} is not protected")))?;
+        let rec =
+            self.vms.read().await.get(vm).cloned().ok_or_else(|| {
+                Error::not_found("vm_not_found", format!("VM {vm} is not protected"))
+            })?;
         if let Some(h) = host {
             if rec.owner != h {
                 return Err(Error::forbidden(format!("VM {vm} belongs to another host")));
@@ -266,7 +317,12 @@ impl Protection {
         Ok(rec)
     }
 
-    pub async fn disk_for(&self, host: Option<&str>, vm: &str, disk: &str) -> Result<(VmRecord, DiskRecord)> {
+    pub async fn disk_for(
+        &self,
+        host: Option<&str>,
+        vm: &str,
+        disk: &str,
+    ) -> Result<(VmRecord, DiskRecord)> {
         let v = self.vm_for(host, vm).await?;
         let d = self
             .disks
@@ -274,14 +330,25 @@ impl Protection {
             .await
             .get(&(vm.to_string(), disk.to_string()))
             .cloned()
-            .ok_or_else(|| Error::not_found("disk_not_found", format!("VM {vm} has no disk {disk}")))?;
+            .ok_or_else(|| {
+                Error::not_found("disk_not_found", format!("VM {vm} has no disk {disk}"))
+            })?;
         Ok((v, d))
     }
 
     pub(crate) async fn store_disk(&self, rec: DiskRecord) -> Result<()> {
-        let prefix = layout::record(Family::Disk, &layout::disk_record_id(&rec.vm_id, &rec.disk_id));
-        self.vault.records.update(&prefix, |_: Option<&DiskRecord>| Ok(Some(rec.clone()))).await?;
-        self.disks.write().await.insert((rec.vm.clone(), rec.disk.clone()), rec);
+        let prefix = layout::record(
+            Family::Disk,
+            &layout::disk_record_id(&rec.vm_id, &rec.disk_id),
+        );
+        self.vault
+            .records
+            .update(&prefix, |_: Option<&DiskRecord>| Ok(Some(rec.clone())))
+            .await?;
+        self.disks
+            .write()
+            .await
+            .insert((rec.vm.clone(), rec.disk.clone()), rec);
         Ok(())
     }
 
@@ -293,7 +360,10 @@ impl Protection {
         }
         let disks = self.disks.read().await;
         let all = rec.spec.disks.iter().all(|d| {
-            disks.get(&(vm.to_string(), d.id.clone())).map(|r| r.state == DiskState::Complete).unwrap_or(false)
+            disks
+                .get(&(vm.to_string(), d.id.clone()))
+                .map(|r| r.state == DiskState::Complete)
+                .unwrap_or(false)
         });
         drop(disks);
         if !all {
@@ -301,27 +371,46 @@ impl Protection {
         }
         let job = self
             .jobs
-            .create(JobKind::FinalizeProtection, Some(vm), &["Configure post-replication settings", "Mark protected"], JobState::Running)
+            .create(
+                JobKind::FinalizeProtection,
+                Some(vm),
+                &["Configure post-replication settings", "Mark protected"],
+                JobState::Running,
+            )
             .await?;
-        self.jobs.step(&job.id, "Configure post-replication settings", JobState::Succeeded).await?;
+        self.jobs
+            .step(
+                &job.id,
+                "Configure post-replication settings",
+                JobState::Succeeded,
+            )
+            .await?;
         let now = crate::util::unix_now();
         let jid = job.id.clone();
         let updated = self
             .vault
             .records
-            .update(&layout::record(Family::Vm, &rec.id), |cur: Option<&VmRecord>| {
-                let mut r = cur.cloned().ok_or_else(|| Error::not_found("vm_not_found", "VM record vanished"))?;
-                if r.state == VmState::Protected {
-                    return Ok(None);
-                }
-                r.state = VmState::Protected;
-                r.protected_unix = Some(now);
-                r.finalize_job = Some(jid.clone());
-                Ok(Some(r))
-            })
+            .update(
+                &layout::record(Family::Vm, &rec.id),
+                |cur: Option<&VmRecord>| {
+                    let mut r = cur
+                        .cloned()
+                        .ok_or_else(|| Error::not_found("vm_not_found", "VM record vanished"))?;
+                    if r.state == VmState::Protected {
+                        return Ok(None);
+                    }
+                    r.state = VmState::Protected;
+                    r.protected_unix = Some(now);
+                    r.finalize_job = Some(jid.clone());
+                    Ok(Some(r))
+                },
+            )
             .await?
             .ok_or_else(|| Error::internal("VM record missing after update"))?;
-        self.vms.write().await.insert(vm.to_string(), updated.value.clone());
+        self.vms
+            .write()
+            .await
+            .insert(vm.to_string(), updated.value.clone());
         self.jobs.succeed(&job.id).await?;
         if let Some(j) = self.jobs.get(&rec.enable_job).await {
             if !j.state.is_final() {
@@ -349,7 +438,9 @@ impl Protection {
             if let Some(r) = disks.get(&(rec.name.clone(), d.id.clone())) {
                 let received = match r.state {
                     DiskState::Complete => r.stats.blocks,
-                    DiskState::Receiving => self.sessions.received_count(&r.vm_id, &r.disk_id).await,
+                    DiskState::Receiving => {
+                        self.sessions.received_count(&r.vm_id, &r.disk_id).await
+                    }
                 };
                 done += received.min(r.stats.blocks);
                 total += r.stats.blocks;
@@ -365,11 +456,12 @@ impl Protection {
                 });
             }
         }
-        let mut reasons = rec.warnings.clone();
-        let health = if reasons.is_empty() { Health::Normal } else { Health::Warning };
-        if rec.state == VmState::InitialReplication {
-            reasons.push("initial replication in progress".into());
-        }
+        let reasons = rec.warnings.clone();
+        let health = if reasons.is_empty() {
+            Health::Normal
+        } else {
+            Health::Warning
+        };
         let policy = rec.spec.policy.clone().unwrap_or_default();
         VmView {
             name: rec.name.clone(),
@@ -387,7 +479,13 @@ impl Protection {
             protected: rec.protected_unix.map(crate::util::rfc3339),
             enable_job: rec.enable_job.clone(),
             finalize_job: rec.finalize_job.clone(),
-            progress: if rec.state == VmState::Protected { 1.0 } else if total == 0 { 0.0 } else { done as f64 / total as f64 },
+            progress: if rec.state == VmState::Protected {
+                1.0
+            } else if total == 0 {
+                0.0
+            } else {
+                done as f64 / total as f64
+            },
         }
     }
 }

@@ -43,11 +43,18 @@ struct SessionState {
 #[derive(Clone, Default)]
 pub struct Sessions {
     open: Arc<Mutex<HashMap<(String, String), Arc<Mutex<SessionState>>>>>,
+    /// Recently read block maps by root name (immutable objects, so never stale).
+    maps: Arc<Mutex<HashMap<String, Arc<BlockMap>>>>,
 }
 
 impl Sessions {
     pub async fn received_count(&self, vm_id: &str, disk_id: &str) -> u64 {
-        let s = self.open.lock().await.get(&(vm_id.to_string(), disk_id.to_string())).cloned();
+        let s = self
+            .open
+            .lock()
+            .await
+            .get(&(vm_id.to_string(), disk_id.to_string()))
+            .cloned();
         match s {
             Some(s) => s.lock().await.received.len() as u64,
             None => 0,
@@ -100,7 +107,10 @@ impl Protection {
                 Some(s) if s.lock().await.session == d.session => return Ok(s.clone()),
                 _ => {}
             }
-            let s = Arc::new(Mutex::new(SessionState { session: d.session.clone(), received: BTreeMap::new() }));
+            let s = Arc::new(Mutex::new(SessionState {
+                session: d.session.clone(),
+                received: BTreeMap::new(),
+            }));
             open.insert(key.clone(), s.clone());
             s
         };
@@ -122,30 +132,55 @@ impl Protection {
         while let Some((index, r)) = loads.next().await {
             let plain = r?;
             if plain.len() != RECEIPT_LEN {
-                return Err(Error::internal(format!("receipt {index} of disk {} has length {}", d.disk, plain.len())));
+                return Err(Error::internal(format!(
+                    "receipt {index} of disk {} has length {}",
+                    d.disk,
+                    plain.len()
+                )));
             }
             let mut n = [0u8; 32];
             let mut h = [0u8; 32];
             n.copy_from_slice(&plain[..32]);
             h.copy_from_slice(&plain[32..64]);
             let name = (n != [0u8; 32]).then_some(ChunkName(n));
-            st.received.insert(index, Receipt { name, hash: PlainHash(h) });
+            st.received.insert(
+                index,
+                Receipt {
+                    name,
+                    hash: PlainHash(h),
+                },
+            );
         }
         drop(st);
         Ok(slot)
     }
 
     /// Takes one block of an initial replication.
-    pub async fn put_block(&self, host: &str, vm: &str, disk: &str, index: u64, claimed: PlainHash, body: Bytes) -> Result<BlockAck> {
+    pub async fn put_block(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        index: u64,
+        claimed: PlainHash,
+        body: Bytes,
+    ) -> Result<BlockAck> {
         let (_, d) = self.disk_for(Some(host), vm, disk).await?;
         check_block(&d, index, body.len() as u64)?;
         if d.state == DiskState::Complete {
-            return Err(Error::conflict("replication_complete", format!("disk {disk} of VM {vm} already completed initial replication")));
+            return Err(Error::conflict(
+                "replication_complete",
+                format!("disk {disk} of VM {vm} already completed initial replication"),
+            ));
         }
         let st = self.session_state(&d).await?;
         if let Some(r) = st.lock().await.received.get(&index) {
             if r.hash.ct_eq(&claimed) {
-                return Ok(BlockAck { index, outcome: "already_received".into(), stored_bytes: 0 });
+                return Ok(BlockAck {
+                    index,
+                    outcome: "already_received".into(),
+                    stored_bytes: 0,
+                });
             }
         }
         let put = self.vault.chunks.put_block(body, Some(claimed)).await?;
@@ -154,8 +189,17 @@ impl Protection {
         plain.extend_from_slice(&put.hash.0);
         plain.extend_from_slice(&put.len.to_le_bytes());
         let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &d.session, index);
-        self.vault.chunks.put_sealed(ObjectKind::Receipt, &key, plain).await?;
-        st.lock().await.received.insert(index, Receipt { name: put.name, hash: put.hash });
+        self.vault
+            .chunks
+            .put_sealed(ObjectKind::Receipt, &key, plain)
+            .await?;
+        st.lock().await.received.insert(
+            index,
+            Receipt {
+                name: put.name,
+                hash: put.hash,
+            },
+        );
         metrics::counter!("drvault_blocks_received_total").increment(1);
         metrics::counter!("drvault_bytes_received_total").increment(put.len);
         let outcome = match put.outcome {
@@ -164,7 +208,11 @@ impl Protection {
             Some(PutOutcome::Existed) => "deduplicated",
         };
         self.note_progress(&d).await;
-        Ok(BlockAck { index, outcome: outcome.into(), stored_bytes: put.stored_bytes })
+        Ok(BlockAck {
+            index,
+            outcome: outcome.into(),
+            stored_bytes: put.stored_bytes,
+        })
     }
 
     async fn note_progress(&self, d: &DiskRecord) {
@@ -175,16 +223,29 @@ impl Protection {
     }
 
     /// Which of the queried blocks the session does not hold with that content.
-    pub async fn missing_blocks(&self, host: &str, vm: &str, disk: &str, q: &ReceivedQuery) -> Result<Vec<u64>> {
+    pub async fn missing_blocks(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        q: &ReceivedQuery,
+    ) -> Result<Vec<u64>> {
         if q.blocks.len() > MAX_QUERY_BLOCKS {
-            return Err(Error::invalid("query_too_large", format!("at most {MAX_QUERY_BLOCKS} blocks per query")));
+            return Err(Error::invalid(
+                "query_too_large",
+                format!("at most {MAX_QUERY_BLOCKS} blocks per query"),
+            ));
         }
         let (_, d) = self.disk_for(Some(host), vm, disk).await?;
         let mut wanted = Vec::with_capacity(q.blocks.len());
         for b in &q.blocks {
             check_block(&d, b.index, block_len(d.size, d.block_size, b.index))?;
-            let h = PlainHash::from_hex(&b.hash)
-                .ok_or_else(|| Error::invalid("invalid_hash", format!("block {}: hash is not 64 hex digits", b.index)))?;
+            let h = PlainHash::from_hex(&b.hash).ok_or_else(|| {
+                Error::invalid(
+                    "invalid_hash",
+                    format!("block {}: hash is not 64 hex digits", b.index),
+                )
+            })?;
             wanted.push((b.index, h));
         }
         if d.state == DiskState::Complete {
@@ -201,7 +262,13 @@ impl Protection {
     }
 
     /// Ends a disk's initial replication: verify, build the block map, switch the record.
-    pub async fn complete_disk(&self, host: &str, vm: &str, disk: &str, req: &CompleteRequest) -> Result<super::DiskView> {
+    pub async fn complete_disk(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        req: &CompleteRequest,
+    ) -> Result<super::DiskView> {
         let (_, d) = self.disk_for(Some(host), vm, disk).await?;
         let claimed = PlainHash::from_hex(&req.digest)
             .ok_or_else(|| Error::invalid("invalid_hash", "digest is not 64 hex digits"))?;
@@ -209,7 +276,9 @@ impl Protection {
         // Validate runs: in range, sorted, not overlapping.
         let mut next_free = 0u64;
         for &(first, count) in &req.data_runs {
-            let end = first.checked_add(count).filter(|&e| e <= nblocks && count > 0);
+            let end = first
+                .checked_add(count)
+                .filter(|&e| e <= nblocks && count > 0);
             match end {
                 Some(end) if first >= next_free => next_free = end,
                 _ => return Err(Error::invalid("invalid_runs", format!("data run [{first}, +{count}] is empty, overlaps, is unsorted or passes block {nblocks}"))),
@@ -231,7 +300,11 @@ impl Protection {
         if !missing.is_empty() {
             return Err(Error::conflict(
                 "blocks_missing",
-                format!("{} data blocks were never received (first: block {}); resume the upload", missing.len(), missing[0]),
+                format!(
+                    "{} data blocks were never received (first: block {}); resume the upload",
+                    missing.len(),
+                    missing[0]
+                ),
             ));
         }
         let mut map = BlockMap::zeroed(d.size, d.block_size);
@@ -245,10 +318,20 @@ impl Protection {
             }
             let in_data = runs.peek().map(|&&(f, _)| i >= f).unwrap_or(false);
             let len = block_len(d.size, d.block_size, i);
-            let zero_hash = || if len == d.block_size as u64 { zero_full } else { PlainHash::of(&vec![0u8; len as usize]) };
+            let zero_hash = || {
+                if len == d.block_size as u64 {
+                    zero_full
+                } else {
+                    PlainHash::of(&vec![0u8; len as usize])
+                }
+            };
             if in_data {
                 // Present by the check above.
-                let r = st.received.get(&i).copied().ok_or_else(|| Error::internal("receipt vanished"))?;
+                let r = st
+                    .received
+                    .get(&i)
+                    .copied()
+                    .ok_or_else(|| Error::internal("receipt vanished"))?;
                 digest.update(&r.hash.0);
                 if let Some(name) = r.name {
                     map.set(i, MapEntry::Data { name, hash: r.hash })?;
@@ -277,9 +360,18 @@ impl Protection {
         rec.stats.zero_blocks = nblocks - data_blocks;
         rec.stats.data_bytes = data_bytes;
         self.store_disk(rec.clone()).await?;
-        tracing::info!(vm, disk, data_blocks, "initial replication of disk complete");
+        tracing::info!(
+            vm,
+            disk,
+            data_blocks,
+            "initial replication of disk complete"
+        );
         // Receipts are no longer needed: the map holds everything. Removing them is best effort.
-        self.sessions.open.lock().await.remove(&(d.vm_id.clone(), d.disk_id.clone()));
+        self.sessions
+            .open
+            .lock()
+            .await
+            .remove(&(d.vm_id.clone(), d.disk_id.clone()));
         let store = self.vault.store().clone();
         let prefix = layout::stage_session(&d.vm_id, &d.disk_id, &d.session);
         tokio::spawn(async move {
@@ -290,33 +382,112 @@ impl Protection {
             }
         });
         let v = self.vm_for(None, vm).await?;
-        self.jobs.step(&v.enable_job, &format!("Initial replication of disk {disk}"), JobState::Succeeded).await?;
+        self.jobs
+            .step(
+                &v.enable_job,
+                &format!("Initial replication of disk {disk}"),
+                JobState::Succeeded,
+            )
+            .await?;
         self.note_progress(&rec).await;
         self.finalize_if_complete(vm).await?;
         self.disk_view(vm, disk).await
     }
 
-    async fn disk_view_if_same(&self, d: &DiskRecord, claimed: &PlainHash) -> Result<super::DiskView> {
+    async fn disk_view_if_same(
+        &self,
+        d: &DiskRecord,
+        claimed: &PlainHash,
+    ) -> Result<super::DiskView> {
         match d.content_digest.as_deref().and_then(PlainHash::from_hex) {
             Some(h) if h.ct_eq(claimed) => self.disk_view(&d.vm, &d.disk).await,
-            _ => Err(Error::conflict("replication_complete", format!("disk {} already completed with different content", d.disk))),
+            _ => Err(Error::conflict(
+                "replication_complete",
+                format!("disk {} already completed with different content", d.disk),
+            )),
         }
     }
 
     pub async fn disk_view(&self, vm: &str, disk: &str) -> Result<super::DiskView> {
         let v = self.vm_for(None, vm).await?;
         let view = self.view(&v).await;
-        view.disks.into_iter().find(|x| x.id == disk).ok_or_else(|| Error::not_found("disk_not_found", format!("VM {vm} has no disk {disk}")))
+        view.disks
+            .into_iter()
+            .find(|x| x.id == disk)
+            .ok_or_else(|| {
+                Error::not_found("disk_not_found", format!("VM {vm} has no disk {disk}"))
+            })
     }
 
     /// The base block map of a completed disk.
     pub async fn base_map(&self, vm: &str, disk: &str) -> Result<(DiskRecord, BlockMap)> {
         let (_, d) = self.disk_for(None, vm, disk).await?;
         let root = match (&d.state, &d.map_root) {
-            (DiskState::Complete, Some(r)) => ChunkName::from_hex(r).ok_or_else(|| Error::internal("bad map root in disk record"))?,
-            _ => return Err(Error::conflict("replication_incomplete", format!("disk {disk} of VM {vm} has not completed initial replication"))),
+            (DiskState::Complete, Some(r)) => ChunkName::from_hex(r)
+                .ok_or_else(|| Error::internal("bad map root in disk record"))?,
+            _ => {
+                return Err(Error::conflict(
+                    "replication_incomplete",
+                    format!("disk {disk} of VM {vm} has not completed initial replication"),
+                ))
+            }
         };
         let map = BlockMap::load(&self.vault.chunks, &root).await?;
+        Ok((d, map))
+    }
+}
+
+impl Protection {
+    /// Reads one block of a completed disk's base map, verified (tag, name, plain hash).
+    pub async fn read_block(&self, vm: &str, disk: &str, index: u64) -> Result<(Bytes, PlainHash)> {
+        let (d, map) = self.cached_map(vm, disk).await?;
+        let entry = map.get(index).ok_or_else(|| {
+            Error::invalid(
+                "block_out_of_range",
+                format!(
+                    "block {index} is past the end of disk {disk} ({} blocks)",
+                    map.len()
+                ),
+            )
+        })?;
+        match entry {
+            MapEntry::Zero => {
+                let len = block_len(d.size, d.block_size, index) as usize;
+                let z = vec![0u8; len];
+                let h = PlainHash::of(&z);
+                Ok((Bytes::from(z), h))
+            }
+            MapEntry::Data { name, hash } => {
+                let (bytes, h) = self.vault.chunks.get_block(&name).await?;
+                if !h.ct_eq(&hash) {
+                    return Err(Error::Corrupt(crate::chunk::SealError::ContentMismatch {
+                        name: name.to_hex(),
+                    }));
+                }
+                Ok((bytes, h))
+            }
+        }
+    }
+
+    /// Base maps are immutable once written (content-addressed): cache a few by root name.
+    async fn cached_map(&self, vm: &str, disk: &str) -> Result<(DiskRecord, Arc<BlockMap>)> {
+        let (_, d) = self.disk_for(None, vm, disk).await?;
+        let root = d.map_root.clone().ok_or_else(|| {
+            Error::conflict(
+                "replication_incomplete",
+                format!("disk {disk} of VM {vm} has not completed initial replication"),
+            )
+        })?;
+        if let Some(m) = self.sessions.maps.lock().await.get(&root) {
+            return Ok((d, m.clone()));
+        }
+        let (d, map) = self.base_map(vm, disk).await?;
+        let map = Arc::new(map);
+        let mut cache = self.sessions.maps.lock().await;
+        if cache.len() >= 16 {
+            cache.clear();
+        }
+        cache.insert(root, map.clone());
         Ok((d, map))
     }
 }
@@ -325,15 +496,24 @@ fn check_block(d: &DiskRecord, index: u64, len: u64) -> Result<()> {
     if index >= d.stats.blocks {
         return Err(Error::invalid(
             "block_out_of_range",
-            format!("block {index} is past the end of disk {} ({} blocks of {} bytes)", d.disk, d.stats.blocks, d.block_size),
+            format!(
+                "block {index} is past the end of disk {} ({} blocks of {} bytes)",
+                d.disk, d.stats.blocks, d.block_size
+            ),
         ));
     }
     let want = block_len(d.size, d.block_size, index);
     if len > want {
-        return Err(Error::invalid("body_too_long", format!("block {index} carries {len} bytes; the block is {want} bytes")));
+        return Err(Error::invalid(
+            "body_too_long",
+            format!("block {index} carries {len} bytes; the block is {want} bytes"),
+        ));
     }
     if len < want {
-        return Err(Error::invalid("body_too_short", format!("block {index} carries {len} bytes; the block is {want} bytes")));
+        return Err(Error::invalid(
+            "body_too_short",
+            format!("block {index} carries {len} bytes; the block is {want} bytes"),
+        ));
     }
     Ok(())
 }

@@ -72,20 +72,36 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Policy {
-        Policy { interval_s: 300, retention_s: 24 * 3600, app_consistent_every_s: 3600 }
+        Policy {
+            interval_s: 300,
+            retention_s: 24 * 3600,
+            app_consistent_every_s: 3600,
+        }
     }
 }
 
 impl Policy {
     pub fn validate(&self) -> Result<()> {
         if ![30, 300, 900].contains(&self.interval_s) {
-            return Err(Error::invalid("invalid_policy", format!("replication interval {} s: must be 30, 300 or 900", self.interval_s)));
+            return Err(Error::invalid(
+                "invalid_policy",
+                format!(
+                    "replication interval {} s: must be 30, 300 or 900",
+                    self.interval_s
+                ),
+            ));
         }
         if self.retention_s < self.interval_s {
-            return Err(Error::invalid("invalid_policy", "retention must be at least one replication interval"));
+            return Err(Error::invalid(
+                "invalid_policy",
+                "retention must be at least one replication interval",
+            ));
         }
         if self.app_consistent_every_s != 0 && self.app_consistent_every_s < self.interval_s {
-            return Err(Error::invalid("invalid_policy", "app-consistent frequency must be 0 or at least one replication interval"));
+            return Err(Error::invalid(
+                "invalid_policy",
+                "app-consistent frequency must be 0 or at least one replication interval",
+            ));
         }
         Ok(())
     }
@@ -93,19 +109,29 @@ impl Policy {
 
 /// Checks the spec and returns it normalized (MACs upper-case with colons, IPs canonical),
 /// plus the warnings to record on the VM.
-pub fn validate(vm: &str, spec: &VmSpec, mapped_networks: &BTreeSet<String>) -> Result<(VmSpec, Vec<String>)> {
+pub fn validate(
+    vm: &str,
+    spec: &VmSpec,
+    mapped_networks: &BTreeSet<String>,
+) -> Result<(VmSpec, Vec<String>)> {
     let bad = |m: String| Err(Error::invalid("invalid_vm_spec", m));
     if !valid_name(vm) {
         return bad(format!("VM name {vm:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"));
     }
     if !(1..=2).contains(&spec.generation) {
-        return bad(format!("generation {}: must be 1 (BIOS) or 2 (UEFI)", spec.generation));
+        return bad(format!(
+            "generation {}: must be 1 (BIOS) or 2 (UEFI)",
+            spec.generation
+        ));
     }
     if !(1..=240).contains(&spec.cpus) {
         return bad(format!("cpus {}: must be 1-240", spec.cpus));
     }
     if !(32..=12 * 1024 * 1024).contains(&spec.memory_mib) {
-        return bad(format!("memory {} MiB: must be 32 MiB - 12 TiB", spec.memory_mib));
+        return bad(format!(
+            "memory {} MiB: must be 32 MiB - 12 TiB",
+            spec.memory_mib
+        ));
     }
     if spec.disks.is_empty() || spec.disks.len() > 64 {
         return bad(format!("{} disks: a VM needs 1-64 disks", spec.disks.len()));
@@ -113,16 +139,25 @@ pub fn validate(vm: &str, spec: &VmSpec, mapped_networks: &BTreeSet<String>) -> 
     let mut ids = BTreeSet::new();
     for d in &spec.disks {
         if !valid_name(&d.id) {
-            return bad(format!("disk id {:?}: use 1-64 characters from A-Z a-z 0-9 . _ -", d.id));
+            return bad(format!(
+                "disk id {:?}: use 1-64 characters from A-Z a-z 0-9 . _ -",
+                d.id
+            ));
         }
         if !ids.insert(d.id.as_str()) {
             return bad(format!("disk id {:?} appears twice", d.id));
         }
         if d.size == 0 || d.size % 512 != 0 {
-            return bad(format!("disk {}: size {} is not a whole, non-zero number of 512-byte sectors", d.id, d.size));
+            return bad(format!(
+                "disk {}: size {} is not a whole, non-zero number of 512-byte sectors",
+                d.id, d.size
+            ));
         }
         if d.size > MAX_DISK_SIZE {
-            return bad(format!("disk {}: size {} exceeds the 4 TiB limit", d.id, d.size));
+            return bad(format!(
+                "disk {}: size {} exceeds the 4 TiB limit",
+                d.id, d.size
+            ));
         }
     }
     if spec.nics.len() > 16 {
@@ -133,14 +168,27 @@ pub fn validate(vm: &str, spec: &VmSpec, mapped_networks: &BTreeSet<String>) -> 
     let mut warnings = Vec::new();
     for (i, n) in out.nics.iter_mut().enumerate() {
         if !valid_name(&n.network) {
-            return bad(format!("NIC {i}: network name {:?} is not valid", n.network));
+            return bad(format!(
+                "NIC {i}: network name {:?} is not valid",
+                n.network
+            ));
         }
-        n.mac = normalize_mac(&n.mac).ok_or_else(|| Error::invalid("invalid_vm_spec", format!("NIC {i}: MAC {:?} is not six hex octets", n.mac)))?;
+        n.mac = normalize_mac(&n.mac).ok_or_else(|| {
+            Error::invalid(
+                "invalid_vm_spec",
+                format!("NIC {i}: MAC {:?} is not six hex octets", n.mac),
+            )
+        })?;
         if !macs.insert(n.mac.clone()) {
             return bad(format!("NIC {i}: MAC {} appears twice", n.mac));
         }
         if let Some(ip) = &n.ip {
-            let parsed: IpAddr = ip.parse().map_err(|_| Error::invalid("invalid_vm_spec", format!("NIC {i}: {ip:?} is not an IP address")))?;
+            let parsed: IpAddr = ip.parse().map_err(|_| {
+                Error::invalid(
+                    "invalid_vm_spec",
+                    format!("NIC {i}: {ip:?} is not an IP address"),
+                )
+            })?;
             n.ip = Some(parsed.to_string());
         }
         if !mapped_networks.contains(&n.network) {
@@ -159,7 +207,11 @@ pub fn validate(vm: &str, spec: &VmSpec, mapped_networks: &BTreeSet<String>) -> 
 /// `aa-bb-cc-dd-ee-ff` or `aa:bb:…` → `AA:BB:CC:DD:EE:FF`.
 pub fn normalize_mac(s: &str) -> Option<String> {
     let parts: Vec<&str> = s.split([':', '-']).collect();
-    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit())) {
+    if parts.len() != 6
+        || parts
+            .iter()
+            .any(|p| p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
         return None;
     }
     Some(parts.join(":").to_ascii_uppercase())
@@ -174,8 +226,15 @@ mod tests {
             generation: 2,
             cpus: 2,
             memory_mib: 2048,
-            disks: vec![DiskSpec { id: "os".into(), size: 1 << 30 }],
-            nics: vec![NicSpec { network: "corp".into(), mac: "00-15-5d-01-02-03".into(), ip: Some("10.0.0.5".into()) }],
+            disks: vec![DiskSpec {
+                id: "os".into(),
+                size: 1 << 30,
+            }],
+            nics: vec![NicSpec {
+                network: "corp".into(),
+                mac: "00-15-5d-01-02-03".into(),
+                ip: Some("10.0.0.5".into()),
+            }],
             policy: None,
         }
     }
@@ -216,7 +275,10 @@ mod tests {
         s.generation = 3;
         cases.push(("web", s));
         let mut s = spec();
-        s.policy = Some(Policy { interval_s: 60, ..Policy::default() });
+        s.policy = Some(Policy {
+            interval_s: 60,
+            ..Policy::default()
+        });
         cases.push(("web", s));
         for (name, s) in cases {
             assert!(validate(name, &s, &m).is_err(), "{name} {s:?} accepted");

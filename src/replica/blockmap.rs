@@ -48,7 +48,10 @@ impl MapEntry {
         if name == [0u8; 32] {
             MapEntry::Zero
         } else {
-            MapEntry::Data { name: ChunkName(name), hash: PlainHash(hash) }
+            MapEntry::Data {
+                name: ChunkName(name),
+                hash: PlainHash(hash),
+            }
         }
     }
 }
@@ -65,7 +68,11 @@ impl BlockMap {
     /// An all-zero disk.
     pub fn zeroed(disk_size: u64, block_size: u32) -> BlockMap {
         let n = block_count(disk_size, block_size);
-        BlockMap { disk_size, block_size, entries: vec![MapEntry::Zero; n as usize] }
+        BlockMap {
+            disk_size,
+            block_size,
+            entries: vec![MapEntry::Zero; n as usize],
+        }
     }
 
     pub fn disk_size(&self) -> u64 {
@@ -89,13 +96,21 @@ impl BlockMap {
     }
 
     pub fn set(&mut self, index: u64, e: MapEntry) -> Result<()> {
-        let slot = usize::try_from(index).ok().and_then(|i| self.entries.get_mut(i));
+        let slot = usize::try_from(index)
+            .ok()
+            .and_then(|i| self.entries.get_mut(i));
         match slot {
             Some(s) => {
                 *s = e;
                 Ok(())
             }
-            None => Err(Error::invalid("block_out_of_range", format!("block {index} is past the map's {} blocks", self.entries.len()))),
+            None => Err(Error::invalid(
+                "block_out_of_range",
+                format!(
+                    "block {index} is past the map's {} blocks",
+                    self.entries.len()
+                ),
+            )),
         }
     }
 
@@ -111,7 +126,8 @@ impl BlockMap {
     /// Writes the map's segments and root (create-only, content-addressed) and returns the
     /// root's name. Unchanged segments already in the store cost one create that finds them.
     pub async fn save(&self, chunks: &ChunkStore) -> Result<ChunkName> {
-        let mut root = Vec::with_capacity(32 + 32 * self.entries.len().div_ceil(MAP_SEGMENT_ENTRIES));
+        let mut root =
+            Vec::with_capacity(32 + 32 * self.entries.len().div_ceil(MAP_SEGMENT_ENTRIES));
         root.extend_from_slice(&MAP_VERSION.to_le_bytes());
         root.extend_from_slice(&self.block_size.to_le_bytes());
         root.extend_from_slice(&self.disk_size.to_le_bytes());
@@ -129,22 +145,37 @@ impl BlockMap {
                 plain.extend_from_slice(&e.to_bytes());
             }
             let name = ChunkName::derive_meta(chunks.keys().name_key(), "map-segment", &plain);
-            chunks.put_sealed_if_absent(ObjectKind::MapSegment, &layout::map_object(&name), plain, true).await?;
+            chunks
+                .put_sealed_if_absent(
+                    ObjectKind::MapSegment,
+                    &layout::map_object(&name),
+                    plain,
+                    true,
+                )
+                .await?;
             root.extend_from_slice(&name.0);
         }
         let name = ChunkName::derive_meta(chunks.keys().name_key(), "map-root", &root);
-        chunks.put_sealed_if_absent(ObjectKind::MapRoot, &layout::map_object(&name), root, true).await?;
+        chunks
+            .put_sealed_if_absent(ObjectKind::MapRoot, &layout::map_object(&name), root, true)
+            .await?;
         Ok(name)
     }
 
     /// Loads and verifies a map by its root name.
     pub async fn load(chunks: &ChunkStore, root_name: &ChunkName) -> Result<BlockMap> {
         let root = load_meta(chunks, ObjectKind::MapRoot, "map-root", root_name).await?;
-        let corrupt = |why: String| Error::Corrupt(SealError::BadPayload { name: layout::map_object(root_name).to_string(), reason: why });
+        let corrupt = |why: String| {
+            Error::Corrupt(SealError::BadPayload {
+                name: layout::map_object(root_name).to_string(),
+                reason: why,
+            })
+        };
         if root.len() < 32 {
             return Err(corrupt("root shorter than its header".into()));
         }
-        let u32_at = |o: usize| u32::from_le_bytes([root[o], root[o + 1], root[o + 2], root[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([root[o], root[o + 1], root[o + 2], root[o + 3]]);
         let u64_at = |o: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&root[o..o + 8]);
@@ -157,7 +188,11 @@ impl BlockMap {
         let disk_size = u64_at(8);
         let count = u64_at(16);
         let seg_count = u32_at(24) as usize;
-        if block_size == 0 || count != block_count(disk_size, block_size) || seg_count != (count as usize).div_ceil(MAP_SEGMENT_ENTRIES) || root.len() != 32 + 32 * seg_count {
+        if block_size == 0
+            || count != block_count(disk_size, block_size)
+            || seg_count != (count as usize).div_ceil(MAP_SEGMENT_ENTRIES)
+            || root.len() != 32 + 32 * seg_count
+        {
             return Err(corrupt("inconsistent geometry".into()));
         }
         let mut entries = Vec::with_capacity(count as usize);
@@ -169,21 +204,38 @@ impl BlockMap {
                 entries.extend(std::iter::repeat_n(MapEntry::Zero, want));
                 continue;
             }
-            let seg = load_meta(chunks, ObjectKind::MapSegment, "map-segment", &ChunkName(n)).await?;
+            let seg =
+                load_meta(chunks, ObjectKind::MapSegment, "map-segment", &ChunkName(n)).await?;
             if seg.len() != want * MAP_ENTRY_LEN {
-                return Err(corrupt(format!("segment {s} holds {} bytes, expected {}", seg.len(), want * MAP_ENTRY_LEN)));
+                return Err(corrupt(format!(
+                    "segment {s} holds {} bytes, expected {}",
+                    seg.len(),
+                    want * MAP_ENTRY_LEN
+                )));
             }
             entries.extend(seg.chunks_exact(MAP_ENTRY_LEN).map(MapEntry::from_bytes));
         }
-        Ok(BlockMap { disk_size, block_size, entries })
+        Ok(BlockMap {
+            disk_size,
+            block_size,
+            entries,
+        })
     }
 }
 
-async fn load_meta(chunks: &ChunkStore, kind: ObjectKind, domain: &str, name: &ChunkName) -> Result<Vec<u8>> {
+async fn load_meta(
+    chunks: &ChunkStore,
+    kind: ObjectKind,
+    domain: &str,
+    name: &ChunkName,
+) -> Result<Vec<u8>> {
     let key = layout::map_object(name);
     let plain = chunks.get_sealed(kind, &key).await?;
     if !ChunkName::derive_meta(chunks.keys().name_key(), domain, &plain).ct_eq(name) {
-        return Err(ChunkError::Corrupt(SealError::ContentMismatch { name: key.to_string() }).into());
+        return Err(ChunkError::Corrupt(SealError::ContentMismatch {
+            name: key.to_string(),
+        })
+        .into());
     }
     Ok(plain)
 }
@@ -207,7 +259,12 @@ mod tests {
     use std::sync::Arc;
 
     fn cs() -> ChunkStore {
-        ChunkStore::new(Store::open("memory://", &[]).unwrap(), Arc::new(KeyRing::random()), CpuPool::new(2), 1)
+        ChunkStore::new(
+            Store::open("memory://", &[]).unwrap(),
+            Arc::new(KeyRing::random()),
+            CpuPool::new(2),
+            1,
+        )
     }
 
     #[test]
@@ -227,20 +284,48 @@ mod tests {
         let mut m = BlockMap::zeroed(size, block);
         for i in [0u64, 5, 1500, 3000] {
             let h = PlainHash::of(&i.to_le_bytes());
-            m.set(i, MapEntry::Data { name: ChunkName::derive(cs.keys().name_key(), &h, 1), hash: h }).unwrap();
+            m.set(
+                i,
+                MapEntry::Data {
+                    name: ChunkName::derive(cs.keys().name_key(), &h, 1),
+                    hash: h,
+                },
+            )
+            .unwrap();
         }
         assert!(m.set(3001, MapEntry::Zero).is_err());
         let root = m.save(&cs).await.unwrap();
         let back = BlockMap::load(&cs, &root).await.unwrap();
         assert_eq!(back, m);
-        let objects = cs.store().list(&crate::store::Key::new(&["maps"]).unwrap()).await.unwrap().len();
+        let objects = cs
+            .store()
+            .list(&crate::store::Key::new(&["maps"]).unwrap())
+            .await
+            .unwrap()
+            .len();
         // Change one block in segment 1: only that segment and the root are new.
         m.set(1500, MapEntry::Zero).unwrap();
         let root2 = m.save(&cs).await.unwrap();
         assert_ne!(root, root2);
-        let objects2 = cs.store().list(&crate::store::Key::new(&["maps"]).unwrap()).await.unwrap().len();
-        assert_eq!(objects2, objects + 1, "segment 1 became all-zero (not stored), new root stored");
-        assert_eq!(BlockMap::load(&cs, &root).await.unwrap().get(1500).map(|e| e != MapEntry::Zero), Some(true));
+        let objects2 = cs
+            .store()
+            .list(&crate::store::Key::new(&["maps"]).unwrap())
+            .await
+            .unwrap()
+            .len();
+        assert_eq!(
+            objects2,
+            objects + 1,
+            "segment 1 became all-zero (not stored), new root stored"
+        );
+        assert_eq!(
+            BlockMap::load(&cs, &root)
+                .await
+                .unwrap()
+                .get(1500)
+                .map(|e| e != MapEntry::Zero),
+            Some(true)
+        );
     }
 
     #[tokio::test]
@@ -248,9 +333,20 @@ mod tests {
         let cs = cs();
         let mut m = BlockMap::zeroed(64 * 1024 * 10, 64 * 1024);
         let h = PlainHash::of(b"x");
-        m.set(3, MapEntry::Data { name: ChunkName::derive(cs.keys().name_key(), &h, 1), hash: h }).unwrap();
+        m.set(
+            3,
+            MapEntry::Data {
+                name: ChunkName::derive(cs.keys().name_key(), &h, 1),
+                hash: h,
+            },
+        )
+        .unwrap();
         let root = m.save(&cs).await.unwrap();
-        let maps = cs.store().list(&crate::store::Key::new(&["maps"]).unwrap()).await.unwrap();
+        let maps = cs
+            .store()
+            .list(&crate::store::Key::new(&["maps"]).unwrap())
+            .await
+            .unwrap();
         for l in &maps {
             if l.key != layout::map_object(&root) {
                 let mut raw = cs.store().get(&l.key).await.unwrap().to_vec();
@@ -259,6 +355,9 @@ mod tests {
                 cs.store().put(&l.key, raw.into()).await.unwrap();
             }
         }
-        assert!(matches!(BlockMap::load(&cs, &root).await, Err(Error::Corrupt(_))));
+        assert!(matches!(
+            BlockMap::load(&cs, &root).await,
+            Err(Error::Corrupt(_))
+        ));
     }
 }

@@ -1,0 +1,152 @@
+//! Retry with the seed's back-off: after a recoverable error, wait 1, 2, 4, 8, 10 minutes, then
+//! every 30 minutes (DESIGN.md). `scale` multiplies every wait (tests use ~0.001); a server's
+//! `Retry-After` is honoured when it asks for longer. Non-recoverable errors return at once.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::agent::AgentError;
+use crate::client::ClientError;
+
+/// The schedule, in seconds, before scaling.
+pub const SCHEDULE_S: [u64; 5] = [60, 120, 240, 480, 600];
+pub const STEADY_S: u64 = 1800;
+
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    pub scale: f64,
+    /// Give up once this much time has passed since the first failure.
+    pub give_up_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            scale: 1.0,
+            give_up_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Backoff {
+    /// Wait before retry number `attempt` (0-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let base = SCHEDULE_S
+            .get(attempt as usize)
+            .copied()
+            .unwrap_or(STEADY_S);
+        Duration::from_secs_f64(base as f64 * self.scale.max(0.0))
+    }
+
+    /// Runs `op` until it succeeds, fails with a non-recoverable error, or time runs out.
+    pub async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, AgentError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        let start = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) if !e.recoverable() => return Err(AgentError::Client(e)),
+                Err(e) => {
+                    if start.elapsed() >= self.give_up_after {
+                        return Err(AgentError::GaveUp {
+                            attempts: attempt + 1,
+                            elapsed_s: start.elapsed().as_secs(),
+                            last: e,
+                        });
+                    }
+                    let mut wait = self.delay(attempt);
+                    if let Some(ra) = e.retry_after() {
+                        wait = wait.max(ra.mul_f64(self.scale.min(1.0)));
+                    }
+                    tracing::warn!(what, attempt, wait_s = wait.as_secs_f64(), error = %e, "recoverable error; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::error::ErrorBody;
+    use reqwest::StatusCode;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[test]
+    fn schedule_matches_the_seed() {
+        let b = Backoff::default();
+        let mins: Vec<u64> = (0..7).map(|i| b.delay(i).as_secs() / 60).collect();
+        assert_eq!(mins, vec![1, 2, 4, 8, 10, 30, 30]);
+        let fast = Backoff {
+            scale: 0.001,
+            ..Default::default()
+        };
+        assert_eq!(fast.delay(0), Duration::from_millis(60));
+    }
+
+    fn api_err(recoverable: bool) -> ClientError {
+        ClientError::Api {
+            status: if recoverable {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::CONFLICT
+            },
+            body: ErrorBody {
+                code: "x".into(),
+                message: "m".into(),
+                recoverable,
+            },
+            retry_after: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_recoverable_and_stops_on_fatal() {
+        let b = Backoff::default();
+        let n = AtomicU32::new(0);
+        let r = b
+            .retry("t", || async {
+                if n.fetch_add(1, Ordering::SeqCst) < 3 {
+                    Err(api_err(true))
+                } else {
+                    Ok(7)
+                }
+            })
+            .await;
+        assert_eq!(r.unwrap(), 7);
+        assert_eq!(n.load(Ordering::SeqCst), 4);
+        let n = AtomicU32::new(0);
+        let r: Result<(), _> = b
+            .retry("t", || async {
+                n.fetch_add(1, Ordering::SeqCst);
+                Err(api_err(false))
+            })
+            .await;
+        assert!(matches!(r, Err(AgentError::Client(_))));
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            1,
+            "non-recoverable errors are not retried"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_after_the_limit() {
+        let b = Backoff {
+            scale: 1.0,
+            give_up_after: Duration::from_secs(3600),
+        };
+        let r: Result<(), _> = b.retry("t", || async { Err(api_err(true)) }).await;
+        match r {
+            // Failures at 0, 1, 3, 7, 15, 25, 55 and 85 minutes: the 8th is past the hour.
+            Err(AgentError::GaveUp { attempts, .. }) => assert_eq!(attempts, 8),
+            other => panic!("{other:?}"),
+        }
+    }
+}

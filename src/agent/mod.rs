@@ -1,0 +1,65 @@
+//! The reference agent: what runs on a Hyper-V host. It reads the host's virtual disks (raw,
+//! VHD, VHDX), streams them to drvault and retries on recoverable errors with the seed's
+//! back-off. Other agents can be written against the same API (docs/api.md).
+
+pub mod backoff;
+pub mod protect;
+
+use std::path::Path;
+
+use crate::api::routes::Credentials;
+use crate::client::{Client, ClientError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("credentials file {path}: {message}")]
+    Creds { path: String, message: String },
+    #[error("disk {path}: {message}")]
+    Disk { path: String, message: String },
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("gave up after {attempts} attempts over {elapsed_s} s: {last}")]
+    GaveUp {
+        attempts: u32,
+        elapsed_s: u64,
+        last: ClientError,
+    },
+}
+
+impl AgentError {
+    /// Exit code for the CLI: 2 for errors that need an operator (non-recoverable), 3 for
+    /// recoverable ones the agent gave up retrying, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AgentError::Client(e) if !e.recoverable() => 2,
+            AgentError::GaveUp { .. } => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// Loads a credentials file written by `drvault host add` / `drvault provider add`.
+pub fn load_creds(path: &Path) -> Result<Credentials, AgentError> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| AgentError::Creds {
+        path: p.clone(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| AgentError::Creds {
+        path: p,
+        message: format!("not a drvault credentials file: {e}"),
+    })
+}
+
+/// A client for the credentials; providers must name the host they act for.
+pub fn client_for(creds: &Credentials, acting_host: Option<String>) -> Result<Client, AgentError> {
+    if creds.kind == "provider" && acting_host.is_none() {
+        return Err(AgentError::Invalid(format!(
+            "provider credentials ({}) need --host NAME: the host to act for",
+            creds.name
+        )));
+    }
+    Ok(Client::new(&creds.server, &creds.token, Some(&creds.ca_cert_pem))?.acting_for(acting_host))
+}

@@ -1,0 +1,439 @@
+//! `drvault agent protect`: enable protection for a VM and replicate its disks in full, one disk
+//! after the other (the seed's order).
+//!
+//! Per disk: a reader thread walks the blocks, skipping those entirely outside the image's
+//! allocated ranges without reading them, reads the rest, drops all-zero blocks, and hashes the
+//! others; windows of blocks are checked against the server ("which of these do you lack?") so an
+//! interrupted replication resumes with only what is missing; missing blocks are uploaded with
+//! several requests in flight. Completion sends the runs of data blocks and a digest over every
+//! block's hash, which the server checks against what it received.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+
+use super::backoff::Backoff;
+use super::AgentError;
+use crate::api::routes::{MissingBlocks, BLAKE3_HEADER};
+use crate::chunk::digest::is_zero;
+use crate::chunk::PlainHash;
+use crate::client::Client;
+use crate::format::image::DiskImage;
+use crate::protection::session::{CompleteRequest, QueryBlock, ReceivedQuery};
+use crate::protection::{BlockAck, DiskSpec, DiskView, NicSpec, Policy, VmSpec, VmView};
+use crate::replica::blockmap::{block_count, block_len};
+
+/// One disk to protect: the image and its id.
+pub struct DiskSource {
+    pub id: String,
+    pub path: PathBuf,
+    pub image: Arc<dyn DiskImage>,
+}
+
+pub struct ProtectOptions {
+    pub vm: String,
+    pub generation: u8,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub nics: Vec<NicSpec>,
+    pub policy: Option<Policy>,
+    /// Uploads in flight per disk.
+    pub parallel: usize,
+    pub backoff: Backoff,
+    pub progress: bool,
+}
+
+/// What one disk's replication did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DiskSummary {
+    pub id: String,
+    pub size: u64,
+    pub blocks: u64,
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+    /// Data blocks the server already had (resumed replication).
+    pub already_on_server: u64,
+    pub uploaded_blocks: u64,
+    pub uploaded_bytes: u64,
+    pub deduplicated_blocks: u64,
+    /// Bytes the server wrote after compression and encryption.
+    pub stored_bytes: u64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProtectSummary {
+    pub vm: String,
+    pub state: String,
+    pub disks: Vec<DiskSummary>,
+    pub seconds: f64,
+}
+
+/// Opens a disk image, detecting its format from the content.
+pub fn open_disk(path: &std::path::Path, id: Option<String>) -> Result<DiskSource, AgentError> {
+    let image = crate::format::image::open(path).map_err(|e| AgentError::Disk {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let id = match id {
+        Some(i) => i,
+        None => path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(String::from)
+            .ok_or_else(|| AgentError::Disk {
+                path: path.display().to_string(),
+                message: "cannot derive a disk id from the file name; give one as PATH:ID".into(),
+            })?,
+    };
+    if !crate::vault::registry::valid_name(&id) {
+        return Err(AgentError::Invalid(format!(
+            "disk id {id:?}: use 1-64 characters from A-Z a-z 0-9 . _ -; give one as PATH:ID"
+        )));
+    }
+    let size = image.virtual_size();
+    if size == 0 || size % 512 != 0 {
+        return Err(AgentError::Disk {
+            path: path.display().to_string(),
+            message: format!("virtual size {size} is not a whole number of 512-byte sectors"),
+        });
+    }
+    Ok(DiskSource {
+        id,
+        path: path.to_path_buf(),
+        image: Arc::from(image),
+    })
+}
+
+pub async fn protect(
+    client: &Client,
+    disks: &[DiskSource],
+    opts: &ProtectOptions,
+) -> Result<ProtectSummary, AgentError> {
+    let start = Instant::now();
+    let spec = VmSpec {
+        generation: opts.generation,
+        cpus: opts.cpus,
+        memory_mib: opts.memory_mib,
+        disks: disks
+            .iter()
+            .map(|d| DiskSpec {
+                id: d.id.clone(),
+                size: d.image.virtual_size(),
+            })
+            .collect(),
+        nics: opts.nics.clone(),
+        policy: opts.policy.clone(),
+    };
+    let path = format!("/v1/agent/vms/{}", opts.vm);
+    let view: VmView = opts
+        .backoff
+        .retry("enable protection", || {
+            client.send_json(Method::PUT, &path, &spec)
+        })
+        .await?;
+    for w in &view.health_reasons {
+        tracing::warn!(vm = %opts.vm, "{w}");
+    }
+    let mut summaries = Vec::new();
+    for d in disks {
+        let dv = view
+            .disks
+            .iter()
+            .find(|x| x.id == d.id)
+            .ok_or_else(|| AgentError::Invalid(format!("server did not list disk {}", d.id)))?;
+        summaries.push(replicate_disk(client, &opts.vm, d, dv.block_size, opts).await?);
+    }
+    let view: VmView = opts
+        .backoff
+        .retry("read VM state", || client.get_json(&path))
+        .await?;
+    Ok(ProtectSummary {
+        vm: opts.vm.clone(),
+        state: serde_json::to_value(view.state)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+        disks: summaries,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// One block as the reader produced it.
+enum Item {
+    Zero {
+        index: u64,
+    },
+    Data {
+        index: u64,
+        data: Bytes,
+        hash: PlainHash,
+    },
+    Failed(AgentError),
+}
+
+async fn replicate_disk(
+    client: &Client,
+    vm: &str,
+    d: &DiskSource,
+    block_size: u32,
+    opts: &ProtectOptions,
+) -> Result<DiskSummary, AgentError> {
+    let start = Instant::now();
+    let size = d.image.virtual_size();
+    let mut sum = DiskSummary {
+        id: d.id.clone(),
+        size,
+        blocks: block_count(size, block_size),
+        ..Default::default()
+    };
+    // Up to three passes: a pass after the server reports missing or changed blocks resends them.
+    for pass in 0..3 {
+        let (hashes, runs) = upload_pass(client, vm, d, block_size, opts, &mut sum).await?;
+        let digest = disk_digest(&hashes, size, block_size);
+        let req = CompleteRequest {
+            data_runs: runs,
+            digest: digest.to_hex(),
+        };
+        let path = format!("/v1/agent/vms/{vm}/disks/{}/complete", d.id);
+        match opts
+            .backoff
+            .retry("complete disk", || {
+                client.send_json::<_, DiskView>(Method::POST, &path, &req)
+            })
+            .await
+        {
+            Ok(_) => {
+                sum.seconds = start.elapsed().as_secs_f64();
+                return Ok(sum);
+            }
+            Err(AgentError::Client(e))
+                if pass < 2
+                    && matches!(e.code(), Some("blocks_missing") | Some("digest_mismatch")) =>
+            {
+                tracing::warn!(disk = %d.id, error = %e, "server lacks blocks; resuming");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(AgentError::Invalid(format!(
+        "disk {}: the server still reports missing blocks after three passes",
+        d.id
+    )))
+}
+
+/// Reads the whole disk once, uploads what the server lacks. Returns every block's hash (None
+/// for zero blocks) and the runs of data blocks.
+async fn upload_pass(
+    client: &Client,
+    vm: &str,
+    d: &DiskSource,
+    block_size: u32,
+    opts: &ProtectOptions,
+    sum: &mut DiskSummary,
+) -> Result<(Vec<Option<PlainHash>>, Vec<(u64, u64)>), AgentError> {
+    let size = d.image.virtual_size();
+    let nblocks = block_count(size, block_size);
+    let parallel = opts.parallel.max(1);
+    let window = (parallel * 4).max(8);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Item>(window);
+    let image = d.image.clone();
+    let path = d.path.display().to_string();
+    let reader = tokio::task::spawn_blocking(move || read_blocks(&*image, &path, block_size, tx));
+
+    let bar = progress_bar(opts.progress, size, &d.id);
+    let mut hashes: Vec<Option<PlainHash>> = vec![None; nblocks as usize];
+    let (mut data_blocks, mut zero_blocks) = (0u64, 0u64);
+    let mut done = false;
+    while !done {
+        // Collect one window of blocks.
+        let mut batch: Vec<(u64, Bytes, PlainHash)> = Vec::with_capacity(window);
+        while batch.len() < window {
+            match rx.recv().await {
+                Some(Item::Zero { index }) => {
+                    zero_blocks += 1;
+                    bar.inc(block_len(size, block_size, index));
+                }
+                Some(Item::Data { index, data, hash }) => {
+                    hashes[index as usize] = Some(hash);
+                    data_blocks += 1;
+                    batch.push((index, data, hash));
+                }
+                Some(Item::Failed(e)) => return Err(e),
+                None => {
+                    done = true;
+                    break;
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let q = ReceivedQuery {
+            blocks: batch
+                .iter()
+                .map(|(i, _, h)| QueryBlock {
+                    index: *i,
+                    hash: h.to_hex(),
+                })
+                .collect(),
+        };
+        let qpath = format!("/v1/agent/vms/{vm}/disks/{}/blocks/query", d.id);
+        let missing: MissingBlocks = opts
+            .backoff
+            .retry("query blocks", || {
+                client.send_json(Method::POST, &qpath, &q)
+            })
+            .await?;
+        let missing: std::collections::HashSet<u64> = missing.missing.into_iter().collect();
+        let mut uploads = Vec::new();
+        for (index, data, hash) in batch {
+            if missing.contains(&index) {
+                uploads.push((index, data, hash));
+            } else {
+                sum.already_on_server += 1;
+                bar.inc(block_len(size, block_size, index));
+            }
+        }
+        let mut stream =
+            futures_util::stream::iter(uploads.into_iter().map(|(index, data, hash)| {
+                let path = format!("/v1/agent/vms/{vm}/disks/{}/blocks/{index}", d.id);
+                let headers = [(BLAKE3_HEADER, hash.to_hex())];
+                let backoff = opts.backoff.clone();
+                async move {
+                    let len = data.len() as u64;
+                    let r = backoff
+                        .retry("upload block", || {
+                            client.put_bytes::<BlockAck>(&path, &headers, data.clone())
+                        })
+                        .await;
+                    (len, r)
+                }
+            }))
+            .buffer_unordered(parallel);
+        while let Some((len, r)) = stream.next().await {
+            let ack = r?;
+            sum.uploaded_blocks += 1;
+            sum.uploaded_bytes += len;
+            sum.stored_bytes += ack.stored_bytes;
+            if ack.outcome == "deduplicated" {
+                sum.deduplicated_blocks += 1;
+            }
+            bar.inc(len);
+        }
+    }
+    bar.finish_and_clear();
+    reader
+        .await
+        .map_err(|e| AgentError::Invalid(format!("disk reader stopped: {e}")))?;
+    sum.data_blocks = data_blocks;
+    sum.zero_blocks = zero_blocks;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, h) in hashes.iter().enumerate() {
+        if h.is_some() {
+            match runs.last_mut() {
+                Some((f, c)) if *f + *c == i as u64 => *c += 1,
+                _ => runs.push((i as u64, 1)),
+            }
+        }
+    }
+    Ok((hashes, runs))
+}
+
+/// The reader thread: never reads blocks outside allocated ranges, never sends zero blocks.
+fn read_blocks(
+    image: &dyn DiskImage,
+    path: &str,
+    block_size: u32,
+    tx: tokio::sync::mpsc::Sender<Item>,
+) {
+    let size = image.virtual_size();
+    let nblocks = block_count(size, block_size);
+    let ranges = match image.allocated_ranges() {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.blocking_send(Item::Failed(AgentError::Disk {
+                path: path.to_string(),
+                message: e.to_string(),
+            }));
+            return;
+        }
+    };
+    let mut r = 0usize;
+    for index in 0..nblocks {
+        let start = index * block_size as u64;
+        let len = block_len(size, block_size, index);
+        let end = start + len;
+        while r < ranges.len() && ranges[r].end <= start {
+            r += 1;
+        }
+        let allocated = r < ranges.len() && ranges[r].start < end;
+        let item = if !allocated {
+            Item::Zero { index }
+        } else {
+            let mut buf = vec![0u8; len as usize];
+            match image.read_at(&mut buf, start) {
+                Err(e) => Item::Failed(AgentError::Disk {
+                    path: path.to_string(),
+                    message: e.to_string(),
+                }),
+                Ok(()) if is_zero(&buf) => Item::Zero { index },
+                Ok(()) => {
+                    let hash = PlainHash::of(&buf);
+                    Item::Data {
+                        index,
+                        data: Bytes::from(buf),
+                        hash,
+                    }
+                }
+            }
+        };
+        let failed = matches!(item, Item::Failed(_));
+        if tx.blocking_send(item).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// BLAKE3 over every block's plain hash in order; zero blocks contribute the hash of their
+/// zero bytes (the server computes the same from its receipts).
+pub fn disk_digest(hashes: &[Option<PlainHash>], size: u64, block_size: u32) -> PlainHash {
+    let zero_full = PlainHash::of(&vec![0u8; block_size as usize]);
+    let mut h = blake3::Hasher::new();
+    for (i, x) in hashes.iter().enumerate() {
+        let v = match x {
+            Some(v) => *v,
+            None => {
+                let len = block_len(size, block_size, i as u64);
+                if len == block_size as u64 {
+                    zero_full
+                } else {
+                    PlainHash::of(&vec![0u8; len as usize])
+                }
+            }
+        };
+        h.update(&v.0);
+    }
+    PlainHash(*h.finalize().as_bytes())
+}
+
+pub fn progress_bar(enabled: bool, total: u64, label: &str) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(4));
+    let style = ProgressStyle::with_template(
+        "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(label.to_string());
+    bar
+}

@@ -1,0 +1,74 @@
+//! The HTTPS API: `/v1/` for agents and operators, `/metrics`, `/healthz`. Handlers are thin:
+//! they parse and check the request, call the domain (`protection`, `jobs`, `vault`), and turn the
+//! result into JSON; nothing here touches the store. Errors map to HTTP in [`error`] only.
+//!
+//! Every request gets one tracing span labelled by its endpoint (the matched route template,
+//! e.g. `/v1/agent/vms/{vm}/disks/{disk}/blocks/{index}`), and the same label goes on the
+//! request counter and latency histogram.
+
+pub mod auth;
+pub mod error;
+pub mod routes;
+pub mod server;
+pub mod tls;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::{RwLock, Semaphore};
+use tracing::Instrument;
+
+use crate::jobs::Jobs;
+use crate::protection::Protection;
+use crate::vault::registry::Registry;
+use crate::vault::Vault;
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct AppState {
+    pub vault: Vault,
+    pub protection: Protection,
+    pub jobs: Jobs,
+    /// Cached registry (this server is its writer; updates go through `routes::update_registry`).
+    pub registry: Arc<RwLock<Registry>>,
+    /// Bounds block bodies held in memory (config `ingest.max_inflight_blocks`).
+    pub ingest_permits: Arc<Semaphore>,
+    pub metrics: Option<PrometheusHandle>,
+    /// URL agents are told to use (credentials files).
+    pub public_url: String,
+    /// PEM of the certificate agents should trust (credentials files).
+    pub ca_pem: String,
+}
+
+/// The whole router.
+pub fn router(state: AppState) -> Router {
+    routes::routes()
+        .route_layer(axum::middleware::from_fn(observe))
+        .fallback(routes::not_found)
+        .with_state(state)
+}
+
+/// One span per request; metrics labelled by endpoint, method and status.
+async fn observe(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
+    let endpoint = matched
+        .as_ref()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let span = tracing::info_span!("request", method = %method, endpoint = %endpoint, status = tracing::field::Empty);
+    let start = Instant::now();
+    let resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16().to_string();
+    span.record("status", status.as_str());
+    let secs = start.elapsed().as_secs_f64();
+    let _e = span.enter();
+    tracing::debug!(secs, "request done");
+    metrics::counter!("drvault_http_requests_total", "endpoint" => endpoint.clone(), "method" => method.clone(), "status" => status.clone()).increment(1);
+    metrics::histogram!("drvault_http_request_duration_seconds", "endpoint" => endpoint, "method" => method, "status" => status).record(secs);
+    resp
+}

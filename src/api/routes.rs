@@ -1,0 +1,608 @@
+//! Route table and handlers. See docs/api.md for the contract.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::auth::{AgentHost, Operator};
+use super::error::{ApiError, ApiResult};
+use super::AppState;
+use crate::chunk::PlainHash;
+use crate::error::Error;
+use crate::protection::{CompleteRequest, ReceivedQuery, VmSpec};
+use crate::replica::MapEntry;
+use crate::vault::layout::{self, Family};
+use crate::vault::registry::{
+    valid_name, HostEntry, ProviderEntry, Registry, HOST_TOKEN_PREFIX, PROVIDER_TOKEN_PREFIX,
+};
+
+/// Header carrying a block's plain BLAKE3 (hex), on uploads and downloads.
+pub const BLAKE3_HEADER: &str = "x-drvault-blake3";
+/// Largest JSON request body.
+const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/server", get(server_info))
+        .route("/v1/hosts", get(list_hosts).post(add_host))
+        .route("/v1/hosts/{name}", axum::routing::delete(remove_host))
+        .route("/v1/providers", get(list_providers).post(add_provider))
+        .route(
+            "/v1/providers/{name}",
+            axum::routing::delete(remove_provider),
+        )
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/{vm}", get(get_vm))
+        .route("/v1/vms/{vm}/disks/{disk}/map", get(get_map))
+        .route("/v1/vms/{vm}/disks/{disk}/blocks/{index}", get(get_block))
+        .route("/v1/jobs", get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route(
+            "/v1/agent/vms/{vm}",
+            put(enable_protection).get(agent_get_vm),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/blocks/query",
+            post(agent_query_blocks),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/blocks/{index}",
+            put(agent_put_block),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/complete",
+            post(agent_complete_disk),
+        )
+}
+
+pub async fn not_found() -> ApiError {
+    Error::not_found("no_such_route", "no such route; see docs/api.md").into()
+}
+
+fn name(kind: &str, s: &str) -> Result<(), ApiError> {
+    if valid_name(s) {
+        Ok(())
+    } else {
+        Err(Error::invalid("invalid_name", format!("{kind} name {s:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")).into())
+    }
+}
+
+fn index(s: &str) -> Result<u64, ApiError> {
+    s.parse::<u64>().map_err(|_| {
+        Error::invalid(
+            "invalid_index",
+            format!("block index {s:?} is not a number"),
+        )
+        .into()
+    })
+}
+
+async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
+        .await
+        .map_err(|_| Error::TooLarge {
+            code: "body_too_large",
+            message: format!("JSON body over {MAX_JSON_BODY} bytes or cut off"),
+        })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::invalid("invalid_json", format!("request body: {e}")).into())
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    match s.vault.store().head(&layout::key_check()).await {
+        Ok(Some(_)) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "vault unreachable"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    for v in s.protection.list().await {
+        let health = match v.health {
+            crate::protection::Health::Normal => 0.0,
+            crate::protection::Health::Warning => 1.0,
+            crate::protection::Health::Critical => 2.0,
+        };
+        metrics::gauge!("drvault_vm_health", "vm" => v.name.clone()).set(health);
+        metrics::gauge!("drvault_vm_replication_progress", "vm" => v.name.clone()).set(v.progress);
+    }
+    match &s.metrics {
+        Some(h) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            h.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed",
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct ServerInfo {
+    version: &'static str,
+    block_size: u32,
+}
+
+async fn server_info(_: Operator, State(s): State<AppState>) -> Json<ServerInfo> {
+    Json(ServerInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        block_size: s.protection.block_size(),
+    })
+}
+
+// ---------- hosts and providers (operator) ----------
+
+/// Applies `f` to the registry record (compare-and-swap) and refreshes the cache.
+pub async fn update_registry(
+    s: &AppState,
+    f: impl Fn(&mut Registry) -> Result<(), Error>,
+) -> Result<Registry, Error> {
+    let prefix = layout::record(Family::Registry, "main");
+    let v = s
+        .vault
+        .records
+        .update(&prefix, |cur: Option<&Registry>| {
+            let mut r = cur.cloned().unwrap_or_default();
+            f(&mut r)?;
+            Ok(Some(r))
+        })
+        .await?
+        .ok_or_else(|| Error::internal("registry update returned nothing"))?;
+    *s.registry.write().await = v.value.clone();
+    Ok(v.value)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddHost {
+    name: String,
+    #[serde(default)]
+    cloud: Option<String>,
+}
+
+/// What an agent needs to connect: written to a credentials file by the CLI.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credentials {
+    /// "host" or "provider".
+    pub kind: String,
+    pub name: String,
+    pub cloud: Option<String>,
+    pub server: String,
+    pub token: String,
+    pub ca_cert_pem: String,
+}
+
+#[derive(Serialize)]
+struct HostView {
+    name: String,
+    cloud: Option<String>,
+    created: String,
+    vms: Vec<String>,
+}
+
+async fn list_hosts(_: Operator, State(s): State<AppState>) -> Json<Vec<HostView>> {
+    let reg = s.registry.read().await.clone();
+    let vms = s.protection.list().await;
+    Json(
+        reg.hosts
+            .values()
+            .map(|h| HostView {
+                name: h.name.clone(),
+                cloud: h.cloud.clone(),
+                created: crate::util::rfc3339(h.created_unix),
+                vms: vms
+                    .iter()
+                    .filter(|v| v.owner == h.name)
+                    .map(|v| v.name.clone())
+                    .collect(),
+            })
+            .collect(),
+    )
+}
+
+async fn add_host(
+    _: Operator,
+    State(s): State<AppState>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Credentials>)> {
+    let req: AddHost = read_json(body).await?;
+    name("host", &req.name)?;
+    if let Some(c) = &req.cloud {
+        name("cloud", c)?;
+    }
+    let token = crate::util::random_token(HOST_TOKEN_PREFIX);
+    let digest = s.vault.keys().token_digest(&token);
+    let now = crate::util::unix_now();
+    update_registry(&s, |r| {
+        if r.hosts.contains_key(&req.name) {
+            return Err(Error::conflict(
+                "host_exists",
+                format!("host {} is already registered", req.name),
+            ));
+        }
+        r.hosts.insert(
+            req.name.clone(),
+            HostEntry {
+                name: req.name.clone(),
+                token_digest: digest.clone(),
+                cloud: req.cloud.clone(),
+                created_unix: now,
+            },
+        );
+        Ok(())
+    })
+    .await?;
+    tracing::info!(host = %req.name, "host registered");
+    Ok((
+        StatusCode::CREATED,
+        Json(Credentials {
+            kind: "host".into(),
+            name: req.name,
+            cloud: req.cloud,
+            server: s.public_url.clone(),
+            token,
+            ca_cert_pem: s.ca_pem.clone(),
+        }),
+    ))
+}
+
+async fn remove_host(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(host): Path<String>,
+) -> ApiResult<StatusCode> {
+    name("host", &host)?;
+    update_registry(&s, |r| {
+        r.hosts.remove(&host).map(|_| ()).ok_or_else(|| {
+            Error::not_found("host_not_found", format!("host {host} is not registered"))
+        })
+    })
+    .await?;
+    tracing::info!(%host, "host removed; its token is revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddProvider {
+    name: String,
+    cloud: String,
+}
+
+#[derive(Serialize)]
+struct ProviderView {
+    name: String,
+    cloud: String,
+    created: String,
+}
+
+async fn list_providers(_: Operator, State(s): State<AppState>) -> Json<Vec<ProviderView>> {
+    let reg = s.registry.read().await;
+    Json(
+        reg.providers
+            .values()
+            .map(|p| ProviderView {
+                name: p.name.clone(),
+                cloud: p.cloud.clone(),
+                created: crate::util::rfc3339(p.created_unix),
+            })
+            .collect(),
+    )
+}
+
+async fn add_provider(
+    _: Operator,
+    State(s): State<AppState>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Credentials>)> {
+    let req: AddProvider = read_json(body).await?;
+    name("provider", &req.name)?;
+    name("cloud", &req.cloud)?;
+    let token = crate::util::random_token(PROVIDER_TOKEN_PREFIX);
+    let digest = s.vault.keys().token_digest(&token);
+    let now = crate::util::unix_now();
+    update_registry(&s, |r| {
+        if r.providers.contains_key(&req.name) {
+            return Err(Error::conflict(
+                "provider_exists",
+                format!("provider {} is already registered", req.name),
+            ));
+        }
+        r.providers.insert(
+            req.name.clone(),
+            ProviderEntry {
+                name: req.name.clone(),
+                cloud: req.cloud.clone(),
+                token_digest: digest.clone(),
+                created_unix: now,
+            },
+        );
+        Ok(())
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Credentials {
+            kind: "provider".into(),
+            name: req.name,
+            cloud: Some(req.cloud),
+            server: s.public_url.clone(),
+            token,
+            ca_cert_pem: s.ca_pem.clone(),
+        }),
+    ))
+}
+
+async fn remove_provider(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(p): Path<String>,
+) -> ApiResult<StatusCode> {
+    name("provider", &p)?;
+    update_registry(&s, |r| {
+        r.providers.remove(&p).map(|_| ()).ok_or_else(|| {
+            Error::not_found(
+                "provider_not_found",
+                format!("provider {p} is not registered"),
+            )
+        })
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------- VMs, maps, blocks, jobs (operator) ----------
+
+async fn list_vms(_: Operator, State(s): State<AppState>) -> Json<Vec<crate::protection::VmView>> {
+    Json(s.protection.list().await)
+}
+
+async fn get_vm(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::protection::VmView>> {
+    name("VM", &vm)?;
+    let rec = s.protection.vm_for(None, &vm).await?;
+    Ok(Json(s.protection.view(&rec).await))
+}
+
+/// A disk's map as the export client needs it: geometry and the data blocks with their hashes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MapView {
+    pub size: u64,
+    pub block_size: u32,
+    pub blocks: u64,
+    /// Data blocks only: `[index, plain BLAKE3 hex]`; every other block is zero.
+    pub data: Vec<(u64, String)>,
+}
+
+async fn get_map(
+    _: Operator,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+) -> ApiResult<Json<MapView>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let (d, map) = s.protection.base_map(&vm, &disk).await?;
+    let data = map
+        .entries()
+        .filter_map(|(i, e)| match e {
+            MapEntry::Data { hash, .. } => Some((i, hash.to_hex())),
+            MapEntry::Zero => None,
+        })
+        .collect();
+    Ok(Json(MapView {
+        size: d.size,
+        block_size: d.block_size,
+        blocks: map.len(),
+        data,
+    }))
+}
+
+async fn get_block(
+    _: Operator,
+    State(s): State<AppState>,
+    Path((vm, disk, idx)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let i = index(&idx)?;
+    let (bytes, hash) = s.protection.read_block(&vm, &disk, i).await?;
+    let mut resp = Body::from(bytes).into_response();
+    resp.headers_mut().insert(
+        BLAKE3_HEADER,
+        hash.to_hex()
+            .parse()
+            .map_err(|_| Error::internal("header"))?,
+    );
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        "application/octet-stream"
+            .parse()
+            .map_err(|_| Error::internal("header"))?,
+    );
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+struct JobsQuery {
+    vm: Option<String>,
+}
+
+async fn list_jobs(
+    _: Operator,
+    State(s): State<AppState>,
+    Query(q): Query<JobsQuery>,
+) -> Json<Vec<crate::jobs::Job>> {
+    let mut jobs = s.jobs.list().await;
+    if let Some(vm) = q.vm {
+        jobs.retain(|j| j.vm.as_deref() == Some(vm.as_str()));
+    }
+    Json(jobs)
+}
+
+async fn get_job(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<crate::jobs::Job>> {
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(Error::invalid("invalid_job_id", format!("{id:?} is not a job id")).into());
+    }
+    s.jobs
+        .get(&id)
+        .await
+        .map(Json)
+        .ok_or_else(|| Error::not_found("job_not_found", format!("job {id} not found")).into())
+}
+
+// ---------- agent routes ----------
+
+async fn enable_protection(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<crate::protection::VmView>)> {
+    name("VM", &vm)?;
+    let spec: VmSpec = read_json(body).await?;
+    let (view, created) = s.protection.enable(&host, &vm, &spec).await?;
+    Ok((
+        if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        Json(view),
+    ))
+}
+
+async fn agent_get_vm(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::protection::VmView>> {
+    name("VM", &vm)?;
+    let rec = s.protection.vm_for(Some(&host), &vm).await?;
+    Ok(Json(s.protection.view(&rec).await))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct MissingBlocks {
+    pub missing: Vec<u64>,
+}
+
+async fn agent_query_blocks(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Json<MissingBlocks>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let q: ReceivedQuery = read_json(body).await?;
+    Ok(Json(MissingBlocks {
+        missing: s.protection.missing_blocks(&host, &vm, &disk, &q).await?,
+    }))
+}
+
+async fn agent_put_block(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk, idx)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<crate::protection::BlockAck>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let i = index(&idx)?;
+    let claimed = headers
+        .get(BLAKE3_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(PlainHash::from_hex)
+        .ok_or_else(|| {
+            Error::invalid(
+                "missing_hash",
+                format!(
+                    "header {BLAKE3_HEADER} with the block's BLAKE3 (64 hex digits) is required"
+                ),
+            )
+        })?;
+    // Authorization and geometry before reading a byte of the body.
+    let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
+    let limit = d.block_size as usize;
+    if let Some(len) = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(Error::invalid(
+                "body_too_long",
+                format!("body of {len} bytes is longer than the {limit}-byte block"),
+            )
+            .into());
+        }
+    }
+    // Bound memory: wait for a permit before reading the body (pushes back on the socket).
+    let _permit = s
+        .ingest_permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| Error::internal("ingest closed"))?;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_long = std::error::Error::source(&e)
+                .map(|s| s.is::<http_body_util::LengthLimitError>())
+                .unwrap_or(false)
+                || e.to_string().contains("length limit");
+            return Err(if too_long {
+                Error::invalid(
+                    "body_too_long",
+                    format!("body is longer than the {limit}-byte block"),
+                )
+            } else {
+                Error::invalid("body_incomplete", format!("request body was cut off: {e}"))
+            }
+            .into());
+        }
+    };
+    Ok(Json(
+        s.protection
+            .put_block(&host, &vm, &disk, i, claimed, bytes)
+            .await?,
+    ))
+}
+
+async fn agent_complete_disk(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Json<crate::protection::DiskView>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let req: CompleteRequest = read_json(body).await?;
+    Ok(Json(
+        s.protection.complete_disk(&host, &vm, &disk, &req).await?,
+    ))
+}

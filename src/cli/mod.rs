@@ -1,0 +1,650 @@
+//! The `drvault` command line: one binary for the server, the operator tools, the reference
+//! agent and the benchmark harness. Every operator and agent command is a client of the HTTPS
+//! API; nothing here reaches into the vault directly.
+
+pub mod operator;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use reqwest::Method;
+
+use crate::agent::backoff::Backoff;
+use crate::protection::{NicSpec, Policy, VmView};
+use operator::Conn;
+
+#[derive(Parser)]
+#[command(
+    name = "drvault",
+    version,
+    about = "Disaster-recovery vault for Hyper-V replication: sealed storage, change-log journal, failover to fixed VHD",
+    long_about = "drvault receives virtual disks and Hyper-V Replica change logs from host agents over HTTPS, \
+keeps them compressed and AES-256-GCM-encrypted in an object store (a local directory, Azure Blob or S3), \
+and materializes bootable fixed VHD disks on failover.\n\n\
+Start a server:            drvault serve\n\
+Register a host:           drvault host add hv01\n\
+Protect a VM (on the host): drvault agent protect --creds hv01.creds.json --vm web01 --disk web01.vhdx\n\
+Read a disk back:          drvault export --vm web01 --disk web01 --format vhd -o web01.vhd"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server (HTTPS). With no config it creates ./drvault-data with a local vault, a
+    /// master key, a self-signed certificate and an operator token, and listens on 127.0.0.1:8443.
+    Serve {
+        /// TOML configuration (see config/drvault.example.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides server.data_dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Overrides server.listen (e.g. 127.0.0.1:0 for any free port).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Register, list and remove Hyper-V hosts (operator).
+    Host {
+        #[command(subcommand)]
+        cmd: HostCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Register, list and remove VMM-style providers that act for every host of a cloud (operator).
+    Provider {
+        #[command(subcommand)]
+        cmd: ProviderCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List protected VMs with state and health (operator).
+    Vms {
+        /// One VM in detail.
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List jobs, newest first, or show one (operator).
+    Jobs {
+        /// A job id to show in detail.
+        id: Option<String>,
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Write a replicated disk as a fixed VHD or raw image, verifying every block (operator).
+    Export {
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        disk: String,
+        #[arg(long, value_parser = ["vhd", "raw"], default_value = "vhd")]
+        format: String,
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        /// Blocks fetched in parallel.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The reference host agent.
+    Agent {
+        #[command(subcommand)]
+        cmd: AgentCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// Register a host and write its credentials file (server URL, host token, CA certificate).
+    Add {
+        name: String,
+        /// Put the host in a VMM cloud (its provider may then act for it).
+        #[arg(long)]
+        cloud: Option<String>,
+        /// Credentials file to write (default NAME.creds.json).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    /// List hosts and the VMs each protects.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a host: its token stops working at once.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum ProviderCmd {
+    /// Register a provider for a cloud and write its credentials file.
+    Add {
+        name: String,
+        #[arg(long)]
+        cloud: String,
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Remove {
+        name: String,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct AgentConn {
+    /// Credentials file from `drvault host add` or `drvault provider add`.
+    #[arg(long)]
+    creds: PathBuf,
+    /// With provider credentials: the host to act for.
+    #[arg(long)]
+    host: Option<String>,
+    /// Multiplies every back-off wait (1, 2, 4, 8, 10 then 30 minutes); e.g. 0.01 in tests.
+    #[arg(long, env = "DRVAULT_BACKOFF_SCALE", default_value_t = 1.0)]
+    backoff_scale: f64,
+    /// Give up retrying recoverable errors after this long (e.g. 30s, 2h).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    give_up_after: Duration,
+}
+
+#[derive(Subcommand)]
+enum AgentCmd {
+    /// Enable protection for a VM and replicate its disks in full (initial replication).
+    /// Resumes where an interrupted run stopped.
+    Protect {
+        #[command(flatten)]
+        conn: AgentConn,
+        #[arg(long)]
+        vm: String,
+        /// A disk image (raw, VHD or VHDX, detected from content), optionally with an id:
+        /// PATH[:ID]; the id defaults to the file name without extension. Repeat per disk.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// A NIC: network=NAME,mac=MAC[,ip=IP]. Repeat per NIC.
+        #[arg(long = "nic")]
+        nics: Vec<String>,
+        /// VM generation: 1 (BIOS) or 2 (UEFI).
+        #[arg(long, default_value_t = 2)]
+        generation: u8,
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        #[arg(long, default_value_t = 4096)]
+        memory_mib: u64,
+        /// Replication interval in seconds (30, 300 or 900).
+        #[arg(long)]
+        interval: Option<u64>,
+        /// Recovery point retention (e.g. 24h, 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention: Option<Duration>,
+        /// Block uploads in flight.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let is_serve = matches!(cli.cmd, Cmd::Serve { .. });
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    if !is_serve {
+        init_logging("warn", false);
+    }
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            match e.downcast_ref::<crate::agent::AgentError>() {
+                Some(a) => a.exit_code(),
+                None => 1,
+            }
+        }
+    }
+}
+
+fn init_logging(default: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Serve {
+            config,
+            data_dir,
+            listen,
+        } => serve(config, data_dir, listen).await,
+        Cmd::Host { cmd, conn } => host(cmd, conn).await,
+        Cmd::Provider { cmd, conn } => provider(cmd, conn).await,
+        Cmd::Vms { name, json, conn } => vms(name, json, conn).await,
+        Cmd::Jobs { id, vm, json, conn } => jobs(id, vm, json, conn).await,
+        Cmd::Export {
+            vm,
+            disk,
+            format,
+            output,
+            parallel,
+            conn,
+        } => {
+            let client = conn.client()?;
+            let start = std::time::Instant::now();
+            let (bytes, blocks) = operator::export(
+                &client,
+                &vm,
+                &disk,
+                format == "vhd",
+                &output,
+                parallel,
+                console(),
+            )
+            .await?;
+            println!(
+                "wrote {} ({} format): {} data blocks, {} of data, {:.1} s",
+                output.display(),
+                format,
+                blocks,
+                crate::util::human_bytes(bytes),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(0)
+        }
+        Cmd::Agent { cmd } => agent(cmd).await,
+    }
+}
+
+fn console() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+async fn serve(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+) -> Result<i32> {
+    let mut cfg = match &config {
+        Some(p) => crate::config::Config::load(p)?,
+        None => crate::config::Config::default(),
+    };
+    if let Some(d) = data_dir {
+        cfg.server.data_dir = d;
+    }
+    if let Some(l) = listen {
+        cfg.server.listen = l;
+    }
+    cfg.validate()?;
+    init_logging("info", cfg.server.log_format == "json");
+    let prepared = crate::server::prepare(cfg.clone()).await?;
+    let dd = &cfg.server.data_dir;
+    println!(
+        "drvault {} serving {}",
+        env!("CARGO_PKG_VERSION"),
+        prepared.url
+    );
+    println!("  vault           {}", cfg.vault_url()?);
+    println!("  master key      {}", cfg.master_key_path().display());
+    println!(
+        "  operator token  {}",
+        dd.join(crate::server::OPERATOR_TOKEN_FILE).display()
+    );
+    println!(
+        "  server file     {}",
+        dd.join(crate::server::SERVER_FILE).display()
+    );
+    println!("  metrics         {}/metrics", prepared.url);
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    crate::server::run(prepared, crate::server::shutdown_signal()).await;
+    Ok(0)
+}
+
+async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
+    let c = conn.client()?;
+    match cmd {
+        HostCmd::Add {
+            name,
+            cloud,
+            output,
+        } => {
+            let creds: crate::api::routes::Credentials = c
+                .send_json(
+                    Method::POST,
+                    "/v1/hosts",
+                    &serde_json::json!({"name": name, "cloud": cloud}),
+                )
+                .await?;
+            let out = output.unwrap_or_else(|| PathBuf::from(format!("{name}.creds.json")));
+            operator::write_creds(&creds, &out)?;
+            println!("host {name} registered; credentials written to {} (copy it to the host, keep it secret)", out.display());
+        }
+        HostCmd::List { json } => {
+            let v: serde_json::Value = c.get_json("/v1/hosts").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<24} {:<16} {:<22} VMS", "HOST", "CLOUD", "REGISTERED");
+                for h in v.as_array().into_iter().flatten() {
+                    let vms: Vec<&str> = h["vms"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|x| x.as_str())
+                        .collect();
+                    println!(
+                        "{:<24} {:<16} {:<22} {}",
+                        h["name"].as_str().unwrap_or(""),
+                        h["cloud"].as_str().unwrap_or("-"),
+                        h["created"].as_str().unwrap_or(""),
+                        vms.join(",")
+                    );
+                }
+            }
+        }
+        HostCmd::Remove { name } => {
+            c.delete(&format!("/v1/hosts/{name}")).await?;
+            println!("host {name} removed; its token no longer works");
+        }
+    }
+    Ok(0)
+}
+
+async fn provider(cmd: ProviderCmd, conn: Conn) -> Result<i32> {
+    let c = conn.client()?;
+    match cmd {
+        ProviderCmd::Add {
+            name,
+            cloud,
+            output,
+        } => {
+            let creds: crate::api::routes::Credentials = c
+                .send_json(
+                    Method::POST,
+                    "/v1/providers",
+                    &serde_json::json!({"name": name, "cloud": cloud}),
+                )
+                .await?;
+            let out = output.unwrap_or_else(|| PathBuf::from(format!("{name}.creds.json")));
+            operator::write_creds(&creds, &out)?;
+            println!(
+                "provider {name} registered for cloud {cloud}; credentials written to {}",
+                out.display()
+            );
+        }
+        ProviderCmd::List { json } => {
+            let v: serde_json::Value = c.get_json("/v1/providers").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<24} {:<16} REGISTERED", "PROVIDER", "CLOUD");
+                for p in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<16} {}",
+                        p["name"].as_str().unwrap_or(""),
+                        p["cloud"].as_str().unwrap_or(""),
+                        p["created"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        ProviderCmd::Remove { name } => {
+            c.delete(&format!("/v1/providers/{name}")).await?;
+            println!("provider {name} removed");
+        }
+    }
+    Ok(0)
+}
+
+async fn vms(name: Option<String>, json: bool, conn: Conn) -> Result<i32> {
+    let c = conn.client()?;
+    let list: Vec<VmView> = match &name {
+        Some(n) => vec![c.get_json(&format!("/v1/vms/{n}")).await?],
+        None => c.get_json("/v1/vms").await?,
+    };
+    if json {
+        let v = if name.is_some() {
+            serde_json::to_value(&list[0])?
+        } else {
+            serde_json::to_value(&list)?
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<20} {:<20} {:<8} {:<12} {:>6} {:>9}  REASONS",
+        "VM", "STATE", "HEALTH", "HOST", "DISKS", "PROGRESS"
+    );
+    for v in &list {
+        let state = serde_json::to_value(v.state)?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        println!(
+            "{:<20} {:<20} {:<8} {:<12} {:>6} {:>8.1}%  {}",
+            v.name,
+            state,
+            format!("{:?}", v.health),
+            v.owner,
+            v.disks.len(),
+            v.progress * 100.0,
+            v.health_reasons.join("; ")
+        );
+        if name.is_some() {
+            for d in &v.disks {
+                println!(
+                    "  disk {:<16} {:>10}  {:?}  blocks {}/{} received, {} data, {} zero (block {} )",
+                    d.id,
+                    crate::util::human_bytes(d.size),
+                    d.state,
+                    d.blocks_received,
+                    d.blocks,
+                    d.data_blocks,
+                    d.zero_blocks,
+                    crate::util::human_bytes(d.block_size as u64)
+                );
+            }
+            for n in &v.nics {
+                println!(
+                    "  nic  {} on {} ip {}",
+                    n.mac,
+                    n.network,
+                    n.ip.as_deref().unwrap_or("-")
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn jobs(id: Option<String>, vm: Option<String>, json: bool, conn: Conn) -> Result<i32> {
+    let c = conn.client()?;
+    if let Some(id) = id {
+        let j: crate::jobs::Job = c.get_json(&format!("/v1/jobs/{id}")).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        } else {
+            println!(
+                "{} {} [{}] {:.0}% vm={}",
+                j.id,
+                j.title,
+                j.state.as_str(),
+                j.progress * 100.0,
+                j.vm.as_deref().unwrap_or("-")
+            );
+            for s in &j.steps {
+                println!("  {:<18} {}", s.state.as_str(), s.name);
+            }
+            if let Some(e) = &j.error {
+                println!(
+                    "  error: {} ({}, recoverable: {})",
+                    e.message, e.code, e.recoverable
+                );
+            }
+        }
+        return Ok(0);
+    }
+    let path = match &vm {
+        Some(v) => format!("/v1/jobs?vm={v}"),
+        None => "/v1/jobs".to_string(),
+    };
+    let list: Vec<crate::jobs::Job> = c.get_json(&path).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<36} {:<22} {:<16} {:<18} {:>5} {:>8}  ERROR",
+        "ID", "JOB", "VM", "STATE", "PROG", "DURATION"
+    );
+    for j in &list {
+        let dur = match (j.started_unix, j.ended_unix) {
+            (Some(s), Some(e)) => format!("{}s", e.saturating_sub(s)),
+            (Some(s), None) => format!("{}s", crate::util::unix_now().saturating_sub(s)),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<36} {:<22} {:<16} {:<18} {:>4.0}% {:>8}  {}",
+            j.id,
+            j.title,
+            j.vm.as_deref().unwrap_or("-"),
+            j.state.as_str(),
+            j.progress * 100.0,
+            dur,
+            j.error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
+        );
+    }
+    Ok(0)
+}
+
+fn parse_nic(s: &str) -> Result<NicSpec> {
+    let (mut network, mut mac, mut ip) = (None, None, None);
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("network", v)) => network = Some(v.to_string()),
+            Some(("mac", v)) => mac = Some(v.to_string()),
+            Some(("ip", v)) => ip = Some(v.to_string()),
+            _ => bail!("--nic {s:?}: expected network=NAME,mac=MAC[,ip=IP]"),
+        }
+    }
+    match (network, mac) {
+        (Some(network), Some(mac)) => Ok(NicSpec { network, mac, ip }),
+        _ => bail!("--nic {s:?}: network= and mac= are required"),
+    }
+}
+
+async fn agent(cmd: AgentCmd) -> Result<i32> {
+    match cmd {
+        AgentCmd::Protect {
+            conn,
+            vm,
+            disks,
+            nics,
+            generation,
+            cpus,
+            memory_mib,
+            interval,
+            retention,
+            parallel,
+            json,
+        } => {
+            let creds = crate::agent::load_creds(&conn.creds)?;
+            let client = crate::agent::client_for(&creds, conn.host.clone())?;
+            let mut sources = Vec::new();
+            for d in &disks {
+                let (path, id) = match d.rsplit_once(':') {
+                    Some((p, id)) if !id.contains('/') => (PathBuf::from(p), Some(id.to_string())),
+                    _ => (PathBuf::from(d), None),
+                };
+                sources.push(crate::agent::protect::open_disk(&path, id)?);
+            }
+            let nics = nics
+                .iter()
+                .map(|n| parse_nic(n))
+                .collect::<Result<Vec<_>>>()?;
+            let policy = match (interval, retention) {
+                (None, None) => None,
+                (i, r) => {
+                    let d = Policy::default();
+                    Some(Policy {
+                        interval_s: i.unwrap_or(d.interval_s),
+                        retention_s: r.map(|r| r.as_secs()).unwrap_or(d.retention_s),
+                        ..d
+                    })
+                }
+            };
+            let opts = crate::agent::protect::ProtectOptions {
+                vm,
+                generation,
+                cpus,
+                memory_mib,
+                nics,
+                policy,
+                parallel,
+                backoff: Backoff {
+                    scale: conn.backoff_scale,
+                    give_up_after: conn.give_up_after,
+                },
+                progress: console() && !json,
+            };
+            let summary = crate::agent::protect::protect(&client, &sources, &opts)
+                .await
+                .context("protect")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!(
+                    "VM {}: {} ({:.1} s)",
+                    summary.vm, summary.state, summary.seconds
+                );
+                for d in &summary.disks {
+                    println!(
+                        "  disk {}: {} blocks, {} data, {} zero skipped, {} already on server, {} uploaded ({}), {} deduplicated, {:.1} s",
+                        d.id,
+                        d.blocks,
+                        d.data_blocks,
+                        d.zero_blocks,
+                        d.already_on_server,
+                        d.uploaded_blocks,
+                        crate::util::human_bytes(d.uploaded_bytes),
+                        d.deduplicated_blocks,
+                        d.seconds
+                    );
+                }
+            }
+            Ok(0)
+        }
+    }
+}

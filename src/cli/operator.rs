@@ -1,0 +1,165 @@
+//! Operator commands: they find the server and the operator token in `./drvault-data` (or
+//! `--data-dir`, `--server`, `--token`, or the DRVAULT_* environment variables) and talk to the
+//! `/v1/` API like any other client.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::StreamExt;
+
+use crate::api::routes::{Credentials, MapView, BLAKE3_HEADER};
+use crate::chunk::PlainHash;
+use crate::client::Client;
+use crate::server::{ServerFile, OPERATOR_TOKEN_FILE, SERVER_FILE};
+
+/// How to reach the server as the operator.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Conn {
+    /// Server data directory holding server.json and operator.token.
+    #[arg(
+        long,
+        env = "DRVAULT_DATA_DIR",
+        default_value = "drvault-data",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+    /// Server URL (default: from <data-dir>/server.json).
+    #[arg(long, env = "DRVAULT_SERVER", global = true)]
+    pub server: Option<String>,
+    /// Operator token (default: <data-dir>/operator.token).
+    #[arg(long, env = "DRVAULT_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM certificate to trust (default: the one named in <data-dir>/server.json).
+    #[arg(long, env = "DRVAULT_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl Conn {
+    pub fn client(&self) -> Result<Client> {
+        let sf_path = self.data_dir.join(SERVER_FILE);
+        let sf: Option<ServerFile> = std::fs::read_to_string(&sf_path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let server = match (&self.server, &sf) {
+            (Some(s), _) => s.clone(),
+            (None, Some(f)) => f.url.clone(),
+            (None, None) => bail!(
+                "no server given and {} not found: is `drvault serve` running from this directory? (or pass --server/--data-dir)",
+                sf_path.display()
+            ),
+        };
+        let token = match &self.token {
+            Some(t) => t.clone(),
+            None => {
+                let p = self.data_dir.join(OPERATOR_TOKEN_FILE);
+                std::fs::read_to_string(&p)
+                    .with_context(|| {
+                        format!(
+                            "reading the operator token {} (or pass --token)",
+                            p.display()
+                        )
+                    })?
+                    .trim()
+                    .to_string()
+            }
+        };
+        let ca_path = self.ca_cert.clone().or_else(|| sf.map(|f| f.ca_cert));
+        let ca = match ca_path {
+            Some(p) => Some(
+                std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading CA certificate {}", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Client::new(&server, &token, ca.as_deref())?)
+    }
+}
+
+pub fn write_creds(creds: &Credentials, out: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = serde_json::to_string_pretty(creds)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| {
+            format!(
+                "creating credentials file {} (it must not exist yet)",
+                out.display()
+            )
+        })?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Writes a disk of a VM as a fixed VHD or raw file, fetching data blocks in parallel, checking
+/// each block's hash, leaving zero blocks as holes. Returns (bytes written, data blocks).
+pub async fn export(
+    client: &Client,
+    vm: &str,
+    disk: &str,
+    vhd: bool,
+    out: &Path,
+    parallel: usize,
+    progress: bool,
+) -> Result<(u64, u64)> {
+    let map: MapView = client
+        .get_json(&format!("/v1/vms/{vm}/disks/{disk}/map"))
+        .await?;
+    let tmp = out.with_extension("partial");
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.set_len(map.size)
+        .with_context(|| format!("sizing {}", tmp.display()))?;
+    let file = Arc::new(file);
+    let bar = crate::agent::protect::progress_bar(
+        progress,
+        map.data.len() as u64 * map.block_size as u64,
+        disk,
+    );
+    let mut fetches = futures_util::stream::iter(map.data.iter().map(|(index, hash)| {
+        let path = format!("/v1/vms/{vm}/disks/{disk}/blocks/{index}");
+        let file = file.clone();
+        let (index, hash) = (*index, hash.clone());
+        let offset = index * map.block_size as u64;
+        async move {
+            let (bytes, headers) = client.get_bytes(&path).await?;
+            let want = PlainHash::from_hex(&hash).ok_or_else(|| anyhow!("server sent a malformed hash for block {index}"))?;
+            let got = PlainHash::of(&bytes);
+            if !got.ct_eq(&want) || headers.get(BLAKE3_HEADER).and_then(|v| v.to_str().ok()) != Some(hash.as_str()) {
+                bail!("block {index} of disk {disk} failed verification: content does not match the map");
+            }
+            let n = bytes.len() as u64;
+            tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset)).await??;
+            Ok::<u64, anyhow::Error>(n)
+        }
+    }))
+    .buffer_unordered(parallel.max(1));
+    let mut written = 0u64;
+    while let Some(r) = fetches.next().await {
+        let n = r?;
+        written += n;
+        bar.inc(n);
+    }
+    drop(fetches);
+    bar.finish_and_clear();
+    if vhd {
+        let mut uid = [0u8; 16];
+        crate::util::fill_random(&mut uid);
+        let footer = crate::format::vhd::fixed_footer(
+            map.size,
+            uid,
+            crate::format::vhd::vhd_timestamp(crate::util::unix_now()),
+        )
+        .map_err(|e| anyhow!("VHD footer: {e}"))?;
+        file.write_all_at(&footer, map.size)?;
+    }
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
+    Ok((written, map.data.len() as u64))
+}

@@ -1,0 +1,227 @@
+//! Typed server configuration. Every setting has a default, so `drvault serve` runs with no file;
+//! `--config FILE` takes a TOML file (see `config/drvault.example.toml` for every setting with
+//! comments, and `config/azure.example.toml` for a vault on Azure Blob). Unknown keys are errors,
+//! so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::file_formats::{DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub vault: VaultConfig,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port (written to `<data_dir>/server.json`).
+    pub listen: String,
+    /// Where the local vault, master key, certificate and operator token live by default.
+    pub data_dir: PathBuf,
+    /// PEM certificate chain and private key; generated self-signed in `data_dir/tls` if unset.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// URL agents use to reach this server (goes into credentials files); default https://<listen>.
+    pub public_url: Option<String>,
+    /// Connections served at once; further connections wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Seconds a client may take to send a request's headers (slowloris guard).
+    pub header_read_timeout_s: u64,
+    /// Seconds a TLS handshake may take.
+    pub tls_handshake_timeout_s: u64,
+    /// On SIGINT/SIGTERM: seconds to let requests in flight finish before aborting them.
+    pub shutdown_grace_s: u64,
+    /// Log format: "text" or "json".
+    pub log_format: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8443".into(),
+            data_dir: PathBuf::from("drvault-data"),
+            tls_cert: None,
+            tls_key: None,
+            public_url: None,
+            max_connections: 1024,
+            header_read_timeout_s: 10,
+            tls_handshake_timeout_s: 10,
+            shutdown_grace_s: 30,
+            log_format: "text".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultConfig {
+    /// Object store URL: file:///abs/dir, az://container, s3://bucket; default file://<data_dir>/vault.
+    pub url: Option<String>,
+    /// Backend options (object_store keys, e.g. azure_storage_account_name, aws_endpoint).
+    pub options: BTreeMap<String, String>,
+    /// Create the Azure container at start if it does not exist.
+    pub create_container: bool,
+    /// Master key file; default <data_dir>/master.key (created on first start).
+    pub master_key_file: Option<PathBuf>,
+    /// Block size for newly protected disks, bytes (power of two, 64 KiB - 64 MiB).
+    pub block_size: u32,
+    /// zstd level for chunks (1 is fast; higher trades CPU for space).
+    pub zstd_level: i32,
+    /// Threads for hashing, compression and sealing; 0 = one per core.
+    pub cpu_threads: usize,
+}
+
+impl Default for VaultConfig {
+    fn default() -> Self {
+        VaultConfig {
+            url: None,
+            options: BTreeMap::new(),
+            create_container: false,
+            master_key_file: None,
+            block_size: DEFAULT_BLOCK_SIZE,
+            zstd_level: 1,
+            cpu_threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Block uploads whose bodies are held in memory at once (each up to one block); further
+    /// uploads wait before their body is read, which pushes back on the sockets.
+    pub max_inflight_blocks: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_inflight_blocks: 16,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        Config::parse(&text, &p)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let b = self.vault.block_size;
+        if !b.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&b) {
+            return Err(ConfigError::Invalid(format!(
+                "vault.block_size {b}: must be a power of two from 65536 to 67108864"
+            )));
+        }
+        if !(1..=19).contains(&self.vault.zstd_level) {
+            return Err(ConfigError::Invalid(format!(
+                "vault.zstd_level {}: must be 1-19",
+                self.vault.zstd_level
+            )));
+        }
+        if self.ingest.max_inflight_blocks == 0 || self.server.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "ingest.max_inflight_blocks and server.max_connections must be at least 1".into(),
+            ));
+        }
+        if !["text", "json"].contains(&self.server.log_format.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "server.log_format {:?}: \"text\" or \"json\"",
+                self.server.log_format
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn vault_url(&self) -> Result<String, ConfigError> {
+        match &self.vault.url {
+            Some(u) => Ok(u.clone()),
+            None => {
+                let dir = absolute(&self.server.data_dir.join("vault"))?;
+                Ok(format!("file://{}", dir.display()))
+            }
+        }
+    }
+
+    pub fn master_key_path(&self) -> PathBuf {
+        self.vault
+            .master_key_file
+            .clone()
+            .unwrap_or_else(|| self.server.data_dir.join("master.key"))
+    }
+
+    pub fn cpu_threads(&self) -> usize {
+        if self.vault.cpu_threads == 0 {
+            crate::chunk::CpuPool::default_threads()
+        } else {
+            self.vault.cpu_threads
+        }
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, ConfigError> {
+    std::path::absolute(p).map_err(|e| ConfigError::Invalid(format!("path {}: {e}", p.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = Config::parse("", "t").unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8443");
+        assert_eq!(c.vault.block_size, 4 * 1024 * 1024);
+        assert!(Config::parse("[vault]\nblock_size = 1000\n", "t").is_err());
+        assert!(
+            Config::parse("[vault]\nblok_size = 65536\n", "t").is_err(),
+            "typos are errors"
+        );
+        assert!(Config::parse("[server]\nlog_format = \"xml\"\n", "t").is_err());
+    }
+
+    #[test]
+    fn shipped_examples_parse() {
+        for f in ["config/drvault.example.toml", "config/azure.example.toml"] {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! `drvault serve`: prepare the data directory (first start creates the master key, a
+//! self-signed certificate and the operator token), open the vault, load state, and serve the
+//! API until SIGINT/SIGTERM.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{RwLock, Semaphore};
+
+use crate::api::{self, AppState};
+use crate::chunk::{CpuPool, KeyRing};
+use crate::config::Config;
+use crate::jobs::Jobs;
+use crate::protection::Protection;
+use crate::store::Store;
+use crate::vault::layout::{self, Family};
+use crate::vault::registry::{Registry, OPERATOR_TOKEN_PREFIX};
+use crate::vault::Vault;
+
+/// Written to `<data_dir>/server.json` while the server runs: how the CLI finds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerFile {
+    pub url: String,
+    pub ca_cert: PathBuf,
+    pub pid: u32,
+}
+
+pub const SERVER_FILE: &str = "server.json";
+pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
+
+/// A startup failure, with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    Key(#[from] crate::chunk::keys::KeyError),
+    #[error("{0}")]
+    Tls(#[from] crate::api::tls::TlsError),
+    #[error("vault: {0}")]
+    Vault(#[from] crate::error::Error),
+    #[error("vault store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, p: &'a Path) -> impl FnOnce(std::io::Error) -> ServeError + 'a {
+    move |source| ServeError::Io {
+        what,
+        path: p.display().to_string(),
+        source,
+    }
+}
+
+/// Everything a running server is made of, ready to serve.
+pub struct Prepared {
+    pub state: AppState,
+    pub listener: tokio::net::TcpListener,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub config: Config,
+    pub url: String,
+}
+
+/// Creates what is missing in the data directory and opens everything.
+pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
+    let data_dir = config.server.data_dir.clone();
+    create_private_dir(&data_dir)?;
+    let key_path = config.master_key_path();
+    if config.vault.master_key_file.is_none() && !key_path.exists() {
+        KeyRing::create_file(&key_path)?;
+        println!(
+            "created master key      {}  (keep a copy: without it the vault cannot be read)",
+            key_path.display()
+        );
+    }
+    let keys = Arc::new(KeyRing::load(&key_path)?);
+    let url = config.vault_url()?;
+    let options: Vec<(String, String)> = config
+        .vault
+        .options
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let store = Store::open(&url, &options)?;
+    let cpu = CpuPool::new(config.cpu_threads());
+    let vault = Vault::open(store, keys, cpu, config.vault.zstd_level).await?;
+
+    let (cert, key) = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        (None, None) => {
+            let c = data_dir.join("tls").join("cert.pem");
+            let k = data_dir.join("tls").join("key.pem");
+            if !c.exists() || !k.exists() {
+                create_private_dir(&data_dir.join("tls"))?;
+                let _ = std::fs::remove_file(&c);
+                let _ = std::fs::remove_file(&k);
+                api::tls::generate_self_signed(&c, &k)?;
+                println!(
+                    "created TLS certificate {}  (self-signed for localhost, 127.0.0.1)",
+                    c.display()
+                );
+            }
+            (c, k)
+        }
+        _ => {
+            return Err(crate::config::ConfigError::Invalid(
+                "server.tls_cert and server.tls_key go together".into(),
+            )
+            .into())
+        }
+    };
+    let tls = api::tls::server_config(&cert, &key)?;
+    let ca_pem = std::fs::read_to_string(&cert).map_err(io_err("reading certificate", &cert))?;
+
+    // The operator token: generated once, stored in clear only in the data directory (0600),
+    // and as a digest in the vault's registry.
+    let token_path = data_dir.join(OPERATOR_TOKEN_FILE);
+    let token = match std::fs::read_to_string(&token_path) {
+        Ok(t) => t.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let t = crate::util::random_token(OPERATOR_TOKEN_PREFIX);
+            write_private(&token_path, t.as_bytes())?;
+            println!("created operator token  {}", token_path.display());
+            t
+        }
+        Err(e) => {
+            return Err(ServeError::Io {
+                what: "reading operator token",
+                path: token_path.display().to_string(),
+                source: e,
+            })
+        }
+    };
+    let digest = vault.keys().token_digest(&token);
+    let registry = vault
+        .records
+        .update(
+            &layout::record(Family::Registry, "main"),
+            |cur: Option<&Registry>| {
+                let mut r = cur.cloned().unwrap_or_default();
+                if r.operator_tokens.contains(&digest) {
+                    return Ok(cur.is_none().then_some(r));
+                }
+                r.operator_tokens.push(digest.clone());
+                Ok(Some(r))
+            },
+        )
+        .await?
+        .map(|v| v.value)
+        .unwrap_or_default();
+
+    let jobs = Jobs::load(vault.records.clone()).await?;
+    let protection = Protection::load(
+        vault.clone(),
+        jobs.clone(),
+        config.vault.block_size,
+        Default::default(),
+    )
+    .await?;
+
+    let listener = tokio::net::TcpListener::bind(&config.server.listen)
+        .await
+        .map_err(io_err("binding", Path::new(&config.server.listen)))?;
+    let local = listener
+        .local_addr()
+        .map_err(io_err("binding", Path::new(&config.server.listen)))?;
+    let url = config
+        .server
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("https://{local}"));
+    let state = AppState {
+        vault,
+        protection,
+        jobs,
+        registry: Arc::new(RwLock::new(registry)),
+        ingest_permits: Arc::new(Semaphore::new(config.ingest.max_inflight_blocks)),
+        metrics: install_metrics(),
+        public_url: url.clone(),
+        ca_pem,
+    };
+    let sf = ServerFile {
+        url: url.clone(),
+        ca_cert: std::path::absolute(&cert).unwrap_or(cert),
+        pid: std::process::id(),
+    };
+    let sf_path = data_dir.join(SERVER_FILE);
+    let text = serde_json::to_vec_pretty(&sf).map_err(|e| ServeError::Io {
+        what: "encoding",
+        path: sf_path.display().to_string(),
+        source: e.into(),
+    })?;
+    std::fs::write(&sf_path, text).map_err(io_err("writing", &sf_path))?;
+    Ok(Prepared {
+        state,
+        listener,
+        tls,
+        config,
+        url,
+    })
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn run(p: Prepared, shutdown: impl Future<Output = ()>) {
+    let limits = api::server::ServeLimits {
+        max_connections: p.config.server.max_connections,
+        header_read_timeout: Duration::from_secs(p.config.server.header_read_timeout_s),
+        handshake_timeout: Duration::from_secs(p.config.server.tls_handshake_timeout_s),
+        shutdown_grace: Duration::from_secs(p.config.server.shutdown_grace_s),
+    };
+    let data_dir = p.config.server.data_dir.clone();
+    let app = api::router(p.state);
+    api::server::serve(p.listener, p.tls, app, limits, shutdown).await;
+    let _ = std::fs::remove_file(data_dir.join(SERVER_FILE));
+}
+
+fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0,
+                ])
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+fn create_private_dir(p: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if p.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .map_err(io_err("creating directory", p))
+}
+
+fn write_private(p: &Path, data: &[u8]) -> Result<(), ServeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(io_err("creating", p))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(io_err("writing", p))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}
