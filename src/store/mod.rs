@@ -11,6 +11,15 @@
 //! | `list`           | every key under a prefix (recursive), with sizes                      |
 //! | `delete`         | idempotent removal                                                    |
 //!
+//! `get_range` returns exactly the requested bytes or fails: object_store would silently return
+//! a short read for a range running past the end, and reports empty or out-of-bounds ranges as
+//! generic (retryable-looking) errors; here both are [`StoreError::BadRange`].
+//!
+//! Layout rule for callers: no object key may also be a prefix of other object keys (`a/b` and
+//! `a/b/c`). Cloud stores allow it, but the local backend stores keys as files in directories
+//! and cannot hold both: there a put of `a/b` fails (and a create-only put reports `Existed`)
+//! while `a/b/c` exists. The tests in `tests/store_conformance.rs` pin these semantics.
+//!
 //! The vault format needs nothing else (see the crate docs for the key layout), which is what lets
 //! several servers share one bucket later. Keys are [`Key`]s: built only by server code from
 //! validated components, never from a caller-supplied path.
@@ -19,9 +28,12 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::TryStreamExt;
 use object_store::path::Path as OsPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use futures_util::TryStreamExt;
+
+pub mod azure;
+pub mod faulty;
 
 /// A server-built object key such as `chunks/ab/ab12…` (segments separated by `/`).
 ///
@@ -101,13 +113,27 @@ pub enum StoreError {
     },
     #[error("store configuration: {0}")]
     Config(String),
+    /// The requested byte range is empty or not entirely inside the object (a caller bug or a
+    /// corrupt index: retrying cannot help). `size` is the object's size when it was learnt.
+    #[error("byte range {range:?} of {key} is empty or outside the object (size {size:?})")]
+    BadRange {
+        key: String,
+        range: Range<u64>,
+        size: Option<u64>,
+    },
 }
 
 impl StoreError {
     fn from_os(op: &'static str, key: &Key, e: object_store::Error) -> StoreError {
         match e {
-            object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.to_string() },
-            other => StoreError::Unavailable { op, key: key.to_string(), source: Box::new(other) },
+            object_store::Error::NotFound { .. } => StoreError::NotFound {
+                key: key.to_string(),
+            },
+            other => StoreError::Unavailable {
+                op,
+                key: key.to_string(),
+                source: Box::new(other),
+            },
         }
     }
 }
@@ -147,8 +173,9 @@ impl Store {
     /// and from the environment.
     pub fn open(url: &str, options: &[(String, String)]) -> Result<Store, StoreError> {
         let inner: Arc<dyn ObjectStore> = if let Some(path) = url.strip_prefix("file://") {
-            std::fs::create_dir_all(path)
-                .map_err(|e| StoreError::Config(format!("cannot create vault directory {path}: {e}")))?;
+            std::fs::create_dir_all(path).map_err(|e| {
+                StoreError::Config(format!("cannot create vault directory {path}: {e}"))
+            })?;
             let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
                 .map_err(|e| StoreError::Config(format!("local vault {path}: {e}")))?
                 .with_fsync(true)
@@ -156,8 +183,9 @@ impl Store {
             Arc::new(fs)
         } else if url == "memory://" {
             Arc::new(object_store::memory::InMemory::new())
-        } else if let Some(container) =
-            url.strip_prefix("az://").or_else(|| url.strip_prefix("azure://"))
+        } else if let Some(container) = url
+            .strip_prefix("az://")
+            .or_else(|| url.strip_prefix("azure://"))
         {
             let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
                 .with_container_name(container.trim_end_matches('/'));
@@ -167,7 +195,10 @@ impl Store {
                     .map_err(|e| StoreError::Config(format!("azure option {k}: {e}")))?;
                 b = b.with_config(key, v);
             }
-            Arc::new(b.build().map_err(|e| StoreError::Config(format!("azure store {url}: {e}")))?)
+            Arc::new(
+                b.build()
+                    .map_err(|e| StoreError::Config(format!("azure store {url}: {e}")))?,
+            )
         } else if let Some(bucket) = url.strip_prefix("s3://") {
             let mut b = object_store::aws::AmazonS3Builder::from_env()
                 .with_bucket_name(bucket.trim_end_matches('/'));
@@ -177,18 +208,27 @@ impl Store {
                     .map_err(|e| StoreError::Config(format!("s3 option {k}: {e}")))?;
                 b = b.with_config(key, v);
             }
-            Arc::new(b.build().map_err(|e| StoreError::Config(format!("s3 store {url}: {e}")))?)
+            Arc::new(
+                b.build()
+                    .map_err(|e| StoreError::Config(format!("s3 store {url}: {e}")))?,
+            )
         } else {
             return Err(StoreError::Config(format!(
                 "unsupported vault URL {url:?}: use file:///dir, az://container, s3://bucket or memory://"
             )));
         };
-        Ok(Store { inner, url: url.to_string() })
+        Ok(Store {
+            inner,
+            url: url.to_string(),
+        })
     }
 
     /// Wraps an already-built object store (used by wrappers such as fault injection).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: &str) -> Store {
-        Store { inner, url: url.to_string() }
+        Store {
+            inner,
+            url: url.to_string(),
+        }
     }
 
     pub fn url(&self) -> &str {
@@ -206,8 +246,15 @@ impl Store {
 
     /// Create-only write. `Existed` when the key already holds an object.
     pub async fn put_if_absent(&self, key: &Key, data: Bytes) -> Result<PutOutcome, StoreError> {
-        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
-        match self.inner.put_opts(&key.os_path(), PutPayload::from_bytes(data), opts).await {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .inner
+            .put_opts(&key.os_path(), PutPayload::from_bytes(data), opts)
+            .await
+        {
             Ok(_) => Ok(PutOutcome::Created),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(PutOutcome::Existed),
             Err(e) => Err(StoreError::from_os("put_if_absent", key, e)),
@@ -215,15 +262,49 @@ impl Store {
     }
 
     pub async fn get(&self, key: &Key) -> Result<Bytes, StoreError> {
-        let r = self.inner.get(&key.os_path()).await.map_err(|e| StoreError::from_os("get", key, e))?;
-        r.bytes().await.map_err(|e| StoreError::from_os("get", key, e))
+        let r = self
+            .inner
+            .get(&key.os_path())
+            .await
+            .map_err(|e| StoreError::from_os("get", key, e))?;
+        r.bytes()
+            .await
+            .map_err(|e| StoreError::from_os("get", key, e))
     }
 
+    /// Exactly the bytes `range` of the object; see the module docs for the range rules.
     pub async fn get_range(&self, key: &Key, range: Range<u64>) -> Result<Bytes, StoreError> {
-        self.inner
-            .get_range(&key.os_path(), range)
-            .await
-            .map_err(|e| StoreError::from_os("get_range", key, e))
+        let bad = |size| StoreError::BadRange {
+            key: key.to_string(),
+            range: range.clone(),
+            size,
+        };
+        if range.start >= range.end {
+            return Err(bad(None));
+        }
+        let bytes = match self.inner.get_range(&key.os_path(), range.clone()).await {
+            Ok(bytes) => bytes,
+            Err(e @ object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::from_os("get_range", key, e))
+            }
+            Err(e) => {
+                // Backends report a start past the end as a generic error (or HTTP 416); only
+                // the object's size tells it apart from an outage. Costs a request on errors only.
+                return match self.head(key).await {
+                    Ok(Some(size)) if size < range.end => Err(bad(Some(size))),
+                    Ok(None) => Err(StoreError::NotFound {
+                        key: key.to_string(),
+                    }),
+                    _ => Err(StoreError::from_os("get_range", key, e)),
+                };
+            }
+        };
+        // A range running past the end comes back short instead of failing.
+        if bytes.len() as u64 != range.end - range.start {
+            let size = range.start.checked_add(bytes.len() as u64);
+            return Err(bad(size));
+        }
+        Ok(bytes)
     }
 
     /// Size of the object, or `None` when it does not exist.
@@ -239,7 +320,12 @@ impl Store {
     pub async fn delete(&self, key: &Key) -> Result<(), StoreError> {
         match self.inner.delete(&key.os_path()).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(StoreError::from_os("delete", key, e)),
+            Err(e) => match self.inner.head(&key.os_path()).await {
+                // The local backend refuses to delete a key that is only a prefix of other
+                // keys (a directory) where cloud stores succeed: no object there, nothing to do.
+                Err(object_store::Error::NotFound { .. }) => Ok(()),
+                _ => Err(StoreError::from_os("delete", key, e)),
+            },
         }
     }
 
@@ -255,7 +341,9 @@ impl Store {
             .map_err(|e| StoreError::from_os("list", prefix, e))?;
         Ok(items
             .into_iter()
-            .filter_map(|m| Key::from_listed(m.location.as_ref()).map(|key| Listed { key, size: m.size }))
+            .filter_map(|m| {
+                Key::from_listed(m.location.as_ref()).map(|key| Listed { key, size: m.size })
+            })
             .collect())
     }
 }
@@ -277,8 +365,41 @@ mod tests {
     async fn create_only_put_reports_existing() {
         let s = Store::open("memory://", &[]).unwrap();
         let k = Key::new(&["t", "x"]).unwrap();
-        assert_eq!(s.put_if_absent(&k, Bytes::from_static(b"1")).await.unwrap(), PutOutcome::Created);
-        assert_eq!(s.put_if_absent(&k, Bytes::from_static(b"2")).await.unwrap(), PutOutcome::Existed);
+        assert_eq!(
+            s.put_if_absent(&k, Bytes::from_static(b"1")).await.unwrap(),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            s.put_if_absent(&k, Bytes::from_static(b"2")).await.unwrap(),
+            PutOutcome::Existed
+        );
         assert_eq!(s.get(&k).await.unwrap(), Bytes::from_static(b"1"));
+    }
+
+    #[tokio::test]
+    async fn get_range_is_exact_or_bad_range() {
+        let s = Store::open("memory://", &[]).unwrap();
+        let k = Key::new(&["t", "r"]).unwrap();
+        s.put(&k, Bytes::from_static(b"0123456789")).await.unwrap();
+        assert_eq!(
+            s.get_range(&k, 2..5).await.unwrap(),
+            Bytes::from_static(b"234")
+        );
+        for (r, size) in [(5..11, Some(10)), (10..12, Some(10)), (3..3, None)] {
+            match s.get_range(&k, r.clone()).await {
+                Err(StoreError::BadRange { size: got, .. }) => assert_eq!(got, size, "{r:?}"),
+                other => panic!("{r:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn delete_of_a_prefix_is_a_no_op_on_local_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&format!("file://{}", dir.path().display()), &[]).unwrap();
+        let inner = Key::new(&["d", "x", "y"]).unwrap();
+        s.put(&inner, Bytes::from_static(b"y")).await.unwrap();
+        s.delete(&Key::new(&["d", "x"]).unwrap()).await.unwrap();
+        assert_eq!(s.head(&inner).await.unwrap(), Some(1));
     }
 }
