@@ -11,6 +11,15 @@
 //! | `list`           | every key under a prefix (recursive), with sizes                      |
 //! | `delete`         | idempotent removal                                                    |
 //!
+//! `get_range` returns exactly the requested bytes or fails: object_store would silently return
+//! a short read for a range running past the end, and reports empty or out-of-bounds ranges as
+//! generic (retryable-looking) errors; here both are [`StoreError::BadRange`].
+//!
+//! Layout rule for callers: no object key may also be a prefix of other object keys (`a/b` and
+//! `a/b/c`). Cloud stores allow it, but the local backend stores keys as files in directories
+//! and cannot hold both: there a put of `a/b` fails (and a create-only put reports `Existed`)
+//! while `a/b/c` exists. The tests in `tests/store_conformance.rs` pin these semantics.
+//!
 //! The vault format needs nothing else (see the crate docs for the key layout), which is what lets
 //! several servers share one bucket later. Keys are [`Key`]s: built only by server code from
 //! validated components, never from a caller-supplied path.
@@ -22,6 +31,9 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use object_store::path::Path as OsPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+pub mod azure;
+pub mod faulty;
 
 /// A server-built object key such as `chunks/ab/ab12…` (segments separated by `/`).
 ///
@@ -101,6 +113,14 @@ pub enum StoreError {
     },
     #[error("store configuration: {0}")]
     Config(String),
+    /// The requested byte range is empty or not entirely inside the object (a caller bug or a
+    /// corrupt index: retrying cannot help). `size` is the object's size when it was learnt.
+    #[error("byte range {range:?} of {key} is empty or outside the object (size {size:?})")]
+    BadRange {
+        key: String,
+        range: Range<u64>,
+        size: Option<u64>,
+    },
 }
 
 impl StoreError {
@@ -252,11 +272,39 @@ impl Store {
             .map_err(|e| StoreError::from_os("get", key, e))
     }
 
+    /// Exactly the bytes `range` of the object; see the module docs for the range rules.
     pub async fn get_range(&self, key: &Key, range: Range<u64>) -> Result<Bytes, StoreError> {
-        self.inner
-            .get_range(&key.os_path(), range)
-            .await
-            .map_err(|e| StoreError::from_os("get_range", key, e))
+        let bad = |size| StoreError::BadRange {
+            key: key.to_string(),
+            range: range.clone(),
+            size,
+        };
+        if range.start >= range.end {
+            return Err(bad(None));
+        }
+        let bytes = match self.inner.get_range(&key.os_path(), range.clone()).await {
+            Ok(bytes) => bytes,
+            Err(e @ object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::from_os("get_range", key, e))
+            }
+            Err(e) => {
+                // Backends report a start past the end as a generic error (or HTTP 416); only
+                // the object's size tells it apart from an outage. Costs a request on errors only.
+                return match self.head(key).await {
+                    Ok(Some(size)) if size < range.end => Err(bad(Some(size))),
+                    Ok(None) => Err(StoreError::NotFound {
+                        key: key.to_string(),
+                    }),
+                    _ => Err(StoreError::from_os("get_range", key, e)),
+                };
+            }
+        };
+        // A range running past the end comes back short instead of failing.
+        if bytes.len() as u64 != range.end - range.start {
+            let size = range.start.checked_add(bytes.len() as u64);
+            return Err(bad(size));
+        }
+        Ok(bytes)
     }
 
     /// Size of the object, or `None` when it does not exist.
@@ -272,7 +320,12 @@ impl Store {
     pub async fn delete(&self, key: &Key) -> Result<(), StoreError> {
         match self.inner.delete(&key.os_path()).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(StoreError::from_os("delete", key, e)),
+            Err(e) => match self.inner.head(&key.os_path()).await {
+                // The local backend refuses to delete a key that is only a prefix of other
+                // keys (a directory) where cloud stores succeed: no object there, nothing to do.
+                Err(object_store::Error::NotFound { .. }) => Ok(()),
+                _ => Err(StoreError::from_os("delete", key, e)),
+            },
         }
     }
 
@@ -321,5 +374,32 @@ mod tests {
             PutOutcome::Existed
         );
         assert_eq!(s.get(&k).await.unwrap(), Bytes::from_static(b"1"));
+    }
+
+    #[tokio::test]
+    async fn get_range_is_exact_or_bad_range() {
+        let s = Store::open("memory://", &[]).unwrap();
+        let k = Key::new(&["t", "r"]).unwrap();
+        s.put(&k, Bytes::from_static(b"0123456789")).await.unwrap();
+        assert_eq!(
+            s.get_range(&k, 2..5).await.unwrap(),
+            Bytes::from_static(b"234")
+        );
+        for (r, size) in [(5..11, Some(10)), (10..12, Some(10)), (3..3, None)] {
+            match s.get_range(&k, r.clone()).await {
+                Err(StoreError::BadRange { size: got, .. }) => assert_eq!(got, size, "{r:?}"),
+                other => panic!("{r:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn delete_of_a_prefix_is_a_no_op_on_local_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&format!("file://{}", dir.path().display()), &[]).unwrap();
+        let inner = Key::new(&["d", "x", "y"]).unwrap();
+        s.put(&inner, Bytes::from_static(b"y")).await.unwrap();
+        s.delete(&Key::new(&["d", "x"]).unwrap()).await.unwrap();
+        assert_eq!(s.head(&inner).await.unwrap(), Some(1));
     }
 }
