@@ -55,9 +55,11 @@ const DATA_DESCRIPTOR_SIGNATURE: [u8; 4] = *b"desc";
 const ZERO_DESCRIPTOR_SIGNATURE: [u8; 4] = *b"zero";
 const DATA_SECTOR_SIGNATURE: [u8; 4] = *b"data";
 const HEADER_OFFSETS: [u64; 2] = [64 * KIB, 128 * KIB];
-const HEADER_SIZE: usize = 4096;
+/// Size of each of the two headers.
+pub const HEADER_SIZE: usize = 4096;
 const REGION_TABLE_OFFSETS: [u64; 2] = [192 * KIB, 256 * KIB];
-const REGION_TABLE_SIZE: usize = 64 * 1024;
+/// Size of each region table copy.
+pub const REGION_TABLE_SIZE: usize = 64 * 1024;
 const METADATA_TABLE_SIZE: usize = 64 * 1024;
 /// Everything below this belongs to the header section.
 const HEADER_SECTION_END: u64 = MIB;
