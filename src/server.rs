@@ -72,6 +72,8 @@ pub struct Prepared {
 /// Creates what is missing in the data directory and opens everything.
 pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     let data_dir = config.server.data_dir.clone();
+    // The recorder first, so gauges set while loading state are exported.
+    let metrics = install_metrics();
     create_private_dir(&data_dir)?;
     let key_path = config.master_key_path();
     if config.vault.master_key_file.is_none() && !key_path.exists() {
@@ -183,7 +185,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         jobs,
         registry: Arc::new(RwLock::new(registry)),
         ingest_permits: Arc::new(Semaphore::new(config.ingest.max_inflight_blocks)),
-        metrics: install_metrics(),
+        metrics,
         public_url: url.clone(),
         ca_pem,
     };

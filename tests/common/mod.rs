@@ -1,0 +1,255 @@
+//! Shared helpers for the integration tests: a real `drvault serve` child process on
+//! 127.0.0.1:0 with its own data directory, the CLI, and image fixtures made with qemu-img.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use drvault::client::Client;
+use drvault::server::ServerFile;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_drvault");
+
+/// A running server. Killed on drop.
+pub struct Server {
+    pub dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub url: String,
+    pub ca_pem: String,
+    pub token: String,
+    child: Option<Child>,
+}
+
+impl Server {
+    /// Starts `drvault serve` in `dir/data` with an optional TOML config.
+    pub fn start(dir: &Path, config: Option<&str>) -> Server {
+        let data_dir = dir.join("data");
+        let _ = std::fs::remove_file(data_dir.join("server.json"));
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--listen")
+            .arg("127.0.0.1:0");
+        if let Some(c) = config {
+            let p = dir.join("server.toml");
+            std::fs::write(&p, c).unwrap();
+            cmd.arg("--config").arg(p);
+        }
+        let log = std::fs::File::create(dir.join("server.log")).unwrap();
+        let child = cmd
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn drvault serve");
+        let mut s = Server {
+            dir: dir.to_path_buf(),
+            data_dir: data_dir.clone(),
+            url: String::new(),
+            ca_pem: String::new(),
+            token: String::new(),
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(t) = std::fs::read_to_string(data_dir.join("server.json")) {
+                if let Ok(sf) = serde_json::from_str::<ServerFile>(&t) {
+                    s.url = sf.url;
+                    s.ca_pem = std::fs::read_to_string(sf.ca_cert).unwrap();
+                    s.token = std::fs::read_to_string(data_dir.join("operator.token"))
+                        .unwrap()
+                        .trim()
+                        .to_string();
+                    return s;
+                }
+            }
+            if let Some(c) = s.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("server exited early ({st}): {}", s.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server did not start: {}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    pub fn operator(&self) -> Client {
+        Client::new(&self.url, &self.token, Some(&self.ca_pem)).unwrap()
+    }
+
+    pub fn client_with(&self, token: &str) -> Client {
+        Client::new(&self.url, token, Some(&self.ca_pem)).unwrap()
+    }
+
+    /// Runs the CLI against this server (operator commands find it through --data-dir).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("DRVAULT_DATA_DIR", &self.data_dir)
+            .env("DRVAULT_BACKOFF_SCALE", "0.001")
+            .current_dir(&self.dir)
+            .output()
+            .expect("run drvault")
+    }
+
+    /// Runs the CLI and insists on success.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "drvault {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Registers a host and returns the path of its credentials file.
+    pub fn add_host(&self, name: &str, cloud: Option<&str>) -> PathBuf {
+        let out = self.dir.join(format!("{name}.creds.json"));
+        let o = out.to_str().unwrap().to_string();
+        let mut args = vec!["host", "add", name, "-o", &o];
+        if let Some(c) = cloud {
+            args.push("--cloud");
+            args.push(c);
+        }
+        self.cli_ok(&args);
+        out
+    }
+
+    pub fn host_token(creds: &Path) -> String {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(creds).unwrap()).unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    /// Every object file in the local vault (path relative to the vault root).
+    pub fn vault_objects(&self, prefix: &str) -> Vec<String> {
+        let root = self.data_dir.join("vault");
+        let mut out = Vec::new();
+        walk(&root.join(prefix), &root, &mut out);
+        out.sort();
+        out
+    }
+
+    /// SIGTERM, then wait for exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                panic!("server did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(&p, root, out);
+        } else {
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+        }
+    }
+}
+
+/// Runs a command, insisting on success; returns stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} not runnable ({e}); .ci/run installs it"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Deterministic pseudo-random bytes (splitmix64).
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        s = s.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        v.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A raw image of `size` bytes: random data in the given (offset, len) regions, zeros elsewhere.
+pub fn raw_image(path: &Path, size: u64, regions: &[(u64, usize)], seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (i, (off, len)) in regions.iter().enumerate() {
+        f.write_all_at(&pseudo_random(*len, seed + i as u64), *off)
+            .unwrap();
+    }
+}
+
+/// `qemu-img info` virtual size for a format.
+pub fn qemu_virtual_size(path: &Path, fmt: &str) -> u64 {
+    let out = run(
+        "qemu-img",
+        &["info", "-f", fmt, "--output=json", path.to_str().unwrap()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+/// `qemu-img compare` of two images: true when identical.
+pub fn qemu_identical(a: &Path, fa: &str, b: &Path, fb: &str) -> bool {
+    Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            fa,
+            "-F",
+            fb,
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ])
+        .status()
+        .expect("qemu-img")
+        .success()
+}
