@@ -1493,6 +1493,30 @@ mod tests {
     }
 
     #[test]
+    fn logs_stream_to_and_read_back_from_a_file() {
+        let writes: Vec<_> = (0..300u64)
+            .map(|i| ((i % 40) * 512, pattern(1024, i as u8)))
+            .collect();
+        let file = tempfile::tempfile().unwrap();
+        let mut w = HrlWriter::new(params(4096), io::BufWriter::new(file)).unwrap();
+        for (off, data) in &writes {
+            w.add_write(*off, data).unwrap();
+        }
+        let file = w.finish().unwrap().into_inner().unwrap();
+        let r: &dyn ReadAt = &file;
+        let parsed = read_log(r, 64 * 1024).unwrap();
+        assert_eq!(parsed.extents.len(), 300);
+        assert_eq!(parsed.header.eol_location, r.len().unwrap());
+        let mut img = vec![0u8; 64 * 1024];
+        apply(&parsed, r, |off, data| {
+            img[off as usize..off as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(img, flat_model(&writes, 64 * 1024));
+    }
+
+    #[test]
     fn trailing_bytes_after_eol_are_ignored() {
         let (mut log, _) = fixture();
         let expected = read_log(&log, DISK).unwrap();
