@@ -3,6 +3,7 @@
 
 pub mod chunk;
 pub mod error;
+pub mod failover;
 pub mod file_formats;
 pub mod format;
 pub mod jobs;
