@@ -8,5 +8,6 @@
 //! - [`definition`]: the VM definition written next to the disks (vm.json) and its renderings
 //!   as libvirt domain/network XML and as a qemu command line.
 
+pub mod definition;
 pub mod ipam;
 pub mod network;
