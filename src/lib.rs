@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod failover;
 pub mod file_formats;
 pub mod format;
 pub mod jobs;
