@@ -618,6 +618,7 @@ async fn agent(cmd: AgentCmd) -> Result<i32> {
                     give_up_after: conn.give_up_after,
                 },
                 progress: console() && !json,
+                upload_latencies: None,
             };
             let summary = crate::agent::protect::protect(&client, &sources, &opts)
                 .await
