@@ -103,6 +103,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AgentCmd,
     },
+    /// Measure ingest throughput, latency and server cost against same-run baselines.
+    Bench {
+        #[command(subcommand)]
+        cmd: crate::bench::BenchCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -283,6 +288,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Agent { cmd } => agent(cmd).await,
+        Cmd::Bench { cmd } => Ok(crate::bench::run(cmd).await?),
     }
 }
 
