@@ -58,8 +58,8 @@ pub struct GeneratedImage {
     /// Bytes of file data put in an ext4 image, and how many files.
     pub file_bytes: Option<u64>,
     pub files: Option<u64>,
-    /// True when this invocation generated it (false: taken from the cache).
-    #[serde(skip_deserializing)]
+    /// True when this invocation generated it (false: taken from the cache); not stored.
+    #[serde(skip)]
     pub generated_now: bool,
 }
 
