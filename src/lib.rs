@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod bench;
 pub mod chunk;
 pub mod cli;
 pub mod client;

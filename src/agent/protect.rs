@@ -47,6 +47,9 @@ pub struct ProtectOptions {
     pub parallel: usize,
     pub backoff: Backoff,
     pub progress: bool,
+    /// When set, the seconds each block upload took (retries included) are appended here;
+    /// `drvault bench` reads them for latency percentiles.
+    pub upload_latencies: Option<Arc<std::sync::Mutex<Vec<f64>>>>,
 }
 
 /// What one disk's replication did.
@@ -306,13 +309,20 @@ async fn upload_pass(
                 let path = format!("/v1/agent/vms/{vm}/disks/{}/blocks/{index}", d.id);
                 let headers = [(BLAKE3_HEADER, hash.to_hex())];
                 let backoff = opts.backoff.clone();
+                let latencies = opts.upload_latencies.clone();
                 async move {
                     let len = data.len() as u64;
+                    let t = Instant::now();
                     let r = backoff
                         .retry("upload block", || {
                             client.put_bytes::<BlockAck>(&path, &headers, data.clone())
                         })
                         .await;
+                    if let Some(l) = &latencies {
+                        // A poisoned lock only means another upload panicked: keep recording.
+                        let mut v = l.lock().unwrap_or_else(|e| e.into_inner());
+                        v.push(t.elapsed().as_secs_f64());
+                    }
                     (len, r)
                 }
             }))

@@ -103,6 +103,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AgentCmd,
     },
+    /// Measure ingest throughput, latency and server cost against same-run baselines.
+    Bench {
+        #[command(subcommand)]
+        cmd: crate::bench::BenchCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -283,6 +288,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Agent { cmd } => agent(cmd).await,
+        Cmd::Bench { cmd } => Ok(crate::bench::run(cmd).await?),
     }
 }
 
@@ -618,6 +624,7 @@ async fn agent(cmd: AgentCmd) -> Result<i32> {
                     give_up_after: conn.give_up_after,
                 },
                 progress: console() && !json,
+                upload_latencies: None,
             };
             let summary = crate::agent::protect::protect(&client, &sources, &opts)
                 .await
