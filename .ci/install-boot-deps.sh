@@ -39,7 +39,7 @@ apt_update_once() {
 # can name them.
 # ---------------------------------------------------------------------------
 install_boot_disk_deps() {
-    local plain=(syslinux syslinux-common mtools dosfstools fdisk cpio)
+    local plain=(syslinux syslinux-common mtools dosfstools fdisk cpio libvirt-clients libxml2-utils)
     # qemu-system-* must be the same release as the installed qemu-utils:
     # qemu-utils >= 8 Breaks qemu-system-common < 8, so installing Debian 12's
     # qemu-system-x86 (7.2) next to the machine image's qemu-utils from

@@ -1,4 +1,59 @@
-//! drvault (design document: being written)
+//! # drvault: the storage side of Hyper-V-style disaster-recovery replication
+//!
+//! Host agents stream each virtual disk once in full and then, every replication cycle, one MS-HRL
+//! change log per disk. drvault keeps every byte compressed, AES-256-GCM-sealed and
+//! content-addressed in an object store, turns logs into recovery points, and on failover
+//! materializes fixed VHD disks and a VM definition on a target network.
+//!
+//! ## Data flow (one direction)
+//!
+//! ```text
+//! agent ──HTTPS──▶ api ──▶ protection (sessions, receipts) ──▶ chunk (hash → compress → seal)
+//!                                                                   ──▶ store (put-if-absent)
+//!                       replica (block maps) ◀── completion builds the disk's map from receipts
+//!                       failover (networks, IP assignment, VM definitions)
+//! jobs observe every long operation; nothing below `api` knows about HTTP;
+//! only `store` imports object_store.
+//! ```
+//!
+//! | module | concept |
+//! |---|---|
+//! | [`store`] | the object store (local dir with fsync, Azure Blob, S3, memory), fault injection |
+//! | [`chunk`] | keyed names (the only place they are computed), sealing, key ring, the pipeline |
+//! | [`vault`] | key layout, versioned records (create-only version n+1), registry of hosts |
+//! | [`format`] | MS-HRL logs, VHD and VHDX readers, fixed-VHD footer |
+//! | [`replica`] | block maps (two-level, content-addressed) |
+//! | [`protection`] | enable protection, initial replication sessions, finalize |
+//! | [`jobs`] | the Jobs tab: job records, steps, progress |
+//! | [`failover`] | target networks and mappings, IP assignment, VM definitions |
+//! | [`api`] | HTTPS server, auth, routes, the one error-to-HTTP mapping |
+//! | [`agent`], [`client`], [`cli`], [`bench`] | reference agent, API client, command line, benchmarks |
+//!
+//! ## Object key layout
+//!
+//! ```text
+//! vault/keycheck                          proves the key file opens this vault
+//! chunks/<3 hex>/<64 hex>                 block contents, shared by every disk
+//! maps/<3 hex>/<64 hex>                   block-map roots and segments
+//! records/<family>/<id>/v<20 digits>      versioned records: registry, vm, disk, job
+//! stage/<vm>/<disk>/<session>/<index>     receipts of blocks received in a replication session
+//! ```
+//!
+//! No key is also a prefix of other keys (the local backend cannot hold both). Formats:
+//! `docs/formats.md`.
+//!
+//! ## Durability and concurrency
+//!
+//! * A block upload is acknowledged after its chunk (create-only) and its receipt are durable;
+//!   completion writes the map objects, then the disk record version that points at them.
+//!   Nothing half-written is visible: objects are put atomically, records are versioned.
+//! * Block uploads to one disk run concurrently: each touches only its own chunk (create-only,
+//!   so racing identical blocks make one object) and its own receipt key.
+//! * Record updates are compare-and-swap on version numbers; this process caches records because
+//!   it is their only writer (several servers on one vault will need per-disk leases first).
+//! * CPU work (hashing, compression, sealing) runs on a semaphore-bounded blocking pool; block
+//!   bodies in memory are bounded by `ingest.max_inflight_blocks`.
+
 #![forbid(unsafe_code)]
 
 pub mod agent;

@@ -3,7 +3,10 @@
 //! `Retry-After` is honoured when it asks for longer. Non-recoverable errors return at once.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so tests with paused time see the waits pass.
+use tokio::time::Instant;
 
 use crate::agent::AgentError;
 use crate::client::ClientError;
