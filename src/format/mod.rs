@@ -57,3 +57,45 @@ impl ReadAt for Vec<u8> {
         Ok(self.as_slice().len() as u64)
     }
 }
+
+/// Why a positional read of an on-disk structure failed.
+pub(crate) enum ReadFailure {
+    /// The file ends before the structure does: `end` is where it should have ended.
+    Truncated {
+        end: u64,
+        file_len: u64,
+    },
+    Io(std::io::Error),
+}
+
+/// Positional read that tells a file too short for what its headers claim from an I/O error.
+pub(crate) fn read_checked(
+    file: &dyn ReadAt,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), ReadFailure> {
+    file.read_exact_at(buf, offset).map_err(|source| {
+        let end = offset.saturating_add(buf.len() as u64);
+        match (source.kind(), file.len()) {
+            (std::io::ErrorKind::UnexpectedEof, Ok(file_len)) => {
+                ReadFailure::Truncated { end, file_len }
+            }
+            _ => ReadFailure::Io(source),
+        }
+    })
+}
+
+/// Fixed-offset field reader. The offsets are constants within fixed-size structures, so a miss
+/// is a programming error; it returns zeros rather than panic.
+pub(crate) fn array_at<const N: usize>(raw: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    if let Some(src) = at.checked_add(N).and_then(|end| raw.get(at..end)) {
+        out.copy_from_slice(src);
+    }
+    out
+}
+
+/// Whether two byte ranges share at least one byte.
+pub(crate) fn overlaps(a: &std::ops::Range<u64>, b: &std::ops::Range<u64>) -> bool {
+    a.start < b.end && b.start < a.end
+}

@@ -33,7 +33,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::ReadAt;
+use super::{array_at, overlaps, ReadAt};
 
 /// VHD sector size; every VHD structure and size is a multiple of it.
 pub const SECTOR_SIZE: u64 = 512;
@@ -985,10 +985,6 @@ fn bit_msb_first(bitmap: &[u8], index: u64) -> bool {
     byte.is_some_and(|b| b & (0x80 >> (index % 8)) != 0)
 }
 
-fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
-    a.start < b.end && b.start < a.end
-}
-
 fn file_len(file: &dyn ReadAt) -> Result<u64, VhdError> {
     file.len().map_err(|source| VhdError::Io {
         what: "file length",
@@ -1005,32 +1001,20 @@ fn read_exact(
     offset: u64,
     what: &'static str,
 ) -> Result<(), VhdError> {
-    file.read_exact_at(buf, offset).map_err(|source| {
-        let end = offset.saturating_add(buf.len() as u64);
-        match (source.kind(), file.len()) {
-            (io::ErrorKind::UnexpectedEof, Ok(file_len)) => VhdError::Truncated {
-                what,
-                end,
-                file_len,
-            },
-            _ => VhdError::Io {
-                what,
-                offset,
-                len: buf.len() as u64,
-                source,
-            },
-        }
+    let len = buf.len() as u64;
+    super::read_checked(file, buf, offset).map_err(|f| match f {
+        super::ReadFailure::Truncated { end, file_len } => VhdError::Truncated {
+            what,
+            end,
+            file_len,
+        },
+        super::ReadFailure::Io(source) => VhdError::Io {
+            what,
+            offset,
+            len,
+            source,
+        },
     })
-}
-
-// Fixed-offset field readers. The offsets are constants within fixed-size structures, so a
-// miss is a programming error; they return zero rather than panic.
-fn array_at<const N: usize>(raw: &[u8], at: usize) -> [u8; N] {
-    let mut out = [0u8; N];
-    if let Some(src) = at.checked_add(N).and_then(|end| raw.get(at..end)) {
-        out.copy_from_slice(src);
-    }
-    out
 }
 
 fn be_u16(raw: &[u8], at: usize) -> u16 {

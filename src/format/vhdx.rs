@@ -42,7 +42,7 @@ use std::io;
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::ReadAt;
+use super::{array_at, overlaps, ReadAt};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
@@ -1396,10 +1396,6 @@ fn read_bat(
     Ok(payload)
 }
 
-fn overlaps(a: &Range<u64>, b: &Range<u64>) -> bool {
-    a.start < b.end && b.start < a.end
-}
-
 fn printable(raw: &[u8]) -> String {
     raw.iter()
         .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
@@ -1422,32 +1418,20 @@ fn read_exact(
     offset: u64,
     what: &'static str,
 ) -> Result<(), VhdxError> {
-    file.read_exact_at(buf, offset).map_err(|source| {
-        let end = offset.saturating_add(buf.len() as u64);
-        match (source.kind(), file.len()) {
-            (io::ErrorKind::UnexpectedEof, Ok(file_len)) => VhdxError::Truncated {
-                what,
-                end,
-                file_len,
-            },
-            _ => VhdxError::Io {
-                what,
-                offset,
-                len: buf.len() as u64,
-                source,
-            },
-        }
+    let len = buf.len() as u64;
+    super::read_checked(file, buf, offset).map_err(|f| match f {
+        super::ReadFailure::Truncated { end, file_len } => VhdxError::Truncated {
+            what,
+            end,
+            file_len,
+        },
+        super::ReadFailure::Io(source) => VhdxError::Io {
+            what,
+            offset,
+            len,
+            source,
+        },
     })
-}
-
-// Fixed-offset field readers. The offsets are constants within fixed-size structures, so a
-// miss is a programming error; they return zero rather than panic.
-fn array_at<const N: usize>(raw: &[u8], at: usize) -> [u8; N] {
-    let mut out = [0u8; N];
-    if let Some(src) = at.checked_add(N).and_then(|end| raw.get(at..end)) {
-        out.copy_from_slice(src);
-    }
-    out
 }
 
 fn le_u16(raw: &[u8], at: usize) -> u16 {
