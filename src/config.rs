@@ -32,6 +32,22 @@ pub struct Config {
     pub vault: VaultConfig,
     #[serde(default)]
     pub ingest: IngestConfig,
+    #[serde(default)]
+    pub replica: ReplicaConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicaConfig {
+    /// Seconds between background merges of logs that left each VM's retention window; 0 = never
+    /// (run `drvault merge` by hand).
+    pub merge_interval_s: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig { merge_interval_s: 300 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,13 +130,14 @@ pub struct IngestConfig {
     /// Block uploads whose bodies are held in memory at once (each up to one block); further
     /// uploads wait before their body is read, which pushes back on the sockets.
     pub max_inflight_blocks: usize,
+    /// Largest change log accepted, bytes (larger uploads get 413). Logs are stored in frames
+    /// as they arrive, so this bounds vault space per log, not memory.
+    pub max_log_bytes: u64,
 }
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig {
-            max_inflight_blocks: 16,
-        }
+        IngestConfig { max_inflight_blocks: 16, max_log_bytes: 64 << 30 }
     }
 }
 

@@ -80,3 +80,9 @@ pub const MAX_BLOCK_SIZE: u32 = 64 * 1024 * 1024;
 
 /// Largest disk a VM may protect (4 TiB, the prerequisite).
 pub const MAX_DISK_SIZE: u64 = 4 * 1024 * 1024 * 1024 * 1024;
+
+/// Plaintext bytes per stored frame of a change log: any byte range of a log is read back by
+/// opening at most ⌈len / frame⌉ + 1 frames, never the whole log.
+pub const LOG_FRAME_LEN: usize = 1024 * 1024;
+/// Bytes per extent-index entry: disk offset u64, length u32, log offset u64 (little-endian).
+pub const EXTENT_ENTRY_LEN: usize = 20;

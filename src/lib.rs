@@ -68,6 +68,7 @@ pub mod failover;
 pub mod file_formats;
 pub mod format;
 pub mod jobs;
+pub mod journal;
 pub mod protection;
 pub mod replica;
 pub mod server;

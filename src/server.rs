@@ -160,13 +160,22 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         .unwrap_or_default();
 
     let jobs = Jobs::load(vault.records.clone()).await?;
-    let protection = Protection::load(
-        vault.clone(),
-        jobs.clone(),
-        config.vault.block_size,
-        Default::default(),
-    )
-    .await?;
+    let protection = Protection::load(vault.clone(), jobs.clone(), config.vault.block_size, Default::default())
+        .await?
+        .with_max_log_bytes(config.ingest.max_log_bytes);
+    if config.replica.merge_interval_s > 0 {
+        // Background merge: folds logs that left the retention window into base maps.
+        let p = protection.clone();
+        let every = Duration::from_secs(config.replica.merge_interval_s);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                p.merge_expired_all().await;
+            }
+        });
+    }
 
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await

@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod protect;
+pub mod replicate;
 
 use std::path::Path;
 

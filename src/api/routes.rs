@@ -42,6 +42,8 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/vms/{vm}", get(get_vm))
         .route("/v1/vms/{vm}/disks/{disk}/map", get(get_map))
         .route("/v1/vms/{vm}/disks/{disk}/blocks/{index}", get(get_block))
+        .route("/v1/vms/{vm}/points", get(list_points))
+        .route("/v1/vms/{vm}/merge", post(merge_vm))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route(
@@ -60,6 +62,7 @@ pub fn routes() -> Router<AppState> {
             "/v1/agent/vms/{vm}/disks/{disk}/complete",
             post(agent_complete_disk),
         )
+        .route("/v1/agent/vms/{vm}/disks/{disk}/logs/{log_id}", put(agent_put_log))
 }
 
 pub async fn not_found() -> ApiError {
@@ -389,17 +392,35 @@ pub struct MapView {
     pub size: u64,
     pub block_size: u32,
     pub blocks: u64,
-    /// Data blocks only: `[index, plain BLAKE3 hex]`; every other block is zero.
+    /// Data blocks only: `[index, plain BLAKE3 hex]`; every other block is zero. At a recovery
+    /// point, blocks written by logs have an empty hash (computed when the block is read; the
+    /// block response carries it).
     pub data: Vec<(u64, String)>,
+    /// The recovery point these blocks are of (`None`: the base map).
+    #[serde(default)]
+    pub point: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PointQuery {
+    point: Option<String>,
 }
 
 async fn get_map(
     _: Operator,
     State(s): State<AppState>,
     Path((vm, disk)): Path<(String, String)>,
+    Query(q): Query<PointQuery>,
 ) -> ApiResult<Json<MapView>> {
     name("VM", &vm)?;
     name("disk", &disk)?;
+    if let Some(sel) = q.point {
+        let p = s.protection.resolve_point(&vm, &sel).await?;
+        let (d, blocks) = s.protection.point_blocks(&vm, &disk, p.cycle).await?;
+        let data = blocks.into_iter().map(|(i, h)| (i, h.unwrap_or_default())).collect();
+        let blocks = d.stats.blocks;
+        return Ok(Json(MapView { size: d.size, block_size: d.block_size, blocks, data, point: Some(p.id) }));
+    }
     let (d, map) = s.protection.base_map(&vm, &disk).await?;
     let data = map
         .entries()
@@ -413,6 +434,7 @@ async fn get_map(
         block_size: d.block_size,
         blocks: map.len(),
         data,
+        point: None,
     }))
 }
 
@@ -420,11 +442,18 @@ async fn get_block(
     _: Operator,
     State(s): State<AppState>,
     Path((vm, disk, idx)): Path<(String, String, String)>,
+    Query(q): Query<PointQuery>,
 ) -> ApiResult<Response> {
     name("VM", &vm)?;
     name("disk", &disk)?;
     let i = index(&idx)?;
-    let (bytes, hash) = s.protection.read_block(&vm, &disk, i).await?;
+    let (bytes, hash) = match q.point {
+        Some(sel) => {
+            let p = s.protection.resolve_point(&vm, &sel).await?;
+            s.protection.point_reader(&vm, &disk, p.cycle).await?.read_block(i).await?
+        }
+        None => s.protection.read_block(&vm, &disk, i).await?,
+    };
     let mut resp = Body::from(bytes).into_response();
     resp.headers_mut().insert(
         BLAKE3_HEADER,
@@ -605,4 +634,59 @@ async fn agent_complete_disk(
     Ok(Json(
         s.protection.complete_disk(&host, &vm, &disk, &req).await?,
     ))
+}
+
+async fn list_points(_: Operator, State(s): State<AppState>, Path(vm): Path<String>) -> ApiResult<Json<Vec<crate::protection::points::PointView>>> {
+    name("VM", &vm)?;
+    Ok(Json(s.protection.points(&vm).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MergeRequest {
+    /// Merge every log, not only those past the retention window.
+    #[serde(default)]
+    all: bool,
+}
+
+async fn merge_vm(_: Operator, State(s): State<AppState>, Path(vm): Path<String>, body: Body) -> ApiResult<Json<crate::protection::points::MergeReport>> {
+    name("VM", &vm)?;
+    let req: MergeRequest = read_json(body).await?;
+    s.protection.vm_for(None, &vm).await?;
+    let job = s.jobs.create(crate::jobs::JobKind::Merge, Some(&vm), &["Merge logs into the replica"], crate::jobs::JobState::Running).await?;
+    match s.protection.merge_vm(&vm, req.all).await {
+        Ok(r) => {
+            s.jobs.succeed(&job.id).await?;
+            Ok(Json(r))
+        }
+        Err(e) => {
+            let _ = s.jobs.fail(&job.id, &e).await;
+            Err(e.into())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    cycle: Option<u64>,
+    #[serde(default)]
+    app_consistent: bool,
+    #[serde(default, rename = "final")]
+    final_log: bool,
+}
+
+async fn agent_put_log(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk, log_id)): Path<(String, String, String)>,
+    Query(q): Query<LogQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<crate::protection::delta::LogAck>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let len = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let meta = crate::protection::delta::LogMeta { cycle: q.cycle, app_consistent: q.app_consistent, final_log: q.final_log };
+    let stream = body.into_data_stream();
+    Ok(Json(s.protection.accept_log(&host, &vm, &disk, &log_id, meta, len, stream).await?))
 }

@@ -2,6 +2,7 @@
 //! agent and the benchmark harness. Every operator and agent command is a client of the HTTPS
 //! API; nothing here reaches into the vault directly.
 
+pub mod hrl;
 pub mod operator;
 
 use std::path::PathBuf;
@@ -92,11 +93,39 @@ enum Cmd {
         format: String,
         #[arg(short = 'o', long)]
         output: PathBuf,
+        /// Recovery point: latest, latest-app, c<cycle>, or an RFC 3339 time (the latest point at
+        /// or before it). Default: the replica's base (initial replication or last merge).
+        #[arg(long)]
+        point: Option<String>,
         /// Blocks fetched in parallel.
         #[arg(long, default_value_t = 4)]
         parallel: usize,
         #[command(flatten)]
         conn: Conn,
+    },
+    /// List a VM's recovery points (operator).
+    Points {
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Merge logs that left the retention window into the replica now (operator).
+    Merge {
+        #[arg(long)]
+        vm: String,
+        /// Merge every log, keeping only the latest point.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make, read and apply MS-HRL change logs (no server needed).
+    Hrl {
+        #[command(subcommand)]
+        cmd: HrlCmd,
     },
     /// The reference host agent.
     Agent {
@@ -167,7 +196,63 @@ struct AgentConn {
 }
 
 #[derive(Subcommand)]
+enum HrlCmd {
+    /// Write a log of the sectors where NEW differs from OLD (raw, VHD or VHDX).
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        /// UniqueId of the previous log of this disk (the chain); default all zeros.
+        #[arg(long)]
+        previous_id: Option<String>,
+        /// UniqueId of this log; default random.
+        #[arg(long)]
+        unique_id: Option<String>,
+        /// Vhd2DataWriteGuid of the disk (must stay the same along a chain); default all zeros.
+        #[arg(long)]
+        data_write_guid: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a log and print its header and writes.
+    Inspect {
+        file: PathBuf,
+        /// Check writes against this disk size.
+        #[arg(long)]
+        disk_size: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a log to a raw image in place.
+    Apply { file: PathBuf, image: PathBuf },
+}
+
+#[derive(Subcommand)]
 enum AgentCmd {
+    /// Send one disk's change log (MS-HRL) for a replication cycle.
+    Replicate {
+        #[command(flatten)]
+        conn: AgentConn,
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        disk: String,
+        #[arg(long)]
+        hrl: PathBuf,
+        /// Replication cycle (default: the disk's previous cycle + 1). Give every disk of a VM
+        /// the same cycle so they form one VM recovery point.
+        #[arg(long)]
+        cycle: Option<u64>,
+        /// The cycle was taken with an application-consistent snapshot.
+        #[arg(long)]
+        app_consistent: bool,
+        /// The last log, sent after the source VM shut down (planned failover).
+        #[arg(long = "final")]
+        final_log: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Enable protection for a VM and replicate its disks in full (initial replication).
     /// Resumes where an interrupted run stopped.
     Protect {
@@ -262,6 +347,7 @@ async fn run(cli: Cli) -> Result<i32> {
             disk,
             format,
             output,
+            point,
             parallel,
             conn,
         } => {
@@ -271,6 +357,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 &client,
                 &vm,
                 &disk,
+                point.as_deref(),
                 format == "vhd",
                 &output,
                 parallel,
@@ -288,6 +375,26 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Agent { cmd } => agent(cmd).await,
+        Cmd::Points { vm, json, conn } => {
+            let c = conn.client()?;
+            let points: Vec<crate::protection::points::PointView> = c.get_json(&format!("/v1/vms/{vm}/points")).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&points)?);
+            } else {
+                println!("{:<8} {:<22} {:<18} {:<6} DISKS", "POINT", "TIME", "KIND", "FINAL");
+                for p in &points {
+                    println!("{:<8} {:<22} {:<18} {:<6} {}", p.id, p.time, p.kind, if p.final_point { "yes" } else { "" }, p.disks.join(","));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Merge { vm, all, conn } => {
+            let c = conn.client()?;
+            let r: crate::protection::points::MergeReport = c.send_json(Method::POST, &format!("/v1/vms/{vm}/merge"), &serde_json::json!({"all": all})).await?;
+            println!("merged {} logs on {} disks: {} blocks rewritten, {} of logs freed", r.logs_merged, r.disks, r.blocks_rewritten, crate::util::human_bytes(r.log_bytes_freed));
+            Ok(0)
+        }
+        Cmd::Hrl { cmd } => hrl_cmd(cmd).await,
         Cmd::Bench { cmd } => Ok(crate::bench::run(cmd).await?),
     }
 }
@@ -571,8 +678,68 @@ fn parse_nic(s: &str) -> Result<NicSpec> {
     }
 }
 
+fn guid_arg(s: Option<String>, default: crate::format::hrl::Guid) -> Result<crate::format::hrl::Guid> {
+    match s {
+        Some(t) => t.parse().map_err(|_| anyhow::anyhow!("{t:?} is not a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")),
+        None => Ok(default),
+    }
+}
+
+async fn hrl_cmd(cmd: HrlCmd) -> Result<i32> {
+    use crate::format::hrl::Guid;
+    match cmd {
+        HrlCmd::Diff { old, new, output, previous_id, unique_id, data_write_guid, json } => {
+            let prev = guid_arg(previous_id, Guid::NIL)?;
+            let uid = guid_arg(unique_id, Guid::new_random())?;
+            let dw = guid_arg(data_write_guid, Guid::NIL)?;
+            let s = tokio::task::spawn_blocking(move || hrl::diff(&old, &new, &output, prev, uid, dw)).await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("log {} (after {}): {} writes, {} of data, {} log", s.unique_id, s.previous_unique_id, s.extents, crate::util::human_bytes(s.data_bytes), crate::util::human_bytes(s.log_bytes));
+            }
+        }
+        HrlCmd::Inspect { file, disk_size, json } => {
+            let log = tokio::task::spawn_blocking(move || hrl::inspect(&file, disk_size)).await??;
+            hrl::print(&log, json)?;
+        }
+        HrlCmd::Apply { file, image } => {
+            let (n, bytes) = tokio::task::spawn_blocking(move || hrl::apply(&file, &image)).await??;
+            println!("applied {n} writes ({})", crate::util::human_bytes(bytes));
+        }
+    }
+    Ok(0)
+}
+
 async fn agent(cmd: AgentCmd) -> Result<i32> {
     match cmd {
+        AgentCmd::Replicate { conn, vm, disk, hrl, cycle, app_consistent, final_log, json } => {
+            let creds = crate::agent::load_creds(&conn.creds)?;
+            let client = crate::agent::client_for(&creds, conn.host.clone())?;
+            let opts = crate::agent::replicate::ReplicateOptions {
+                vm,
+                disk,
+                cycle,
+                app_consistent,
+                final_log,
+                backoff: Backoff { scale: conn.backoff_scale, give_up_after: conn.give_up_after },
+            };
+            let ack = crate::agent::replicate::replicate(&client, &hrl, &opts).await.context("replicate")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ack)?);
+            } else {
+                println!(
+                    "log {} {} as cycle {} ({} logs pending, {}){}",
+                    ack.log_id,
+                    ack.status.replace('_', " "),
+                    ack.cycle,
+                    ack.journal_length,
+                    crate::util::human_bytes(ack.pending_log_bytes),
+                    ack.resync_required.as_deref().map(|r| format!("; RESYNC REQUIRED: {r}")).unwrap_or_default()
+                );
+            }
+            Ok(0)
+        }
         AgentCmd::Protect {
             conn,
             vm,

@@ -21,6 +21,7 @@ use crate::vault::Records;
 pub enum JobKind {
     EnableProtection,
     FinalizeProtection,
+    Merge,
 }
 
 impl JobKind {
@@ -28,6 +29,7 @@ impl JobKind {
         match self {
             JobKind::EnableProtection => "Enable protection",
             JobKind::FinalizeProtection => "Finalize protection",
+            JobKind::Merge => "Merge logs",
         }
     }
 }

@@ -7,6 +7,8 @@
 //! State lives in the vault as versioned records (`records/vm/<id>`, `records/disk/<vm>-<disk>`);
 //! this service caches them because this process is their only writer.
 
+pub mod delta;
+pub mod points;
 pub mod session;
 pub mod spec;
 
@@ -84,6 +86,29 @@ pub struct DiskRecord {
     pub content_digest: Option<String>,
     pub stats: DiskStats,
     pub completed_unix: Option<u64>,
+    /// Accepted change logs not yet merged into the base map, oldest first.
+    #[serde(default)]
+    pub journal: Vec<crate::journal::JournalEntry>,
+    /// The recovery point the base map itself represents.
+    #[serde(default)]
+    pub base_point: BasePoint,
+    /// UniqueId of the last accepted log (survives merges): the next log must name it.
+    #[serde(default)]
+    pub chain_head: Option<String>,
+    /// Vhd2DataWriteGuid of the chain; a different value means the disk changed offline.
+    #[serde(default)]
+    pub data_write_guid: Option<String>,
+    /// Why the disk needs resynchronization, when it does.
+    #[serde(default)]
+    pub resync_required: Option<String>,
+}
+
+/// The point the base map holds: the initial replication (cycle 0) or the last merged log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BasePoint {
+    pub cycle: u64,
+    pub time_unix: u64,
+    pub app_consistent: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -115,6 +140,8 @@ pub struct VmView {
     pub finalize_job: Option<String>,
     /// 0.0 ..= 1.0 while initial replication runs.
     pub progress: f64,
+    /// Age in seconds of the latest recovery point all disks share (protected VMs only).
+    pub rpo_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,6 +154,13 @@ pub struct DiskView {
     pub blocks_received: u64,
     pub data_blocks: u64,
     pub zero_blocks: u64,
+    /// Accepted logs not yet merged.
+    pub journal_length: usize,
+    pub pending_log_bytes: u64,
+    /// Pending bytes at which the disk needs resynchronization (50% of its size).
+    pub resync_threshold_bytes: u64,
+    pub resync_required: Option<String>,
+    pub last_log: Option<String>,
 }
 
 /// The protection service.
@@ -139,6 +173,13 @@ pub struct Protection {
     vms: Arc<RwLock<BTreeMap<String, VmRecord>>>,
     disks: Arc<RwLock<BTreeMap<(String, String), DiskRecord>>>,
     pub(crate) sessions: session::Sessions,
+    /// One log accepted at a time per disk (chain checks need a stable head).
+    log_locks: Arc<tokio::sync::Mutex<BTreeMap<(String, String), Arc<tokio::sync::Mutex<()>>>>>,
+    /// Opened log frames, shared by validation and point reads.
+    pub(crate) frames: crate::journal::FrameCache,
+    pub(crate) max_log_bytes: u64,
+    /// Point readers by (vm id, disk id, cycle, base map root).
+    pub(crate) readers: Arc<tokio::sync::Mutex<BTreeMap<(String, String, u64, String), Arc<crate::replica::point::PointReader>>>>,
 }
 
 impl Protection {
@@ -177,6 +218,10 @@ impl Protection {
             vms: Arc::new(RwLock::new(vms)),
             disks: Arc::new(RwLock::new(disks)),
             sessions: session::Sessions::default(),
+            log_locks: Default::default(),
+            frames: crate::journal::FrameCache::new(64),
+            max_log_bytes: 64 << 30,
+            readers: Default::default(),
         };
         let pending: Vec<String> = p
             .vms
@@ -190,6 +235,12 @@ impl Protection {
             p.finalize_if_complete(&vm).await?;
         }
         Ok(p)
+    }
+
+    /// Largest change log accepted (bytes); larger uploads get 413.
+    pub fn with_max_log_bytes(mut self, max: u64) -> Protection {
+        self.max_log_bytes = max;
+        self
     }
 
     /// Block size given to newly protected disks.
@@ -257,6 +308,11 @@ impl Protection {
                 session: uuid::Uuid::new_v4().simple().to_string(),
                 map_root: None,
                 content_digest: None,
+                journal: Vec::new(),
+                base_point: BasePoint::default(),
+                chain_head: None,
+                data_write_guid: None,
+                resync_required: None,
                 stats: DiskStats {
                     blocks: crate::replica::blockmap::block_count(d.size, self.block_size),
                     ..Default::default()
@@ -434,6 +490,8 @@ impl Protection {
         let disks = self.disks.read().await;
         let mut dv = Vec::new();
         let (mut done, mut total) = (0u64, 0u64);
+        let mut critical: Vec<String> = Vec::new();
+        let mut earliest_latest = u64::MAX;
         for d in &rec.spec.disks {
             if let Some(r) = disks.get(&(rec.name.clone(), d.id.clone())) {
                 let received = match r.state {
@@ -453,16 +511,36 @@ impl Protection {
                     blocks_received: received,
                     data_blocks: r.stats.data_blocks,
                     zero_blocks: r.stats.zero_blocks,
+                    journal_length: r.journal.len(),
+                    pending_log_bytes: r.pending_log_bytes(),
+                    resync_threshold_bytes: delta::resync_threshold(r.size),
+                    resync_required: r.resync_required.clone(),
+                    last_log: r.journal.last().map(|e| crate::util::rfc3339(e.accepted_unix)),
                 });
+                if let Some(reason) = &r.resync_required {
+                    critical.push(format!("disk {}: resynchronization required: {reason}", r.disk));
+                }
+                earliest_latest = earliest_latest.min(r.journal.last().map(|e| e.accepted_unix).unwrap_or(r.base_point.time_unix));
             }
         }
-        let reasons = rec.warnings.clone();
-        let health = if reasons.is_empty() {
+        let policy = rec.spec.policy.clone().unwrap_or_default();
+        // RPO: age of the newest point every disk has (the oldest of the disks' newest points).
+        let rpo_s = (rec.state == VmState::Protected && earliest_latest != u64::MAX)
+            .then(|| crate::util::unix_now().saturating_sub(earliest_latest));
+        let mut reasons = critical.clone();
+        if let Some(r) = rpo_s {
+            if r > 2 * policy.interval_s {
+                reasons.push(format!("RPO {r} s exceeds twice the replication interval ({} s)", policy.interval_s));
+            }
+        }
+        reasons.extend(rec.warnings.iter().cloned());
+        let health = if !critical.is_empty() {
+            Health::Critical
+        } else if reasons.is_empty() {
             Health::Normal
         } else {
             Health::Warning
         };
-        let policy = rec.spec.policy.clone().unwrap_or_default();
         VmView {
             name: rec.name.clone(),
             owner: rec.owner.clone(),
@@ -486,6 +564,7 @@ impl Protection {
             } else {
                 done as f64 / total as f64
             },
+            rpo_seconds: rpo_s,
         }
     }
 }

@@ -2,5 +2,6 @@
 //! point); the journal of change logs and recovery points stack on it.
 
 pub mod blockmap;
+pub mod point;
 
 pub use blockmap::{BlockMap, MapEntry};

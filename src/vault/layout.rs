@@ -7,6 +7,8 @@
 //! maps/<3 hex>/<64 hex>                     block-map roots and segments (content-addressed)
 //! records/<family>/<id>/v<20 digits>        versioned records: registry, vm, disk, job
 //! stage/<vm>/<disk>/<session>/<10 digits>   receipts of blocks received in a replication session
+//! logs/<vm>/<disk>/<log id>/f<8 digits>      frames of a change log (1 MiB of the .hrl each)
+//! logs/<vm>/<disk>/<log id>/extents          its validated extent list
 //! ```
 
 use crate::chunk::ChunkName;
@@ -84,4 +86,19 @@ pub fn stage_session(vm_id: &str, disk_id: &str, session: &str) -> Key {
 
 pub fn stage_receipt(vm_id: &str, disk_id: &str, session: &str, index: u64) -> Key {
     key(&["stage", vm_id, disk_id, session, &format!("{index:010}")])
+}
+
+/// Prefix of one stored change log: its frames and its extent index live under it.
+pub fn log_prefix(vm_id: &str, disk_id: &str, log_id: &str) -> Key {
+    key(&["logs", vm_id, disk_id, log_id])
+}
+
+/// Frame `n` of a stored change log.
+pub fn log_frame(vm_id: &str, disk_id: &str, log_id: &str, n: u64) -> Key {
+    key(&["logs", vm_id, disk_id, log_id, &format!("f{n:08}")])
+}
+
+/// The validated extent list of a stored change log.
+pub fn log_extents(vm_id: &str, disk_id: &str, log_id: &str) -> Key {
+    key(&["logs", vm_id, disk_id, log_id, "extents"])
 }

@@ -1,0 +1,68 @@
+//! `drvault agent replicate`: send one disk's change log for a replication cycle.
+//!
+//! The log is streamed from the file (never read into memory whole); the server stores it as it
+//! arrives and acknowledges only once it is validated and in the journal. The log's UniqueId,
+//! read from its header here, names it in the URL so a retry of the same log is recognised.
+
+use std::path::Path;
+
+use reqwest::Method;
+
+use super::backoff::Backoff;
+use super::AgentError;
+use crate::client::Client;
+use crate::format::hrl::HrlHeader;
+use crate::protection::delta::LogAck;
+
+pub struct ReplicateOptions {
+    pub vm: String,
+    pub disk: String,
+    pub cycle: Option<u64>,
+    pub app_consistent: bool,
+    pub final_log: bool,
+    pub backoff: Backoff,
+}
+
+/// Reads the log's header (the server validates the whole log again).
+pub fn log_header(path: &Path) -> Result<HrlHeader, AgentError> {
+    let p = path.display().to_string();
+    let mut buf = [0u8; 4096];
+    let f = std::fs::File::open(path).map_err(|e| AgentError::Disk { path: p.clone(), message: e.to_string() })?;
+    crate::format::ReadAt::read_exact_at(&f, &mut buf, 0).map_err(|e| AgentError::Disk { path: p.clone(), message: format!("not an MS-HRL log: {e}") })?;
+    HrlHeader::parse(&buf).map_err(|e| AgentError::Disk { path: p, message: format!("not a valid MS-HRL log: {e}") })
+}
+
+pub async fn replicate(client: &Client, path: &Path, opts: &ReplicateOptions) -> Result<LogAck, AgentError> {
+    let header = log_header(path)?;
+    let mut query = vec![];
+    if let Some(c) = opts.cycle {
+        query.push(format!("cycle={c}"));
+    }
+    if opts.app_consistent {
+        query.push("app_consistent=true".into());
+    }
+    if opts.final_log {
+        query.push("final=true".into());
+    }
+    let url = format!(
+        "/v1/agent/vms/{}/disks/{}/logs/{}{}{}",
+        opts.vm,
+        opts.disk,
+        header.unique_id,
+        if query.is_empty() { "" } else { "?" },
+        query.join("&")
+    );
+    let p = path.to_path_buf();
+    opts.backoff
+        .retry("send log", || {
+            let p = p.clone();
+            let url = url.clone();
+            async move {
+                let file = tokio::fs::File::open(&p).await.map_err(|e| crate::client::ClientError::Setup(format!("{}: {e}", p.display())))?;
+                let len = file.metadata().await.map_err(|e| crate::client::ClientError::Setup(e.to_string()))?.len();
+                let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+                client.send_stream::<LogAck>(Method::PUT, &url, reqwest::Body::wrap_stream(stream), Some(len)).await
+            }
+        })
+        .await
+}

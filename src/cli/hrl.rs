@@ -1,0 +1,138 @@
+//! `drvault hrl …`: make, read and apply real MS-HRL logs without a Hyper-V host.
+
+use std::io::BufWriter;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::format::hrl::{self, Guid, HrlWriter, HrlWriterParams};
+use crate::format::image;
+
+/// What `hrl diff` wrote.
+#[derive(Debug, Serialize)]
+pub struct DiffSummary {
+    pub unique_id: String,
+    pub previous_unique_id: String,
+    pub extents: u64,
+    pub data_bytes: u64,
+    pub log_bytes: u64,
+}
+
+/// Writes a log of the 512-byte sectors where `new` differs from `old` (raw, VHD or VHDX),
+/// adjacent sectors merged into one write (split at 1 MiB).
+pub fn diff(old: &Path, new: &Path, out: &Path, previous: Guid, unique: Guid, data_write: Guid) -> Result<DiffSummary> {
+    let a = image::open(old).with_context(|| format!("opening {}", old.display()))?;
+    let b = image::open(new).with_context(|| format!("opening {}", new.display()))?;
+    if a.virtual_size() != b.virtual_size() {
+        bail!("{} is {} bytes and {} is {}: a change log is between two states of the same disk", old.display(), a.virtual_size(), new.display(), b.virtual_size());
+    }
+    let size = b.virtual_size();
+    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let params = HrlWriterParams {
+        unique_id: unique,
+        previous_unique_id: previous,
+        vhd2_data_write_guid: data_write,
+        timestamp: hrl::hrl_timestamp(std::time::SystemTime::now()),
+        ..Default::default()
+    };
+    let mut w = HrlWriter::new(params, BufWriter::with_capacity(1 << 20, file))?;
+    const CHUNK: usize = 1 << 20;
+    const RUN_MAX: usize = 1 << 20;
+    let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut run: Option<(u64, Vec<u8>)> = None;
+    let (mut extents, mut data_bytes) = (0u64, 0u64);
+    let mut flush = |run: &mut Option<(u64, Vec<u8>)>, w: &mut HrlWriter<BufWriter<std::fs::File>>| -> Result<()> {
+        if let Some((off, data)) = run.take() {
+            w.add_write(off, &data)?;
+            extents += 1;
+            data_bytes += data.len() as u64;
+        }
+        Ok(())
+    };
+    let mut pos = 0u64;
+    while pos < size {
+        let n = ((size - pos) as usize).min(CHUNK);
+        a.read_at(&mut ba[..n], pos)?;
+        b.read_at(&mut bb[..n], pos)?;
+        for s in (0..n).step_by(512) {
+            let e = (s + 512).min(n);
+            if ba[s..e] != bb[s..e] {
+                let off = pos + s as u64;
+                match &mut run {
+                    Some((start, data)) if *start + data.len() as u64 == off && data.len() < RUN_MAX => data.extend_from_slice(&bb[s..e]),
+                    _ => {
+                        flush(&mut run, &mut w)?;
+                        run = Some((off, bb[s..e].to_vec()));
+                    }
+                }
+            }
+        }
+        pos += n as u64;
+    }
+    flush(&mut run, &mut w)?;
+    let out_file = w.finish()?.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {}", out.display(), e.error()))?;
+    out_file.sync_all()?;
+    let log_bytes = out_file.metadata()?.len();
+    Ok(DiffSummary { unique_id: unique.to_string(), previous_unique_id: previous.to_string(), extents, data_bytes, log_bytes })
+}
+
+/// Validates a log and returns it (disk size bounds the extents when given).
+pub fn inspect(path: &Path, disk_size: Option<u64>) -> Result<hrl::HrlLog> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(hrl::read_log(&f, disk_size.unwrap_or(u64::MAX)).with_context(|| format!("{} is not a valid MS-HRL log", path.display()))?)
+}
+
+/// Applies a log to a raw image in place.
+pub fn apply(log_path: &Path, image_path: &Path) -> Result<(u64, u64)> {
+    let img = std::fs::OpenOptions::new().read(true).write(true).open(image_path).with_context(|| format!("opening {}", image_path.display()))?;
+    let size = img.metadata()?.len();
+    let f = std::fs::File::open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let log = hrl::read_log(&f, size).with_context(|| format!("{} is not a valid MS-HRL log for a {size}-byte disk", log_path.display()))?;
+    let mut bytes = 0u64;
+    hrl::apply(&log, &f, |off, data| {
+        bytes += data.len() as u64;
+        img.write_all_at(data, off)
+    })?;
+    img.sync_all()?;
+    Ok((log.extents.len() as u64, bytes))
+}
+
+/// Prints a log the way `hrl inspect` shows it.
+pub fn print(log: &hrl::HrlLog, json: bool) -> Result<()> {
+    let h = &log.header;
+    if json {
+        let v = serde_json::json!({
+            "unique_id": h.unique_id.to_string(),
+            "previous_unique_id": h.previous_unique_id.to_string(),
+            "vhd2_data_write_guid": h.vhd2_data_write_guid.to_string(),
+            "version": format!("{:#010x}", h.version),
+            "timestamp": h.timestamp,
+            "eol_location": h.eol_location,
+            "metadata_size": h.metadata_size,
+            "total_metadata_entries": h.total_metadata_entries,
+            "current_size": h.current_size,
+            "extents": log.extents.iter().map(|e| serde_json::json!({
+                "disk_offset": e.disk_offset, "length": e.length, "log_offset": e.log_offset,
+                "timestamp": e.timestamp, "data_checksum": e.data_checksum,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("UniqueId              {}", h.unique_id);
+    println!("PreviousUniqueId      {}", h.previous_unique_id);
+    println!("Vhd2DataWriteGuid     {}", h.vhd2_data_write_guid);
+    println!("LogFormatVersion      {:#010x}", h.version);
+    println!("EOLLocation           {}", h.eol_location);
+    println!("MetadataSize          {}", h.metadata_size);
+    println!("TotalMetadataEntries  {}", h.total_metadata_entries);
+    let total: u64 = log.extents.iter().map(|e| e.length as u64).sum();
+    println!("writes                {} ({} bytes)", log.extents.len(), total);
+    println!("{:>16} {:>10} {:>12}", "DISK OFFSET", "LENGTH", "LOG OFFSET");
+    for e in &log.extents {
+        println!("{:>16} {:>10} {:>12}", e.disk_offset, e.length, e.log_offset);
+    }
+    Ok(())
+}

@@ -1,0 +1,318 @@
+//! The journal: per disk, the ordered chain of accepted MS-HRL change logs.
+//!
+//! A log is stored as it arrives, in sealed frames of `LOG_FRAME_LEN` bytes
+//! (`logs/<vm>/<disk>/<log id>/f<n>`), so memory stays at one frame whatever the log's size and
+//! any byte range can be read back by opening only the frames that hold it. Once whole, it is
+//! validated by the same MS-HRL reader that reads local files, through [`StoredLog`]; its extent
+//! list is stored beside it (`…/extents`). Only then does the disk record's journal gain the entry
+//! (the acknowledgement's commit point). A log that fails validation is deleted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::pipeline::ChunkError;
+use crate::chunk::ChunkStore;
+use crate::file_formats::{ObjectKind, EXTENT_ENTRY_LEN, LOG_FRAME_LEN};
+use crate::format::ReadAt;
+use crate::store::Key;
+use crate::vault::layout;
+
+/// One accepted log in a disk's journal: a disk recovery point.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JournalEntry {
+    /// The log's UniqueId (GUID text).
+    pub log_id: String,
+    pub previous_id: String,
+    /// Replication cycle: a VM recovery point exists when every disk has a log of the cycle.
+    pub cycle: u64,
+    pub app_consistent: bool,
+    /// Sent after the source VM shut down (planned failover waits for it).
+    pub final_log: bool,
+    pub accepted_unix: u64,
+    pub log_bytes: u64,
+    pub extents: u64,
+    /// Bytes of disk data the log writes.
+    pub data_bytes: u64,
+}
+
+/// One write of a stored log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub disk_offset: u64,
+    pub length: u32,
+    pub log_offset: u64,
+}
+
+/// Object-key form of a log id: the GUID's 32 hex digits.
+pub fn log_key_id(log_id: &crate::format::hrl::Guid) -> String {
+    hex::encode(log_id.0)
+}
+
+pub fn encode_extents(ext: &[Extent]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(ext.len() * EXTENT_ENTRY_LEN);
+    for e in ext {
+        v.extend_from_slice(&e.disk_offset.to_le_bytes());
+        v.extend_from_slice(&e.length.to_le_bytes());
+        v.extend_from_slice(&e.log_offset.to_le_bytes());
+    }
+    v
+}
+
+pub fn decode_extents(b: &[u8]) -> Option<Vec<Extent>> {
+    if b.len() % EXTENT_ENTRY_LEN != 0 {
+        return None;
+    }
+    Some(
+        b.chunks_exact(EXTENT_ENTRY_LEN)
+            .map(|c| Extent {
+                disk_offset: u64::from_le_bytes(crate::format::array_at(c, 0)),
+                length: u32::from_le_bytes(crate::format::array_at(c, 8)),
+                log_offset: u64::from_le_bytes(crate::format::array_at(c, 12)),
+            })
+            .collect(),
+    )
+}
+
+/// Cuts a streamed log into frames and stores each sealed as soon as it is full.
+pub struct FrameWriter {
+    chunks: ChunkStore,
+    vm_id: String,
+    disk_id: String,
+    log_id: String,
+    buf: BytesMut,
+    frames: u64,
+    total: u64,
+}
+
+impl FrameWriter {
+    pub fn new(chunks: ChunkStore, vm_id: &str, disk_id: &str, log_id: &str) -> FrameWriter {
+        FrameWriter {
+            chunks,
+            vm_id: vm_id.into(),
+            disk_id: disk_id.into(),
+            log_id: log_id.into(),
+            buf: BytesMut::with_capacity(LOG_FRAME_LEN),
+            frames: 0,
+            total: 0,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    pub async fn push(&mut self, mut data: Bytes) -> Result<(), ChunkError> {
+        self.total += data.len() as u64;
+        while !data.is_empty() {
+            let take = (LOG_FRAME_LEN - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data.split_to(take));
+            if self.buf.len() == LOG_FRAME_LEN {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ChunkError> {
+        let frame = std::mem::replace(&mut self.buf, BytesMut::with_capacity(LOG_FRAME_LEN));
+        let key = layout::log_frame(&self.vm_id, &self.disk_id, &self.log_id, self.frames);
+        // Logs compress well (runs of zeros and text in guest writes): zstd where it helps.
+        self.chunks.put_sealed_compressed(ObjectKind::LogFrame, &key, frame.to_vec()).await?;
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Stores the last partial frame; returns the log's length.
+    pub async fn finish(mut self) -> Result<u64, ChunkError> {
+        if !self.buf.is_empty() {
+            self.flush().await?;
+        }
+        Ok(self.total)
+    }
+}
+
+/// Recently opened frames, shared by every reader (bounded: `capacity` frames).
+#[derive(Clone)]
+pub struct FrameCache {
+    inner: Arc<Mutex<(HashMap<Key, Arc<Vec<u8>>>, VecDeque<Key>)>>,
+    capacity: usize,
+}
+
+impl FrameCache {
+    pub fn new(capacity: usize) -> FrameCache {
+        FrameCache { inner: Arc::new(Mutex::new((HashMap::new(), VecDeque::new()))), capacity }
+    }
+
+    fn get(&self, k: &Key) -> Option<Arc<Vec<u8>>> {
+        self.inner.lock().ok()?.0.get(k).cloned()
+    }
+
+    fn put(&self, k: Key, v: Arc<Vec<u8>>) {
+        if let Ok(mut g) = self.inner.lock() {
+            if g.0.insert(k.clone(), v).is_none() {
+                g.1.push_back(k);
+            }
+            while g.1.len() > self.capacity {
+                if let Some(old) = g.1.pop_front() {
+                    g.0.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn forget_prefix(&self, prefix: &str) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.0.retain(|k, _| !k.as_str().starts_with(prefix));
+            g.1.retain(|k| !k.as_str().starts_with(prefix));
+        }
+    }
+}
+
+/// A stored log as a positional reader. Blocking: use it from a blocking thread (it drives the
+/// async store through the runtime handle it was made on).
+pub struct StoredLog {
+    chunks: ChunkStore,
+    vm_id: String,
+    disk_id: String,
+    log_id: String,
+    len: u64,
+    cache: FrameCache,
+    rt: tokio::runtime::Handle,
+}
+
+impl StoredLog {
+    pub fn new(chunks: ChunkStore, vm_id: &str, disk_id: &str, log_id: &str, len: u64, cache: FrameCache, rt: tokio::runtime::Handle) -> StoredLog {
+        StoredLog { chunks, vm_id: vm_id.into(), disk_id: disk_id.into(), log_id: log_id.into(), len, cache, rt }
+    }
+
+    fn frame(&self, n: u64) -> std::io::Result<Arc<Vec<u8>>> {
+        let key = layout::log_frame(&self.vm_id, &self.disk_id, &self.log_id, n);
+        if let Some(f) = self.cache.get(&key) {
+            return Ok(f);
+        }
+        let f = self
+            .rt
+            .block_on(self.chunks.get_sealed(ObjectKind::LogFrame, &key))
+            .map_err(|e| std::io::Error::other(format!("log frame {key}: {e}")))?;
+        let f = Arc::new(f);
+        self.cache.put(key, f.clone());
+        Ok(f)
+    }
+}
+
+impl ReadAt for StoredLog {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.len);
+        if end.is_none() {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end of the log"));
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = pos / LOG_FRAME_LEN as u64;
+            let within = (pos % LOG_FRAME_LEN as u64) as usize;
+            let frame = self.frame(n)?;
+            let avail = frame.len().saturating_sub(within);
+            if avail == 0 {
+                return Err(std::io::Error::other(format!("log frame {n} is shorter than the log's recorded length")));
+            }
+            let take = avail.min(buf.len() - done);
+            buf[done..done + take].copy_from_slice(&frame[within..within + take]);
+            done += take;
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.len)
+    }
+}
+
+/// Reads `len` bytes at `offset` of a stored log, opening only the frames that hold them
+/// (async counterpart of [`StoredLog`], sharing its cache).
+pub async fn read_log_range(
+    chunks: &ChunkStore,
+    cache: &FrameCache,
+    vm_id: &str,
+    disk_id: &str,
+    log_id: &str,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, ChunkError> {
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        let pos = offset + out.len() as u64;
+        let n = pos / LOG_FRAME_LEN as u64;
+        let within = (pos % LOG_FRAME_LEN as u64) as usize;
+        let key = layout::log_frame(vm_id, disk_id, log_id, n);
+        let frame = match cache.get(&key) {
+            Some(f) => f,
+            None => {
+                let f = Arc::new(chunks.get_sealed(ObjectKind::LogFrame, &key).await?);
+                cache.put(key.clone(), f.clone());
+                f
+            }
+        };
+        let avail = frame.len().saturating_sub(within);
+        if avail == 0 {
+            return Err(ChunkError::Corrupt(crate::chunk::SealError::BadPayload { name: key.to_string(), reason: "frame shorter than the extents say".into() }));
+        }
+        let take = avail.min(len - out.len());
+        out.extend_from_slice(&frame[within..within + take]);
+    }
+    Ok(out)
+}
+
+/// Loads a stored log's extent list.
+pub async fn load_extents(chunks: &ChunkStore, vm_id: &str, disk_id: &str, log_id: &str) -> Result<Vec<Extent>, ChunkError> {
+    let key = layout::log_extents(vm_id, disk_id, log_id);
+    let plain = chunks.get_sealed(ObjectKind::LogFrame, &key).await?;
+    decode_extents(&plain).ok_or_else(|| ChunkError::Corrupt(crate::chunk::SealError::BadPayload { name: key.to_string(), reason: "extent list length".into() }))
+}
+
+/// Deletes every object of a stored log (frames and extents). Best effort per object.
+pub async fn delete_log(chunks: &ChunkStore, vm_id: &str, disk_id: &str, log_id: &str) -> Result<(), crate::store::StoreError> {
+    let prefix = layout::log_prefix(vm_id, disk_id, log_id);
+    for l in chunks.store().list(&prefix).await? {
+        chunks.store().delete(&l.key).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{CpuPool, KeyRing};
+    use crate::store::Store;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_round_trip_any_range() {
+        let cs = ChunkStore::new(Store::open("memory://", &[]).unwrap(), Arc::new(KeyRing::random()), CpuPool::new(2), 1);
+        let data: Vec<u8> = (0..(LOG_FRAME_LEN * 2 + 12345)).map(|i| (i * 31 % 251) as u8).collect();
+        let mut w = FrameWriter::new(cs.clone(), "v", "d", "l");
+        for piece in data.chunks(70_001) {
+            w.push(Bytes::copy_from_slice(piece)).await.unwrap();
+        }
+        assert_eq!(w.finish().await.unwrap(), data.len() as u64);
+        let log = StoredLog::new(cs.clone(), "v", "d", "l", data.len() as u64, FrameCache::new(2), tokio::runtime::Handle::current());
+        let d2 = data.clone();
+        tokio::task::spawn_blocking(move || {
+            for (off, len) in [(0u64, 10usize), (LOG_FRAME_LEN as u64 - 5, 10), (0, d2.len()), (d2.len() as u64 - 1, 1)] {
+                let mut b = vec![0u8; len];
+                log.read_exact_at(&mut b, off).unwrap();
+                assert_eq!(&b[..], &d2[off as usize..off as usize + len]);
+            }
+            let mut b = [0u8; 2];
+            assert!(log.read_exact_at(&mut b, d2.len() as u64 - 1).is_err());
+        })
+        .await
+        .unwrap();
+        let e = vec![Extent { disk_offset: 512, length: 4096, log_offset: 8192 }];
+        assert_eq!(decode_extents(&encode_extents(&e)).unwrap(), e);
+        delete_log(&cs, "v", "d", "l").await.unwrap();
+        assert!(cs.store().list(&layout::log_prefix("v", "d", "l")).await.unwrap().is_empty());
+    }
+}

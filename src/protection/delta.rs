@@ -1,0 +1,232 @@
+//! Delta replication: accepting one MS-HRL change log per disk per replication cycle.
+//!
+//! Order of work for one log (one log per disk at a time, under the disk's log lock):
+//! authorization and state checks → frames stored as the body streams in (bounded memory, size
+//! limit) → the whole log validated from its frames → chain rules → extent index stored → the
+//! disk record gains the journal entry (commit point) → acknowledgement. Anything refused is
+//! deleted again and leaves the journal unchanged. A retry of an accepted log (same UniqueId) is
+//! acknowledged again without reading its body.
+//!
+//! Chain rules (DESIGN.md "Resynchronization"): the first log after initial replication starts
+//! the chain; each later log's PreviousUniqueId must be the last accepted UniqueId. A gap or fork,
+//! a log that was not closed properly (EOLLocation 0), or a changed Vhd2DataWriteGuid is refused
+//! and marks the disk resync-required, as does pending log data reaching half the disk size.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+
+use super::{DiskRecord, DiskState, Protection};
+use crate::error::{Error, Result};
+use crate::file_formats::ObjectKind;
+use crate::format::hrl::{self, Guid, HrlError};
+use crate::journal::{self, encode_extents, Extent, FrameWriter, JournalEntry, StoredLog};
+use crate::vault::layout;
+
+/// What the agent says about a log besides its bytes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct LogMeta {
+    /// Replication cycle; default: the disk's previous cycle + 1.
+    pub cycle: Option<u64>,
+    #[serde(default)]
+    pub app_consistent: bool,
+    /// The last log before the source VM shut down (planned failover).
+    #[serde(default, rename = "final")]
+    pub final_log: bool,
+}
+
+/// The answer to a log upload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogAck {
+    pub log_id: String,
+    /// `accepted` or `already_accepted`.
+    pub status: String,
+    pub cycle: u64,
+    pub journal_length: usize,
+    pub pending_log_bytes: u64,
+    /// Set when this log made the disk resync-required (the log itself was accepted).
+    pub resync_required: Option<String>,
+}
+
+/// Pending (unmerged) log bytes at which a disk needs resynchronization: half its size.
+pub fn resync_threshold(disk_size: u64) -> u64 {
+    disk_size / 2
+}
+
+impl DiskRecord {
+    pub fn pending_log_bytes(&self) -> u64 {
+        self.journal.iter().map(|e| e.log_bytes).sum()
+    }
+
+    pub fn last_cycle(&self) -> u64 {
+        self.journal.last().map(|e| e.cycle).unwrap_or(self.base_point.cycle)
+    }
+}
+
+impl Protection {
+    pub(crate) async fn log_lock_for(&self, d: &DiskRecord) -> Arc<tokio::sync::Mutex<()>> {
+        self.log_lock(d).await
+    }
+
+    async fn log_lock(&self, d: &DiskRecord) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.log_locks.lock().await;
+        locks.entry((d.vm_id.clone(), d.disk_id.clone())).or_default().clone()
+    }
+
+    async fn mark_resync(&self, vm: &str, disk: &str, reason: String) -> Result<()> {
+        let (_, mut d) = self.disk_for(None, vm, disk).await?;
+        if d.resync_required.is_none() {
+            tracing::warn!(vm, disk, %reason, "disk marked resync-required");
+            d.resync_required = Some(reason);
+            self.store_disk(d).await?;
+        }
+        Ok(())
+    }
+
+    /// Accepts one change log streamed in `body`.
+    pub async fn accept_log<S, E>(&self, host: &str, vm: &str, disk: &str, log_id: &str, meta: LogMeta, announced_len: Option<u64>, mut body: S) -> Result<LogAck>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let (_, d) = self.disk_for(Some(host), vm, disk).await?;
+        let guid: Guid = log_id.parse().map_err(|_| Error::invalid("invalid_log_id", format!("{log_id:?} is not a GUID")))?;
+        let log_id = guid.to_string();
+        if d.state != DiskState::Complete {
+            return Err(Error::conflict("replication_incomplete", format!("disk {disk} of VM {vm} has not finished initial replication; logs start after it")));
+        }
+        let lock = self.log_lock(&d).await;
+        let _held = lock.lock().await;
+        let (_, d) = self.disk_for(Some(host), vm, disk).await?;
+        if let Some(e) = d.journal.iter().find(|e| e.log_id == log_id) {
+            return Ok(ack(&d, e.cycle, &log_id, "already_accepted"));
+        }
+        if d.chain_head.as_deref() == Some(log_id.as_str()) {
+            return Ok(ack(&d, d.last_cycle(), &log_id, "already_accepted"));
+        }
+        if let Some(reason) = &d.resync_required {
+            return Err(Error::conflict("resync_required", format!("disk {disk} of VM {vm} needs resynchronization ({reason}); logs are refused until it completes")));
+        }
+        let max = self.max_log_bytes;
+        if announced_len.map(|l| l > max).unwrap_or(false) {
+            return Err(Error::TooLarge { code: "log_too_large", message: format!("log of {} bytes exceeds the {max}-byte limit", announced_len.unwrap_or(0)) });
+        }
+        let key_id = journal::log_key_id(&guid);
+        // Frames from an earlier, failed attempt at this log are replaced or removed below.
+        let _ = journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
+        let stored = self.store_frames(&d, &key_id, max, &mut body).await;
+        let len = match stored {
+            Ok(len) => len,
+            Err(e) => {
+                let _ = journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
+                return Err(e);
+            }
+        };
+        match self.validate_and_commit(vm, disk, &d, &guid, &key_id, len, &meta).await {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                let _ = journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
+                self.frames.forget_prefix(layout::log_prefix(&d.vm_id, &d.disk_id, &key_id).as_str());
+                Err(e)
+            }
+        }
+    }
+
+    async fn store_frames<S, E>(&self, d: &DiskRecord, key_id: &str, max: u64, body: &mut S) -> Result<u64>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let mut w = FrameWriter::new(self.vault.chunks.clone(), &d.vm_id, &d.disk_id, key_id);
+        while let Some(piece) = body.next().await {
+            let piece = piece.map_err(|e| Error::invalid("body_incomplete", format!("log upload was cut off: {e}")))?;
+            if w.total() + piece.len() as u64 > max {
+                return Err(Error::TooLarge { code: "log_too_large", message: format!("log exceeds the {max}-byte limit") });
+            }
+            w.push(piece).await?;
+        }
+        Ok(w.finish().await?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn validate_and_commit(&self, vm: &str, disk: &str, d: &DiskRecord, guid: &Guid, key_id: &str, len: u64, meta: &LogMeta) -> Result<LogAck> {
+        let reader = StoredLog::new(self.vault.chunks.clone(), &d.vm_id, &d.disk_id, key_id, len, self.frames.clone(), tokio::runtime::Handle::current());
+        let size = d.size;
+        let parsed = self.vault.chunks.cpu().run(move || hrl::read_log(&reader, size)).await;
+        let log = match parsed {
+            Ok(l) => l,
+            Err(HrlError::NotClosedProperly) => {
+                self.mark_resync(vm, disk, "a log arrived that was not closed properly (EOLLocation 0)".into()).await?;
+                return Err(Error::conflict("log_not_closed", "the log was not closed properly (EOLLocation 0): it is never applied; the disk needs resynchronization"));
+            }
+            Err(e) => return Err(Error::invalid("invalid_log", format!("not a valid MS-HRL log: {e}"))),
+        };
+        let h = &log.header;
+        if h.unique_id != *guid {
+            return Err(Error::invalid("log_id_mismatch", format!("the URL names log {guid}, the log's header says {}", h.unique_id)));
+        }
+        let write_guid = h.vhd2_data_write_guid.to_string();
+        if let Some(expected) = &d.data_write_guid {
+            if *expected != write_guid {
+                self.mark_resync(vm, disk, format!("Vhd2DataWriteGuid changed from {expected} to {write_guid}: the disk was modified while change tracking was off")).await?;
+                return Err(Error::conflict("offline_change", "the disk's data-write GUID changed (modified offline): the disk needs resynchronization"));
+            }
+        }
+        let prev = h.previous_unique_id.to_string();
+        if let Some(head) = &d.chain_head {
+            if *head != prev {
+                self.mark_resync(vm, disk, format!("log {guid} follows {prev}, but the last accepted log is {head}")).await?;
+                return Err(Error::conflict("chain_broken", format!("broken log chain: log {guid} names {prev} as its predecessor, the last accepted log is {head}; the disk needs resynchronization")));
+            }
+        }
+        let last = d.last_cycle();
+        let cycle = meta.cycle.unwrap_or(last + 1);
+        if cycle <= last {
+            return Err(Error::invalid("cycle_not_increasing", format!("cycle {cycle} is not after the disk's last cycle {last}")));
+        }
+        let extents: Vec<Extent> = log.extents.iter().map(|e| Extent { disk_offset: e.disk_offset, length: e.length, log_offset: e.log_offset }).collect();
+        let data_bytes = extents.iter().map(|e| e.length as u64).sum();
+        let ekey = layout::log_extents(&d.vm_id, &d.disk_id, key_id);
+        self.vault.chunks.put_sealed_compressed(ObjectKind::LogFrame, &ekey, encode_extents(&extents)).await?;
+        let entry = JournalEntry {
+            log_id: guid.to_string(),
+            previous_id: prev,
+            cycle,
+            app_consistent: meta.app_consistent,
+            final_log: meta.final_log,
+            accepted_unix: crate::util::unix_now(),
+            log_bytes: len,
+            extents: extents.len() as u64,
+            data_bytes,
+        };
+        let mut rec = d.clone();
+        rec.journal.push(entry.clone());
+        rec.chain_head = Some(entry.log_id.clone());
+        rec.data_write_guid = Some(write_guid);
+        if rec.pending_log_bytes() >= resync_threshold(rec.size) && rec.resync_required.is_none() {
+            rec.resync_required = Some(format!(
+                "pending log bytes ({}) reached 50% of the disk size ({})",
+                rec.pending_log_bytes(),
+                rec.size
+            ));
+        }
+        self.store_disk(rec.clone()).await?;
+        metrics::counter!("drvault_logs_accepted_total").increment(1);
+        metrics::counter!("drvault_log_bytes_accepted_total").increment(len);
+        tracing::info!(vm, disk, log = %entry.log_id, cycle, bytes = len, extents = entry.extents, "log accepted");
+        Ok(ack(&rec, cycle, &entry.log_id, "accepted"))
+    }
+}
+
+fn ack(d: &DiskRecord, cycle: u64, log_id: &str, status: &str) -> LogAck {
+    LogAck {
+        log_id: log_id.to_string(),
+        status: status.into(),
+        cycle,
+        journal_length: d.journal.len(),
+        pending_log_bytes: d.pending_log_bytes(),
+        resync_required: d.resync_required.clone(),
+    }
+}
