@@ -186,13 +186,24 @@ impl Client {
     }
 
     /// Sends a streamed body (with its length when known); JSON answer.
-    pub async fn send_stream<T: DeserializeOwned>(&self, method: Method, path: &str, body: reqwest::Body, len: Option<u64>) -> Result<T, ClientError> {
-        let mut rb = self.req(method, path).body(body).header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
+    pub async fn send_stream<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: reqwest::Body,
+        len: Option<u64>,
+    ) -> Result<T, ClientError> {
+        let mut rb = self
+            .req(method, path)
+            .body(body)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream");
         if let Some(l) = len {
             rb = rb.header(reqwest::header::CONTENT_LENGTH, l);
         }
         let r = self.send(rb).await?;
-        r.json().await.map_err(|e| ClientError::Decode(e.to_string()))
+        r.json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// GET raw bytes and the response headers.

@@ -46,7 +46,9 @@ pub struct ReplicaConfig {
 
 impl Default for ReplicaConfig {
     fn default() -> Self {
-        ReplicaConfig { merge_interval_s: 300 }
+        ReplicaConfig {
+            merge_interval_s: 300,
+        }
     }
 }
 
@@ -137,7 +139,10 @@ pub struct IngestConfig {
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        IngestConfig { max_inflight_blocks: 16, max_log_bytes: 64 << 30 }
+        IngestConfig {
+            max_inflight_blocks: 16,
+            max_log_bytes: 64 << 30,
+        }
     }
 }
 

@@ -160,9 +160,14 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         .unwrap_or_default();
 
     let jobs = Jobs::load(vault.records.clone()).await?;
-    let protection = Protection::load(vault.clone(), jobs.clone(), config.vault.block_size, Default::default())
-        .await?
-        .with_max_log_bytes(config.ingest.max_log_bytes);
+    let protection = Protection::load(
+        vault.clone(),
+        jobs.clone(),
+        config.vault.block_size,
+        Default::default(),
+    )
+    .await?
+    .with_max_log_bytes(config.ingest.max_log_bytes);
     if config.replica.merge_interval_s > 0 {
         // Background merge: folds logs that left the retention window into base maps.
         let p = protection.clone();

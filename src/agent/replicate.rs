@@ -27,12 +27,25 @@ pub struct ReplicateOptions {
 pub fn log_header(path: &Path) -> Result<HrlHeader, AgentError> {
     let p = path.display().to_string();
     let mut buf = [0u8; 4096];
-    let f = std::fs::File::open(path).map_err(|e| AgentError::Disk { path: p.clone(), message: e.to_string() })?;
-    crate::format::ReadAt::read_exact_at(&f, &mut buf, 0).map_err(|e| AgentError::Disk { path: p.clone(), message: format!("not an MS-HRL log: {e}") })?;
-    HrlHeader::parse(&buf).map_err(|e| AgentError::Disk { path: p, message: format!("not a valid MS-HRL log: {e}") })
+    let f = std::fs::File::open(path).map_err(|e| AgentError::Disk {
+        path: p.clone(),
+        message: e.to_string(),
+    })?;
+    crate::format::ReadAt::read_exact_at(&f, &mut buf, 0).map_err(|e| AgentError::Disk {
+        path: p.clone(),
+        message: format!("not an MS-HRL log: {e}"),
+    })?;
+    HrlHeader::parse(&buf).map_err(|e| AgentError::Disk {
+        path: p,
+        message: format!("not a valid MS-HRL log: {e}"),
+    })
 }
 
-pub async fn replicate(client: &Client, path: &Path, opts: &ReplicateOptions) -> Result<LogAck, AgentError> {
+pub async fn replicate(
+    client: &Client,
+    path: &Path,
+    opts: &ReplicateOptions,
+) -> Result<LogAck, AgentError> {
     let header = log_header(path)?;
     let mut query = vec![];
     if let Some(c) = opts.cycle {
@@ -58,10 +71,23 @@ pub async fn replicate(client: &Client, path: &Path, opts: &ReplicateOptions) ->
             let p = p.clone();
             let url = url.clone();
             async move {
-                let file = tokio::fs::File::open(&p).await.map_err(|e| crate::client::ClientError::Setup(format!("{}: {e}", p.display())))?;
-                let len = file.metadata().await.map_err(|e| crate::client::ClientError::Setup(e.to_string()))?.len();
+                let file = tokio::fs::File::open(&p).await.map_err(|e| {
+                    crate::client::ClientError::Setup(format!("{}: {e}", p.display()))
+                })?;
+                let len = file
+                    .metadata()
+                    .await
+                    .map_err(|e| crate::client::ClientError::Setup(e.to_string()))?
+                    .len();
                 let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
-                client.send_stream::<LogAck>(Method::PUT, &url, reqwest::Body::wrap_stream(stream), Some(len)).await
+                client
+                    .send_stream::<LogAck>(
+                        Method::PUT,
+                        &url,
+                        reqwest::Body::wrap_stream(stream),
+                        Some(len),
+                    )
+                    .await
             }
         })
         .await

@@ -62,7 +62,10 @@ pub fn routes() -> Router<AppState> {
             "/v1/agent/vms/{vm}/disks/{disk}/complete",
             post(agent_complete_disk),
         )
-        .route("/v1/agent/vms/{vm}/disks/{disk}/logs/{log_id}", put(agent_put_log))
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/logs/{log_id}",
+            put(agent_put_log),
+        )
 }
 
 pub async fn not_found() -> ApiError {
@@ -417,9 +420,18 @@ async fn get_map(
     if let Some(sel) = q.point {
         let p = s.protection.resolve_point(&vm, &sel).await?;
         let (d, blocks) = s.protection.point_blocks(&vm, &disk, p.cycle).await?;
-        let data = blocks.into_iter().map(|(i, h)| (i, h.unwrap_or_default())).collect();
+        let data = blocks
+            .into_iter()
+            .map(|(i, h)| (i, h.unwrap_or_default()))
+            .collect();
         let blocks = d.stats.blocks;
-        return Ok(Json(MapView { size: d.size, block_size: d.block_size, blocks, data, point: Some(p.id) }));
+        return Ok(Json(MapView {
+            size: d.size,
+            block_size: d.block_size,
+            blocks,
+            data,
+            point: Some(p.id),
+        }));
     }
     let (d, map) = s.protection.base_map(&vm, &disk).await?;
     let data = map
@@ -450,7 +462,11 @@ async fn get_block(
     let (bytes, hash) = match q.point {
         Some(sel) => {
             let p = s.protection.resolve_point(&vm, &sel).await?;
-            s.protection.point_reader(&vm, &disk, p.cycle).await?.read_block(i).await?
+            s.protection
+                .point_reader(&vm, &disk, p.cycle)
+                .await?
+                .read_block(i)
+                .await?
         }
         None => s.protection.read_block(&vm, &disk, i).await?,
     };
@@ -636,7 +652,11 @@ async fn agent_complete_disk(
     ))
 }
 
-async fn list_points(_: Operator, State(s): State<AppState>, Path(vm): Path<String>) -> ApiResult<Json<Vec<crate::protection::points::PointView>>> {
+async fn list_points(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<Vec<crate::protection::points::PointView>>> {
     name("VM", &vm)?;
     Ok(Json(s.protection.points(&vm).await?))
 }
@@ -647,14 +667,34 @@ struct MergeRequest {
     /// Merge every log, not only those past the retention window.
     #[serde(default)]
     all: bool,
+    /// Merge every log up to and including this point (`c<cycle>`).
+    #[serde(default)]
+    through: Option<String>,
 }
 
-async fn merge_vm(_: Operator, State(s): State<AppState>, Path(vm): Path<String>, body: Body) -> ApiResult<Json<crate::protection::points::MergeReport>> {
+async fn merge_vm(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+    body: Body,
+) -> ApiResult<Json<crate::protection::points::MergeReport>> {
     name("VM", &vm)?;
     let req: MergeRequest = read_json(body).await?;
     s.protection.vm_for(None, &vm).await?;
-    let job = s.jobs.create(crate::jobs::JobKind::Merge, Some(&vm), &["Merge logs into the replica"], crate::jobs::JobState::Running).await?;
-    match s.protection.merge_vm(&vm, req.all).await {
+    let job = s
+        .jobs
+        .create(
+            crate::jobs::JobKind::Merge,
+            Some(&vm),
+            &["Merge logs into the replica"],
+            crate::jobs::JobState::Running,
+        )
+        .await?;
+    let through = match &req.through {
+        Some(p) => Some(s.protection.resolve_point(&vm, p).await?.cycle),
+        None => None,
+    };
+    match s.protection.merge_vm_through(&vm, req.all, through).await {
         Ok(r) => {
             s.jobs.succeed(&job.id).await?;
             Ok(Json(r))
@@ -685,8 +725,19 @@ async fn agent_put_log(
 ) -> ApiResult<Json<crate::protection::delta::LogAck>> {
     name("VM", &vm)?;
     name("disk", &disk)?;
-    let len = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    let meta = crate::protection::delta::LogMeta { cycle: q.cycle, app_consistent: q.app_consistent, final_log: q.final_log };
+    let len = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let meta = crate::protection::delta::LogMeta {
+        cycle: q.cycle,
+        app_consistent: q.app_consistent,
+        final_log: q.final_log,
+    };
     let stream = body.into_data_stream();
-    Ok(Json(s.protection.accept_log(&host, &vm, &disk, &log_id, meta, len, stream).await?))
+    Ok(Json(
+        s.protection
+            .accept_log(&host, &vm, &disk, &log_id, meta, len, stream)
+            .await?,
+    ))
 }

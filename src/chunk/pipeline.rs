@@ -241,11 +241,19 @@ impl ChunkStore {
     }
 
     /// Seals (zstd where it helps) and writes, overwriting.
-    pub async fn put_sealed_compressed(&self, kind: ObjectKind, key: &Key, plaintext: Vec<u8>) -> Result<(), ChunkError> {
+    pub async fn put_sealed_compressed(
+        &self,
+        kind: ObjectKind,
+        key: &Key,
+        plaintext: Vec<u8>,
+    ) -> Result<(), ChunkError> {
         let keys = self.keys.clone();
         let key_str = key.as_str().to_string();
         let level = self.zstd_level;
-        let sealed = self.cpu.run(move || seal::seal(&keys, kind, &key_str, &plaintext, Some(level))).await;
+        let sealed = self
+            .cpu
+            .run(move || seal::seal(&keys, kind, &key_str, &plaintext, Some(level)))
+            .await;
         Ok(self.store.put(key, Bytes::from(sealed.bytes)).await?)
     }
 

@@ -22,11 +22,24 @@ pub struct DiffSummary {
 
 /// Writes a log of the 512-byte sectors where `new` differs from `old` (raw, VHD or VHDX),
 /// adjacent sectors merged into one write (split at 1 MiB).
-pub fn diff(old: &Path, new: &Path, out: &Path, previous: Guid, unique: Guid, data_write: Guid) -> Result<DiffSummary> {
+pub fn diff(
+    old: &Path,
+    new: &Path,
+    out: &Path,
+    previous: Guid,
+    unique: Guid,
+    data_write: Guid,
+) -> Result<DiffSummary> {
     let a = image::open(old).with_context(|| format!("opening {}", old.display()))?;
     let b = image::open(new).with_context(|| format!("opening {}", new.display()))?;
     if a.virtual_size() != b.virtual_size() {
-        bail!("{} is {} bytes and {} is {}: a change log is between two states of the same disk", old.display(), a.virtual_size(), new.display(), b.virtual_size());
+        bail!(
+            "{} is {} bytes and {} is {}: a change log is between two states of the same disk",
+            old.display(),
+            a.virtual_size(),
+            new.display(),
+            b.virtual_size()
+        );
     }
     let size = b.virtual_size();
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
@@ -43,7 +56,9 @@ pub fn diff(old: &Path, new: &Path, out: &Path, previous: Guid, unique: Guid, da
     let (mut ba, mut bb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let mut run: Option<(u64, Vec<u8>)> = None;
     let (mut extents, mut data_bytes) = (0u64, 0u64);
-    let mut flush = |run: &mut Option<(u64, Vec<u8>)>, w: &mut HrlWriter<BufWriter<std::fs::File>>| -> Result<()> {
+    let mut flush = |run: &mut Option<(u64, Vec<u8>)>,
+                     w: &mut HrlWriter<BufWriter<std::fs::File>>|
+     -> Result<()> {
         if let Some((off, data)) = run.take() {
             w.add_write(off, &data)?;
             extents += 1;
@@ -61,7 +76,11 @@ pub fn diff(old: &Path, new: &Path, out: &Path, previous: Guid, unique: Guid, da
             if ba[s..e] != bb[s..e] {
                 let off = pos + s as u64;
                 match &mut run {
-                    Some((start, data)) if *start + data.len() as u64 == off && data.len() < RUN_MAX => data.extend_from_slice(&bb[s..e]),
+                    Some((start, data))
+                        if *start + data.len() as u64 == off && data.len() < RUN_MAX =>
+                    {
+                        data.extend_from_slice(&bb[s..e])
+                    }
                     _ => {
                         flush(&mut run, &mut w)?;
                         run = Some((off, bb[s..e].to_vec()));
@@ -72,24 +91,44 @@ pub fn diff(old: &Path, new: &Path, out: &Path, previous: Guid, unique: Guid, da
         pos += n as u64;
     }
     flush(&mut run, &mut w)?;
-    let out_file = w.finish()?.into_inner().map_err(|e| anyhow::anyhow!("writing {}: {}", out.display(), e.error()))?;
+    let out_file = w
+        .finish()?
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {}", out.display(), e.error()))?;
     out_file.sync_all()?;
     let log_bytes = out_file.metadata()?.len();
-    Ok(DiffSummary { unique_id: unique.to_string(), previous_unique_id: previous.to_string(), extents, data_bytes, log_bytes })
+    Ok(DiffSummary {
+        unique_id: unique.to_string(),
+        previous_unique_id: previous.to_string(),
+        extents,
+        data_bytes,
+        log_bytes,
+    })
 }
 
 /// Validates a log and returns it (disk size bounds the extents when given).
 pub fn inspect(path: &Path, disk_size: Option<u64>) -> Result<hrl::HrlLog> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(hrl::read_log(&f, disk_size.unwrap_or(u64::MAX)).with_context(|| format!("{} is not a valid MS-HRL log", path.display()))?)
+    Ok(hrl::read_log(&f, disk_size.unwrap_or(u64::MAX))
+        .with_context(|| format!("{} is not a valid MS-HRL log", path.display()))?)
 }
 
 /// Applies a log to a raw image in place.
 pub fn apply(log_path: &Path, image_path: &Path) -> Result<(u64, u64)> {
-    let img = std::fs::OpenOptions::new().read(true).write(true).open(image_path).with_context(|| format!("opening {}", image_path.display()))?;
+    let img = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image_path)
+        .with_context(|| format!("opening {}", image_path.display()))?;
     let size = img.metadata()?.len();
-    let f = std::fs::File::open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
-    let log = hrl::read_log(&f, size).with_context(|| format!("{} is not a valid MS-HRL log for a {size}-byte disk", log_path.display()))?;
+    let f =
+        std::fs::File::open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let log = hrl::read_log(&f, size).with_context(|| {
+        format!(
+            "{} is not a valid MS-HRL log for a {size}-byte disk",
+            log_path.display()
+        )
+    })?;
     let mut bytes = 0u64;
     hrl::apply(&log, &f, |off, data| {
         bytes += data.len() as u64;
@@ -129,10 +168,20 @@ pub fn print(log: &hrl::HrlLog, json: bool) -> Result<()> {
     println!("MetadataSize          {}", h.metadata_size);
     println!("TotalMetadataEntries  {}", h.total_metadata_entries);
     let total: u64 = log.extents.iter().map(|e| e.length as u64).sum();
-    println!("writes                {} ({} bytes)", log.extents.len(), total);
-    println!("{:>16} {:>10} {:>12}", "DISK OFFSET", "LENGTH", "LOG OFFSET");
+    println!(
+        "writes                {} ({} bytes)",
+        log.extents.len(),
+        total
+    );
+    println!(
+        "{:>16} {:>10} {:>12}",
+        "DISK OFFSET", "LENGTH", "LOG OFFSET"
+    );
     for e in &log.extents {
-        println!("{:>16} {:>10} {:>12}", e.disk_offset, e.length, e.log_offset);
+        println!(
+            "{:>16} {:>10} {:>12}",
+            e.disk_offset, e.length, e.log_offset
+        );
     }
     Ok(())
 }

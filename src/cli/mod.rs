@@ -119,6 +119,9 @@ enum Cmd {
         /// Merge every log, keeping only the latest point.
         #[arg(long)]
         all: bool,
+        /// Merge every log up to and including this point (e.g. c12).
+        #[arg(long)]
+        through: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -377,21 +380,49 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Agent { cmd } => agent(cmd).await,
         Cmd::Points { vm, json, conn } => {
             let c = conn.client()?;
-            let points: Vec<crate::protection::points::PointView> = c.get_json(&format!("/v1/vms/{vm}/points")).await?;
+            let points: Vec<crate::protection::points::PointView> =
+                c.get_json(&format!("/v1/vms/{vm}/points")).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&points)?);
             } else {
-                println!("{:<8} {:<22} {:<18} {:<6} DISKS", "POINT", "TIME", "KIND", "FINAL");
+                println!(
+                    "{:<8} {:<22} {:<18} {:<6} DISKS",
+                    "POINT", "TIME", "KIND", "FINAL"
+                );
                 for p in &points {
-                    println!("{:<8} {:<22} {:<18} {:<6} {}", p.id, p.time, p.kind, if p.final_point { "yes" } else { "" }, p.disks.join(","));
+                    println!(
+                        "{:<8} {:<22} {:<18} {:<6} {}",
+                        p.id,
+                        p.time,
+                        p.kind,
+                        if p.final_point { "yes" } else { "" },
+                        p.disks.join(",")
+                    );
                 }
             }
             Ok(0)
         }
-        Cmd::Merge { vm, all, conn } => {
+        Cmd::Merge {
+            vm,
+            all,
+            through,
+            conn,
+        } => {
             let c = conn.client()?;
-            let r: crate::protection::points::MergeReport = c.send_json(Method::POST, &format!("/v1/vms/{vm}/merge"), &serde_json::json!({"all": all})).await?;
-            println!("merged {} logs on {} disks: {} blocks rewritten, {} of logs freed", r.logs_merged, r.disks, r.blocks_rewritten, crate::util::human_bytes(r.log_bytes_freed));
+            let r: crate::protection::points::MergeReport = c
+                .send_json(
+                    Method::POST,
+                    &format!("/v1/vms/{vm}/merge"),
+                    &serde_json::json!({"all": all, "through": through}),
+                )
+                .await?;
+            println!(
+                "merged {} logs on {} disks: {} blocks rewritten, {} of logs freed",
+                r.logs_merged,
+                r.disks,
+                r.blocks_rewritten,
+                crate::util::human_bytes(r.log_bytes_freed)
+            );
             Ok(0)
         }
         Cmd::Hrl { cmd } => hrl_cmd(cmd).await,
@@ -678,9 +709,14 @@ fn parse_nic(s: &str) -> Result<NicSpec> {
     }
 }
 
-fn guid_arg(s: Option<String>, default: crate::format::hrl::Guid) -> Result<crate::format::hrl::Guid> {
+fn guid_arg(
+    s: Option<String>,
+    default: crate::format::hrl::Guid,
+) -> Result<crate::format::hrl::Guid> {
     match s {
-        Some(t) => t.parse().map_err(|_| anyhow::anyhow!("{t:?} is not a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")),
+        Some(t) => t.parse().map_err(|_| {
+            anyhow::anyhow!("{t:?} is not a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")
+        }),
         None => Ok(default),
     }
 }
@@ -688,23 +724,45 @@ fn guid_arg(s: Option<String>, default: crate::format::hrl::Guid) -> Result<crat
 async fn hrl_cmd(cmd: HrlCmd) -> Result<i32> {
     use crate::format::hrl::Guid;
     match cmd {
-        HrlCmd::Diff { old, new, output, previous_id, unique_id, data_write_guid, json } => {
+        HrlCmd::Diff {
+            old,
+            new,
+            output,
+            previous_id,
+            unique_id,
+            data_write_guid,
+            json,
+        } => {
             let prev = guid_arg(previous_id, Guid::NIL)?;
             let uid = guid_arg(unique_id, Guid::new_random())?;
             let dw = guid_arg(data_write_guid, Guid::NIL)?;
-            let s = tokio::task::spawn_blocking(move || hrl::diff(&old, &new, &output, prev, uid, dw)).await??;
+            let s =
+                tokio::task::spawn_blocking(move || hrl::diff(&old, &new, &output, prev, uid, dw))
+                    .await??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("log {} (after {}): {} writes, {} of data, {} log", s.unique_id, s.previous_unique_id, s.extents, crate::util::human_bytes(s.data_bytes), crate::util::human_bytes(s.log_bytes));
+                println!(
+                    "log {} (after {}): {} writes, {} of data, {} log",
+                    s.unique_id,
+                    s.previous_unique_id,
+                    s.extents,
+                    crate::util::human_bytes(s.data_bytes),
+                    crate::util::human_bytes(s.log_bytes)
+                );
             }
         }
-        HrlCmd::Inspect { file, disk_size, json } => {
+        HrlCmd::Inspect {
+            file,
+            disk_size,
+            json,
+        } => {
             let log = tokio::task::spawn_blocking(move || hrl::inspect(&file, disk_size)).await??;
             hrl::print(&log, json)?;
         }
         HrlCmd::Apply { file, image } => {
-            let (n, bytes) = tokio::task::spawn_blocking(move || hrl::apply(&file, &image)).await??;
+            let (n, bytes) =
+                tokio::task::spawn_blocking(move || hrl::apply(&file, &image)).await??;
             println!("applied {n} writes ({})", crate::util::human_bytes(bytes));
         }
     }
@@ -713,7 +771,16 @@ async fn hrl_cmd(cmd: HrlCmd) -> Result<i32> {
 
 async fn agent(cmd: AgentCmd) -> Result<i32> {
     match cmd {
-        AgentCmd::Replicate { conn, vm, disk, hrl, cycle, app_consistent, final_log, json } => {
+        AgentCmd::Replicate {
+            conn,
+            vm,
+            disk,
+            hrl,
+            cycle,
+            app_consistent,
+            final_log,
+            json,
+        } => {
             let creds = crate::agent::load_creds(&conn.creds)?;
             let client = crate::agent::client_for(&creds, conn.host.clone())?;
             let opts = crate::agent::replicate::ReplicateOptions {
@@ -722,9 +789,14 @@ async fn agent(cmd: AgentCmd) -> Result<i32> {
                 cycle,
                 app_consistent,
                 final_log,
-                backoff: Backoff { scale: conn.backoff_scale, give_up_after: conn.give_up_after },
+                backoff: Backoff {
+                    scale: conn.backoff_scale,
+                    give_up_after: conn.give_up_after,
+                },
             };
-            let ack = crate::agent::replicate::replicate(&client, &hrl, &opts).await.context("replicate")?;
+            let ack = crate::agent::replicate::replicate(&client, &hrl, &opts)
+                .await
+                .context("replicate")?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&ack)?);
             } else {
@@ -735,7 +807,10 @@ async fn agent(cmd: AgentCmd) -> Result<i32> {
                     ack.cycle,
                     ack.journal_length,
                     crate::util::human_bytes(ack.pending_log_bytes),
-                    ack.resync_required.as_deref().map(|r| format!("; RESYNC REQUIRED: {r}")).unwrap_or_default()
+                    ack.resync_required
+                        .as_deref()
+                        .map(|r| format!("; RESYNC REQUIRED: {r}"))
+                        .unwrap_or_default()
                 );
             }
             Ok(0)

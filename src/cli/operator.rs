@@ -109,7 +109,9 @@ pub async fn export(
     progress: bool,
 ) -> Result<(u64, u64)> {
     let query = point.map(|p| format!("?point={p}")).unwrap_or_default();
-    let map: MapView = client.get_json(&format!("/v1/vms/{vm}/disks/{disk}/map{query}")).await?;
+    let map: MapView = client
+        .get_json(&format!("/v1/vms/{vm}/disks/{disk}/map{query}"))
+        .await?;
     let tmp = out.with_extension("partial");
     let file =
         std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;

@@ -120,7 +120,9 @@ impl FrameWriter {
         let frame = std::mem::replace(&mut self.buf, BytesMut::with_capacity(LOG_FRAME_LEN));
         let key = layout::log_frame(&self.vm_id, &self.disk_id, &self.log_id, self.frames);
         // Logs compress well (runs of zeros and text in guest writes): zstd where it helps.
-        self.chunks.put_sealed_compressed(ObjectKind::LogFrame, &key, frame.to_vec()).await?;
+        self.chunks
+            .put_sealed_compressed(ObjectKind::LogFrame, &key, frame.to_vec())
+            .await?;
         self.frames += 1;
         Ok(())
     }
@@ -143,7 +145,10 @@ pub struct FrameCache {
 
 impl FrameCache {
     pub fn new(capacity: usize) -> FrameCache {
-        FrameCache { inner: Arc::new(Mutex::new((HashMap::new(), VecDeque::new()))), capacity }
+        FrameCache {
+            inner: Arc::new(Mutex::new((HashMap::new(), VecDeque::new()))),
+            capacity,
+        }
     }
 
     fn get(&self, k: &Key) -> Option<Arc<Vec<u8>>> {
@@ -184,8 +189,24 @@ pub struct StoredLog {
 }
 
 impl StoredLog {
-    pub fn new(chunks: ChunkStore, vm_id: &str, disk_id: &str, log_id: &str, len: u64, cache: FrameCache, rt: tokio::runtime::Handle) -> StoredLog {
-        StoredLog { chunks, vm_id: vm_id.into(), disk_id: disk_id.into(), log_id: log_id.into(), len, cache, rt }
+    pub fn new(
+        chunks: ChunkStore,
+        vm_id: &str,
+        disk_id: &str,
+        log_id: &str,
+        len: u64,
+        cache: FrameCache,
+        rt: tokio::runtime::Handle,
+    ) -> StoredLog {
+        StoredLog {
+            chunks,
+            vm_id: vm_id.into(),
+            disk_id: disk_id.into(),
+            log_id: log_id.into(),
+            len,
+            cache,
+            rt,
+        }
     }
 
     fn frame(&self, n: u64) -> std::io::Result<Arc<Vec<u8>>> {
@@ -205,9 +226,14 @@ impl StoredLog {
 
 impl ReadAt for StoredLog {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.len);
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.len);
         if end.is_none() {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end of the log"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the end of the log",
+            ));
         }
         let mut done = 0usize;
         while done < buf.len() {
@@ -217,7 +243,9 @@ impl ReadAt for StoredLog {
             let frame = self.frame(n)?;
             let avail = frame.len().saturating_sub(within);
             if avail == 0 {
-                return Err(std::io::Error::other(format!("log frame {n} is shorter than the log's recorded length")));
+                return Err(std::io::Error::other(format!(
+                    "log frame {n} is shorter than the log's recorded length"
+                )));
             }
             let take = avail.min(buf.len() - done);
             buf[done..done + take].copy_from_slice(&frame[within..within + take]);
@@ -258,7 +286,10 @@ pub async fn read_log_range(
         };
         let avail = frame.len().saturating_sub(within);
         if avail == 0 {
-            return Err(ChunkError::Corrupt(crate::chunk::SealError::BadPayload { name: key.to_string(), reason: "frame shorter than the extents say".into() }));
+            return Err(ChunkError::Corrupt(crate::chunk::SealError::BadPayload {
+                name: key.to_string(),
+                reason: "frame shorter than the extents say".into(),
+            }));
         }
         let take = avail.min(len - out.len());
         out.extend_from_slice(&frame[within..within + take]);
@@ -267,14 +298,29 @@ pub async fn read_log_range(
 }
 
 /// Loads a stored log's extent list.
-pub async fn load_extents(chunks: &ChunkStore, vm_id: &str, disk_id: &str, log_id: &str) -> Result<Vec<Extent>, ChunkError> {
+pub async fn load_extents(
+    chunks: &ChunkStore,
+    vm_id: &str,
+    disk_id: &str,
+    log_id: &str,
+) -> Result<Vec<Extent>, ChunkError> {
     let key = layout::log_extents(vm_id, disk_id, log_id);
     let plain = chunks.get_sealed(ObjectKind::LogFrame, &key).await?;
-    decode_extents(&plain).ok_or_else(|| ChunkError::Corrupt(crate::chunk::SealError::BadPayload { name: key.to_string(), reason: "extent list length".into() }))
+    decode_extents(&plain).ok_or_else(|| {
+        ChunkError::Corrupt(crate::chunk::SealError::BadPayload {
+            name: key.to_string(),
+            reason: "extent list length".into(),
+        })
+    })
 }
 
 /// Deletes every object of a stored log (frames and extents). Best effort per object.
-pub async fn delete_log(chunks: &ChunkStore, vm_id: &str, disk_id: &str, log_id: &str) -> Result<(), crate::store::StoreError> {
+pub async fn delete_log(
+    chunks: &ChunkStore,
+    vm_id: &str,
+    disk_id: &str,
+    log_id: &str,
+) -> Result<(), crate::store::StoreError> {
     let prefix = layout::log_prefix(vm_id, disk_id, log_id);
     for l in chunks.store().list(&prefix).await? {
         chunks.store().delete(&l.key).await?;
@@ -290,17 +336,37 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn frames_round_trip_any_range() {
-        let cs = ChunkStore::new(Store::open("memory://", &[]).unwrap(), Arc::new(KeyRing::random()), CpuPool::new(2), 1);
-        let data: Vec<u8> = (0..(LOG_FRAME_LEN * 2 + 12345)).map(|i| (i * 31 % 251) as u8).collect();
+        let cs = ChunkStore::new(
+            Store::open("memory://", &[]).unwrap(),
+            Arc::new(KeyRing::random()),
+            CpuPool::new(2),
+            1,
+        );
+        let data: Vec<u8> = (0..(LOG_FRAME_LEN * 2 + 12345))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
         let mut w = FrameWriter::new(cs.clone(), "v", "d", "l");
         for piece in data.chunks(70_001) {
             w.push(Bytes::copy_from_slice(piece)).await.unwrap();
         }
         assert_eq!(w.finish().await.unwrap(), data.len() as u64);
-        let log = StoredLog::new(cs.clone(), "v", "d", "l", data.len() as u64, FrameCache::new(2), tokio::runtime::Handle::current());
+        let log = StoredLog::new(
+            cs.clone(),
+            "v",
+            "d",
+            "l",
+            data.len() as u64,
+            FrameCache::new(2),
+            tokio::runtime::Handle::current(),
+        );
         let d2 = data.clone();
         tokio::task::spawn_blocking(move || {
-            for (off, len) in [(0u64, 10usize), (LOG_FRAME_LEN as u64 - 5, 10), (0, d2.len()), (d2.len() as u64 - 1, 1)] {
+            for (off, len) in [
+                (0u64, 10usize),
+                (LOG_FRAME_LEN as u64 - 5, 10),
+                (0, d2.len()),
+                (d2.len() as u64 - 1, 1),
+            ] {
                 let mut b = vec![0u8; len];
                 log.read_exact_at(&mut b, off).unwrap();
                 assert_eq!(&b[..], &d2[off as usize..off as usize + len]);
@@ -310,9 +376,18 @@ mod tests {
         })
         .await
         .unwrap();
-        let e = vec![Extent { disk_offset: 512, length: 4096, log_offset: 8192 }];
+        let e = vec![Extent {
+            disk_offset: 512,
+            length: 4096,
+            log_offset: 8192,
+        }];
         assert_eq!(decode_extents(&encode_extents(&e)).unwrap(), e);
         delete_log(&cs, "v", "d", "l").await.unwrap();
-        assert!(cs.store().list(&layout::log_prefix("v", "d", "l")).await.unwrap().is_empty());
+        assert!(cs
+            .store()
+            .list(&layout::log_prefix("v", "d", "l"))
+            .await
+            .unwrap()
+            .is_empty());
     }
 }

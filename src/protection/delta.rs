@@ -61,7 +61,10 @@ impl DiskRecord {
     }
 
     pub fn last_cycle(&self) -> u64 {
-        self.journal.last().map(|e| e.cycle).unwrap_or(self.base_point.cycle)
+        self.journal
+            .last()
+            .map(|e| e.cycle)
+            .unwrap_or(self.base_point.cycle)
     }
 }
 
@@ -72,7 +75,10 @@ impl Protection {
 
     async fn log_lock(&self, d: &DiskRecord) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.log_locks.lock().await;
-        locks.entry((d.vm_id.clone(), d.disk_id.clone())).or_default().clone()
+        locks
+            .entry((d.vm_id.clone(), d.disk_id.clone()))
+            .or_default()
+            .clone()
     }
 
     async fn mark_resync(&self, vm: &str, disk: &str, reason: String) -> Result<()> {
@@ -86,13 +92,24 @@ impl Protection {
     }
 
     /// Accepts one change log streamed in `body`.
-    pub async fn accept_log<S, E>(&self, host: &str, vm: &str, disk: &str, log_id: &str, meta: LogMeta, announced_len: Option<u64>, mut body: S) -> Result<LogAck>
+    pub async fn accept_log<S, E>(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        log_id: &str,
+        meta: LogMeta,
+        announced_len: Option<u64>,
+        mut body: S,
+    ) -> Result<LogAck>
     where
         S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         let (_, d) = self.disk_for(Some(host), vm, disk).await?;
-        let guid: Guid = log_id.parse().map_err(|_| Error::invalid("invalid_log_id", format!("{log_id:?} is not a GUID")))?;
+        let guid: Guid = log_id
+            .parse()
+            .map_err(|_| Error::invalid("invalid_log_id", format!("{log_id:?} is not a GUID")))?;
         let log_id = guid.to_string();
         if d.state != DiskState::Complete {
             return Err(Error::conflict("replication_incomplete", format!("disk {disk} of VM {vm} has not finished initial replication; logs start after it")));
@@ -111,7 +128,13 @@ impl Protection {
         }
         let max = self.max_log_bytes;
         if announced_len.map(|l| l > max).unwrap_or(false) {
-            return Err(Error::TooLarge { code: "log_too_large", message: format!("log of {} bytes exceeds the {max}-byte limit", announced_len.unwrap_or(0)) });
+            return Err(Error::TooLarge {
+                code: "log_too_large",
+                message: format!(
+                    "log of {} bytes exceeds the {max}-byte limit",
+                    announced_len.unwrap_or(0)
+                ),
+            });
         }
         let key_id = journal::log_key_id(&guid);
         // Frames from an earlier, failed attempt at this log are replaced or removed below.
@@ -120,30 +143,47 @@ impl Protection {
         let len = match stored {
             Ok(len) => len,
             Err(e) => {
-                let _ = journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
+                let _ =
+                    journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
                 return Err(e);
             }
         };
-        match self.validate_and_commit(vm, disk, &d, &guid, &key_id, len, &meta).await {
+        match self
+            .validate_and_commit(vm, disk, &d, &guid, &key_id, len, &meta)
+            .await
+        {
             Ok(a) => Ok(a),
             Err(e) => {
-                let _ = journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
-                self.frames.forget_prefix(layout::log_prefix(&d.vm_id, &d.disk_id, &key_id).as_str());
+                let _ =
+                    journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
+                self.frames
+                    .forget_prefix(layout::log_prefix(&d.vm_id, &d.disk_id, &key_id).as_str());
                 Err(e)
             }
         }
     }
 
-    async fn store_frames<S, E>(&self, d: &DiskRecord, key_id: &str, max: u64, body: &mut S) -> Result<u64>
+    async fn store_frames<S, E>(
+        &self,
+        d: &DiskRecord,
+        key_id: &str,
+        max: u64,
+        body: &mut S,
+    ) -> Result<u64>
     where
         S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         let mut w = FrameWriter::new(self.vault.chunks.clone(), &d.vm_id, &d.disk_id, key_id);
         while let Some(piece) = body.next().await {
-            let piece = piece.map_err(|e| Error::invalid("body_incomplete", format!("log upload was cut off: {e}")))?;
+            let piece = piece.map_err(|e| {
+                Error::invalid("body_incomplete", format!("log upload was cut off: {e}"))
+            })?;
             if w.total() + piece.len() as u64 > max {
-                return Err(Error::TooLarge { code: "log_too_large", message: format!("log exceeds the {max}-byte limit") });
+                return Err(Error::TooLarge {
+                    code: "log_too_large",
+                    message: format!("log exceeds the {max}-byte limit"),
+                });
             }
             w.push(piece).await?;
         }
@@ -151,21 +191,59 @@ impl Protection {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn validate_and_commit(&self, vm: &str, disk: &str, d: &DiskRecord, guid: &Guid, key_id: &str, len: u64, meta: &LogMeta) -> Result<LogAck> {
-        let reader = StoredLog::new(self.vault.chunks.clone(), &d.vm_id, &d.disk_id, key_id, len, self.frames.clone(), tokio::runtime::Handle::current());
+    async fn validate_and_commit(
+        &self,
+        vm: &str,
+        disk: &str,
+        d: &DiskRecord,
+        guid: &Guid,
+        key_id: &str,
+        len: u64,
+        meta: &LogMeta,
+    ) -> Result<LogAck> {
+        let reader = StoredLog::new(
+            self.vault.chunks.clone(),
+            &d.vm_id,
+            &d.disk_id,
+            key_id,
+            len,
+            self.frames.clone(),
+            tokio::runtime::Handle::current(),
+        );
         let size = d.size;
-        let parsed = self.vault.chunks.cpu().run(move || hrl::read_log(&reader, size)).await;
+        let parsed = self
+            .vault
+            .chunks
+            .cpu()
+            .run(move || hrl::read_log(&reader, size))
+            .await;
         let log = match parsed {
             Ok(l) => l,
             Err(HrlError::NotClosedProperly) => {
-                self.mark_resync(vm, disk, "a log arrived that was not closed properly (EOLLocation 0)".into()).await?;
+                self.mark_resync(
+                    vm,
+                    disk,
+                    "a log arrived that was not closed properly (EOLLocation 0)".into(),
+                )
+                .await?;
                 return Err(Error::conflict("log_not_closed", "the log was not closed properly (EOLLocation 0): it is never applied; the disk needs resynchronization"));
             }
-            Err(e) => return Err(Error::invalid("invalid_log", format!("not a valid MS-HRL log: {e}"))),
+            Err(e) => {
+                return Err(Error::invalid(
+                    "invalid_log",
+                    format!("not a valid MS-HRL log: {e}"),
+                ))
+            }
         };
         let h = &log.header;
         if h.unique_id != *guid {
-            return Err(Error::invalid("log_id_mismatch", format!("the URL names log {guid}, the log's header says {}", h.unique_id)));
+            return Err(Error::invalid(
+                "log_id_mismatch",
+                format!(
+                    "the URL names log {guid}, the log's header says {}",
+                    h.unique_id
+                ),
+            ));
         }
         let write_guid = h.vhd2_data_write_guid.to_string();
         if let Some(expected) = &d.data_write_guid {
@@ -177,19 +255,38 @@ impl Protection {
         let prev = h.previous_unique_id.to_string();
         if let Some(head) = &d.chain_head {
             if *head != prev {
-                self.mark_resync(vm, disk, format!("log {guid} follows {prev}, but the last accepted log is {head}")).await?;
+                self.mark_resync(
+                    vm,
+                    disk,
+                    format!("log {guid} follows {prev}, but the last accepted log is {head}"),
+                )
+                .await?;
                 return Err(Error::conflict("chain_broken", format!("broken log chain: log {guid} names {prev} as its predecessor, the last accepted log is {head}; the disk needs resynchronization")));
             }
         }
         let last = d.last_cycle();
         let cycle = meta.cycle.unwrap_or(last + 1);
         if cycle <= last {
-            return Err(Error::invalid("cycle_not_increasing", format!("cycle {cycle} is not after the disk's last cycle {last}")));
+            return Err(Error::invalid(
+                "cycle_not_increasing",
+                format!("cycle {cycle} is not after the disk's last cycle {last}"),
+            ));
         }
-        let extents: Vec<Extent> = log.extents.iter().map(|e| Extent { disk_offset: e.disk_offset, length: e.length, log_offset: e.log_offset }).collect();
+        let extents: Vec<Extent> = log
+            .extents
+            .iter()
+            .map(|e| Extent {
+                disk_offset: e.disk_offset,
+                length: e.length,
+                log_offset: e.log_offset,
+            })
+            .collect();
         let data_bytes = extents.iter().map(|e| e.length as u64).sum();
         let ekey = layout::log_extents(&d.vm_id, &d.disk_id, key_id);
-        self.vault.chunks.put_sealed_compressed(ObjectKind::LogFrame, &ekey, encode_extents(&extents)).await?;
+        self.vault
+            .chunks
+            .put_sealed_compressed(ObjectKind::LogFrame, &ekey, encode_extents(&extents))
+            .await?;
         let entry = JournalEntry {
             log_id: guid.to_string(),
             previous_id: prev,

@@ -179,7 +179,11 @@ pub struct Protection {
     pub(crate) frames: crate::journal::FrameCache,
     pub(crate) max_log_bytes: u64,
     /// Point readers by (vm id, disk id, cycle, base map root).
-    pub(crate) readers: Arc<tokio::sync::Mutex<BTreeMap<(String, String, u64, String), Arc<crate::replica::point::PointReader>>>>,
+    pub(crate) readers: Arc<
+        tokio::sync::Mutex<
+            BTreeMap<(String, String, u64, String), Arc<crate::replica::point::PointReader>>,
+        >,
+    >,
 }
 
 impl Protection {
@@ -515,12 +519,23 @@ impl Protection {
                     pending_log_bytes: r.pending_log_bytes(),
                     resync_threshold_bytes: delta::resync_threshold(r.size),
                     resync_required: r.resync_required.clone(),
-                    last_log: r.journal.last().map(|e| crate::util::rfc3339(e.accepted_unix)),
+                    last_log: r
+                        .journal
+                        .last()
+                        .map(|e| crate::util::rfc3339(e.accepted_unix)),
                 });
                 if let Some(reason) = &r.resync_required {
-                    critical.push(format!("disk {}: resynchronization required: {reason}", r.disk));
+                    critical.push(format!(
+                        "disk {}: resynchronization required: {reason}",
+                        r.disk
+                    ));
                 }
-                earliest_latest = earliest_latest.min(r.journal.last().map(|e| e.accepted_unix).unwrap_or(r.base_point.time_unix));
+                earliest_latest = earliest_latest.min(
+                    r.journal
+                        .last()
+                        .map(|e| e.accepted_unix)
+                        .unwrap_or(r.base_point.time_unix),
+                );
             }
         }
         let policy = rec.spec.policy.clone().unwrap_or_default();
@@ -530,7 +545,10 @@ impl Protection {
         let mut reasons = critical.clone();
         if let Some(r) = rpo_s {
             if r > 2 * policy.interval_s {
-                reasons.push(format!("RPO {r} s exceeds twice the replication interval ({} s)", policy.interval_s));
+                reasons.push(format!(
+                    "RPO {r} s exceeds twice the replication interval ({} s)",
+                    policy.interval_s
+                ));
             }
         }
         reasons.extend(rec.warnings.iter().cloned());

@@ -46,8 +46,17 @@ pub struct MergeReport {
 
 /// Disk points: (cycle, time, app, final).
 fn disk_points(d: &DiskRecord) -> Vec<(u64, u64, bool, bool)> {
-    let mut v = vec![(d.base_point.cycle, d.base_point.time_unix, d.base_point.app_consistent, false)];
-    v.extend(d.journal.iter().map(|e| (e.cycle, e.accepted_unix, e.app_consistent, e.final_log)));
+    let mut v = vec![(
+        d.base_point.cycle,
+        d.base_point.time_unix,
+        d.base_point.app_consistent,
+        false,
+    )];
+    v.extend(
+        d.journal
+            .iter()
+            .map(|e| (e.cycle, e.accepted_unix, e.app_consistent, e.final_log)),
+    );
     v
 }
 
@@ -79,7 +88,11 @@ impl Protection {
                 cycle: c,
                 time: crate::util::rfc3339(t),
                 time_unix: t,
-                kind: if app && c > 0 { "app_consistent".into() } else { "crash_consistent".into() },
+                kind: if app && c > 0 {
+                    "app_consistent".into()
+                } else {
+                    "crash_consistent".into()
+                },
                 final_point: fin && c > 0,
                 disks: disks.clone(),
             })
@@ -93,15 +106,27 @@ impl Protection {
         let not_found = |m: String| Error::not_found("point_not_found", m);
         let p = match sel {
             "latest" => points.last().cloned(),
-            "latest-app" => points.iter().rev().find(|p| p.kind == "app_consistent").cloned(),
+            "latest-app" => points
+                .iter()
+                .rev()
+                .find(|p| p.kind == "app_consistent")
+                .cloned(),
             s => {
                 if let Some(c) = s.strip_prefix('c').unwrap_or(s).parse::<u64>().ok() {
                     points.iter().find(|p| p.cycle == c).cloned()
                 } else if let Ok(t) = humantime::parse_rfc3339_weak(s) {
-                    let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                    let secs = t
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
                     points.iter().rev().find(|p| p.time_unix <= secs).cloned()
                 } else {
-                    return Err(Error::invalid("invalid_point", format!("point {s:?}: use latest, latest-app, c<cycle> or an RFC 3339 time")));
+                    return Err(Error::invalid(
+                        "invalid_point",
+                        format!(
+                            "point {s:?}: use latest, latest-app, c<cycle> or an RFC 3339 time"
+                        ),
+                    ));
                 }
             }
         };
@@ -124,8 +149,21 @@ impl Protection {
             return Ok(r.clone());
         }
         let (d, base) = self.cached_map(vm, disk).await?;
-        let logs = d.journal[..upto].iter().map(|e| log_key(&e.log_id)).collect::<Result<Vec<_>>>()?;
-        let r = Arc::new(PointReader::build(self.vault.chunks.clone(), self.frames.clone(), &d.vm_id, &d.disk_id, base, logs).await?);
+        let logs = d.journal[..upto]
+            .iter()
+            .map(|e| log_key(&e.log_id))
+            .collect::<Result<Vec<_>>>()?;
+        let r = Arc::new(
+            PointReader::build(
+                self.vault.chunks.clone(),
+                self.frames.clone(),
+                &d.vm_id,
+                &d.disk_id,
+                base,
+                logs,
+            )
+            .await?,
+        );
         let mut cache = self.readers.lock().await;
         if cache.len() >= 16 {
             cache.clear();
@@ -162,7 +200,10 @@ impl Protection {
         while let Some(r) = results.next().await {
             let (i, put) = r?;
             let e = match put.name {
-                Some(name) => MapEntry::Data { name, hash: put.hash },
+                Some(name) => MapEntry::Data {
+                    name,
+                    hash: put.hash,
+                },
                 None => MapEntry::Zero,
             };
             map.set(i, e)?;
@@ -171,35 +212,78 @@ impl Protection {
         let mut rec = d.clone();
         let merged: Vec<_> = rec.journal.drain(..count).collect();
         rec.map_root = Some(root.to_hex());
-        rec.base_point = BasePoint { cycle: last.cycle, time_unix: last.accepted_unix, app_consistent: last.app_consistent };
-        let (data_blocks, zero_blocks) = map.entries().fold((0, 0), |(a, z), (_, e)| if e == MapEntry::Zero { (a, z + 1) } else { (a + 1, z) });
+        rec.base_point = BasePoint {
+            cycle: last.cycle,
+            time_unix: last.accepted_unix,
+            app_consistent: last.app_consistent,
+        };
+        let (data_blocks, zero_blocks) = map.entries().fold((0, 0), |(a, z), (_, e)| {
+            if e == MapEntry::Zero {
+                (a, z + 1)
+            } else {
+                (a + 1, z)
+            }
+        });
         rec.stats.data_blocks = data_blocks;
         rec.stats.zero_blocks = zero_blocks;
         // Pending bytes fell: a size-triggered resync mark no longer applies.
-        if rec.resync_required.as_deref().map(|r| r.starts_with("pending log bytes")).unwrap_or(false)
+        if rec
+            .resync_required
+            .as_deref()
+            .map(|r| r.starts_with("pending log bytes"))
+            .unwrap_or(false)
             && rec.pending_log_bytes() < super::delta::resync_threshold(rec.size)
         {
             rec.resync_required = None;
         }
         self.store_disk(rec.clone()).await?;
-        self.readers.lock().await.retain(|k, _| !(k.0 == d.vm_id && k.1 == d.disk_id));
+        self.readers
+            .lock()
+            .await
+            .retain(|k, _| !(k.0 == d.vm_id && k.1 == d.disk_id));
         let mut freed = 0;
         for e in &merged {
             let key = log_key(&e.log_id)?;
-            if let Err(err) = crate::journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key).await {
+            if let Err(err) =
+                crate::journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key).await
+            {
                 tracing::warn!(vm, disk, log = %e.log_id, error = %err, "merged log not deleted; it is unreachable and will be collected");
             }
-            self.frames.forget_prefix(crate::vault::layout::log_prefix(&d.vm_id, &d.disk_id, &key).as_str());
+            self.frames.forget_prefix(
+                crate::vault::layout::log_prefix(&d.vm_id, &d.disk_id, &key).as_str(),
+            );
             freed += e.log_bytes;
         }
         metrics::counter!("drvault_merge_blocks_rewritten_total").increment(touched.len() as u64);
-        tracing::info!(vm, disk, logs = count, blocks = touched.len(), "merged logs into the base map");
-        Ok(MergeReport { disks: 1, logs_merged: count, blocks_rewritten: touched.len() as u64, log_bytes_freed: freed })
+        tracing::info!(
+            vm,
+            disk,
+            logs = count,
+            blocks = touched.len(),
+            "merged logs into the base map"
+        );
+        Ok(MergeReport {
+            disks: 1,
+            logs_merged: count,
+            blocks_rewritten: touched.len() as u64,
+            log_bytes_freed: freed,
+        })
     }
 
     /// Merges, on every disk of the VM, the logs that left the retention window (or all logs
     /// with `all`). The newest point of each disk is always kept as a log unless `all`.
     pub async fn merge_vm(&self, vm: &str, all: bool) -> Result<MergeReport> {
+        self.merge_vm_through(vm, all, None).await
+    }
+
+    /// As [`Protection::merge_vm`]; with `through`, merges every log up to and including that
+    /// cycle instead (the points before it disappear, the later ones read the same).
+    pub async fn merge_vm_through(
+        &self,
+        vm: &str,
+        all: bool,
+        through: Option<u64>,
+    ) -> Result<MergeReport> {
         let rec = self.vm_for(None, vm).await?;
         let retention = rec.spec.policy.clone().unwrap_or_default().retention_s;
         let cutoff = crate::util::unix_now().saturating_sub(retention);
@@ -209,7 +293,15 @@ impl Protection {
             if d.state != DiskState::Complete {
                 continue;
             }
-            let count = if all { d.journal.len() } else { d.journal.iter().take_while(|e| e.accepted_unix < cutoff).count() };
+            let count = match through {
+                Some(c) => d.journal.iter().take_while(|e| e.cycle <= c).count(),
+                None if all => d.journal.len(),
+                None => d
+                    .journal
+                    .iter()
+                    .take_while(|e| e.accepted_unix < cutoff)
+                    .count(),
+            };
             let r = self.merge_disk(vm, &spec.id, count).await?;
             total.disks += 1;
             total.logs_merged += r.logs_merged;
@@ -230,7 +322,12 @@ impl Protection {
     }
 
     /// Data blocks at a point: base data blocks plus every block a log writes.
-    pub async fn point_blocks(&self, vm: &str, disk: &str, cycle: u64) -> Result<(DiskRecord, Vec<(u64, Option<String>)>)> {
+    pub async fn point_blocks(
+        &self,
+        vm: &str,
+        disk: &str,
+        cycle: u64,
+    ) -> Result<(DiskRecord, Vec<(u64, Option<String>)>)> {
         let reader = self.point_reader(vm, disk, cycle).await?;
         let (_, d) = self.disk_for(None, vm, disk).await?;
         let touched: BTreeSet<u64> = reader.touched().collect();
@@ -249,6 +346,8 @@ impl Protection {
 
 /// Object-key id of a log from its GUID text.
 pub(crate) fn log_key(log_id: &str) -> Result<String> {
-    let g: crate::format::hrl::Guid = log_id.parse().map_err(|_| Error::internal(format!("journal holds a malformed log id {log_id}")))?;
+    let g: crate::format::hrl::Guid = log_id
+        .parse()
+        .map_err(|_| Error::internal(format!("journal holds a malformed log id {log_id}")))?;
     Ok(crate::journal::log_key_id(&g))
 }

@@ -356,7 +356,11 @@ impl Protection {
         rec.map_root = Some(root.to_hex());
         rec.content_digest = Some(actual.to_hex());
         rec.completed_unix = Some(crate::util::unix_now());
-        rec.base_point = super::BasePoint { cycle: 0, time_unix: crate::util::unix_now(), app_consistent: false };
+        rec.base_point = super::BasePoint {
+            cycle: 0,
+            time_unix: crate::util::unix_now(),
+            app_consistent: false,
+        };
         rec.stats.data_blocks = data_blocks;
         rec.stats.zero_blocks = nblocks - data_blocks;
         rec.stats.data_bytes = data_bytes;
@@ -471,7 +475,11 @@ impl Protection {
     }
 
     /// Base maps are immutable once written (content-addressed): cache a few by root name.
-    pub(crate) async fn cached_map(&self, vm: &str, disk: &str) -> Result<(DiskRecord, Arc<BlockMap>)> {
+    pub(crate) async fn cached_map(
+        &self,
+        vm: &str,
+        disk: &str,
+    ) -> Result<(DiskRecord, Arc<BlockMap>)> {
         let (_, d) = self.disk_for(None, vm, disk).await?;
         let root = d.map_root.clone().ok_or_else(|| {
             Error::conflict(
