@@ -636,6 +636,9 @@ async fn pending_logs_over_half_the_disk_require_resync_and_vm_points_need_every
     assert!(ack["resync_required"].as_str().unwrap().contains("50%"));
     let vm: Value = server.operator().get_json("/v1/vms/two").await.unwrap();
     assert_eq!(vm["health"], "Critical");
-    let metrics = server.cli_ok(&["vms", "two"]);
-    assert!(metrics.contains("two"));
+    let c = reqwest::Client::builder().add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).unwrap()).build().unwrap();
+    let metrics = c.get(format!("{}/metrics", server.url)).send().await.unwrap().text().await.unwrap();
+    for m in ["drvault_disk_pending_log_bytes", "drvault_disk_journal_length", "drvault_disk_resync_required", "drvault_vm_rpo_seconds", "drvault_logs_accepted_total"] {
+        assert!(metrics.contains(m), "/metrics lacks {m}");
+    }
 }

@@ -121,6 +121,15 @@ async fn metrics(State(s): State<AppState>) -> Response {
         };
         metrics::gauge!("drvault_vm_health", "vm" => v.name.clone()).set(health);
         metrics::gauge!("drvault_vm_replication_progress", "vm" => v.name.clone()).set(v.progress);
+        if let Some(rpo) = v.rpo_seconds {
+            metrics::gauge!("drvault_vm_rpo_seconds", "vm" => v.name.clone()).set(rpo as f64);
+        }
+        for d in &v.disks {
+            let labels = [("vm", v.name.clone()), ("disk", d.id.clone())];
+            metrics::gauge!("drvault_disk_pending_log_bytes", &labels).set(d.pending_log_bytes as f64);
+            metrics::gauge!("drvault_disk_journal_length", &labels).set(d.journal_length as f64);
+            metrics::gauge!("drvault_disk_resync_required", &labels).set(if d.resync_required.is_some() { 1.0 } else { 0.0 });
+        }
     }
     match &s.metrics {
         Some(h) => (
