@@ -39,7 +39,7 @@ pub fn routes() -> Router<AppState> {
             axum::routing::delete(remove_provider),
         )
         .route("/v1/vms", get(list_vms))
-        .route("/v1/vms/{vm}", get(get_vm))
+        .route("/v1/vms/{vm}", get(get_vm).patch(set_vm_policy))
         .route("/v1/vms/{vm}/disks/{disk}/map", get(get_map))
         .route("/v1/vms/{vm}/disks/{disk}/blocks/{index}", get(get_block))
         .route("/v1/vms/{vm}/points", get(list_points))
@@ -749,4 +749,10 @@ async fn agent_put_log(
             .accept_log(&host, &vm, &disk, &log_id, meta, len, stream)
             .await?,
     ))
+}
+
+async fn set_vm_policy(_: Operator, State(s): State<AppState>, Path(vm): Path<String>, body: Body) -> ApiResult<Json<crate::protection::VmView>> {
+    name("VM", &vm)?;
+    let change: crate::protection::PolicyChange = read_json(body).await?;
+    Ok(Json(s.protection.set_policy(&vm, &change).await?))
 }

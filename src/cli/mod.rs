@@ -103,6 +103,13 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Change a protected VM's replication policy (operator).
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// List a VM's recovery points (operator).
     Points {
         #[arg(long)]
@@ -196,6 +203,23 @@ struct AgentConn {
     /// Give up retrying recoverable errors after this long (e.g. 30s, 2h).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     give_up_after: Duration,
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Set the replication interval, retention window or app-consistent frequency.
+    Set {
+        name: String,
+        /// Replication interval: 30s, 5m or 15m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+        /// How long recovery points are kept (any length, e.g. 24h, 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention: Option<Duration>,
+        /// App-consistent snapshot frequency (0s = none).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        app_consistent_every: Option<Duration>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -426,6 +450,20 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Hrl { cmd } => hrl_cmd(cmd).await,
+        Cmd::Vm { cmd: VmCmd::Set { name, interval, retention, app_consistent_every }, conn } => {
+            let c = conn.client()?;
+            let change = crate::protection::PolicyChange {
+                interval_s: interval.map(|d| d.as_secs()),
+                retention_s: retention.map(|d| d.as_secs()),
+                app_consistent_every_s: app_consistent_every.map(|d| d.as_secs()),
+            };
+            let v: VmView = c.send_json(Method::PATCH, &format!("/v1/vms/{name}"), &change).await?;
+            println!(
+                "VM {}: interval {} s, retention {} s, app-consistent every {} s",
+                v.name, v.policy.interval_s, v.policy.retention_s, v.policy.app_consistent_every_s
+            );
+            Ok(0)
+        }
         Cmd::Bench { cmd } => Ok(crate::bench::run(cmd).await?),
     }
 }

@@ -51,6 +51,15 @@ pub enum Health {
     Critical,
 }
 
+/// A change to a VM's policy: fields left out keep their value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyChange {
+    pub interval_s: Option<u64>,
+    pub retention_s: Option<u64>,
+    pub app_consistent_every_s: Option<u64>,
+}
+
 /// The vault's record of a protected VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmRecord {
@@ -269,7 +278,9 @@ impl Protection {
                     "VM {vm} is protected by another host"
                 )));
             }
-            if existing.spec != spec {
+            // The policy is the operator's after enabling (`drvault vm set`): compare the rest.
+            let same = VmSpec { policy: None, ..existing.spec.clone() } == VmSpec { policy: None, ..spec.clone() };
+            if !same {
                 return Err(Error::conflict(
                     "vm_exists",
                     format!("VM {vm} is already protected with a different specification; disable protection first"),
@@ -479,6 +490,35 @@ impl Protection {
         }
         tracing::info!(vm, "protection finalized: VM protected");
         Ok(())
+    }
+
+    /// Changes a VM's replication policy (operator). Validated like at enable time.
+    pub async fn set_policy(&self, vm: &str, change: &PolicyChange) -> Result<VmView> {
+        let rec = self.vm_for(None, vm).await?;
+        let mut policy = rec.spec.policy.clone().unwrap_or_default();
+        if let Some(v) = change.interval_s {
+            policy.interval_s = v;
+        }
+        if let Some(v) = change.retention_s {
+            policy.retention_s = v;
+        }
+        if let Some(v) = change.app_consistent_every_s {
+            policy.app_consistent_every_s = v;
+        }
+        policy.validate()?;
+        let updated = self
+            .vault
+            .records
+            .update(&layout::record(Family::Vm, &rec.id), |cur: Option<&VmRecord>| {
+                let mut r = cur.cloned().ok_or_else(|| Error::not_found("vm_not_found", "VM record vanished"))?;
+                r.spec.policy = Some(policy.clone());
+                Ok(Some(r))
+            })
+            .await?
+            .ok_or_else(|| Error::internal("VM record missing after update"))?;
+        self.vms.write().await.insert(vm.to_string(), updated.value.clone());
+        tracing::info!(vm, ?policy, "replication policy changed");
+        Ok(self.view(&updated.value).await)
     }
 
     pub async fn list(&self) -> Vec<VmView> {
