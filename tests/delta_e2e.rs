@@ -636,16 +636,49 @@ async fn pending_logs_over_half_the_disk_require_resync_and_vm_points_need_every
     assert!(ack["resync_required"].as_str().unwrap().contains("50%"));
     let vm: Value = server.operator().get_json("/v1/vms/two").await.unwrap();
     assert_eq!(vm["health"], "Critical");
-    let c = reqwest::Client::builder().add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).unwrap()).build().unwrap();
-    let metrics = c.get(format!("{}/metrics", server.url)).send().await.unwrap().text().await.unwrap();
+    let c = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let metrics = c
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     // The operator changes the policy; invalid values are refused; the agent's re-run still matches.
     let out = server.cli_ok(&["vm", "set", "two", "--interval", "30s", "--retention", "7d"]);
     assert!(out.contains("retention 604800 s"), "{out}");
-    assert!(!server.cli(&["vm", "set", "two", "--interval", "60s"]).status.success(), "60 s is not an allowed interval");
+    assert!(
+        !server
+            .cli(&["vm", "set", "two", "--interval", "60s"])
+            .status
+            .success(),
+        "60 s is not an allowed interval"
+    );
     let v: Value = server.operator().get_json("/v1/vms/two").await.unwrap();
     assert_eq!(v["policy"]["interval_s"], 30);
-    server.cli_ok(&["agent", "protect", "--creds", creds.to_str().unwrap(), "--vm", "two", "--disk", &format!("{}:a", a.display()), "--disk", &format!("{}:b", b.display())]);
-    for m in ["drvault_disk_pending_log_bytes", "drvault_disk_journal_length", "drvault_disk_resync_required", "drvault_vm_rpo_seconds", "drvault_logs_accepted_total"] {
+    server.cli_ok(&[
+        "agent",
+        "protect",
+        "--creds",
+        creds.to_str().unwrap(),
+        "--vm",
+        "two",
+        "--disk",
+        &format!("{}:a", a.display()),
+        "--disk",
+        &format!("{}:b", b.display()),
+    ]);
+    for m in [
+        "drvault_disk_pending_log_bytes",
+        "drvault_disk_journal_length",
+        "drvault_disk_resync_required",
+        "drvault_vm_rpo_seconds",
+        "drvault_logs_accepted_total",
+    ] {
         assert!(metrics.contains(m), "/metrics lacks {m}");
     }
 }

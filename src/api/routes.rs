@@ -126,9 +126,16 @@ async fn metrics(State(s): State<AppState>) -> Response {
         }
         for d in &v.disks {
             let labels = [("vm", v.name.clone()), ("disk", d.id.clone())];
-            metrics::gauge!("drvault_disk_pending_log_bytes", &labels).set(d.pending_log_bytes as f64);
+            metrics::gauge!("drvault_disk_pending_log_bytes", &labels)
+                .set(d.pending_log_bytes as f64);
             metrics::gauge!("drvault_disk_journal_length", &labels).set(d.journal_length as f64);
-            metrics::gauge!("drvault_disk_resync_required", &labels).set(if d.resync_required.is_some() { 1.0 } else { 0.0 });
+            metrics::gauge!("drvault_disk_resync_required", &labels).set(
+                if d.resync_required.is_some() {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
         }
     }
     match &s.metrics {
@@ -751,7 +758,12 @@ async fn agent_put_log(
     ))
 }
 
-async fn set_vm_policy(_: Operator, State(s): State<AppState>, Path(vm): Path<String>, body: Body) -> ApiResult<Json<crate::protection::VmView>> {
+async fn set_vm_policy(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+    body: Body,
+) -> ApiResult<Json<crate::protection::VmView>> {
     name("VM", &vm)?;
     let change: crate::protection::PolicyChange = read_json(body).await?;
     Ok(Json(s.protection.set_policy(&vm, &change).await?))

@@ -100,25 +100,22 @@ pub fn seal(
     out.resize(SEALED_HEADER_LEN, 0);
     let mut compressed = false;
     if let Some(level) = zstd_level {
-        // Compress straight into the output buffer after the header; keep it only when smaller.
-        out.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
-        let written = COMPRESSOR.with(|c| {
+        // Compress into a per-thread scratch buffer that keeps its capacity (zstd writes into
+        // the spare capacity, so nothing is zero-filled per block), then keep the result only
+        // when it is smaller than the plaintext.
+        COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
-            let _ = c.set_compression_level(level);
-            let start = out.len();
-            out.resize(start + zstd::zstd_safe::compress_bound(plaintext.len()), 0);
-            match c.compress_to_buffer(plaintext, &mut out[start..]) {
-                Ok(n) => Some(n),
-                Err(_) => None,
+            let (comp, scratch) = &mut *c;
+            let _ = comp.set_compression_level(level);
+            scratch.clear();
+            scratch.reserve(zstd::zstd_safe::compress_bound(plaintext.len()));
+            if let Ok(n) = comp.compress_to_buffer(plaintext, scratch) {
+                if n < plaintext.len() {
+                    out.extend_from_slice(&scratch[..n]);
+                    compressed = true;
+                }
             }
         });
-        match written {
-            Some(n) if n < plaintext.len() => {
-                out.truncate(SEALED_HEADER_LEN + n);
-                compressed = true;
-            }
-            _ => out.truncate(SEALED_HEADER_LEN),
-        }
     }
     if !compressed {
         out.extend_from_slice(plaintext);
@@ -212,10 +209,12 @@ pub fn open(
     // plain_len ≤ MAX_SEALED_PLAINTEXT (64 MiB) fits usize on every supported target.
     let plain_len = plain_len as usize;
     let plain = if flags & FLAG_ZSTD != 0 {
-        let mut out = vec![0u8; plain_len];
+        // Decompress into spare capacity (no zero-fill); zstd stops at the capacity, so a frame
+        // that inflates past the recorded length fails instead of allocating more.
+        let mut out: Vec<u8> = Vec::with_capacity(plain_len);
         let got = DECOMPRESSOR.with(|d| {
             let mut d = d.borrow_mut();
-            d.decompress_to_buffer(payload, &mut out[..])
+            d.decompress_to_buffer(payload, &mut out)
         });
         match got {
             Ok(k) if k == plain_len => out,
@@ -301,8 +300,8 @@ fn decrypt(
 
 thread_local! {
     // zstd contexts are expensive to create (~100 KiB of tables); one per worker thread.
-    static COMPRESSOR: std::cell::RefCell<zstd::bulk::Compressor<'static>> =
-        std::cell::RefCell::new(zstd::bulk::Compressor::new(1).unwrap_or_else(|_| unreachable!("zstd context")));
+    static COMPRESSOR: std::cell::RefCell<(zstd::bulk::Compressor<'static>, Vec<u8>)> =
+        std::cell::RefCell::new((zstd::bulk::Compressor::new(1).unwrap_or_else(|_| unreachable!("zstd context")), Vec::new()));
     static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> = std::cell::RefCell::new({
         let mut d = zstd::bulk::Decompressor::new().unwrap_or_else(|_| unreachable!("zstd context"));
         let _ = d.window_log_max(ZSTD_WINDOW_LOG_MAX);

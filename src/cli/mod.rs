@@ -450,14 +450,25 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Hrl { cmd } => hrl_cmd(cmd).await,
-        Cmd::Vm { cmd: VmCmd::Set { name, interval, retention, app_consistent_every }, conn } => {
+        Cmd::Vm {
+            cmd:
+                VmCmd::Set {
+                    name,
+                    interval,
+                    retention,
+                    app_consistent_every,
+                },
+            conn,
+        } => {
             let c = conn.client()?;
             let change = crate::protection::PolicyChange {
                 interval_s: interval.map(|d| d.as_secs()),
                 retention_s: retention.map(|d| d.as_secs()),
                 app_consistent_every_s: app_consistent_every.map(|d| d.as_secs()),
             };
-            let v: VmView = c.send_json(Method::PATCH, &format!("/v1/vms/{name}"), &change).await?;
+            let v: VmView = c
+                .send_json(Method::PATCH, &format!("/v1/vms/{name}"), &change)
+                .await?;
             println!(
                 "VM {}: interval {} s, retention {} s, app-consistent every {} s",
                 v.name, v.policy.interval_s, v.policy.retention_s, v.policy.app_consistent_every_s

@@ -279,7 +279,13 @@ impl Protection {
                 )));
             }
             // The policy is the operator's after enabling (`drvault vm set`): compare the rest.
-            let same = VmSpec { policy: None, ..existing.spec.clone() } == VmSpec { policy: None, ..spec.clone() };
+            let same = VmSpec {
+                policy: None,
+                ..existing.spec.clone()
+            } == VmSpec {
+                policy: None,
+                ..spec.clone()
+            };
             if !same {
                 return Err(Error::conflict(
                     "vm_exists",
@@ -509,14 +515,22 @@ impl Protection {
         let updated = self
             .vault
             .records
-            .update(&layout::record(Family::Vm, &rec.id), |cur: Option<&VmRecord>| {
-                let mut r = cur.cloned().ok_or_else(|| Error::not_found("vm_not_found", "VM record vanished"))?;
-                r.spec.policy = Some(policy.clone());
-                Ok(Some(r))
-            })
+            .update(
+                &layout::record(Family::Vm, &rec.id),
+                |cur: Option<&VmRecord>| {
+                    let mut r = cur
+                        .cloned()
+                        .ok_or_else(|| Error::not_found("vm_not_found", "VM record vanished"))?;
+                    r.spec.policy = Some(policy.clone());
+                    Ok(Some(r))
+                },
+            )
             .await?
             .ok_or_else(|| Error::internal("VM record missing after update"))?;
-        self.vms.write().await.insert(vm.to_string(), updated.value.clone());
+        self.vms
+            .write()
+            .await
+            .insert(vm.to_string(), updated.value.clone());
         tracing::info!(vm, ?policy, "replication policy changed");
         Ok(self.view(&updated.value).await)
     }
