@@ -34,6 +34,33 @@ pub struct Config {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub replica: ReplicaConfig,
+    #[serde(default)]
+    pub failover: FailoverConfig,
+    /// Target virtual networks (`[[network]]`, see failover::network).
+    #[serde(default)]
+    pub network: Vec<crate::failover::network::TargetNetwork>,
+    /// Source network → target subnet mappings (`[[mapping]]`).
+    #[serde(default)]
+    pub mapping: Vec<crate::failover::network::Mapping>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Where failovers write disks and VM definitions; default <data_dir>/failover. Test
+    /// failovers (drills) go to a separate `drills/` folder inside it.
+    pub output_dir: Option<PathBuf>,
+    /// How long a planned failover waits for every disk's final log, seconds.
+    pub planned_wait_s: u64,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            output_dir: None,
+            planned_wait_s: 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -162,6 +189,13 @@ impl Config {
             message: e.to_string(),
         })?;
         c.validate()?;
+        // Networks and mappings are checked against the text so errors name the line.
+        c.networks()
+            .validate(text)
+            .map_err(|e| ConfigError::Parse {
+                path: origin.to_string(),
+                message: e.to_string(),
+            })?;
         Ok(c)
     }
 
@@ -200,6 +234,21 @@ impl Config {
                 Ok(format!("file://{}", dir.display()))
             }
         }
+    }
+
+    /// The failover networks and mappings.
+    pub fn networks(&self) -> crate::failover::network::NetworkConfig {
+        crate::failover::network::NetworkConfig::from_parts(
+            self.network.clone(),
+            self.mapping.clone(),
+        )
+    }
+
+    pub fn failover_dir(&self) -> PathBuf {
+        self.failover
+            .output_dir
+            .clone()
+            .unwrap_or_else(|| self.server.data_dir.join("failover"))
     }
 
     pub fn master_key_path(&self) -> PathBuf {

@@ -193,10 +193,19 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         .public_url
         .clone()
         .unwrap_or_else(|| format!("https://{local}"));
+    let failovers = crate::failover::service::Failovers::new(
+        vault.clone(),
+        protection.clone(),
+        jobs.clone(),
+        config.networks(),
+        std::path::absolute(config.failover_dir()).unwrap_or_else(|_| config.failover_dir()),
+        Duration::from_secs(config.failover.planned_wait_s),
+    );
     let state = AppState {
         vault,
         protection,
         jobs,
+        failovers,
         registry: Arc::new(RwLock::new(registry)),
         ingest_permits: Arc::new(Semaphore::new(config.ingest.max_inflight_blocks)),
         metrics,

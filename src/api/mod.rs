@@ -34,6 +34,7 @@ pub struct AppState {
     pub vault: Vault,
     pub protection: Protection,
     pub jobs: Jobs,
+    pub failovers: crate::failover::service::Failovers,
     /// Cached registry (this server is its writer; updates go through `routes::update_registry`).
     pub registry: Arc<RwLock<Registry>>,
     /// Bounds block bodies held in memory (config `ingest.max_inflight_blocks`).

@@ -43,6 +43,12 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/vms/{vm}/disks/{disk}/map", get(get_map))
         .route("/v1/vms/{vm}/disks/{disk}/blocks/{index}", get(get_block))
         .route("/v1/vms/{vm}/points", get(list_points))
+        .route(
+            "/v1/vms/{vm}/failover",
+            get(show_failover).post(start_failover),
+        )
+        .route("/v1/vms/{vm}/failover/cleanup", post(cleanup_failover))
+        .route("/v1/vms/{vm}/failover/commit", post(commit_failover))
         .route("/v1/vms/{vm}/merge", post(merge_vm))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
@@ -767,4 +773,48 @@ async fn set_vm_policy(
     name("VM", &vm)?;
     let change: crate::protection::PolicyChange = read_json(body).await?;
     Ok(Json(s.protection.set_policy(&vm, &change).await?))
+}
+
+async fn start_failover(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<crate::failover::service::FailoverRecord>)> {
+    name("VM", &vm)?;
+    let req: crate::failover::service::FailoverRequest = read_json(body).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(s.failovers.start(&vm, req).await?),
+    ))
+}
+
+async fn show_failover(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::failover::service::FailoverView>> {
+    name("VM", &vm)?;
+    s.protection.vm_for(None, &vm).await?;
+    Ok(Json(s.failovers.show(&vm).await?))
+}
+
+async fn cleanup_failover(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::failover::service::FailoverRecord>> {
+    name("VM", &vm)?;
+    s.protection.vm_for(None, &vm).await?;
+    Ok(Json(s.failovers.cleanup(&vm).await?))
+}
+
+async fn commit_failover(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::failover::service::FailoverRecord>> {
+    name("VM", &vm)?;
+    s.protection.vm_for(None, &vm).await?;
+    Ok(Json(s.failovers.commit(&vm).await?))
 }

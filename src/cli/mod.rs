@@ -110,6 +110,16 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Fail a VM over to a recovery point (test, planned, unplanned), or clean up, commit, show.
+    #[command(args_conflicts_with_subcommands = true)]
+    Failover {
+        #[command(subcommand)]
+        cmd: Option<FailoverCmd>,
+        #[command(flatten)]
+        start: FailoverStart,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// List a VM's recovery points (operator).
     Points {
         #[arg(long)]
@@ -203,6 +213,51 @@ struct AgentConn {
     /// Give up retrying recoverable errors after this long (e.g. 30s, 2h).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     give_up_after: Duration,
+}
+
+#[derive(clap::Args)]
+struct FailoverStart {
+    #[arg(long)]
+    vm: Option<String>,
+    /// test (drill on the test network, VM keeps replicating), planned (waits for every disk's
+    /// --final log: no data loss), unplanned (latest point now, or --point).
+    #[arg(long, value_parser = ["test", "planned", "unplanned"])]
+    kind: Option<String>,
+    /// latest, latest-app, c<cycle>, or an RFC 3339 time.
+    #[arg(long)]
+    point: Option<String>,
+    /// Per-NIC override INDEX:ip=ADDR and/or INDEX:public (a public address: a host port forward).
+    #[arg(long = "nic")]
+    nics: Vec<String>,
+    /// Planned failover: how long to wait for the final logs.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wait: Option<Duration>,
+    /// Return once the job started instead of following it.
+    #[arg(long)]
+    no_wait: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum FailoverCmd {
+    /// Delete what a test failover created and release its addresses (marks the drill done).
+    Cleanup {
+        #[arg(long)]
+        vm: String,
+    },
+    /// End a planned or unplanned failover: the source's later logs are refused.
+    Commit {
+        #[arg(long)]
+        vm: String,
+    },
+    /// The VM definition, disk paths, files written and the qemu command line.
+    Show {
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -450,6 +505,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Hrl { cmd } => hrl_cmd(cmd).await,
+        Cmd::Failover { cmd, start, conn } => failover_cmd(cmd, start, conn).await,
         Cmd::Vm {
             cmd:
                 VmCmd::Set {
@@ -755,6 +811,173 @@ fn parse_nic(s: &str) -> Result<NicSpec> {
     match (network, mac) {
         (Some(network), Some(mac)) => Ok(NicSpec { network, mac, ip }),
         _ => bail!("--nic {s:?}: network= and mac= are required"),
+    }
+}
+
+fn parse_nic_option(s: &str) -> Result<(u32, crate::failover::definition::NicOptions)> {
+    let (idx, rest) = s
+        .split_once(':')
+        .ok_or_else(|| anyhow::anyhow!("--nic {s:?}: expected INDEX:ip=ADDR or INDEX:public"))?;
+    let idx: u32 = idx
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--nic {s:?}: {idx:?} is not a NIC index"))?;
+    let mut o = crate::failover::definition::NicOptions::default();
+    for part in rest.split(',') {
+        match part.split_once('=') {
+            Some(("ip", v)) => {
+                o.static_ip =
+                    Some(v.parse().map_err(|_| {
+                        anyhow::anyhow!("--nic {s:?}: {v:?} is not an IPv4 address")
+                    })?)
+            }
+            None if part == "public" => o.public_ip = true,
+            _ => bail!("--nic {s:?}: expected INDEX:ip=ADDR and/or INDEX:public"),
+        }
+    }
+    Ok((idx, o))
+}
+
+async fn failover_cmd(cmd: Option<FailoverCmd>, start: FailoverStart, conn: Conn) -> Result<i32> {
+    use crate::failover::service::{FailoverRecord, FailoverView};
+    let c = conn.client()?;
+    match cmd {
+        Some(FailoverCmd::Cleanup { vm }) => {
+            let r: FailoverRecord = c
+                .send_json(
+                    Method::POST,
+                    &format!("/v1/vms/{vm}/failover/cleanup"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!(
+                "test failover {} of {vm} cleaned up; drill successful: {}",
+                r.id,
+                r.drill_successful.unwrap_or(false)
+            );
+            Ok(0)
+        }
+        Some(FailoverCmd::Commit { vm }) => {
+            let r: FailoverRecord = c
+                .send_json(
+                    Method::POST,
+                    &format!("/v1/vms/{vm}/failover/commit"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!(
+                "failover {} of {vm} committed at point {}",
+                r.id,
+                r.point.unwrap_or_default()
+            );
+            Ok(0)
+        }
+        Some(FailoverCmd::Show { vm, json }) => {
+            let v: FailoverView = c.get_json(&format!("/v1/vms/{vm}/failover")).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let r = &v.record;
+                println!(
+                    "failover {} of {}: {:?} {:?} at point {}",
+                    r.id,
+                    r.vm,
+                    r.kind,
+                    r.state,
+                    r.point.as_deref().unwrap_or("-")
+                );
+                println!("  output     {}", r.output_dir);
+                if let Some(d) = &v.definition {
+                    println!(
+                        "  firmware   {:?}, {} CPUs, {} MiB",
+                        d.firmware, d.cpus, d.memory_mib
+                    );
+                    for disk in &d.disks {
+                        println!(
+                            "  disk       {} {} ({} bytes{})",
+                            disk.id,
+                            disk.path,
+                            disk.virtual_size,
+                            if disk.padded_to_mib {
+                                ", padded to whole MiB"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    for n in &d.nics {
+                        println!(
+                            "  nic        {} on {}/{} ip {}/{} gw {} ({:?})",
+                            n.mac, n.network, n.subnet, n.ip, n.prefix_len, n.gateway, n.rule
+                        );
+                    }
+                }
+                for f in &r.files {
+                    println!("  file       {f}");
+                }
+                if let Some(q) = &v.qemu_command {
+                    println!("  boot with  {}", q.join(" "));
+                }
+                if let Some(e) = &r.error {
+                    println!("  error      {e}");
+                }
+            }
+            Ok(0)
+        }
+        None => {
+            let vm = start.vm.ok_or_else(|| {
+                anyhow::anyhow!("--vm is required (or a subcommand: cleanup, commit, show)")
+            })?;
+            let kind = start
+                .kind
+                .ok_or_else(|| anyhow::anyhow!("--kind test|planned|unplanned is required"))?;
+            let mut nics = serde_json::Map::new();
+            for n in &start.nics {
+                let (i, o) = parse_nic_option(n)?;
+                nics.insert(i.to_string(), serde_json::to_value(o)?);
+            }
+            let body = serde_json::json!({"kind": kind, "point": start.point, "nics": nics, "wait_s": start.wait.map(|d| d.as_secs())});
+            let r: FailoverRecord = c
+                .send_json(Method::POST, &format!("/v1/vms/{vm}/failover"), &body)
+                .await?;
+            if start.no_wait {
+                println!("{kind} failover {} of {vm} started: job {}", r.id, r.job);
+                return Ok(0);
+            }
+            let job = wait_job(&c, &r.job).await?;
+            let v: FailoverView = c.get_json(&format!("/v1/vms/{vm}/failover")).await?;
+            if start.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if job.state == crate::jobs::JobState::Succeeded {
+                println!(
+                    "{kind} failover of {vm} succeeded at point {} -> {}",
+                    v.record.point.as_deref().unwrap_or("-"),
+                    v.record.output_dir
+                );
+            }
+            if job.state != crate::jobs::JobState::Succeeded {
+                let e = job
+                    .error
+                    .map(|e| format!("{} [{}]", e.message, e.code))
+                    .unwrap_or_default();
+                bail!("{kind} failover of {vm} failed: {e}");
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Follows a job until it ends, showing its progress.
+async fn wait_job(c: &crate::client::Client, id: &str) -> Result<crate::jobs::Job> {
+    let bar = crate::agent::protect::progress_bar(console(), 1000, "job");
+    loop {
+        let j: crate::jobs::Job = c.get_json(&format!("/v1/jobs/{id}")).await?;
+        bar.set_position((j.progress * 1000.0) as u64);
+        bar.set_message(j.state.as_str().to_string());
+        if j.state.is_final() {
+            bar.finish_and_clear();
+            return Ok(j);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -11,3 +11,4 @@
 pub mod definition;
 pub mod ipam;
 pub mod network;
+pub mod service;

@@ -22,6 +22,12 @@ pub enum JobKind {
     EnableProtection,
     FinalizeProtection,
     Merge,
+    TestFailover,
+    PlannedFailover,
+    UnplannedFailover,
+    FailoverCleanup,
+    FailoverCommit,
+    RecoveryPlan,
 }
 
 impl JobKind {
@@ -30,6 +36,12 @@ impl JobKind {
             JobKind::EnableProtection => "Enable protection",
             JobKind::FinalizeProtection => "Finalize protection",
             JobKind::Merge => "Merge logs",
+            JobKind::TestFailover => "Test failover",
+            JobKind::PlannedFailover => "Planned failover",
+            JobKind::UnplannedFailover => "Unplanned failover",
+            JobKind::FailoverCleanup => "Test failover cleanup",
+            JobKind::FailoverCommit => "Commit failover",
+            JobKind::RecoveryPlan => "Recovery plan failover",
         }
     }
 }

@@ -106,7 +106,10 @@ impl Protection {
         S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let (_, d) = self.disk_for(Some(host), vm, disk).await?;
+        let (v, d) = self.disk_for(Some(host), vm, disk).await?;
+        if v.state == super::VmState::FailedOver {
+            return Err(Error::conflict("failed_over", format!("VM {vm} was failed over and the failover committed: the source's logs are refused; fail back and re-protect")));
+        }
         let guid: Guid = log_id
             .parse()
             .map_err(|_| Error::invalid("invalid_log_id", format!("{log_id:?} is not a GUID")))?;

@@ -33,6 +33,8 @@ pub use spec::{DiskSpec, NicSpec, Policy, VmSpec};
 pub enum VmState {
     InitialReplication,
     Protected,
+    /// A planned or unplanned failover was committed: the source's logs are refused.
+    FailedOver,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -495,6 +497,28 @@ impl Protection {
             }
         }
         tracing::info!(vm, "protection finalized: VM protected");
+        Ok(())
+    }
+
+    /// Sets a VM's state (failover commit).
+    pub async fn set_state(&self, vm: &str, state: VmState) -> Result<()> {
+        let rec = self.vm_for(None, vm).await?;
+        let updated = self
+            .vault
+            .records
+            .update(
+                &layout::record(Family::Vm, &rec.id),
+                |cur: Option<&VmRecord>| {
+                    let mut r = cur
+                        .cloned()
+                        .ok_or_else(|| Error::not_found("vm_not_found", "VM record vanished"))?;
+                    r.state = state;
+                    Ok(Some(r))
+                },
+            )
+            .await?
+            .ok_or_else(|| Error::internal("VM record missing after update"))?;
+        self.vms.write().await.insert(vm.to_string(), updated.value);
         Ok(())
     }
 

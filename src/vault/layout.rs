@@ -35,6 +35,9 @@ pub enum Family {
     Vm,
     Disk,
     Job,
+    Failover,
+    Ipam,
+    Plan,
 }
 
 impl Family {
@@ -44,6 +47,9 @@ impl Family {
             Family::Vm => "vm",
             Family::Disk => "disk",
             Family::Job => "job",
+            Family::Failover => "failover",
+            Family::Ipam => "ipam",
+            Family::Plan => "plan",
         }
     }
 }

@@ -1,0 +1,678 @@
+//! Failover jobs: turn a recovery point into fixed VHD disks and a VM definition attached to a
+//! target network (test, planned, unplanned), then commit or clean up.
+//!
+//! A failover runs as a job with steps: choose the point (a planned failover first waits, in
+//! state "waiting for input", until every disk's final log is in) → materialize each disk (in
+//! parallel, every block verified as read, zero blocks left as holes, fsynced) → assign addresses
+//! (one compare-and-swap on the vault's allocation record, all NICs or none) → write vm.json,
+//! libvirt domain and network XML and the qemu command line. A failure at any step removes what
+//! the failover wrote and releases its addresses. One failover per VM at a time; a test failover
+//! (drill) writes to a separate folder and must be cleaned up, which is what marks it successful.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::definition::{
+    self, DiskDefinition, FailoverInfo, FailoverKind, Firmware, NicOptions, VmDefinition,
+};
+use super::ipam::Allocations;
+use super::network::NetworkConfig;
+use crate::chunk::digest::is_zero;
+use crate::error::{Error, Result};
+use crate::jobs::{JobKind, JobState, Jobs};
+use crate::protection::{Protection, VmState};
+use crate::vault::layout::{self, Family};
+use crate::vault::Vault;
+
+const MIB: u64 = 1024 * 1024;
+
+/// What the operator asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    pub kind: FailoverKind,
+    /// latest, latest-app, c<cycle> or an RFC 3339 time; ignored by planned failovers, which use
+    /// the final point.
+    #[serde(default)]
+    pub point: Option<String>,
+    /// Per-NIC overrides by NIC index.
+    #[serde(default)]
+    pub nics: BTreeMap<u32, NicOptions>,
+    /// Planned failover: seconds to wait for the final logs (default from config).
+    #[serde(default)]
+    pub wait_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverState {
+    Running,
+    Succeeded,
+    Failed,
+    /// A drill whose output was removed; `drill_successful` says how it went.
+    CleanedUp,
+    Committed,
+}
+
+/// The vault's record of a VM's current (latest) failover.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverRecord {
+    pub id: String,
+    pub vm: String,
+    pub kind: FailoverKind,
+    pub state: FailoverState,
+    pub job: String,
+    pub point: Option<String>,
+    pub output_dir: String,
+    pub files: Vec<String>,
+    pub created_unix: u64,
+    pub ended_unix: Option<u64>,
+    pub error: Option<String>,
+    pub drill_successful: Option<bool>,
+}
+
+/// What `failover show` prints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverView {
+    pub record: FailoverRecord,
+    pub definition: Option<VmDefinition>,
+    pub qemu_command: Option<Vec<String>>,
+}
+
+#[derive(Clone)]
+pub struct Failovers {
+    vault: Vault,
+    protection: Protection,
+    jobs: Jobs,
+    networks: Arc<NetworkConfig>,
+    output: PathBuf,
+    planned_wait: Duration,
+    running: Arc<tokio::sync::Mutex<std::collections::BTreeSet<String>>>,
+}
+
+impl Failovers {
+    pub fn new(
+        vault: Vault,
+        protection: Protection,
+        jobs: Jobs,
+        networks: NetworkConfig,
+        output: PathBuf,
+        planned_wait: Duration,
+    ) -> Failovers {
+        Failovers {
+            vault,
+            protection,
+            jobs,
+            networks: Arc::new(networks),
+            output,
+            planned_wait,
+            running: Default::default(),
+        }
+    }
+
+    fn record_key(&self, vm: &str) -> crate::store::Key {
+        layout::record(Family::Failover, &self.protection.vm_id(vm))
+    }
+
+    pub async fn current(&self, vm: &str) -> Result<Option<FailoverRecord>> {
+        Ok(self
+            .vault
+            .records
+            .load::<FailoverRecord>(&self.record_key(vm))
+            .await?
+            .map(|v| v.value))
+    }
+
+    async fn put_record(&self, rec: &FailoverRecord) -> Result<()> {
+        let r = rec.clone();
+        self.vault
+            .records
+            .update(&self.record_key(&rec.vm), |_: Option<&FailoverRecord>| {
+                Ok(Some(r.clone()))
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Checks and starts a failover; returns its record (state running) at once.
+    pub async fn start(&self, vm: &str, req: FailoverRequest) -> Result<FailoverRecord> {
+        let rec = self.protection.vm_for(None, vm).await?;
+        if rec.state == VmState::InitialReplication {
+            return Err(Error::conflict(
+                "vm_not_protected",
+                format!("VM {vm} has not finished initial replication"),
+            ));
+        }
+        if rec.state == VmState::FailedOver {
+            return Err(Error::conflict(
+                "failed_over",
+                format!("VM {vm} is already failed over and committed"),
+            ));
+        }
+        if let Some(cur) = self.current(vm).await? {
+            match cur.state {
+                FailoverState::Running => return Err(Error::conflict("failover_running", format!("a failover of VM {vm} is already running (job {})", cur.job))),
+                FailoverState::Succeeded if cur.kind == FailoverKind::Test => {
+                    return Err(Error::conflict("drill_not_cleaned_up", format!("the test failover of VM {vm} is still up: run `drvault failover cleanup --vm {vm}` first")))
+                }
+                FailoverState::Succeeded => return Err(Error::conflict("failover_not_committed", format!("VM {vm} has a failover waiting for commit")))
+                ,
+                _ => {}
+            }
+        }
+        // Check the point and the mappings now, so an impossible request fails before a job.
+        if req.kind != FailoverKind::Planned {
+            self.protection
+                .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
+                .await?;
+        }
+        let test = req.kind == FailoverKind::Test;
+        for (i, n) in rec.spec.nics.iter().enumerate() {
+            if self.networks.target_for(&n.network, test).is_none() {
+                return Err(Error::invalid(
+                    "network_unmapped",
+                    format!(
+                        "NIC {i} of VM {vm} is on source network {:?}, which has no {}mapping",
+                        n.network,
+                        if test { "test " } else { "" }
+                    ),
+                ));
+            }
+        }
+        {
+            let mut running = self.running.lock().await;
+            if !running.insert(vm.to_string()) {
+                return Err(Error::conflict(
+                    "failover_running",
+                    format!("a failover of VM {vm} is already running"),
+                ));
+            }
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let dir = match req.kind {
+            FailoverKind::Test => self.output.join("drills").join(vm).join(&id),
+            _ => self.output.join(vm).join(&id),
+        };
+        let kind = match req.kind {
+            FailoverKind::Test => JobKind::TestFailover,
+            FailoverKind::Planned => JobKind::PlannedFailover,
+            FailoverKind::Unplanned => JobKind::UnplannedFailover,
+        };
+        let mut steps: Vec<String> = vec!["Choose recovery point".into()];
+        steps.extend(
+            rec.spec
+                .disks
+                .iter()
+                .map(|d| format!("Materialize disk {}", d.id)),
+        );
+        steps.push("Assign addresses".into());
+        steps.push("Write VM definition".into());
+        let step_refs: Vec<&str> = steps.iter().map(String::as_str).collect();
+        let job = match self
+            .jobs
+            .create(kind, Some(vm), &step_refs, JobState::Running)
+            .await
+        {
+            Ok(j) => j,
+            Err(e) => {
+                self.running.lock().await.remove(vm);
+                return Err(e);
+            }
+        };
+        let record = FailoverRecord {
+            id: id.clone(),
+            vm: vm.to_string(),
+            kind: req.kind,
+            state: FailoverState::Running,
+            job: job.id.clone(),
+            point: None,
+            output_dir: dir.display().to_string(),
+            files: Vec::new(),
+            created_unix: crate::util::unix_now(),
+            ended_unix: None,
+            error: None,
+            drill_successful: None,
+        };
+        self.put_record(&record).await?;
+        let me = self.clone();
+        let vm_s = vm.to_string();
+        let rec2 = record.clone();
+        tokio::spawn(async move {
+            let result = me.run(&vm_s, &req, rec2.clone(), &dir).await;
+            let mut fin = rec2;
+            fin.ended_unix = Some(crate::util::unix_now());
+            match result {
+                Ok((point, files)) => {
+                    fin.state = FailoverState::Succeeded;
+                    fin.point = Some(point);
+                    fin.files = files;
+                    let _ = me.put_record(&fin).await;
+                    let _ = me.jobs.succeed(&fin.job).await;
+                    tracing::info!(vm = %vm_s, failover = %fin.id, "failover succeeded");
+                }
+                Err(e) => {
+                    // Nothing half-created: remove what was written, release addresses.
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                    let _ = me.release(&fin.id).await;
+                    fin.state = FailoverState::Failed;
+                    fin.error = Some(e.to_string());
+                    let _ = me.put_record(&fin).await;
+                    let _ = me.jobs.fail(&fin.job, &e).await;
+                    tracing::warn!(vm = %vm_s, failover = %fin.id, error = %e, "failover failed");
+                }
+            }
+            me.running.lock().await.remove(&vm_s);
+        });
+        Ok(record)
+    }
+
+    async fn run(
+        &self,
+        vm: &str,
+        req: &FailoverRequest,
+        rec: FailoverRecord,
+        dir: &Path,
+    ) -> Result<(String, Vec<String>)> {
+        // 1. The point.
+        let point = if req.kind == FailoverKind::Planned {
+            self.jobs
+                .modify(&rec.job, |j| j.state = JobState::WaitingForInput)
+                .await?;
+            let wait = req
+                .wait_s
+                .map(Duration::from_secs)
+                .unwrap_or(self.planned_wait);
+            let p = self.wait_final(vm, wait).await?;
+            self.jobs
+                .modify(&rec.job, |j| j.state = JobState::Running)
+                .await?;
+            p
+        } else {
+            self.protection
+                .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
+                .await?
+        };
+        self.jobs
+            .step(&rec.job, "Choose recovery point", JobState::Succeeded)
+            .await?;
+        let vmrec = self.protection.vm_for(None, vm).await?;
+        let firmware = Firmware::from_generation(vmrec.spec.generation)?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::invalid(
+                "output_not_writable",
+                format!("cannot create {}: {e}", dir.display()),
+            )
+        })?;
+        // 2. Disks, in parallel.
+        let total_disks = vmrec.spec.disks.len().max(1) as f64;
+        let mut tasks = Vec::new();
+        for (i, d) in vmrec.spec.disks.iter().enumerate() {
+            let me = self.clone();
+            let vm = vm.to_string();
+            let disk = d.id.clone();
+            let path = dir.join(format!("{}.vhd", d.id));
+            let cycle = point.cycle;
+            let job = rec.job.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = me.materialize(&vm, &disk, cycle, &path).await;
+                if r.is_ok() {
+                    let _ = me
+                        .jobs
+                        .step(
+                            &job,
+                            &format!("Materialize disk {disk}"),
+                            JobState::Succeeded,
+                        )
+                        .await;
+                }
+                r.map(|(orig, virt)| (i, disk, path, orig, virt))
+            }));
+        }
+        let mut disks = Vec::new();
+        for (n, t) in tasks.into_iter().enumerate() {
+            let r = t
+                .await
+                .map_err(|e| Error::internal(format!("materialize task: {e}")))??;
+            self.jobs
+                .set_progress(&rec.job, 0.1 + 0.8 * (n + 1) as f64 / total_disks)
+                .await;
+            disks.push(r);
+        }
+        disks.sort_by_key(|d| d.0);
+        let disk_defs: Vec<DiskDefinition> = disks
+            .iter()
+            .map(|(i, id, path, orig, virt)| {
+                DiskDefinition::new(firmware, *i, id, &path.display().to_string(), *orig, *virt)
+            })
+            .collect();
+        // 3. Addresses: one CAS on the allocation record, so concurrent failovers never collide.
+        let info = FailoverInfo::new(req.kind, &rec.id, &point.id, point.time_unix);
+        let nets = self.networks.clone();
+        let spec = vmrec.spec.clone();
+        let nic_opts = req.nics.clone();
+        let mut assigned = None;
+        self.vault
+            .records
+            .update(
+                &layout::record(Family::Ipam, "main"),
+                |cur: Option<&Allocations>| {
+                    let mut a = cur.cloned().unwrap_or_default();
+                    let nics = definition::assign_nics(&nets, &mut a, vm, &spec, &info, &nic_opts)?;
+                    assigned = Some(nics);
+                    Ok(Some(a))
+                },
+            )
+            .await?;
+        let nics =
+            assigned.ok_or_else(|| Error::internal("address assignment produced nothing"))?;
+        self.jobs
+            .step(&rec.job, "Assign addresses", JobState::Succeeded)
+            .await?;
+        // 4. The definition files.
+        let def = definition::build_definition(vm, &vmrec.spec, disk_defs, nics, info)?;
+        let mut files: Vec<String> = disks.iter().map(|d| d.2.display().to_string()).collect();
+        let write = |name: &str, text: &str| -> Result<String> {
+            let p = dir.join(name);
+            std::fs::write(&p, text).map_err(|e| {
+                Error::invalid(
+                    "output_not_writable",
+                    format!("writing {}: {e}", p.display()),
+                )
+            })?;
+            Ok(p.display().to_string())
+        };
+        files.push(write("vm.json", &def.to_json()?)?);
+        files.push(write("domain.xml", &definition::libvirt_domain_xml(&def))?);
+        let allocs: Allocations = self
+            .vault
+            .records
+            .load(&layout::record(Family::Ipam, "main"))
+            .await?
+            .map(|v| v.value)
+            .unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        for n in &def.nics {
+            if !seen.insert(n.host_network.clone()) {
+                continue;
+            }
+            if let (Some(net), Some(sub)) = (
+                self.networks.network(&n.network),
+                self.networks
+                    .network(&n.network)
+                    .and_then(|x| x.subnet(&n.subnet)),
+            ) {
+                let hosts = definition::dhcp_hosts(&allocs, net, sub);
+                files.push(write(
+                    &format!("network-{}.xml", n.host_network),
+                    &definition::libvirt_network_xml(net, sub, &hosts),
+                )?);
+            }
+        }
+        let forwards: Vec<definition::HostForward> = Vec::new();
+        if let Ok(cmd) = definition::qemu_command(&def, &forwards) {
+            files.push(write(
+                "qemu.sh",
+                &format!(
+                    "#!/bin/sh\nexec {}\n",
+                    cmd.iter()
+                        .map(|a| shell_quote(a))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
+            )?);
+        }
+        self.jobs
+            .step(&rec.job, "Write VM definition", JobState::Succeeded)
+            .await?;
+        sync_dir(dir);
+        Ok((point.id, files))
+    }
+
+    /// Planned failover: every disk's newest log must be flagged final; wait for it.
+    async fn wait_final(
+        &self,
+        vm: &str,
+        wait: Duration,
+    ) -> Result<crate::protection::points::PointView> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let points = self.protection.points(vm).await?;
+            if let Some(p) = points.iter().rev().find(|p| p.final_point) {
+                return Ok(p.clone());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Conflict {
+                    code: "final_log_timeout",
+                    message: format!("planned failover of VM {vm}: not every disk's final log (sent with --final after the VM shut down) arrived within {} s", wait.as_secs()),
+                    recoverable: true,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Writes one disk at a point as a fixed VHD: size rounded up to whole MiB (Azure's rule),
+    /// zero blocks left as holes, every block verified, fsynced. Returns (original, virtual) size.
+    async fn materialize(
+        &self,
+        vm: &str,
+        disk: &str,
+        cycle: u64,
+        path: &Path,
+    ) -> Result<(u64, u64)> {
+        let reader = self.protection.point_reader(vm, disk, cycle).await?;
+        let (d, blocks) = self.protection.point_blocks(vm, disk, cycle).await?;
+        let virt = d.size.div_ceil(MIB) * MIB;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| {
+                Error::invalid(
+                    "output_not_writable",
+                    format!("creating {}: {e}", path.display()),
+                )
+            })?;
+        file.set_len(virt + 512).map_err(|e| {
+            Error::invalid(
+                "output_not_writable",
+                format!("sizing {}: {e}", path.display()),
+            )
+        })?;
+        let file = Arc::new(file);
+        let bs = d.block_size as u64;
+        let mut writes = futures_util::stream::iter(blocks.into_iter().map(|(i, _)| {
+            let reader = reader.clone();
+            let file = file.clone();
+            async move {
+                let (bytes, _) = reader.read_block(i).await?;
+                if is_zero(&bytes) {
+                    return Ok::<(), Error>(());
+                }
+                tokio::task::spawn_blocking(move || file.write_all_at(&bytes, i * bs))
+                    .await
+                    .map_err(|e| Error::internal(e.to_string()))?
+                    .map_err(|e| {
+                        Error::invalid("output_not_writable", format!("writing disk: {e}"))
+                    })
+            }
+        }))
+        .buffer_unordered(4);
+        while let Some(r) = writes.next().await {
+            r?;
+        }
+        let mut uid = [0u8; 16];
+        crate::util::fill_random(&mut uid);
+        let footer = crate::format::vhd::fixed_footer(
+            virt,
+            uid,
+            crate::format::vhd::vhd_timestamp(crate::util::unix_now()),
+        )
+        .map_err(|e| Error::internal(format!("VHD footer: {e}")))?;
+        let f2 = file.clone();
+        tokio::task::spawn_blocking(move || {
+            f2.write_all_at(&footer, virt).and_then(|_| f2.sync_all())
+        })
+        .await
+        .map_err(|e| Error::internal(e.to_string()))?
+        .map_err(|e| Error::invalid("output_not_writable", format!("finishing disk: {e}")))?;
+        Ok((d.size, virt))
+    }
+
+    async fn release(&self, failover_id: &str) -> Result<()> {
+        self.vault
+            .records
+            .update(
+                &layout::record(Family::Ipam, "main"),
+                |cur: Option<&Allocations>| {
+                    let mut a = cur.cloned().unwrap_or_default();
+                    if a.release(failover_id).is_empty() {
+                        return Ok(None);
+                    }
+                    Ok(Some(a))
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a drill's output and releases its addresses; the drill counts as successful only
+    /// when this succeeds.
+    pub async fn cleanup(&self, vm: &str) -> Result<FailoverRecord> {
+        let mut cur = self.current(vm).await?.ok_or_else(|| {
+            Error::not_found("failover_not_found", format!("VM {vm} has no failover"))
+        })?;
+        if cur.kind != FailoverKind::Test {
+            return Err(Error::conflict(
+                "not_a_drill",
+                "only test failovers are cleaned up; commit a planned or unplanned failover",
+            ));
+        }
+        if cur.state == FailoverState::Running {
+            return Err(Error::conflict(
+                "failover_running",
+                "the test failover is still running",
+            ));
+        }
+        if cur.state == FailoverState::CleanedUp {
+            return Ok(cur);
+        }
+        let job = self
+            .jobs
+            .create(
+                JobKind::FailoverCleanup,
+                Some(vm),
+                &["Delete drill output", "Release addresses"],
+                JobState::Running,
+            )
+            .await?;
+        let dir = PathBuf::from(&cur.output_dir);
+        let result = async {
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::invalid(
+                        "cleanup_failed",
+                        format!("removing {}: {e}", dir.display()),
+                    ))
+                }
+            }
+            self.jobs
+                .step(&job.id, "Delete drill output", JobState::Succeeded)
+                .await?;
+            self.release(&cur.id).await?;
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                cur.drill_successful = Some(cur.state == FailoverState::Succeeded);
+                cur.state = FailoverState::CleanedUp;
+                self.put_record(&cur).await?;
+                self.jobs.succeed(&job.id).await?;
+                Ok(cur)
+            }
+            Err(e) => {
+                let _ = self.jobs.fail(&job.id, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends a planned or unplanned failover: the source's later logs are refused.
+    pub async fn commit(&self, vm: &str) -> Result<FailoverRecord> {
+        let mut cur = self.current(vm).await?.ok_or_else(|| {
+            Error::not_found("failover_not_found", format!("VM {vm} has no failover"))
+        })?;
+        if cur.kind == FailoverKind::Test {
+            return Err(Error::conflict(
+                "drill_not_committable",
+                "a test failover is cleaned up, not committed",
+            ));
+        }
+        match cur.state {
+            FailoverState::Committed => return Ok(cur),
+            FailoverState::Succeeded => {}
+            _ => {
+                return Err(Error::conflict(
+                    "failover_not_succeeded",
+                    format!("VM {vm}'s failover is {:?}, not succeeded", cur.state),
+                ))
+            }
+        }
+        let job = self
+            .jobs
+            .create(
+                JobKind::FailoverCommit,
+                Some(vm),
+                &["Commit"],
+                JobState::Running,
+            )
+            .await?;
+        self.protection.set_state(vm, VmState::FailedOver).await?;
+        cur.state = FailoverState::Committed;
+        self.put_record(&cur).await?;
+        self.jobs.succeed(&job.id).await?;
+        Ok(cur)
+    }
+
+    pub async fn show(&self, vm: &str) -> Result<FailoverView> {
+        let rec = self.current(vm).await?.ok_or_else(|| {
+            Error::not_found("failover_not_found", format!("VM {vm} has no failover"))
+        })?;
+        let def = std::fs::read(Path::new(&rec.output_dir).join("vm.json"))
+            .ok()
+            .and_then(|b| VmDefinition::from_json(&b).ok());
+        let qemu = def
+            .as_ref()
+            .and_then(|d| definition::qemu_command(d, &[]).ok());
+        Ok(FailoverView {
+            record: rec,
+            definition: def,
+            qemu_command: qemu,
+        })
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_./=,:".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}

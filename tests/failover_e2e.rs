@@ -1,0 +1,419 @@
+//! Failover end to end: a disk that really boots is protected, changed by an MS-HRL log, failed
+//! over (test, then unplanned to the earlier point), and qemu boots each materialized VHD and
+//! prints the file from its own filesystem. Plus planned failover, addresses and refusals.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+const NETWORKS: &str = r#"
+[vault]
+block_size = 1048576
+
+[[network]]
+name = "recovery-vnet"
+address_space = ["10.20.0.0/16"]
+dns = ["10.20.0.10"]
+  [[network.subnet]]
+  name = "app"
+  prefix = "10.20.1.0/24"
+  gateway = "10.20.1.1"
+
+[[network]]
+name = "drill-vnet"
+address_space = ["10.99.0.0/16"]
+isolated = true
+  [[network.subnet]]
+  name = "app"
+  prefix = "10.99.1.0/29"
+
+[[mapping]]
+source = "corp"
+target = "recovery-vnet/app"
+test_target = "drill-vnet/app"
+"#;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/boot-disk")
+        .join(name)
+}
+
+fn boot(vhd: &Path) -> String {
+    let o = std::process::Command::new("bash")
+        .arg(fixture("boot.sh"))
+        .arg(vhd)
+        .arg("vpc")
+        .arg("180")
+        .output()
+        .expect("boot.sh");
+    assert!(
+        o.status.success(),
+        "the VM did not boot and print its marker:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn definition_dir(server: &Server, vm: &str) -> (Value, PathBuf) {
+    let v: Value =
+        serde_json::from_str(&server.cli_ok(&["failover", "show", "--vm", vm, "--json"])).unwrap();
+    let dir = PathBuf::from(v["record"]["output_dir"].as_str().unwrap());
+    (v, dir)
+}
+
+#[test]
+fn failover_boots_the_changed_disk_then_the_earlier_point() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let server = Server::start(dir, Some(NETWORKS));
+    let creds = server.add_host("hv", None);
+    let c = creds.to_str().unwrap();
+    let img = dir.join("boot.raw");
+    std::fs::write(dir.join("m1.txt"), "hello from drvault, first state\n").unwrap();
+    let o = std::process::Command::new("bash")
+        .arg(fixture("make-boot-disk.sh"))
+        .arg(&img)
+        .arg(dir.join("m1.txt"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "make-boot-disk.sh: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    server.cli_ok(&[
+        "agent",
+        "protect",
+        "--creds",
+        c,
+        "--vm",
+        "app01",
+        "--disk",
+        &format!("{}:os", img.display()),
+        "--generation",
+        "1",
+        "--cpus",
+        "1",
+        "--memory-mib",
+        "256",
+        "--nic",
+        "network=corp,mac=00:15:5d:00:00:07,ip=10.20.1.50",
+    ]);
+
+    // The file changes on the source: one MS-HRL log carries it.
+    let img2 = dir.join("boot2.raw");
+    std::fs::copy(&img, &img2).unwrap();
+    std::fs::write(dir.join("m2.txt"), "changed by an MS-HRL log\n").unwrap();
+    run(
+        "bash",
+        &[
+            fixture("set-marker.sh").to_str().unwrap(),
+            img2.to_str().unwrap(),
+            dir.join("m2.txt").to_str().unwrap(),
+        ],
+    );
+    let log = dir.join("c1.hrl");
+    server.cli_ok(&[
+        "hrl",
+        "diff",
+        img.to_str().unwrap(),
+        img2.to_str().unwrap(),
+        "-o",
+        log.to_str().unwrap(),
+    ]);
+    server.cli_ok(&[
+        "agent",
+        "replicate",
+        "--creds",
+        c,
+        "--vm",
+        "app01",
+        "--disk",
+        "os",
+        "--hrl",
+        log.to_str().unwrap(),
+        "--cycle",
+        "1",
+    ]);
+
+    // Test failover at the latest point: boots and shows the changed file.
+    server.cli_ok(&["failover", "--vm", "app01", "--kind", "test"]);
+    let (v, drill) = definition_dir(&server, "app01");
+    assert!(
+        drill.to_str().unwrap().contains("drills"),
+        "drills go to their own folder"
+    );
+    assert_eq!(v["record"]["point"], "c1");
+    let vhd = drill.join("os.vhd");
+    assert!(boot(&vhd).contains("changed by an MS-HRL log"));
+    let nic = &v["definition"]["nics"][0];
+    assert_eq!(
+        nic["network"], "drill-vnet",
+        "test failovers use the test network"
+    );
+    assert_eq!(v["definition"]["firmware"], "bios");
+    for f in std::fs::read_dir(&drill).unwrap().flatten() {
+        let p = f.path();
+        if p.extension().map(|e| e == "xml").unwrap_or(false) {
+            run("virt-xml-validate", &[p.to_str().unwrap()]);
+        }
+    }
+    // The VM keeps replicating during the drill; a second drill waits for cleanup.
+    assert!(String::from_utf8_lossy(
+        &server
+            .cli(&["failover", "--vm", "app01", "--kind", "test"])
+            .stderr
+    )
+    .contains("drill_not_cleaned_up"));
+    let out = server.cli_ok(&["failover", "cleanup", "--vm", "app01"]);
+    assert!(out.contains("drill successful: true"), "{out}");
+    assert!(!drill.exists(), "cleanup removes what the drill created");
+
+    // Unplanned failover to the earlier point: the first file.
+    server.cli_ok(&[
+        "failover",
+        "--vm",
+        "app01",
+        "--kind",
+        "unplanned",
+        "--point",
+        "c0",
+    ]);
+    let (v, out_dir) = definition_dir(&server, "app01");
+    let nic = &v["definition"]["nics"][0];
+    assert_eq!(nic["network"], "recovery-vnet");
+    assert_eq!(
+        nic["ip"], "10.20.1.50",
+        "the source address fits the target subnet and is kept"
+    );
+    assert_eq!(nic["rule"], "kept_source");
+    let vhd = out_dir.join("os.vhd");
+    assert_eq!(
+        qemu_virtual_size(&vhd, "vpc") % (1024 * 1024),
+        0,
+        "whole MiB"
+    );
+    assert!(boot(&vhd).contains("hello from drvault, first state"));
+    run(
+        "virt-xml-validate",
+        &[out_dir.join("domain.xml").to_str().unwrap()],
+    );
+    assert!(out_dir.join("qemu.sh").exists());
+
+    // Commit: the source's later logs are refused, not recoverable.
+    server.cli_ok(&["failover", "commit", "--vm", "app01"]);
+    let o = server.cli(&[
+        "agent",
+        "replicate",
+        "--creds",
+        c,
+        "--vm",
+        "app01",
+        "--disk",
+        "os",
+        "--hrl",
+        log.to_str().unwrap(),
+        "--cycle",
+        "2",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "non-recoverable exit code: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("failed_over"));
+    let jobs: Value =
+        serde_json::from_str(&server.cli_ok(&["jobs", "--vm", "app01", "--json"])).unwrap();
+    let kinds: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["kind"].as_str().unwrap())
+        .collect();
+    for k in [
+        "test_failover",
+        "failover_cleanup",
+        "unplanned_failover",
+        "failover_commit",
+    ] {
+        assert!(kinds.contains(&k), "{kinds:?}");
+    }
+}
+
+#[test]
+fn planned_failover_waits_for_final_logs_and_addresses_never_collide() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let server = Server::start(dir, Some(NETWORKS));
+    let creds = server.add_host("hv", None);
+    let c = creds.to_str().unwrap();
+    let img = dir.join("d.raw");
+    raw_image(&img, 3 * 1024 * 1024 + 512, &[(0, 100_000)], 4);
+    // Three VMs claim the same source address; a fourth is on an unmapped network.
+    for (i, vm) in ["a", "b", "c"].iter().enumerate() {
+        server.cli_ok(&[
+            "agent",
+            "protect",
+            "--creds",
+            c,
+            "--vm",
+            vm,
+            "--disk",
+            &format!("{}:d", img.display()),
+            "--nic",
+            &format!("network=corp,mac=00:15:5d:00:01:0{i},ip=10.20.1.50"),
+        ]);
+    }
+    server.cli_ok(&[
+        "agent",
+        "protect",
+        "--creds",
+        c,
+        "--vm",
+        "lost",
+        "--disk",
+        &format!("{}:d", img.display()),
+        "--nic",
+        "network=elsewhere,mac=00:15:5d:00:02:01",
+    ]);
+    let o = server.cli(&["failover", "--vm", "lost", "--kind", "unplanned"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("network_unmapped"));
+    let o = server.cli(&[
+        "failover",
+        "--vm",
+        "a",
+        "--kind",
+        "unplanned",
+        "--point",
+        "c42",
+    ]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("point_not_found"));
+    assert!(String::from_utf8_lossy(
+        &server
+            .cli(&["failover", "--vm", "nope", "--kind", "test"])
+            .stderr
+    )
+    .contains("vm_not_found"));
+
+    // Planned failover of "a": waits until the final log is in.
+    let start = server.cli_ok(&["failover", "--vm", "a", "--kind", "planned", "--no-wait"]);
+    let job = start.split_whitespace().last().unwrap().to_string();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let j: Value = serde_json::from_str(&server.cli_ok(&["jobs", &job, "--json"])).unwrap();
+    assert_eq!(j["state"], "waiting_for_input");
+    let img2 = dir.join("d2.raw");
+    std::fs::copy(&img, &img2).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img2)
+            .unwrap()
+            .write_all_at(&[0x5a; 8192], 1024 * 1024)
+            .unwrap();
+    }
+    let log = dir.join("final.hrl");
+    server.cli_ok(&[
+        "hrl",
+        "diff",
+        img.to_str().unwrap(),
+        img2.to_str().unwrap(),
+        "-o",
+        log.to_str().unwrap(),
+    ]);
+    server.cli_ok(&[
+        "agent",
+        "replicate",
+        "--creds",
+        c,
+        "--vm",
+        "a",
+        "--disk",
+        "d",
+        "--hrl",
+        log.to_str().unwrap(),
+        "--final",
+    ]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let j: Value = serde_json::from_str(&server.cli_ok(&["jobs", &job, "--json"])).unwrap();
+        if j["state"] == "succeeded" {
+            break;
+        }
+        assert!(j["state"] != "failed", "{j}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "planned failover did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (v, out) = definition_dir(&server, "a");
+    assert_eq!(
+        v["record"]["point"], "c1",
+        "failed over to the final point: no data loss"
+    );
+    assert!(
+        qemu_identical(&out.join("d.vhd"), "vpc", &img2, "raw") || {
+            // The VHD is padded to whole MiB: compare the original bytes.
+            let raw = dir.join("a.raw");
+            run(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-f",
+                    "vpc",
+                    "-O",
+                    "raw",
+                    out.join("d.vhd").to_str().unwrap(),
+                    raw.to_str().unwrap(),
+                ],
+            );
+            std::fs::read(&raw).unwrap()[..std::fs::metadata(&img2).unwrap().len() as usize]
+                == std::fs::read(&img2).unwrap()[..]
+        }
+    );
+    assert_eq!(v["definition"]["disks"][0]["padded_to_mib"], true);
+
+    // b and c fail over at the same time: same source IP, never the same address.
+    let hb = std::thread::spawn({
+        let dd = server.data_dir.clone();
+        move || {
+            std::process::Command::new(BIN)
+                .args(["failover", "--vm", "b", "--kind", "unplanned"])
+                .env("DRVAULT_DATA_DIR", dd)
+                .output()
+                .unwrap()
+        }
+    });
+    let oc = server.cli(&["failover", "--vm", "c", "--kind", "unplanned"]);
+    let ob = hb.join().unwrap();
+    assert!(
+        ob.status.success() && oc.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&ob.stderr),
+        String::from_utf8_lossy(&oc.stderr)
+    );
+    let ips: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|vm| {
+            definition_dir(&server, vm).0["definition"]["nics"][0]["ip"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(ips[0], "10.20.1.50");
+    assert!(
+        ips[1] != ips[2] && ips[1] != ips[0] && ips[2] != ips[0],
+        "{ips:?}"
+    );
+    for ip in &ips[1..] {
+        let last: u8 = ip.rsplit('.').next().unwrap().parse().unwrap();
+        assert!((4..255).contains(&last), "{ip} is a reserved address");
+    }
+}
