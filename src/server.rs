@@ -201,11 +201,18 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         std::path::absolute(config.failover_dir()).unwrap_or_else(|_| config.failover_dir()),
         Duration::from_secs(config.failover.planned_wait_s),
     );
+    let plans = crate::failover::plan::Plans::new(
+        vault.clone(),
+        protection.clone(),
+        jobs.clone(),
+        failovers.clone(),
+    );
     let state = AppState {
         vault,
         protection,
         jobs,
         failovers,
+        plans,
         registry: Arc::new(RwLock::new(registry)),
         ingest_permits: Arc::new(Semaphore::new(config.ingest.max_inflight_blocks)),
         metrics,

@@ -417,3 +417,137 @@ fn planned_failover_waits_for_final_logs_and_addresses_never_collide() {
         assert!((4..255).contains(&last), "{ip} is a reserved address");
     }
 }
+
+#[test]
+fn recovery_plan_runs_groups_in_order_pauses_and_stops_on_a_failing_command() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let server = Server::start(dir, Some(NETWORKS));
+    let creds = server.add_host("hv", None);
+    let c = creds.to_str().unwrap();
+    let img = dir.join("d.raw");
+    raw_image(&img, 2 * 1024 * 1024, &[(0, 50_000)], 8);
+    for (i, vm) in ["web", "app", "db", "x1", "x2"].iter().enumerate() {
+        server.cli_ok(&[
+            "agent",
+            "protect",
+            "--creds",
+            c,
+            "--vm",
+            vm,
+            "--disk",
+            &format!("{}:d", img.display()),
+            "--nic",
+            &format!("network=corp,mac=00:15:5d:00:03:0{i}"),
+        ]);
+    }
+    let order = dir.join("order.txt");
+    let o = order.display().to_string();
+    server.cli_ok(&[
+        "plan",
+        "create",
+        "three-tier",
+        "--group",
+        "db",
+        "--group",
+        "app",
+        "--group",
+        "web",
+        "--post",
+        &format!("1:echo db-done >> {o}"),
+        "--pre",
+        &format!("2:echo app-start >> {o}"),
+        "--post",
+        &format!("2:echo app-done >> {o}"),
+        "--pause",
+        "3",
+    ]);
+    let started = server.cli_ok(&[
+        "failover",
+        "--plan",
+        "three-tier",
+        "--kind",
+        "unplanned",
+        "--point",
+        "latest-common",
+        "--no-wait",
+    ]);
+    let job = started.split_whitespace().last().unwrap().to_string();
+    let wait_state = |want: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let j: Value = serde_json::from_str(&server.cli_ok(&["jobs", &job, "--json"])).unwrap();
+            if j["state"] == want {
+                return j;
+            }
+            assert!(j["state"] != "failed" || want == "failed", "{j}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "plan job never reached {want}: {j}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    wait_state("waiting_for_input");
+    assert_eq!(
+        std::fs::read_to_string(&order).unwrap(),
+        "db-done\napp-start\napp-done\n",
+        "groups 1 and 2 ran in order"
+    );
+    assert!(
+        String::from_utf8_lossy(&server.cli(&["failover", "show", "--vm", "web"]).stderr)
+            .contains("failover_not_found"),
+        "group 3 waits for the manual action"
+    );
+    server.cli_ok(&["jobs", "resume", &job]);
+    let j = wait_state("succeeded");
+    assert!(
+        j["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["state"] == "succeeded"),
+        "{j}"
+    );
+    for vm in ["db", "app", "web"] {
+        let v: Value =
+            serde_json::from_str(&server.cli_ok(&["failover", "show", "--vm", vm, "--json"]))
+                .unwrap();
+        assert_eq!(v["record"]["state"], "succeeded", "{vm}");
+    }
+
+    // A failing pre-command stops the plan before anything fails over.
+    server.cli_ok(&[
+        "plan", "create", "broken", "--group", "x1", "--group", "x2", "--pre", "1:exit 3",
+    ]);
+    let o = server.cli(&["failover", "--plan", "broken", "--kind", "unplanned"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("exited with"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for vm in ["x1", "x2"] {
+        assert!(
+            !server
+                .cli(&["failover", "show", "--vm", vm])
+                .status
+                .success(),
+            "{vm} must not be failed over"
+        );
+    }
+    assert!(
+        !server
+            .cli(&["plan", "create", "dup", "--group", "x1,x1"])
+            .status
+            .success(),
+        "a VM twice is refused"
+    );
+    assert!(
+        !server
+            .cli(&["plan", "create", "ghost", "--group", "nope"])
+            .status
+            .success(),
+        "unknown VMs are refused"
+    );
+}

@@ -35,6 +35,7 @@ pub struct AppState {
     pub protection: Protection,
     pub jobs: Jobs,
     pub failovers: crate::failover::service::Failovers,
+    pub plans: crate::failover::plan::Plans,
     /// Cached registry (this server is its writer; updates go through `routes::update_registry`).
     pub registry: Arc<RwLock<Registry>>,
     /// Bounds block bodies held in memory (config `ingest.max_inflight_blocks`).

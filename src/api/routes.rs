@@ -52,6 +52,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/vms/{vm}/merge", post(merge_vm))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/resume", post(resume_job))
+        .route("/v1/plans", get(list_plans).post(create_plan))
+        .route("/v1/plans/{name}", get(get_plan))
+        .route("/v1/plans/{name}/failover", post(start_plan))
         .route(
             "/v1/agent/vms/{vm}",
             put(enable_protection).get(agent_get_vm),
@@ -817,4 +821,61 @@ async fn commit_failover(
     name("VM", &vm)?;
     s.protection.vm_for(None, &vm).await?;
     Ok(Json(s.failovers.commit(&vm).await?))
+}
+
+async fn resume_job(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<crate::jobs::Job>> {
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(Error::invalid("invalid_job_id", format!("{id:?} is not a job id")).into());
+    }
+    Ok(Json(s.jobs.resume(&id).await?))
+}
+
+async fn list_plans(
+    _: Operator,
+    State(s): State<AppState>,
+) -> ApiResult<Json<Vec<crate::failover::plan::Plan>>> {
+    Ok(Json(s.plans.list().await?))
+}
+
+async fn create_plan(
+    _: Operator,
+    State(s): State<AppState>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<crate::failover::plan::Plan>)> {
+    let plan: crate::failover::plan::Plan = read_json(body).await?;
+    Ok((StatusCode::CREATED, Json(s.plans.create(plan).await?)))
+}
+
+async fn get_plan(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(p): Path<String>,
+) -> ApiResult<Json<crate::failover::plan::Plan>> {
+    name("plan", &p)?;
+    Ok(Json(s.plans.get(&p).await?))
+}
+
+#[derive(Serialize)]
+struct Started {
+    job: String,
+}
+
+async fn start_plan(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(p): Path<String>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<Started>)> {
+    name("plan", &p)?;
+    let req: crate::failover::plan::PlanFailoverRequest = read_json(body).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Started {
+            job: s.plans.start(&p, req).await?,
+        }),
+    ))
 }

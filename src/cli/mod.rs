@@ -72,8 +72,11 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// List jobs, newest first, or show one (operator).
+    /// List jobs, newest first, or show one; `jobs resume ID` continues a paused job (operator).
+    #[command(args_conflicts_with_subcommands = true)]
     Jobs {
+        #[command(subcommand)]
+        cmd: Option<JobsCmd>,
         /// A job id to show in detail.
         id: Option<String>,
         #[arg(long)]
@@ -117,6 +120,13 @@ enum Cmd {
         cmd: Option<FailoverCmd>,
         #[command(flatten)]
         start: FailoverStart,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Recovery plans: groups of VMs failed over in order (operator).
+    Plan {
+        #[command(subcommand)]
+        cmd: PlanCmd,
         #[command(flatten)]
         conn: Conn,
     },
@@ -215,10 +225,43 @@ struct AgentConn {
     give_up_after: Duration,
 }
 
+#[derive(Subcommand)]
+enum JobsCmd {
+    /// Continue a job waiting for a manual action (a recovery plan pause).
+    Resume { id: String },
+}
+
+#[derive(Subcommand)]
+enum PlanCmd {
+    /// Create a plan: --group VM,VM --group VM … (groups fail over in this order).
+    Create {
+        name: String,
+        #[arg(long = "group", required = true)]
+        groups: Vec<String>,
+        /// N:COMMAND run before group N (1-based); a failure stops the plan.
+        #[arg(long = "pre")]
+        pre: Vec<String>,
+        /// N:COMMAND run after group N.
+        #[arg(long = "post")]
+        post: Vec<String>,
+        /// Pause before group N for a manual action (`drvault jobs resume ID`).
+        #[arg(long = "pause")]
+        pause: Vec<usize>,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(clap::Args)]
 struct FailoverStart {
     #[arg(long)]
     vm: Option<String>,
+    /// Fail over a recovery plan instead of one VM (--point latest-common: the latest cycle
+    /// every VM of the plan has).
+    #[arg(long, conflicts_with = "vm")]
+    plan: Option<String>,
     /// test (drill on the test network, VM keeps replicating), planned (waits for every disk's
     /// --final log: no data loss), unplanned (latest point now, or --point).
     #[arg(long, value_parser = ["test", "planned", "unplanned"])]
@@ -423,7 +466,29 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Host { cmd, conn } => host(cmd, conn).await,
         Cmd::Provider { cmd, conn } => provider(cmd, conn).await,
         Cmd::Vms { name, json, conn } => vms(name, json, conn).await,
-        Cmd::Jobs { id, vm, json, conn } => jobs(id, vm, json, conn).await,
+        Cmd::Jobs {
+            cmd: Some(JobsCmd::Resume { id }),
+            conn,
+            ..
+        } => {
+            let j: crate::jobs::Job = conn
+                .client()?
+                .send_json(
+                    Method::POST,
+                    &format!("/v1/jobs/{id}/resume"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!("job {} ({}) resumed", j.id, j.title);
+            Ok(0)
+        }
+        Cmd::Jobs {
+            cmd: None,
+            id,
+            vm,
+            json,
+            conn,
+        } => jobs(id, vm, json, conn).await,
         Cmd::Export {
             vm,
             disk,
@@ -506,6 +571,7 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Hrl { cmd } => hrl_cmd(cmd).await,
         Cmd::Failover { cmd, start, conn } => failover_cmd(cmd, start, conn).await,
+        Cmd::Plan { cmd, conn } => plan_cmd(cmd, conn).await,
         Cmd::Vm {
             cmd:
                 VmCmd::Set {
@@ -923,9 +989,42 @@ async fn failover_cmd(cmd: Option<FailoverCmd>, start: FailoverStart, conn: Conn
             }
             Ok(0)
         }
+        None if start.plan.is_some() => {
+            let plan = start.plan.unwrap_or_default();
+            let kind = start
+                .kind
+                .ok_or_else(|| anyhow::anyhow!("--kind test|planned|unplanned is required"))?;
+            #[derive(serde::Deserialize)]
+            struct Started {
+                job: String,
+            }
+            let s: Started = c
+                .send_json(
+                    Method::POST,
+                    &format!("/v1/plans/{plan}/failover"),
+                    &serde_json::json!({"kind": kind, "point": start.point}),
+                )
+                .await?;
+            if start.no_wait {
+                println!("plan {plan} {kind} failover started: job {}", s.job);
+                return Ok(0);
+            }
+            let job = wait_job(&c, &s.job).await?;
+            for st in &job.steps {
+                println!("  {:<18} {}", st.state.as_str(), st.name);
+            }
+            if job.state != crate::jobs::JobState::Succeeded {
+                let e = job.error.map(|e| e.message).unwrap_or_default();
+                bail!("plan {plan} failed: {e}");
+            }
+            println!("plan {plan}: {kind} failover succeeded");
+            Ok(0)
+        }
         None => {
             let vm = start.vm.ok_or_else(|| {
-                anyhow::anyhow!("--vm is required (or a subcommand: cleanup, commit, show)")
+                anyhow::anyhow!(
+                    "--vm or --plan is required (or a subcommand: cleanup, commit, show)"
+                )
             })?;
             let kind = start
                 .kind
@@ -964,6 +1063,80 @@ async fn failover_cmd(cmd: Option<FailoverCmd>, start: FailoverStart, conn: Conn
             Ok(0)
         }
     }
+}
+
+async fn plan_cmd(cmd: PlanCmd, conn: Conn) -> Result<i32> {
+    use crate::failover::plan::{Plan, PlanGroup};
+    let c = conn.client()?;
+    match cmd {
+        PlanCmd::Create {
+            name,
+            groups,
+            pre,
+            post,
+            pause,
+        } => {
+            let mut gs: Vec<PlanGroup> = groups
+                .iter()
+                .map(|g| PlanGroup {
+                    vms: g
+                        .split(',')
+                        .map(|v| v.trim().to_string())
+                        .filter(|v| !v.is_empty())
+                        .collect(),
+                    pre: None,
+                    post: None,
+                    pause_before: false,
+                })
+                .collect();
+            let slot = |spec: &str, gs: &mut Vec<PlanGroup>| -> Result<(usize, String)> {
+                let (n, cmd) = spec
+                    .split_once(':')
+                    .ok_or_else(|| anyhow::anyhow!("{spec:?}: expected N:COMMAND"))?;
+                let n: usize = n
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{spec:?}: {n:?} is not a group number"))?;
+                if n == 0 || n > gs.len() {
+                    bail!("{spec:?}: the plan has groups 1 to {}", gs.len());
+                }
+                Ok((n - 1, cmd.to_string()))
+            };
+            for p in &pre {
+                let (i, cmd) = slot(p, &mut gs)?;
+                gs[i].pre = Some(cmd);
+            }
+            for p in &post {
+                let (i, cmd) = slot(p, &mut gs)?;
+                gs[i].post = Some(cmd);
+            }
+            for &n in &pause {
+                if n == 0 || n > gs.len() {
+                    bail!("--pause {n}: the plan has groups 1 to {}", gs.len());
+                }
+                gs[n - 1].pause_before = true;
+            }
+            let p: Plan = c
+                .send_json(Method::POST, "/v1/plans", &Plan { name, groups: gs })
+                .await?;
+            println!("plan {} created with {} groups", p.name, p.groups.len());
+        }
+        PlanCmd::List { json } => {
+            let plans: Vec<Plan> = c.get_json("/v1/plans").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plans)?);
+            } else {
+                for p in &plans {
+                    let groups: Vec<String> = p
+                        .groups
+                        .iter()
+                        .map(|g| format!("[{}]", g.vms.join(",")))
+                        .collect();
+                    println!("{:<20} {}", p.name, groups.join(" -> "));
+                }
+            }
+        }
+    }
+    Ok(0)
 }
 
 /// Follows a job until it ends, showing its progress.

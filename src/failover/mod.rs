@@ -11,4 +11,5 @@
 pub mod definition;
 pub mod ipam;
 pub mod network;
+pub mod plan;
 pub mod service;

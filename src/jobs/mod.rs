@@ -105,6 +105,8 @@ pub struct Job {
 pub struct Jobs {
     records: Records,
     cache: Arc<RwLock<BTreeMap<String, Job>>>,
+    /// Jobs an operator resumed (`drvault jobs resume`), consumed by the waiting job.
+    resumed: Arc<RwLock<std::collections::BTreeSet<String>>>,
 }
 
 impl Jobs {
@@ -123,6 +125,7 @@ impl Jobs {
         Ok(Jobs {
             records,
             cache: Arc::new(RwLock::new(cache)),
+            resumed: Default::default(),
         })
     }
 
@@ -229,6 +232,27 @@ impl Jobs {
         if let Some(j) = self.cache.write().await.get_mut(id) {
             j.progress = progress.clamp(0.0, 1.0);
         }
+    }
+
+    /// Resumes a job waiting for a manual action.
+    pub async fn resume(&self, id: &str) -> Result<Job> {
+        let j = self
+            .get(id)
+            .await
+            .ok_or_else(|| Error::not_found("job_not_found", format!("job {id} not found")))?;
+        if j.state != JobState::WaitingForInput {
+            return Err(Error::conflict(
+                "job_not_waiting",
+                format!("job {id} is {}, not waiting for input", j.state.as_str()),
+            ));
+        }
+        self.resumed.write().await.insert(id.to_string());
+        Ok(j)
+    }
+
+    /// Whether the job was resumed (clears the flag).
+    pub async fn take_resume(&self, id: &str) -> bool {
+        self.resumed.write().await.remove(id)
     }
 
     pub async fn get(&self, id: &str) -> Option<Job> {
