@@ -289,6 +289,16 @@ mod tests {
     }
 
     #[test]
+    fn network_mistakes_name_their_line() {
+        let text = "[[network]]\nname = \"n\"\naddress_space = [\"10.0.0.0/16\"]\n  [[network.subnet]]\n  name = \"s\"\n  prefix = \"10.0.1.0/24\"\n  gateway = \"10.0.2.1\"\n";
+        let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("line 7"), "{e}");
+        let text = "[[network]]\nname = \"n\"\naddress_space = [\"10.0.0.0/16\"]\n  [[network.subnet]]\n  name = \"s\"\n  prefix = \"10.0.1.0/24\"\n[[mapping]]\nsource = \"corp\"\ntarget = \"n/nope\"\n";
+        let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+        assert!(e.contains("line 9"), "{e}");
+    }
+
+    #[test]
     fn shipped_examples_parse() {
         for f in ["config/drvault.example.toml", "config/azure.example.toml"] {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
