@@ -276,6 +276,8 @@ fn planned_failover_waits_for_final_logs_and_addresses_never_collide() {
         c,
         "--vm",
         "lost",
+        "--generation",
+        "1",
         "--disk",
         &format!("{}:d", img.display()),
         "--nic",
@@ -283,6 +285,43 @@ fn planned_failover_waits_for_final_logs_and_addresses_never_collide() {
     ]);
     let o = server.cli(&["failover", "--vm", "lost", "--kind", "unplanned"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("network_unmapped"));
+    // A per-NIC override kept with the VM: a bad target or NIC index is refused and changes
+    // nothing; a configured target subnet plus a public address makes the failover work.
+    let o = server.cli(&["vm", "nic", "lost", "0", "--target", "recovery-vnet/nope"]);
+    assert!(
+        o.status.success(),
+        "the override is stored; the target is checked at failover"
+    );
+    let o = server.cli(&["failover", "--vm", "lost", "--kind", "unplanned"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unknown_target_subnet"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = server.cli(&["vm", "nic", "lost", "3", "--skip"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nic_not_found"));
+    server.cli_ok(&[
+        "vm",
+        "nic",
+        "lost",
+        "0",
+        "--target",
+        "recovery-vnet/app",
+        "--public",
+    ]);
+    server.cli_ok(&["failover", "--vm", "lost", "--kind", "unplanned"]);
+    let (v, out) = definition_dir(&server, "lost");
+    let nic = &v["definition"]["nics"][0];
+    assert_eq!(nic["network"], "recovery-vnet", "{v}");
+    assert_eq!(nic["public_ip"], true, "{v}");
+    let ip: std::net::Ipv4Addr = nic["ip"].as_str().unwrap().parse().unwrap();
+    let port = 20000 + (u32::from(ip) & 0x7fff);
+    let qemu = std::fs::read_to_string(out.join("qemu.sh"))
+        .unwrap_or_else(|e| panic!("qemu.sh: {e}\n{}", server.log()));
+    assert!(
+        qemu.contains(&format!("hostfwd=tcp:0.0.0.0:{port}-{ip}:22")),
+        "{qemu}"
+    );
     let o = server.cli(&[
         "failover",
         "--vm",

@@ -44,6 +44,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/vms/{vm}/disks/{disk}/blocks/{index}", get(get_block))
         .route("/v1/vms/{vm}/points", get(list_points))
         .route(
+            "/v1/vms/{vm}/nics/{index}",
+            put(set_nic_override).delete(clear_nic_override),
+        )
+        .route(
             "/v1/vms/{vm}/failover",
             get(show_failover).post(start_failover),
         )
@@ -878,4 +882,30 @@ async fn start_plan(
             job: s.plans.start(&p, req).await?,
         }),
     ))
+}
+
+async fn set_nic_override(
+    _: Operator,
+    State(s): State<AppState>,
+    Path((vm, idx)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Json<crate::protection::VmView>> {
+    name("VM", &vm)?;
+    let i = u32::try_from(index(&idx)?)
+        .map_err(|_| Error::invalid("invalid_index", "NIC index too large"))?;
+    let o: crate::failover::definition::NicOptions = read_json(body).await?;
+    let rec = s.protection.set_nic_override(&vm, i, Some(o)).await?;
+    Ok(Json(s.protection.view(&rec).await))
+}
+
+async fn clear_nic_override(
+    _: Operator,
+    State(s): State<AppState>,
+    Path((vm, idx)): Path<(String, String)>,
+) -> ApiResult<Json<crate::protection::VmView>> {
+    name("VM", &vm)?;
+    let i = u32::try_from(index(&idx)?)
+        .map_err(|_| Error::invalid("invalid_index", "NIC index too large"))?;
+    let rec = s.protection.set_nic_override(&vm, i, None).await?;
+    Ok(Json(s.protection.view(&rec).await))
 }

@@ -305,6 +305,26 @@ enum FailoverCmd {
 
 #[derive(Subcommand)]
 enum VmCmd {
+    /// Set a NIC's failover override (kept with the VM): target subnet, static target IP, a
+    /// public address (host port forward), or do-not-create. --clear removes it.
+    Nic {
+        name: String,
+        index: u32,
+        /// Target network/subnet instead of the mapping's.
+        #[arg(long)]
+        target: Option<String>,
+        /// Static target IP.
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+        /// Give the NIC a public address (a host port forward in the qemu command).
+        #[arg(long)]
+        public: bool,
+        /// Do not create this NIC at failover.
+        #[arg(long)]
+        skip: bool,
+        #[arg(long)]
+        clear: bool,
+    },
     /// Set the replication interval, retention window or app-consistent frequency.
     Set {
         name: String,
@@ -572,6 +592,36 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Hrl { cmd } => hrl_cmd(cmd).await,
         Cmd::Failover { cmd, start, conn } => failover_cmd(cmd, start, conn).await,
         Cmd::Plan { cmd, conn } => plan_cmd(cmd, conn).await,
+        Cmd::Vm {
+            cmd:
+                VmCmd::Nic {
+                    name,
+                    index,
+                    target,
+                    ip,
+                    public,
+                    skip,
+                    clear,
+                },
+            conn,
+        } => {
+            let c = conn.client()?;
+            let path = format!("/v1/vms/{name}/nics/{index}");
+            if clear {
+                c.delete(&path).await?;
+                println!("NIC {index} of {name}: override removed");
+            } else {
+                let o = crate::failover::definition::NicOptions {
+                    static_ip: ip,
+                    public_ip: public,
+                    target,
+                    skip,
+                };
+                let _: VmView = c.send_json(Method::PUT, &path, &o).await?;
+                println!("NIC {index} of {name}: override set");
+            }
+            Ok(0)
+        }
         Cmd::Vm {
             cmd:
                 VmCmd::Set {

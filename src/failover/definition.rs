@@ -218,6 +218,25 @@ pub struct NicOptions {
     pub static_ip: Option<Ipv4Addr>,
     #[serde(default)]
     pub public_ip: bool,
+    /// Target `network/subnet` instead of the mapping's (planned and unplanned failovers; drills
+    /// always use the mapping's test target).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Do not create this NIC on the failed-over VM.
+    #[serde(default)]
+    pub skip: bool,
+}
+
+impl NicOptions {
+    /// `self` where set, else `base` (request options over the VM's stored overrides).
+    pub fn over(&self, base: &NicOptions) -> NicOptions {
+        NicOptions {
+            static_ip: self.static_ip.or(base.static_ip),
+            public_ip: self.public_ip || base.public_ip,
+            target: self.target.clone().or_else(|| base.target.clone()),
+            skip: self.skip || base.skip,
+        }
+    }
 }
 
 /// libvirt (and qemu) refuse group MACs: the low bit of the first octet.
@@ -262,7 +281,28 @@ pub fn assign_nics(
                     format!("NIC {i} of VM {vm}: MAC {:?} is not a unicast MAC", nic.mac),
                 )
             })?;
-        let (net, subnet) = config.target_for(&nic.network, test).ok_or_else(|| {
+        if opts.skip {
+            continue;
+        }
+        let overridden = match (&opts.target, test) {
+            (Some(t), false) => {
+                let found = t.split_once('/').and_then(|(n, s)| {
+                    config
+                        .network(n)
+                        .and_then(|net| net.subnet(s).map(|sub| (net, sub)))
+                });
+                Some(found.ok_or_else(|| {
+                    Error::invalid(
+                        "unknown_target_subnet",
+                        format!(
+                            "NIC {i} of VM {vm}: target {t:?} is not a configured network/subnet"
+                        ),
+                    )
+                })?)
+            }
+            _ => None,
+        };
+        let (net, subnet) = overridden.or_else(|| config.target_for(&nic.network, test)).ok_or_else(|| {
             let which = if test { "test_target" } else { "target" };
             Error::invalid(
                 "network_unmapped",
@@ -835,6 +875,54 @@ target = "recovery-vnet/db"
         NetworkConfig::from_toml(CONFIG).unwrap()
     }
 
+    #[test]
+    fn nic_overrides_skip_a_nic_and_move_one_to_another_subnet() {
+        let fo = FailoverInfo::new(FailoverKind::Unplanned, "u1", "rp", 0);
+        let opts: BTreeMap<u32, NicOptions> = [
+            (
+                0,
+                NicOptions {
+                    target: Some("recovery-vnet/db".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                1,
+                NicOptions {
+                    skip: true,
+                    ..Default::default()
+                },
+            ),
+        ]
+        .into();
+        let mut allocs = Allocations::new();
+        let nics = assign_nics(&config(), &mut allocs, "web01", &spec(1, 1), &fo, &opts).unwrap();
+        assert_eq!(nics.len(), 1, "NIC 1 is skipped");
+        assert_eq!((nics[0].index, nics[0].subnet.as_str()), (0, "db"));
+        assert!(nics[0].ip.octets()[..3] == [10, 20, 2], "{}", nics[0].ip);
+
+        // A drill ignores the target override (drills stay on the test network).
+        let drill = FailoverInfo::new(FailoverKind::Test, "t1", "rp", 0);
+        let mut allocs = Allocations::new();
+        let nics =
+            assign_nics(&config(), &mut allocs, "web01", &spec(1, 1), &drill, &opts).unwrap();
+        assert_eq!(nics[0].network, "drill-vnet");
+
+        // An unknown target is refused and allocates nothing.
+        let bad: BTreeMap<u32, NicOptions> = [(
+            0,
+            NicOptions {
+                target: Some("recovery-vnet/nope".into()),
+                ..Default::default()
+            },
+        )]
+        .into();
+        let mut allocs = Allocations::new();
+        let e = assign_nics(&config(), &mut allocs, "web01", &spec(1, 1), &fo, &bad).unwrap_err();
+        assert_eq!(e.code(), "unknown_target_subnet");
+        assert!(allocs.is_empty());
+    }
+
     fn spec(generation: u8, disks: usize) -> VmSpec {
         VmSpec {
             generation,
@@ -892,6 +980,7 @@ target = "recovery-vnet/db"
             NicOptions {
                 static_ip: None,
                 public_ip: true,
+                ..Default::default()
             },
         )]
         .into();
@@ -975,6 +1064,7 @@ target = "recovery-vnet/db"
             NicOptions {
                 static_ip: Some("10.20.1.9".parse().unwrap()),
                 public_ip: false,
+                ..Default::default()
             },
         )]
         .into();

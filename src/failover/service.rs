@@ -173,7 +173,12 @@ impl Failovers {
                 .await?;
         }
         let test = req.kind == FailoverKind::Test;
+        let opts = merged_nic_options(&rec, &req);
         for (i, n) in rec.spec.nics.iter().enumerate() {
+            let o = opts.get(&(i as u32)).cloned().unwrap_or_default();
+            if o.skip || (!test && o.target.is_some()) {
+                continue;
+            }
             if self.networks.target_for(&n.network, test).is_none() {
                 return Err(Error::invalid(
                     "network_unmapped",
@@ -355,7 +360,7 @@ impl Failovers {
         let info = FailoverInfo::new(req.kind, &rec.id, &point.id, point.time_unix);
         let nets = self.networks.clone();
         let spec = vmrec.spec.clone();
-        let nic_opts = req.nics.clone();
+        let nic_opts = merged_nic_options(&vmrec, req);
         let mut assigned = None;
         self.vault
             .records
@@ -414,9 +419,11 @@ impl Failovers {
                 )?);
             }
         }
-        let forwards: Vec<definition::HostForward> = Vec::new();
-        if let Ok(cmd) = definition::qemu_command(&def, &forwards) {
-            files.push(write(
+        match definition::qemu_command(&def, &public_forwards(&def)) {
+            Err(e) => {
+                tracing::warn!(vm = %def.name, error = %e, "no qemu.sh: the definition cannot run under qemu here")
+            }
+            Ok(cmd) => files.push(write(
                 "qemu.sh",
                 &format!(
                     "#!/bin/sh\nexec {}\n",
@@ -425,7 +432,7 @@ impl Failovers {
                         .collect::<Vec<_>>()
                         .join(" ")
                 ),
-            )?);
+            )?),
         }
         self.jobs
             .step(&rec.job, "Write VM definition", JobState::Succeeded)
@@ -659,6 +666,35 @@ impl Failovers {
             qemu_command: qemu,
         })
     }
+}
+
+/// The VM's stored NIC overrides with the request's on top.
+fn merged_nic_options(
+    rec: &crate::protection::VmRecord,
+    req: &FailoverRequest,
+) -> BTreeMap<u32, NicOptions> {
+    let mut out = rec.nic_overrides.clone();
+    for (i, o) in &req.nics {
+        let base = out.get(i).cloned().unwrap_or_default();
+        out.insert(*i, o.over(&base));
+    }
+    out
+}
+
+/// Host port for a NIC's public address: 20000 + the low 15 bits of its address, so every
+/// address of a /17 gets its own port; forwarded to the guest's SSH port (22).
+pub fn public_forwards(def: &VmDefinition) -> Vec<definition::HostForward> {
+    def.nics
+        .iter()
+        .filter(|n| n.public_ip)
+        .map(|n| definition::HostForward {
+            nic_index: n.index,
+            proto: definition::Proto::Tcp,
+            host_addr: std::net::Ipv4Addr::UNSPECIFIED,
+            host_port: 20000 + (u32::from(n.ip) & 0x7fff) as u16,
+            guest_port: 22,
+        })
+        .collect()
 }
 
 fn shell_quote(s: &str) -> String {

@@ -76,6 +76,9 @@ pub struct VmRecord {
     pub protected_unix: Option<u64>,
     pub enable_job: String,
     pub finalize_job: Option<String>,
+    /// Per-NIC failover overrides by NIC index (target subnet, static IP, public address, skip).
+    #[serde(default)]
+    pub nic_overrides: BTreeMap<u32, crate::failover::definition::NicOptions>,
 }
 
 /// The vault's record of one disk.
@@ -364,6 +367,7 @@ impl Protection {
             protected_unix: None,
             enable_job: job.id.clone(),
             finalize_job: None,
+            nic_overrides: BTreeMap::new(),
         };
         if !self
             .vault
@@ -466,30 +470,16 @@ impl Protection {
             .await?;
         let now = crate::util::unix_now();
         let jid = job.id.clone();
-        let updated = self
-            .vault
-            .records
-            .update(
-                &layout::record(Family::Vm, &rec.id),
-                |cur: Option<&VmRecord>| {
-                    let mut r = cur
-                        .cloned()
-                        .ok_or_else(|| Error::not_found("vm_not_found", "VM record vanished"))?;
-                    if r.state == VmState::Protected {
-                        return Ok(None);
-                    }
-                    r.state = VmState::Protected;
-                    r.protected_unix = Some(now);
-                    r.finalize_job = Some(jid.clone());
-                    Ok(Some(r))
-                },
-            )
-            .await?
-            .ok_or_else(|| Error::internal("VM record missing after update"))?;
-        self.vms
-            .write()
-            .await
-            .insert(vm.to_string(), updated.value.clone());
+        self.update_vm(vm, |r| {
+            if r.state == VmState::Protected {
+                return Ok(false);
+            }
+            r.state = VmState::Protected;
+            r.protected_unix = Some(now);
+            r.finalize_job = Some(jid.clone());
+            Ok(true)
+        })
+        .await?;
         self.jobs.succeed(&job.id).await?;
         if let Some(j) = self.jobs.get(&rec.enable_job).await {
             if !j.state.is_final() {
@@ -500,8 +490,13 @@ impl Protection {
         Ok(())
     }
 
-    /// Sets a VM's state (failover commit).
-    pub async fn set_state(&self, vm: &str, state: VmState) -> Result<()> {
+    /// Read-modify-write of a VM record (compare-and-swap retried); `f` returns `false` to leave
+    /// it unchanged. The cache is refreshed with the result.
+    pub(crate) async fn update_vm(
+        &self,
+        vm: &str,
+        f: impl Fn(&mut VmRecord) -> Result<bool>,
+    ) -> Result<VmRecord> {
         let rec = self.vm_for(None, vm).await?;
         let updated = self
             .vault
@@ -512,14 +507,50 @@ impl Protection {
                     let mut r = cur
                         .cloned()
                         .ok_or_else(|| Error::not_found("vm_not_found", "VM record vanished"))?;
-                    r.state = state;
-                    Ok(Some(r))
+                    Ok(f(&mut r)?.then_some(r))
                 },
             )
             .await?
             .ok_or_else(|| Error::internal("VM record missing after update"))?;
-        self.vms.write().await.insert(vm.to_string(), updated.value);
+        self.vms
+            .write()
+            .await
+            .insert(vm.to_string(), updated.value.clone());
+        Ok(updated.value)
+    }
+
+    /// Sets a VM's state (failover commit).
+    pub async fn set_state(&self, vm: &str, state: VmState) -> Result<()> {
+        self.update_vm(vm, |r| {
+            r.state = state;
+            Ok(true)
+        })
+        .await?;
         Ok(())
+    }
+
+    /// Sets (or with `None` clears) the failover override of one NIC (operator).
+    pub async fn set_nic_override(
+        &self,
+        vm: &str,
+        index: u32,
+        o: Option<crate::failover::definition::NicOptions>,
+    ) -> Result<VmRecord> {
+        let rec = self.vm_for(None, vm).await?;
+        if index as usize >= rec.spec.nics.len() {
+            return Err(Error::not_found(
+                "nic_not_found",
+                format!("VM {vm} has no NIC {index} ({} NICs)", rec.spec.nics.len()),
+            ));
+        }
+        self.update_vm(vm, |r| {
+            match &o {
+                Some(o) => r.nic_overrides.insert(index, o.clone()),
+                None => r.nic_overrides.remove(&index),
+            };
+            Ok(true)
+        })
+        .await
     }
 
     /// Changes a VM's replication policy (operator). Validated like at enable time.
@@ -537,26 +568,13 @@ impl Protection {
         }
         policy.validate()?;
         let updated = self
-            .vault
-            .records
-            .update(
-                &layout::record(Family::Vm, &rec.id),
-                |cur: Option<&VmRecord>| {
-                    let mut r = cur
-                        .cloned()
-                        .ok_or_else(|| Error::not_found("vm_not_found", "VM record vanished"))?;
-                    r.spec.policy = Some(policy.clone());
-                    Ok(Some(r))
-                },
-            )
-            .await?
-            .ok_or_else(|| Error::internal("VM record missing after update"))?;
-        self.vms
-            .write()
-            .await
-            .insert(vm.to_string(), updated.value.clone());
+            .update_vm(vm, |r| {
+                r.spec.policy = Some(policy.clone());
+                Ok(true)
+            })
+            .await?;
         tracing::info!(vm, ?policy, "replication policy changed");
-        Ok(self.view(&updated.value).await)
+        Ok(self.view(&updated).await)
     }
 
     pub async fn list(&self) -> Vec<VmView> {
