@@ -206,6 +206,18 @@ impl Client {
             .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
+    /// POST a JSON body; raw bytes back.
+    pub async fn post_json_bytes<B: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<Bytes, ClientError> {
+        let r = self.send(self.req(Method::POST, path).json(body)).await?;
+        r.bytes()
+            .await
+            .map_err(|e| ClientError::Transport(error_chain(&e)))
+    }
+
     /// GET raw bytes and the response headers.
     pub async fn get_bytes(
         &self,

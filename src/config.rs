@@ -36,6 +36,8 @@ pub struct Config {
     pub replica: ReplicaConfig,
     #[serde(default)]
     pub failover: FailoverConfig,
+    #[serde(default)]
+    pub resync: ResyncConfig,
     /// Target virtual networks (`[[network]]`, see failover::network).
     #[serde(default)]
     pub network: Vec<crate::failover::network::TargetNetwork>,
@@ -60,6 +62,33 @@ impl Default for FailoverConfig {
             output_dir: None,
             planned_wait_s: 3600,
         }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResyncConfig {
+    /// Off-hours window in server local time, `HH:MM-HH:MM` (wrapping past midnight); resyncs
+    /// wait for it unless started with `--now`. Empty: start at once.
+    pub window: String,
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        ResyncConfig {
+            window: "22:00-06:00".into(),
+        }
+    }
+}
+
+impl ResyncConfig {
+    pub fn window(&self) -> Result<Option<crate::protection::resync::Window>, ConfigError> {
+        if self.window.trim().is_empty() {
+            return Ok(None);
+        }
+        crate::protection::resync::Window::parse(&self.window)
+            .map(Some)
+            .map_err(ConfigError::Invalid)
     }
 }
 
@@ -217,6 +246,7 @@ impl Config {
                 "ingest.max_inflight_blocks and server.max_connections must be at least 1".into(),
             ));
         }
+        self.resync.window()?;
         if !["text", "json"].contains(&self.server.log_format.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "server.log_format {:?}: \"text\" or \"json\"",

@@ -78,6 +78,14 @@ impl Error {
             recoverable: false,
         }
     }
+    /// A conflict the agent waits out with back-off (resync in progress, for example).
+    pub fn conflict_recoverable(code: &'static str, message: impl Into<String>) -> Error {
+        Error::Conflict {
+            code,
+            message: message.into(),
+            recoverable: true,
+        }
+    }
     pub fn forbidden(message: impl Into<String>) -> Error {
         Error::Forbidden {
             message: message.into(),

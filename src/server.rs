@@ -167,7 +167,8 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         Default::default(),
     )
     .await?
-    .with_max_log_bytes(config.ingest.max_log_bytes);
+    .with_max_log_bytes(config.ingest.max_log_bytes)
+    .with_resync_window(config.resync.window()?);
     if config.replica.merge_interval_s > 0 {
         // Background merge: folds logs that left the retention window into base maps.
         let p = protection.clone();

@@ -546,12 +546,17 @@ async fn bad_logs_are_refused_and_change_nothing() {
         let v: Value = op.get_json(&format!("/v1/vms/{vm}")).await.unwrap();
         assert_eq!(v["health"], "Critical", "{vm}");
         assert!(v["disks"][0]["resync_required"].is_string());
-        // Later logs are refused until a resync.
-        let after = make_log(&[(0, vec![1u8; 512])], guid(50), guid(1));
-        assert_eq!(
-            refused(send_log(&host, vm, "d", &after, guid(50), None).await).1,
-            "resync_required"
+        // A resync session opened by itself; later logs wait for it (recoverable).
+        let r: Value = op.get_json(&format!("/v1/vms/{vm}/resync")).await.unwrap();
+        assert!(
+            ["scheduled", "active"].contains(&r["state"].as_str().unwrap()),
+            "{r}"
         );
+        let after = make_log(&[(0, vec![1u8; 512])], guid(50), guid(1));
+        let (_, code, recoverable) =
+            refused(send_log(&host, vm, "d", &after, guid(50), None).await);
+        assert_eq!(code, "resync_in_progress");
+        assert!(recoverable);
     }
     let b_points: Vec<Value> = op.get_json("/v1/vms/b/points").await.unwrap();
     assert_eq!(b_points.len(), 2, "the refused fork added no point");

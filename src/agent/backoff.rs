@@ -42,7 +42,22 @@ impl Backoff {
     }
 
     /// Runs `op` until it succeeds, fails with a non-recoverable error, or time runs out.
-    pub async fn retry<T, F, Fut>(&self, what: &str, mut op: F) -> Result<T, AgentError>
+    pub async fn retry<T, F, Fut>(&self, what: &str, op: F) -> Result<T, AgentError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, ClientError>>,
+    {
+        self.retry_unless(what, &[], op).await
+    }
+
+    /// As [`Backoff::retry`], but errors with one of `stop` codes end at once, recoverable or
+    /// not (a log refused because a resync is in progress must not be sent again later).
+    pub async fn retry_unless<T, F, Fut>(
+        &self,
+        what: &str,
+        stop: &[&str],
+        mut op: F,
+    ) -> Result<T, AgentError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
@@ -52,7 +67,9 @@ impl Backoff {
         loop {
             match op().await {
                 Ok(v) => return Ok(v),
-                Err(e) if !e.recoverable() => return Err(AgentError::Client(e)),
+                Err(e) if !e.recoverable() || e.code().is_some_and(|c| stop.contains(&c)) => {
+                    return Err(AgentError::Client(e))
+                }
                 Err(e) => {
                     if start.elapsed() >= self.give_up_after {
                         return Err(AgentError::GaveUp {

@@ -3,8 +3,10 @@
 //! back-off. Other agents can be written against the same API (docs/api.md).
 
 pub mod backoff;
+pub mod failback;
 pub mod protect;
 pub mod replicate;
+pub mod resync;
 
 use std::path::Path;
 
@@ -31,10 +33,12 @@ pub enum AgentError {
 
 impl AgentError {
     /// Exit code for the CLI: 2 for errors that need an operator (non-recoverable), 3 for
-    /// recoverable ones the agent gave up retrying, 1 otherwise.
+    /// recoverable ones the agent gave up retrying or must wait out (resync scheduled or in
+    /// progress), 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             AgentError::Client(e) if !e.recoverable() => 2,
+            AgentError::Client(_) => 3,
             AgentError::GaveUp { .. } => 3,
             _ => 1,
         }

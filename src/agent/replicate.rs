@@ -66,8 +66,10 @@ pub async fn replicate(
         query.join("&")
     );
     let p = path.to_path_buf();
+    // resync_in_progress: this log predates the resync, which will contain its changes; the
+    // agent drops it (exit code 3) and sends the next cycle's log after the resync.
     opts.backoff
-        .retry("send log", || {
+        .retry_unless("send log", &["resync_in_progress"], || {
             let p = p.clone();
             let url = url.clone();
             async move {

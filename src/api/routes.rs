@@ -54,6 +54,50 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/vms/{vm}/failover/cleanup", post(cleanup_failover))
         .route("/v1/vms/{vm}/failover/commit", post(commit_failover))
         .route("/v1/vms/{vm}/merge", post(merge_vm))
+        .route("/v1/vms/{vm}/resync", get(show_resync).post(start_resync))
+        .route("/v1/vms/{vm}/resync/cancel", post(cancel_resync))
+        .route("/v1/vms/{vm}/failback", get(show_failback))
+        .route("/v1/vms/{vm}/failback/commit", post(commit_failback))
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/failback",
+            get(agent_failback_view),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/failback/hashes",
+            get(agent_failback_hashes),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/failback/fine",
+            post(agent_failback_fine),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/failback/ranges",
+            post(agent_failback_ranges),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/failback/complete",
+            post(agent_failback_complete),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/resync",
+            get(agent_resync_view),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/resync/hashes",
+            get(agent_resync_hashes),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/resync/fine",
+            post(agent_resync_fine),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/resync/blocks/{index}",
+            put(agent_resync_patch),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/resync/complete",
+            post(agent_resync_complete),
+        )
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/resume", post(resume_job))
@@ -608,59 +652,10 @@ async fn agent_put_block(
     name("VM", &vm)?;
     name("disk", &disk)?;
     let i = index(&idx)?;
-    let claimed = headers
-        .get(BLAKE3_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(PlainHash::from_hex)
-        .ok_or_else(|| {
-            Error::invalid(
-                "missing_hash",
-                format!(
-                    "header {BLAKE3_HEADER} with the block's BLAKE3 (64 hex digits) is required"
-                ),
-            )
-        })?;
     // Authorization and geometry before reading a byte of the body.
     let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
-    let limit = d.block_size as usize;
-    if let Some(len) = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > limit as u64 {
-            return Err(Error::invalid(
-                "body_too_long",
-                format!("body of {len} bytes is longer than the {limit}-byte block"),
-            )
-            .into());
-        }
-    }
-    // Bound memory: wait for a permit before reading the body (pushes back on the socket).
-    let _permit = s
-        .ingest_permits
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| Error::internal("ingest closed"))?;
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(e) => {
-            let too_long = std::error::Error::source(&e)
-                .map(|s| s.is::<http_body_util::LengthLimitError>())
-                .unwrap_or(false)
-                || e.to_string().contains("length limit");
-            return Err(if too_long {
-                Error::invalid(
-                    "body_too_long",
-                    format!("body is longer than the {limit}-byte block"),
-                )
-            } else {
-                Error::invalid("body_incomplete", format!("request body was cut off: {e}"))
-            }
-            .into());
-        }
-    };
+    let (claimed, bytes, _permit) =
+        read_block_body(&s, &headers, body, d.block_size as usize, "block").await?;
     Ok(Json(
         s.protection
             .put_block(&host, &vm, &disk, i, claimed, bytes)
@@ -908,4 +903,281 @@ async fn clear_nic_override(
         .map_err(|_| Error::invalid("invalid_index", "NIC index too large"))?;
     let rec = s.protection.set_nic_override(&vm, i, None).await?;
     Ok(Json(s.protection.view(&rec).await))
+}
+
+/// The hash header and a body of at most `limit` bytes, read under an ingest permit (memory
+/// stays bounded: without a permit the body waits on the socket).
+async fn read_block_body(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    what: &str,
+) -> Result<(PlainHash, bytes::Bytes, tokio::sync::OwnedSemaphorePermit), Error> {
+    let claimed = headers
+        .get(BLAKE3_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(PlainHash::from_hex)
+        .ok_or_else(|| {
+            Error::invalid(
+                "missing_hash",
+                format!(
+                    "header {BLAKE3_HEADER} with the block's BLAKE3 (64 hex digits) is required"
+                ),
+            )
+        })?;
+    if let Some(len) = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(Error::invalid(
+                "body_too_long",
+                format!("body of {len} bytes is longer than the {limit}-byte {what} limit"),
+            ));
+        }
+    }
+    let permit = s
+        .ingest_permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| Error::internal("ingest closed"))?;
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let too_long = std::error::Error::source(&e)
+                .map(|s| s.is::<http_body_util::LengthLimitError>())
+                .unwrap_or(false)
+                || e.to_string().contains("length limit");
+            return Err(if too_long {
+                Error::invalid(
+                    "body_too_long",
+                    format!("body is longer than the {limit}-byte {what} limit"),
+                )
+            } else {
+                Error::invalid("body_incomplete", format!("request body was cut off: {e}"))
+            });
+        }
+    };
+    Ok((claimed, bytes, permit))
+}
+
+fn octets(bytes: bytes::Bytes) -> Response {
+    let mut resp = Body::from(bytes).into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    resp
+}
+
+async fn agent_resync_view(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+) -> ApiResult<Json<crate::protection::resync::ResyncDiskView>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    Ok(Json(
+        s.protection.resync_disk_view(&host, &vm, &disk).await?,
+    ))
+}
+
+async fn agent_resync_hashes(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    Ok(octets(s.protection.resync_hashes(&host, &vm, &disk).await?))
+}
+
+async fn agent_resync_fine(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Response> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let req: crate::protection::resync::FineRequest = read_json(body).await?;
+    Ok(octets(
+        s.protection.resync_fine(&host, &vm, &disk, &req).await?,
+    ))
+}
+
+async fn agent_resync_patch(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk, idx)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<crate::protection::resync::PatchAck>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let i = index(&idx)?;
+    let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
+    let limit = crate::replica::patch::max_patch_len(d.block_size as usize);
+    let (claimed, bytes, _permit) = read_block_body(&s, &headers, body, limit, "patch").await?;
+    Ok(Json(
+        s.protection
+            .resync_put_patch(&host, &vm, &disk, i, claimed, bytes)
+            .await?,
+    ))
+}
+
+async fn agent_resync_complete(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Json<crate::protection::resync::ResyncCompletion>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let req: crate::protection::resync::DigestRequest = read_json(body).await?;
+    Ok(Json(
+        s.protection
+            .resync_complete(&host, &vm, &disk, &req)
+            .await?,
+    ))
+}
+
+async fn start_resync(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+    body: Body,
+) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
+    name("VM", &vm)?;
+    let req: crate::protection::resync::ResyncRequest = read_json(body).await?;
+    Ok(Json(
+        s.protection
+            .start_resync(&vm, &req, "requested by the operator")
+            .await?,
+    ))
+}
+
+async fn show_resync(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
+    name("VM", &vm)?;
+    let v = s.protection.vm_for(None, &vm).await?;
+    Ok(Json(s.protection.resync_session(&v.id).await?.ok_or_else(
+        || {
+            Error::not_found(
+                "no_resync",
+                format!("VM {vm} has never been resynchronized"),
+            )
+        },
+    )?))
+}
+
+async fn cancel_resync(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
+    name("VM", &vm)?;
+    Ok(Json(s.protection.cancel_resync(&vm).await?))
+}
+
+async fn agent_failback_view(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+) -> ApiResult<Json<crate::failover::failback::FailbackDiskView>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    Ok(Json(s.failovers.failback_view(&host, &vm, &disk).await?))
+}
+
+async fn agent_failback_hashes(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    Ok(octets(
+        s.failovers.failback_hashes(&host, &vm, &disk).await?,
+    ))
+}
+
+async fn agent_failback_fine(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Response> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let req: crate::protection::resync::FineRequest = read_json(body).await?;
+    Ok(octets(
+        s.failovers.failback_fine(&host, &vm, &disk, &req).await?,
+    ))
+}
+
+async fn agent_failback_ranges(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Response> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let req: crate::failover::failback::RangeRequest = read_json(body).await?;
+    Ok(octets(
+        s.failovers.failback_ranges(&host, &vm, &disk, &req).await?,
+    ))
+}
+
+async fn agent_failback_complete(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Json<crate::failover::failback::FailbackRecord>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let req: crate::protection::resync::DigestRequest = read_json(body).await?;
+    Ok(Json(
+        s.failovers
+            .failback_complete(&host, &vm, &disk, &req)
+            .await?,
+    ))
+}
+
+async fn show_failback(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::failover::failback::FailbackRecord>> {
+    name("VM", &vm)?;
+    Ok(Json(s.failovers.failback_record(&vm).await?.ok_or_else(
+        || Error::not_found("no_failback", format!("VM {vm} has no failback")),
+    )?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FailbackCommitRequest {
+    /// Commit even if a disk was not synchronized (its on-premises copy is stale).
+    #[serde(default)]
+    force: bool,
+}
+
+async fn commit_failback(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+    body: Body,
+) -> ApiResult<Json<crate::failover::failback::FailbackRecord>> {
+    name("VM", &vm)?;
+    let req: FailbackCommitRequest = read_json(body).await?;
+    Ok(Json(s.failovers.failback_commit(&vm, req.force).await?))
 }

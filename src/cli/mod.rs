@@ -4,6 +4,7 @@
 
 pub mod hrl;
 pub mod operator;
+pub mod resync;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -136,6 +137,16 @@ enum Cmd {
         vm: String,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Resynchronize a VM's disks (compare checksums, send only differences): start a session,
+    /// --status, or --cancel (operator). Logs pause while a session is open.
+    Resync(resync::ResyncArgs),
+    /// After a committed failover: show or commit the failback to on-premises (operator).
+    Failback {
+        #[command(subcommand)]
+        cmd: resync::FailbackCmd,
         #[command(flatten)]
         conn: Conn,
     },
@@ -375,6 +386,12 @@ enum HrlCmd {
 
 #[derive(Subcommand)]
 enum AgentCmd {
+    /// Resynchronize one disk of an open resync session: fetch the replica's checksums, compare
+    /// with PATH, upload only differing 4 KiB pieces. Rerun to resume.
+    Resync(resync::AgentResyncArgs),
+    /// Bring an on-premises disk (PATH) up to date with the failed-over VM's disk, downloading
+    /// only what differs (--full: everything). Rerun to resume.
+    Failback(resync::AgentFailbackArgs),
     /// Send one disk's change log (MS-HRL) for a replication cycle.
     Replicate {
         #[command(flatten)]
@@ -566,6 +583,8 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Resync(a) => resync::resync_cmd(a).await,
+        Cmd::Failback { cmd, conn } => resync::failback_cmd(cmd, conn).await,
         Cmd::Merge {
             vm,
             all,
@@ -1310,6 +1329,8 @@ async fn agent(cmd: AgentCmd) -> Result<i32> {
             }
             Ok(0)
         }
+        AgentCmd::Resync(a) => resync::agent_resync(a).await,
+        AgentCmd::Failback(a) => resync::agent_failback(a).await,
         AgentCmd::Protect {
             conn,
             vm,

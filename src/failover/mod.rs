@@ -9,6 +9,7 @@
 //!   as libvirt domain/network XML and as a qemu command line.
 
 pub mod definition;
+pub mod failback;
 pub mod ipam;
 pub mod network;
 pub mod plan;

@@ -58,6 +58,8 @@ pub enum FailoverState {
     /// A drill whose output was removed; `drill_successful` says how it went.
     CleanedUp,
     Committed,
+    /// The VM failed back to on-premises and is protected again.
+    FailedBack,
 }
 
 /// The vault's record of a VM's current (latest) failover.
@@ -88,8 +90,9 @@ pub struct FailoverView {
 #[derive(Clone)]
 pub struct Failovers {
     vault: Vault,
-    protection: Protection,
+    pub(super) protection: Protection,
     jobs: Jobs,
+    pub(super) target_hashes: super::failback::TargetHashes,
     networks: Arc<NetworkConfig>,
     output: PathBuf,
     planned_wait: Duration,
@@ -113,6 +116,7 @@ impl Failovers {
             output,
             planned_wait,
             running: Default::default(),
+            target_hashes: Default::default(),
         }
     }
 
@@ -129,7 +133,23 @@ impl Failovers {
             .map(|v| v.value))
     }
 
-    async fn put_record(&self, rec: &FailoverRecord) -> Result<()> {
+    pub(super) fn vault(&self) -> &Vault {
+        &self.vault
+    }
+
+    pub(super) fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    pub(super) fn chunks(&self) -> &crate::chunk::ChunkStore {
+        &self.vault.chunks
+    }
+
+    pub(super) fn vault_cpu(&self) -> &crate::chunk::CpuPool {
+        self.vault.chunks.cpu()
+    }
+
+    pub(super) async fn put_record(&self, rec: &FailoverRecord) -> Result<()> {
         let r = rec.clone();
         self.vault
             .records

@@ -28,6 +28,8 @@ pub enum JobKind {
     FailoverCleanup,
     FailoverCommit,
     RecoveryPlan,
+    Resync,
+    Failback,
 }
 
 impl JobKind {
@@ -42,6 +44,8 @@ impl JobKind {
             JobKind::FailoverCleanup => "Test failover cleanup",
             JobKind::FailoverCommit => "Commit failover",
             JobKind::RecoveryPlan => "Recovery plan failover",
+            JobKind::Resync => "Resynchronize",
+            JobKind::Failback => "Fail back",
         }
     }
 }

@@ -36,6 +36,21 @@ pub struct JournalEntry {
     pub extents: u64,
     /// Bytes of disk data the log writes.
     pub data_bytes: u64,
+    /// Not a log: a resynchronization (or failback) replaced the disk's whole content with the
+    /// block map of this root. The point is that map alone; earlier logs do not reach past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_root: Option<String>,
+    /// Not a log: the disk did not change in this cycle (another disk of the VM was
+    /// resynchronized), so the VM still has a point for the cycle.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
+}
+
+impl JournalEntry {
+    /// Whether a stored change log backs this entry.
+    pub fn is_log(&self) -> bool {
+        self.snapshot_root.is_none() && !self.unchanged
+    }
 }
 
 /// One write of a stored log.

@@ -56,8 +56,14 @@ pub fn resync_threshold(disk_size: u64) -> u64 {
 }
 
 impl DiskRecord {
+    /// Log bytes a read of the newest point goes through: those after the last snapshot.
     pub fn pending_log_bytes(&self) -> u64 {
-        self.journal.iter().map(|e| e.log_bytes).sum()
+        self.journal
+            .iter()
+            .rev()
+            .take_while(|e| e.snapshot_root.is_none())
+            .map(|e| e.log_bytes)
+            .sum()
     }
 
     pub fn last_cycle(&self) -> u64 {
@@ -85,10 +91,23 @@ impl Protection {
         let (_, mut d) = self.disk_for(None, vm, disk).await?;
         if d.resync_required.is_none() {
             tracing::warn!(vm, disk, %reason, "disk marked resync-required");
-            d.resync_required = Some(reason);
+            d.resync_required = Some(reason.clone());
             self.store_disk(d).await?;
+            self.open_resync_for(vm, disk, &reason).await;
         }
         Ok(())
+    }
+
+    /// Opens (or joins) the VM's resync session for a disk marked resync-required, in the
+    /// off-hours window. A failure is logged: the mark stays and the operator can start one.
+    async fn open_resync_for(&self, vm: &str, disk: &str, reason: &str) {
+        let req = super::resync::ResyncRequest {
+            now: false,
+            disks: vec![disk.to_string()],
+        };
+        if let Err(e) = self.start_resync(vm, &req, reason).await {
+            tracing::warn!(vm, disk, error = %e, "could not open a resync session");
+        }
     }
 
     /// Accepts one change log streamed in `body`.
@@ -125,6 +144,9 @@ impl Protection {
         }
         if d.chain_head.as_deref() == Some(log_id.as_str()) {
             return Ok(ack(&d, d.last_cycle(), &log_id, "already_accepted"));
+        }
+        if let Some(s) = self.open_resync(&v.id).await? {
+            return Err(Error::conflict_recoverable("resync_in_progress", format!("VM {vm} is being resynchronized (session {}, {}); logs are paused until it completes: discard logs cut before it and send the next cycle's log afterwards", s.id, s.state.word())));
         }
         if let Some(reason) = &d.resync_required {
             return Err(Error::conflict("resync_required", format!("disk {disk} of VM {vm} needs resynchronization ({reason}); logs are refused until it completes")));
@@ -256,6 +278,9 @@ impl Protection {
             }
         }
         let prev = h.previous_unique_id.to_string();
+        if d.chain_head.is_none() && d.resync_fence.as_deref() == Some(prev.as_str()) {
+            return Err(Error::conflict("log_predates_resync", format!("log {guid} continues the chain from before the disk's resynchronization (it follows {prev}); its changes are already in the resynchronized replica: discard it")));
+        }
         if let Some(head) = &d.chain_head {
             if *head != prev {
                 self.mark_resync(
@@ -300,6 +325,8 @@ impl Protection {
             log_bytes: len,
             extents: extents.len() as u64,
             data_bytes,
+            snapshot_root: None,
+            unchanged: false,
         };
         let mut rec = d.clone();
         rec.journal.push(entry.clone());
@@ -313,6 +340,10 @@ impl Protection {
             ));
         }
         self.store_disk(rec.clone()).await?;
+        if rec.resync_required.is_some() && d.resync_required.is_none() {
+            let reason = rec.resync_required.clone().unwrap_or_default();
+            self.open_resync_for(vm, disk, &reason).await;
+        }
         metrics::counter!("drvault_logs_accepted_total").increment(1);
         metrics::counter!("drvault_log_bytes_accepted_total").increment(len);
         tracing::info!(vm, disk, log = %entry.log_id, cycle, bytes = len, extents = entry.extents, "log accepted");

@@ -9,6 +9,7 @@
 
 pub mod delta;
 pub mod points;
+pub mod resync;
 pub mod session;
 pub mod spec;
 
@@ -115,6 +116,10 @@ pub struct DiskRecord {
     /// Why the disk needs resynchronization, when it does.
     #[serde(default)]
     pub resync_required: Option<String>,
+    /// The chain head when a resync (or failback) replaced the disk's content: a later log that
+    /// names it as predecessor predates the resync and is refused.
+    #[serde(default)]
+    pub resync_fence: Option<String>,
 }
 
 /// The point the base map holds: the initial replication (cycle 0) or the last merged log.
@@ -193,6 +198,9 @@ pub struct Protection {
     pub(crate) frames: crate::journal::FrameCache,
     pub(crate) max_log_bytes: u64,
     /// Point readers by (vm id, disk id, cycle, base map root).
+    pub(crate) resyncs: resync::ResyncCache,
+    /// Off-hours window resync sessions wait for (`None`: start at once).
+    pub(crate) resync_window: Option<resync::Window>,
     pub(crate) readers: Arc<
         tokio::sync::Mutex<
             BTreeMap<(String, String, u64, String), Arc<crate::replica::point::PointReader>>,
@@ -240,6 +248,8 @@ impl Protection {
             frames: crate::journal::FrameCache::new(64),
             max_log_bytes: 64 << 30,
             readers: Default::default(),
+            resyncs: Default::default(),
+            resync_window: None,
         };
         let pending: Vec<String> = p
             .vms
@@ -252,12 +262,33 @@ impl Protection {
         for vm in pending {
             p.finalize_if_complete(&vm).await?;
         }
+        // A resync switch a crash interrupted is finished before anything reads the disks.
+        let names: Vec<(String, String)> = p
+            .vms
+            .read()
+            .await
+            .values()
+            .map(|v| (v.name.clone(), v.id.clone()))
+            .collect();
+        for (vm, id) in names {
+            if p.resync_session(&id).await?.map(|s| s.state)
+                == Some(resync::SessionState::Committing)
+            {
+                p.commit_if_staged(&vm).await?;
+            }
+        }
         Ok(p)
     }
 
     /// Largest change log accepted (bytes); larger uploads get 413.
     pub fn with_max_log_bytes(mut self, max: u64) -> Protection {
         self.max_log_bytes = max;
+        self
+    }
+
+    /// The off-hours window resync sessions wait for (`None`: they start at once).
+    pub fn with_resync_window(mut self, w: Option<resync::Window>) -> Protection {
+        self.resync_window = w;
         self
     }
 
@@ -339,6 +370,7 @@ impl Protection {
                 chain_head: None,
                 data_write_guid: None,
                 resync_required: None,
+                resync_fence: None,
                 stats: DiskStats {
                     blocks: crate::replica::blockmap::block_count(d.size, self.block_size),
                     ..Default::default()

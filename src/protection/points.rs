@@ -112,7 +112,7 @@ impl Protection {
                 .find(|p| p.kind == "app_consistent")
                 .cloned(),
             s => {
-                if let Some(c) = s.strip_prefix('c').unwrap_or(s).parse::<u64>().ok() {
+                if let Ok(c) = s.strip_prefix('c').unwrap_or(s).parse::<u64>() {
                     points.iter().find(|p| p.cycle == c).cloned()
                 } else if let Ok(t) = humantime::parse_rfc3339_weak(s) {
                     let secs = t
@@ -148,9 +148,18 @@ impl Protection {
         if let Some(r) = self.readers.lock().await.get(&key) {
             return Ok(r.clone());
         }
-        let (d, base) = self.cached_map(vm, disk).await?;
-        let logs = d.journal[..upto]
+        // A snapshot (resync, failback) replaces everything before it: start from the last one.
+        let snap = d.journal[..upto]
             .iter()
+            .rposition(|e| e.snapshot_root.is_some());
+        let (d, base) = match snap.and_then(|i| d.journal[i].snapshot_root.clone()) {
+            Some(root) => (d, self.map_by_root(&root).await?),
+            None => self.cached_map(vm, disk).await?,
+        };
+        let from = snap.map(|i| i + 1).unwrap_or(0);
+        let logs = d.journal[from..upto]
+            .iter()
+            .filter(|e| e.is_log())
             .map(|e| log_key(&e.log_id))
             .collect::<Result<Vec<_>>>()?;
         let r = Arc::new(
@@ -172,21 +181,12 @@ impl Protection {
         Ok(r)
     }
 
-    /// Merges the first `count` journal entries of a disk into its base map.
-    pub async fn merge_disk(&self, vm: &str, disk: &str, count: usize) -> Result<MergeReport> {
-        let (_, d0) = self.disk_for(None, vm, disk).await?;
-        let lock = self.log_lock_for(&d0).await;
-        let _held = lock.lock().await;
-        let (_, d) = self.disk_for(None, vm, disk).await?;
-        let count = count.min(d.journal.len());
-        if count == 0 {
-            return Ok(MergeReport::default());
-        }
-        let last = d.journal[count - 1].clone();
-        let reader = self.point_reader(vm, disk, last.cycle).await?;
+    /// The whole disk at a reader's point as one block map: the blocks its logs touch are read,
+    /// stored as chunks (once each) and put in the base's slots. Returns the map and how many
+    /// blocks were rewritten.
+    pub(crate) async fn full_map(&self, reader: &Arc<PointReader>) -> Result<(BlockMap, u64)> {
         let mut map: BlockMap = reader.base().clone();
         let touched: Vec<u64> = reader.touched().collect();
-        // Each touched block is computed and stored once for the whole batch.
         let mut results = futures_util::stream::iter(touched.iter().copied().map(|i| {
             let reader = reader.clone();
             let chunks = self.vault.chunks.clone();
@@ -208,6 +208,38 @@ impl Protection {
             };
             map.set(i, e)?;
         }
+        Ok((map, touched.len() as u64))
+    }
+
+    /// A block map by its root name (cached: maps are immutable).
+    pub(crate) async fn map_by_root(&self, root: &str) -> Result<Arc<BlockMap>> {
+        if let Some(m) = self.sessions.maps.lock().await.get(root) {
+            return Ok(m.clone());
+        }
+        let name = crate::chunk::ChunkName::from_hex(root)
+            .ok_or_else(|| Error::internal(format!("malformed map root {root:?} in a record")))?;
+        let map = Arc::new(BlockMap::load(&self.vault.chunks, &name).await?);
+        let mut cache = self.sessions.maps.lock().await;
+        if cache.len() >= 16 {
+            cache.clear();
+        }
+        cache.insert(root.to_string(), map.clone());
+        Ok(map)
+    }
+
+    /// Merges the first `count` journal entries of a disk into its base map.
+    pub async fn merge_disk(&self, vm: &str, disk: &str, count: usize) -> Result<MergeReport> {
+        let (_, d0) = self.disk_for(None, vm, disk).await?;
+        let lock = self.log_lock_for(&d0).await;
+        let _held = lock.lock().await;
+        let (_, d) = self.disk_for(None, vm, disk).await?;
+        let count = count.min(d.journal.len());
+        if count == 0 {
+            return Ok(MergeReport::default());
+        }
+        let last = d.journal[count - 1].clone();
+        let reader = self.point_reader(vm, disk, last.cycle).await?;
+        let (map, touched) = self.full_map(&reader).await?;
         let root = map.save(&self.vault.chunks).await?;
         let mut rec = d.clone();
         let merged: Vec<_> = rec.journal.drain(..count).collect();
@@ -242,7 +274,7 @@ impl Protection {
             .await
             .retain(|k, _| !(k.0 == d.vm_id && k.1 == d.disk_id));
         let mut freed = 0;
-        for e in &merged {
+        for e in merged.iter().filter(|e| e.is_log()) {
             let key = log_key(&e.log_id)?;
             if let Err(err) =
                 crate::journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key).await
@@ -254,18 +286,18 @@ impl Protection {
             );
             freed += e.log_bytes;
         }
-        metrics::counter!("drvault_merge_blocks_rewritten_total").increment(touched.len() as u64);
+        metrics::counter!("drvault_merge_blocks_rewritten_total").increment(touched);
         tracing::info!(
             vm,
             disk,
             logs = count,
-            blocks = touched.len(),
+            blocks = touched,
             "merged logs into the base map"
         );
         Ok(MergeReport {
             disks: 1,
             logs_merged: count,
-            blocks_rewritten: touched.len() as u64,
+            blocks_rewritten: touched,
             log_bytes_freed: freed,
         })
     }

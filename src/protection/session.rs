@@ -29,9 +29,9 @@ use crate::vault::layout;
 const RECEIPT_LEN: usize = 72;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Receipt {
-    name: Option<ChunkName>,
-    hash: PlainHash,
+pub(crate) struct Receipt {
+    pub name: Option<ChunkName>,
+    pub hash: PlainHash,
 }
 
 struct SessionState {
@@ -44,7 +44,7 @@ struct SessionState {
 pub struct Sessions {
     open: Arc<Mutex<HashMap<(String, String), Arc<Mutex<SessionState>>>>>,
     /// Recently read block maps by root name (immutable objects, so never stale).
-    maps: Arc<Mutex<HashMap<String, Arc<BlockMap>>>>,
+    pub(crate) maps: Arc<Mutex<HashMap<String, Arc<BlockMap>>>>,
 }
 
 impl Sessions {
@@ -118,7 +118,18 @@ impl Protection {
         // that arrive meanwhile wait and then see a complete picture.
         let mut st = slot.lock().await;
         let prefix = layout::stage_session(&d.vm_id, &d.disk_id, &d.session);
-        let listed = self.vault.store().list(&prefix).await?;
+        st.received = self.load_receipts(&prefix, &d.disk).await?;
+        drop(st);
+        Ok(slot)
+    }
+
+    /// Every receipt under a session prefix, by block index.
+    pub(crate) async fn load_receipts(
+        &self,
+        prefix: &crate::store::Key,
+        disk: &str,
+    ) -> Result<BTreeMap<u64, Receipt>> {
+        let listed = self.vault.store().list(prefix).await?;
         let chunks = self.vault.chunks.clone();
         let mut loads = futures_util::stream::iter(listed.into_iter().filter_map(|l| {
             let index: u64 = l.key.name().parse().ok()?;
@@ -129,12 +140,12 @@ impl Protection {
             async move { (index, chunks.get_sealed(ObjectKind::Receipt, &key).await) }
         })
         .buffer_unordered(32);
+        let mut out = BTreeMap::new();
         while let Some((index, r)) = loads.next().await {
             let plain = r?;
             if plain.len() != RECEIPT_LEN {
                 return Err(Error::internal(format!(
-                    "receipt {index} of disk {} has length {}",
-                    d.disk,
+                    "receipt {index} of disk {disk} has length {}",
                     plain.len()
                 )));
             }
@@ -143,7 +154,7 @@ impl Protection {
             n.copy_from_slice(&plain[..32]);
             h.copy_from_slice(&plain[32..64]);
             let name = (n != [0u8; 32]).then_some(ChunkName(n));
-            st.received.insert(
+            out.insert(
                 index,
                 Receipt {
                     name,
@@ -151,8 +162,24 @@ impl Protection {
                 },
             );
         }
-        drop(st);
-        Ok(slot)
+        Ok(out)
+    }
+
+    /// Writes the sealed receipt of a stored block (after the chunk, before the acknowledgement).
+    pub(crate) async fn write_receipt(
+        &self,
+        key: &crate::store::Key,
+        put: &crate::chunk::pipeline::BlockPut,
+    ) -> Result<()> {
+        let mut plain = Vec::with_capacity(RECEIPT_LEN);
+        plain.extend_from_slice(&put.name.map(|n| n.0).unwrap_or([0u8; 32]));
+        plain.extend_from_slice(&put.hash.0);
+        plain.extend_from_slice(&put.len.to_le_bytes());
+        self.vault
+            .chunks
+            .put_sealed(ObjectKind::Receipt, key, plain)
+            .await?;
+        Ok(())
     }
 
     /// Takes one block of an initial replication.
@@ -184,15 +211,8 @@ impl Protection {
             }
         }
         let put = self.vault.chunks.put_block(body, Some(claimed)).await?;
-        let mut plain = Vec::with_capacity(RECEIPT_LEN);
-        plain.extend_from_slice(&put.name.map(|n| n.0).unwrap_or([0u8; 32]));
-        plain.extend_from_slice(&put.hash.0);
-        plain.extend_from_slice(&put.len.to_le_bytes());
         let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &d.session, index);
-        self.vault
-            .chunks
-            .put_sealed(ObjectKind::Receipt, &key, plain)
-            .await?;
+        self.write_receipt(&key, &put).await?;
         st.lock().await.received.insert(
             index,
             Receipt {
@@ -487,17 +507,7 @@ impl Protection {
                 format!("disk {disk} of VM {vm} has not completed initial replication"),
             )
         })?;
-        if let Some(m) = self.sessions.maps.lock().await.get(&root) {
-            return Ok((d, m.clone()));
-        }
-        let (d, map) = self.base_map(vm, disk).await?;
-        let map = Arc::new(map);
-        let mut cache = self.sessions.maps.lock().await;
-        if cache.len() >= 16 {
-            cache.clear();
-        }
-        cache.insert(root, map.clone());
-        Ok((d, map))
+        Ok((d, self.map_by_root(&root).await?))
     }
 }
 

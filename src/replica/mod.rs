@@ -1,7 +1,9 @@
-//! Replicas: what a protected disk holds. For now the base block map (a disk's content at one
-//! point); the journal of change logs and recovery points stack on it.
+//! Replicas: what a protected disk holds. The base block map (a disk's content at one point),
+//! reading a disk at a recovery point (base map plus journal), and the block patches resync and
+//! failback send.
 
 pub mod blockmap;
+pub mod patch;
 pub mod point;
 
 pub use blockmap::{BlockMap, MapEntry};

@@ -38,6 +38,8 @@ pub enum Family {
     Failover,
     Ipam,
     Plan,
+    Resync,
+    Failback,
 }
 
 impl Family {
@@ -50,6 +52,8 @@ impl Family {
             Family::Failover => "failover",
             Family::Ipam => "ipam",
             Family::Plan => "plan",
+            Family::Resync => "resync",
+            Family::Failback => "failback",
         }
     }
 }

@@ -1,0 +1,472 @@
+//! Failback: after a committed planned or unplanned failover the VM runs from the materialized
+//! disks (`<output>/<disk>.vhd`). Failback brings the on-premises disk up to date with them by
+//! the same hierarchical comparison as resync, in the other direction: the agent fetches the
+//! target's block hashes, then fine hashes inside differing blocks, and downloads only the
+//! differing ranges (or everything with `--full`, for a lost on-premises disk). It writes its
+//! file only with data whose whole-block hash it checked.
+//!
+//! When the agent finishes a disk it sends the digest over its (now updated) blocks; the server
+//! compares it with the target's and records the disk as synchronized. `failback commit` then
+//! re-protects the VM from the on-premises side without a second initial replication: the
+//! target disks are taken into the vault (only blocks it lacks are stored: the rest are
+//! deduplication hits), installed as a snapshot point at the next cycle, the log chain restarts
+//! on that content and the VM is `protected` again. It refuses when a target disk changed after
+//! its synchronization (the failed-over VM is still running): shut it down and sync again.
+//!
+//! Only the disk's original size fails back: the MiB padding materialization added is outside
+//! the on-premises disk.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::definition::FailoverKind;
+use super::service::{FailoverRecord, FailoverState, Failovers};
+use crate::chunk::PlainHash;
+use crate::error::{Error, Result};
+use crate::format::image::DiskImage;
+use crate::jobs::{JobKind, JobState};
+use crate::protection::resync::{DigestRequest, FineRequest, MAX_FINE_BLOCKS};
+use crate::protection::VmState;
+use crate::replica::blockmap::{block_count, block_len, BlockMap, MapEntry};
+use crate::replica::patch;
+use crate::vault::layout::{self, Family};
+
+/// What the agent is told about one disk to fail back.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailbackDiskView {
+    pub failover: String,
+    pub point: Option<String>,
+    pub size: u64,
+    pub block_size: u32,
+    pub blocks: u64,
+}
+
+/// Ranges of one target block to download.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeRequest {
+    pub block: u64,
+    pub ranges: Vec<(u32, u32)>,
+}
+
+/// The vault's record of a VM's failback.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FailbackRecord {
+    pub vm: String,
+    pub failover: String,
+    /// Disks the agent brought up to date: digest of the target at that time.
+    pub synced: BTreeMap<String, SyncedDisk>,
+    pub committed_unix: Option<u64>,
+    pub cycle: Option<u64>,
+    pub job: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncedDisk {
+    pub digest: String,
+    pub synced_unix: u64,
+}
+
+/// (path, length, modification time in ns).
+type FileVersion = (PathBuf, u64, i128);
+
+/// Block hashes of target disks, by (path, length, modification time): a changed file is
+/// hashed again.
+#[derive(Clone, Default)]
+pub struct TargetHashes {
+    cache: Arc<tokio::sync::Mutex<HashMap<FileVersion, Arc<Vec<PlainHash>>>>>,
+}
+
+struct Target {
+    image: Arc<dyn DiskImage>,
+    path: PathBuf,
+    size: u64,
+    block_size: u32,
+    record: FailoverRecord,
+}
+
+impl Failovers {
+    /// The committed failover's materialized disk, opened for reading.
+    async fn target(&self, host: Option<&str>, vm: &str, disk: &str) -> Result<Target> {
+        let (v, d) = self.protection.disk_for(host, vm, disk).await?;
+        let rec = self.current(vm).await?.ok_or_else(|| {
+            Error::conflict(
+                "not_failed_over",
+                format!("VM {vm} has no failover to fail back from"),
+            )
+        })?;
+        if rec.kind == FailoverKind::Test || v.state != VmState::FailedOver {
+            return Err(Error::conflict("not_failed_over", format!("VM {vm} is not failed over (a planned or unplanned failover, committed, runs the VM from the target): nothing to fail back")));
+        }
+        let path = Path::new(&rec.output_dir).join(format!("{disk}.vhd"));
+        let p = path.clone();
+        let image = tokio::task::spawn_blocking(move || crate::format::image::open(&p))
+            .await
+            .map_err(|e| Error::internal(format!("opening the target disk: {e}")))?
+            .map_err(|e| {
+                Error::conflict(
+                    "target_disk_unreadable",
+                    format!("target disk {}: {e}", path.display()),
+                )
+            })?;
+        if image.virtual_size() < d.size {
+            return Err(Error::conflict(
+                "target_disk_unreadable",
+                format!(
+                    "target disk {} holds {} bytes, the disk has {}",
+                    path.display(),
+                    image.virtual_size(),
+                    d.size
+                ),
+            ));
+        }
+        Ok(Target {
+            image: Arc::from(image),
+            path,
+            size: d.size,
+            block_size: d.block_size,
+            record: rec,
+        })
+    }
+
+    async fn target_hashes(&self, t: &Target) -> Result<Arc<Vec<PlainHash>>> {
+        let meta = tokio::fs::metadata(&t.path).await.map_err(|e| {
+            Error::conflict(
+                "target_disk_unreadable",
+                format!("{}: {e}", t.path.display()),
+            )
+        })?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(-1);
+        let key = (t.path.clone(), meta.len(), mtime);
+        if let Some(h) = self.target_hashes.cache.lock().await.get(&key) {
+            return Ok(h.clone());
+        }
+        let (image, size, bs) = (t.image.clone(), t.size, t.block_size);
+        let hashes = self
+            .vault_cpu()
+            .run(move || -> Result<Vec<PlainHash>> {
+                let mut out = Vec::with_capacity(block_count(size, bs) as usize);
+                let mut buf = vec![0u8; bs as usize];
+                for i in 0..block_count(size, bs) {
+                    let len = block_len(size, bs, i) as usize;
+                    image
+                        .read_at(&mut buf[..len], i * bs as u64)
+                        .map_err(|e| Error::conflict("target_disk_unreadable", e.to_string()))?;
+                    out.push(PlainHash::of(&buf[..len]));
+                }
+                Ok(out)
+            })
+            .await?;
+        let hashes = Arc::new(hashes);
+        let mut c = self.target_hashes.cache.lock().await;
+        c.retain(|k, _| k.0 != t.path);
+        c.insert(key, hashes.clone());
+        Ok(hashes)
+    }
+
+    async fn read_target_block(t: &Target, index: u64) -> Result<Vec<u8>> {
+        if index >= block_count(t.size, t.block_size) {
+            return Err(Error::invalid(
+                "block_out_of_range",
+                format!("block {index} is past the end of the disk"),
+            ));
+        }
+        let len = block_len(t.size, t.block_size, index) as usize;
+        let image = t.image.clone();
+        let at = index * t.block_size as u64;
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len];
+            image.read_at(&mut buf, at).map(|_| buf)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("reading the target disk: {e}")))?
+        .map_err(|e| Error::conflict("target_disk_unreadable", e.to_string()))
+    }
+
+    pub async fn failback_view(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+    ) -> Result<FailbackDiskView> {
+        let t = self.target(Some(host), vm, disk).await?;
+        Ok(FailbackDiskView {
+            failover: t.record.id.clone(),
+            point: t.record.point.clone(),
+            size: t.size,
+            block_size: t.block_size,
+            blocks: block_count(t.size, t.block_size),
+        })
+    }
+
+    /// The target's block hashes, 32 bytes per block.
+    pub async fn failback_hashes(&self, host: &str, vm: &str, disk: &str) -> Result<Bytes> {
+        let t = self.target(Some(host), vm, disk).await?;
+        let h = self.target_hashes(&t).await?;
+        Ok(Bytes::from(h.iter().flat_map(|x| x.0).collect::<Vec<u8>>()))
+    }
+
+    pub async fn failback_fine(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        req: &FineRequest,
+    ) -> Result<Bytes> {
+        if req.blocks.len() > MAX_FINE_BLOCKS {
+            return Err(Error::invalid(
+                "query_too_large",
+                format!("at most {MAX_FINE_BLOCKS} blocks per fine-hash request"),
+            ));
+        }
+        let t = self.target(Some(host), vm, disk).await?;
+        let mut out = Vec::new();
+        for &i in &req.blocks {
+            let b = Self::read_target_block(&t, i).await?;
+            out.extend(self.vault_cpu().run(move || patch::fine_hashes(&b)).await);
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// The bytes of the asked ranges of one target block, concatenated.
+    pub async fn failback_ranges(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        req: &RangeRequest,
+    ) -> Result<Bytes> {
+        let t = self.target(Some(host), vm, disk).await?;
+        let b = Self::read_target_block(&t, req.block).await?;
+        let mut out = Vec::new();
+        let mut prev_end = 0u64;
+        for &(off, len) in &req.ranges {
+            let end = off as u64 + len as u64;
+            if len == 0 || end > b.len() as u64 || (off as u64) < prev_end {
+                return Err(Error::invalid("invalid_range", format!("range {off}+{len} of block {} is empty, outside the {}-byte block or out of order", req.block, b.len())));
+            }
+            prev_end = end;
+            out.extend_from_slice(&b[off as usize..end as usize]);
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// The agent says its disk now equals the target: checked against the target's digest.
+    pub async fn failback_complete(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        req: &DigestRequest,
+    ) -> Result<FailbackRecord> {
+        let claimed = PlainHash::from_hex(&req.digest)
+            .ok_or_else(|| Error::invalid("invalid_hash", "digest is not 64 hex digits"))?;
+        let t = self.target(Some(host), vm, disk).await?;
+        let h = self.target_hashes(&t).await?;
+        let actual = crate::protection::resync::digest_of(&h);
+        if !actual.ct_eq(&claimed) {
+            return Err(Error::conflict("digest_mismatch", format!("disk {disk}: the on-premises disk digests to {}, the target disk to {}: run the failback again (is the failed-over VM still writing?)", claimed.to_hex(), actual.to_hex())));
+        }
+        let (v, _) = self.protection.disk_for(None, vm, disk).await?;
+        let fid = t.record.id.clone();
+        let disk = disk.to_string();
+        let vm_name = vm.to_string();
+        let digest = actual.to_hex();
+        let updated = self
+            .vault()
+            .records
+            .update(
+                &layout::record(Family::Failback, &v.id),
+                move |cur: Option<&FailbackRecord>| {
+                    let mut r = cur
+                        .filter(|r| r.failover == fid)
+                        .cloned()
+                        .unwrap_or_else(|| FailbackRecord {
+                            vm: vm_name.clone(),
+                            failover: fid.clone(),
+                            ..Default::default()
+                        });
+                    r.synced.insert(
+                        disk.clone(),
+                        SyncedDisk {
+                            digest: digest.clone(),
+                            synced_unix: crate::util::unix_now(),
+                        },
+                    );
+                    Ok(Some(r))
+                },
+            )
+            .await?
+            .ok_or_else(|| Error::internal("failback record missing after update"))?;
+        Ok(updated.value)
+    }
+
+    pub async fn failback_record(&self, vm: &str) -> Result<Option<FailbackRecord>> {
+        let v = self.protection.vm_for(None, vm).await?;
+        Ok(self
+            .vault()
+            .records
+            .load::<FailbackRecord>(&layout::record(Family::Failback, &v.id))
+            .await?
+            .map(|x| x.value))
+    }
+
+    /// Ends the failback: every disk synchronized and unchanged since, the target disks become
+    /// the replica's newest point, and the VM is protected again from the on-premises side.
+    pub async fn failback_commit(&self, vm: &str, force: bool) -> Result<FailbackRecord> {
+        let v = self.protection.vm_for(None, vm).await?;
+        if v.state != VmState::FailedOver {
+            if let Some(r) = self
+                .failback_record(vm)
+                .await?
+                .filter(|r| r.committed_unix.is_some())
+            {
+                return Ok(r);
+            }
+        }
+        let rec = self.failback_record(vm).await?.unwrap_or_default();
+        let mut targets = Vec::new();
+        for spec in &v.spec.disks {
+            let t = self.target(None, vm, &spec.id).await?;
+            if rec.failover != t.record.id && !force {
+                return Err(Error::conflict("failback_not_synced", format!("no disk of VM {vm} was synchronized with drvault agent failback yet (or --force)")));
+            }
+            targets.push((spec.id.clone(), t));
+        }
+        let job = self
+            .jobs()
+            .create(
+                JobKind::Failback,
+                Some(vm),
+                &[
+                    "Check synchronization",
+                    "Take the target disks into the vault",
+                    "Re-protect",
+                ],
+                JobState::Running,
+            )
+            .await?;
+        match self
+            .failback_commit_run(vm, &rec, targets, force, &job.id)
+            .await
+        {
+            Ok(r) => {
+                self.jobs().succeed(&job.id).await?;
+                Ok(r)
+            }
+            Err(e) => {
+                let _ = self.jobs().fail(&job.id, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn failback_commit_run(
+        &self,
+        vm: &str,
+        rec: &FailbackRecord,
+        targets: Vec<(String, Target)>,
+        force: bool,
+        job: &str,
+    ) -> Result<FailbackRecord> {
+        for (disk, t) in &targets {
+            let h = self.target_hashes(t).await?;
+            let digest = crate::protection::resync::digest_of(&h).to_hex();
+            match rec.synced.get(disk) {
+                Some(s) if s.digest == digest => {}
+                _ if force => {}
+                Some(_) => return Err(Error::conflict("target_changed", format!("target disk {disk} changed after it was synchronized (is the failed-over VM still running?): shut it down and run drvault agent failback again"))),
+                None => return Err(Error::conflict("failback_not_synced", format!("disk {disk} of VM {vm} was not synchronized: run drvault agent failback for it (or --force)"))),
+            }
+        }
+        self.jobs()
+            .step(job, "Check synchronization", JobState::Succeeded)
+            .await?;
+        let mut roots = BTreeMap::new();
+        let fid = targets
+            .first()
+            .map(|(_, t)| t.record.id.clone())
+            .unwrap_or_default();
+        for (disk, t) in &targets {
+            let map = self.ingest_target(t).await?;
+            roots.insert(disk.clone(), map.save(self.chunks()).await?.to_hex());
+        }
+        self.jobs()
+            .step(
+                job,
+                "Take the target disks into the vault",
+                JobState::Succeeded,
+            )
+            .await?;
+        let cycle = self
+            .protection
+            .install_snapshots(vm, &format!("failback:{fid}"), &roots, None)
+            .await?;
+        self.protection.set_state(vm, VmState::Protected).await?;
+        if let Some(mut f) = self.current(vm).await? {
+            f.state = FailoverState::FailedBack;
+            f.ended_unix = Some(crate::util::unix_now());
+            self.put_record(&f).await?;
+        }
+        let v = self.protection.vm_for(None, vm).await?;
+        let now = crate::util::unix_now();
+        let job_id = job.to_string();
+        let vm_name = vm.to_string();
+        let updated = self
+            .vault()
+            .records
+            .update(
+                &layout::record(Family::Failback, &v.id),
+                move |cur: Option<&FailbackRecord>| {
+                    let mut r = cur.cloned().unwrap_or_else(|| FailbackRecord {
+                        vm: vm_name.clone(),
+                        failover: fid.clone(),
+                        ..Default::default()
+                    });
+                    r.committed_unix = Some(now);
+                    r.cycle = Some(cycle);
+                    r.job = Some(job_id.clone());
+                    Ok(Some(r))
+                },
+            )
+            .await?
+            .ok_or_else(|| Error::internal("failback record missing after update"))?;
+        self.jobs()
+            .step(job, "Re-protect", JobState::Succeeded)
+            .await?;
+        tracing::info!(
+            vm,
+            cycle,
+            "failback committed: VM protected again from on-premises"
+        );
+        Ok(updated.value)
+    }
+
+    /// Stores a target disk's blocks (deduplicated against the vault) as a block map.
+    async fn ingest_target(&self, t: &Target) -> Result<BlockMap> {
+        let mut map = BlockMap::zeroed(t.size, t.block_size);
+        for i in 0..block_count(t.size, t.block_size) {
+            let b = Self::read_target_block(t, i).await?;
+            let put = self.chunks().put_block(Bytes::from(b), None).await?;
+            if let Some(name) = put.name {
+                map.set(
+                    i,
+                    MapEntry::Data {
+                        name,
+                        hash: put.hash,
+                    },
+                )?;
+            }
+        }
+        Ok(map)
+    }
+}

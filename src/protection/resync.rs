@@ -1,0 +1,979 @@
+//! Resynchronization: bringing a replica back in line with its source by comparing checksums
+//! and sending only what differs (DESIGN.md "Resynchronization").
+//!
+//! A *session* covers one VM: the disks that need it (or that the operator named). While a
+//! session is open every log of the VM is refused with the recoverable `resync_in_progress`, so
+//! the replica holds still and the VM's cycles stay aligned. A session starts *scheduled* for the
+//! configured off-hours window (or *active* at once with `--now`); when an agent first asks for a
+//! disk in an active session, the server fixes that disk's comparison base: the disk's newest
+//! point as one full block map.
+//!
+//! The agent compares hierarchically (see [`crate::replica::patch`]): block hashes of the staged
+//! view (base, or what this session already received), then 4 KiB fine hashes inside blocks that
+//! differ, and uploads a patch per differing block. The server applies the patch to the base
+//! block, checks the result against the agent's hash of the whole block, stores it as a chunk
+//! and writes a receipt (chunk, receipt, acknowledgement: as for initial replication), so an
+//! interrupted agent or a restarted server resumes where it stopped. Completion checks a digest
+//! over every block's hash against the agent's and stages the disk's new map; when every disk of
+//! the session is staged, each disk's journal gains, in one record update per disk, an entry at
+//! the next cycle: the new map (a *snapshot*) for resynchronized disks, *unchanged* for the
+//! others. Until then nothing a reader sees has changed: a cancelled or crashed resync leaves the
+//! previous replica and all its points readable. Earlier points stay readable (they are base +
+//! logs before the snapshot) until retention merges them away.
+//!
+//! After the switch the disk's log chain restarts: the next log may name any predecessor except
+//! the pre-resync chain head (`log_predates_resync`), whose logs are already contained in the
+//! resynchronized content.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::session::Receipt;
+use super::{DiskRecord, DiskState, Protection};
+use crate::chunk::PlainHash;
+use crate::error::{Error, Result};
+use crate::jobs::{JobKind, JobState};
+use crate::journal::JournalEntry;
+use crate::replica::blockmap::{block_len, BlockMap, MapEntry};
+use crate::replica::patch;
+use crate::vault::layout::{self, Family};
+
+/// Fine-hash requests name at most this many blocks (a 4 MiB block has 16 KiB of fine hashes).
+pub const MAX_FINE_BLOCKS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    Scheduled,
+    Active,
+    /// Every disk is staged; the switch is under way (finished at the next start if interrupted).
+    Committing,
+    Committed,
+    Cancelled,
+}
+
+impl SessionState {
+    pub fn word(self) -> &'static str {
+        match self {
+            SessionState::Scheduled => "scheduled",
+            SessionState::Active => "active",
+            SessionState::Committing => "committing",
+            SessionState::Committed => "committed",
+            SessionState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether logs are paused.
+    pub fn is_open(self) -> bool {
+        matches!(
+            self,
+            SessionState::Scheduled | SessionState::Active | SessionState::Committing
+        )
+    }
+}
+
+/// The vault's record of a VM's (latest) resync session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResyncSession {
+    pub id: String,
+    pub vm: String,
+    pub state: SessionState,
+    pub reason: String,
+    pub requested_unix: u64,
+    /// When the session may start (the window's next opening; 0: at once).
+    pub not_before_unix: u64,
+    pub disks: BTreeMap<String, ResyncDisk>,
+    /// The cycle the switch writes (fixed before the first disk is switched).
+    pub commit_cycle: Option<u64>,
+    pub job: String,
+    pub finished_unix: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResyncDisk {
+    /// The replica when the session began comparing (a full map of the newest point).
+    pub base_root: Option<String>,
+    /// The staged map once the agent completed the disk.
+    pub staged_root: Option<String>,
+    pub blocks_changed: u64,
+    /// Patch bytes received for this disk (the wire cost of the resync).
+    pub bytes_received: u64,
+}
+
+/// What the agent is told about one disk of a session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResyncDiskView {
+    pub session: String,
+    pub state: SessionState,
+    pub reason: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub blocks: u64,
+    pub staged: bool,
+    pub blocks_changed: u64,
+}
+
+/// The answer to one patch upload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PatchAck {
+    pub index: u64,
+    /// `stored`, `deduplicated`, `zero` or `already_received`.
+    pub outcome: String,
+    pub patch_bytes: u64,
+}
+
+/// The answer to a disk's completion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResyncCompletion {
+    pub disk: String,
+    pub session: String,
+    pub state: SessionState,
+    /// Disks of the session still to be completed.
+    pub waiting_for: Vec<String>,
+    /// The cycle of the point the switch made (once committed).
+    pub cycle: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncRequest {
+    /// Start at once instead of in the off-hours window.
+    #[serde(default)]
+    pub now: bool,
+    /// Disks to resynchronize; default: those marked resync-required, else all.
+    #[serde(default)]
+    pub disks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FineRequest {
+    pub blocks: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DigestRequest {
+    pub digest: String,
+}
+
+/// The off-hours window in server local time: `HH:MM-HH:MM`, wrapping past midnight when the
+/// end is earlier than the start; equal ends mean always open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    start_min: u32,
+    end_min: u32,
+}
+
+impl Window {
+    pub fn parse(s: &str) -> std::result::Result<Window, String> {
+        let hm = |t: &str| -> Option<u32> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60 && t.trim().len() == 5).then_some(h * 60 + m)
+        };
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("resync window {s:?}: write HH:MM-HH:MM"))?;
+        match (hm(a), hm(b)) {
+            (Some(start_min), Some(end_min)) => Ok(Window { start_min, end_min }),
+            _ => Err(format!(
+                "resync window {s:?}: write HH:MM-HH:MM with 24-hour times"
+            )),
+        }
+    }
+
+    /// Minutes from `minute_of_day` until the window opens (0 inside it).
+    pub fn wait_minutes(&self, minute_of_day: u32) -> u32 {
+        let (s, e, m) = (self.start_min, self.end_min, minute_of_day);
+        let inside = if s == e {
+            true
+        } else if s < e {
+            m >= s && m < e
+        } else {
+            m >= s || m < e
+        };
+        if inside {
+            0
+        } else {
+            (s + 24 * 60 - m) % (24 * 60)
+        }
+    }
+
+    /// Unix time at which the window next opens (now when open).
+    pub fn next_open_unix(&self) -> u64 {
+        use chrono::Timelike;
+        let now = chrono::Local::now();
+        let wait = self.wait_minutes(now.hour() * 60 + now.minute());
+        let secs = now.timestamp().max(0) as u64;
+        if wait == 0 {
+            secs
+        } else {
+            secs - now.second() as u64 + wait as u64 * 60
+        }
+    }
+}
+
+/// (vm id, disk id, session id).
+type DiskSession = (String, String, String);
+
+/// Open resync sessions' receipts, by (vm id, disk id, session).
+#[derive(Clone, Default)]
+pub struct ResyncCache {
+    receipts: Arc<Mutex<HashMap<DiskSession, Arc<Mutex<BTreeMap<u64, Receipt>>>>>>,
+    /// One session transition at a time per VM.
+    locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
+    /// Patch bytes received per (vm id, disk id, session) since the server started; written into
+    /// the session when the disk completes.
+    bytes: Arc<Mutex<HashMap<DiskSession, u64>>>,
+}
+
+fn stage_id(session: &str) -> String {
+    format!("rs-{session}")
+}
+
+impl Protection {
+    async fn vm_lock(&self, vm_id: &str) -> Arc<Mutex<()>> {
+        self.resyncs
+            .locks
+            .lock()
+            .await
+            .entry(vm_id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The VM's latest resync session, if any.
+    pub async fn resync_session(&self, vm_id: &str) -> Result<Option<ResyncSession>> {
+        Ok(self
+            .vault
+            .records
+            .load::<ResyncSession>(&layout::record(Family::Resync, vm_id))
+            .await?
+            .map(|v| v.value))
+    }
+
+    /// The VM's session when it pauses logs.
+    pub(crate) async fn open_resync(&self, vm_id: &str) -> Result<Option<ResyncSession>> {
+        Ok(self
+            .resync_session(vm_id)
+            .await?
+            .filter(|s| s.state.is_open()))
+    }
+
+    async fn save_session(&self, vm_id: &str, s: &ResyncSession) -> Result<()> {
+        let s = s.clone();
+        self.vault
+            .records
+            .update(
+                &layout::record(Family::Resync, vm_id),
+                move |_: Option<&ResyncSession>| Ok(Some(s.clone())),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Starts (or joins) a resync session: the operator's request, or a disk marked
+    /// resync-required (`now` false: the window decides).
+    pub async fn start_resync(
+        &self,
+        vm: &str,
+        req: &ResyncRequest,
+        reason: &str,
+    ) -> Result<ResyncSession> {
+        let v = self.vm_for(None, vm).await?;
+        if v.state == super::VmState::FailedOver {
+            return Err(Error::conflict("failed_over", format!("VM {vm} was failed over: fail back (drvault agent failback, drvault failback commit) instead of resynchronizing")));
+        }
+        let mut disks: Vec<String> = req.disks.clone();
+        for d in &disks {
+            if !v.spec.disks.iter().any(|x| &x.id == d) {
+                return Err(Error::not_found(
+                    "disk_not_found",
+                    format!("VM {vm} has no disk {d}"),
+                ));
+            }
+        }
+        let mut records = Vec::new();
+        for spec in &v.spec.disks {
+            let (_, d) = self.disk_for(None, vm, &spec.id).await?;
+            if d.state != DiskState::Complete {
+                return Err(Error::conflict("replication_incomplete", format!("disk {} of VM {vm} has not finished initial replication: there is no replica to resynchronize yet", spec.id)));
+            }
+            records.push(d);
+        }
+        if disks.is_empty() {
+            disks = records
+                .iter()
+                .filter(|d| d.resync_required.is_some())
+                .map(|d| d.disk.clone())
+                .collect();
+        }
+        if disks.is_empty() {
+            disks = records.iter().map(|d| d.disk.clone()).collect();
+        }
+        let lock = self.vm_lock(&v.id).await;
+        let _held = lock.lock().await;
+        let not_before = if req.now {
+            0
+        } else {
+            self.resync_window
+                .map(|w| w.next_open_unix())
+                .filter(|&t| t > crate::util::unix_now())
+                .unwrap_or(0)
+        };
+        if let Some(mut s) = self.open_resync(&v.id).await? {
+            if s.state == SessionState::Committing {
+                return Ok(s);
+            }
+            for d in disks {
+                s.disks.entry(d).or_default();
+            }
+            if req.now && s.state == SessionState::Scheduled {
+                s.state = SessionState::Active;
+                s.not_before_unix = 0;
+            }
+            self.save_session(&v.id, &s).await?;
+            return Ok(s);
+        }
+        let job = self
+            .jobs
+            .create(
+                JobKind::Resync,
+                Some(vm),
+                &[
+                    "Wait for the resync window",
+                    "Compare and send changed blocks",
+                    "Switch the replica",
+                ],
+                JobState::Running,
+            )
+            .await?;
+        let state = if not_before == 0 {
+            self.jobs
+                .step(&job.id, "Wait for the resync window", JobState::Succeeded)
+                .await?;
+            SessionState::Active
+        } else {
+            SessionState::Scheduled
+        };
+        let s = ResyncSession {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            vm: vm.to_string(),
+            state,
+            reason: reason.to_string(),
+            requested_unix: crate::util::unix_now(),
+            not_before_unix: not_before,
+            disks: disks
+                .into_iter()
+                .map(|d| (d, ResyncDisk::default()))
+                .collect(),
+            commit_cycle: None,
+            job: job.id,
+            finished_unix: None,
+        };
+        self.save_session(&v.id, &s).await?;
+        tracing::info!(vm, session = %s.id, state = s.state.word(), disks = ?s.disks.keys().collect::<Vec<_>>(), %reason, "resync session opened");
+        Ok(s)
+    }
+
+    /// Cancels the open session: staged data is dropped, the replica is untouched. Disks still
+    /// marked resync-required keep refusing logs until a new session completes.
+    pub async fn cancel_resync(&self, vm: &str) -> Result<ResyncSession> {
+        let v = self.vm_for(None, vm).await?;
+        let lock = self.vm_lock(&v.id).await;
+        let _held = lock.lock().await;
+        let mut s = self.open_resync(&v.id).await?.ok_or_else(|| {
+            Error::not_found(
+                "no_resync",
+                format!("VM {vm} has no resync session to cancel"),
+            )
+        })?;
+        if s.state == SessionState::Committing {
+            return Err(Error::conflict(
+                "resync_committing",
+                "the resync is switching the replica and cannot be cancelled",
+            ));
+        }
+        s.state = SessionState::Cancelled;
+        s.finished_unix = Some(crate::util::unix_now());
+        self.save_session(&v.id, &s).await?;
+        self.jobs
+            .fail(
+                &s.job,
+                &Error::conflict("resync_cancelled", "cancelled by the operator"),
+            )
+            .await?;
+        for disk in s.disks.keys() {
+            let (_, d) = self.disk_for(None, vm, disk).await?;
+            self.drop_stage(&d, &s.id).await;
+        }
+        tracing::info!(vm, session = %s.id, "resync session cancelled");
+        Ok(s)
+    }
+
+    async fn drop_stage(&self, d: &DiskRecord, session: &str) {
+        self.resyncs.receipts.lock().await.remove(&(
+            d.vm_id.clone(),
+            d.disk_id.clone(),
+            session.to_string(),
+        ));
+        let store = self.vault.store().clone();
+        let prefix = layout::stage_session(&d.vm_id, &d.disk_id, &stage_id(session));
+        tokio::spawn(async move {
+            if let Ok(items) = store.list(&prefix).await {
+                for l in items {
+                    let _ = store.delete(&l.key).await;
+                }
+            }
+        });
+    }
+
+    /// The session and disk an agent works on, activated when its window opened, with the
+    /// disk's comparison base fixed.
+    async fn agent_session(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+    ) -> Result<(ResyncSession, DiskRecord, Arc<BlockMap>)> {
+        let (v, d) = self.disk_for(Some(host), vm, disk).await?;
+        let lock = self.vm_lock(&v.id).await;
+        let _held = lock.lock().await;
+        let mut s = self.open_resync(&v.id).await?.ok_or_else(|| {
+            Error::not_found("no_resync", format!("VM {vm} has no resync session (the operator starts one with drvault resync --vm {vm}, or a broken log chain does)"))
+        })?;
+        let Some(sd) = s.disks.get(disk).cloned() else {
+            return Err(Error::not_found(
+                "no_resync",
+                format!(
+                    "disk {disk} is not part of VM {vm}'s resync session {}",
+                    s.id
+                ),
+            ));
+        };
+        if s.state == SessionState::Scheduled {
+            let now = crate::util::unix_now();
+            if now < s.not_before_unix {
+                let wait = s.not_before_unix - now;
+                return Err(Error::Busy {
+                    code: "resync_scheduled",
+                    message: format!("the resync of VM {vm} is scheduled for the off-hours window, opening in {wait} s ({}); the operator can start it now with drvault resync --vm {vm} --now", crate::util::rfc3339(s.not_before_unix)),
+                    retry_after_s: wait,
+                });
+            }
+            s.state = SessionState::Active;
+            self.save_session(&v.id, &s).await?;
+            self.jobs
+                .step(&s.job, "Wait for the resync window", JobState::Succeeded)
+                .await?;
+        }
+        if s.state == SessionState::Active {
+            self.jobs
+                .step(&s.job, "Compare and send changed blocks", JobState::Running)
+                .await?;
+        }
+        let base = match &sd.base_root {
+            Some(root) => self.map_by_root(root).await?,
+            None => {
+                let reader = self.point_reader(vm, disk, d.last_cycle()).await?;
+                let (map, _) = self.full_map(&reader).await?;
+                let root = map.save(&self.vault.chunks).await?.to_hex();
+                if let Some(x) = s.disks.get_mut(disk) {
+                    x.base_root = Some(root.clone());
+                }
+                self.save_session(&v.id, &s).await?;
+                self.map_by_root(&root).await?
+            }
+        };
+        Ok((s, d, base))
+    }
+
+    async fn receipts(
+        &self,
+        d: &DiskRecord,
+        session: &str,
+    ) -> Result<Arc<Mutex<BTreeMap<u64, Receipt>>>> {
+        let key = (d.vm_id.clone(), d.disk_id.clone(), session.to_string());
+        if let Some(r) = self.resyncs.receipts.lock().await.get(&key) {
+            return Ok(r.clone());
+        }
+        let prefix = layout::stage_session(&d.vm_id, &d.disk_id, &stage_id(session));
+        let loaded = Arc::new(Mutex::new(self.load_receipts(&prefix, &d.disk).await?));
+        Ok(self
+            .resyncs
+            .receipts
+            .lock()
+            .await
+            .entry(key)
+            .or_insert(loaded)
+            .clone())
+    }
+
+    /// The agent's view of a disk in the session (starting the session's work on it).
+    pub async fn resync_disk_view(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+    ) -> Result<ResyncDiskView> {
+        let (s, d, _) = self.agent_session(host, vm, disk).await?;
+        let sd = s.disks.get(disk).cloned().unwrap_or_default();
+        Ok(ResyncDiskView {
+            session: s.id,
+            state: s.state,
+            reason: s.reason,
+            size: d.size,
+            block_size: d.block_size,
+            blocks: d.stats.blocks,
+            staged: sd.staged_root.is_some(),
+            blocks_changed: sd.blocks_changed,
+        })
+    }
+
+    /// The plain hash of every block as the session holds it (received, else the base): 32
+    /// bytes per block. An agent that resumes compares against this and skips what it sent.
+    pub async fn resync_hashes(&self, host: &str, vm: &str, disk: &str) -> Result<Bytes> {
+        let (s, d, base) = self.agent_session(host, vm, disk).await?;
+        let received = self.receipts(&d, &s.id).await?;
+        let received = received.lock().await;
+        let mut out = Vec::with_capacity(base.len() as usize * 32);
+        let zero_full = PlainHash::of(&vec![0u8; d.block_size as usize]);
+        for (i, e) in base.entries() {
+            let h = match (received.get(&i), e) {
+                (Some(r), _) => r.hash,
+                (None, MapEntry::Data { hash, .. }) => hash,
+                (None, MapEntry::Zero) => {
+                    let len = block_len(d.size, d.block_size, i);
+                    if len == d.block_size as u64 {
+                        zero_full
+                    } else {
+                        PlainHash::of(&vec![0u8; len as usize])
+                    }
+                }
+            };
+            out.extend_from_slice(&h.0);
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// A block as the session holds it.
+    async fn session_block(
+        &self,
+        d: &DiskRecord,
+        base: &BlockMap,
+        received: Option<Receipt>,
+        index: u64,
+    ) -> Result<Vec<u8>> {
+        let entry = match received {
+            Some(r) => match r.name {
+                Some(name) => MapEntry::Data { name, hash: r.hash },
+                None => MapEntry::Zero,
+            },
+            None => base.get(index).ok_or_else(|| {
+                Error::invalid(
+                    "block_out_of_range",
+                    format!("block {index} is past the end of disk {}", d.disk),
+                )
+            })?,
+        };
+        match entry {
+            MapEntry::Zero => Ok(vec![0u8; block_len(d.size, d.block_size, index) as usize]),
+            MapEntry::Data { name, hash } => {
+                let (b, h) = self.vault.chunks.get_block(&name).await?;
+                if !h.ct_eq(&hash) {
+                    return Err(Error::Corrupt(crate::chunk::SealError::ContentMismatch {
+                        name: name.to_hex(),
+                    }));
+                }
+                Ok(b.to_vec())
+            }
+        }
+    }
+
+    /// Fine hashes (see [`patch::fine_hashes`]) of the named blocks, concatenated in order.
+    pub async fn resync_fine(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        req: &FineRequest,
+    ) -> Result<Bytes> {
+        if req.blocks.len() > MAX_FINE_BLOCKS {
+            return Err(Error::invalid(
+                "query_too_large",
+                format!("at most {MAX_FINE_BLOCKS} blocks per fine-hash request"),
+            ));
+        }
+        let (s, d, base) = self.agent_session(host, vm, disk).await?;
+        for &i in &req.blocks {
+            if i >= d.stats.blocks {
+                return Err(Error::invalid(
+                    "block_out_of_range",
+                    format!("block {i} is past the end of disk {disk}"),
+                ));
+            }
+        }
+        let received = self.receipts(&d, &s.id).await?;
+        let mut out = Vec::new();
+        for &i in &req.blocks {
+            let r = received.lock().await.get(&i).copied();
+            let block = self.session_block(&d, &base, r, i).await?;
+            out.extend(
+                self.vault
+                    .chunks
+                    .cpu()
+                    .run(move || patch::fine_hashes(&block))
+                    .await,
+            );
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// Applies one block's patch to the session's block, checks the result against the agent's
+    /// hash of the whole block, stores it and writes its receipt.
+    pub async fn resync_put_patch(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        index: u64,
+        claimed: PlainHash,
+        body: Bytes,
+    ) -> Result<PatchAck> {
+        let (s, d, base) = self.agent_session(host, vm, disk).await?;
+        if s.state != SessionState::Active {
+            return Err(Error::conflict(
+                "resync_committing",
+                "the session is switching the replica; no more blocks are taken",
+            ));
+        }
+        if index >= d.stats.blocks {
+            return Err(Error::invalid(
+                "block_out_of_range",
+                format!(
+                    "block {index} is past the end of disk {disk} ({} blocks)",
+                    d.stats.blocks
+                ),
+            ));
+        }
+        if s.disks
+            .get(disk)
+            .and_then(|x| x.staged_root.as_ref())
+            .is_some()
+        {
+            return Err(Error::conflict(
+                "resync_disk_staged",
+                format!("disk {disk} was already completed in this session"),
+            ));
+        }
+        let received = self.receipts(&d, &s.id).await?;
+        let prior = received.lock().await.get(&index).copied();
+        if prior.map(|r| r.hash.ct_eq(&claimed)).unwrap_or(false) {
+            return Ok(PatchAck {
+                index,
+                outcome: "already_received".into(),
+                patch_bytes: 0,
+            });
+        }
+        let mut block = self.session_block(&d, &base, prior, index).await?;
+        let patch_len = body.len() as u64;
+        let (block, hash) = self
+            .vault
+            .chunks
+            .cpu()
+            .run(move || {
+                patch::apply(&mut block, &body).map(|_| {
+                    let h = PlainHash::of(&block);
+                    (block, h)
+                })
+            })
+            .await
+            .map_err(|e| Error::invalid("invalid_patch", format!("block {index}: {e}")))?;
+        if !hash.ct_eq(&claimed) {
+            return Err(Error::invalid("hash_mismatch", format!("block {index} after the patch hashes to {}, the agent said {}: the patch was made against other content; fetch the hashes again", hash.to_hex(), claimed.to_hex())));
+        }
+        let put = self
+            .vault
+            .chunks
+            .put_block(Bytes::from(block), Some(hash))
+            .await?;
+        let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &stage_id(&s.id), index);
+        self.write_receipt(&key, &put).await?;
+        received.lock().await.insert(
+            index,
+            Receipt {
+                name: put.name,
+                hash: put.hash,
+            },
+        );
+        self.note_resync_bytes(&d, &s.id, patch_len).await;
+        metrics::counter!("drvault_resync_patch_bytes_total").increment(patch_len);
+        let outcome = match put.outcome {
+            None => "zero",
+            Some(crate::store::PutOutcome::Created) => "stored",
+            Some(crate::store::PutOutcome::Existed) => "deduplicated",
+        };
+        Ok(PatchAck {
+            index,
+            outcome: outcome.into(),
+            patch_bytes: patch_len,
+        })
+    }
+
+    /// Per-disk wire bytes live in memory until completion writes them into the session.
+    async fn note_resync_bytes(&self, d: &DiskRecord, session: &str, n: u64) {
+        let mut m = self.resyncs.bytes.lock().await;
+        *m.entry((d.vm_id.clone(), d.disk_id.clone(), session.to_string()))
+            .or_default() += n;
+    }
+
+    /// Ends a disk's part of the session: the digest over every block hash of the staged view
+    /// must equal the agent's over its disk. Stages the disk's new map; the last disk switches
+    /// the replica.
+    pub async fn resync_complete(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        req: &DigestRequest,
+    ) -> Result<ResyncCompletion> {
+        let claimed = PlainHash::from_hex(&req.digest)
+            .ok_or_else(|| Error::invalid("invalid_hash", "digest is not 64 hex digits"))?;
+        let (s, d, base) = self.agent_session(host, vm, disk).await?;
+        let already = s.disks.get(disk).and_then(|x| x.staged_root.clone());
+        if already.is_none() {
+            let received = self.receipts(&d, &s.id).await?;
+            let received = received.lock().await;
+            let mut map = (*base).clone();
+            for (&i, r) in received.iter() {
+                let e = match r.name {
+                    Some(name) => MapEntry::Data { name, hash: r.hash },
+                    None => MapEntry::Zero,
+                };
+                map.set(i, e)?;
+            }
+            let actual = map_digest(&map);
+            if !actual.ct_eq(&claimed) {
+                return Err(Error::conflict("digest_mismatch", format!("disk {disk}: the staged replica digests to {}, the agent's disk to {}: blocks are still missing or the source changed; run the resync again", actual.to_hex(), claimed.to_hex())));
+            }
+            let changed = received.len() as u64;
+            drop(received);
+            let root = map.save(&self.vault.chunks).await?.to_hex();
+            let bytes = self
+                .resyncs
+                .bytes
+                .lock()
+                .await
+                .get(&(d.vm_id.clone(), d.disk_id.clone(), s.id.clone()))
+                .copied()
+                .unwrap_or(0);
+            let v = self.vm_for(None, vm).await?;
+            let lock = self.vm_lock(&v.id).await;
+            let _held = lock.lock().await;
+            let mut cur = self
+                .open_resync(&v.id)
+                .await?
+                .filter(|x| x.id == s.id)
+                .ok_or_else(|| Error::conflict("no_resync", "the session ended meanwhile"))?;
+            if let Some(x) = cur.disks.get_mut(disk) {
+                x.staged_root = Some(root);
+                x.blocks_changed = changed;
+                x.bytes_received += bytes;
+            }
+            self.save_session(&v.id, &cur).await?;
+            tracing::info!(vm, disk, session = %s.id, blocks_changed = changed, bytes, "resync of disk staged");
+        }
+        self.commit_if_staged(vm)
+            .await
+            .map(|(s, cycle)| ResyncCompletion {
+                disk: disk.to_string(),
+                session: s.id.clone(),
+                state: s.state,
+                waiting_for: s
+                    .disks
+                    .iter()
+                    .filter(|(_, x)| x.staged_root.is_none())
+                    .map(|(k, _)| k.clone())
+                    .collect(),
+                cycle,
+            })
+    }
+
+    /// Switches the replica when every disk of the open session is staged (also finishes a
+    /// switch a crash interrupted: it is idempotent per disk).
+    pub async fn commit_if_staged(&self, vm: &str) -> Result<(ResyncSession, Option<u64>)> {
+        let v = self.vm_for(None, vm).await?;
+        let lock = self.vm_lock(&v.id).await;
+        let _held = lock.lock().await;
+        let Some(mut s) = self.resync_session(&v.id).await? else {
+            return Err(Error::not_found(
+                "no_resync",
+                format!("VM {vm} has no resync session"),
+            ));
+        };
+        if s.state == SessionState::Committed {
+            return Ok((s.clone(), s.commit_cycle));
+        }
+        if !s.state.is_open() || s.disks.values().any(|x| x.staged_root.is_none()) {
+            return Ok((s, None));
+        }
+        s.state = SessionState::Committing;
+        self.save_session(&v.id, &s).await?;
+        let roots: BTreeMap<String, String> = s
+            .disks
+            .iter()
+            .filter_map(|(k, x)| x.staged_root.clone().map(|r| (k.clone(), r)))
+            .collect();
+        let cycle = self
+            .install_snapshots(vm, &format!("resync:{}", s.id), &roots, s.commit_cycle)
+            .await?;
+        s.commit_cycle = Some(cycle);
+        s.state = SessionState::Committed;
+        s.finished_unix = Some(crate::util::unix_now());
+        self.save_session(&v.id, &s).await?;
+        self.jobs
+            .step(
+                &s.job,
+                "Compare and send changed blocks",
+                JobState::Succeeded,
+            )
+            .await?;
+        self.jobs
+            .step(&s.job, "Switch the replica", JobState::Succeeded)
+            .await?;
+        self.jobs.succeed(&s.job).await?;
+        for disk in s.disks.keys() {
+            let (_, d) = self.disk_for(None, vm, disk).await?;
+            self.drop_stage(&d, &s.id).await;
+        }
+        tracing::info!(vm, session = %s.id, cycle, "resync committed: the replica switched");
+        Ok((s, Some(cycle)))
+    }
+
+    /// Gives every disk of the VM a journal entry at one new cycle: the snapshot map for the
+    /// disks in `roots`, *unchanged* for the others. Each disk switches in one record update and
+    /// a disk that already has the entry (`tag`) is skipped, so an interrupted switch finishes
+    /// when run again. Snapshot disks restart their log chain. Returns the cycle.
+    pub(crate) async fn install_snapshots(
+        &self,
+        vm: &str,
+        tag: &str,
+        roots: &BTreeMap<String, String>,
+        fixed_cycle: Option<u64>,
+    ) -> Result<u64> {
+        let v = self.vm_for(None, vm).await?;
+        let mut disks = Vec::new();
+        for spec in &v.spec.disks {
+            disks.push(self.disk_for(None, vm, &spec.id).await?.1);
+        }
+        let cycle = match fixed_cycle.or_else(|| {
+            disks
+                .iter()
+                .flat_map(|d| d.journal.iter())
+                .find(|e| e.log_id.ends_with(tag))
+                .map(|e| e.cycle)
+        }) {
+            Some(c) => c,
+            None => disks.iter().map(|d| d.last_cycle()).max().unwrap_or(0) + 1,
+        };
+        for d0 in disks {
+            let lock = self.log_lock_for(&d0).await;
+            let _held = lock.lock().await;
+            let (_, d) = self.disk_for(None, vm, &d0.disk).await?;
+            if d.journal.iter().any(|e| e.log_id.ends_with(tag)) {
+                continue;
+            }
+            let mut rec = d.clone();
+            let snapshot = roots.get(&d.disk).cloned();
+            let entry = JournalEntry {
+                log_id: format!(
+                    "{}{tag}",
+                    if snapshot.is_some() { "" } else { "unchanged-" }
+                ),
+                previous_id: String::new(),
+                cycle,
+                app_consistent: false,
+                final_log: false,
+                accepted_unix: crate::util::unix_now(),
+                log_bytes: 0,
+                extents: 0,
+                data_bytes: 0,
+                unchanged: snapshot.is_none(),
+                snapshot_root: snapshot.clone(),
+            };
+            if cycle <= rec.last_cycle() {
+                return Err(Error::internal(format!(
+                    "disk {} already has cycle {} past the switch cycle {cycle}",
+                    d.disk,
+                    rec.last_cycle()
+                )));
+            }
+            rec.journal.push(entry);
+            if snapshot.is_some() {
+                rec.resync_fence = rec.chain_head.take().or(rec.resync_fence);
+                rec.data_write_guid = None;
+                rec.resync_required = None;
+            }
+            self.store_disk(rec).await?;
+        }
+        Ok(cycle)
+    }
+}
+
+/// BLAKE3 over block hashes in order: what agent and server compare at the end of a resync or
+/// failback.
+pub fn digest_of(hashes: &[PlainHash]) -> PlainHash {
+    let mut h = blake3::Hasher::new();
+    for x in hashes {
+        h.update(&x.0);
+    }
+    PlainHash(*h.finalize().as_bytes())
+}
+
+/// [`digest_of`] a map's blocks (zero blocks: the hash of their zero bytes).
+pub fn map_digest(map: &BlockMap) -> PlainHash {
+    let zero_full = PlainHash::of(&vec![0u8; map.block_size() as usize]);
+    let hashes: Vec<PlainHash> = map
+        .entries()
+        .map(|(i, e)| match e {
+            MapEntry::Data { hash, .. } => hash,
+            MapEntry::Zero if map.block_len(i) == map.block_size() as u64 => zero_full,
+            MapEntry::Zero => PlainHash::of(&vec![0u8; map.block_len(i) as usize]),
+        })
+        .collect();
+    digest_of(&hashes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_open_and_wrap_past_midnight() {
+        let w = Window::parse("22:00-06:00").unwrap();
+        assert_eq!(w.wait_minutes(23 * 60), 0);
+        assert_eq!(w.wait_minutes(3 * 60), 0);
+        assert_eq!(w.wait_minutes(6 * 60), 16 * 60);
+        assert_eq!(w.wait_minutes(21 * 60 + 59), 1);
+        let day = Window::parse("09:30-10:00").unwrap();
+        assert_eq!(day.wait_minutes(9 * 60 + 45), 0);
+        assert_eq!(day.wait_minutes(10 * 60), 23 * 60 + 30);
+        assert_eq!(Window::parse("00:00-00:00").unwrap().wait_minutes(777), 0);
+        for bad in [
+            "",
+            "22:00",
+            "24:00-01:00",
+            "22:60-01:00",
+            "2:00-06:00",
+            "a-b",
+            "22:00-06",
+        ] {
+            assert!(Window::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}
