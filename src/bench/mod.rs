@@ -33,10 +33,14 @@
 //!   the harness does not install software itself.
 
 pub mod baselines;
+pub mod changes;
+pub mod deltas;
+pub mod failover;
 pub mod images;
 pub mod ingest;
 pub mod procstat;
 pub mod report;
+pub mod server;
 
 use std::path::PathBuf;
 
@@ -49,6 +53,13 @@ pub enum BenchCmd {
     /// Replicate a disk image with N concurrent agents against a server and report throughput,
     /// latency, server CPU and memory next to same-run baselines (pipeline, cp, restic).
     Ingest(ingest::IngestArgs),
+    /// Send MS-HRL logs of scattered 4 KiB writes and of 256 KiB extents to a protected disk and
+    /// report acknowledgement MB/s, time to the recovery point, merge MB/s and export time with
+    /// a long journal against a merged one, next to same-run baselines (pipeline, cp, hrl apply).
+    Deltas(deltas::DeltasArgs),
+    /// Protect an image, run test failovers and report materialization MB/s against
+    /// `qemu-img convert -O vpc -o subformat=fixed` of the same raw image in the same run.
+    Failover(failover::FailoverArgs),
 }
 
 /// Errors of the harness, with what it was doing.
@@ -78,6 +89,8 @@ pub enum BenchError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Image(#[from] crate::format::image::ImageError),
+    #[error("writing a change log: {0}")]
+    Hrl(#[from] crate::format::hrl::HrlError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -97,6 +110,8 @@ pub(crate) fn io_err<'a>(
 pub async fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
     match cmd {
         BenchCmd::Ingest(args) => ingest::run(args).await,
+        BenchCmd::Deltas(args) => deltas::run(args).await,
+        BenchCmd::Failover(args) => failover::run(args).await,
     }
 }
 
