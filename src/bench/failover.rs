@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use super::baselines::{self, Outcome};
 use super::images;
-use super::procstat::clock_ticks_per_second;
+use super::procstat::{clock_ticks_per_second, cpu_ticks};
 use super::report::{self, Figure, ImageInfo};
 use super::server::{run_tag, Session, Target, TargetArgs};
 use super::{io_err, BenchError};
@@ -39,6 +39,10 @@ pub struct FailoverArgs {
     /// Measured rounds (failover + cleanup + baseline); figures are medians.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Discarded rounds before the measured ones: on a virtual machine, the first failover
+    /// after protection writes into memory the host has taken back, and pays for it.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
     #[command(flatten)]
     pub target: TargetArgs,
     /// Skip the qemu-img baseline.
@@ -56,6 +60,9 @@ pub struct FailoverRun {
     pub failover_s: f64,
     /// Disk bytes per second.
     pub materialize_mb_s: f64,
+    pub disk_bytes: u64,
+    /// CPU seconds the spawned server used during the failover (None for an existing server).
+    pub server_cpu_s: Option<f64>,
     /// The VHD's size (virtual size rounded up to whole MiB, plus the 512-byte footer).
     pub vhd_bytes: Option<u64>,
     /// Whether the VHD's data equals the raw image (None: the output is not on this machine).
@@ -104,7 +111,13 @@ pub async fn run(args: FailoverArgs) -> Result<i32, BenchError> {
     let _ = std::fs::remove_dir_all(&run_dir);
     let (protect_s, runs) = result?;
     stopped?;
-    let r = build(p.info, target.describe(), protect_s, runs);
+    let mut r = build(p.info, target.describe(), protect_s, runs);
+    if args.warmup > 0 {
+        r.notes.push(format!(
+            "{} warm-up round(s) of failover and baseline ran first and were discarded",
+            args.warmup
+        ));
+    }
     if args.json {
         println!("{}", report::json(&r)?);
     } else {
@@ -128,12 +141,19 @@ async fn measure(
     let tck = clock_ticks_per_second();
     let size = p.image.virtual_size();
     let mut runs = Vec::new();
-    for k in 0..args.runs {
-        eprintln!(
-            "bench: round {}/{}: test failover of {vm}",
-            k + 1,
-            args.runs
-        );
+    for k in 0..args.warmup + args.runs {
+        let warm = k < args.warmup;
+        if warm {
+            eprintln!("bench: warm-up round (discarded): test failover of {vm}");
+        } else {
+            eprintln!(
+                "bench: round {}/{}: test failover of {vm}",
+                k - args.warmup + 1,
+                args.runs
+            );
+        }
+        let pid = session.server.as_ref().map(|s| s.pid.to_string());
+        let cpu0 = pid.as_deref().map(cpu_ticks).transpose()?;
         let t = Instant::now();
         let rec: serde_json::Value = session
             .operator
@@ -148,6 +168,12 @@ async fn measure(
             .ok_or_else(|| BenchError::Server(format!("failover answer without a job: {rec}")))?;
         session.wait_job(job, Duration::from_millis(5)).await?;
         let failover_s = t.elapsed().as_secs_f64();
+        let server_cpu_s = match (pid.as_deref(), cpu0) {
+            (Some(p), Some(c0)) => {
+                Some(cpu_ticks(p)?.own.saturating_sub(c0.own) as f64 / tck as f64)
+            }
+            _ => None,
+        };
         let view: serde_json::Value = session
             .operator
             .get_json(&format!("/v1/vms/{vm}/failover"))
@@ -196,9 +222,14 @@ async fn measure(
             eprintln!("bench:   baseline: qemu-img convert -O vpc (fixed)");
             baselines::qemu_img_vpc(raw, &run_dir.join("baseline"), tck).await
         };
+        if warm {
+            continue;
+        }
         runs.push(FailoverRun {
             failover_s,
             materialize_mb_s: size as f64 / failover_s.max(1e-9) / 1e6,
+            server_cpu_s,
+            disk_bytes: size,
             vhd_bytes,
             vhd_identical,
             cleanup_s,
@@ -240,6 +271,18 @@ pub fn build(
             &synced,
             "qemu-img convert + sync, s",
             |m| m.seconds,
+        ),
+        Figure::new(
+            "server CPU s per GB",
+            &runs
+                .iter()
+                .filter_map(|r| r.server_cpu_s.map(|c| c / (r.disk_bytes as f64 / 1e9)))
+                .collect::<Vec<_>>(),
+            &synced
+                .iter()
+                .map(|o| o.measured().and_then(|m| m.cpu_s_per_gb))
+                .collect::<Vec<_>>(),
+            "qemu-img convert + sync CPU s per GB",
         ),
         Figure::alone(
             "cleanup s",
@@ -292,6 +335,8 @@ mod tests {
         FailoverRun {
             failover_s: 2000.0 / mb_s,
             materialize_mb_s: mb_s,
+            server_cpu_s: Some(1.0),
+            disk_bytes: 2_000_000_000,
             vhd_bytes: Some(1),
             vhd_identical: Some(true),
             cleanup_s: 0.1,
@@ -324,6 +369,9 @@ mod tests {
         assert_eq!(r.figures[0].baseline, Some(900.0));
         assert_eq!(r.figures[0].ratio, Some(500.0 / 900.0));
         assert_eq!(r.figures[2].ours, Some(4.0));
+        assert_eq!(r.figures[3].figure, "server CPU s per GB");
+        assert_eq!(r.figures[3].ours, Some(0.5));
+        assert_eq!(r.figures[3].ratio, None, "no CPU figure for qemu-img here");
         assert!(table(&r).contains("qemu-img convert -O vpc fixed + sync"));
 
         let missing = Outcome::Missing {
