@@ -18,6 +18,10 @@
 //! of the copy, with the source in the page cache; (c) `restic backup` of the image into a fresh
 //! local repository (format 2, so it compresses like we do). Ratios are ours / baseline.
 //!
+//! `drvault bench deltas` ([`deltas`]) and `drvault bench failover` ([`failover`]) report in
+//! one row form, figure | ours | baseline | ratio ([`report::Figure`]), with the same `--json`,
+//! spawned-or-existing server ([`server`]) and generated images ([`images`]).
+//!
 //! Decisions the brief left open:
 //! * MB is 10^6 bytes in every rate; sizes on the command line are binary (`2GiB`, `2G`) unless
 //!   written with an SI unit (`2GB`), see [`parse_size`].
