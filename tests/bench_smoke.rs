@@ -1,16 +1,17 @@
-//! Smoke test of `drvault bench ingest` end to end: spawned server, one agent, a 64 MiB zero
-//! image and a 64 MiB random one, JSON report. It moves real data and takes several seconds, and
-//! its figures are timings, so it runs only with DRVAULT_BENCH_SMOKE=1 and asserts none of them:
-//! only the counts a user would check (bytes, blocks, samples) and that no figure is invented.
+//! Smoke tests of `drvault bench` end to end, each with a spawned server and a JSON report.
+//! Their figures are timings, so none is asserted beyond being there and positive: only the
+//! counts a user would check (bytes, blocks, writes, samples) and that no figure is invented.
+//! `bench ingest` moves 128 MiB and takes several seconds, so it runs only with
+//! DRVAULT_BENCH_SMOKE=1; `bench deltas` and `bench failover` run on a 16 MiB image always.
 
 use std::process::Command;
 
-fn ingest(work: &std::path::Path, kind: &str, extra: &[&str]) -> serde_json::Value {
+fn bench(args: &[&str], work: &std::path::Path) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_drvault"))
-        .args(["bench", "ingest", "--kind", kind, "--size", "64MiB"])
-        .args(["--agents", "1", "--runs", "1", "--json", "--work-dir"])
+        .arg("bench")
+        .args(args)
+        .args(["--runs", "1", "--json", "--work-dir"])
         .arg(work)
-        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -19,6 +20,26 @@ fn ingest(work: &std::path::Path, kind: &str, extra: &[&str]) -> serde_json::Val
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn ingest(work: &std::path::Path, kind: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["ingest", "--kind", kind, "--size", "64MiB", "--agents", "1"];
+    args.extend_from_slice(extra);
+    bench(&args, work)
+}
+
+/// The figure named `name` whose baseline description starts with `what`.
+fn figure<'a>(r: &'a serde_json::Value, name: &str, what: &str) -> &'a serde_json::Value {
+    r["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["figure"] == name && f["baseline_what"].as_str().unwrap().starts_with(what))
+        .unwrap_or_else(|| panic!("no figure {name:?} against {what:?} in {r}"))
+}
+
+fn positive(v: &serde_json::Value) -> bool {
+    v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite())
 }
 
 #[test]
@@ -59,4 +80,101 @@ fn bench_ingest_smoke() {
     assert!(std::fs::read_dir(work.path().join("runs"))
         .map(|d| d.count() == 0)
         .unwrap_or(true));
+}
+
+#[test]
+fn bench_deltas_smoke() {
+    let work = tempfile::tempdir().unwrap();
+    let r = bench(
+        &[
+            "deltas",
+            "--kind",
+            "random",
+            "--size",
+            "16MiB",
+            "--log-size",
+            "1MiB",
+            "--journal-logs",
+            "4",
+            "--journal-size",
+            "1MiB",
+        ],
+        work.path(),
+    );
+    assert_eq!(r["tool"], "drvault bench deltas");
+    let run = &r["runs"][0];
+    // 1 MiB of 4 KiB writes and of 256 KiB extents; the journal writes 1 MiB in 4 logs.
+    assert_eq!(run["scattered"]["log"]["writes"], 256);
+    assert_eq!(run["extents"]["log"]["writes"], 4);
+    assert_eq!(run["scattered"]["log"]["data_bytes"], 1 << 20);
+    assert_eq!(run["extents"]["log"]["data_bytes"], 1 << 20);
+    assert_eq!(run["journal"]["logs"], 4);
+    assert_eq!(run["journal"]["data_bytes"], 1 << 20);
+    assert!(run["scattered"]["blocks_rewritten"].as_u64().unwrap() >= 1);
+    for p in ["scattered", "extents"] {
+        for b in ["apply", "pipeline", "cp"] {
+            assert_eq!(run[p][b]["status"], "ok", "{p} {b}: {run}");
+        }
+    }
+    for (name, what) in [
+        ("ack MB/s, scattered 4 KiB", "in-process pipeline"),
+        ("ack MB/s, 256 KiB extents", "cp + fsync"),
+        ("ack s, scattered vs extents", "ack s of the extents log"),
+        ("ack -> point listed ms, scattered", "one GET /points"),
+        ("merge MB/s of log, extents", "hrl apply"),
+        ("merge MB/s of log, 4-log journal", "hrl apply"),
+        (
+            "export s, point behind 4 logs",
+            "export s of the same point merged",
+        ),
+        ("export s, merged", "cp + fsync of the raw disk"),
+    ] {
+        let f = figure(&r, name, what);
+        assert!(positive(&f["ours"]), "{name}: {f}");
+        assert!(positive(&f["baseline"]), "{name}: {f}");
+        assert!(positive(&f["ratio"]), "{name}: {f}");
+    }
+    assert!(r["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n.as_str().unwrap().contains("checked byte for byte")));
+    assert!(std::fs::read_dir(work.path().join("runs"))
+        .map(|d| d.count() == 0)
+        .unwrap_or(true));
+}
+
+#[test]
+fn bench_failover_smoke() {
+    let work = tempfile::tempdir().unwrap();
+    let r = bench(
+        &["failover", "--kind", "random", "--size", "16MiB"],
+        work.path(),
+    );
+    assert_eq!(r["tool"], "drvault bench failover");
+    let run = &r["runs"][0];
+    assert_eq!(run["vhd_identical"], true, "{run}");
+    assert_eq!(
+        run["vhd_bytes"],
+        (16 << 20) + 512,
+        "whole MiB plus the footer"
+    );
+    assert!(positive(&run["materialize_mb_s"]));
+    assert!(positive(&r["protect_s"]));
+    let f = figure(
+        &r,
+        "test failover MB/s (materialize)",
+        "qemu-img convert -O vpc",
+    );
+    assert!(positive(&f["ours"]));
+    let qemu = run["qemu_convert_sync"]["status"].as_str().unwrap();
+    assert!(qemu == "ok" || qemu == "missing", "qemu-img: {run}");
+    assert_eq!(
+        f["ratio"].is_null(),
+        qemu != "ok",
+        "no ratio without the peer"
+    );
+    if qemu == "ok" {
+        assert!(positive(&f["baseline"]) && positive(&f["ratio"]));
+    }
 }

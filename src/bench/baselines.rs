@@ -259,6 +259,59 @@ pub async fn restic(image: &Path, dir: &Path, tck: u64) -> Outcome {
     }
 }
 
+/// `qemu-img convert -f raw -O vpc -o subformat=fixed,force_size=on RAW DIR/qemu.vhd`, then
+/// `sync` of the output: the materialization peer. Returns (convert alone, convert + sync):
+/// qemu-img's convert does not flush by default, our failover fsyncs before it says done.
+pub async fn qemu_img_vpc(raw: &Path, dir: &Path, tck: u64) -> (Outcome, Outcome) {
+    let present = tokio::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .await
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !present {
+        let m = Outcome::Missing {
+            note: "qemu-img is not installed (apt-get install qemu-utils)".into(),
+        };
+        return (m.clone(), m);
+    }
+    let out = dir.join("qemu.vhd");
+    let run = async {
+        std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        let _ = std::fs::remove_file(&out);
+        let size = std::fs::metadata(raw)
+            .map_err(io_err("reading", raw))?
+            .len();
+        let (s1, c1) = timed(
+            tokio::process::Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "vpc", "-o"])
+                .arg("subformat=fixed,force_size=on")
+                .arg(raw)
+                .arg(&out),
+            "qemu-img convert",
+            tck,
+        )
+        .await?;
+        let (s2, c2) = timed(tokio::process::Command::new("sync").arg(&out), "sync", tck).await?;
+        let written = std::fs::metadata(&out).map(|m| m.len()).ok();
+        Ok::<_, BenchError>((
+            measured(size, s1, Some(c1), written),
+            measured(size, s1 + s2, Some(c1 + c2), written),
+        ))
+    };
+    let r = run.await;
+    let _ = std::fs::remove_file(&out);
+    match r {
+        Ok((a, b)) => (Outcome::Ok(a), Outcome::Ok(b)),
+        Err(e) => {
+            let f = Outcome::Failed {
+                note: e.to_string(),
+            };
+            (f.clone(), f)
+        }
+    }
+}
+
 /// Total size of the files under `dir` (0 where unreadable).
 pub fn dir_size(dir: &Path) -> u64 {
     super::images::walk_files(dir).iter().map(|(_, l)| l).sum()

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::report::ImageInfo;
 use super::{io_err, BenchError};
 use crate::format::image::{DiskImage, ImageError, ImageFormat};
 
@@ -123,6 +124,122 @@ pub fn ensure_image(work: &Path, kind: ImageKind, size: u64) -> Result<Generated
         .map_err(|e| BenchError::Invalid(format!("encoding image metadata: {e}")))?;
     std::fs::write(&meta_path, text).map_err(io_err("writing", &meta_path))?;
     Ok(g)
+}
+
+/// Which image a benchmark runs on (flattened into each `bench` subcommand).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ImageArgs {
+    /// Image to generate when --image is not given: ext4 (mkfs.ext4 over ~65% of real files
+    /// from /usr), random (incompressible) or zero (sparse).
+    #[arg(long, value_enum, default_value_t = ImageKind::Ext4, conflicts_with = "image")]
+    pub kind: ImageKind,
+    /// Size of the generated image (2GiB, 512M, 1.5G; GB/MB are SI units).
+    #[arg(long, default_value = "2GiB", value_parser = super::parse_size_arg, conflicts_with = "image")]
+    pub size: u64,
+    /// Use this image (raw, VHD or VHDX) instead of generating one.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Where images are cached and runs keep their data (default $TMPDIR/drvault-bench).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+/// The image a benchmark runs on, ready to read.
+pub struct Prepared {
+    /// The work directory (created).
+    pub work: PathBuf,
+    pub path: PathBuf,
+    pub info: ImageInfo,
+    pub image: Arc<dyn DiskImage>,
+}
+
+/// Creates the work directory (default [`super::default_work_dir`]) and opens the given
+/// image, or the cached or newly generated one of the asked kind and size.
+pub async fn prepare(a: &ImageArgs) -> Result<Prepared, BenchError> {
+    let (kind, size) = (a.kind, a.size);
+    let work = a.work_dir.clone().unwrap_or_else(super::default_work_dir);
+    std::fs::create_dir_all(&work).map_err(io_err("creating", &work))?;
+    let (path, mut info) = match &a.image {
+        Some(p) => (p.clone(), ImageInfo::given(p)),
+        None => {
+            eprintln!(
+                "bench: preparing the {} image of {} in {}",
+                kind.as_str(),
+                crate::util::human_bytes(size),
+                work.display()
+            );
+            let w = work.clone();
+            let g = tokio::task::spawn_blocking(move || ensure_image(&w, kind, size))
+                .await
+                .map_err(|e| BenchError::Invalid(format!("image generation stopped: {e}")))??;
+            (g.path.clone(), ImageInfo::generated(&g))
+        }
+    };
+    let image: Arc<dyn DiskImage> = Arc::from(crate::format::image::open(&path)?);
+    info.virtual_size = image.virtual_size();
+    info.format = format!("{:?}", image.format());
+    Ok(Prepared {
+        work,
+        path,
+        info,
+        image,
+    })
+}
+
+/// Reads a file once so every measurement starts with it in the page cache.
+pub fn warm_page_cache(p: &Path) -> Result<(), BenchError> {
+    let mut f = std::fs::File::open(p).map_err(io_err("opening", p))?;
+    std::io::copy(&mut f, &mut std::io::sink()).map_err(io_err("reading", p))?;
+    Ok(())
+}
+
+/// Writes `image` as a raw file at `out` (zero 1 MiB pieces left as holes) and fsyncs it:
+/// the plaintext image that file-level baselines work on.
+pub fn write_raw(image: &dyn DiskImage, out: &Path) -> Result<(), BenchError> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(out).map_err(io_err("creating", out))?;
+    let size = image.virtual_size();
+    f.set_len(size).map_err(io_err("sizing", out))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < size {
+        let n = usize::try_from((size - pos).min(buf.len() as u64)).unwrap_or(buf.len());
+        let chunk = buf.get_mut(..n).unwrap_or(&mut []);
+        image.read_at(chunk, pos)?;
+        if !crate::chunk::digest::is_zero(chunk) {
+            f.write_all_at(chunk, pos).map_err(io_err("writing", out))?;
+        }
+        pos += n as u64;
+    }
+    f.sync_all().map_err(io_err("syncing", out))
+}
+
+/// Offset of the first byte where the first `len` bytes of two files differ (None: equal).
+pub fn first_difference(a: &Path, b: &Path, len: u64) -> Result<Option<u64>, BenchError> {
+    use std::os::unix::fs::FileExt;
+    let fa = std::fs::File::open(a).map_err(io_err("opening", a))?;
+    let fb = std::fs::File::open(b).map_err(io_err("opening", b))?;
+    let (mut ba, mut bb) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    let mut pos = 0u64;
+    while pos < len {
+        let n = usize::try_from((len - pos).min(ba.len() as u64)).unwrap_or(ba.len());
+        let (ca, cb) = (
+            ba.get_mut(..n).unwrap_or(&mut []),
+            bb.get_mut(..n).unwrap_or(&mut []),
+        );
+        fa.read_exact_at(ca, pos).map_err(io_err("reading", a))?;
+        fb.read_exact_at(cb, pos).map_err(io_err("reading", b))?;
+        if ca != cb {
+            let at = ca
+                .iter()
+                .zip(cb.iter())
+                .position(|(x, y)| x != y)
+                .unwrap_or(0);
+            return Ok(Some(pos + at as u64));
+        }
+        pos += n as u64;
+    }
+    Ok(None)
 }
 
 /// The wyrand generator: 64-bit state, passes BigCrush, one multiply per 8 bytes.
@@ -464,6 +581,29 @@ mod tests {
         let mut z = vec![0u8; 13];
         WyRand::new(2).fill(&mut z);
         assert_ne!(x, z);
+    }
+
+    #[test]
+    fn raw_copies_compare_equal_and_a_change_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = vec![0u8; 3 << 20];
+        data[(1 << 20) + 5] = 1;
+        let out = dir.path().join("copy.raw");
+        write_raw(mem(data.clone()).as_ref(), &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), data);
+        let other = dir.path().join("other.raw");
+        data[(2 << 20) + 9] = 7;
+        std::fs::write(&other, &data).unwrap();
+        assert_eq!(first_difference(&out, &out, 3 << 20).unwrap(), None);
+        assert_eq!(
+            first_difference(&out, &other, 3 << 20).unwrap(),
+            Some((2 << 20) + 9)
+        );
+        assert_eq!(first_difference(&out, &other, 2 << 20).unwrap(), None);
+        assert!(matches!(
+            first_difference(&out, &other, 4 << 20),
+            Err(BenchError::Io { .. })
+        ));
     }
 
     #[test]

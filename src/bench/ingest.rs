@@ -16,35 +16,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::Method;
-
 use super::baselines::{self, Outcome};
-use super::images::{self, DistinctImage, ImageKind, PrefixImage};
+use super::images::{self, DistinctImage, PrefixImage};
 use super::procstat::{clock_ticks_per_second, cpu_ticks, peak_rss_kib};
 use super::report::{self, BaselineRun, ImageInfo, Report, RunFigures};
+use super::server::SpawnedServer;
 use super::{io_err, parse_size_arg, percentile, BenchError};
 use crate::agent::backoff::Backoff;
 use crate::agent::protect::{protect, DiskSource, ProtectOptions, ProtectSummary};
 use crate::api::routes::Credentials;
-use crate::client::Client;
 use crate::format::image::DiskImage;
-use crate::server::{ServerFile, OPERATOR_TOKEN_FILE, SERVER_FILE};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct IngestArgs {
-    /// Image to generate when --image is not given: ext4 (mkfs.ext4 over ~65% of real files
-    /// from /usr), random (incompressible) or zero (sparse).
-    #[arg(long, value_enum, default_value_t = ImageKind::Ext4, conflicts_with = "image")]
-    pub kind: ImageKind,
-    /// Size of the generated image (2GiB, 512M, 1.5G; GB/MB are SI units).
-    #[arg(long, default_value = "2GiB", value_parser = parse_size_arg, conflicts_with = "image")]
-    pub size: u64,
-    /// Use this image (raw, VHD or VHDX) instead of generating one.
-    #[arg(long)]
-    pub image: Option<PathBuf>,
-    /// Where images are cached and runs keep their data (default $TMPDIR/drvault-bench).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub image: images::ImageArgs,
     /// Concurrent agents (each protects its own VM with one disk).
     #[arg(long, default_value_t = 1)]
     pub agents: usize,
@@ -117,39 +103,12 @@ struct Ctx {
 
 pub async fn run(args: IngestArgs) -> Result<i32, BenchError> {
     validate(&args)?;
-    let work = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(super::default_work_dir);
-    std::fs::create_dir_all(&work).map_err(io_err("creating", &work))?;
-    let (image_path, info) = match &args.image {
-        Some(p) => (p.clone(), ImageInfo::given(p)),
-        None => {
-            eprintln!(
-                "bench: preparing the {} image of {} in {}",
-                args.kind.as_str(),
-                crate::util::human_bytes(args.size),
-                work.display()
-            );
-            let (w, kind, size) = (work.clone(), args.kind, args.size);
-            let g = tokio::task::spawn_blocking(move || images::ensure_image(&w, kind, size))
-                .await
-                .map_err(|e| BenchError::Invalid(format!("image generation stopped: {e}")))??;
-            (g.path.clone(), ImageInfo::generated(&g))
-        }
-    };
-    let image: Arc<dyn DiskImage> = Arc::from(crate::format::image::open(&image_path)?);
+    let prepared = images::prepare(&args.image).await?;
+    let (work, image_path, image) = (prepared.work, prepared.path, prepared.image);
     let target = match &args.creds {
-        Some(f) => {
-            let mut creds = crate::agent::load_creds(f).map_err(|e| BenchError::Agent {
-                vm: "-".into(),
-                source: e,
-            })?;
-            if let Some(s) = &args.server {
-                creds.server = s.clone();
-            }
-            Target::Remote { creds }
-        }
+        Some(f) => Target::Remote {
+            creds: super::server::load_creds(f, args.server.as_deref())?,
+        },
         None => Target::Spawn {
             exe: std::env::current_exe().map_err(io_err("locating", Path::new("this binary")))?,
         },
@@ -163,11 +122,8 @@ pub async fn run(args: IngestArgs) -> Result<i32, BenchError> {
         distinct: args.distinct,
         parallel: args.parallel,
     };
-    let mut info = info;
-    info.virtual_size = image.virtual_size();
-    info.format = format!("{:?}", image.format());
-
-    warm_page_cache(&image_path)?;
+    let info = prepared.info;
+    images::warm_page_cache(&image_path)?;
     if args.warmup_size > 0 {
         eprintln!("bench: warm-up run (discarded)");
         let short: Arc<dyn DiskImage> = Arc::new(PrefixImage::new(image.clone(), args.warmup_size));
@@ -221,13 +177,6 @@ fn validate(args: &IngestArgs) -> Result<(), BenchError> {
             "--runs and --parallel must be at least 1".into(),
         ));
     }
-    Ok(())
-}
-
-/// Reads the image once so every measurement starts with it in the page cache.
-fn warm_page_cache(p: &Path) -> Result<(), BenchError> {
-    let mut f = std::fs::File::open(p).map_err(io_err("opening", p))?;
-    std::io::copy(&mut f, &mut std::io::sink()).map_err(io_err("reading", p))?;
     Ok(())
 }
 
@@ -289,112 +238,6 @@ async fn baselines_once(ctx: &Ctx) -> Result<BaselineRun, BenchError> {
     })
 }
 
-/// A server process this harness started.
-struct SpawnedServer {
-    child: tokio::process::Child,
-    pid: u32,
-    url: String,
-    token: String,
-    ca_pem: String,
-}
-
-impl SpawnedServer {
-    async fn start(exe: &Path, data_dir: &Path, log: &Path) -> Result<SpawnedServer, BenchError> {
-        let out = std::fs::File::create(log).map_err(io_err("creating", log))?;
-        let err = out.try_clone().map_err(io_err("opening", log))?;
-        let child = tokio::process::Command::new(exe)
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .stdin(std::process::Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            // On any error path the server must not outlive the harness.
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| BenchError::Server(format!("cannot start {}: {e}", exe.display())))?;
-        let pid = child
-            .id()
-            .ok_or_else(|| BenchError::Server("server exited at once".into()))?;
-        let mut s = SpawnedServer {
-            child,
-            pid,
-            url: String::new(),
-            token: String::new(),
-            ca_pem: String::new(),
-        };
-        let sf_path = data_dir.join(SERVER_FILE);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let sf: ServerFile = loop {
-            if let Ok(text) = std::fs::read_to_string(&sf_path) {
-                if let Ok(sf) = serde_json::from_str::<ServerFile>(&text) {
-                    break sf;
-                }
-            }
-            if let Ok(Some(status)) = s.child.try_wait() {
-                return Err(BenchError::Server(format!(
-                    "exited during startup ({status}); log {}:\n{}",
-                    log.display(),
-                    log_tail(log)
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(BenchError::Server(format!(
-                    "no {} after 60 s; log {}:\n{}",
-                    sf_path.display(),
-                    log.display(),
-                    log_tail(log)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        };
-        let tp = data_dir.join(OPERATOR_TOKEN_FILE);
-        s.token = std::fs::read_to_string(&tp)
-            .map_err(io_err("reading", &tp))?
-            .trim()
-            .to_string();
-        s.ca_pem = std::fs::read_to_string(&sf.ca_cert).map_err(io_err("reading", &sf.ca_cert))?;
-        s.url = sf.url;
-        Ok(s)
-    }
-
-    async fn add_host(&self, name: &str) -> Result<Credentials, BenchError> {
-        let c = Client::new(&self.url, &self.token, Some(&self.ca_pem))?;
-        Ok(c.send_json(
-            Method::POST,
-            "/v1/hosts",
-            &serde_json::json!({ "name": name }),
-        )
-        .await?)
-    }
-
-    /// SIGTERM (graceful shutdown), then SIGKILL after 15 s.
-    async fn stop(mut self) -> Result<(), BenchError> {
-        let _ = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid.to_string())
-            .status();
-        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
-            Ok(_) => Ok(()),
-            Err(_) => {
-                let _ = self.child.kill().await;
-                Err(BenchError::Server(format!(
-                    "pid {} ignored SIGTERM for 15 s; killed",
-                    self.pid
-                )))
-            }
-        }
-    }
-}
-
-fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
 /// One measured (or warm-up) replication of `image` by `agents` agents.
 async fn ingest_once(
     ctx: &Ctx,
@@ -407,9 +250,7 @@ async fn ingest_once(
     std::fs::create_dir_all(&run_dir).map_err(io_err("creating", &run_dir))?;
     let (server, creds) = match &ctx.target {
         Target::Spawn { exe } => {
-            let s = SpawnedServer::start(exe, &run_dir.join("data"), &run_dir.join("server.log"))
-                .await?;
-            let c = s.add_host("bench").await?;
+            let (s, c) = SpawnedServer::with_host(exe, &run_dir).await?;
             (Some(s), c)
         }
         Target::Remote { creds } => (None, creds.clone()),
@@ -574,14 +415,14 @@ mod tests {
     #[test]
     fn defaults_and_argument_checks() {
         let a = args(&[]);
-        assert_eq!(a.size, 2 << 30);
+        assert_eq!(a.image.size, 2 << 30);
         assert!(a.distinct, "distinct variants are the default");
         assert_eq!((a.runs, a.agents, a.parallel), (3, 1, 4));
         assert_eq!(a.agents_list, [1, 2, 4, 8]);
         assert!(validate(&a).is_ok());
         assert!(!args(&["--distinct=false"]).distinct);
         assert_eq!(args(&["--warmup-size", "0"]).warmup_size, 0);
-        assert_eq!(args(&["--size", "64MiB"]).size, 64 << 20);
+        assert_eq!(args(&["--size", "64MiB"]).image.size, 64 << 20);
         assert!(Wrap::try_parse_from(["x", "--size", "lots"]).is_err());
         assert!(
             Wrap::try_parse_from(["x", "--server", "https://h"]).is_err(),

@@ -18,6 +18,10 @@
 //! of the copy, with the source in the page cache; (c) `restic backup` of the image into a fresh
 //! local repository (format 2, so it compresses like we do). Ratios are ours / baseline.
 //!
+//! `drvault bench deltas` ([`deltas`]) and `drvault bench failover` ([`failover`]) report in
+//! one row form, figure | ours | baseline | ratio ([`report::Figure`]), with the same `--json`,
+//! spawned-or-existing server ([`server`]) and generated images ([`images`]).
+//!
 //! Decisions the brief left open:
 //! * MB is 10^6 bytes in every rate; sizes on the command line are binary (`2GiB`, `2G`) unless
 //!   written with an SI unit (`2GB`), see [`parse_size`].
@@ -33,10 +37,14 @@
 //!   the harness does not install software itself.
 
 pub mod baselines;
+pub mod changes;
+pub mod deltas;
+pub mod failover;
 pub mod images;
 pub mod ingest;
 pub mod procstat;
 pub mod report;
+pub mod server;
 
 use std::path::PathBuf;
 
@@ -49,6 +57,13 @@ pub enum BenchCmd {
     /// Replicate a disk image with N concurrent agents against a server and report throughput,
     /// latency, server CPU and memory next to same-run baselines (pipeline, cp, restic).
     Ingest(ingest::IngestArgs),
+    /// Send MS-HRL logs of scattered 4 KiB writes and of 256 KiB extents to a protected disk and
+    /// report acknowledgement MB/s, time to the recovery point, merge MB/s and export time with
+    /// a long journal against a merged one, next to same-run baselines (pipeline, cp, hrl apply).
+    Deltas(deltas::DeltasArgs),
+    /// Protect an image, run test failovers and report materialization MB/s against
+    /// `qemu-img convert -O vpc -o subformat=fixed` of the same raw image in the same run.
+    Failover(failover::FailoverArgs),
 }
 
 /// Errors of the harness, with what it was doing.
@@ -78,6 +93,8 @@ pub enum BenchError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Image(#[from] crate::format::image::ImageError),
+    #[error("writing a change log: {0}")]
+    Hrl(#[from] crate::format::hrl::HrlError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -97,6 +114,8 @@ pub(crate) fn io_err<'a>(
 pub async fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
     match cmd {
         BenchCmd::Ingest(args) => ingest::run(args).await,
+        BenchCmd::Deltas(args) => deltas::run(args).await,
+        BenchCmd::Failover(args) => failover::run(args).await,
     }
 }
 

@@ -391,6 +391,119 @@ pub fn table(r: &Report) -> String {
     o
 }
 
+/// One row of the `bench deltas` / `bench failover` reports: a figure of ours next to a
+/// baseline measured in the same runs. Both are medians over the runs that produced them; the
+/// ratio is ours / baseline (for rates above 1 is better, for times below 1).
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub figure: String,
+    pub ours: Option<f64>,
+    pub baseline: Option<f64>,
+    /// What the baseline is, or why there is none ("missing: …", "failed: …", "not run").
+    pub baseline_what: String,
+    pub ratio: Option<f64>,
+    /// Our per-run values, in run order.
+    pub runs: Vec<f64>,
+}
+
+impl Figure {
+    /// A figure from per-run values; `base` holds the baseline's per-run outcomes (the
+    /// first non-ok one names the reason when none is ok).
+    pub fn new(figure: &str, ours: &[f64], base: &[Option<f64>], what: &str) -> Figure {
+        let ours_m = super::median(ours);
+        let vals: Vec<f64> = base.iter().flatten().copied().collect();
+        let baseline = super::median(&vals);
+        Figure {
+            figure: figure.to_string(),
+            ours: ours_m,
+            baseline,
+            baseline_what: what.to_string(),
+            ratio: ratio(ours_m, baseline),
+            runs: ours.to_vec(),
+        }
+    }
+
+    /// A figure against a baseline that may be missing or failed in some runs.
+    pub fn against(
+        figure: &str,
+        ours: &[f64],
+        base: &[&Outcome],
+        what: &str,
+        pick: impl Fn(&Measured) -> f64,
+    ) -> Figure {
+        let vals: Vec<Option<f64>> = base.iter().map(|o| o.measured().map(&pick)).collect();
+        let mut f = Figure::new(figure, ours, &vals, what);
+        if f.baseline.is_none() {
+            f.baseline_what = match base.iter().find(|o| o.measured().is_none()) {
+                Some(Outcome::Missing { note }) => format!("missing: {note}"),
+                Some(Outcome::Failed { note }) => format!("failed: {note}"),
+                _ => "not run".into(),
+            };
+        }
+        f
+    }
+
+    /// A figure without a baseline.
+    pub fn alone(figure: &str, ours: &[f64]) -> Figure {
+        Figure::new(figure, ours, &[], "")
+    }
+}
+
+/// The table of a figure report: heading lines, rows, notes.
+pub fn figures_table(heading: &[String], figures: &[Figure], notes: &[String]) -> String {
+    let mut o = String::new();
+    for h in heading {
+        o.push_str(h);
+        o.push('\n');
+    }
+    o.push('\n');
+    let w = figures
+        .iter()
+        .map(|f| f.figure.len())
+        .max()
+        .unwrap_or(6)
+        .max(15);
+    let bw = figures
+        .iter()
+        .map(|f| f.baseline_what.len() + 12)
+        .max()
+        .unwrap_or(8)
+        .clamp(8, 72);
+    o.push_str(&format!(
+        "{:<w$} | {:>9} | {:<bw$} | {:>6}\n",
+        "figure (median)", "ours", "baseline", "ratio"
+    ));
+    o.push_str(&format!("{}\n", "-".repeat(w + bw + 27)));
+    for f in figures {
+        let b = match (f.baseline, f.baseline_what.is_empty()) {
+            (_, true) => String::new(),
+            (Some(v), false) => format!("{} ({})", num(Some(v)), f.baseline_what),
+            (None, false) => format!("- ({})", f.baseline_what),
+        };
+        let r = if f.baseline.is_some() {
+            num(f.ratio)
+        } else {
+            String::new()
+        };
+        o.push_str(&format!(
+            "{:<w$} | {:>9} | {b:<bw$} | {r:>6}\n",
+            f.figure,
+            num(f.ours)
+        ));
+    }
+    o.push('\n');
+    for n in notes {
+        o.push_str(&format!("note: {n}\n"));
+    }
+    o
+}
+
+/// A report as pretty JSON.
+pub fn json<T: Serialize>(r: &T) -> Result<String, BenchError> {
+    serde_json::to_string_pretty(r)
+        .map_err(|e| BenchError::Invalid(format!("encoding report: {e}")))
+}
+
 /// What became of `--plot`.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlotOutcome {

@@ -24,9 +24,12 @@ use super::definition::{
 use super::ipam::Allocations;
 use super::network::NetworkConfig;
 use crate::chunk::digest::is_zero;
+use crate::chunk::{ChunkStore, SealError};
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
 use crate::protection::{Protection, VmState};
+use crate::replica::point::PointReader;
+use crate::replica::MapEntry;
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
 
@@ -514,23 +517,26 @@ impl Failovers {
         })?;
         let file = Arc::new(file);
         let bs = d.block_size as u64;
+        let chunks = self.vault.chunks.clone();
+        let flush = Arc::new(Flusher::default());
         let mut writes = futures_util::stream::iter(blocks.into_iter().map(|(i, _)| {
-            let reader = reader.clone();
-            let file = file.clone();
+            let (reader, chunks, file) = (reader.clone(), chunks.clone(), file.clone());
+            let flush = flush.clone();
             async move {
-                let (bytes, _) = reader.read_block(i).await?;
+                let bytes = point_block(&reader, &chunks, i).await?;
                 if is_zero(&bytes) {
                     return Ok::<(), Error>(());
                 }
-                tokio::task::spawn_blocking(move || file.write_all_at(&bytes, i * bs))
-                    .await
-                    .map_err(|e| Error::internal(e.to_string()))?
-                    .map_err(|e| {
-                        Error::invalid("output_not_writable", format!("writing disk: {e}"))
-                    })
+                tokio::task::spawn_blocking(move || {
+                    file.write_all_at(&bytes, i * bs)?;
+                    flush.wrote(&file, bytes.len() as u64)
+                })
+                .await
+                .map_err(|e| Error::internal(e.to_string()))?
+                .map_err(|e| Error::invalid("output_not_writable", format!("writing disk: {e}")))
             }
         }))
-        .buffer_unordered(4);
+        .buffer_unordered(MATERIALIZE_IN_FLIGHT);
         while let Some(r) = writes.next().await {
             r?;
         }
@@ -688,6 +694,68 @@ impl Failovers {
     }
 }
 
+/// Blocks read, verified and written at once per disk being materialized: enough to keep every
+/// CPU thread decrypting and decompressing while other blocks are read from the store or
+/// copied into the output file.
+const MATERIALIZE_IN_FLIGHT: usize = 8;
+
+/// A block's bytes at a point, verified. A block no log of the point writes comes straight from
+/// its chunk: `get_block` checks the seal's tag and that the content derives the chunk's name,
+/// and the map's hash is compared here. `PointReader::read_block` gives the same bytes but, as
+/// it must for blocks that logs patch, copies them and hashes them a second time, which on a
+/// full disk costs about a fifth of the materialization's CPU.
+async fn point_block(
+    reader: &PointReader,
+    chunks: &ChunkStore,
+    index: u64,
+) -> Result<bytes::Bytes> {
+    if !reader.is_touched(index) {
+        if let Some(MapEntry::Data { name, hash }) = reader.base().get(index) {
+            let (bytes, got) = chunks.get_block(&name).await?;
+            if !got.ct_eq(&hash) {
+                return Err(Error::Corrupt(SealError::ContentMismatch {
+                    name: name.to_hex(),
+                }));
+            }
+            return Ok(bytes);
+        }
+    }
+    Ok(reader.read_block(index).await?.0)
+}
+
+/// Written bytes after which a write also starts the file's data on its way to the disk.
+const FLUSH_EVERY: u64 = 128 * MIB;
+
+/// Flushes the output while it is being written. The kernel starts writing dirty pages back
+/// only past a share of memory (gigabytes on a large host) or after 30 s, so without this a
+/// disk's whole data waits for the final fsync, which then costs as long as a plain copy of
+/// it. One `fdatasync` at a time, run by the write that crossed the threshold (its errors
+/// fail the disk like any write error; the final fsync still covers everything).
+#[derive(Default)]
+struct Flusher {
+    unflushed: std::sync::atomic::AtomicU64,
+    running: std::sync::atomic::AtomicBool,
+}
+
+impl Flusher {
+    fn wrote(&self, file: &std::fs::File, n: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        let total = self.unflushed.fetch_add(n, Ordering::AcqRel) + n;
+        if total < FLUSH_EVERY
+            || self
+                .running
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return Ok(());
+        }
+        self.unflushed.store(0, Ordering::Release);
+        let r = file.sync_data();
+        self.running.store(false, Ordering::Release);
+        r
+    }
+}
+
 /// The VM's stored NIC overrides with the request's on top.
 fn merged_nic_options(
     rec: &crate::protection::VmRecord,
@@ -730,5 +798,26 @@ fn shell_quote(s: &str) -> String {
 fn sync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         let _ = f.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn the_flusher_syncs_once_past_the_threshold_and_starts_counting_again() {
+        let f = tempfile::tempfile().unwrap();
+        let fl = Flusher::default();
+        fl.wrote(&f, FLUSH_EVERY - 1).unwrap();
+        assert_eq!(fl.unflushed.load(Ordering::Acquire), FLUSH_EVERY - 1);
+        fl.wrote(&f, 1).unwrap();
+        assert_eq!(fl.unflushed.load(Ordering::Acquire), 0, "synced and reset");
+        assert!(!fl.running.load(Ordering::Acquire));
+        // While another write's sync runs, a write past the threshold only counts.
+        fl.running.store(true, Ordering::Release);
+        fl.wrote(&f, FLUSH_EVERY).unwrap();
+        assert_eq!(fl.unflushed.load(Ordering::Acquire), FLUSH_EVERY);
     }
 }

@@ -1,0 +1,347 @@
+//! The server a benchmark talks to: one this harness spawns (`drvault serve --listen
+//! 127.0.0.1:0 --data-dir DIR`, URL and operator token read from the files it writes, stopped
+//! with SIGTERM), or an existing one named by host credentials (and, for the operator routes
+//! that `bench deltas` and `bench failover` use, an operator token).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+
+use super::{io_err, BenchError};
+use crate::agent::backoff::Backoff;
+use crate::agent::protect::{protect, DiskSource, ProtectOptions, ProtectSummary};
+use crate::api::routes::Credentials;
+use crate::client::Client;
+use crate::format::image::DiskImage;
+use crate::server::{ServerFile, OPERATOR_TOKEN_FILE, SERVER_FILE};
+
+/// A server process this harness started.
+pub struct SpawnedServer {
+    child: tokio::process::Child,
+    pub pid: u32,
+    pub url: String,
+    pub token: String,
+    pub ca_pem: String,
+}
+
+impl SpawnedServer {
+    /// Starts `exe serve` on a fresh `data_dir`, with `config` (TOML) when given, logging to
+    /// `log`; returns once the server has written its `server.json`.
+    pub async fn start(
+        exe: &Path,
+        data_dir: &Path,
+        log: &Path,
+        config: Option<&Path>,
+    ) -> Result<SpawnedServer, BenchError> {
+        let out = std::fs::File::create(log).map_err(io_err("creating", log))?;
+        let err = out.try_clone().map_err(io_err("opening", log))?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // On any error path the server must not outlive the harness.
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| BenchError::Server(format!("cannot start {}: {e}", exe.display())))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| BenchError::Server("server exited at once".into()))?;
+        let mut s = SpawnedServer {
+            child,
+            pid,
+            url: String::new(),
+            token: String::new(),
+            ca_pem: String::new(),
+        };
+        let sf_path = data_dir.join(SERVER_FILE);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let sf: ServerFile = loop {
+            if let Ok(text) = std::fs::read_to_string(&sf_path) {
+                if let Ok(sf) = serde_json::from_str::<ServerFile>(&text) {
+                    break sf;
+                }
+            }
+            if let Ok(Some(status)) = s.child.try_wait() {
+                return Err(BenchError::Server(format!(
+                    "exited during startup ({status}); log {}:\n{}",
+                    log.display(),
+                    log_tail(log)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(BenchError::Server(format!(
+                    "no {} after 60 s; log {}:\n{}",
+                    sf_path.display(),
+                    log.display(),
+                    log_tail(log)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let tp = data_dir.join(OPERATOR_TOKEN_FILE);
+        s.token = std::fs::read_to_string(&tp)
+            .map_err(io_err("reading", &tp))?
+            .trim()
+            .to_string();
+        s.ca_pem = std::fs::read_to_string(&sf.ca_cert).map_err(io_err("reading", &sf.ca_cert))?;
+        s.url = sf.url;
+        Ok(s)
+    }
+
+    /// Starts a server with its data and log under `run_dir` and registers the host "bench".
+    pub async fn with_host(
+        exe: &Path,
+        run_dir: &Path,
+    ) -> Result<(SpawnedServer, Credentials), BenchError> {
+        let s = SpawnedServer::start(
+            exe,
+            &run_dir.join("data"),
+            &run_dir.join("server.log"),
+            None,
+        )
+        .await?;
+        let creds = s.add_host("bench").await?;
+        Ok((s, creds))
+    }
+
+    /// A client with the operator token.
+    pub fn operator(&self) -> Result<Client, BenchError> {
+        Ok(Client::new(&self.url, &self.token, Some(&self.ca_pem))?)
+    }
+
+    /// Registers a host and returns its credentials.
+    pub async fn add_host(&self, name: &str) -> Result<Credentials, BenchError> {
+        Ok(self
+            .operator()?
+            .send_json(
+                Method::POST,
+                "/v1/hosts",
+                &serde_json::json!({ "name": name }),
+            )
+            .await?)
+    }
+
+    /// SIGTERM (graceful shutdown), then SIGKILL after 15 s.
+    pub async fn stop(mut self) -> Result<(), BenchError> {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status();
+        match tokio::time::timeout(Duration::from_secs(15), self.child.wait()).await {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Err(BenchError::Server(format!(
+                    "pid {} ignored SIGTERM for 15 s; killed",
+                    self.pid
+                )))
+            }
+        }
+    }
+}
+
+/// The last 20 lines of a server log, for startup errors.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Host credentials of an existing server, with the URL overridden when `server` is given.
+pub fn load_creds(path: &Path, server: Option<&str>) -> Result<Credentials, BenchError> {
+    let mut creds = crate::agent::load_creds(path).map_err(|e| BenchError::Agent {
+        vm: "-".into(),
+        source: e,
+    })?;
+    if let Some(s) = server {
+        creds.server = s.to_string();
+    }
+    Ok(creds)
+}
+
+/// How `bench deltas` and `bench failover` reach a server.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TargetArgs {
+    /// Target an existing server with these host credentials instead of spawning one per run
+    /// (needs --token too).
+    #[arg(long)]
+    pub creds: Option<PathBuf>,
+    /// With --creds: override the server URL written in the credentials.
+    #[arg(long, requires = "creds")]
+    pub server: Option<String>,
+    /// With --creds: the operator token (points, merge, export and failover are operator
+    /// routes).
+    #[arg(long, env = "DRVAULT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// A server per run, or an existing one.
+pub enum Target {
+    Spawn {
+        exe: PathBuf,
+    },
+    Remote {
+        creds: Credentials,
+        operator_token: String,
+    },
+}
+
+impl Target {
+    pub fn from_args(a: &TargetArgs) -> Result<Target, BenchError> {
+        match (&a.creds, &a.token) {
+            (Some(f), Some(t)) => Ok(Target::Remote {
+                creds: load_creds(f, a.server.as_deref())?,
+                operator_token: t.clone(),
+            }),
+            (Some(_), None) => Err(BenchError::Invalid(
+                "--creds needs --token (or DRVAULT_TOKEN): the operator token of that server"
+                    .into(),
+            )),
+            (None, _) => Ok(Target::Spawn {
+                exe: std::env::current_exe()
+                    .map_err(io_err("locating", Path::new("this binary")))?,
+            }),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Spawn { .. } => "spawned per run (127.0.0.1, fresh data dir)".into(),
+            Target::Remote { creds, .. } => creds.server.clone(),
+        }
+    }
+
+    /// Starts a server under `run_dir` (or connects to the existing one).
+    pub async fn session(&self, run_dir: &Path) -> Result<Session, BenchError> {
+        match self {
+            Target::Spawn { exe } => {
+                let (s, creds) = SpawnedServer::with_host(exe, run_dir).await?;
+                Ok(Session {
+                    agent: agent_client(&creds)?,
+                    operator: s.operator()?,
+                    server: Some(s),
+                })
+            }
+            Target::Remote {
+                creds,
+                operator_token,
+            } => Ok(Session {
+                agent: agent_client(creds)?,
+                operator: Client::new(&creds.server, operator_token, Some(&creds.ca_cert_pem))?,
+                server: None,
+            }),
+        }
+    }
+}
+
+fn agent_client(creds: &Credentials) -> Result<Client, BenchError> {
+    crate::agent::client_for(creds, None).map_err(|e| BenchError::Agent {
+        vm: "-".into(),
+        source: e,
+    })
+}
+
+/// One run's connections: the host agent's and the operator's.
+pub struct Session {
+    pub server: Option<SpawnedServer>,
+    pub agent: Client,
+    pub operator: Client,
+}
+
+impl Session {
+    /// Protects `image` as the one disk `disk0` of a new generation-2 VM without NICs.
+    pub async fn protect(
+        &self,
+        vm: &str,
+        path: &Path,
+        image: Arc<dyn DiskImage>,
+    ) -> Result<ProtectSummary, BenchError> {
+        let source = DiskSource {
+            id: DISK.into(),
+            path: path.to_path_buf(),
+            image,
+        };
+        let opts = ProtectOptions {
+            vm: vm.to_string(),
+            generation: 2,
+            cpus: 2,
+            memory_mib: 2048,
+            nics: Vec::new(),
+            policy: None,
+            parallel: 4,
+            backoff: quick_backoff(),
+            progress: false,
+            upload_latencies: None,
+        };
+        protect(&self.agent, std::slice::from_ref(&source), &opts)
+            .await
+            .map_err(|e| BenchError::Agent {
+                vm: vm.to_string(),
+                source: e,
+            })
+    }
+
+    /// Polls a job every `poll` until it succeeds (its JSON) or fails (an error).
+    pub async fn wait_job(
+        &self,
+        id: &str,
+        poll: Duration,
+    ) -> Result<serde_json::Value, BenchError> {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            let j: serde_json::Value = self.operator.get_json(&format!("/v1/jobs/{id}")).await?;
+            match j["state"].as_str() {
+                Some("succeeded") => return Ok(j),
+                Some("failed") => {
+                    return Err(BenchError::Server(format!(
+                        "job {id} ({}) failed: {}",
+                        j["title"], j["error"]
+                    )))
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(BenchError::Server(format!(
+                        "job {id} still running after 1 h"
+                    )))
+                }
+                _ => tokio::time::sleep(poll).await,
+            }
+        }
+    }
+
+    /// Stops a spawned server.
+    pub async fn finish(self) -> Result<(), BenchError> {
+        match self.server {
+            Some(s) => s.stop().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The disk id benchmarks give the image.
+pub const DISK: &str = "disk0";
+
+/// Retries should not happen on a local run; if they do, short waits keep the run going.
+pub fn quick_backoff() -> Backoff {
+    Backoff {
+        scale: 0.01,
+        give_up_after: Duration::from_secs(120),
+    }
+}
+
+/// A random tag for VM names: an existing server keeps the VMs of earlier runs.
+pub fn run_tag() -> String {
+    let mut tag = [0u8; 4];
+    crate::util::fill_random(&mut tag);
+    hex::encode(tag)
+}
