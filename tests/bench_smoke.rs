@@ -178,3 +178,33 @@ fn bench_failover_smoke() {
         assert!(positive(&f["baseline"]) && positive(&f["ratio"]));
     }
 }
+
+#[test]
+fn bench_resync_smoke() {
+    let work = tempfile::tempdir().unwrap();
+    let r = bench(
+        &[
+            "resync", "--kind", "random", "--size", "16MiB", "--change", "1MiB",
+        ],
+        work.path(),
+    );
+    assert_eq!(r["tool"], "drvault bench resync");
+    let run = &r["runs"][0];
+    assert_eq!(run["changed_bytes"], 1 << 20, "{run}");
+    assert_eq!(run["disk_bytes"], 16 << 20);
+    // 256 scattered 4 KiB writes over the disk's four 4 MiB blocks hit every block.
+    assert_eq!(run["blocks_compared"], 4, "{run}");
+    assert_eq!(run["blocks_differing"], 4, "{run}");
+    // Only the written 4 KiB pieces travel (writes may overlap: at most the bytes changed).
+    let up = run["bytes_uploaded"].as_u64().unwrap();
+    assert!(up > 0 && up <= (1 << 20) + 9 * 256, "{run}");
+    assert!(positive(&run["resync_s"]));
+    let f = figure(&r, "resync s (request to commit)", "rsync");
+    let rsync = run["rsync"]["outcome"]["status"].as_str().unwrap();
+    assert!(rsync == "ok" || rsync == "missing", "rsync: {run}");
+    assert_eq!(
+        f["ratio"].is_null(),
+        rsync != "ok",
+        "no ratio without the peer"
+    );
+}

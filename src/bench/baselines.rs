@@ -312,6 +312,81 @@ pub async fn qemu_img_vpc(raw: &Path, dir: &Path, tck: u64) -> (Outcome, Outcome
     }
 }
 
+/// `rsync --no-whole-file --inplace --stats SRC DEST`, then `sync DEST`: the delta-transfer
+/// peer of resync. DEST must already hold the old content. Returns the outcome (over `size`
+/// logical bytes) and rsync's "Total bytes sent".
+pub async fn rsync(src: &Path, dest: &Path, size: u64, tck: u64) -> (Outcome, Option<u64>) {
+    let present = tokio::process::Command::new("rsync")
+        .arg("--version")
+        .output()
+        .await
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !present {
+        return (
+            Outcome::Missing {
+                note: "rsync is not installed (apt-get install rsync)".into(),
+            },
+            None,
+        );
+    }
+    let run = async {
+        let c0 = cpu_ticks("self")?;
+        let start = Instant::now();
+        let out = tokio::process::Command::new("rsync")
+            .args(["--no-whole-file", "--inplace", "--stats"])
+            .arg(src)
+            .arg(dest)
+            .output()
+            .await
+            .map_err(|e| BenchError::Tool {
+                tool: "rsync".into(),
+                message: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(BenchError::Tool {
+                tool: "rsync".into(),
+                message: format!(
+                    "{}: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        let s1 = start.elapsed().as_secs_f64();
+        let c1 = cpu_ticks("self")?;
+        let (s2, c2) = timed(tokio::process::Command::new("sync").arg(dest), "sync", tck).await?;
+        let sent = rsync_bytes_sent(&String::from_utf8_lossy(&out.stdout));
+        Ok::<_, BenchError>((
+            measured(
+                size,
+                s1 + s2,
+                Some(cpu_seconds(c0, c1, tck, true) + c2),
+                None,
+            ),
+            sent,
+        ))
+    };
+    match run.await {
+        Ok((m, sent)) => (Outcome::Ok(m), sent),
+        Err(e) => (
+            Outcome::Failed {
+                note: e.to_string(),
+            },
+            None,
+        ),
+    }
+}
+
+/// "Total bytes sent: 1,234,567" from `rsync --stats` (thousands separators vary by version).
+fn rsync_bytes_sent(stats: &str) -> Option<u64> {
+    let line = stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Total bytes sent:"))?;
+    let digits: String = line.chars().filter(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
 /// Total size of the files under `dir` (0 where unreadable).
 pub fn dir_size(dir: &Path) -> u64 {
     super::images::walk_files(dir).iter().map(|(_, l)| l).sum()
@@ -320,6 +395,15 @@ pub fn dir_size(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rsync_stats_bytes_sent_with_or_without_separators() {
+        let out =
+            "Number of files: 1 (reg: 1)\nTotal bytes sent: 1,234,567\nTotal bytes received: 12\n";
+        assert_eq!(rsync_bytes_sent(out), Some(1_234_567));
+        assert_eq!(rsync_bytes_sent("Total bytes sent: 42\n"), Some(42));
+        assert_eq!(rsync_bytes_sent("nothing here"), None);
+    }
 
     #[test]
     fn rates_and_cpu_per_gb() {

@@ -231,6 +231,38 @@ pub fn write_log(path: &Path, spec: &LogSpec<'_>, seed: u64) -> Result<LogFile, 
     })
 }
 
+/// Makes the same kind of writes as [`write_log`] directly in a raw image file (for `bench
+/// resync`, where the source changed without a log); returns the bytes written.
+pub fn write_in_place(
+    path: &Path,
+    pattern: Pattern,
+    bytes: u64,
+    disk_size: u64,
+    donor: &DonorPages,
+    seed: u64,
+) -> Result<u64, BenchError> {
+    use std::os::unix::fs::FileExt;
+    let mut rng = WyRand::new(seed);
+    let writes = plan_writes(pattern, bytes, disk_size, &mut rng)?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err("opening", path))?;
+    let mut buf = vec![0u8; EXTENT as usize];
+    let mut counter = seed;
+    let mut written = 0u64;
+    for &(offset, len) in &writes {
+        let n = usize::try_from(len).unwrap_or(buf.len()).min(buf.len());
+        let data = buf.get_mut(..n).unwrap_or(&mut []);
+        donor.fill(data, &mut rng, &mut counter);
+        file.write_all_at(data, offset)
+            .map_err(io_err("writing", path))?;
+        written += n as u64;
+    }
+    file.sync_all().map_err(io_err("syncing", path))?;
+    Ok(written)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

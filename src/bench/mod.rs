@@ -44,6 +44,7 @@ pub mod images;
 pub mod ingest;
 pub mod procstat;
 pub mod report;
+pub mod resync;
 pub mod server;
 
 use std::path::PathBuf;
@@ -64,6 +65,9 @@ pub enum BenchCmd {
     /// Protect an image, run test failovers and report materialization MB/s against
     /// `qemu-img convert -O vpc -o subformat=fixed` of the same raw image in the same run.
     Failover(failover::FailoverArgs),
+    /// Protect an image, change it without logs (a broken chain), resynchronize it and report
+    /// time and bytes on the wire against `rsync --no-whole-file --inplace` of the same files.
+    Resync(resync::ResyncArgs),
 }
 
 /// Errors of the harness, with what it was doing.
@@ -116,6 +120,7 @@ pub async fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
         BenchCmd::Ingest(args) => ingest::run(args).await,
         BenchCmd::Deltas(args) => deltas::run(args).await,
         BenchCmd::Failover(args) => failover::run(args).await,
+        BenchCmd::Resync(args) => resync::run(args).await,
     }
 }
 
