@@ -491,11 +491,38 @@ fn a_cancelled_resync_leaves_the_replica_and_a_broken_chain_opens_one() {
     let o = agent_resync(&server, c, "db", &changed);
     assert!(String::from_utf8_lossy(&o.stderr).contains("no_resync"));
     server.cli_ok(&["resync", "--vm", "db"]);
+    // Agents killed at different points of the session; a rerun converges.
+    let ch = changed.to_str().unwrap();
+    interrupted(
+        &server,
+        &[
+            "agent", "resync", "--creds", c, "--vm", "db", "--disk", "d", ch,
+        ],
+        &[20, 50, 80, 120, 160],
+    );
     let o = agent_resync(&server, c, "db", &changed);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
         export(&server, "db", "latest", &dir.join("l2.raw")) == std::fs::read(&changed).unwrap()
     );
+}
+
+/// Runs the CLI with `args` and kills it after each of `delays_ms` (an agent interrupted at
+/// different points of its work; a kill that lands after it finished is harmless).
+fn interrupted(server: &Server, args: &[&str], delays_ms: &[u64]) {
+    for &d in delays_ms {
+        let mut child = std::process::Command::new(BIN)
+            .args(args)
+            .env("DRVAULT_DATA_DIR", &server.data_dir)
+            .env("DRVAULT_BACKOFF_SCALE", "0.001")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(d));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 /// The first `len` bytes of a file: the data region of a fixed VHD.
@@ -594,6 +621,27 @@ fn failback_downloads_only_what_the_failed_over_vm_changed_and_protection_resume
     let s: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["created"], false, "{s}");
     assert!(qemu_identical(&alt, "vpc", &target, "vpc"));
+    // A --full download killed at different points, then rerun, converges too.
+    let alt2 = dir.join("alt2.vhd");
+    interrupted(
+        &server,
+        &[
+            "agent",
+            "failback",
+            "--creds",
+            c,
+            "--vm",
+            "app",
+            "--disk",
+            "d",
+            "--full",
+            alt2.to_str().unwrap(),
+        ],
+        &[20, 60, 100, 150],
+    );
+    let o = agent_failback(&server, c, &alt2, true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(qemu_identical(&alt2, "vpc", &target, "vpc"));
     // Without --full a missing disk is an error, not a silent full download.
     let o = agent_failback(&server, c, &dir.join("missing.raw"), false);
     assert!(String::from_utf8_lossy(&o.stderr).contains("--full"));

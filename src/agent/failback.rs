@@ -66,11 +66,15 @@ fn open_target(path: &Path, size: u64, full: bool) -> Result<(File, bool), Agent
                 "does not exist: give --full to download the whole disk to a new file".into(),
             ));
         }
+        // Sized and footed under a temporary name, then renamed: an agent killed here leaves
+        // either nothing at PATH or a whole, well-formed empty disk that a rerun fills.
+        let tmp = path.with_extension("drvault-new");
+        let _ = std::fs::remove_file(&tmp);
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
-            .open(path)
+            .open(&tmp)
             .map_err(|e| err(format!("creating: {e}")))?;
         f.set_len(size).map_err(|e| err(format!("sizing: {e}")))?;
         if path.extension().and_then(|e| e.to_str()) == Some("vhd") {
@@ -83,6 +87,8 @@ fn open_target(path: &Path, size: u64, full: bool) -> Result<(File, bool), Agent
             f.write_all_at(&footer, size)
                 .map_err(|e| err(format!("writing the VHD footer: {e}")))?;
         }
+        f.sync_all().map_err(|e| err(format!("syncing: {e}")))?;
+        std::fs::rename(&tmp, path).map_err(|e| err(format!("renaming into place: {e}")))?;
         return Ok((f, true));
     }
     let image = crate::format::image::open(path).map_err(|e| err(e.to_string()))?;
