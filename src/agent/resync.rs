@@ -168,6 +168,7 @@ pub async fn resync(
     let bar = super::protect::progress_bar(opts.progress, size, "resync");
     let mut rx = read_blocks(src.image.clone(), view.block_size, 8);
     let mut ours = Vec::with_capacity(view.blocks as usize);
+    let mut inflight = futures_util::stream::FuturesUnordered::new();
     let mut batch: Vec<SourceBlock> = Vec::new();
     while let Some(b) = rx.recv().await {
         let b = b.map_err(|m| AgentError::Disk {
@@ -184,19 +185,22 @@ pub async fn resync(
         if !same {
             batch.push(b);
             if batch.len() >= MAX_FINE_BLOCKS.min(16) {
-                send_batch(
-                    client,
-                    &base,
-                    opts,
-                    std::mem::take(&mut batch),
-                    &mut summary,
-                )
-                .await?;
+                inflight.push(send_batch(client, &base, opts, std::mem::take(&mut batch)));
+                // Two batches overlap: one's fine hashes are computed on the server while the
+                // other's patches upload.
+                while inflight.len() >= 2 {
+                    if let Some(r) = inflight.next().await {
+                        r?.add_to(&mut summary);
+                    }
+                }
             }
         }
     }
     if !batch.is_empty() {
-        send_batch(client, &base, opts, batch, &mut summary).await?;
+        inflight.push(send_batch(client, &base, opts, batch));
+    }
+    while let Some(r) = inflight.next().await {
+        r?.add_to(&mut summary);
     }
     bar.finish_and_clear();
     if ours.len() as u64 != view.blocks {
@@ -222,15 +226,35 @@ pub async fn resync(
     Ok(summary)
 }
 
+/// What one batch did, added to the summary when it finishes.
+#[derive(Default)]
+struct BatchCounts {
+    differing: u64,
+    uploaded: u64,
+    bytes_uploaded: u64,
+    hash_bytes: u64,
+}
+
+impl BatchCounts {
+    fn add_to(self, s: &mut ResyncSummary) {
+        s.blocks_differing += self.differing;
+        s.blocks_uploaded += self.uploaded;
+        s.bytes_uploaded += self.bytes_uploaded;
+        s.hash_bytes_downloaded += self.hash_bytes;
+    }
+}
+
 /// Fine hashes for a batch of differing blocks, then one patch per block.
 async fn send_batch(
     client: &Client,
     base: &str,
     opts: &ResyncOptions,
     batch: Vec<SourceBlock>,
-    summary: &mut ResyncSummary,
-) -> Result<(), AgentError> {
-    summary.blocks_differing += batch.len() as u64;
+) -> Result<BatchCounts, AgentError> {
+    let mut summary = BatchCounts {
+        differing: batch.len() as u64,
+        ..Default::default()
+    };
     let req = FineRequest {
         blocks: batch.iter().map(|b| b.index).collect(),
     };
@@ -239,7 +263,7 @@ async fn send_batch(
         .backoff
         .retry("fine hashes", || client.post_json_bytes(&url_fine, &req))
         .await?;
-    summary.hash_bytes_downloaded += fine.len() as u64;
+    summary.hash_bytes += fine.len() as u64;
     let mut at = 0usize;
     let mut patches = Vec::with_capacity(batch.len());
     for b in batch {
@@ -275,9 +299,9 @@ async fn send_batch(
     while let Some(r) = uploads.next().await {
         let (len, ack) = r?;
         if ack.outcome != "already_received" {
-            summary.blocks_uploaded += 1;
+            summary.uploaded += 1;
             summary.bytes_uploaded += len;
         }
     }
-    Ok(())
+    Ok(summary)
 }

@@ -25,6 +25,7 @@
 //! the pre-resync chain head (`log_predates_resync`), whose logs are already contained in the
 //! resynchronized content.
 
+use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -217,6 +218,9 @@ impl Window {
         }
     }
 }
+
+/// Session blocks read at once for one fine-hash request.
+const FINE_READS_IN_FLIGHT: usize = 4;
 
 /// (vm id, disk id, session id).
 type DiskSession = (String, String, String);
@@ -619,17 +623,29 @@ impl Protection {
             }
         }
         let received = self.receipts(&d, &s.id).await?;
+        // Blocks are read (decrypt, decompress) and hashed a few at a time: one block at a
+        // time left the CPU pool idle while the next chunk was fetched.
+        let (d, base) = (&d, &base);
+        let hashes: Vec<Result<Vec<u8>>> = futures_util::stream::iter(req.blocks.iter().copied())
+            .map(|i| {
+                let received = received.clone();
+                async move {
+                    let r = received.lock().await.get(&i).copied();
+                    let block = self.session_block(d, base, r, i).await?;
+                    Ok(self
+                        .vault
+                        .chunks
+                        .cpu()
+                        .run(move || patch::fine_hashes(&block))
+                        .await)
+                }
+            })
+            .buffered(FINE_READS_IN_FLIGHT)
+            .collect()
+            .await;
         let mut out = Vec::new();
-        for &i in &req.blocks {
-            let r = received.lock().await.get(&i).copied();
-            let block = self.session_block(&d, &base, r, i).await?;
-            out.extend(
-                self.vault
-                    .chunks
-                    .cpu()
-                    .run(move || patch::fine_hashes(&block))
-                    .await,
-            );
+        for h in hashes {
+            out.extend(h?);
         }
         Ok(Bytes::from(out))
     }
