@@ -188,6 +188,9 @@ try {
 } catch (e) {
   console.error(`[console.mjs] FAILED at step "${step}": ${e.message}`);
   if (problems.length) console.error(problems.join('\n'));
+  const state = await page.evaluate(() => `hash ${location.hash}, ${document.visibilityState}, ` +
+    `status: ${document.querySelector('.view:not([hidden]) [role=status]')?.textContent ?? ''}`).catch(() => '');
+  console.error(`[console.mjs] page: ${state}`);
   await page.screenshot({ path: path.join(artifacts, 'failure.png'), fullPage: true }).catch(() => {});
   await context.close().catch(() => {});
   fs.rmSync(userDataDir, { recursive: true, force: true });

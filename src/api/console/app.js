@@ -581,11 +581,16 @@ function parseMetrics(text) {
 const samples = [];
 const MAX_SAMPLES = 150;
 let metricsNote = '';
+let scraping = false;
 
 async function scrape() {
-  if (!token || document.visibilityState !== 'visible') return;
+  // One scrape at a time, each given up after 5 s, so a stalled request cannot stop the plot.
+  if (!token || scraping || document.visibilityState !== 'visible') return;
+  scraping = true;
+  const abort = new AbortController();
+  const timeout = setTimeout(() => abort.abort(), 5000);
   try {
-    const resp = await fetch('/metrics', { cache: 'no-store' });
+    const resp = await fetch('/metrics', { cache: 'no-store', signal: abort.signal });
     if (!resp.ok) { metricsNote = `/metrics answered ${resp.status}`; return; }
     const m = parseMetrics(await resp.text());
     samples.push({
@@ -596,7 +601,10 @@ async function scrape() {
     if (samples.length > MAX_SAMPLES) samples.shift();
     metricsNote = '';
   } catch (e) {
-    metricsNote = `cannot scrape /metrics: ${e.message}`;
+    metricsNote = `cannot scrape /metrics: ${e.name === 'AbortError' ? 'no answer within 5 s' : e.message}`;
+  } finally {
+    clearTimeout(timeout);
+    scraping = false;
   }
 }
 
@@ -635,7 +643,9 @@ function plot(title, unit, series, cls) {
 function throughputView() {
   show('throughput');
   poll(async () => {
-    $('#throughput-status').textContent = metricsNote || `${samples.length} samples`;
+    const last = samples[samples.length - 1];
+    $('#throughput-status').textContent = metricsNote ||
+      `${samples.length} samples` + (last ? `, the last ${Math.round(performance.now() / 1000 - last.t)} s ago` : '');
     replace($('#throughput-plots'),
       plot('Ingest', 'MB/s', rates('ingest', 1e6), 'ingest'),
       plot('Requests', 'req/s', rates('requests', 1), 'requests'));
