@@ -164,7 +164,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         vault.clone(),
         jobs.clone(),
         config.vault.block_size,
-        Default::default(),
+        config.networks().mapped_sources(),
     )
     .await?
     .with_max_log_bytes(config.ingest.max_log_bytes)

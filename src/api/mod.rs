@@ -1,12 +1,14 @@
-//! The HTTPS API: `/v1/` for agents and operators, `/metrics`, `/healthz`. Handlers are thin:
-//! they parse and check the request, call the domain (`protection`, `jobs`, `vault`), and turn the
-//! result into JSON; nothing here touches the store. Errors map to HTTP in [`error`] only.
+//! The HTTPS API: `/v1/` for agents and operators, `/metrics`, `/healthz`, and the operator
+//! console's static page ([`console`]). Handlers are thin: they parse and check the request, call
+//! the domain (`protection`, `jobs`, `vault`), and turn the result into JSON; nothing here touches
+//! the store. Errors map to HTTP in [`error`] only.
 //!
 //! Every request gets one tracing span labelled by its endpoint (the matched route template,
 //! e.g. `/v1/agent/vms/{vm}/disks/{disk}/blocks/{index}`), and the same label goes on the
 //! request counter and latency histogram.
 
 pub mod auth;
+pub mod console;
 pub mod error;
 pub mod routes;
 pub mod server;

@@ -30,6 +30,10 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/", get(super::console::index))
+        .route("/console/app.js", get(super::console::app_js))
+        .route("/console/app.css", get(super::console::app_css))
+        .route("/console/favicon.svg", get(super::console::favicon))
         .route("/v1/server", get(server_info))
         .route("/v1/hosts", get(list_hosts).post(add_host))
         .route("/v1/hosts/{name}", axum::routing::delete(remove_host))
@@ -43,6 +47,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/vms/{vm}/disks/{disk}/map", get(get_map))
         .route("/v1/vms/{vm}/disks/{disk}/blocks/{index}", get(get_block))
         .route("/v1/vms/{vm}/points", get(list_points))
+        .route("/v1/vms/{vm}/nics", get(super::console::vm_nics))
         .route(
             "/v1/vms/{vm}/nics/{index}",
             put(set_nic_override).delete(clear_nic_override),

@@ -123,6 +123,11 @@ impl Failovers {
         }
     }
 
+    /// The target networks and mappings failovers use (the console shows where NICs land).
+    pub fn networks(&self) -> &NetworkConfig {
+        &self.networks
+    }
+
     fn record_key(&self, vm: &str) -> crate::store::Key {
         layout::record(Family::Failover, &self.protection.vm_id(vm))
     }

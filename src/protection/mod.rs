@@ -137,6 +137,12 @@ pub struct DiskStats {
     pub zero_blocks: u64,
     /// Bytes of the disk held in data blocks.
     pub data_bytes: u64,
+    /// Sealed bytes initial replication wrote to the store for this disk (after compression).
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// Plain bytes of blocks whose chunk the vault already held (deduplication hits).
+    #[serde(default)]
+    pub deduplicated_bytes: u64,
 }
 
 /// What the API shows of a VM.
@@ -173,6 +179,11 @@ pub struct DiskView {
     pub blocks_received: u64,
     pub data_blocks: u64,
     pub zero_blocks: u64,
+    /// Plain bytes in data blocks; sealed bytes written and bytes deduplicated by initial
+    /// replication (live while it runs: see `Sessions::written`).
+    pub data_bytes: u64,
+    pub stored_bytes: u64,
+    pub deduplicated_bytes: u64,
     /// Accepted logs not yet merged.
     pub journal_length: usize,
     pub pending_log_bytes: u64,
@@ -626,11 +637,15 @@ impl Protection {
         let mut earliest_latest = u64::MAX;
         for d in &rec.spec.disks {
             if let Some(r) = disks.get(&(rec.name.clone(), d.id.clone())) {
-                let received = match r.state {
-                    DiskState::Complete => r.stats.blocks,
-                    DiskState::Receiving => {
-                        self.sessions.received_count(&r.vm_id, &r.disk_id).await
-                    }
+                let (received, (stored_bytes, deduplicated_bytes)) = match r.state {
+                    DiskState::Complete => (
+                        r.stats.blocks,
+                        (r.stats.stored_bytes, r.stats.deduplicated_bytes),
+                    ),
+                    DiskState::Receiving => (
+                        self.sessions.received_count(&r.vm_id, &r.disk_id).await,
+                        self.sessions.written(&r.vm_id, &r.disk_id).await,
+                    ),
                 };
                 done += received.min(r.stats.blocks);
                 total += r.stats.blocks;
@@ -643,6 +658,9 @@ impl Protection {
                     blocks_received: received,
                     data_blocks: r.stats.data_blocks,
                     zero_blocks: r.stats.zero_blocks,
+                    data_bytes: r.stats.data_bytes,
+                    stored_bytes,
+                    deduplicated_bytes,
                     journal_length: r.journal.len(),
                     pending_log_bytes: r.pending_log_bytes(),
                     resync_threshold_bytes: delta::resync_threshold(r.size),

@@ -37,6 +37,11 @@ pub(crate) struct Receipt {
 struct SessionState {
     session: String,
     received: BTreeMap<u64, Receipt>,
+    /// Sealed bytes stored and plain bytes deduplicated by this process's uploads. Receipts do
+    /// not record how a block was taken, so blocks received before a server restart are not
+    /// counted: the figures are for the operator's eye, nothing depends on them.
+    stored_bytes: u64,
+    deduplicated_bytes: u64,
 }
 
 /// In-memory view of open sessions, rebuilt from receipts on first use after a restart.
@@ -58,6 +63,23 @@ impl Sessions {
         match s {
             Some(s) => s.lock().await.received.len() as u64,
             None => 0,
+        }
+    }
+
+    /// (stored, deduplicated) bytes of the open session, see [`SessionState`].
+    pub async fn written(&self, vm_id: &str, disk_id: &str) -> (u64, u64) {
+        let s = self
+            .open
+            .lock()
+            .await
+            .get(&(vm_id.to_string(), disk_id.to_string()))
+            .cloned();
+        match s {
+            Some(s) => {
+                let s = s.lock().await;
+                (s.stored_bytes, s.deduplicated_bytes)
+            }
+            None => (0, 0),
         }
     }
 }
@@ -110,6 +132,8 @@ impl Protection {
             let s = Arc::new(Mutex::new(SessionState {
                 session: d.session.clone(),
                 received: BTreeMap::new(),
+                stored_bytes: 0,
+                deduplicated_bytes: 0,
             }));
             open.insert(key.clone(), s.clone());
             s
@@ -213,13 +237,20 @@ impl Protection {
         let put = self.vault.chunks.put_block(body, Some(claimed)).await?;
         let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &d.session, index);
         self.write_receipt(&key, &put).await?;
-        st.lock().await.received.insert(
-            index,
-            Receipt {
-                name: put.name,
-                hash: put.hash,
-            },
-        );
+        {
+            let mut st = st.lock().await;
+            st.received.insert(
+                index,
+                Receipt {
+                    name: put.name,
+                    hash: put.hash,
+                },
+            );
+            st.stored_bytes = st.stored_bytes.saturating_add(put.stored_bytes);
+            if put.outcome == Some(PutOutcome::Existed) {
+                st.deduplicated_bytes = st.deduplicated_bytes.saturating_add(put.len);
+            }
+        }
         metrics::counter!("drvault_blocks_received_total").increment(1);
         metrics::counter!("drvault_bytes_received_total").increment(put.len);
         let outcome = match put.outcome {
@@ -369,6 +400,7 @@ impl Protection {
                 format!("disk {disk}: the received blocks digest to {}, the agent's disk to {}; resume to resend changed blocks", actual.to_hex(), claimed.to_hex()),
             ));
         }
+        let written = (st.stored_bytes, st.deduplicated_bytes);
         drop(st);
         let root = map.save(&self.vault.chunks).await?;
         let mut rec = d.clone();
@@ -384,6 +416,7 @@ impl Protection {
         rec.stats.data_blocks = data_blocks;
         rec.stats.zero_blocks = nblocks - data_blocks;
         rec.stats.data_bytes = data_bytes;
+        (rec.stats.stored_bytes, rec.stats.deduplicated_bytes) = written;
         self.store_disk(rec.clone()).await?;
         tracing::info!(
             vm,
