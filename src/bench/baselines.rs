@@ -312,8 +312,9 @@ pub async fn qemu_img_vpc(raw: &Path, dir: &Path, tck: u64) -> (Outcome, Outcome
     }
 }
 
-/// `rsync --no-whole-file --inplace --stats SRC DEST`, then `sync DEST`: the delta-transfer
-/// peer of resync. DEST must already hold the old content. Returns the outcome (over `size`
+/// `rsync --no-whole-file --inplace --ignore-times --stats SRC DEST` (`--ignore-times`: the
+/// two files may share size and modification second, which rsync would take as unchanged), then
+/// `sync DEST`: the delta-transfer peer of resync. DEST must already hold the old content. Returns the outcome (over `size`
 /// logical bytes) and rsync's "Total bytes sent".
 pub async fn rsync(src: &Path, dest: &Path, size: u64, tck: u64) -> (Outcome, Option<u64>) {
     let present = tokio::process::Command::new("rsync")
@@ -334,7 +335,7 @@ pub async fn rsync(src: &Path, dest: &Path, size: u64, tck: u64) -> (Outcome, Op
         let c0 = cpu_ticks("self")?;
         let start = Instant::now();
         let out = tokio::process::Command::new("rsync")
-            .args(["--no-whole-file", "--inplace", "--stats"])
+            .args(["--no-whole-file", "--inplace", "--ignore-times", "--stats"])
             .arg(src)
             .arg(dest)
             .output()
