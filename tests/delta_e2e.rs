@@ -544,8 +544,16 @@ async fn bad_logs_are_refused_and_change_nothing() {
     );
     for vm in ["b", "c", "d"] {
         let v: Value = op.get_json(&format!("/v1/vms/{vm}")).await.unwrap();
-        assert_eq!(v["health"], "Critical", "{vm}");
+        // Resync required, but a session is open: Warning, not Critical (nothing is stuck).
+        assert_eq!(v["health"], "Warning", "{vm}: {v}");
         assert!(v["disks"][0]["resync_required"].is_string());
+        let why = v["health_reasons"][0].as_str().unwrap();
+        assert!(
+            why.contains("resynchronization scheduled")
+                || why.contains("resynchronization running"),
+            "{v}"
+        );
+        assert_eq!(v["resync"]["disks"][0], "d", "{v}");
         // A resync session opened by itself; later logs wait for it (recoverable).
         let r: Value = op.get_json(&format!("/v1/vms/{vm}/resync")).await.unwrap();
         assert!(
@@ -640,7 +648,8 @@ async fn pending_logs_over_half_the_disk_require_resync_and_vm_points_need_every
     assert_eq!(ack["status"], "accepted");
     assert!(ack["resync_required"].as_str().unwrap().contains("50%"));
     let vm: Value = server.operator().get_json("/v1/vms/two").await.unwrap();
-    assert_eq!(vm["health"], "Critical");
+    assert_eq!(vm["health"], "Warning", "a resync is scheduled: {vm}");
+    assert!(vm["resync"]["state"].is_string(), "{vm}");
     let c = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).unwrap())
         .build()

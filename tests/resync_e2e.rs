@@ -474,7 +474,11 @@ fn a_cancelled_resync_leaves_the_replica_and_a_broken_chain_opens_one() {
         server.vault_objects("stage").is_empty(),
         "staged receipts removed"
     );
-    // The disk still needs a resync: logs stay refused (not recoverable) until one completes.
+    // The disk still needs a resync and none is under way: Critical.
+    let vms: Value = serde_json::from_str(&server.cli_ok(&["vms", "--json"])).unwrap();
+    assert_eq!(vms[0]["health"], "Critical", "{vms}");
+    assert!(vms[0]["resync"].is_null(), "{vms}");
+    // Logs stay refused (not recoverable) until a resync completes.
     let o = server.cli(&[
         "agent",
         "replicate",
@@ -500,8 +504,14 @@ fn a_cancelled_resync_leaves_the_replica_and_a_broken_chain_opens_one() {
         ],
         &[20, 50, 80, 120, 160],
     );
-    let o = agent_resync(&server, c, "db", &changed);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A killed agent may already have committed the session; a rerun then finds none open.
+    let st: Value =
+        serde_json::from_str(&server.cli_ok(&["resync", "--vm", "db", "--status", "--json"]))
+            .unwrap();
+    if st["state"] != "committed" {
+        let o = agent_resync(&server, c, "db", &changed);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
     assert!(
         export(&server, "db", "latest", &dir.join("l2.raw")) == std::fs::read(&changed).unwrap()
     );

@@ -167,6 +167,22 @@ pub struct VmView {
     pub progress: f64,
     /// Age in seconds of the latest recovery point all disks share (protected VMs only).
     pub rpo_seconds: Option<u64>,
+    /// The open resync session (scheduled, active or committing), if any.
+    #[serde(default)]
+    pub resync: Option<ResyncBrief>,
+}
+
+/// What the VM view tells of an open resync session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResyncBrief {
+    pub session: String,
+    pub state: String,
+    pub reason: String,
+    /// When a scheduled session may start (RFC 3339; absent: at once).
+    pub not_before: Option<String>,
+    pub disks: Vec<String>,
+    /// Disks the agent has completed (staged).
+    pub disks_done: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -630,6 +646,23 @@ impl Protection {
     }
 
     pub async fn view(&self, rec: &VmRecord) -> VmView {
+        // A resync under way turns "resync required" from Critical (nothing is happening) into
+        // Warning (it is scheduled or progressing). An unreadable session record reads as none.
+        let open = self.open_resync(&rec.id).await.ok().flatten();
+        let resync = open.as_ref().map(|s| ResyncBrief {
+            session: s.id.clone(),
+            state: s.state.word().to_string(),
+            reason: s.reason.clone(),
+            not_before: (s.not_before_unix > 0).then(|| crate::util::rfc3339(s.not_before_unix)),
+            disks: s.disks.keys().cloned().collect(),
+            disks_done: s
+                .disks
+                .iter()
+                .filter(|(_, d)| d.staged_root.is_some())
+                .map(|(k, _)| k.clone())
+                .collect(),
+        });
+        let mut resyncing: Vec<String> = Vec::new();
         let disks = self.disks.read().await;
         let mut dv = Vec::new();
         let (mut done, mut total) = (0u64, 0u64);
@@ -671,10 +704,21 @@ impl Protection {
                         .map(|e| crate::util::rfc3339(e.accepted_unix)),
                 });
                 if let Some(reason) = &r.resync_required {
-                    critical.push(format!(
-                        "disk {}: resynchronization required: {reason}",
-                        r.disk
-                    ));
+                    match &resync {
+                        Some(b) if b.disks.contains(&r.disk) => resyncing.push(format!(
+                            "disk {}: resynchronization {} ({reason})",
+                            r.disk,
+                            match (b.state.as_str(), &b.not_before) {
+                                ("scheduled", Some(t)) => format!("scheduled for {t}"),
+                                ("scheduled", None) => "scheduled".to_string(),
+                                _ => "running".to_string(),
+                            }
+                        )),
+                        _ => critical.push(format!(
+                            "disk {}: resynchronization required: {reason}",
+                            r.disk
+                        )),
+                    }
                 }
                 earliest_latest = earliest_latest.min(
                     r.journal
@@ -689,6 +733,7 @@ impl Protection {
         let rpo_s = (rec.state == VmState::Protected && earliest_latest != u64::MAX)
             .then(|| crate::util::unix_now().saturating_sub(earliest_latest));
         let mut reasons = critical.clone();
+        reasons.extend(resyncing);
         if let Some(r) = rpo_s {
             if r > 2 * policy.interval_s {
                 reasons.push(format!(
@@ -729,6 +774,7 @@ impl Protection {
                 done as f64 / total as f64
             },
             rpo_seconds: rpo_s,
+            resync,
         }
     }
 }

@@ -242,7 +242,13 @@ function vmStateCell(vm, resync) {
   } else {
     parts.push('Protected');
   }
-  if (resync.length) {
+  if (vm.resync) {
+    const r = vm.resync;
+    const what = r.state === 'scheduled'
+      ? `Resync scheduled${r.not_before ? ` for ${r.not_before}` : ''}`
+      : `Resync running (${r.disks_done.length} of ${r.disks.length} disks done)`;
+    parts.push(el('div', { class: 'health-Warning' }, what));
+  } else if (resync.length) {
     parts.push(el('div', { class: 'health-Critical' },
       `Resync required (${resync.map((d) => d.id).join(', ')})`));
   }
