@@ -38,6 +38,10 @@ pub struct Config {
     pub failover: FailoverConfig,
     #[serde(default)]
     pub resync: ResyncConfig,
+    #[serde(default)]
+    pub verify: VerifyConfig,
+    #[serde(default)]
+    pub gc: GcConfig,
     /// Target virtual networks (`[[network]]`, see failover::network).
     #[serde(default)]
     pub network: Vec<crate::failover::network::TargetNetwork>,
@@ -89,6 +93,36 @@ impl ResyncConfig {
         crate::protection::resync::Window::parse(&self.window)
             .map(Some)
             .map_err(ConfigError::Invalid)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerifyConfig {
+    /// Seconds between scheduled verifies of what was written since the last verify (counted
+    /// from the last one); 0 = never (run `drvault verify` by hand).
+    pub interval_s: u64,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig { interval_s: 86_400 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Garbage collection deletes unreferenced objects only when older than this (seconds);
+    /// `drvault gc --grace` overrides it per run.
+    pub grace_s: u64,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            grace_s: crate::scrub::DEFAULT_GRACE_S,
+        }
     }
 }
 

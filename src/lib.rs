@@ -12,6 +12,7 @@
 //!                                                                   ──▶ store (put-if-absent)
 //!                       replica (block maps) ◀── completion builds the disk's map from receipts
 //!                       failover (networks, IP assignment, VM definitions)
+//! scrub (verify, garbage collection) walks what the records reference, beside the flow
 //! jobs observe every long operation; nothing below `api` knows about HTTP;
 //! only `store` imports object_store.
 //! ```
@@ -26,6 +27,7 @@
 //! | [`protection`] | enable protection, initial replication sessions, finalize |
 //! | [`jobs`] | the Jobs tab: job records, steps, progress |
 //! | [`failover`] | target networks and mappings, IP assignment, VM definitions |
+//! | [`scrub`] | verify (re-read and check, quarantine, damaged points), garbage collection |
 //! | [`api`] | HTTPS server, auth, routes, the one error-to-HTTP mapping |
 //! | [`agent`], [`client`], [`cli`], [`bench`] | reference agent, API client, command line, benchmarks |
 //!
@@ -37,6 +39,8 @@
 //! maps/<3 hex>/<64 hex>                   block-map roots and segments
 //! records/<family>/<id>/v<20 digits>      versioned records: registry, vm, disk, job
 //! stage/<vm>/<disk>/<session>/<index>     receipts of blocks received in a replication session
+//! logs/<vm>/<disk>/<log id>/f<n>, extents frames and extent list of a stored change log
+//! quarantine/<original key>/<unix time>   damaged objects verify moved aside (never read)
 //! ```
 //!
 //! No key is also a prefix of other keys (the local backend cannot hold both). Formats:
@@ -53,6 +57,17 @@
 //!   it is their only writer (several servers on one vault will need per-disk leases first).
 //! * CPU work (hashing, compression, sealing) runs on a semaphore-bounded blocking pool; block
 //!   bodies in memory are bounded by `ingest.max_inflight_blocks`.
+//!
+//! ## What runs concurrently with what
+//!
+//! | | uploads, logs | merge, resync, failback commit | failover, export | verify | gc |
+//! |---|---|---|---|---|---|
+//! | **verify** | yes | yes | yes | no | no |
+//! | **gc** | yes (write fence, see [`chunk::fence`]) | waits for each to reach its record | yes (retained points only) | no | no |
+//!
+//! Garbage collection deletes only what no record references, nothing younger than its start
+//! and grace period, and nothing a writer stored or reused while it ran ([`scrub`] has the
+//! argument). Verify and collection exclude each other (one maintenance job at a time).
 
 #![forbid(unsafe_code)]
 
@@ -71,6 +86,7 @@ pub mod jobs;
 pub mod journal;
 pub mod protection;
 pub mod replica;
+pub mod scrub;
 pub mod server;
 pub mod store;
 pub mod util;

@@ -208,12 +208,22 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         jobs.clone(),
         failovers.clone(),
     );
+    let scrub = crate::scrub::Scrub::new(
+        vault.clone(),
+        protection.clone(),
+        jobs.clone(),
+        config.gc.grace_s,
+    );
+    if config.verify.interval_s > 0 {
+        scrub.spawn_schedule(Duration::from_secs(config.verify.interval_s));
+    }
     let state = AppState {
         vault,
         protection,
         jobs,
         failovers,
         plans,
+        scrub,
         registry: Arc::new(RwLock::new(registry)),
         ingest_permits: Arc::new(Semaphore::new(config.ingest.max_inflight_blocks)),
         metrics,

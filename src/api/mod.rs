@@ -38,6 +38,8 @@ pub struct AppState {
     pub jobs: Jobs,
     pub failovers: crate::failover::service::Failovers,
     pub plans: crate::failover::plan::Plans,
+    /// Verify and garbage collection.
+    pub scrub: crate::scrub::Scrub,
     /// Cached registry (this server is its writer; updates go through `routes::update_registry`).
     pub registry: Arc<RwLock<Registry>>,
     /// Bounds block bodies held in memory (config `ingest.max_inflight_blocks`).

@@ -103,6 +103,11 @@ pub fn routes() -> Router<AppState> {
             "/v1/agent/vms/{vm}/disks/{disk}/resync/complete",
             post(agent_resync_complete),
         )
+        .route("/v1/verify", post(start_verify))
+        .route("/v1/verify/{job}", get(verify_report))
+        .route("/v1/damage", get(damage_register))
+        .route("/v1/gc", post(start_gc))
+        .route("/v1/gc/{job}", get(gc_report))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/resume", post(resume_job))
@@ -498,6 +503,9 @@ async fn get_map(
     name("disk", &disk)?;
     if let Some(sel) = q.point {
         let p = s.protection.resolve_point(&vm, &sel).await?;
+        s.protection
+            .refuse_damaged(&vm, Some(&disk), p.cycle)
+            .await?;
         let (d, blocks) = s.protection.point_blocks(&vm, &disk, p.cycle).await?;
         let data = blocks
             .into_iter()
@@ -513,6 +521,9 @@ async fn get_map(
         }));
     }
     let (d, map) = s.protection.base_map(&vm, &disk).await?;
+    s.protection
+        .refuse_damaged(&vm, Some(&disk), d.base_point.cycle)
+        .await?;
     let data = map
         .entries()
         .filter_map(|(i, e)| match e {
@@ -541,6 +552,9 @@ async fn get_block(
     let (bytes, hash) = match q.point {
         Some(sel) => {
             let p = s.protection.resolve_point(&vm, &sel).await?;
+            s.protection
+                .refuse_damaged(&vm, Some(&disk), p.cycle)
+                .await?;
             s.protection
                 .point_reader(&vm, &disk, p.cycle)
                 .await?
@@ -1185,4 +1199,70 @@ async fn commit_failback(
     name("VM", &vm)?;
     let req: FailbackCommitRequest = read_json(body).await?;
     Ok(Json(s.failovers.failback_commit(&vm, req.force).await?))
+}
+
+// ---------- verify and garbage collection (operator) ----------
+
+async fn start_verify(
+    _: Operator,
+    State(s): State<AppState>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<crate::scrub::Started>)> {
+    let req: crate::scrub::verify::VerifyRequest = read_json(body).await?;
+    let job = s.scrub.start_verify(req, None).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(crate::scrub::Started { job: job.id }),
+    ))
+}
+
+fn job_id(id: &str) -> Result<(), ApiError> {
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(Error::invalid("invalid_job_id", format!("{id:?} is not a job id")).into());
+    }
+    Ok(())
+}
+
+async fn verify_report(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<crate::scrub::verify::VerifyReport>> {
+    job_id(&id)?;
+    Ok(Json(
+        s.scrub.report(crate::jobs::JobKind::Verify, &id).await?,
+    ))
+}
+
+async fn damage_register(
+    _: Operator,
+    State(s): State<AppState>,
+) -> Json<crate::scrub::damage::DamageRecord> {
+    Json((*s.scrub.damage().await).clone())
+}
+
+async fn start_gc(
+    _: Operator,
+    State(s): State<AppState>,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<crate::scrub::Started>)> {
+    let req: crate::scrub::gc::GcRequest = read_json(body).await?;
+    let job = s.scrub.start_gc(req).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(crate::scrub::Started { job: job.id }),
+    ))
+}
+
+async fn gc_report(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<crate::scrub::gc::GcReport>> {
+    job_id(&id)?;
+    Ok(Json(
+        s.scrub
+            .report(crate::jobs::JobKind::GarbageCollection, &id)
+            .await?,
+    ))
 }

@@ -3,10 +3,12 @@
 //!
 //! * [`digest`] is the only place object names are computed.
 //! * [`seal`] frames a payload as a sealed object and opens it again (tag, then content checks).
+//! * [`fence`] keeps garbage collection from deleting what an upload is about to reference.
 //! * [`keys`] holds the key ring derived from the vault's master keys.
 //! * [`pipeline`] runs hash → compress → seal → put-if-absent on a bounded CPU pool.
 
 pub mod digest;
+pub mod fence;
 pub mod keys;
 pub mod pipeline;
 pub mod seal;

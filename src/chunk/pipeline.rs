@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use crate::chunk::digest::{is_zero, ChunkName, PlainHash};
+use crate::chunk::fence::WriteFence;
 use crate::chunk::keys::KeyRing;
 use crate::chunk::seal::{self, SealError};
 use crate::file_formats::ObjectKind;
@@ -81,6 +82,8 @@ pub struct ChunkStore {
     keys: Arc<KeyRing>,
     cpu: CpuPool,
     zstd_level: i32,
+    /// Coordinates writers with garbage collection (see [`crate::chunk::fence`]).
+    fence: WriteFence,
 }
 
 impl ChunkStore {
@@ -90,7 +93,12 @@ impl ChunkStore {
             keys,
             cpu,
             zstd_level,
+            fence: WriteFence::default(),
         }
+    }
+
+    pub fn fence(&self) -> &WriteFence {
+        &self.fence
     }
 
     pub fn store(&self) -> &Store {
@@ -149,7 +157,11 @@ impl ChunkStore {
         }
         let name = ChunkName::derive(keys.name_key(), &hash, len);
         let key = Self::chunk_key(&name);
-        // A stat is far cheaper than compress + seal: identical blocks skip the CPU work.
+        // Touched before the existence check, so a running collection cannot delete the chunk
+        // this block is about to be deduplicated against.
+        self.fence.touch(&key).await;
+        // A stat is far cheaper than compress + seal: identical blocks skip the CPU work. A
+        // quarantined or missing chunk is absent here, so the block is stored again (healed).
         if self.store.head(&key).await?.is_some() {
             metrics::counter!("drvault_blocks_dedup_total").increment(1);
             metrics::counter!("drvault_bytes_dedup_total").increment(len);
@@ -227,6 +239,7 @@ impl ChunkStore {
         plaintext: Vec<u8>,
         compress: bool,
     ) -> Result<PutOutcome, ChunkError> {
+        self.fence.touch(key).await;
         let keys = self.keys.clone();
         let key_str = key.as_str().to_string();
         let level = compress.then_some(self.zstd_level);
@@ -247,6 +260,7 @@ impl ChunkStore {
         key: &Key,
         plaintext: Vec<u8>,
     ) -> Result<(), ChunkError> {
+        self.fence.touch(key).await;
         let keys = self.keys.clone();
         let key_str = key.as_str().to_string();
         let level = self.zstd_level;
@@ -264,6 +278,7 @@ impl ChunkStore {
         key: &Key,
         plaintext: Vec<u8>,
     ) -> Result<(), ChunkError> {
+        self.fence.touch(key).await;
         let keys = self.keys.clone();
         let key_str = key.as_str().to_string();
         let sealed = self

@@ -5,6 +5,7 @@
 pub mod hrl;
 pub mod operator;
 pub mod resync;
+pub mod scrub;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -163,6 +164,12 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Re-read the vault's objects and check them (tag, hash); quarantine what is damaged and
+    /// mark the recovery points that need it (operator). Exit status 2 when damage was found.
+    Verify(scrub::VerifyArgs),
+    /// Delete objects no retained point or open session references, older than the grace
+    /// period (operator). Safe while agents upload.
+    Gc(scrub::GcArgs),
     /// Make, read and apply MS-HRL change logs (no server needed).
     Hrl {
         #[command(subcommand)]
@@ -567,18 +574,22 @@ async fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&points)?);
             } else {
                 println!(
-                    "{:<8} {:<22} {:<18} {:<6} DISKS",
-                    "POINT", "TIME", "KIND", "FINAL"
+                    "{:<8} {:<22} {:<18} {:<6} {:<8} DISKS",
+                    "POINT", "TIME", "KIND", "FINAL", "DAMAGED"
                 );
                 for p in &points {
                     println!(
-                        "{:<8} {:<22} {:<18} {:<6} {}",
+                        "{:<8} {:<22} {:<18} {:<6} {:<8} {}",
                         p.id,
                         p.time,
                         p.kind,
                         if p.final_point { "yes" } else { "" },
+                        if p.damaged { "yes" } else { "" },
                         p.disks.join(",")
                     );
+                    if let Some(d) = &p.damage {
+                        println!("         {d}");
+                    }
                 }
             }
             Ok(0)
@@ -608,6 +619,8 @@ async fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
+        Cmd::Verify(a) => scrub::verify(a).await,
+        Cmd::Gc(a) => scrub::gc(a).await,
         Cmd::Hrl { cmd } => hrl_cmd(cmd).await,
         Cmd::Failover { cmd, start, conn } => failover_cmd(cmd, start, conn).await,
         Cmd::Plan { cmd, conn } => plan_cmd(cmd, conn).await,

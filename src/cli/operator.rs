@@ -147,7 +147,15 @@ pub async fn export(
     .buffer_unordered(parallel.max(1));
     let mut written = 0u64;
     while let Some(r) = fetches.next().await {
-        let n = r?;
+        let n = match r {
+            Ok(n) => n,
+            Err(e) => {
+                // Nothing half-written is left behind: a damaged block fails the whole export.
+                drop(fetches);
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
         written += n;
         bar.inc(n);
     }

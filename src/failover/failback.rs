@@ -396,6 +396,9 @@ impl Failovers {
             .first()
             .map(|(_, t)| t.record.id.clone())
             .unwrap_or_default();
+        // Chunks and maps, then the journal entries that refer to them: one critical section
+        // for garbage collection.
+        let fenced = self.chunks().fence().writer().await;
         for (disk, t) in &targets {
             let map = self.ingest_target(t).await?;
             roots.insert(disk.clone(), map.save(self.chunks()).await?.to_hex());
@@ -411,6 +414,7 @@ impl Failovers {
             .protection
             .install_snapshots(vm, &format!("failback:{fid}"), &roots, None)
             .await?;
+        drop(fenced);
         self.protection.set_state(vm, VmState::Protected).await?;
         if let Some(mut f) = self.current(vm).await? {
             f.state = FailoverState::FailedBack;

@@ -196,9 +196,12 @@ impl Failovers {
         }
         // Check the point and the mappings now, so an impossible request fails before a job.
         if req.kind != FailoverKind::Planned {
-            self.protection
+            let p = self
+                .protection
                 .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
                 .await?;
+            // A point verify found damaged is refused before anything is written.
+            self.protection.refuse_damaged(vm, None, p.cycle).await?;
         }
         let test = req.kind == FailoverKind::Test;
         let opts = merged_nic_options(&rec, &req);
@@ -331,6 +334,9 @@ impl Failovers {
                 .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
                 .await?
         };
+        self.protection
+            .refuse_damaged(vm, None, point.cycle)
+            .await?;
         self.jobs
             .step(&rec.job, "Choose recovery point", JobState::Succeeded)
             .await?;

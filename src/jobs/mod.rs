@@ -30,6 +30,8 @@ pub enum JobKind {
     RecoveryPlan,
     Resync,
     Failback,
+    Verify,
+    GarbageCollection,
 }
 
 impl JobKind {
@@ -46,6 +48,8 @@ impl JobKind {
             JobKind::RecoveryPlan => "Recovery plan failover",
             JobKind::Resync => "Resynchronize",
             JobKind::Failback => "Fail back",
+            JobKind::Verify => "Verify",
+            JobKind::GarbageCollection => "Garbage collection",
         }
     }
 }

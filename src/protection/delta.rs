@@ -162,6 +162,12 @@ impl Protection {
             });
         }
         let key_id = journal::log_key_id(&guid);
+        // Until the journal refers to it (or it is refused), garbage collection keeps the log.
+        let _receiving = self
+            .vault
+            .chunks
+            .fence()
+            .log_upload(&layout::log_prefix(&d.vm_id, &d.disk_id, &key_id));
         // Frames from an earlier, failed attempt at this log are replaced or removed below.
         let _ = journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
         let stored = self.store_frames(&d, &key_id, max, &mut body).await;

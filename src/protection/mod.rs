@@ -233,6 +233,8 @@ pub struct Protection {
             BTreeMap<(String, String, u64, String), Arc<crate::replica::point::PointReader>>,
         >,
     >,
+    /// Objects verify found damaged or missing: points that need them are marked unusable.
+    pub(crate) damage: crate::scrub::damage::Damage,
 }
 
 impl Protection {
@@ -263,6 +265,7 @@ impl Protection {
                 disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
             }
         }
+        let damage = crate::scrub::damage::Damage::load(&vault.records).await?;
         let p = Protection {
             vault,
             jobs,
@@ -277,6 +280,7 @@ impl Protection {
             readers: Default::default(),
             resyncs: Default::default(),
             resync_window: None,
+            damage,
         };
         let pending: Vec<String> = p
             .vms
@@ -443,6 +447,14 @@ impl Protection {
         self.vms.write().await.insert(vm.to_string(), rec.clone());
         tracing::info!(vm, host, disks = rec.spec.disks.len(), "protection enabled");
         Ok((self.view(&rec).await, true))
+    }
+
+    /// Every VM record and every disk record, as this server holds them (it is their only
+    /// writer, so these are the current versions).
+    pub(crate) async fn all_records(&self) -> (Vec<VmRecord>, Vec<DiskRecord>) {
+        let vms = self.vms.read().await.values().cloned().collect();
+        let disks = self.disks.read().await.values().cloned().collect();
+        (vms, disks)
     }
 
     /// The VM record, checking that `host` may act on it (None = operator).

@@ -33,6 +33,13 @@ pub struct PointView {
     /// Every disk's log of the cycle was flagged final (the source VM had shut down).
     pub final_point: bool,
     pub disks: Vec<String>,
+    /// The point reads through an object verify found damaged or missing: failover and export
+    /// refuse it (`409 point_damaged`).
+    #[serde(default)]
+    pub damaged: bool,
+    /// Which objects, when damaged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damage: Option<String>,
 }
 
 /// What a merge did.
@@ -80,7 +87,7 @@ impl Protection {
                 e.3 += 1;
             }
         }
-        Ok(per_cycle
+        let mut points: Vec<PointView> = per_cycle
             .into_iter()
             .filter(|(_, v)| v.3 == disks.len())
             .map(|(c, (t, app, fin, _))| PointView {
@@ -95,8 +102,22 @@ impl Protection {
                 },
                 final_point: fin && c > 0,
                 disks: disks.clone(),
+                damaged: false,
+                damage: None,
             })
-            .collect())
+            .collect();
+        for p in &mut points {
+            let hits = self.point_damage(vm, p.cycle).await?;
+            if !hits.is_empty() {
+                p.damaged = true;
+                p.damage = Some(format!(
+                    "{} damaged or missing object(s): {}",
+                    hits.len(),
+                    crate::scrub::damage::summary(&hits)
+                ));
+            }
+        }
+        Ok(points)
     }
 
     /// Resolves `latest`, `latest-app`, an id (`c12` or `12`) or an RFC 3339 time (the latest
@@ -136,32 +157,19 @@ impl Protection {
     /// A reader for one disk at a cycle (cached: points are immutable until merged away).
     pub async fn point_reader(&self, vm: &str, disk: &str, cycle: u64) -> Result<Arc<PointReader>> {
         let (_, d) = self.disk_for(None, vm, disk).await?;
-        let upto = if d.base_point.cycle == cycle {
-            0
-        } else {
-            d.journal.iter().position(|e| e.cycle == cycle).map(|p| p + 1).ok_or_else(|| {
-                Error::not_found("point_not_found", format!("disk {disk} of VM {vm} has no retained point c{cycle} (never existed or merged away)"))
-            })?
-        };
+        let chain = point_chain(&d, cycle)?;
         let root = d.map_root.clone().unwrap_or_default();
         let key = (d.vm_id.clone(), d.disk_id.clone(), cycle, root);
         if let Some(r) = self.readers.lock().await.get(&key) {
             return Ok(r.clone());
         }
-        // A snapshot (resync, failback) replaces everything before it: start from the last one.
-        let snap = d.journal[..upto]
-            .iter()
-            .rposition(|e| e.snapshot_root.is_some());
-        let (d, base) = match snap.and_then(|i| d.journal[i].snapshot_root.clone()) {
-            Some(root) => (d, self.map_by_root(&root).await?),
-            None => self.cached_map(vm, disk).await?,
-        };
-        let from = snap.map(|i| i + 1).unwrap_or(0);
-        let logs = d.journal[from..upto]
-            .iter()
-            .filter(|e| e.is_log())
-            .map(|e| log_key(&e.log_id))
-            .collect::<Result<Vec<_>>>()?;
+        let base_root = chain.root.ok_or_else(|| {
+            Error::conflict(
+                "replication_incomplete",
+                format!("disk {disk} of VM {vm} has not completed initial replication"),
+            )
+        })?;
+        let base = self.map_by_root(&base_root).await?;
         let r = Arc::new(
             PointReader::build(
                 self.vault.chunks.clone(),
@@ -169,7 +177,7 @@ impl Protection {
                 &d.vm_id,
                 &d.disk_id,
                 base,
-                logs,
+                chain.logs,
             )
             .await?,
         );
@@ -230,6 +238,9 @@ impl Protection {
     /// Merges the first `count` journal entries of a disk into its base map.
     pub async fn merge_disk(&self, vm: &str, disk: &str, count: usize) -> Result<MergeReport> {
         let (_, d0) = self.disk_for(None, vm, disk).await?;
+        // New chunks and map, then the record: one critical section for garbage collection
+        // (taken before the disk's lock, as every writer does).
+        let _fenced = self.vault.chunks.fence().writer().await;
         let lock = self.log_lock_for(&d0).await;
         let _held = lock.lock().await;
         let (_, d) = self.disk_for(None, vm, disk).await?;
@@ -374,6 +385,41 @@ impl Protection {
         }
         Ok((d, out.into_iter().collect()))
     }
+}
+
+/// What one disk's point reads: a map (the base, or the last snapshot at or before the point:
+/// a snapshot replaces everything before it) and the logs after it, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PointChain {
+    /// Root name (hex); `None` before initial replication completed.
+    pub root: Option<String>,
+    /// Object-key ids of the logs.
+    pub logs: Vec<String>,
+}
+
+pub(crate) fn point_chain(d: &DiskRecord, cycle: u64) -> Result<PointChain> {
+    let upto = if d.base_point.cycle == cycle {
+        0
+    } else {
+        d.journal.iter().position(|e| e.cycle == cycle).map(|p| p + 1).ok_or_else(|| {
+            Error::not_found("point_not_found", format!("disk {} of VM {} has no retained point c{cycle} (never existed or merged away)", d.disk, d.vm))
+        })?
+    };
+    let before = d.journal.get(..upto).unwrap_or_default();
+    let snap = before.iter().rposition(|e| e.snapshot_root.is_some());
+    let root = match snap.and_then(|i| before.get(i)) {
+        Some(e) => e.snapshot_root.clone(),
+        None => d.map_root.clone(),
+    };
+    let from = snap.map(|i| i + 1).unwrap_or(0);
+    let logs = before
+        .get(from..)
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e.is_log())
+        .map(|e| log_key(&e.log_id))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(PointChain { root, logs })
 }
 
 /// Object-key id of a log from its GUID text.

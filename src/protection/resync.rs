@@ -43,6 +43,10 @@ use crate::replica::blockmap::{block_len, BlockMap, MapEntry};
 use crate::replica::patch;
 use crate::vault::layout::{self, Family};
 
+/// What `resync/hashes` reports for a block whose chunk is registered damaged: a real block
+/// hashes to it with probability 2^-256, so the agent sends that block.
+const DAMAGED_BLOCK_HASH: [u8; 32] = [0xff; 32];
+
 /// Fine-hash requests name at most this many blocks (a 4 MiB block has 16 KiB of fine hashes).
 pub const MAX_FINE_BLOCKS: usize = 64;
 
@@ -236,7 +240,8 @@ pub struct ResyncCache {
     bytes: Arc<Mutex<HashMap<DiskSession, u64>>>,
 }
 
-fn stage_id(session: &str) -> String {
+/// The stage directory of a resync session's receipts (`stage/<vm>/<disk>/rs-<session>`).
+pub(crate) fn stage_id(session: &str) -> String {
     format!("rs-{session}")
 }
 
@@ -446,6 +451,9 @@ impl Protection {
         disk: &str,
     ) -> Result<(ResyncSession, DiskRecord, Arc<BlockMap>)> {
         let (v, d) = self.disk_for(Some(host), vm, disk).await?;
+        // The comparison base may be computed below (chunks and map, then the session record):
+        // a critical section for garbage collection, entered before the VM's lock.
+        let fenced = self.vault.chunks.fence().writer().await;
         let lock = self.vm_lock(&v.id).await;
         let _held = lock.lock().await;
         let mut s = self.open_resync(&v.id).await?.ok_or_else(|| {
@@ -494,6 +502,7 @@ impl Protection {
                 self.map_by_root(&root).await?
             }
         };
+        drop(fenced);
         Ok((s, d, base))
     }
 
@@ -547,9 +556,16 @@ impl Protection {
         let received = received.lock().await;
         let mut out = Vec::with_capacity(base.len() as usize * 32);
         let zero_full = PlainHash::of(&vec![0u8; d.block_size as usize]);
+        let damage = self.damage.get().await;
         for (i, e) in base.entries() {
             let h = match (received.get(&i), e) {
                 (Some(r), _) => r.hash,
+                // A block whose chunk verify registered as damaged matches nothing, so the
+                // agent sends it (whole: the session's copy of it reads as zeros) and the
+                // upload stores the chunk again.
+                (None, MapEntry::Data { name, .. }) if damage.has_chunk(&name) => {
+                    PlainHash(DAMAGED_BLOCK_HASH)
+                }
                 (None, MapEntry::Data { hash, .. }) => hash,
                 (None, MapEntry::Zero) => {
                     let len = block_len(d.size, d.block_size, i);
@@ -585,8 +601,11 @@ impl Protection {
                 )
             })?,
         };
+        let zeros = || vec![0u8; block_len(d.size, d.block_size, index) as usize];
         match entry {
-            MapEntry::Zero => Ok(vec![0u8; block_len(d.size, d.block_size, index) as usize]),
+            MapEntry::Zero => Ok(zeros()),
+            // Damaged: the agent's patch rebuilds it from nothing (checked by its whole hash).
+            MapEntry::Data { name, .. } if self.damage.get().await.has_chunk(&name) => Ok(zeros()),
             MapEntry::Data { name, hash } => {
                 let (b, h) = self.vault.chunks.get_block(&name).await?;
                 if !h.ct_eq(&hash) {
@@ -713,6 +732,8 @@ impl Protection {
         if !hash.ct_eq(&claimed) {
             return Err(Error::invalid("hash_mismatch", format!("block {index} after the patch hashes to {}, the agent said {}: the patch was made against other content; fetch the hashes again", hash.to_hex(), claimed.to_hex())));
         }
+        // Chunk, then receipt: one critical section for garbage collection.
+        let fenced = self.vault.chunks.fence().writer().await;
         let put = self
             .vault
             .chunks
@@ -720,6 +741,7 @@ impl Protection {
             .await?;
         let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &stage_id(&s.id), index);
         self.write_receipt(&key, &put).await?;
+        drop(fenced);
         received.lock().await.insert(
             index,
             Receipt {
@@ -779,6 +801,8 @@ impl Protection {
             }
             let changed = received.len() as u64;
             drop(received);
+            // The staged map, then the session record that refers to it: one critical section.
+            let _fenced = self.vault.chunks.fence().writer().await;
             let root = map.save(&self.vault.chunks).await?.to_hex();
             let bytes = self
                 .resyncs

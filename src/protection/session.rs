@@ -34,6 +34,19 @@ pub(crate) struct Receipt {
     pub hash: PlainHash,
 }
 
+/// Parses a receipt's plaintext; `None` when it is not `RECEIPT_LEN` bytes.
+pub(crate) fn parse_receipt(plain: &[u8]) -> Option<Receipt> {
+    if plain.len() != RECEIPT_LEN {
+        return None;
+    }
+    let n: [u8; 32] = crate::format::array_at(plain, 0);
+    let h: [u8; 32] = crate::format::array_at(plain, 32);
+    Some(Receipt {
+        name: (n != [0u8; 32]).then_some(ChunkName(n)),
+        hash: PlainHash(h),
+    })
+}
+
 struct SessionState {
     session: String,
     received: BTreeMap<u64, Receipt>,
@@ -167,24 +180,13 @@ impl Protection {
         let mut out = BTreeMap::new();
         while let Some((index, r)) = loads.next().await {
             let plain = r?;
-            if plain.len() != RECEIPT_LEN {
-                return Err(Error::internal(format!(
+            let receipt = parse_receipt(&plain).ok_or_else(|| {
+                Error::internal(format!(
                     "receipt {index} of disk {disk} has length {}",
                     plain.len()
-                )));
-            }
-            let mut n = [0u8; 32];
-            let mut h = [0u8; 32];
-            n.copy_from_slice(&plain[..32]);
-            h.copy_from_slice(&plain[32..64]);
-            let name = (n != [0u8; 32]).then_some(ChunkName(n));
-            out.insert(
-                index,
-                Receipt {
-                    name,
-                    hash: PlainHash(h),
-                },
-            );
+                ))
+            })?;
+            out.insert(index, receipt);
         }
         Ok(out)
     }
@@ -234,9 +236,12 @@ impl Protection {
                 });
             }
         }
+        // Chunk, then receipt, as one critical section for garbage collection.
+        let fenced = self.vault.chunks.fence().writer().await;
         let put = self.vault.chunks.put_block(body, Some(claimed)).await?;
         let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &d.session, index);
         self.write_receipt(&key, &put).await?;
+        drop(fenced);
         {
             let mut st = st.lock().await;
             st.received.insert(
@@ -402,6 +407,8 @@ impl Protection {
         }
         let written = (st.stored_bytes, st.deduplicated_bytes);
         drop(st);
+        // The map's objects become reachable only with the record: one critical section.
+        let fenced = self.vault.chunks.fence().writer().await;
         let root = map.save(&self.vault.chunks).await?;
         let mut rec = d.clone();
         rec.state = DiskState::Complete;
@@ -418,6 +425,7 @@ impl Protection {
         rec.stats.data_bytes = data_bytes;
         (rec.stats.stored_bytes, rec.stats.deduplicated_bytes) = written;
         self.store_disk(rec.clone()).await?;
+        drop(fenced);
         tracing::info!(
             vm,
             disk,

@@ -164,23 +164,51 @@ impl BlockMap {
 
     /// Loads and verifies a map by its root name.
     pub async fn load(chunks: &ChunkStore, root_name: &ChunkName) -> Result<BlockMap> {
-        let root = load_meta(chunks, ObjectKind::MapRoot, "map-root", root_name).await?;
+        let root = MapRoot::load(chunks, root_name).await?;
+        let mut entries = Vec::with_capacity(root.entry_count as usize);
+        for s in 0..root.segments.len() {
+            entries.extend(root.load_segment(chunks, s).await?);
+        }
+        Ok(BlockMap {
+            disk_size: root.disk_size,
+            block_size: root.block_size,
+            entries,
+        })
+    }
+}
+
+/// A map root as stored: the disk's geometry and the names of its segments. Verify and garbage
+/// collection walk maps through it object by object (a damaged segment does not hide the others).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapRoot {
+    pub name: ChunkName,
+    pub block_size: u32,
+    pub disk_size: u64,
+    pub entry_count: u64,
+    /// One per segment; `None` for an all-zero segment (never stored).
+    pub segments: Vec<Option<ChunkName>>,
+}
+
+impl MapRoot {
+    /// Loads a root (tag, name) and checks its geometry.
+    pub async fn load(chunks: &ChunkStore, name: &ChunkName) -> Result<MapRoot> {
+        let root = load_meta(chunks, ObjectKind::MapRoot, "map-root", name).await?;
+        MapRoot::parse(name, &root)
+    }
+
+    /// Parses and validates a root's plaintext (layout in the module docs).
+    fn parse(name: &ChunkName, root: &[u8]) -> Result<MapRoot> {
         let corrupt = |why: String| {
             Error::Corrupt(SealError::BadPayload {
-                name: layout::map_object(root_name).to_string(),
+                name: layout::map_object(name).to_string(),
                 reason: why,
             })
         };
         if root.len() < 32 {
             return Err(corrupt("root shorter than its header".into()));
         }
-        let u32_at =
-            |o: usize| u32::from_le_bytes([root[o], root[o + 1], root[o + 2], root[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&root[o..o + 8]);
-            u64::from_le_bytes(b)
-        };
+        let u32_at = |o: usize| u32::from_le_bytes(crate::format::array_at(root, o));
+        let u64_at = |o: usize| u64::from_le_bytes(crate::format::array_at(root, o));
         if u32_at(0) != MAP_VERSION {
             return Err(corrupt(format!("unknown map version {}", u32_at(0))));
         }
@@ -192,34 +220,55 @@ impl BlockMap {
             || count != block_count(disk_size, block_size)
             || seg_count != (count as usize).div_ceil(MAP_SEGMENT_ENTRIES)
             || root.len() != 32 + 32 * seg_count
+            || u32_at(28) != 0
         {
             return Err(corrupt("inconsistent geometry".into()));
         }
-        let mut entries = Vec::with_capacity(count as usize);
-        for s in 0..seg_count {
-            let mut n = [0u8; 32];
-            n.copy_from_slice(&root[32 + 32 * s..64 + 32 * s]);
-            let want = (count as usize - s * MAP_SEGMENT_ENTRIES).min(MAP_SEGMENT_ENTRIES);
-            if n == [0u8; 32] {
-                entries.extend(std::iter::repeat_n(MapEntry::Zero, want));
-                continue;
-            }
-            let seg =
-                load_meta(chunks, ObjectKind::MapSegment, "map-segment", &ChunkName(n)).await?;
-            if seg.len() != want * MAP_ENTRY_LEN {
-                return Err(corrupt(format!(
-                    "segment {s} holds {} bytes, expected {}",
+        let segments = root[32..]
+            .chunks_exact(32)
+            .map(|c| {
+                let n: [u8; 32] = crate::format::array_at(c, 0);
+                (n != [0u8; 32]).then_some(ChunkName(n))
+            })
+            .collect();
+        Ok(MapRoot {
+            name: *name,
+            block_size,
+            disk_size,
+            entry_count: count,
+            segments,
+        })
+    }
+
+    /// Entries segment `s` holds (the last segment may be short).
+    pub fn segment_entries(&self, s: usize) -> usize {
+        (self.entry_count as usize)
+            .saturating_sub(s * MAP_SEGMENT_ENTRIES)
+            .min(MAP_SEGMENT_ENTRIES)
+    }
+
+    /// The entries of segment `s`, verified (tag, name, length).
+    pub async fn load_segment(&self, chunks: &ChunkStore, s: usize) -> Result<Vec<MapEntry>> {
+        let want = self.segment_entries(s);
+        let Some(name) = self.segments.get(s).copied().flatten() else {
+            return Ok(vec![MapEntry::Zero; want]);
+        };
+        let seg = load_meta(chunks, ObjectKind::MapSegment, "map-segment", &name).await?;
+        if seg.len() != want * MAP_ENTRY_LEN {
+            return Err(Error::Corrupt(SealError::BadPayload {
+                name: layout::map_object(&name).to_string(),
+                reason: format!(
+                    "segment {s} of root {} holds {} bytes, expected {}",
+                    self.name.to_hex(),
                     seg.len(),
                     want * MAP_ENTRY_LEN
-                )));
-            }
-            entries.extend(seg.chunks_exact(MAP_ENTRY_LEN).map(MapEntry::from_bytes));
+                ),
+            }));
         }
-        Ok(BlockMap {
-            disk_size,
-            block_size,
-            entries,
-        })
+        Ok(seg
+            .chunks_exact(MAP_ENTRY_LEN)
+            .map(MapEntry::from_bytes)
+            .collect())
     }
 }
 

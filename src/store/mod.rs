@@ -151,6 +151,9 @@ pub enum PutOutcome {
 pub struct Listed {
     pub key: Key,
     pub size: u64,
+    /// Last write, milliseconds since the Unix epoch (the store's clock: garbage collection
+    /// compares it with its own start time and grace period).
+    pub modified_ms: u64,
 }
 
 /// A handle on the vault's object store. Cheap to clone.
@@ -342,7 +345,11 @@ impl Store {
         Ok(items
             .into_iter()
             .filter_map(|m| {
-                Key::from_listed(m.location.as_ref()).map(|key| Listed { key, size: m.size })
+                Key::from_listed(m.location.as_ref()).map(|key| Listed {
+                    key,
+                    size: m.size,
+                    modified_ms: u64::try_from(m.last_modified.timestamp_millis()).unwrap_or(0),
+                })
             })
             .collect())
     }

@@ -9,6 +9,7 @@
 //! stage/<vm>/<disk>/<session>/<10 digits>   receipts of blocks received in a replication session
 //! logs/<vm>/<disk>/<log id>/f<8 digits>      frames of a change log (1 MiB of the .hrl each)
 //! logs/<vm>/<disk>/<log id>/extents          its validated extent list
+//! quarantine/<original key>/<unix seconds>  a damaged object verify moved out of the way
 //! ```
 
 use crate::chunk::ChunkName;
@@ -40,6 +41,8 @@ pub enum Family {
     Plan,
     Resync,
     Failback,
+    /// Verify and garbage collection: the damage register and the job reports.
+    Scrub,
 }
 
 impl Family {
@@ -54,6 +57,7 @@ impl Family {
             Family::Plan => "plan",
             Family::Resync => "resync",
             Family::Failback => "failback",
+            Family::Scrub => "scrub",
         }
     }
 }
@@ -111,4 +115,47 @@ pub fn log_frame(vm_id: &str, disk_id: &str, log_id: &str, n: u64) -> Key {
 /// The validated extent list of a stored change log.
 pub fn log_extents(vm_id: &str, disk_id: &str, log_id: &str) -> Key {
     key(&["logs", vm_id, disk_id, log_id, "extents"])
+}
+
+/// Where verify keeps a damaged object's bytes: under its original key (so an operator sees what
+/// it was), stamped with the time, outside every prefix the server reads or collects. `None`
+/// when the key is too deep to nest (no key drvault writes is).
+pub fn quarantine(original: &Key, unix: u64) -> Option<Key> {
+    let t = unix.to_string();
+    let segs: Vec<&str> = std::iter::once("quarantine")
+        .chain(original.as_str().split('/'))
+        .chain(std::iter::once(t.as_str()))
+        .collect();
+    Key::new(&segs)
+}
+
+/// The prefix of the stored log a key under `logs/` belongs to (`logs/<vm>/<disk>/<log id>`).
+pub fn log_prefix_of(k: &Key) -> Option<&str> {
+    let s = k.as_str();
+    if !s.starts_with("logs/") {
+        return None;
+    }
+    let end = s.match_indices('/').nth(3).map(|(i, _)| i)?;
+    s.get(..end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarantine_and_log_prefixes() {
+        let k = log_frame("v", "d", "l", 3);
+        assert_eq!(log_prefix_of(&k), Some("logs/v/d/l"));
+        assert_eq!(
+            log_prefix_of(&log_extents("v", "d", "l")),
+            Some("logs/v/d/l")
+        );
+        assert_eq!(log_prefix_of(&log_prefix("v", "d", "l")), None);
+        assert_eq!(log_prefix_of(&key_check()), None);
+        assert_eq!(
+            quarantine(&k, 17).map(|q| q.to_string()).as_deref(),
+            Some("quarantine/logs/v/d/l/f00000003/17")
+        );
+    }
 }

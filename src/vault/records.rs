@@ -150,6 +150,27 @@ impl Records {
         }
     }
 
+    /// The highest stored version number, without reading it (verify checks it separately).
+    pub async fn latest_version(&self, prefix: &Key) -> Result<Option<u64>> {
+        Ok(self.versions(prefix).await?.last().copied())
+    }
+
+    /// Writes `value` as the version after the highest stored one, without reading that one:
+    /// verify replaces a damaged latest version with the server's own copy this way, so no
+    /// older version ever becomes the latest. `None` when a concurrent update created that
+    /// version first (the damaged one is no longer the latest either way).
+    pub async fn write_after_latest<T: Serialize>(
+        &self,
+        prefix: &Key,
+        value: &T,
+    ) -> Result<Option<u64>> {
+        let next = self.latest_version(prefix).await?.unwrap_or(0) + 1;
+        Ok(match self.write_version(prefix, next, value).await? {
+            PutOutcome::Created => Some(next),
+            PutOutcome::Existed => None,
+        })
+    }
+
     /// Deletes every version of a record.
     pub async fn remove(&self, prefix: &Key) -> Result<()> {
         for v in self.versions(prefix).await? {
@@ -245,6 +266,26 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(r.load::<u32>(&p).await.unwrap().unwrap().value, 16);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_latest_version_is_replaced_without_reading_it() {
+        let r = records();
+        let p = layout::record(Family::Disk, "d");
+        r.create(&p, &1u32).await.unwrap();
+        r.update(&p, |_: Option<&u32>| Ok(Some(2u32)))
+            .await
+            .unwrap();
+        let v2 = layout::record_version(&p, 2);
+        r.chunks
+            .store()
+            .put(&v2, bytes::Bytes::from_static(b"garbage"))
+            .await
+            .unwrap();
+        assert!(r.load::<u32>(&p).await.is_err());
+        assert_eq!(r.latest_version(&p).await.unwrap(), Some(2));
+        assert_eq!(r.write_after_latest(&p, &2u32).await.unwrap(), Some(3));
+        assert_eq!(r.load::<u32>(&p).await.unwrap().unwrap().value, 2);
     }
 
     #[tokio::test]

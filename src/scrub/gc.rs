@@ -1,0 +1,454 @@
+//! Garbage collection: mark what the records reference, sweep the rest (see the module docs of
+//! [`crate::scrub`] for why this is safe while agents upload).
+//!
+//! Swept prefixes: `chunks/` and `maps/` (content-addressed, shared: unmarked means no map and no
+//! open session names them), `logs/` (a whole stored log is kept while a journal entry refers to
+//! it or while it is being received), `stage/` (receipts of sessions that are no longer open:
+//! completed, cancelled or replaced). Records and `quarantine/` are never swept.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::refs;
+use super::{ObjectFamily, Scrub};
+use crate::chunk::fence::Collection;
+use crate::chunk::ChunkStore;
+use crate::error::{Error, Result};
+use crate::jobs::JobState;
+use crate::store::Key;
+use crate::vault::layout;
+
+pub(super) const STEPS: &[&str] = &["Mark", "Sweep"];
+
+/// `POST /v1/gc`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcRequest {
+    /// Report what would be freed, delete nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Only objects older than this many seconds are deleted (default `[gc] grace_s`).
+    #[serde(default)]
+    pub grace_s: Option<u64>,
+}
+
+/// Objects and stored bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Count {
+    pub objects: u64,
+    pub bytes: u64,
+}
+
+impl Count {
+    fn add(&mut self, bytes: u64) {
+        self.objects += 1;
+        self.bytes += bytes;
+    }
+}
+
+/// What a collection did (`GET /v1/gc/{job}`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcReport {
+    pub job: String,
+    pub dry_run: bool,
+    pub grace_s: u64,
+    pub started_unix: u64,
+    pub seconds: f64,
+    /// Objects younger than this (Unix milliseconds) were kept whatever they are.
+    pub cutoff_unix_ms: u64,
+    /// Referenced: map objects and chunks by name, logs and open sessions by prefix.
+    pub marked: BTreeMap<ObjectFamily, u64>,
+    /// Objects listed under the swept prefixes.
+    pub scanned: u64,
+    /// Deleted (with `dry_run`: would be deleted), by family.
+    pub freed: BTreeMap<ObjectFamily, Count>,
+    pub freed_total: Count,
+    /// Unreferenced but inside the grace period (or written after the collection started).
+    pub kept_young: Count,
+    /// Unreferenced and old, but an upload stored or reused it while the collection ran.
+    pub kept_in_use: Count,
+}
+
+/// The marked set: what the sweep must keep.
+#[derive(Debug, Default)]
+pub struct Marked {
+    pub keys: HashSet<String>,
+    pub logs: HashSet<String>,
+    pub stages: HashSet<String>,
+}
+
+impl Marked {
+    /// Whether a listed object is referenced.
+    pub fn keeps(&self, key: &Key) -> bool {
+        match ObjectFamily::of_key(key.as_str()) {
+            Some(ObjectFamily::Log) => {
+                layout::log_prefix_of(key).is_some_and(|p| self.logs.contains(p))
+            }
+            Some(ObjectFamily::Receipt) => {
+                refs::stage_session_of(key).is_some_and(|p| self.stages.contains(p))
+            }
+            _ => self.keys.contains(key.as_str()),
+        }
+    }
+}
+
+/// The mark: everything reachable from every VM. Refuses when part of it cannot be read.
+pub async fn mark(s: &Scrub) -> Result<Marked> {
+    let roots = refs::collect(&s.protection, None).await?;
+    let walk = refs::walk_maps(&s.vault.chunks, roots.maps.keys().copied()).await?;
+    let problems: Vec<String> = roots
+        .problems
+        .iter()
+        .chain(&walk.problems)
+        .map(|p| format!("{} ({})", p.key, p.reason))
+        .collect();
+    if !problems.is_empty() {
+        return Err(Error::conflict(
+            "gc_mark_incomplete",
+            format!(
+                "{} referenced object(s) cannot be read, so what they reference is unknown and nothing is collected: {}; run drvault verify",
+                problems.len(),
+                super::damage::summary(&problems)
+            ),
+        ));
+    }
+    let mut m = Marked::default();
+    for name in walk.roots.keys().chain(walk.segments.keys()) {
+        m.keys.insert(layout::map_object(name).to_string());
+    }
+    for name in walk.chunks().iter().chain(roots.receipt_chunks.keys()) {
+        m.keys.insert(ChunkStore::chunk_key(name).to_string());
+    }
+    m.logs = roots.logs.keys().cloned().collect();
+    m.stages = roots.live_stages.iter().cloned().collect();
+    Ok(m)
+}
+
+/// Deletes (or with `dry_run` counts) every listed object under the swept prefixes that is not
+/// marked, older than `cutoff_ms` and not touched by a writer during `collection`.
+pub async fn sweep(
+    s: &Scrub,
+    collection: &Collection,
+    marked: &Marked,
+    cutoff_ms: u64,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<()> {
+    let store = s.vault.store().clone();
+    for prefix in ["chunks", "maps", "logs", "stage"] {
+        let p = Key::new(&[prefix]).ok_or_else(|| Error::internal("prefix"))?;
+        for l in store.list(&p).await? {
+            report.scanned += 1;
+            let Some(family) = ObjectFamily::of_key(l.key.as_str()) else {
+                continue;
+            };
+            if marked.keeps(&l.key) {
+                continue;
+            }
+            if l.modified_ms >= cutoff_ms {
+                report.kept_young.add(l.size);
+                continue;
+            }
+            let freed = dry_run
+                || collection
+                    .delete_if_untouched(&store, &l.key, layout::log_prefix_of(&l.key))
+                    .await?;
+            if freed {
+                report.freed.entry(family).or_default().add(l.size);
+                report.freed_total.add(l.size);
+                tracing::trace!(object = %l.key, dry_run, "collected");
+            } else {
+                report.kept_in_use.add(l.size);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn run(s: &Scrub, job: &str, dry_run: bool, grace_s: u64) -> Result<GcReport> {
+    let started = Instant::now();
+    let started_unix = crate::util::unix_now();
+    s.jobs.step(job, "Mark", JobState::Running).await?;
+    // From here on every store or reuse by a writer is tracked, and the mark below sees every
+    // reference made before.
+    let collection = s.vault.chunks.fence().begin_collection().await;
+    let t0 = crate::util::unix_now_ms();
+    let marked = mark(s).await?;
+    s.jobs.step(job, "Mark", JobState::Succeeded).await?;
+    s.jobs.step(job, "Sweep", JobState::Running).await?;
+    let cutoff = t0.min(crate::util::unix_now_ms().saturating_sub(grace_s.saturating_mul(1000)));
+    let mut report = GcReport {
+        job: job.to_string(),
+        dry_run,
+        grace_s,
+        started_unix,
+        seconds: 0.0,
+        cutoff_unix_ms: cutoff,
+        marked: BTreeMap::new(),
+        scanned: 0,
+        freed: BTreeMap::new(),
+        freed_total: Count::default(),
+        kept_young: Count::default(),
+        kept_in_use: Count::default(),
+    };
+    for k in &marked.keys {
+        if let Some(f) = ObjectFamily::of_key(k) {
+            *report.marked.entry(f).or_default() += 1;
+        }
+    }
+    *report.marked.entry(ObjectFamily::Log).or_default() += marked.logs.len() as u64;
+    *report.marked.entry(ObjectFamily::Receipt).or_default() += marked.stages.len() as u64;
+    sweep(s, &collection, &marked, cutoff, dry_run, &mut report).await?;
+    drop(collection);
+    if !dry_run {
+        metrics::counter!("drvault_gc_freed_objects_total").increment(report.freed_total.objects);
+        metrics::counter!("drvault_gc_freed_bytes_total").increment(report.freed_total.bytes);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        job,
+        dry_run,
+        grace_s,
+        freed_objects = report.freed_total.objects,
+        freed_bytes = report.freed_total.bytes,
+        "garbage collection finished"
+    );
+    Ok(report)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::chunk::{CpuPool, KeyRing, PlainHash};
+    use crate::format::hrl::{Guid, HrlWriter, HrlWriterParams};
+    use crate::jobs::{JobKind, Jobs};
+    use crate::protection::{CompleteRequest, DiskSpec, Protection, VmSpec};
+    use crate::store::Store;
+    use crate::vault::Vault;
+    use bytes::Bytes;
+    use std::sync::Arc;
+
+    pub(crate) const BS: u32 = 65536;
+
+    pub(crate) async fn service() -> Scrub {
+        let vault = Vault::open(
+            Store::open("memory://", &[]).unwrap(),
+            Arc::new(KeyRing::random()),
+            CpuPool::new(2),
+            1,
+        )
+        .await
+        .unwrap();
+        let jobs = Jobs::load(vault.records.clone()).await.unwrap();
+        let p = Protection::load(vault.clone(), jobs.clone(), BS, Default::default())
+            .await
+            .unwrap();
+        Scrub::new(vault, p, jobs, 0)
+    }
+
+    pub(crate) fn block(seed: u8) -> Bytes {
+        Bytes::from(
+            (0..BS)
+                .map(|i| (i as u8).wrapping_mul(seed | 1).wrapping_add(seed))
+                .collect::<Vec<u8>>(),
+        )
+    }
+
+    /// Enables protection of `vm` (one disk "d" of `blocks.len()` blocks) and uploads them.
+    pub(crate) async fn upload(s: &Scrub, vm: &str, blocks: &[Bytes]) {
+        let spec = VmSpec {
+            generation: 2,
+            cpus: 1,
+            memory_mib: 512,
+            disks: vec![DiskSpec {
+                id: "d".into(),
+                size: BS as u64 * blocks.len() as u64,
+            }],
+            nics: vec![],
+            policy: None,
+        };
+        s.protection.enable("h", vm, &spec).await.unwrap();
+        for (i, b) in blocks.iter().enumerate() {
+            s.protection
+                .put_block("h", vm, "d", i as u64, PlainHash::of(b), b.clone())
+                .await
+                .unwrap();
+        }
+    }
+
+    pub(crate) async fn complete(s: &Scrub, vm: &str, blocks: &[Bytes]) {
+        let hashes: Vec<PlainHash> = blocks.iter().map(|b| PlainHash::of(b)).collect();
+        let req = CompleteRequest {
+            data_runs: vec![(0, blocks.len() as u64)],
+            digest: crate::protection::resync::digest_of(&hashes).to_hex(),
+        };
+        s.protection
+            .complete_disk("h", vm, "d", &req)
+            .await
+            .unwrap();
+    }
+
+    /// Sends a log that overwrites whole block `index` with `data`; returns its cycle.
+    pub(crate) async fn send_log(s: &Scrub, vm: &str, n: u64, index: u64, data: &[u8]) -> u64 {
+        let guid = |n: u64| {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&n.to_le_bytes());
+            b[8] = 0x42;
+            Guid(b)
+        };
+        let prev = if n == 1 { Guid::NIL } else { guid(n - 1) };
+        let mut w = HrlWriter::in_memory(HrlWriterParams {
+            unique_id: guid(n),
+            previous_unique_id: prev,
+            ..Default::default()
+        })
+        .unwrap();
+        w.add_write(index * BS as u64, data).unwrap();
+        let log = w.finish_to_vec().unwrap();
+        let len = log.len() as u64;
+        let body = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from(log))]);
+        s.protection
+            .accept_log(
+                "h",
+                vm,
+                "d",
+                &guid(n).to_string(),
+                Default::default(),
+                Some(len),
+                body,
+            )
+            .await
+            .unwrap()
+            .cycle
+    }
+
+    fn chunk_key(b: &Bytes, s: &Scrub) -> String {
+        let name = crate::chunk::ChunkName::derive(
+            s.vault.keys().name_key(),
+            &PlainHash::of(b),
+            b.len() as u64,
+        );
+        ChunkStore::chunk_key(&name).to_string()
+    }
+
+    async fn read(s: &Scrub, vm: &str, cycle: u64, index: u64) -> Bytes {
+        let r = s.protection.point_reader(vm, "d", cycle).await.unwrap();
+        r.read_block(index).await.unwrap().0
+    }
+
+    async fn collect_garbage(s: &Scrub) -> GcReport {
+        let job = s
+            .jobs
+            .create(JobKind::GarbageCollection, None, STEPS, JobState::Running)
+            .await
+            .unwrap();
+        run(s, &job.id, false, 0).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_mark_follows_receipts_then_maps_then_logs_and_merges() {
+        let s = service().await;
+        let (b1, b2, b3) = (block(1), block(2), block(3));
+        upload(&s, "a", &[b1.clone(), b2.clone()]).await;
+        // Open session: its receipts hold the chunks.
+        let m = mark(&s).await.unwrap();
+        assert!(m.keys.contains(&chunk_key(&b1, &s)) && m.keys.contains(&chunk_key(&b2, &s)));
+        assert_eq!(m.stages.len(), 1);
+        complete(&s, "a", &[b1.clone(), b2.clone()]).await;
+        // Complete: the base map (root and segment) holds them; no session is open.
+        let m = mark(&s).await.unwrap();
+        assert!(m.keys.contains(&chunk_key(&b1, &s)));
+        assert_eq!(m.keys.iter().filter(|k| k.starts_with("maps/")).count(), 2);
+        assert!(m.stages.is_empty() && m.logs.is_empty());
+        let c1 = send_log(&s, "a", 1, 0, &b3).await;
+        let m = mark(&s).await.unwrap();
+        assert_eq!(m.logs.len(), 1, "the journal's log is marked");
+        assert!(m.keys.contains(&chunk_key(&b1, &s)), "c0 still reads b1");
+        s.protection.merge_vm("a", true).await.unwrap();
+        // After the merge b3 is a chunk of the new base; b1 is referenced by nothing.
+        let m = mark(&s).await.unwrap();
+        assert!(m.keys.contains(&chunk_key(&b3, &s)) && m.keys.contains(&chunk_key(&b2, &s)));
+        assert!(!m.keys.contains(&chunk_key(&b1, &s)));
+        assert!(m.logs.is_empty());
+        let r = collect_garbage(&s).await;
+        assert_eq!(
+            r.freed.get(&ObjectFamily::Chunk).map(|c| c.objects),
+            Some(1)
+        );
+        assert!(r.freed.get(&ObjectFamily::Map).map(|c| c.objects) >= Some(1));
+        let head = |k: String| {
+            let st = s.vault.store().clone();
+            async move {
+                st.head(&Key::new(&k.split('/').collect::<Vec<_>>()).unwrap())
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(head(chunk_key(&b1, &s)).await, None);
+        assert_eq!(read(&s, "a", c1, 0).await, b3);
+        assert_eq!(read(&s, "a", c1, 1).await, b2);
+        // Nothing is left to collect.
+        assert_eq!(collect_garbage(&s).await.freed_total, Count::default());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_reused_between_mark_and_sweep_is_kept() {
+        let s = service().await;
+        let (b1, b2) = (block(1), block(2));
+        upload(&s, "a", std::slice::from_ref(&b1)).await;
+        complete(&s, "a", std::slice::from_ref(&b1)).await;
+        send_log(&s, "a", 1, 0, &b2).await;
+        s.protection.merge_vm("a", true).await.unwrap();
+        // b1 is now garbage, older than what follows.
+        let collection = s.vault.chunks.fence().begin_collection().await;
+        let t0 = crate::util::unix_now_ms() + 1;
+        let marked = mark(&s).await.unwrap();
+        assert!(!marked.keys.contains(&chunk_key(&b1, &s)));
+        // An initial replication of the same content deduplicates against it meanwhile.
+        upload(&s, "b", std::slice::from_ref(&b1)).await;
+        let mut report = GcReport::default();
+        sweep(&s, &collection, &marked, t0, false, &mut report)
+            .await
+            .unwrap();
+        assert!(report.kept_in_use.objects >= 1, "{report:?}");
+        drop(collection);
+        complete(&s, "b", std::slice::from_ref(&b1)).await;
+        assert_eq!(read(&s, "b", 0, 0).await, b1);
+        collect_garbage(&s).await;
+        assert_eq!(read(&s, "b", 0, 0).await, b1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_map_stops_the_collection() {
+        let s = service().await;
+        let b1 = block(1);
+        upload(&s, "a", std::slice::from_ref(&b1)).await;
+        complete(&s, "a", std::slice::from_ref(&b1)).await;
+        let maps = s
+            .vault
+            .store()
+            .list(&Key::new(&["maps"]).unwrap())
+            .await
+            .unwrap();
+        for l in &maps {
+            s.vault.store().delete(&l.key).await.unwrap();
+        }
+        let job = s
+            .jobs
+            .create(JobKind::GarbageCollection, None, STEPS, JobState::Running)
+            .await
+            .unwrap();
+        let e = run(&s, &job.id, false, 0).await.unwrap_err();
+        assert_eq!(e.code(), "gc_mark_incomplete");
+        // The chunk the lost map named was not collected.
+        assert!(s
+            .vault
+            .store()
+            .head(&Key::new(&chunk_key(&b1, &s).split('/').collect::<Vec<_>>()).unwrap())
+            .await
+            .unwrap()
+            .is_some());
+    }
+}

@@ -1,0 +1,322 @@
+//! Verify (scrub) and garbage collection: the vault's maintenance jobs.
+//!
+//! * [`refs`] finds what the records reference (the mark of GC, the object list of verify).
+//! * [`verify`] re-reads referenced objects, checks tag and name, quarantines what is damaged
+//!   and registers it in [`damage`], which marks the recovery points that need it.
+//! * [`gc`] deletes objects nothing references any more.
+//!
+//! Both run as jobs ("Verify", "Garbage collection") started by the operator (`drvault verify`,
+//! `drvault gc`) or, for verify, by the daily schedule (`[verify] interval_s`). They exclude each
+//! other: a verify moving a damaged object to quarantine and a collection deleting it must not
+//! race, and a verify must not report objects a collection is removing as missing.
+//!
+//! ## Why collection is safe while agents upload
+//!
+//! A collection *marks* everything reachable from the records, then *sweeps* (deletes) objects
+//! under `chunks/`, `maps/`, `logs/` and `stage/` that are not marked. An object is deleted only
+//! if all of these hold:
+//!
+//! 1. No record references it when the mark reads them, in the order [`refs`] explains (open
+//!    sessions' receipts first, then resync sessions, then disk records), so a reference moving
+//!    from one holder to the next during the mark is seen in one of them.
+//! 2. It is older than the collection's start and than the grace period. An upload writes the
+//!    chunk first and its receipt after ("chunk durable, then receipt"); whatever an upload
+//!    stores after the collection started is younger than that start.
+//! 3. No writer stored or reused it since the collection started (the write fence's touch, see
+//!    [`crate::chunk::fence`]), and no writer was between storing objects and referencing them
+//!    when it started (the fence's shared lock). This is what makes `--grace 0` safe too: a
+//!    deduplicated upload reuses an old, unreferenced chunk without making it younger.
+//!
+//! The grace period (default 24 h 5 min, as in Proxmox Backup Server) is the second line of
+//! defence for anything the fence does not see: another server process writing to the same
+//! vault, or a receipt a session wrote but no record points at. It must be longer than any
+//! upload session, because a chunk is referenced by a receipt only from the moment the
+//! receipt is written; 24 h covers a day-long initial replication step, and the 5 minutes cover
+//! clock differences between the server and the object store, whose clock stamps the objects.
+//!
+//! A mark that cannot read part of a map (damaged or missing segment, unreadable receipt) would
+//! not see the chunks behind it, so collection refuses (`409 gc_mark_incomplete`) until verify
+//! has registered the damage and the points needing it are gone; it never guesses.
+
+pub mod damage;
+pub mod gc;
+pub mod refs;
+pub mod verify;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::error::{Error, Result};
+use crate::jobs::{Job, JobKind, JobState, Jobs};
+use crate::protection::Protection;
+use crate::store::{Key, StoreError};
+use crate::vault::layout::{self, Family};
+use crate::vault::Vault;
+
+/// Default grace period of garbage collection: 24 hours and 5 minutes.
+pub const DEFAULT_GRACE_S: u64 = 24 * 3600 + 300;
+
+/// Families of objects, as reports name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ObjectFamily {
+    Chunk,
+    Map,
+    Log,
+    Receipt,
+    Record,
+}
+
+impl ObjectFamily {
+    pub fn word(self) -> &'static str {
+        match self {
+            ObjectFamily::Chunk => "chunk",
+            ObjectFamily::Map => "map",
+            ObjectFamily::Log => "log",
+            ObjectFamily::Receipt => "receipt",
+            ObjectFamily::Record => "record",
+        }
+    }
+
+    /// The family of an object by its key's first segment.
+    pub fn of_key(k: &str) -> Option<ObjectFamily> {
+        Some(match k.split('/').next()? {
+            "chunks" => ObjectFamily::Chunk,
+            "maps" => ObjectFamily::Map,
+            "logs" => ObjectFamily::Log,
+            "stage" => ObjectFamily::Receipt,
+            "records" => ObjectFamily::Record,
+            _ => return None,
+        })
+    }
+}
+
+/// An object that could not be read back as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: Key,
+    pub family: ObjectFamily,
+    /// Not there at all (else: there but damaged).
+    pub missing: bool,
+    pub reason: String,
+}
+
+impl Problem {
+    /// Damage from a read error; a transient store error is returned as the error (the job
+    /// fails and is retried later: an outage is not damage).
+    pub fn classify(key: &Key, family: ObjectFamily, e: Error) -> Result<Problem> {
+        let (missing, reason) = match e {
+            Error::Store(StoreError::NotFound { .. }) => (true, "missing".to_string()),
+            Error::Corrupt(c) => (false, c.to_string()),
+            // What does not parse after its tag checked (a record, a map's geometry).
+            Error::Internal(m) => (false, m),
+            other => return Err(other),
+        };
+        Ok(Problem {
+            key: key.clone(),
+            family,
+            missing,
+            reason,
+        })
+    }
+}
+
+/// The verify and garbage-collection service.
+#[derive(Clone)]
+pub struct Scrub {
+    pub(crate) vault: Vault,
+    pub(crate) protection: Protection,
+    pub(crate) jobs: Jobs,
+    /// The maintenance job running now, if any.
+    running: Arc<Mutex<Option<String>>>,
+    pub(crate) default_grace_s: u64,
+}
+
+/// Answer to starting a job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Started {
+    pub job: String,
+}
+
+impl Scrub {
+    pub fn new(vault: Vault, protection: Protection, jobs: Jobs, default_grace_s: u64) -> Scrub {
+        Scrub {
+            vault,
+            protection,
+            jobs,
+            running: Default::default(),
+            default_grace_s,
+        }
+    }
+
+    /// Creates the job and runs `work` in the background; refuses while another maintenance
+    /// job runs.
+    async fn spawn<R, F, Fut>(&self, kind: JobKind, steps: &[&str], work: F) -> Result<Job>
+    where
+        R: Serialize + Send + Sync + 'static,
+        F: FnOnce(Scrub, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<R>> + Send + 'static,
+    {
+        let mut running = self.running.lock().await;
+        if let Some(id) = running.as_ref() {
+            return Err(Error::conflict_recoverable(
+                "maintenance_running",
+                format!("a verify or garbage collection is already running (job {id}); wait for it to end"),
+            ));
+        }
+        let job = self
+            .jobs
+            .create(kind, None, steps, JobState::Running)
+            .await?;
+        *running = Some(job.id.clone());
+        drop(running);
+        let me = self.clone();
+        let id = job.id.clone();
+        let word = report_word(kind);
+        tokio::spawn(async move {
+            let result = work(me.clone(), id.clone()).await;
+            let stored = match result {
+                Ok(report) => me.store_report(word, &id, &report).await,
+                Err(e) => Err(e),
+            };
+            match stored {
+                Ok(()) => {
+                    let _ = me.jobs.succeed(&id).await;
+                }
+                Err(e) => {
+                    tracing::warn!(job = %id, kind = word, error = %e, "maintenance job failed");
+                    let _ = me.jobs.fail(&id, &e).await;
+                }
+            }
+            *me.running.lock().await = None;
+        });
+        Ok(job)
+    }
+
+    async fn store_report<R: Serialize>(&self, word: &str, job: &str, report: &R) -> Result<()> {
+        let prefix = layout::record(Family::Scrub, &format!("{word}-{job}"));
+        self.vault.records.create(&prefix, report).await?;
+        Ok(())
+    }
+
+    /// Starts a verify (`since`: only objects written since then, for the schedule).
+    pub async fn start_verify(
+        &self,
+        req: verify::VerifyRequest,
+        since: Option<u64>,
+    ) -> Result<Job> {
+        req.validate()?;
+        if let Some(vm) = &req.vm {
+            self.protection.vm_for(None, vm).await?;
+        }
+        self.spawn(JobKind::Verify, verify::STEPS, move |me, job| async move {
+            verify::run(&me, &job, &req, since).await
+        })
+        .await
+    }
+
+    /// Starts a garbage collection.
+    pub async fn start_gc(&self, req: gc::GcRequest) -> Result<Job> {
+        let grace = req.grace_s.unwrap_or(self.default_grace_s);
+        self.spawn(
+            JobKind::GarbageCollection,
+            gc::STEPS,
+            move |me, job| async move { gc::run(&me, &job, req.dry_run, grace).await },
+        )
+        .await
+    }
+
+    /// The report of a finished verify or collection job.
+    pub async fn report<R: serde::de::DeserializeOwned>(
+        &self,
+        kind: JobKind,
+        job: &str,
+    ) -> Result<R> {
+        let j = self
+            .jobs
+            .get(job)
+            .await
+            .filter(|j| j.kind == kind)
+            .ok_or_else(|| {
+                Error::not_found(
+                    "job_not_found",
+                    format!("no {} job {job}", report_word(kind)),
+                )
+            })?;
+        if !j.state.is_final() {
+            return Err(Error::conflict_recoverable(
+                "report_not_ready",
+                format!("job {job} is still running"),
+            ));
+        }
+        let prefix = layout::record(Family::Scrub, &format!("{}-{job}", report_word(kind)));
+        self.vault
+            .records
+            .load::<R>(&prefix)
+            .await?
+            .map(|v| v.value)
+            .ok_or_else(|| {
+                Error::not_found(
+                    "report_not_found",
+                    format!(
+                        "job {job} ended without a report{}",
+                        j.error
+                            .map(|e| format!(": {} [{}]", e.message, e.code))
+                            .unwrap_or_default()
+                    ),
+                )
+            })
+    }
+
+    /// The damage register as it stands.
+    pub async fn damage(&self) -> Arc<damage::DamageRecord> {
+        self.protection.damage.get().await
+    }
+
+    /// Runs a verify of what was written since the last one every `interval`, counted from the
+    /// last verify (a restarted server does not start over, nor verify at once on a new vault).
+    pub fn spawn_schedule(&self, interval: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let first_start = crate::util::unix_now();
+            loop {
+                let last = me.damage().await.last_verify_unix;
+                let due = last.unwrap_or(first_start) + interval.as_secs();
+                let now = crate::util::unix_now();
+                if now < due {
+                    tokio::time::sleep(Duration::from_secs(due - now)).await;
+                    continue;
+                }
+                match me
+                    .start_verify(verify::VerifyRequest::default(), last)
+                    .await
+                {
+                    Ok(job) => {
+                        tracing::info!(job = %job.id, since = ?last, "scheduled verify started");
+                        while me.running.lock().await.is_some() {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        // A failed run (store outage) tries again after a while, not at once.
+                        if me.damage().await.last_verify_unix == last {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "scheduled verify postponed");
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn report_word(kind: JobKind) -> &'static str {
+    match kind {
+        JobKind::GarbageCollection => "gc",
+        _ => "verify",
+    }
+}
