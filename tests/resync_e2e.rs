@@ -504,7 +504,7 @@ fn a_cancelled_resync_leaves_the_replica_and_a_broken_chain_opens_one() {
         ],
         &[20, 50, 80, 120, 160],
     );
-    // A killed agent may already have committed the session; a rerun then finds none open.
+    // A killed agent may already have committed the session; if not, a rerun does.
     let st: Value =
         serde_json::from_str(&server.cli_ok(&["resync", "--vm", "db", "--status", "--json"]))
             .unwrap();
@@ -512,6 +512,21 @@ fn a_cancelled_resync_leaves_the_replica_and_a_broken_chain_opens_one() {
         let o = agent_resync(&server, c, "db", &changed);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
+    // A rerun after the commit is told the work is done (not `no_resync`) and sends nothing.
+    let o = agent_resync(&server, c, "db", &changed);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(again["state"], "committed", "{again}");
+    assert_eq!(again["session"], st["id"], "{again}");
+    assert_eq!(
+        (
+            again["blocks_compared"].as_u64(),
+            again["bytes_uploaded"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{again}"
+    );
+    assert!(again["cycle"].as_u64().is_some(), "{again}");
     assert!(
         export(&server, "db", "latest", &dir.join("l2.raw")) == std::fs::read(&changed).unwrap()
     );

@@ -21,7 +21,8 @@ use crate::chunk::PlainHash;
 use crate::client::Client;
 use crate::format::image::DiskImage;
 use crate::protection::resync::{
-    DigestRequest, FineRequest, PatchAck, ResyncCompletion, ResyncDiskView, MAX_FINE_BLOCKS,
+    DigestRequest, FineRequest, PatchAck, ResyncCompletion, ResyncDiskView, SessionState,
+    MAX_FINE_BLOCKS,
 };
 use crate::replica::blockmap::{block_count, block_len};
 use crate::replica::patch;
@@ -162,6 +163,14 @@ pub async fn resync(
         size,
         ..Default::default()
     };
+    if view.state == SessionState::Committed {
+        // The session this disk belonged to already switched the replica (this agent, or an
+        // earlier run of it, was stopped after completing): nothing to compare or send.
+        summary.state = view.state.word().to_string();
+        summary.cycle = view.commit_cycle;
+        summary.seconds = t0.elapsed().as_secs_f64();
+        return Ok(summary);
+    }
     let theirs = fetch_block_hashes(client, &opts.backoff, &base, view.blocks).await?;
     summary.hash_bytes_downloaded += theirs.len() as u64 * 32;
 

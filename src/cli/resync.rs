@@ -214,6 +214,16 @@ pub async fn agent_resync(a: AgentResyncArgs) -> Result<i32> {
         .context("resync")?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
+    } else if s.blocks_compared == 0 && s.state == "committed" {
+        println!(
+            "disk {} of {}: already resynchronized by session {}{}; nothing to send",
+            s.disk,
+            s.vm,
+            s.session,
+            s.cycle
+                .map(|c| format!(" (replica switched at point c{c})"))
+                .unwrap_or_default()
+        );
     } else {
         println!(
             "disk {} of {}: {} blocks compared, {} differ; uploaded {} in {} patches ({} of hashes fetched) in {:.1} s; session {}{}",

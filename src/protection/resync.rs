@@ -120,6 +120,10 @@ pub struct ResyncDiskView {
     pub blocks: u64,
     pub staged: bool,
     pub blocks_changed: u64,
+    /// The point the replica switched at, when the session is already committed (an agent
+    /// rerun after a kill that landed past the commit: there is nothing left to send).
+    #[serde(default)]
+    pub commit_cycle: Option<u64>,
 }
 
 /// The answer to one patch upload.
@@ -534,6 +538,9 @@ impl Protection {
         vm: &str,
         disk: &str,
     ) -> Result<ResyncDiskView> {
+        if let Some(view) = self.committed_view(host, vm, disk).await? {
+            return Ok(view);
+        }
         let (s, d, _) = self.agent_session(host, vm, disk).await?;
         let sd = s.disks.get(disk).cloned().unwrap_or_default();
         Ok(ResyncDiskView {
@@ -545,7 +552,43 @@ impl Protection {
             blocks: d.stats.blocks,
             staged: sd.staged_root.is_some(),
             blocks_changed: sd.blocks_changed,
+            commit_cycle: None,
         })
+    }
+
+    /// The disk's view of the VM's last session when no session is open, that one committed
+    /// with this disk in it, and the disk has not needed a resync since: an agent killed after
+    /// its completion switched the replica learns the work is done instead of `no_resync`.
+    async fn committed_view(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+    ) -> Result<Option<ResyncDiskView>> {
+        let (v, d) = self.disk_for(Some(host), vm, disk).await?;
+        if d.resync_required.is_some() {
+            return Ok(None);
+        }
+        let Some(s) = self.resync_session(&v.id).await? else {
+            return Ok(None);
+        };
+        if s.state != SessionState::Committed {
+            return Ok(None);
+        }
+        let Some(sd) = s.disks.get(disk) else {
+            return Ok(None);
+        };
+        Ok(Some(ResyncDiskView {
+            session: s.id.clone(),
+            state: s.state,
+            reason: s.reason.clone(),
+            size: d.size,
+            block_size: d.block_size,
+            blocks: d.stats.blocks,
+            staged: true,
+            blocks_changed: sd.blocks_changed,
+            commit_cycle: s.commit_cycle,
+        }))
     }
 
     /// The plain hash of every block as the session holds it (received, else the base): 32
