@@ -116,12 +116,16 @@ pub struct GcConfig {
     /// Garbage collection deletes unreferenced objects only when older than this (seconds);
     /// `drvault gc --grace` overrides it per run.
     pub grace_s: u64,
+    /// Seconds between scheduled collections, counted from the last one (kept in the vault, so
+    /// a restarted server does not start over); 0 = never (run `drvault gc` by hand).
+    pub interval_s: u64,
 }
 
 impl Default for GcConfig {
     fn default() -> Self {
         GcConfig {
             grace_s: crate::scrub::DEFAULT_GRACE_S,
+            interval_s: 86_400,
         }
     }
 }

@@ -217,6 +217,9 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     if config.verify.interval_s > 0 {
         scrub.spawn_schedule(Duration::from_secs(config.verify.interval_s));
     }
+    if config.gc.interval_s > 0 {
+        scrub.spawn_gc_schedule(Duration::from_secs(config.gc.interval_s));
+    }
     let state = AppState {
         vault,
         protection,

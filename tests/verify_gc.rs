@@ -670,3 +670,50 @@ fn gc_racing_an_initial_replication_loses_nothing() {
     let (r, clean) = verify(&server);
     assert!(clean, "{r}");
 }
+
+#[test]
+fn scheduled_gc_collects_what_a_merge_superseded() {
+    // A collection every second with no grace: the schedule alone must clean up after a merge,
+    // while it races the replication and merge below (the write fence keeps them safe).
+    let t = tempfile::tempdir().unwrap();
+    let config = format!("{CONFIG}\n[gc]\ninterval_s = 1\ngrace_s = 0\n");
+    let server = Server::start(t.path(), Some(&config));
+    let creds = server.add_host("hv", None);
+    let src = server.dir.join("src.raw");
+    raw_image(&src, 4 * MIB, &[(0, 4 * MIB as usize)], 21);
+    protect(&server, &creds, "m", &src);
+    let v1 = server.dir.join("v1.raw");
+    changed(
+        &src,
+        &v1,
+        &[(MIB + 4096, pseudo_random(2 * MIB as usize, 22))],
+    );
+    replicate(&server, &creds, "m", &src, &v1, 1);
+    server.cli_ok(&["merge", "--vm", "m", "--all"]);
+    let want = std::fs::read(&v1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while server.vault_objects("chunks").len() != distinct_blocks(&want)
+        || !server.vault_objects("logs").is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the schedule did not collect: {} chunks, want {}; logs {:?}",
+            server.vault_objects("chunks").len(),
+            distinct_blocks(&want),
+            server.vault_objects("logs")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let jobs: Value = serde_json::from_str(&server.cli_ok(&["jobs", "--json"])).unwrap();
+    assert!(
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["kind"] == "garbage_collection" && j["state"] == "succeeded"),
+        "{jobs}"
+    );
+    for p in points(&server, "m") {
+        let id = p["id"].as_str().unwrap();
+        assert_eq!(export(&server, "m", id).unwrap(), want, "{id}");
+    }
+}

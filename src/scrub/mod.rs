@@ -224,7 +224,14 @@ impl Scrub {
         self.spawn(
             JobKind::GarbageCollection,
             gc::STEPS,
-            move |me, job| async move { gc::run(&me, &job, req.dry_run, grace).await },
+            move |me, job| async move {
+                let started = crate::util::unix_now();
+                let report = gc::run(&me, &job, req.dry_run, grace).await?;
+                if !req.dry_run {
+                    me.record_gc(started).await?;
+                }
+                Ok(report)
+            },
         )
         .await
     }
@@ -276,6 +283,75 @@ impl Scrub {
         self.protection.damage.get().await
     }
 
+    /// The start of the last collection that succeeded.
+    pub async fn last_gc(&self) -> Result<Option<u64>> {
+        Ok(self
+            .vault
+            .records
+            .load::<GcSchedule>(&layout::record(Family::Scrub, GC_SCHEDULE))
+            .await?
+            .and_then(|v| v.value.last_gc_unix))
+    }
+
+    async fn record_gc(&self, started_unix: u64) -> Result<()> {
+        self.vault
+            .records
+            .update(
+                &layout::record(Family::Scrub, GC_SCHEDULE),
+                move |cur: Option<&GcSchedule>| {
+                    // Never move backwards (a manual run and the schedule may finish in any order).
+                    let last = cur.and_then(|c| c.last_gc_unix).unwrap_or(0);
+                    Ok((started_unix > last).then_some(GcSchedule {
+                        last_gc_unix: Some(started_unix),
+                    }))
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs a garbage collection with the configured grace every `interval`, counted from the
+    /// last one that succeeded (kept in the vault); a new vault waits one interval first. A run
+    /// refused because another maintenance job is running is tried again a minute later.
+    pub fn spawn_gc_schedule(&self, interval: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let first_start = crate::util::unix_now();
+            loop {
+                let last = match me.last_gc().await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "gc schedule unreadable; trying later");
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        continue;
+                    }
+                };
+                let due = last.unwrap_or(first_start) + interval.as_secs();
+                let now = crate::util::unix_now();
+                if now < due {
+                    tokio::time::sleep(Duration::from_secs(due - now)).await;
+                    continue;
+                }
+                match me.start_gc(gc::GcRequest::default()).await {
+                    Ok(job) => {
+                        tracing::info!(job = %job.id, "scheduled garbage collection started");
+                        while me.running.lock().await.is_some() {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        // A failed run (store outage, unreadable map) tries again after an hour.
+                        if me.last_gc().await.ok().flatten() == last {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "scheduled garbage collection postponed");
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                }
+            }
+        });
+    }
+
     /// Runs a verify of what was written since the last one every `interval`, counted from the
     /// last verify (a restarted server does not start over, nor verify at once on a new vault).
     pub fn spawn_schedule(&self, interval: Duration) {
@@ -313,6 +389,16 @@ impl Scrub {
         });
     }
 }
+
+/// When the last scheduled or manual collection that succeeded started (a record of its own:
+/// the damage register is verify's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GcSchedule {
+    pub last_gc_unix: Option<u64>,
+}
+
+/// The record of the collection schedule.
+const GC_SCHEDULE: &str = "schedule-gc";
 
 fn report_word(kind: JobKind) -> &'static str {
     match kind {
