@@ -549,6 +549,38 @@ impl Failovers {
         Ok(())
     }
 
+    /// Ends the failovers a previous server process left running (their task died with it) as
+    /// a failed run ends: output removed, addresses released, state `failed`. Without this, the
+    /// VM would refuse every new failover and cleanup with `failover_running`.
+    pub async fn recover_interrupted(&self) -> Result<usize> {
+        let mut n = 0;
+        for id in self.vault.records.ids(Family::Failover).await? {
+            let key = layout::record(Family::Failover, &id);
+            let Some(v) = self.vault.records.load::<FailoverRecord>(&key).await? else {
+                continue;
+            };
+            let mut rec = v.value;
+            if rec.state != FailoverState::Running {
+                continue;
+            }
+            match tokio::fs::remove_dir_all(&rec.output_dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(dir = %rec.output_dir, error = %e, "cannot remove the output of an interrupted failover")
+                }
+            }
+            self.release(&rec.id).await?;
+            rec.state = FailoverState::Failed;
+            rec.ended_unix = Some(crate::util::unix_now());
+            rec.error = Some("interrupted: the server stopped while the failover ran".into());
+            self.put_record(&rec).await?;
+            tracing::warn!(vm = %rec.vm, failover = %rec.id, "failover interrupted by a restart marked failed");
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Removes a drill's output and releases its addresses; the drill counts as successful only
     /// when this succeeds.
     pub async fn cleanup(&self, vm: &str) -> Result<FailoverRecord> {
