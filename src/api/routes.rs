@@ -1,7 +1,8 @@
 //! Route table and handlers. See docs/api.md for the contract.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -102,6 +103,47 @@ fn index(s: &str) -> Result<u64, ApiError> {
         )
         .into()
     })
+}
+
+/// Path parameters. axum's own extractor answers a segment that does not percent-decode to
+/// UTF-8 with a plain-text 400; here it is refused like any other bad name, with the API's
+/// JSON error body.
+struct Path<T>(T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) => {
+                Err(Error::invalid("invalid_name", format!("URL path: {}", e.body_text())).into())
+            }
+        }
+    }
+}
+
+/// Query parameters, refused with the API's JSON error body (`invalid_query`) when they do not
+/// parse, instead of axum's plain-text 400.
+struct Query<T>(T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => {
+                Err(Error::invalid("invalid_query", format!("URL query: {}", e.body_text())).into())
+            }
+        }
+    }
 }
 
 async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {

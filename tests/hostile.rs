@@ -1,0 +1,385 @@
+//! Hostile clients against a real server: requests sent byte for byte over TLS (no client
+//! library to normalize paths or finish what it started), each checked for the right refusal
+//! and for leaving nothing behind, while ordinary clients keep being served.
+//!
+//! `tests/api_auth.rs` holds the auth matrix of single requests and the bad-input table; here
+//! are the sweeps over every route, names no URL library would send, oversized and trickled
+//! requests, silent connections and the per-host rate limit.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use drvault::client::{Client, ClientError};
+use reqwest::Method;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+const MIB: u64 = 1024 * 1024;
+
+/// A response read off the wire.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Raw {
+    fn json(&self) -> Value {
+        // The body may be chunked: the JSON object is what lies between the outer braces.
+        let (Some(a), Some(b)) = (self.body.find('{'), self.body.rfind('}')) else {
+            return Value::Null;
+        };
+        serde_json::from_str(&self.body[a..=b]).unwrap_or(Value::Null)
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// A TLS connection to the server (HTTP/1.1 by ALPN unless `alpn` says otherwise).
+async fn connect(server: &Server, alpn: &[u8]) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(server.ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let addr = server.url.trim_start_matches("https://").to_string();
+    let host = addr.rsplit_once(':').unwrap().0.to_string();
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from(host).unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Reads until the server closes (or the TLS stream ends without close_notify).
+async fn read_all(s: &mut TlsStream<TcpStream>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+fn parse(bytes: &[u8]) -> Raw {
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Raw {
+        status,
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
+/// One request, exactly as given (the path is not normalized or re-encoded).
+async fn raw(
+    server: &Server,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Raw {
+    let mut s = connect(server, b"http/1.1").await;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("authorization: Bearer {t}\r\n"));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    // A server that refuses before reading the body may close while it is still being sent:
+    // the response it wrote first is what counts.
+    if s.write_all(req.as_bytes()).await.is_ok() && s.write_all(body).await.is_ok() {
+        let _ = s.flush().await;
+    }
+    parse(&read_all(&mut s).await)
+}
+
+/// Every file under `dir` (relative path and size), except the server's own log.
+fn tree(dir: &std::path::Path) -> Vec<(String, u64)> {
+    fn walk(d: &std::path::Path, root: &std::path::Path, out: &mut Vec<(String, u64)>) {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, root, out);
+            } else if p.file_name().map(|n| n != "server.log").unwrap_or(true) {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                out.push((p.strip_prefix(root).unwrap().display().to_string(), len));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+struct World {
+    _t: tempfile::TempDir,
+    server: Server,
+    host_a: String,
+    host_b: String,
+}
+
+fn world(config: &str) -> World {
+    let t = tempfile::tempdir().unwrap();
+    let server = Server::start(t.path(), Some(config));
+    let a = server.add_host("hv-a", None);
+    let b = server.add_host("hv-b", None);
+    World {
+        host_a: Server::host_token(&a),
+        host_b: Server::host_token(&b),
+        _t: t,
+        server,
+    }
+}
+
+const SMALL: &str = "[vault]\nblock_size = 1048576\n";
+
+async fn protect_vm(c: &Client, vm: &str) {
+    let spec = json!({"disks": [{"id": "os", "size": 4 * MIB}]});
+    let _: Value = c
+        .send_json(Method::PUT, &format!("/v1/agent/vms/{vm}"), &spec)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_like_names_are_refused_and_create_nothing() {
+    let w = world(SMALL);
+    let a = w.server.client_with(&w.host_a);
+    protect_vm(&a, "vm-a").await;
+    // The whole test directory: a name that escaped the data directory would show up here.
+    let before = tree(&w.server.dir);
+
+    let long = "v".repeat(65);
+    let very_long = "v".repeat(8000);
+    let names = [
+        "..",
+        ".",
+        "%2e%2e",
+        "%2E%2e",
+        "..%2F..%2Fetc",
+        "%2e%2e%2f%2e%2e%2fetc",
+        "..%5C..%5Cwindows",
+        "a%2Fb",
+        "vm%00",
+        "%00",
+        "vm%00.x",
+        "vm%0Ax",
+        "vm%20a",
+        ".hidden",
+        "-dash",
+        long.as_str(),
+        very_long.as_str(),
+        // Not UTF-8 once decoded (overlong "..", a lone continuation byte).
+        "%c0%ae%c0%ae",
+        "%ff",
+    ];
+    let spec = serde_json::to_vec(&json!({"disks": [{"id": "os", "size": 4 * MIB}]})).unwrap();
+    let block = vec![5u8; MIB as usize];
+    let hash = vec![(
+        "x-drvault-blake3",
+        blake3::hash(&block).to_hex().to_string(),
+    )];
+    let done = serde_json::to_vec(&json!({"data_runs": [], "digest": ""})).unwrap();
+    let op = w.server.token.clone();
+    let mut wrong = Vec::new();
+    for n in names {
+        let cases: Vec<(&str, String, Option<&str>, Vec<(&str, String)>, &[u8])> = vec![
+            (
+                "PUT",
+                format!("/v1/agent/vms/{n}"),
+                Some(&w.host_a),
+                vec![],
+                &spec,
+            ),
+            (
+                "GET",
+                format!("/v1/agent/vms/{n}"),
+                Some(&w.host_a),
+                vec![],
+                b"",
+            ),
+            (
+                "PUT",
+                format!("/v1/agent/vms/{n}/disks/os/blocks/0"),
+                Some(&w.host_a),
+                hash.clone(),
+                &block,
+            ),
+            (
+                "PUT",
+                format!("/v1/agent/vms/vm-a/disks/{n}/blocks/0"),
+                Some(&w.host_a),
+                hash.clone(),
+                &block,
+            ),
+            (
+                "POST",
+                format!("/v1/agent/vms/vm-a/disks/{n}/complete"),
+                Some(&w.host_a),
+                vec![],
+                &done,
+            ),
+            (
+                "PUT",
+                format!("/v1/agent/vms/vm-a/disks/{n}/logs/l1?cycle=1"),
+                Some(&w.host_a),
+                vec![],
+                b"not a log",
+            ),
+            ("GET", format!("/v1/vms/{n}"), Some(&op), vec![], b""),
+            (
+                "POST",
+                format!("/v1/vms/{n}/merge"),
+                Some(&op),
+                vec![],
+                b"{}",
+            ),
+            (
+                "GET",
+                format!("/v1/vms/vm-a/disks/{n}/map"),
+                Some(&op),
+                vec![],
+                b"",
+            ),
+            ("DELETE", format!("/v1/hosts/{n}"), Some(&op), vec![], b""),
+        ];
+        for (m, path, token, headers, body) in cases {
+            let r = raw(&w.server, m, &path, token, &headers, body).await;
+            let v = r.json();
+            if r.status != 400 || v["code"] != "invalid_name" || v["recoverable"] != false {
+                wrong.push(format!(
+                    "{m} {}: {} {}",
+                    &path[..path.len().min(90)],
+                    r.status,
+                    &r.body[..r.body.len().min(200)]
+                ));
+            }
+        }
+    }
+    // Names inside JSON bodies: a host, a provider's cloud, a disk of a new VM.
+    let body_cases = [
+        (
+            "/v1/hosts",
+            Some(op.as_str()),
+            json!({"name": "../evil"}),
+            "invalid_name",
+        ),
+        (
+            "/v1/providers",
+            Some(op.as_str()),
+            json!({"name": "p1", "cloud": "a/../b"}),
+            "invalid_name",
+        ),
+    ];
+    for (path, token, body, code) in body_cases {
+        let r = raw(
+            &w.server,
+            "POST",
+            path,
+            token,
+            &[("content-type", "application/json".into())],
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+        if r.status != 400 || r.json()["code"] != code {
+            wrong.push(format!("POST {path} {body}: {} {}", r.status, r.body));
+        }
+    }
+    for bad_disk in ["..", "../x", "os\u{0}", "a/b"] {
+        let body = json!({"disks": [{"id": bad_disk, "size": 4 * MIB}]});
+        let r = raw(
+            &w.server,
+            "PUT",
+            "/v1/agent/vms/vm-new",
+            Some(&w.host_a),
+            &[("content-type", "application/json".into())],
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+        // The spec is refused as a whole; the message names the disk.
+        if r.status != 400 || r.json()["code"] != "invalid_vm_spec" {
+            wrong.push(format!("disk id {bad_disk:?}: {} {}", r.status, r.body));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} requests with path-like names were not refused with 400 invalid_name:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    assert_eq!(
+        tree(&w.server.dir),
+        before,
+        "refused names created or changed files"
+    );
+    // The server is still serving.
+    let _: Value = a.get_json("/v1/agent/vms/vm-a").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_queries_are_refused_with_the_json_error_body() {
+    let w = world(SMALL);
+    let a = w.server.client_with(&w.host_a);
+    protect_vm(&a, "vm-a").await;
+    let before = tree(&w.server.dir);
+    let op = w.server.token.clone();
+    let cases = [
+        (
+            "PUT",
+            "/v1/agent/vms/vm-a/disks/os/logs/l1?cycle=abc",
+            &w.host_a,
+        ),
+        (
+            "PUT",
+            "/v1/agent/vms/vm-a/disks/os/logs/l1?cycle=1&final=maybe",
+            &w.host_a,
+        ),
+        (
+            "GET",
+            "/v1/vms/vm-a/disks/os/map?point=latest&point=c0",
+            &op,
+        ),
+        ("GET", "/v1/jobs?vm=a&vm=b", &op),
+    ];
+    for (m, path, token) in cases {
+        let r = raw(&w.server, m, path, Some(token), &[], b"x").await;
+        let v = r.json();
+        assert_eq!(
+            (r.status, v["code"].as_str(), v["recoverable"].as_bool()),
+            (400, Some("invalid_query"), Some(false)),
+            "{m} {path}: {}",
+            r.body
+        );
+    }
+    assert_eq!(tree(&w.server.dir), before);
+}
