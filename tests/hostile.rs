@@ -383,3 +383,107 @@ async fn malformed_queries_are_refused_with_the_json_error_body() {
     }
     assert_eq!(tree(&w.server.dir), before);
 }
+
+/// Waits until the server closes `s` (EOF or a reset); false if it is still open at `deadline`.
+/// Anything the server writes first (a 408, an error body) is read and ignored.
+async fn closed_by_server(s: &mut TlsStream<TcpStream>, deadline: Instant) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Ordinary requests keep being answered while `busy` holds; returns how many were.
+async fn served_meanwhile(c: &Client, busy: impl Fn() -> bool) -> u32 {
+    let mut n = 0;
+    while busy() {
+        let r = tokio::time::timeout(Duration::from_secs(20), c.get_json::<Value>("/v1/vms")).await;
+        assert!(
+            matches!(r, Ok(Ok(_))),
+            "an ordinary client was not served while a slow one was connected: {r:?}"
+        );
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_headers_and_silent_connections_are_cut_off_while_others_are_served() {
+    // Room for the slow clients below plus one ordinary one: a silent connection that kept
+    // its slot would lock everyone else out.
+    let w = world(
+        "[vault]\nblock_size = 1048576\n\n[server]\nheader_read_timeout_s = 1\ntls_handshake_timeout_s = 1\nmax_connections = 5\n",
+    );
+    let op = w.server.operator();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // A header trickled a byte every 100 ms and never finished.
+    let mut trickle = connect(&w.server, b"http/1.1").await;
+    let trickler = tokio::spawn(async move {
+        let head = b"GET /v1/vms HTTP/1.1\r\nhost: localhost\r\nx-pad: ";
+        let mut sent = 0usize;
+        let mut buf = [0u8; 1024];
+        loop {
+            let byte = head.get(sent).copied().unwrap_or(b'a');
+            if trickle.write_all(&[byte]).await.is_err() || trickle.flush().await.is_err() {
+                return Some(sent);
+            }
+            sent += 1;
+            match tokio::time::timeout(Duration::from_millis(100), trickle.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(sent),
+                _ if Instant::now() > deadline => return None,
+                _ => {}
+            }
+        }
+    });
+    // Connections that complete TLS (HTTP/1.1 and HTTP/2 by ALPN) and then say nothing.
+    let mut silent_h1 = connect(&w.server, b"http/1.1").await;
+    let mut silent_h2 = connect(&w.server, b"h2").await;
+    // One that never even starts TLS.
+    let mut bare = TcpStream::connect(w.server.url.trim_start_matches("https://"))
+        .await
+        .unwrap();
+
+    let served =
+        served_meanwhile(&op, || !trickler.is_finished() && Instant::now() < deadline).await;
+    let sent = trickler.await.unwrap();
+    assert!(
+        sent.is_some(),
+        "a client trickling header bytes was never cut off"
+    );
+    assert!(served > 0);
+    assert!(
+        closed_by_server(&mut silent_h1, deadline).await,
+        "a silent HTTP/1.1 connection was kept open"
+    );
+    assert!(
+        closed_by_server(&mut silent_h2, deadline).await,
+        "a silent HTTP/2 connection was kept open"
+    );
+    let mut buf = [0u8; 64];
+    let left = deadline.saturating_duration_since(Instant::now());
+    assert!(
+        matches!(
+            tokio::time::timeout(left, bare.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        ),
+        "a connection that never started TLS was kept open"
+    );
+    // All slots are free again: as many ordinary clients as the limit are served at once.
+    let many: Vec<_> = (0..5)
+        .map(|_| {
+            let c = w.server.operator();
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(20), c.get_json::<Value>("/v1/vms")).await
+            })
+        })
+        .collect();
+    for h in many {
+        assert!(matches!(h.await.unwrap(), Ok(Ok(_))));
+    }
+}
