@@ -487,3 +487,105 @@ async fn trickled_headers_and_silent_connections_are_cut_off_while_others_are_se
         assert!(matches!(h.await.unwrap(), Ok(Ok(_))));
     }
 }
+
+/// Sends `head` and then `total` body bytes in 64-byte pieces every 100 ms, until the server
+/// answers or closes. Returns the response and how many body bytes went out.
+async fn trickle_body(server: &Server, head: String, total: usize) -> (Raw, usize) {
+    let mut s = connect(server, b"http/1.1").await;
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut sent = 0;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while sent < total {
+        if s.write_all(&[b'7'; 64]).await.is_err() || s.flush().await.is_err() {
+            break;
+        }
+        sent += 64;
+        match tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                break;
+            }
+            Err(_) => {}
+        }
+    }
+    got.extend(read_all(&mut s).await);
+    (parse(&got), sent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_bodies_are_cut_off_store_nothing_and_others_are_served() {
+    let w = world(
+        "[vault]\nblock_size = 1048576\n\n[server]\nbody_min_rate_bytes_per_s = 4096\nbody_rate_grace_s = 1\n",
+    );
+    let a = w.server.client_with(&w.host_a);
+    // Initially replicated, so that logs are accepted.
+    let img = w.server.dir.join("vm-a.raw");
+    raw_image(&img, 4 * MIB, &[(0, 4096)], 1);
+    let creds = w.server.dir.join("hv-a.creds.json");
+    w.server.cli_ok(&[
+        "agent",
+        "protect",
+        "--creds",
+        creds.to_str().unwrap(),
+        "--vm",
+        "vm-a",
+        "--disk",
+        &format!("{}:os", img.display()),
+    ]);
+    let before = tree(&w.server.dir);
+    let block_head = format!(
+        "PUT /v1/agent/vms/vm-a/disks/os/blocks/0 HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\nx-drvault-blake3: {}\r\ncontent-length: {MIB}\r\n\r\n",
+        w.host_a,
+        blake3::hash(&vec![b'7'; MIB as usize]).to_hex()
+    );
+    let json_head = format!(
+        "PUT /v1/agent/vms/vm-b HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n",
+        w.host_a
+    );
+    let log_head = format!(
+        "PUT /v1/agent/vms/vm-a/disks/os/logs/6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b?cycle=1 HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\ncontent-length: {MIB}\r\n\r\n",
+        w.host_a
+    );
+    for (what, head, total) in [
+        ("block", block_head, MIB as usize),
+        ("JSON", json_head, 100_000),
+        ("log", log_head, MIB as usize),
+    ] {
+        let server = &w.server;
+        let slow = trickle_body(server, head, total);
+        tokio::pin!(slow);
+        // An ordinary client is served while the slow body trickles.
+        let mut served = 0;
+        let (r, sent) = loop {
+            tokio::select! {
+                out = &mut slow => break out,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    let _: Value = a.get_json("/v1/agent/vms/vm-a").await.unwrap();
+                    served += 1;
+                }
+            }
+        };
+        assert!(
+            sent < total,
+            "{what}: the trickled body was read to its end"
+        );
+        assert!(served > 0, "{what}: nobody else was served meanwhile: {r:?} after {sent}");
+        // Cut off: an error response (the body was incomplete) or a closed connection.
+        if r.status != 0 {
+            let v = r.json();
+            assert_eq!(
+                (r.status, v["code"].as_str()),
+                (400, Some("body_incomplete")),
+                "{what}: {}",
+                r.body
+            );
+        }
+    }
+    assert_eq!(
+        tree(&w.server.dir),
+        before,
+        "a cut-off body stored something"
+    );
+}

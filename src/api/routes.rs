@@ -146,12 +146,31 @@ where
     }
 }
 
+/// Whether reading a body failed because it passed the length limit, rather than because it
+/// was cut off (a dropped connection, the slow-body guard).
+fn over_limit(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
         .await
-        .map_err(|_| Error::TooLarge {
-            code: "body_too_large",
-            message: format!("JSON body over {MAX_JSON_BODY} bytes or cut off"),
+        .map_err(|e| {
+            if over_limit(&e) {
+                Error::TooLarge {
+                    code: "body_too_large",
+                    message: format!("JSON body over {MAX_JSON_BODY} bytes"),
+                }
+            } else {
+                Error::invalid("body_incomplete", format!("request body was cut off: {e}"))
+            }
         })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| Error::invalid("invalid_json", format!("request body: {e}")).into())
@@ -688,11 +707,7 @@ async fn agent_put_block(
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(e) => {
-            let too_long = std::error::Error::source(&e)
-                .map(|s| s.is::<http_body_util::LengthLimitError>())
-                .unwrap_or(false)
-                || e.to_string().contains("length limit");
-            return Err(if too_long {
+            return Err(if over_limit(&e) {
                 Error::invalid(
                     "body_too_long",
                     format!("body is longer than the {limit}-byte block"),
