@@ -11,7 +11,6 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use common::*;
 use drvault::client::{Client, ClientError};
 use reqwest::Method;
@@ -571,7 +570,10 @@ async fn trickled_bodies_are_cut_off_store_nothing_and_others_are_served() {
             sent < total,
             "{what}: the trickled body was read to its end"
         );
-        assert!(served > 0, "{what}: nobody else was served meanwhile: {r:?} after {sent}");
+        assert!(
+            served > 0,
+            "{what}: nobody else was served meanwhile: {r:?} after {sent}"
+        );
         // Cut off: an error response (the body was incomplete) or a closed connection.
         if r.status != 0 {
             let v = r.json();
@@ -588,4 +590,242 @@ async fn trickled_bodies_are_cut_off_store_nothing_and_others_are_served() {
         before,
         "a cut-off body stored something"
     );
+}
+
+const LOG_ID: &str = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_checks_who_is_calling() {
+    let w = world(SMALL);
+    let a = w.server.client_with(&w.host_a);
+    protect_vm(&a, "vm-a").await;
+    // A third host, removed: its token is revoked.
+    let gone = Server::host_token(&w.server.add_host("hv-gone", None));
+    w.server
+        .operator()
+        .delete("/v1/hosts/hv-gone")
+        .await
+        .unwrap();
+    let before = tree(&w.server.dir);
+    let op = w.server.token.clone();
+    let operator_routes = [
+        ("GET", "/v1/server".to_string()),
+        ("GET", "/v1/hosts".into()),
+        ("POST", "/v1/hosts".into()),
+        ("DELETE", "/v1/hosts/hv-a".into()),
+        ("GET", "/v1/providers".into()),
+        ("POST", "/v1/providers".into()),
+        ("DELETE", "/v1/providers/p1".into()),
+        ("GET", "/v1/vms".into()),
+        ("GET", "/v1/vms/vm-a".into()),
+        ("PATCH", "/v1/vms/vm-a".into()),
+        ("GET", "/v1/vms/vm-a/disks/os/map".into()),
+        ("GET", "/v1/vms/vm-a/disks/os/blocks/0".into()),
+        ("GET", "/v1/vms/vm-a/points".into()),
+        ("PUT", "/v1/vms/vm-a/nics/0".into()),
+        ("DELETE", "/v1/vms/vm-a/nics/0".into()),
+        ("GET", "/v1/vms/vm-a/failover".into()),
+        ("POST", "/v1/vms/vm-a/failover".into()),
+        ("POST", "/v1/vms/vm-a/failover/cleanup".into()),
+        ("POST", "/v1/vms/vm-a/failover/commit".into()),
+        ("POST", "/v1/vms/vm-a/merge".into()),
+        ("GET", "/v1/jobs".into()),
+        ("GET", "/v1/jobs/00000000000000000000000000000000".into()),
+        (
+            "POST",
+            "/v1/jobs/00000000000000000000000000000000/resume".into(),
+        ),
+        ("GET", "/v1/plans".into()),
+        ("POST", "/v1/plans".into()),
+        ("GET", "/v1/plans/p1".into()),
+        ("POST", "/v1/plans/p1/failover".into()),
+        ("GET", "/v1/keys".into()),
+        ("POST", "/v1/keys/rotate".into()),
+    ];
+    // Agent routes with a body and headers that would be accepted from the right caller, so
+    // that only who is calling can be the reason for a refusal.
+    let spec = serde_json::to_vec(&json!({"disks": [{"id": "os", "size": 4 * MIB}]})).unwrap();
+    let block = vec![3u8; MIB as usize];
+    let block_hash = blake3::hash(&block).to_hex().to_string();
+    let query = serde_json::to_vec(&json!({"blocks": [{"index": 0, "hash": block_hash}]})).unwrap();
+    let complete = serde_json::to_vec(&json!({"data_runs": [], "digest": block_hash})).unwrap();
+    let json_ct = vec![("content-type", "application/json".to_string())];
+    let hashed = vec![("x-drvault-blake3", block_hash.clone())];
+    let agent_routes: Vec<(&str, String, Vec<(&str, String)>, &[u8])> = vec![
+        ("PUT", "/v1/agent/vms/vm-a".into(), json_ct.clone(), &spec),
+        ("GET", "/v1/agent/vms/vm-a".into(), vec![], b""),
+        (
+            "POST",
+            "/v1/agent/vms/vm-a/disks/os/blocks/query".into(),
+            json_ct.clone(),
+            &query,
+        ),
+        (
+            "PUT",
+            "/v1/agent/vms/vm-a/disks/os/blocks/0".into(),
+            hashed,
+            &block,
+        ),
+        (
+            "POST",
+            "/v1/agent/vms/vm-a/disks/os/complete".into(),
+            json_ct.clone(),
+            &complete,
+        ),
+        (
+            "PUT",
+            format!("/v1/agent/vms/vm-a/disks/os/logs/{LOG_ID}?cycle=1"),
+            vec![],
+            b"HRL log bytes",
+        ),
+    ];
+    let body: &[u8] = b"{}";
+    let mut wrong = Vec::new();
+    let mut check = |m: &str, path: &str, who: &str, r: Raw, want: u16| {
+        let v = r.json();
+        if r.status != want || v["code"].as_str().is_none() || v["recoverable"] != false {
+            wrong.push(format!("{who} {m} {path}: {} {}", r.status, r.body));
+        }
+    };
+    let all = operator_routes
+        .iter()
+        .map(|(m, p)| (*m, p.clone(), json_ct.clone(), body))
+        .chain(agent_routes.iter().cloned());
+    for (m, path, headers, body) in all {
+        let r = raw(&w.server, m, &path, None, &headers, body).await;
+        check(m, &path, "no token", r, 401);
+        let r = raw(&w.server, m, &path, Some("drvh_forged"), &headers, body).await;
+        check(m, &path, "forged token", r, 401);
+        let r = raw(&w.server, m, &path, Some(&gone), &headers, body).await;
+        check(m, &path, "revoked host", r, 401);
+    }
+    for (m, path) in &operator_routes {
+        let r = raw(&w.server, m, path, Some(&w.host_a), &json_ct, body).await;
+        check(m, path, "host token", r, 403);
+    }
+    for (m, path, headers, body) in &agent_routes {
+        let r = raw(&w.server, m, path, Some(&op), headers, body).await;
+        check(m, path, "operator token", r, 403);
+        let r = raw(&w.server, m, path, Some(&w.host_b), headers, body).await;
+        check(m, path, "host B on host A's VM", r, 403);
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} requests were not refused as they should be:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    assert_eq!(
+        tree(&w.server.dir),
+        before,
+        "refused requests changed files (the key file included)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_are_refused_before_they_are_stored() {
+    let w = world(SMALL);
+    let a = w.server.client_with(&w.host_a);
+    protect_vm(&a, "vm-a").await;
+    let before = tree(&w.server.dir);
+    // A JSON body over 16 MiB, to an agent route and an operator route.
+    let mut spec = json!({"disks": [{"id": "os", "size": 4 * MIB}]});
+    spec["pad"] = Value::String("x".repeat(17 << 20));
+    let r: Result<Value, _> = a
+        .send_json(Method::PUT, "/v1/agent/vms/vm-big", &spec)
+        .await;
+    match r {
+        Err(ClientError::Api { status, body, .. }) => {
+            assert_eq!(
+                (status.as_u16(), body.code.as_str()),
+                (413, "body_too_large")
+            );
+            assert!(!body.recoverable);
+        }
+        other => panic!("a 17 MiB JSON body was not refused with 413: {other:?}"),
+    }
+    let plan = json!({"name": "p1", "groups": [["vm-a"]], "pad": "y".repeat(17 << 20)});
+    let r: Result<Value, _> = w
+        .server
+        .operator()
+        .send_json(Method::POST, "/v1/plans", &plan)
+        .await;
+    assert_eq!(
+        r.err().and_then(|e| e.code().map(String::from)).as_deref(),
+        Some("body_too_large")
+    );
+    // A block whose declared length is over the block size is refused from its headers alone:
+    // the answer comes although not one body byte is sent.
+    let mut s = connect(&w.server, b"http/1.1").await;
+    let head = format!(
+        "PUT /v1/agent/vms/vm-a/disks/os/blocks/0 HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\nx-drvault-blake3: {}\r\ncontent-length: {}\r\n\r\n",
+        w.host_a,
+        blake3::hash(b"").to_hex(),
+        1u64 << 40
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
+        .await
+        .expect("no answer to a block declared 1 TiB long")
+        .unwrap();
+    let r = parse(&buf[..n]);
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (400, Some("body_too_long")),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        tree(&w.server.dir),
+        before,
+        "an oversized body stored something"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_over_its_rate_gets_429_with_retry_after_and_others_are_not_slowed() {
+    let w = world(
+        "[vault]\nblock_size = 1048576\n\n[server]\nhost_rate_per_s = 1.0\nhost_rate_burst = 5.0\n",
+    );
+    let a = w.server.client_with(&w.host_a);
+    let b = w.server.client_with(&w.host_b);
+    protect_vm(&a, "vm-a").await;
+    protect_vm(&b, "vm-b").await;
+    let mut limited = None;
+    for _ in 0..20 {
+        let r = raw(
+            &w.server,
+            "GET",
+            "/v1/agent/vms/vm-a",
+            Some(&w.host_a),
+            &[],
+            b"",
+        )
+        .await;
+        if r.status == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let r = limited.expect("20 requests at once from one host were all served at 1 request/s");
+    let v = r.json();
+    assert_eq!(v["code"], "rate_limited");
+    assert_eq!(v["recoverable"], true, "agents retry a rate limit");
+    let retry_after: u64 = r
+        .header("retry-after")
+        .and_then(|s| s.parse().ok())
+        .expect("429 without a numeric Retry-After");
+    assert!(retry_after >= 1);
+    // The limit is per host: host B and the operator are served meanwhile.
+    for _ in 0..3 {
+        let _: Value = b.get_json("/v1/agent/vms/vm-b").await.unwrap();
+    }
+    for _ in 0..20 {
+        let _: Value = w.server.operator().get_json("/v1/vms").await.unwrap();
+    }
+    // Waiting as told is enough for host A.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    let _: Value = a.get_json("/v1/agent/vms/vm-a").await.unwrap();
 }
