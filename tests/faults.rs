@@ -1,0 +1,289 @@
+//! A real server over a store that fails on purpose (`DRVAULT_FAULTS=@file`, re-read while it
+//! runs, so each test breaks the store and heals it again without a restart):
+//!
+//! * transient errors and latency on every operation: the agents back off and finish, and no
+//!   block or log is applied twice;
+//! * a store that fails every call: recoverable error codes with Retry-After, `/healthz` says
+//!   so, the server stays up, and everything works again once the store does;
+//! * a full disk (the wrapper's `nospace`, an ENOSPC as the local backend reports it):
+//!   `store_full`, nothing committed — no recovery point, no journal entry, no completed disk
+//!   — and the same requests succeed once space returns.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::*;
+use drvault::client::{Client, ClientError};
+use reqwest::Method;
+use serde_json::Value;
+
+const MIB: u64 = 1024 * 1024;
+const DISK: u64 = 8 * MIB;
+const CONFIG: &str = "[vault]\nblock_size = 1048576\n\n[replica]\nmerge_interval_s = 0\n";
+const ZERO_GUID: &str = "00000000-0000-0000-0000-000000000000";
+
+struct Faulty {
+    _t: tempfile::TempDir,
+    dir: PathBuf,
+    server: Server,
+    spec: PathBuf,
+    creds: PathBuf,
+    host: Client,
+    rng: Rng,
+    changes: usize,
+}
+
+impl Faulty {
+    /// A server whose store takes its faults from a file, empty at the start.
+    fn start(seed: u64) -> Faulty {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().to_path_buf();
+        let spec = dir.join("faults.spec");
+        std::fs::write(&spec, "# no faults yet\n").unwrap();
+        let env = format!("@{}", spec.display());
+        let server = Server::start_with(
+            &dir,
+            Some(CONFIG),
+            "127.0.0.1:0",
+            &[("DRVAULT_FAULTS", env.as_str())],
+        );
+        let creds = server.add_host("hv", None);
+        let host = server.client_with(&Server::host_token(&creds));
+        Faulty {
+            _t: t,
+            dir,
+            server,
+            spec,
+            creds,
+            host,
+            rng: Rng(seed),
+            changes: 0,
+        }
+    }
+
+    /// Replaces the fault rules and waits until the server has taken them.
+    fn faults(&mut self, rules: &str) {
+        self.changes += 1;
+        // The server reloads on change only: a numbered comment makes every write a change.
+        std::fs::write(&self.spec, format!("# change {}\n{rules}\n", self.changes)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.server.log().matches("fault rules replaced").count() < self.changes {
+            assert!(
+                Instant::now() < deadline,
+                "the server did not take the fault rules {rules:?}: {}",
+                self.server.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn agent(&self, args: &[&str]) -> Output {
+        let mut full = vec![args[0], "--creds", self.creds.to_str().unwrap()];
+        full.extend_from_slice(&args[1..]);
+        let mut all = vec!["agent"];
+        all.extend(full);
+        self.server.cli(&all)
+    }
+
+    /// The operator's view of a VM (retried: the store may be failing on purpose).
+    fn vm(&self, vm: &str) -> Value {
+        let op = self.server.operator();
+        let rt = self.rt();
+        for _ in 0..50 {
+            match rt.block_on(op.get_json(&format!("/v1/vms/{vm}"))) {
+                Ok(v) => return v,
+                Err(e) if e.recoverable() => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("view of {vm}: {e}"),
+            }
+        }
+        panic!("view of {vm}: the store never answered")
+    }
+
+    fn points(&self, vm: &str) -> Vec<u64> {
+        let ps: Value = self
+            .rt()
+            .block_on(
+                self.server
+                    .operator()
+                    .get_json(&format!("/v1/vms/{vm}/points")),
+            )
+            .unwrap();
+        ps.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["cycle"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Faults of `kind` the server injected so far (its `drvault_faults_injected_total`).
+    fn injected(&self, kind: &str) -> u64 {
+        let text = self
+            .rt()
+            .block_on(async {
+                reqwest::Client::builder()
+                    .add_root_certificate(
+                        reqwest::Certificate::from_pem(self.server.ca_pem.as_bytes()).unwrap(),
+                    )
+                    .build()
+                    .unwrap()
+                    .get(format!("{}/metrics", self.server.url))
+                    .send()
+                    .await?
+                    .text()
+                    .await
+            })
+            .unwrap();
+        let prefix = format!("drvault_faults_injected_total{{kind=\"{kind}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn rt(&self) -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A raw disk with data in a few places.
+    fn image(&mut self, name: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        let regions: Vec<(u64, usize)> = (0..4)
+            .map(|_| (self.rng.range(0, DISK / MIB - 1) * MIB + 4096, 300_000))
+            .collect();
+        raw_image(&p, DISK, &regions, self.rng.next());
+        p
+    }
+
+    fn export_equals(&self, vm: &str, point: &str, expected: &Path) {
+        let out = self.dir.join(format!("{vm}-{point}.raw"));
+        self.server.cli_ok(&[
+            "export",
+            "--vm",
+            vm,
+            "--disk",
+            "os",
+            "--point",
+            point,
+            "--format",
+            "raw",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(expected).unwrap(),
+            "{vm} at {point} does not export as the source was"
+        );
+    }
+}
+
+fn ok(o: &Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn replicate(f: &Faulty, vm: &str, log: &Path, cycle: u64, give_up: &str) -> Output {
+    f.agent(&[
+        "replicate",
+        "--vm",
+        vm,
+        "--disk",
+        "os",
+        "--hrl",
+        log.to_str().unwrap(),
+        "--cycle",
+        &cycle.to_string(),
+        "--give-up-after",
+        give_up,
+    ])
+}
+
+#[test]
+fn transient_errors_and_latency_everywhere_agents_back_off_and_finish_once() {
+    let mut f = Faulty::start(11);
+    let s0 = f.image("s0.raw");
+    f.faults("seed=11\nop=any kind=error p=0.1\nop=any kind=latency ms=3 p=0.5");
+    let out = ok(
+        &f.agent(&[
+            "protect",
+            "--vm",
+            "vm1",
+            "--disk",
+            &format!("{}:os", s0.display()),
+            "--json",
+        ]),
+        "protect under transient faults",
+    );
+    let sum: Value = serde_json::from_str(&out).unwrap();
+    let disk = &f.vm("vm1")["disks"][0];
+    assert_eq!(
+        (&disk["data_blocks"], &disk["blocks_received"]),
+        (&sum["disks"][0]["data_blocks"], &disk["blocks"]),
+        "after retries the server counts other blocks than the agent sent: {disk} / {sum}"
+    );
+    let mut states = vec![s0];
+    let mut prev = ZERO_GUID.to_string();
+    for k in 1..=3u64 {
+        let next = f.dir.join(format!("s{k}.raw"));
+        let log = f.dir.join(format!("c{k}.hrl"));
+        let mut rng = Rng(f.rng.next());
+        prev = next_cycle(
+            &mut rng,
+            &states[k as usize - 1],
+            &next,
+            &log,
+            &prev,
+            3,
+            MIB,
+        );
+        ok(
+            &replicate(&f, "vm1", &log, k, "10m"),
+            "replicate under faults",
+        );
+        states.push(next);
+    }
+    // Merge under faults too: a run the store broke fails recoverably and is run again.
+    let mut merged = false;
+    for _ in 0..40 {
+        if f.server
+            .cli(&["merge", "--vm", "vm1", "--through", "c2"])
+            .status
+            .success()
+        {
+            merged = true;
+            break;
+        }
+    }
+    assert!(merged, "merge never got through transient store errors");
+    f.faults("# healed");
+
+    // Every data block counted once, every log once: retries applied nothing twice.
+    let vm = f.vm("vm1");
+    let disk = &vm["disks"][0];
+    assert_eq!(disk["state"], "complete");
+    assert_eq!(
+        disk["blocks_received"], disk["blocks"],
+        "blocks received twice or not at all: {disk}"
+    );
+    assert_eq!(
+        disk["journal_length"], 1,
+        "c3 is the one log left after the merge: {disk}"
+    );
+    assert_eq!(f.points("vm1"), vec![2, 3], "each log is one point, once");
+    f.export_equals("vm1", "c2", &states[2]);
+    f.export_equals("vm1", "latest", &states[3]);
+    let fired = f.injected("error");
+    eprintln!("{fired} store errors injected");
+    assert!(fired > 0, "no fault ever fired");
+}
