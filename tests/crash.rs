@@ -26,7 +26,6 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -304,22 +303,7 @@ impl Harness {
 
     fn export_equals(&self, vm: &str, point: &str, expected: &Path) {
         let out = self.dir.join(format!("{vm}-{point}.raw"));
-        let o = self
-            .cli(&[
-                "export",
-                "--vm",
-                vm,
-                "--disk",
-                "os",
-                "--point",
-                point,
-                "--format",
-                "raw",
-                "-o",
-                out.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        let o = self.server.export_os_raw(vm, point, &out);
         self.must_succeed(&o, &format!("export of {vm} at {point}"));
         if std::fs::read(&out).unwrap() != std::fs::read(expected).unwrap() {
             self.fail(format!(
@@ -456,39 +440,15 @@ impl Harness {
 
         let mut prev = ZERO_GUID.to_string();
         for k in 1..4usize {
-            std::fs::copy(&states[k - 1], &states[k]).unwrap();
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&states[k])
-                .unwrap();
-            for _ in 0..3 {
-                let off = self.rng.range(0, DISK / 512 - 4096) * 512;
-                let len = self.rng.range(8, 2 * MIB / 512) as usize * 512;
-                let zeros = self.rng.range(0, 4) == 0;
-                let bytes = if zeros {
-                    vec![0u8; len]
-                } else {
-                    pseudo_random(len, self.rng.next())
-                };
-                f.write_all_at(&bytes, off).unwrap();
-            }
-            drop(f);
-            let uid = self.rng.guid();
             let log = self.dir.join(format!("{vm}-c{k}.hrl"));
-            run(
-                BIN,
-                &[
-                    "hrl",
-                    "diff",
-                    states[k - 1].to_str().unwrap(),
-                    states[k].to_str().unwrap(),
-                    "-o",
-                    log.to_str().unwrap(),
-                    "--previous-id",
-                    &prev,
-                    "--unique-id",
-                    &uid,
-                ],
+            let uid = next_cycle(
+                &mut self.rng,
+                &states[k - 1],
+                &states[k],
+                &log,
+                &prev,
+                3,
+                2 * MIB,
             );
             let cycle = k.to_string();
             let args = [

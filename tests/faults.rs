@@ -64,6 +64,22 @@ impl Faulty {
         }
     }
 
+    /// A server with VM `vm1` protected from a fresh image (returned first) and, ready to
+    /// send, the log of one cycle (the disk's next state, then the log).
+    fn protected(seed: u64) -> (Faulty, PathBuf, PathBuf, PathBuf) {
+        let mut f = Faulty::start(seed);
+        let s0 = f.image("s0.raw");
+        let disk = format!("{}:os", s0.display());
+        succeeded(
+            &f.agent(&["protect", "--vm", "vm1", "--disk", &disk]),
+            "protect",
+        );
+        let s1 = f.dir.join("s1.raw");
+        let log = f.dir.join("c1.hrl");
+        next_cycle(&mut Rng(seed), &s0, &s1, &log, ZERO_GUID, 3, MIB);
+        (f, s0, s1, log)
+    }
+
     /// Replaces the fault rules and waits until the server has taken them.
     fn faults(&mut self, rules: &str) {
         self.changes += 1;
@@ -122,25 +138,27 @@ impl Faulty {
     fn injected(&self, kind: &str) -> u64 {
         let text = self
             .rt()
-            .block_on(async {
-                reqwest::Client::builder()
-                    .add_root_certificate(
-                        reqwest::Certificate::from_pem(self.server.ca_pem.as_bytes()).unwrap(),
-                    )
-                    .build()
-                    .unwrap()
-                    .get(format!("{}/metrics", self.server.url))
-                    .send()
-                    .await?
-                    .text()
-                    .await
-            })
+            .block_on(async { self.anonymous_get("/metrics").await?.text().await })
             .unwrap();
         let prefix = format!("drvault_faults_injected_total{{kind=\"{kind}\"}} ");
         text.lines()
             .find_map(|l| l.strip_prefix(&prefix))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Status of `/healthz` (no token needed).
+    fn healthz(&self) -> u16 {
+        let r = self.rt().block_on(self.anonymous_get("/healthz"));
+        r.unwrap().status().as_u16()
+    }
+
+    async fn anonymous_get(&self, path: &str) -> reqwest::Result<reqwest::Response> {
+        let ca = reqwest::Certificate::from_pem(self.server.ca_pem.as_bytes())?;
+        let c = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()?;
+        c.get(format!("{}{path}", self.server.url)).send().await
     }
 
     fn rt(&self) -> tokio::runtime::Runtime {
@@ -162,35 +180,15 @@ impl Faulty {
 
     fn export_equals(&self, vm: &str, point: &str, expected: &Path) {
         let out = self.dir.join(format!("{vm}-{point}.raw"));
-        self.server.cli_ok(&[
-            "export",
-            "--vm",
-            vm,
-            "--disk",
-            "os",
-            "--point",
-            point,
-            "--format",
-            "raw",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
+        succeeded(
+            &self.server.export_os_raw(vm, point, &out),
+            &format!("export of {vm} at {point}"),
+        );
         assert!(
             std::fs::read(&out).unwrap() == std::fs::read(expected).unwrap(),
             "{vm} at {point} does not export as the source was"
         );
     }
-}
-
-fn ok(o: &Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed ({}):\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn replicate(f: &Faulty, vm: &str, log: &Path, cycle: u64, give_up: &str) -> Output {
@@ -214,7 +212,7 @@ fn transient_errors_and_latency_everywhere_agents_back_off_and_finish_once() {
     let mut f = Faulty::start(11);
     let s0 = f.image("s0.raw");
     f.faults("seed=11\nop=any kind=error p=0.1\nop=any kind=latency ms=3 p=0.5");
-    let out = ok(
+    let out = succeeded(
         &f.agent(&[
             "protect",
             "--vm",
@@ -247,7 +245,7 @@ fn transient_errors_and_latency_everywhere_agents_back_off_and_finish_once() {
             3,
             MIB,
         );
-        ok(
+        succeeded(
             &replicate(&f, "vm1", &log, k, "10m"),
             "replicate under faults",
         );
@@ -286,4 +284,139 @@ fn transient_errors_and_latency_everywhere_agents_back_off_and_finish_once() {
     let fired = f.injected("error");
     eprintln!("{fired} store errors injected");
     assert!(fired > 0, "no fault ever fired");
+}
+
+/// What the agent printed when it stopped (its last error line).
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The agent retried a recoverable `code` until told to give up (exit 3).
+fn gave_up(o: &Output, code: &str) {
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(o));
+    assert!(stderr(o).contains(code), "not {code}: {}", stderr(o));
+}
+
+#[test]
+fn a_store_failing_every_call_gives_recoverable_errors_and_the_server_stays_up() {
+    let (mut f, _, s1, log) = Faulty::protected(21);
+
+    f.faults("op=any kind=error");
+    // The agent retries (the error is recoverable) and gives up only when told to: exit 3.
+    let o = replicate(&f, "vm1", &log, 1, "1s");
+    gave_up(&o, "store_unavailable");
+    // The API says what and that it is worth retrying, with Retry-After.
+    let spec = serde_json::json!({"disks": [{"id": "os", "size": DISK}]});
+    let r: Result<Value, _> =
+        f.rt()
+            .block_on(f.host.send_json(Method::PUT, "/v1/agent/vms/vm2", &spec));
+    match r {
+        Err(ClientError::Api {
+            status,
+            body,
+            retry_after,
+        }) => {
+            assert_eq!(
+                (status.as_u16(), body.code.as_str(), body.recoverable),
+                (503, "store_unavailable", true)
+            );
+            assert!(retry_after.is_some(), "503 without Retry-After");
+        }
+        other => panic!("enable protection over a dead store: {other:?}"),
+    }
+    assert_eq!(f.healthz(), 503, "/healthz hides a dead store");
+    let o = f.server.cli(&["merge", "--vm", "vm1", "--all"]);
+    assert!(!o.status.success());
+    assert!(f.server.alive(), "the server died with its store");
+
+    f.faults("# the store is back");
+    assert_eq!(f.healthz(), 200);
+    succeeded(
+        &replicate(&f, "vm1", &log, 1, "1m"),
+        "replicate after the outage",
+    );
+    assert_eq!(f.points("vm1"), vec![0, 1]);
+    f.export_equals("vm1", "c1", &s1);
+    let _: Value = f
+        .rt()
+        .block_on(f.host.send_json(Method::PUT, "/v1/agent/vms/vm2", &spec))
+        .unwrap();
+}
+
+#[test]
+fn a_full_disk_fails_cleanly_commits_nothing_and_recovers_when_space_returns() {
+    let (mut f, _, s1, log) = Faulty::protected(31);
+    let t0 = f.image("t0.raw");
+    let disk_t = format!("{}:os", t0.display());
+    let protect_t = |f: &Faulty| {
+        f.agent(&[
+            "protect",
+            "--vm",
+            "vm2",
+            "--disk",
+            &disk_t,
+            "--give-up-after",
+            "1s",
+        ])
+    };
+
+    // Completely full: every write fails as ENOSPC does; nothing at all is written.
+    let vault = f.server.vault_objects("");
+    f.faults("kind=nospace");
+    let o = replicate(&f, "vm1", &log, 1, "1s");
+    gave_up(&o, "store_full");
+    gave_up(&protect_t(&f), "store_full");
+    assert_eq!(
+        f.server.vault_objects(""),
+        vault,
+        "a full store took writes"
+    );
+
+    // Full just as the commit comes: a log's frames are stored but its journal entry is not;
+    // a disk's blocks arrive but its block map does not. Neither may be visible.
+    f.faults(
+        "op=put kind=nospace prefix=records/\nop=put_if_absent kind=nospace prefix=records/\n\
+         op=put kind=nospace prefix=maps/\nop=put_if_absent kind=nospace prefix=maps/",
+    );
+    let o = replicate(&f, "vm1", &log, 1, "1s");
+    gave_up(&o, "store_full");
+    let d = &f.vm("vm1")["disks"][0];
+    assert_eq!(
+        d["journal_length"], 0,
+        "a log whose commit failed is in the journal: {d}"
+    );
+    assert_eq!(f.points("vm1"), vec![0]);
+    f.faults("op=put kind=nospace prefix=maps/\nop=put_if_absent kind=nospace prefix=maps/");
+    gave_up(&protect_t(&f), "store_full");
+    let v2 = f.vm("vm2");
+    assert_ne!(
+        v2["disks"][0]["state"], "complete",
+        "a disk without a map is complete: {v2}"
+    );
+    let out = f.dir.join("vm2.raw");
+    assert!(
+        !f.server
+            .export_os_raw("vm2", "latest", &out)
+            .status
+            .success(),
+        "a disk without a map exports"
+    );
+    assert!(f.server.alive());
+
+    // Space returns: the same requests succeed, once.
+    f.faults("# space again");
+    succeeded(&replicate(&f, "vm1", &log, 1, "1m"), "replicate with space");
+    assert_eq!(f.points("vm1"), vec![0, 1]);
+    assert_eq!(f.vm("vm1")["disks"][0]["journal_length"], 1);
+    f.export_equals("vm1", "c1", &s1);
+    let sum: Value = serde_json::from_str(&succeeded(
+        &f.agent(&["protect", "--vm", "vm2", "--disk", &disk_t, "--json"]),
+        "protect with space",
+    ))
+    .unwrap();
+    assert_eq!(
+        sum["disks"][0]["uploaded_blocks"], 0,
+        "blocks stored before the disk filled up were sent again: {sum}"
+    );
+    f.export_equals("vm2", "latest", &t0);
 }

@@ -159,15 +159,24 @@ impl Server {
 
     /// Runs the CLI and insists on success.
     pub fn cli_ok(&self, args: &[&str]) -> String {
-        let o = self.cli(args);
-        assert!(
-            o.status.success(),
-            "drvault {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        succeeded(&self.cli(args), &format!("drvault {args:?}"))
+    }
+
+    /// `drvault export` of disk `os` of `vm` at `point` as a raw image into `out`.
+    pub fn export_os_raw(&self, vm: &str, point: &str, out: &Path) -> Output {
+        self.cli(&[
+            "export",
+            "--vm",
+            vm,
+            "--disk",
+            "os",
+            "--point",
+            point,
+            "--format",
+            "raw",
+            "-o",
+            out.to_str().unwrap(),
+        ])
     }
 
     /// Registers a host and returns the path of its credentials file.
@@ -242,6 +251,18 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
     }
 }
 
+/// Insists that a command succeeded (its output in the message if not); returns its stdout.
+pub fn succeeded(o: &Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// A free TCP port on 127.0.0.1 (bound once and released; good enough for a test's server).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -305,6 +326,54 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     }
     v.truncate(len);
     v
+}
+
+/// One replication cycle of a raw disk: `prev` copied to `next` with `writes` random
+/// sector-aligned writes of up to `max_len` bytes (about a quarter of them zeros), and the MS-HRL
+/// log from one to the other made by `drvault hrl diff` into `log`, chained to `prev_id` (the
+/// zero GUID for the first). Returns the new log's id.
+pub fn next_cycle(
+    rng: &mut Rng,
+    prev: &Path,
+    next: &Path,
+    log: &Path,
+    prev_id: &str,
+    writes: usize,
+    max_len: u64,
+) -> String {
+    use std::os::unix::fs::FileExt;
+    std::fs::copy(prev, next).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(next).unwrap();
+    let sectors = f.metadata().unwrap().len() / 512;
+    for _ in 0..writes {
+        let off = rng.range(0, sectors - max_len / 512) * 512;
+        let len = rng.range(8, max_len / 512) as usize * 512;
+        let bytes = if rng.range(0, 4) == 0 {
+            vec![0u8; len]
+        } else {
+            pseudo_random(len, rng.next())
+        };
+        f.write_all_at(&bytes, off).unwrap();
+    }
+    drop(f);
+    let uid = rng.guid();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    run(
+        BIN,
+        &[
+            "hrl",
+            "diff",
+            &path(prev),
+            &path(next),
+            "-o",
+            &path(log),
+            "--previous-id",
+            prev_id,
+            "--unique-id",
+            &uid,
+        ],
+    );
+    uid
 }
 
 /// A raw image of `size` bytes: random data in the given (offset, len) regions, zeros elsewhere.
