@@ -26,6 +26,7 @@ use super::network::NetworkConfig;
 use crate::chunk::digest::is_zero;
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
+use crate::protection::points::PinnedReader;
 use crate::protection::{Protection, VmState};
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
@@ -303,10 +304,16 @@ impl Failovers {
                 .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
                 .await?
         };
+        // Every disk's reader is taken now: from here a merge cannot take the chosen point away
+        // (its logs stay until these readers are dropped).
+        let vmrec = self.protection.vm_for(None, vm).await?;
+        let mut readers = Vec::with_capacity(vmrec.spec.disks.len());
+        for d in &vmrec.spec.disks {
+            readers.push(self.protection.point_reader(vm, &d.id, point.cycle).await?);
+        }
         self.jobs
             .step(&rec.job, "Choose recovery point", JobState::Succeeded)
             .await?;
-        let vmrec = self.protection.vm_for(None, vm).await?;
         let firmware = Firmware::from_generation(vmrec.spec.generation)?;
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::invalid(
@@ -317,15 +324,13 @@ impl Failovers {
         // 2. Disks, in parallel.
         let total_disks = vmrec.spec.disks.len().max(1) as f64;
         let mut tasks = Vec::new();
-        for (i, d) in vmrec.spec.disks.iter().enumerate() {
+        for (i, (d, reader)) in vmrec.spec.disks.iter().zip(readers).enumerate() {
             let me = self.clone();
-            let vm = vm.to_string();
             let disk = d.id.clone();
             let path = dir.join(format!("{}.vhd", d.id));
-            let cycle = point.cycle;
             let job = rec.job.clone();
             tasks.push(tokio::spawn(async move {
-                let r = me.materialize(&vm, &disk, cycle, &path).await;
+                let r = me.materialize(reader, &path).await;
                 if r.is_ok() {
                     let _ = me
                         .jobs
@@ -466,16 +471,10 @@ impl Failovers {
 
     /// Writes one disk at a point as a fixed VHD: size rounded up to whole MiB (Azure's rule),
     /// zero blocks left as holes, every block verified, fsynced. Returns (original, virtual) size.
-    async fn materialize(
-        &self,
-        vm: &str,
-        disk: &str,
-        cycle: u64,
-        path: &Path,
-    ) -> Result<(u64, u64)> {
-        let reader = self.protection.point_reader(vm, disk, cycle).await?;
-        let (d, blocks) = self.protection.point_blocks(vm, disk, cycle).await?;
-        let virt = d.size.div_ceil(MIB) * MIB;
+    async fn materialize(&self, reader: PinnedReader, path: &Path) -> Result<(u64, u64)> {
+        let blocks = reader.data_blocks();
+        let size = reader.base().disk_size();
+        let virt = size.div_ceil(MIB) * MIB;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -493,7 +492,7 @@ impl Failovers {
             )
         })?;
         let file = Arc::new(file);
-        let bs = d.block_size as u64;
+        let bs = reader.base().block_size() as u64;
         let mut writes = futures_util::stream::iter(blocks.into_iter().map(|(i, _)| {
             let reader = reader.clone();
             let file = file.clone();
@@ -529,7 +528,7 @@ impl Failovers {
         .await
         .map_err(|e| Error::internal(e.to_string()))?
         .map_err(|e| Error::invalid("output_not_writable", format!("finishing disk: {e}")))?;
-        Ok((d.size, virt))
+        Ok((size, virt))
     }
 
     async fn release(&self, failover_id: &str) -> Result<()> {

@@ -198,6 +198,10 @@ pub struct Protection {
             BTreeMap<(String, String, u64, String), Arc<crate::replica::point::PointReader>>,
         >,
     >,
+    /// The pins of every point reader handed out or being built, by (vm id, disk id): a merge
+    /// deletes the logs it folded in only once the readers pinned before it are gone.
+    pub(crate) reader_pins:
+        Arc<std::sync::Mutex<BTreeMap<(String, String), Vec<std::sync::Weak<()>>>>>,
 }
 
 impl Protection {
@@ -240,6 +244,7 @@ impl Protection {
             frames: crate::journal::FrameCache::new(64),
             max_log_bytes: 64 << 30,
             readers: Default::default(),
+            reader_pins: Default::default(),
         };
         let pending: Vec<String> = p
             .vms
