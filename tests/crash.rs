@@ -448,7 +448,7 @@ impl Harness {
                 &log,
                 &prev,
                 3,
-                2 * MIB,
+                768 * 1024,
             );
             let cycle = k.to_string();
             let args = [

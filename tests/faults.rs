@@ -243,7 +243,7 @@ fn transient_errors_and_latency_everywhere_agents_back_off_and_finish_once() {
             &log,
             &prev,
             3,
-            MIB,
+            MIB / 4,
         );
         succeeded(
             &replicate(&f, "vm1", &log, k, "10m"),
