@@ -147,6 +147,16 @@ impl Faulty {
             .unwrap_or(0)
     }
 
+    /// Prints the faults the server injected in this test, by kind (figures for the README).
+    fn report(&self, test: &str) {
+        let kinds = ["error", "latency", "torn", "lost-after-ack", "nospace"];
+        let counts: Vec<String> = kinds
+            .iter()
+            .map(|k| format!("{k}={}", self.injected(k)))
+            .collect();
+        eprintln!("faults injected in {test}: {}", counts.join(" "));
+    }
+
     /// Status of `/healthz` (no token needed).
     fn healthz(&self) -> u16 {
         let r = self.rt().block_on(self.anonymous_get("/healthz"));
@@ -281,9 +291,8 @@ fn transient_errors_and_latency_everywhere_agents_back_off_and_finish_once() {
     assert_eq!(f.points("vm1"), vec![2, 3], "each log is one point, once");
     f.export_equals("vm1", "c2", &states[2]);
     f.export_equals("vm1", "latest", &states[3]);
-    let fired = f.injected("error");
-    eprintln!("{fired} store errors injected");
-    assert!(fired > 0, "no fault ever fired");
+    f.report("transient errors and latency");
+    assert!(f.injected("error") > 0, "no fault ever fired");
 }
 
 /// What the agent printed when it stopped (its last error line).
@@ -341,6 +350,7 @@ fn a_store_failing_every_call_gives_recoverable_errors_and_the_server_stays_up()
         .rt()
         .block_on(f.host.send_json(Method::PUT, "/v1/agent/vms/vm2", &spec))
         .unwrap();
+    f.report("a store failing every call");
 }
 
 #[test]
@@ -419,4 +429,5 @@ fn a_full_disk_fails_cleanly_commits_nothing_and_recovers_when_space_returns() {
         "blocks stored before the disk filled up were sent again: {sum}"
     );
     f.export_equals("vm2", "latest", &t0);
+    f.report("a full disk");
 }

@@ -24,6 +24,15 @@ use tokio_rustls::TlsConnector;
 
 const MIB: u64 = 1024 * 1024;
 
+/// Hostile connections opened by every test of this run (the README's "bad inputs tried"):
+/// each test prints the running total when it ends, so the last line printed is the total.
+static HOSTILE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn tally(test: &str) {
+    let n = HOSTILE.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{test}: hostile requests so far in this run: {n}");
+}
+
 /// A response read off the wire.
 #[derive(Debug)]
 struct Raw {
@@ -51,6 +60,7 @@ impl Raw {
 
 /// A TLS connection to the server (HTTP/1.1 by ALPN unless `alpn` says otherwise).
 async fn connect(server: &Server, alpn: &[u8]) -> TlsStream<TcpStream> {
+    HOSTILE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(server.ca_pem.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -343,6 +353,7 @@ async fn path_like_names_are_refused_and_create_nothing() {
     );
     // The server is still serving.
     let _: Value = a.get_json("/v1/agent/vms/vm-a").await.unwrap();
+    tally("path_like_names_are_refused_and_create_nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,6 +392,7 @@ async fn malformed_queries_are_refused_with_the_json_error_body() {
         );
     }
     assert_eq!(tree(&w.server.dir), before);
+    tally("malformed_queries_are_refused_with_the_json_error_body");
 }
 
 /// Waits until the server closes `s` (EOF or a reset); false if it is still open at `deadline`.
@@ -485,6 +497,7 @@ async fn trickled_headers_and_silent_connections_are_cut_off_while_others_are_se
     for h in many {
         assert!(matches!(h.await.unwrap(), Ok(Ok(_))));
     }
+    tally("trickled_headers_and_silent_connections_are_cut_off_while_others_are_served");
 }
 
 /// Sends `head` and then `total` body bytes in 64-byte pieces every 100 ms, until the server
@@ -590,6 +603,7 @@ async fn trickled_bodies_are_cut_off_store_nothing_and_others_are_served() {
         before,
         "a cut-off body stored something"
     );
+    tally("trickled_bodies_are_cut_off_store_nothing_and_others_are_served");
 }
 
 const LOG_ID: &str = "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b";
@@ -720,6 +734,7 @@ async fn every_route_checks_who_is_calling() {
         before,
         "refused requests changed files (the key file included)"
     );
+    tally("every_route_checks_who_is_calling");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -731,6 +746,7 @@ async fn oversized_bodies_are_refused_before_they_are_stored() {
     // A JSON body over 16 MiB, to an agent route and an operator route.
     let mut spec = json!({"disks": [{"id": "os", "size": 4 * MIB}]});
     spec["pad"] = Value::String("x".repeat(17 << 20));
+    HOSTILE.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
     let r: Result<Value, _> = a
         .send_json(Method::PUT, "/v1/agent/vms/vm-big", &spec)
         .await;
@@ -781,6 +797,7 @@ async fn oversized_bodies_are_refused_before_they_are_stored() {
         before,
         "an oversized body stored something"
     );
+    tally("oversized_bodies_are_refused_before_they_are_stored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -828,4 +845,5 @@ async fn a_host_over_its_rate_gets_429_with_retry_after_and_others_are_not_slowe
     // Waiting as told is enough for host A.
     tokio::time::sleep(Duration::from_secs(retry_after)).await;
     let _: Value = a.get_json("/v1/agent/vms/vm-a").await.unwrap();
+    tally("a_host_over_its_rate_gets_429_with_retry_after_and_others_are_not_slowed");
 }
