@@ -244,8 +244,10 @@ impl Config {
             ));
         }
         let s = &self.server;
-        if !(s.host_rate_per_s.is_finite() && s.host_rate_per_s >= 0.0)
-            || !(s.host_rate_burst.is_finite() && s.host_rate_burst >= 0.0)
+        // NaN fails every comparison: "not finite and non-negative" catches it too.
+        let usable = |x: f64| x.is_finite() && x >= 0.0;
+        if !usable(s.host_rate_per_s)
+            || !usable(s.host_rate_burst)
             || (s.host_rate_per_s > 0.0 && s.host_rate_burst < 1.0)
         {
             return Err(ConfigError::Invalid(format!(

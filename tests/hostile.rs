@@ -33,6 +33,18 @@ fn tally(test: &str) {
     eprintln!("{test}: hostile requests so far in this run: {n}");
 }
 
+/// A request of a sweep: method, path, headers, body.
+type Request<'a> = (&'a str, String, Vec<(&'a str, String)>, &'a [u8]);
+
+/// The same with the token sent: method, path, token, headers, body.
+type AuthedRequest<'a> = (
+    &'a str,
+    String,
+    Option<&'a str>,
+    Vec<(&'a str, String)>,
+    &'a [u8],
+);
+
 /// A response read off the wire.
 #[derive(Debug)]
 struct Raw {
@@ -222,7 +234,7 @@ async fn path_like_names_are_refused_and_create_nothing() {
     let op = w.server.token.clone();
     let mut wrong = Vec::new();
     for n in names {
-        let cases: Vec<(&str, String, Option<&str>, Vec<(&str, String)>, &[u8])> = vec![
+        let cases: Vec<AuthedRequest> = vec![
             (
                 "PUT",
                 format!("/v1/agent/vms/{n}"),
@@ -665,7 +677,7 @@ async fn every_route_checks_who_is_calling() {
     let complete = serde_json::to_vec(&json!({"data_runs": [], "digest": block_hash})).unwrap();
     let json_ct = vec![("content-type", "application/json".to_string())];
     let hashed = vec![("x-drvault-blake3", block_hash.clone())];
-    let agent_routes: Vec<(&str, String, Vec<(&str, String)>, &[u8])> = vec![
+    let agent_routes: Vec<Request> = vec![
         ("PUT", "/v1/agent/vms/vm-a".into(), json_ct.clone(), &spec),
         ("GET", "/v1/agent/vms/vm-a".into(), vec![], b""),
         (

@@ -193,15 +193,10 @@ pub struct Protection {
     pub(crate) frames: crate::journal::FrameCache,
     pub(crate) max_log_bytes: u64,
     /// Point readers by (vm id, disk id, cycle, base map root).
-    pub(crate) readers: Arc<
-        tokio::sync::Mutex<
-            BTreeMap<(String, String, u64, String), Arc<crate::replica::point::PointReader>>,
-        >,
-    >,
+    pub(crate) readers: points::ReaderCache,
     /// The pins of every point reader handed out or being built, by (vm id, disk id): a merge
     /// deletes the logs it folded in only once the readers pinned before it are gone.
-    pub(crate) reader_pins:
-        Arc<std::sync::Mutex<BTreeMap<(String, String), Vec<std::sync::Weak<()>>>>>,
+    pub(crate) reader_pins: points::ReaderPins,
 }
 
 impl Protection {

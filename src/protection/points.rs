@@ -38,6 +38,14 @@ pub struct PointView {
     pub disks: Vec<String>,
 }
 
+/// Built point readers by (vm id, disk id, cycle, base map root).
+pub(crate) type ReaderCache =
+    Arc<tokio::sync::Mutex<BTreeMap<(String, String, u64, String), Arc<PointReader>>>>;
+
+/// Pins of the point readers in use, by (vm id, disk id).
+pub(crate) type ReaderPins =
+    Arc<std::sync::Mutex<BTreeMap<(String, String), Vec<std::sync::Weak<()>>>>>;
+
 /// A point reader with the pin that keeps a merge from deleting the logs it reads while it
 /// lives (see [`Protection::merge_disk`]). Clones share the pin; the cache keeps only the bare
 /// reader, so an idle cached reader never holds a deletion back.
