@@ -336,7 +336,7 @@ fn a_merge_and_a_failover_at_once_agree_on_the_disk() {
         ("c1", true, 150),
         ("c2", true, 400),
         ("latest", true, 250),
-        ("c1", false, 0),
+        ("c1", false, 700),
     ];
     const SIZE: u64 = 32 * MIB;
     for (i, (point, failover_first, stagger)) in races.into_iter().enumerate() {
