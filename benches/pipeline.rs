@@ -106,16 +106,20 @@ fn baselines(c: &mut Criterion) {
     configure(&mut g);
     let name = "chunks/abc/bench";
     g.bench_function("aes_only/random", |b| {
-        b.iter(|| seal::seal(&keys, ObjectKind::Chunk, name, black_box(&random), None))
+        b.iter(|| {
+            seal::seal(&keys, ObjectKind::Chunk, name, black_box(&random), None).expect("seal")
+        })
     });
     g.bench_function("zstd1_aes/random", |b| {
-        b.iter(|| seal::seal(&keys, ObjectKind::Chunk, name, black_box(&random), Some(1)))
+        b.iter(|| {
+            seal::seal(&keys, ObjectKind::Chunk, name, black_box(&random), Some(1)).expect("seal")
+        })
     });
     let mut i = 0usize;
     g.bench_function("zstd1_aes/realistic", |b| {
         b.iter(|| {
             i = (i + 1) % REAL_BLOCKS;
-            seal::seal(&keys, ObjectKind::Chunk, name, black_box(&real[i]), Some(1))
+            seal::seal(&keys, ObjectKind::Chunk, name, black_box(&real[i]), Some(1)).expect("seal")
         })
     });
     g.finish();
@@ -123,7 +127,9 @@ fn baselines(c: &mut Criterion) {
     let mut g = c.benchmark_group("baseline/open");
     configure(&mut g);
     for (label, data) in [("random", &random), ("realistic", &real[0])] {
-        let sealed = seal::seal(&keys, ObjectKind::Chunk, name, data, Some(1)).bytes;
+        let sealed = seal::seal(&keys, ObjectKind::Chunk, name, data, Some(1))
+            .expect("seal")
+            .bytes;
         // open() consumes its input: the copy is made outside the timed section.
         g.bench_function(label, |b| {
             b.iter_batched(

@@ -164,6 +164,16 @@ pub struct ServerConfig {
     pub header_read_timeout_s: u64,
     /// Seconds a TLS handshake may take.
     pub tls_handshake_timeout_s: u64,
+    /// Slow-body guard: after `body_rate_grace_s` seconds of waiting for a request body, it must
+    /// keep arriving at this many bytes per second of waiting or it is cut off; 0 = off.
+    pub body_min_rate_bytes_per_s: u64,
+    pub body_rate_grace_s: u64,
+    /// Longest wait for the next piece of a request body, seconds.
+    pub body_idle_timeout_s: u64,
+    /// Requests per second per host (token bucket; 429 with Retry-After beyond); 0 = off.
+    pub host_rate_per_s: f64,
+    /// Requests a host may send in a burst above the rate.
+    pub host_rate_burst: f64,
     /// On SIGINT/SIGTERM: seconds to let requests in flight finish before aborting them.
     pub shutdown_grace_s: u64,
     /// Log format: "text" or "json".
@@ -181,6 +191,11 @@ impl Default for ServerConfig {
             max_connections: 1024,
             header_read_timeout_s: 10,
             tls_handshake_timeout_s: 10,
+            body_min_rate_bytes_per_s: 4096,
+            body_rate_grace_s: 10,
+            body_idle_timeout_s: 60,
+            host_rate_per_s: 500.0,
+            host_rate_burst: 1000.0,
             shutdown_grace_s: 30,
             log_format: "text".into(),
         }
@@ -204,6 +219,9 @@ pub struct VaultConfig {
     pub zstd_level: i32,
     /// Threads for hashing, compression and sealing; 0 = one per core.
     pub cpu_threads: usize,
+    /// Objects sealed with one key before the server rotates to a new key by itself (random
+    /// 96-bit nonces are safe for about 2^32 per key); at most 2^31.
+    pub key_rotate_after_seals: u64,
 }
 
 impl Default for VaultConfig {
@@ -216,6 +234,7 @@ impl Default for VaultConfig {
             block_size: DEFAULT_BLOCK_SIZE,
             zstd_level: 1,
             cpu_threads: 0,
+            key_rotate_after_seals: crate::chunk::keys::DEFAULT_ROTATE_AFTER,
         }
     }
 }
@@ -279,12 +298,36 @@ impl Config {
                 self.vault.zstd_level
             )));
         }
+        let r = self.vault.key_rotate_after_seals;
+        if !(1..=crate::chunk::keys::MAX_ROTATE_AFTER).contains(&r) {
+            return Err(ConfigError::Invalid(format!(
+                "vault.key_rotate_after_seals {r}: must be 1 to {} (well before 2^32 seals per key)",
+                crate::chunk::keys::MAX_ROTATE_AFTER
+            )));
+        }
         if self.ingest.max_inflight_blocks == 0 || self.server.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "ingest.max_inflight_blocks and server.max_connections must be at least 1".into(),
             ));
         }
         self.resync.window()?;
+        let s = &self.server;
+        // NaN fails every comparison: "not finite and non-negative" catches it too.
+        let usable = |x: f64| x.is_finite() && x >= 0.0;
+        if !usable(s.host_rate_per_s)
+            || !usable(s.host_rate_burst)
+            || (s.host_rate_per_s > 0.0 && s.host_rate_burst < 1.0)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "server.host_rate_per_s {} / host_rate_burst {}: non-negative numbers, burst at least 1 when the rate is on",
+                s.host_rate_per_s, s.host_rate_burst
+            )));
+        }
+        if s.body_idle_timeout_s == 0 {
+            return Err(ConfigError::Invalid(
+                "server.body_idle_timeout_s must be at least 1".into(),
+            ));
+        }
         if !["text", "json"].contains(&self.server.log_format.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "server.log_format {:?}: \"text\" or \"json\"",
@@ -326,6 +369,18 @@ impl Config {
             .unwrap_or_else(|| self.server.data_dir.join("master.key"))
     }
 
+    /// The per-request limits of the API.
+    pub fn request_limits(&self) -> crate::api::limits::RequestLimits {
+        let s = &self.server;
+        crate::api::limits::RequestLimits {
+            body_min_rate: s.body_min_rate_bytes_per_s,
+            body_rate_grace: std::time::Duration::from_secs(s.body_rate_grace_s),
+            body_idle_timeout: std::time::Duration::from_secs(s.body_idle_timeout_s),
+            host_rate_per_s: s.host_rate_per_s,
+            host_rate_burst: s.host_rate_burst,
+        }
+    }
+
     pub fn cpu_threads(&self) -> usize {
         if self.vault.cpu_threads == 0 {
             crate::chunk::CpuPool::default_threads()
@@ -354,6 +409,16 @@ mod tests {
             "typos are errors"
         );
         assert!(Config::parse("[server]\nlog_format = \"xml\"\n", "t").is_err());
+        assert!(Config::parse("[server]\nhost_rate_per_s = -1.0\n", "t").is_err());
+        assert!(Config::parse("[vault]\nkey_rotate_after_seals = 0\n", "t").is_err());
+        assert!(Config::parse("[vault]\nkey_rotate_after_seals = 4294967296\n", "t").is_err());
+        assert!(Config::parse("[server]\nhost_rate_burst = 0.5\n", "t").is_err());
+        assert!(Config::parse("[server]\nbody_idle_timeout_s = 0\n", "t").is_err());
+        let off = Config::parse(
+            "[server]\nhost_rate_per_s = 0.0\nhost_rate_burst = 0.0\n",
+            "t",
+        );
+        assert!(off.is_ok(), "0 turns the rate limit off");
     }
 
     #[test]

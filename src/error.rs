@@ -124,6 +124,7 @@ impl Error {
             // An object the vault's own records point at is gone: that is damage, not a 404.
             Error::Store(StoreError::NotFound { .. }) => "object_missing",
             Error::Store(StoreError::Config(_)) => "store_misconfigured",
+            Error::Store(StoreError::Full { .. }) => "store_full",
             Error::Store(_) => "store_unavailable",
             Error::Corrupt(_) => "corrupt_object",
             Error::Internal(_) => "internal",
@@ -135,7 +136,7 @@ impl Error {
         match self {
             Error::Conflict { recoverable, .. } => *recoverable,
             Error::Busy { .. } => true,
-            Error::Store(StoreError::Unavailable { .. }) => true,
+            Error::Store(StoreError::Unavailable { .. } | StoreError::Full { .. }) => true,
             _ => false,
         }
     }
@@ -151,6 +152,12 @@ impl From<crate::chunk::pipeline::ChunkError> for Error {
                 "hash_mismatch",
                 format!("block content hashes to {actual}, the request claimed {claimed}"),
             ),
+            // Nothing was written; agents retry while the operator rotates the key.
+            ChunkError::Key(e) => Error::Busy {
+                code: "key_exhausted",
+                message: e.to_string(),
+                retry_after_s: 60,
+            },
         }
     }
 }

@@ -44,6 +44,8 @@ pub enum ServeError {
     Vault(#[from] crate::error::Error),
     #[error("vault store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Faults(#[from] crate::store::faulty::FaultError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -83,7 +85,8 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             key_path.display()
         );
     }
-    let keys = Arc::new(KeyRing::load(&key_path)?);
+    let keys =
+        Arc::new(KeyRing::load(&key_path)?.with_rotate_after(config.vault.key_rotate_after_seals));
     let url = config.vault_url()?;
     let options: Vec<(String, String)> = config
         .vault
@@ -92,6 +95,8 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let store = Store::open(&url, &options)?;
+    // Test-only fault injection (DRVAULT_FAULTS); the store is returned unchanged without it.
+    let (store, _faults) = crate::store::faulty::from_env(store)?;
     let cpu = CpuPool::new(config.cpu_threads());
     let vault = Vault::open(store, keys, cpu, config.vault.zstd_level).await?;
 
@@ -160,6 +165,8 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         .unwrap_or_default();
 
     let jobs = Jobs::load(vault.records.clone()).await?;
+    // Jobs whose task died with a previous process (a crash) never finish on their own.
+    jobs.fail_interrupted().await?;
     let protection = Protection::load(
         vault.clone(),
         jobs.clone(),
@@ -202,6 +209,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         std::path::absolute(config.failover_dir()).unwrap_or_else(|_| config.failover_dir()),
         Duration::from_secs(config.failover.planned_wait_s),
     );
+    failovers.recover_interrupted().await?;
     let plans = crate::failover::plan::Plans::new(
         vault.clone(),
         protection.clone(),
@@ -263,7 +271,7 @@ pub async fn run(p: Prepared, shutdown: impl Future<Output = ()>) {
         shutdown_grace: Duration::from_secs(p.config.server.shutdown_grace_s),
     };
     let data_dir = p.config.server.data_dir.clone();
-    let app = api::router(p.state);
+    let app = api::router(p.state, p.config.request_limits());
     api::server::serve(p.listener, p.tls, app, limits, shutdown).await;
     let _ = std::fs::remove_file(data_dir.join(SERVER_FILE));
 }

@@ -10,6 +10,8 @@
 pub mod auth;
 pub mod console;
 pub mod error;
+pub mod keys;
+pub mod limits;
 pub mod routes;
 pub mod server;
 pub mod tls;
@@ -51,11 +53,17 @@ pub struct AppState {
     pub ca_pem: String,
 }
 
-/// The whole router.
-pub fn router(state: AppState) -> Router {
+/// The whole router, behind the per-request limits (rate limit, body rate).
+pub fn router(state: AppState, limits: limits::RequestLimits) -> Router {
+    let limiter = limits::Limiter::new(limits);
     routes::routes()
+        .merge(keys::routes())
         .route_layer(axum::middleware::from_fn(observe))
         .fallback(routes::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), limiter),
+            limits::enforce,
+        ))
         .with_state(state)
 }
 

@@ -1,7 +1,8 @@
 //! Route table and handlers. See docs/api.md for the contract.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -158,12 +159,72 @@ fn index(s: &str) -> Result<u64, ApiError> {
     })
 }
 
+/// Path parameters. axum's own extractor answers a segment that does not percent-decode to
+/// UTF-8 with a plain-text 400; here it is refused like any other bad name, with the API's
+/// JSON error body.
+struct Path<T>(T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(e) => {
+                Err(Error::invalid("invalid_name", format!("URL path: {}", e.body_text())).into())
+            }
+        }
+    }
+}
+
+/// Query parameters, refused with the API's JSON error body (`invalid_query`) when they do not
+/// parse, instead of axum's plain-text 400.
+struct Query<T>(T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(e) => {
+                Err(Error::invalid("invalid_query", format!("URL query: {}", e.body_text())).into())
+            }
+        }
+    }
+}
+
+/// Whether reading a body failed because it passed the length limit, rather than because it
+/// was cut off (a dropped connection, the slow-body guard).
+fn over_limit(e: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
         .await
-        .map_err(|_| Error::TooLarge {
-            code: "body_too_large",
-            message: format!("JSON body over {MAX_JSON_BODY} bytes or cut off"),
+        .map_err(|e| {
+            if over_limit(&e) {
+                Error::TooLarge {
+                    code: "body_too_large",
+                    message: format!("JSON body over {MAX_JSON_BODY} bytes"),
+                }
+            } else {
+                Error::invalid("body_incomplete", format!("request body was cut off: {e}"))
+            }
         })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| Error::invalid("invalid_json", format!("request body: {e}")).into())
@@ -966,11 +1027,7 @@ async fn read_block_body(
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(e) => {
-            let too_long = std::error::Error::source(&e)
-                .map(|s| s.is::<http_body_util::LengthLimitError>())
-                .unwrap_or(false)
-                || e.to_string().contains("length limit");
-            return Err(if too_long {
+            return Err(if over_limit(&e) {
                 Error::invalid(
                     "body_too_long",
                     format!("body is longer than the {limit}-byte {what} limit"),

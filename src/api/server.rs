@@ -1,19 +1,23 @@
 //! The accept loop: TLS over TCP, HTTP/1.1 and HTTP/2 by ALPN, a semaphore bounding connections
 //! (the permit moves into the connection task), a TLS handshake deadline, a header read timeout
-//! against slow clients, and graceful shutdown: on the signal, stop accepting, let connections
-//! in flight finish for the grace period, then abort them (mini-redis / Garage pattern).
+//! against slow clients (also for the first request of a connection, HTTP/2 included), and
+//! graceful shutdown: on the signal, stop accepting, let connections in flight finish for the
+//! grace period, then abort them (mini-redis / Garage pattern).
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::Request;
 use axum::Router;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
 
 /// Limits of the accept loop.
 #[derive(Debug, Clone)]
@@ -68,6 +72,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let handshake = limits.handshake_timeout;
+        let header_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let _permit = permit;
             let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
@@ -81,11 +86,30 @@ pub async fn serve(
                     return;
                 }
             };
-            let svc = TowerToHyperService::new(app);
+            // hyper's header read timeout only starts once hyper-util has sniffed the protocol
+            // from the first bytes, and HTTP/2 has none: a client that finished TLS and then
+            // said nothing would keep its connection slot for ever. So the first request's
+            // headers must arrive within the header read timeout, whatever the protocol.
+            let first_request = Arc::new(Notify::new());
+            let seen = first_request.clone();
+            let svc = TowerToHyperService::new(app.map_request(move |req: Request<Incoming>| {
+                seen.notify_one();
+                req
+            }));
             let conn = builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
+            let conn = watcher.watch(conn);
+            tokio::pin!(conn);
+            let ended = tokio::select! {
+                r = &mut conn => r,
+                _ = first_request.notified() => conn.await,
+                _ = tokio::time::sleep(header_timeout) => {
+                    tracing::debug!(%peer, "no request within the header read timeout: closing");
+                    return;
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

@@ -25,6 +25,9 @@ pub enum ChunkError {
     Corrupt(#[from] SealError),
     #[error("content hash {actual} does not match the claimed {claimed}")]
     HashMismatch { claimed: String, actual: String },
+    /// Sealing was refused: the key's nonce budget is spent (see `chunk::keys`).
+    #[error(transparent)]
+    Key(#[from] crate::chunk::keys::KeyError),
 }
 
 /// Bounded pool for CPU-heavy work (hashing, compression, encryption).
@@ -178,7 +181,7 @@ impl ChunkStore {
         let sealed = self
             .cpu
             .run(move || seal::seal(&keys, ObjectKind::Chunk, &key_str, &data, Some(level)))
-            .await;
+            .await?;
         let stored = sealed.bytes.len() as u64;
         let outcome = self
             .store
@@ -246,7 +249,7 @@ impl ChunkStore {
         let sealed = self
             .cpu
             .run(move || seal::seal(&keys, kind, &key_str, &plaintext, level))
-            .await;
+            .await?;
         Ok(self
             .store
             .put_if_absent(key, Bytes::from(sealed.bytes))
@@ -267,7 +270,7 @@ impl ChunkStore {
         let sealed = self
             .cpu
             .run(move || seal::seal(&keys, kind, &key_str, &plaintext, Some(level)))
-            .await;
+            .await?;
         Ok(self.store.put(key, Bytes::from(sealed.bytes)).await?)
     }
 
@@ -284,7 +287,7 @@ impl ChunkStore {
         let sealed = self
             .cpu
             .run(move || seal::seal(&keys, kind, &key_str, &plaintext, None))
-            .await;
+            .await?;
         Ok(self.store.put(key, Bytes::from(sealed.bytes)).await?)
     }
 

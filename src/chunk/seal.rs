@@ -26,7 +26,7 @@
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, Nonce};
 
-use crate::chunk::keys::KeyRing;
+use crate::chunk::keys::{KeyError, KeyRing};
 use crate::file_formats::{
     ObjectKind, FLAG_ZSTD, MAX_SEALED_PLAINTEXT, SEALED_HEADER_LEN, SEALED_MAGIC, SEALED_TAG_LEN,
     SEALED_VERSION, ZSTD_WINDOW_LOG_MAX,
@@ -87,15 +87,16 @@ pub struct Sealed {
 }
 
 /// Seals `plaintext` for storage under `name`. `zstd_level` None stores it uncompressed;
-/// otherwise it is compressed and the compressed form kept only when smaller.
+/// otherwise it is compressed and the compressed form kept only when smaller. Fails only when
+/// the active key's seal budget is spent and no new key could be made ([`KeyError::Exhausted`]).
 pub fn seal(
     keys: &KeyRing,
     kind: ObjectKind,
     name: &str,
     plaintext: &[u8],
     zstd_level: Option<i32>,
-) -> Sealed {
-    let (key_id, cipher) = keys.active_cipher();
+) -> Result<Sealed, KeyError> {
+    let (key_id, cipher) = keys.seal_cipher()?;
     let mut out = Vec::with_capacity(SEALED_HEADER_LEN + plaintext.len() + SEALED_TAG_LEN);
     out.resize(SEALED_HEADER_LEN, 0);
     let mut compressed = false;
@@ -132,12 +133,12 @@ pub fn seal(
     out[..SEALED_HEADER_LEN].copy_from_slice(&header);
     let aad = associated_data(&header, name);
     let (_, body) = out.split_at_mut(SEALED_HEADER_LEN);
-    let tag = encrypt(cipher, &nonce, &aad, body);
+    let tag = encrypt(&cipher, &nonce, &aad, body);
     out.extend_from_slice(&tag);
-    Sealed {
+    Ok(Sealed {
         bytes: out,
         compressed,
-    }
+    })
 }
 
 /// Opens a sealed object stored under `name`, expecting `kind`. Never returns wrong data: any
@@ -197,7 +198,7 @@ pub fn open(
     tag.copy_from_slice(&bytes[tag_at..]);
     let aad = associated_data(&header, name);
     decrypt(
-        cipher,
+        &cipher,
         &nonce,
         &aad,
         &mut bytes[SEALED_HEADER_LEN..tag_at],
@@ -321,7 +322,7 @@ mod tests {
     fn round_trip_compressed_and_not() {
         let keys = KeyRing::random();
         let t = text(100_000);
-        let s = seal(&keys, ObjectKind::Chunk, "chunks/a", &t, Some(1));
+        let s = seal(&keys, ObjectKind::Chunk, "chunks/a", &t, Some(1)).unwrap();
         assert!(s.compressed && s.bytes.len() < 10_000);
         assert_eq!(
             open(&keys, ObjectKind::Chunk, "chunks/a", s.bytes).unwrap(),
@@ -329,21 +330,25 @@ mod tests {
         );
         let mut rnd = vec![0u8; 70_000];
         crate::util::fill_random(&mut rnd);
-        let s = seal(&keys, ObjectKind::Chunk, "chunks/b", &rnd, Some(1));
+        let s = seal(&keys, ObjectKind::Chunk, "chunks/b", &rnd, Some(1)).unwrap();
         assert!(!s.compressed, "random data must be stored raw");
         assert_eq!(
             open(&keys, ObjectKind::Chunk, "chunks/b", s.bytes).unwrap(),
             rnd
         );
-        let s = seal(&keys, ObjectKind::Record, "r", b"", None);
+        let s = seal(&keys, ObjectKind::Record, "r", b"", None).unwrap();
         assert_eq!(open(&keys, ObjectKind::Record, "r", s.bytes).unwrap(), b"");
     }
 
     #[test]
     fn nonces_are_fresh() {
         let keys = KeyRing::random();
-        let a = seal(&keys, ObjectKind::Chunk, "n", b"same", None).bytes;
-        let b = seal(&keys, ObjectKind::Chunk, "n", b"same", None).bytes;
+        let a = seal(&keys, ObjectKind::Chunk, "n", b"same", None)
+            .unwrap()
+            .bytes;
+        let b = seal(&keys, ObjectKind::Chunk, "n", b"same", None)
+            .unwrap()
+            .bytes;
         assert_ne!(a[12..24], b[12..24]);
         assert_ne!(a, b);
     }
@@ -353,7 +358,9 @@ mod tests {
         let keys = KeyRing::random();
         let t = text(3000);
         for compress in [None, Some(1)] {
-            let good = seal(&keys, ObjectKind::Chunk, "chunks/x", &t, compress).bytes;
+            let good = seal(&keys, ObjectKind::Chunk, "chunks/x", &t, compress)
+                .unwrap()
+                .bytes;
             for i in 0..good.len() {
                 let mut bad = good.clone();
                 bad[i] ^= 0x40;
@@ -368,7 +375,9 @@ mod tests {
     #[test]
     fn truncation_rename_kind_and_key_fail() {
         let keys = KeyRing::random();
-        let good = seal(&keys, ObjectKind::Chunk, "chunks/x", &text(5000), Some(1)).bytes;
+        let good = seal(&keys, ObjectKind::Chunk, "chunks/x", &text(5000), Some(1))
+            .unwrap()
+            .bytes;
         for cut in [0, 10, 31, 47, good.len() - 1] {
             assert!(open(&keys, ObjectKind::Chunk, "chunks/x", good[..cut].to_vec()).is_err());
         }
@@ -395,8 +404,12 @@ mod tests {
         let k2 = crate::chunk::keys::random_key();
         let old = KeyRing::from_masters(&[(1, k1)], 1).unwrap();
         let new = KeyRing::from_masters(&[(1, k1), (2, k2)], 2).unwrap();
-        let o = seal(&old, ObjectKind::Chunk, "c", b"old data", None).bytes;
-        let n = seal(&new, ObjectKind::Chunk, "c", b"new data", None).bytes;
+        let o = seal(&old, ObjectKind::Chunk, "c", b"old data", None)
+            .unwrap()
+            .bytes;
+        let n = seal(&new, ObjectKind::Chunk, "c", b"new data", None)
+            .unwrap()
+            .bytes;
         assert_eq!(open(&new, ObjectKind::Chunk, "c", o).unwrap(), b"old data");
         assert_eq!(n[8..12], 2u32.to_le_bytes());
         assert!(matches!(
@@ -412,11 +425,11 @@ mod tests {
         let keys = KeyRing::random();
         let big = vec![0u8; 8 * 1024 * 1024];
         let bomb = zstd::bulk::compress(&big, 19).unwrap();
-        let (key_id, cipher) = keys.active_cipher();
+        let (key_id, cipher) = keys.seal_cipher().unwrap();
         let nonce = [3u8; 12];
         let header = header_bytes(ObjectKind::Chunk, FLAG_ZSTD, key_id, &nonce, 4096);
         let mut body = bomb.clone();
-        let tag = encrypt(cipher, &nonce, &associated_data(&header, "b"), &mut body);
+        let tag = encrypt(&cipher, &nonce, &associated_data(&header, "b"), &mut body);
         let mut obj = header.to_vec();
         obj.extend_from_slice(&body);
         obj.extend_from_slice(&tag);

@@ -3,6 +3,7 @@
 //! API; nothing here reaches into the vault directly.
 
 pub mod hrl;
+pub mod key;
 pub mod operator;
 pub mod resync;
 pub mod scrub;
@@ -179,6 +180,13 @@ enum Cmd {
     Agent {
         #[command(subcommand)]
         cmd: AgentCmd,
+    },
+    /// The vault's encryption keys: list them, rotate to a new one (operator).
+    Key {
+        #[command(subcommand)]
+        cmd: key::KeyCmd,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Measure ingest throughput, latency and server cost against same-run baselines.
     Bench {
@@ -679,6 +687,7 @@ async fn run(cli: Cli) -> Result<i32> {
             );
             Ok(0)
         }
+        Cmd::Key { cmd, conn } => key::run(cmd, conn).await,
         Cmd::Bench { cmd } => Ok(crate::bench::run(cmd).await?),
     }
 }

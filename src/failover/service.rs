@@ -27,6 +27,7 @@ use crate::chunk::digest::is_zero;
 use crate::chunk::{ChunkStore, SealError};
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
+use crate::protection::points::PinnedReader;
 use crate::protection::{Protection, VmState};
 use crate::replica::point::PointReader;
 use crate::replica::MapEntry;
@@ -337,10 +338,16 @@ impl Failovers {
         self.protection
             .refuse_damaged(vm, None, point.cycle)
             .await?;
+        // Every disk's reader is taken now: from here a merge cannot take the chosen point away
+        // (its logs stay until these readers are dropped).
+        let vmrec = self.protection.vm_for(None, vm).await?;
+        let mut readers = Vec::with_capacity(vmrec.spec.disks.len());
+        for d in &vmrec.spec.disks {
+            readers.push(self.protection.point_reader(vm, &d.id, point.cycle).await?);
+        }
         self.jobs
             .step(&rec.job, "Choose recovery point", JobState::Succeeded)
             .await?;
-        let vmrec = self.protection.vm_for(None, vm).await?;
         let firmware = Firmware::from_generation(vmrec.spec.generation)?;
         std::fs::create_dir_all(dir).map_err(|e| {
             Error::invalid(
@@ -351,15 +358,13 @@ impl Failovers {
         // 2. Disks, in parallel.
         let total_disks = vmrec.spec.disks.len().max(1) as f64;
         let mut tasks = Vec::new();
-        for (i, d) in vmrec.spec.disks.iter().enumerate() {
+        for (i, (d, reader)) in vmrec.spec.disks.iter().zip(readers).enumerate() {
             let me = self.clone();
-            let vm = vm.to_string();
             let disk = d.id.clone();
             let path = dir.join(format!("{}.vhd", d.id));
-            let cycle = point.cycle;
             let job = rec.job.clone();
             tasks.push(tokio::spawn(async move {
-                let r = me.materialize(&vm, &disk, cycle, &path).await;
+                let r = me.materialize(reader, &path).await;
                 if r.is_ok() {
                     let _ = me
                         .jobs
@@ -500,16 +505,10 @@ impl Failovers {
 
     /// Writes one disk at a point as a fixed VHD: size rounded up to whole MiB (Azure's rule),
     /// zero blocks left as holes, every block verified, fsynced. Returns (original, virtual) size.
-    async fn materialize(
-        &self,
-        vm: &str,
-        disk: &str,
-        cycle: u64,
-        path: &Path,
-    ) -> Result<(u64, u64)> {
-        let reader = self.protection.point_reader(vm, disk, cycle).await?;
-        let (d, blocks) = self.protection.point_blocks(vm, disk, cycle).await?;
-        let virt = d.size.div_ceil(MIB) * MIB;
+    async fn materialize(&self, reader: PinnedReader, path: &Path) -> Result<(u64, u64)> {
+        let blocks = reader.data_blocks();
+        let size = reader.base().disk_size();
+        let virt = size.div_ceil(MIB) * MIB;
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -527,7 +526,7 @@ impl Failovers {
             )
         })?;
         let file = Arc::new(file);
-        let bs = d.block_size as u64;
+        let bs = reader.base().block_size() as u64;
         let chunks = self.vault.chunks.clone();
         let flush = Arc::new(Flusher::default());
         let mut writes = futures_util::stream::iter(blocks.into_iter().map(|(i, _)| {
@@ -566,7 +565,7 @@ impl Failovers {
         .await
         .map_err(|e| Error::internal(e.to_string()))?
         .map_err(|e| Error::invalid("output_not_writable", format!("finishing disk: {e}")))?;
-        Ok((d.size, virt))
+        Ok((size, virt))
     }
 
     async fn release(&self, failover_id: &str) -> Result<()> {
@@ -584,6 +583,38 @@ impl Failovers {
             )
             .await?;
         Ok(())
+    }
+
+    /// Ends the failovers a previous server process left running (their task died with it) as
+    /// a failed run ends: output removed, addresses released, state `failed`. Without this, the
+    /// VM would refuse every new failover and cleanup with `failover_running`.
+    pub async fn recover_interrupted(&self) -> Result<usize> {
+        let mut n = 0;
+        for id in self.vault.records.ids(Family::Failover).await? {
+            let key = layout::record(Family::Failover, &id);
+            let Some(v) = self.vault.records.load::<FailoverRecord>(&key).await? else {
+                continue;
+            };
+            let mut rec = v.value;
+            if rec.state != FailoverState::Running {
+                continue;
+            }
+            match tokio::fs::remove_dir_all(&rec.output_dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(dir = %rec.output_dir, error = %e, "cannot remove the output of an interrupted failover")
+                }
+            }
+            self.release(&rec.id).await?;
+            rec.state = FailoverState::Failed;
+            rec.ended_unix = Some(crate::util::unix_now());
+            rec.error = Some("interrupted: the server stopped while the failover ran".into());
+            self.put_record(&rec).await?;
+            tracing::warn!(vm = %rec.vm, failover = %rec.id, "failover interrupted by a restart marked failed");
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Removes a drill's output and releases its addresses; the drill counts as successful only

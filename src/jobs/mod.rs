@@ -137,6 +137,35 @@ impl Jobs {
         })
     }
 
+    /// Marks failed every job a previous server process left unfinished, except "Enable
+    /// protection" (it spans agent runs and restarts; finalization ends it). Their tasks died with
+    /// that process, so they would otherwise show `running` forever. Returns how many there were.
+    pub async fn fail_interrupted(&self) -> Result<usize> {
+        let stale: Vec<String> = self
+            .cache
+            .read()
+            .await
+            .values()
+            .filter(|j| !j.state.is_final() && j.kind != JobKind::EnableProtection)
+            .map(|j| j.id.clone())
+            .collect();
+        let err = Error::Conflict {
+            code: "interrupted",
+            message: "the server stopped while this job ran; run the operation again".into(),
+            recoverable: true,
+        };
+        for id in &stale {
+            self.fail(id, &err).await?;
+        }
+        if !stale.is_empty() {
+            tracing::warn!(
+                jobs = stale.len(),
+                "jobs interrupted by a restart marked failed"
+            );
+        }
+        Ok(stale.len())
+    }
+
     /// Creates a job (state running unless `queued`), durable before returning.
     pub async fn create(
         &self,

@@ -229,10 +229,12 @@ impl StoredLog {
         if let Some(f) = self.cache.get(&key) {
             return Ok(f);
         }
+        // The store's error itself travels inside the io::Error (see [`store_failure`]): a
+        // frame the store could not give back is the store's failure, not a bad log.
         let f = self
             .rt
             .block_on(self.chunks.get_sealed(ObjectKind::LogFrame, &key))
-            .map_err(|e| std::io::Error::other(format!("log frame {key}: {e}")))?;
+            .map_err(std::io::Error::other)?;
         let f = Arc::new(f);
         self.cache.put(key, f.clone());
         Ok(f)
@@ -272,6 +274,14 @@ impl ReadAt for StoredLog {
     fn len(&self) -> std::io::Result<u64> {
         Ok(self.len)
     }
+}
+
+/// The vault's error behind a failed read of a [`StoredLog`] when the store failed (an outage,
+/// a full disk, a frame that does not open), rather than the log's bytes being wrong; `None`
+/// for any other I/O error.
+pub fn store_failure(e: std::io::Error) -> Option<crate::error::Error> {
+    let inner = e.into_inner()?.downcast::<ChunkError>().ok()?;
+    Some(crate::error::Error::from(*inner))
 }
 
 /// Reads `len` bytes at `offset` of a stored log, opening only the frames that hold them
@@ -404,5 +414,42 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_store_is_told_apart_from_a_bad_log() {
+        use crate::store::faulty::{FaultKind, FaultOp, FaultRule, FaultyStore};
+        let (store, faults) = FaultyStore::wrap(&Store::open("memory://", &[]).unwrap(), 1);
+        let cs = ChunkStore::new(store, Arc::new(KeyRing::random()), CpuPool::new(1), 1);
+        let mut w = FrameWriter::new(cs.clone(), "v", "d", "l");
+        w.push(Bytes::from(vec![7u8; 1000])).await.unwrap();
+        let len = w.finish().await.unwrap();
+        faults
+            .set_rules(vec![FaultRule::new(FaultOp::Get, FaultKind::Error(1.0))])
+            .unwrap();
+        let log = StoredLog::new(
+            cs,
+            "v",
+            "d",
+            "l",
+            len,
+            FrameCache::new(2),
+            tokio::runtime::Handle::current(),
+        );
+        let (outage, past_end) = tokio::task::spawn_blocking(move || {
+            let mut b = [0u8; 10];
+            let outage = log.read_exact_at(&mut b, 0).unwrap_err();
+            let past_end = log.read_exact_at(&mut b, len - 5).unwrap_err();
+            (outage, past_end)
+        })
+        .await
+        .unwrap();
+        let e = store_failure(outage).expect("the store's error");
+        assert_eq!(e.code(), "store_unavailable");
+        assert!(e.recoverable(), "an outage is retried, not a bad log");
+        assert!(
+            store_failure(past_end).is_none(),
+            "reading past the end is the log's fault"
+        );
     }
 }

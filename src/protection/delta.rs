@@ -259,6 +259,16 @@ impl Protection {
                 .await?;
                 return Err(Error::conflict("log_not_closed", "the log was not closed properly (EOLLocation 0): it is never applied; the disk needs resynchronization"));
             }
+            // The store failed while the stored log was read back: its error (recoverable for
+            // an outage or a full disk), not a verdict on the log the agent sent.
+            Err(HrlError::Io { source, .. })
+                if source
+                    .get_ref()
+                    .is_some_and(|e| e.is::<crate::chunk::pipeline::ChunkError>()) =>
+            {
+                return Err(journal::store_failure(source)
+                    .unwrap_or_else(|| Error::internal("stored log read failed")))
+            }
             Err(e) => {
                 return Err(Error::invalid(
                     "invalid_log",

@@ -228,11 +228,12 @@ pub struct Protection {
     pub(crate) resyncs: resync::ResyncCache,
     /// Off-hours window resync sessions wait for (`None`: start at once).
     pub(crate) resync_window: Option<resync::Window>,
-    pub(crate) readers: Arc<
-        tokio::sync::Mutex<
-            BTreeMap<(String, String, u64, String), Arc<crate::replica::point::PointReader>>,
-        >,
-    >,
+    pub(crate) readers: points::ReaderCache,
+    /// The pins of every point reader handed out or being built, by (vm id, disk id): a merge
+    /// deletes the logs it folded in only once the readers pinned before it are gone.
+    pub(crate) reader_pins: points::ReaderPins,
+    /// What the pinned readers read through, kept by garbage collection.
+    pub(crate) reader_refs: points::ReaderRefs,
     /// Objects verify found damaged or missing: points that need them are marked unusable.
     pub(crate) damage: crate::scrub::damage::Damage,
 }
@@ -281,6 +282,8 @@ impl Protection {
             resyncs: Default::default(),
             resync_window: None,
             damage,
+            reader_pins: Default::default(),
+            reader_refs: Default::default(),
         };
         let pending: Vec<String> = p
             .vms

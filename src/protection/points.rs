@@ -7,8 +7,11 @@
 //!
 //! Merge folds the journal's oldest logs into the base map: the blocks they touch are computed
 //! once (base + every merged log's extents in order), stored as chunks, and a new base map and the
-//! shortened journal are committed in one record update; the merged logs are deleted afterwards.
-//! Every retained point reads the same before and after.
+//! shortened journal are committed in one record update; the merged logs are deleted afterwards,
+//! once no point reader pinned before the commit is still alive (a failover materializing a
+//! point, an export between two block reads: deleting under them failed them with
+//! `object_missing`). Every retained point reads the same before and after. Deletions a process
+//! exit cuts short leave unreachable log objects behind (nothing collects them yet).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -40,6 +43,80 @@ pub struct PointView {
     /// Which objects, when damaged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub damage: Option<String>,
+}
+
+/// Built point readers by (vm id, disk id, cycle, base map root).
+pub(crate) type ReaderCache =
+    Arc<tokio::sync::Mutex<BTreeMap<(String, String, u64, String), Arc<PointReader>>>>;
+
+/// Pins of the point readers in use, by (vm id, disk id).
+pub(crate) type ReaderPins =
+    Arc<std::sync::Mutex<BTreeMap<(String, String), Vec<std::sync::Weak<()>>>>>;
+
+/// What each pinned reader reads through (its base map root and log prefixes), held while its
+/// pin lives: garbage collection keeps these even once a merge or resync made them unreachable
+/// from the records, so a long failover or export never loses objects under its feet.
+pub(crate) type ReaderRefs = Arc<std::sync::Mutex<Vec<(std::sync::Weak<()>, PinnedRefs)>>>;
+
+/// The objects one pinned reader needs.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PinnedRefs {
+    pub map_root: String,
+    pub log_prefixes: Vec<String>,
+}
+
+/// A point reader with the pin that keeps a merge from deleting the logs it reads while it
+/// lives (see [`Protection::merge_disk`]). Clones share the pin; the cache keeps only the bare
+/// reader, so an idle cached reader never holds a deletion back.
+#[derive(Clone)]
+pub struct PinnedReader {
+    reader: Arc<PointReader>,
+    _pin: Arc<()>,
+}
+
+impl std::ops::Deref for PinnedReader {
+    type Target = PointReader;
+    fn deref(&self) -> &PointReader {
+        &self.reader
+    }
+}
+
+impl PinnedReader {
+    /// The point's data blocks in index order, each with its hash when the base map knows it
+    /// (`None` for blocks a log writes: their hash is known once read).
+    pub fn data_blocks(&self) -> Vec<(u64, Option<String>)> {
+        let touched: BTreeSet<u64> = self.touched().collect();
+        let mut out: BTreeMap<u64, Option<String>> = BTreeMap::new();
+        for (i, e) in self.base().entries() {
+            if let MapEntry::Data { hash, .. } = e {
+                out.insert(i, (!touched.contains(&i)).then(|| hash.to_hex()));
+            }
+        }
+        for i in touched {
+            out.insert(i, None);
+        }
+        out.into_iter().collect()
+    }
+}
+
+/// How long a merge's deletion waits for the readers pinned before it. Past that the logs are
+/// left in place (unreachable from any record, so only space is lost) rather than deleted
+/// under a reader that may still need them.
+const PIN_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Waits until every pin in `pins` is dropped, up to `limit`; false when some outlived it.
+async fn pins_released(pins: &[std::sync::Weak<()>], limit: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = std::time::Duration::from_millis(20);
+    while pins.iter().any(|w| w.strong_count() > 0) {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(1));
+    }
+    true
 }
 
 /// What a merge did.
@@ -155,13 +232,36 @@ impl Protection {
     }
 
     /// A reader for one disk at a cycle (cached: points are immutable until merged away).
-    pub async fn point_reader(&self, vm: &str, disk: &str, cycle: u64) -> Result<Arc<PointReader>> {
+    pub async fn point_reader(&self, vm: &str, disk: &str, cycle: u64) -> Result<PinnedReader> {
+        let (_, ids) = self.disk_for(None, vm, disk).await?;
+        // Pinned before the record is read: a merge that commits later sees the pin and keeps
+        // the logs this reader may use; one that committed earlier is in the record read below.
+        let pin = self.pin_readers(&ids.vm_id, &ids.disk_id);
+        // One record for everything below: the journal may be shortened by a merge meanwhile.
         let (_, d) = self.disk_for(None, vm, disk).await?;
         let chain = point_chain(&d, cycle)?;
+        if let Some(root) = &chain.root {
+            self.hold_refs(
+                &pin,
+                PinnedRefs {
+                    map_root: root.clone(),
+                    log_prefixes: chain
+                        .logs
+                        .iter()
+                        .map(|k| {
+                            crate::vault::layout::log_prefix(&d.vm_id, &d.disk_id, k).to_string()
+                        })
+                        .collect(),
+                },
+            );
+        }
         let root = d.map_root.clone().unwrap_or_default();
         let key = (d.vm_id.clone(), d.disk_id.clone(), cycle, root);
         if let Some(r) = self.readers.lock().await.get(&key) {
-            return Ok(r.clone());
+            return Ok(PinnedReader {
+                reader: r.clone(),
+                _pin: pin,
+            });
         }
         let base_root = chain.root.ok_or_else(|| {
             Error::conflict(
@@ -170,7 +270,7 @@ impl Protection {
             )
         })?;
         let base = self.map_by_root(&base_root).await?;
-        let r = Arc::new(
+        let reader = Arc::new(
             PointReader::build(
                 self.vault.chunks.clone(),
                 self.frames.clone(),
@@ -185,14 +285,51 @@ impl Protection {
         if cache.len() >= 16 {
             cache.clear();
         }
-        cache.insert(key, r.clone());
-        Ok(r)
+        cache.insert(key, reader.clone());
+        Ok(PinnedReader { reader, _pin: pin })
+    }
+
+    /// A new pin on a disk's logs, registered (dead pins are pruned on the way).
+    fn pin_readers(&self, vm_id: &str, disk_id: &str) -> Arc<()> {
+        let pin = Arc::new(());
+        // A poisoned lock only means a panic elsewhere while holding it; the map is usable.
+        let mut pins = self.reader_pins.lock().unwrap_or_else(|e| e.into_inner());
+        let list = pins
+            .entry((vm_id.to_string(), disk_id.to_string()))
+            .or_default();
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(&pin));
+        pin
+    }
+
+    /// Registers what a pinned reader reads through, for garbage collection.
+    fn hold_refs(&self, pin: &Arc<()>, refs: PinnedRefs) {
+        let mut held = self.reader_refs.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|(w, _)| w.strong_count() > 0);
+        held.push((Arc::downgrade(pin), refs));
+    }
+
+    /// What the pinned readers alive now read through (garbage collection keeps it).
+    pub(crate) fn pinned_refs(&self) -> Vec<PinnedRefs> {
+        let mut held = self.reader_refs.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|(w, _)| w.strong_count() > 0);
+        held.iter().map(|(_, r)| r.clone()).collect()
+    }
+
+    /// The disk's pins alive now.
+    fn live_pins(&self, vm_id: &str, disk_id: &str) -> Vec<std::sync::Weak<()>> {
+        let mut pins = self.reader_pins.lock().unwrap_or_else(|e| e.into_inner());
+        let list = pins
+            .entry((vm_id.to_string(), disk_id.to_string()))
+            .or_default();
+        list.retain(|w| w.strong_count() > 0);
+        list.clone()
     }
 
     /// The whole disk at a reader's point as one block map: the blocks its logs touch are read,
     /// stored as chunks (once each) and put in the base's slots. Returns the map and how many
     /// blocks were rewritten.
-    pub(crate) async fn full_map(&self, reader: &Arc<PointReader>) -> Result<(BlockMap, u64)> {
+    pub(crate) async fn full_map(&self, reader: &PinnedReader) -> Result<(BlockMap, u64)> {
         let mut map: BlockMap = reader.base().clone();
         let touched: Vec<u64> = reader.touched().collect();
         let mut results = futures_util::stream::iter(touched.iter().copied().map(|i| {
@@ -284,18 +421,49 @@ impl Protection {
             .lock()
             .await
             .retain(|k, _| !(k.0 == d.vm_id && k.1 == d.disk_id));
+        drop(reader);
+        // Readers pinned before the commit (a failover writing its disks, an export between two
+        // blocks) may still read the merged logs' frames: those go once the last of them is
+        // dropped, not under their feet. Readers pinned from now on use the new base map.
+        let users = self.live_pins(&d.vm_id, &d.disk_id);
+        let in_use = users.len();
+        let mut keys = Vec::with_capacity(merged.len());
         let mut freed = 0;
         for e in merged.iter().filter(|e| e.is_log()) {
-            let key = log_key(&e.log_id)?;
-            if let Err(err) =
-                crate::journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key).await
-            {
-                tracing::warn!(vm, disk, log = %e.log_id, error = %err, "merged log not deleted; it is unreachable and will be collected");
-            }
-            self.frames.forget_prefix(
-                crate::vault::layout::log_prefix(&d.vm_id, &d.disk_id, &key).as_str(),
-            );
+            keys.push((e.log_id.clone(), log_key(&e.log_id)?));
             freed += e.log_bytes;
+        }
+        let (chunks, frames) = (self.vault.chunks.clone(), self.frames.clone());
+        let (vm_id, disk_id) = (d.vm_id.clone(), d.disk_id.clone());
+        let (vm_name, disk_name) = (vm.to_string(), disk.to_string());
+        let delete = async move {
+            if !pins_released(&users, PIN_WAIT_LIMIT).await {
+                tracing::warn!(vm = %vm_name, disk = %disk_name, logs = keys.len(), "merged logs kept: a point reader from before the merge is still in use after an hour; they are unreachable and only take space");
+                return;
+            }
+            for (log_id, key) in keys {
+                if let Err(err) = crate::journal::delete_log(&chunks, &vm_id, &disk_id, &key).await
+                {
+                    tracing::warn!(vm = %vm_name, disk = %disk_name, log = %log_id, error = %err, "merged log not deleted; it is unreachable");
+                }
+                frames.forget_prefix(
+                    crate::vault::layout::log_prefix(&vm_id, &disk_id, &key).as_str(),
+                );
+            }
+        };
+        if in_use > 0 {
+            // The merge is done as far as its caller can tell: every point reads the same
+            // whether the old logs exist or not, so it need not wait for the readers.
+            tracing::info!(
+                vm,
+                disk,
+                readers = in_use,
+                "merged logs are deleted once the readers still using them finish"
+            );
+            tokio::spawn(delete);
+        } else {
+            // Nothing reads them: gone before the merge returns, as callers may check.
+            delete.await;
         }
         metrics::counter!("drvault_merge_blocks_rewritten_total").increment(touched);
         tracing::info!(
@@ -373,17 +541,7 @@ impl Protection {
     ) -> Result<(DiskRecord, Vec<(u64, Option<String>)>)> {
         let reader = self.point_reader(vm, disk, cycle).await?;
         let (_, d) = self.disk_for(None, vm, disk).await?;
-        let touched: BTreeSet<u64> = reader.touched().collect();
-        let mut out: BTreeMap<u64, Option<String>> = BTreeMap::new();
-        for (i, e) in reader.base().entries() {
-            if let MapEntry::Data { hash, .. } = e {
-                out.insert(i, (!touched.contains(&i)).then(|| hash.to_hex()));
-            }
-        }
-        for i in touched {
-            out.insert(i, None);
-        }
-        Ok((d, out.into_iter().collect()))
+        Ok((d, reader.data_blocks()))
     }
 }
 
@@ -428,4 +586,151 @@ pub(crate) fn log_key(log_id: &str) -> Result<String> {
         .parse()
         .map_err(|_| Error::internal(format!("journal holds a malformed log id {log_id}")))?;
     Ok(crate::journal::log_key_id(&g))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::protect::disk_digest;
+    use crate::chunk::{CpuPool, KeyRing, PlainHash};
+    use crate::format::hrl::{Guid, HrlWriter, HrlWriterParams};
+    use crate::protection::delta::LogMeta;
+    use crate::protection::{CompleteRequest, VmSpec};
+    use crate::store::{Key, Store};
+    use crate::vault::Vault;
+    use bytes::Bytes;
+
+    const BS: usize = 65536;
+
+    /// A VM whose 64-block disk holds block 0 and got two logs: c1 writes block 1, c2 block 2.
+    async fn protected_with_two_logs() -> (Protection, Vault) {
+        let store = Store::open("memory://", &[]).unwrap();
+        let vault = Vault::open(store, Arc::new(KeyRing::random()), CpuPool::new(2), 1)
+            .await
+            .unwrap();
+        let jobs = crate::jobs::Jobs::load(vault.records.clone())
+            .await
+            .unwrap();
+        let p = Protection::load(vault.clone(), jobs, BS as u32, BTreeSet::new())
+            .await
+            .unwrap();
+        let size = 64 * BS as u64;
+        let spec: VmSpec =
+            serde_json::from_value(serde_json::json!({"disks": [{"id": "os", "size": size}]}))
+                .unwrap();
+        p.enable("h", "vm", &spec).await.unwrap();
+        let base = vec![1u8; BS];
+        let hash = PlainHash::of(&base);
+        p.put_block("h", "vm", "os", 0, hash, Bytes::from(base))
+            .await
+            .unwrap();
+        let mut hashes = vec![None; 64];
+        hashes[0] = Some(hash);
+        let req = CompleteRequest {
+            data_runs: vec![(0, 1)],
+            digest: disk_digest(&hashes, size, BS as u32).to_hex(),
+        };
+        p.complete_disk("h", "vm", "os", &req).await.unwrap();
+        let mut prev = Guid([0; 16]);
+        for c in 1..=2u8 {
+            let id = Guid([c; 16]);
+            let mut w = HrlWriter::in_memory(HrlWriterParams {
+                unique_id: id,
+                previous_unique_id: prev,
+                timestamp: 1,
+                ..Default::default()
+            })
+            .unwrap();
+            w.add_write(c as u64 * BS as u64, &[c + 1; 4096]).unwrap();
+            let log = w.finish_to_vec().unwrap();
+            let len = log.len() as u64;
+            let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(log))]);
+            let meta = LogMeta {
+                cycle: Some(c as u64),
+                app_consistent: false,
+                final_log: false,
+            };
+            p.accept_log("h", "vm", "os", &id.to_string(), meta, Some(len), body)
+                .await
+                .unwrap();
+            prev = id;
+        }
+        (p, vault)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_keeps_the_logs_a_reader_from_before_it_still_reads() {
+        let (p, vault) = protected_with_two_logs().await;
+        let logs = Key::new(&["logs"]).unwrap();
+        // A failover or an export has begun reading c2; every log is merged under it.
+        let reader = p.point_reader("vm", "os", 2).await.unwrap();
+        p.merge_vm("vm", true).await.unwrap();
+        assert_eq!(p.points("vm").await.unwrap().len(), 1);
+        for (i, byte) in [(0u64, 1u8), (1, 2), (2, 3)] {
+            let (b, _) = reader.read_block(i).await.unwrap();
+            assert_eq!(
+                &b[..4096],
+                &[byte; 4096][..],
+                "block {i} of c2 after the merge"
+            );
+        }
+        assert!(
+            !vault.store().list(&logs).await.unwrap().is_empty(),
+            "logs deleted under a reader"
+        );
+        // Once the reader is gone, so are the merged logs.
+        drop(reader);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !vault.store().list(&logs).await.unwrap().is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "merged logs never deleted"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // And the merged disk reads the same through a new reader.
+        let (b, _) = p
+            .point_reader("vm", "os", 2)
+            .await
+            .unwrap()
+            .read_block(2)
+            .await
+            .unwrap();
+        assert_eq!(&b[..4096], &[3u8; 4096][..]);
+    }
+
+    #[tokio::test]
+    async fn a_merge_nothing_reads_from_deletes_the_logs_before_it_returns() {
+        let (p, vault) = protected_with_two_logs().await;
+        let logs = Key::new(&["logs"]).unwrap();
+        // A reader used and dropped before the merge, and one cached: neither holds it back.
+        let (b, _) = p
+            .point_reader("vm", "os", 1)
+            .await
+            .unwrap()
+            .read_block(1)
+            .await
+            .unwrap();
+        assert_eq!(&b[..4096], &[2u8; 4096][..]);
+        p.merge_vm("vm", true).await.unwrap();
+        assert!(vault.store().list(&logs).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reader_merged_away_before_it_was_built_is_refused() {
+        let (p, _vault) = protected_with_two_logs().await;
+        p.merge_vm("vm", true).await.unwrap();
+        let e = p.point_reader("vm", "os", 1).await.err().unwrap();
+        assert_eq!(e.code(), "point_not_found", "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_pin_outliving_the_limit_stops_the_wait() {
+        let pin = Arc::new(());
+        let pins = [Arc::downgrade(&pin)];
+        let limit = std::time::Duration::from_millis(50);
+        assert!(!pins_released(&pins, limit).await);
+        drop(pin);
+        assert!(pins_released(&pins, limit).await);
+    }
 }

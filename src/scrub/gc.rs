@@ -6,7 +6,7 @@
 //! it or while it is being received), `stage/` (receipts of sessions that are no longer open:
 //! completed, cancelled or replaced). Records and `quarantine/` are never swept.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::refs;
 use super::{ObjectFamily, Scrub};
 use crate::chunk::fence::Collection;
-use crate::chunk::ChunkStore;
+use crate::chunk::{ChunkName, ChunkStore};
 use crate::error::{Error, Result};
 use crate::jobs::JobState;
 use crate::store::Key;
@@ -97,7 +97,21 @@ impl Marked {
 /// The mark: everything reachable from every VM. Refuses when part of it cannot be read.
 pub async fn mark(s: &Scrub) -> Result<Marked> {
     let roots = refs::collect(&s.protection, None).await?;
-    let walk = refs::walk_maps(&s.vault.chunks, roots.maps.keys().copied()).await?;
+    // Readers in use (a failover writing its disks, an export) may read through maps and logs
+    // a merge or resync has since superseded: those stay until the readers are dropped. They
+    // are taken after the records, so a merge committing in between is covered either way.
+    let pinned = s.protection.pinned_refs();
+    let mut map_roots: BTreeSet<ChunkName> = roots.maps.keys().copied().collect();
+    for r in &pinned {
+        let name = ChunkName::from_hex(&r.map_root).ok_or_else(|| {
+            Error::internal(format!(
+                "malformed map root {:?} held by a reader",
+                r.map_root
+            ))
+        })?;
+        map_roots.insert(name);
+    }
+    let walk = refs::walk_maps(&s.vault.chunks, map_roots.into_iter()).await?;
     let problems: Vec<String> = roots
         .problems
         .iter()
@@ -122,6 +136,8 @@ pub async fn mark(s: &Scrub) -> Result<Marked> {
         m.keys.insert(ChunkStore::chunk_key(name).to_string());
     }
     m.logs = roots.logs.keys().cloned().collect();
+    m.logs
+        .extend(pinned.into_iter().flat_map(|r| r.log_prefixes));
     m.stages = roots.live_stages.iter().cloned().collect();
     Ok(m)
 }
@@ -391,6 +407,35 @@ pub(crate) mod tests {
         assert_eq!(read(&s, "a", c1, 1).await, b2);
         // Nothing is left to collect.
         assert_eq!(collect_garbage(&s).await.freed_total, Count::default());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_in_use_keeps_what_a_merge_superseded_until_it_is_dropped() {
+        let s = service().await;
+        let (b1, b2, b3) = (block(1), block(2), block(3));
+        upload(&s, "a", &[b1.clone(), b2.clone()]).await;
+        complete(&s, "a", &[b1.clone(), b2.clone()]).await;
+        let c1 = send_log(&s, "a", 1, 0, &b3).await;
+        // A failover is materializing c0 (the old base) when c1 is merged and a collection runs.
+        let reader = s.protection.point_reader("a", "d", 0).await.unwrap();
+        s.protection.merge_vm("a", true).await.unwrap();
+        let r = collect_garbage(&s).await;
+        // The merged log is garbage (c0 never read it); the old base map and b1 are not.
+        assert!(
+            !r.freed.contains_key(&ObjectFamily::Chunk)
+                && !r.freed.contains_key(&ObjectFamily::Map),
+            "{r:?}"
+        );
+        assert_eq!(reader.read_block(0).await.unwrap().0, b1);
+        drop(reader);
+        // Once it is gone, the old base and its chunk are garbage.
+        let r = collect_garbage(&s).await;
+        assert_eq!(
+            r.freed.get(&ObjectFamily::Chunk).map(|c| c.objects),
+            Some(1),
+            "{r:?}"
+        );
+        assert_eq!(read(&s, "a", c1, 0).await, b3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,33 @@
 //!   only `Any` rules of kind `Error` and `Latency`.
 //! * Injected failures are `object_store::Error::Generic`, which [`Store`] reports as
 //!   [`super::StoreError::Unavailable`]: to the caller they look like a transient backend
-//!   outage, which is what they model.
+//!   outage, which is what they model. `NoSpace` carries an `io::Error` of kind `StorageFull`
+//!   inside, exactly as the local backend reports a real ENOSPC, so it surfaces as
+//!   [`super::StoreError::Full`].
+//! * Every rule also has a `probability` (default 1): a rule of any kind fires only when a draw
+//!   falls under it, so torn puts or lost writes can be sprinkled over a run like errors.
+//!
+//! ## Configuring a real server (test only)
+//!
+//! `drvault serve` wraps its store when `DRVAULT_FAULTS` is set ([`from_env`]), so integration
+//! tests can break the store under a real server process. The value is a spec, or `@FILE` naming
+//! a file holding one that is re-read whenever it changes (a test can then break the store and
+//! heal it again without a restart). A spec is entries separated by `;` or new lines, each
+//! `key=value` words; `#` starts a comment:
+//!
+//! ```text
+//! seed=42
+//! op=put_if_absent prefix=chunks/ kind=error p=0.2
+//! op=any kind=latency ms=20 p=0.5
+//! op=put prefix=records/ kind=torn p=0.05 times=3
+//! kind=nospace                       # every put fails as if the disk were full
+//! ```
+//!
+//! `op` is one of `put`, `put_if_absent`, `get`, `get_range`, `head`, `delete`, `list`, `any`
+//! (default `any`); `kind` one of `error`, `latency` (needs `ms`), `torn`, `lost`
+//! (lost-after-ack), `nospace`; `p` defaults to 1 and `times` to unlimited. This is a test
+//! facility: the server logs a warning at start when it is on, and counts every injected fault
+//! in the `drvault_faults_injected_total{kind}` metric.
 
 use std::fmt;
 use std::ops::Range;
@@ -71,6 +97,8 @@ pub enum FaultKind {
     Torn,
     /// The put reports success but nothing is written (a lying or crashed backend).
     LostAfterAck,
+    /// The put fails as a full disk does (`io::ErrorKind::StorageFull`); nothing is written.
+    NoSpace,
 }
 
 impl FaultKind {
@@ -80,7 +108,15 @@ impl FaultKind {
             FaultKind::Latency(_) => "latency",
             FaultKind::Torn => "torn",
             FaultKind::LostAfterAck => "lost-after-ack",
+            FaultKind::NoSpace => "nospace",
         }
+    }
+
+    fn put_only(&self) -> bool {
+        matches!(
+            self,
+            FaultKind::Torn | FaultKind::LostAfterAck | FaultKind::NoSpace
+        )
     }
 }
 
@@ -93,6 +129,8 @@ pub struct FaultRule {
     pub kind: FaultKind,
     /// How many more times the rule may fire; `None` is unlimited.
     pub remaining: Option<u64>,
+    /// Chance that a matching call is affected (0.0..=1.0), on top of `Error`'s own.
+    pub probability: f64,
 }
 
 impl FaultRule {
@@ -103,7 +141,14 @@ impl FaultRule {
             prefix: String::new(),
             kind,
             remaining: None,
+            probability: 1.0,
         }
+    }
+
+    /// Makes the rule fire only with probability `p` per matching call.
+    pub fn sometimes(mut self, p: f64) -> FaultRule {
+        self.probability = p;
+        self
     }
 
     /// Restricts the rule to keys starting with `prefix`.
@@ -126,6 +171,14 @@ pub struct FaultStats {
     pub latencies: u64,
     pub torn: u64,
     pub lost_after_ack: u64,
+    pub no_space: u64,
+}
+
+impl FaultStats {
+    /// Every fault injected, latency included.
+    pub fn total(&self) -> u64 {
+        self.errors + self.latencies + self.torn + self.lost_after_ack + self.no_space
+    }
 }
 
 /// Errors of this module: refused rules, and the error carried by an injected failure.
@@ -144,6 +197,17 @@ pub enum FaultError {
         kind: &'static str,
         op: &'static str,
         location: String,
+    },
+    #[error("fault spec entry {entry} ({text:?}): {reason}")]
+    Spec {
+        entry: usize,
+        text: String,
+        reason: String,
+    },
+    #[error("fault spec file {path}: {source}")]
+    SpecFile {
+        path: String,
+        source: std::io::Error,
     },
 }
 
@@ -228,6 +292,7 @@ enum Verdict {
     Fail,
     Torn,
     LostAfterAck,
+    NoSpace,
 }
 
 /// Shared control over a [`FaultyStore`]'s rules. Cheap to clone.
@@ -249,12 +314,18 @@ impl FaultHandle {
     /// non-put operations, leaving the previous rules in place.
     pub fn set_rules(&self, rules: Vec<FaultRule>) -> Result<(), FaultError> {
         for (i, rule) in rules.iter().enumerate() {
+            if !(0.0..=1.0).contains(&rule.probability) {
+                return Err(FaultError::BadProbability {
+                    rule: i,
+                    value: rule.probability,
+                });
+            }
             match rule.kind {
                 FaultKind::Error(p) if !(0.0..=1.0).contains(&p) => {
                     return Err(FaultError::BadProbability { rule: i, value: p });
                 }
-                FaultKind::Torn | FaultKind::LostAfterAck
-                    if !matches!(rule.op, FaultOp::Put | FaultOp::PutIfAbsent | FaultOp::Any) =>
+                k if k.put_only()
+                    && !matches!(rule.op, FaultOp::Put | FaultOp::PutIfAbsent | FaultOp::Any) =>
                 {
                     return Err(FaultError::PutOnlyKind {
                         rule: i,
@@ -296,11 +367,23 @@ impl FaultHandle {
             {
                 continue;
             }
+            if rule.kind.put_only() && !class.is_put() {
+                continue;
+            }
+            // Errors always draw (see the module docs); other kinds only when they are chancy,
+            // so rules without a probability leave the sequence of draws unchanged.
+            let chance = match rule.kind {
+                FaultKind::Error(p) => Some(p * rule.probability),
+                _ if rule.probability < 1.0 => Some(rule.probability),
+                _ => None,
+            };
+            if let Some(p) = chance {
+                if rng.next_f64() >= p {
+                    continue;
+                }
+            }
             let verdict = match rule.kind {
-                FaultKind::Error(p) => {
-                    if rng.next_f64() >= p {
-                        continue;
-                    }
+                FaultKind::Error(_) => {
                     stats.errors += 1;
                     Verdict::Fail
                 }
@@ -309,16 +392,21 @@ impl FaultHandle {
                     delay = delay.saturating_add(d);
                     Verdict::Proceed
                 }
-                FaultKind::Torn if class.is_put() => {
+                FaultKind::Torn => {
                     stats.torn += 1;
                     Verdict::Torn
                 }
-                FaultKind::LostAfterAck if class.is_put() => {
+                FaultKind::LostAfterAck => {
                     stats.lost_after_ack += 1;
                     Verdict::LostAfterAck
                 }
-                FaultKind::Torn | FaultKind::LostAfterAck => continue,
+                FaultKind::NoSpace => {
+                    stats.no_space += 1;
+                    Verdict::NoSpace
+                }
             };
+            metrics::counter!("drvault_faults_injected_total", "kind" => rule.kind.name())
+                .increment(1);
             if let Some(n) = rule.remaining.as_mut() {
                 *n -= 1;
             }
@@ -350,6 +438,21 @@ fn injected(kind: &'static str, class: OpClass, location: &str) -> object_store:
     }
 }
 
+/// A full disk as the local backend reports it: an `io::Error` of kind `StorageFull` inside.
+fn no_space(class: OpClass, location: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "FaultyStore",
+        source: Box::new(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            FaultError::Injected {
+                kind: "nospace",
+                op: class.name(),
+                location: location.to_string(),
+            },
+        )),
+    }
+}
+
 /// Turns a non-put verdict into the call's outcome: anything but `Proceed` is an error.
 fn check(verdict: Verdict, class: OpClass, location: &str) -> object_store::Result<()> {
     match verdict {
@@ -358,6 +461,7 @@ fn check(verdict: Verdict, class: OpClass, location: &str) -> object_store::Resu
         // `decide` only returns these for puts; keep them errors should that ever change.
         Verdict::Torn => Err(injected("torn", class, location)),
         Verdict::LostAfterAck => Err(injected("lost-after-ack", class, location)),
+        Verdict::NoSpace => Err(no_space(class, location)),
     }
 }
 
@@ -388,6 +492,165 @@ impl FaultyStore {
             handle,
         )
     }
+}
+
+/// A parsed fault spec (see the module docs for the syntax).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultSpec {
+    /// `None` when the spec names no seed (the caller picks one).
+    pub seed: Option<u64>,
+    pub rules: Vec<FaultRule>,
+}
+
+impl FaultSpec {
+    /// Parses a spec; every mistake names its entry (1-based) and text.
+    pub fn parse(text: &str) -> Result<FaultSpec, FaultError> {
+        let mut spec = FaultSpec {
+            seed: None,
+            rules: Vec::new(),
+        };
+        let entries = text
+            .split(['\n', ';'])
+            .map(|e| e.split('#').next().unwrap_or("").trim())
+            .filter(|e| !e.is_empty());
+        for (i, entry) in entries.enumerate() {
+            let bad = |reason: String| FaultError::Spec {
+                entry: i + 1,
+                text: entry.to_string(),
+                reason,
+            };
+            let mut op = FaultOp::Any;
+            let (mut prefix, mut kind, mut ms) = (String::new(), None::<&str>, None::<u64>);
+            let (mut p, mut times, mut seed) = (1.0f64, None::<u64>, None::<u64>);
+            for word in entry.split_whitespace() {
+                let (k, v) = word
+                    .split_once('=')
+                    .ok_or_else(|| bad(format!("{word:?} is not key=value")))?;
+                let num = |v: &str| {
+                    v.parse::<u64>()
+                        .map_err(|_| bad(format!("{k}={v:?} is not a whole number")))
+                };
+                match k {
+                    "seed" => seed = Some(num(v)?),
+                    "op" => {
+                        op = match v {
+                            "put" => FaultOp::Put,
+                            "put_if_absent" => FaultOp::PutIfAbsent,
+                            "get" => FaultOp::Get,
+                            "get_range" => FaultOp::GetRange,
+                            "head" => FaultOp::Head,
+                            "delete" => FaultOp::Delete,
+                            "list" => FaultOp::List,
+                            "any" => FaultOp::Any,
+                            _ => return Err(bad(format!("unknown op {v:?}"))),
+                        }
+                    }
+                    "prefix" => prefix = v.to_string(),
+                    "kind" => kind = Some(v),
+                    "ms" => ms = Some(num(v)?),
+                    "times" => times = Some(num(v)?),
+                    "p" => {
+                        p = v
+                            .parse::<f64>()
+                            .ok()
+                            .filter(|p| (0.0..=1.0).contains(p))
+                            .ok_or_else(|| bad(format!("p={v:?} is not within 0..=1")))?
+                    }
+                    _ => return Err(bad(format!("unknown key {k:?}"))),
+                }
+            }
+            if let Some(s) = seed {
+                if kind.is_some() {
+                    return Err(bad("seed= stands alone, not inside a rule".into()));
+                }
+                spec.seed = Some(s);
+                continue;
+            }
+            let kind = match (kind, ms) {
+                (Some("error"), None) => FaultKind::Error(1.0),
+                (Some("latency"), Some(ms)) => FaultKind::Latency(Duration::from_millis(ms)),
+                (Some("latency"), None) => return Err(bad("latency needs ms=".into())),
+                (Some("torn"), None) => FaultKind::Torn,
+                (Some("lost"), None) => FaultKind::LostAfterAck,
+                (Some("nospace"), None) => FaultKind::NoSpace,
+                (Some(k), Some(_)) if k != "latency" => {
+                    return Err(bad("ms= goes with kind=latency only".into()))
+                }
+                (Some(k), _) => return Err(bad(format!("unknown kind {k:?}"))),
+                (None, _) => return Err(bad("kind= is required".into())),
+            };
+            if kind.put_only() && !matches!(op, FaultOp::Put | FaultOp::PutIfAbsent | FaultOp::Any)
+            {
+                return Err(bad(format!("kind {} applies to puts only", kind.name())));
+            }
+            spec.rules.push(FaultRule {
+                op,
+                prefix,
+                kind,
+                remaining: times,
+                probability: p,
+            });
+        }
+        Ok(spec)
+    }
+}
+
+/// Environment variable that turns fault injection on in `drvault serve` (test only).
+pub const FAULTS_ENV: &str = "DRVAULT_FAULTS";
+
+/// Wraps `store` when `DRVAULT_FAULTS` is set (see the module docs); otherwise returns it as
+/// is. With `@FILE`, a background task re-reads the file every 100 ms and replaces the rules
+/// when its text changed; a file that does not parse keeps the previous rules (and is logged).
+/// Must be called inside a tokio runtime when the value is `@FILE`.
+pub fn from_env(store: Store) -> Result<(Store, Option<FaultHandle>), FaultError> {
+    let Ok(value) = std::env::var(FAULTS_ENV) else {
+        return Ok((store, None));
+    };
+    let (text, file) = match value.strip_prefix('@') {
+        Some(path) => {
+            let path = std::path::PathBuf::from(path);
+            let text = std::fs::read_to_string(&path).map_err(|source| FaultError::SpecFile {
+                path: path.display().to_string(),
+                source,
+            })?;
+            (text, Some(path))
+        }
+        None => (value.clone(), None),
+    };
+    let spec = FaultSpec::parse(&text)?;
+    let seed = spec.seed.unwrap_or_else(|| {
+        let mut b = [0u8; 8];
+        crate::util::fill_random(&mut b);
+        u64::from_le_bytes(b)
+    });
+    let (faulty, handle) = FaultyStore::wrap(&store, seed);
+    handle.set_rules(spec.rules)?;
+    tracing::warn!(
+        seed,
+        spec = %text.trim(),
+        "FAULT INJECTION ON ({FAULTS_ENV}): the vault store fails on purpose; for tests only"
+    );
+    if let Some(path) = file {
+        let h = handle.clone();
+        tokio::spawn(async move {
+            let mut last = text;
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let Ok(now) = tokio::fs::read_to_string(&path).await else {
+                    continue;
+                };
+                if now == last {
+                    continue;
+                }
+                match FaultSpec::parse(&now).and_then(|s| h.set_rules(s.rules)) {
+                    Ok(()) => tracing::warn!(spec = %now.trim(), "fault rules replaced"),
+                    Err(e) => tracing::error!(error = %e, "fault spec file refused; rules kept"),
+                }
+                last = now;
+            }
+        });
+    }
+    Ok((faulty, Some(handle)))
 }
 
 impl fmt::Display for FaultyStore {
@@ -422,6 +685,7 @@ impl ObjectStore for FaultyStore {
                 Verdict::Proceed => self.inner.put_opts(location, payload, opts).await,
                 Verdict::Fail => Err(injected("error", class, location.as_ref())),
                 Verdict::Torn => Err(injected("torn", class, location.as_ref())),
+                Verdict::NoSpace => Err(no_space(class, location.as_ref())),
                 Verdict::LostAfterAck => Ok(PutResult {
                     e_tag: None,
                     version: None,
@@ -818,5 +1082,118 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+    #[tokio::test]
+    async fn nospace_fails_puts_as_a_full_disk_and_writes_nothing() {
+        let (s, h) = faulty(11);
+        let k = key("c/full");
+        h.set_rules(vec![FaultRule::new(FaultOp::Any, FaultKind::NoSpace)])
+            .unwrap();
+        assert!(matches!(
+            s.put_if_absent(&k, Bytes::from_static(b"x")).await,
+            Err(StoreError::Full {
+                op: "put_if_absent",
+                ..
+            })
+        ));
+        assert!(matches!(
+            s.put(&k, Bytes::from_static(b"x")).await,
+            Err(StoreError::Full { op: "put", .. })
+        ));
+        // Reads still work on a full disk.
+        assert_eq!(s.head(&k).await.unwrap(), None);
+        assert_eq!(h.stats().no_space, 2);
+        h.clear();
+        s.put(&k, Bytes::from_static(b"x")).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn chancy_torn_puts_hit_some_and_spare_others() {
+        let (s, h) = faulty(12);
+        h.set_rules(vec![
+            FaultRule::new(FaultOp::PutIfAbsent, FaultKind::Torn).sometimes(0.5)
+        ])
+        .unwrap();
+        let mut landed = 0;
+        for i in 0..64 {
+            let k = key(&format!("t/{i}"));
+            if s.put_if_absent(&k, Bytes::from_static(b"v")).await.is_ok() {
+                landed += 1;
+                assert!(s.head(&k).await.unwrap().is_some());
+            } else {
+                assert!(s.head(&k).await.unwrap().is_none(), "a torn put left {k}");
+            }
+        }
+        assert!(landed > 0 && landed < 64, "{landed}");
+        assert_eq!(h.stats().torn, 64 - landed);
+    }
+
+    #[test]
+    fn bad_rule_probability_is_refused() {
+        let (_s, h) = faulty(1);
+        let r = FaultRule::new(FaultOp::Put, FaultKind::Torn).sometimes(2.0);
+        assert!(matches!(
+            h.set_rules(vec![r]),
+            Err(FaultError::BadProbability { rule: 0, .. })
+        ));
+        let r = FaultRule::new(FaultOp::Get, FaultKind::NoSpace);
+        assert!(matches!(
+            h.set_rules(vec![r]),
+            Err(FaultError::PutOnlyKind { .. })
+        ));
+    }
+
+    #[test]
+    fn spec_parses_every_kind() {
+        let spec = FaultSpec::parse(
+            "seed=42\n# comment\nop=put_if_absent prefix=chunks/ kind=error p=0.2; \
+             op=any kind=latency ms=20 p=0.5\nop=put prefix=records/ kind=torn times=3\n\
+             kind=lost p=0.01 # trailing comment\nop=put kind=nospace",
+        )
+        .unwrap();
+        assert_eq!(spec.seed, Some(42));
+        let want = vec![
+            FaultRule::new(FaultOp::PutIfAbsent, FaultKind::Error(1.0))
+                .under("chunks/")
+                .sometimes(0.2),
+            FaultRule::new(FaultOp::Any, FaultKind::Latency(Duration::from_millis(20)))
+                .sometimes(0.5),
+            FaultRule::new(FaultOp::Put, FaultKind::Torn)
+                .under("records/")
+                .times(3),
+            FaultRule::new(FaultOp::Any, FaultKind::LostAfterAck).sometimes(0.01),
+            FaultRule::new(FaultOp::Put, FaultKind::NoSpace),
+        ];
+        assert_eq!(spec.rules, want);
+        assert_eq!(FaultSpec::parse("").unwrap().rules, vec![]);
+    }
+
+    #[test]
+    fn spec_mistakes_name_their_entry() {
+        for (text, entry, what) in [
+            ("kind=error; op=fly kind=error", 2, "unknown op"),
+            ("kind=boom", 1, "unknown kind"),
+            ("op=get", 1, "kind= is required"),
+            ("kind=latency", 1, "needs ms="),
+            ("kind=error ms=5", 1, "ms= goes with"),
+            ("kind=error p=1.5", 1, "within 0..=1"),
+            ("kind=error p=x", 1, "within 0..=1"),
+            ("kind=error times=-1", 1, "whole number"),
+            ("kind=error colour=red", 1, "unknown key"),
+            ("kind=error oops", 1, "not key=value"),
+            ("seed=1 kind=error", 1, "stands alone"),
+            ("op=get kind=torn", 1, "puts only"),
+            ("op=list kind=nospace", 1, "puts only"),
+        ] {
+            match FaultSpec::parse(text) {
+                Err(FaultError::Spec {
+                    entry: e, reason, ..
+                }) => {
+                    assert_eq!(e, entry, "{text}");
+                    assert!(reason.contains(what), "{text}: {reason}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
     }
 }

@@ -111,6 +111,15 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The backend has no space left (ENOSPC on the local backend). Transient from the
+    /// caller's point of view: nothing was written, and a retry succeeds once space returns.
+    #[error("store full during {op} of {key}: {source}")]
+    Full {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("store configuration: {0}")]
     Config(String),
     /// The requested byte range is empty or not entirely inside the object (a caller bug or a
@@ -129,6 +138,11 @@ impl StoreError {
             object_store::Error::NotFound { .. } => StoreError::NotFound {
                 key: key.to_string(),
             },
+            other if is_storage_full(&other) => StoreError::Full {
+                op,
+                key: key.to_string(),
+                source: Box::new(other),
+            },
             other => StoreError::Unavailable {
                 op,
                 key: key.to_string(),
@@ -136,6 +150,23 @@ impl StoreError {
             },
         }
     }
+}
+
+/// Whether an I/O error of kind `StorageFull` (ENOSPC, EDQUOT) is anywhere in the chain: the
+/// local backend wraps it in its own error types.
+fn is_storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::StorageFull
+                || io.kind() == std::io::ErrorKind::QuotaExceeded
+            {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Outcome of a create-only put.

@@ -19,64 +19,119 @@ pub struct Server {
     pub ca_pem: String,
     pub token: String,
     child: Option<Child>,
+    listen: String,
+    config: Option<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Server {
     /// Starts `drvault serve` in `dir/data` with an optional TOML config.
     pub fn start(dir: &Path, config: Option<&str>) -> Server {
+        Server::start_with(dir, config, "127.0.0.1:0", &[])
+    }
+
+    /// Starts `drvault serve` listening on `listen`, with extra environment variables (e.g.
+    /// `DRVAULT_FAULTS`). The same data directory and address can be started again after a
+    /// kill ([`Server::restart`]), so agents holding the URL reconnect.
+    pub fn start_with(
+        dir: &Path,
+        config: Option<&str>,
+        listen: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
         let data_dir = dir.join("data");
+        let mut s = Server {
+            dir: dir.to_path_buf(),
+            data_dir,
+            url: String::new(),
+            ca_pem: String::new(),
+            token: String::new(),
+            child: None,
+            listen: listen.to_string(),
+            config: config.map(String::from),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let data_dir = self.data_dir.clone();
         let _ = std::fs::remove_file(data_dir.join("server.json"));
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
             .arg("--listen")
-            .arg("127.0.0.1:0");
-        if let Some(c) = config {
-            let p = dir.join("server.toml");
+            .arg(&self.listen);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if let Some(c) = &self.config {
+            let p = self.dir.join("server.toml");
             std::fs::write(&p, c).unwrap();
             cmd.arg("--config").arg(p);
         }
-        let log = std::fs::File::create(dir.join("server.log")).unwrap();
+        // Appended: a restarted server's log follows the previous one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .unwrap();
         let child = cmd
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn drvault serve");
-        let mut s = Server {
-            dir: dir.to_path_buf(),
-            data_dir: data_dir.clone(),
-            url: String::new(),
-            ca_pem: String::new(),
-            token: String::new(),
-            child: Some(child),
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(t) = std::fs::read_to_string(data_dir.join("server.json")) {
                 if let Ok(sf) = serde_json::from_str::<ServerFile>(&t) {
-                    s.url = sf.url;
-                    s.ca_pem = std::fs::read_to_string(sf.ca_cert).unwrap();
-                    s.token = std::fs::read_to_string(data_dir.join("operator.token"))
+                    self.url = sf.url;
+                    self.ca_pem = std::fs::read_to_string(sf.ca_cert).unwrap();
+                    self.token = std::fs::read_to_string(data_dir.join("operator.token"))
                         .unwrap()
                         .trim()
                         .to_string();
-                    return s;
+                    return;
                 }
             }
-            if let Some(c) = s.child.as_mut() {
+            if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    panic!("server exited early ({st}): {}", s.log());
+                    panic!("server exited early ({st}): {}", self.log());
                 }
             }
             assert!(
                 Instant::now() < deadline,
                 "server did not start: {}",
-                s.log()
+                self.log()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// SIGKILL: no shutdown, no flush, nothing drained; waits until the process is gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory, address and environment.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running server");
+        self.spawn();
+    }
+
+    /// Whether the server process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     pub fn log(&self) -> String {
@@ -104,15 +159,24 @@ impl Server {
 
     /// Runs the CLI and insists on success.
     pub fn cli_ok(&self, args: &[&str]) -> String {
-        let o = self.cli(args);
-        assert!(
-            o.status.success(),
-            "drvault {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        succeeded(&self.cli(args), &format!("drvault {args:?}"))
+    }
+
+    /// `drvault export` of disk `os` of `vm` at `point` as a raw image into `out`.
+    pub fn export_os_raw(&self, vm: &str, point: &str, out: &Path) -> Output {
+        self.cli(&[
+            "export",
+            "--vm",
+            vm,
+            "--disk",
+            "os",
+            "--point",
+            point,
+            "--format",
+            "raw",
+            "-o",
+            out.to_str().unwrap(),
+        ])
     }
 
     /// Registers a host and returns the path of its credentials file.
@@ -187,6 +251,27 @@ fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
     }
 }
 
+/// Insists that a command succeeded (its output in the message if not); returns its stdout.
+pub fn succeeded(o: &Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A free TCP port on 127.0.0.1 (bound once and released; good enough for a test's server).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs a command, insisting on success; returns stdout.
 pub fn run(cmd: &str, args: &[&str]) -> String {
     let o = Command::new(cmd)
@@ -201,19 +286,95 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// splitmix64: seeded test data and schedules (the crash harness draws its kills from it).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-ish in [lo, hi) (`lo` when the range is empty).
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo).max(1)
+    }
+
+    /// A random version-4-shaped GUID.
+    pub fn guid(&mut self) -> String {
+        let (a, b) = (self.next(), self.next());
+        format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            a >> 32,
+            (a >> 16) & 0xffff,
+            a & 0xfff,
+            b >> 52,
+            b & 0xffff_ffff_ffff
+        )
+    }
+}
+
 /// Deterministic pseudo-random bytes (splitmix64).
 pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed;
+    let mut r = Rng(seed);
     let mut v = Vec::with_capacity(len + 8);
     while v.len() < len {
-        s = s.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        v.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        v.extend_from_slice(&r.next().to_le_bytes());
     }
     v.truncate(len);
     v
+}
+
+/// One replication cycle of a raw disk: `prev` copied to `next` with `writes` random
+/// sector-aligned writes of up to `max_len` bytes (about a quarter of them zeros), and the MS-HRL
+/// log from one to the other made by `drvault hrl diff` into `log`, chained to `prev_id` (the
+/// zero GUID for the first). Returns the new log's id. Callers keep cycles × `writes` ×
+/// `max_len` under half the disk: unmerged logs past that make the server demand a resync.
+pub fn next_cycle(
+    rng: &mut Rng,
+    prev: &Path,
+    next: &Path,
+    log: &Path,
+    prev_id: &str,
+    writes: usize,
+    max_len: u64,
+) -> String {
+    use std::os::unix::fs::FileExt;
+    std::fs::copy(prev, next).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(next).unwrap();
+    let sectors = f.metadata().unwrap().len() / 512;
+    for _ in 0..writes {
+        let off = rng.range(0, sectors - max_len / 512) * 512;
+        let len = rng.range(8, max_len / 512) as usize * 512;
+        let bytes = if rng.range(0, 4) == 0 {
+            vec![0u8; len]
+        } else {
+            pseudo_random(len, rng.next())
+        };
+        f.write_all_at(&bytes, off).unwrap();
+    }
+    drop(f);
+    let uid = rng.guid();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    run(
+        BIN,
+        &[
+            "hrl",
+            "diff",
+            &path(prev),
+            &path(next),
+            "-o",
+            &path(log),
+            "--previous-id",
+            prev_id,
+            "--unique-id",
+            &uid,
+        ],
+    );
+    uid
 }
 
 /// A raw image of `size` bytes: random data in the given (offset, len) regions, zeros elsewhere.

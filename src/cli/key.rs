@@ -1,0 +1,50 @@
+//! `drvault key list|rotate`: the vault's key ring, through the operator API.
+
+use anyhow::Result;
+use clap::Subcommand;
+use reqwest::Method;
+
+use super::operator::Conn;
+use crate::api::keys::KeysView;
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Show the keys, which one seals new objects, and how many objects each has sealed.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a new key for new writes; objects sealed with older keys stay readable. The server
+    /// rewrites its key file: back it up again afterwards.
+    Rotate {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(cmd: KeyCmd, conn: Conn) -> Result<i32> {
+    let c = conn.client()?;
+    let (v, json): (KeysView, bool) = match cmd {
+        KeyCmd::List { json } => (c.get_json("/v1/keys").await?, json),
+        KeyCmd::Rotate { json } => (
+            c.send_json(Method::POST, "/v1/keys/rotate", &serde_json::json!({}))
+                .await?,
+            json,
+        ),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    println!("{:<6} {:<8} {:<22} SEALS", "KEY", "ACTIVE", "CREATED");
+    for k in &v.keys {
+        println!(
+            "{:<6} {:<8} {:<22} {}",
+            k.id,
+            if k.active { "yes" } else { "" },
+            crate::util::rfc3339(k.created_unix),
+            k.seals
+        );
+    }
+    Ok(0)
+}
