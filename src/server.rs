@@ -91,6 +91,20 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    if config.vault.create_container {
+        let container = url
+            .strip_prefix("az://")
+            .or_else(|| url.strip_prefix("azure://"))
+            .ok_or_else(|| {
+                crate::config::ConfigError::Invalid(format!(
+                    "vault.create_container applies to az:// vaults, not {url}"
+                ))
+            })?
+            .trim_end_matches('/');
+        if crate::store::azure::ensure_vault_container(container, &options).await? {
+            println!("created container       {url}");
+        }
+    }
     let store = Store::open(&url, &options)?;
     let cpu = CpuPool::new(config.cpu_threads());
     let vault = Vault::open(store, keys, cpu, config.vault.zstd_level).await?;
