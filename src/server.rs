@@ -94,6 +94,20 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    if config.vault.create_container {
+        let container = url
+            .strip_prefix("az://")
+            .or_else(|| url.strip_prefix("azure://"))
+            .ok_or_else(|| {
+                crate::config::ConfigError::Invalid(format!(
+                    "vault.create_container applies to az:// vaults, not {url}"
+                ))
+            })?
+            .trim_end_matches('/');
+        if crate::store::azure::ensure_vault_container(container, &options).await? {
+            println!("created container       {url}");
+        }
+    }
     let store = Store::open(&url, &options)?;
     // Test-only fault injection (DRVAULT_FAULTS); the store is returned unchanged without it.
     let (store, _faults) = crate::store::faulty::from_env(store)?;

@@ -840,11 +840,18 @@ async fn agent_put_log(
         final_log: q.final_log,
     };
     let stream = body.into_data_stream();
-    Ok(Json(
-        s.protection
-            .accept_log(&host, &vm, &disk, &log_id, meta, len, stream)
-            .await?,
-    ))
+    // The log is taken in a task of its own: when a client disconnects mid-upload, the server
+    // drops this handler's future, and a log accepted that way would stop wherever it was,
+    // leaving the frames already stored behind. The task instead sees the body end in an error
+    // and deletes them, as for any refused log.
+    let p = s.protection.clone();
+    let ack = tokio::spawn(async move {
+        p.accept_log(&host, &vm, &disk, &log_id, meta, len, stream)
+            .await
+    })
+    .await
+    .map_err(|e| crate::error::Error::internal(format!("log upload task failed: {e}")))??;
+    Ok(Json(ack))
 }
 
 async fn set_vm_policy(

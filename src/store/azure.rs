@@ -16,6 +16,9 @@
 //! (path `/container`) and an emulator's path-style `http://127.0.0.1:10000/devstoreaccount1`
 //! (path `/devstoreaccount1/container`, which Azure documents as the emulator's resource form).
 //!
+//! [`ensure_vault_container`] serves `vault.create_container`: it finds endpoint, account and key
+//! in the same options (and environment) the vault's store is opened with.
+//!
 //! Outcomes: 201 → created; 409 with error code `ContainerAlreadyExists` → already there. Bad
 //! names, keys, endpoints and credentials rejected by the service (401/403) and other 4xx are
 //! [`StoreError::Config`]: retrying cannot help. Transport errors, 5xx, 408/429 and other 409s
@@ -51,6 +54,75 @@ pub enum AzureError {
         code: String,
         message: String,
     },
+}
+
+/// Azurite's well-known account and key, which object_store also falls back to in emulator mode.
+const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
+const EMULATOR_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Where and as whom to create an `az://` vault's container.
+#[derive(Debug, PartialEq, Eq)]
+struct Target {
+    endpoint: String,
+    account: String,
+    key: String,
+}
+
+/// Resolves the endpoint, account and key from the options the store is opened with (over the
+/// `AZURE_*` environment), the way object_store does: in emulator mode the endpoint is
+/// `$AZURITE_BLOB_STORAGE_URL` (default http://127.0.0.1:10000) plus `/<account>`, account and
+/// key default to the emulator's; otherwise the endpoint option or
+/// `https://<account>.blob.core.windows.net`. Only an account key can sign the request here:
+/// other credentials are refused with a hint rather than tried.
+fn target(container: &str, options: &[(String, String)]) -> Result<Target, StoreError> {
+    use object_store::azure::AzureConfigKey as K;
+    let b = super::azure_builder(container, options)?;
+    let get = |k: K| b.get_config_value(&k).filter(|v| !v.trim().is_empty());
+    // object_store's spellings of true.
+    let emulator = get(K::UseEmulator).is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "on" | "yes" | "y"
+        )
+    });
+    if emulator {
+        let account = get(K::AccountName).unwrap_or_else(|| EMULATOR_ACCOUNT.into());
+        let base = std::env::var("AZURITE_BLOB_STORAGE_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:10000".into());
+        return Ok(Target {
+            endpoint: format!("{}/{account}", base.trim_end_matches('/')),
+            key: get(K::AccessKey).unwrap_or_else(|| EMULATOR_KEY.into()),
+            account,
+        });
+    }
+    let account = get(K::AccountName).ok_or_else(|| {
+        StoreError::Config(
+            "vault.create_container: no azure account name (azure_storage_account_name)".into(),
+        )
+    })?;
+    let key = get(K::AccessKey).ok_or_else(|| {
+        StoreError::Config(format!(
+            "vault.create_container needs the key of account {account} (azure_storage_account_key or AZURE_STORAGE_ACCOUNT_KEY); with other credentials, create container {container} beforehand and turn the setting off"
+        ))
+    })?;
+    let endpoint =
+        get(K::Endpoint).unwrap_or_else(|| format!("https://{account}.blob.core.windows.net"));
+    Ok(Target {
+        endpoint,
+        account,
+        key,
+    })
+}
+
+/// `vault.create_container`: creates the container of an `az://{container}` vault, with the
+/// account, key and endpoint its store is opened with. Returns `true` when this call created it.
+pub async fn ensure_vault_container(
+    container: &str,
+    options: &[(String, String)],
+) -> Result<bool, StoreError> {
+    let t = target(container, options)?;
+    ensure_container(&t.endpoint, &t.account, &t.key, container).await
 }
 
 /// Creates `container` unless it exists. Returns `true` when this call created it.
@@ -286,6 +358,73 @@ mod tests {
             }) => assert_eq!(key, "vault"),
             other => panic!("expected Unavailable, got {other:?}"),
         }
+    }
+
+    fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn vault_container_target_comes_from_the_store_options() {
+        let t = target(
+            "vault",
+            &opts(&[
+                ("azure_storage_account_name", "acct1"),
+                ("azure_storage_account_key", EMU_KEY),
+                ("azure_storage_endpoint", "http://127.0.0.1:9/acct1"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            t,
+            Target {
+                endpoint: "http://127.0.0.1:9/acct1".into(),
+                account: "acct1".into(),
+                key: EMU_KEY.into()
+            }
+        );
+        // Without an endpoint: the account's public blob endpoint.
+        let t = target(
+            "vault",
+            &opts(&[("account_name", "acct1"), ("access_key", "a2V5")]),
+        )
+        .unwrap();
+        assert_eq!(t.endpoint, "https://acct1.blob.core.windows.net");
+        // Emulator mode: the emulator's account and key unless given.
+        let t = target("vault", &opts(&[("azure_storage_use_emulator", "yes")])).unwrap();
+        assert_eq!(
+            (t.account.as_str(), t.key.as_str()),
+            (EMULATOR_ACCOUNT, EMU_KEY)
+        );
+        assert!(t.endpoint.ends_with("/devstoreaccount1"), "{}", t.endpoint);
+    }
+
+    #[test]
+    fn vault_container_without_account_or_key_is_refused() {
+        // Only meaningful where the environment does not supply them.
+        if std::env::var_os("AZURE_STORAGE_ACCOUNT_KEY").is_some()
+            || std::env::var_os("AZURE_STORAGE_ACCOUNT_NAME").is_some()
+        {
+            return;
+        }
+        let msg = match target("vault", &opts(&[("azure_storage_account_name", "acct1")])) {
+            Err(StoreError::Config(m)) => m,
+            other => panic!("expected a configuration error, got {other:?}"),
+        };
+        assert!(msg.contains("needs the key of account acct1"), "{msg}");
+        let msg = match target("vault", &[]) {
+            Err(StoreError::Config(m)) => m,
+            other => panic!("expected a configuration error, got {other:?}"),
+        };
+        assert!(msg.contains("no azure account name"), "{msg}");
+        let msg = match target("vault", &opts(&[("no_such_option", "1")])) {
+            Err(StoreError::Config(m)) => m,
+            other => panic!("expected a configuration error, got {other:?}"),
+        };
+        assert!(msg.contains("no_such_option"), "{msg}");
     }
 
     #[test]

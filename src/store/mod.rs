@@ -200,6 +200,24 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The Azure builder of an `az://{container}` vault: `AZURE_*` environment variables first, the
+/// configured options over them. Shared by [`Store::open`] and container creation, so both talk
+/// to the same account with the same credentials.
+pub(crate) fn azure_builder(
+    container: &str,
+    options: &[(String, String)],
+) -> Result<object_store::azure::MicrosoftAzureBuilder, StoreError> {
+    let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+        .with_container_name(container.trim_end_matches('/'));
+    for (k, v) in options {
+        let key: object_store::azure::AzureConfigKey = k
+            .parse()
+            .map_err(|e| StoreError::Config(format!("azure option {k}: {e}")))?;
+        b = b.with_config(key, v);
+    }
+    Ok(b)
+}
+
 impl Store {
     /// Opens the store named by `url`: `file:///abs/dir` (fsync on), `memory://`,
     /// `az://container` / `azure://container`, `s3://bucket`. Cloud credentials and endpoints
@@ -221,14 +239,7 @@ impl Store {
             .strip_prefix("az://")
             .or_else(|| url.strip_prefix("azure://"))
         {
-            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_container_name(container.trim_end_matches('/'));
-            for (k, v) in options {
-                let key: object_store::azure::AzureConfigKey = k
-                    .parse()
-                    .map_err(|e| StoreError::Config(format!("azure option {k}: {e}")))?;
-                b = b.with_config(key, v);
-            }
+            let b = azure_builder(container, options)?;
             Arc::new(
                 b.build()
                     .map_err(|e| StoreError::Config(format!("azure store {url}: {e}")))?,

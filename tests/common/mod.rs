@@ -25,7 +25,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `drvault serve` in `dir/data` with an optional TOML config.
+    /// Starts `drvault serve` in `dir/data` with an optional TOML config, on a free port.
+    /// With an Azurite vault: `Server::start(dir, Some(&azurite.vault_config("vault", "")))`.
     pub fn start(dir: &Path, config: Option<&str>) -> Server {
         Server::start_with(dir, config, "127.0.0.1:0", &[])
     }
@@ -56,6 +57,11 @@ impl Server {
         };
         s.spawn();
         s
+    }
+
+    /// Starts the server listening on `listen` (e.g. the address of an earlier run).
+    pub fn start_at(dir: &Path, config: Option<&str>, listen: &str) -> Server {
+        Server::start_with(dir, config, listen, &[])
     }
 
     fn spawn(&mut self) {
@@ -205,6 +211,28 @@ impl Server {
         walk(&root.join(prefix), &root, &mut out);
         out.sort();
         out
+    }
+
+    /// `host:port` the server listens on.
+    pub fn addr(&self) -> String {
+        self.url.trim_start_matches("https://").to_string()
+    }
+
+    /// SIGKILL, then wait: a crash, with no chance to finish requests or flush anything.
+    /// `Server::start_at(&dir, config, &addr)` afterwards is the restart.
+    pub fn kill(&mut self) {
+        assert!(self.child.is_some(), "kill of a stopped server");
+        self.kill9();
+    }
+
+    /// Stops the server cleanly (SIGTERM) and starts it again on the same data directory and
+    /// address, so credentials files written before still reach it. `config` is written again:
+    /// pass the same one (a vault on Azurite stays on the same container).
+    pub fn restart_clean(mut self, config: Option<&str>) -> Server {
+        let addr = self.addr();
+        let st = self.stop();
+        assert!(st.success(), "server stopped with {st}: {}", self.log());
+        Server::start_at(&self.dir.clone(), config, &addr)
     }
 
     /// SIGTERM, then wait for exit.

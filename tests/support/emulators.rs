@@ -203,6 +203,54 @@ impl Azurite {
         .collect()
     }
 
+    /// The `[vault]` part of a `drvault serve` config that keeps the vault in `az://{container}`
+    /// on this emulator, with `create_container = true` so the server makes the container on its
+    /// first start. `vault_extra` holds further `[vault]` keys (e.g. `"block_size = 262144\n"`);
+    /// other sections go after the returned text (it ends inside `[vault.options]`, and TOML
+    /// allows a table only once, so callers must not write a `[vault]` of their own).
+    pub fn vault_config(&self, container: &str, vault_extra: &str) -> String {
+        let mut s = format!(
+            "[vault]\nurl = \"az://{container}\"\ncreate_container = true\n{vault_extra}\n[vault.options]\n"
+        );
+        for (k, v) in self.store_options(container) {
+            // The container comes from the URL; the other keys are plain strings.
+            if k != "azure_container_name" {
+                s.push_str(&format!("{k} = \"{v}\"\n"));
+            }
+        }
+        s.push('\n');
+        s
+    }
+
+    /// Every blob in `container` with its size, sorted by name: the whole vault as the server
+    /// left it, foreign or half-written objects included (listed with object_store directly,
+    /// not through drvault's `Store`, which skips keys it does not recognise).
+    pub async fn objects(&self, container: &str) -> Vec<(String, u64)> {
+        use futures_util::TryStreamExt as _;
+        use object_store::ObjectStore as _;
+        let mut b = object_store::azure::MicrosoftAzureBuilder::new();
+        for (k, v) in self.store_options(container) {
+            let key: object_store::azure::AzureConfigKey = k
+                .parse()
+                .unwrap_or_else(|e| panic!("azure option {k}: {e}"));
+            b = b.with_config(key, v);
+        }
+        let s = b
+            .build()
+            .unwrap_or_else(|e| panic!("azure store for {container}: {e}"));
+        let metas: Vec<object_store::ObjectMeta> = s
+            .list(None)
+            .try_collect()
+            .await
+            .unwrap_or_else(|e| panic!("list container {container}: {e}"));
+        let mut out: Vec<(String, u64)> = metas
+            .into_iter()
+            .map(|m| (m.location.to_string(), m.size))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Creates `name`; true when it did not exist yet.
     pub async fn create_container(&self, name: &str) -> bool {
         drvault::store::azure::ensure_container(&self.url(), AZURITE_ACCOUNT, AZURITE_KEY, name)
