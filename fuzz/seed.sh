@@ -51,6 +51,12 @@ for f in "$work"/vhd/* "$work"/vhdx/*; do
     enc "$f" "$corpus/$t/$(basename "$f")"
     cp "$corpus/$t/$(basename "$f")" "$corpus/image/"
 done
+# The same disks with bit 31 of the length set: the target recomputes their header checksums
+# after mutation (fuzz/src/lib.rs), so mutated header fields reach their own checks.
+for f in "$corpus"/vhd/* "$corpus"/vhdx/*; do
+    case "$f" in *-fixsum) continue ;; esac
+    python3 -c 'import sys; d = bytearray(open(sys.argv[1], "rb").read()); d[3] |= 0x80; open(sys.argv[2], "wb").write(d)' "$f" "$f-fixsum"
+done
 printf 'not an image' > "$work/raw-small"
 enc "$work/raw-small" "$corpus/image/raw-small"
 enc "$work/raw.img" "$corpus/image/raw-1m"

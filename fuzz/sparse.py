@@ -60,6 +60,9 @@ def encode_run(base: int, run: bytes) -> bytes:
 
 def decode(data: bytes) -> bytes:
     (length,) = struct.unpack_from("<I", data, 0)
+    if length & 0x80000000:
+        print("note: checksum-fixing bit set; the target recomputes header checksums that "
+              "this flat file keeps as they are", file=sys.stderr)
     length &= MAX_FILE_LEN
     out = bytearray(length)
     rest = 4

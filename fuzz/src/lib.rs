@@ -6,7 +6,7 @@
 //! real files by `fuzz/sparse.py`):
 //!
 //! ```text
-//! u32 LE  file length (bits 0..30 only: at most 1 GiB)
+//! u32 LE  file length: bits 0..29 (at most 1 GiB); bit 31 set = fix checksums (below)
 //! then records, each:
 //!   u32 LE  file offset
 //!   u16 LE  n: bit 15 clear → n literal bytes follow;
@@ -14,7 +14,11 @@
 //! ```
 //!
 //! Everything not covered by a record reads as zero; later records win; bytes past the file
-//! length are dropped; a cut record keeps what is there. qemu's VHD blocks are 2 MiB and a
+//! length are dropped; a cut record keeps what is there. With bit 31 of the length field set,
+//! the decoder then recomputes the checksums that guard the headers, as a writer would:
+//! VHDX headers and region tables (CRC-32C), VHD footers (at 0 and at the end) and the
+//! dynamic header the first one points at. Without that, a mutation of any header field is
+//! refused at the checksum and never reaches the field's own validation. qemu's VHD blocks are 2 MiB and a
 //! VHDX is at least 4 MiB, nearly all zeros: fed flat, almost every mutation would land in
 //! those zeros, and every execution would copy megabytes. Sparse, a qemu image is a few KiB
 //! of headers and tables, which is where the parsers are.
@@ -43,6 +47,14 @@ pub const KEY_1: [u8; 32] = [0x11; 32];
 pub const KEY_2: [u8; 32] = [0x22; 32];
 /// Object name the `sealed` targets open under.
 pub const OBJECT_NAME: &str = "fuzz/object";
+
+#[derive(Clone, Copy)]
+enum Sum {
+    /// MS-VHDX: CRC-32C of the structure with its checksum field zero, little-endian.
+    Crc32c,
+    /// VHD: one's complement of the byte sum without the checksum field, big-endian.
+    Vhd,
+}
 
 enum Piece {
     Bytes(Vec<u8>),
@@ -81,7 +93,57 @@ impl SparseImage {
                 extents.push((at, piece));
             }
         }
-        Some(SparseImage { len, extents })
+        let mut image = SparseImage { len, extents };
+        if head[3] & 0x80 != 0 {
+            image.fix_checksums();
+        }
+        Some(image)
+    }
+
+    fn fix_checksums(&mut self) {
+        let mut magic = [0u8; 8];
+        if self.read_exact_at(&mut magic, 0).is_err() {
+            return;
+        }
+        if &magic == b"vhdxfile" {
+            for at in [64 << 10, 128 << 10] {
+                self.fix_sum(at, 4096, 4, Sum::Crc32c);
+            }
+            for at in [192 << 10, 256 << 10] {
+                self.fix_sum(at, 64 << 10, 4, Sum::Crc32c);
+            }
+            return;
+        }
+        let footers = [0, self.len.saturating_sub(512)];
+        for at in footers {
+            if self.read_exact_at(&mut magic, at).is_ok() && &magic == b"conectix" {
+                self.fix_sum(at, 512, 64, Sum::Vhd);
+            }
+        }
+        let mut data_offset = [0u8; 8];
+        if self.read_exact_at(&mut data_offset, 16).is_ok() {
+            let at = u64::from_be_bytes(data_offset);
+            if self.read_exact_at(&mut magic, at).is_ok() && &magic == b"cxsparse" {
+                self.fix_sum(at, 1024, 36, Sum::Vhd);
+            }
+        }
+    }
+
+    /// Recomputes the 4-byte checksum at `field` of the `len`-byte structure at `at`.
+    fn fix_sum(&mut self, at: u64, len: usize, field: usize, sum: Sum) {
+        let mut raw = vec![0u8; len];
+        if self.read_exact_at(&mut raw, at).is_err() {
+            return;
+        }
+        raw[field..field + 4].fill(0);
+        let value = match sum {
+            Sum::Crc32c => drvault::format::vhdx::crc32c(&raw).to_le_bytes(),
+            Sum::Vhd => {
+                (!raw.iter().fold(0u32, |a, &b| a.wrapping_add(u32::from(b)))).to_be_bytes()
+            }
+        };
+        self.extents
+            .push((at + field as u64, Piece::Bytes(value.to_vec())));
     }
 
     /// The whole file, flat (for small files: writing regression tests).
@@ -130,7 +192,9 @@ impl ReadAt for SparseImage {
 pub fn parent_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("drvault-fuzz-parent-{}", std::process::id()));
+        // One shared directory (same bytes every time) rather than one per process: runs with
+        // -jobs and every crash reproduction would otherwise leave 4 MiB behind each.
+        let dir = std::env::temp_dir().join("drvault-fuzz-parent-v1");
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("fuzz parent dir: {e}"));
         let mut disk: Vec<u8> = (0..PARENT_SIZE / 512)
             .flat_map(|k| std::iter::repeat_n(k as u8, 512))
@@ -138,7 +202,10 @@ pub fn parent_dir() -> &'static Path {
         let footer = drvault::format::vhd::fixed_footer(PARENT_SIZE, PARENT_ID, 0)
             .unwrap_or_else(|e| panic!("fuzz parent footer: {e}"));
         disk.extend_from_slice(&footer);
-        std::fs::write(dir.join(PARENT_NAME), disk).unwrap_or_else(|e| panic!("fuzz parent: {e}"));
+        // Written aside and renamed, so a parallel job never sees a half-written parent.
+        let tmp = dir.join(format!("{PARENT_NAME}.{}", std::process::id()));
+        std::fs::write(&tmp, disk).unwrap_or_else(|e| panic!("fuzz parent: {e}"));
+        std::fs::rename(&tmp, dir.join(PARENT_NAME)).unwrap_or_else(|e| panic!("fuzz parent: {e}"));
         dir
     })
 }
