@@ -438,4 +438,90 @@ mod tests {
             Err(SealError::BadPayload { .. })
         ));
     }
+
+    /// Writes seeds for the `sealed` fuzz target into `$SEALED_SEED_DIR` and for
+    /// `sealed_roundtrip` into `$SEALED_ROUNDTRIP_SEED_DIR` (fuzz/seed.sh), with the fuzz
+    /// crate's fixed key ring (master keys 0x11 × 32 as id 1, 0x22 × 32 as id 2, 2 active).
+    /// First byte: the kind's index (kind − 1); bit 7 set = re-tagged mode, whose seeds are a
+    /// header and a payload before encryption.
+    #[test]
+    #[ignore = "writes fuzz seeds; run through fuzz/seed.sh"]
+    fn write_fuzz_seeds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir_of = |var: &str, sub: &str| {
+            let d = std::env::var_os(var)
+                .map_or_else(|| tmp.path().join(sub), std::path::PathBuf::from);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let sealed_dir = dir_of("SEALED_SEED_DIR", "sealed");
+        let roundtrip_dir = dir_of("SEALED_ROUNDTRIP_SEED_DIR", "roundtrip");
+        let keys = KeyRing::from_masters(&[(1, [0x11; 32]), (2, [0x22; 32])], 2).unwrap();
+        let extents = crate::journal::encode_extents(&[
+            crate::journal::Extent {
+                disk_offset: 4096,
+                length: 512,
+                log_offset: 0,
+            },
+            crate::journal::Extent {
+                disk_offset: 1 << 20,
+                length: 65536,
+                log_offset: 512,
+            },
+        ]);
+        let plains: [(&str, Vec<u8>); 4] = [
+            ("empty", Vec::new()),
+            ("text", text(3000)),
+            ("bytes", (0..=255u8).collect()),
+            ("extents", extents),
+        ];
+        let kinds = [
+            ObjectKind::Chunk,
+            ObjectKind::MapRoot,
+            ObjectKind::MapSegment,
+            ObjectKind::Record,
+            ObjectKind::Receipt,
+            ObjectKind::LogFrame,
+        ];
+        for kind in kinds {
+            let index = kind as u8 - 1;
+            for (what, plain) in &plains {
+                for level in [None, Some(1)] {
+                    let s = seal(&keys, kind, "fuzz/object", plain, level);
+                    assert_eq!(
+                        open(&keys, kind, "fuzz/object", s.bytes.clone()).unwrap(),
+                        *plain
+                    );
+                    let tag = if s.compressed { "zstd" } else { "plain" };
+                    let mut raw = vec![index];
+                    raw.extend_from_slice(&s.bytes);
+                    std::fs::write(sealed_dir.join(format!("{index}-{what}-{tag}")), raw).unwrap();
+
+                    let payload = if s.compressed {
+                        zstd::bulk::compress(plain, 1).unwrap()
+                    } else {
+                        plain.clone()
+                    };
+                    let flags = if s.compressed { FLAG_ZSTD } else { 0 };
+                    let mut retag = vec![0x80 | index];
+                    retag.extend_from_slice(&header_bytes(
+                        kind,
+                        flags,
+                        2,
+                        &[9; 12],
+                        plain.len() as u64,
+                    ));
+                    retag.extend_from_slice(&payload);
+                    let name = format!("retag-{index}-{what}-{tag}");
+                    std::fs::write(sealed_dir.join(name), retag).unwrap();
+
+                    let mut rt = vec![index | if level.is_some() { 0x10 } else { 0 }];
+                    rt.extend_from_slice(&[40, 0, 0, 0, 0x01]);
+                    rt.extend_from_slice(plain);
+                    let name = format!("{index}-{what}-{tag}");
+                    std::fs::write(roundtrip_dir.join(name), rt).unwrap();
+                }
+            }
+        }
+    }
 }

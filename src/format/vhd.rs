@@ -1673,4 +1673,93 @@ mod tests {
             "{err}"
         );
     }
+
+    /// Writes seeds for the `vhd` and `image` fuzz targets into `$VHD_SEED_DIR` (fuzz/seed.sh
+    /// converts them to the targets' sparse encoding): our writer's fixed disks, and a
+    /// differencing disk (qemu cannot make those) whose parent is the fixed disk the fuzz
+    /// targets keep in their parent directory: `parent.vhd`, 4 MiB, unique id 0x5a × 16.
+    #[test]
+    #[ignore = "writes fuzz seeds; run through fuzz/seed.sh"]
+    fn write_fuzz_seeds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = std::env::var_os("VHD_SEED_DIR")
+            .map_or_else(|| tmp.path().to_owned(), std::path::PathBuf::from);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut seeds = Vec::new();
+        for (name, size) in [
+            ("writer-fixed-512.vhd", 512usize),
+            ("writer-fixed-1m.vhd", 1 << 20),
+        ] {
+            // Patterned rather than random data keeps the sparse seeds small.
+            let mut vhd = vec![0u8; size];
+            vhd[..size.min(65536)].fill(0xab);
+            vhd[size / 2..size / 2 + 8].copy_from_slice(b"drvault!");
+            vhd.extend_from_slice(&fixed_footer(size as u64, [3; 16], vhd_timestamp(0)).unwrap());
+            seeds.push((name, vhd));
+        }
+
+        // A 4 MiB dynamic image from qemu with data in block 1, turned into a child of the
+        // fuzz parent: parent id and name, a W2ru locator after the blocks, type 4.
+        let child_path = tmp.path().join("child-src.vhd");
+        qemu_img(&[
+            "create",
+            "-f",
+            "vpc",
+            "-o",
+            "subformat=dynamic",
+            p(&child_path),
+            "4M",
+        ]);
+        qemu_io(&[
+            "-f",
+            "vpc",
+            "-c",
+            "write -P 0x77 2097152 65536",
+            p(&child_path),
+        ]);
+        let mut child = std::fs::read(&child_path).unwrap();
+        // Sectors 0..8 of block 1 read through to the parent.
+        let block1 = u64::from(bat_entry(&child, 1)) as usize * 512;
+        child[block1] = 0;
+        let trailing = child.split_off(child.len() - FOOTER_SIZE);
+        let locator_at = child.len() as u64;
+        let locator: Vec<u8> = ".\\parent.vhd"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        let mut data = locator.clone();
+        data.resize(512, 0);
+        child.extend_from_slice(&data);
+        child.extend_from_slice(&trailing);
+        let name: Vec<u8> = "parent.vhd"
+            .encode_utf16()
+            .flat_map(u16::to_be_bytes)
+            .collect();
+        edit_header(&mut child, |h| {
+            h[40..56].copy_from_slice(&[0x5a; 16]);
+            h[64..576].fill(0);
+            h[64..64 + name.len()].copy_from_slice(&name);
+            h[576..580].copy_from_slice(b"W2ru");
+            h[580..584].copy_from_slice(&1u32.to_be_bytes());
+            h[584..588].copy_from_slice(&(locator.len() as u32).to_be_bytes());
+            h[592..600].copy_from_slice(&locator_at.to_be_bytes());
+        });
+        let tail = child.len() - FOOTER_SIZE;
+        for at in [0, tail] {
+            edit_footer(&mut child, at, |f| f.disk_type = DiskType::Differencing);
+        }
+        let parent = tmp.path().join("parent.vhd");
+        let mut parent_disk: Vec<u8> = (0..(4u64 << 20) / 512)
+            .flat_map(|k| std::iter::repeat_n(k as u8, 512))
+            .collect();
+        parent_disk.extend_from_slice(&fixed_footer(4 << 20, [0x5a; 16], 0).unwrap());
+        std::fs::write(&parent, parent_disk).unwrap();
+        let disk = VhdDisk::open(Arc::new(child.clone()), Some(tmp.path())).unwrap();
+        assert_eq!(disk.disk_type(), DiskType::Differencing);
+        seeds.push(("differencing.vhd", child));
+
+        for (name, vhd) in seeds {
+            std::fs::write(dir.join(name), vhd).unwrap();
+        }
+    }
 }

@@ -2289,4 +2289,43 @@ mod tests {
         assert_eq!(buf, expected);
         assert!(view.read_exact_at(&mut buf[..2], 79).is_err());
     }
+
+    /// Writes seeds with a log to replay for the `vhdx` and `image` fuzz targets into
+    /// `$VHDX_SEED_DIR` (fuzz/seed.sh converts them to the targets' sparse encoding; it makes
+    /// the clean images with qemu itself): the synthesized wrapping sequence with its decoys,
+    /// and a log entry qemu wrote, made live again by restoring the BAT from before the write.
+    #[test]
+    #[ignore = "writes fuzz seeds; run through fuzz/seed.sh"]
+    fn write_fuzz_seeds() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = std::env::var_os("VHDX_SEED_DIR")
+            .map_or_else(|| tmp.path().to_owned(), std::path::PathBuf::from);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (synth, _, _, _) = synthesized(tmp.path());
+
+        let path = tmp.path().join("q.vhdx");
+        qemu_img(&[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "subformat=dynamic,block_size=1M",
+            p(&path),
+            "8M",
+        ]);
+        let before = std::fs::read(&path).unwrap();
+        qemu_io(&["-f", "vhdx", "-c", "write -P 0x3c 1048576 8192", p(&path)]);
+        let mut dirty = std::fs::read(&path).unwrap();
+        let disk = open_bytes(dirty.clone()).unwrap();
+        let bat = region_offset(&disk, BAT_REGION);
+        let log_at = disk.header().log_offset as usize;
+        let guid = Guid(array_at(&dirty, log_at + 32));
+        dirty[bat..bat + 4096].copy_from_slice(&before[bat..bat + 4096]);
+        set_log_guid(&mut dirty, guid);
+
+        for (name, file) in [("log-synthesized.vhdx", synth), ("log-qemu.vhdx", dirty)] {
+            assert!(open_bytes(file.clone()).unwrap().log_replayed(), "{name}");
+            std::fs::write(dir.join(name), file).unwrap();
+        }
+    }
 }
