@@ -165,7 +165,10 @@ impl BlockMap {
     /// Loads and verifies a map by its root name.
     pub async fn load(chunks: &ChunkStore, root_name: &ChunkName) -> Result<BlockMap> {
         let root = MapRoot::load(chunks, root_name).await?;
-        let mut entries = Vec::with_capacity(root.entry_count as usize);
+        // The count is the root's claim: reserve at most what a 4 TiB disk of 4 MiB blocks
+        // needs up front and let the segments, each checked as it loads, grow it from there.
+        let mut entries =
+            Vec::with_capacity(usize::try_from(root.entry_count).unwrap_or(0).min(1 << 20));
         for s in 0..root.segments.len() {
             entries.extend(root.load_segment(chunks, s).await?);
         }
