@@ -487,7 +487,7 @@ mod tests {
             let index = kind as u8 - 1;
             for (what, plain) in &plains {
                 for level in [None, Some(1)] {
-                    let s = seal(&keys, kind, "fuzz/object", plain, level);
+                    let s = seal(&keys, kind, "fuzz/object", plain, level).unwrap();
                     assert_eq!(
                         open(&keys, kind, "fuzz/object", s.bytes.clone()).unwrap(),
                         *plain
