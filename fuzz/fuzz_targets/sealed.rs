@@ -49,7 +49,8 @@ fuzz_target!(|data: &[u8]| {
     let key_id = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
     let cipher = keys()
         .cipher(key_id)
-        .unwrap_or_else(|| keys().active_cipher().1);
+        .or_else(|| keys().cipher(keys().active_id()))
+        .unwrap_or_else(|| unreachable!("the active key is in the ring"));
     let mut nonce = [0u8; 12];
     nonce.copy_from_slice(&header[12..24]);
     let mut aad = header.to_vec();
