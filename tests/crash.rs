@@ -595,7 +595,7 @@ impl Harness {
             "--give-up-after",
             "120s",
         ];
-        let out = self.run_under_kills(&args, 6, (5, 250), "initial replication");
+        let out = self.run_under_kills(&args, 6, (0, 60), "initial replication");
         self.must_succeed(&out, "agent protect under kills");
 
         let mut prev = ZERO_GUID.to_string();
