@@ -567,8 +567,8 @@ fn torn_puts_are_retried_and_leave_nothing_half_visible() {
     f.server.stop();
     f.server.restart();
     assert_eq!(f.points("vm1"), vec![1, 2, 3]);
-    for k in 1..=3 {
-        f.export_equals("vm1", &format!("c{k}"), &states[k]);
+    for (k, state) in states.iter().enumerate().skip(1) {
+        f.export_equals("vm1", &format!("c{k}"), state);
     }
     f.export_equals("vm2", "latest", &t0);
 }
