@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::file_formats::ObjectKind;
 use crate::format::hrl::{self, Guid, HrlError};
 use crate::journal::{self, encode_extents, Extent, FrameWriter, JournalEntry, StoredLog};
+use crate::store::StoreError;
 use crate::vault::layout;
 
 /// What the agent says about a log besides its bytes.
@@ -266,8 +267,23 @@ impl Protection {
                     .get_ref()
                     .is_some_and(|e| e.is::<crate::chunk::pipeline::ChunkError>()) =>
             {
-                return Err(journal::store_failure(source)
-                    .unwrap_or_else(|| Error::internal("stored log read failed")))
+                return Err(
+                    match journal::store_failure(source)
+                        .unwrap_or_else(|| Error::internal("stored log read failed"))
+                    {
+                        // A frame this very request stored is gone: the store lost a write it
+                        // had acknowledged. That is the store failing, not damage to keep: the
+                        // frames are deleted below and the agent's retry stores them again.
+                        Error::Store(StoreError::NotFound { key }) => {
+                            Error::Store(StoreError::Unavailable {
+                                op: "read-back",
+                                key,
+                                source: "a frame the store acknowledged is missing".into(),
+                            })
+                        }
+                        e => e,
+                    },
+                );
             }
             Err(e) => {
                 return Err(Error::invalid(

@@ -6,7 +6,8 @@
 //! the replica holds still and the VM's cycles stay aligned. A session starts *scheduled* for the
 //! configured off-hours window (or *active* at once with `--now`); when an agent first asks for a
 //! disk in an active session, the server fixes that disk's comparison base: the disk's newest
-//! point as one full block map.
+//! point as one full block map, or an empty disk when that point cannot be read because an
+//! object it needs is lost or damaged (the agent then sends every block with data, which heals).
 //!
 //! The agent compares hierarchically (see [`crate::replica::patch`]): block hashes of the staged
 //! view (base, or what this session already received), then 4 KiB fine hashes inside blocks that
@@ -36,7 +37,7 @@ use tokio::sync::Mutex;
 use super::session::Receipt;
 use super::{DiskRecord, DiskState, Protection};
 use crate::chunk::PlainHash;
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::jobs::{JobKind, JobState};
 use crate::journal::JournalEntry;
 use crate::replica::blockmap::{block_len, BlockMap, MapEntry};
@@ -496,8 +497,24 @@ impl Protection {
         let base = match &sd.base_root {
             Some(root) => self.map_by_root(root).await?,
             None => {
-                let reader = self.point_reader(vm, disk, d.last_cycle()).await?;
-                let (map, _) = self.full_map(&reader).await?;
+                let latest = async {
+                    let reader = self.point_reader(vm, disk, d.last_cycle()).await?;
+                    Ok::<_, Error>(self.full_map(&reader).await?.0)
+                }
+                .await;
+                let map = match latest {
+                    Ok(map) => map,
+                    // The latest point cannot be read: an object it needs is lost or damaged
+                    // (a log's extent list, a chunk under a logged block). Comparing against
+                    // nothing makes the agent send every block with data, so the resync
+                    // rebuilds the replica whole instead of failing forever. A store outage is
+                    // not damage: it fails (recoverably) as usual.
+                    Err(e) if e.kind() == Kind::Corrupt => {
+                        tracing::warn!(vm, disk, session = %s.id, error = %e, "the latest point is unreadable: resync compares against an empty disk");
+                        BlockMap::zeroed(d.size, d.block_size)
+                    }
+                    Err(e) => return Err(e),
+                };
                 let root = map.save(&self.vault.chunks).await?.to_hex();
                 if let Some(x) = s.disks.get_mut(disk) {
                     x.base_root = Some(root.clone());

@@ -222,12 +222,8 @@ impl Azurite {
         s
     }
 
-    /// Every blob in `container` with its size, sorted by name: the whole vault as the server
-    /// left it, foreign or half-written objects included (listed with object_store directly,
-    /// not through drvault's `Store`, which skips keys it does not recognise).
-    pub async fn objects(&self, container: &str) -> Vec<(String, u64)> {
-        use futures_util::TryStreamExt as _;
-        use object_store::ObjectStore as _;
+    /// An object_store client for `container` on this emulator (no drvault code in between).
+    fn blob_store(&self, container: &str) -> object_store::azure::MicrosoftAzure {
         let mut b = object_store::azure::MicrosoftAzureBuilder::new();
         for (k, v) in self.store_options(container) {
             let key: object_store::azure::AzureConfigKey = k
@@ -235,9 +231,17 @@ impl Azurite {
                 .unwrap_or_else(|e| panic!("azure option {k}: {e}"));
             b = b.with_config(key, v);
         }
-        let s = b
-            .build()
-            .unwrap_or_else(|e| panic!("azure store for {container}: {e}"));
+        b.build()
+            .unwrap_or_else(|e| panic!("azure store for {container}: {e}"))
+    }
+
+    /// Every blob in `container` with its size, sorted by name: the whole vault as the server
+    /// left it, foreign or half-written objects included (listed with object_store directly,
+    /// not through drvault's `Store`, which skips keys it does not recognise).
+    pub async fn objects(&self, container: &str) -> Vec<(String, u64)> {
+        use futures_util::TryStreamExt as _;
+        use object_store::ObjectStore as _;
+        let s = self.blob_store(container);
         let metas: Vec<object_store::ObjectMeta> = s
             .list(None)
             .try_collect()
@@ -249,6 +253,16 @@ impl Azurite {
             .collect();
         out.sort();
         out
+    }
+
+    /// The bytes of blob `name` in `container` (an error text if it cannot be read).
+    pub async fn read(&self, container: &str, name: &str) -> Result<Vec<u8>, String> {
+        use object_store::ObjectStoreExt as _;
+        let s = self.blob_store(container);
+        let path = object_store::path::Path::from(name);
+        let got = s.get(&path).await.map_err(|e| format!("get {name}: {e}"))?;
+        let bytes = got.bytes().await.map_err(|e| format!("read {name}: {e}"))?;
+        Ok(bytes.to_vec())
     }
 
     /// Creates `name`; true when it did not exist yet.
