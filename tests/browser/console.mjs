@@ -150,6 +150,13 @@ try {
   await page.goto(`${url}/#/throughput`);
   await page.locator('#throughput-plots svg[data-plot="ingest"]').waitFor();
   await page.locator('#throughput-plots svg[data-plot="requests"] polyline').waitFor({ timeout: 30_000 });
+  // The view keeps refreshing while it is shown: its sample count grows (a view that rendered
+  // twice and froze once passed the wait above whenever enough samples were already there).
+  const sampleCount = async () => Number((await page.locator('#throughput-status').textContent()).match(/^(\d+) samples?/)?.[1] ?? NaN);
+  const before = await sampleCount();
+  check(Number.isFinite(before), `throughput status shows a sample count (${await page.locator('#throughput-status').textContent()})`);
+  await page.waitForFunction((n) => Number(document.querySelector('#throughput-status')?.textContent.match(/^(\d+) samples?/)?.[1]) >= n + 2,
+    before, { timeout: 30_000 });
   await shot('throughput-1280.png');
 
   for (const [w, h] of [[1280, 720], [390, 844]]) {

@@ -165,15 +165,18 @@ $('#logout').addEventListener('click', () => logout());
 // ---------- routing and polling ----------
 
 let timer = null;
+let pollGeneration = 0;
 
 /** Runs `fn` now and again after each `delay()` ms until the view changes. */
 function poll(fn, delay) {
   clearTimeout(timer);
-  const mine = {};
-  timer = mine;
+  // A generation number, not the timer id, tells a tick whether its view is still the one shown:
+  // the id changes with every reschedule, and a tick still awaiting fn() must not revive a view
+  // the operator has left.
+  const mine = ++pollGeneration;
   const tick = async () => {
     try { await fn(); } catch (e) { if (!(e instanceof ApiError && e.status === 401)) console.error(e); }
-    if (timer === mine) timer = setTimeout(tick, delay());
+    if (pollGeneration === mine) timer = setTimeout(tick, delay());
   };
   tick();
 }
@@ -192,6 +195,7 @@ function show(view) {
 function route() {
   clearTimeout(timer);
   timer = null;
+  pollGeneration++;
   const parts = location.hash.replace(/^#\/?/, '').split('/').map(decodeURIComponent);
   if (!token) {
     show('login');
@@ -651,7 +655,7 @@ function throughputView() {
   poll(async () => {
     const last = samples[samples.length - 1];
     $('#throughput-status').textContent = metricsNote ||
-      `${samples.length} samples` + (last ? `, the last ${Math.round(performance.now() / 1000 - last.t)} s ago` : '');
+      `${samples.length} sample${samples.length === 1 ? '' : 's'}` + (last ? `, the last ${Math.round(performance.now() / 1000 - last.t)} s ago` : '');
     replace($('#throughput-plots'),
       plot('Ingest', 'MB/s', rates('ingest', 1e6), 'ingest'),
       plot('Requests', 'req/s', rates('requests', 1), 'requests'));
