@@ -34,6 +34,16 @@ pub enum ObjectKind {
 }
 
 impl ObjectKind {
+    /// Every kind, in tag order.
+    pub const ALL: [ObjectKind; 6] = [
+        ObjectKind::Chunk,
+        ObjectKind::MapRoot,
+        ObjectKind::MapSegment,
+        ObjectKind::Record,
+        ObjectKind::Receipt,
+        ObjectKind::LogFrame,
+    ];
+
     pub fn from_u8(v: u8) -> Option<ObjectKind> {
         Some(match v {
             1 => ObjectKind::Chunk,

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use drvault::client::{Client, ClientError};
-use drvault::format::hrl::{Guid, HrlWriter, HrlWriterParams};
+use drvault::client::Client;
+use drvault::format::hrl::Guid;
 use emulators::Azurite;
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde_json::Value;
 
 const KIB: u64 = 1024;
@@ -36,17 +36,6 @@ fn gid(n: u32) -> (String, Guid) {
     let s = format!("{n:08x}-0000-4000-8000-0000000e2e00");
     let g = s.parse().unwrap_or_else(|e| panic!("{s}: {e:?}"));
     (s, g)
-}
-
-/// Writes `data` at `offset` into an image file.
-fn patch(path: &Path, offset: u64, data: &[u8]) {
-    use std::os::unix::fs::FileExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .write_all_at(data, offset)
-        .unwrap();
 }
 
 fn copy(from: &Path, to: &Path) -> PathBuf {
@@ -66,19 +55,7 @@ fn point_ids(server: &Server, vm: &str) -> Vec<String> {
 }
 
 fn export(server: &Server, vm: &str, disk: &str, point: &str, format: &str, out: &Path) {
-    server.cli_ok(&[
-        "export",
-        "--vm",
-        vm,
-        "--disk",
-        disk,
-        "--point",
-        point,
-        "--format",
-        format,
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    succeeded(&server.export(vm, disk, point, format, out), "export");
 }
 
 /// Exports every `(point, expected raw image)` as raw and insists on identical bytes.
@@ -133,56 +110,6 @@ fn diff_and_replicate(
     ];
     args.extend_from_slice(extra);
     serde_json::from_str(&server.cli_ok(&args)).unwrap()
-}
-
-/// A log of `writes` made by the library writer.
-fn make_log(writes: &[(u64, Vec<u8>)], id: Guid, prev: Guid) -> Vec<u8> {
-    let params = HrlWriterParams {
-        unique_id: id,
-        previous_unique_id: prev,
-        timestamp: 800_000_000,
-        ..Default::default()
-    };
-    let mut w = HrlWriter::in_memory(params).unwrap();
-    for (off, data) in writes {
-        w.add_write(*off, data).unwrap();
-    }
-    w.finish_to_vec().unwrap()
-}
-
-async fn send_log(
-    c: &Client,
-    vm: &str,
-    disk: &str,
-    log: &[u8],
-    id: Guid,
-) -> Result<Value, ClientError> {
-    c.send_stream(
-        Method::PUT,
-        &format!("/v1/agent/vms/{vm}/disks/{disk}/logs/{id}"),
-        reqwest::Body::from(log.to_vec()),
-        Some(log.len() as u64),
-    )
-    .await
-}
-
-/// Deterministic sector-aligned writes, overlapping, some across blocks, some all zero.
-fn random_writes(seed: u64, disk: u64, n: usize) -> Vec<(u64, Vec<u8>)> {
-    let r = pseudo_random(n * 16, seed);
-    (0..n)
-        .map(|i| {
-            let a = u64::from_le_bytes(r[i * 16..i * 16 + 8].try_into().unwrap());
-            let b = u64::from_le_bytes(r[i * 16 + 8..i * 16 + 16].try_into().unwrap());
-            let len = 512 * (1 + b % 128);
-            let off = (a % ((disk - len) / 512)) * 512;
-            let data = if b % 5 == 0 {
-                vec![0u8; len as usize]
-            } else {
-                pseudo_random(len as usize, a ^ b)
-            };
-            (off, data)
-        })
-        .collect()
 }
 
 /// A 16 MiB dynamic VHDX written by qemu-io: pattern data across block boundaries, 2 MiB of
@@ -304,9 +231,9 @@ async fn replicate_restart_merge_and_fail_over_with_the_vault_on_azurite() {
     // Cycle 1 (hrl diff + agent): random data into a hole across two blocks, a data block
     // zeroed, the last data sector rewritten.
     let v1 = copy(&v0, &dir.join("v1.raw"));
-    patch(&v1, 2 * MIB + 512, &pseudo_random(300_000, 1));
-    patch(&v1, 512 * KIB, &[0u8; 256 * 1024]);
-    patch(&v1, 15872 * KIB, &pseudo_random(4096, 2));
+    write_at(&v1, 2 * MIB + 512, &pseudo_random(300_000, 1));
+    write_at(&v1, 512 * KIB, &[0u8; 256 * 1024]);
+    write_at(&v1, 15872 * KIB, &pseudo_random(4096, 2));
     let g0 = Guid::NIL.to_string();
     let (g1s, g1) = gid(1);
     let ack = diff_and_replicate(&server, &creds, (&v0, &v1), (&g0, &g1s), &[]);
@@ -319,11 +246,11 @@ async fn replicate_restart_merge_and_fail_over_with_the_vault_on_azurite() {
     let v2 = copy(&v1, &dir.join("v2.raw"));
     let writes = random_writes(2000, 16 * MIB, 40);
     for (off, data) in &writes {
-        patch(&v2, *off, data);
+        write_at(&v2, *off, data);
     }
     let (g2s, g2) = gid(2);
     let host = server.client_with(&Server::host_token(&creds));
-    let ack = send_log(&host, "app", "d", &make_log(&writes, g2, g1), g2)
+    let ack = send_log(&host, "app", "d", &make_log(&writes, g2, g1), g2, None)
         .await
         .unwrap();
     assert_eq!(
@@ -365,8 +292,8 @@ async fn replicate_restart_merge_and_fail_over_with_the_vault_on_azurite() {
     // Cycle 3 (hrl diff + agent, app-consistent) after the restart: zeros across a block
     // boundary, data into the trailing hole.
     let v3 = copy(&v2, &dir.join("v3.raw"));
-    patch(&v3, 3 * MIB - 4096, &vec![0u8; 2 * 4096 + 512]);
-    patch(&v3, 16 * MIB - 8192, &pseudo_random(8192, 3));
+    write_at(&v3, 3 * MIB - 4096, &vec![0u8; 2 * 4096 + 512]);
+    write_at(&v3, 16 * MIB - 8192, &pseudo_random(8192, 3));
     let (g3s, _) = gid(3);
     let ack = diff_and_replicate(
         &server,
@@ -449,13 +376,6 @@ async fn replicate_restart_merge_and_fail_over_with_the_vault_on_azurite() {
     );
 }
 
-fn refused(r: Result<Value, ClientError>) -> (StatusCode, String) {
-    match r {
-        Err(ClientError::Api { status, body, .. }) => (status, body.code),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
 /// What a refused log must not change: the whole container (every blob and its size), and the
 /// disk and points as the API shows them.
 async fn snapshot(az: &Azurite, op: &Client) -> (Vec<(String, u64)>, Value, Value) {
@@ -513,7 +433,7 @@ async fn bad_logs_on_azurite_change_nothing() {
     let first = vec![(4096, pseudo_random(8192, 5))];
     let good1 = make_log(&first, g1, Guid::NIL);
     assert_eq!(
-        send_log(&host, "app", "d", &good1, g1).await.unwrap()["cycle"],
+        send_log(&host, "app", "d", &good1, g1, None).await.unwrap()["cycle"],
         1
     );
     let mut model = std::fs::read(&img).unwrap();
@@ -556,7 +476,7 @@ async fn bad_logs_on_azurite_change_nothing() {
         ),
     ];
     for (what, log, id, code) in &cases {
-        let (st, c) = refused(send_log(&host, "app", "d", log, *id).await);
+        let (st, c, _) = refused(send_log(&host, "app", "d", log, *id, None).await);
         assert_eq!(c, *code, "{what}");
         assert!(st.is_client_error(), "{what}: {st}");
         assert!(
@@ -624,7 +544,7 @@ async fn bad_logs_on_azurite_change_nothing() {
     let (_, g9) = gid(9);
     let fork = make_log(&[(0, vec![9u8; 512])], g9, gid(7).1);
     assert_eq!(
-        refused(send_log(&host, "app", "d", &fork, g9).await).1,
+        refused(send_log(&host, "app", "d", &fork, g9, None).await).1,
         "chain_broken"
     );
     let after = snapshot(&az, &op).await;

@@ -26,22 +26,13 @@ struct World {
     server: Server,
     creds: PathBuf,
     /// The server's live fault rules (`DRVAULT_FAULTS=@file`), none at the start.
-    faults: PathBuf,
-    changes: usize,
+    faults: FaultRules,
 }
 
 fn world() -> World {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().to_path_buf();
-    let faults = dir.join("faults.spec");
-    std::fs::write(&faults, "# no faults\n").unwrap();
-    let env = format!("@{}", faults.display());
-    let server = Server::start_with(
-        &dir,
-        Some(CONFIG),
-        "127.0.0.1:0",
-        &[("DRVAULT_FAULTS", env.as_str())],
-    );
+    let (server, faults) = FaultRules::start(&dir, Some(CONFIG));
     let creds = server.add_host("hv", None);
     World {
         _t: t,
@@ -49,28 +40,13 @@ fn world() -> World {
         server,
         creds,
         faults,
-        changes: 0,
     }
 }
 
 impl World {
     /// Replaces the store's fault rules and waits until the server has taken them.
     fn set_faults(&mut self, rules: &str) {
-        self.changes += 1;
-        // The server reloads on change only: a numbered comment makes every write a change.
-        std::fs::write(
-            &self.faults,
-            format!("# change {}\n{rules}\n", self.changes),
-        )
-        .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while self.server.log().matches("fault rules replaced").count() < self.changes {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the server did not take the fault rules {rules:?}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        self.faults.set(&self.server, rules);
     }
 
     fn agent(&self, args: &[&str]) -> Output {

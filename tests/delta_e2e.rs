@@ -6,9 +6,9 @@
 mod common;
 
 use common::*;
-use drvault::client::{Client, ClientError};
+use drvault::client::Client;
 use drvault::format::hrl::{Guid, HrlWriter, HrlWriterParams};
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde_json::{json, Value};
 
 const KIB: u64 = 1024;
@@ -20,39 +20,6 @@ fn guid(n: u64) -> Guid {
     b[..8].copy_from_slice(&n.to_le_bytes());
     b[8] = 0x42;
     Guid(b)
-}
-
-/// A log of `writes` with the given ids.
-fn make_log(writes: &[(u64, Vec<u8>)], id: Guid, prev: Guid) -> Vec<u8> {
-    let params = HrlWriterParams {
-        unique_id: id,
-        previous_unique_id: prev,
-        timestamp: 800_000_000,
-        ..Default::default()
-    };
-    let mut w = HrlWriter::in_memory(params).unwrap();
-    for (off, data) in writes {
-        w.add_write(*off, data).unwrap();
-    }
-    w.finish_to_vec().unwrap()
-}
-
-async fn send_log(
-    c: &Client,
-    vm: &str,
-    disk: &str,
-    log: &[u8],
-    id: Guid,
-    cycle: Option<u64>,
-) -> Result<Value, ClientError> {
-    let q = cycle.map(|c| format!("?cycle={c}")).unwrap_or_default();
-    c.send_stream(
-        Method::PUT,
-        &format!("/v1/agent/vms/{vm}/disks/{disk}/logs/{id}{q}"),
-        reqwest::Body::from(log.to_vec()),
-        Some(log.len() as u64),
-    )
-    .await
 }
 
 fn export_raw(
@@ -81,26 +48,6 @@ fn export_raw(
     std::fs::read(out).unwrap()
 }
 
-/// Deterministic random writes: sector-aligned, overlapping, some across block boundaries,
-/// some all-zero.
-fn random_writes(seed: u64, disk: u64, n: usize) -> Vec<(u64, Vec<u8>)> {
-    let r = pseudo_random(n * 16, seed);
-    (0..n)
-        .map(|i| {
-            let a = u64::from_le_bytes(r[i * 16..i * 16 + 8].try_into().unwrap());
-            let b = u64::from_le_bytes(r[i * 16 + 8..i * 16 + 16].try_into().unwrap());
-            let len = 512 * (1 + b % 64);
-            let off = (a % ((disk - len) / 512)) * 512;
-            let data = if b % 7 == 0 {
-                vec![0u8; len as usize]
-            } else {
-                pseudo_random(len as usize, a ^ b)
-            };
-            (off, data)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_every_point_merge_and_restart() {
     let t = tempfile::tempdir().unwrap();
@@ -109,7 +56,7 @@ async fn model_every_point_merge_and_restart() {
     let creds = server.add_host("hv", None);
     let size = 8 * MIB + 512 * 7;
     let img = dir.join("base.raw");
-    raw_image(&img, size, &[(0, 200_000), (MIB as u64 + 4096, 300_000)], 5);
+    raw_image(&img, size, &[(0, 200_000), (MIB + 4096, 300_000)], 5);
     server.cli_ok(&[
         "agent",
         "protect",
@@ -357,13 +304,6 @@ fn hrl_diff_of_real_ext4_images_replicates_and_fscks_clean() {
     let points: Value =
         serde_json::from_str(&server.cli_ok(&["points", "--vm", "fs", "--json"])).unwrap();
     assert_eq!(points[1]["kind"], "app_consistent");
-}
-
-fn refused(r: Result<Value, ClientError>) -> (StatusCode, String, bool) {
-    match r {
-        Err(ClientError::Api { status, body, .. }) => (status, body.code, body.recoverable),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
 }
 
 fn fix_header_checksum(log: &mut [u8]) {

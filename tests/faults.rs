@@ -18,7 +18,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use drvault::client::{Client, ClientError};
@@ -34,11 +34,10 @@ struct Faulty {
     _t: tempfile::TempDir,
     dir: PathBuf,
     server: Server,
-    spec: PathBuf,
+    rules: FaultRules,
     creds: PathBuf,
     host: Client,
     rng: Rng,
-    changes: usize,
 }
 
 impl Faulty {
@@ -46,26 +45,17 @@ impl Faulty {
     fn start(seed: u64) -> Faulty {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().to_path_buf();
-        let spec = dir.join("faults.spec");
-        std::fs::write(&spec, "# no faults yet\n").unwrap();
-        let env = format!("@{}", spec.display());
-        let server = Server::start_with(
-            &dir,
-            Some(CONFIG),
-            "127.0.0.1:0",
-            &[("DRVAULT_FAULTS", env.as_str())],
-        );
+        let (server, rules) = FaultRules::start(&dir, Some(CONFIG));
         let creds = server.add_host("hv", None);
         let host = server.client_with(&Server::host_token(&creds));
         Faulty {
             _t: t,
             dir,
             server,
-            spec,
+            rules,
             creds,
             host,
             rng: Rng(seed),
-            changes: 0,
         }
     }
 
@@ -85,20 +75,29 @@ impl Faulty {
         (f, s0, s1, log)
     }
 
+    /// Writes the next state of `vm1`'s disk from the last of `states` (3 random writes of up to
+    /// `max_len` bytes), replicates its log as cycle `states.len()` and pushes the state.
+    /// Returns the log's id, the next cycle's parent.
+    fn replicate_cycle(
+        &mut self,
+        states: &mut Vec<PathBuf>,
+        prev: &str,
+        max_len: u64,
+        what: &str,
+    ) -> String {
+        let k = states.len();
+        let next = self.dir.join(format!("s{k}.raw"));
+        let log = self.dir.join(format!("c{k}.hrl"));
+        let mut rng = Rng(self.rng.next());
+        let id = next_cycle(&mut rng, &states[k - 1], &next, &log, prev, 3, max_len);
+        succeeded(&replicate(self, "vm1", &log, k as u64, "10m"), what);
+        states.push(next);
+        id
+    }
+
     /// Replaces the fault rules and waits until the server has taken them.
     fn faults(&mut self, rules: &str) {
-        self.changes += 1;
-        // The server reloads on change only: a numbered comment makes every write a change.
-        std::fs::write(&self.spec, format!("# change {}\n{rules}\n", self.changes)).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.server.log().matches("fault rules replaced").count() < self.changes {
-            assert!(
-                Instant::now() < deadline,
-                "the server did not take the fault rules {rules:?}: {}",
-                self.server.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.rules.set(&self.server, rules);
     }
 
     fn agent(&self, args: &[&str]) -> Output {
@@ -247,37 +246,11 @@ fn transient_errors_and_latency_everywhere_agents_back_off_and_finish_once() {
     );
     let mut states = vec![s0];
     let mut prev = ZERO_GUID.to_string();
-    for k in 1..=3u64 {
-        let next = f.dir.join(format!("s{k}.raw"));
-        let log = f.dir.join(format!("c{k}.hrl"));
-        let mut rng = Rng(f.rng.next());
-        prev = next_cycle(
-            &mut rng,
-            &states[k as usize - 1],
-            &next,
-            &log,
-            &prev,
-            3,
-            MIB / 4,
-        );
-        succeeded(
-            &replicate(&f, "vm1", &log, k, "10m"),
-            "replicate under faults",
-        );
-        states.push(next);
+    for _ in 1..=3 {
+        prev = f.replicate_cycle(&mut states, &prev, MIB / 4, "replicate under faults");
     }
     // Merge under faults too: a run the store broke fails recoverably and is run again.
-    let mut merged = false;
-    for _ in 0..40 {
-        if f.server
-            .cli(&["merge", "--vm", "vm1", "--through", "c2"])
-            .status
-            .success()
-        {
-            merged = true;
-            break;
-        }
-    }
+    let merged = merge_retrying(&f, "vm1", "c2");
     assert!(merged, "merge never got through transient store errors");
     f.faults("# healed");
 
@@ -450,6 +423,17 @@ fn log_dirs(f: &Faulty) -> Vec<String> {
 }
 
 /// `drvault verify --json`: the report and whether it said "clean" (exit 0; 2 is "damaged").
+/// `drvault merge --through` rerun until it succeeds (a run the store broke fails
+/// recoverably); false when 40 runs did not get through.
+fn merge_retrying(f: &Faulty, vm: &str, through: &str) -> bool {
+    (0..40).any(|_| {
+        f.server
+            .cli(&["merge", "--vm", vm, "--through", through])
+            .status
+            .success()
+    })
+}
+
 fn verify(f: &Faulty) -> (Value, bool) {
     let o = f.server.cli(&["verify", "--json"]);
     let code = o.status.code();
@@ -507,39 +491,13 @@ fn torn_puts_are_retried_and_leave_nothing_half_visible() {
     let mut states = vec![s0];
     let mut prev = ZERO_GUID.to_string();
     for k in 1..=3u64 {
-        let next = f.dir.join(format!("s{k}.raw"));
-        let log = f.dir.join(format!("c{k}.hrl"));
-        let mut rng = Rng(f.rng.next());
-        prev = next_cycle(
-            &mut rng,
-            &states[k as usize - 1],
-            &next,
-            &log,
-            &prev,
-            3,
-            MIB / 2,
-        );
-        succeeded(
-            &replicate(&f, "vm1", &log, k, "10m"),
-            "replicate under torn puts",
-        );
-        states.push(next);
+        prev = f.replicate_cycle(&mut states, &prev, MIB / 2, "replicate under torn puts");
         // Each log is one point from its acknowledgement on, and nothing of the attempts the
         // torn puts broke off is left: one log directory per accepted log.
         assert_eq!(f.points("vm1"), (0..=k).collect::<Vec<_>>());
         assert_eq!(log_dirs(&f).len(), k as usize, "{:?}", log_dirs(&f));
     }
-    let mut merged = false;
-    for _ in 0..40 {
-        if f.server
-            .cli(&["merge", "--vm", "vm1", "--through", "c1"])
-            .status
-            .success()
-        {
-            merged = true;
-            break;
-        }
-    }
+    let merged = merge_retrying(&f, "vm1", "c1");
     assert!(merged, "merge never got through torn puts");
     let torn = f.injected("torn");
     f.report("torn puts");

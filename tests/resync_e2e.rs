@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use common::*;
@@ -23,29 +22,8 @@ fn config_with_closed_window() -> String {
     format!("[vault]\nblock_size = 1048576\n\n[resync]\nwindow = \"{start:02}:00-{start:02}:30\"\n")
 }
 
-fn write_at(path: &Path, at: u64, data: &[u8]) {
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .unwrap()
-        .write_all_at(data, at)
-        .unwrap();
-}
-
 fn export(server: &Server, vm: &str, point: &str, out: &Path) -> Vec<u8> {
-    server.cli_ok(&[
-        "export",
-        "--vm",
-        vm,
-        "--disk",
-        "d",
-        "--format",
-        "raw",
-        "--point",
-        point,
-        "-o",
-        out.to_str().unwrap(),
-    ]);
+    succeeded(&server.export(vm, "d", point, "raw", out), "export");
     std::fs::read(out).unwrap()
 }
 

@@ -91,19 +91,7 @@ fn changed(from: &Path, to: &Path, writes: &[(u64, Vec<u8>)]) {
 fn export(server: &Server, vm: &str, point: &str) -> Result<Vec<u8>, String> {
     let out = server.dir.join(format!("export-{vm}-{point}.raw"));
     let _ = std::fs::remove_file(&out);
-    let o = server.cli(&[
-        "export",
-        "--vm",
-        vm,
-        "--disk",
-        "d",
-        "--format",
-        "raw",
-        "--point",
-        point,
-        "-o",
-        s(&out),
-    ]);
+    let o = server.export(vm, "d", point, "raw", &out);
     if o.status.success() {
         Ok(std::fs::read(&out).unwrap())
     } else {

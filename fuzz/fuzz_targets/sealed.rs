@@ -22,14 +22,7 @@ use drvault::file_formats::{
 use drvault_fuzz::{keys, OBJECT_NAME};
 use libfuzzer_sys::fuzz_target;
 
-const KINDS: [ObjectKind; 6] = [
-    ObjectKind::Chunk,
-    ObjectKind::MapRoot,
-    ObjectKind::MapSegment,
-    ObjectKind::Record,
-    ObjectKind::Receipt,
-    ObjectKind::LogFrame,
-];
+const KINDS: [ObjectKind; 6] = ObjectKind::ALL;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, rest)) = data.split_first() else {

@@ -475,15 +475,7 @@ mod tests {
             ("bytes", (0..=255u8).collect()),
             ("extents", extents),
         ];
-        let kinds = [
-            ObjectKind::Chunk,
-            ObjectKind::MapRoot,
-            ObjectKind::MapSegment,
-            ObjectKind::Record,
-            ObjectKind::Receipt,
-            ObjectKind::LogFrame,
-        ];
-        for kind in kinds {
+        for kind in ObjectKind::ALL {
             let index = kind as u8 - 1;
             for (what, plain) in &plains {
                 for level in [None, Some(1)] {

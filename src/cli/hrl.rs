@@ -109,8 +109,8 @@ pub fn diff(
 /// Validates a log and returns it (disk size bounds the extents when given).
 pub fn inspect(path: &Path, disk_size: Option<u64>) -> Result<hrl::HrlLog> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(hrl::read_log(&f, disk_size.unwrap_or(u64::MAX))
-        .with_context(|| format!("{} is not a valid MS-HRL log", path.display()))?)
+    hrl::read_log(&f, disk_size.unwrap_or(u64::MAX))
+        .with_context(|| format!("{} is not a valid MS-HRL log", path.display()))
 }
 
 /// Applies a log to a raw image in place.

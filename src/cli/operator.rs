@@ -98,6 +98,7 @@ pub fn write_creds(creds: &Credentials, out: &Path) -> Result<()> {
 
 /// Writes a disk of a VM as a fixed VHD or raw file, fetching data blocks in parallel, checking
 /// each block's hash, leaving zero blocks as holes. Returns (bytes written, data blocks).
+#[allow(clippy::too_many_arguments)] // one per `drvault export` flag
 pub async fn export(
     client: &Client,
     vm: &str,

@@ -11,6 +11,7 @@ pub mod vhd;
 pub mod vhdx;
 
 /// Positional reads, as `std::os::unix::fs::FileExt::read_exact_at`.
+#[allow(clippy::len_without_is_empty)] // a source's length is an I/O call; emptiness is never asked
 pub trait ReadAt: Send + Sync {
     /// Fills `buf` from `offset`; an `UnexpectedEof` error when the source is shorter.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;

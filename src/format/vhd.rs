@@ -1504,17 +1504,11 @@ mod tests {
         s.encode_utf16().flat_map(u16::to_le_bytes).collect()
     }
 
-    fn make_chain(locator: Option<(&[u8; 4], &str)>, unicode_name: &str) -> Chain {
-        let dir = tempfile::tempdir().unwrap();
-        let parent_raw = random_bytes(6 << 20, 11);
-        let parent = qemu_vhd(dir.path(), &parent_raw, "subformat=dynamic", "parent.vhd");
-        let parent_footer = Footer::parse(&array_at(&parent, 0)).unwrap();
-        let size = parent_footer.current_size as usize;
-        let mut parent_raw = parent_raw;
-        parent_raw.resize(size, 0);
-
-        // The child: a dynamic image of the same size with data in part of block 1 only.
-        let child_path = dir.path().join("child-src.vhd");
+    /// A dynamic VHD of `size` qemu wrote 64 KiB of 0x77 into at 2 MiB (block 1, which qemu
+    /// allocates whole with an all-ones bitmap), with sectors 0..8 of block 1 cleared in the
+    /// bitmap so that, once the image is a child, they read through to its parent.
+    fn qemu_child_image(dir: &Path, size: &str) -> Vec<u8> {
+        let child_path = dir.join("child-src.vhd");
         qemu_img(&[
             "create",
             "-f",
@@ -1522,7 +1516,7 @@ mod tests {
             "-o",
             "subformat=dynamic",
             p(&child_path),
-            &size.to_string(),
+            size,
         ]);
         qemu_io(&[
             "-f",
@@ -1532,20 +1526,20 @@ mod tests {
             p(&child_path),
         ]);
         let mut child = std::fs::read(&child_path).unwrap();
-        // qemu allocates the whole block with an all-ones bitmap: the rest of it reads as
-        // the child's zeros, not the parent's data.
-        let mut child_data = parent_raw.clone();
-        child_data[2 << 20..(4 << 20).min(size)].fill(0);
-        child_data[2 << 20..(2 << 20) + 65536].fill(0x77);
-        // Clear sectors 0..8 of block 1 in the child's bitmap: they read from the parent.
         let block1 = u64::from(bat_entry(&child, 1)) as usize * 512;
         child[block1] = 0;
-        child_data[2 << 20..(2 << 20) + 8 * 512]
-            .copy_from_slice(&parent_raw[2 << 20..(2 << 20) + 8 * 512]);
+        child
+    }
 
-        // Append the locator data, then the footer again, so the locator lies in the file.
-        let footer_at = child.len() - FOOTER_SIZE;
-        let trailing = child.split_off(footer_at);
+    /// Makes `child` a differencing disk of the parent with `parent_id`: its unicode name, and
+    /// a locator (`code`, path) whose data is appended after the blocks, before the footer.
+    fn make_differencing(
+        child: &mut Vec<u8>,
+        parent_id: [u8; 16],
+        unicode_name: &str,
+        locator: Option<(&[u8; 4], &str)>,
+    ) {
+        let trailing = child.split_off(child.len() - FOOTER_SIZE);
         let locator_at = child.len() as u64;
         if let Some((_, path)) = locator {
             let mut data = utf16le(path);
@@ -1557,8 +1551,8 @@ mod tests {
             .encode_utf16()
             .flat_map(u16::to_be_bytes)
             .collect();
-        edit_header(&mut child, |h| {
-            h[40..56].copy_from_slice(&parent_footer.unique_id);
+        edit_header(child, |h| {
+            h[40..56].copy_from_slice(&parent_id);
             h[64..576].fill(0);
             h[64..64 + name.len()].copy_from_slice(&name);
             if let Some((code, path)) = locator {
@@ -1570,8 +1564,29 @@ mod tests {
         });
         let tail = child.len() - FOOTER_SIZE;
         for at in [0, tail] {
-            edit_footer(&mut child, at, |f| f.disk_type = DiskType::Differencing);
+            edit_footer(child, at, |f| f.disk_type = DiskType::Differencing);
         }
+    }
+
+    fn make_chain(locator: Option<(&[u8; 4], &str)>, unicode_name: &str) -> Chain {
+        let dir = tempfile::tempdir().unwrap();
+        let parent_raw = random_bytes(6 << 20, 11);
+        let parent = qemu_vhd(dir.path(), &parent_raw, "subformat=dynamic", "parent.vhd");
+        let parent_footer = Footer::parse(&array_at(&parent, 0)).unwrap();
+        let size = parent_footer.current_size as usize;
+        let mut parent_raw = parent_raw;
+        parent_raw.resize(size, 0);
+
+        // The child: a dynamic image of the same size with data in part of block 1 only.
+        // qemu allocates the whole block: the rest of it reads as the child's zeros, not the
+        // parent's data, but for sectors 0..8, which read from the parent.
+        let mut child = qemu_child_image(dir.path(), &size.to_string());
+        let mut child_data = parent_raw.clone();
+        child_data[2 << 20..(4 << 20).min(size)].fill(0);
+        child_data[2 << 20..(2 << 20) + 65536].fill(0x77);
+        child_data[2 << 20..(2 << 20) + 8 * 512]
+            .copy_from_slice(&parent_raw[2 << 20..(2 << 20) + 8 * 512]);
+        make_differencing(&mut child, parent_footer.unique_id, unicode_name, locator);
         Chain {
             dir,
             child_data,
@@ -1700,54 +1715,13 @@ mod tests {
 
         // A 4 MiB dynamic image from qemu with data in block 1, turned into a child of the
         // fuzz parent: parent id and name, a W2ru locator after the blocks, type 4.
-        let child_path = tmp.path().join("child-src.vhd");
-        qemu_img(&[
-            "create",
-            "-f",
-            "vpc",
-            "-o",
-            "subformat=dynamic",
-            p(&child_path),
-            "4M",
-        ]);
-        qemu_io(&[
-            "-f",
-            "vpc",
-            "-c",
-            "write -P 0x77 2097152 65536",
-            p(&child_path),
-        ]);
-        let mut child = std::fs::read(&child_path).unwrap();
-        // Sectors 0..8 of block 1 read through to the parent.
-        let block1 = u64::from(bat_entry(&child, 1)) as usize * 512;
-        child[block1] = 0;
-        let trailing = child.split_off(child.len() - FOOTER_SIZE);
-        let locator_at = child.len() as u64;
-        let locator: Vec<u8> = ".\\parent.vhd"
-            .encode_utf16()
-            .flat_map(u16::to_le_bytes)
-            .collect();
-        let mut data = locator.clone();
-        data.resize(512, 0);
-        child.extend_from_slice(&data);
-        child.extend_from_slice(&trailing);
-        let name: Vec<u8> = "parent.vhd"
-            .encode_utf16()
-            .flat_map(u16::to_be_bytes)
-            .collect();
-        edit_header(&mut child, |h| {
-            h[40..56].copy_from_slice(&[0x5a; 16]);
-            h[64..576].fill(0);
-            h[64..64 + name.len()].copy_from_slice(&name);
-            h[576..580].copy_from_slice(b"W2ru");
-            h[580..584].copy_from_slice(&1u32.to_be_bytes());
-            h[584..588].copy_from_slice(&(locator.len() as u32).to_be_bytes());
-            h[592..600].copy_from_slice(&locator_at.to_be_bytes());
-        });
-        let tail = child.len() - FOOTER_SIZE;
-        for at in [0, tail] {
-            edit_footer(&mut child, at, |f| f.disk_type = DiskType::Differencing);
-        }
+        let mut child = qemu_child_image(tmp.path(), "4M");
+        make_differencing(
+            &mut child,
+            [0x5a; 16],
+            "parent.vhd",
+            Some((b"W2ru", ".\\parent.vhd")),
+        );
         let parent = tmp.path().join("parent.vhd");
         let mut parent_disk: Vec<u8> = (0..(4u64 << 20) / 512)
             .flat_map(|k| std::iter::repeat_n(k as u8, 512))

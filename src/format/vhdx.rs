@@ -2016,7 +2016,30 @@ mod tests {
     #[test]
     fn replays_a_log_written_by_qemu() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.vhdx");
+        let (path, after, dirty) = qemu_log_left_dirty(dir.path());
+        let expected = qemu_to_raw("vhdx", &path, dir.path());
+        let log_at = open_bytes(after.clone()).unwrap().header().log_offset as usize;
+        assert_eq!(
+            &after[log_at..log_at + 4],
+            b"loge",
+            "qemu leaves its last entry in the log"
+        );
+        let mut undone = dirty.clone();
+        set_log_guid(&mut undone, Guid([0; 16]));
+        assert!(read_all(&open_bytes(undone).unwrap())
+            .iter()
+            .all(|&b| b == 0));
+        let disk = open_bytes(dirty.clone()).unwrap();
+        assert!(disk.log_replayed());
+        assert!(read_all(&disk) == expected);
+        assert!(qemu_replayed(dir.path(), "q-dirty.vhdx", &dirty) == expected);
+    }
+
+    /// A dynamic VHDX qemu wrote 8 KiB of 0x3c into, and the same file with the BAT update
+    /// undone and the header naming qemu's log entry: only a log replay brings the data back.
+    /// Returns the path, the file as qemu left it, and the dirty file.
+    fn qemu_log_left_dirty(dir: &Path) -> (std::path::PathBuf, Vec<u8>, Vec<u8>) {
+        let path = dir.join("q.vhdx");
         qemu_img(&[
             "create",
             "-f",
@@ -2029,29 +2052,14 @@ mod tests {
         let before = std::fs::read(&path).unwrap();
         qemu_io(&["-f", "vhdx", "-c", "write -P 0x3c 1048576 8192", p(&path)]);
         let after = std::fs::read(&path).unwrap();
-        let expected = qemu_to_raw("vhdx", &path, dir.path());
-
         let disk = open_bytes(after.clone()).unwrap();
         let bat = region_offset(&disk, BAT_REGION);
         let log_at = disk.header().log_offset as usize;
-        assert_eq!(
-            &after[log_at..log_at + 4],
-            b"loge",
-            "qemu leaves its last entry in the log"
-        );
         let guid = Guid(array_at(&after, log_at + 32));
-
         let mut dirty = after.clone();
         dirty[bat..bat + 4096].copy_from_slice(&before[bat..bat + 4096]);
-        assert!(read_all(&open_bytes(dirty.clone()).unwrap())
-            .iter()
-            .all(|&b| b == 0));
         set_log_guid(&mut dirty, guid);
-
-        let disk = open_bytes(dirty.clone()).unwrap();
-        assert!(disk.log_replayed());
-        assert!(read_all(&disk) == expected);
-        assert!(qemu_replayed(dir.path(), "q-dirty.vhdx", &dirty) == expected);
+        (path, after, dirty)
     }
 
     /// Builds a dirty file from a qemu image whose block 0 holds 0xab: a two-entry sequence
@@ -2303,25 +2311,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (synth, _, _, _) = synthesized(tmp.path());
 
-        let path = tmp.path().join("q.vhdx");
-        qemu_img(&[
-            "create",
-            "-f",
-            "vhdx",
-            "-o",
-            "subformat=dynamic,block_size=1M",
-            p(&path),
-            "8M",
-        ]);
-        let before = std::fs::read(&path).unwrap();
-        qemu_io(&["-f", "vhdx", "-c", "write -P 0x3c 1048576 8192", p(&path)]);
-        let mut dirty = std::fs::read(&path).unwrap();
-        let disk = open_bytes(dirty.clone()).unwrap();
-        let bat = region_offset(&disk, BAT_REGION);
-        let log_at = disk.header().log_offset as usize;
-        let guid = Guid(array_at(&dirty, log_at + 32));
-        dirty[bat..bat + 4096].copy_from_slice(&before[bat..bat + 4096]);
-        set_log_guid(&mut dirty, guid);
+        let (_, _, dirty) = qemu_log_left_dirty(tmp.path());
 
         for (name, file) in [("log-synthesized.vhdx", synth), ("log-qemu.vhdx", dirty)] {
             assert!(open_bytes(file.clone()).unwrap().log_replayed(), "{name}");

@@ -151,10 +151,13 @@ impl FrameWriter {
     }
 }
 
+/// Frames by key, and their keys oldest first (the eviction order).
+type CachedFrames = (HashMap<Key, Arc<Vec<u8>>>, VecDeque<Key>);
+
 /// Recently opened frames, shared by every reader (bounded: `capacity` frames).
 #[derive(Clone)]
 pub struct FrameCache {
-    inner: Arc<Mutex<(HashMap<Key, Arc<Vec<u8>>>, VecDeque<Key>)>>,
+    inner: Arc<Mutex<CachedFrames>>,
     capacity: usize,
 }
 

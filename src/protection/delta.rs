@@ -112,6 +112,7 @@ impl Protection {
     }
 
     /// Accepts one change log streamed in `body`.
+    #[allow(clippy::too_many_arguments)] // the request's path, headers and body, each named
     pub async fn accept_log<S, E>(
         &self,
         host: &str,

@@ -209,6 +209,9 @@ pub struct DiskView {
     pub last_log: Option<String>,
 }
 
+/// Held while one log of a disk is accepted.
+type DiskLock = Arc<tokio::sync::Mutex<()>>;
+
 /// The protection service.
 #[derive(Clone)]
 pub struct Protection {
@@ -220,7 +223,7 @@ pub struct Protection {
     disks: Arc<RwLock<BTreeMap<(String, String), DiskRecord>>>,
     pub(crate) sessions: session::Sessions,
     /// One log accepted at a time per disk (chain checks need a stable head).
-    log_locks: Arc<tokio::sync::Mutex<BTreeMap<(String, String), Arc<tokio::sync::Mutex<()>>>>>,
+    log_locks: Arc<tokio::sync::Mutex<BTreeMap<(String, String), DiskLock>>>,
     /// Opened log frames, shared by validation and point reads.
     pub(crate) frames: crate::journal::FrameCache,
     pub(crate) max_log_bytes: u64,

@@ -233,11 +233,13 @@ const FINE_READS_IN_FLIGHT: usize = 4;
 
 /// (vm id, disk id, session id).
 type DiskSession = (String, String, String);
+/// A session's receipts by block index.
+type Receipts = Arc<Mutex<BTreeMap<u64, Receipt>>>;
 
 /// Open resync sessions' receipts, by (vm id, disk id, session).
 #[derive(Clone, Default)]
 pub struct ResyncCache {
-    receipts: Arc<Mutex<HashMap<DiskSession, Arc<Mutex<BTreeMap<u64, Receipt>>>>>>,
+    receipts: Arc<Mutex<HashMap<DiskSession, Receipts>>>,
     /// One session transition at a time per VM.
     locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
     /// Patch bytes received per (vm id, disk id, session) since the server started; written into

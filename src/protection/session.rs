@@ -57,10 +57,12 @@ struct SessionState {
     deduplicated_bytes: u64,
 }
 
+type SharedState = Arc<Mutex<SessionState>>;
+
 /// In-memory view of open sessions, rebuilt from receipts on first use after a restart.
 #[derive(Clone, Default)]
 pub struct Sessions {
-    open: Arc<Mutex<HashMap<(String, String), Arc<Mutex<SessionState>>>>>,
+    open: Arc<Mutex<HashMap<(String, String), SharedState>>>,
     /// Recently read block maps by root name (immutable objects, so never stale).
     pub(crate) maps: Arc<Mutex<HashMap<String, Arc<BlockMap>>>>,
 }

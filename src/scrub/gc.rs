@@ -111,7 +111,7 @@ pub async fn mark(s: &Scrub) -> Result<Marked> {
         })?;
         map_roots.insert(name);
     }
-    let walk = refs::walk_maps(&s.vault.chunks, map_roots.into_iter()).await?;
+    let walk = refs::walk_maps(&s.vault.chunks, map_roots).await?;
     let problems: Vec<String> = roots
         .problems
         .iter()

@@ -170,16 +170,21 @@ impl Server {
 
     /// `drvault export` of disk `os` of `vm` at `point` as a raw image into `out`.
     pub fn export_os_raw(&self, vm: &str, point: &str, out: &Path) -> Output {
+        self.export(vm, "os", point, "raw", out)
+    }
+
+    /// `drvault export` of `disk` of `vm` at `point` as `format` (raw or vhd) into `out`.
+    pub fn export(&self, vm: &str, disk: &str, point: &str, format: &str, out: &Path) -> Output {
         self.cli(&[
             "export",
             "--vm",
             vm,
             "--disk",
-            "os",
+            disk,
             "--point",
             point,
             "--format",
-            "raw",
+            format,
             "-o",
             out.to_str().unwrap(),
         ])
@@ -441,4 +446,124 @@ pub fn qemu_identical(a: &Path, fa: &str, b: &Path, fb: &str) -> bool {
         .status()
         .expect("qemu-img")
         .success()
+}
+
+/// A log of `writes` made by the library writer, with the given ids.
+pub fn make_log(
+    writes: &[(u64, Vec<u8>)],
+    id: drvault::format::hrl::Guid,
+    prev: drvault::format::hrl::Guid,
+) -> Vec<u8> {
+    let params = drvault::format::hrl::HrlWriterParams {
+        unique_id: id,
+        previous_unique_id: prev,
+        timestamp: 800_000_000,
+        ..Default::default()
+    };
+    let mut w = drvault::format::hrl::HrlWriter::in_memory(params).unwrap();
+    for (off, data) in writes {
+        w.add_write(*off, data).unwrap();
+    }
+    w.finish_to_vec().unwrap()
+}
+
+/// Sends a log as a host agent would (`cycle`: the point number the agent asks for).
+pub async fn send_log(
+    c: &Client,
+    vm: &str,
+    disk: &str,
+    log: &[u8],
+    id: drvault::format::hrl::Guid,
+    cycle: Option<u64>,
+) -> Result<serde_json::Value, drvault::client::ClientError> {
+    let q = cycle.map(|c| format!("?cycle={c}")).unwrap_or_default();
+    c.send_stream(
+        reqwest::Method::PUT,
+        &format!("/v1/agent/vms/{vm}/disks/{disk}/logs/{id}{q}"),
+        reqwest::Body::from(log.to_vec()),
+        Some(log.len() as u64),
+    )
+    .await
+}
+
+/// Deterministic random writes: sector-aligned, overlapping, some across block boundaries,
+/// some all-zero.
+pub fn random_writes(seed: u64, disk: u64, n: usize) -> Vec<(u64, Vec<u8>)> {
+    let r = pseudo_random(n * 16, seed);
+    (0..n)
+        .map(|i| {
+            let a = u64::from_le_bytes(r[i * 16..i * 16 + 8].try_into().unwrap());
+            let b = u64::from_le_bytes(r[i * 16 + 8..i * 16 + 16].try_into().unwrap());
+            let len = 512 * (1 + b % 64);
+            let off = (a % ((disk - len) / 512)) * 512;
+            let data = if b % 7 == 0 {
+                vec![0u8; len as usize]
+            } else {
+                pseudo_random(len as usize, a ^ b)
+            };
+            (off, data)
+        })
+        .collect()
+}
+
+/// The status, code and recoverable flag of an API refusal (panics on success).
+pub fn refused(
+    r: Result<serde_json::Value, drvault::client::ClientError>,
+) -> (reqwest::StatusCode, String, bool) {
+    match r {
+        Err(drvault::client::ClientError::Api { status, body, .. }) => {
+            (status, body.code, body.recoverable)
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The fault rules of a server started with [`FaultRules::start`]: its store reads them from a
+/// file (`DRVAULT_FAULTS=@file`) and reloads it whenever it changes.
+pub struct FaultRules {
+    path: PathBuf,
+    changes: usize,
+}
+
+impl FaultRules {
+    /// Starts a server in `dir` with no fault rules yet.
+    pub fn start(dir: &Path, config: Option<&str>) -> (Server, FaultRules) {
+        let path = dir.join("faults.spec");
+        std::fs::write(&path, "# no faults yet\n").unwrap();
+        let env = format!("@{}", path.display());
+        let server = Server::start_with(
+            dir,
+            config,
+            "127.0.0.1:0",
+            &[("DRVAULT_FAULTS", env.as_str())],
+        );
+        (server, FaultRules { path, changes: 0 })
+    }
+
+    /// Replaces the rules and waits until `server` has taken them.
+    pub fn set(&mut self, server: &Server, rules: &str) {
+        self.changes += 1;
+        // The server reloads on change only: a numbered comment makes every write a change.
+        std::fs::write(&self.path, format!("# change {}\n{rules}\n", self.changes)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while server.log().matches("fault rules replaced").count() < self.changes {
+            assert!(
+                Instant::now() < deadline,
+                "the server did not take the fault rules {rules:?}: {}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Writes `data` at `offset` into an image file (in place).
+pub fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(data, offset)
+        .unwrap();
 }
