@@ -2,7 +2,8 @@
 //! Their figures are timings, so none is asserted beyond being there and positive: only the
 //! counts a user would check (bytes, blocks, writes, samples) and that no figure is invented.
 //! `bench ingest` moves 128 MiB and takes several seconds, so it runs only with
-//! DRVAULT_BENCH_SMOKE=1; `bench deltas` and `bench failover` run on a 16 MiB image always.
+//! DRVAULT_BENCH_SMOKE=1; `bench deltas` and `bench failover` run on a 16 MiB image always,
+//! `bench ingest --sparse-to` on 8 MiB of random data spread over 32 MiB.
 
 use std::process::Command;
 
@@ -207,4 +208,63 @@ fn bench_resync_smoke() {
         rsync != "ok",
         "no ratio without the peer"
     );
+}
+
+#[test]
+fn bench_ingest_sparse_smoke() {
+    let work = tempfile::tempdir().unwrap();
+    let r = bench(
+        &[
+            "ingest",
+            "--kind",
+            "random",
+            "--size",
+            "8MiB",
+            "--sparse-to",
+            "32MiB",
+            "--gaps",
+            "both",
+            "--warmup-size",
+            "0",
+        ],
+        work.path(),
+    );
+    assert_eq!(r["tool"], "drvault bench ingest --sparse-to");
+    let spread = r["spread"].as_array().unwrap();
+    assert_eq!(spread.len(), 2);
+    for s in spread {
+        assert_eq!(s["size"], 32 << 20);
+        assert_eq!(s["data_blocks"], 2, "{s}");
+    }
+    let round = &r["runs"][0];
+    let base = &round["base"];
+    assert_eq!(
+        (base["data_blocks"].clone(), base["zero_blocks"].clone()),
+        (2.into(), 0.into())
+    );
+    for s in round["spread"].as_array().unwrap() {
+        let run = &s["run"];
+        // The same data blocks travel; the six blocks between them never do.
+        assert_eq!(run["data_blocks"], 2, "{s}");
+        assert_eq!(run["zero_blocks"], 6, "{s}");
+        assert_eq!(run["sent_bytes"], base["sent_bytes"], "{s}");
+        assert_eq!(run["logical_bytes"], 32 << 20);
+        assert_eq!(s["read_s"].is_null(), s["gaps"] == "holes", "{s}");
+    }
+    let f = figure(
+        &r,
+        "replication s, 32.0 MiB, holes between blocks",
+        "s for the 8.0 MiB image",
+    );
+    assert!(positive(&f["ours"]) && positive(&f["baseline"]) && positive(&f["ratio"]));
+    let f = figure(
+        &r,
+        "replication s, 32.0 MiB, zeros, vs a plain read",
+        "s to read the file",
+    );
+    assert!(positive(&f["ratio"]), "{f}");
+    assert!(work
+        .path()
+        .join("images/random-8388608-spread-33554432-zeros.img")
+        .exists());
 }

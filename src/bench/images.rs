@@ -15,6 +15,9 @@
 //!   is written faster than /dev/urandom could fill it, and is identical on every run).
 //! * `zero`: a sparse file of the given size.
 //!
+//! [`ensure_spread`] writes a base image's 4 MiB blocks evenly spaced over a larger raw file,
+//! with holes or written zeros between them (`bench ingest --sparse-to`), cached the same way.
+//!
 //! [`DistinctImage`] gives each agent its own variant of one image; [`PrefixImage`] a short
 //! view for the warm-up run.
 
@@ -397,6 +400,190 @@ fn build_ext4(tree: &Path, image: &Path, size: u64) -> Result<(u64, u64), BenchE
     Ok((bytes, files))
 }
 
+/// Block unit of a spread image: the server's block size, so each block of the base image
+/// stays one block of the spread image (same data blocks, same hashes, same uploads).
+pub const SPREAD_BLOCK: u64 = 4 << 20;
+
+/// What fills a spread image between the base image's blocks.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gaps {
+    /// Never written: the file system reports them as holes (`SEEK_HOLE`).
+    Holes,
+    /// Written zeros: allocated on disk, so only reading them shows they are empty.
+    Zeros,
+}
+
+impl Gaps {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Gaps::Holes => "holes",
+            Gaps::Zeros => "zeros",
+        }
+    }
+}
+
+/// A base image's data blocks spread over a larger raw file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SpreadImage {
+    pub path: PathBuf,
+    pub size: u64,
+    pub gaps: Gaps,
+    pub base_size: u64,
+    /// Modification time of the base image (ns since the epoch) when this was made: a
+    /// regenerated base invalidates the cached spread image.
+    pub base_mtime_ns: u128,
+    /// Non-zero 4 MiB blocks copied from the base (the zero ones are gaps like the rest).
+    pub data_blocks: u64,
+    #[serde(skip)]
+    pub generated_now: bool,
+}
+
+/// Block `i` of a base image of `n` blocks lands at block `spread_slot(i, n, m)` of an `m`-block
+/// spread image: evenly spaced, first block at 0, strictly increasing when `m >= n`.
+pub fn spread_slot(i: u64, n: u64, m: u64) -> u64 {
+    if n == 0 {
+        return 0;
+    }
+    // i < n and m < 2^52 (sizes are u64 bytes / 4 MiB): the product fits a u128 easily.
+    u64::try_from(u128::from(i) * u128::from(m) / u128::from(n)).unwrap_or(u64::MAX)
+}
+
+fn mtime_ns(m: &std::fs::Metadata) -> u128 {
+    m.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Returns the cached spread of the raw image `base` (named `stem` in `work/images`) over `size`
+/// bytes with `gaps` between its blocks, making it first if needed. Every non-zero 4 MiB block
+/// of the base is written at its [`spread_slot`]; so the spread image holds exactly the base's
+/// data bytes, spaced out (rather than data followed by one long hole, which a reader could
+/// skip in one step). With `Gaps::Zeros` every other block is written with zeros.
+pub fn ensure_spread(
+    work: &Path,
+    base: &Path,
+    stem: &str,
+    size: u64,
+    gaps: Gaps,
+) -> Result<SpreadImage, BenchError> {
+    let bm = std::fs::metadata(base).map_err(io_err("reading", base))?;
+    let base_size = bm.len();
+    if base_size % SPREAD_BLOCK != 0 || size % SPREAD_BLOCK != 0 || size < base_size {
+        return Err(BenchError::Invalid(format!(
+            "--sparse-to {size} over a {base_size}-byte image: both must be whole 4 MiB blocks \
+             and the spread image at least as large"
+        )));
+    }
+    let dir = work.join("images");
+    std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    let name = format!("{stem}-spread-{size}-{}", gaps.as_str());
+    let path = dir.join(format!("{name}.img"));
+    let meta_path = dir.join(format!("{name}.json"));
+    let base_mtime_ns = mtime_ns(&bm);
+    if let (Ok(m), Ok(text)) = (
+        std::fs::metadata(&path),
+        std::fs::read_to_string(&meta_path),
+    ) {
+        if let Ok(mut s) = serde_json::from_str::<SpreadImage>(&text) {
+            if m.len() == size
+                && s.size == size
+                && s.gaps == gaps
+                && s.base_size == base_size
+                && s.base_mtime_ns == base_mtime_ns
+            {
+                s.path = path;
+                s.generated_now = false;
+                return Ok(s);
+            }
+        }
+    }
+    let partial = dir.join(format!("{name}.img.partial"));
+    let _ = std::fs::remove_file(&partial);
+    let data_blocks = write_spread(base, &partial, base_size, size, gaps)?;
+    std::fs::rename(&partial, &path).map_err(io_err("renaming", &partial))?;
+    let s = SpreadImage {
+        path,
+        size,
+        gaps,
+        base_size,
+        base_mtime_ns,
+        data_blocks,
+        generated_now: true,
+    };
+    let text = serde_json::to_vec_pretty(&s)
+        .map_err(|e| BenchError::Invalid(format!("encoding image metadata: {e}")))?;
+    std::fs::write(&meta_path, text).map_err(io_err("writing", &meta_path))?;
+    Ok(s)
+}
+
+fn write_spread(
+    base: &Path,
+    out: &Path,
+    base_size: u64,
+    size: u64,
+    gaps: Gaps,
+) -> Result<u64, BenchError> {
+    use std::os::unix::fs::FileExt;
+    let src = std::fs::File::open(base).map_err(io_err("opening", base))?;
+    let dst = std::fs::File::create(out).map_err(io_err("creating", out))?;
+    dst.set_len(size).map_err(io_err("sizing", out))?;
+    let (n, m) = (base_size / SPREAD_BLOCK, size / SPREAD_BLOCK);
+    let mut buf = vec![0u8; SPREAD_BLOCK as usize];
+    let zeros = vec![0u8; SPREAD_BLOCK as usize];
+    let mut copied = 0u64;
+    // Slots strictly increase, so the gaps are the blocks between consecutive slots.
+    let mut next_gap = 0u64;
+    let fill_to = |end: u64, next_gap: &mut u64| -> Result<(), BenchError> {
+        if gaps == Gaps::Zeros {
+            for j in *next_gap..end {
+                dst.write_all_at(&zeros, j * SPREAD_BLOCK)
+                    .map_err(io_err("writing", out))?;
+            }
+        }
+        *next_gap = end;
+        Ok(())
+    };
+    for i in 0..n {
+        src.read_exact_at(&mut buf, i * SPREAD_BLOCK)
+            .map_err(io_err("reading", base))?;
+        let slot = spread_slot(i, n, m);
+        fill_to(slot, &mut next_gap)?;
+        // A zero block of the base is a gap of the spread image like the others.
+        if crate::chunk::digest::is_zero(&buf) {
+            fill_to(slot + 1, &mut next_gap)?;
+        } else {
+            dst.write_all_at(&buf, slot * SPREAD_BLOCK)
+                .map_err(io_err("writing", out))?;
+            copied += 1;
+            next_gap = slot + 1;
+        }
+    }
+    fill_to(m, &mut next_gap)?;
+    // Written now so that the write-back does not run during the measured replications.
+    dst.sync_all().map_err(io_err("syncing", out))?;
+    Ok(copied)
+}
+
+/// Reads the blocks of `s` that hold the base's data (all of it for `Gaps::Zeros`), so the
+/// measured runs read from the page cache without populating it with the holes.
+pub fn warm_spread(s: &SpreadImage) -> Result<(), BenchError> {
+    use std::os::unix::fs::FileExt;
+    if s.gaps == Gaps::Zeros {
+        return warm_page_cache(&s.path);
+    }
+    let f = std::fs::File::open(&s.path).map_err(io_err("opening", &s.path))?;
+    let (n, m) = (s.base_size / SPREAD_BLOCK, s.size / SPREAD_BLOCK);
+    let mut buf = vec![0u8; SPREAD_BLOCK as usize];
+    for i in 0..n {
+        f.read_exact_at(&mut buf, spread_slot(i, n, m) * SPREAD_BLOCK)
+            .map_err(io_err("reading", &s.path))?;
+    }
+    Ok(())
+}
+
 /// Page size of the per-agent variation.
 pub const DISTINCT_PAGE: u64 = 4096;
 
@@ -603,6 +790,86 @@ mod tests {
         assert!(matches!(
             first_difference(&out, &other, 4 << 20),
             Err(BenchError::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn spread_slots_are_even_and_increasing() {
+        let slots: Vec<u64> = (0..4).map(|i| spread_slot(i, 4, 16)).collect();
+        assert_eq!(slots, [0, 4, 8, 12]);
+        assert_eq!(spread_slot(2, 3, 3), 2, "same size: identity");
+        let s: Vec<u64> = (0..5).map(|i| spread_slot(i, 5, 7)).collect();
+        assert!(s.windows(2).all(|w| w[0] < w[1]) && s[4] < 7, "{s:?}");
+    }
+
+    #[test]
+    fn spread_images_hold_the_same_blocks_with_holes_or_zeros_between() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let b = SPREAD_BLOCK as usize;
+        // Four blocks: data, zero, data, data.
+        let mut data = vec![0u8; 4 * b];
+        WyRand::new(3).fill(&mut data[..b]);
+        WyRand::new(4).fill(&mut data[2 * b..]);
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, &data).unwrap();
+        let size = 16 * SPREAD_BLOCK;
+        let h = ensure_spread(dir.path(), &base, "base", size, Gaps::Holes).unwrap();
+        let z = ensure_spread(dir.path(), &base, "base", size, Gaps::Zeros).unwrap();
+        assert!(h.generated_now && z.generated_now);
+        assert_eq!(
+            (h.data_blocks, z.data_blocks),
+            (3, 3),
+            "the zero block is a gap"
+        );
+        for s in [&h, &z] {
+            let out = std::fs::read(&s.path).unwrap();
+            assert_eq!(out.len() as u64, size);
+            let mut expect = vec![0u8; size as usize];
+            for i in 0..4 {
+                let at = spread_slot(i, 4, 16) as usize * b;
+                expect[at..at + b].copy_from_slice(&data[i as usize * b..(i as usize + 1) * b]);
+            }
+            assert!(
+                out == expect,
+                "{:?}: the base's blocks at their slots",
+                s.gaps
+            );
+        }
+        // Holes take no space; written zeros take all of it (st_blocks is in 512-byte units).
+        let used = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+        assert!(used(&h.path) <= 4 * SPREAD_BLOCK, "{}", used(&h.path));
+        assert!(used(&z.path) >= size - SPREAD_BLOCK, "{}", used(&z.path));
+        // Cached next time; a changed base makes it again.
+        assert!(
+            !ensure_spread(dir.path(), &base, "base", size, Gaps::Holes)
+                .unwrap()
+                .generated_now
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&base, &data).unwrap();
+        assert!(
+            ensure_spread(dir.path(), &base, "base", size, Gaps::Holes)
+                .unwrap()
+                .generated_now
+        );
+    }
+
+    #[test]
+    fn spread_sizes_must_be_whole_blocks_and_not_smaller() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![1u8; 2 * SPREAD_BLOCK as usize]).unwrap();
+        for size in [SPREAD_BLOCK, 3 * SPREAD_BLOCK + 4096] {
+            assert!(matches!(
+                ensure_spread(dir.path(), &base, "b", size, Gaps::Holes),
+                Err(BenchError::Invalid(_))
+            ));
+        }
+        std::fs::write(&base, vec![1u8; 4096]).unwrap();
+        assert!(matches!(
+            ensure_spread(dir.path(), &base, "b", 4 * SPREAD_BLOCK, Gaps::Holes),
+            Err(BenchError::Invalid(_))
         ));
     }
 

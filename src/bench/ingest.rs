@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::baselines::{self, Outcome};
-use super::images::{self, DistinctImage, PrefixImage};
+use super::images::{self, DistinctImage, Gaps, PrefixImage};
 use super::procstat::{clock_ticks_per_second, cpu_ticks, peak_rss_kib};
 use super::report::{self, BaselineRun, ImageInfo, Report, RunFigures};
 use super::server::SpawnedServer;
@@ -67,6 +67,32 @@ pub struct IngestArgs {
     /// (a CSV with the same name is always written).
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Also replicate a raw image of this size holding the same data blocks spread out, with
+    /// --gaps between them, and report its time against the image's (issue 7: at most 1.3x).
+    #[arg(long, value_parser = parse_size_arg, conflicts_with_all = ["plot", "image"])]
+    pub sparse_to: Option<u64>,
+    /// With --sparse-to: what lies between the data blocks (holes, written zeros, or one image
+    /// of each).
+    #[arg(long, value_enum, default_value_t = GapsArg::Holes, requires = "sparse_to")]
+    pub gaps: GapsArg,
+}
+
+/// `--gaps`: one spread image or both.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GapsArg {
+    Holes,
+    Zeros,
+    Both,
+}
+
+impl GapsArg {
+    pub fn list(self) -> Vec<Gaps> {
+        match self {
+            GapsArg::Holes => vec![Gaps::Holes],
+            GapsArg::Zeros => vec![Gaps::Zeros],
+            GapsArg::Both => vec![Gaps::Holes, Gaps::Zeros],
+        }
+    }
 }
 
 fn parse_warmup(s: &str) -> Result<u64, String> {
@@ -91,14 +117,24 @@ enum Target {
 }
 
 /// What every run needs.
-struct Ctx {
-    work: PathBuf,
-    image_path: PathBuf,
-    image: Arc<dyn DiskImage>,
+pub(super) struct Ctx {
+    pub(super) work: PathBuf,
+    pub(super) image_path: PathBuf,
+    pub(super) image: Arc<dyn DiskImage>,
     target: Target,
-    tck: u64,
-    distinct: bool,
-    parallel: usize,
+    pub(super) tck: u64,
+    pub(super) distinct: bool,
+    pub(super) parallel: usize,
+}
+
+impl Ctx {
+    /// Where the agents send their blocks, as the report shows it.
+    pub(super) fn server(&self) -> String {
+        match &self.target {
+            Target::Spawn { .. } => "spawned per run (127.0.0.1, fresh data dir)".to_string(),
+            Target::Remote { creds } => creds.server.clone(),
+        }
+    }
 }
 
 pub async fn run(args: IngestArgs) -> Result<i32, BenchError> {
@@ -127,7 +163,10 @@ pub async fn run(args: IngestArgs) -> Result<i32, BenchError> {
     if args.warmup_size > 0 {
         eprintln!("bench: warm-up run (discarded)");
         let short: Arc<dyn DiskImage> = Arc::new(PrefixImage::new(image.clone(), args.warmup_size));
-        ingest_once(&ctx, short, 1, "warmup").await?;
+        ingest_once(&ctx, short, &image_path, 1, "warmup").await?;
+    }
+    if let Some(size) = args.sparse_to {
+        return super::sparse::run(&ctx, &args, size, info).await;
     }
 
     match &args.plot {
@@ -198,21 +237,17 @@ async fn measure(
             crate::util::human_bytes(ctx.image.virtual_size())
         );
         let label = format!("a{agents}-r{k}");
-        runs.push(ingest_once(ctx, ctx.image.clone(), agents, &label).await?);
+        runs.push(ingest_once(ctx, ctx.image.clone(), &ctx.image_path, agents, &label).await?);
         if with_baselines {
             bases.push(baselines_once(ctx).await?);
         }
     }
-    let server = match &ctx.target {
-        Target::Spawn { .. } => "spawned per run (127.0.0.1, fresh data dir)".to_string(),
-        Target::Remote { creds } => creds.server.clone(),
-    };
     Ok(report::build(
         info.clone(),
         agents,
         ctx.distinct,
         ctx.parallel,
-        server,
+        ctx.server(),
         runs,
         bases,
     ))
@@ -238,10 +273,11 @@ async fn baselines_once(ctx: &Ctx) -> Result<BaselineRun, BenchError> {
     })
 }
 
-/// One measured (or warm-up) replication of `image` by `agents` agents.
-async fn ingest_once(
+/// One measured (or warm-up) replication of `image` (the file `path`) by `agents` agents.
+pub(super) async fn ingest_once(
     ctx: &Ctx,
     image: Arc<dyn DiskImage>,
+    path: &Path,
     agents: usize,
     label: &str,
 ) -> Result<RunFigures, BenchError> {
@@ -255,7 +291,8 @@ async fn ingest_once(
         }
         Target::Remote { creds } => (None, creds.clone()),
     };
-    let result = drive_agents(ctx, image, agents, &creds, server.as_ref().map(|s| s.pid)).await;
+    let pid = server.as_ref().map(|s| s.pid);
+    let result = drive_agents(ctx, image, path, agents, &creds, pid).await;
     if let Some(s) = server {
         s.stop().await?;
     }
@@ -266,6 +303,7 @@ async fn ingest_once(
 async fn drive_agents(
     ctx: &Ctx,
     image: Arc<dyn DiskImage>,
+    path: &Path,
     agents: usize,
     creds: &Credentials,
     server_pid: Option<u32>,
@@ -291,7 +329,7 @@ async fn drive_agents(
         };
         let source = DiskSource {
             id: "disk0".into(),
-            path: ctx.image_path.clone(),
+            path: path.to_path_buf(),
             image: img,
         };
         let opts = ProtectOptions {

@@ -46,6 +46,7 @@ pub mod procstat;
 pub mod report;
 pub mod resync;
 pub mod server;
+pub mod sparse;
 
 use std::path::PathBuf;
 

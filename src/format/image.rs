@@ -39,7 +39,8 @@ pub trait DiskImage: Send + Sync {
     /// Reads buf.len() bytes at offset (offset+len <= virtual_size), unallocated reads as zeros.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), ImageError>;
     /// Sorted, non-overlapping byte ranges within [0, virtual_size) that may hold data;
-    /// everything outside them is guaranteed to read as zero (raw: the whole disk).
+    /// everything outside them is guaranteed to read as zero (raw: the file's data extents, the
+    /// whole disk where the file system cannot tell).
     fn allocated_ranges(&self) -> Result<Vec<Range<u64>>, ImageError>;
 }
 
@@ -185,7 +186,12 @@ impl DiskImage for RawImage {
     }
 
     fn allocated_ranges(&self) -> Result<Vec<Range<u64>>, ImageError> {
-        Ok(normalize_ranges(std::iter::once(0..self.size).collect()))
+        // A sparse file's holes read as zeros: only its data extents need reading.
+        let ranges = self
+            .file
+            .data_ranges(self.size)
+            .unwrap_or_else(|| vec![0..self.size]);
+        Ok(normalize_ranges(ranges))
     }
 }
 
@@ -522,6 +528,44 @@ mod tests {
                 "{name}: allocated {total} of {size} bytes"
             );
         }
+    }
+
+    #[test]
+    fn sparse_raw_files_skip_their_holes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.img");
+        let f = std::fs::File::create(&path).unwrap();
+        let size = 64u64 << 20;
+        f.set_len(size).unwrap();
+        let (a, b) = (random_bytes(4096, 1), random_bytes(8192, 2));
+        f.write_all_at(&a, 0).unwrap();
+        f.write_all_at(&b, 40 << 20).unwrap();
+        f.sync_all().unwrap();
+        let mut data = vec![0u8; size as usize];
+        data[..4096].copy_from_slice(&a);
+        data[40 << 20..(40 << 20) + 8192].copy_from_slice(&b);
+        let img = open(&path).unwrap();
+        assert_eq!(read_all(img.as_ref()), data);
+        assert_ranges_cover(img.as_ref(), &data);
+        // Where the file system keeps holes (it allocated less than the size), they are left
+        // out; elsewhere the whole file counts as data.
+        let total: u64 = img
+            .allocated_ranges()
+            .unwrap()
+            .iter()
+            .map(|r| r.end - r.start)
+            .sum();
+        if std::fs::metadata(&path).unwrap().blocks() * 512 < size {
+            assert!(total <= 8 << 20, "holes skipped: {total} bytes to read");
+        } else {
+            assert_eq!(total, size);
+        }
+        // Entirely a hole: nothing to read.
+        let hole = dir.path().join("hole.img");
+        std::fs::File::create(&hole).unwrap().set_len(size).unwrap();
+        let img = open(&hole).unwrap();
+        assert!(img.allocated_ranges().unwrap().len() <= 1);
     }
 
     #[test]
