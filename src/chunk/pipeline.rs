@@ -30,6 +30,25 @@ pub enum ChunkError {
     Key(#[from] crate::chunk::keys::KeyError),
 }
 
+/// The hash of a chunk's opened plaintext, once it is checked to still derive the chunk's name:
+/// the second of every read's two checks (the tag proves who sealed it, this that the content
+/// is the one the name promises).
+fn derives_name(
+    keys: &KeyRing,
+    name: &ChunkName,
+    key_str: &str,
+    plain: &[u8],
+) -> Result<PlainHash, ChunkError> {
+    let hash = PlainHash::of(plain);
+    let derived = ChunkName::derive(keys.name_key(), &hash, plain.len() as u64);
+    if !derived.ct_eq(name) {
+        return Err(ChunkError::Corrupt(SealError::ContentMismatch {
+            name: key_str.to_string(),
+        }));
+    }
+    Ok(hash)
+}
+
 /// Bounded pool for CPU-heavy work (hashing, compression, encryption).
 #[derive(Clone)]
 pub struct CpuPool {
@@ -214,23 +233,45 @@ impl ChunkStore {
 
     /// Reads a block back, verifying the tag and that the content still derives its name.
     pub async fn get_block(&self, name: &ChunkName) -> Result<(Bytes, PlainHash), ChunkError> {
+        self.open_block(name, |keys, name, key, raw| {
+            let plain = seal::open(keys, ObjectKind::Chunk, key, raw)?;
+            let hash = derives_name(keys, name, key, &plain)?;
+            Ok((Bytes::from(plain), hash))
+        })
+        .await
+    }
+
+    /// Reads a block back into `buf[at..]` (a caller's reusable buffer, for example one aligned
+    /// for direct I/O) with the checks of [`ChunkStore::get_block`]. Returns the buffer, the
+    /// block's length and its hash.
+    pub async fn get_block_into(
+        &self,
+        name: &ChunkName,
+        mut buf: Vec<u8>,
+        at: usize,
+    ) -> Result<(Vec<u8>, usize, PlainHash), ChunkError> {
+        self.open_block(name, move |keys, name, key, raw| {
+            let out = buf.get_mut(at..).unwrap_or_default();
+            let n = seal::open_into(keys, ObjectKind::Chunk, key, raw, out)?;
+            let hash = derives_name(keys, name, key, &buf[at..at + n])?;
+            Ok((buf, n, hash))
+        })
+        .await
+    }
+
+    /// Fetches a chunk's sealed bytes and runs `open` on them (keys, name, store key, bytes) on
+    /// the CPU pool.
+    async fn open_block<R, F>(&self, name: &ChunkName, open: F) -> Result<R, ChunkError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&KeyRing, &ChunkName, &str, Vec<u8>) -> Result<R, ChunkError> + Send + 'static,
+    {
         let key = Self::chunk_key(name);
         let raw = self.store.get(&key).await?;
         let keys = self.keys.clone();
         let name = *name;
         self.cpu
-            .run(move || {
-                let key_str = key.as_str();
-                let plain = seal::open(&keys, ObjectKind::Chunk, key_str, raw.to_vec())?;
-                let hash = PlainHash::of(&plain);
-                let derived = ChunkName::derive(keys.name_key(), &hash, plain.len() as u64);
-                if !derived.ct_eq(&name) {
-                    return Err(ChunkError::Corrupt(SealError::ContentMismatch {
-                        name: key_str.to_string(),
-                    }));
-                }
-                Ok((Bytes::from(plain), hash))
-            })
+            .run(move || open(&keys, &name, key.as_str(), Vec::from(raw)))
             .await
     }
 
@@ -298,7 +339,7 @@ impl ChunkStore {
         let key_str = key.as_str().to_string();
         Ok(self
             .cpu
-            .run(move || seal::open(&keys, kind, &key_str, raw.to_vec()))
+            .run(move || seal::open(&keys, kind, &key_str, Vec::from(raw)))
             .await?)
     }
 }

@@ -149,6 +149,74 @@ pub fn open(
     name: &str,
     mut bytes: Vec<u8>,
 ) -> Result<Vec<u8>, SealError> {
+    let opened = decrypt_in_place(keys, kind, name, &mut bytes)?;
+    if !opened.compressed {
+        bytes.truncate(SEALED_HEADER_LEN + opened.plain_len);
+        bytes.drain(..SEALED_HEADER_LEN);
+        return Ok(bytes);
+    }
+    // Decompress into spare capacity (no zero-fill); zstd stops at the capacity, so a frame
+    // that inflates past the recorded length fails instead of allocating more.
+    let mut out: Vec<u8> = Vec::with_capacity(opened.plain_len);
+    let got = DECOMPRESSOR.with(|d| {
+        d.borrow_mut()
+            .decompress_to_buffer(opened.payload(&bytes), &mut out)
+    });
+    check_inflated(name, got, opened.plain_len)?;
+    Ok(out)
+}
+
+/// Opens like [`open`], writing the plaintext to the front of `out` (a caller's reusable, for
+/// example aligned, buffer) instead of a new allocation. Returns the plaintext's length; an
+/// `out` shorter than the recorded length is a [`SealError::BadPayload`].
+pub fn open_into(
+    keys: &KeyRing,
+    kind: ObjectKind,
+    name: &str,
+    mut bytes: Vec<u8>,
+    out: &mut [u8],
+) -> Result<usize, SealError> {
+    let opened = decrypt_in_place(keys, kind, name, &mut bytes)?;
+    let n = opened.plain_len;
+    let Some(dest) = out.get_mut(..n) else {
+        return Err(SealError::BadPayload {
+            name: name.to_string(),
+            reason: format!("{n} bytes do not fit a buffer of {}", out.len()),
+        });
+    };
+    if opened.compressed {
+        let got = DECOMPRESSOR.with(|d| {
+            d.borrow_mut()
+                .decompress_to_buffer(opened.payload(&bytes), dest)
+        });
+        check_inflated(name, got, n)?;
+    } else {
+        dest.copy_from_slice(opened.payload(&bytes));
+    }
+    Ok(n)
+}
+
+/// What [`decrypt_in_place`] found: the payload between the header and the tag.
+struct Opened {
+    compressed: bool,
+    plain_len: usize,
+    payload_end: usize,
+}
+
+impl Opened {
+    fn payload<'a>(&self, bytes: &'a [u8]) -> &'a [u8] {
+        &bytes[SEALED_HEADER_LEN..self.payload_end]
+    }
+}
+
+/// Checks the header, then authenticates and decrypts the payload in place. An uncompressed
+/// payload is checked against the recorded length here; a compressed one by its decompression.
+fn decrypt_in_place(
+    keys: &KeyRing,
+    kind: ObjectKind,
+    name: &str,
+    bytes: &mut [u8],
+) -> Result<Opened, SealError> {
     let n = || name.to_string();
     if bytes.len() < SEALED_HEADER_LEN + SEALED_TAG_LEN {
         return Err(SealError::Truncated {
@@ -205,44 +273,42 @@ pub fn open(
         &tag,
     )
     .map_err(|_| SealError::TagMismatch { name: n() })?;
-    bytes.truncate(tag_at);
-    let payload = &bytes[SEALED_HEADER_LEN..];
     // plain_len ≤ MAX_SEALED_PLAINTEXT (64 MiB) fits usize on every supported target.
     let plain_len = plain_len as usize;
-    let plain = if flags & FLAG_ZSTD != 0 {
-        // Decompress into spare capacity (no zero-fill); zstd stops at the capacity, so a frame
-        // that inflates past the recorded length fails instead of allocating more.
-        let mut out: Vec<u8> = Vec::with_capacity(plain_len);
-        let got = DECOMPRESSOR.with(|d| {
-            let mut d = d.borrow_mut();
-            d.decompress_to_buffer(payload, &mut out)
+    let compressed = flags & FLAG_ZSTD != 0;
+    if !compressed && tag_at - SEALED_HEADER_LEN != plain_len {
+        return Err(SealError::BadPayload {
+            name: n(),
+            reason: format!(
+                "{} bytes stored, {plain_len} recorded",
+                tag_at - SEALED_HEADER_LEN
+            ),
         });
-        match got {
-            Ok(k) if k == plain_len => out,
-            Ok(k) => {
-                return Err(SealError::BadPayload {
-                    name: n(),
-                    reason: format!("{k} bytes instead of {plain_len}"),
-                })
-            }
-            Err(e) => {
-                return Err(SealError::BadPayload {
-                    name: n(),
-                    reason: e.to_string(),
-                })
-            }
-        }
-    } else {
-        if payload.len() != plain_len {
-            return Err(SealError::BadPayload {
-                name: n(),
-                reason: format!("{} bytes stored, {plain_len} recorded", payload.len()),
-            });
-        }
-        bytes.drain(..SEALED_HEADER_LEN);
-        bytes
-    };
-    Ok(plain)
+    }
+    Ok(Opened {
+        compressed,
+        plain_len,
+        payload_end: tag_at,
+    })
+}
+
+/// A decompression's outcome against the recorded plaintext length.
+fn check_inflated(
+    name: &str,
+    got: std::io::Result<usize>,
+    plain_len: usize,
+) -> Result<(), SealError> {
+    match got {
+        Ok(k) if k == plain_len => Ok(()),
+        Ok(k) => Err(SealError::BadPayload {
+            name: name.to_string(),
+            reason: format!("{k} bytes instead of {plain_len}"),
+        }),
+        Err(e) => Err(SealError::BadPayload {
+            name: name.to_string(),
+            reason: e.to_string(),
+        }),
+    }
 }
 
 fn header_bytes(
@@ -338,6 +404,35 @@ mod tests {
         );
         let s = seal(&keys, ObjectKind::Record, "r", b"", None).unwrap();
         assert_eq!(open(&keys, ObjectKind::Record, "r", s.bytes).unwrap(), b"");
+    }
+
+    #[test]
+    fn open_into_fills_the_callers_buffer_and_refuses_one_too_short() {
+        let keys = KeyRing::random();
+        let t = text(100_000);
+        let mut rnd = vec![0u8; 70_000];
+        crate::util::fill_random(&mut rnd);
+        for (plain, name) in [(&t, "chunks/a"), (&rnd, "chunks/b")] {
+            let s = seal(&keys, ObjectKind::Chunk, name, plain, Some(1)).unwrap();
+            let mut out = vec![0xAAu8; plain.len() + 100];
+            let n = open_into(&keys, ObjectKind::Chunk, name, s.bytes.clone(), &mut out).unwrap();
+            assert_eq!((n, &out[..n]), (plain.len(), &plain[..]));
+            assert!(
+                out[n..].iter().all(|&b| b == 0xAA),
+                "nothing written past the plaintext"
+            );
+            let mut short = vec![0u8; plain.len() - 1];
+            assert!(matches!(
+                open_into(&keys, ObjectKind::Chunk, name, s.bytes.clone(), &mut short),
+                Err(SealError::BadPayload { .. })
+            ));
+            let mut bad = s.bytes;
+            bad[SEALED_HEADER_LEN + 3] ^= 1;
+            assert!(matches!(
+                open_into(&keys, ObjectKind::Chunk, name, bad, &mut out),
+                Err(SealError::TagMismatch { .. })
+            ));
+        }
     }
 
     #[test]

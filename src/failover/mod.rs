@@ -12,5 +12,6 @@ pub mod definition;
 pub mod failback;
 pub mod ipam;
 pub mod network;
+pub mod output;
 pub mod plan;
 pub mod service;

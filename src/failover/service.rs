@@ -10,7 +10,6 @@
 //! (drill) writes to a separate folder and must be cleaned up, which is what marks it successful.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +22,7 @@ use super::definition::{
 };
 use super::ipam::Allocations;
 use super::network::NetworkConfig;
+use super::output::{AlignedBuf, DiskOutput};
 use crate::chunk::digest::is_zero;
 use crate::chunk::{ChunkStore, SealError};
 use crate::error::{Error, Result};
@@ -509,41 +509,53 @@ impl Failovers {
         let blocks = reader.data_blocks();
         let size = reader.base().disk_size();
         let virt = size.div_ceil(MIB) * MIB;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| {
-                Error::invalid(
-                    "output_not_writable",
-                    format!("creating {}: {e}", path.display()),
-                )
-            })?;
-        file.set_len(virt + 512).map_err(|e| {
+        let out = DiskOutput::create(path, virt + 512).map_err(|e| {
             Error::invalid(
                 "output_not_writable",
-                format!("sizing {}: {e}", path.display()),
+                format!("creating {}: {e}", path.display()),
             )
         })?;
-        let file = Arc::new(file);
+        let out = Arc::new(out);
         let bs = reader.base().block_size() as u64;
         let chunks = self.vault.chunks.clone();
-        let flush = Arc::new(Flusher::default());
+        // One aligned buffer per block in flight, reused: a fresh 4 MiB buffer per block costs
+        // its page faults and zeroing every time.
+        let buffers = Arc::new(std::sync::Mutex::new(Vec::<AlignedBuf>::new()));
         let mut writes = futures_util::stream::iter(blocks.into_iter().map(|(i, _)| {
-            let (reader, chunks, file) = (reader.clone(), chunks.clone(), file.clone());
-            let flush = flush.clone();
+            let (reader, chunks, out) = (reader.clone(), chunks.clone(), out.clone());
+            let buffers = buffers.clone();
             async move {
-                let bytes = point_block(&reader, &chunks, i).await?;
-                if is_zero(&bytes) {
-                    return Ok::<(), Error>(());
+                let write_err = |e: std::io::Error| {
+                    Error::invalid("output_not_writable", format!("writing disk: {e}"))
+                };
+                let joined = |e: tokio::task::JoinError| Error::internal(e.to_string());
+                let buf = buffers.lock().ok().and_then(|mut b| b.pop());
+                match chunk_block(&reader, &chunks, i, buf, bs as usize).await? {
+                    Some((buf, n)) => {
+                        let out = out.clone();
+                        let buf = tokio::task::spawn_blocking(move || {
+                            out.write_at(buf.window(n), i * bs).map(|()| buf)
+                        })
+                        .await
+                        .map_err(joined)?
+                        .map_err(write_err)?;
+                        if let Ok(mut b) = buffers.lock() {
+                            b.push(buf);
+                        }
+                    }
+                    None => {
+                        // Logs patch this block: it comes from the point reader, which copies.
+                        let bytes = reader.read_block(i).await?.0;
+                        if is_zero(&bytes) {
+                            return Ok::<(), Error>(());
+                        }
+                        tokio::task::spawn_blocking(move || out.write_at(&bytes, i * bs))
+                            .await
+                            .map_err(joined)?
+                            .map_err(write_err)?;
+                    }
                 }
-                tokio::task::spawn_blocking(move || {
-                    file.write_all_at(&bytes, i * bs)?;
-                    flush.wrote(&file, bytes.len() as u64)
-                })
-                .await
-                .map_err(|e| Error::internal(e.to_string()))?
-                .map_err(|e| Error::invalid("output_not_writable", format!("writing disk: {e}")))
+                Ok(())
             }
         }))
         .buffer_unordered(MATERIALIZE_IN_FLIGHT);
@@ -558,13 +570,11 @@ impl Failovers {
             crate::format::vhd::vhd_timestamp(crate::util::unix_now()),
         )
         .map_err(|e| Error::internal(format!("VHD footer: {e}")))?;
-        let f2 = file.clone();
-        tokio::task::spawn_blocking(move || {
-            f2.write_all_at(&footer, virt).and_then(|_| f2.sync_all())
-        })
-        .await
-        .map_err(|e| Error::internal(e.to_string()))?
-        .map_err(|e| Error::invalid("output_not_writable", format!("finishing disk: {e}")))?;
+        drop(writes);
+        tokio::task::spawn_blocking(move || out.finish(&footer, virt))
+            .await
+            .map_err(|e| Error::internal(e.to_string()))?
+            .map_err(|e| Error::invalid("output_not_writable", format!("finishing disk: {e}")))?;
         Ok((size, virt))
     }
 
@@ -741,61 +751,34 @@ impl Failovers {
 /// copied into the output file.
 const MATERIALIZE_IN_FLIGHT: usize = 8;
 
-/// A block's bytes at a point, verified. A block no log of the point writes comes straight from
-/// its chunk: `get_block` checks the seal's tag and that the content derives the chunk's name,
-/// and the map's hash is compared here. `PointReader::read_block` gives the same bytes but, as
-/// it must for blocks that logs patch, copies them and hashes them a second time, which on a
-/// full disk costs about a fifth of the materialization's CPU.
-async fn point_block(
+/// A block no log of the point writes, read straight from its chunk into an aligned buffer
+/// (`buf`, or a new one of `block_size`): `get_block_into` checks the seal's tag and that the
+/// content derives the chunk's name, and the map's hash is compared here. Returns the buffer
+/// and the block's length; `None` for a block logs patch, which the caller reads through
+/// `PointReader::read_block` (it copies the bytes and hashes them a second time, which on a full
+/// disk would cost about a fifth of the materialization's CPU).
+async fn chunk_block(
     reader: &PointReader,
     chunks: &ChunkStore,
     index: u64,
-) -> Result<bytes::Bytes> {
-    if !reader.is_touched(index) {
-        if let Some(MapEntry::Data { name, hash }) = reader.base().get(index) {
-            let (bytes, got) = chunks.get_block(&name).await?;
-            if !got.ct_eq(&hash) {
-                return Err(Error::Corrupt(SealError::ContentMismatch {
-                    name: name.to_hex(),
-                }));
-            }
-            return Ok(bytes);
-        }
+    buf: Option<AlignedBuf>,
+    block_size: usize,
+) -> Result<Option<(AlignedBuf, usize)>> {
+    if reader.is_touched(index) {
+        return Ok(None);
     }
-    Ok(reader.read_block(index).await?.0)
-}
-
-/// Written bytes after which a write also starts the file's data on its way to the disk.
-const FLUSH_EVERY: u64 = 128 * MIB;
-
-/// Flushes the output while it is being written. The kernel starts writing dirty pages back
-/// only past a share of memory (gigabytes on a large host) or after 30 s, so without this a
-/// disk's whole data waits for the final fsync, which then costs as long as a plain copy of
-/// it. One `fdatasync` at a time, run by the write that crossed the threshold (its errors
-/// fail the disk like any write error; the final fsync still covers everything).
-#[derive(Default)]
-struct Flusher {
-    unflushed: std::sync::atomic::AtomicU64,
-    running: std::sync::atomic::AtomicBool,
-}
-
-impl Flusher {
-    fn wrote(&self, file: &std::fs::File, n: u64) -> std::io::Result<()> {
-        use std::sync::atomic::Ordering;
-        let total = self.unflushed.fetch_add(n, Ordering::AcqRel) + n;
-        if total < FLUSH_EVERY
-            || self
-                .running
-                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
-            return Ok(());
-        }
-        self.unflushed.store(0, Ordering::Release);
-        let r = file.sync_data();
-        self.running.store(false, Ordering::Release);
-        r
+    let Some(MapEntry::Data { name, hash }) = reader.base().get(index) else {
+        return Ok(None);
+    };
+    let buf = buf.unwrap_or_else(|| AlignedBuf::new(block_size));
+    let at = buf.start();
+    let (vec, n, got) = chunks.get_block_into(&name, buf.into_vec(), at).await?;
+    if !got.ct_eq(&hash) {
+        return Err(Error::Corrupt(SealError::ContentMismatch {
+            name: name.to_hex(),
+        }));
     }
+    Ok(Some((AlignedBuf::from_vec(vec), n)))
 }
 
 /// The VM's stored NIC overrides with the request's on top.
@@ -840,26 +823,5 @@ fn shell_quote(s: &str) -> String {
 fn sync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         let _ = f.sync_all();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::Ordering;
-
-    #[test]
-    fn the_flusher_syncs_once_past_the_threshold_and_starts_counting_again() {
-        let f = tempfile::tempfile().unwrap();
-        let fl = Flusher::default();
-        fl.wrote(&f, FLUSH_EVERY - 1).unwrap();
-        assert_eq!(fl.unflushed.load(Ordering::Acquire), FLUSH_EVERY - 1);
-        fl.wrote(&f, 1).unwrap();
-        assert_eq!(fl.unflushed.load(Ordering::Acquire), 0, "synced and reset");
-        assert!(!fl.running.load(Ordering::Acquire));
-        // While another write's sync runs, a write past the threshold only counts.
-        fl.running.store(true, Ordering::Release);
-        fl.wrote(&f, FLUSH_EVERY).unwrap();
-        assert_eq!(fl.unflushed.load(Ordering::Acquire), FLUSH_EVERY);
     }
 }

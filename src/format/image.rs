@@ -190,7 +190,7 @@ impl DiskImage for RawImage {
         let ranges = self
             .file
             .data_ranges(self.size)
-            .unwrap_or_else(|| vec![0..self.size]);
+            .unwrap_or_else(|| std::iter::once(0..self.size).collect());
         Ok(normalize_ranges(ranges))
     }
 }
