@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{BasePoint, DiskRecord, DiskState, Protection};
 use crate::error::{Error, Result};
-use crate::replica::point::PointReader;
+use crate::replica::point::{PointReader, MERGE_GROUP_BYTES};
 use crate::replica::{BlockMap, MapEntry};
 
 /// A VM recovery point as the API shows it.
@@ -328,32 +328,37 @@ impl Protection {
 
     /// The whole disk at a reader's point as one block map: the blocks its logs touch are read,
     /// stored as chunks (once each) and put in the base's slots. Returns the map and how many
-    /// blocks were rewritten.
+    /// blocks were rewritten. Blocks go a group at a time, so each log frame is opened once
+    /// per group rather than once per piece (see [`crate::replica::point`]).
     pub(crate) async fn full_map(&self, reader: &PinnedReader) -> Result<(BlockMap, u64)> {
         let mut map: BlockMap = reader.base().clone();
-        let touched: Vec<u64> = reader.touched().collect();
-        let mut results = futures_util::stream::iter(touched.iter().copied().map(|i| {
-            let reader = reader.clone();
-            let chunks = self.vault.chunks.clone();
-            async move {
-                let (bytes, hash) = reader.read_block(i).await?;
-                let put = chunks.put_block(bytes, Some(hash)).await?;
-                Ok::<_, Error>((i, put))
+        let mut rewritten = 0u64;
+        for group in reader.groups(MERGE_GROUP_BYTES) {
+            let overlay = reader.load(&group).await?;
+            let overlay = &overlay;
+            let mut results = futures_util::stream::iter(group.iter().copied().map(|i| {
+                let chunks = self.vault.chunks.clone();
+                async move {
+                    let (bytes, hash) = reader.block_with(i, overlay).await?;
+                    let put = chunks.put_block(bytes, Some(hash)).await?;
+                    Ok::<_, Error>((i, put))
+                }
+            }))
+            .buffer_unordered(4);
+            while let Some(r) = results.next().await {
+                let (i, put) = r?;
+                let e = match put.name {
+                    Some(name) => MapEntry::Data {
+                        name,
+                        hash: put.hash,
+                    },
+                    None => MapEntry::Zero,
+                };
+                map.set(i, e)?;
             }
-        }))
-        .buffer_unordered(4);
-        while let Some(r) = results.next().await {
-            let (i, put) = r?;
-            let e = match put.name {
-                Some(name) => MapEntry::Data {
-                    name,
-                    hash: put.hash,
-                },
-                None => MapEntry::Zero,
-            };
-            map.set(i, e)?;
+            rewritten += group.len() as u64;
         }
-        Ok((map, touched.len() as u64))
+        Ok((map, rewritten))
     }
 
     /// A block map by its root name (cached: maps are immutable).
