@@ -287,42 +287,36 @@ pub fn store_failure(e: std::io::Error) -> Option<crate::error::Error> {
     Some(crate::error::Error::from(*inner))
 }
 
-/// Reads `len` bytes at `offset` of a stored log, opening only the frames that hold them
-/// (async counterpart of [`StoredLog`], sharing its cache).
-pub async fn read_log_range(
+/// One frame of a stored log, opened (tag checked, decrypted, decompressed) unless the shared
+/// cache holds it. `keep` puts a frame it opened in the cache: readers that read a log a range
+/// at a time want it; one that opens each frame once on its own (a merge reading frame by
+/// frame) would only push out frames other readers still use.
+pub async fn open_frame(
     chunks: &ChunkStore,
     cache: &FrameCache,
     vm_id: &str,
     disk_id: &str,
     log_id: &str,
-    offset: u64,
-    len: usize,
-) -> Result<Vec<u8>, ChunkError> {
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        let pos = offset + out.len() as u64;
-        let n = pos / LOG_FRAME_LEN as u64;
-        let within = (pos % LOG_FRAME_LEN as u64) as usize;
-        let key = layout::log_frame(vm_id, disk_id, log_id, n);
-        let frame = match cache.get(&key) {
-            Some(f) => f,
-            None => {
-                let f = Arc::new(chunks.get_sealed(ObjectKind::LogFrame, &key).await?);
-                cache.put(key.clone(), f.clone());
-                f
-            }
-        };
-        let avail = frame.len().saturating_sub(within);
-        if avail == 0 {
-            return Err(ChunkError::Corrupt(crate::chunk::SealError::BadPayload {
-                name: key.to_string(),
-                reason: "frame shorter than the extents say".into(),
-            }));
-        }
-        let take = avail.min(len - out.len());
-        out.extend_from_slice(&frame[within..within + take]);
+    n: u64,
+    keep: bool,
+) -> Result<Arc<Vec<u8>>, ChunkError> {
+    let key = layout::log_frame(vm_id, disk_id, log_id, n);
+    if let Some(f) = cache.get(&key) {
+        return Ok(f);
     }
-    Ok(out)
+    let f = Arc::new(chunks.get_sealed(ObjectKind::LogFrame, &key).await?);
+    if keep {
+        cache.put(key, f.clone());
+    }
+    Ok(f)
+}
+
+/// The error for a frame that holds fewer bytes than a log's extents place in it.
+pub fn short_frame(vm_id: &str, disk_id: &str, log_id: &str, n: u64) -> ChunkError {
+    ChunkError::Corrupt(crate::chunk::SealError::BadPayload {
+        name: layout::log_frame(vm_id, disk_id, log_id, n).to_string(),
+        reason: "frame shorter than the extents say".into(),
+    })
 }
 
 /// Loads a stored log's extent list.

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{BasePoint, DiskRecord, DiskState, Protection};
 use crate::error::{Error, Result};
-use crate::replica::point::PointReader;
+use crate::replica::point::{PointReader, MERGE_GROUP_BYTES};
 use crate::replica::{BlockMap, MapEntry};
 
 /// A VM recovery point as the API shows it.
@@ -328,32 +328,42 @@ impl Protection {
 
     /// The whole disk at a reader's point as one block map: the blocks its logs touch are read,
     /// stored as chunks (once each) and put in the base's slots. Returns the map and how many
-    /// blocks were rewritten.
+    /// blocks were rewritten. Blocks go a group at a time, so each log frame is opened once
+    /// per group rather than once per piece (see [`crate::replica::point`]).
     pub(crate) async fn full_map(&self, reader: &PinnedReader) -> Result<(BlockMap, u64)> {
+        self.full_map_in(reader, MERGE_GROUP_BYTES).await
+    }
+
+    /// [`Protection::full_map`] with groups of `budget` log bytes.
+    async fn full_map_in(&self, reader: &PinnedReader, budget: u64) -> Result<(BlockMap, u64)> {
         let mut map: BlockMap = reader.base().clone();
-        let touched: Vec<u64> = reader.touched().collect();
-        let mut results = futures_util::stream::iter(touched.iter().copied().map(|i| {
-            let reader = reader.clone();
-            let chunks = self.vault.chunks.clone();
-            async move {
-                let (bytes, hash) = reader.read_block(i).await?;
-                let put = chunks.put_block(bytes, Some(hash)).await?;
-                Ok::<_, Error>((i, put))
+        let mut rewritten = 0u64;
+        for group in reader.groups(budget) {
+            let overlay = reader.load(&group).await?;
+            let overlay = &overlay;
+            let mut results = futures_util::stream::iter(group.iter().copied().map(|i| {
+                let chunks = self.vault.chunks.clone();
+                async move {
+                    let (bytes, hash) = reader.block_with(i, overlay).await?;
+                    let put = chunks.put_block(bytes, Some(hash)).await?;
+                    Ok::<_, Error>((i, put))
+                }
+            }))
+            .buffer_unordered(4);
+            while let Some(r) = results.next().await {
+                let (i, put) = r?;
+                let e = match put.name {
+                    Some(name) => MapEntry::Data {
+                        name,
+                        hash: put.hash,
+                    },
+                    None => MapEntry::Zero,
+                };
+                map.set(i, e)?;
             }
-        }))
-        .buffer_unordered(4);
-        while let Some(r) = results.next().await {
-            let (i, put) = r?;
-            let e = match put.name {
-                Some(name) => MapEntry::Data {
-                    name,
-                    hash: put.hash,
-                },
-                None => MapEntry::Zero,
-            };
-            map.set(i, e)?;
+            rewritten += group.len() as u64;
         }
-        Ok((map, touched.len() as u64))
+        Ok((map, rewritten))
     }
 
     /// A block map by its root name (cached: maps are immutable).
@@ -601,9 +611,20 @@ mod tests {
     use bytes::Bytes;
 
     const BS: usize = 65536;
+    /// Blocks of the test disk: 16 MiB, so a few MiB of logs stay below the resync threshold.
+    const BLOCKS: usize = 256;
 
-    /// A VM whose 64-block disk holds block 0 and got two logs: c1 writes block 1, c2 block 2.
+    /// A VM whose disk holds block 0 and got two logs: c1 writes block 1, c2 block 2.
     async fn protected_with_two_logs() -> (Protection, Vault) {
+        let logs = (1..=2u8)
+            .map(|c| vec![(c as u64 * BS as u64, vec![c + 1; 4096])])
+            .collect();
+        protected_with_logs(logs).await
+    }
+
+    /// A VM whose disk of `BLOCKS` blocks holds block 0 (all ones) and got one log per element of
+    /// `logs` (cycles 1, 2, …), each made of its (disk offset, bytes) writes in that order.
+    async fn protected_with_logs(logs: Vec<Vec<(u64, Vec<u8>)>>) -> (Protection, Vault) {
         let store = Store::open("memory://", &[]).unwrap();
         let vault = Vault::open(store, Arc::new(KeyRing::random()), CpuPool::new(2), 1)
             .await
@@ -614,7 +635,7 @@ mod tests {
         let p = Protection::load(vault.clone(), jobs, BS as u32, BTreeSet::new())
             .await
             .unwrap();
-        let size = 64 * BS as u64;
+        let size = (BLOCKS * BS) as u64;
         let spec: VmSpec =
             serde_json::from_value(serde_json::json!({"disks": [{"id": "os", "size": size}]}))
                 .unwrap();
@@ -624,7 +645,7 @@ mod tests {
         p.put_block("h", "vm", "os", 0, hash, Bytes::from(base))
             .await
             .unwrap();
-        let mut hashes = vec![None; 64];
+        let mut hashes = vec![None; BLOCKS];
         hashes[0] = Some(hash);
         let req = CompleteRequest {
             data_runs: vec![(0, 1)],
@@ -632,7 +653,7 @@ mod tests {
         };
         p.complete_disk("h", "vm", "os", &req).await.unwrap();
         let mut prev = Guid([0; 16]);
-        for c in 1..=2u8 {
+        for (c, writes) in (1..=255u8).zip(logs) {
             let id = Guid([c; 16]);
             let mut w = HrlWriter::in_memory(HrlWriterParams {
                 unique_id: id,
@@ -641,7 +662,9 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-            w.add_write(c as u64 * BS as u64, &[c + 1; 4096]).unwrap();
+            for (off, data) in writes {
+                w.add_write(off, &data).unwrap();
+            }
             let log = w.finish_to_vec().unwrap();
             let len = log.len() as u64;
             let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(log))]);
@@ -697,6 +720,65 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&b[..4096], &[3u8; 4096][..]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_equals_the_logs_applied_in_order_whatever_the_groups() {
+        // Three logs of 1.5 MiB (two frames each) over the same 1 MiB of the disk, 4 KiB
+        // writes in a different order in each, then writes across block ends over them and
+        // one over those: each log overrides the last, and within a log a later write an
+        // earlier one.
+        let mut raw = vec![0u8; BLOCKS * BS];
+        raw[..BS].fill(1);
+        let mut logs = Vec::new();
+        for l in 0..3u64 {
+            let mut writes = Vec::new();
+            for k in 0..256u64 {
+                let slot = (k * (2 * l + 3) + l * 17) % 256;
+                let b = (l * 64 + k) as u8 | 1;
+                writes.push((BS as u64 * 4 + slot * 4096, vec![b; 4096]));
+            }
+            for k in 0..4u64 {
+                let off = BS as u64 * (5 + 3 * k) - 512 * (l + 1) * 8;
+                writes.push((off, vec![(l * 4 + k) as u8 + 100; 128 * 1024]));
+            }
+            writes.push((BS as u64 * 5 - 4096, vec![200 + l as u8; 8192]));
+            for (off, data) in &writes {
+                raw[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+            }
+            logs.push(writes);
+        }
+        let (p, vault) = protected_with_logs(logs).await;
+        let chunks = vault.chunks.clone();
+        let check = |map: BlockMap, what: String| {
+            let chunks = chunks.clone();
+            let raw = raw.clone();
+            async move {
+                for (i, e) in map.entries() {
+                    let want = &raw[i as usize * BS..(i as usize + 1) * BS];
+                    match e {
+                        MapEntry::Zero => assert!(want.iter().all(|&x| x == 0), "{what}: {i}"),
+                        MapEntry::Data { name, .. } => {
+                            let (got, _) = chunks.get_block(&name).await.unwrap();
+                            assert!(got[..] == want[..], "{what}: block {i}");
+                        }
+                    }
+                }
+            }
+        };
+        let reader = p.point_reader("vm", "os", 3).await.unwrap();
+        for budget in [1, 100_000, 300_000, MERGE_GROUP_BYTES] {
+            let (map, n) = p.full_map_in(&reader, budget).await.unwrap();
+            assert_eq!(n, 16, "blocks 4 to 19 are written");
+            check(map, format!("groups of {budget} bytes")).await;
+        }
+        drop(reader);
+        p.merge_vm("vm", true).await.unwrap();
+        let (_, d) = p.disk_for(None, "vm", "os").await.unwrap();
+        assert!(d.journal.is_empty());
+        let root = d.map_root.clone().unwrap();
+        let merged = p.map_by_root(&root).await.unwrap();
+        check((*merged).clone(), "the merged base".into()).await;
     }
 
     #[tokio::test]
