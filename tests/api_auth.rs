@@ -9,8 +9,6 @@ use drvault::client::{Client, ClientError};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-const MIB: u64 = 1024 * 1024;
-
 fn status(r: Result<Value, ClientError>) -> (StatusCode, String, bool) {
     match r {
         Ok(v) => panic!("expected a refusal, got {v}"),

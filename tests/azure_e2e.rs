@@ -25,8 +25,6 @@ use emulators::Azurite;
 use reqwest::Method;
 use serde_json::Value;
 
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
 const CONTAINER: &str = "drvault-e2e";
 /// Small blocks so a 16 MiB disk has 64 of them: holes, zero and data blocks side by side.
 const BLOCK: u64 = 256 * KIB;

@@ -25,8 +25,6 @@ source = "corp"
 target = "rec/app"
 "#;
 
-const MIB: u64 = 1024 * 1024;
-
 /// A client that trusts the server's self-signed certificate and sends no token.
 fn anonymous(server: &Server) -> reqwest::Client {
     let ca = reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).unwrap();

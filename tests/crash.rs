@@ -55,10 +55,8 @@ use drvault::store::{Key, Store};
 use emulators::Azurite;
 use serde_json::{json, Value};
 
-const MIB: u64 = 1024 * 1024;
 const DISK: u64 = 16 * MIB;
 const CONFIG: &str = "[vault]\nblock_size = 1048576\n\n[replica]\nmerge_interval_s = 0\n";
-const ZERO_GUID: &str = "00000000-0000-0000-0000-000000000000";
 const AZURE_CONTAINER: &str = "crash";
 
 /// Where the server keeps its vault, and so where the harness lists and reads objects.

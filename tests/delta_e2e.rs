@@ -11,8 +11,6 @@ use drvault::format::hrl::{Guid, HrlWriter, HrlWriterParams};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
 const BLOCK: &str = "[vault]\nblock_size = 65536\n";
 
 fn guid(n: u64) -> Guid {

@@ -25,10 +25,8 @@ use drvault::client::{Client, ClientError};
 use reqwest::Method;
 use serde_json::Value;
 
-const MIB: u64 = 1024 * 1024;
 const DISK: u64 = 8 * MIB;
 const CONFIG: &str = "[vault]\nblock_size = 1048576\n\n[replica]\nmerge_interval_s = 0\n";
-const ZERO_GUID: &str = "00000000-0000-0000-0000-000000000000";
 
 struct Faulty {
     _t: tempfile::TempDir,

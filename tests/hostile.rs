@@ -22,8 +22,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-const MIB: u64 = 1024 * 1024;
-
 /// Hostile connections opened by every test of this run (the README's "bad inputs tried"):
 /// each test prints the running total when it ends, so the last line printed is the total.
 static HOSTILE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

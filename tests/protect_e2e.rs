@@ -6,8 +6,6 @@ mod common;
 use common::*;
 use drvault::format::vhd::Footer;
 
-const MIB: u64 = 1024 * 1024;
-
 /// An ext4 filesystem image filled with files (raw), like a real data disk.
 fn ext4_image(dir: &std::path::Path) -> std::path::PathBuf {
     let src = dir.join("ext4-src");

@@ -12,7 +12,6 @@ use drvault::chunk::PlainHash;
 use drvault::replica::patch;
 use serde_json::Value;
 
-const MIB: u64 = 1024 * 1024;
 const SIZE: u64 = 24 * MIB;
 
 /// A config whose resync window is closed now (it opens in about six hours, server local time).

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use common::*;
 use serde_json::Value;
 
-const MIB: u64 = 1024 * 1024;
 const CONFIG: &str = "[vault]\nblock_size = 1048576\n\n[resync]\nwindow = \"\"\n";
 
 fn s(p: &Path) -> &str {

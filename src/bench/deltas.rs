@@ -738,11 +738,7 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    #[derive(Parser)]
-    struct Wrap {
-        #[command(flatten)]
-        a: DeltasArgs,
-    }
+    type Wrap = crate::bench::ArgsWrap<DeltasArgs>;
 
     fn args(extra: &[&str]) -> DeltasArgs {
         let mut v = vec!["x"];

@@ -438,11 +438,7 @@ mod tests {
     use crate::agent::protect::DiskSummary;
     use clap::Parser;
 
-    #[derive(Parser)]
-    struct Wrap {
-        #[command(flatten)]
-        a: IngestArgs,
-    }
+    type Wrap = crate::bench::ArgsWrap<IngestArgs>;
 
     fn args(extra: &[&str]) -> IngestArgs {
         let mut v = vec!["x"];

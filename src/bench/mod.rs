@@ -295,3 +295,11 @@ mod tests {
         assert_eq!(median_of(&[None::<f64>], |x| *x), None);
     }
 }
+
+/// A bench subcommand's flags as a whole command line, for tests of their parsing.
+#[cfg(test)]
+#[derive(clap::Parser)]
+pub(crate) struct ArgsWrap<A: clap::Args> {
+    #[command(flatten)]
+    pub a: A,
+}

@@ -304,11 +304,7 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    #[derive(Parser)]
-    struct Wrap {
-        #[command(flatten)]
-        a: IngestArgs,
-    }
+    type Wrap = crate::bench::ArgsWrap<IngestArgs>;
 
     fn run(wall: f64, server: f64) -> RunFigures {
         RunFigures {

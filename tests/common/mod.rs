@@ -10,6 +10,10 @@ use drvault::client::Client;
 use drvault::server::ServerFile;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_drvault");
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * KIB;
+/// The parent id of a disk's first change log.
+pub const ZERO_GUID: &str = "00000000-0000-0000-0000-000000000000";
 
 /// A running server. Killed on drop.
 pub struct Server {
