@@ -135,16 +135,7 @@ impl World {
     }
 
     fn export_equals(&self, vm: &str, point: &str, expected: &Path) {
-        let out = self.dir.join(format!("{vm}-{point}.out"));
-        succeeded(
-            &self.server.export_os_raw(vm, point, &out),
-            &format!("export of {vm} at {point}"),
-        );
-        assert!(
-            std::fs::read(&out).unwrap() == std::fs::read(expected).unwrap(),
-            "{vm} at {point} does not export as the disk was"
-        );
-        std::fs::remove_file(out).unwrap();
+        self.server.export_os_equals(vm, point, expected, &self.dir);
     }
 
     /// Runs two CLI commands at once, the second `stagger_ms` after the first (so that runs

@@ -191,15 +191,7 @@ impl Faulty {
     }
 
     fn export_equals(&self, vm: &str, point: &str, expected: &Path) {
-        let out = self.dir.join(format!("{vm}-{point}.raw"));
-        succeeded(
-            &self.server.export_os_raw(vm, point, &out),
-            &format!("export of {vm} at {point}"),
-        );
-        assert!(
-            std::fs::read(&out).unwrap() == std::fs::read(expected).unwrap(),
-            "{vm} at {point} does not export as the source was"
-        );
+        self.server.export_os_equals(vm, point, expected, &self.dir);
     }
 }
 

@@ -177,6 +177,21 @@ impl Server {
         self.export(vm, "os", point, "raw", out)
     }
 
+    /// Exports disk `os` of `vm` at `point` as raw into `scratch` and checks it equals
+    /// `expected` byte for byte; the export is removed afterwards.
+    pub fn export_os_equals(&self, vm: &str, point: &str, expected: &Path, scratch: &Path) {
+        let out = scratch.join(format!("{vm}-{point}.raw"));
+        succeeded(
+            &self.export_os_raw(vm, point, &out),
+            &format!("export of {vm} at {point}"),
+        );
+        assert!(
+            std::fs::read(&out).unwrap() == std::fs::read(expected).unwrap(),
+            "{vm} at {point} does not export as the disk was"
+        );
+        std::fs::remove_file(out).unwrap();
+    }
+
     /// `drvault export` of `disk` of `vm` at `point` as `format` (raw or vhd) into `out`.
     pub fn export(&self, vm: &str, disk: &str, point: &str, format: &str, out: &Path) -> Output {
         self.cli(&[
