@@ -18,7 +18,7 @@
 //! Layout rule for callers: no object key may also be a prefix of other object keys (`a/b` and
 //! `a/b/c`). Cloud stores allow it, but the local backend stores keys as files in directories
 //! and cannot hold both: there a put of `a/b` fails (and a create-only put reports `Existed`)
-//! while `a/b/c` exists. The tests in `tests/store_conformance.rs` pin these semantics.
+//! while `a/b/c` exists. The tests in `tests/it/store_conformance.rs` pin these semantics.
 //!
 //! The vault format needs nothing else (see the crate docs for the key layout), which is what lets
 //! several servers share one bucket later. Keys are [`Key`]s: built only by server code from

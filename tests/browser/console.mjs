@@ -1,4 +1,4 @@
-// Browser end-to-end test of the operator console, driven by tests/console_browser.rs.
+// Browser end-to-end test of the operator console, driven by tests/it/console_browser.rs.
 //
 // Headless Debian Chromium through playwright-core (no browser download). Environment:
 // DRVAULT_URL, DRVAULT_TOKEN, DRVAULT_VM (a protected VM with a test-network mapping and an

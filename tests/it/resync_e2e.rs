@@ -3,7 +3,7 @@
 //! refused with nothing changed, the switch to a new point with the old points still readable,
 //! the log chain restarting, and a cancelled resync leaving the replica as it was.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

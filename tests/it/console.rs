@@ -3,7 +3,7 @@
 //! token; the figures the console shows that the API gained for it (per-disk stored and
 //! deduplicated bytes, where each NIC lands) are right.
 
-mod common;
+use crate::common;
 
 use common::*;
 use reqwest::StatusCode;

@@ -4,7 +4,7 @@
 //! whatever the order was. The failover race slows block reads on purpose (`DRVAULT_FAULTS`
 //! latency) so that a merge usually commits while the drill is still writing its disk.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

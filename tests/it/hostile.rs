@@ -2,11 +2,11 @@
 //! library to normalize paths or finish what it started), each checked for the right refusal
 //! and for leaving nothing behind, while ordinary clients keep being served.
 //!
-//! `tests/api_auth.rs` holds the auth matrix of single requests and the bad-input table; here
+//! `tests/it/api_auth.rs` holds the auth matrix of single requests and the bad-input table; here
 //! are the sweeps over every route, names no URL library would send, oversized and trickled
 //! requests, silent connections and the per-host rate limit.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

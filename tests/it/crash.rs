@@ -34,9 +34,8 @@
 //! the page cache survives them, so this checks crash consistency of the server's write order,
 //! not durability across power loss (that is fsync's job).
 
-mod common;
-#[path = "support/emulators.rs"]
-mod emulators;
+use crate::common;
+use crate::emulators;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

@@ -6,8 +6,7 @@
 //! the cases may use fixed keys. The suite reports "N/N cases passed" per backend on stderr,
 //! past the harness's capture, so a run shows what was covered.
 
-#[path = "support/emulators.rs"]
-mod emulators;
+use crate::emulators;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;

@@ -9,7 +9,7 @@
 //! (`npm ci`); `.ci/run` installs all three. Without them the test fails when `CI` is set and
 //! is skipped with a notice otherwise.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

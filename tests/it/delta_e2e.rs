@@ -3,7 +3,7 @@
 //! the same after a merge and after a restart; and every bad log refused with the journal and
 //! the points unchanged.
 
-mod common;
+use crate::common;
 
 use common::*;
 use drvault::client::Client;

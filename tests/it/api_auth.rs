@@ -1,7 +1,7 @@
 //! The auth matrix and bad input of the protection API: each refused with the right status and
 //! a `{code, message, recoverable}` body, and each leaving the vault unchanged.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;

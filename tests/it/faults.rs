@@ -13,7 +13,7 @@
 //! * writes lost after their acknowledgement: what drvault promises (see that test's doc):
 //!   never read as wrong data, found by verify or before the acknowledgement, healed by resync.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -10,9 +10,8 @@
 //! missing Azurite fails the tests, unless `DRVAULT_SKIP_AZURITE=1` turns that into a loud
 //! SKIPPED line.
 
-mod common;
-#[path = "support/emulators.rs"]
-mod emulators;
+use crate::common;
+use crate::emulators;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

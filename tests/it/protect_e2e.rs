@@ -1,7 +1,7 @@
 //! End to end over HTTPS: protect a VM with three disks in three formats made by qemu-img, export
 //! each as a fixed VHD and as raw, and let qemu-img say they are identical to the sources.
 
-mod common;
+use crate::common;
 
 use common::*;
 use drvault::format::vhd::Footer;

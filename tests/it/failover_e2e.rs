@@ -2,7 +2,7 @@
 //! over (test, then unplanned to the earlier point), and qemu boots each materialized VHD and
 //! prints the file from its own filesystem. Plus planned failover, addresses and refusals.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

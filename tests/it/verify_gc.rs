@@ -10,7 +10,7 @@
 //!   (every retained point still exports byte-exact); the default grace frees nothing young; a
 //!   collection looping during an initial replication loses nothing.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;

@@ -1,0 +1,23 @@
+//! The integration tests: one test crate with a module per area, so the whole suite links once
+//! instead of once per file. Run one area with `cargo test --test it -- hostile::`, one test with
+//! its full path (`cargo test --test it -- hostile::oversized_bodies_are_refused_before_they_are_stored`).
+
+mod common;
+#[path = "support/emulators.rs"]
+mod emulators;
+
+mod api_auth;
+mod azure_e2e;
+mod bench_smoke;
+mod concurrency;
+mod console;
+mod console_browser;
+mod crash;
+mod delta_e2e;
+mod failover_e2e;
+mod faults;
+mod hostile;
+mod protect_e2e;
+mod resync_e2e;
+mod store_conformance;
+mod verify_gc;
