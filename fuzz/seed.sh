@@ -4,6 +4,7 @@
 # - vhd, vhdx: images made by qemu-img / qemu-io (fixed and dynamic, some with data), our
 #   writer's fixed VHDs, a hand-made differencing VHD whose parent the targets provide, and
 #   VHDX files with a log to replay; converted to the targets' sparse encoding (sparse.py);
+#   copies of them with damaged signatures (identifier, one header, cookies, end footer);
 # - image: all of those plus two raw files;
 # - sealed, sealed_roundtrip: objects sealed by the library with the fuzz key ring;
 # - blockmap: block-map roots and segments.
@@ -44,6 +45,22 @@ q create -f vhdx -o subformat=fixed,block_size=1M "$work/vhdx/qemu-fixed.vhdx" 4
 w vhdx 0xab 0 64k "$work/vhdx/qemu-fixed.vhdx"
 q convert -f raw -O vhdx -o subformat=dynamic,block_size=1M "$work/raw.img" \
     "$work/vhdx/qemu-converted.vhdx"
+
+# Damaged signatures: a VHDX whose identifier is overwritten and a VHD with both cookies
+# damaged (refused: never read as raw), one VHDX header or a dynamic VHD's end footer damaged
+# in place (tolerated, as the specifications allow), a head copy or a fixed footer damaged.
+dmg() { cp "$1" "$2"; printf '%s' "$3" | dd of="$2" bs=1 seek="$4" conv=notrunc status=none; }
+end() { echo $(( $(stat -c %s "$1") - 512 )); }
+x="$work/vhdx/qemu-dynamic.vhdx"
+dmg "$x" "$work/vhdx/damaged-identifier.vhdx" XXXXXXXX 0
+dmg "$x" "$work/vhdx/damaged-header1.vhdx" XXXX 65536
+dmg "$x" "$work/vhdx/damaged-header2.vhdx" XXXX 131072
+v="$work/vhd/qemu-dynamic.vhd"
+dmg "$v" "$work/vhd/damaged-end-footer.vhd" XXXXXXXX "$(end "$v")"
+dmg "$v" "$work/vhd/damaged-head-copy.vhd" XXXXXXXX 0
+dmg "$work/vhd/damaged-head-copy.vhd" "$work/vhd/damaged-both-cookies.vhd" XXXXXXXX "$(end "$v")"
+v="$work/vhd/qemu-fixed.vhd"
+dmg "$v" "$work/vhd/damaged-fixed-cookie.vhd" XXXXXXXX "$(end "$v")"
 
 enc() { python3 "$root/fuzz/sparse.py" encode "$1" "$2"; }
 for f in "$work"/vhd/* "$work"/vhdx/*; do

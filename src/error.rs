@@ -50,6 +50,10 @@ pub enum Error {
     },
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// A file the server writes outside the store (the key file, failover output) hit a full
+    /// disk: as transient as a full store, and reported with the same code.
+    #[error("{message}")]
+    DiskFull { message: String },
     #[error("corrupt object: {0}")]
     Corrupt(#[from] SealError),
     #[error("internal error: {0}")]
@@ -94,6 +98,20 @@ impl Error {
     pub fn internal(message: impl Into<String>) -> Error {
         Error::Internal(message.into())
     }
+    /// A failed write of a local file: [`Error::DiskFull`] when the disk is full (ENOSPC,
+    /// EDQUOT anywhere in `error`'s chain), else `otherwise(message)`.
+    pub fn local_write(
+        error: &(dyn std::error::Error + 'static),
+        message: impl Into<String>,
+        otherwise: impl FnOnce(String) -> Error,
+    ) -> Error {
+        let message = message.into();
+        if crate::store::is_storage_full(error) {
+            Error::DiskFull { message }
+        } else {
+            otherwise(message)
+        }
+    }
 
     pub fn kind(&self) -> Kind {
         match self {
@@ -105,7 +123,7 @@ impl Error {
             Error::TooLarge { .. } => Kind::TooLarge,
             Error::Busy { .. } => Kind::Busy,
             Error::Store(StoreError::NotFound { .. }) => Kind::Corrupt,
-            Error::Store(_) => Kind::Unavailable,
+            Error::Store(_) | Error::DiskFull { .. } => Kind::Unavailable,
             Error::Corrupt(_) => Kind::Corrupt,
             Error::Internal(_) => Kind::Internal,
         }
@@ -124,7 +142,7 @@ impl Error {
             // An object the vault's own records point at is gone: that is damage, not a 404.
             Error::Store(StoreError::NotFound { .. }) => "object_missing",
             Error::Store(StoreError::Config(_)) => "store_misconfigured",
-            Error::Store(StoreError::Full { .. }) => "store_full",
+            Error::Store(StoreError::Full { .. }) | Error::DiskFull { .. } => "store_full",
             Error::Store(_) => "store_unavailable",
             Error::Corrupt(_) => "corrupt_object",
             Error::Internal(_) => "internal",
@@ -136,7 +154,8 @@ impl Error {
         match self {
             Error::Conflict { recoverable, .. } => *recoverable,
             Error::Busy { .. } => true,
-            Error::Store(StoreError::Unavailable { .. } | StoreError::Full { .. }) => true,
+            Error::Store(StoreError::Unavailable { .. } | StoreError::Full { .. })
+            | Error::DiskFull { .. } => true,
             _ => false,
         }
     }

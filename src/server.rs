@@ -46,6 +46,13 @@ pub enum ServeError {
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
     Faults(#[from] crate::store::faulty::FaultError),
+    /// A secret file others can read (the server refuses it like the master key file).
+    #[error("{what} {path} has mode {mode:o}: others can read it; it must be readable by its owner only: run `chmod 600 {path}`")]
+    Permissions {
+        what: &'static str,
+        path: String,
+        mode: u32,
+    },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -138,12 +145,16 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             .into())
         }
     };
+    check_private_file("TLS private key", &key)?;
     let tls = api::tls::server_config(&cert, &key)?;
     let ca_pem = std::fs::read_to_string(&cert).map_err(io_err("reading certificate", &cert))?;
 
     // The operator token: generated once, stored in clear only in the data directory (0600),
     // and as a digest in the vault's registry.
     let token_path = data_dir.join(OPERATOR_TOKEN_FILE);
+    if token_path.exists() {
+        check_private_file("operator token file", &token_path)?;
+    }
     let token = match std::fs::read_to_string(&token_path) {
         Ok(t) => t.trim().to_string(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -317,6 +328,21 @@ fn create_private_dir(p: &Path) -> Result<(), ServeError> {
         .mode(0o700)
         .create(p)
         .map_err(io_err("creating directory", p))
+}
+
+/// Refuses a secret file that its group or others may read, as the master key file is.
+fn check_private_file(what: &'static str, p: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(p).map_err(io_err("reading", p))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ServeError::Permissions {
+            what,
+            path: p.display().to_string(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 fn write_private(p: &Path, data: &[u8]) -> Result<(), ServeError> {

@@ -3,7 +3,8 @@
 //!
 //! PATH is the original disk or an alternate location: a raw image or a fixed VHD (the formats
 //! whose data can be written in place). With `--full` every block is downloaded and PATH may be
-//! missing: it is created (a fixed VHD when the name ends in `.vhd`, else raw). Otherwise only
+//! missing: it is created (a fixed VHD when the name ends in `.vhd` or `--format vhd` says so,
+//! else raw; a name ending in `.vhdx` needs `--format raw`). Otherwise only
 //! blocks whose hash differs are compared by 4 KiB fine hashes and only differing ranges are
 //! downloaded. A block is written only after the patched block's BLAKE3 equals the target's; a
 //! mismatch fetches the whole block once, and fails if even that does not verify. A rerun after
@@ -23,7 +24,7 @@ use super::AgentError;
 use crate::chunk::PlainHash;
 use crate::client::Client;
 use crate::failover::failback::{FailbackDiskView, FailbackRecord, RangeRequest};
-use crate::format::image::ImageFormat;
+use crate::format::image::{ImageFormat, SourceFormat};
 use crate::protection::resync::{DigestRequest, FineRequest, MAX_FINE_BLOCKS};
 use crate::replica::blockmap::block_len;
 use crate::replica::patch;
@@ -35,6 +36,8 @@ pub struct FailbackOptions {
     pub full: bool,
     pub backoff: Backoff,
     pub progress: bool,
+    /// What PATH is read and created as.
+    pub format: SourceFormat,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -55,12 +58,23 @@ pub struct FailbackSummary {
 
 /// Opens (or with `full`, creates) PATH for in-place writes; returns the file and whether it
 /// was created.
-fn open_target(path: &Path, size: u64, full: bool) -> Result<(File, bool), AgentError> {
+fn open_target(
+    path: &Path,
+    size: u64,
+    full: bool,
+    format: SourceFormat,
+) -> Result<(File, bool), AgentError> {
     let err = |m: String| AgentError::Disk {
         path: path.display().to_string(),
         message: m,
     };
+    let format = format.for_path(path);
     if !path.exists() {
+        if format == SourceFormat::Vhdx {
+            return Err(err(
+                "failback writes raw disks and fixed VHDs, not VHDX: name the new file .vhd or .raw, or pass --format raw".into(),
+            ));
+        }
         if !full {
             return Err(err(
                 "does not exist: give --full to download the whole disk to a new file".into(),
@@ -77,7 +91,7 @@ fn open_target(path: &Path, size: u64, full: bool) -> Result<(File, bool), Agent
             .open(&tmp)
             .map_err(|e| err(format!("creating: {e}")))?;
         f.set_len(size).map_err(|e| err(format!("sizing: {e}")))?;
-        if path.extension().and_then(|e| e.to_str()) == Some("vhd") {
+        if format == SourceFormat::Vhd {
             let footer = crate::format::vhd::fixed_footer(
                 size,
                 *uuid::Uuid::new_v4().as_bytes(),
@@ -91,7 +105,7 @@ fn open_target(path: &Path, size: u64, full: bool) -> Result<(File, bool), Agent
         std::fs::rename(&tmp, path).map_err(|e| err(format!("renaming into place: {e}")))?;
         return Ok((f, true));
     }
-    let image = crate::format::image::open(path).map_err(|e| err(e.to_string()))?;
+    let image = crate::format::image::open_as(path, format)?;
     if !matches!(image.format(), ImageFormat::Raw | ImageFormat::VhdFixed) {
         return Err(err(format!(
             "is a {:?} image: failback writes raw images and fixed VHDs in place; convert it (qemu-img convert -O raw) or fail back to a new file with --full",
@@ -123,7 +137,7 @@ pub async fn failback(
         .backoff
         .retry("failback", || client.get_json(&base))
         .await?;
-    let (file, created) = open_target(path, view.size, opts.full)?;
+    let (file, created) = open_target(path, view.size, opts.full, opts.format)?;
     let file = Arc::new(file);
     let mut summary = FailbackSummary {
         vm: opts.vm.clone(),
@@ -137,12 +151,8 @@ pub async fn failback(
     summary.hash_bytes_downloaded += theirs.len() as u64 * 32;
 
     // The local disk is read through the same image reader (raw or fixed VHD data region).
-    let image: Arc<dyn crate::format::image::DiskImage> = Arc::from(
-        crate::format::image::open(path).map_err(|e| AgentError::Disk {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?,
-    );
+    let image: Arc<dyn crate::format::image::DiskImage> =
+        Arc::from(crate::format::image::open_as(path, opts.format)?);
     let bar = super::protect::progress_bar(opts.progress, view.size, "failback");
     let mut rx = read_blocks(image, view.block_size, 8);
     let mut batch: Vec<SourceBlock> = Vec::new();

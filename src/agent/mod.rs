@@ -19,6 +19,9 @@ pub enum AgentError {
     Creds { path: String, message: String },
     #[error("disk {path}: {message}")]
     Disk { path: String, message: String },
+    /// A disk image that cannot be opened as its name or `--format` says (the error names it).
+    #[error(transparent)]
+    Image(Box<crate::format::image::ImageError>),
     #[error("{0}")]
     Client(#[from] ClientError),
     #[error("{0}")]
@@ -29,6 +32,13 @@ pub enum AgentError {
         elapsed_s: u64,
         last: ClientError,
     },
+}
+
+impl From<crate::format::image::ImageError> for AgentError {
+    fn from(e: crate::format::image::ImageError) -> AgentError {
+        // Boxed: image errors are large and every agent result carries this type.
+        AgentError::Image(Box::new(e))
+    }
 }
 
 impl AgentError {

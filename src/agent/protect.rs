@@ -24,7 +24,7 @@ use crate::api::routes::{MissingBlocks, BLAKE3_HEADER};
 use crate::chunk::digest::is_zero;
 use crate::chunk::PlainHash;
 use crate::client::Client;
-use crate::format::image::DiskImage;
+use crate::format::image::{DiskImage, SourceFormat};
 use crate::protection::session::{CompleteRequest, QueryBlock, ReceivedQuery};
 use crate::protection::{BlockAck, DiskSpec, DiskView, NicSpec, Policy, VmSpec, VmView};
 use crate::replica::blockmap::{block_count, block_len};
@@ -78,12 +78,13 @@ pub struct ProtectSummary {
     pub seconds: f64,
 }
 
-/// Opens a disk image, detecting its format from the content.
-pub fn open_disk(path: &std::path::Path, id: Option<String>) -> Result<DiskSource, AgentError> {
-    let image = crate::format::image::open(path).map_err(|e| AgentError::Disk {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
+/// Opens a disk image as `format` says (`Auto`: from its name, else its content).
+pub fn open_disk(
+    path: &std::path::Path,
+    id: Option<String>,
+    format: SourceFormat,
+) -> Result<DiskSource, AgentError> {
+    let image = crate::format::image::open_as(path, format)?;
     let id = match id {
         Some(i) => i,
         None => path

@@ -19,7 +19,7 @@ use super::AgentError;
 use crate::api::routes::BLAKE3_HEADER;
 use crate::chunk::PlainHash;
 use crate::client::Client;
-use crate::format::image::DiskImage;
+use crate::format::image::{DiskImage, SourceFormat};
 use crate::protection::resync::{
     DigestRequest, FineRequest, PatchAck, ResyncCompletion, ResyncDiskView, SessionState,
     MAX_FINE_BLOCKS,
@@ -34,6 +34,8 @@ pub struct ResyncOptions {
     pub parallel: usize,
     pub backoff: Backoff,
     pub progress: bool,
+    /// What the source disk is read as.
+    pub format: SourceFormat,
 }
 
 /// What one disk's resync did.
@@ -134,7 +136,7 @@ pub async fn resync(
     opts: &ResyncOptions,
 ) -> Result<ResyncSummary, AgentError> {
     let t0 = Instant::now();
-    let src = super::protect::open_disk(path, Some(opts.disk.clone()))?;
+    let src = super::protect::open_disk(path, Some(opts.disk.clone()), opts.format)?;
     let base = format!("/v1/agent/vms/{}/disks/{}/resync", opts.vm, opts.disk);
     // A scheduled session is not retried here: the window may be hours away.
     let view: ResyncDiskView = match client.get_json(&base).await {

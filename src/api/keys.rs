@@ -56,6 +56,9 @@ async fn rotate_key(_: Operator, State(s): State<AppState>) -> ApiResult<Json<Ke
         Err(e @ KeyError::NoKeyFile) => {
             Err(Error::conflict("key_rotation_refused", e.to_string()).into())
         }
-        Err(e) => Err(Error::internal(format!("key rotation failed, nothing changed: {e}")).into()),
+        Err(e) => {
+            let message = format!("key rotation failed, nothing changed: {e}");
+            Err(Error::local_write(&e, message, Error::Internal).into())
+        }
     }
 }

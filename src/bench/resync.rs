@@ -203,6 +203,7 @@ async fn measure(
             parallel: 4,
             backoff: quick_backoff(),
             progress: false,
+            format: Default::default(),
         };
         let s = resync(&session.agent, &changed, &opts)
             .await

@@ -43,7 +43,7 @@ pub enum KeyError {
         path: String,
         source: std::io::Error,
     },
-    #[error("master key file {path} has mode {mode:o}; it must be readable by its owner only (chmod 600)")]
+    #[error("master key file {path} has mode {mode:o}: others can read it; it must be readable by its owner only: run `chmod 600 {path}`")]
     Permissions { path: String, mode: u32 },
     #[error("master key file {path} is malformed: {reason}")]
     Malformed { path: String, reason: String },

@@ -12,10 +12,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use reqwest::Method;
 
 use crate::agent::backoff::Backoff;
+use crate::format::image::SourceFormat;
 use crate::protection::{NicSpec, Policy, VmView};
 use operator::Conn;
 
@@ -399,6 +400,17 @@ enum HrlCmd {
     Apply { file: PathBuf, image: PathBuf },
 }
 
+/// `--format` of the agent commands that read a disk image.
+#[derive(clap::Args, Clone, Copy)]
+pub(crate) struct DiskFormatArg {
+    /// How to read the disk image: auto (a name ending in .vhd or .vhdx must hold that
+    /// format, anything else is detected from the content), raw, vhd or vhdx. A .vhd/.vhdx
+    /// file that does not parse is refused, never read as raw: pass --format raw if it
+    /// really is a raw disk.
+    #[arg(long, default_value_t = SourceFormat::Auto)]
+    pub(crate) format: SourceFormat,
+}
+
 #[derive(Subcommand)]
 enum AgentCmd {
     /// Resynchronize one disk of an open resync session: fetch the replica's checksums, compare
@@ -437,10 +449,12 @@ enum AgentCmd {
         conn: AgentConn,
         #[arg(long)]
         vm: String,
-        /// A disk image (raw, VHD or VHDX, detected from content), optionally with an id:
-        /// PATH[:ID]; the id defaults to the file name without extension. Repeat per disk.
+        /// A disk image (raw, VHD or VHDX, see --format), optionally with an id: PATH[:ID];
+        /// the id defaults to the file name without extension. Repeat per disk.
         #[arg(long = "disk", required = true)]
         disks: Vec<String>,
+        #[command(flatten)]
+        format: DiskFormatArg,
         /// A NIC: network=NAME,mac=MAC[,ip=IP]. Repeat per NIC.
         #[arg(long = "nic")]
         nics: Vec<String>,
@@ -468,7 +482,11 @@ enum AgentCmd {
 
 /// Entry point of the binary.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    if token_on_command_line(&matches) {
+        eprintln!("{}", operator::TOKEN_ARG_WARNING);
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let is_serve = matches!(cli.cmd, Cmd::Serve { .. });
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -493,6 +511,23 @@ pub fn main() -> i32 {
             }
         }
     }
+}
+
+/// Whether `--token` was given as an argument (other users see it in `ps`), not through
+/// DRVAULT_TOKEN; the option is global, so it may sit at any level of subcommands.
+fn token_on_command_line(matches: &clap::ArgMatches) -> bool {
+    let mut level = Some(matches);
+    while let Some(m) = level {
+        // Only levels that define the option may be asked for its source (clap panics
+        // otherwise), and clap also copies global values to the levels above.
+        if matches!(m.try_contains_id("token"), Ok(true))
+            && m.value_source("token") == Some(clap::parser::ValueSource::CommandLine)
+        {
+            return true;
+        }
+        level = m.subcommand().map(|(_, sub)| sub);
+    }
+    false
 }
 
 fn init_logging(default: &str, json: bool) {
@@ -1365,6 +1400,7 @@ async fn agent(cmd: AgentCmd) -> Result<i32> {
             retention,
             parallel,
             json,
+            format,
         } => {
             let creds = crate::agent::load_creds(&conn.creds)?;
             let client = crate::agent::client_for(&creds, conn.host.clone())?;
@@ -1374,7 +1410,7 @@ async fn agent(cmd: AgentCmd) -> Result<i32> {
                     Some((p, id)) if !id.contains('/') => (PathBuf::from(p), Some(id.to_string())),
                     _ => (PathBuf::from(d), None),
                 };
-                sources.push(crate::agent::protect::open_disk(&path, id)?);
+                sources.push(crate::agent::protect::open_disk(&path, id, format.format)?);
             }
             let nics = nics
                 .iter()

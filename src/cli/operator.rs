@@ -14,6 +14,9 @@ use crate::chunk::PlainHash;
 use crate::client::Client;
 use crate::server::{ServerFile, OPERATOR_TOKEN_FILE, SERVER_FILE};
 
+/// Printed when the operator token is an argument.
+pub const TOKEN_ARG_WARNING: &str = "warning: --token on the command line shows in `ps` and /proc to every user of this machine; set DRVAULT_TOKEN instead (or let drvault read <data-dir>/operator.token)";
+
 /// How to reach the server as the operator.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Conn {
@@ -28,7 +31,8 @@ pub struct Conn {
     /// Server URL (default: from <data-dir>/server.json).
     #[arg(long, env = "DRVAULT_SERVER", global = true)]
     pub server: Option<String>,
-    /// Operator token (default: <data-dir>/operator.token).
+    /// Operator token (default: <data-dir>/operator.token). Prefer DRVAULT_TOKEN: a value
+    /// given as --token shows in `ps` to every user of the machine.
     #[arg(long, env = "DRVAULT_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
     /// PEM certificate to trust (default: the one named in <data-dir>/server.json).

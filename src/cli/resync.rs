@@ -60,8 +60,10 @@ pub struct AgentResyncArgs {
     vm: String,
     #[arg(long)]
     disk: String,
-    /// The source disk (raw, VHD or VHDX).
+    /// The source disk (raw, VHD or VHDX, see --format).
     path: PathBuf,
+    #[command(flatten)]
+    format: super::DiskFormatArg,
     /// Patch uploads in flight.
     #[arg(long, default_value_t = 4)]
     parallel: usize,
@@ -80,6 +82,8 @@ pub struct AgentFailbackArgs {
     /// The on-premises disk to bring up to date (raw or fixed VHD): the original or an
     /// alternate location.
     path: PathBuf,
+    #[command(flatten)]
+    format: super::DiskFormatArg,
     /// Download everything (the on-premises disk is lost: PATH is created).
     #[arg(long)]
     full: bool,
@@ -208,6 +212,7 @@ pub async fn agent_resync(a: AgentResyncArgs) -> Result<i32> {
         parallel: a.parallel,
         backoff: backoff(&a.conn),
         progress: super::console() && !a.json,
+        format: a.format.format,
     };
     let s = crate::agent::resync::resync(&client, &a.path, &opts)
         .await
@@ -255,6 +260,7 @@ pub async fn agent_failback(a: AgentFailbackArgs) -> Result<i32> {
         full: a.full,
         backoff: backoff(&a.conn),
         progress: super::console() && !a.json,
+        format: a.format.format,
     };
     let s = crate::agent::failback::failback(&client, &a.path, &opts)
         .await

@@ -350,10 +350,9 @@ impl Failovers {
             .await?;
         let firmware = Firmware::from_generation(vmrec.spec.generation)?;
         std::fs::create_dir_all(dir).map_err(|e| {
-            Error::invalid(
-                "output_not_writable",
-                format!("cannot create {}: {e}", dir.display()),
-            )
+            Error::local_write(&e, format!("cannot create {}: {e}", dir.display()), |m| {
+                Error::invalid("output_not_writable", m)
+            })
         })?;
         // 2. Disks, in parallel.
         let total_disks = vmrec.spec.disks.len().max(1) as f64;
@@ -424,10 +423,9 @@ impl Failovers {
         let write = |name: &str, text: &str| -> Result<String> {
             let p = dir.join(name);
             std::fs::write(&p, text).map_err(|e| {
-                Error::invalid(
-                    "output_not_writable",
-                    format!("writing {}: {e}", p.display()),
-                )
+                Error::local_write(&e, format!("writing {}: {e}", p.display()), |m| {
+                    Error::invalid("output_not_writable", m)
+                })
             })?;
             Ok(p.display().to_string())
         };
@@ -510,10 +508,9 @@ impl Failovers {
         let size = reader.base().disk_size();
         let virt = size.div_ceil(MIB) * MIB;
         let out = DiskOutput::create(path, virt + 512).map_err(|e| {
-            Error::invalid(
-                "output_not_writable",
-                format!("creating {}: {e}", path.display()),
-            )
+            Error::local_write(&e, format!("creating {}: {e}", path.display()), |m| {
+                Error::invalid("output_not_writable", m)
+            })
         })?;
         let out = Arc::new(out);
         let bs = reader.base().block_size() as u64;
@@ -526,7 +523,9 @@ impl Failovers {
             let buffers = buffers.clone();
             async move {
                 let write_err = |e: std::io::Error| {
-                    Error::invalid("output_not_writable", format!("writing disk: {e}"))
+                    Error::local_write(&e, format!("writing disk: {e}"), |m| {
+                        Error::invalid("output_not_writable", m)
+                    })
                 };
                 let joined = |e: tokio::task::JoinError| Error::internal(e.to_string());
                 let buf = buffers.lock().ok().and_then(|mut b| b.pop());
@@ -577,7 +576,11 @@ impl Failovers {
         tokio::task::spawn_blocking(move || out.finish(&footer, virt))
             .await
             .map_err(|e| Error::internal(e.to_string()))?
-            .map_err(|e| Error::invalid("output_not_writable", format!("finishing disk: {e}")))?;
+            .map_err(|e| {
+                Error::local_write(&e, format!("finishing disk: {e}"), |m| {
+                    Error::invalid("output_not_writable", m)
+                })
+            })?;
         Ok((size, virt))
     }
 

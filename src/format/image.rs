@@ -1,15 +1,23 @@
 //! The common read interface over every disk image the agent can stream: raw, VHD (fixed,
 //! dynamic, differencing) and VHDX (fixed, dynamic).
 //!
-//! The format is detected from the content, never from the file name:
-//! 1. `vhdxfile` at offset 0 → VHDX;
-//! 2. `conectix` at offset 0 → dynamic or differencing VHD;
-//! 3. `conectix` anywhere in the last 512 bytes → fixed VHD (a footer that is not exactly at
-//!    the start of the last 512 bytes is refused as misplaced: the file was cut or padded);
-//! 4. anything else → raw.
+//! Which format a file is read as ([`SourceFormat`], the agent's `--format`):
+//! - `raw`, `vhd`, `vhdx`: as the caller says; a VHD or VHDX that does not parse is an error.
+//! - `auto` (the default): a name ending in `.vhd` or `.avhd` must hold a VHD, one ending in
+//!   `.vhdx` or `.avhdx` a VHDX (case-insensitive), as Hyper-V reads them; raw is never guessed
+//!   for such a name. Any other name is detected from the content:
+//!   1. `vhdxfile` at offset 0 → VHDX;
+//!   2. `conectix` at offset 0 → dynamic or differencing VHD;
+//!   3. `conectix` anywhere in the last 512 bytes → fixed VHD (a footer that is not exactly at
+//!      the start of the last 512 bytes is refused as misplaced: the file was cut or padded);
+//!   4. a container whose signatures are damaged but whose other structures are intact (a
+//!      valid VHDX header at 64 or 128 KiB, a dynamic VHD header at 512) → refused;
+//!   5. anything else → raw.
 //!
 //! A file that looks like a VHD or VHDX but fails validation is an error, never read as raw:
 //! streaming a damaged container as if it were the disk would replicate garbage silently.
+//! What the specifications let a reader tolerate still opens (one of a VHDX's two headers or
+//! region tables damaged, a dynamic VHD's footer at the end damaged in place).
 //! Errors carry the file path (or `<reader>` for [`open_reader`]) in their message.
 
 use std::io;
@@ -18,7 +26,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::vhd::{DiskType, VhdDisk, VhdError};
-use super::vhdx::{VhdxDisk, VhdxError};
+use super::vhdx::{Header, VhdxDisk, VhdxError, HEADER_OFFSETS, HEADER_SIZE};
 use super::ReadAt;
 
 /// The container format of an opened image.
@@ -44,9 +52,80 @@ pub trait DiskImage: Send + Sync {
     fn allocated_ranges(&self) -> Result<Vec<Range<u64>>, ImageError>;
 }
 
+/// What an image file is to be read as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SourceFormat {
+    /// From the file name's extension for VHD and VHDX names, otherwise from the content.
+    #[default]
+    Auto,
+    Raw,
+    Vhd,
+    Vhdx,
+}
+
+impl SourceFormat {
+    /// What `Auto` means for a file with this name: the container its extension names, or
+    /// `Auto` (detect from the content); any other choice is returned as it is.
+    pub fn for_path(self, path: &Path) -> SourceFormat {
+        if self != SourceFormat::Auto {
+            return self;
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("vhd" | "avhd") => SourceFormat::Vhd,
+            Some("vhdx" | "avhdx") => SourceFormat::Vhdx,
+            _ => SourceFormat::Auto,
+        }
+    }
+}
+
+impl std::str::FromStr for SourceFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(SourceFormat::Auto),
+            "raw" => Ok(SourceFormat::Raw),
+            "vhd" => Ok(SourceFormat::Vhd),
+            "vhdx" => Ok(SourceFormat::Vhdx),
+            _ => Err(format!(
+                "unknown image format {s:?}: use raw, vhd, vhdx or auto"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for SourceFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SourceFormat::Auto => "auto",
+            SourceFormat::Raw => "raw",
+            SourceFormat::Vhd => "vhd",
+            SourceFormat::Vhdx => "vhdx",
+        })
+    }
+}
+
+/// What a refusal suggests when the file may really be a raw disk.
+const RAW_HINT: &str = "if this really is a raw disk, pass --format raw";
+
 /// Errors from opening or reading an image; `origin` is the file path or `<reader>`.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
+    /// The file was to be read as `expected` (its name or `--format` says so) and is not one.
+    #[error("{origin}: not a {expected} file: {problem}; {hint}")]
+    NotContainer {
+        origin: String,
+        expected: &'static str,
+        problem: String,
+        hint: &'static str,
+    },
+    /// Detected from the content: a container whose signatures are damaged.
+    #[error("{origin}: {problem}; {RAW_HINT}")]
+    DamagedContainer { origin: String, problem: String },
     #[error("{origin}: VHD: {error}")]
     Vhd { origin: String, error: VhdError },
     #[error("{origin}: VHDX: {error}")]
@@ -66,34 +145,52 @@ pub enum ImageError {
     },
 }
 
-/// Opens the image at `path`, detecting its format from its content. A differencing VHD's
-/// parent is looked for in the same directory.
+/// Opens the image at `path` as [`SourceFormat::Auto`] reads it.
 pub fn open(path: &Path) -> Result<Box<dyn DiskImage>, ImageError> {
+    open_as(path, SourceFormat::Auto)
+}
+
+/// Opens the image at `path` as `format` (module documentation). A differencing VHD's parent
+/// is looked for in the same directory.
+pub fn open_as(path: &Path, format: SourceFormat) -> Result<Box<dyn DiskImage>, ImageError> {
     let origin = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|error| ImageError::Io {
         origin: origin.clone(),
         what: "opening",
         error,
     })?;
-    detect_and_open(Arc::new(file), path.parent(), origin)
+    open_with(Arc::new(file), path.parent(), origin, format.for_path(path))
 }
 
-/// Opens an image from any positional reader; `parent_dir` is where a differencing VHD's
-/// parent is looked for (without it, differencing disks fail with `ParentNotFound`).
+/// Opens an image from any positional reader, detecting its format from the content;
+/// `parent_dir` is where a differencing VHD's parent is looked for (without it, differencing
+/// disks fail with `ParentNotFound`).
 pub fn open_reader(
     r: Arc<dyn ReadAt>,
     parent_dir: Option<&Path>,
 ) -> Result<Box<dyn DiskImage>, ImageError> {
-    detect_and_open(r, parent_dir, "<reader>".to_string())
+    open_reader_as(r, parent_dir, SourceFormat::Auto)
+}
+
+/// [`open_reader`] as `format` (there is no name, so `Auto` detects from the content).
+pub fn open_reader_as(
+    r: Arc<dyn ReadAt>,
+    parent_dir: Option<&Path>,
+    format: SourceFormat,
+) -> Result<Box<dyn DiskImage>, ImageError> {
+    open_with(r, parent_dir, "<reader>".to_string(), format)
 }
 
 const VHDX_MAGIC: &[u8; 8] = b"vhdxfile";
 const VHD_MAGIC: &[u8; 8] = b"conectix";
+/// Cookie of a dynamic VHD's header, at offset 512 in every writer's layout.
+const VHD_DYNAMIC_MAGIC: &[u8; 8] = b"cxsparse";
 
-fn detect_and_open(
+fn open_with(
     r: Arc<dyn ReadAt>,
     parent_dir: Option<&Path>,
     origin: String,
+    format: SourceFormat,
 ) -> Result<Box<dyn DiskImage>, ImageError> {
     let io_err = |what, error| ImageError::Io {
         origin: origin.clone(),
@@ -110,26 +207,98 @@ fn detect_and_open(
     r.read_exact_at(&mut tail, len - tail_len)
         .map_err(|e| io_err("reading the last bytes", e))?;
 
-    if &head == VHDX_MAGIC {
+    let is_vhdx = &head == VHDX_MAGIC;
+    let is_vhd = &head == VHD_MAGIC || tail.windows(8).any(|w| w == VHD_MAGIC);
+    let not_container = |expected, problem: &str, hint| ImageError::NotContainer {
+        origin: origin.clone(),
+        expected,
+        problem: problem.to_string(),
+        hint,
+    };
+    let open_vhdx = |r| -> Result<Box<dyn DiskImage>, ImageError> {
         let disk = VhdxDisk::open(r).map_err(|error| ImageError::Vhdx {
             origin: origin.clone(),
             error,
         })?;
-        return Ok(Box::new(VhdxImage { origin, disk }));
-    }
-    let footer_in_tail = tail.windows(8).any(|w| w == VHD_MAGIC);
-    if &head == VHD_MAGIC || footer_in_tail {
+        Ok(Box::new(VhdxImage {
+            origin: origin.clone(),
+            disk,
+        }))
+    };
+    let open_vhd = |r| -> Result<Box<dyn DiskImage>, ImageError> {
         let disk = VhdDisk::open(r, parent_dir).map_err(|error| ImageError::Vhd {
             origin: origin.clone(),
             error,
         })?;
-        return Ok(Box::new(VhdImage { origin, disk }));
+        Ok(Box::new(VhdImage {
+            origin: origin.clone(),
+            disk,
+        }))
+    };
+    match format {
+        SourceFormat::Vhdx if is_vhdx => open_vhdx(r),
+        SourceFormat::Vhdx if is_vhd => Err(not_container(
+            "VHDX",
+            "it holds a VHD (cookie 'conectix' found)",
+            "if that is what it is, pass --format vhd",
+        )),
+        SourceFormat::Vhdx => Err(not_container(
+            "VHDX",
+            "signature 'vhdxfile' missing at offset 0",
+            RAW_HINT,
+        )),
+        SourceFormat::Vhd if is_vhdx => Err(not_container(
+            "VHD",
+            "it holds a VHDX (signature 'vhdxfile' at offset 0)",
+            "if that is what it is, pass --format vhdx",
+        )),
+        SourceFormat::Vhd if is_vhd => open_vhd(r),
+        SourceFormat::Vhd => Err(not_container(
+            "VHD",
+            "cookie 'conectix' missing at offset 0 and in the last 512 bytes",
+            RAW_HINT,
+        )),
+        SourceFormat::Auto if is_vhdx => open_vhdx(r),
+        SourceFormat::Auto if is_vhd => open_vhd(r),
+        SourceFormat::Auto => match damaged_container(r.as_ref(), len) {
+            Some(problem) => Err(ImageError::DamagedContainer { origin, problem }),
+            None => Ok(Box::new(RawImage {
+                origin,
+                file: r,
+                size: len,
+            })),
+        },
+        SourceFormat::Raw => Ok(Box::new(RawImage {
+            origin,
+            file: r,
+            size: len,
+        })),
     }
-    Ok(Box::new(RawImage {
-        origin,
-        file: r,
-        size: len,
-    }))
+}
+
+/// A file without container signatures whose other structures say it is a VHDX or a dynamic
+/// VHD: its signatures were damaged, and reading it as raw would replicate the container.
+/// Read errors count as "no": the raw reader reports them with context later.
+fn damaged_container(r: &dyn ReadAt, len: u64) -> Option<String> {
+    let mut header = [0u8; HEADER_SIZE];
+    for at in HEADER_OFFSETS {
+        if at + HEADER_SIZE as u64 <= len
+            && r.read_exact_at(&mut header, at).is_ok()
+            && Header::parse(&header).is_ok()
+        {
+            return Some(format!(
+                "it looks like a VHDX whose signature 'vhdxfile' at offset 0 is damaged (a valid VHDX header is at offset {at})"
+            ));
+        }
+    }
+    let mut cookie = [0u8; 8];
+    if len >= 2048 && r.read_exact_at(&mut cookie, 512).is_ok() && &cookie == VHD_DYNAMIC_MAGIC {
+        return Some(
+            "it looks like a dynamic VHD whose footers are damaged (cookie 'conectix' missing at offset 0 and at the end, dynamic header 'cxsparse' at offset 512)"
+                .to_string(),
+        );
+    }
+    None
 }
 
 /// Sorts `ranges` and merges overlapping or touching ones; empty ranges are dropped.
@@ -268,7 +437,7 @@ impl DiskImage for VhdxImage {
 /// Fixture helpers shared by the format tests: qemu-img / qemu-io and deterministic data.
 #[cfg(test)]
 pub(crate) mod testutil {
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
     use std::process::Command;
 
     fn run(tool: &str, args: &[&str]) -> String {
@@ -329,6 +498,31 @@ pub(crate) mod testutil {
         disk
     }
 
+    /// Converts `raw` with qemu-img into `dir/name` and returns the path.
+    pub fn qemu_convert(
+        dir: &Path,
+        raw: &[u8],
+        format: &str,
+        options: &str,
+        name: &str,
+    ) -> PathBuf {
+        let raw_path = dir.join(format!("{name}.src"));
+        std::fs::write(&raw_path, raw).unwrap();
+        let path = dir.join(name);
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            format,
+            "-o",
+            options,
+            p(&raw_path),
+            p(&path),
+        ]);
+        path
+    }
+
     /// Virtual size qemu reports for an image.
     pub fn qemu_virtual_size(format: &str, path: &Path) -> u64 {
         let json = qemu_img(&["info", "-f", format, "--output=json", p(path)]);
@@ -351,6 +545,7 @@ pub(crate) mod testutil {
 mod tests {
     use super::testutil::*;
     use super::*;
+    use std::path::PathBuf;
 
     fn read_all(img: &dyn DiskImage) -> Vec<u8> {
         let mut out = vec![0u8; img.virtual_size() as usize];
@@ -571,7 +766,7 @@ mod tests {
     #[test]
     fn raw_files_are_raw() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("disk.vhd"); // the name must not matter
+        let path = dir.path().join("disk.img");
         let data = random_bytes(3 * 4096 + 17, 7);
         std::fs::write(&path, &data).unwrap();
         let img = open(&path).unwrap();
@@ -581,7 +776,7 @@ mod tests {
         let mut buf = [0u8; 2];
         let err = img.read_at(&mut buf, data.len() as u64 - 1).unwrap_err();
         assert!(matches!(err, ImageError::OutOfRange { .. }), "{err}");
-        assert!(err.to_string().contains("disk.vhd"), "{err}");
+        assert!(err.to_string().contains("disk.img"), "{err}");
 
         let empty = open_reader(Arc::new(Vec::<u8>::new()), None).unwrap();
         assert_eq!(empty.format(), ImageFormat::Raw);
@@ -625,6 +820,187 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    /// The same 3 MiB disk as a dynamic VHDX and a dynamic VHD in `dir`, and the offset of
+    /// the VHD's footer at the end.
+    fn dynamic_pair(dir: &Path, seed: u64) -> (PathBuf, PathBuf, u64) {
+        let sparse = sparse_disk(3 << 20, seed);
+        let options = "subformat=dynamic,block_size=1M";
+        let vhdx = qemu_convert(dir, &sparse, "vhdx", options, &format!("{seed}.vhdx"));
+        let vhd = qemu_convert(
+            dir,
+            &sparse,
+            "vpc",
+            "subformat=dynamic",
+            &format!("{seed}.vhd"),
+        );
+        let vhd_end = std::fs::metadata(&vhd).unwrap().len() - 512;
+        (vhdx, vhd, vhd_end)
+    }
+
+    fn copy_with(from: &Path, to: &Path, edits: &[(u64, &[u8])]) -> PathBuf {
+        let mut data = std::fs::read(from).unwrap();
+        for &(at, bytes) in edits {
+            let at = at as usize;
+            data[at..at + bytes.len()].copy_from_slice(bytes);
+        }
+        std::fs::write(to, data).unwrap();
+        to.to_path_buf()
+    }
+
+    #[test]
+    fn container_names_are_never_read_as_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let data = random_bytes(1 << 20, 5);
+        for (name, expected, problem) in [
+            ("x.vhdx", "VHDX", "signature 'vhdxfile' missing at offset 0"),
+            ("X.VHDX", "VHDX", "signature 'vhdxfile' missing at offset 0"),
+            (
+                "x.avhdx",
+                "VHDX",
+                "signature 'vhdxfile' missing at offset 0",
+            ),
+            (
+                "x.vhd",
+                "VHD",
+                "cookie 'conectix' missing at offset 0 and in the last 512 bytes",
+            ),
+            (
+                "x.Vhd",
+                "VHD",
+                "cookie 'conectix' missing at offset 0 and in the last 512 bytes",
+            ),
+        ] {
+            let path = d.join(name);
+            std::fs::write(&path, &data).unwrap();
+            let err = open(&path).err().unwrap();
+            assert!(
+                matches!(err, ImageError::NotContainer { expected: e, .. } if e == expected),
+                "{name}: {err}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!(
+                    "{}: not a {expected} file: {problem}",
+                    path.display()
+                )) && msg.ends_with("if this really is a raw disk, pass --format raw"),
+                "{msg}"
+            );
+            // Whoever means raw says so.
+            let img = open_as(&path, SourceFormat::Raw).unwrap();
+            assert_eq!(img.format(), ImageFormat::Raw);
+            assert_eq!(read_all(img.as_ref()), data);
+        }
+        // One container named as the other: refused, naming the format to pass.
+        let sparse = sparse_disk(3 << 20, 4);
+        let vhdx_named_vhd =
+            qemu_convert(d, &sparse, "vhdx", "subformat=dynamic", "vhdx-inside.vhd");
+        let err = open(&vhdx_named_vhd).err().unwrap();
+        assert!(err.to_string().contains("it holds a VHDX"), "{err}");
+        assert!(err.to_string().ends_with("pass --format vhdx"), "{err}");
+        let img = open_as(&vhdx_named_vhd, SourceFormat::Vhdx).unwrap();
+        assert_eq!(img.format(), ImageFormat::VhdxDynamic);
+        let vhd_named_vhdx =
+            qemu_convert(d, &sparse, "vpc", "subformat=dynamic", "vhd-inside.vhdx");
+        let err = open(&vhd_named_vhdx).err().unwrap();
+        assert!(err.to_string().ends_with("pass --format vhd"), "{err}");
+        // A name that says nothing leaves the content to decide.
+        assert_eq!(
+            SourceFormat::Auto.for_path(Path::new("disk.raw")),
+            SourceFormat::Auto
+        );
+        assert_eq!("VHDX".parse::<SourceFormat>(), Ok(SourceFormat::Vhdx));
+        assert!("qcow2".parse::<SourceFormat>().is_err());
+    }
+
+    /// Damaged signatures with the rest of the container intact: refused whatever the name,
+    /// never replicated as the container's bytes.
+    #[test]
+    fn damaged_signatures_are_refused_whatever_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (vhdx, vhd, vhd_end) = dynamic_pair(d, 6);
+        let bad_vhdx = [(0u64, &b"XXXXXXXX"[..])];
+        let bad_vhd = [(0u64, &b"XXXXXXXX"[..]), (vhd_end, &b"XXXXXXXX"[..])];
+        for (name, from, edits, problem, expected) in [
+            (
+                "b.vhdx",
+                &vhdx,
+                &bad_vhdx[..],
+                "signature 'vhdxfile' missing",
+                "VHDX",
+            ),
+            (
+                "b.vhd",
+                &vhd,
+                &bad_vhd[..],
+                "cookie 'conectix' missing",
+                "VHD",
+            ),
+        ] {
+            let path = copy_with(from, &d.join(name), edits);
+            let err = open(&path).err().unwrap();
+            assert!(
+                matches!(err, ImageError::NotContainer { expected: e, .. } if e == expected),
+                "{name}: {err}"
+            );
+            assert!(err.to_string().contains(problem), "{err}");
+        }
+        for (name, from, edits, problem) in [
+            (
+                "b-vhdx.img",
+                &vhdx,
+                &bad_vhdx[..],
+                "a valid VHDX header is at offset 65536",
+            ),
+            (
+                "b-vhd.img",
+                &vhd,
+                &bad_vhd[..],
+                "dynamic header 'cxsparse' at offset 512",
+            ),
+        ] {
+            let path = copy_with(from, &d.join(name), edits);
+            let err = open(&path).err().unwrap();
+            assert!(
+                matches!(err, ImageError::DamagedContainer { .. }),
+                "{name}: {err}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains(problem) && msg.contains(name), "{msg}");
+            assert!(
+                msg.ends_with("if this really is a raw disk, pass --format raw"),
+                "{msg}"
+            );
+            assert_eq!(
+                open_as(&path, SourceFormat::Raw).unwrap().format(),
+                ImageFormat::Raw
+            );
+        }
+    }
+
+    /// What the specifications let a reader survive still opens under a container name: one
+    /// of a VHDX's two headers damaged, a dynamic VHD's end footer damaged in place.
+    #[test]
+    fn damage_the_formats_tolerate_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (vhdx, vhd, vhd_end) = dynamic_pair(d, 8);
+        for (name, from, at) in [
+            ("header1.vhdx", &vhdx, 64 << 10),
+            ("header2.vhdx", &vhdx, 128 << 10),
+            ("footer.vhd", &vhd, vhd_end),
+        ] {
+            let expected = read_all(open(from).unwrap().as_ref());
+            let path = copy_with(from, &d.join(name), &[(at, &b"XXXX"[..])]);
+            let img = open(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(
+                read_all(img.as_ref()) == expected,
+                "{name}: contents differ"
+            );
+        }
     }
 
     #[test]
@@ -708,21 +1084,8 @@ mod tests {
 
         fn fixture(format: &str, options: &str) -> Vec<u8> {
             let dir = tempfile::tempdir().unwrap();
-            let raw_path = dir.path().join("f.raw");
-            std::fs::write(&raw_path, sparse_disk(3 << 20, 9)).unwrap();
-            let path = dir.path().join("f.img");
-            qemu_img(&[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                format,
-                "-o",
-                options,
-                p(&raw_path),
-                p(&path),
-            ]);
-            std::fs::read(&path).unwrap()
+            let disk = sparse_disk(3 << 20, 9);
+            std::fs::read(qemu_convert(dir.path(), &disk, format, options, "f.img")).unwrap()
         }
 
         /// Valid images with random bytes changed; the flips aim at the metadata-dense areas

@@ -13,9 +13,11 @@
 //!   creators. Current Size must be a non-zero multiple of 512.
 //! - [`fixed_footer`] writes the maximum geometry 65535/16/255 so that every qemu version
 //!   reads the exact Current Size (specs/vhd.md).
-//! - A dynamic disk's footer copy at offset 0 is authoritative (as in qemu); the footer at
-//!   the end must also be present and agree on type, size and unique id, so a file cut short
-//!   is refused instead of read with its tail missing.
+//! - A dynamic disk's footer copy at offset 0 is authoritative (as in qemu); a valid footer at
+//!   the end must agree with it on type, size and unique id. A footer at the end damaged in
+//!   place is read past (the specification mirrors the footer at offset 0 for redundancy) if
+//!   the disk's structures end exactly where it belongs; a file cut short or padded is refused
+//!   instead of read with its tail missing.
 //! - A sector whose bitmap bit is clear reads as zeros in a dynamic disk and from the parent
 //!   in a differencing disk. qemu ignores the bitmap (it always writes it all-ones); Hyper-V
 //!   clears bits for sectors never written, so honouring it is what the format means.
@@ -477,8 +479,24 @@ impl VhdDisk {
         if head[0..8] == FOOTER_COOKIE {
             let footer = Footer::parse(&head)?;
             if footer.disk_type != DiskType::Fixed {
-                check_trailing_footer(&footer, &tail)?;
-                let sparse = Sparse::open(&file, &footer, file_len, parent_dir, depth)?;
+                let sparse = match Footer::parse(&tail) {
+                    Ok(trailing) => {
+                        check_same_disk(&footer, &trailing)?;
+                        Sparse::open(&file, &footer, file_len, parent_dir, depth)?
+                    }
+                    // Damaged in place (cookie or checksum), not moved by a cut or padding:
+                    // the copy at offset 0 is there for exactly this.
+                    Err(damage) if find_cookie(&tail).is_none_or(|at| at == 0) => {
+                        open_past_damaged_footer(
+                            &file, &footer, file_len, parent_dir, depth, damage,
+                        )?
+                    }
+                    Err(e) => {
+                        return Err(VhdError::TrailingFooter {
+                            problem: format!("is not valid ({e})"),
+                        })
+                    }
+                };
                 return Ok(VhdDisk {
                     footer,
                     layout: Layout::Sparse(Box::new(sparse)),
@@ -674,6 +692,40 @@ impl Sparse {
         })
     }
 
+    /// Where the last structure in the file ends (dynamic header at `header_at`, BAT, parent
+    /// locator data, whole blocks with their bitmaps), rounded up to a sector: where a writer
+    /// puts the footer.
+    fn structures_end(&self, header_at: u64) -> u64 {
+        let header_end = header_at.saturating_add(DYNAMIC_HEADER_SIZE as u64);
+        let bat_end = self
+            .header
+            .table_offset
+            .saturating_add(u64::from(self.header.max_table_entries) * 4);
+        // The locator's data length, not its reserved space: writers disagree on whether the
+        // space counts sectors or bytes.
+        let locators_end = self
+            .header
+            .parent_locators
+            .iter()
+            .map(|(_, l)| l.data_offset.saturating_add(u64::from(l.data_length)));
+        let blocks_end = self
+            .bat
+            .iter()
+            .filter(|&&sector| sector != UNALLOCATED)
+            .map(|&sector| {
+                (u64::from(sector) * SECTOR_SIZE)
+                    .saturating_add(self.bitmap_len)
+                    .saturating_add(self.block_size)
+            });
+        [header_end, bat_end]
+            .into_iter()
+            .chain(locators_end)
+            .chain(blocks_end)
+            .max()
+            .unwrap_or(header_end)
+            .next_multiple_of(SECTOR_SIZE)
+    }
+
     /// Reads a range already checked to lie within the virtual disk.
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), VhdError> {
         let mut done = 0usize;
@@ -796,12 +848,9 @@ impl Sparse {
     }
 }
 
-/// The footer at the end of a dynamic disk must be present and describe the same disk as
-/// the copy at offset 0.
-fn check_trailing_footer(head: &Footer, tail: &[u8; FOOTER_SIZE]) -> Result<(), VhdError> {
-    let trailing = Footer::parse(tail).map_err(|e| VhdError::TrailingFooter {
-        problem: format!("is not valid ({e})"),
-    })?;
+/// A valid footer at the end of a dynamic disk must describe the same disk as the copy at
+/// offset 0.
+fn check_same_disk(head: &Footer, trailing: &Footer) -> Result<(), VhdError> {
     if trailing.disk_type != head.disk_type
         || trailing.current_size != head.current_size
         || trailing.unique_id != head.unique_id
@@ -814,6 +863,35 @@ fn check_trailing_footer(head: &Footer, tail: &[u8; FOOTER_SIZE]) -> Result<(), 
         });
     }
     Ok(())
+}
+
+/// Opens a dynamic or differencing disk whose footer at the end is damaged, from the copy at
+/// offset 0 (the specification keeps that copy for redundancy; qemu reads only it). A cut or
+/// padded file must still be refused: the damaged sector has to sit exactly where the
+/// structures end, as the writer appends the footer right after the last block.
+fn open_past_damaged_footer(
+    file: &Arc<dyn ReadAt>,
+    footer: &Footer,
+    file_len: u64,
+    parent_dir: Option<&Path>,
+    depth: usize,
+    damage: VhdError,
+) -> Result<Sparse, VhdError> {
+    let data_limit = file_len - FOOTER_SIZE as u64;
+    let sparse = Sparse::open(file, footer, file_len, parent_dir, depth).map_err(|e| {
+        VhdError::TrailingFooter {
+            problem: format!("is not valid ({damage}) and the disk does not fit before it ({e})"),
+        }
+    })?;
+    let end = sparse.structures_end(footer.data_offset);
+    if end != data_limit {
+        return Err(VhdError::TrailingFooter {
+            problem: format!(
+                "is not valid ({damage}) and the disk's structures end at {end}, not at {data_limit} where it belongs"
+            ),
+        });
+    }
+    Ok(sparse)
 }
 
 /// Finds the parent of a differencing disk next to it and checks its identity.
@@ -1047,21 +1125,7 @@ mod tests {
 
     /// Converts `raw` to a VHD with qemu-img and returns the file's bytes.
     fn qemu_vhd(dir: &Path, raw: &[u8], options: &str, name: &str) -> Vec<u8> {
-        let raw_path = dir.join(format!("{name}.raw"));
-        std::fs::write(&raw_path, raw).unwrap();
-        let path = dir.join(name);
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vpc",
-            "-o",
-            options,
-            p(&raw_path),
-            p(&path),
-        ]);
-        std::fs::read(&path).unwrap()
+        std::fs::read(qemu_convert(dir, raw, "vpc", options, name)).unwrap()
     }
 
     /// Rewrites the footer at `at` through `edit`, with a valid checksum.
@@ -1433,6 +1497,37 @@ mod tests {
         // Less than a footer.
         let err = open_bytes(vec![0u8; 100]).err().unwrap();
         assert!(matches!(err, VhdError::Truncated { .. }), "{err}");
+    }
+
+    /// The footer at the end damaged in place (cookie or checksum) is read past from the copy
+    /// at offset 0, as the specification's redundancy allows; moved by padding, it is not.
+    #[test]
+    fn dynamic_disk_with_its_end_footer_damaged_in_place_reads_from_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = sparse_disk(4 << 20, 3);
+        let vhd = qemu_vhd(dir.path(), &raw, "subformat=dynamic", "d.vhd");
+        let empty = qemu_vhd(dir.path(), &[0u8; 1 << 20], "subformat=dynamic", "e.vhd");
+        for (name, image) in [("with data", &vhd), ("without blocks", &empty)] {
+            let expected = read_all(&open_bytes(image.clone()).unwrap());
+            let end = image.len() - FOOTER_SIZE;
+            for (what, at) in [("cookie", end), ("checksum", end + 64)] {
+                let mut damaged = image.clone();
+                damaged[at] ^= 0x55;
+                let disk =
+                    open_bytes(damaged).unwrap_or_else(|e| panic!("{name}, {what} damaged: {e}"));
+                assert_eq!(read_all(&disk), expected, "{name}, {what} damaged");
+            }
+            // A sector of padding after a damaged footer: the file no longer ends where the
+            // disk's structures say it should.
+            let mut padded = image.clone();
+            padded[end] ^= 0x55;
+            padded.extend_from_slice(&[0u8; FOOTER_SIZE]);
+            let err = open_bytes(padded).err().unwrap();
+            assert!(
+                matches!(err, VhdError::TrailingFooter { .. }),
+                "{name}: {err}"
+            );
+        }
     }
 
     #[test]

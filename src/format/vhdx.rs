@@ -54,7 +54,8 @@ const LOG_ENTRY_SIGNATURE: [u8; 4] = *b"loge";
 const DATA_DESCRIPTOR_SIGNATURE: [u8; 4] = *b"desc";
 const ZERO_DESCRIPTOR_SIGNATURE: [u8; 4] = *b"zero";
 const DATA_SECTOR_SIGNATURE: [u8; 4] = *b"data";
-const HEADER_OFFSETS: [u64; 2] = [64 * KIB, 128 * KIB];
+/// Offsets of the two headers.
+pub const HEADER_OFFSETS: [u64; 2] = [64 * KIB, 128 * KIB];
 /// Size of each of the two headers.
 pub const HEADER_SIZE: usize = 4096;
 const REGION_TABLE_OFFSETS: [u64; 2] = [192 * KIB, 256 * KIB];

@@ -154,7 +154,7 @@ impl StoreError {
 
 /// Whether an I/O error of kind `StorageFull` (ENOSPC, EDQUOT) is anywhere in the chain: the
 /// local backend wraps it in its own error types.
-fn is_storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_storage_full(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {

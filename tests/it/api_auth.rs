@@ -443,3 +443,92 @@ async fn bad_input_is_refused_and_changes_nothing() {
         "a retried block changed the vault"
     );
 }
+
+/// Starts `drvault serve` on `data_dir` and returns its exit status and stderr once it has
+/// exited; panics if it starts serving instead (it wrote server.json) within the deadline.
+fn serve_refused(dir: &std::path::Path, data_dir: &std::path::Path, what: &str) -> (i32, String) {
+    use std::time::{Duration, Instant};
+    let _ = std::fs::remove_file(data_dir.join("server.json"));
+    let err_path = dir.join(format!("serve-{}.err", what.replace('/', "-")));
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let err = std::fs::read_to_string(&err_path).unwrap();
+            return (st.code().unwrap_or(-1), err);
+        }
+        if data_dir.join("server.json").exists() || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server started with {what} readable by others");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every secret file the server reads (master key, operator token, TLS private key) readable
+/// by group or others stops the start, naming the file and the chmod to run; at 0600 it starts.
+#[test]
+fn secret_files_readable_by_others_stop_the_server_from_starting() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let mut server = Server::start(t.path(), None);
+    server.stop();
+    for name in ["master.key", "operator.token", "tls/key.pem"] {
+        let path = server.data_dir.join(name);
+        let mode = |m| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m));
+        mode(0o644).unwrap();
+        let (code, err) = serve_refused(t.path(), &server.data_dir, name);
+        assert_ne!(code, 0, "{name}: {err}");
+        assert!(
+            err.contains(&format!("{} has mode 644", path.display()))
+                && err.contains(&format!("chmod 600 {}", path.display())),
+            "{name}: {err}"
+        );
+        mode(0o600).unwrap();
+    }
+    server.restart();
+    assert!(server.alive());
+}
+
+/// An operator token given as --token (at any level of subcommands) is warned about, since
+/// every user sees it in `ps`; given as DRVAULT_TOKEN it is not.
+#[test]
+fn a_token_on_the_command_line_is_warned_about_and_drvault_token_is_not() {
+    let t = tempfile::tempdir().unwrap();
+    let server = Server::start(t.path(), None);
+    let token_arg = format!("--token={}", server.token);
+    let run = |args: &[&str], env_token: bool| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(args).env("DRVAULT_DATA_DIR", &server.data_dir);
+        if env_token {
+            cmd.env("DRVAULT_TOKEN", &server.token);
+        }
+        let o = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{args:?}: {err}");
+        err
+    };
+    for args in [
+        &["vms", "--token", server.token.as_str()][..],
+        &["key", "list", token_arg.as_str()][..],
+    ] {
+        let err = run(args, false);
+        assert!(
+            err.contains("warning: --token on the command line shows in `ps`")
+                && err.contains("set DRVAULT_TOKEN instead"),
+            "{args:?}: {err}"
+        );
+    }
+    for args in [&["vms"][..], &["key", "list"][..]] {
+        let err = run(args, true);
+        assert!(!err.contains("warning"), "{args:?}: {err}");
+    }
+}

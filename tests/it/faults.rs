@@ -725,3 +725,54 @@ fn writes_lost_after_ack_are_found_never_read_wrong_and_healed_by_resync() {
     f.export_equals("vm2", "latest", &states[2]);
     f.report("writes lost after ack");
 }
+
+/// `key rotate` on a full disk: the store is full and the key file's own writes fail with
+/// ENOSPC (its temporary file is /dev/full, which answers every write so). The answer is 503
+/// `store_full`, recoverable, like every other write, with master.key unchanged; once space
+/// returns the same rotation succeeds.
+#[test]
+fn key_rotation_on_a_full_disk_is_store_full_and_changes_nothing() {
+    let mut f = Faulty::start(141);
+    f.faults("kind=nospace");
+    let key_file = f.server.data_dir.join("master.key");
+    let before = std::fs::read(&key_file).unwrap();
+    let tmp = f.server.data_dir.join("master.key.new");
+    std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+    let op = f.server.operator();
+    let rt = f.rt();
+    let rotate = || {
+        rt.block_on(op.send_json::<_, Value>(
+            Method::POST,
+            "/v1/keys/rotate",
+            &serde_json::json!({}),
+        ))
+    };
+    match rotate() {
+        Err(ClientError::Api { status, body, .. }) => {
+            assert_eq!(status.as_u16(), 503, "{body:?}");
+            assert_eq!(body.code, "store_full", "{body:?}");
+            assert!(body.recoverable, "{body:?}");
+            assert!(body.message.contains("nothing changed"), "{body:?}");
+        }
+        other => panic!("rotation on a full disk answered {other:?}"),
+    }
+    let o = f.server.cli(&["key", "rotate"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("[store_full]"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(&key_file).unwrap(),
+        before,
+        "master.key changed"
+    );
+    let keys: Value = rt.block_on(op.get_json("/v1/keys")).unwrap();
+    assert_eq!(keys["active"], 1, "{keys}");
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 1, "{keys}");
+
+    // Space returns.
+    std::fs::remove_file(&tmp).unwrap();
+    f.faults("# space again");
+    let keys = rotate().expect("rotation once space returned");
+    assert_eq!(keys["active"], 2, "{keys}");
+    assert_eq!(keys["keys"].as_array().unwrap().len(), 2, "{keys}");
+    assert_ne!(std::fs::read(&key_file).unwrap(), before);
+}

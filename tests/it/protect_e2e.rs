@@ -4,6 +4,8 @@
 use crate::common;
 
 use common::*;
+use std::path::{Path, PathBuf};
+
 use drvault::format::vhd::Footer;
 
 /// An ext4 filesystem image filled with files (raw), like a real data disk.
@@ -53,21 +55,7 @@ fn protect_three_formats_and_export_identical() {
         ],
         7,
     );
-    let vhd = dir.join("data.vhd");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vpc",
-            "-o",
-            "subformat=dynamic",
-            raw2.to_str().unwrap(),
-            vhd.to_str().unwrap(),
-        ],
-    );
+    let vhd = qemu_convert(&raw2, "vpc", "subformat=dynamic", dir, "data.vhd");
     let vhdx = dir.join("logs.vhdx");
     run(
         "qemu-img",
@@ -423,4 +411,144 @@ fn rt_get(server: &Server, path: &str) -> String {
             .await
             .unwrap()
     })
+}
+
+/// Copies `from` to `dir/name` with `edits` (offset, bytes) applied: a damaged container.
+fn damaged_copy(from: &Path, dir: &Path, name: &str, edits: &[(u64, &[u8])]) -> PathBuf {
+    let to = dir.join(name);
+    std::fs::copy(from, &to).unwrap();
+    for &(at, bytes) in edits {
+        write_at(&to, at, bytes);
+    }
+    to
+}
+
+/// Converts the raw image `raw` with qemu-img into `dir/name`.
+fn qemu_convert(raw: &Path, format: &str, options: &str, dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            format,
+            "-o",
+            options,
+            raw.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
+    out
+}
+
+/// A damaged or fake VHD/VHDX is refused before anything reaches the server: the error names
+/// the file and what is wrong, and the vault is unchanged (no VM, no block). `--format raw` is
+/// there for whoever means it, and damage the formats tolerate still replicates exactly.
+#[test]
+fn damaged_or_fake_vhd_and_vhdx_are_refused_and_the_vault_is_unchanged() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let server = Server::start(dir, Some("[vault]\nblock_size = 1048576\n"));
+    let creds = server.add_host("hv01", None);
+    let src = dir.join("src.raw");
+    raw_image(&src, 8 * MIB, &[(0, 300_000), (5 * MIB, MIB as usize)], 21);
+    let vhdx = qemu_convert(&src, "vhdx", "subformat=dynamic", dir, "good.vhdx");
+    let vhd = qemu_convert(&src, "vpc", "subformat=dynamic", dir, "good.vhd");
+    let vhd_footer = std::fs::metadata(&vhd).unwrap().len() - 512;
+    let fake = dir.join("fake.VHDX");
+    std::fs::write(&fake, pseudo_random(32 * MIB as usize, 22)).unwrap();
+    let protect = |vm: &str, disk: &Path, extra: &[&str]| {
+        let disk = format!("{}:os", disk.display());
+        let mut args = vec![
+            "agent",
+            "protect",
+            "--creds",
+            creds.to_str().unwrap(),
+            "--vm",
+            vm,
+            "--disk",
+            &disk,
+        ];
+        args.extend_from_slice(extra);
+        server.cli(&args)
+    };
+
+    let refused = [
+        (
+            damaged_copy(&vhdx, dir, "sig.vhdx", &[(0, b"XXXXXXXX")]),
+            "not a VHDX file: signature 'vhdxfile' missing at offset 0",
+        ),
+        (
+            damaged_copy(
+                &vhd,
+                dir,
+                "cookies.vhd",
+                &[(0, b"XXXXXXXX"), (vhd_footer, b"XXXXXXXX")],
+            ),
+            "not a VHD file: cookie 'conectix' missing",
+        ),
+        (
+            fake.clone(),
+            "not a VHDX file: signature 'vhdxfile' missing",
+        ),
+        // No container name: the intact headers behind the damaged signature give it away.
+        (
+            damaged_copy(&vhdx, dir, "sig-vhdx.img", &[(0, b"XXXXXXXX")]),
+            "it looks like a VHDX whose signature 'vhdxfile' at offset 0 is damaged",
+        ),
+    ];
+    let before = server.vault_objects("");
+    for (path, problem) in &refused {
+        let o = protect("web01", path, &[]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "{} was protected: {err}",
+            path.display()
+        );
+        assert!(
+            err.contains(&format!("{}: {problem}", path.display()))
+                && err.contains("if this really is a raw disk, pass --format raw"),
+            "{}: {err}",
+            path.display()
+        );
+    }
+    assert_eq!(
+        server.vault_objects(""),
+        before,
+        "a refused disk wrote to the vault"
+    );
+    let vms = server.cli_ok(&["vms", "--json"]);
+    assert!(!vms.contains("web01"), "web01 registered: {vms}");
+
+    // One of the two VHDX headers damaged, a dynamic VHD's end footer damaged in place: the
+    // formats tolerate both (qemu and Hyper-V read them), so the disk replicates exactly.
+    for (vm, path) in [
+        (
+            "header1",
+            damaged_copy(&vhdx, dir, "header1.vhdx", &[(64 * KIB, b"XXXX")]),
+        ),
+        (
+            "footer",
+            damaged_copy(&vhd, dir, "footer.vhd", &[(vhd_footer, b"XXXXXXXX")]),
+        ),
+    ] {
+        succeeded(&protect(vm, &path, &[]), &format!("protect of {vm}"));
+        let out = dir.join(format!("{vm}.raw"));
+        succeeded(&server.export_os_raw(vm, "latest", &out), "export");
+        let (good, fmt) = if vm == "footer" {
+            (&vhd, "vpc")
+        } else {
+            (&vhdx, "vhdx")
+        };
+        assert!(qemu_identical(&out, "raw", good, fmt), "{vm} differs");
+    }
+    // Whoever really means raw says so: the file's own bytes are the disk.
+    succeeded(
+        &protect("rawfake", &fake, &["--format", "raw"]),
+        "raw protect",
+    );
+    server.export_os_equals("rawfake", "latest", &fake, dir);
 }
