@@ -158,8 +158,18 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     /// URL agents use to reach this server (goes into credentials files); default https://<listen>.
     pub public_url: Option<String>,
-    /// Connections served at once; further connections wait in the kernel backlog.
+    /// General connection slots: connections served at once (see `api::slots`). When these
+    /// and the reserve are all in use, further connections wait in the kernel backlog.
     pub max_connections: usize,
+    /// General slots one client address may hold; unset: a quarter of `max_connections`
+    /// (rounded up). Further connections from it land on the reserve or are closed.
+    pub max_connections_per_address: Option<usize>,
+    /// Extra slots used when the general ones are taken (or the address holds its share); they
+    /// serve only `/healthz`, the console's files and the operator, one request each.
+    pub reserved_connections: usize,
+    /// Seconds a connection may stay open with no request in flight (HTTP/1.1 keep-alive and
+    /// HTTP/2 alike; HTTP/2 PINGs are not requests); then it is closed gracefully.
+    pub idle_timeout_s: u64,
     /// Seconds a client may take to send a request's headers (slowloris guard).
     pub header_read_timeout_s: u64,
     /// Seconds a TLS handshake may take.
@@ -189,6 +199,13 @@ impl Default for ServerConfig {
             tls_key: None,
             public_url: None,
             max_connections: 1024,
+            max_connections_per_address: None,
+            reserved_connections: 16,
+            // Agents send a replication cycle's requests back to back and the console polls
+            // every 2 s while a job runs, so a minute keeps every connection in real use;
+            // one left idle (a client that went quiet, or one holding slots on purpose) gives
+            // its slot back within a minute, and a client that comes back pays one handshake.
+            idle_timeout_s: 60,
             header_read_timeout_s: 10,
             tls_handshake_timeout_s: 10,
             body_min_rate_bytes_per_s: 4096,
@@ -242,9 +259,15 @@ impl Default for VaultConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
-    /// Block uploads whose bodies are held in memory at once (each up to one block); further
-    /// uploads wait before their body is read, which pushes back on the sockets.
+    /// Block and patch uploads the server stores at once (hash, compress, seal, write), taken
+    /// only once a body has arrived whole; further complete bodies wait in memory.
     pub max_inflight_blocks: usize,
+    /// Memory for upload bodies being received, waiting or stored (blocks, patches, log
+    /// frames), MiB; a body waits on its socket until its length is reserved.
+    pub body_memory_mib: u64,
+    /// The part of `body_memory_mib` one host may hold, MiB: at most half of it, so one host
+    /// sending slowly never holds what the others need; at least `vault.block_size`.
+    pub body_memory_per_host_mib: u64,
     /// Largest change log accepted, bytes (larger uploads get 413). Logs are stored in frames
     /// as they arrive, so this bounds vault space per log, not memory.
     pub max_log_bytes: u64,
@@ -254,6 +277,10 @@ impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
             max_inflight_blocks: 16,
+            // One host may hold what every upload together could before (16 blocks of 4 MiB);
+            // four hosts at full speed fill the budget.
+            body_memory_mib: 256,
+            body_memory_per_host_mib: 64,
             max_log_bytes: 64 << 30,
         }
     }
@@ -311,6 +338,8 @@ impl Config {
             ));
         }
         self.resync.window()?;
+        self.validate_connections()?;
+        self.validate_body_memory()?;
         let s = &self.server;
         // NaN fails every comparison: "not finite and non-negative" catches it too.
         let usable = |x: f64| x.is_finite() && x >= 0.0;
@@ -332,6 +361,47 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "server.log_format {:?}: \"text\" or \"json\"",
                 self.server.log_format
+            )));
+        }
+        Ok(())
+    }
+
+    fn validate_connections(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        // The accept loop counts slots in a u32 when it drains them at shutdown.
+        const MAX: usize = 1_000_000;
+        if s.max_connections > MAX || s.reserved_connections == 0 || s.reserved_connections > MAX {
+            return Err(ConfigError::Invalid(format!(
+                "server.max_connections {} / reserved_connections {}: 1 to {MAX} each (the reserve keeps /healthz and the operator reachable when every other slot is taken)",
+                s.max_connections, s.reserved_connections
+            )));
+        }
+        if let Some(n) = s.max_connections_per_address {
+            if n == 0 || n > s.max_connections {
+                return Err(ConfigError::Invalid(format!(
+                    "server.max_connections_per_address {n}: 1 to max_connections ({})",
+                    s.max_connections
+                )));
+            }
+        }
+        if s.idle_timeout_s == 0 {
+            return Err(ConfigError::Invalid(
+                "server.idle_timeout_s must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_body_memory(&self) -> Result<(), ConfigError> {
+        let i = &self.ingest;
+        let block_mib = u64::from(self.vault.block_size).div_ceil(1 << 20);
+        if i.body_memory_per_host_mib < block_mib
+            || i.body_memory_per_host_mib.saturating_mul(2) > i.body_memory_mib
+            || i.body_memory_mib > 1 << 20
+        {
+            return Err(ConfigError::Invalid(format!(
+                "ingest.body_memory_per_host_mib {} / body_memory_mib {}: the share must hold one block (vault.block_size, {block_mib} MiB) and be at most half the budget (so one host never holds it all); the budget at most 1048576 MiB",
+                i.body_memory_per_host_mib, i.body_memory_mib
             )));
         }
         Ok(())
@@ -381,6 +451,22 @@ impl Config {
         }
     }
 
+    /// The connection limits of the accept loop.
+    pub fn serve_limits(&self) -> crate::api::server::ServeLimits {
+        let s = &self.server;
+        crate::api::server::ServeLimits {
+            max_connections: s.max_connections,
+            max_connections_per_address: s
+                .max_connections_per_address
+                .unwrap_or(s.max_connections.div_ceil(4)),
+            reserved_connections: s.reserved_connections,
+            header_read_timeout: std::time::Duration::from_secs(s.header_read_timeout_s),
+            idle_timeout: std::time::Duration::from_secs(s.idle_timeout_s),
+            handshake_timeout: std::time::Duration::from_secs(s.tls_handshake_timeout_s),
+            shutdown_grace: std::time::Duration::from_secs(s.shutdown_grace_s),
+        }
+    }
+
     pub fn cpu_threads(&self) -> usize {
         if self.vault.cpu_threads == 0 {
             crate::chunk::CpuPool::default_threads()
@@ -414,6 +500,30 @@ mod tests {
         assert!(Config::parse("[vault]\nkey_rotate_after_seals = 4294967296\n", "t").is_err());
         assert!(Config::parse("[server]\nhost_rate_burst = 0.5\n", "t").is_err());
         assert!(Config::parse("[server]\nbody_idle_timeout_s = 0\n", "t").is_err());
+        assert!(Config::parse("[server]\nidle_timeout_s = 0\n", "t").is_err());
+        assert!(Config::parse("[server]\nreserved_connections = 0\n", "t").is_err());
+        assert!(Config::parse(
+            "[server]\nmax_connections = 8\nmax_connections_per_address = 9\n",
+            "t"
+        )
+        .is_err());
+        assert!(Config::parse("[server]\nmax_connections_per_address = 0\n", "t").is_err());
+        assert_eq!(
+            Config::parse("[server]\nmax_connections = 10\n", "t")
+                .unwrap()
+                .serve_limits()
+                .max_connections_per_address,
+            3,
+            "a quarter, rounded up"
+        );
+        // One host's share: at most half the budget, at least one block.
+        assert!(Config::parse("[ingest]\nbody_memory_per_host_mib = 129\n", "t").is_err());
+        assert!(Config::parse("[ingest]\nbody_memory_per_host_mib = 2\n", "t").is_err());
+        assert!(Config::parse(
+            "[vault]\nblock_size = 1048576\n[ingest]\nbody_memory_per_host_mib = 2\nbody_memory_mib = 4\n",
+            "t"
+        )
+        .is_ok());
         let off = Config::parse(
             "[server]\nhost_rate_per_s = 0.0\nhost_rate_burst = 0.0\n",
             "t",

@@ -55,8 +55,14 @@
 //!   so racing identical blocks make one object) and its own receipt key.
 //! * Record updates are compare-and-swap on version numbers; this process caches records because
 //!   it is their only writer (several servers on one vault will need per-disk leases first).
-//! * CPU work (hashing, compression, sealing) runs on a semaphore-bounded blocking pool; block
-//!   bodies in memory are bounded by `ingest.max_inflight_blocks`.
+//! * CPU work (hashing, compression, sealing) runs on a semaphore-bounded blocking pool. Upload
+//!   bodies (blocks, patches, log frames) reserve their memory from a global budget, a host at
+//!   most a share of it, before they are read, and take one of `ingest.max_inflight_blocks`
+//!   ingest slots only once complete: one host sending slowly waits on its own share and never
+//!   holds what other hosts need ([`api::body_budget`]).
+//! * Connections: general slots with a per-address share, a small reserve that still serves
+//!   `/healthz` and the operator when they are taken, and an idle timeout that counts requests,
+//!   not HTTP/2 PINGs ([`api::slots`], [`api::server`]).
 //!
 //! ## What runs concurrently with what
 //!

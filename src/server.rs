@@ -262,6 +262,10 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         scrub,
         registry: Arc::new(RwLock::new(registry)),
         ingest_permits: Arc::new(Semaphore::new(config.ingest.max_inflight_blocks)),
+        body_budget: api::body_budget::BodyBudget::new(
+            config.ingest.body_memory_mib << 20,
+            config.ingest.body_memory_per_host_mib << 20,
+        ),
         metrics,
         public_url: url.clone(),
         ca_pem,
@@ -289,12 +293,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
 
 /// Serves until `shutdown` resolves.
 pub async fn run(p: Prepared, shutdown: impl Future<Output = ()>) {
-    let limits = api::server::ServeLimits {
-        max_connections: p.config.server.max_connections,
-        header_read_timeout: Duration::from_secs(p.config.server.header_read_timeout_s),
-        handshake_timeout: Duration::from_secs(p.config.server.tls_handshake_timeout_s),
-        shutdown_grace: Duration::from_secs(p.config.server.shutdown_grace_s),
-    };
+    let limits = p.config.serve_limits();
     let data_dir = p.config.server.data_dir.clone();
     let app = api::router(p.state, p.config.request_limits());
     api::server::serve(p.listener, p.tls, app, limits, shutdown).await;

@@ -1,7 +1,8 @@
 //! Per-request limits that sit in front of every route: a minimum body rate (slow bodies are cut
-//! off) and a per-host request rate (429 with `Retry-After`). The header read timeout, TLS
-//! handshake deadline and connection limit live in the accept loop ([`super::server`]); body and
-//! log size limits in the handlers.
+//! off), a per-host request rate (429 with `Retry-After`) and what a reserved connection slot
+//! serves. The header read and idle timeouts, TLS handshake deadline and connection slots live
+//! in the accept loop ([`super::server`], [`super::slots`]); body and log size limits, and the
+//! memory of bodies being received ([`super::body_budget`]), in the handlers.
 //!
 //! Decisions taken where the issue is silent:
 //!
@@ -16,6 +17,9 @@
 //!   `host_rate_per_s` up to `host_rate_burst`. The operator is not limited, and neither are
 //!   requests whose token does not resolve: they are refused by authentication anyway, and
 //!   bucketing unknown tokens would let anyone grow the table. 0 turns the limit off.
+//! * **Reserved connection slots.** A request on a connection the accept loop put on a reserved
+//!   slot ([`super::slots`]) is served only if it is a health probe, a console asset or carries
+//!   the operator token; anything else gets 429 `connection_limit` with `Retry-After: 1`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,12 +27,14 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use super::error::ApiError;
+use super::slots::ReservedSlot;
 use super::AppState;
 use crate::error::Error;
 use crate::vault::registry::Principal;
@@ -139,7 +145,22 @@ pub async fn enforce(
             header(super::auth::ACTING_HOST_HEADER),
         )
     };
-    if let Some(who) = bucket_of(&state, auth.as_deref(), acting.as_deref()).await {
+    let principal = principal_of(&state, auth.as_deref()).await;
+    if let Some(why) = req.extensions().get::<ReservedSlot>().copied() {
+        if !reserve_serves(req.method(), req.uri().path(), principal.as_ref()) {
+            metrics::counter!("drvault_reserved_slot_refusals_total").increment(1);
+            return ApiError(Error::Busy {
+                code: "connection_limit",
+                message: match why {
+                    ReservedSlot::ServerFull => "the server is at its connection limit: this connection is on a reserved slot, which serves only /healthz and the operator; retry shortly".into(),
+                    ReservedSlot::AddressFull => "your address holds its share of the server's connections: this extra one serves only /healthz and the operator; reuse an open connection or retry shortly".into(),
+                },
+                retry_after_s: 1,
+            })
+            .into_response();
+        }
+    }
+    if let Some(who) = principal.and_then(|p| bucket_of(p, acting.as_deref())) {
         if let Err(retry_after_s) = limiter.take(&who, Instant::now()) {
             metrics::counter!("drvault_rate_limited_total").increment(1);
             return ApiError(Error::Busy {
@@ -158,18 +179,19 @@ pub async fn enforce(
     next.run(Request::from_parts(parts, body)).await
 }
 
-/// The rate-limit bucket of a request: the host it acts for, or `None` (not limited).
-async fn bucket_of(
-    state: &AppState,
-    authorization: Option<&str>,
-    acting: Option<&str>,
-) -> Option<String> {
+/// Who a request's bearer token names, if it names anyone.
+async fn principal_of(state: &AppState, authorization: Option<&str>) -> Option<Principal> {
     let token = authorization?.strip_prefix("Bearer ")?;
     if token.is_empty() || token.len() > 256 {
         return None;
     }
     let digest = state.vault.keys().token_digest(token);
-    match state.registry.read().await.resolve(&digest)? {
+    state.registry.read().await.resolve(&digest)
+}
+
+/// The rate-limit bucket of a request: the host it acts for, or `None` (not limited).
+fn bucket_of(principal: Principal, acting: Option<&str>) -> Option<String> {
+    match principal {
         Principal::Operator => None,
         Principal::Host { name } => Some(format!("host {name}")),
         Principal::Provider { name, .. } => {
@@ -183,6 +205,20 @@ async fn bucket_of(
             })
         }
     }
+}
+
+/// What a connection on a reserved slot serves: health probes, the console's static files (a
+/// browser needs them to reach the operator routes) and anything the operator token asks for.
+fn reserve_serves(method: &Method, path: &str, principal: Option<&Principal>) -> bool {
+    const OPEN: [&str; 5] = [
+        "/healthz",
+        "/",
+        "/console/app.js",
+        "/console/app.css",
+        "/console/favicon.svg",
+    ];
+    matches!(principal, Some(Principal::Operator))
+        || (matches!(*method, Method::GET | Method::HEAD) && OPEN.contains(&path))
 }
 
 /// Wraps a body so that a client too slow to send it is cut off (see the module docs).

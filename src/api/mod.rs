@@ -8,12 +8,14 @@
 //! request counter and latency histogram.
 
 pub mod auth;
+pub mod body_budget;
 pub mod console;
 pub mod error;
 pub mod keys;
 pub mod limits;
 pub mod routes;
 pub mod server;
+pub mod slots;
 pub mod tls;
 
 use std::sync::Arc;
@@ -44,8 +46,12 @@ pub struct AppState {
     pub scrub: crate::scrub::Scrub,
     /// Cached registry (this server is its writer; updates go through `routes::update_registry`).
     pub registry: Arc<RwLock<Registry>>,
-    /// Bounds block bodies held in memory (config `ingest.max_inflight_blocks`).
+    /// Block and patch bodies being stored at once (config `ingest.max_inflight_blocks`),
+    /// taken once a body is complete.
     pub ingest_permits: Arc<Semaphore>,
+    /// Memory of upload bodies being received (config `ingest.body_memory_mib`, per host
+    /// `ingest.body_memory_per_host_mib`).
+    pub body_budget: Arc<body_budget::BodyBudget>,
     pub metrics: Option<PrometheusHandle>,
     /// URL agents are told to use (credentials files).
     pub public_url: String,

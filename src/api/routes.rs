@@ -734,8 +734,8 @@ async fn agent_put_block(
     let i = index(&idx)?;
     // Authorization and geometry before reading a byte of the body.
     let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
-    let (claimed, bytes, _permit) =
-        read_block_body(&s, &headers, body, d.block_size as usize, "block").await?;
+    let (claimed, bytes, _ingesting) =
+        read_block_body(&s, &host, &headers, body, d.block_size as usize, "block").await?;
     Ok(Json(
         s.protection
             .put_block(&host, &vm, &disk, i, claimed, bytes)
@@ -839,6 +839,12 @@ async fn agent_put_log(
         app_consistent: q.app_consistent,
         final_log: q.final_log,
     };
+    // The log's frame buffer is body memory like a block's: reserved from the host's share
+    // before the first byte is read.
+    let memory = s
+        .body_budget
+        .reserve(&host, crate::file_formats::LOG_FRAME_LEN as u64)
+        .await?;
     let stream = body.into_data_stream();
     // The log is taken in a task of its own: when a client disconnects mid-upload, the server
     // drops this handler's future, and a log accepted that way would stop wherever it was,
@@ -846,6 +852,7 @@ async fn agent_put_log(
     // and deletes them, as for any refused log.
     let p = s.protection.clone();
     let ack = tokio::spawn(async move {
+        let _memory = memory;
         p.accept_log(&host, &vm, &disk, &log_id, meta, len, stream)
             .await
     })
@@ -992,15 +999,25 @@ async fn clear_nic_override(
     Ok(Json(s.protection.view(&rec).await))
 }
 
-/// The hash header and a body of at most `limit` bytes, read under an ingest permit (memory
-/// stays bounded: without a permit the body waits on the socket).
+/// What a block or patch upload holds while the server stores it: the memory of its body and
+/// an ingest slot.
+struct Ingesting {
+    _body: super::body_budget::Reservation,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The hash header and a body of at most `limit` bytes. The body's memory is reserved from its
+/// host's share before it is read (without a reservation the body waits on the socket), and
+/// the ingest slot is taken only once the body is complete, so a host sending slowly holds
+/// memory from its own share and never a slot other hosts need.
 async fn read_block_body(
     s: &AppState,
+    host: &str,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     what: &str,
-) -> Result<(PlainHash, bytes::Bytes, tokio::sync::OwnedSemaphorePermit), Error> {
+) -> Result<(PlainHash, bytes::Bytes, Ingesting), Error> {
     let claimed = headers
         .get(BLAKE3_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -1013,11 +1030,11 @@ async fn read_block_body(
                 ),
             )
         })?;
-    if let Some(len) = headers
+    let announced = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = announced {
         if len > limit as u64 {
             return Err(Error::invalid(
                 "body_too_long",
@@ -1025,12 +1042,12 @@ async fn read_block_body(
             ));
         }
     }
-    let permit = s
-        .ingest_permits
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| Error::internal("ingest closed"))?;
+    let memory = s
+        .body_budget
+        .reserve(host, announced.unwrap_or(limit as u64))
+        .await?;
+    // A body with a length cannot run past it (HTTP/1.1 and HTTP/2 both stop it there); one
+    // without may be anything up to the limit, which was reserved in full.
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(e) => {
@@ -1044,7 +1061,20 @@ async fn read_block_body(
             });
         }
     };
-    Ok((claimed, bytes, permit))
+    let slot = s
+        .ingest_permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| Error::internal("ingest closed"))?;
+    Ok((
+        claimed,
+        bytes,
+        Ingesting {
+            _body: memory,
+            _slot: slot,
+        },
+    ))
 }
 
 fn octets(bytes: bytes::Bytes) -> Response {
@@ -1104,7 +1134,8 @@ async fn agent_resync_patch(
     let i = index(&idx)?;
     let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
     let limit = crate::replica::patch::max_patch_len(d.block_size as usize);
-    let (claimed, bytes, _permit) = read_block_body(&s, &headers, body, limit, "patch").await?;
+    let (claimed, bytes, _ingesting) =
+        read_block_body(&s, &host, &headers, body, limit, "patch").await?;
     Ok(Json(
         s.protection
             .resync_put_patch(&host, &vm, &disk, i, claimed, bytes)

@@ -70,6 +70,18 @@ impl Raw {
 
 /// A TLS connection to the server (HTTP/1.1 by ALPN unless `alpn` says otherwise).
 async fn connect(server: &Server, alpn: &[u8]) -> TlsStream<TcpStream> {
+    connect_from(server, LOCALHOST, alpn).await.unwrap()
+}
+
+const LOCALHOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// The same from another loopback address (127.0.0.0/8 is all loopback on Linux), so one test
+/// can be several client addresses; an error if the server refuses the connection.
+async fn connect_from(
+    server: &Server,
+    from: std::net::IpAddr,
+    alpn: &[u8],
+) -> std::io::Result<TlsStream<TcpStream>> {
     HOSTILE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(server.ca_pem.as_bytes()) {
@@ -81,11 +93,12 @@ async fn connect(server: &Server, alpn: &[u8]) -> TlsStream<TcpStream> {
     cfg.alpn_protocols = vec![alpn.to_vec()];
     let addr = server.url.trim_start_matches("https://").to_string();
     let host = addr.rsplit_once(':').unwrap().0.to_string();
-    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from, 0))?;
+    let tcp = socket.connect(addr.parse().unwrap()).await?;
     TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from(host).unwrap(), tcp)
         .await
-        .unwrap()
 }
 
 /// Reads until the server closes (or the TLS stream ends without close_notify).
@@ -124,7 +137,20 @@ async fn raw(
     headers: &[(&str, String)],
     body: &[u8],
 ) -> Raw {
-    let mut s = connect(server, b"http/1.1").await;
+    raw_from(server, LOCALHOST, method, path, token, headers, body).await
+}
+
+/// The same from the client address `from`.
+async fn raw_from(
+    server: &Server,
+    from: std::net::IpAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> Raw {
+    let mut s = connect_from(server, from, b"http/1.1").await.unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
     if let Some(t) = token {
         req.push_str(&format!("authorization: Bearer {t}\r\n"));
@@ -439,7 +465,7 @@ async fn trickled_headers_and_silent_connections_are_cut_off_while_others_are_se
     // Room for the slow clients below plus one ordinary one: a silent connection that kept
     // its slot would lock everyone else out.
     let w = world(
-        "[vault]\nblock_size = 1048576\n\n[server]\nheader_read_timeout_s = 1\ntls_handshake_timeout_s = 1\nmax_connections = 5\n",
+        "[vault]\nblock_size = 1048576\n\n[server]\nheader_read_timeout_s = 1\ntls_handshake_timeout_s = 1\nmax_connections = 5\nmax_connections_per_address = 5\n",
     );
     let op = w.server.operator();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -856,4 +882,278 @@ async fn a_host_over_its_rate_gets_429_with_retry_after_and_others_are_not_slowe
     tokio::time::sleep(Duration::from_secs(retry_after)).await;
     let _: Value = a.get_json("/v1/agent/vms/vm-a").await.unwrap();
     tally("a_host_over_its_rate_gets_429_with_retry_after_and_others_are_not_slowed");
+}
+
+/// An HTTP/2 connection that sent one `GET /healthz` and then only talks PING: the h2 crate
+/// answers the server's, and a task sends one of its own twice a second, as a client holding
+/// the connection would.
+struct HeldH2 {
+    _send: h2::client::SendRequest<bytes::Bytes>,
+    /// Finishes when the server has closed the connection.
+    closed: tokio::task::JoinHandle<()>,
+}
+
+/// Opens a [`HeldH2`] from `from`; `None` if the server refuses it.
+async fn hold_h2(server: &Server, from: std::net::IpAddr) -> Option<HeldH2> {
+    let tls = connect_from(server, from, b"h2").await.ok()?;
+    let (send, mut conn) = h2::client::handshake(tls).await.ok()?;
+    let mut pings = conn.ping_pong()?;
+    let closed = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if pings.ping(h2::Ping::opaque()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut send = send.ready().await.ok()?;
+    let req = axum::http::Request::get("https://localhost/healthz")
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).ok()?;
+    let resp = resp.await.ok()?;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    while let Some(piece) = body.data().await {
+        let _ = body.flow_control().release_capacity(piece.ok()?.len());
+    }
+    Some(HeldH2 {
+        _send: send,
+        closed,
+    })
+}
+
+/// An HTTP/1.1 keep-alive connection from `from` that sent one `GET /healthz`, read the answer
+/// and went quiet.
+async fn hold_h1(server: &Server, from: std::net::IpAddr) -> Option<TlsStream<TcpStream>> {
+    let mut s = connect_from(server, from, b"http/1.1").await.ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .ok()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = s.read(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let r = parse(&got);
+        let len = r.header("content-length").and_then(|v| v.parse().ok());
+        if got.windows(4).any(|w| w == b"\r\n\r\n") && len.is_some_and(|l| r.body.len() >= l) {
+            assert_eq!(r.status, 200, "{}", r.body);
+            return Some(s);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_hold_the_slots_and_healthz_answers_meanwhile() {
+    // Six general slots, three per client address, idle connections closed after 12 s (the
+    // HTTP/1.1 one after 10, the header read timeout, which hyper applies to the wait for the
+    // next request too).
+    let w = world(
+        "[vault]\nblock_size = 1048576\n\n[server]\nmax_connections = 6\nmax_connections_per_address = 3\nidle_timeout_s = 12\n",
+    );
+    let ip = |last: u8| std::net::IpAddr::from([127, 0, 0, last]);
+    // One address tries to take every slot with HTTP/2 connections it keeps idle.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.extend(hold_h2(&w.server, ip(1)).await);
+    }
+    // Others are served at once meanwhile.
+    let r = tokio::time::timeout(
+        Duration::from_secs(1),
+        raw_from(&w.server, ip(3), "GET", "/healthz", None, &[], b""),
+    )
+    .await
+    .expect("/healthz took over a second while one address held idle HTTP/2 connections");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let open = |held: &[HeldH2]| held.iter().filter(|h| !h.closed.is_finished()).count();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while open(&held) > 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        open(&held),
+        3,
+        "one address holds that many of the 6 connection slots (its share is 3)"
+    );
+    held.retain(|h| !h.closed.is_finished());
+    // A second address takes the other three, one of them an HTTP/1.1 keep-alive connection:
+    // every general slot is now held by an idle connection.
+    for _ in 0..2 {
+        held.push(
+            hold_h2(&w.server, ip(2))
+                .await
+                .expect("a second address was refused a slot"),
+        );
+    }
+    let mut held_h1 = hold_h1(&w.server, ip(2))
+        .await
+        .expect("a second address was refused a slot");
+    // Health probes and the operator are answered at once all the same, from anywhere.
+    for (from, path, token) in [
+        (ip(3), "/healthz", None),
+        (ip(1), "/healthz", None),
+        (ip(4), "/v1/vms", Some(w.server.token.as_str())),
+    ] {
+        let r = tokio::time::timeout(
+            Duration::from_secs(1),
+            raw_from(&w.server, from, "GET", path, token, &[], b""),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("{path} from {from} took over a second while the slots were held")
+        });
+        assert_eq!(r.status, 200, "{path} from {from}: {}", r.body);
+    }
+    // An agent request finds no general slot: a clear answer to retry, not a hang.
+    let r = raw_from(
+        &w.server,
+        ip(5),
+        "GET",
+        "/v1/agent/vms/vm-a",
+        Some(&w.host_a),
+        &[],
+        b"",
+    )
+    .await;
+    let v = r.json();
+    assert_eq!(
+        (r.status, v["code"].as_str(), v["recoverable"].as_bool()),
+        (429, Some("connection_limit"), Some(true)),
+        "{}",
+        r.body
+    );
+    assert!(r.header("retry-after").is_some(), "{}", r.head);
+    // The idle connections are closed, PINGs notwithstanding.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for h in held {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            tokio::time::timeout(left, h.closed).await.is_ok(),
+            "an idle HTTP/2 connection was kept open"
+        );
+    }
+    assert!(
+        closed_by_server(&mut held_h1, deadline).await,
+        "an idle HTTP/1.1 keep-alive connection was kept open"
+    );
+    // Their slots are free again: the agent request gets one (and a 404 for the VM it names).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = raw_from(
+            &w.server,
+            ip(5),
+            "GET",
+            "/v1/agent/vms/vm-a",
+            Some(&w.host_a),
+            &[],
+            b"",
+        )
+        .await;
+        if r.status == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slots of the closed connections were not given back: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tally("idle_connections_cannot_hold_the_slots_and_healthz_answers_meanwhile");
+}
+
+/// A PUT of block `index` (1 MiB of `7`s) that sends its first half at once and then 8 KiB a
+/// second, well above the minimum body rate, and never the end; counts itself in `started`
+/// once the first half is out.
+async fn slow_block_upload(
+    server: &Server,
+    token: &str,
+    index: u64,
+    started: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let len = MIB as usize;
+    let head = format!(
+        "PUT /v1/agent/vms/vm-a/disks/os/blocks/{index} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {token}\r\nx-drvault-blake3: {}\r\ncontent-length: {len}\r\n\r\n",
+        blake3::hash(&vec![b'7'; len]).to_hex()
+    );
+    let mut s = connect(server, b"http/1.1").await;
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&vec![b'7'; len / 2]).await.unwrap();
+    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..(len / 2 / 8192 - 1) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if s.write_all(&[b'7'; 8192]).await.is_err() {
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hosts_slow_uploads_do_not_slow_another_hosts_protect() {
+    // Shared with the tasks of the slow uploads.
+    let w = Arc::new(world(SMALL));
+    let a = w.server.client_with(&w.host_a);
+    let spec = json!({"disks": [{"id": "os", "size": 16 * MIB}]});
+    let _: Value = a
+        .send_json(Method::PUT, "/v1/agent/vms/vm-a", &spec)
+        .await
+        .unwrap();
+    let creds_b = w.server.dir.join("hv-b.creds.json");
+    // Host B protects a 64 MiB disk of random data; how long it takes.
+    let protect_b = |vm: &str, seed: u64| {
+        let img = w.server.dir.join(format!("{vm}.raw"));
+        raw_image(&img, 64 * MIB, &[(0, 64 * MIB as usize)], seed);
+        let disk = format!("{}:os", img.display());
+        let t = Instant::now();
+        tokio::task::block_in_place(|| {
+            w.server.cli_ok(&[
+                "agent",
+                "protect",
+                "--creds",
+                creds_b.to_str().unwrap(),
+                "--vm",
+                vm,
+                "--disk",
+                &disk,
+            ])
+        });
+        t.elapsed()
+    };
+    let alone_before = protect_b("vm-b1", 1);
+    // Host A starts 16 block uploads (as many as the server stores at once) and trickles them.
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slow: Vec<_> = (0..16)
+        .map(|i| {
+            let (w, started) = (w.clone(), started.clone());
+            tokio::spawn(async move { slow_block_upload(&w.server, &w.host_a, i, started).await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while started.load(std::sync::atomic::Ordering::SeqCst) < 16 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 16);
+    let beside_slow = protect_b("vm-b2", 2);
+    for s in &slow {
+        assert!(!s.is_finished(), "a slow upload ended early");
+        s.abort();
+    }
+    let alone_after = protect_b("vm-b3", 3);
+    let alone = alone_before.max(alone_after);
+    eprintln!(
+        "host B's protect of 64 MiB: alone {alone_before:?} and {alone_after:?}, beside 16 slow uploads of host A {beside_slow:?}"
+    );
+    assert!(
+        beside_slow <= alone * 2,
+        "host A's slow uploads slowed host B down: {beside_slow:?} against {alone:?} alone"
+    );
+    tally("one_hosts_slow_uploads_do_not_slow_another_hosts_protect");
 }
