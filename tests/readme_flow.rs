@@ -38,6 +38,12 @@ fn flow_blocks(readme: &str) -> Vec<(String, String)> {
     blocks
 }
 
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 #[test]
 fn the_readme_walk_through_runs_as_written() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
@@ -76,7 +82,9 @@ fn the_readme_walk_through_runs_as_written() {
         .arg(&script)
         .current_dir(dir.path())
         .env("PATH", path)
-        .env("DRVAULT_LISTEN", "127.0.0.1:0")
+        // A port of its own, the same across the flow's restart: the hosts' credentials files
+        // hold the server's URL. (Port 0 would move on the restart.)
+        .env("DRVAULT_LISTEN", format!("127.0.0.1:{}", free_port()))
         .env("RUST_LOG", "warn")
         .env_remove("DRVAULT_DATA_DIR")
         .env_remove("DRVAULT_SERVER")
