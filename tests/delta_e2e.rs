@@ -572,8 +572,13 @@ async fn pending_logs_over_half_the_disk_require_resync_and_vm_points_need_every
             .iter()
             .map(|p| p["id"].as_str().unwrap())
             .collect::<Vec<_>>(),
-        vec!["c0", "c1"]
+        vec!["c0", "c1", "c2"]
     );
+    assert_eq!(
+        points[2]["kind"], "incomplete",
+        "c2 waits for b: {points:?}"
+    );
+    assert_eq!(points[2]["waiting_for"], json!(["b"]));
     // 600 KiB of log on a 1 MiB disk crosses the 50% threshold: accepted, then resync required.
     let big = make_log(
         &[(0, pseudo_random(600 * KIB as usize, 3))],
