@@ -624,7 +624,7 @@ async fn a_mapping_added_later_clears_the_warning_and_vms_shows_an_uncommitted_f
     assert!(v.get("failover").is_none(), "{v}");
 
     // A planned failover waits for the final log and says for which disk; cancel stops it.
-    let mut follow = std::process::Command::new(BIN)
+    let follow = std::process::Command::new(BIN)
         .args(["failover", "--vm", "web01", "--kind", "planned"])
         .env("DRVAULT_DATA_DIR", &server.data_dir)
         .current_dir(dir)

@@ -208,7 +208,7 @@ impl Protection {
         for (c, (t, app, fin, have)) in per_cycle {
             let waiting_for: Vec<String> = last_cycle
                 .iter()
-                .filter(|(disk, last)| !have.contains(disk) && last.map_or(true, |l| l < c))
+                .filter(|(disk, last)| !have.contains(disk) && last.is_none_or(|l| l < c))
                 .map(|(disk, _)| disk.clone())
                 .collect();
             if have.len() != disks.len() && waiting_for.is_empty() {
