@@ -33,13 +33,14 @@ apt_update_once() {
 
 # ---------------------------------------------------------------------------
 # Section: boot-disk fixture (fixtures/boot-disk): SYSLINUX, mtools, FAT tools,
-# sfdisk, cpio and qemu. The Debian kernel and busybox-static are NOT installed:
+# sfdisk, cpio and qemu; ovmf (UEFI firmware, /usr/share/OVMF/OVMF_CODE.fd) so
+# failovers of generation-2 VMs write a qemu.sh (the README's walk-through has one). The Debian kernel and busybox-static are NOT installed:
 # fixtures/boot-disk/make-boot-disk.sh fetches them with `apt-get download` and
 # unpacks them into its own cache, so this section only makes sure apt's lists
 # can name them.
 # ---------------------------------------------------------------------------
 install_boot_disk_deps() {
-    local plain=(syslinux syslinux-common mtools dosfstools fdisk cpio libvirt-clients libxml2-utils)
+    local plain=(syslinux syslinux-common mtools dosfstools fdisk cpio libvirt-clients libxml2-utils ovmf)
     # qemu-system-* must be the same release as the installed qemu-utils:
     # qemu-utils >= 8 Breaks qemu-system-common < 8, so installing Debian 12's
     # qemu-system-x86 (7.2) next to the machine image's qemu-utils from

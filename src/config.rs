@@ -531,6 +531,81 @@ mod tests {
         assert!(off.is_ok(), "0 turns the rate limit off");
     }
 
+    /// The example file states every setting with its default: each value it states must be
+    /// the one the code uses when the setting is left out (the networks and mappings are
+    /// examples, not defaults).
+    #[test]
+    fn the_example_config_states_the_defaults_of_the_code() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/drvault.example.toml");
+        let example = Config::load(&path).unwrap();
+        example.validate().unwrap();
+        let d = Config::default();
+        let sections: [(&str, String, String); 8] = [
+            (
+                "server",
+                format!("{:?}", example.server),
+                format!("{:?}", d.server),
+            ),
+            (
+                "vault",
+                format!("{:?}", example.vault),
+                format!("{:?}", d.vault),
+            ),
+            (
+                "ingest",
+                format!("{:?}", example.ingest),
+                format!("{:?}", d.ingest),
+            ),
+            (
+                "replica",
+                format!("{:?}", example.replica),
+                format!("{:?}", d.replica),
+            ),
+            (
+                "failover",
+                format!("{:?}", example.failover),
+                format!("{:?}", d.failover),
+            ),
+            (
+                "resync",
+                format!("{:?}", example.resync),
+                format!("{:?}", d.resync),
+            ),
+            (
+                "verify",
+                format!("{:?}", example.verify),
+                format!("{:?}", d.verify),
+            ),
+            ("gc", format!("{:?}", example.gc), format!("{:?}", d.gc)),
+        ];
+        for (name, stated, default) in sections {
+            assert_eq!(
+                stated,
+                default,
+                "[{name}] of {} differs from the code's defaults",
+                path.display()
+            );
+        }
+        // And it states them, rather than leaving them out: every section's keys are present.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        for (section, keys) in [
+            ("gc", &["grace_s", "interval_s"][..]),
+            ("verify", &["interval_s"][..]),
+            ("replica", &["merge_interval_s"][..]),
+            ("failover", &["planned_wait_s"][..]),
+            ("resync", &["window"][..]),
+            ("ingest", &["max_inflight_blocks", "max_log_bytes"][..]),
+        ] {
+            for k in keys {
+                assert!(
+                    table[section].get(*k).is_some(),
+                    "[{section}] {k} is not stated"
+                );
+            }
+        }
+    }
+
     #[test]
     fn network_mistakes_name_their_line() {
         let text = "[[network]]\nname = \"n\"\naddress_space = [\"10.0.0.0/16\"]\n  [[network.subnet]]\n  name = \"s\"\n  prefix = \"10.0.1.0/24\"\n  gateway = \"10.0.2.1\"\n";

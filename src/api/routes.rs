@@ -59,6 +59,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/v1/vms/{vm}/failover/cleanup", post(cleanup_failover))
         .route("/v1/vms/{vm}/failover/commit", post(commit_failover))
+        .route("/v1/vms/{vm}/failover/cancel", post(cancel_failover))
         .route("/v1/vms/{vm}/merge", post(merge_vm))
         .route("/v1/vms/{vm}/resync", get(show_resync).post(start_resync))
         .route("/v1/vms/{vm}/resync/cancel", post(cancel_resync))
@@ -763,7 +764,7 @@ async fn list_points(
     Path(vm): Path<String>,
 ) -> ApiResult<Json<Vec<crate::protection::points::PointView>>> {
     name("VM", &vm)?;
-    Ok(Json(s.protection.points(&vm).await?))
+    Ok(Json(s.protection.points_and_incomplete(&vm).await?))
 }
 
 #[derive(Deserialize, Default)]
@@ -786,6 +787,11 @@ async fn merge_vm(
     name("VM", &vm)?;
     let req: MergeRequest = read_json(body).await?;
     s.protection.vm_for(None, &vm).await?;
+    // Resolved before the job exists: a refused point leaves no job running forever.
+    let through = match &req.through {
+        Some(p) => Some(s.protection.resolve_point(&vm, p).await?.cycle),
+        None => None,
+    };
     let job = s
         .jobs
         .create(
@@ -795,10 +801,6 @@ async fn merge_vm(
             crate::jobs::JobState::Running,
         )
         .await?;
-    let through = match &req.through {
-        Some(p) => Some(s.protection.resolve_point(&vm, p).await?.cycle),
-        None => None,
-    };
     match s.protection.merge_vm_through(&vm, req.all, through).await {
         Ok(r) => {
             s.jobs.succeed(&job.id).await?;
@@ -914,6 +916,16 @@ async fn commit_failover(
     name("VM", &vm)?;
     s.protection.vm_for(None, &vm).await?;
     Ok(Json(s.failovers.commit(&vm).await?))
+}
+
+async fn cancel_failover(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::failover::service::FailoverRecord>> {
+    name("VM", &vm)?;
+    s.protection.vm_for(None, &vm).await?;
+    Ok(Json(s.failovers.cancel(&vm).await?))
 }
 
 async fn resume_job(

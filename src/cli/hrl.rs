@@ -106,6 +106,26 @@ pub fn diff(
     })
 }
 
+/// What a log that follows the log file at `previous` carries over from it: the previous
+/// log's UniqueId (the new PreviousUniqueId) and its Vhd2DataWriteGuid (the same along a
+/// chain). The previous log is validated whole: chaining from a damaged one would only be
+/// refused by the server later.
+pub fn chain_after(previous: &Path) -> Result<(Guid, Guid)> {
+    let f = std::fs::File::open(previous).with_context(|| {
+        format!(
+            "--after {}: cannot open the previous log",
+            previous.display()
+        )
+    })?;
+    let log = hrl::read_log(&f, u64::MAX).with_context(|| {
+        format!(
+            "--after {}: not a valid MS-HRL log (give the .hrl file `hrl diff` wrote for the previous cycle)",
+            previous.display()
+        )
+    })?;
+    Ok((log.header.unique_id, log.header.vhd2_data_write_guid))
+}
+
 /// Validates a log and returns it (disk size bounds the extents when given).
 pub fn inspect(path: &Path, disk_size: Option<u64>) -> Result<hrl::HrlLog> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -184,4 +204,64 @@ pub fn print(log: &hrl::HrlLog, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A raw image of 64 KiB with `fill` written at 4 KiB.
+    fn image(dir: &Path, name: &str, fill: u8) -> std::path::PathBuf {
+        let p = dir.join(name);
+        let mut b = vec![0u8; 64 * 1024];
+        if fill != 0 {
+            b[4096..8192].fill(fill);
+        }
+        std::fs::write(&p, b).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_log_made_after_the_previous_file_continues_its_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c0, c1, c2) = (
+            image(dir.path(), "c0.raw", 0),
+            image(dir.path(), "c1.raw", 1),
+            image(dir.path(), "c2.raw", 2),
+        );
+        let dw: Guid = "11111111-2222-3333-4444-555555555555".parse().unwrap();
+        let (l1, l2) = (dir.path().join("c1.hrl"), dir.path().join("c2.hrl"));
+        let first = diff(&c0, &c1, &l1, Guid::NIL, Guid::new_random(), dw).unwrap();
+        let (prev, kept) = chain_after(&l1).unwrap();
+        assert_eq!(prev.to_string(), first.unique_id);
+        assert_eq!(
+            kept, dw,
+            "the data-write GUID stays the same along the chain"
+        );
+        diff(&c1, &c2, &l2, prev, Guid::new_random(), kept).unwrap();
+        let second = inspect(&l2, None).unwrap();
+        assert_eq!(
+            second.header.previous_unique_id.to_string(),
+            first.unique_id
+        );
+        assert_eq!(second.header.vhd2_data_write_guid, dw);
+        assert_eq!(second.extents.len(), 1);
+    }
+
+    #[test]
+    fn a_missing_or_foreign_after_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("c1.hrl");
+        let e = format!("{:#}", chain_after(&missing).unwrap_err());
+        assert!(
+            e.contains("--after") && e.contains("c1.hrl") && e.contains("cannot open"),
+            "{e}"
+        );
+        let raw = image(dir.path(), "disk.raw", 1);
+        let e = format!("{:#}", chain_after(&raw).unwrap_err());
+        assert!(
+            e.contains("disk.raw") && e.contains("not a valid MS-HRL log"),
+            "{e}"
+        );
+    }
 }

@@ -49,9 +49,19 @@ enum Cmd {
         /// Overrides server.data_dir.
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Overrides server.listen (e.g. 127.0.0.1:0 for any free port).
-        #[arg(long)]
+        /// Overrides server.listen (e.g. 127.0.0.1:0 for any free port: the CLI finds it in
+        /// <data-dir>/server.json).
+        #[arg(long, env = "DRVAULT_LISTEN")]
         listen: Option<String>,
+    },
+    /// Check that the server answers (operator); --wait retries until it does, for scripts
+    /// that start `drvault serve &` and go on at once.
+    Status {
+        /// Keep trying this long (e.g. 30s) while the server is starting.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Register, list and remove Hyper-V hosts (operator).
     Host {
@@ -299,7 +309,10 @@ struct FailoverStart {
     /// Per-NIC override INDEX:ip=ADDR and/or INDEX:public (a public address: a host port forward).
     #[arg(long = "nic")]
     nics: Vec<String>,
-    /// Planned failover: how long to wait for the final logs.
+    /// Planned failover: how long the server waits for the final logs (default: the config's
+    /// failover.planned_wait_s, 1 h). The command shows which disks it still waits for; Ctrl-C
+    /// only stops following (the failover keeps waiting): `drvault failover cancel --vm VM`
+    /// stops the wait.
     #[arg(long, value_parser = humantime::parse_duration)]
     wait: Option<Duration>,
     /// Return once the job started instead of following it.
@@ -318,6 +331,12 @@ enum FailoverCmd {
     },
     /// End a planned or unplanned failover: the source's later logs are refused.
     Commit {
+        #[arg(long)]
+        vm: String,
+    },
+    /// Stop a planned failover that waits for the final logs (nothing is written; the VM
+    /// stays protected).
+    Cancel {
         #[arg(long)]
         vm: String,
     },
@@ -375,9 +394,15 @@ enum HrlCmd {
         new: PathBuf,
         #[arg(short = 'o', long)]
         output: PathBuf,
-        /// UniqueId of the previous log of this disk (the chain); default all zeros.
+        /// UniqueId of the previous log of this disk (the chain); default all zeros, which
+        /// only the first log after initial replication may use.
         #[arg(long)]
         previous_id: Option<String>,
+        /// The previous log of this disk (its .hrl file): the new log follows it, taking its
+        /// UniqueId as PreviousUniqueId and keeping its Vhd2DataWriteGuid. Use it for every
+        /// log after the first, instead of --previous-id.
+        #[arg(long, value_name = "PREVIOUS.hrl", conflicts_with_all = ["previous_id", "data_write_guid"])]
+        after: Option<PathBuf>,
         /// UniqueId of this log; default random.
         #[arg(long)]
         unique_id: Option<String>,
@@ -550,6 +575,7 @@ async fn run(cli: Cli) -> Result<i32> {
             data_dir,
             listen,
         } => serve(config, data_dir, listen).await,
+        Cmd::Status { wait, conn } => status(wait, conn).await,
         Cmd::Host { cmd, conn } => host(cmd, conn).await,
         Cmd::Provider { cmd, conn } => provider(cmd, conn).await,
         Cmd::Vms { name, json, conn } => vms(name, json, conn).await,
@@ -621,6 +647,20 @@ async fn run(cli: Cli) -> Result<i32> {
                     "POINT", "TIME", "KIND", "FINAL", "DAMAGED"
                 );
                 for p in &points {
+                    if p.is_incomplete() {
+                        println!(
+                            "{:<8} {:<22} incomplete: waiting for {}{}",
+                            p.id,
+                            p.time,
+                            p.waiting_for.join(", "),
+                            if p.disks.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (received: {})", p.disks.join(", "))
+                            }
+                        );
+                        continue;
+                    }
                     println!(
                         "{:<8} {:<22} {:<18} {:<6} {:<8} {}",
                         p.id,
@@ -766,11 +806,41 @@ async fn serve(
         "  server file     {}",
         dd.join(crate::server::SERVER_FILE).display()
     );
+    println!(
+        "  console         {}/ (sign in with the operator token)",
+        prepared.url
+    );
     println!("  metrics         {}/metrics", prepared.url);
     use std::io::Write;
     let _ = std::io::stdout().flush();
     crate::server::run(prepared, crate::server::shutdown_signal()).await;
     Ok(0)
+}
+
+async fn status(wait: Option<Duration>, conn: Conn) -> Result<i32> {
+    #[derive(serde::Deserialize)]
+    struct Info {
+        version: String,
+    }
+    let deadline = std::time::Instant::now() + wait.unwrap_or_default();
+    loop {
+        // server.json appears once the server listens; a stale one from a stopped server
+        // fails to connect: both are retried while --wait lasts.
+        let answer = async {
+            let c = conn.client()?;
+            let info: Info = c.get_json("/v1/server").await?;
+            Ok::<_, anyhow::Error>((c.base().to_string(), info))
+        }
+        .await;
+        match answer {
+            Ok((url, info)) => {
+                println!("drvault {} answers at {url}", info.version);
+                return Ok(0);
+            }
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }
 
 async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
@@ -884,17 +954,25 @@ async fn vms(name: Option<String>, json: bool, conn: Conn) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
+    // A failover in progress or not yet committed says so instead of `protected`.
+    let states = list
+        .iter()
+        .map(|v| match &v.failover {
+            Some(f) => Ok(f.summary.clone()),
+            None => Ok(serde_json::to_value(v.state)?
+                .as_str()
+                .unwrap_or("")
+                .to_string()),
+        })
+        .collect::<Result<Vec<String>>>()?;
+    let sw = states.iter().map(|s| s.len()).max().unwrap_or(0).max(20);
     println!(
-        "{:<20} {:<20} {:<8} {:<12} {:>6} {:>9}  REASONS",
+        "{:<20} {:<sw$} {:<8} {:<12} {:>6} {:>9}  REASONS",
         "VM", "STATE", "HEALTH", "HOST", "DISKS", "PROGRESS"
     );
-    for v in &list {
-        let state = serde_json::to_value(v.state)?
-            .as_str()
-            .unwrap_or("")
-            .to_string();
+    for (v, state) in list.iter().zip(&states) {
         println!(
-            "{:<20} {:<20} {:<8} {:<12} {:>6} {:>8.1}%  {}",
+            "{:<20} {:<sw$} {:<8} {:<12} {:>6} {:>8.1}%  {}",
             v.name,
             state,
             format!("{:?}", v.health),
@@ -1063,6 +1141,20 @@ async fn failover_cmd(cmd: Option<FailoverCmd>, start: FailoverStart, conn: Conn
             );
             Ok(0)
         }
+        Some(FailoverCmd::Cancel { vm }) => {
+            let r: FailoverRecord = c
+                .send_json(
+                    Method::POST,
+                    &format!("/v1/vms/{vm}/failover/cancel"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!(
+                "planned failover {} of {vm}: stops waiting for the final logs",
+                r.id
+            );
+            Ok(0)
+        }
         Some(FailoverCmd::Show { vm, json }) => {
             let v: FailoverView = c.get_json(&format!("/v1/vms/{vm}/failover")).await?;
             if json {
@@ -1108,6 +1200,9 @@ async fn failover_cmd(cmd: Option<FailoverCmd>, start: FailoverStart, conn: Conn
                 }
                 if let Some(q) = &v.qemu_command {
                     println!("  boot with  {}", q.join(" "));
+                }
+                if let Some(why) = &v.qemu_unavailable {
+                    println!("  qemu.sh    not written: {why}");
                 }
                 if let Some(e) = &r.error {
                     println!("  error      {e}");
@@ -1268,8 +1363,18 @@ async fn plan_cmd(cmd: PlanCmd, conn: Conn) -> Result<i32> {
 /// Follows a job until it ends, showing its progress.
 async fn wait_job(c: &crate::client::Client, id: &str) -> Result<crate::jobs::Job> {
     let bar = crate::agent::protect::progress_bar(console(), 1000, "job");
+    let mut told: Option<String> = None;
     loop {
         let j: crate::jobs::Job = c.get_json(&format!("/v1/jobs/{id}")).await?;
+        if j.waiting_for != told {
+            if let Some(w) = &j.waiting_for {
+                let vm = j.vm.as_deref().unwrap_or("VM");
+                bar.suspend(|| {
+                    eprintln!("waiting for {w} (Ctrl-C stops following, not the wait: `drvault failover cancel --vm {vm}` does)")
+                });
+            }
+            told = j.waiting_for.clone();
+        }
         bar.set_position((j.progress * 1000.0) as u64);
         bar.set_message(j.state.as_str().to_string());
         if j.state.is_final() {
@@ -1300,13 +1405,21 @@ async fn hrl_cmd(cmd: HrlCmd) -> Result<i32> {
             new,
             output,
             previous_id,
+            after,
             unique_id,
             data_write_guid,
             json,
         } => {
-            let prev = guid_arg(previous_id, Guid::NIL)?;
+            let (prev, dw) = match after {
+                Some(path) => {
+                    tokio::task::spawn_blocking(move || hrl::chain_after(&path)).await??
+                }
+                None => (
+                    guid_arg(previous_id, Guid::NIL)?,
+                    guid_arg(data_write_guid, Guid::NIL)?,
+                ),
+            };
             let uid = guid_arg(unique_id, Guid::new_random())?;
-            let dw = guid_arg(data_write_guid, Guid::NIL)?;
             let s =
                 tokio::task::spawn_blocking(move || hrl::diff(&old, &new, &output, prev, uid, dw))
                     .await??;

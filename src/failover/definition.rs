@@ -759,7 +759,7 @@ pub fn qemu_command_with(
         let Some(code) = ovmf_code else {
             return Err(Error::conflict(
                 "uefi_firmware_missing",
-                format!("VM {} is generation 2 (UEFI) but {OVMF_CODE} is missing: install Debian's ovmf package", def.name),
+                format!("VM {} is generation 2 (UEFI): UEFI firmware (OVMF_CODE.fd) not found at {OVMF_CODE}; apt-get install ovmf", def.name),
             ));
         };
         let code = code

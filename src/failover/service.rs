@@ -89,6 +89,9 @@ pub struct FailoverView {
     pub record: FailoverRecord,
     pub definition: Option<VmDefinition>,
     pub qemu_command: Option<Vec<String>>,
+    /// Why there is no qemu command (and no qemu.sh), e.g. UEFI firmware not installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_unavailable: Option<String>,
 }
 
 #[derive(Clone)]
@@ -101,6 +104,8 @@ pub struct Failovers {
     output: PathBuf,
     planned_wait: Duration,
     running: Arc<tokio::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// VMs whose planned failover an operator told to stop waiting for the final logs.
+    cancelled: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Failovers {
@@ -120,6 +125,7 @@ impl Failovers {
             output,
             planned_wait,
             running: Default::default(),
+            cancelled: Default::default(),
             target_hashes: Default::default(),
         }
     }
@@ -325,9 +331,16 @@ impl Failovers {
                 .wait_s
                 .map(Duration::from_secs)
                 .unwrap_or(self.planned_wait);
-            let p = self.wait_final(vm, wait).await?;
+            self.cancelled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(vm);
+            let p = self.wait_final(vm, &rec.job, wait).await?;
             self.jobs
-                .modify(&rec.job, |j| j.state = JobState::Running)
+                .modify(&rec.job, |j| {
+                    j.state = JobState::Running;
+                    j.waiting_for = None;
+                })
                 .await?;
             p
         } else {
@@ -478,27 +491,104 @@ impl Failovers {
         Ok((point.id, files))
     }
 
-    /// Planned failover: every disk's newest log must be flagged final; wait for it.
+    /// Planned failover: every disk's newest log must be flagged final; wait for it, telling
+    /// the job which disks are still missing theirs, until `wait` ends or an operator cancels.
     async fn wait_final(
         &self,
         vm: &str,
+        job: &str,
         wait: Duration,
     ) -> Result<crate::protection::points::PointView> {
         let deadline = tokio::time::Instant::now() + wait;
+        let mut told: Option<String> = None;
         loop {
             let points = self.protection.points(vm).await?;
             if let Some(p) = points.iter().rev().find(|p| p.final_point) {
                 return Ok(p.clone());
             }
+            let missing = self.disks_without_final_log(vm).await?;
+            let text = format!(
+                "the final log (sent with --final after the source VM shut down) of {} {}; waiting up to {} s",
+                if missing.len() == 1 { "disk" } else { "disks" },
+                missing.join(", "),
+                wait.as_secs()
+            );
+            if told.as_deref() != Some(text.as_str()) {
+                let total = self
+                    .protection
+                    .vm_for(None, vm)
+                    .await?
+                    .spec
+                    .disks
+                    .len()
+                    .max(1);
+                let done = total.saturating_sub(missing.len());
+                let t = text.clone();
+                self.jobs
+                    .modify(job, move |j| {
+                        j.waiting_for = Some(t.clone());
+                        j.progress = 0.1 * done as f64 / total as f64;
+                    })
+                    .await?;
+                told = Some(text);
+            }
+            let cancelled = self
+                .cancelled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(vm);
+            if cancelled {
+                return Err(Error::conflict(
+                    "failover_cancelled",
+                    format!("planned failover of VM {vm} cancelled while it waited for the final logs of {}", missing.join(", ")),
+                ));
+            }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::Conflict {
                     code: "final_log_timeout",
-                    message: format!("planned failover of VM {vm}: not every disk's final log (sent with --final after the VM shut down) arrived within {} s", wait.as_secs()),
+                    message: format!("planned failover of VM {vm}: the final log (sent with --final after the VM shut down) of {} did not arrive within {} s", missing.join(", "), wait.as_secs()),
                     recoverable: true,
                 });
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+    }
+
+    /// The VM's disks whose newest log is not flagged final.
+    async fn disks_without_final_log(&self, vm: &str) -> Result<Vec<String>> {
+        let rec = self.protection.vm_for(None, vm).await?;
+        let mut out = Vec::new();
+        for d in &rec.spec.disks {
+            let (_, disk) = self.protection.disk_for(None, vm, &d.id).await?;
+            if !disk.journal.last().is_some_and(|e| e.final_log) {
+                out.push(d.id.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops a planned failover that waits for the final logs: it ends failed
+    /// (`failover_cancelled`), having written nothing, and the VM stays protected.
+    pub async fn cancel(&self, vm: &str) -> Result<FailoverRecord> {
+        let cur = self.current(vm).await?.ok_or_else(|| {
+            Error::not_found("failover_not_found", format!("VM {vm} has no failover"))
+        })?;
+        let waiting = self
+            .jobs
+            .get(&cur.job)
+            .await
+            .is_some_and(|j| j.state == JobState::WaitingForInput);
+        if cur.state != FailoverState::Running || cur.kind != FailoverKind::Planned || !waiting {
+            return Err(Error::conflict(
+                "failover_not_waiting",
+                format!("VM {vm} has no planned failover waiting for final logs (only that wait can be cancelled)"),
+            ));
+        }
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vm.to_string());
+        Ok(cur)
     }
 
     /// Writes one disk at a point as a fixed VHD: size rounded up to whole MiB (Azure's rule),
@@ -741,13 +831,19 @@ impl Failovers {
         let def = std::fs::read(Path::new(&rec.output_dir).join("vm.json"))
             .ok()
             .and_then(|b| VmDefinition::from_json(&b).ok());
-        let qemu = def
+        let (qemu, qemu_unavailable) = match def
             .as_ref()
-            .and_then(|d| definition::qemu_command(d, &[]).ok());
+            .map(|d| definition::qemu_command(d, &public_forwards(d)))
+        {
+            Some(Ok(cmd)) => (Some(cmd), None),
+            Some(Err(e)) => (None, Some(e.to_string())),
+            None => (None, None),
+        };
         Ok(FailoverView {
             record: rec,
             definition: def,
             qemu_command: qemu,
+            qemu_unavailable,
         })
     }
 }

@@ -106,6 +106,10 @@ pub struct Job {
     pub started_unix: Option<u64>,
     pub ended_unix: Option<u64>,
     pub error: Option<JobError>,
+    /// While the job waits (`waiting_for_input`): what for, e.g. the disks whose final log a
+    /// planned failover still needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 /// The job registry: vault records plus an in-memory cache (this server writes all jobs).
@@ -193,6 +197,7 @@ impl Jobs {
             started_unix: (state == JobState::Running).then_some(now),
             ended_unix: None,
             error: None,
+            waiting_for: None,
         };
         self.records
             .create(&layout::record(Family::Job, &job.id), &job)

@@ -170,6 +170,23 @@ pub struct VmView {
     /// The open resync session (scheduled, active or committing), if any.
     #[serde(default)]
     pub resync: Option<ResyncBrief>,
+    /// A failover that is running, or done and not yet committed (or, a drill, cleaned up):
+    /// `state` stays `protected` meanwhile, as the source still replicates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverBrief>,
+}
+
+/// What the VM view tells of a failover in progress or waiting for commit or cleanup.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FailoverBrief {
+    pub id: String,
+    /// `test`, `planned` or `unplanned`.
+    pub kind: String,
+    /// `running` or `succeeded`.
+    pub state: String,
+    pub point: Option<String>,
+    /// For people: e.g. "failed over (planned), not committed".
+    pub summary: String,
 }
 
 /// What the VM view tells of an open resync session.
@@ -760,7 +777,12 @@ impl Protection {
                 ));
             }
         }
-        reasons.extend(rec.warnings.iter().cloned());
+        // From the configuration now, not the one at enable time: a mapping added since (and
+        // a restart) clears the warning.
+        reasons.extend(spec::unmapped_nic_warnings(
+            &rec.spec.nics,
+            &self.mapped_networks,
+        ));
         let health = if !critical.is_empty() {
             Health::Critical
         } else if reasons.is_empty() {
@@ -793,6 +815,39 @@ impl Protection {
             },
             rpo_seconds: rpo_s,
             resync,
+            failover: self.failover_brief(&rec.name).await,
         }
+    }
+
+    /// The VM's failover while it is running or waiting for a commit or cleanup. An unreadable
+    /// failover record reads as none (the view is informative; failover commands report it).
+    async fn failover_brief(&self, vm: &str) -> Option<FailoverBrief> {
+        use crate::failover::definition::FailoverKind;
+        use crate::failover::service::{FailoverRecord, FailoverState};
+        let key =
+            crate::vault::layout::record(crate::vault::layout::Family::Failover, &self.vm_id(vm));
+        let rec = self
+            .vault
+            .records
+            .load::<FailoverRecord>(&key)
+            .await
+            .ok()??
+            .value;
+        let kind = serde_json::to_value(rec.kind).ok()?.as_str()?.to_string();
+        let summary = match (rec.state, rec.kind) {
+            (FailoverState::Running, _) => format!("failing over ({kind})"),
+            (FailoverState::Succeeded, FailoverKind::Test) => {
+                "failed over (test), not cleaned up".to_string()
+            }
+            (FailoverState::Succeeded, _) => format!("failed over ({kind}), not committed"),
+            _ => return None,
+        };
+        Some(FailoverBrief {
+            id: rec.id,
+            kind,
+            state: serde_json::to_value(rec.state).ok()?.as_str()?.to_string(),
+            point: rec.point,
+            summary,
+        })
     }
 }

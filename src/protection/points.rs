@@ -31,7 +31,9 @@ pub struct PointView {
     pub cycle: u64,
     pub time: String,
     pub time_unix: u64,
-    /// `crash_consistent` or `app_consistent`.
+    /// `initial` (cycle 0, the initial replication), `crash_consistent` or `app_consistent`;
+    /// `incomplete` for a cycle some disks have sent and others not yet (see `waiting_for`):
+    /// not a recovery point until they do.
     pub kind: String,
     /// Every disk's log of the cycle was flagged final (the source VM had shut down).
     pub final_point: bool,
@@ -43,6 +45,25 @@ pub struct PointView {
     /// Which objects, when damaged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub damage: Option<String>,
+    /// An incomplete cycle: the disks whose log of the cycle has not arrived yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
+}
+
+impl PointView {
+    /// A cycle some disks have and others are still expected to send.
+    pub fn is_incomplete(&self) -> bool {
+        !self.waiting_for.is_empty()
+    }
+}
+
+/// Kind of a complete point at `cycle`: the initial replication, or what its logs say.
+fn point_kind(cycle: u64, app: bool) -> &'static str {
+    match (cycle, app) {
+        (0, _) => "initial",
+        (_, true) => "app_consistent",
+        (_, false) => "crash_consistent",
+    }
 }
 
 /// Built point readers by (vm id, disk id, cycle, base map root).
@@ -147,43 +168,79 @@ fn disk_points(d: &DiskRecord) -> Vec<(u64, u64, bool, bool)> {
 impl Protection {
     /// The VM's recovery points, oldest first.
     pub async fn points(&self, vm: &str) -> Result<Vec<PointView>> {
+        let mut points = self.points_and_incomplete(vm).await?;
+        points.retain(|p| !p.is_incomplete());
+        Ok(points)
+    }
+
+    /// The VM's recovery points and, among them, the cycles that are not complete yet: some
+    /// disk sent its log of the cycle and another has not (`kind` `incomplete`, `waiting_for`
+    /// names those disks), oldest first. A disk still in initial replication makes `c0` wait
+    /// for it. A cycle a disk skipped (it sent a later one) never completes and is not listed.
+    pub async fn points_and_incomplete(&self, vm: &str) -> Result<Vec<PointView>> {
         let rec = self.vm_for(None, vm).await?;
-        let mut per_cycle: BTreeMap<u64, (u64, bool, bool, usize)> = BTreeMap::new();
+        // By cycle: (time, app, final, disks that have it).
+        let mut per_cycle: BTreeMap<u64, (u64, bool, bool, Vec<String>)> = BTreeMap::new();
         let mut disks = Vec::new();
+        // Each disk's newest cycle; `None` while initial replication runs.
+        let mut last_cycle: Vec<(String, Option<u64>)> = Vec::new();
         for spec in &rec.spec.disks {
             let (_, d) = self.disk_for(None, vm, &spec.id).await?;
-            if d.state != DiskState::Complete {
-                return Ok(Vec::new());
-            }
             disks.push(d.disk.clone());
+            if d.state != DiskState::Complete {
+                last_cycle.push((d.disk.clone(), None));
+                continue;
+            }
+            last_cycle.push((d.disk.clone(), Some(d.last_cycle())));
             for (c, t, app, fin) in disk_points(&d) {
-                let e = per_cycle.entry(c).or_insert((0, true, true, 0));
+                let e = per_cycle.entry(c).or_insert((0, true, true, Vec::new()));
                 e.0 = e.0.max(t);
                 e.1 &= app;
                 e.2 &= fin;
-                e.3 += 1;
+                e.3.push(d.disk.clone());
             }
         }
-        let mut points: Vec<PointView> = per_cycle
-            .into_iter()
-            .filter(|(_, v)| v.3 == disks.len())
-            .map(|(c, (t, app, fin, _))| PointView {
+        if last_cycle.iter().any(|(_, l)| l.is_none()) {
+            // Before every disk completed initial replication there is no point at all.
+            per_cycle = BTreeMap::from([(0, (0, false, false, Vec::new()))]);
+        }
+        let mut points = Vec::new();
+        for (c, (t, app, fin, have)) in per_cycle {
+            let waiting_for: Vec<String> = last_cycle
+                .iter()
+                .filter(|(disk, last)| !have.contains(disk) && last.is_none_or(|l| l < c))
+                .map(|(disk, _)| disk.clone())
+                .collect();
+            if have.len() != disks.len() && waiting_for.is_empty() {
+                continue;
+            }
+            let kind = if waiting_for.is_empty() {
+                point_kind(c, app)
+            } else {
+                "incomplete"
+            };
+            points.push(PointView {
                 id: format!("c{c}"),
                 cycle: c,
-                time: crate::util::rfc3339(t),
-                time_unix: t,
-                kind: if app && c > 0 {
-                    "app_consistent".into()
+                time: if t > 0 {
+                    crate::util::rfc3339(t)
                 } else {
-                    "crash_consistent".into()
+                    String::new()
                 },
-                final_point: fin && c > 0,
-                disks: disks.clone(),
+                time_unix: t,
+                kind: kind.into(),
+                final_point: fin && c > 0 && waiting_for.is_empty(),
+                disks: if waiting_for.is_empty() {
+                    disks.clone()
+                } else {
+                    have
+                },
                 damaged: false,
                 damage: None,
-            })
-            .collect();
-        for p in &mut points {
+                waiting_for,
+            });
+        }
+        for p in points.iter_mut().filter(|p| !p.is_incomplete()) {
             let hits = self.point_damage(vm, p.cycle).await?;
             if !hits.is_empty() {
                 p.damaged = true;
@@ -200,7 +257,15 @@ impl Protection {
     /// Resolves `latest`, `latest-app`, an id (`c12` or `12`) or an RFC 3339 time (the latest
     /// point at or before it) to a cycle.
     pub async fn resolve_point(&self, vm: &str, sel: &str) -> Result<PointView> {
-        let points = self.points(vm).await?;
+        let mut points = self.points_and_incomplete(vm).await?;
+        // Asked for by id, an incomplete cycle gets its own answer; `latest` and the others
+        // choose among complete points only.
+        let incomplete: Vec<PointView> = points
+            .iter()
+            .filter(|p| p.is_incomplete())
+            .cloned()
+            .collect();
+        points.retain(|p| !p.is_incomplete());
         let not_found = |m: String| Error::not_found("point_not_found", m);
         let p = match sel {
             "latest" => points.last().cloned(),
@@ -228,7 +293,21 @@ impl Protection {
                 }
             }
         };
-        p.ok_or_else(|| not_found(format!("VM {vm} has no retained recovery point {sel:?}")))
+        if let Some(p) = p {
+            return Ok(p);
+        }
+        let cycle = sel.strip_prefix('c').unwrap_or(sel).parse::<u64>().ok();
+        if let Some(p) = incomplete.iter().find(|p| Some(p.cycle) == cycle) {
+            return Err(incomplete_point(vm, p));
+        }
+        if points.is_empty() {
+            if let Some(p) = incomplete.first() {
+                return Err(incomplete_point(vm, p));
+            }
+        }
+        Err(not_found(format!(
+            "VM {vm} has no retained recovery point {sel:?}"
+        )))
     }
 
     /// A reader for one disk at a cycle (cached: points are immutable until merged away).
@@ -553,6 +632,25 @@ impl Protection {
         let (_, d) = self.disk_for(None, vm, disk).await?;
         Ok((d, reader.data_blocks()))
     }
+}
+
+/// The refusal of a point that is not complete yet, naming the disks it waits for.
+fn incomplete_point(vm: &str, p: &PointView) -> Error {
+    let what = if p.cycle == 0 {
+        "its initial replication"
+    } else {
+        "its log of the cycle"
+    };
+    Error::conflict_recoverable(
+        "point_incomplete",
+        format!(
+            "recovery point {} of VM {vm} is not complete yet: waiting for {} {} ({what}); every disk of the VM needs a point at cycle {}",
+            p.id,
+            if p.waiting_for.len() == 1 { "disk" } else { "disks" },
+            p.waiting_for.join(", "),
+            p.cycle
+        ),
+    )
 }
 
 /// What one disk's point reads: a map (the base, or the last snapshot at or before the point:

@@ -165,7 +165,6 @@ pub fn validate(
     }
     let mut out = spec.clone();
     let mut macs = BTreeSet::new();
-    let mut warnings = Vec::new();
     for (i, n) in out.nics.iter_mut().enumerate() {
         if !valid_name(&n.network) {
             return bad(format!(
@@ -191,17 +190,27 @@ pub fn validate(
             })?;
             n.ip = Some(parsed.to_string());
         }
-        if !mapped_networks.contains(&n.network) {
-            warnings.push(format!(
-                "NIC {} ({}) is on source network {:?}, which has no network mapping yet: failover needs one",
-                i, n.mac, n.network
-            ));
-        }
     }
+    let warnings = unmapped_nic_warnings(&out.nics, mapped_networks);
     let policy = out.policy.clone().unwrap_or_default();
     policy.validate()?;
     out.policy = Some(policy);
     Ok((out, warnings))
+}
+
+/// A warning for each NIC whose source network has no mapping in `mapped_networks` (the
+/// server's configuration now: a mapping added later and a restart clear it).
+pub fn unmapped_nic_warnings(nics: &[NicSpec], mapped_networks: &BTreeSet<String>) -> Vec<String> {
+    nics.iter()
+        .enumerate()
+        .filter(|(_, n)| !mapped_networks.contains(&n.network))
+        .map(|(i, n)| {
+            format!(
+                "NIC {} ({}) is on source network {:?}, which has no network mapping yet: failover needs one",
+                i, n.mac, n.network
+            )
+        })
+        .collect()
 }
 
 /// `aa-bb-cc-dd-ee-ff` or `aa:bb:…` → `AA:BB:CC:DD:EE:FF`.

@@ -572,8 +572,13 @@ async fn pending_logs_over_half_the_disk_require_resync_and_vm_points_need_every
             .iter()
             .map(|p| p["id"].as_str().unwrap())
             .collect::<Vec<_>>(),
-        vec!["c0", "c1"]
+        vec!["c0", "c1", "c2"]
     );
+    assert_eq!(
+        points[2]["kind"], "incomplete",
+        "c2 waits for b: {points:?}"
+    );
+    assert_eq!(points[2]["waiting_for"], json!(["b"]));
     // 600 KiB of log on a 1 MiB disk crosses the 50% threshold: accepted, then resync required.
     let big = make_log(
         &[(0, pseudo_random(600 * KIB as usize, 3))],
@@ -633,4 +638,131 @@ async fn pending_logs_over_half_the_disk_require_resync_and_vm_points_need_every
     ] {
         assert!(metrics.contains(m), "/metrics lacks {m}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_not_every_disk_sent_is_listed_incomplete_and_refused_by_name() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().to_path_buf();
+    let server = Server::start(&dir, Some(BLOCK));
+    let creds = server.add_host("hv", None);
+    let host = server.client_with(&Server::host_token(&creds));
+    let (a, b) = (dir.join("a.raw"), dir.join("b.raw"));
+    raw_image(&a, MIB, &[(0, 4096)], 1);
+    raw_image(&b, MIB, &[(0, 4096)], 2);
+    server.cli_ok(&[
+        "agent",
+        "protect",
+        "--creds",
+        creds.to_str().unwrap(),
+        "--vm",
+        "web01",
+        "--disk",
+        &format!("{}:os", a.display()),
+        "--disk",
+        &format!("{}:data", b.display()),
+    ]);
+    send_log(
+        &host,
+        "web01",
+        "os",
+        &make_log(&[(0, vec![1u8; 4096])], guid(1), Guid::NIL),
+        guid(1),
+        Some(1),
+    )
+    .await
+    .unwrap();
+    // The API lists c1 as incomplete, waiting for data; c0 is the initial replication.
+    let points: Vec<Value> = server
+        .operator()
+        .get_json("/v1/vms/web01/points")
+        .await
+        .unwrap();
+    assert_eq!(points.len(), 2, "{points:?}");
+    assert_eq!(points[0]["id"], "c0");
+    assert_eq!(points[0]["kind"], "initial");
+    assert_eq!(points[1]["id"], "c1");
+    assert_eq!(points[1]["kind"], "incomplete");
+    assert_eq!(points[1]["waiting_for"], json!(["data"]));
+    assert_eq!(points[1]["disks"], json!(["os"]));
+    let listed = server.cli_ok(&["points", "--vm", "web01"]);
+    let c1 = listed
+        .lines()
+        .find(|l| l.starts_with("c1 "))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(c1.contains("incomplete: waiting for data"), "{listed}");
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("c0 ") && l.contains("initial")),
+        "{listed}"
+    );
+    // Asking for it by name says why it cannot be had, not "no retained recovery point".
+    let scratch = dir.join("x.raw");
+    for args in [
+        vec!["merge", "--vm", "web01", "--through", "c1"],
+        vec![
+            "export",
+            "--vm",
+            "web01",
+            "--disk",
+            "os",
+            "--point",
+            "c1",
+            "--format",
+            "raw",
+            "-o",
+            scratch.to_str().unwrap(),
+        ],
+        vec![
+            "failover",
+            "--vm",
+            "web01",
+            "--kind",
+            "unplanned",
+            "--point",
+            "c1",
+        ],
+    ] {
+        let o = server.cli(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(
+            err.contains("point_incomplete")
+                && err.contains("c1")
+                && err.contains("not complete yet")
+                && err.contains("waiting for disk data"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !err.contains("no retained recovery point"),
+            "{args:?}: {err}"
+        );
+    }
+    // The refused merge left no job running.
+    let jobs: Vec<Value> = server.operator().get_json("/v1/jobs").await.unwrap();
+    assert!(
+        jobs.iter().all(|j| j["state"] != "running"),
+        "a job still runs: {jobs:?}"
+    );
+    // Once data sends its log, c1 is a point like any other.
+    send_log(
+        &host,
+        "web01",
+        "data",
+        &make_log(&[(0, vec![2u8; 4096])], guid(2), Guid::NIL),
+        guid(2),
+        Some(1),
+    )
+    .await
+    .unwrap();
+    let points: Vec<Value> = server
+        .operator()
+        .get_json("/v1/vms/web01/points")
+        .await
+        .unwrap();
+    assert_eq!(points[1]["kind"], "crash_consistent", "{points:?}");
+    assert!(points[1].get("waiting_for").is_none(), "{points:?}");
+    let got = export_raw(&server, "web01", "data", Some("c1"), &scratch);
+    assert_eq!(&got[..4096], &[2u8; 4096][..]);
 }

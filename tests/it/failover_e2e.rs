@@ -590,3 +590,133 @@ fn recovery_plan_runs_groups_in_order_pauses_and_stops_on_a_failing_command() {
         "unknown VMs are refused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapping_added_later_clears_the_warning_and_vms_shows_an_uncommitted_failover() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    // Protected while no network is mapped: the VM warns.
+    let server = Server::start(dir, Some("[vault]\nblock_size = 1048576\n"));
+    let creds = server.add_host("hv", None);
+    let host = server.client_with(&Server::host_token(&creds));
+    let img = dir.join("d.raw");
+    raw_image(&img, 2 * 1024 * 1024, &[(0, 100_000)], 4);
+    server.cli_ok(&[
+        "agent",
+        "protect",
+        "--creds",
+        creds.to_str().unwrap(),
+        "--vm",
+        "web01",
+        "--disk",
+        &format!("{}:d", img.display()),
+        "--nic",
+        "network=corp,mac=00:15:5d:00:01:01",
+    ]);
+    let vms = server.cli_ok(&["vms"]);
+    assert!(vms.contains("no network mapping yet"), "{vms}");
+    // The operator maps corp and restarts: the warning is gone, in the CLI and the API.
+    let server = server.restart_clean(Some(NETWORKS));
+    let vms = server.cli_ok(&["vms"]);
+    assert!(!vms.contains("no network mapping yet"), "{vms}");
+    let v: Value = server.operator().get_json("/v1/vms/web01").await.unwrap();
+    assert_eq!(v["health"], "Normal", "{v}");
+    assert!(v.get("failover").is_none(), "{v}");
+
+    // A planned failover waits for the final log and says for which disk; cancel stops it.
+    let follow = std::process::Command::new(BIN)
+        .args(["failover", "--vm", "web01", "--kind", "planned"])
+        .env("DRVAULT_DATA_DIR", &server.data_dir)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let job = loop {
+        let jobs: Vec<Value> = server
+            .operator()
+            .get_json("/v1/jobs?vm=web01")
+            .await
+            .unwrap();
+        if let Some(j) = jobs.iter().find(|j| j["waiting_for"].is_string()) {
+            break j.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never waiting: {jobs:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(job["state"], "waiting_for_input", "{job}");
+    assert!(
+        job["waiting_for"].as_str().unwrap().contains("disk d"),
+        "{job}"
+    );
+    let v: Value = server.operator().get_json("/v1/vms/web01").await.unwrap();
+    assert_eq!(v["failover"]["summary"], "failing over (planned)", "{v}");
+    server.cli_ok(&["failover", "cancel", "--vm", "web01"]);
+    let out = follow.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("waiting for the final log") && err.contains("of disk d"),
+        "{err}"
+    );
+    assert!(err.contains("failover cancel --vm web01"), "{err}");
+    assert!(err.contains("failover_cancelled"), "{err}");
+    let v: Value = server.operator().get_json("/v1/vms/web01").await.unwrap();
+    assert!(v.get("failover").is_none(), "cancelled: {v}");
+
+    // With the final log in, the planned failover goes through; until the commit `vms` says so.
+    send_log(
+        &host,
+        "web01",
+        "d",
+        &make_log(
+            &[(0, vec![7u8; 4096])],
+            drvault::format::hrl::Guid([9; 16]),
+            drvault::format::hrl::Guid::NIL,
+        ),
+        drvault::format::hrl::Guid([9; 16]),
+        None,
+    )
+    .await
+    .unwrap();
+    let vms = server.cli_ok(&["vms"]);
+    assert!(vms.contains("protected"), "{vms}");
+    let final_log = make_log(
+        &[(4096, vec![8u8; 4096])],
+        drvault::format::hrl::Guid([10; 16]),
+        drvault::format::hrl::Guid([9; 16]),
+    );
+    let _: Value = host
+        .send_stream(
+            reqwest::Method::PUT,
+            &format!(
+                "/v1/agent/vms/web01/disks/d/logs/{}?final=true",
+                drvault::format::hrl::Guid([10; 16])
+            ),
+            reqwest::Body::from(final_log.clone()),
+            Some(final_log.len() as u64),
+        )
+        .await
+        .unwrap();
+    server.cli_ok(&["failover", "--vm", "web01", "--kind", "planned"]);
+    let vms = server.cli_ok(&["vms"]);
+    assert!(
+        vms.contains("failed over (planned), not committed"),
+        "{vms}"
+    );
+    let v: Value = server.operator().get_json("/v1/vms/web01").await.unwrap();
+    assert_eq!(v["state"], "protected", "{v}");
+    assert_eq!(v["failover"]["kind"], "planned", "{v}");
+    assert_eq!(v["failover"]["state"], "succeeded", "{v}");
+    server.cli_ok(&["failover", "commit", "--vm", "web01"]);
+    let vms = server.cli_ok(&["vms"]);
+    assert!(vms.contains("failed_over"), "{vms}");
+    assert!(
+        !vms.contains("not committed") && !vms.contains("no network mapping"),
+        "{vms}"
+    );
+}

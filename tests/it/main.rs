@@ -18,6 +18,7 @@ mod failover_e2e;
 mod faults;
 mod hostile;
 mod protect_e2e;
+mod readme_flow;
 mod resync_e2e;
 mod store_conformance;
 mod verify_gc;

@@ -376,7 +376,8 @@ async function vmPage(name) {
   const load = async () => {
     const [vm, points, nics, failover] = await Promise.all([
       api(`/v1/vms/${encodeURIComponent(name)}`),
-      api(`/v1/vms/${encodeURIComponent(name)}/points`).catch(() => []),
+      // Incomplete cycles (waiting_for set) are not recovery points yet.
+      api(`/v1/vms/${encodeURIComponent(name)}/points`).then((ps) => ps.filter((p) => !p.waiting_for)).catch(() => []),
       api(`/v1/vms/${encodeURIComponent(name)}/nics`).catch(() => []),
       api(`/v1/vms/${encodeURIComponent(name)}/failover`).catch((e) => {
         if (e.code === 'failover_not_found') return null;
