@@ -191,7 +191,7 @@ pub(super) async fn run(
         share: (req.sample_percent.unwrap_or(100.0) * 100.0).round() as u64,
         since_ms: since.map(|t| t.saturating_mul(1000)),
         mtimes,
-        registered: reg.objects.keys().cloned().collect(),
+        registered: reg.objects.keys().chain(&reg.healed).cloned().collect(),
     };
 
     // Chunks: from every opened segment and from open sessions' receipts.
@@ -308,6 +308,8 @@ pub(super) async fn run(
     let mut next = (*reg).clone();
     let mut damaged = Vec::new();
     for (k, pr) in &problems {
+        // A chunk an upload stored again that reads back damaged is registered anew.
+        next.healed.remove(k);
         let affects = holders.affects(pr, &roots);
         if let Some(known) = reg.objects.get(k) {
             // Still damaged: keep what was done then, refresh who needs it.
@@ -362,22 +364,39 @@ pub(super) async fn run(
     let referenced = Referenced::new(&roots, &walk);
     let mut healed = Vec::new();
     let mut unreferenced = Vec::new();
-    for k in reg.objects.keys() {
+    for k in reg.objects.keys().chain(&reg.healed) {
         if problems.contains_key(k) {
             continue;
         }
+        let stored_again = reg.healed.contains(k);
         if referenced.contains(k) {
             healed.push(k.clone());
-            next.objects.remove(k);
         } else if req.vm.is_none() {
-            unreferenced.push(k.clone());
-            next.objects.remove(k);
+            if !stored_again {
+                unreferenced.push(k.clone());
+            }
+        } else {
+            continue;
         }
+        next.objects.remove(k);
+        next.healed.remove(k);
     }
+    healed.sort();
+    healed.dedup();
     if req.whole() {
         next.last_verify_unix = Some(started_unix);
     }
-    p.damage.save(&s.vault.records, next).await?;
+    p.damage
+        .update(&s.vault.records, |now| {
+            // Chunks uploads stored again while this verify ran: whatever it read of them, they
+            // were written sound after it looked.
+            for k in now.healed.difference(&reg.healed) {
+                next.objects.remove(k);
+                next.healed.insert(k.clone());
+            }
+            next
+        })
+        .await?;
 
     let mut damaged_points = Vec::new();
     let (vms, _) = p.all_records().await;
