@@ -865,6 +865,64 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_completed_disk_asks_for_blocks_of_quarantined_chunks_and_takes_only_those() {
+        use crate::chunk::PlainHash;
+        use crate::protection::session::{QueryBlock, ReceivedQuery};
+        use crate::protection::Health;
+        let s = service().await;
+        let (b1, b2) = (block(1), block(2));
+        upload(&s, "a", &[b1.clone(), b2.clone()]).await;
+        complete(&s, "a", &[b1.clone(), b2.clone()]).await;
+        let query = ReceivedQuery {
+            blocks: [&b1, &b2]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| QueryBlock {
+                    index: i as u64,
+                    hash: PlainHash::of(b).to_hex(),
+                })
+                .collect(),
+        };
+        let missing = || s.protection.missing_blocks("h", "a", "d", &query);
+        let health = || async { s.protection.list().await[0].health };
+        assert_eq!(missing().await.unwrap(), Vec::<u64>::new());
+        let name = ChunkName::derive(
+            s.vault.keys().name_key(),
+            &PlainHash::of(&b1),
+            b1.len() as u64,
+        );
+        let key = ChunkStore::chunk_key(&name);
+        let mut raw = s.vault.store().get(&key).await.unwrap().to_vec();
+        raw[40] ^= 0x10;
+        s.vault.store().put(&key, raw.into()).await.unwrap();
+        assert!(!verify(&s).await.clean);
+        assert_eq!(health().await, Health::Critical);
+
+        assert_eq!(missing().await.unwrap(), vec![0]);
+        let e = s
+            .protection
+            .put_block("h", "a", "d", 1, PlainHash::of(&b2), b2.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "replication_complete");
+        let ack = s
+            .protection
+            .put_block("h", "a", "d", 0, PlainHash::of(&b1), b1.clone())
+            .await
+            .unwrap();
+        assert_eq!(ack.outcome, "healed");
+        let reg = s.protection.damage.get().await;
+        assert!(reg.objects.is_empty(), "{:?}", reg.objects);
+        assert_eq!(health().await, Health::Normal);
+        assert!(marks(&s, "a").await.iter().all(|&d| !d));
+        assert_eq!(missing().await.unwrap(), Vec::<u64>::new());
+        let r = verify(&s).await;
+        assert!(r.clean, "{r:?}");
+        assert_eq!(r.healed, vec![key.to_string()]);
+        assert!(s.protection.damage.get().await.healed.is_empty());
+    }
+
     #[test]
     fn samples_are_refused_outside_0_to_100() {
         for bad in [0.0, -1.0, 100.5, f64::NAN] {
