@@ -116,6 +116,18 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         }
     }
     let store = Store::open(&url, &options)?;
+    // Staging files of writes a killed process never finished: nothing of this process writes
+    // yet, so whatever is there now belongs to no write in flight.
+    let left = store
+        .remove_staging_leftovers(crate::util::unix_now_ms(), false)
+        .await?;
+    if left.files > 0 {
+        tracing::info!(
+            files = left.files,
+            bytes = left.bytes,
+            "removed staging files of interrupted writes"
+        );
+    }
     // Test-only fault injection (DRVAULT_FAULTS); the store is returned unchanged without it.
     let (store, _faults) = crate::store::faulty::from_env(store)?;
     let cpu = CpuPool::new(config.cpu_threads());

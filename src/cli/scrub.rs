@@ -147,5 +147,13 @@ pub async fn gc(a: GcArgs) -> Result<i32> {
             crate::util::human_bytes(n.bytes)
         );
     }
+    if r.staging_leftovers.objects > 0 {
+        println!(
+            "{} {} staging files of interrupted writes, {}",
+            if r.dry_run { "would remove" } else { "removed" },
+            r.staging_leftovers.objects,
+            crate::util::human_bytes(r.staging_leftovers.bytes)
+        );
+    }
     Ok(0)
 }

@@ -703,8 +703,12 @@ impl Protection {
         let (mut done, mut total) = (0u64, 0u64);
         let mut critical: Vec<String> = Vec::new();
         let mut earliest_latest = u64::MAX;
+        let mut complete: Vec<DiskRecord> = Vec::new();
         for d in &rec.spec.disks {
             if let Some(r) = disks.get(&(rec.name.clone(), d.id.clone())) {
+                if r.state == DiskState::Complete {
+                    complete.push(r.clone());
+                }
                 let (received, (stored_bytes, deduplicated_bytes)) = match r.state {
                     DiskState::Complete => (
                         r.stats.blocks,
@@ -763,12 +767,22 @@ impl Protection {
                 );
             }
         }
+        drop(disks);
+        let mut damage_warning = None;
+        if complete.len() == rec.spec.disks.len() {
+            match self.damage_health(&rec.name, &complete).await {
+                Some((Health::Critical, reason)) => critical.push(reason),
+                Some((_, reason)) => damage_warning = Some(reason),
+                None => {}
+            }
+        }
         let policy = rec.spec.policy.clone().unwrap_or_default();
         // RPO: age of the newest point every disk has (the oldest of the disks' newest points).
         let rpo_s = (rec.state == VmState::Protected && earliest_latest != u64::MAX)
             .then(|| crate::util::unix_now().saturating_sub(earliest_latest));
         let mut reasons = critical.clone();
         reasons.extend(resyncing);
+        reasons.extend(damage_warning);
         if let Some(r) = rpo_s {
             if r > 2 * policy.interval_s {
                 reasons.push(format!(

@@ -431,6 +431,7 @@ impl Protection {
             .buffer_unordered(4);
             while let Some(r) = results.next().await {
                 let (i, put) = r?;
+                self.note_stored(&put).await?;
                 let e = match put.name {
                     Some(name) => MapEntry::Data {
                         name,

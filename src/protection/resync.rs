@@ -804,6 +804,7 @@ impl Protection {
         let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &stage_id(&s.id), index);
         self.write_receipt(&key, &put).await?;
         drop(fenced);
+        self.note_stored(&put).await?;
         received.lock().await.insert(
             index,
             Receipt {

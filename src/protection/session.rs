@@ -103,7 +103,8 @@ impl Sessions {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BlockAck {
     pub index: u64,
-    /// `stored`, `deduplicated`, `zero` or `already_received`.
+    /// `stored`, `deduplicated`, `zero`, `already_received`, or `healed` (the block's chunk was
+    /// registered damaged and is stored again).
     pub outcome: String,
     /// Bytes written to the store for this block (after compression and sealing).
     pub stored_bytes: u64,
@@ -222,7 +223,13 @@ impl Protection {
     ) -> Result<BlockAck> {
         let (_, d) = self.disk_for(Some(host), vm, disk).await?;
         check_block(&d, index, body.len() as u64)?;
+        let damaged = self
+            .chunk_needs_upload(&self.chunk_of(&claimed, &body))
+            .await?;
         if d.state == DiskState::Complete {
+            if damaged {
+                return self.heal_block(index, claimed, body).await;
+            }
             return Err(Error::conflict(
                 "replication_complete",
                 format!("disk {disk} of VM {vm} already completed initial replication"),
@@ -230,7 +237,7 @@ impl Protection {
         }
         let st = self.session_state(&d).await?;
         if let Some(r) = st.lock().await.received.get(&index) {
-            if r.hash.ct_eq(&claimed) {
+            if r.hash.ct_eq(&claimed) && !damaged {
                 return Ok(BlockAck {
                     index,
                     outcome: "already_received".into(),
@@ -244,6 +251,7 @@ impl Protection {
         let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &d.session, index);
         self.write_receipt(&key, &put).await?;
         drop(fenced);
+        let healed = self.note_stored(&put).await?;
         {
             let mut st = st.lock().await;
             st.received.insert(
@@ -262,6 +270,7 @@ impl Protection {
         metrics::counter!("drvault_bytes_received_total").increment(put.len);
         let outcome = match put.outcome {
             None => "zero",
+            Some(PutOutcome::Created) if healed => "healed",
             Some(PutOutcome::Created) => "stored",
             Some(PutOutcome::Existed) => "deduplicated",
         };
@@ -269,6 +278,25 @@ impl Protection {
         Ok(BlockAck {
             index,
             outcome: outcome.into(),
+            stored_bytes: put.stored_bytes,
+        })
+    }
+
+    /// The chunk name a block would be stored under (what the damage register knows it by).
+    fn chunk_of(&self, hash: &PlainHash, body: &[u8]) -> ChunkName {
+        ChunkName::derive(self.vault.keys().name_key(), hash, body.len() as u64)
+    }
+
+    /// Stores a block of a completed disk whose chunk verify registered damaged and moved
+    /// aside: the map already names the chunk, so storing it again is all a heal takes.
+    async fn heal_block(&self, index: u64, claimed: PlainHash, body: Bytes) -> Result<BlockAck> {
+        let put = self.vault.chunks.put_block(body, Some(claimed)).await?;
+        let healed = self.note_stored(&put).await?;
+        metrics::counter!("drvault_blocks_received_total").increment(1);
+        metrics::counter!("drvault_bytes_received_total").increment(put.len);
+        Ok(BlockAck {
+            index,
+            outcome: if healed { "healed" } else { "deduplicated" }.into(),
             stored_bytes: put.stored_bytes,
         })
     }
@@ -306,17 +334,33 @@ impl Protection {
             })?;
             wanted.push((b.index, h));
         }
+        // Blocks whose chunk verify moved aside count as missing, whatever the session or the
+        // map says: sending them again heals the chunk (see `put_block`).
+        let mut missing = Vec::new();
+        if !self.damage.get().await.objects.is_empty() {
+            for (i, h) in &wanted {
+                let len = block_len(d.size, d.block_size, *i);
+                let name = ChunkName::derive(self.vault.keys().name_key(), h, len);
+                if self.chunk_needs_upload(&name).await? {
+                    missing.push(*i);
+                }
+            }
+        }
         if d.state == DiskState::Complete {
-            // Everything is in the base map now; nothing is missing for this session.
-            return Ok(Vec::new());
+            // Everything else is in the base map now.
+            return Ok(missing);
         }
         let st = self.session_state(&d).await?;
         let st = st.lock().await;
-        Ok(wanted
-            .into_iter()
-            .filter(|(i, h)| !st.received.get(i).map(|r| r.hash.ct_eq(h)).unwrap_or(false))
-            .map(|(i, _)| i)
-            .collect())
+        missing.extend(
+            wanted
+                .into_iter()
+                .filter(|(i, h)| !st.received.get(i).map(|r| r.hash.ct_eq(h)).unwrap_or(false))
+                .map(|(i, _)| i),
+        );
+        missing.sort_unstable();
+        missing.dedup();
+        Ok(missing)
     }
 
     /// Ends a disk's initial replication: verify, build the block map, switch the record.
@@ -471,7 +515,7 @@ impl Protection {
             Some(h) if h.ct_eq(claimed) => self.disk_view(&d.vm, &d.disk).await,
             _ => Err(Error::conflict(
                 "replication_complete",
-                format!("disk {} already completed with different content", d.disk),
+                format!("disk {} already completed with different content (changes since travel as change logs, or a resync); any blocks of damaged chunks this run sent were stored again", d.disk),
             )),
         }
     }

@@ -8,21 +8,28 @@
 //! therefore marked too. Map walks are cached per root until the register changes. A map that
 //! does not open at all marks every point reading it: if in doubt, refuse.
 //!
-//! An entry leaves the register when a later verify finds the object sound again (a re-upload
-//! of the same block stored it anew, see `ChunkStore::put_block`) or, on a verify of every VM,
-//! when nothing references it any more.
+//! A chunk leaves the register as soon as an upload of its block stores it again (a re-run of
+//! `agent protect` with the same source, a resync, another VM's upload: the sender is told the
+//! server lacks such blocks, see [`Protection::chunk_needs_upload`]); the next verify reads it
+//! and reports it healed. Any entry also leaves when a later verify finds the object sound
+//! again (restored by hand) or, on a verify of every VM, when nothing references it any more.
+//! Block maps and change-log frames are not re-sent by agents: a point needing a damaged one
+//! stays damaged until the object is restored or the point leaves retention; a resync gives
+//! the disk a new sound point.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, RwLock};
 
 use super::ObjectFamily;
+use crate::chunk::pipeline::BlockPut;
 use crate::chunk::{ChunkName, ChunkStore};
 use crate::error::{Error, Result};
-use crate::protection::Protection;
+use crate::protection::{DiskRecord, Health, Protection};
 use crate::replica::blockmap::{MapEntry, MapRoot};
+use crate::store::PutOutcome;
 use crate::vault::layout::{self, Family};
 use crate::vault::Records;
 
@@ -64,6 +71,10 @@ pub struct DamageRecord {
     /// full one, or a scheduled one): the next scheduled verify reads what was written since.
     #[serde(default)]
     pub last_verify_unix: Option<u64>,
+    /// Registered chunks an upload has stored again since (they left `objects` then): the next
+    /// verify reads them and reports them healed.
+    #[serde(default)]
+    pub healed: BTreeSet<String>,
 }
 
 impl DamageRecord {
@@ -80,6 +91,8 @@ impl DamageRecord {
 #[derive(Clone, Default)]
 pub struct Damage {
     current: Arc<RwLock<Arc<DamageRecord>>>,
+    /// Held across each read-modify-write of the register (verify's save, an upload's heal).
+    writer: Arc<Mutex<()>>,
     /// Registered keys each map root leads to, for the current register.
     map_hits: Arc<Mutex<HashMap<ChunkName, Vec<String>>>>,
 }
@@ -97,6 +110,7 @@ impl Damage {
             .unwrap_or_default();
         Ok(Damage {
             current: Arc::new(RwLock::new(Arc::new(rec))),
+            writer: Default::default(),
             map_hits: Default::default(),
         })
     }
@@ -105,18 +119,39 @@ impl Damage {
         self.current.read().await.clone()
     }
 
-    /// Stores a new register (the caller, verify, is its only writer).
-    pub async fn save(&self, records: &Records, rec: DamageRecord) -> Result<()> {
+    /// Stores the register `f` makes of the current one. Verify and uploads that heal write it,
+    /// one at a time.
+    pub async fn update(
+        &self,
+        records: &Records,
+        f: impl FnOnce(&DamageRecord) -> DamageRecord,
+    ) -> Result<()> {
+        let _writer = self.writer.lock().await;
+        let rec = f(&*self.get().await);
         let r = rec.clone();
         records
             .update(&record_prefix(), move |_: Option<&DamageRecord>| {
                 Ok(Some(r.clone()))
             })
             .await?;
+        let objects = rec.objects.len();
         *self.current.write().await = Arc::new(rec);
         self.map_hits.lock().await.clear();
-        metrics::gauge!("drvault_damaged_objects").set(self.get().await.objects.len() as f64);
+        metrics::gauge!("drvault_damaged_objects").set(objects as f64);
         Ok(())
+    }
+
+    /// Moves chunks an upload stored again from the register's objects to its healed set: the
+    /// points that needed them read them again at once.
+    async fn heal(&self, records: &Records, key: &str) -> Result<()> {
+        self.update(records, |cur| {
+            let mut next = cur.clone();
+            if next.objects.remove(key).is_some() {
+                next.healed.insert(key.to_string());
+            }
+            next
+        })
+        .await
     }
 
     /// Registered keys a map (root, segments, chunks) leads to; a map that cannot be read is
@@ -182,6 +217,35 @@ async fn walk_for_hits(chunks: &ChunkStore, reg: &DamageRecord, root: &ChunkName
 }
 
 impl Protection {
+    /// Whether the chunk of `name` is registered damaged and absent from its key (moved to
+    /// quarantine, or missing): an upload of its block stores it again, so a sender that asks
+    /// which blocks the server lacks is told to send it.
+    pub(crate) async fn chunk_needs_upload(&self, name: &ChunkName) -> Result<bool> {
+        if !self.damage.get().await.has_chunk(name) {
+            return Ok(false);
+        }
+        let key = ChunkStore::chunk_key(name);
+        Ok(self.vault.store().head(&key).await?.is_none())
+    }
+
+    /// After a block was stored: when its chunk was registered damaged, this upload stored it
+    /// again (a put writes only where nothing is), which heals it. True when it did.
+    pub(crate) async fn note_stored(&self, put: &BlockPut) -> Result<bool> {
+        let Some(name) = put
+            .name
+            .filter(|_| put.outcome == Some(PutOutcome::Created))
+        else {
+            return Ok(false);
+        };
+        if !self.damage.get().await.has_chunk(&name) {
+            return Ok(false);
+        }
+        let key = ChunkStore::chunk_key(&name);
+        self.damage.heal(&self.vault.records, key.as_str()).await?;
+        tracing::info!(object = %key, "an upload stored a damaged chunk again: healed");
+        Ok(true)
+    }
+
     /// Registered objects one disk's point `cycle` reads through (empty: the point is sound as
     /// far as verify knows).
     pub async fn disk_point_damage(&self, vm: &str, disk: &str, cycle: u64) -> Result<Vec<String>> {
@@ -190,7 +254,17 @@ impl Protection {
             return Ok(Vec::new());
         }
         let (_, d) = self.disk_for(None, vm, disk).await?;
-        let chain = crate::protection::points::point_chain(&d, cycle)?;
+        self.disk_record_point_damage(&reg, &d, cycle).await
+    }
+
+    /// [`Protection::disk_point_damage`] of a disk record at hand.
+    async fn disk_record_point_damage(
+        &self,
+        reg: &DamageRecord,
+        d: &DiskRecord,
+        cycle: u64,
+    ) -> Result<Vec<String>> {
+        let chain = crate::protection::points::point_chain(d, cycle)?;
         let mut hits = Vec::new();
         for log in &chain.logs {
             let prefix = format!("{}/", layout::log_prefix(&d.vm_id, &d.disk_id, log));
@@ -204,9 +278,78 @@ impl Protection {
         if let Some(root) = chain.root {
             let root = ChunkName::from_hex(&root)
                 .ok_or_else(|| Error::internal(format!("malformed map root {root:?}")))?;
-            hits.extend(self.damage.map_hits(&self.vault.chunks, &reg, &root).await);
+            hits.extend(self.damage.map_hits(&self.vault.chunks, reg, &root).await);
         }
         Ok(hits)
+    }
+
+    /// What registered damage does to a VM's health, from its disk records (all complete): its
+    /// recovery points are those every disk has; with none of them restorable the VM is
+    /// Critical, with some damaged a Warning. `None` when no point is damaged.
+    pub(crate) async fn damage_health(
+        &self,
+        vm: &str,
+        disks: &[DiskRecord],
+    ) -> Option<(Health, String)> {
+        let reg = self.damage.get().await;
+        if reg.objects.is_empty() || disks.is_empty() {
+            return None;
+        }
+        let cycles_of = |d: &DiskRecord| -> BTreeSet<u64> {
+            std::iter::once(d.base_point.cycle)
+                .chain(d.journal.iter().map(|e| e.cycle))
+                .collect()
+        };
+        let mut cycles = cycles_of(&disks[0]);
+        for d in &disks[1..] {
+            let other = cycles_of(d);
+            cycles.retain(|c| other.contains(c));
+        }
+        let (mut damaged, mut sound, mut hits) = (Vec::new(), Vec::new(), Vec::new());
+        for c in cycles {
+            let mut point_hits = Vec::new();
+            for d in disks {
+                // A point that cannot be traced reads as damaged: if in doubt, refuse.
+                match self.disk_record_point_damage(&reg, d, c).await {
+                    Ok(h) => point_hits.extend(h),
+                    Err(e) => point_hits.push(format!("disk {} (unreadable: {e})", d.disk)),
+                }
+            }
+            if point_hits.is_empty() {
+                sound.push(format!("c{c}"));
+            } else {
+                damaged.push(format!("c{c}"));
+                hits.extend(point_hits);
+            }
+        }
+        if damaged.is_empty() {
+            return None;
+        }
+        hits.sort();
+        hits.dedup();
+        let objects = format!(
+            "{} object(s) verify found damaged or missing: {}",
+            hits.len(),
+            summary(&hits)
+        );
+        let hint = heal_hint(vm, &hits);
+        Some(match sound.last() {
+            None => (
+                Health::Critical,
+                format!(
+                    "no restorable recovery point: {} damaged ({objects}); {hint}",
+                    ids(&damaged)
+                ),
+            ),
+            Some(latest) => (
+                Health::Warning,
+                format!(
+                    "recovery point(s) {} damaged ({objects}); {} restorable, the latest {latest}; {hint}",
+                    ids(&damaged),
+                    sound.len()
+                ),
+            ),
+        })
     }
 
     /// Registered objects a VM point reads through, on any disk.
@@ -232,12 +375,38 @@ impl Protection {
         Err(Error::conflict(
             "point_damaged",
             format!(
-                "point c{cycle} of VM {vm} is damaged: it needs {} object(s) verify found damaged or missing ({}); choose an undamaged point (drvault points --vm {vm}), or re-send the data (resync, or protect the same source) and run drvault verify again",
+                "point c{cycle} of VM {vm} is damaged: it needs {} object(s) verify found damaged or missing ({}); choose an undamaged point (drvault points --vm {vm}), or {}",
                 hits.len(),
-                summary(&hits)
+                summary(&hits),
+                heal_hint(vm, &hits)
             ),
         ))
     }
+}
+
+/// What re-sends the objects a point lacks. Chunks come back with any upload of their block;
+/// block maps and change-log frames are the server's own, so no agent re-sends them.
+pub fn heal_hint(vm: &str, hits: &[String]) -> String {
+    let chunks_only = hits.iter().all(|k| k.starts_with("chunks/"));
+    if chunks_only {
+        format!("heal it: run drvault agent protect again for VM {vm} with the same source disks (it re-sends the blocks of damaged chunks), or resync it (drvault resync --vm {vm} --now, then drvault agent resync)")
+    } else {
+        format!("restore the damaged block map or change-log objects from a copy of the vault and run drvault verify (protect does not re-send them), or resync the VM for a new sound point (drvault resync --vm {vm} --now, then drvault agent resync)")
+    }
+}
+
+/// Point ids for messages: the first eight, then how many more.
+fn ids(points: &[String]) -> String {
+    let mut s = points
+        .iter()
+        .take(8)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if points.len() > 8 {
+        s.push_str(&format!(" and {} more", points.len() - 8));
+    }
+    s
 }
 
 /// The first few keys of a list, for messages.

@@ -5,6 +5,10 @@
 //! open session names them), `logs/` (a whole stored log is kept while a journal entry refers to
 //! it or while it is being received), `stage/` (receipts of sessions that are no longer open:
 //! completed, cancelled or replaced). Records and `quarantine/` are never swept.
+//!
+//! In a local vault a collection also removes the staging files (`<key>#<n>`) writes of a killed
+//! process left behind, once older than the cutoff and than [`STAGING_MIN_AGE_MS`]; the server
+//! removes those from before its start when it starts.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Instant;
@@ -69,7 +73,16 @@ pub struct GcReport {
     pub kept_young: Count,
     /// Unreferenced and old, but an upload stored or reused it while the collection ran.
     pub kept_in_use: Count,
+    /// Staging files interrupted writes left in a local vault (`<key>#<n>`), older than the
+    /// cutoff and than [`STAGING_MIN_AGE_MS`]: removed (with `dry_run`: would be removed).
+    #[serde(default)]
+    pub staging_leftovers: Count,
 }
+
+/// Staging files younger than this are never removed, whatever the grace period: a write in
+/// flight owns its staging file until it renames it, and no single object write lasts an hour.
+/// Without this floor `--grace 0` could pull the file from under an upload.
+pub const STAGING_MIN_AGE_MS: u64 = 3600 * 1000;
 
 /// The marked set: what the sweep must keep.
 #[derive(Debug, Default)]
@@ -208,6 +221,7 @@ pub(super) async fn run(s: &Scrub, job: &str, dry_run: bool, grace_s: u64) -> Re
         freed_total: Count::default(),
         kept_young: Count::default(),
         kept_in_use: Count::default(),
+        staging_leftovers: Count::default(),
     };
     for k in &marked.keys {
         if let Some(f) = ObjectFamily::of_key(k) {
@@ -218,6 +232,16 @@ pub(super) async fn run(s: &Scrub, job: &str, dry_run: bool, grace_s: u64) -> Re
     *report.marked.entry(ObjectFamily::Receipt).or_default() += marked.stages.len() as u64;
     sweep(s, &collection, &marked, cutoff, dry_run, &mut report).await?;
     drop(collection);
+    let staging_cutoff = cutoff.min(crate::util::unix_now_ms().saturating_sub(STAGING_MIN_AGE_MS));
+    let left = s
+        .vault
+        .store()
+        .remove_staging_leftovers(staging_cutoff, dry_run)
+        .await?;
+    report.staging_leftovers = Count {
+        objects: left.files,
+        bytes: left.bytes,
+    };
     if !dry_run {
         metrics::counter!("drvault_gc_freed_objects_total").increment(report.freed_total.objects);
         metrics::counter!("drvault_gc_freed_bytes_total").increment(report.freed_total.bytes);
@@ -229,6 +253,7 @@ pub(super) async fn run(s: &Scrub, job: &str, dry_run: bool, grace_s: u64) -> Re
         grace_s,
         freed_objects = report.freed_total.objects,
         freed_bytes = report.freed_total.bytes,
+        staging_leftovers = report.staging_leftovers.objects,
         "garbage collection finished"
     );
     Ok(report)

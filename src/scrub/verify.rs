@@ -191,7 +191,7 @@ pub(super) async fn run(
         share: (req.sample_percent.unwrap_or(100.0) * 100.0).round() as u64,
         since_ms: since.map(|t| t.saturating_mul(1000)),
         mtimes,
-        registered: reg.objects.keys().cloned().collect(),
+        registered: reg.objects.keys().chain(&reg.healed).cloned().collect(),
     };
 
     // Chunks: from every opened segment and from open sessions' receipts.
@@ -308,6 +308,8 @@ pub(super) async fn run(
     let mut next = (*reg).clone();
     let mut damaged = Vec::new();
     for (k, pr) in &problems {
+        // A chunk an upload stored again that reads back damaged is registered anew.
+        next.healed.remove(k);
         let affects = holders.affects(pr, &roots);
         if let Some(known) = reg.objects.get(k) {
             // Still damaged: keep what was done then, refresh who needs it.
@@ -362,22 +364,39 @@ pub(super) async fn run(
     let referenced = Referenced::new(&roots, &walk);
     let mut healed = Vec::new();
     let mut unreferenced = Vec::new();
-    for k in reg.objects.keys() {
+    for k in reg.objects.keys().chain(&reg.healed) {
         if problems.contains_key(k) {
             continue;
         }
+        let stored_again = reg.healed.contains(k);
         if referenced.contains(k) {
             healed.push(k.clone());
-            next.objects.remove(k);
         } else if req.vm.is_none() {
-            unreferenced.push(k.clone());
-            next.objects.remove(k);
+            if !stored_again {
+                unreferenced.push(k.clone());
+            }
+        } else {
+            continue;
         }
+        next.objects.remove(k);
+        next.healed.remove(k);
     }
+    healed.sort();
+    healed.dedup();
     if req.whole() {
         next.last_verify_unix = Some(started_unix);
     }
-    p.damage.save(&s.vault.records, next).await?;
+    p.damage
+        .update(&s.vault.records, |now| {
+            // Chunks uploads stored again while this verify ran: whatever it read of them, they
+            // were written sound after it looked.
+            for k in now.healed.difference(&reg.healed) {
+                next.objects.remove(k);
+                next.healed.insert(k.clone());
+            }
+            next
+        })
+        .await?;
 
     let mut damaged_points = Vec::new();
     let (vms, _) = p.all_records().await;
@@ -844,6 +863,64 @@ mod tests {
             let reader = s.protection.point_reader("a", "d", p.cycle).await.unwrap();
             assert_eq!(reader.read_block(0).await.unwrap().0, b1);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_completed_disk_asks_for_blocks_of_quarantined_chunks_and_takes_only_those() {
+        use crate::chunk::PlainHash;
+        use crate::protection::session::{QueryBlock, ReceivedQuery};
+        use crate::protection::Health;
+        let s = service().await;
+        let (b1, b2) = (block(1), block(2));
+        upload(&s, "a", &[b1.clone(), b2.clone()]).await;
+        complete(&s, "a", &[b1.clone(), b2.clone()]).await;
+        let query = ReceivedQuery {
+            blocks: [&b1, &b2]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| QueryBlock {
+                    index: i as u64,
+                    hash: PlainHash::of(b).to_hex(),
+                })
+                .collect(),
+        };
+        let missing = || s.protection.missing_blocks("h", "a", "d", &query);
+        let health = || async { s.protection.list().await[0].health };
+        assert_eq!(missing().await.unwrap(), Vec::<u64>::new());
+        let name = ChunkName::derive(
+            s.vault.keys().name_key(),
+            &PlainHash::of(&b1),
+            b1.len() as u64,
+        );
+        let key = ChunkStore::chunk_key(&name);
+        let mut raw = s.vault.store().get(&key).await.unwrap().to_vec();
+        raw[40] ^= 0x10;
+        s.vault.store().put(&key, raw.into()).await.unwrap();
+        assert!(!verify(&s).await.clean);
+        assert_eq!(health().await, Health::Critical);
+
+        assert_eq!(missing().await.unwrap(), vec![0]);
+        let e = s
+            .protection
+            .put_block("h", "a", "d", 1, PlainHash::of(&b2), b2.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "replication_complete");
+        let ack = s
+            .protection
+            .put_block("h", "a", "d", 0, PlainHash::of(&b1), b1.clone())
+            .await
+            .unwrap();
+        assert_eq!(ack.outcome, "healed");
+        let reg = s.protection.damage.get().await;
+        assert!(reg.objects.is_empty(), "{:?}", reg.objects);
+        assert_eq!(health().await, Health::Normal);
+        assert!(marks(&s, "a").await.iter().all(|&d| !d));
+        assert_eq!(missing().await.unwrap(), Vec::<u64>::new());
+        let r = verify(&s).await;
+        assert!(r.clean, "{r:?}");
+        assert_eq!(r.healed, vec![key.to_string()]);
+        assert!(s.protection.damage.get().await.healed.is_empty());
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! validated components, never from a caller-supplied path.
 
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -187,11 +188,92 @@ pub struct Listed {
     pub modified_ms: u64,
 }
 
+fn local_root(url: &str) -> Option<PathBuf> {
+    url.strip_prefix("file://").map(PathBuf::from)
+}
+
 /// A handle on the vault's object store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     url: String,
+    /// The vault directory of a local (`file://`) vault: its staging files are cleaned up here.
+    local_root: Option<PathBuf>,
+}
+
+/// Staging files of interrupted local writes that a cleanup found (and removed, unless it was a
+/// dry run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Leftovers {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Whether a file name is one of LocalFileSystem's staging names, `<name>#<digits>`: a put
+/// writes there, fsyncs and renames, so a process killed in between leaves it behind. Keys
+/// never contain `#` (see [`Key::new`]), and `list` skips such names, so nothing else sees them.
+fn is_staging_name(name: &str) -> bool {
+    match name.split_once('#') {
+        Some((_, n)) => !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()),
+        None => false,
+    }
+}
+
+/// Walks `root` (not following symbolic links) for staging files last modified before
+/// `cutoff_ms`, removing them unless `dry_run`. A file or directory that vanishes during the
+/// walk (a write renaming its staging file) is skipped.
+fn sweep_staging(root: &Path, cutoff_ms: u64, dry_run: bool) -> Result<Leftovers, StoreError> {
+    let io = |path: &Path, e: std::io::Error| StoreError::Unavailable {
+        op: "staging cleanup",
+        key: path.display().to_string(),
+        source: Box::new(e),
+    };
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let mut found = Leftovers::default();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(io(&dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io(&dir, e))?;
+            let path = entry.path();
+            let meta = match std::fs::symlink_metadata(&path) {
+                Ok(m) => m,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(io(&path, e)),
+            };
+            if meta.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if !meta.is_file() || !entry.file_name().to_str().is_some_and(is_staging_name) {
+                continue;
+            }
+            let modified_ms = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(u64::MAX);
+            if modified_ms >= cutoff_ms {
+                continue;
+            }
+            if !dry_run {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if gone(&e) => continue,
+                    Err(e) => return Err(io(&path, e)),
+                }
+                tracing::debug!(file = %path.display(), "removed a staging file of an interrupted write");
+            }
+            found.files += 1;
+            found.bytes += meta.len();
+        }
+    }
+    Ok(found)
 }
 
 impl std::fmt::Debug for Store {
@@ -265,15 +347,40 @@ impl Store {
         Ok(Store {
             inner,
             url: url.to_string(),
+            local_root: local_root(url),
         })
     }
 
-    /// Wraps an already-built object store (used by wrappers such as fault injection).
+    /// Wraps an already-built object store (used by wrappers such as fault injection). A
+    /// `file://` URL names the directory the wrapped local store writes to.
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, url: &str) -> Store {
         Store {
             inner,
             url: url.to_string(),
+            local_root: local_root(url),
         }
+    }
+
+    /// Removes the staging files interrupted writes left in a local vault (see
+    /// [`is_staging_name`]) that were last modified before `cutoff_ms` (Unix milliseconds), or
+    /// with `dry_run` only counts them. A write in flight keeps its staging file younger than
+    /// any cutoff in the past it has been writing through, so callers pick a cutoff older than
+    /// any write can last. Other backends write atomically and leave none: nothing to do.
+    pub async fn remove_staging_leftovers(
+        &self,
+        cutoff_ms: u64,
+        dry_run: bool,
+    ) -> Result<Leftovers, StoreError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(Leftovers::default());
+        };
+        tokio::task::spawn_blocking(move || sweep_staging(&root, cutoff_ms, dry_run))
+            .await
+            .map_err(|e| StoreError::Unavailable {
+                op: "staging cleanup",
+                key: String::new(),
+                source: Box::new(e),
+            })?
     }
 
     pub fn url(&self) -> &str {
@@ -450,5 +557,60 @@ mod tests {
         s.put(&inner, Bytes::from_static(b"y")).await.unwrap();
         s.delete(&Key::new(&["d", "x"]).unwrap()).await.unwrap();
         assert_eq!(s.head(&inner).await.unwrap(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn staging_leftovers_older_than_the_cutoff_are_removed_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&format!("file://{}", dir.path().display()), &[]).unwrap();
+        let k = Key::new(&["chunks", "abc", "abcd"]).unwrap();
+        s.put(&k, Bytes::from_static(b"object")).await.unwrap();
+        let now = std::time::SystemTime::now();
+        let hour_ago = now - std::time::Duration::from_secs(3600);
+        let file = |rel: &str, len: usize, mtime: std::time::SystemTime| {
+            let p = dir.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, vec![7u8; len]).unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(mtime)
+                .unwrap();
+            p
+        };
+        let old = [
+            file("chunks/abc/abcd#1", 100, hour_ago),
+            file("stage/v/d/s/17#12", 20, hour_ago),
+        ];
+        // Not staging names, or too young: kept.
+        let kept = [
+            file("chunks/abc/abce#2", 5, now),
+            file("chunks/abc/x#y1", 5, hour_ago),
+            file("chunks/abc/x#", 5, hour_ago),
+        ];
+        let cutoff = crate::util::unix_now_ms() - 60_000;
+        let dry = s.remove_staging_leftovers(cutoff, true).await.unwrap();
+        assert_eq!(
+            dry,
+            Leftovers {
+                files: 2,
+                bytes: 120
+            }
+        );
+        assert!(old.iter().all(|p| p.exists()), "a dry run removed files");
+        let done = s.remove_staging_leftovers(cutoff, false).await.unwrap();
+        assert_eq!(done, dry);
+        assert!(old.iter().all(|p| !p.exists()));
+        assert!(kept.iter().all(|p| p.exists()));
+        assert_eq!(s.get(&k).await.unwrap(), Bytes::from_static(b"object"));
+        let memory = Store::open("memory://", &[]).unwrap();
+        assert_eq!(
+            memory
+                .remove_staging_leftovers(u64::MAX, false)
+                .await
+                .unwrap(),
+            Leftovers::default()
+        );
     }
 }

@@ -704,3 +704,192 @@ fn scheduled_gc_collects_what_a_merge_superseded() {
         assert_eq!(export(&server, "m", id).unwrap(), want, "{id}");
     }
 }
+
+/// `drvault vms --json` entry of one VM: (health, reasons joined).
+fn health(server: &Server, vm: &str) -> (String, String) {
+    let v: Value = serde_json::from_str(&server.cli_ok(&["vms", vm, "--json"])).unwrap();
+    let reasons: Vec<&str> = v["health_reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    (
+        v["health"].as_str().unwrap().to_string(),
+        reasons.join("; "),
+    )
+}
+
+#[test]
+fn damage_shows_in_health_and_protecting_the_same_source_heals_it() {
+    let t = tempfile::tempdir().unwrap();
+    let server = Server::start(t.path(), Some(CONFIG));
+    let creds = server.add_host("hv", None);
+    let img = server.dir.join("h-0.raw");
+    raw_image(&img, 4 * MIB, &[(0, 4 * MIB as usize)], 31);
+    let chunks = new_objects(&server, "chunks", || protect(&server, &creds, "h", &img));
+    assert_eq!(chunks.len(), 4);
+    let img1 = server.dir.join("h-1.raw");
+    changed(&img, &img1, &[(8192, pseudo_random(4096, 32))]);
+    let log = new_objects(&server, "logs", || {
+        replicate(&server, &creds, "h", &img, &img1, 1)
+    });
+    let models = [std::fs::read(&img).unwrap(), std::fs::read(&img1).unwrap()];
+    let (r, clean) = verify(&server);
+    assert!(clean, "{r}");
+    assert_eq!(health(&server, "h"), ("Normal".to_string(), String::new()));
+
+    // Some points damaged (c1's log frame): Warning, naming the damaged point and what heals it.
+    let frame = log.iter().find(|k| !k.ends_with("extents")).unwrap();
+    let original = std::fs::read(vault_path(&server, frame)).unwrap();
+    harm(&server, Harm::Flip, frame, "");
+    let (_, clean) = verify(&server);
+    assert!(!clean);
+    let (h, why) = health(&server, "h");
+    assert_eq!(h, "Warning", "{why}");
+    assert!(
+        why.contains("recovery point(s) c1 damaged") && why.contains("the latest c0"),
+        "{why}"
+    );
+    // A log is not re-sent by protect: the message says what does bring the point back.
+    let e = export(&server, "h", "c1").unwrap_err();
+    assert!(
+        e.contains("point_damaged") && e.contains("restore the damaged") && e.contains("resync"),
+        "{e}"
+    );
+    std::fs::write(vault_path(&server, frame), &original).unwrap();
+    let (r, clean) = verify(&server);
+    assert!(clean, "{r}");
+    assert_eq!(health(&server, "h").0, "Normal");
+
+    // Every point damaged (every chunk of the base): Critical, in the CLI, the API and /metrics.
+    for k in &chunks {
+        harm(&server, Harm::Flip, k, "");
+    }
+    let (r, clean) = verify(&server);
+    assert!(!clean, "{r}");
+    let (h, why) = health(&server, "h");
+    assert_eq!(h, "Critical", "{why}");
+    assert!(
+        why.contains("no restorable recovery point: c0, c1 damaged")
+            && why.contains("agent protect"),
+        "{why}"
+    );
+    let table = server.cli_ok(&["vms"]);
+    let row = table.lines().find(|l| l.starts_with("h ")).unwrap();
+    assert!(
+        row.contains("Critical") && row.contains("no restorable recovery point"),
+        "{table}"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let api: Value = rt
+        .block_on(server.operator().get_json("/v1/vms/h"))
+        .unwrap();
+    assert_eq!(api["health"], "Critical", "{api}");
+    let (m, _) = rt
+        .block_on(server.operator().get_bytes("/metrics"))
+        .unwrap();
+    let m = String::from_utf8_lossy(&m);
+    assert!(
+        m.lines().any(|l| l == "drvault_vm_health{vm=\"h\"} 2"),
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("vm_health"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let e = export(&server, "h", "c0").unwrap_err();
+    assert!(
+        e.contains("point_damaged") && e.contains("agent protect again"),
+        "{e}"
+    );
+
+    // Protecting the same source again re-sends the blocks of the quarantined chunks: they are
+    // stored again, the points read back exactly and health is Normal with no verify in between.
+    protect(&server, &creds, "h", &img);
+    for k in &chunks {
+        assert!(vault_path(&server, k).exists(), "{k} was not stored again");
+    }
+    assert_eq!(health(&server, "h"), ("Normal".to_string(), String::new()));
+    for (i, p) in points(&server, "h").iter().enumerate() {
+        assert_eq!(p["damaged"], false, "{p}");
+        let id = p["id"].as_str().unwrap();
+        assert!(export(&server, "h", id).unwrap() == models[i], "{id}");
+    }
+    let (r, clean) = verify(&server);
+    assert!(clean, "{r}");
+    let healed: BTreeSet<String> = r["healed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(healed, set(&chunks));
+}
+
+/// Writes a fake staging file (`<key>#<n>`, as a killed write leaves) with the given age.
+fn staging_file(server: &Server, name: &str, len: usize, age_s: u64) -> PathBuf {
+    let p = vault_path(server, name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, vec![0x5a; len]).unwrap();
+    let mtime = std::time::SystemTime::now() - std::time::Duration::from_secs(age_s);
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    p
+}
+
+#[test]
+fn gc_and_restarts_remove_staging_leftovers_of_killed_writes() {
+    let t = tempfile::tempdir().unwrap();
+    let server = Server::start(t.path(), Some(CONFIG));
+    let creds = server.add_host("hv", None);
+    let img = server.dir.join("s.raw");
+    raw_image(&img, 4 * MIB, &[(0, 2 * MIB as usize)], 41);
+    protect(&server, &creds, "s", &img);
+    let chunk = server.vault_objects("chunks")[0].clone();
+    let record = latest_records(&server)[0].clone();
+    let two_days = 2 * 24 * 3600;
+    let old = [
+        staging_file(&server, &format!("{chunk}#1"), 4 * MIB as usize, two_days),
+        staging_file(&server, "stage/v/d/s/7#2", 72, two_days),
+        staging_file(&server, &format!("{record}#3"), 1000, two_days),
+    ];
+    let old_bytes = 4 * MIB + 72 + 1000;
+    // A write in flight: its staging file is fresh, whatever the grace period.
+    let fresh = staging_file(&server, &format!("{chunk}#2"), 4096, 0);
+
+    let text = server.cli_ok(&["gc", "--dry-run"]);
+    assert!(
+        text.contains("would remove 3 staging files of interrupted writes"),
+        "{text}"
+    );
+    assert!(old.iter().all(|p| p.exists()), "a dry run removed files");
+    let r = gc(&server, &["--grace", "0"]);
+    assert_eq!(r["staging_leftovers"]["objects"], 3, "{r}");
+    assert_eq!(r["staging_leftovers"]["bytes"], old_bytes, "{r}");
+    for p in &old {
+        assert!(!p.exists(), "{} left", p.display());
+    }
+    assert!(
+        fresh.exists(),
+        "gc removed the staging file of a write in flight"
+    );
+    assert_eq!(
+        export(&server, "s", "c0").unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+    let (r, clean) = verify(&server);
+    assert!(clean, "{r}");
+
+    // A restart removes what no write of the new process can own.
+    let server = server.restart_clean(Some(CONFIG));
+    assert!(!fresh.exists(), "the restart left {}", fresh.display());
+    assert_eq!(
+        export(&server, "s", "c0").unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+}
