@@ -19,7 +19,13 @@ pub enum AgentError {
     Creds { path: String, message: String },
     #[error("disk {path}: {message}")]
     Disk { path: String, message: String },
-    #[error("{0}")]
+    /// A disk image that cannot be opened or read; the image error names the file.
+    #[error("disk {0}")]
+    Image(crate::format::image::ImageError),
+    #[error("change log {path}: {message}")]
+    Log { path: String, message: String },
+    // Transparent: the client error is the whole message, printed once (not again as a cause).
+    #[error(transparent)]
     Client(#[from] ClientError),
     #[error("{0}")]
     Invalid(String),
