@@ -298,9 +298,10 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServeError> {
         .write(true)
         .open(&path)
         .map_err(io_err("opening", &path))?;
-    match file.try_lock() {
+    use rustix::fs::{flock, FlockOperation};
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => {
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
             let running = std::fs::read_to_string(data_dir.join(SERVER_FILE))
                 .ok()
                 .and_then(|t| serde_json::from_str::<ServerFile>(&t).ok())
@@ -311,7 +312,7 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServeError> {
                 running,
             })
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(io_err("locking", &path)(e)),
+        Err(e) => Err(io_err("locking", &path)(e.into())),
     }
 }
 

@@ -91,7 +91,7 @@ fn open_target(path: &Path, size: u64, full: bool) -> Result<(File, bool), Agent
         std::fs::rename(&tmp, path).map_err(|e| err(format!("renaming into place: {e}")))?;
         return Ok((f, true));
     }
-    let image = crate::format::image::open(path).map_err(AgentError::Image)?;
+    let image = crate::format::image::open(path).map_err(AgentError::image)?;
     if !matches!(image.format(), ImageFormat::Raw | ImageFormat::VhdFixed) {
         return Err(err(format!(
             "is a {:?} image: failback writes raw images and fixed VHDs in place; convert it (qemu-img convert -O raw) or fail back to a new file with --full",
@@ -138,12 +138,12 @@ pub async fn failback(
 
     // The local disk is read through the same image reader (raw or fixed VHD data region).
     let image: Arc<dyn crate::format::image::DiskImage> =
-        Arc::from(crate::format::image::open(path).map_err(AgentError::Image)?);
+        Arc::from(crate::format::image::open(path).map_err(AgentError::image)?);
     let bar = super::protect::progress_bar(opts.progress, view.size, "failback");
     let mut rx = read_blocks(image, view.block_size, 8);
     let mut batch: Vec<SourceBlock> = Vec::new();
     while let Some(b) = rx.recv().await {
-        let b = b.map_err(AgentError::Image)?;
+        let b = b.map_err(AgentError::image)?;
         bar.inc(b.data.len() as u64);
         summary.blocks_compared += 1;
         let want = theirs

@@ -21,7 +21,7 @@ pub enum AgentError {
     Disk { path: String, message: String },
     /// A disk image that cannot be opened or read; the image error names the file.
     #[error("disk {0}")]
-    Image(crate::format::image::ImageError),
+    Image(Box<crate::format::image::ImageError>),
     #[error("change log {path}: {message}")]
     Log { path: String, message: String },
     // Transparent: the client error is the whole message, printed once (not again as a cause).
@@ -38,6 +38,11 @@ pub enum AgentError {
 }
 
 impl AgentError {
+    /// An image error, boxed: it is large, and every agent result carries the variant.
+    pub fn image(e: crate::format::image::ImageError) -> Self {
+        AgentError::Image(Box::new(e))
+    }
+
     /// Exit code for the CLI: 2 for errors that need an operator (non-recoverable), 3 for
     /// recoverable ones the agent gave up retrying or must wait out (resync scheduled or in
     /// progress), 1 otherwise.

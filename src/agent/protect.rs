@@ -80,7 +80,7 @@ pub struct ProtectSummary {
 
 /// Opens a disk image, detecting its format from the content.
 pub fn open_disk(path: &std::path::Path, id: Option<String>) -> Result<DiskSource, AgentError> {
-    let image = crate::format::image::open(path).map_err(AgentError::Image)?;
+    let image = crate::format::image::open(path).map_err(AgentError::image)?;
     let id = match id {
         Some(i) => i,
         None => path
@@ -376,7 +376,7 @@ fn read_blocks(image: &dyn DiskImage, block_size: u32, tx: tokio::sync::mpsc::Se
     let ranges = match image.allocated_ranges() {
         Ok(r) => r,
         Err(e) => {
-            let _ = tx.blocking_send(Item::Failed(AgentError::Image(e)));
+            let _ = tx.blocking_send(Item::Failed(AgentError::image(e)));
             return;
         }
     };
@@ -428,7 +428,7 @@ fn read_blocks(image: &dyn DiskImage, block_size: u32, tx: tokio::sync::mpsc::Se
             }
             Err(e) => {
                 let _ = flush(&mut zeros);
-                let _ = tx.blocking_send(Item::Failed(AgentError::Image(e)));
+                let _ = tx.blocking_send(Item::Failed(AgentError::image(e)));
                 return;
             }
         }

@@ -179,7 +179,7 @@ pub async fn resync(
     let mut inflight = futures_util::stream::FuturesUnordered::new();
     let mut batch: Vec<SourceBlock> = Vec::new();
     while let Some(b) = rx.recv().await {
-        let b = b.map_err(AgentError::Image)?;
+        let b = b.map_err(AgentError::image)?;
         bar.inc(b.data.len() as u64);
         summary.blocks_compared += 1;
         ours.push(b.hash);
