@@ -30,6 +30,8 @@ pub struct ServerFile {
 
 pub const SERVER_FILE: &str = "server.json";
 pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
+/// Held locked (exclusive) by the running server: one server per data directory.
+pub const LOCK_FILE: &str = "server.lock";
 
 /// A startup failure, with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,11 @@ pub enum ServeError {
         path: String,
         mode: u32,
     },
+    #[error(
+        "data directory {data_dir} is in use by another drvault serve ({running}): stop it \
+         first, or give this server its own --data-dir"
+    )]
+    InUse { data_dir: String, running: String },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -76,6 +83,8 @@ pub struct Prepared {
     pub tls: Arc<rustls::ServerConfig>,
     pub config: Config,
     pub url: String,
+    /// The data directory's lock, released when the server has stopped.
+    pub lock: std::fs::File,
 }
 
 /// Creates what is missing in the data directory and opens everything.
@@ -84,6 +93,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     // The recorder first, so gauges set while loading state are exported.
     let metrics = install_metrics();
     create_private_dir(&data_dir)?;
+    let lock = lock_data_dir(&data_dir)?;
     let key_path = config.master_key_path();
     if config.vault.master_key_file.is_none() && !key_path.exists() {
         KeyRing::create_file(&key_path)?;
@@ -300,7 +310,37 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         tls,
         config,
         url,
+        lock,
     })
+}
+
+/// Takes the data directory's exclusive lock, or says which server holds it. A second server
+/// would share the vault's records (cached as if this process were their only writer) and, on
+/// stopping, delete the first one's server.json.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServeError> {
+    let path = data_dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("opening", &path))?;
+    use rustix::fs::{flock, FlockOperation};
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+            let running = std::fs::read_to_string(data_dir.join(SERVER_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_str::<ServerFile>(&t).ok())
+                .map(|sf| format!("pid {}, {}", sf.pid, sf.url))
+                .unwrap_or_else(|| "still starting".into());
+            Err(ServeError::InUse {
+                data_dir: data_dir.display().to_string(),
+                running,
+            })
+        }
+        Err(e) => Err(io_err("locking", &path)(e.into())),
+    }
 }
 
 /// Serves until `shutdown` resolves.
@@ -310,6 +350,8 @@ pub async fn run(p: Prepared, shutdown: impl Future<Output = ()>) {
     let app = api::router(p.state, p.config.request_limits());
     api::server::serve(p.listener, p.tls, app, limits, shutdown).await;
     let _ = std::fs::remove_file(data_dir.join(SERVER_FILE));
+    // Only now may another server take the directory (and write its own server.json).
+    drop(p.lock);
 }
 
 fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {

@@ -62,34 +62,55 @@ impl Backoff {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, ClientError>>,
     {
-        let start = Instant::now();
+        // The give-up clock starts at the first failure; from then on neither a back-off sleep
+        // nor a retry may run past the deadline (a 1-minute wait must not outlast
+        // `--give-up-after 5s`).
+        let mut first_failure: Option<Instant> = None;
         let mut attempt = 0u32;
+        let mut result = op().await;
         loop {
-            match op().await {
+            let e = match result {
                 Ok(v) => return Ok(v),
                 Err(e) if !e.recoverable() || e.code().is_some_and(|c| stop.contains(&c)) => {
                     return Err(AgentError::Client(e))
                 }
-                Err(e) => {
-                    if start.elapsed() >= self.give_up_after {
-                        return Err(AgentError::GaveUp {
-                            attempts: attempt + 1,
-                            elapsed_s: start.elapsed().as_secs(),
-                            last: e,
-                        });
-                    }
-                    let mut wait = self.delay(attempt);
-                    if let Some(ra) = e.retry_after() {
-                        wait = wait.max(ra.mul_f64(self.scale.min(1.0)));
-                    }
-                    tracing::warn!(what, attempt, wait_s = wait.as_secs_f64(), error = %e, "recoverable error; retrying");
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
+                Err(e) => e,
+            };
+            let since = *first_failure.get_or_insert_with(Instant::now);
+            let deadline = since
+                .checked_add(self.give_up_after)
+                .unwrap_or_else(|| since + Duration::from_secs(FAR_FUTURE_S));
+            let gave_up = |attempts: u32, last: ClientError| AgentError::GaveUp {
+                attempts,
+                elapsed_s: since.elapsed().as_secs(),
+                last,
+            };
+            let mut wait = self.delay(attempt);
+            if let Some(ra) = e.retry_after() {
+                wait = wait.max(ra.mul_f64(self.scale.min(1.0)));
             }
+            // A server's Retry-After can be anything; too far to represent is past the deadline.
+            let retry_at = Instant::now().checked_add(wait).unwrap_or(deadline);
+            if retry_at >= deadline {
+                tracing::warn!(what, attempt, error = %e, "recoverable error; no retry fits before the give-up deadline");
+                tokio::time::sleep_until(deadline).await;
+                return Err(gave_up(attempt + 1, e));
+            }
+            tracing::warn!(what, attempt, wait_s = wait.as_secs_f64(), error = %e, "recoverable error; retrying");
+            tokio::time::sleep_until(retry_at).await;
+            attempt += 1;
+            result = match tokio::time::timeout_at(deadline, op()).await {
+                Ok(r) => r,
+                // A retry still running at the deadline is abandoned; the error before it is
+                // the last one there is.
+                Err(_) => return Err(gave_up(attempt + 1, e)),
+            };
         }
     }
 }
+
+/// Stands in for a give-up limit too large for the clock (`--give-up-after 1000years`).
+const FAR_FUTURE_S: u64 = 100 * 365 * 24 * 3600;
 
 #[cfg(test)]
 mod tests {
@@ -162,11 +183,73 @@ mod tests {
             scale: 1.0,
             give_up_after: Duration::from_secs(3600),
         };
+        let start = Instant::now();
         let r: Result<(), _> = b.retry("t", || async { Err(api_err(true)) }).await;
         match r {
-            // Failures at 0, 1, 3, 7, 15, 25, 55 and 85 minutes: the 8th is past the hour.
-            Err(AgentError::GaveUp { attempts, .. }) => assert_eq!(attempts, 8),
+            // Failures at 0, 1, 3, 7, 15, 25 and 55 minutes; the next retry (85) is past the
+            // hour, so the agent gives up at the hour, not later.
+            Err(AgentError::GaveUp {
+                attempts,
+                elapsed_s,
+                ..
+            }) => assert_eq!((attempts, elapsed_s), (7, 3600)),
             other => panic!("{other:?}"),
         }
+        assert_eq!(start.elapsed(), Duration::from_secs(3600));
+    }
+
+    /// `--give-up-after 5s` with a first back-off of a minute: gives up at 5 s, in the middle
+    /// of the wait, not after it.
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_at_the_deadline_during_a_back_off_wait() {
+        let b = Backoff {
+            scale: 1.0,
+            give_up_after: Duration::from_secs(5),
+        };
+        let start = Instant::now();
+        let n = AtomicU32::new(0);
+        let r: Result<(), _> = b
+            .retry("t", || async {
+                n.fetch_add(1, Ordering::SeqCst);
+                Err(api_err(true))
+            })
+            .await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        assert_eq!(n.load(Ordering::SeqCst), 1, "no retry fits in 5 s");
+        match r {
+            Err(e @ AgentError::GaveUp { .. }) => {
+                assert_eq!(e.exit_code(), 3);
+                assert!(e.to_string().contains("over 5 s"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A retry that hangs (a server that accepts and never answers) is abandoned at the
+    /// deadline too.
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_at_the_deadline_during_a_hanging_retry() {
+        let b = Backoff {
+            scale: 0.001,
+            give_up_after: Duration::from_secs(5),
+        };
+        let start = Instant::now();
+        let n = AtomicU32::new(0);
+        let retry = b.retry("t", || async {
+            if n.fetch_add(1, Ordering::SeqCst) == 0 {
+                Err(api_err(true))
+            } else {
+                std::future::pending::<Result<(), ClientError>>().await
+            }
+        });
+        // The outer limit only turns a hang into a failure of this test.
+        let r = tokio::time::timeout(Duration::from_secs(3600), retry)
+            .await
+            .expect("the retry loop outlived its deadline by an hour");
+        assert!(
+            matches!(r, Err(AgentError::GaveUp { attempts: 2, .. })),
+            "{r:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
     }
 }

@@ -157,10 +157,7 @@ pub async fn failback(
     let mut rx = read_blocks(image, view.block_size, 8);
     let mut batch: Vec<SourceBlock> = Vec::new();
     while let Some(b) = rx.recv().await {
-        let b = b.map_err(|m| AgentError::Disk {
-            path: path.display().to_string(),
-            message: m,
-        })?;
+        let b = b.map_err(AgentError::image)?;
         bar.inc(b.data.len() as u64);
         summary.blocks_compared += 1;
         let want = theirs

@@ -19,10 +19,14 @@ pub enum AgentError {
     Creds { path: String, message: String },
     #[error("disk {path}: {message}")]
     Disk { path: String, message: String },
-    /// A disk image that cannot be opened as its name or `--format` says (the error names it).
+    /// A disk image that cannot be opened as its name or `--format` says, or read; the image
+    /// error names the file.
     #[error(transparent)]
     Image(Box<crate::format::image::ImageError>),
-    #[error("{0}")]
+    #[error("change log {path}: {message}")]
+    Log { path: String, message: String },
+    // Transparent: the client error is the whole message, printed once (not again as a cause).
+    #[error(transparent)]
     Client(#[from] ClientError),
     #[error("{0}")]
     Invalid(String),
@@ -42,6 +46,11 @@ impl From<crate::format::image::ImageError> for AgentError {
 }
 
 impl AgentError {
+    /// An image error, boxed: it is large, and every agent result carries the variant.
+    pub fn image(e: crate::format::image::ImageError) -> Self {
+        AgentError::Image(Box::new(e))
+    }
+
     /// Exit code for the CLI: 2 for errors that need an operator (non-recoverable), 3 for
     /// recoverable ones the agent gave up retrying or must wait out (resync scheduled or in
     /// progress), 1 otherwise.

@@ -253,8 +253,7 @@ async fn upload_pass(
     let window = (parallel * 4).max(8);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Item>(window);
     let image = d.image.clone();
-    let path = d.path.display().to_string();
-    let reader = tokio::task::spawn_blocking(move || read_blocks(&*image, &path, block_size, tx));
+    let reader = tokio::task::spawn_blocking(move || read_blocks(&*image, block_size, tx));
 
     let bar = progress_bar(opts.progress, size, &d.id);
     let mut hashes: Vec<Option<PlainHash>> = vec![None; nblocks as usize];
@@ -375,21 +374,13 @@ const READ_PIECE: usize = 512 << 10;
 const MAX_ZERO_RUN: u64 = 256;
 
 /// The reader thread: never reads blocks outside allocated ranges, never sends zero blocks.
-fn read_blocks(
-    image: &dyn DiskImage,
-    path: &str,
-    block_size: u32,
-    tx: tokio::sync::mpsc::Sender<Item>,
-) {
+fn read_blocks(image: &dyn DiskImage, block_size: u32, tx: tokio::sync::mpsc::Sender<Item>) {
     let size = image.virtual_size();
     let nblocks = block_count(size, block_size);
     let ranges = match image.allocated_ranges() {
         Ok(r) => r,
         Err(e) => {
-            let _ = tx.blocking_send(Item::Failed(AgentError::Disk {
-                path: path.to_string(),
-                message: e.to_string(),
-            }));
+            let _ = tx.blocking_send(Item::Failed(AgentError::image(e)));
             return;
         }
     };
@@ -441,10 +432,7 @@ fn read_blocks(
             }
             Err(e) => {
                 let _ = flush(&mut zeros);
-                let _ = tx.blocking_send(Item::Failed(AgentError::Disk {
-                    path: path.to_string(),
-                    message: e.to_string(),
-                }));
+                let _ = tx.blocking_send(Item::Failed(AgentError::image(e)));
                 return;
             }
         }
@@ -492,15 +480,36 @@ pub fn disk_digest(hashes: &[Option<PlainHash>], size: u64, block_size: u32) -> 
 }
 
 pub fn progress_bar(enabled: bool, total: u64, label: &str) -> ProgressBar {
+    styled_bar(
+        enabled,
+        total,
+        label,
+        "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    )
+}
+
+/// Positions of a [`fraction_bar`]: set `(fraction * FRACTION_STEPS)`.
+pub const FRACTION_STEPS: u64 = 1000;
+
+/// A progress bar for work known only as a fraction done (a server job): a percentage, no
+/// byte units or rates that would be about the scale, not the data.
+pub fn fraction_bar(enabled: bool, label: &str) -> ProgressBar {
+    styled_bar(
+        enabled,
+        FRACTION_STEPS,
+        label,
+        "{prefix:>10} [{bar:30}] {percent:>3}% {msg} ({elapsed})",
+    )
+}
+
+fn styled_bar(enabled: bool, total: u64, label: &str, template: &str) -> ProgressBar {
     if !enabled {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(4));
-    let style = ProgressStyle::with_template(
-        "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    let style = ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
     bar.set_style(style);
     bar.set_prefix(label.to_string());
     bar

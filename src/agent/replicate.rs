@@ -27,15 +27,15 @@ pub struct ReplicateOptions {
 pub fn log_header(path: &Path) -> Result<HrlHeader, AgentError> {
     let p = path.display().to_string();
     let mut buf = [0u8; 4096];
-    let f = std::fs::File::open(path).map_err(|e| AgentError::Disk {
+    let f = std::fs::File::open(path).map_err(|e| AgentError::Log {
         path: p.clone(),
         message: e.to_string(),
     })?;
-    crate::format::ReadAt::read_exact_at(&f, &mut buf, 0).map_err(|e| AgentError::Disk {
+    crate::format::ReadAt::read_exact_at(&f, &mut buf, 0).map_err(|e| AgentError::Log {
         path: p.clone(),
         message: format!("not an MS-HRL log: {e}"),
     })?;
-    HrlHeader::parse(&buf).map_err(|e| AgentError::Disk {
+    HrlHeader::parse(&buf).map_err(|e| AgentError::Log {
         path: p,
         message: format!("not a valid MS-HRL log: {e}"),
     })

@@ -19,7 +19,7 @@ use super::AgentError;
 use crate::api::routes::BLAKE3_HEADER;
 use crate::chunk::PlainHash;
 use crate::client::Client;
-use crate::format::image::{DiskImage, SourceFormat};
+use crate::format::image::{DiskImage, ImageError, SourceFormat};
 use crate::protection::resync::{
     DigestRequest, FineRequest, PatchAck, ResyncCompletion, ResyncDiskView, SessionState,
     MAX_FINE_BLOCKS,
@@ -72,7 +72,7 @@ pub(crate) fn read_blocks(
     image: Arc<dyn DiskImage>,
     block_size: u32,
     depth: usize,
-) -> tokio::sync::mpsc::Receiver<Result<SourceBlock, String>> {
+) -> tokio::sync::mpsc::Receiver<Result<SourceBlock, ImageError>> {
     let (tx, rx) = tokio::sync::mpsc::channel(depth);
     tokio::task::spawn_blocking(move || {
         let size = image.virtual_size();
@@ -84,8 +84,7 @@ pub(crate) fn read_blocks(
                 .map(|_| {
                     let hash = PlainHash::of(&data);
                     SourceBlock { index, data, hash }
-                })
-                .map_err(|e| e.to_string());
+                });
             let failed = r.is_err();
             if tx.blocking_send(r).is_err() || failed {
                 return;
@@ -182,10 +181,7 @@ pub async fn resync(
     let mut inflight = futures_util::stream::FuturesUnordered::new();
     let mut batch: Vec<SourceBlock> = Vec::new();
     while let Some(b) = rx.recv().await {
-        let b = b.map_err(|m| AgentError::Disk {
-            path: path.display().to_string(),
-            message: m,
-        })?;
+        let b = b.map_err(AgentError::image)?;
         bar.inc(b.data.len() as u64);
         summary.blocks_compared += 1;
         ours.push(b.hash);

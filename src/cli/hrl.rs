@@ -30,8 +30,9 @@ pub fn diff(
     unique: Guid,
     data_write: Guid,
 ) -> Result<DiffSummary> {
-    let a = image::open(old).with_context(|| format!("opening {}", old.display()))?;
-    let b = image::open(new).with_context(|| format!("opening {}", new.display()))?;
+    // Image errors name their file.
+    let a = image::open(old)?;
+    let b = image::open(new)?;
     if a.virtual_size() != b.virtual_size() {
         bail!(
             "{} is {} bytes and {} is {}: a change log is between two states of the same disk",

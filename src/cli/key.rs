@@ -24,6 +24,7 @@ pub enum KeyCmd {
 
 pub async fn run(cmd: KeyCmd, conn: Conn) -> Result<i32> {
     let c = conn.client()?;
+    let rotated = matches!(cmd, KeyCmd::Rotate { .. });
     let (v, json): (KeysView, bool) = match cmd {
         KeyCmd::List { json } => (c.get_json("/v1/keys").await?, json),
         KeyCmd::Rotate { json } => (
@@ -32,6 +33,16 @@ pub async fn run(cmd: KeyCmd, conn: Conn) -> Result<i32> {
             json,
         ),
     };
+    if rotated {
+        // The operator, not only the server log, must hear it: a backup of the key file taken
+        // before the rotation cannot open what is sealed from now on.
+        eprintln!(
+            "key {} now seals new objects. The server rewrote its key file (vault.master_key_file, \
+             by default master.key in its data directory): back it up again now; older copies \
+             cannot read what is sealed from now on.",
+            v.active
+        );
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);

@@ -507,6 +507,7 @@ enum AgentCmd {
 
 /// Entry point of the binary.
 pub fn main() -> i32 {
+    exit_quietly_on_broken_pipe();
     let matches = Cli::command().get_matches();
     if token_on_command_line(&matches) {
         eprintln!("{}", operator::TOKEN_ARG_WARNING);
@@ -529,7 +530,7 @@ pub fn main() -> i32 {
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_text(&e));
             match e.downcast_ref::<crate::agent::AgentError>() {
                 Some(a) => a.exit_code(),
                 None => 1,
@@ -555,11 +556,56 @@ fn token_on_command_line(matches: &clap::ArgMatches) -> bool {
     false
 }
 
+/// The error and its causes on one line, each said once: many errors already include their
+/// cause in their own message ("writing X: No space left"), and anyhow's `{:#}` would repeat it.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if text.ends_with(&s) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&s);
+    }
+    text
+}
+
+/// Exit code of a command whose output reader went away, as if SIGPIPE had ended it.
+pub const BROKEN_PIPE_EXIT: i32 = 128 + 13;
+
+/// `drvault jobs | head`: once the reader has gone, writes to stdout fail with EPIPE (Rust
+/// ignores SIGPIPE, and restoring it needs unsafe code) and `println!` panics with a backtrace
+/// hint. That panic, and only that one, ends the process quietly as SIGPIPE would.
+fn exit_quietly_on_broken_pipe() {
+    let epipe = std::io::Error::from_raw_os_error(rustix::io::Errno::PIPE.raw_os_error());
+    let closed: Vec<String> = ["stdout", "stderr"]
+        .iter()
+        .map(|stream| format!("failed printing to {stream}: {epipe}"))
+        .collect();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied());
+        if msg.is_some_and(|m| closed.iter().any(|c| c == m)) {
+            std::process::exit(BROKEN_PIPE_EXIT);
+        }
+        default_hook(info)
+    }));
+}
+
 fn init_logging(default: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colour only for a person at a terminal: log files and collectors get plain text.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(console())
         .with_writer(std::io::stderr);
     let _ = if json {
         b.json().try_init()
@@ -851,15 +897,9 @@ async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
             cloud,
             output,
         } => {
-            let creds: crate::api::routes::Credentials = c
-                .send_json(
-                    Method::POST,
-                    "/v1/hosts",
-                    &serde_json::json!({"name": name, "cloud": cloud}),
-                )
-                .await?;
             let out = output.unwrap_or_else(|| PathBuf::from(format!("{name}.creds.json")));
-            operator::write_creds(&creds, &out)?;
+            let body = serde_json::json!({"name": name, "cloud": cloud});
+            operator::register(&c, "hosts", &name, &body, &out).await?;
             println!("host {name} registered; credentials written to {} (copy it to the host, keep it secret)", out.display());
         }
         HostCmd::List { json } => {
@@ -901,15 +941,9 @@ async fn provider(cmd: ProviderCmd, conn: Conn) -> Result<i32> {
             cloud,
             output,
         } => {
-            let creds: crate::api::routes::Credentials = c
-                .send_json(
-                    Method::POST,
-                    "/v1/providers",
-                    &serde_json::json!({"name": name, "cloud": cloud}),
-                )
-                .await?;
             let out = output.unwrap_or_else(|| PathBuf::from(format!("{name}.creds.json")));
-            operator::write_creds(&creds, &out)?;
+            let body = serde_json::json!({"name": name, "cloud": cloud});
+            operator::register(&c, "providers", &name, &body, &out).await?;
             println!(
                 "provider {name} registered for cloud {cloud}; credentials written to {}",
                 out.display()
@@ -1362,7 +1396,8 @@ async fn plan_cmd(cmd: PlanCmd, conn: Conn) -> Result<i32> {
 
 /// Follows a job until it ends, showing its progress.
 async fn wait_job(c: &crate::client::Client, id: &str) -> Result<crate::jobs::Job> {
-    let bar = crate::agent::protect::progress_bar(console(), 1000, "job");
+    use crate::agent::protect::FRACTION_STEPS;
+    let bar = crate::agent::protect::fraction_bar(console(), "job");
     let mut told: Option<String> = None;
     loop {
         let j: crate::jobs::Job = c.get_json(&format!("/v1/jobs/{id}")).await?;
@@ -1375,7 +1410,7 @@ async fn wait_job(c: &crate::client::Client, id: &str) -> Result<crate::jobs::Jo
             }
             told = j.waiting_for.clone();
         }
-        bar.set_position((j.progress * 1000.0) as u64);
+        bar.set_position((j.progress.clamp(0.0, 1.0) * FRACTION_STEPS as f64) as u64);
         bar.set_message(j.state.as_str().to_string());
         if j.state.is_final() {
             bar.finish_and_clear();

@@ -81,22 +81,47 @@ impl Conn {
     }
 }
 
-pub fn write_creds(creds: &Credentials, out: &Path) -> Result<()> {
+/// Registers a host or a provider (`family` is `hosts` or `providers`) and writes its
+/// credentials file to `out`. The token exists only in the server's answer, so the file is
+/// created (empty, 0600) before asking: a path that cannot be written fails with nothing
+/// registered. Should filling it fail afterwards, the registration is removed again.
+pub async fn register(
+    c: &Client,
+    family: &str,
+    name: &str,
+    body: &serde_json::Value,
+    out: &Path,
+) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let text = serde_json::to_string_pretty(creds)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(out)
-        .with_context(|| {
-            format!(
-                "creating credentials file {} (it must not exist yet)",
-                out.display()
-            )
-        })?;
-    f.write_all(text.as_bytes())?;
+        .with_context(|| format!("creating credentials file {}", out.display()))?;
+    let creds: Credentials = match c
+        .send_json(reqwest::Method::POST, &format!("/v1/{family}"), body)
+        .await
+    {
+        Ok(creds) => creds,
+        Err(e) => {
+            let _ = std::fs::remove_file(out);
+            return Err(e.into());
+        }
+    };
+    let text = serde_json::to_string_pretty(&creds)?;
+    if let Err(e) = f.write_all(text.as_bytes()).and_then(|()| f.sync_all()) {
+        let _ = std::fs::remove_file(out);
+        let undone = match c.delete(&format!("/v1/{family}/{name}")).await {
+            Ok(()) => format!("{name} was not registered"),
+            Err(undo) => format!("and removing the registration of {name} failed too ({undo}): remove it before adding it again"),
+        };
+        return Err(anyhow::Error::new(e).context(format!(
+            "writing credentials file {}; {undone}",
+            out.display()
+        )));
+    }
     Ok(())
 }
 
@@ -117,11 +142,14 @@ pub async fn export(
     let map: MapView = client
         .get_json(&format!("/v1/vms/{vm}/disks/{disk}/map{query}"))
         .await?;
+    // Errors name the file the operator asked for, not the temporary one it is built under.
+    let writing = || format!("writing {}", out.display());
     let tmp = out.with_extension("partial");
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.set_len(map.size)
-        .with_context(|| format!("sizing {}", tmp.display()))?;
+    let file = std::fs::File::create(&tmp).with_context(writing)?;
+    if let Err(e) = file.set_len(map.size) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(writing);
+    }
     let file = Arc::new(file);
     let bar = crate::agent::protect::progress_bar(
         progress,
@@ -145,7 +173,7 @@ pub async fn export(
                 bail!("block {index} of disk {disk} failed verification: content does not match its hash");
             }
             let n = bytes.len() as u64;
-            tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset)).await??;
+            tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset)).await?.with_context(writing)?;
             Ok::<u64, anyhow::Error>(n)
         }
     }))
@@ -175,10 +203,10 @@ pub async fn export(
             crate::format::vhd::vhd_timestamp(crate::util::unix_now()),
         )
         .map_err(|e| anyhow!("VHD footer: {e}"))?;
-        file.write_all_at(&footer, map.size)?;
+        file.write_all_at(&footer, map.size).with_context(writing)?;
     }
-    file.sync_all()?;
+    file.sync_all().with_context(writing)?;
     drop(file);
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
+    std::fs::rename(&tmp, out).with_context(writing)?;
     Ok((written, map.data.len() as u64))
 }

@@ -34,8 +34,11 @@
 //! `drvault serve` wraps its store when `DRVAULT_FAULTS` is set ([`from_env`]), so integration
 //! tests can break the store under a real server process. The value is a spec, or `@FILE` naming
 //! a file holding one that is re-read whenever it changes (a test can then break the store and
-//! heal it again without a restart). A spec is entries separated by `;` or new lines, each
-//! `key=value` words; `#` starts a comment:
+//! heal it again without a restart). Replace the file atomically (write another file, rename it
+//! over): a file rewritten in place can be read empty or half-written, and those rules would be
+//! taken. The log line `fault rules replaced version=N` acknowledges a spec that says
+//! `version=N`. A spec is entries separated by `;` or new lines, each `key=value` words; `#`
+//! starts a comment:
 //!
 //! ```text
 //! seed=42
@@ -43,6 +46,7 @@
 //! op=any kind=latency ms=20 p=0.5
 //! op=put prefix=records/ kind=torn p=0.05 times=3
 //! kind=nospace                       # every put fails as if the disk were full
+//! version=3                          # the writer's number for this spec, logged when taken
 //! ```
 //!
 //! `op` is one of `put`, `put_if_absent`, `get`, `get_range`, `head`, `delete`, `list`, `any`
@@ -499,6 +503,9 @@ impl FaultyStore {
 pub struct FaultSpec {
     /// `None` when the spec names no seed (the caller picks one).
     pub seed: Option<u64>,
+    /// The writer's number for this spec (`version=N`), logged when the rules are taken so the
+    /// writer knows which of its changes is in force.
+    pub version: Option<u64>,
     pub rules: Vec<FaultRule>,
 }
 
@@ -507,6 +514,7 @@ impl FaultSpec {
     pub fn parse(text: &str) -> Result<FaultSpec, FaultError> {
         let mut spec = FaultSpec {
             seed: None,
+            version: None,
             rules: Vec::new(),
         };
         let entries = text
@@ -522,6 +530,7 @@ impl FaultSpec {
             let mut op = FaultOp::Any;
             let (mut prefix, mut kind, mut ms) = (String::new(), None::<&str>, None::<u64>);
             let (mut p, mut times, mut seed) = (1.0f64, None::<u64>, None::<u64>);
+            let mut version = None::<u64>;
             for word in entry.split_whitespace() {
                 let (k, v) = word
                     .split_once('=')
@@ -532,6 +541,7 @@ impl FaultSpec {
                 };
                 match k {
                     "seed" => seed = Some(num(v)?),
+                    "version" => version = Some(num(v)?),
                     "op" => {
                         op = match v {
                             "put" => FaultOp::Put,
@@ -559,11 +569,14 @@ impl FaultSpec {
                     _ => return Err(bad(format!("unknown key {k:?}"))),
                 }
             }
-            if let Some(s) = seed {
+            if seed.is_some() || version.is_some() {
                 if kind.is_some() {
-                    return Err(bad("seed= stands alone, not inside a rule".into()));
+                    return Err(bad(
+                        "seed= and version= stand alone, not inside a rule".into()
+                    ));
                 }
-                spec.seed = Some(s);
+                spec.seed = seed.or(spec.seed);
+                spec.version = version.or(spec.version);
                 continue;
             }
             let kind = match (kind, ms) {
@@ -642,8 +655,13 @@ pub fn from_env(store: Store) -> Result<(Store, Option<FaultHandle>), FaultError
                 if now == last {
                     continue;
                 }
-                match FaultSpec::parse(&now).and_then(|s| h.set_rules(s.rules)) {
-                    Ok(()) => tracing::warn!(spec = %now.trim(), "fault rules replaced"),
+                match FaultSpec::parse(&now).and_then(|s| h.set_rules(s.rules).map(|()| s.version))
+                {
+                    Ok(version) => tracing::warn!(
+                        version = version.unwrap_or(0),
+                        spec = %now.trim(),
+                        "fault rules replaced"
+                    ),
                     Err(e) => tracing::error!(error = %e, "fault spec file refused; rules kept"),
                 }
                 last = now;
@@ -1166,6 +1184,9 @@ mod tests {
         ];
         assert_eq!(spec.rules, want);
         assert_eq!(FaultSpec::parse("").unwrap().rules, vec![]);
+        let versioned = FaultSpec::parse("version=7\nkind=error").unwrap();
+        assert_eq!(versioned.version, Some(7));
+        assert_eq!(versioned.rules.len(), 1);
     }
 
     #[test]
@@ -1181,7 +1202,8 @@ mod tests {
             ("kind=error times=-1", 1, "whole number"),
             ("kind=error colour=red", 1, "unknown key"),
             ("kind=error oops", 1, "not key=value"),
-            ("seed=1 kind=error", 1, "stands alone"),
+            ("seed=1 kind=error", 1, "stand alone"),
+            ("kind=error version=2", 1, "stand alone"),
             ("op=get kind=torn", 1, "puts only"),
             ("op=list kind=nospace", 1, "puts only"),
         ] {

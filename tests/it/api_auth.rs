@@ -532,3 +532,70 @@ fn a_token_on_the_command_line_is_warned_about_and_drvault_token_is_not() {
         assert!(!err.contains("warning"), "{args:?}: {err}");
     }
 }
+
+/// One server per data directory: a second `drvault serve` on it is refused, names the running
+/// one, and leaves its server.json alone, so the CLI still reaches the first.
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused_and_names_the_first() {
+    let t = tempfile::tempdir().unwrap();
+    let first = Server::start(t.path(), None);
+    let server_json = first.data_dir.join("server.json");
+    let before = std::fs::read_to_string(&server_json).unwrap();
+    let log = t.path().join("second.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut second = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&first.data_dir)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break st;
+        }
+        let now = std::fs::read_to_string(&server_json).unwrap_or_default();
+        if now != before || std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!(
+                "a second server runs on the same data directory: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{said}");
+    let pid = serde_json::from_str::<Value>(&before).unwrap()["pid"].to_string();
+    assert!(
+        said.contains("in use by another drvault serve")
+            && said.contains(&format!("pid {pid}"))
+            && said.contains(&first.url),
+        "the refusal does not name the running server: {said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&server_json).unwrap(),
+        before,
+        "the refused server touched server.json"
+    );
+    first.cli_ok(&["vms"]);
+}
+
+/// A server whose output goes to a file (not a terminal) writes plain text logs.
+#[test]
+fn server_logs_written_to_a_file_have_no_colour_codes() {
+    let t = tempfile::tempdir().unwrap();
+    let server = Server::start(t.path(), None);
+    // A key rotation: the server logs it as a warning (a level word is coloured on a terminal).
+    server.cli_ok(&["key", "rotate"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !server.log().contains("key rotated") {
+        assert!(std::time::Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let log = server.log();
+    assert!(log.contains("WARN"), "no log lines to check: {log}");
+    assert!(!log.contains('\x1b'), "colour codes in a log file: {log:?}");
+}

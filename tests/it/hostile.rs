@@ -1157,3 +1157,234 @@ async fn one_hosts_slow_uploads_do_not_slow_another_hosts_protect() {
     );
     tally("one_hosts_slow_uploads_do_not_slow_another_hosts_protect");
 }
+
+// --- The command line in front of a user: what it says when something is wrong -------------
+
+/// A command's standard error as text.
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn host_add_into_an_unwritable_path_registers_nothing_and_a_retry_works() {
+    let w = world(SMALL);
+    let dir = &w.server.dir;
+    let hosts = || w.server.cli_ok(&["host", "list", "--json"]);
+    let missing = dir.join("no-such-folder").join("hv-c.creds.json");
+    let o = w
+        .server
+        .cli(&["host", "add", "hv-c", "-o", missing.to_str().unwrap()]);
+    let err = stderr_of(&o);
+    assert!(!o.status.success(), "host add into a missing folder: {err}");
+    assert!(
+        err.contains(&format!("creating credentials file {}", missing.display())),
+        "the error does not name the file: {err}"
+    );
+    assert!(
+        !hosts().contains("hv-c"),
+        "the host was registered though its token was lost: {}",
+        hosts()
+    );
+    // The same name with a good path: registered, and the file's token works.
+    let good = dir.join("hv-c.creds.json");
+    w.server
+        .cli_ok(&["host", "add", "hv-c", "-o", good.to_str().unwrap()]);
+    assert!(hosts().contains("hv-c"));
+    let token = Server::host_token(&good);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let r: Result<Value, _> =
+        rt.block_on(w.server.client_with(&token).get_json("/v1/agent/vms/none"));
+    assert!(
+        !matches!(r, Err(ClientError::Api { status, .. }) if status == 401),
+        "the written token is refused: {r:?}"
+    );
+}
+
+#[test]
+fn listings_into_a_closed_pipe_end_quietly() {
+    let w = world(SMALL);
+    for args in [&["jobs"][..], &["host", "list"], &["vms"]] {
+        // A pipe whose reader is already gone, as `drvault jobs | head` after head exits.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = std::process::Command::new(BIN)
+            .args(args)
+            .env("DRVAULT_DATA_DIR", &w.server.data_dir)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = stderr_of(&o);
+        assert!(
+            !err.contains("panicked") && !err.contains("Broken pipe") && !err.contains("backtrace"),
+            "drvault {args:?} into a closed pipe: {err}"
+        );
+        assert!(
+            o.status.success() || o.status.code() == Some(141),
+            "drvault {args:?} into a closed pipe ended with {}: {err}",
+            o.status
+        );
+    }
+}
+
+#[test]
+fn an_agent_gives_up_at_its_deadline_with_exit_3() {
+    let w = world(SMALL);
+    let dir = &w.server.dir;
+    // The host's credentials, pointing at a port where nothing listens: every attempt fails
+    // recoverably (connection refused).
+    let mut creds: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("hv-a.creds.json")).unwrap())
+            .unwrap();
+    creds["server"] = json!(format!("https://127.0.0.1:{}", free_port()));
+    let gone = dir.join("gone.creds.json");
+    std::fs::write(&gone, creds.to_string()).unwrap();
+    let disk = dir.join("os.raw");
+    raw_image(&disk, MIB, &[(0, 4096)], 7);
+    let start = Instant::now();
+    // The first back-off wait is a minute; the deadline is 2 s.
+    let o = w.server.cli(&[
+        "agent",
+        "protect",
+        "--creds",
+        gone.to_str().unwrap(),
+        "--vm",
+        "vm-gone",
+        "--disk",
+        &format!("{}:os", disk.display()),
+        "--backoff-scale",
+        "1",
+        "--give-up-after",
+        "2s",
+    ]);
+    let took = start.elapsed();
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("gave up after 1 attempts over 2 s"), "{err}");
+    // Generous for a loaded machine; before, it took the whole minute of the first wait.
+    assert!(took < Duration::from_secs(30), "gave up after {took:?}");
+    assert!(
+        !err.contains('\x1b'),
+        "colour codes in a captured stderr: {err:?}"
+    );
+}
+
+#[test]
+fn cli_errors_say_each_thing_once_and_name_what_the_operator_gave() {
+    let w = world(SMALL);
+    let dir = &w.server.dir;
+    let creds = dir.join("hv-a.creds.json");
+    let creds = creds.to_str().unwrap();
+    let agent = |args: &[&str]| {
+        let mut all = vec!["agent", args[0], "--creds", creds];
+        all.extend_from_slice(&args[1..]);
+        w.server.cli(&all)
+    };
+    let once = |text: &str, what: &str| {
+        assert_eq!(
+            text.matches(what).count(),
+            1,
+            "{what:?} not said once: {text}"
+        );
+    };
+
+    // A disk that does not exist: its path once, and called a disk.
+    let missing_disk = dir.join("missing.vhdx");
+    let o = agent(&[
+        "protect",
+        "--vm",
+        "vm-x",
+        "--disk",
+        &format!("{}:os", missing_disk.display()),
+    ]);
+    let err = stderr_of(&o);
+    assert!(!o.status.success());
+    once(&err, &missing_disk.display().to_string());
+    assert!(
+        err.contains(&format!("disk {}", missing_disk.display())),
+        "{err}"
+    );
+
+    // A change log that does not exist is a change log, not a disk.
+    let missing_log = dir.join("missing.hrl");
+    let o = agent(&[
+        "replicate",
+        "--vm",
+        "vm-x",
+        "--disk",
+        "os",
+        "--hrl",
+        missing_log.to_str().unwrap(),
+    ]);
+    let err = stderr_of(&o);
+    assert!(!o.status.success());
+    once(&err, &missing_log.display().to_string());
+    assert!(err.contains("change log"), "{err}");
+    assert!(!err.contains("disk /"), "a log called a disk: {err}");
+
+    // The server's refusal of a log, once (the VM is not protected).
+    let log = dir.join("c1.hrl");
+    let id = drvault::format::hrl::Guid::new_random();
+    let bytes = make_log(&[(0, vec![7u8; 4096])], id, drvault::format::hrl::Guid::NIL);
+    std::fs::write(&log, bytes).unwrap();
+    let o = agent(&[
+        "replicate",
+        "--vm",
+        "vm-x",
+        "--disk",
+        "os",
+        "--hrl",
+        log.to_str().unwrap(),
+    ]);
+    let err = stderr_of(&o);
+    assert!(!o.status.success());
+    once(&err, "server refused");
+    assert!(err.starts_with("error: replicate: server refused"), "{err}");
+
+    // `hrl diff` of a missing file: its path once.
+    let missing_raw = dir.join("before.raw");
+    let o = w.server.cli(&[
+        "hrl",
+        "diff",
+        missing_raw.to_str().unwrap(),
+        missing_raw.to_str().unwrap(),
+        "-o",
+        dir.join("x.hrl").to_str().unwrap(),
+    ]);
+    let err = stderr_of(&o);
+    assert!(!o.status.success());
+    assert_eq!(
+        err.matches(&missing_raw.display().to_string()).count(),
+        1,
+        "{err}"
+    );
+
+    // Export into a missing folder names the -o path, not the temporary file.
+    let disk = dir.join("os.raw");
+    raw_image(&disk, MIB, &[(0, 4096)], 3);
+    succeeded(
+        &agent(&[
+            "protect",
+            "--vm",
+            "vm-e",
+            "--disk",
+            &format!("{}:os", disk.display()),
+        ]),
+        "protect",
+    );
+    let out = dir.join("no-such-folder").join("os.vhd");
+    let o = w.server.export("vm-e", "os", "latest", "vhd", &out);
+    let err = stderr_of(&o);
+    assert!(!o.status.success());
+    assert!(err.contains(&format!("writing {}", out.display())), "{err}");
+    assert!(!err.contains("partial"), "the temporary name leaked: {err}");
+
+    // Key rotation reminds the operator to back the key file up again.
+    let o = w.server.cli(&["key", "rotate"]);
+    succeeded(&o, "key rotate");
+    assert!(
+        stderr_of(&o).contains("back it up again"),
+        "{}",
+        stderr_of(&o)
+    );
+}

@@ -559,21 +559,38 @@ impl FaultRules {
         (server, FaultRules { path, changes: 0 })
     }
 
-    /// Replaces the rules and waits until `server` has taken them.
+    /// Replaces the rules and waits until `server` has taken them. The file is replaced by a
+    /// rename, never rewritten in place (the server could read it empty and take no rules),
+    /// and each change carries a version the server logs when it takes it, so the wait ends
+    /// on this change's acknowledgement, not on an earlier one's.
     pub fn set(&mut self, server: &Server, rules: &str) {
         self.changes += 1;
-        // The server reloads on change only: a numbered comment makes every write a change.
-        std::fs::write(&self.path, format!("# change {}\n{rules}\n", self.changes)).unwrap();
+        let version = self.changes;
+        let tmp = self.path.with_extension("spec.tmp");
+        std::fs::write(&tmp, format!("version={version}\n{rules}\n")).unwrap();
+        std::fs::rename(&tmp, &self.path).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while server.log().matches("fault rules replaced").count() < self.changes {
+        while !server
+            .log()
+            .lines()
+            .filter(|l| l.contains("fault rules replaced"))
+            .any(|l| logged_version(l) == Some(version))
+        {
             assert!(
                 Instant::now() < deadline,
-                "the server did not take the fault rules {rules:?}: {}",
+                "the server did not take the fault rules {rules:?} (version {version}): {}",
                 server.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The `version=N` field of a "fault rules replaced" log line.
+fn logged_version(line: &str) -> Option<usize> {
+    let rest = &line[line.find("version=")? + "version=".len()..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
 }
 
 /// Writes `data` at `offset` into an image file (in place).
