@@ -20,8 +20,8 @@ pub enum AgentError {
     #[error("disk {path}: {message}")]
     Disk { path: String, message: String },
     /// A disk image that cannot be opened as its name or `--format` says, or read; the image
-    /// error names the file.
-    #[error(transparent)]
+    /// error names the file once, this says it is a disk.
+    #[error("disk {0}")]
     Image(Box<crate::format::image::ImageError>),
     #[error("change log {path}: {message}")]
     Log { path: String, message: String },
