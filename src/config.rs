@@ -540,44 +540,13 @@ mod tests {
         let example = Config::load(&path).unwrap();
         example.validate().unwrap();
         let d = Config::default();
-        let sections: [(&str, String, String); 8] = [
-            (
-                "server",
-                format!("{:?}", example.server),
-                format!("{:?}", d.server),
-            ),
-            (
-                "vault",
-                format!("{:?}", example.vault),
-                format!("{:?}", d.vault),
-            ),
-            (
-                "ingest",
-                format!("{:?}", example.ingest),
-                format!("{:?}", d.ingest),
-            ),
-            (
-                "replica",
-                format!("{:?}", example.replica),
-                format!("{:?}", d.replica),
-            ),
-            (
-                "failover",
-                format!("{:?}", example.failover),
-                format!("{:?}", d.failover),
-            ),
-            (
-                "resync",
-                format!("{:?}", example.resync),
-                format!("{:?}", d.resync),
-            ),
-            (
-                "verify",
-                format!("{:?}", example.verify),
-                format!("{:?}", d.verify),
-            ),
-            ("gc", format!("{:?}", example.gc), format!("{:?}", d.gc)),
-        ];
+        // Each section's name, as the example states it and as the code defaults it.
+        macro_rules! sections {
+            ($($name:ident),*) => {
+                [$((stringify!($name), format!("{:?}", example.$name), format!("{:?}", d.$name))),*]
+            };
+        }
+        let sections = sections!(server, vault, ingest, replica, failover, resync, verify, gc);
         for (name, stated, default) in sections {
             assert_eq!(
                 stated,

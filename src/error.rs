@@ -149,7 +149,7 @@ impl Error {
         }
     }
 
-    /// Whether the agent should retry with back-off (DESIGN.md "Errors as the agent sees them").
+    /// Whether the agent should retry with back-off (docs/api.md, "Errors").
     pub fn recoverable(&self) -> bool {
         match self {
             Error::Conflict { recoverable, .. } => *recoverable,

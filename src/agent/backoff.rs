@@ -1,5 +1,5 @@
 //! Retry with the seed's back-off: after a recoverable error, wait 1, 2, 4, 8, 10 minutes, then
-//! every 30 minutes (DESIGN.md). `scale` multiplies every wait (tests use ~0.001); a server's
+//! every 30 minutes (docs/api.md, "Errors"). `scale` multiplies every wait (tests use ~0.001); a server's
 //! `Retry-After` is honoured when it asks for longer. Non-recoverable errors return at once.
 
 use std::future::Future;

@@ -1,7 +1,7 @@
-//! Bearer-token authentication and the authorization rules of DESIGN.md invariant 8: the
-//! operator token opens operator routes only; a host token opens agent routes only, for the VMs
-//! that host protected; a provider token acts for any host of its cloud (named per request in
-//! `X-Drvault-Host`) and no other.
+//! Bearer-token authentication and the authorization rules (docs/api.md): only the host that
+//! owns a VM reaches its data; the operator token opens operator routes only; a host token opens
+//! agent routes only, for the VMs that host protected; a provider token acts for any host of its
+//! cloud (named per request in `X-Drvault-Host`) and no other.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

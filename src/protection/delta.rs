@@ -7,7 +7,7 @@
 //! deleted again and leaves the journal unchanged. A retry of an accepted log (same UniqueId) is
 //! acknowledged again without reading its body.
 //!
-//! Chain rules (DESIGN.md "Resynchronization"): the first log after initial replication starts
+//! Chain rules: the first log after initial replication starts
 //! the chain; each later log's PreviousUniqueId must be the last accepted UniqueId. A gap or fork,
 //! a log that was not closed properly (EOLLocation 0), or a changed Vhd2DataWriteGuid is refused
 //! and marks the disk resync-required, as does pending log data reaching half the disk size.

@@ -1,5 +1,5 @@
 //! Resynchronization: bringing a replica back in line with its source by comparing checksums
-//! and sending only what differs (DESIGN.md "Resynchronization").
+//! and sending only what differs (the resync routes in docs/api.md).
 //!
 //! A *session* covers one VM: the disks that need it (or that the operator named). While a
 //! session is open every log of the VM is refused with the recoverable `resync_in_progress`, so
