@@ -508,29 +508,39 @@ async fn bad_logs_are_refused_and_change_nothing() {
     assert_eq!(b_points.len(), 2, "the refused fork added no point");
 }
 
+/// A server with one host and `vm` protected with two raw disks (`(id, size)`, each holding one
+/// 4 KiB block of data): the set-up of the tests on VM points over several disks. Returns the
+/// server, the host's client and its credentials file; disk `id` is the file `dir/id.raw`.
+fn protected_two_disk_vm(
+    dir: &std::path::Path,
+    vm: &str,
+    disks: [(&str, u64); 2],
+) -> (Server, Client, std::path::PathBuf) {
+    let server = Server::start(dir, Some(BLOCK));
+    let creds = server.add_host("hv", None);
+    let host = server.client_with(&Server::host_token(&creds));
+    let mut args = vec![
+        "agent".to_string(),
+        "protect".into(),
+        "--creds".into(),
+        creds.display().to_string(),
+        "--vm".into(),
+        vm.into(),
+    ];
+    for (seed, (id, size)) in (1..).zip(disks) {
+        let path = dir.join(format!("{id}.raw"));
+        raw_image(&path, size, &[(0, 4096)], seed);
+        args.extend(["--disk".into(), format!("{}:{id}", path.display())]);
+    }
+    server.cli_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    (server, host, creds)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_logs_over_half_the_disk_require_resync_and_vm_points_need_every_disk() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().to_path_buf();
-    let server = Server::start(&dir, Some(BLOCK));
-    let creds = server.add_host("hv", None);
-    let host = server.client_with(&Server::host_token(&creds));
-    let a = dir.join("a.raw");
-    let b = dir.join("b.raw");
-    raw_image(&a, MIB, &[(0, 4096)], 1);
-    raw_image(&b, 2 * MIB, &[(0, 4096)], 2);
-    server.cli_ok(&[
-        "agent",
-        "protect",
-        "--creds",
-        creds.to_str().unwrap(),
-        "--vm",
-        "two",
-        "--disk",
-        &format!("{}:a", a.display()),
-        "--disk",
-        &format!("{}:b", b.display()),
-    ]);
+    let (server, host, creds) = protected_two_disk_vm(&dir, "two", [("a", MIB), ("b", 2 * MIB)]);
     // Cycle 1 on both disks is a VM point; cycle 2 only on disk a is not.
     send_log(
         &host,
@@ -625,9 +635,9 @@ async fn pending_logs_over_half_the_disk_require_resync_and_vm_points_need_every
         "--vm",
         "two",
         "--disk",
-        &format!("{}:a", a.display()),
+        &format!("{}:a", dir.join("a.raw").display()),
         "--disk",
-        &format!("{}:b", b.display()),
+        &format!("{}:b", dir.join("b.raw").display()),
     ]);
     for m in [
         "drvault_disk_pending_log_bytes",
@@ -644,24 +654,7 @@ async fn pending_logs_over_half_the_disk_require_resync_and_vm_points_need_every
 async fn a_cycle_not_every_disk_sent_is_listed_incomplete_and_refused_by_name() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().to_path_buf();
-    let server = Server::start(&dir, Some(BLOCK));
-    let creds = server.add_host("hv", None);
-    let host = server.client_with(&Server::host_token(&creds));
-    let (a, b) = (dir.join("a.raw"), dir.join("b.raw"));
-    raw_image(&a, MIB, &[(0, 4096)], 1);
-    raw_image(&b, MIB, &[(0, 4096)], 2);
-    server.cli_ok(&[
-        "agent",
-        "protect",
-        "--creds",
-        creds.to_str().unwrap(),
-        "--vm",
-        "web01",
-        "--disk",
-        &format!("{}:os", a.display()),
-        "--disk",
-        &format!("{}:data", b.display()),
-    ]);
+    let (server, host, _) = protected_two_disk_vm(&dir, "web01", [("os", MIB), ("data", MIB)]);
     send_log(
         &host,
         "web01",
