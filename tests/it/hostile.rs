@@ -1280,6 +1280,12 @@ fn cli_errors_say_each_thing_once_and_name_what_the_operator_gave() {
         all.extend_from_slice(&args[1..]);
         w.server.cli(&all)
     };
+    // An agent command that must fail: its standard error.
+    let refused_by_agent = |args: &[&str]| {
+        let o = agent(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        stderr_of(&o)
+    };
     let once = |text: &str, what: &str| {
         assert_eq!(
             text.matches(what).count(),
@@ -1290,15 +1296,13 @@ fn cli_errors_say_each_thing_once_and_name_what_the_operator_gave() {
 
     // A disk that does not exist: its path once, and called a disk.
     let missing_disk = dir.join("missing.vhdx");
-    let o = agent(&[
+    let err = refused_by_agent(&[
         "protect",
         "--vm",
         "vm-x",
         "--disk",
         &format!("{}:os", missing_disk.display()),
     ]);
-    let err = stderr_of(&o);
-    assert!(!o.status.success());
     once(&err, &missing_disk.display().to_string());
     assert!(
         err.contains(&format!("disk {}", missing_disk.display())),
@@ -1307,7 +1311,7 @@ fn cli_errors_say_each_thing_once_and_name_what_the_operator_gave() {
 
     // A change log that does not exist is a change log, not a disk.
     let missing_log = dir.join("missing.hrl");
-    let o = agent(&[
+    let err = refused_by_agent(&[
         "replicate",
         "--vm",
         "vm-x",
@@ -1316,8 +1320,6 @@ fn cli_errors_say_each_thing_once_and_name_what_the_operator_gave() {
         "--hrl",
         missing_log.to_str().unwrap(),
     ]);
-    let err = stderr_of(&o);
-    assert!(!o.status.success());
     once(&err, &missing_log.display().to_string());
     assert!(err.contains("change log"), "{err}");
     assert!(!err.contains("disk /"), "a log called a disk: {err}");
@@ -1327,7 +1329,7 @@ fn cli_errors_say_each_thing_once_and_name_what_the_operator_gave() {
     let id = drvault::format::hrl::Guid::new_random();
     let bytes = make_log(&[(0, vec![7u8; 4096])], id, drvault::format::hrl::Guid::NIL);
     std::fs::write(&log, bytes).unwrap();
-    let o = agent(&[
+    let err = refused_by_agent(&[
         "replicate",
         "--vm",
         "vm-x",
@@ -1336,8 +1338,6 @@ fn cli_errors_say_each_thing_once_and_name_what_the_operator_gave() {
         "--hrl",
         log.to_str().unwrap(),
     ]);
-    let err = stderr_of(&o);
-    assert!(!o.status.success());
     once(&err, "server refused");
     assert!(err.starts_with("error: replicate: server refused"), "{err}");
 
