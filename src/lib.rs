@@ -95,5 +95,6 @@ pub mod replica;
 pub mod scrub;
 pub mod server;
 pub mod store;
+pub mod tasks;
 pub mod util;
 pub mod vault;

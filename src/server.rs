@@ -223,18 +223,18 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     .await?
     .with_max_log_bytes(config.ingest.max_log_bytes)
     .with_resync_window(config.resync.window()?);
+    let tasks = crate::tasks::Tasks::new();
     if config.replica.merge_interval_s > 0 {
         // Background merge: folds logs that left the retention window into base maps.
         let p = protection.clone();
-        let every = Duration::from_secs(config.replica.merge_interval_s);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                p.merge_expired_all().await;
-            }
-        });
+        tasks.every(
+            "merge",
+            Duration::from_secs(config.replica.merge_interval_s),
+            move || {
+                let p = p.clone();
+                async move { p.merge_expired_all().await }
+            },
+        );
     }
 
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
@@ -289,6 +289,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             config.ingest.body_memory_per_host_mib << 20,
         ),
         metrics,
+        tasks,
         public_url: url.clone(),
         ca_pem,
     };
@@ -347,8 +348,12 @@ fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServeError> {
 pub async fn run(p: Prepared, shutdown: impl Future<Output = ()>) {
     let limits = p.config.serve_limits();
     let data_dir = p.config.server.data_dir.clone();
+    let tasks = p.state.tasks.clone();
     let app = api::router(p.state, p.config.request_limits());
+    let grace = limits.shutdown_grace;
     api::server::serve(p.listener, p.tls, app, limits, shutdown).await;
+    // Background work (merges, schedules, failovers) gets the same grace as connections.
+    tasks.shutdown(grace).await;
     let _ = std::fs::remove_file(data_dir.join(SERVER_FILE));
     // Only now may another server take the directory (and write its own server.json).
     drop(p.lock);

@@ -53,6 +53,8 @@ pub struct AppState {
     /// `ingest.body_memory_per_host_mib`).
     pub body_budget: Arc<body_budget::BodyBudget>,
     pub metrics: Option<PrometheusHandle>,
+    /// Background work, drained on shutdown.
+    pub tasks: crate::tasks::Tasks,
     /// URL agents are told to use (credentials files).
     pub public_url: String,
     /// PEM of the certificate agents should trust (credentials files).
