@@ -365,15 +365,16 @@ fn a_merge_and_a_failover_at_once_agree_on_the_disk() {
         w.history_is_consistent(&vm, &states);
     }
     // The logs a drill still read were deleted once it finished: none is left behind.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !w.server.vault_objects("logs").is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "merged logs left behind: {:?}",
-            w.server.vault_objects("logs")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    eventually(
+        std::time::Duration::from_secs(20),
+        "merged logs deleted once the drill finished",
+        || {
+            let left = w.server.vault_objects("logs");
+            left.is_empty()
+                .then_some(())
+                .ok_or_else(|| format!("{left:?}"))
+        },
+    );
     let deferred = w
         .server
         .log()

@@ -9,21 +9,11 @@ use common::*;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-const CONFIG: &str = r#"
-[vault]
-block_size = 1048576
-
-[[network]]
-name = "rec"
-address_space = ["10.20.0.0/16"]
-  [[network.subnet]]
-  name = "app"
-  prefix = "10.20.1.0/24"
-
-[[mapping]]
-source = "corp"
-target = "rec/app"
-"#;
+/// 1 MiB blocks and the shared test networks (fixtures/networks.toml).
+const CONFIG: &str = concat!(
+    "[vault]\nblock_size = 1048576\n\n",
+    include_str!("../../fixtures/networks.toml")
+);
 
 /// A client that trusts the server's self-signed certificate and sends no token.
 fn anonymous(server: &Server) -> reqwest::Client {
@@ -189,19 +179,15 @@ async fn disks_show_stored_and_deduplicated_bytes_and_nics_their_mapping() {
     let nics: Value = op.get_json("/v1/vms/first/nics").await.unwrap();
     assert_eq!(nics[0]["network"], "corp");
     assert_eq!(nics[0]["ip"], "10.20.1.7");
-    assert_eq!(nics[0]["failover_target"], "rec/app");
+    assert_eq!(nics[0]["failover_target"], "recovery-vnet/app");
     assert_eq!(nics[0]["failover_target_from"], "mapping");
-    assert_eq!(
-        nics[0]["test_target"],
-        Value::Null,
-        "no test_target configured"
-    );
+    assert_eq!(nics[0]["test_target"], "drill-vnet/app");
     let nics: Value = op.get_json("/v1/vms/second/nics").await.unwrap();
     assert_eq!(nics[0]["failover_target"], Value::Null, "lab is unmapped");
     // A NIC override shows as the failover target.
-    server.cli_ok(&["vm", "nic", "second", "0", "--target", "rec/app"]);
+    server.cli_ok(&["vm", "nic", "second", "0", "--target", "recovery-vnet/app"]);
     let nics: Value = op.get_json("/v1/vms/second/nics").await.unwrap();
-    assert_eq!(nics[0]["failover_target"], "rec/app");
+    assert_eq!(nics[0]["failover_target"], "recovery-vnet/app");
     assert_eq!(nics[0]["failover_target_from"], "override");
     // Unknown VM and bad names are refused like every VM route.
     let e = op.get_json::<Value>("/v1/vms/nope/nics").await.unwrap_err();

@@ -17,31 +17,11 @@ use std::process::Command;
 use common::*;
 use serde_json::Value;
 
-const NETWORKS: &str = r#"
-[vault]
-block_size = 1048576
-
-[[network]]
-name = "recovery-vnet"
-address_space = ["10.20.0.0/16"]
-  [[network.subnet]]
-  name = "app"
-  prefix = "10.20.1.0/24"
-  gateway = "10.20.1.1"
-
-[[network]]
-name = "drill-vnet"
-address_space = ["10.99.0.0/16"]
-isolated = true
-  [[network.subnet]]
-  name = "app"
-  prefix = "10.99.1.0/29"
-
-[[mapping]]
-source = "corp"
-target = "recovery-vnet/app"
-test_target = "drill-vnet/app"
-"#;
+/// 1 MiB blocks and the shared test networks (fixtures/networks.toml).
+const NETWORKS: &str = concat!(
+    "[vault]\nblock_size = 1048576\n\n",
+    include_str!("../../fixtures/networks.toml")
+);
 
 /// What is missing to run the browser, if anything.
 fn missing_tools(repo: &Path, chromium: &Path) -> Vec<String> {

@@ -5,36 +5,16 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
 
-const NETWORKS: &str = r#"
-[vault]
-block_size = 1048576
-
-[[network]]
-name = "recovery-vnet"
-address_space = ["10.20.0.0/16"]
-dns = ["10.20.0.10"]
-  [[network.subnet]]
-  name = "app"
-  prefix = "10.20.1.0/24"
-  gateway = "10.20.1.1"
-
-[[network]]
-name = "drill-vnet"
-address_space = ["10.99.0.0/16"]
-isolated = true
-  [[network.subnet]]
-  name = "app"
-  prefix = "10.99.1.0/29"
-
-[[mapping]]
-source = "corp"
-target = "recovery-vnet/app"
-test_target = "drill-vnet/app"
-"#;
+/// 1 MiB blocks and the shared test networks (fixtures/networks.toml).
+const NETWORKS: &str = concat!(
+    "[vault]\nblock_size = 1048576\n\n",
+    include_str!("../../fixtures/networks.toml")
+);
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -342,9 +322,7 @@ fn planned_failover_waits_for_final_logs_and_addresses_never_collide() {
     // Planned failover of "a": waits until the final log is in.
     let start = server.cli_ok(&["failover", "--vm", "a", "--kind", "planned", "--no-wait"]);
     let job = start.split_whitespace().last().unwrap().to_string();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    let j: Value = serde_json::from_str(&server.cli_ok(&["jobs", &job, "--json"])).unwrap();
-    assert_eq!(j["state"], "waiting_for_input");
+    server.wait_job(&job, "waiting_for_input");
     let img2 = dir.join("d2.raw");
     std::fs::copy(&img, &img2).unwrap();
     {
@@ -378,19 +356,7 @@ fn planned_failover_waits_for_final_logs_and_addresses_never_collide() {
         log.to_str().unwrap(),
         "--final",
     ]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let j: Value = serde_json::from_str(&server.cli_ok(&["jobs", &job, "--json"])).unwrap();
-        if j["state"] == "succeeded" {
-            break;
-        }
-        assert!(j["state"] != "failed", "{j}");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "planned failover did not finish"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    server.wait_job(&job, "succeeded");
     let (v, out) = definition_dir(&server, "a");
     assert_eq!(
         v["record"]["point"], "c1",
@@ -512,22 +478,7 @@ fn recovery_plan_runs_groups_in_order_pauses_and_stops_on_a_failing_command() {
         "--no-wait",
     ]);
     let job = started.split_whitespace().last().unwrap().to_string();
-    let wait_state = |want: &str| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let j: Value = serde_json::from_str(&server.cli_ok(&["jobs", &job, "--json"])).unwrap();
-            if j["state"] == want {
-                return j;
-            }
-            assert!(j["state"] != "failed" || want == "failed", "{j}");
-            assert!(
-                std::time::Instant::now() < deadline,
-                "plan job never reached {want}: {j}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    };
-    wait_state("waiting_for_input");
+    server.wait_job(&job, "waiting_for_input");
     assert_eq!(
         std::fs::read_to_string(&order).unwrap(),
         "db-done\napp-start\napp-done\n",
@@ -539,7 +490,7 @@ fn recovery_plan_runs_groups_in_order_pauses_and_stops_on_a_failing_command() {
         "group 3 waits for the manual action"
     );
     server.cli_ok(&["jobs", "resume", &job]);
-    let j = wait_state("succeeded");
+    let j = server.wait_job(&job, "succeeded");
     assert!(
         j["steps"]
             .as_array()
@@ -632,22 +583,18 @@ async fn a_mapping_added_later_clears_the_warning_and_vms_shows_an_uncommitted_f
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let job = loop {
+    let job = eventually_async(Duration::from_secs(60), "a job waits for input", || async {
         let jobs: Vec<Value> = server
             .operator()
             .get_json("/v1/jobs?vm=web01")
             .await
-            .unwrap();
-        if let Some(j) = jobs.iter().find(|j| j["waiting_for"].is_string()) {
-            break j.clone();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never waiting: {jobs:?}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+            .map_err(|e| e.to_string())?;
+        jobs.iter()
+            .find(|j| j["waiting_for"].is_string())
+            .cloned()
+            .ok_or_else(|| format!("{jobs:?}"))
+    })
+    .await;
     assert_eq!(job["state"], "waiting_for_input", "{job}");
     assert!(
         job["waiting_for"].as_str().unwrap().contains("disk d"),

@@ -446,10 +446,15 @@ fn a_cancelled_resync_leaves_the_replica_and_a_broken_chain_opens_one() {
     assert!(out.contains("cancelled"), "{out}");
     assert!(export(&server, "db", "latest", &dir.join("l.raw")) == std::fs::read(&v1).unwrap());
     assert!(export(&server, "db", "c0", &dir.join("c0.raw")) == before);
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    assert!(
-        server.vault_objects("stage").is_empty(),
-        "staged receipts removed"
+    eventually(
+        std::time::Duration::from_secs(30),
+        "staged receipts removed",
+        || {
+            let left = server.vault_objects("stage");
+            left.is_empty()
+                .then_some(())
+                .ok_or_else(|| format!("{left:?}"))
+        },
     );
     // The disk still needs a resync and none is under way: Critical.
     let vms: Value = serde_json::from_str(&server.cli_ok(&["vms", "--json"])).unwrap();

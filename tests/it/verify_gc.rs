@@ -678,19 +678,21 @@ fn scheduled_gc_collects_what_a_merge_superseded() {
     replicate(&server, &creds, "m", &src, &v1, 1);
     server.cli_ok(&["merge", "--vm", "m", "--all"]);
     let want = std::fs::read(&v1).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while server.vault_objects("chunks").len() != distinct_blocks(&want)
-        || !server.vault_objects("logs").is_empty()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the schedule did not collect: {} chunks, want {}; logs {:?}",
-            server.vault_objects("chunks").len(),
-            distinct_blocks(&want),
-            server.vault_objects("logs")
-        );
-        std::thread::sleep(std::time::Duration::from_millis(250));
-    }
+    eventually(
+        std::time::Duration::from_secs(60),
+        "the gc schedule collects the merged logs and their chunks",
+        || {
+            let (chunks, logs) = (server.vault_objects("chunks"), server.vault_objects("logs"));
+            if chunks.len() == distinct_blocks(&want) && logs.is_empty() {
+                return Ok(());
+            }
+            Err(format!(
+                "{} chunks, want {}; logs {logs:?}",
+                chunks.len(),
+                distinct_blocks(&want)
+            ))
+        },
+    );
     let jobs: Value = serde_json::from_str(&server.cli_ok(&["jobs", "--json"])).unwrap();
     assert!(
         jobs.as_array()

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use drvault::client::Client;
 use drvault::server::ServerFile;
 
+mod wait;
+pub use wait::{eventually, eventually_async};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_drvault");
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * KIB;
@@ -29,6 +32,28 @@ pub struct Server {
 }
 
 impl Server {
+    /// Waits until job `job` is in state `want` (as `drvault jobs <id> --json` shows it) and
+    /// returns it; a job that fails while another state is awaited ends the wait at once.
+    pub fn wait_job(&self, job: &str, want: &str) -> serde_json::Value {
+        eventually(
+            Duration::from_secs(60),
+            &format!("job {job} reaches {want}"),
+            || {
+                let j: serde_json::Value =
+                    serde_json::from_str(&self.cli_ok(&["jobs", job, "--json"]))
+                        .map_err(|e| e.to_string())?;
+                if j["state"] == want {
+                    return Ok(j);
+                }
+                assert!(
+                    j["state"] != "failed",
+                    "job {job} failed while waiting for {want}: {j}"
+                );
+                Err(j.to_string())
+            },
+        )
+    }
+
     /// Starts `drvault serve` in `dir/data` with an optional TOML config, on a free port.
     /// With an Azurite vault: `Server::start(dir, Some(&azurite.vault_config("vault", "")))`.
     pub fn start(dir: &Path, config: Option<&str>) -> Server {
@@ -569,20 +594,20 @@ impl FaultRules {
         let tmp = self.path.with_extension("spec.tmp");
         std::fs::write(&tmp, format!("version={version}\n{rules}\n")).unwrap();
         std::fs::rename(&tmp, &self.path).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !server
-            .log()
-            .lines()
-            .filter(|l| l.contains("fault rules replaced"))
-            .any(|l| logged_version(l) == Some(version))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the server did not take the fault rules {rules:?} (version {version}): {}",
-                server.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually(
+            Duration::from_secs(20),
+            "the server takes the fault rules",
+            || {
+                let log = server.log();
+                let taken = log
+                    .lines()
+                    .filter(|l| l.contains("fault rules replaced"))
+                    .any(|l| logged_version(l) == Some(version));
+                taken
+                    .then_some(())
+                    .ok_or_else(|| format!("rules {rules:?} (version {version}) not in: {log}"))
+            },
+        );
     }
 }
 
