@@ -96,3 +96,21 @@ pub const MAX_DISK_SIZE: u64 = 4 * 1024 * 1024 * 1024 * 1024;
 pub const LOG_FRAME_LEN: usize = 1024 * 1024;
 /// Bytes per extent-index entry: disk offset u64, length u32, log offset u64 (little-endian).
 pub const EXTENT_ENTRY_LEN: usize = 20;
+
+/// Object keys of content-addressed objects (`chunks/`, `maps/`) fan out by the first this many
+/// hex digits of the name: 4096 directories, so no directory of the local backend grows huge.
+pub const KEY_FANOUT_HEX: usize = 3;
+
+/// Domain tags of the names of block-map objects (`ChunkName::derive_meta`): a map object's name
+/// can never collide with a chunk name or with the other kind of map object.
+pub const MAP_SEGMENT_DOMAIN: &str = "map-segment";
+pub const MAP_ROOT_DOMAIN: &str = "map-root";
+
+/// Resync and failback patches (`replica::patch`): the fine comparison's granularity, the bytes
+/// of one fine hash (BLAKE3 truncated), and the record framing
+/// `op u8 | offset u32 LE | length u32 LE | [data]` with its two operations.
+pub const PATCH_FINE: usize = 4096;
+pub const PATCH_FINE_HASH_LEN: usize = 16;
+pub const PATCH_RECORD_HEADER: usize = 9;
+pub const PATCH_OP_DATA: u8 = 0;
+pub const PATCH_OP_ZERO: u8 = 1;

@@ -138,7 +138,8 @@ impl ChunkStore {
     /// The object key of a chunk: `chunks/<first 3 hex>/<64 hex>` (4096 fan-out directories).
     pub fn chunk_key(name: &ChunkName) -> Key {
         let h = name.to_hex();
-        Key::new(&["chunks", &h[..3], &h]).unwrap_or_else(|| unreachable!("hex is a safe key"))
+        Key::new(&["chunks", &h[..crate::file_formats::KEY_FANOUT_HEX], &h])
+            .unwrap_or_else(|| unreachable!("hex is a safe key"))
     }
 
     /// Stores one block. `claimed` is the plain BLAKE3 the sender announced: re-checked here.

@@ -20,7 +20,10 @@ use crate::chunk::pipeline::ChunkError;
 use crate::chunk::seal::SealError;
 use crate::chunk::{ChunkName, ChunkStore, PlainHash};
 use crate::error::{Error, Result};
-use crate::file_formats::{ObjectKind, MAP_ENTRY_LEN, MAP_SEGMENT_ENTRIES, MAP_VERSION};
+use crate::file_formats::{
+    ObjectKind, MAP_ENTRY_LEN, MAP_ROOT_DOMAIN, MAP_SEGMENT_DOMAIN, MAP_SEGMENT_ENTRIES,
+    MAP_VERSION,
+};
 use crate::vault::layout;
 
 /// One block's entry.
@@ -144,7 +147,7 @@ impl BlockMap {
             for e in seg {
                 plain.extend_from_slice(&e.to_bytes());
             }
-            let name = ChunkName::derive_meta(chunks.keys().name_key(), "map-segment", &plain);
+            let name = ChunkName::derive_meta(chunks.keys().name_key(), MAP_SEGMENT_DOMAIN, &plain);
             chunks
                 .put_sealed_if_absent(
                     ObjectKind::MapSegment,
@@ -155,7 +158,7 @@ impl BlockMap {
                 .await?;
             root.extend_from_slice(&name.0);
         }
-        let name = ChunkName::derive_meta(chunks.keys().name_key(), "map-root", &root);
+        let name = ChunkName::derive_meta(chunks.keys().name_key(), MAP_ROOT_DOMAIN, &root);
         chunks
             .put_sealed_if_absent(ObjectKind::MapRoot, &layout::map_object(&name), root, true)
             .await?;
@@ -195,7 +198,7 @@ pub struct MapRoot {
 impl MapRoot {
     /// Loads a root (tag, name) and checks its geometry.
     pub async fn load(chunks: &ChunkStore, name: &ChunkName) -> Result<MapRoot> {
-        let root = load_meta(chunks, ObjectKind::MapRoot, "map-root", name).await?;
+        let root = load_meta(chunks, ObjectKind::MapRoot, MAP_ROOT_DOMAIN, name).await?;
         MapRoot::parse(name, &root)
     }
 
@@ -256,7 +259,7 @@ impl MapRoot {
         let Some(name) = self.segments.get(s).copied().flatten() else {
             return Ok(vec![MapEntry::Zero; want]);
         };
-        let seg = load_meta(chunks, ObjectKind::MapSegment, "map-segment", &name).await?;
+        let seg = load_meta(chunks, ObjectKind::MapSegment, MAP_SEGMENT_DOMAIN, &name).await?;
         if seg.len() != want * MAP_ENTRY_LEN {
             return Err(Error::Corrupt(SealError::BadPayload {
                 name: layout::map_object(&name).to_string(),

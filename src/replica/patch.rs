@@ -17,12 +17,12 @@
 use crate::chunk::digest::is_zero;
 
 /// Granularity of the fine comparison.
-pub const FINE: usize = 4096;
+pub const FINE: usize = crate::file_formats::PATCH_FINE;
 /// Bytes of one fine hash.
-pub const FINE_HASH_LEN: usize = 16;
-const RECORD_HEADER: usize = 9;
-const OP_DATA: u8 = 0;
-const OP_ZERO: u8 = 1;
+pub const FINE_HASH_LEN: usize = crate::file_formats::PATCH_FINE_HASH_LEN;
+use crate::file_formats::{
+    PATCH_OP_DATA as OP_DATA, PATCH_OP_ZERO as OP_ZERO, PATCH_RECORD_HEADER as RECORD_HEADER,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PatchError {

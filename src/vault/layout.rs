@@ -13,6 +13,7 @@
 //! ```
 
 use crate::chunk::ChunkName;
+use crate::file_formats::KEY_FANOUT_HEX;
 use crate::store::Key;
 
 fn key(segments: &[&str]) -> Key {
@@ -26,7 +27,7 @@ pub fn key_check() -> Key {
 
 pub fn map_object(name: &ChunkName) -> Key {
     let h = name.to_hex();
-    key(&["maps", &h[..3], &h])
+    key(&["maps", &h[..KEY_FANOUT_HEX], &h])
 }
 
 /// Families of versioned records.
