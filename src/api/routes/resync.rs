@@ -1,0 +1,154 @@
+//! Resynchronization: the operator starts, shows and cancels it; the agent syncs each disk.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+
+use super::{index, name, octets, read_block_body, read_json, Path};
+use crate::api::auth::{AgentHost, Operator};
+use crate::api::error::ApiResult;
+use crate::api::AppState;
+use crate::error::Error;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/vms/{vm}/resync", get(show_resync).post(start_resync))
+        .route("/v1/vms/{vm}/resync/cancel", post(cancel_resync))
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/resync",
+            get(agent_resync_view),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/resync/hashes",
+            get(agent_resync_hashes),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/resync/fine",
+            post(agent_resync_fine),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/resync/blocks/{index}",
+            put(agent_resync_patch),
+        )
+        .route(
+            "/v1/agent/vms/{vm}/disks/{disk}/resync/complete",
+            post(agent_resync_complete),
+        )
+}
+
+async fn agent_resync_view(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+) -> ApiResult<Json<crate::protection::resync::ResyncDiskView>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    Ok(Json(
+        s.protection.resync_disk_view(&host, &vm, &disk).await?,
+    ))
+}
+
+async fn agent_resync_hashes(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    Ok(octets(s.protection.resync_hashes(&host, &vm, &disk).await?))
+}
+
+async fn agent_resync_fine(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Response> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let req: crate::protection::resync::FineRequest = read_json(body).await?;
+    Ok(octets(
+        s.protection.resync_fine(&host, &vm, &disk, &req).await?,
+    ))
+}
+
+async fn agent_resync_patch(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk, idx)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<crate::protection::resync::PatchAck>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let i = index(&idx)?;
+    let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
+    let limit = crate::replica::patch::max_patch_len(d.block_size as usize);
+    let (claimed, bytes, _ingesting) =
+        read_block_body(&s, &host, &headers, body, limit, "patch").await?;
+    Ok(Json(
+        s.protection
+            .resync_put_patch(&host, &vm, &disk, i, claimed, bytes)
+            .await?,
+    ))
+}
+
+async fn agent_resync_complete(
+    AgentHost(host): AgentHost,
+    State(s): State<AppState>,
+    Path((vm, disk)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<Json<crate::protection::resync::ResyncCompletion>> {
+    name("VM", &vm)?;
+    name("disk", &disk)?;
+    let req: crate::protection::resync::DigestRequest = read_json(body).await?;
+    Ok(Json(
+        s.protection
+            .resync_complete(&host, &vm, &disk, &req)
+            .await?,
+    ))
+}
+
+async fn start_resync(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+    body: Body,
+) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
+    name("VM", &vm)?;
+    let req: crate::protection::resync::ResyncRequest = read_json(body).await?;
+    Ok(Json(
+        s.protection
+            .start_resync(&vm, &req, "requested by the operator")
+            .await?,
+    ))
+}
+
+async fn show_resync(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
+    name("VM", &vm)?;
+    let v = s.protection.vm_for(None, &vm).await?;
+    Ok(Json(s.protection.resync_session(&v.id).await?.ok_or_else(
+        || {
+            Error::not_found(
+                "no_resync",
+                format!("VM {vm} has never been resynchronized"),
+            )
+        },
+    )?))
+}
+
+async fn cancel_resync(
+    _: Operator,
+    State(s): State<AppState>,
+    Path(vm): Path<String>,
+) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
+    name("VM", &vm)?;
+    Ok(Json(s.protection.cancel_resync(&vm).await?))
+}
