@@ -7,9 +7,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{name, octets, read_json, Path};
+use super::octets;
 use crate::api::auth::{AgentHost, Operator};
 use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, DiskName, VmName};
 use crate::api::AppState;
 use crate::error::Error;
 
@@ -42,20 +43,18 @@ pub(super) fn routes() -> Router<AppState> {
 async fn agent_failback_view(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
 ) -> ApiResult<Json<crate::failover::failback::FailbackDiskView>> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     Ok(Json(s.failovers.failback_view(&host, &vm, &disk).await?))
 }
 
 async fn agent_failback_hashes(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
 ) -> ApiResult<Response> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     Ok(octets(
         s.failovers.failback_hashes(&host, &vm, &disk).await?,
     ))
@@ -64,11 +63,10 @@ async fn agent_failback_hashes(
 async fn agent_failback_fine(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
     body: Body,
 ) -> ApiResult<Response> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     let req: crate::protection::resync::FineRequest = read_json(body).await?;
     Ok(octets(
         s.failovers.failback_fine(&host, &vm, &disk, &req).await?,
@@ -78,11 +76,10 @@ async fn agent_failback_fine(
 async fn agent_failback_ranges(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
     body: Body,
 ) -> ApiResult<Response> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     let req: crate::failover::failback::RangeRequest = read_json(body).await?;
     Ok(octets(
         s.failovers.failback_ranges(&host, &vm, &disk, &req).await?,
@@ -92,11 +89,10 @@ async fn agent_failback_ranges(
 async fn agent_failback_complete(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
     body: Body,
 ) -> ApiResult<Json<crate::failover::failback::FailbackRecord>> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     let req: crate::protection::resync::DigestRequest = read_json(body).await?;
     Ok(Json(
         s.failovers
@@ -108,9 +104,8 @@ async fn agent_failback_complete(
 async fn show_failback(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    VmName(vm): VmName,
 ) -> ApiResult<Json<crate::failover::failback::FailbackRecord>> {
-    name("VM", &vm)?;
     Ok(Json(s.failovers.failback_record(&vm).await?.ok_or_else(
         || Error::not_found("no_failback", format!("VM {vm} has no failback")),
     )?))
@@ -127,10 +122,9 @@ struct FailbackCommitRequest {
 async fn commit_failback(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    VmName(vm): VmName,
     body: Body,
 ) -> ApiResult<Json<crate::failover::failback::FailbackRecord>> {
-    name("VM", &vm)?;
     let req: FailbackCommitRequest = read_json(body).await?;
     Ok(Json(s.failovers.failback_commit(&vm, req.force).await?))
 }

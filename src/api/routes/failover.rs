@@ -6,9 +6,9 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{name, read_json, Path};
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, CallerVm, VmName};
 use crate::api::AppState;
 
 pub(super) fn routes() -> Router<AppState> {
@@ -25,10 +25,9 @@ pub(super) fn routes() -> Router<AppState> {
 async fn start_failover(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    VmName(vm): VmName,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<crate::failover::service::FailoverRecord>)> {
-    name("VM", &vm)?;
     let req: crate::failover::service::FailoverRequest = read_json(body).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -39,39 +38,31 @@ async fn start_failover(
 async fn show_failover(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    CallerVm { name: vm, .. }: CallerVm,
 ) -> ApiResult<Json<crate::failover::service::FailoverView>> {
-    name("VM", &vm)?;
-    s.protection.vm_for(None, &vm).await?;
     Ok(Json(s.failovers.show(&vm).await?))
 }
 
 async fn cleanup_failover(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    CallerVm { name: vm, .. }: CallerVm,
 ) -> ApiResult<Json<crate::failover::service::FailoverRecord>> {
-    name("VM", &vm)?;
-    s.protection.vm_for(None, &vm).await?;
     Ok(Json(s.failovers.cleanup(&vm).await?))
 }
 
 async fn commit_failover(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    CallerVm { name: vm, .. }: CallerVm,
 ) -> ApiResult<Json<crate::failover::service::FailoverRecord>> {
-    name("VM", &vm)?;
-    s.protection.vm_for(None, &vm).await?;
     Ok(Json(s.failovers.commit(&vm).await?))
 }
 
 async fn cancel_failover(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    CallerVm { name: vm, .. }: CallerVm,
 ) -> ApiResult<Json<crate::failover::service::FailoverRecord>> {
-    name("VM", &vm)?;
-    s.protection.vm_for(None, &vm).await?;
     Ok(Json(s.failovers.cancel(&vm).await?))
 }

@@ -8,15 +8,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{name, read_json, Path};
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, HostName, ProviderName};
 use crate::api::AppState;
-use crate::error::Error;
-use crate::vault::layout::{self, Family};
-use crate::vault::registry::{
-    HostEntry, ProviderEntry, Registry, HOST_TOKEN_PREFIX, PROVIDER_TOKEN_PREFIX,
-};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -27,26 +22,6 @@ pub(super) fn routes() -> Router<AppState> {
             "/v1/providers/{name}",
             axum::routing::delete(remove_provider),
         )
-}
-
-/// Applies `f` to the registry record (compare-and-swap) and refreshes the cache.
-pub async fn update_registry(
-    s: &AppState,
-    f: impl Fn(&mut Registry) -> Result<(), Error>,
-) -> Result<Registry, Error> {
-    let prefix = layout::record(Family::Registry, "main");
-    let v = s
-        .vault
-        .records
-        .update(&prefix, |cur: Option<&Registry>| {
-            let mut r = cur.cloned().unwrap_or_default();
-            f(&mut r)?;
-            Ok(Some(r))
-        })
-        .await?
-        .ok_or_else(|| Error::internal("registry update returned nothing"))?;
-    *s.registry.write().await = v.value.clone();
-    Ok(v.value)
 }
 
 #[derive(Deserialize)]
@@ -78,7 +53,7 @@ struct HostView {
 }
 
 async fn list_hosts(_: Operator, State(s): State<AppState>) -> Json<Vec<HostView>> {
-    let reg = s.registry.read().await.clone();
+    let reg = s.registry.snapshot().await;
     let vms = s.protection.list().await;
     Json(
         reg.hosts
@@ -103,32 +78,7 @@ async fn add_host(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Credentials>)> {
     let req: AddHost = read_json(body).await?;
-    name("host", &req.name)?;
-    if let Some(c) = &req.cloud {
-        name("cloud", c)?;
-    }
-    let token = crate::util::random_token(HOST_TOKEN_PREFIX);
-    let digest = s.vault.keys().token_digest(&token);
-    let now = crate::util::unix_now();
-    update_registry(&s, |r| {
-        if r.hosts.contains_key(&req.name) {
-            return Err(Error::conflict(
-                "host_exists",
-                format!("host {} is already registered", req.name),
-            ));
-        }
-        r.hosts.insert(
-            req.name.clone(),
-            HostEntry {
-                name: req.name.clone(),
-                token_digest: digest.clone(),
-                cloud: req.cloud.clone(),
-                created_unix: now,
-            },
-        );
-        Ok(())
-    })
-    .await?;
+    let token = s.registry.add_host(&req.name, req.cloud.as_deref()).await?;
     tracing::info!(host = %req.name, "host registered");
     Ok((
         StatusCode::CREATED,
@@ -146,15 +96,9 @@ async fn add_host(
 async fn remove_host(
     _: Operator,
     State(s): State<AppState>,
-    Path(host): Path<String>,
+    HostName(host): HostName,
 ) -> ApiResult<StatusCode> {
-    name("host", &host)?;
-    update_registry(&s, |r| {
-        r.hosts.remove(&host).map(|_| ()).ok_or_else(|| {
-            Error::not_found("host_not_found", format!("host {host} is not registered"))
-        })
-    })
-    .await?;
+    s.registry.remove_host(&host).await?;
     tracing::info!(%host, "host removed; its token is revoked");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -174,7 +118,7 @@ struct ProviderView {
 }
 
 async fn list_providers(_: Operator, State(s): State<AppState>) -> Json<Vec<ProviderView>> {
-    let reg = s.registry.read().await;
+    let reg = s.registry.snapshot().await;
     Json(
         reg.providers
             .values()
@@ -193,30 +137,7 @@ async fn add_provider(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Credentials>)> {
     let req: AddProvider = read_json(body).await?;
-    name("provider", &req.name)?;
-    name("cloud", &req.cloud)?;
-    let token = crate::util::random_token(PROVIDER_TOKEN_PREFIX);
-    let digest = s.vault.keys().token_digest(&token);
-    let now = crate::util::unix_now();
-    update_registry(&s, |r| {
-        if r.providers.contains_key(&req.name) {
-            return Err(Error::conflict(
-                "provider_exists",
-                format!("provider {} is already registered", req.name),
-            ));
-        }
-        r.providers.insert(
-            req.name.clone(),
-            ProviderEntry {
-                name: req.name.clone(),
-                cloud: req.cloud.clone(),
-                token_digest: digest.clone(),
-                created_unix: now,
-            },
-        );
-        Ok(())
-    })
-    .await?;
+    let token = s.registry.add_provider(&req.name, &req.cloud).await?;
     Ok((
         StatusCode::CREATED,
         Json(Credentials {
@@ -233,17 +154,8 @@ async fn add_provider(
 async fn remove_provider(
     _: Operator,
     State(s): State<AppState>,
-    Path(p): Path<String>,
+    ProviderName(p): ProviderName,
 ) -> ApiResult<StatusCode> {
-    name("provider", &p)?;
-    update_registry(&s, |r| {
-        r.providers.remove(&p).map(|_| ()).ok_or_else(|| {
-            Error::not_found(
-                "provider_not_found",
-                format!("provider {p} is not registered"),
-            )
-        })
-    })
-    .await?;
+    s.registry.remove_provider(&p).await?;
     Ok(StatusCode::NO_CONTENT)
 }

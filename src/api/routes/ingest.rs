@@ -8,9 +8,10 @@ use axum::routing::{post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{index, name, read_block_body, read_json, Path, Query};
+use super::read_block_body;
 use crate::api::auth::AgentHost;
 use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskName, LogId, Query, VmName};
 use crate::api::AppState;
 use crate::protection::{CompleteRequest, ReceivedQuery, VmSpec};
 
@@ -41,10 +42,9 @@ pub(super) fn routes() -> Router<AppState> {
 async fn enable_protection(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    VmName(vm): VmName,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<crate::protection::VmView>)> {
-    name("VM", &vm)?;
     let spec: VmSpec = read_json(body).await?;
     let (view, created) = s.protection.enable(&host, &vm, &spec).await?;
     Ok((
@@ -58,12 +58,10 @@ async fn enable_protection(
 }
 
 async fn agent_get_vm(
-    AgentHost(host): AgentHost,
+    _: AgentHost,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    CallerVm { record: rec, .. }: CallerVm,
 ) -> ApiResult<Json<crate::protection::VmView>> {
-    name("VM", &vm)?;
-    let rec = s.protection.vm_for(Some(&host), &vm).await?;
     Ok(Json(s.protection.view(&rec).await))
 }
 
@@ -75,11 +73,10 @@ pub struct MissingBlocks {
 async fn agent_query_blocks(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
     body: Body,
 ) -> ApiResult<Json<MissingBlocks>> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     let q: ReceivedQuery = read_json(body).await?;
     Ok(Json(MissingBlocks {
         missing: s.protection.missing_blocks(&host, &vm, &disk, &q).await?,
@@ -89,13 +86,12 @@ async fn agent_query_blocks(
 async fn agent_put_block(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk, idx)): Path<(String, String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
+    BlockIndex(i): BlockIndex,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<crate::protection::BlockAck>> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
-    let i = index(&idx)?;
     // Authorization and geometry before reading a byte of the body.
     let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
     let (claimed, bytes, _ingesting) =
@@ -110,11 +106,10 @@ async fn agent_put_block(
 async fn agent_complete_disk(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
     body: Body,
 ) -> ApiResult<Json<crate::protection::DiskView>> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     let req: CompleteRequest = read_json(body).await?;
     Ok(Json(
         s.protection.complete_disk(&host, &vm, &disk, &req).await?,
@@ -133,13 +128,13 @@ struct LogQuery {
 async fn agent_put_log(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk, log_id)): Path<(String, String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
+    LogId(log_id): LogId,
     Query(q): Query<LogQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<crate::protection::delta::LogAck>> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     let len = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

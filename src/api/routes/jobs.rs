@@ -5,9 +5,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{Path, Query};
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
+use crate::api::extract::{JobId, Query};
 use crate::api::AppState;
 use crate::error::Error;
 
@@ -38,11 +38,8 @@ async fn list_jobs(
 async fn get_job(
     _: Operator,
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> ApiResult<Json<crate::jobs::Job>> {
-    if uuid::Uuid::parse_str(&id).is_err() {
-        return Err(Error::invalid("invalid_job_id", format!("{id:?} is not a job id")).into());
-    }
     s.jobs
         .get(&id)
         .await
@@ -53,10 +50,7 @@ async fn get_job(
 async fn resume_job(
     _: Operator,
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> ApiResult<Json<crate::jobs::Job>> {
-    if uuid::Uuid::parse_str(&id).is_err() {
-        return Err(Error::invalid("invalid_job_id", format!("{id:?} is not a job id")).into());
-    }
     Ok(Json(s.jobs.resume(&id).await?))
 }

@@ -2,20 +2,17 @@
 //! handlers share. See docs/api.md for the contract.
 
 use axum::body::Body;
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::extract::over_limit;
 use super::AppState;
 // The resource modules route to `super::console::…`.
 use super::console;
 use crate::chunk::PlainHash;
 use crate::error::Error;
-use crate::vault::registry::valid_name;
 
 mod failback;
 mod failover;
@@ -29,7 +26,7 @@ mod scrub;
 mod system;
 mod vms;
 
-pub use hosts::{update_registry, Credentials};
+pub use hosts::Credentials;
 pub use ingest::MissingBlocks;
 pub use vms::MapView;
 
@@ -50,100 +47,9 @@ pub fn routes() -> Router<AppState> {
 
 /// Header carrying a block's plain BLAKE3 (hex), on uploads and downloads.
 pub const BLAKE3_HEADER: &str = "x-drvault-blake3";
-/// Largest JSON request body.
-const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
 
 pub async fn not_found() -> ApiError {
     Error::not_found("no_such_route", "no such route; see docs/api.md").into()
-}
-
-fn name(kind: &str, s: &str) -> Result<(), ApiError> {
-    if valid_name(s) {
-        Ok(())
-    } else {
-        Err(Error::invalid("invalid_name", format!("{kind} name {s:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")).into())
-    }
-}
-
-fn index(s: &str) -> Result<u64, ApiError> {
-    s.parse::<u64>().map_err(|_| {
-        Error::invalid(
-            "invalid_index",
-            format!("block index {s:?} is not a number"),
-        )
-        .into()
-    })
-}
-
-/// Path parameters. axum's own extractor answers a segment that does not percent-decode to
-/// UTF-8 with a plain-text 400; here it is refused like any other bad name, with the API's
-/// JSON error body.
-struct Path<T>(T);
-
-impl<T, S> FromRequestParts<S> for Path<T>
-where
-    T: DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Path(v)) => Ok(Path(v)),
-            Err(e) => {
-                Err(Error::invalid("invalid_name", format!("URL path: {}", e.body_text())).into())
-            }
-        }
-    }
-}
-
-/// Query parameters, refused with the API's JSON error body (`invalid_query`) when they do not
-/// parse, instead of axum's plain-text 400.
-struct Query<T>(T);
-
-impl<T, S> FromRequestParts<S> for Query<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(v)) => Ok(Query(v)),
-            Err(e) => {
-                Err(Error::invalid("invalid_query", format!("URL query: {}", e.body_text())).into())
-            }
-        }
-    }
-}
-
-/// Whether reading a body failed because it passed the length limit, rather than because it
-/// was cut off (a dropped connection, the slow-body guard).
-fn over_limit(e: &axum::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if c.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
-}
-
-async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, MAX_JSON_BODY)
-        .await
-        .map_err(|e| {
-            if over_limit(&e) {
-                Error::TooLarge {
-                    code: "body_too_large",
-                    message: format!("JSON body over {MAX_JSON_BODY} bytes"),
-                }
-            } else {
-                Error::invalid("body_incomplete", format!("request body was cut off: {e}"))
-            }
-        })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| Error::invalid("invalid_json", format!("request body: {e}")).into())
 }
 
 /// What a block or patch upload holds while the server stores it: the memory of its body and
@@ -231,11 +137,4 @@ fn octets(bytes: bytes::Bytes) -> Response {
         axum::http::HeaderValue::from_static("application/octet-stream"),
     );
     resp
-}
-
-fn job_id(id: &str) -> Result<(), ApiError> {
-    if uuid::Uuid::parse_str(id).is_err() {
-        return Err(Error::invalid("invalid_job_id", format!("{id:?} is not a job id")).into());
-    }
-    Ok(())
 }

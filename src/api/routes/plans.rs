@@ -7,9 +7,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use super::{name, read_json, Path};
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, PlanName};
 use crate::api::AppState;
 
 pub(super) fn routes() -> Router<AppState> {
@@ -38,9 +38,8 @@ async fn create_plan(
 async fn get_plan(
     _: Operator,
     State(s): State<AppState>,
-    Path(p): Path<String>,
+    PlanName(p): PlanName,
 ) -> ApiResult<Json<crate::failover::plan::Plan>> {
-    name("plan", &p)?;
     Ok(Json(s.plans.get(&p).await?))
 }
 
@@ -52,10 +51,9 @@ struct Started {
 async fn start_plan(
     _: Operator,
     State(s): State<AppState>,
-    Path(p): Path<String>,
+    PlanName(p): PlanName,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Started>)> {
-    name("plan", &p)?;
     let req: crate::failover::plan::PlanFailoverRequest = read_json(body).await?;
     Ok((
         StatusCode::ACCEPTED,

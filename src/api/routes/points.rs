@@ -6,9 +6,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{name, read_json, Path};
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, VmName};
 use crate::api::AppState;
 
 pub(super) fn routes() -> Router<AppState> {
@@ -20,9 +20,8 @@ pub(super) fn routes() -> Router<AppState> {
 async fn list_points(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    VmName(vm): VmName,
 ) -> ApiResult<Json<Vec<crate::protection::points::PointView>>> {
-    name("VM", &vm)?;
     Ok(Json(s.protection.points_and_incomplete(&vm).await?))
 }
 
@@ -40,10 +39,9 @@ struct MergeRequest {
 async fn merge_vm(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    VmName(vm): VmName,
     body: Body,
 ) -> ApiResult<Json<crate::protection::points::MergeReport>> {
-    name("VM", &vm)?;
     let req: MergeRequest = read_json(body).await?;
     s.protection.vm_for(None, &vm).await?;
     // Resolved before the job exists: a refused point leaves no job running forever.

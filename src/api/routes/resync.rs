@@ -7,9 +7,10 @@ use axum::response::Response;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
-use super::{index, name, octets, read_block_body, read_json, Path};
+use super::{octets, read_block_body};
 use crate::api::auth::{AgentHost, Operator};
 use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskName, VmName};
 use crate::api::AppState;
 use crate::error::Error;
 
@@ -42,10 +43,9 @@ pub(super) fn routes() -> Router<AppState> {
 async fn agent_resync_view(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
 ) -> ApiResult<Json<crate::protection::resync::ResyncDiskView>> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     Ok(Json(
         s.protection.resync_disk_view(&host, &vm, &disk).await?,
     ))
@@ -54,21 +54,19 @@ async fn agent_resync_view(
 async fn agent_resync_hashes(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
 ) -> ApiResult<Response> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     Ok(octets(s.protection.resync_hashes(&host, &vm, &disk).await?))
 }
 
 async fn agent_resync_fine(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
     body: Body,
 ) -> ApiResult<Response> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     let req: crate::protection::resync::FineRequest = read_json(body).await?;
     Ok(octets(
         s.protection.resync_fine(&host, &vm, &disk, &req).await?,
@@ -78,13 +76,12 @@ async fn agent_resync_fine(
 async fn agent_resync_patch(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk, idx)): Path<(String, String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
+    BlockIndex(i): BlockIndex,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<crate::protection::resync::PatchAck>> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
-    let i = index(&idx)?;
     let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
     let limit = crate::replica::patch::max_patch_len(d.block_size as usize);
     let (claimed, bytes, _ingesting) =
@@ -99,11 +96,10 @@ async fn agent_resync_patch(
 async fn agent_resync_complete(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
     body: Body,
 ) -> ApiResult<Json<crate::protection::resync::ResyncCompletion>> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     let req: crate::protection::resync::DigestRequest = read_json(body).await?;
     Ok(Json(
         s.protection
@@ -115,10 +111,9 @@ async fn agent_resync_complete(
 async fn start_resync(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    VmName(vm): VmName,
     body: Body,
 ) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
-    name("VM", &vm)?;
     let req: crate::protection::resync::ResyncRequest = read_json(body).await?;
     Ok(Json(
         s.protection
@@ -130,10 +125,11 @@ async fn start_resync(
 async fn show_resync(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    CallerVm {
+        name: vm,
+        record: v,
+    }: CallerVm,
 ) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
-    name("VM", &vm)?;
-    let v = s.protection.vm_for(None, &vm).await?;
     Ok(Json(s.protection.resync_session(&v.id).await?.ok_or_else(
         || {
             Error::not_found(
@@ -147,8 +143,7 @@ async fn show_resync(
 async fn cancel_resync(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    VmName(vm): VmName,
 ) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
-    name("VM", &vm)?;
     Ok(Json(s.protection.cancel_resync(&vm).await?))
 }

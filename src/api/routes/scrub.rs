@@ -6,9 +6,9 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{job_id, read_json, Path};
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, JobId};
 use crate::api::AppState;
 
 pub(super) fn routes() -> Router<AppState> {
@@ -36,9 +36,8 @@ async fn start_verify(
 async fn verify_report(
     _: Operator,
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> ApiResult<Json<crate::scrub::verify::VerifyReport>> {
-    job_id(&id)?;
     Ok(Json(
         s.scrub.report(crate::jobs::JobKind::Verify, &id).await?,
     ))
@@ -67,9 +66,8 @@ async fn start_gc(
 async fn gc_report(
     _: Operator,
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> ApiResult<Json<crate::scrub::gc::GcReport>> {
-    job_id(&id)?;
     Ok(Json(
         s.scrub
             .report(crate::jobs::JobKind::GarbageCollection, &id)

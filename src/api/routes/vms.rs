@@ -8,9 +8,10 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{index, name, read_json, Path, Query, BLAKE3_HEADER};
+use super::BLAKE3_HEADER;
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskName, NicIndex, Query, VmName};
 use crate::api::AppState;
 use crate::error::Error;
 use crate::replica::MapEntry;
@@ -35,10 +36,8 @@ async fn list_vms(_: Operator, State(s): State<AppState>) -> Json<Vec<crate::pro
 async fn get_vm(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    CallerVm { record: rec, .. }: CallerVm,
 ) -> ApiResult<Json<crate::protection::VmView>> {
-    name("VM", &vm)?;
-    let rec = s.protection.vm_for(None, &vm).await?;
     Ok(Json(s.protection.view(&rec).await))
 }
 
@@ -65,11 +64,10 @@ struct PointQuery {
 async fn get_map(
     _: Operator,
     State(s): State<AppState>,
-    Path((vm, disk)): Path<(String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
     Query(q): Query<PointQuery>,
 ) -> ApiResult<Json<MapView>> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
     if let Some(sel) = q.point {
         let p = s.protection.resolve_point(&vm, &sel).await?;
         s.protection
@@ -112,12 +110,11 @@ async fn get_map(
 async fn get_block(
     _: Operator,
     State(s): State<AppState>,
-    Path((vm, disk, idx)): Path<(String, String, String)>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
+    BlockIndex(i): BlockIndex,
     Query(q): Query<PointQuery>,
 ) -> ApiResult<Response> {
-    name("VM", &vm)?;
-    name("disk", &disk)?;
-    let i = index(&idx)?;
     let (bytes, hash) = match q.point {
         Some(sel) => {
             let p = s.protection.resolve_point(&vm, &sel).await?;
@@ -151,10 +148,9 @@ async fn get_block(
 async fn set_vm_policy(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    VmName(vm): VmName,
     body: Body,
 ) -> ApiResult<Json<crate::protection::VmView>> {
-    name("VM", &vm)?;
     let change: crate::protection::PolicyChange = read_json(body).await?;
     Ok(Json(s.protection.set_policy(&vm, &change).await?))
 }
@@ -162,12 +158,10 @@ async fn set_vm_policy(
 async fn set_nic_override(
     _: Operator,
     State(s): State<AppState>,
-    Path((vm, idx)): Path<(String, String)>,
+    VmName(vm): VmName,
+    NicIndex(i): NicIndex,
     body: Body,
 ) -> ApiResult<Json<crate::protection::VmView>> {
-    name("VM", &vm)?;
-    let i = u32::try_from(index(&idx)?)
-        .map_err(|_| Error::invalid("invalid_index", "NIC index too large"))?;
     let o: crate::failover::definition::NicOptions = read_json(body).await?;
     let rec = s.protection.set_nic_override(&vm, i, Some(o)).await?;
     Ok(Json(s.protection.view(&rec).await))
@@ -176,11 +170,9 @@ async fn set_nic_override(
 async fn clear_nic_override(
     _: Operator,
     State(s): State<AppState>,
-    Path((vm, idx)): Path<(String, String)>,
+    VmName(vm): VmName,
+    NicIndex(i): NicIndex,
 ) -> ApiResult<Json<crate::protection::VmView>> {
-    name("VM", &vm)?;
-    let i = u32::try_from(index(&idx)?)
-        .map_err(|_| Error::invalid("invalid_index", "NIC index too large"))?;
     let rec = s.protection.set_nic_override(&vm, i, None).await?;
     Ok(Json(s.protection.view(&rec).await))
 }
