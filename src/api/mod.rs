@@ -1,7 +1,8 @@
 //! The HTTPS API: `/v1/` for agents and operators, `/metrics`, `/healthz`, and the operator
-//! console's static page ([`console`]). Handlers are thin: they parse and check the request, call
-//! the domain (`protection`, `jobs`, `vault`), and turn the result into JSON; nothing here touches
-//! the store. Errors map to HTTP in [`error`] only.
+//! console's static page ([`console`]). Handlers are thin: [`extract`] checks the path segments
+//! (names, indexes, job ids) before a handler runs; the handler reads the body, calls the domain
+//! (`protection`, `jobs`, `vault`), and turns the result into JSON; nothing here touches the
+//! store. [`routes`] has a module per resource. Errors map to HTTP in [`error`] only.
 //!
 //! Every request gets one tracing span labelled by its endpoint (the matched route template,
 //! e.g. `/v1/agent/vms/{vm}/disks/{disk}/blocks/{index}`), and the same label goes on the
