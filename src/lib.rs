@@ -21,14 +21,14 @@
 //! |---|---|
 //! | [`store`] | the object store (local dir with fsync, Azure Blob, S3, memory), fault injection |
 //! | [`chunk`] | keyed names (the only place they are computed), sealing, key ring, the pipeline |
-//! | [`vault`] | key layout, versioned records (create-only version n+1), registry of hosts |
+//! | [`vault`] | key layout, versioned records (create-only version n+1), registry of hosts, providers and token digests (`Registrar`) |
 //! | [`format`] | MS-HRL logs, VHD and VHDX readers, fixed-VHD footer |
 //! | [`replica`] | block maps (two-level, content-addressed) |
 //! | [`protection`] | enable protection, initial replication sessions, finalize |
 //! | [`jobs`] | the Jobs tab: job records, steps, progress |
 //! | [`failover`] | target networks and mappings, IP assignment, VM definitions |
 //! | [`scrub`] | verify (re-read and check, quarantine, damaged points), garbage collection |
-//! | [`api`] | HTTPS server, auth, routes, the one error-to-HTTP mapping |
+//! | [`api`] | HTTPS server, auth, typed path extractors, routes (a module per resource), the one error-to-HTTP mapping |
 //! | [`agent`], [`client`], [`cli`], [`bench`] | reference agent, API client, command line, benchmarks |
 //!
 //! ## Object key layout

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{RwLock, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::api::{self, AppState};
 use crate::chunk::{CpuPool, KeyRing};
@@ -16,8 +16,7 @@ use crate::config::Config;
 use crate::jobs::Jobs;
 use crate::protection::Protection;
 use crate::store::Store;
-use crate::vault::layout::{self, Family};
-use crate::vault::registry::{Registry, OPERATOR_TOKEN_PREFIX};
+use crate::vault::registry::{Registrar, OPERATOR_TOKEN_PREFIX};
 use crate::vault::Vault;
 
 /// Written to `<data_dir>/server.json` while the server runs: how the CLI finds it.
@@ -193,23 +192,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             })
         }
     };
-    let digest = vault.keys().token_digest(&token);
-    let registry = vault
-        .records
-        .update(
-            &layout::record(Family::Registry, "main"),
-            |cur: Option<&Registry>| {
-                let mut r = cur.cloned().unwrap_or_default();
-                if r.operator_tokens.contains(&digest) {
-                    return Ok(cur.is_none().then_some(r));
-                }
-                r.operator_tokens.push(digest.clone());
-                Ok(Some(r))
-            },
-        )
-        .await?
-        .map(|v| v.value)
-        .unwrap_or_default();
+    let registry = Registrar::open(vault.records.clone(), vault.keys().clone(), &token).await?;
 
     let jobs = Jobs::load(vault.records.clone()).await?;
     // Jobs whose task died with a previous process (a crash) never finish on their own.
@@ -282,7 +265,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         failovers,
         plans,
         scrub,
-        registry: Arc::new(RwLock::new(registry)),
+        registry,
         ingest_permits: Arc::new(Semaphore::new(config.ingest.max_inflight_blocks)),
         body_budget: api::body_budget::BodyBudget::new(
             config.ingest.body_memory_mib << 20,

@@ -36,12 +36,10 @@ fn bearer(parts: &Parts) -> Result<&str, Error> {
 
 async fn principal(parts: &Parts, state: &AppState) -> Result<Principal, Error> {
     let token = bearer(parts)?;
-    let digest = state.vault.keys().token_digest(token);
     state
         .registry
-        .read()
+        .resolve_token(token)
         .await
-        .resolve(&digest)
         .ok_or(Error::Unauthorized {
             message: "unknown or revoked token".into(),
         })
@@ -72,34 +70,73 @@ impl FromRequestParts<AppState> for AgentHost {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let acting = parts
-            .headers
-            .get(ACTING_HOST_HEADER)
-            .map(|v| v.to_str().unwrap_or("\u{0}").to_string());
-        match principal(parts, state).await? {
-            Principal::Operator => Err(Error::forbidden(
-                "the operator token cannot be used on agent routes; use a host credential",
-            )
-            .into()),
-            Principal::Host { name } => match acting {
-                Some(a) if a != name => {
-                    Err(Error::forbidden(format!("host {name} cannot act for host {a}")).into())
-                }
-                _ => Ok(AgentHost(name)),
-            },
-            Principal::Provider { name, cloud } => {
-                let host = acting.ok_or_else(|| {
-                    Error::invalid("acting_host_required", format!("provider {name} must name the host it acts for in {ACTING_HOST_HEADER}"))
-                })?;
-                let reg = state.registry.read().await;
-                match reg.hosts.get(&host) {
-                    Some(h) if h.cloud.as_deref() == Some(cloud.as_str()) => Ok(AgentHost(host)),
-                    _ => Err(Error::forbidden(format!(
-                        "provider {name} acts for cloud {cloud}; host {host} is not in it"
-                    ))
-                    .into()),
-                }
+        let who = principal(parts, state).await?;
+        Ok(AgentHost(acting_host(parts, state, who).await?))
+    }
+}
+
+/// The host an agent request acts for, given who holds its token.
+async fn acting_host(parts: &Parts, state: &AppState, who: Principal) -> Result<String, Error> {
+    let acting = parts
+        .headers
+        .get(ACTING_HOST_HEADER)
+        .map(|v| v.to_str().unwrap_or("\u{0}").to_string());
+    match who {
+        Principal::Operator => Err(Error::forbidden(
+            "the operator token cannot be used on agent routes; use a host credential",
+        )),
+        Principal::Host { name } => match acting {
+            Some(a) if a != name => Err(Error::forbidden(format!(
+                "host {name} cannot act for host {a}"
+            ))),
+            _ => Ok(name),
+        },
+        Principal::Provider { name, cloud } => {
+            let host = acting.ok_or_else(|| {
+                Error::invalid(
+                    "acting_host_required",
+                    format!(
+                        "provider {name} must name the host it acts for in {ACTING_HOST_HEADER}"
+                    ),
+                )
+            })?;
+            match state.registry.host(&host).await {
+                Some(h) if h.cloud.as_deref() == Some(cloud.as_str()) => Ok(host),
+                _ => Err(Error::forbidden(format!(
+                    "provider {name} acts for cloud {cloud}; host {host} is not in it"
+                ))),
             }
+        }
+    }
+}
+
+/// Either kind of caller, for extractors that serve operator and agent routes alike (the route
+/// itself still names which kind it admits, with [`Operator`] or [`AgentHost`]).
+pub enum Caller {
+    Operator,
+    /// An agent, acting for this host.
+    Agent(String),
+}
+
+impl Caller {
+    /// The host whose VMs alone the caller may reach; `None` for the operator (every VM).
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Caller::Operator => None,
+            Caller::Agent(h) => Some(h),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        match principal(parts, state).await? {
+            Principal::Operator => Ok(Caller::Operator),
+            who => Ok(Caller::Agent(acting_host(parts, state, who).await?)),
         }
     }
 }

@@ -17,7 +17,7 @@
 //! - `GET /v1/vms/{vm}/nics` (where each NIC lands on failover) lives here because the console is
 //!   its first user; it is an ordinary operator route, documented with the others.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Operator;
 use super::error::ApiResult;
+use super::extract::CallerVm;
 use super::AppState;
-use crate::error::Error;
 use crate::failover::network::NetworkConfig;
 use crate::protection::VmRecord;
 
@@ -139,12 +139,8 @@ pub fn nic_mappings(rec: &VmRecord, config: &NetworkConfig) -> Vec<NicMappingVie
 pub async fn vm_nics(
     _: Operator,
     State(s): State<AppState>,
-    Path(vm): Path<String>,
+    CallerVm { record: rec, .. }: CallerVm,
 ) -> ApiResult<Json<Vec<NicMappingView>>> {
-    if !crate::vault::registry::valid_name(&vm) {
-        return Err(Error::invalid("invalid_name", format!("VM name {vm:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")).into());
-    }
-    let rec = s.protection.vm_for(None, &vm).await?;
     Ok(Json(nic_mappings(&rec, s.failovers.networks())))
 }
 

@@ -185,8 +185,7 @@ async fn principal_of(state: &AppState, authorization: Option<&str>) -> Option<P
     if token.is_empty() || token.len() > 256 {
         return None;
     }
-    let digest = state.vault.keys().token_digest(token);
-    state.registry.read().await.resolve(&digest)
+    state.registry.resolve_token(token).await
 }
 
 /// The rate-limit bucket of a request: the host it acts for, or `None` (not limited).

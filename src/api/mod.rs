@@ -1,7 +1,8 @@
 //! The HTTPS API: `/v1/` for agents and operators, `/metrics`, `/healthz`, and the operator
-//! console's static page ([`console`]). Handlers are thin: they parse and check the request, call
-//! the domain (`protection`, `jobs`, `vault`), and turn the result into JSON; nothing here touches
-//! the store. Errors map to HTTP in [`error`] only.
+//! console's static page ([`console`]). Handlers are thin: [`extract`] checks the path segments
+//! (names, indexes, job ids) before a handler runs; the handler reads the body, calls the domain
+//! (`protection`, `jobs`, `vault`), and turns the result into JSON; nothing here touches the
+//! store. [`routes`] has a module per resource. Errors map to HTTP in [`error`] only.
 //!
 //! Every request gets one tracing span labelled by its endpoint (the matched route template,
 //! e.g. `/v1/agent/vms/{vm}/disks/{disk}/blocks/{index}`), and the same label goes on the
@@ -11,6 +12,7 @@ pub mod auth;
 pub mod body_budget;
 pub mod console;
 pub mod error;
+pub mod extract;
 pub mod keys;
 pub mod limits;
 pub mod routes;
@@ -26,12 +28,12 @@ use axum::middleware::Next;
 use axum::response::Response;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::{RwLock, Semaphore};
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::jobs::Jobs;
 use crate::protection::Protection;
-use crate::vault::registry::Registry;
+use crate::vault::registry::Registrar;
 use crate::vault::Vault;
 
 /// Shared state of the API.
@@ -44,8 +46,8 @@ pub struct AppState {
     pub plans: crate::failover::plan::Plans,
     /// Verify and garbage collection.
     pub scrub: crate::scrub::Scrub,
-    /// Cached registry (this server is its writer; updates go through `routes::update_registry`).
-    pub registry: Arc<RwLock<Registry>>,
+    /// Hosts, providers and token digests (cached; this server is the registry's writer).
+    pub registry: Registrar,
     /// Block and patch bodies being stored at once (config `ingest.max_inflight_blocks`),
     /// taken once a body is complete.
     pub ingest_permits: Arc<Semaphore>,

@@ -1,0 +1,56 @@
+//! Jobs (operator): list, show, resume.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::api::auth::Operator;
+use crate::api::error::ApiResult;
+use crate::api::extract::{JobId, Query};
+use crate::api::AppState;
+use crate::error::Error;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/resume", post(resume_job))
+}
+
+#[derive(Deserialize)]
+struct JobsQuery {
+    vm: Option<String>,
+}
+
+async fn list_jobs(
+    _: Operator,
+    State(s): State<AppState>,
+    Query(q): Query<JobsQuery>,
+) -> Json<Vec<crate::jobs::Job>> {
+    let mut jobs = s.jobs.list().await;
+    if let Some(vm) = q.vm {
+        jobs.retain(|j| j.vm.as_deref() == Some(vm.as_str()));
+    }
+    Json(jobs)
+}
+
+async fn get_job(
+    _: Operator,
+    State(s): State<AppState>,
+    JobId(id): JobId,
+) -> ApiResult<Json<crate::jobs::Job>> {
+    s.jobs
+        .get(&id)
+        .await
+        .map(Json)
+        .ok_or_else(|| Error::not_found("job_not_found", format!("job {id} not found")).into())
+}
+
+async fn resume_job(
+    _: Operator,
+    State(s): State<AppState>,
+    JobId(id): JobId,
+) -> ApiResult<Json<crate::jobs::Job>> {
+    Ok(Json(s.jobs.resume(&id).await?))
+}

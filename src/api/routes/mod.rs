@@ -1,0 +1,140 @@
+//! The route table, one module per resource (each with its own routes), and the helpers the
+//! handlers share. See docs/api.md for the contract.
+
+use axum::body::Body;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+use super::error::ApiError;
+use super::extract::over_limit;
+use super::AppState;
+// The resource modules route to `super::console::…`.
+use super::console;
+use crate::chunk::PlainHash;
+use crate::error::Error;
+
+mod failback;
+mod failover;
+mod hosts;
+mod ingest;
+mod jobs;
+mod plans;
+mod points;
+mod resync;
+mod scrub;
+mod system;
+mod vms;
+
+pub use hosts::Credentials;
+pub use ingest::MissingBlocks;
+pub use vms::MapView;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .merge(system::routes())
+        .merge(hosts::routes())
+        .merge(vms::routes())
+        .merge(jobs::routes())
+        .merge(ingest::routes())
+        .merge(points::routes())
+        .merge(failover::routes())
+        .merge(plans::routes())
+        .merge(resync::routes())
+        .merge(failback::routes())
+        .merge(scrub::routes())
+}
+
+/// Header carrying a block's plain BLAKE3 (hex), on uploads and downloads.
+pub const BLAKE3_HEADER: &str = "x-drvault-blake3";
+
+pub async fn not_found() -> ApiError {
+    Error::not_found("no_such_route", "no such route; see docs/api.md").into()
+}
+
+/// What a block or patch upload holds while the server stores it: the memory of its body and
+/// an ingest slot.
+struct Ingesting {
+    _body: super::body_budget::Reservation,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The hash header and a body of at most `limit` bytes. The body's memory is reserved from its
+/// host's share before it is read (without a reservation the body waits on the socket), and
+/// the ingest slot is taken only once the body is complete, so a host sending slowly holds
+/// memory from its own share and never a slot other hosts need.
+async fn read_block_body(
+    s: &AppState,
+    host: &str,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    what: &str,
+) -> Result<(PlainHash, bytes::Bytes, Ingesting), Error> {
+    let claimed = headers
+        .get(BLAKE3_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(PlainHash::from_hex)
+        .ok_or_else(|| {
+            Error::invalid(
+                "missing_hash",
+                format!(
+                    "header {BLAKE3_HEADER} with the block's BLAKE3 (64 hex digits) is required"
+                ),
+            )
+        })?;
+    let announced = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(len) = announced {
+        if len > limit as u64 {
+            return Err(Error::invalid(
+                "body_too_long",
+                format!("body of {len} bytes is longer than the {limit}-byte {what} limit"),
+            ));
+        }
+    }
+    let memory = s
+        .body_budget
+        .reserve(host, announced.unwrap_or(limit as u64))
+        .await?;
+    // A body with a length cannot run past it (HTTP/1.1 and HTTP/2 both stop it there); one
+    // without may be anything up to the limit, which was reserved in full.
+    let bytes = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            return Err(if over_limit(&e) {
+                Error::invalid(
+                    "body_too_long",
+                    format!("body is longer than the {limit}-byte {what} limit"),
+                )
+            } else {
+                Error::invalid("body_incomplete", format!("request body was cut off: {e}"))
+            });
+        }
+    };
+    let slot = s
+        .ingest_permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| Error::internal("ingest closed"))?;
+    Ok((
+        claimed,
+        bytes,
+        Ingesting {
+            _body: memory,
+            _slot: slot,
+        },
+    ))
+}
+
+fn octets(bytes: bytes::Bytes) -> Response {
+    let mut resp = Body::from(bytes).into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    resp
+}

@@ -1,0 +1,71 @@
+//! Recovery points and merging logs into the replica (operator).
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use crate::api::auth::Operator;
+use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, VmName};
+use crate::api::AppState;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/vms/{vm}/points", get(list_points))
+        .route("/v1/vms/{vm}/merge", post(merge_vm))
+}
+
+async fn list_points(
+    _: Operator,
+    State(s): State<AppState>,
+    VmName(vm): VmName,
+) -> ApiResult<Json<Vec<crate::protection::points::PointView>>> {
+    Ok(Json(s.protection.points_and_incomplete(&vm).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MergeRequest {
+    /// Merge every log, not only those past the retention window.
+    #[serde(default)]
+    all: bool,
+    /// Merge every log up to and including this point (`c<cycle>`).
+    #[serde(default)]
+    through: Option<String>,
+}
+
+async fn merge_vm(
+    _: Operator,
+    State(s): State<AppState>,
+    VmName(vm): VmName,
+    body: Body,
+) -> ApiResult<Json<crate::protection::points::MergeReport>> {
+    let req: MergeRequest = read_json(body).await?;
+    s.protection.vm_for(None, &vm).await?;
+    // Resolved before the job exists: a refused point leaves no job running forever.
+    let through = match &req.through {
+        Some(p) => Some(s.protection.resolve_point(&vm, p).await?.cycle),
+        None => None,
+    };
+    let job = s
+        .jobs
+        .create(
+            crate::jobs::JobKind::Merge,
+            Some(&vm),
+            &["Merge logs into the replica"],
+            crate::jobs::JobState::Running,
+        )
+        .await?;
+    match s.protection.merge_vm_through(&vm, req.all, through).await {
+        Ok(r) => {
+            s.jobs.succeed(&job.id).await?;
+            Ok(Json(r))
+        }
+        Err(e) => {
+            let _ = s.jobs.fail(&job.id, &e).await;
+            Err(e.into())
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Health, metrics, server information and the console's static assets.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::api::auth::Operator;
+use crate::api::AppState;
+use crate::vault::layout;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/", get(super::console::index))
+        .route("/console/app.js", get(super::console::app_js))
+        .route("/console/app.css", get(super::console::app_css))
+        .route("/console/favicon.svg", get(super::console::favicon))
+        .route("/v1/server", get(server_info))
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    match s.vault.store().head(&layout::key_check()).await {
+        Ok(Some(_)) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "vault unreachable"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    for v in s.protection.list().await {
+        let health = match v.health {
+            crate::protection::Health::Normal => 0.0,
+            crate::protection::Health::Warning => 1.0,
+            crate::protection::Health::Critical => 2.0,
+        };
+        metrics::gauge!("drvault_vm_health", "vm" => v.name.clone()).set(health);
+        metrics::gauge!("drvault_vm_replication_progress", "vm" => v.name.clone()).set(v.progress);
+        if let Some(rpo) = v.rpo_seconds {
+            metrics::gauge!("drvault_vm_rpo_seconds", "vm" => v.name.clone()).set(rpo as f64);
+        }
+        for d in &v.disks {
+            let labels = [("vm", v.name.clone()), ("disk", d.id.clone())];
+            metrics::gauge!("drvault_disk_pending_log_bytes", &labels)
+                .set(d.pending_log_bytes as f64);
+            metrics::gauge!("drvault_disk_journal_length", &labels).set(d.journal_length as f64);
+            metrics::gauge!("drvault_disk_resync_required", &labels).set(
+                if d.resync_required.is_some() {
+                    1.0
+                } else {
+                    0.0
+                },
+            );
+        }
+    }
+    match &s.metrics {
+        Some(h) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4",
+            )],
+            h.render(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics recorder not installed",
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct ServerInfo {
+    version: &'static str,
+    block_size: u32,
+}
+
+async fn server_info(_: Operator, State(s): State<AppState>) -> Json<ServerInfo> {
+    Json(ServerInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        block_size: s.protection.block_size(),
+    })
+}

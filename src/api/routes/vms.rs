@@ -1,0 +1,178 @@
+//! Protected VMs (operator): list and show, policy, NIC overrides, and reading a disk's map and
+//! blocks (at the replica or at a recovery point).
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::BLAKE3_HEADER;
+use crate::api::auth::Operator;
+use crate::api::error::ApiResult;
+use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskName, NicIndex, Query, VmName};
+use crate::api::AppState;
+use crate::error::Error;
+use crate::replica::MapEntry;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/vms", get(list_vms))
+        .route("/v1/vms/{vm}", get(get_vm).patch(set_vm_policy))
+        .route("/v1/vms/{vm}/disks/{disk}/map", get(get_map))
+        .route("/v1/vms/{vm}/disks/{disk}/blocks/{index}", get(get_block))
+        .route("/v1/vms/{vm}/nics", get(super::console::vm_nics))
+        .route(
+            "/v1/vms/{vm}/nics/{index}",
+            put(set_nic_override).delete(clear_nic_override),
+        )
+}
+
+async fn list_vms(_: Operator, State(s): State<AppState>) -> Json<Vec<crate::protection::VmView>> {
+    Json(s.protection.list().await)
+}
+
+async fn get_vm(
+    _: Operator,
+    State(s): State<AppState>,
+    CallerVm { record: rec, .. }: CallerVm,
+) -> ApiResult<Json<crate::protection::VmView>> {
+    Ok(Json(s.protection.view(&rec).await))
+}
+
+/// A disk's map as the export client needs it: geometry and the data blocks with their hashes.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MapView {
+    pub size: u64,
+    pub block_size: u32,
+    pub blocks: u64,
+    /// Data blocks only: `[index, plain BLAKE3 hex]`; every other block is zero. At a recovery
+    /// point, blocks written by logs have an empty hash (computed when the block is read; the
+    /// block response carries it).
+    pub data: Vec<(u64, String)>,
+    /// The recovery point these blocks are of (`None`: the base map).
+    #[serde(default)]
+    pub point: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PointQuery {
+    point: Option<String>,
+}
+
+async fn get_map(
+    _: Operator,
+    State(s): State<AppState>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
+    Query(q): Query<PointQuery>,
+) -> ApiResult<Json<MapView>> {
+    if let Some(sel) = q.point {
+        let p = s.protection.resolve_point(&vm, &sel).await?;
+        s.protection
+            .refuse_damaged(&vm, Some(&disk), p.cycle)
+            .await?;
+        let (d, blocks) = s.protection.point_blocks(&vm, &disk, p.cycle).await?;
+        let data = blocks
+            .into_iter()
+            .map(|(i, h)| (i, h.unwrap_or_default()))
+            .collect();
+        let blocks = d.stats.blocks;
+        return Ok(Json(MapView {
+            size: d.size,
+            block_size: d.block_size,
+            blocks,
+            data,
+            point: Some(p.id),
+        }));
+    }
+    let (d, map) = s.protection.base_map(&vm, &disk).await?;
+    s.protection
+        .refuse_damaged(&vm, Some(&disk), d.base_point.cycle)
+        .await?;
+    let data = map
+        .entries()
+        .filter_map(|(i, e)| match e {
+            MapEntry::Data { hash, .. } => Some((i, hash.to_hex())),
+            MapEntry::Zero => None,
+        })
+        .collect();
+    Ok(Json(MapView {
+        size: d.size,
+        block_size: d.block_size,
+        blocks: map.len(),
+        data,
+        point: None,
+    }))
+}
+
+async fn get_block(
+    _: Operator,
+    State(s): State<AppState>,
+    VmName(vm): VmName,
+    DiskName(disk): DiskName,
+    BlockIndex(i): BlockIndex,
+    Query(q): Query<PointQuery>,
+) -> ApiResult<Response> {
+    let (bytes, hash) = match q.point {
+        Some(sel) => {
+            let p = s.protection.resolve_point(&vm, &sel).await?;
+            s.protection
+                .refuse_damaged(&vm, Some(&disk), p.cycle)
+                .await?;
+            s.protection
+                .point_reader(&vm, &disk, p.cycle)
+                .await?
+                .read_block(i)
+                .await?
+        }
+        None => s.protection.read_block(&vm, &disk, i).await?,
+    };
+    let mut resp = Body::from(bytes).into_response();
+    resp.headers_mut().insert(
+        BLAKE3_HEADER,
+        hash.to_hex()
+            .parse()
+            .map_err(|_| Error::internal("header"))?,
+    );
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        "application/octet-stream"
+            .parse()
+            .map_err(|_| Error::internal("header"))?,
+    );
+    Ok(resp)
+}
+
+async fn set_vm_policy(
+    _: Operator,
+    State(s): State<AppState>,
+    VmName(vm): VmName,
+    body: Body,
+) -> ApiResult<Json<crate::protection::VmView>> {
+    let change: crate::protection::PolicyChange = read_json(body).await?;
+    Ok(Json(s.protection.set_policy(&vm, &change).await?))
+}
+
+async fn set_nic_override(
+    _: Operator,
+    State(s): State<AppState>,
+    VmName(vm): VmName,
+    NicIndex(i): NicIndex,
+    body: Body,
+) -> ApiResult<Json<crate::protection::VmView>> {
+    let o: crate::failover::definition::NicOptions = read_json(body).await?;
+    let rec = s.protection.set_nic_override(&vm, i, Some(o)).await?;
+    Ok(Json(s.protection.view(&rec).await))
+}
+
+async fn clear_nic_override(
+    _: Operator,
+    State(s): State<AppState>,
+    VmName(vm): VmName,
+    NicIndex(i): NicIndex,
+) -> ApiResult<Json<crate::protection::VmView>> {
+    let rec = s.protection.set_nic_override(&vm, i, None).await?;
+    Ok(Json(s.protection.view(&rec).await))
+}
