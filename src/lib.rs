@@ -90,6 +90,7 @@ pub mod file_formats;
 pub mod format;
 pub mod jobs;
 pub mod journal;
+#[path = "catalog/mod.rs"]
 pub mod protection;
 pub mod replica;
 pub mod scrub;

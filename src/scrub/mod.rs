@@ -38,6 +38,7 @@
 //! not see the chunks behind it, so collection refuses (`409 gc_mark_incomplete`) until verify
 //! has registered the damage and the points needing it are gone; it never guesses.
 
+#[path = "../replica/damage.rs"]
 pub mod damage;
 pub mod gc;
 pub mod refs;

@@ -7,9 +7,13 @@
 //! State lives in the vault as versioned records (`records/vm/<id>`, `records/disk/<vm>-<disk>`);
 //! this service caches them because this process is their only writer.
 
+#[path = "../ingest/logs.rs"]
 pub mod delta;
+#[path = "../replica/points.rs"]
 pub mod points;
+#[path = "../replica/resync.rs"]
 pub mod resync;
+#[path = "../ingest/blocks.rs"]
 pub mod session;
 pub mod spec;
 
