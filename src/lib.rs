@@ -80,6 +80,7 @@
 pub mod agent;
 pub mod api;
 pub mod bench;
+pub mod catalog;
 pub mod chunk;
 pub mod cli;
 pub mod client;
@@ -88,13 +89,14 @@ pub mod error;
 pub mod failover;
 pub mod file_formats;
 pub mod format;
+pub mod ingest;
 pub mod jobs;
 pub mod journal;
-#[path = "catalog/mod.rs"]
-pub mod protection;
+pub mod overview;
 pub mod replica;
 pub mod scrub;
 pub mod server;
+pub mod services;
 pub mod store;
 pub mod tasks;
 pub mod util;

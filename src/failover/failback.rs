@@ -25,14 +25,14 @@ use serde::{Deserialize, Serialize};
 
 use super::definition::FailoverKind;
 use super::service::{FailoverRecord, FailoverState, Failovers};
+use crate::catalog::VmState;
 use crate::chunk::PlainHash;
 use crate::error::{Error, Result};
 use crate::format::image::DiskImage;
 use crate::jobs::{JobKind, JobState};
-use crate::protection::resync::{DigestRequest, FineRequest, MAX_FINE_BLOCKS};
-use crate::protection::VmState;
 use crate::replica::blockmap::{block_count, block_len, BlockMap, MapEntry};
 use crate::replica::patch;
+use crate::replica::resync::{DigestRequest, FineRequest, MAX_FINE_BLOCKS};
 use crate::vault::layout::{self, Family};
 
 /// What the agent is told about one disk to fail back.
@@ -92,7 +92,7 @@ struct Target {
 impl Failovers {
     /// The committed failover's materialized disk, opened for reading.
     async fn target(&self, host: Option<&str>, vm: &str, disk: &str) -> Result<Target> {
-        let (v, d) = self.protection.disk_for(host, vm, disk).await?;
+        let (v, d) = self.catalog.disk_for(host, vm, disk).await?;
         let rec = self.current(vm).await?.ok_or_else(|| {
             Error::conflict(
                 "not_failed_over",
@@ -272,11 +272,11 @@ impl Failovers {
             .ok_or_else(|| Error::invalid("invalid_hash", "digest is not 64 hex digits"))?;
         let t = self.target(Some(host), vm, disk).await?;
         let h = self.target_hashes(&t).await?;
-        let actual = crate::protection::resync::digest_of(&h);
+        let actual = crate::replica::resync::digest_of(&h);
         if !actual.ct_eq(&claimed) {
             return Err(Error::conflict("digest_mismatch", format!("disk {disk}: the on-premises disk digests to {}, the target disk to {}: run the failback again (is the failed-over VM still writing?)", claimed.to_hex(), actual.to_hex())));
         }
-        let (v, _) = self.protection.disk_for(None, vm, disk).await?;
+        let (v, _) = self.catalog.disk_for(None, vm, disk).await?;
         let fid = t.record.id.clone();
         let disk = disk.to_string();
         let vm_name = vm.to_string();
@@ -311,7 +311,7 @@ impl Failovers {
     }
 
     pub async fn failback_record(&self, vm: &str) -> Result<Option<FailbackRecord>> {
-        let v = self.protection.vm_for(None, vm).await?;
+        let v = self.catalog.vm_for(None, vm).await?;
         Ok(self
             .vault()
             .records
@@ -323,7 +323,7 @@ impl Failovers {
     /// Ends the failback: every disk synchronized and unchanged since, the target disks become
     /// the replica's newest point, and the VM is protected again from the on-premises side.
     pub async fn failback_commit(&self, vm: &str, force: bool) -> Result<FailbackRecord> {
-        let v = self.protection.vm_for(None, vm).await?;
+        let v = self.catalog.vm_for(None, vm).await?;
         if v.state != VmState::FailedOver {
             if let Some(r) = self
                 .failback_record(vm)
@@ -380,7 +380,7 @@ impl Failovers {
     ) -> Result<FailbackRecord> {
         for (disk, t) in &targets {
             let h = self.target_hashes(t).await?;
-            let digest = crate::protection::resync::digest_of(&h).to_hex();
+            let digest = crate::replica::resync::digest_of(&h).to_hex();
             match rec.synced.get(disk) {
                 Some(s) if s.digest == digest => {}
                 _ if force => {}
@@ -411,17 +411,17 @@ impl Failovers {
             )
             .await?;
         let cycle = self
-            .protection
+            .replicas
             .install_snapshots(vm, &format!("failback:{fid}"), &roots, None)
             .await?;
         drop(fenced);
-        self.protection.set_state(vm, VmState::Protected).await?;
+        self.catalog.set_state(vm, VmState::Protected).await?;
         if let Some(mut f) = self.current(vm).await? {
             f.state = FailoverState::FailedBack;
             f.ended_unix = Some(crate::util::unix_now());
             self.put_record(&f).await?;
         }
-        let v = self.protection.vm_for(None, vm).await?;
+        let v = self.catalog.vm_for(None, vm).await?;
         let now = crate::util::unix_now();
         let job_id = job.to_string();
         let vm_name = vm.to_string();
