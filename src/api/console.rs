@@ -26,9 +26,9 @@ use serde::{Deserialize, Serialize};
 use super::auth::Operator;
 use super::error::ApiResult;
 use super::AppState;
+use crate::catalog::VmRecord;
 use crate::error::Error;
 use crate::failover::network::NetworkConfig;
-use crate::protection::VmRecord;
 
 const INDEX_HTML: &str = include_str!("console/index.html");
 const APP_JS: &str = include_str!("console/app.js");
@@ -144,7 +144,7 @@ pub async fn vm_nics(
     if !crate::vault::registry::valid_name(&vm) {
         return Err(Error::invalid("invalid_name", format!("VM name {vm:?}: use 1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit")).into());
     }
-    let rec = s.protection.vm_for(None, &vm).await?;
+    let rec = s.catalog.vm_for(None, &vm).await?;
     Ok(Json(nic_mappings(&rec, s.failovers.networks())))
 }
 
@@ -192,7 +192,7 @@ mod tests {
             id: "id".into(),
             owner: "hv".into(),
             spec: serde_json::from_value(spec).unwrap(),
-            state: crate::protection::VmState::Protected,
+            state: crate::catalog::VmState::Protected,
             warnings: vec![],
             created_unix: 0,
             protected_unix: None,

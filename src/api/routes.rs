@@ -13,9 +13,10 @@ use serde::{Deserialize, Serialize};
 use super::auth::{AgentHost, Operator};
 use super::error::{ApiError, ApiResult};
 use super::AppState;
+use crate::catalog::VmSpec;
 use crate::chunk::PlainHash;
 use crate::error::Error;
-use crate::protection::{CompleteRequest, ReceivedQuery, VmSpec};
+use crate::ingest::{CompleteRequest, ReceivedQuery};
 use crate::replica::MapEntry;
 use crate::vault::layout::{self, Family};
 use crate::vault::registry::{
@@ -243,11 +244,11 @@ async fn healthz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    for v in s.protection.list().await {
+    for v in s.overview.list().await {
         let health = match v.health {
-            crate::protection::Health::Normal => 0.0,
-            crate::protection::Health::Warning => 1.0,
-            crate::protection::Health::Critical => 2.0,
+            crate::catalog::Health::Normal => 0.0,
+            crate::catalog::Health::Warning => 1.0,
+            crate::catalog::Health::Critical => 2.0,
         };
         metrics::gauge!("drvault_vm_health", "vm" => v.name.clone()).set(health);
         metrics::gauge!("drvault_vm_replication_progress", "vm" => v.name.clone()).set(v.progress);
@@ -294,7 +295,7 @@ struct ServerInfo {
 async fn server_info(_: Operator, State(s): State<AppState>) -> Json<ServerInfo> {
     Json(ServerInfo {
         version: env!("CARGO_PKG_VERSION"),
-        block_size: s.protection.block_size(),
+        block_size: s.catalog.block_size(),
     })
 }
 
@@ -350,7 +351,7 @@ struct HostView {
 
 async fn list_hosts(_: Operator, State(s): State<AppState>) -> Json<Vec<HostView>> {
     let reg = s.registry.read().await.clone();
-    let vms = s.protection.list().await;
+    let vms = s.overview.list().await;
     Json(
         reg.hosts
             .values()
@@ -521,18 +522,18 @@ async fn remove_provider(
 
 // ---------- VMs, maps, blocks, jobs (operator) ----------
 
-async fn list_vms(_: Operator, State(s): State<AppState>) -> Json<Vec<crate::protection::VmView>> {
-    Json(s.protection.list().await)
+async fn list_vms(_: Operator, State(s): State<AppState>) -> Json<Vec<crate::catalog::VmView>> {
+    Json(s.overview.list().await)
 }
 
 async fn get_vm(
     _: Operator,
     State(s): State<AppState>,
     Path(vm): Path<String>,
-) -> ApiResult<Json<crate::protection::VmView>> {
+) -> ApiResult<Json<crate::catalog::VmView>> {
     name("VM", &vm)?;
-    let rec = s.protection.vm_for(None, &vm).await?;
-    Ok(Json(s.protection.view(&rec).await))
+    let rec = s.catalog.vm_for(None, &vm).await?;
+    Ok(Json(s.overview.view(&rec).await))
 }
 
 /// A disk's map as the export client needs it: geometry and the data blocks with their hashes.
@@ -564,11 +565,9 @@ async fn get_map(
     name("VM", &vm)?;
     name("disk", &disk)?;
     if let Some(sel) = q.point {
-        let p = s.protection.resolve_point(&vm, &sel).await?;
-        s.protection
-            .refuse_damaged(&vm, Some(&disk), p.cycle)
-            .await?;
-        let (d, blocks) = s.protection.point_blocks(&vm, &disk, p.cycle).await?;
+        let p = s.replicas.resolve_point(&vm, &sel).await?;
+        s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
+        let (d, blocks) = s.replicas.point_blocks(&vm, &disk, p.cycle).await?;
         let data = blocks
             .into_iter()
             .map(|(i, h)| (i, h.unwrap_or_default()))
@@ -582,8 +581,8 @@ async fn get_map(
             point: Some(p.id),
         }));
     }
-    let (d, map) = s.protection.base_map(&vm, &disk).await?;
-    s.protection
+    let (d, map) = s.replicas.base_map(&vm, &disk).await?;
+    s.replicas
         .refuse_damaged(&vm, Some(&disk), d.base_point.cycle)
         .await?;
     let data = map
@@ -613,17 +612,15 @@ async fn get_block(
     let i = index(&idx)?;
     let (bytes, hash) = match q.point {
         Some(sel) => {
-            let p = s.protection.resolve_point(&vm, &sel).await?;
-            s.protection
-                .refuse_damaged(&vm, Some(&disk), p.cycle)
-                .await?;
-            s.protection
+            let p = s.replicas.resolve_point(&vm, &sel).await?;
+            s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
+            s.replicas
                 .point_reader(&vm, &disk, p.cycle)
                 .await?
                 .read_block(i)
                 .await?
         }
-        None => s.protection.read_block(&vm, &disk, i).await?,
+        None => s.replicas.read_block(&vm, &disk, i).await?,
     };
     let mut resp = Body::from(bytes).into_response();
     resp.headers_mut().insert(
@@ -680,10 +677,11 @@ async fn enable_protection(
     State(s): State<AppState>,
     Path(vm): Path<String>,
     body: Body,
-) -> ApiResult<(StatusCode, Json<crate::protection::VmView>)> {
+) -> ApiResult<(StatusCode, Json<crate::catalog::VmView>)> {
     name("VM", &vm)?;
     let spec: VmSpec = read_json(body).await?;
-    let (view, created) = s.protection.enable(&host, &vm, &spec).await?;
+    let (rec, created) = s.catalog.enable(&host, &vm, &spec).await?;
+    let view = s.overview.view(&rec).await;
     Ok((
         if created {
             StatusCode::CREATED
@@ -698,10 +696,10 @@ async fn agent_get_vm(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
     Path(vm): Path<String>,
-) -> ApiResult<Json<crate::protection::VmView>> {
+) -> ApiResult<Json<crate::catalog::VmView>> {
     name("VM", &vm)?;
-    let rec = s.protection.vm_for(Some(&host), &vm).await?;
-    Ok(Json(s.protection.view(&rec).await))
+    let rec = s.catalog.vm_for(Some(&host), &vm).await?;
+    Ok(Json(s.overview.view(&rec).await))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -719,7 +717,7 @@ async fn agent_query_blocks(
     name("disk", &disk)?;
     let q: ReceivedQuery = read_json(body).await?;
     Ok(Json(MissingBlocks {
-        missing: s.protection.missing_blocks(&host, &vm, &disk, &q).await?,
+        missing: s.ingest.missing_blocks(&host, &vm, &disk, &q).await?,
     }))
 }
 
@@ -729,16 +727,16 @@ async fn agent_put_block(
     Path((vm, disk, idx)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<crate::protection::BlockAck>> {
+) -> ApiResult<Json<crate::ingest::BlockAck>> {
     name("VM", &vm)?;
     name("disk", &disk)?;
     let i = index(&idx)?;
     // Authorization and geometry before reading a byte of the body.
-    let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
+    let (_, d) = s.catalog.disk_for(Some(&host), &vm, &disk).await?;
     let (claimed, bytes, _ingesting) =
         read_block_body(&s, &host, &headers, body, d.block_size as usize, "block").await?;
     Ok(Json(
-        s.protection
+        s.ingest
             .put_block(&host, &vm, &disk, i, claimed, bytes)
             .await?,
     ))
@@ -749,22 +747,20 @@ async fn agent_complete_disk(
     State(s): State<AppState>,
     Path((vm, disk)): Path<(String, String)>,
     body: Body,
-) -> ApiResult<Json<crate::protection::DiskView>> {
+) -> ApiResult<Json<crate::catalog::DiskView>> {
     name("VM", &vm)?;
     name("disk", &disk)?;
     let req: CompleteRequest = read_json(body).await?;
-    Ok(Json(
-        s.protection.complete_disk(&host, &vm, &disk, &req).await?,
-    ))
+    Ok(Json(s.ingest.complete_disk(&host, &vm, &disk, &req).await?))
 }
 
 async fn list_points(
     _: Operator,
     State(s): State<AppState>,
     Path(vm): Path<String>,
-) -> ApiResult<Json<Vec<crate::protection::points::PointView>>> {
+) -> ApiResult<Json<Vec<crate::replica::points::PointView>>> {
     name("VM", &vm)?;
-    Ok(Json(s.protection.points_and_incomplete(&vm).await?))
+    Ok(Json(s.replicas.points_and_incomplete(&vm).await?))
 }
 
 #[derive(Deserialize, Default)]
@@ -783,13 +779,13 @@ async fn merge_vm(
     State(s): State<AppState>,
     Path(vm): Path<String>,
     body: Body,
-) -> ApiResult<Json<crate::protection::points::MergeReport>> {
+) -> ApiResult<Json<crate::replica::points::MergeReport>> {
     name("VM", &vm)?;
     let req: MergeRequest = read_json(body).await?;
-    s.protection.vm_for(None, &vm).await?;
+    s.catalog.vm_for(None, &vm).await?;
     // Resolved before the job exists: a refused point leaves no job running forever.
     let through = match &req.through {
-        Some(p) => Some(s.protection.resolve_point(&vm, p).await?.cycle),
+        Some(p) => Some(s.replicas.resolve_point(&vm, p).await?.cycle),
         None => None,
     };
     let job = s
@@ -801,7 +797,7 @@ async fn merge_vm(
             crate::jobs::JobState::Running,
         )
         .await?;
-    match s.protection.merge_vm_through(&vm, req.all, through).await {
+    match s.replicas.merge_vm_through(&vm, req.all, through).await {
         Ok(r) => {
             s.jobs.succeed(&job.id).await?;
             Ok(Json(r))
@@ -829,14 +825,14 @@ async fn agent_put_log(
     Query(q): Query<LogQuery>,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<crate::protection::delta::LogAck>> {
+) -> ApiResult<Json<crate::ingest::logs::LogAck>> {
     name("VM", &vm)?;
     name("disk", &disk)?;
     let len = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let meta = crate::protection::delta::LogMeta {
+    let meta = crate::ingest::logs::LogMeta {
         cycle: q.cycle,
         app_consistent: q.app_consistent,
         final_log: q.final_log,
@@ -852,7 +848,7 @@ async fn agent_put_log(
     // drops this handler's future, and a log accepted that way would stop wherever it was,
     // leaving the frames already stored behind. The task instead sees the body end in an error
     // and deletes them, as for any refused log.
-    let p = s.protection.clone();
+    let p = s.ingest.clone();
     let ack = tokio::spawn(async move {
         let _memory = memory;
         p.accept_log(&host, &vm, &disk, &log_id, meta, len, stream)
@@ -868,10 +864,11 @@ async fn set_vm_policy(
     State(s): State<AppState>,
     Path(vm): Path<String>,
     body: Body,
-) -> ApiResult<Json<crate::protection::VmView>> {
+) -> ApiResult<Json<crate::catalog::VmView>> {
     name("VM", &vm)?;
-    let change: crate::protection::PolicyChange = read_json(body).await?;
-    Ok(Json(s.protection.set_policy(&vm, &change).await?))
+    let change: crate::catalog::PolicyChange = read_json(body).await?;
+    let rec = s.catalog.set_policy(&vm, &change).await?;
+    Ok(Json(s.overview.view(&rec).await))
 }
 
 async fn start_failover(
@@ -894,7 +891,7 @@ async fn show_failover(
     Path(vm): Path<String>,
 ) -> ApiResult<Json<crate::failover::service::FailoverView>> {
     name("VM", &vm)?;
-    s.protection.vm_for(None, &vm).await?;
+    s.catalog.vm_for(None, &vm).await?;
     Ok(Json(s.failovers.show(&vm).await?))
 }
 
@@ -904,7 +901,7 @@ async fn cleanup_failover(
     Path(vm): Path<String>,
 ) -> ApiResult<Json<crate::failover::service::FailoverRecord>> {
     name("VM", &vm)?;
-    s.protection.vm_for(None, &vm).await?;
+    s.catalog.vm_for(None, &vm).await?;
     Ok(Json(s.failovers.cleanup(&vm).await?))
 }
 
@@ -914,7 +911,7 @@ async fn commit_failover(
     Path(vm): Path<String>,
 ) -> ApiResult<Json<crate::failover::service::FailoverRecord>> {
     name("VM", &vm)?;
-    s.protection.vm_for(None, &vm).await?;
+    s.catalog.vm_for(None, &vm).await?;
     Ok(Json(s.failovers.commit(&vm).await?))
 }
 
@@ -924,7 +921,7 @@ async fn cancel_failover(
     Path(vm): Path<String>,
 ) -> ApiResult<Json<crate::failover::service::FailoverRecord>> {
     name("VM", &vm)?;
-    s.protection.vm_for(None, &vm).await?;
+    s.catalog.vm_for(None, &vm).await?;
     Ok(Json(s.failovers.cancel(&vm).await?))
 }
 
@@ -990,25 +987,25 @@ async fn set_nic_override(
     State(s): State<AppState>,
     Path((vm, idx)): Path<(String, String)>,
     body: Body,
-) -> ApiResult<Json<crate::protection::VmView>> {
+) -> ApiResult<Json<crate::catalog::VmView>> {
     name("VM", &vm)?;
     let i = u32::try_from(index(&idx)?)
         .map_err(|_| Error::invalid("invalid_index", "NIC index too large"))?;
     let o: crate::failover::definition::NicOptions = read_json(body).await?;
-    let rec = s.protection.set_nic_override(&vm, i, Some(o)).await?;
-    Ok(Json(s.protection.view(&rec).await))
+    let rec = s.catalog.set_nic_override(&vm, i, Some(o)).await?;
+    Ok(Json(s.overview.view(&rec).await))
 }
 
 async fn clear_nic_override(
     _: Operator,
     State(s): State<AppState>,
     Path((vm, idx)): Path<(String, String)>,
-) -> ApiResult<Json<crate::protection::VmView>> {
+) -> ApiResult<Json<crate::catalog::VmView>> {
     name("VM", &vm)?;
     let i = u32::try_from(index(&idx)?)
         .map_err(|_| Error::invalid("invalid_index", "NIC index too large"))?;
-    let rec = s.protection.set_nic_override(&vm, i, None).await?;
-    Ok(Json(s.protection.view(&rec).await))
+    let rec = s.catalog.set_nic_override(&vm, i, None).await?;
+    Ok(Json(s.overview.view(&rec).await))
 }
 
 /// What a block or patch upload holds while the server stores it: the memory of its body and
@@ -1102,12 +1099,10 @@ async fn agent_resync_view(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
     Path((vm, disk)): Path<(String, String)>,
-) -> ApiResult<Json<crate::protection::resync::ResyncDiskView>> {
+) -> ApiResult<Json<crate::replica::resync::ResyncDiskView>> {
     name("VM", &vm)?;
     name("disk", &disk)?;
-    Ok(Json(
-        s.protection.resync_disk_view(&host, &vm, &disk).await?,
-    ))
+    Ok(Json(s.resyncs.resync_disk_view(&host, &vm, &disk).await?))
 }
 
 async fn agent_resync_hashes(
@@ -1117,7 +1112,7 @@ async fn agent_resync_hashes(
 ) -> ApiResult<Response> {
     name("VM", &vm)?;
     name("disk", &disk)?;
-    Ok(octets(s.protection.resync_hashes(&host, &vm, &disk).await?))
+    Ok(octets(s.resyncs.resync_hashes(&host, &vm, &disk).await?))
 }
 
 async fn agent_resync_fine(
@@ -1128,9 +1123,9 @@ async fn agent_resync_fine(
 ) -> ApiResult<Response> {
     name("VM", &vm)?;
     name("disk", &disk)?;
-    let req: crate::protection::resync::FineRequest = read_json(body).await?;
+    let req: crate::replica::resync::FineRequest = read_json(body).await?;
     Ok(octets(
-        s.protection.resync_fine(&host, &vm, &disk, &req).await?,
+        s.resyncs.resync_fine(&host, &vm, &disk, &req).await?,
     ))
 }
 
@@ -1140,16 +1135,16 @@ async fn agent_resync_patch(
     Path((vm, disk, idx)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<crate::protection::resync::PatchAck>> {
+) -> ApiResult<Json<crate::replica::resync::PatchAck>> {
     name("VM", &vm)?;
     name("disk", &disk)?;
     let i = index(&idx)?;
-    let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
+    let (_, d) = s.catalog.disk_for(Some(&host), &vm, &disk).await?;
     let limit = crate::replica::patch::max_patch_len(d.block_size as usize);
     let (claimed, bytes, _ingesting) =
         read_block_body(&s, &host, &headers, body, limit, "patch").await?;
     Ok(Json(
-        s.protection
+        s.resyncs
             .resync_put_patch(&host, &vm, &disk, i, claimed, bytes)
             .await?,
     ))
@@ -1160,14 +1155,12 @@ async fn agent_resync_complete(
     State(s): State<AppState>,
     Path((vm, disk)): Path<(String, String)>,
     body: Body,
-) -> ApiResult<Json<crate::protection::resync::ResyncCompletion>> {
+) -> ApiResult<Json<crate::replica::resync::ResyncCompletion>> {
     name("VM", &vm)?;
     name("disk", &disk)?;
-    let req: crate::protection::resync::DigestRequest = read_json(body).await?;
+    let req: crate::replica::resync::DigestRequest = read_json(body).await?;
     Ok(Json(
-        s.protection
-            .resync_complete(&host, &vm, &disk, &req)
-            .await?,
+        s.resyncs.resync_complete(&host, &vm, &disk, &req).await?,
     ))
 }
 
@@ -1176,11 +1169,11 @@ async fn start_resync(
     State(s): State<AppState>,
     Path(vm): Path<String>,
     body: Body,
-) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
+) -> ApiResult<Json<crate::replica::resync::ResyncSession>> {
     name("VM", &vm)?;
-    let req: crate::protection::resync::ResyncRequest = read_json(body).await?;
+    let req: crate::replica::resync::ResyncRequest = read_json(body).await?;
     Ok(Json(
-        s.protection
+        s.resyncs
             .start_resync(&vm, &req, "requested by the operator")
             .await?,
     ))
@@ -1190,10 +1183,10 @@ async fn show_resync(
     _: Operator,
     State(s): State<AppState>,
     Path(vm): Path<String>,
-) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
+) -> ApiResult<Json<crate::replica::resync::ResyncSession>> {
     name("VM", &vm)?;
-    let v = s.protection.vm_for(None, &vm).await?;
-    Ok(Json(s.protection.resync_session(&v.id).await?.ok_or_else(
+    let v = s.catalog.vm_for(None, &vm).await?;
+    Ok(Json(s.resyncs.resync_session(&v.id).await?.ok_or_else(
         || {
             Error::not_found(
                 "no_resync",
@@ -1207,9 +1200,9 @@ async fn cancel_resync(
     _: Operator,
     State(s): State<AppState>,
     Path(vm): Path<String>,
-) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
+) -> ApiResult<Json<crate::replica::resync::ResyncSession>> {
     name("VM", &vm)?;
-    Ok(Json(s.protection.cancel_resync(&vm).await?))
+    Ok(Json(s.resyncs.cancel_resync(&vm).await?))
 }
 
 async fn agent_failback_view(
@@ -1242,7 +1235,7 @@ async fn agent_failback_fine(
 ) -> ApiResult<Response> {
     name("VM", &vm)?;
     name("disk", &disk)?;
-    let req: crate::protection::resync::FineRequest = read_json(body).await?;
+    let req: crate::replica::resync::FineRequest = read_json(body).await?;
     Ok(octets(
         s.failovers.failback_fine(&host, &vm, &disk, &req).await?,
     ))
@@ -1270,7 +1263,7 @@ async fn agent_failback_complete(
 ) -> ApiResult<Json<crate::failover::failback::FailbackRecord>> {
     name("VM", &vm)?;
     name("disk", &disk)?;
-    let req: crate::protection::resync::DigestRequest = read_json(body).await?;
+    let req: crate::replica::resync::DigestRequest = read_json(body).await?;
     Ok(Json(
         s.failovers
             .failback_complete(&host, &vm, &disk, &req)

@@ -44,8 +44,8 @@ use super::{io_err, median, parse_size_arg, BenchError};
 use crate::agent::replicate::{replicate, ReplicateOptions};
 use crate::format::hrl::Guid;
 use crate::format::image::DiskImage;
-use crate::protection::delta::LogAck;
-use crate::protection::points::MergeReport;
+use crate::ingest::logs::LogAck;
+use crate::replica::points::MergeReport;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DeltasArgs {
