@@ -29,6 +29,7 @@ use tokio::sync::{Mutex, RwLock};
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
 use crate::vault::layout::{self, Family};
+use crate::vault::records::Versioned;
 use crate::vault::Vault;
 
 pub use spec::{DiskSpec, NicSpec, Policy, VmSpec};
@@ -240,7 +241,8 @@ pub struct Catalog {
     jobs: Jobs,
     block_size: u32,
     mapped_networks: Arc<BTreeSet<String>>,
-    vms: Arc<RwLock<BTreeMap<String, VmRecord>>>,
+    /// VM records by name, with the version each was read or written at.
+    vms: Arc<RwLock<BTreeMap<String, Versioned<VmRecord>>>>,
     disks: Arc<RwLock<BTreeMap<(String, String), DiskRecord>>>,
     /// One journal writer at a time per disk, by (vm id, disk id).
     journal_locks: Arc<Mutex<BTreeMap<(String, String), JournalLock>>>,
@@ -261,7 +263,7 @@ impl Catalog {
                 .load::<VmRecord>(&layout::record(Family::Vm, &id))
                 .await?
             {
-                vms.insert(v.value.name.clone(), v.value);
+                vms.insert(v.value.name.clone(), v);
             }
         }
         let mut disks = BTreeMap::new();
@@ -288,8 +290,8 @@ impl Catalog {
             .read()
             .await
             .values()
-            .filter(|v| v.state == VmState::InitialReplication)
-            .map(|v| v.name.clone())
+            .filter(|v| v.value.state == VmState::InitialReplication)
+            .map(|v| v.value.name.clone())
             .collect();
         for vm in pending {
             c.finalize_if_complete(&vm).await?;
@@ -330,7 +332,12 @@ impl Catalog {
 
     /// Every VM record, by name.
     pub async fn vms(&self) -> Vec<VmRecord> {
-        self.vms.read().await.values().cloned().collect()
+        self.vms
+            .read()
+            .await
+            .values()
+            .map(|v| v.value.clone())
+            .collect()
     }
 
     /// The disk's journal lock: held by whoever appends to or rewrites its journal.
@@ -355,7 +362,7 @@ impl Catalog {
     /// Enable protection (idempotent for the same host and spec).
     pub async fn enable(&self, host: &str, vm: &str, spec: &VmSpec) -> Result<(VmRecord, bool)> {
         let (spec, warnings) = spec::validate(vm, spec, &self.mapped_networks)?;
-        if let Some(existing) = self.vms.read().await.get(vm).cloned() {
+        if let Some(existing) = self.vms.read().await.get(vm).map(|v| v.value.clone()) {
             if existing.owner != host {
                 return Err(Error::forbidden(format!(
                     "VM {vm} is protected by another host"
@@ -419,7 +426,8 @@ impl Catalog {
                 resync_required: None,
                 resync_fence: None,
                 stats: DiskStats {
-                    blocks: crate::replica::blockmap::block_count(d.size, self.block_size),
+                    // Every block is `block_size` bytes but the last (see `replica::blockmap`).
+                    blocks: d.size.div_ceil(self.block_size as u64),
                     ..Default::default()
                 },
                 completed_unix: None,
@@ -460,7 +468,14 @@ impl Catalog {
                 recoverable: true,
             });
         }
-        self.vms.write().await.insert(vm.to_string(), rec.clone());
+        // `create` wrote version 1.
+        self.vms.write().await.insert(
+            vm.to_string(),
+            Versioned {
+                version: 1,
+                value: rec.clone(),
+            },
+        );
         tracing::info!(vm, host, disks = rec.spec.disks.len(), "protection enabled");
         Ok((rec, true))
     }
@@ -468,17 +483,26 @@ impl Catalog {
     /// Every VM record and every disk record, as this server holds them (it is their only
     /// writer, so these are the current versions).
     pub async fn all_records(&self) -> (Vec<VmRecord>, Vec<DiskRecord>) {
-        let vms = self.vms.read().await.values().cloned().collect();
+        let vms = self
+            .vms
+            .read()
+            .await
+            .values()
+            .map(|v| v.value.clone())
+            .collect();
         let disks = self.disks.read().await.values().cloned().collect();
         (vms, disks)
     }
 
     /// The VM record, checking that `host` may act on it (None = operator).
     pub async fn vm_for(&self, host: Option<&str>, vm: &str) -> Result<VmRecord> {
-        let rec =
-            self.vms.read().await.get(vm).cloned().ok_or_else(|| {
-                Error::not_found("vm_not_found", format!("VM {vm} is not protected"))
-            })?;
+        let rec = self
+            .vms
+            .read()
+            .await
+            .get(vm)
+            .map(|v| v.value.clone())
+            .ok_or_else(|| Error::not_found("vm_not_found", format!("VM {vm} is not protected")))?;
         if let Some(h) = host {
             if rec.owner != h {
                 return Err(Error::forbidden(format!("VM {vm} belongs to another host")));
@@ -599,10 +623,14 @@ impl Catalog {
             )
             .await?
             .ok_or_else(|| Error::internal("VM record missing after update"))?;
-        self.vms
-            .write()
-            .await
-            .insert(vm.to_string(), updated.value.clone());
+        // Concurrent updates can finish out of order: the cache keeps the newest version.
+        let mut vms = self.vms.write().await;
+        if vms
+            .get(vm)
+            .is_none_or(|cached| cached.version < updated.version)
+        {
+            vms.insert(vm.to_string(), updated.clone());
+        }
         Ok(updated.value)
     }
 
@@ -723,4 +751,139 @@ pub fn complete_disk_view(r: &DiskRecord) -> DiskView {
         r.stats.blocks,
         (r.stats.stored_bytes, r.stats.deduplicated_bytes),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failover::definition::NicOptions;
+    use crate::services::testing::{memory, reload, spec};
+
+    fn with_nics(mut s: VmSpec, n: usize) -> VmSpec {
+        s.nics = (0..n)
+            .map(|i| NicSpec {
+                network: "corp".into(),
+                mac: format!("00:15:5d:00:00:{i:02x}"),
+                ip: None,
+            })
+            .collect();
+        s
+    }
+
+    #[tokio::test]
+    async fn records_and_their_changes_survive_a_restart() {
+        let (s, vault) = memory().await;
+        let (rec, created) = s
+            .catalog
+            .enable("h", "vm", &spec(&[("os", 4), ("data", 2)]))
+            .await
+            .unwrap();
+        assert!(created);
+        assert_eq!(rec.state, VmState::InitialReplication);
+        let change = PolicyChange {
+            retention_s: Some(7200),
+            ..Default::default()
+        };
+        s.catalog.set_policy("vm", &change).await.unwrap();
+        let policy = |r: VmRecord| r.spec.policy.unwrap_or_default().retention_s;
+        // The cache answers with the change at once, a restarted server from the vault.
+        assert_eq!(policy(s.catalog.vm_for(None, "vm").await.unwrap()), 7200);
+        let again = reload(&vault).await;
+        assert_eq!(
+            policy(again.catalog.vm_for(Some("h"), "vm").await.unwrap()),
+            7200
+        );
+        let (_, d) = again.catalog.disk_for(None, "vm", "data").await.unwrap();
+        assert_eq!((d.state, d.stats.blocks), (DiskState::Receiving, 2));
+        let code = |e: Error| e.code().to_string();
+        assert_eq!(
+            code(again.catalog.vm_for(Some("other"), "vm").await.unwrap_err()),
+            "forbidden"
+        );
+        assert_eq!(
+            code(
+                again
+                    .catalog
+                    .disk_for(None, "vm", "swap")
+                    .await
+                    .unwrap_err()
+            ),
+            "disk_not_found"
+        );
+        assert_eq!(
+            code(again.catalog.vm_for(None, "nope").await.unwrap_err()),
+            "vm_not_found"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_policy_change_leaves_the_policy_as_it_was() {
+        let (s, vault) = memory().await;
+        s.catalog
+            .enable("h", "vm", &spec(&[("os", 1)]))
+            .await
+            .unwrap();
+        let bad = PolicyChange {
+            interval_s: Some(7),
+            ..Default::default()
+        };
+        let e = s.catalog.set_policy("vm", &bad).await.unwrap_err();
+        assert_eq!(e.code(), "invalid_policy");
+        for c in [s.catalog.clone(), reload(&vault).await.catalog] {
+            let r = c.vm_for(None, "vm").await.unwrap();
+            assert_eq!(r.spec.policy.unwrap_or_default(), Policy::default());
+        }
+    }
+
+    #[tokio::test]
+    async fn enabling_again_is_idempotent_and_a_different_spec_is_refused() {
+        let (s, _vault) = memory().await;
+        let first = spec(&[("os", 2)]);
+        s.catalog.enable("h", "vm", &first).await.unwrap();
+        let (again, created) = s.catalog.enable("h", "vm", &first).await.unwrap();
+        assert!(!created);
+        assert_eq!(
+            again.enable_job,
+            s.catalog.vm_for(None, "vm").await.unwrap().enable_job
+        );
+        let e = s
+            .catalog
+            .enable("h", "vm", &spec(&[("os", 3)]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "vm_exists");
+        let e = s.catalog.enable("h2", "vm", &first).await.unwrap_err();
+        assert_eq!(e.code(), "forbidden");
+        let (_, d) = s.catalog.disk_for(None, "vm", "os").await.unwrap();
+        assert_eq!(d.size, 2 * crate::services::testing::BS as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_nic_overrides_are_all_kept() {
+        let (s, vault) = memory().await;
+        s.catalog
+            .enable("h", "vm", &with_nics(spec(&[("os", 1)]), 8))
+            .await
+            .unwrap();
+        let sets = (0..8u32).map(|i| {
+            let c = s.catalog.clone();
+            tokio::spawn(async move {
+                let o = NicOptions {
+                    target: Some(format!("net/sub{i}")),
+                    ..Default::default()
+                };
+                c.set_nic_override("vm", i, Some(o)).await.unwrap();
+            })
+        });
+        for t in sets.collect::<Vec<_>>() {
+            t.await.unwrap();
+        }
+        // Each update is a compare-and-swap on the record: none overwrote another.
+        for c in [s.catalog.clone(), reload(&vault).await.catalog] {
+            let r = c.vm_for(None, "vm").await.unwrap();
+            assert_eq!(r.nic_overrides.len(), 8, "{:?}", r.nic_overrides);
+        }
+        let e = s.catalog.set_nic_override("vm", 8, None).await.unwrap_err();
+        assert_eq!(e.code(), "nic_not_found");
+    }
 }
