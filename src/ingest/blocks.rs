@@ -518,3 +518,174 @@ fn check_block(d: &DiskRecord, index: u64, len: u64) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::testing::{block, digest, memory, reload, spec};
+
+    fn query(blocks: &[(u64, &Bytes)]) -> ReceivedQuery {
+        ReceivedQuery {
+            blocks: blocks
+                .iter()
+                .map(|(index, b)| QueryBlock {
+                    index: *index,
+                    hash: PlainHash::of(b).to_hex(),
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_upload_resumes_with_only_the_missing_blocks() {
+        let (s, vault) = memory().await;
+        s.catalog
+            .enable("h", "vm", &spec(&[("os", 4)]))
+            .await
+            .unwrap();
+        let blocks: Vec<Bytes> = (1..=4).map(block).collect();
+        for i in [0usize, 2] {
+            let ack = s
+                .ingest
+                .put_block(
+                    "h",
+                    "vm",
+                    "os",
+                    i as u64,
+                    PlainHash::of(&blocks[i]),
+                    blocks[i].clone(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(ack.outcome, "stored");
+        }
+        // The server restarts: what the session holds comes back from the receipts.
+        let s = reload(&vault).await;
+        let all: Vec<(u64, &Bytes)> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i as u64, b))
+            .collect();
+        let missing = s
+            .ingest
+            .missing_blocks("h", "vm", "os", &query(&all))
+            .await
+            .unwrap();
+        assert_eq!(missing, vec![1, 3]);
+        // Block 0 changed on the source since it was sent: it is wanted again.
+        let changed = block(9);
+        let missing = s
+            .ingest
+            .missing_blocks("h", "vm", "os", &query(&[(0, &changed), (2, &blocks[2])]))
+            .await
+            .unwrap();
+        assert_eq!(missing, vec![0]);
+        let again = s
+            .ingest
+            .put_block(
+                "h",
+                "vm",
+                "os",
+                2,
+                PlainHash::of(&blocks[2]),
+                blocks[2].clone(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.outcome, "already_received");
+        let view = s.overview.vm(Some("h"), "vm").await.unwrap();
+        assert_eq!(view.disks[0].blocks_received, 2);
+        assert_eq!(view.progress, 0.5);
+        let e = s
+            .ingest
+            .put_block(
+                "h",
+                "vm",
+                "os",
+                4,
+                PlainHash::of(&blocks[0]),
+                blocks[0].clone(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "block_out_of_range");
+    }
+
+    #[tokio::test]
+    async fn completion_checks_every_data_block_and_the_digest_then_protects_the_vm() {
+        let (s, _vault) = memory().await;
+        s.catalog
+            .enable("h", "vm", &spec(&[("os", 3)]))
+            .await
+            .unwrap();
+        // Blocks 0 and 2 hold data, block 1 is all zeros (never sent).
+        let disk = [Some(block(1)), None, Some(block(3))];
+        let put = |i: usize| {
+            let b = disk[i].clone().unwrap();
+            let s = s.clone();
+            async move {
+                s.ingest
+                    .put_block("h", "vm", "os", i as u64, PlainHash::of(&b), b)
+                    .await
+                    .unwrap()
+            }
+        };
+        put(0).await;
+        let req = CompleteRequest {
+            data_runs: vec![(0, 1), (2, 1)],
+            digest: digest(&disk),
+        };
+        let e = s
+            .ingest
+            .complete_disk("h", "vm", "os", &req)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "blocks_missing");
+        put(2).await;
+        let wrong = CompleteRequest {
+            data_runs: req.data_runs.clone(),
+            digest: digest(&[Some(block(1)), Some(block(2)), Some(block(3))]),
+        };
+        let e = s
+            .ingest
+            .complete_disk("h", "vm", "os", &wrong)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "digest_mismatch");
+        let (_, d) = s.catalog.disk_for(None, "vm", "os").await.unwrap();
+        assert_eq!(
+            d.state,
+            DiskState::Receiving,
+            "a refused completion changes nothing"
+        );
+        let view = s.ingest.complete_disk("h", "vm", "os", &req).await.unwrap();
+        assert_eq!(
+            (view.state, view.data_blocks, view.zero_blocks),
+            (DiskState::Complete, 2, 1)
+        );
+        // Completing again with the same content is acknowledged; the VM is protected and its
+        // initial point reads back what was sent.
+        s.ingest.complete_disk("h", "vm", "os", &req).await.unwrap();
+        let vm = s.catalog.vm_for(None, "vm").await.unwrap();
+        assert_eq!(vm.state, VmState::Protected);
+        assert!(vm.finalize_job.is_some());
+        let points = s.replicas.points("vm").await.unwrap();
+        assert_eq!(
+            points.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            ["c0"]
+        );
+        for (i, want) in disk.iter().enumerate() {
+            let (got, _) = s.replicas.read_block("vm", "os", i as u64).await.unwrap();
+            let want = want
+                .clone()
+                .unwrap_or_else(|| Bytes::from(vec![0u8; got.len()]));
+            assert!(got == want, "block {i}");
+        }
+        let e = s
+            .ingest
+            .put_block("h", "vm", "os", 1, PlainHash::of(&block(5)), block(5))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "replication_complete");
+    }
+}

@@ -379,3 +379,64 @@ fn ack(d: &DiskRecord, cycle: u64, log_id: &str, status: &str) -> LogAck {
         resync_required: d.resync_required.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::services::testing::{block, memory, protect, send_log, BS};
+    use crate::store::Key;
+
+    #[tokio::test]
+    async fn a_log_that_breaks_the_chain_is_refused_and_the_disk_needs_a_resync() {
+        let (s, vault) = memory().await;
+        protect(&s, "vm", &[("os", vec![Some(block(1)), None])]).await;
+        let ack = send_log(&s, "vm", "os", (1, 0), 1, (0, &[7u8; 4096]))
+            .await
+            .unwrap();
+        assert_eq!((ack.status.as_str(), ack.journal_length), ("accepted", 1));
+        // A retry of an accepted log is acknowledged again, not applied twice.
+        let ack = send_log(&s, "vm", "os", (1, 0), 1, (0, &[7u8; 4096]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (ack.status.as_str(), ack.journal_length),
+            ("already_accepted", 1)
+        );
+        let logs = || async {
+            vault
+                .store()
+                .list(&Key::new(&["logs"]).unwrap())
+                .await
+                .unwrap()
+                .len()
+        };
+        let stored = logs().await;
+        // Log 3 names log 2 as its predecessor, but the last accepted log is 1.
+        let e = send_log(&s, "vm", "os", (3, 2), 2, (BS as u64, &[8u8; 4096]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "chain_broken");
+        assert_eq!(
+            logs().await,
+            stored,
+            "the refused log's objects are deleted"
+        );
+        let (_, d) = s.catalog.disk_for(None, "vm", "os").await.unwrap();
+        assert_eq!(d.journal.len(), 1);
+        assert!(d.resync_required.is_some());
+        // A resync session opened for it; logs wait until it completes.
+        let session = s.resyncs.open_resync(&d.vm_id).await.unwrap();
+        assert!(session.is_some_and(|x| x.disks.contains_key("os")));
+        let e = send_log(&s, "vm", "os", (2, 1), 2, (0, &[9u8; 4096]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "resync_in_progress");
+        let view = s.overview.vm(None, "vm").await.unwrap();
+        assert!(
+            view.health_reasons
+                .iter()
+                .any(|r| r.contains("resynchronization")),
+            "{:?}",
+            view.health_reasons
+        );
+    }
+}

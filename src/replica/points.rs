@@ -252,7 +252,7 @@ impl Replicas {
                 p.damage = Some(format!(
                     "{} damaged or missing object(s): {}",
                     hits.len(),
-                    crate::scrub::damage::summary(&hits)
+                    super::damage::summary(&hits)
                 ));
             }
         }
@@ -1098,5 +1098,59 @@ mod tests {
         assert!(!pins_released(&pins, limit).await);
         drop(pin);
         assert!(pins_released(&pins, limit).await);
+    }
+
+    #[tokio::test]
+    async fn a_disk_whose_background_merge_fails_waits_its_back_off_while_others_merge() {
+        use crate::services::testing::{block, on_store, protect, send_log, BS};
+        use crate::store::faulty::{FaultKind, FaultOp, FaultRule, FaultyStore};
+        let (store, faults) = FaultyStore::wrap(&Store::open("memory://", &[]).unwrap(), 1);
+        let (s, _vault) = on_store(store).await;
+        for vm in ["a", "b"] {
+            protect(&s, vm, &[("os", vec![Some(block(1)), None])]).await;
+            send_log(&s, vm, "os", (1, 0), 1, (0, &[7u8; 4096]))
+                .await
+                .unwrap();
+            send_log(&s, vm, "os", (2, 1), 2, (BS as u64, &[8u8; 4096]))
+                .await
+                .unwrap();
+            // The first log left the retention window (a day) two days ago.
+            let (_, mut d) = s.catalog.disk_for(None, vm, "os").await.unwrap();
+            d.journal[0].accepted_unix -= 2 * 86_400;
+            s.catalog.store_disk(d).await.unwrap();
+        }
+        let journal = |vm: &'static str| {
+            let s = s.clone();
+            async move {
+                s.catalog
+                    .disk_for(None, vm, "os")
+                    .await
+                    .unwrap()
+                    .1
+                    .journal
+                    .len()
+            }
+        };
+        // VM a's logs cannot be read: its merge fails, b's goes ahead.
+        let a_logs = format!("logs/{}/", s.catalog.vm_id("a"));
+        faults
+            .set_rules(vec![
+                FaultRule::new(FaultOp::Get, FaultKind::Error(1.0)).under(&a_logs)
+            ])
+            .unwrap();
+        s.replicas.merge_expired_all().await;
+        assert_eq!((journal("a").await, journal("b").await), (2, 1));
+        let retry = s.replicas.merge_retry("a", "os").unwrap();
+        assert_eq!(retry.failures, 1);
+        assert!(retry.next_at >= std::time::Instant::now() + crate::replica::MERGE_RETRY_FIRST / 2);
+        assert!(s.replicas.merge_retry("b", "os").is_none());
+        // The store works again, but the disk's back-off has not passed: no new try yet.
+        faults.clear();
+        s.replicas.merge_expired_all().await;
+        assert_eq!(journal("a").await, 2);
+        assert_eq!(s.replicas.merge_retry("a", "os").unwrap().failures, 1);
+        // An operator's merge is not held back by it.
+        s.replicas.merge_vm("a", false).await.unwrap();
+        assert_eq!(journal("a").await, 1);
     }
 }

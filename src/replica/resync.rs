@@ -1056,4 +1056,86 @@ mod tests {
             assert!(Window::parse(bad).is_err(), "{bad:?}");
         }
     }
+
+    #[tokio::test]
+    async fn a_resync_sends_only_what_differs_and_switches_at_the_next_cycle() {
+        use crate::services::testing::{block, memory, protect, send_log};
+        let (s, _vault) = memory().await;
+        let old = vec![Some(block(1)), Some(block(2)), None, Some(block(4))];
+        protect(&s, "vm", &[("os", old)]).await;
+        send_log(&s, "vm", "os", (1, 0), 1, (0, &[7u8; 4096]))
+            .await
+            .unwrap();
+        let req = ResyncRequest {
+            now: true,
+            disks: vec![],
+        };
+        let session = s.resyncs.start_resync("vm", &req, "test").await.unwrap();
+        assert_eq!(session.state, SessionState::Active);
+        // The source now: block 0 as of c1, 4 KiB of block 1 changed, block 2 written.
+        let mut source: Vec<Vec<u8>> = [1u8, 2, 0, 4].iter().map(|&b| block(b).to_vec()).collect();
+        source[0][..4096].fill(7);
+        source[1][4096..8192].fill(0x55);
+        source[2].fill(0xaa);
+        let theirs = s.resyncs.resync_hashes("h", "vm", "os").await.unwrap();
+        assert_eq!(theirs.len(), 4 * 32);
+        let mut patched = Vec::new();
+        for (i, b) in source.iter().enumerate() {
+            if theirs[i * 32..(i + 1) * 32] == PlainHash::of(b).0[..] {
+                continue;
+            }
+            let fine = FineRequest {
+                blocks: vec![i as u64],
+            };
+            let fine = s.resyncs.resync_fine("h", "vm", "os", &fine).await.unwrap();
+            let ranges = patch::differing_ranges(b, &fine);
+            let body = Bytes::from(patch::encode(b, &ranges));
+            let ack = s
+                .resyncs
+                .resync_put_patch("h", "vm", "os", i as u64, PlainHash::of(b), body)
+                .await
+                .unwrap();
+            assert_eq!(ack.outcome, "stored");
+            patched.push((i, ranges.len()));
+        }
+        assert_eq!(patched, [(1, 1), (2, 1)], "only what differs is sent");
+        let hashes: Vec<PlainHash> = source.iter().map(|b| PlainHash::of(b)).collect();
+        let wrong = DigestRequest {
+            digest: digest_of(&hashes[..3]).to_hex(),
+        };
+        let e = s
+            .resyncs
+            .resync_complete("h", "vm", "os", &wrong)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "digest_mismatch");
+        let done = DigestRequest {
+            digest: digest_of(&hashes).to_hex(),
+        };
+        let done = s
+            .resyncs
+            .resync_complete("h", "vm", "os", &done)
+            .await
+            .unwrap();
+        assert_eq!((done.state, done.cycle), (SessionState::Committed, Some(2)));
+        // The new point reads the source, the one before it what it held.
+        let c2 = s.replicas.point_reader("vm", "os", 2).await.unwrap();
+        for (i, b) in source.iter().enumerate() {
+            assert!(
+                c2.read_block(i as u64).await.unwrap().0 == b[..],
+                "c2 block {i}"
+            );
+        }
+        let c1 = s.replicas.point_reader("vm", "os", 1).await.unwrap();
+        assert!(c1.read_block(1).await.unwrap().0 == block(2));
+        // The log chain restarts: a log continuing the one before the resync is refused.
+        let e = send_log(&s, "vm", "os", (2, 1), 3, (0, &[9u8; 4096]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "log_predates_resync");
+        let ack = send_log(&s, "vm", "os", (5, 4), 3, (0, &[9u8; 4096]))
+            .await
+            .unwrap();
+        assert_eq!((ack.status.as_str(), ack.cycle), ("accepted", 3));
+    }
 }
