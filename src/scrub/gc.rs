@@ -137,7 +137,7 @@ pub async fn mark(s: &Scrub) -> Result<Marked> {
             format!(
                 "{} referenced object(s) cannot be read, so what they reference is unknown and nothing is collected: {}; run drvault verify",
                 problems.len(),
-                super::damage::summary(&problems)
+                crate::replica::damage::summary(&problems)
             ),
         ));
     }

@@ -2,7 +2,8 @@
 //!
 //! * [`refs`] finds what the records reference (the mark of GC, the object list of verify).
 //! * [`verify`] re-reads referenced objects, checks tag and name, quarantines what is damaged
-//!   and registers it in [`damage`], which marks the recovery points that need it.
+//!   and registers it in the damage register ([`crate::replica::damage`]), which marks the
+//!   recovery points that need it.
 //! * [`gc`] deletes objects nothing references any more.
 //!
 //! Both run as jobs ("Verify", "Garbage collection") started by the operator (`drvault verify`,
@@ -38,7 +39,6 @@
 //! not see the chunks behind it, so collection refuses (`409 gc_mark_incomplete`) until verify
 //! has registered the damage and the points needing it are gone; it never guesses.
 
-pub use crate::replica::damage;
 pub mod gc;
 pub mod refs;
 pub mod verify;
@@ -292,7 +292,7 @@ impl Scrub {
     }
 
     /// The damage register as it stands.
-    pub async fn damage(&self) -> Arc<damage::DamageRecord> {
+    pub async fn damage(&self) -> Arc<crate::replica::damage::DamageRecord> {
         self.replicas.damage().get().await
     }
 

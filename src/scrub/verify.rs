@@ -26,13 +26,13 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::damage::{Affected, DamagedObject};
 use super::refs::{self, MapWalk, RecordOwner, Roots};
 use super::{ObjectFamily, Problem, Scrub};
 use crate::chunk::{ChunkName, ChunkStore};
 use crate::error::{Error, Result};
 use crate::file_formats::{ObjectKind, LOG_FRAME_LEN};
 use crate::jobs::JobState;
+use crate::replica::damage::{Affected, DamagedObject};
 use crate::store::{Key, StoreError};
 use crate::vault::layout;
 
