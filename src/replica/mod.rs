@@ -20,6 +20,7 @@ pub mod point;
 pub mod points;
 pub mod resync;
 pub mod stage;
+pub mod sync;
 
 pub use blockmap::{BlockMap, MapEntry};
 

@@ -26,7 +26,6 @@
 //! the pre-resync chain head (`log_predates_resync`), whose logs are already contained in the
 //! resynchronized content.
 
-use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -36,13 +35,13 @@ use tokio::sync::Mutex;
 
 use super::damage::DamageRegister;
 use super::stage::{self, Receipt};
+use super::sync::{self, SyncSide};
 use super::Replicas;
 use crate::catalog::{Catalog, DiskRecord, DiskState, VmState};
 use crate::chunk::PlainHash;
 use crate::error::{Error, Kind, Result};
 use crate::jobs::{JobKind, JobState};
 use crate::replica::blockmap::{block_len, BlockMap, MapEntry};
-use crate::replica::patch;
 use crate::tasks::Tasks;
 use crate::vault::layout::{self, Family};
 
@@ -50,8 +49,7 @@ use crate::vault::layout::{self, Family};
 /// hashes to it with probability 2^-256, so the agent sends that block.
 const DAMAGED_BLOCK_HASH: [u8; 32] = [0xff; 32];
 
-/// Fine-hash requests name at most this many blocks (a 4 MiB block has 16 KiB of fine hashes).
-pub const MAX_FINE_BLOCKS: usize = 64;
+pub use super::sync::{digest_of, MAX_FINE_BLOCKS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -229,9 +227,6 @@ impl Window {
         }
     }
 }
-
-/// Session blocks read at once for one fine-hash request.
-const FINE_READS_IN_FLIGHT: usize = 4;
 
 /// (vm id, disk id, session id).
 type DiskSession = (String, String, String);
@@ -657,7 +652,7 @@ impl Resyncs {
         let (s, d, base) = self.agent_session(host, vm, disk).await?;
         let received = self.receipts(&d, &s.id).await?;
         let received = received.lock().await;
-        let mut out = Vec::with_capacity(base.len() as usize * 32);
+        let mut out = Vec::with_capacity(base.len() as usize);
         let zero_full = PlainHash::of(&vec![0u8; d.block_size as usize]);
         let damage = self.damage.get().await;
         for (i, e) in base.entries() {
@@ -679,9 +674,9 @@ impl Resyncs {
                     }
                 }
             };
-            out.extend_from_slice(&h.0);
+            out.push(h);
         }
-        Ok(Bytes::from(out))
+        Ok(sync::hashes_body(out))
     }
 
     /// A block as the session holds it.
@@ -721,7 +716,7 @@ impl Resyncs {
         }
     }
 
-    /// Fine hashes (see [`patch::fine_hashes`]) of the named blocks, concatenated in order.
+    /// Fine hashes (see [`crate::replica::patch::fine_hashes`]) of the named blocks, in order.
     pub async fn resync_fine(
         &self,
         host: &str,
@@ -729,48 +724,16 @@ impl Resyncs {
         disk: &str,
         req: &FineRequest,
     ) -> Result<Bytes> {
-        if req.blocks.len() > MAX_FINE_BLOCKS {
-            return Err(Error::invalid(
-                "query_too_large",
-                format!("at most {MAX_FINE_BLOCKS} blocks per fine-hash request"),
-            ));
-        }
+        sync::check_fine_request(&req.blocks)?;
         let (s, d, base) = self.agent_session(host, vm, disk).await?;
-        for &i in &req.blocks {
-            if i >= d.stats.blocks {
-                return Err(Error::invalid(
-                    "block_out_of_range",
-                    format!("block {i} is past the end of disk {disk}"),
-                ));
-            }
-        }
         let received = self.receipts(&d, &s.id).await?;
-        // Blocks are read (decrypt, decompress) and hashed a few at a time: one block at a
-        // time left the CPU pool idle while the next chunk was fetched.
-        let (d, base) = (&d, &base);
-        let hashes: Vec<Result<Vec<u8>>> = futures_util::stream::iter(req.blocks.iter().copied())
-            .map(|i| {
-                let received = received.clone();
-                async move {
-                    let r = received.lock().await.get(&i).copied();
-                    let block = self.session_block(d, base, r, i).await?;
-                    Ok(self
-                        .catalog
-                        .vault()
-                        .chunks
-                        .cpu()
-                        .run(move || patch::fine_hashes(&block))
-                        .await)
-                }
-            })
-            .buffered(FINE_READS_IN_FLIGHT)
-            .collect()
-            .await;
-        let mut out = Vec::new();
-        for h in hashes {
-            out.extend(h?);
-        }
-        Ok(Bytes::from(out))
+        let side = SessionSide {
+            resyncs: self,
+            disk: &d,
+            base: &base,
+            received,
+        };
+        sync::fine_hashes(&side, self.catalog.vault().chunks.cpu(), &req.blocks).await
     }
 
     /// Applies one block's patch to the session's block, checks the result against the agent's
@@ -819,24 +782,10 @@ impl Resyncs {
                 patch_bytes: 0,
             });
         }
-        let mut block = self.session_block(&d, &base, prior, index).await?;
+        let block = self.session_block(&d, &base, prior, index).await?;
         let patch_len = body.len() as u64;
-        let (block, hash) = self
-            .catalog
-            .vault()
-            .chunks
-            .cpu()
-            .run(move || {
-                patch::apply(&mut block, &body).map(|_| {
-                    let h = PlainHash::of(&block);
-                    (block, h)
-                })
-            })
-            .await
-            .map_err(|e| Error::invalid("invalid_patch", format!("block {index}: {e}")))?;
-        if !hash.ct_eq(&claimed) {
-            return Err(Error::invalid("hash_mismatch", format!("block {index} after the patch hashes to {}, the agent said {}: the patch was made against other content; fetch the hashes again", hash.to_hex(), claimed.to_hex())));
-        }
+        let cpu = self.catalog.vault().chunks.cpu();
+        let (block, hash) = sync::apply_patch(cpu, index, block, body, claimed).await?;
         // Chunk, then receipt: one critical section for garbage collection.
         let fenced = self.catalog.vault().chunks.fence().writer().await;
         let put = self
@@ -887,8 +836,7 @@ impl Resyncs {
         disk: &str,
         req: &DigestRequest,
     ) -> Result<ResyncCompletion> {
-        let claimed = PlainHash::from_hex(&req.digest)
-            .ok_or_else(|| Error::invalid("invalid_hash", "digest is not 64 hex digits"))?;
+        let claimed = sync::claimed_digest(&req.digest)?;
         let (s, d, base) = self.agent_session(host, vm, disk).await?;
         let already = s.disks.get(disk).and_then(|x| x.staged_root.clone());
         if already.is_none() {
@@ -1005,14 +953,30 @@ impl Resyncs {
     }
 }
 
-/// BLAKE3 over block hashes in order: what agent and server compare at the end of a resync or
-/// failback.
-pub fn digest_of(hashes: &[PlainHash]) -> PlainHash {
-    let mut h = blake3::Hasher::new();
-    for x in hashes {
-        h.update(&x.0);
+/// The replica's side of a resync: the session's staged view of one disk (received blocks over
+/// the comparison base).
+struct SessionSide<'a> {
+    resyncs: &'a Resyncs,
+    disk: &'a DiskRecord,
+    base: &'a BlockMap,
+    received: Receipts,
+}
+
+impl SyncSide for SessionSide<'_> {
+    fn disk(&self) -> &str {
+        &self.disk.disk
     }
-    PlainHash(*h.finalize().as_bytes())
+
+    fn blocks(&self) -> u64 {
+        self.disk.stats.blocks
+    }
+
+    async fn read_block(&self, index: u64) -> Result<Vec<u8>> {
+        let r = self.received.lock().await.get(&index).copied();
+        self.resyncs
+            .session_block(self.disk, self.base, r, index)
+            .await
+    }
 }
 
 /// [`digest_of`] a map's blocks (zero blocks: the hash of their zero bytes).
@@ -1032,6 +996,7 @@ pub fn map_digest(map: &BlockMap) -> PlainHash {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::patch;
 
     #[test]
     fn windows_open_and_wrap_past_midnight() {
