@@ -86,11 +86,11 @@ impl Default for ResyncConfig {
 }
 
 impl ResyncConfig {
-    pub fn window(&self) -> Result<Option<crate::protection::resync::Window>, ConfigError> {
+    pub fn window(&self) -> Result<Option<crate::replica::resync::Window>, ConfigError> {
         if self.window.trim().is_empty() {
             return Ok(None);
         }
-        crate::protection::resync::Window::parse(&self.window)
+        crate::replica::resync::Window::parse(&self.window)
             .map(Some)
             .map_err(ConfigError::Invalid)
     }

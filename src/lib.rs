@@ -8,11 +8,14 @@
 //! ## Data flow (one direction)
 //!
 //! ```text
-//! agent ──HTTPS──▶ api ──▶ protection (sessions, receipts) ──▶ chunk (hash → compress → seal)
-//!                                                                   ──▶ store (put-if-absent)
-//!                       replica (block maps) ◀── completion builds the disk's map from receipts
-//!                       failover (networks, IP assignment, VM definitions)
-//! scrub (verify, garbage collection) walks what the records reference, beside the flow
+//! agent ──HTTPS──▶ api ──▶ ingest (blocks with receipts, change logs) ──▶ chunk (hash → compress
+//!                   │          │                                           → seal) ──▶ store
+//!                   │          └──▶ catalog (VM and disk records, journals)
+//!                   ├──▶ replica (points and readers, merge, resync, damage register)
+//!                   │        └── completion, merge and resync switch write the disk's block map
+//!                   └──▶ failover (networks, IP assignment, VM definitions), reads through replica
+//! scrub (verify, garbage collection) walks what the records reference, beside the flow;
+//! overview composes the services into what the API shows of a VM;
 //! jobs observe every long operation; nothing below `api` knows about HTTP;
 //! only `store` imports object_store.
 //! ```
@@ -23,8 +26,10 @@
 //! | [`chunk`] | keyed names (the only place they are computed), sealing, key ring, the pipeline |
 //! | [`vault`] | key layout, versioned records (create-only version n+1), registry of hosts, providers and token digests (`Registrar`) |
 //! | [`format`] | MS-HRL logs, VHD and VHDX readers, fixed-VHD footer |
-//! | [`replica`] | block maps (two-level, content-addressed) |
-//! | [`protection`] | enable protection, initial replication sessions, finalize |
+//! | [`catalog`] | VM and disk records (cached, compare-and-swap), enable and finalize protection |
+//! | [`ingest`] | initial-replication blocks (receipts, resume, completion), change logs |
+//! | [`replica`] | block maps, points and point readers, merge, resync, the damage register |
+//! | [`services`], [`overview`] | the services composed and loaded; what the API shows of a VM |
 //! | [`jobs`] | the Jobs tab: job records, steps, progress |
 //! | [`failover`] | target networks and mappings, IP assignment, VM definitions |
 //! | [`scrub`] | verify (re-read and check, quarantine, damaged points), garbage collection |
@@ -80,6 +85,7 @@
 pub mod agent;
 pub mod api;
 pub mod bench;
+pub mod catalog;
 pub mod chunk;
 pub mod cli;
 pub mod client;
@@ -88,12 +94,14 @@ pub mod error;
 pub mod failover;
 pub mod file_formats;
 pub mod format;
+pub mod ingest;
 pub mod jobs;
 pub mod journal;
-pub mod protection;
+pub mod overview;
 pub mod replica;
 pub mod scrub;
 pub mod server;
+pub mod services;
 pub mod store;
 pub mod tasks;
 pub mod util;

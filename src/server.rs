@@ -14,7 +14,6 @@ use crate::api::{self, AppState};
 use crate::chunk::{CpuPool, KeyRing};
 use crate::config::Config;
 use crate::jobs::Jobs;
-use crate::protection::Protection;
 use crate::store::Store;
 use crate::vault::registry::{Registrar, OPERATOR_TOKEN_PREFIX};
 use crate::vault::Vault;
@@ -197,19 +196,22 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     let jobs = Jobs::load(vault.records.clone()).await?;
     // Jobs whose task died with a previous process (a crash) never finish on their own.
     jobs.fail_interrupted().await?;
-    let protection = Protection::load(
+    let tasks = crate::tasks::Tasks::new();
+    let services = crate::services::Services::load(
         vault.clone(),
         jobs.clone(),
-        config.vault.block_size,
-        config.networks().mapped_sources(),
+        tasks.clone(),
+        crate::services::Settings {
+            block_size: config.vault.block_size,
+            mapped_networks: config.networks().mapped_sources(),
+            max_log_bytes: config.ingest.max_log_bytes,
+            resync_window: config.resync.window()?,
+        },
     )
-    .await?
-    .with_max_log_bytes(config.ingest.max_log_bytes)
-    .with_resync_window(config.resync.window()?);
-    let tasks = crate::tasks::Tasks::new();
+    .await?;
     if config.replica.merge_interval_s > 0 {
         // Background merge: folds logs that left the retention window into base maps.
-        let p = protection.clone();
+        let p = services.replicas.clone();
         tasks.every(
             "merge",
             Duration::from_secs(config.replica.merge_interval_s),
@@ -233,7 +235,8 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         .unwrap_or_else(|| format!("https://{local}"));
     let failovers = crate::failover::service::Failovers::new(
         vault.clone(),
-        protection.clone(),
+        services.catalog.clone(),
+        services.replicas.clone(),
         jobs.clone(),
         config.networks(),
         std::path::absolute(config.failover_dir()).unwrap_or_else(|_| config.failover_dir()),
@@ -242,13 +245,16 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     failovers.recover_interrupted().await?;
     let plans = crate::failover::plan::Plans::new(
         vault.clone(),
-        protection.clone(),
+        services.catalog.clone(),
+        services.replicas.clone(),
         jobs.clone(),
         failovers.clone(),
     );
     let scrub = crate::scrub::Scrub::new(
         vault.clone(),
-        protection.clone(),
+        services.catalog.clone(),
+        services.replicas.clone(),
+        services.resyncs.clone(),
         jobs.clone(),
         config.gc.grace_s,
     );
@@ -260,7 +266,11 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     }
     let state = AppState {
         vault,
-        protection,
+        catalog: services.catalog,
+        ingest: services.ingest,
+        replicas: services.replicas,
+        resyncs: services.resyncs,
+        overview: services.overview,
         jobs,
         failovers,
         plans,

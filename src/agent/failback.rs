@@ -25,9 +25,9 @@ use crate::chunk::PlainHash;
 use crate::client::Client;
 use crate::failover::failback::{FailbackDiskView, FailbackRecord, RangeRequest};
 use crate::format::image::{ImageFormat, SourceFormat};
-use crate::protection::resync::{DigestRequest, FineRequest, MAX_FINE_BLOCKS};
 use crate::replica::blockmap::block_len;
 use crate::replica::patch;
+use crate::replica::resync::{DigestRequest, FineRequest, MAX_FINE_BLOCKS};
 
 pub struct FailbackOptions {
     pub vm: String,
@@ -219,7 +219,7 @@ pub async fn failback(
     })?;
     // Now the local disk equals the target, block by block (each write was verified).
     let req = DigestRequest {
-        digest: crate::protection::resync::digest_of(&theirs).to_hex(),
+        digest: crate::replica::resync::digest_of(&theirs).to_hex(),
     };
     let url_complete = format!("{base}/complete");
     let _: FailbackRecord = opts

@@ -21,12 +21,13 @@ use serde::{Deserialize, Serialize};
 use super::backoff::Backoff;
 use super::AgentError;
 use crate::api::routes::{MissingBlocks, BLAKE3_HEADER};
+use crate::catalog::{DiskSpec, DiskView, NicSpec, Policy, VmSpec, VmView};
 use crate::chunk::digest::is_zero;
 use crate::chunk::PlainHash;
 use crate::client::Client;
 use crate::format::image::{DiskImage, SourceFormat};
-use crate::protection::session::{CompleteRequest, QueryBlock, ReceivedQuery};
-use crate::protection::{BlockAck, DiskSpec, DiskView, NicSpec, Policy, VmSpec, VmView};
+use crate::ingest::blocks::{CompleteRequest, QueryBlock, ReceivedQuery};
+use crate::ingest::BlockAck;
 use crate::replica::blockmap::{block_count, block_len};
 
 /// One disk to protect: the image and its id.

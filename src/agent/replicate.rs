@@ -12,7 +12,7 @@ use super::backoff::Backoff;
 use super::AgentError;
 use crate::client::Client;
 use crate::format::hrl::HrlHeader;
-use crate::protection::delta::LogAck;
+use crate::ingest::logs::LogAck;
 
 pub struct ReplicateOptions {
     pub vm: String,

@@ -20,12 +20,12 @@ use crate::api::routes::BLAKE3_HEADER;
 use crate::chunk::PlainHash;
 use crate::client::Client;
 use crate::format::image::{DiskImage, ImageError, SourceFormat};
-use crate::protection::resync::{
+use crate::replica::blockmap::{block_count, block_len};
+use crate::replica::patch;
+use crate::replica::resync::{
     DigestRequest, FineRequest, PatchAck, ResyncCompletion, ResyncDiskView, SessionState,
     MAX_FINE_BLOCKS,
 };
-use crate::replica::blockmap::{block_count, block_len};
-use crate::replica::patch;
 
 pub struct ResyncOptions {
     pub vm: String,
@@ -217,7 +217,7 @@ pub async fn resync(
         });
     }
     let req = DigestRequest {
-        digest: crate::protection::resync::digest_of(&ours).to_hex(),
+        digest: crate::replica::resync::digest_of(&ours).to_hex(),
     };
     let url_complete = format!("{base}/complete");
     let done: ResyncCompletion = opts

@@ -27,8 +27,8 @@ use super::auth::Operator;
 use super::error::ApiResult;
 use super::extract::CallerVm;
 use super::AppState;
+use crate::catalog::VmRecord;
 use crate::failover::network::NetworkConfig;
-use crate::protection::VmRecord;
 
 const INDEX_HTML: &str = include_str!("console/index.html");
 const APP_JS: &str = include_str!("console/app.js");
@@ -188,7 +188,7 @@ mod tests {
             id: "id".into(),
             owner: "hv".into(),
             spec: serde_json::from_value(spec).unwrap(),
-            state: crate::protection::VmState::Protected,
+            state: crate::catalog::VmState::Protected,
             warnings: vec![],
             created_unix: 0,
             protected_unix: None,

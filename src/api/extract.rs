@@ -17,8 +17,8 @@ use serde::de::DeserializeOwned;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::AppState;
+use crate::catalog::VmRecord;
 use crate::error::Error;
-use crate::protection::VmRecord;
 use crate::vault::registry::check_name;
 
 /// Largest JSON request body.
@@ -177,7 +177,7 @@ impl FromRequestParts<AppState> for CallerVm {
     async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
         let caller = Caller::from_request_parts(parts, s).await?;
         let VmName(name) = VmName::from_request_parts(parts, s).await?;
-        let record = s.protection.vm_for(caller.host(), &name).await?;
+        let record = s.catalog.vm_for(caller.host(), &name).await?;
         Ok(CallerVm { name, record })
     }
 }

@@ -32,7 +32,6 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::jobs::Jobs;
-use crate::protection::Protection;
 use crate::vault::registry::Registrar;
 use crate::vault::Vault;
 
@@ -40,7 +39,15 @@ use crate::vault::Vault;
 #[derive(Clone)]
 pub struct AppState {
     pub vault: Vault,
-    pub protection: Protection,
+    /// VM and disk records.
+    pub catalog: crate::catalog::Catalog,
+    /// Initial-replication blocks and change logs.
+    pub ingest: crate::ingest::Ingest,
+    /// Points, readers, merge, damage queries.
+    pub replicas: crate::replica::Replicas,
+    pub resyncs: crate::replica::resync::Resyncs,
+    /// What the API shows of a VM.
+    pub overview: crate::overview::Overview,
     pub jobs: Jobs,
     pub failovers: crate::failover::service::Failovers,
     pub plans: crate::failover::plan::Plans,

@@ -39,13 +39,13 @@ use super::changes::{self, DonorPages, LogFile, LogSpec, Pattern, EXTENT, PAGE};
 use super::images;
 use super::procstat::clock_ticks_per_second;
 use super::report::{self, Figure, ImageInfo};
-use super::server::{quick_backoff, run_tag, Session, Target, TargetArgs, DISK};
+use super::server::{quick_backoff, run_tag, RunClients, Target, TargetArgs, DISK};
 use super::{io_err, median, parse_size_arg, BenchError};
 use crate::agent::replicate::{replicate, ReplicateOptions};
 use crate::format::hrl::Guid;
 use crate::format::image::DiskImage;
-use crate::protection::delta::LogAck;
-use crate::protection::points::MergeReport;
+use crate::ingest::logs::LogAck;
+use crate::replica::points::MergeReport;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DeltasArgs {
@@ -234,7 +234,7 @@ async fn run_once(ctx: &Ctx, k: usize) -> Result<DeltaRun, BenchError> {
 /// What every step of one run needs.
 struct RunState<'a> {
     ctx: &'a Ctx,
-    session: &'a Session,
+    session: &'a RunClients,
     dir: &'a Path,
     vm: String,
     /// The raw reference: the image with every log sent so far applied.
@@ -246,7 +246,7 @@ struct RunState<'a> {
 
 async fn measure(
     ctx: &Ctx,
-    session: &Session,
+    session: &RunClients,
     dir: &Path,
     k: usize,
 ) -> Result<DeltaRun, BenchError> {

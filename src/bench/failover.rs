@@ -28,7 +28,7 @@ use super::baselines::{self, Outcome};
 use super::images;
 use super::procstat::{clock_ticks_per_second, cpu_ticks};
 use super::report::{self, Figure, ImageInfo};
-use super::server::{run_tag, Session, Target, TargetArgs};
+use super::server::{run_tag, RunClients, Target, TargetArgs};
 use super::{io_err, BenchError};
 use crate::format::image::ImageFormat;
 
@@ -127,7 +127,7 @@ pub async fn run(args: FailoverArgs) -> Result<i32, BenchError> {
 }
 
 async fn measure(
-    session: &Session,
+    session: &RunClients,
     args: &FailoverArgs,
     p: &images::Prepared,
     raw: &std::path::Path,

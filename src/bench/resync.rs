@@ -29,7 +29,7 @@ use super::changes::{self, DonorPages, Pattern};
 use super::images;
 use super::procstat::clock_ticks_per_second;
 use super::report::{self, Figure, ImageInfo};
-use super::server::{quick_backoff, run_tag, Session, Target, TargetArgs, DISK};
+use super::server::{quick_backoff, run_tag, RunClients, Target, TargetArgs, DISK};
 use super::{io_err, BenchError};
 use crate::agent::resync::{resync, ResyncOptions};
 use crate::format::image::ImageFormat;
@@ -157,7 +157,7 @@ pub async fn run(args: ResyncArgs) -> Result<i32, BenchError> {
 }
 
 async fn measure(
-    session: &Session,
+    session: &RunClients,
     args: &ResyncArgs,
     p: &images::Prepared,
     original: &Path,

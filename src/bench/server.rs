@@ -223,11 +223,11 @@ impl Target {
     }
 
     /// Starts a server under `run_dir` (or connects to the existing one).
-    pub async fn session(&self, run_dir: &Path) -> Result<Session, BenchError> {
+    pub async fn session(&self, run_dir: &Path) -> Result<RunClients, BenchError> {
         match self {
             Target::Spawn { exe } => {
                 let (s, creds) = SpawnedServer::with_host(exe, run_dir).await?;
-                Ok(Session {
+                Ok(RunClients {
                     agent: agent_client(&creds)?,
                     operator: s.operator()?,
                     server: Some(s),
@@ -236,7 +236,7 @@ impl Target {
             Target::Remote {
                 creds,
                 operator_token,
-            } => Ok(Session {
+            } => Ok(RunClients {
                 agent: agent_client(creds)?,
                 operator: Client::new(&creds.server, operator_token, Some(&creds.ca_cert_pem))?,
                 server: None,
@@ -253,13 +253,13 @@ fn agent_client(creds: &Credentials) -> Result<Client, BenchError> {
 }
 
 /// One run's connections: the host agent's and the operator's.
-pub struct Session {
+pub struct RunClients {
     pub server: Option<SpawnedServer>,
     pub agent: Client,
     pub operator: Client,
 }
 
-impl Session {
+impl RunClients {
     /// Protects `image` as the one disk `disk0` of a new generation-2 VM without NICs.
     pub async fn protect(
         &self,

@@ -16,8 +16,8 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use reqwest::Method;
 
 use crate::agent::backoff::Backoff;
+use crate::catalog::{NicSpec, Policy, VmView};
 use crate::format::image::SourceFormat;
-use crate::protection::{NicSpec, Policy, VmView};
 use operator::Conn;
 
 #[derive(Parser)]
@@ -683,7 +683,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Agent { cmd } => agent(cmd).await,
         Cmd::Points { vm, json, conn } => {
             let c = conn.client()?;
-            let points: Vec<crate::protection::points::PointView> =
+            let points: Vec<crate::replica::points::PointView> =
                 c.get_json(&format!("/v1/vms/{vm}/points")).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&points)?);
@@ -732,7 +732,7 @@ async fn run(cli: Cli) -> Result<i32> {
             conn,
         } => {
             let c = conn.client()?;
-            let r: crate::protection::points::MergeReport = c
+            let r: crate::replica::points::MergeReport = c
                 .send_json(
                     Method::POST,
                     &format!("/v1/vms/{vm}/merge"),
@@ -794,7 +794,7 @@ async fn run(cli: Cli) -> Result<i32> {
             conn,
         } => {
             let c = conn.client()?;
-            let change = crate::protection::PolicyChange {
+            let change = crate::catalog::PolicyChange {
                 interval_s: interval.map(|d| d.as_secs()),
                 retention_s: retention.map(|d| d.as_secs()),
                 app_consistent_every_s: app_consistent_every.map(|d| d.as_secs()),

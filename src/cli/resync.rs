@@ -9,7 +9,7 @@ use reqwest::Method;
 use super::operator::Conn;
 use super::AgentConn;
 use crate::agent::backoff::Backoff;
-use crate::protection::resync::{ResyncRequest, ResyncSession};
+use crate::replica::resync::{ResyncRequest, ResyncSession};
 use crate::util::human_bytes;
 
 #[derive(clap::Args)]

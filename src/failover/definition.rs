@@ -41,8 +41,8 @@ use super::ipam::{Allocations, NicRequest, Rule};
 use super::network::{
     host_network_name, Ipv4Cidr, NetworkConfig, Subnet, TargetNetwork, RESERVED_AT_START,
 };
+use crate::catalog::spec::{normalize_mac, VmSpec};
 use crate::error::{Error, Result};
-use crate::protection::spec::{normalize_mac, VmSpec};
 use crate::vault::registry::valid_name;
 
 /// Version of the vm.json layout; bump on any incompatible change.
@@ -840,7 +840,7 @@ pub fn qemu_command_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protection::spec::{DiskSpec, NicSpec};
+    use crate::catalog::spec::{DiskSpec, NicSpec};
     use std::process::{Command, Stdio};
 
     const CONFIG: &str = r#"

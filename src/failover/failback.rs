@@ -1,8 +1,8 @@
 //! Failback: after a committed planned or unplanned failover the VM runs from the materialized
 //! disks (`<output>/<disk>.vhd`). Failback brings the on-premises disk up to date with them by
-//! the same hierarchical comparison as resync, in the other direction: the agent fetches the
-//! target's block hashes, then fine hashes inside differing blocks, and downloads only the
-//! differing ranges (or everything with `--full`, for a lost on-premises disk). It writes its
+//! the same hierarchical comparison as resync ([`crate::replica::sync`]), in the other
+//! direction: the agent fetches the target's block hashes, then fine hashes inside differing
+//! blocks, and downloads only the differing ranges (or everything with `--full`, for a lost on-premises disk). It writes its
 //! file only with data whose whole-block hash it checked.
 //!
 //! When the agent finishes a disk it sends the digest over its (now updated) blocks; the server
@@ -25,14 +25,14 @@ use serde::{Deserialize, Serialize};
 
 use super::definition::FailoverKind;
 use super::service::{FailoverRecord, FailoverState, Failovers};
+use crate::catalog::VmState;
 use crate::chunk::PlainHash;
 use crate::error::{Error, Result};
 use crate::format::image::DiskImage;
 use crate::jobs::{JobKind, JobState};
-use crate::protection::resync::{DigestRequest, FineRequest, MAX_FINE_BLOCKS};
-use crate::protection::VmState;
 use crate::replica::blockmap::{block_count, block_len, BlockMap, MapEntry};
-use crate::replica::patch;
+use crate::replica::resync::{DigestRequest, FineRequest};
+use crate::replica::sync::{self, SyncSide};
 use crate::vault::layout::{self, Family};
 
 /// What the agent is told about one disk to fail back.
@@ -82,6 +82,7 @@ pub struct TargetHashes {
 }
 
 struct Target {
+    disk: String,
     image: Arc<dyn DiskImage>,
     path: PathBuf,
     size: u64,
@@ -89,10 +90,25 @@ struct Target {
     record: FailoverRecord,
 }
 
+/// The target's side of a failback: the materialized disk, read from its file.
+impl SyncSide for Target {
+    fn disk(&self) -> &str {
+        &self.disk
+    }
+
+    fn blocks(&self) -> u64 {
+        block_count(self.size, self.block_size)
+    }
+
+    async fn read_block(&self, index: u64) -> Result<Vec<u8>> {
+        Failovers::read_target_block(self, index).await
+    }
+}
+
 impl Failovers {
     /// The committed failover's materialized disk, opened for reading.
     async fn target(&self, host: Option<&str>, vm: &str, disk: &str) -> Result<Target> {
-        let (v, d) = self.protection.disk_for(host, vm, disk).await?;
+        let (v, d) = self.catalog.disk_for(host, vm, disk).await?;
         let rec = self.current(vm).await?.ok_or_else(|| {
             Error::conflict(
                 "not_failed_over",
@@ -125,6 +141,7 @@ impl Failovers {
             ));
         }
         Ok(Target {
+            disk: disk.to_string(),
             image: Arc::from(image),
             path,
             size: d.size,
@@ -212,7 +229,7 @@ impl Failovers {
     pub async fn failback_hashes(&self, host: &str, vm: &str, disk: &str) -> Result<Bytes> {
         let t = self.target(Some(host), vm, disk).await?;
         let h = self.target_hashes(&t).await?;
-        Ok(Bytes::from(h.iter().flat_map(|x| x.0).collect::<Vec<u8>>()))
+        Ok(sync::hashes_body(h.iter().copied()))
     }
 
     pub async fn failback_fine(
@@ -222,19 +239,9 @@ impl Failovers {
         disk: &str,
         req: &FineRequest,
     ) -> Result<Bytes> {
-        if req.blocks.len() > MAX_FINE_BLOCKS {
-            return Err(Error::invalid(
-                "query_too_large",
-                format!("at most {MAX_FINE_BLOCKS} blocks per fine-hash request"),
-            ));
-        }
+        sync::check_fine_request(&req.blocks)?;
         let t = self.target(Some(host), vm, disk).await?;
-        let mut out = Vec::new();
-        for &i in &req.blocks {
-            let b = Self::read_target_block(&t, i).await?;
-            out.extend(self.vault_cpu().run(move || patch::fine_hashes(&b)).await);
-        }
-        Ok(Bytes::from(out))
+        sync::fine_hashes(&t, self.vault_cpu(), &req.blocks).await
     }
 
     /// The bytes of the asked ranges of one target block, concatenated.
@@ -246,18 +253,7 @@ impl Failovers {
         req: &RangeRequest,
     ) -> Result<Bytes> {
         let t = self.target(Some(host), vm, disk).await?;
-        let b = Self::read_target_block(&t, req.block).await?;
-        let mut out = Vec::new();
-        let mut prev_end = 0u64;
-        for &(off, len) in &req.ranges {
-            let end = off as u64 + len as u64;
-            if len == 0 || end > b.len() as u64 || (off as u64) < prev_end {
-                return Err(Error::invalid("invalid_range", format!("range {off}+{len} of block {} is empty, outside the {}-byte block or out of order", req.block, b.len())));
-            }
-            prev_end = end;
-            out.extend_from_slice(&b[off as usize..end as usize]);
-        }
-        Ok(Bytes::from(out))
+        sync::ranges(&t, req.block, &req.ranges).await
     }
 
     /// The agent says its disk now equals the target: checked against the target's digest.
@@ -268,15 +264,14 @@ impl Failovers {
         disk: &str,
         req: &DigestRequest,
     ) -> Result<FailbackRecord> {
-        let claimed = PlainHash::from_hex(&req.digest)
-            .ok_or_else(|| Error::invalid("invalid_hash", "digest is not 64 hex digits"))?;
+        let claimed = sync::claimed_digest(&req.digest)?;
         let t = self.target(Some(host), vm, disk).await?;
         let h = self.target_hashes(&t).await?;
-        let actual = crate::protection::resync::digest_of(&h);
+        let actual = sync::digest_of(&h);
         if !actual.ct_eq(&claimed) {
             return Err(Error::conflict("digest_mismatch", format!("disk {disk}: the on-premises disk digests to {}, the target disk to {}: run the failback again (is the failed-over VM still writing?)", claimed.to_hex(), actual.to_hex())));
         }
-        let (v, _) = self.protection.disk_for(None, vm, disk).await?;
+        let (v, _) = self.catalog.disk_for(None, vm, disk).await?;
         let fid = t.record.id.clone();
         let disk = disk.to_string();
         let vm_name = vm.to_string();
@@ -311,7 +306,7 @@ impl Failovers {
     }
 
     pub async fn failback_record(&self, vm: &str) -> Result<Option<FailbackRecord>> {
-        let v = self.protection.vm_for(None, vm).await?;
+        let v = self.catalog.vm_for(None, vm).await?;
         Ok(self
             .vault()
             .records
@@ -323,7 +318,7 @@ impl Failovers {
     /// Ends the failback: every disk synchronized and unchanged since, the target disks become
     /// the replica's newest point, and the VM is protected again from the on-premises side.
     pub async fn failback_commit(&self, vm: &str, force: bool) -> Result<FailbackRecord> {
-        let v = self.protection.vm_for(None, vm).await?;
+        let v = self.catalog.vm_for(None, vm).await?;
         if v.state != VmState::FailedOver {
             if let Some(r) = self
                 .failback_record(vm)
@@ -380,7 +375,7 @@ impl Failovers {
     ) -> Result<FailbackRecord> {
         for (disk, t) in &targets {
             let h = self.target_hashes(t).await?;
-            let digest = crate::protection::resync::digest_of(&h).to_hex();
+            let digest = sync::digest_of(&h).to_hex();
             match rec.synced.get(disk) {
                 Some(s) if s.digest == digest => {}
                 _ if force => {}
@@ -411,17 +406,17 @@ impl Failovers {
             )
             .await?;
         let cycle = self
-            .protection
+            .replicas
             .install_snapshots(vm, &format!("failback:{fid}"), &roots, None)
             .await?;
         drop(fenced);
-        self.protection.set_state(vm, VmState::Protected).await?;
+        self.catalog.set_state(vm, VmState::Protected).await?;
         if let Some(mut f) = self.current(vm).await? {
             f.state = FailoverState::FailedBack;
             f.ended_unix = Some(crate::util::unix_now());
             self.put_record(&f).await?;
         }
-        let v = self.protection.vm_for(None, vm).await?;
+        let v = self.catalog.vm_for(None, vm).await?;
         let now = crate::util::unix_now();
         let job_id = job.to_string();
         let vm_name = vm.to_string();

@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use super::definition::FailoverKind;
 use super::service::{FailoverRequest, FailoverState, Failovers};
+use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
-use crate::protection::Protection;
+use crate::replica::Replicas;
 use crate::vault::layout::{self, Family};
 use crate::vault::registry::valid_name;
 use crate::vault::Vault;
@@ -57,16 +58,24 @@ pub struct PlanFailoverRequest {
 #[derive(Clone)]
 pub struct Plans {
     vault: Vault,
-    protection: Protection,
+    catalog: Catalog,
+    replicas: Replicas,
     jobs: Jobs,
     failovers: Failovers,
 }
 
 impl Plans {
-    pub fn new(vault: Vault, protection: Protection, jobs: Jobs, failovers: Failovers) -> Plans {
+    pub fn new(
+        vault: Vault,
+        catalog: Catalog,
+        replicas: Replicas,
+        jobs: Jobs,
+        failovers: Failovers,
+    ) -> Plans {
         Plans {
             vault,
-            protection,
+            catalog,
+            replicas,
             jobs,
             failovers,
         }
@@ -98,7 +107,7 @@ impl Plans {
                 ));
             }
             for vm in &g.vms {
-                self.protection.vm_for(None, vm).await?;
+                self.catalog.vm_for(None, vm).await?;
                 if !seen.insert(vm.clone()) {
                     return Err(Error::invalid(
                         "invalid_plan",
@@ -213,7 +222,7 @@ impl Plans {
         for g in &plan.groups {
             for vm in &g.vms {
                 let cycles: BTreeSet<u64> = self
-                    .protection
+                    .replicas
                     .points(vm)
                     .await?
                     .iter()

@@ -23,14 +23,15 @@ use super::definition::{
 use super::ipam::Allocations;
 use super::network::NetworkConfig;
 use super::output::{AlignedBuf, DiskOutput};
+use crate::catalog::{Catalog, VmState};
 use crate::chunk::digest::is_zero;
 use crate::chunk::{ChunkStore, SealError};
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
-use crate::protection::points::PinnedReader;
-use crate::protection::{Protection, VmState};
 use crate::replica::point::PointReader;
+use crate::replica::points::PinnedReader;
 use crate::replica::MapEntry;
+use crate::replica::Replicas;
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
 
@@ -97,7 +98,8 @@ pub struct FailoverView {
 #[derive(Clone)]
 pub struct Failovers {
     vault: Vault,
-    pub(super) protection: Protection,
+    pub(super) catalog: Catalog,
+    pub(super) replicas: Replicas,
     jobs: Jobs,
     pub(super) target_hashes: super::failback::TargetHashes,
     networks: Arc<NetworkConfig>,
@@ -111,7 +113,8 @@ pub struct Failovers {
 impl Failovers {
     pub fn new(
         vault: Vault,
-        protection: Protection,
+        catalog: Catalog,
+        replicas: Replicas,
         jobs: Jobs,
         networks: NetworkConfig,
         output: PathBuf,
@@ -119,7 +122,8 @@ impl Failovers {
     ) -> Failovers {
         Failovers {
             vault,
-            protection,
+            catalog,
+            replicas,
             jobs,
             networks: Arc::new(networks),
             output,
@@ -136,7 +140,7 @@ impl Failovers {
     }
 
     fn record_key(&self, vm: &str) -> crate::store::Key {
-        layout::record(Family::Failover, &self.protection.vm_id(vm))
+        layout::record(Family::Failover, &self.catalog.vm_id(vm))
     }
 
     pub async fn current(&self, vm: &str) -> Result<Option<FailoverRecord>> {
@@ -177,7 +181,7 @@ impl Failovers {
 
     /// Checks and starts a failover; returns its record (state running) at once.
     pub async fn start(&self, vm: &str, req: FailoverRequest) -> Result<FailoverRecord> {
-        let rec = self.protection.vm_for(None, vm).await?;
+        let rec = self.catalog.vm_for(None, vm).await?;
         if rec.state == VmState::InitialReplication {
             return Err(Error::conflict(
                 "vm_not_protected",
@@ -204,11 +208,11 @@ impl Failovers {
         // Check the point and the mappings now, so an impossible request fails before a job.
         if req.kind != FailoverKind::Planned {
             let p = self
-                .protection
+                .replicas
                 .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
                 .await?;
             // A point verify found damaged is refused before anything is written.
-            self.protection.refuse_damaged(vm, None, p.cycle).await?;
+            self.replicas.refuse_damaged(vm, None, p.cycle).await?;
         }
         let test = req.kind == FailoverKind::Test;
         let opts = merged_nic_options(&rec, &req);
@@ -344,19 +348,17 @@ impl Failovers {
                 .await?;
             p
         } else {
-            self.protection
+            self.replicas
                 .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
                 .await?
         };
-        self.protection
-            .refuse_damaged(vm, None, point.cycle)
-            .await?;
+        self.replicas.refuse_damaged(vm, None, point.cycle).await?;
         // Every disk's reader is taken now: from here a merge cannot take the chosen point away
         // (its logs stay until these readers are dropped).
-        let vmrec = self.protection.vm_for(None, vm).await?;
+        let vmrec = self.catalog.vm_for(None, vm).await?;
         let mut readers = Vec::with_capacity(vmrec.spec.disks.len());
         for d in &vmrec.spec.disks {
-            readers.push(self.protection.point_reader(vm, &d.id, point.cycle).await?);
+            readers.push(self.replicas.point_reader(vm, &d.id, point.cycle).await?);
         }
         self.jobs
             .step(&rec.job, "Choose recovery point", JobState::Succeeded)
@@ -498,11 +500,11 @@ impl Failovers {
         vm: &str,
         job: &str,
         wait: Duration,
-    ) -> Result<crate::protection::points::PointView> {
+    ) -> Result<crate::replica::points::PointView> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut told: Option<String> = None;
         loop {
-            let points = self.protection.points(vm).await?;
+            let points = self.replicas.points(vm).await?;
             if let Some(p) = points.iter().rev().find(|p| p.final_point) {
                 return Ok(p.clone());
             }
@@ -514,14 +516,7 @@ impl Failovers {
                 wait.as_secs()
             );
             if told.as_deref() != Some(text.as_str()) {
-                let total = self
-                    .protection
-                    .vm_for(None, vm)
-                    .await?
-                    .spec
-                    .disks
-                    .len()
-                    .max(1);
+                let total = self.catalog.vm_for(None, vm).await?.spec.disks.len().max(1);
                 let done = total.saturating_sub(missing.len());
                 let t = text.clone();
                 self.jobs
@@ -556,10 +551,10 @@ impl Failovers {
 
     /// The VM's disks whose newest log is not flagged final.
     async fn disks_without_final_log(&self, vm: &str) -> Result<Vec<String>> {
-        let rec = self.protection.vm_for(None, vm).await?;
+        let rec = self.catalog.vm_for(None, vm).await?;
         let mut out = Vec::new();
         for d in &rec.spec.disks {
-            let (_, disk) = self.protection.disk_for(None, vm, &d.id).await?;
+            let (_, disk) = self.catalog.disk_for(None, vm, &d.id).await?;
             if !disk.journal.last().is_some_and(|e| e.final_log) {
                 out.push(d.id.clone());
             }
@@ -817,7 +812,7 @@ impl Failovers {
                 JobState::Running,
             )
             .await?;
-        self.protection.set_state(vm, VmState::FailedOver).await?;
+        self.catalog.set_state(vm, VmState::FailedOver).await?;
         cur.state = FailoverState::Committed;
         self.put_record(&cur).await?;
         self.jobs.succeed(&job.id).await?;
@@ -885,7 +880,7 @@ async fn chunk_block(
 
 /// The VM's stored NIC overrides with the request's on top.
 fn merged_nic_options(
-    rec: &crate::protection::VmRecord,
+    rec: &crate::catalog::VmRecord,
     req: &FailoverRequest,
 ) -> BTreeMap<u32, NicOptions> {
     let mut out = rec.nic_overrides.clone();

@@ -109,11 +109,11 @@ impl Marked {
 
 /// The mark: everything reachable from every VM. Refuses when part of it cannot be read.
 pub async fn mark(s: &Scrub) -> Result<Marked> {
-    let roots = refs::collect(&s.protection, None).await?;
+    let roots = refs::collect(&s.catalog, &s.resyncs, None).await?;
     // Readers in use (a failover writing its disks, an export) may read through maps and logs
     // a merge or resync has since superseded: those stay until the readers are dropped. They
     // are taken after the records, so a merge committing in between is covered either way.
-    let pinned = s.protection.pinned_refs();
+    let pinned = s.replicas.pinned_refs();
     let mut map_roots: BTreeSet<ChunkName> = roots.maps.keys().copied().collect();
     for r in &pinned {
         let name = ChunkName::from_hex(&r.map_root).ok_or_else(|| {
@@ -137,7 +137,7 @@ pub async fn mark(s: &Scrub) -> Result<Marked> {
             format!(
                 "{} referenced object(s) cannot be read, so what they reference is unknown and nothing is collected: {}; run drvault verify",
                 problems.len(),
-                super::damage::summary(&problems)
+                crate::replica::damage::summary(&problems)
             ),
         ));
     }
@@ -262,10 +262,13 @@ pub(super) async fn run(s: &Scrub, job: &str, dry_run: bool, grace_s: u64) -> Re
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::catalog::{DiskSpec, VmSpec};
     use crate::chunk::{CpuPool, KeyRing, PlainHash};
     use crate::format::hrl::{Guid, HrlWriter, HrlWriterParams};
+    use crate::ingest::{CompleteRequest, Ingest};
     use crate::jobs::{JobKind, Jobs};
-    use crate::protection::{CompleteRequest, DiskSpec, Protection, VmSpec};
+    use crate::overview::Overview;
+    use crate::services::{Services, Settings};
     use crate::store::Store;
     use crate::vault::Vault;
     use bytes::Bytes;
@@ -273,7 +276,22 @@ pub(crate) mod tests {
 
     pub(crate) const BS: u32 = 65536;
 
-    pub(crate) async fn service() -> Scrub {
+    /// The scrub service with the ingest and overview services over the same vault (tests
+    /// upload through them).
+    pub(crate) struct Fixture {
+        pub scrub: Scrub,
+        pub ingest: Ingest,
+        pub overview: Overview,
+    }
+
+    impl std::ops::Deref for Fixture {
+        type Target = Scrub;
+        fn deref(&self) -> &Scrub {
+            &self.scrub
+        }
+    }
+
+    pub(crate) async fn service() -> Fixture {
         let vault = Vault::open(
             Store::open("memory://", &[]).unwrap(),
             Arc::new(KeyRing::random()),
@@ -283,10 +301,19 @@ pub(crate) mod tests {
         .await
         .unwrap();
         let jobs = Jobs::load(vault.records.clone()).await.unwrap();
-        let p = Protection::load(vault.clone(), jobs.clone(), BS, Default::default())
-            .await
-            .unwrap();
-        Scrub::new(vault, p, jobs, 0)
+        let sv = Services::load(
+            vault.clone(),
+            jobs.clone(),
+            crate::tasks::Tasks::new(),
+            Settings::new(BS),
+        )
+        .await
+        .unwrap();
+        Fixture {
+            scrub: Scrub::new(vault, sv.catalog, sv.replicas, sv.resyncs, jobs, 0),
+            ingest: sv.ingest,
+            overview: sv.overview,
+        }
     }
 
     pub(crate) fn block(seed: u8) -> Bytes {
@@ -298,7 +325,7 @@ pub(crate) mod tests {
     }
 
     /// Enables protection of `vm` (one disk "d" of `blocks.len()` blocks) and uploads them.
-    pub(crate) async fn upload(s: &Scrub, vm: &str, blocks: &[Bytes]) {
+    pub(crate) async fn upload(s: &Fixture, vm: &str, blocks: &[Bytes]) {
         let spec = VmSpec {
             generation: 2,
             cpus: 1,
@@ -310,29 +337,26 @@ pub(crate) mod tests {
             nics: vec![],
             policy: None,
         };
-        s.protection.enable("h", vm, &spec).await.unwrap();
+        s.catalog.enable("h", vm, &spec).await.unwrap();
         for (i, b) in blocks.iter().enumerate() {
-            s.protection
+            s.ingest
                 .put_block("h", vm, "d", i as u64, PlainHash::of(b), b.clone())
                 .await
                 .unwrap();
         }
     }
 
-    pub(crate) async fn complete(s: &Scrub, vm: &str, blocks: &[Bytes]) {
+    pub(crate) async fn complete(s: &Fixture, vm: &str, blocks: &[Bytes]) {
         let hashes: Vec<PlainHash> = blocks.iter().map(|b| PlainHash::of(b)).collect();
         let req = CompleteRequest {
             data_runs: vec![(0, blocks.len() as u64)],
-            digest: crate::protection::resync::digest_of(&hashes).to_hex(),
+            digest: crate::replica::resync::digest_of(&hashes).to_hex(),
         };
-        s.protection
-            .complete_disk("h", vm, "d", &req)
-            .await
-            .unwrap();
+        s.ingest.complete_disk("h", vm, "d", &req).await.unwrap();
     }
 
     /// Sends a log that overwrites whole block `index` with `data`; returns its cycle.
-    pub(crate) async fn send_log(s: &Scrub, vm: &str, n: u64, index: u64, data: &[u8]) -> u64 {
+    pub(crate) async fn send_log(s: &Fixture, vm: &str, n: u64, index: u64, data: &[u8]) -> u64 {
         let guid = |n: u64| {
             let mut b = [0u8; 16];
             b[..8].copy_from_slice(&n.to_le_bytes());
@@ -350,7 +374,7 @@ pub(crate) mod tests {
         let log = w.finish_to_vec().unwrap();
         let len = log.len() as u64;
         let body = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from(log))]);
-        s.protection
+        s.ingest
             .accept_log(
                 "h",
                 vm,
@@ -375,7 +399,7 @@ pub(crate) mod tests {
     }
 
     async fn read(s: &Scrub, vm: &str, cycle: u64, index: u64) -> Bytes {
-        let r = s.protection.point_reader(vm, "d", cycle).await.unwrap();
+        let r = s.replicas.point_reader(vm, "d", cycle).await.unwrap();
         r.read_block(index).await.unwrap().0
     }
 
@@ -407,7 +431,7 @@ pub(crate) mod tests {
         let m = mark(&s).await.unwrap();
         assert_eq!(m.logs.len(), 1, "the journal's log is marked");
         assert!(m.keys.contains(&chunk_key(&b1, &s)), "c0 still reads b1");
-        s.protection.merge_vm("a", true).await.unwrap();
+        s.replicas.merge_vm("a", true).await.unwrap();
         // After the merge b3 is a chunk of the new base; b1 is referenced by nothing.
         let m = mark(&s).await.unwrap();
         assert!(m.keys.contains(&chunk_key(&b3, &s)) && m.keys.contains(&chunk_key(&b2, &s)));
@@ -442,8 +466,8 @@ pub(crate) mod tests {
         complete(&s, "a", &[b1.clone(), b2.clone()]).await;
         let c1 = send_log(&s, "a", 1, 0, &b3).await;
         // A failover is materializing c0 (the old base) when c1 is merged and a collection runs.
-        let reader = s.protection.point_reader("a", "d", 0).await.unwrap();
-        s.protection.merge_vm("a", true).await.unwrap();
+        let reader = s.replicas.point_reader("a", "d", 0).await.unwrap();
+        s.replicas.merge_vm("a", true).await.unwrap();
         let r = collect_garbage(&s).await;
         // The merged log is garbage (c0 never read it); the old base map and b1 are not.
         assert!(
@@ -470,7 +494,7 @@ pub(crate) mod tests {
         upload(&s, "a", std::slice::from_ref(&b1)).await;
         complete(&s, "a", std::slice::from_ref(&b1)).await;
         send_log(&s, "a", 1, 0, &b2).await;
-        s.protection.merge_vm("a", true).await.unwrap();
+        s.replicas.merge_vm("a", true).await.unwrap();
         // b1 is now garbage, older than what follows.
         let collection = s.vault.chunks.fence().begin_collection().await;
         let t0 = crate::util::unix_now_ms() + 1;

@@ -2,7 +2,8 @@
 //!
 //! * [`refs`] finds what the records reference (the mark of GC, the object list of verify).
 //! * [`verify`] re-reads referenced objects, checks tag and name, quarantines what is damaged
-//!   and registers it in [`damage`], which marks the recovery points that need it.
+//!   and registers it in the damage register ([`crate::replica::damage`]), which marks the
+//!   recovery points that need it.
 //! * [`gc`] deletes objects nothing references any more.
 //!
 //! Both run as jobs ("Verify", "Garbage collection") started by the operator (`drvault verify`,
@@ -38,7 +39,6 @@
 //! not see the chunks behind it, so collection refuses (`409 gc_mark_incomplete`) until verify
 //! has registered the damage and the points needing it are gone; it never guesses.
 
-pub mod damage;
 pub mod gc;
 pub mod refs;
 pub mod verify;
@@ -49,9 +49,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::jobs::{Job, JobKind, JobState, Jobs};
-use crate::protection::Protection;
+use crate::replica::resync::Resyncs;
+use crate::replica::Replicas;
 use crate::store::{Key, StoreError};
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
@@ -128,7 +130,9 @@ impl Problem {
 #[derive(Clone)]
 pub struct Scrub {
     pub(crate) vault: Vault,
-    pub(crate) protection: Protection,
+    pub(crate) catalog: Catalog,
+    pub(crate) replicas: Replicas,
+    pub(crate) resyncs: Resyncs,
     pub(crate) jobs: Jobs,
     /// The maintenance job running now, if any.
     running: Arc<Mutex<Option<String>>>,
@@ -142,10 +146,19 @@ pub struct Started {
 }
 
 impl Scrub {
-    pub fn new(vault: Vault, protection: Protection, jobs: Jobs, default_grace_s: u64) -> Scrub {
+    pub fn new(
+        vault: Vault,
+        catalog: Catalog,
+        replicas: Replicas,
+        resyncs: Resyncs,
+        jobs: Jobs,
+        default_grace_s: u64,
+    ) -> Scrub {
         Scrub {
             vault,
-            protection,
+            catalog,
+            replicas,
+            resyncs,
             jobs,
             running: Default::default(),
             default_grace_s,
@@ -210,7 +223,7 @@ impl Scrub {
     ) -> Result<Job> {
         req.validate()?;
         if let Some(vm) = &req.vm {
-            self.protection.vm_for(None, vm).await?;
+            self.catalog.vm_for(None, vm).await?;
         }
         self.spawn(JobKind::Verify, verify::STEPS, move |me, job| async move {
             verify::run(&me, &job, &req, since).await
@@ -279,8 +292,8 @@ impl Scrub {
     }
 
     /// The damage register as it stands.
-    pub async fn damage(&self) -> Arc<damage::DamageRecord> {
-        self.protection.damage.get().await
+    pub async fn damage(&self) -> Arc<crate::replica::damage::DamageRecord> {
+        self.replicas.damage().get().await
     }
 
     /// The start of the last collection that succeeded.

@@ -22,11 +22,12 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use super::{ObjectFamily, Problem};
+use crate::catalog::{Catalog, DiskState};
 use crate::chunk::{ChunkName, ChunkStore};
 use crate::error::{Error, Result};
 use crate::file_formats::ObjectKind;
-use crate::protection::{DiskState, Protection};
 use crate::replica::blockmap::{MapEntry, MapRoot};
+use crate::replica::resync::Resyncs;
 use crate::store::Key;
 use crate::vault::layout::{self, Family};
 
@@ -104,9 +105,9 @@ impl Roots {
 type ReadReceipt = (Key, std::result::Result<Option<ChunkName>, Problem>);
 
 /// Collects the roots of every VM, or of one.
-pub async fn collect(p: &Protection, only_vm: Option<&str>) -> Result<Roots> {
-    let vault = &p.vault;
-    let vm_id = only_vm.map(|v| p.vm_id(v));
+pub async fn collect(catalog: &Catalog, resyncs: &Resyncs, only_vm: Option<&str>) -> Result<Roots> {
+    let vault = catalog.vault();
+    let vm_id = only_vm.map(|v| catalog.vm_id(v));
     // 1. Receipts, grouped by session prefix.
     let stage = match &vm_id {
         Some(id) => Key::new(&["stage", id.as_str()]),
@@ -129,7 +130,7 @@ pub async fn collect(p: &Protection, only_vm: Option<&str>) -> Result<Roots> {
             continue;
         };
         let parsed = match r {
-            Ok(plain) => crate::protection::session::parse_receipt(&plain)
+            Ok(plain) => crate::replica::stage::parse_receipt(&plain)
                 .map(|r| r.name)
                 .ok_or_else(|| Problem {
                     key: key.clone(),
@@ -151,7 +152,7 @@ pub async fn collect(p: &Protection, only_vm: Option<&str>) -> Result<Roots> {
     drop(reads);
 
     // 2 and 3. Resync sessions, then disk records (this server's own, current copies).
-    let (vms, disks) = p.all_records().await;
+    let (vms, disks) = catalog.all_records().await;
     let mut roots = Roots::default();
     for v in vms.iter().filter(|v| only_vm.is_none_or(|o| o == v.name)) {
         roots.records.push((
@@ -166,10 +167,10 @@ pub async fn collect(p: &Protection, only_vm: Option<&str>) -> Result<Roots> {
             layout::record(Family::Failback, &v.id),
             RecordOwner::Failback { vm: v.name.clone() },
         ));
-        let session = match p.resync_session(&v.id).await {
+        let session = match resyncs.resync_session(&v.id).await {
             Ok(s) => s.filter(|s| s.state.is_open()),
             Err(e) => {
-                let key = record_key(p, &layout::record(Family::Resync, &v.id)).await?;
+                let key = record_key(vault, &layout::record(Family::Resync, &v.id)).await?;
                 roots
                     .problems
                     .push(Problem::classify(&key, ObjectFamily::Record, e)?);
@@ -195,7 +196,7 @@ pub async fn collect(p: &Protection, only_vm: Option<&str>) -> Result<Roots> {
                     for r in [&sd.base_root, &sd.staged_root].into_iter().flatten() {
                         roots.maps.entry(root_name(r)?).or_default().insert(h);
                     }
-                    let stage = crate::protection::resync::stage_id(&s.id);
+                    let stage = crate::replica::resync::stage_id(&s.id);
                     add_receipts(&mut roots, &receipts, &d.vm_id, &d.disk_id, &stage, h);
                 }
             }
@@ -218,7 +219,7 @@ pub async fn collect(p: &Protection, only_vm: Option<&str>) -> Result<Roots> {
 
 /// The base map and the journal of a complete disk: each map with the cycles that read through
 /// it, each log with its own cycle and every later one up to the next snapshot.
-fn add_journal(roots: &mut Roots, d: &crate::protection::DiskRecord) -> Result<()> {
+fn add_journal(roots: &mut Roots, d: &crate::catalog::DiskRecord) -> Result<()> {
     let mut root = d.map_root.clone();
     let mut cycles = BTreeSet::from([d.base_point.cycle]);
     let mut logs_since: Vec<String> = Vec::new();
@@ -247,7 +248,7 @@ fn add_journal(roots: &mut Roots, d: &crate::protection::DiskRecord) -> Result<(
         }
         cycles.insert(e.cycle);
         if e.is_log() {
-            let key_id = crate::protection::points::log_key(&e.log_id)?;
+            let key_id = crate::replica::points::log_key(&e.log_id)?;
             let prefix = layout::log_prefix(&d.vm_id, &d.disk_id, &key_id).to_string();
             log_cycles.insert(
                 prefix.clone(),
@@ -327,8 +328,8 @@ fn root_name(hex: &str) -> Result<ChunkName> {
 }
 
 /// The key of a record's latest version (the prefix itself when it has none).
-pub(crate) async fn record_key(p: &Protection, prefix: &Key) -> Result<Key> {
-    Ok(match p.vault.records.latest_version(prefix).await? {
+pub(crate) async fn record_key(vault: &crate::vault::Vault, prefix: &Key) -> Result<Key> {
+    Ok(match vault.records.latest_version(prefix).await? {
         Some(v) => layout::record_version(prefix, v),
         None => prefix.clone(),
     })

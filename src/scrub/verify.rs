@@ -26,13 +26,13 @@ use std::time::Instant;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::damage::{Affected, DamagedObject};
 use super::refs::{self, MapWalk, RecordOwner, Roots};
 use super::{ObjectFamily, Problem, Scrub};
 use crate::chunk::{ChunkName, ChunkStore};
 use crate::error::{Error, Result};
 use crate::file_formats::{ObjectKind, LOG_FRAME_LEN};
 use crate::jobs::JobState;
+use crate::replica::damage::{Affected, DamagedObject};
 use crate::store::{Key, StoreError};
 use crate::vault::layout;
 
@@ -157,14 +157,13 @@ pub(super) async fn run(
 ) -> Result<VerifyReport> {
     let started = Instant::now();
     let started_unix = crate::util::unix_now();
-    let p = &s.protection;
     let chunks = &s.vault.chunks;
-    let reg = p.damage.get().await;
+    let reg = s.replicas.damage().get().await;
 
     s.jobs
         .step(job, "Collect references", JobState::Running)
         .await?;
-    let roots = refs::collect(p, req.vm.as_deref()).await?;
+    let roots = refs::collect(&s.catalog, &s.resyncs, req.vm.as_deref()).await?;
     let walk = refs::walk_maps(chunks, roots.maps.keys().copied()).await?;
     let mut checked: BTreeMap<ObjectFamily, Checked> = BTreeMap::new();
     let mut problems: BTreeMap<String, Problem> = BTreeMap::new();
@@ -284,11 +283,11 @@ pub(super) async fn run(
         }
     }
     // A log merged away while this verify read it is gone, not damaged.
-    let (_, disks) = p.all_records().await;
+    let (_, disks) = s.catalog.all_records().await;
     let mut current_logs = HashSet::new();
     for d in &disks {
         for e in d.journal.iter().filter(|e| e.is_log()) {
-            let key_id = crate::protection::points::log_key(&e.log_id)?;
+            let key_id = crate::replica::points::log_key(&e.log_id)?;
             current_logs.insert(layout::log_prefix(&d.vm_id, &d.disk_id, &key_id).to_string());
         }
     }
@@ -386,8 +385,9 @@ pub(super) async fn run(
     if req.whole() {
         next.last_verify_unix = Some(started_unix);
     }
-    p.damage
-        .update(&s.vault.records, |now| {
+    s.replicas
+        .damage()
+        .update(|now| {
             // Chunks uploads stored again while this verify ran: whatever it read of them, they
             // were written sound after it looked.
             for k in now.healed.difference(&reg.healed) {
@@ -399,14 +399,14 @@ pub(super) async fn run(
         .await?;
 
     let mut damaged_points = Vec::new();
-    let (vms, _) = p.all_records().await;
+    let (vms, _) = s.catalog.all_records().await;
     for v in vms
         .iter()
         .filter(|v| req.vm.as_deref().is_none_or(|o| o == v.name))
     {
-        for pt in p.points(&v.name).await? {
+        for pt in s.replicas.points(&v.name).await? {
             if pt.damaged {
-                let objects = p.point_damage(&v.name, pt.cycle).await?;
+                let objects = s.replicas.point_damage(&v.name, pt.cycle).await?;
                 damaged_points.push(DamagedPoint {
                     vm: v.name.clone(),
                     point: pt.id,
@@ -668,9 +668,9 @@ async fn check_record(s: &Scrub, prefix: &Key, owner: &RecordOwner) -> Result<Op
 /// This server's current value of a VM or disk record (it is their only writer).
 async fn own_copy(s: &Scrub, owner: &RecordOwner) -> Result<Option<serde_json::Value>> {
     let v = match owner {
-        RecordOwner::Vm { vm } => serde_json::to_value(s.protection.vm_for(None, vm).await?),
+        RecordOwner::Vm { vm } => serde_json::to_value(s.catalog.vm_for(None, vm).await?),
         RecordOwner::Disk { vm, disk } => {
-            serde_json::to_value(s.protection.disk_for(None, vm, disk).await?.1)
+            serde_json::to_value(s.catalog.disk_for(None, vm, disk).await?.1)
         }
         _ => return Ok(None),
     };
@@ -733,7 +733,7 @@ mod tests {
 
     /// Whether each point of `vm` is listed as damaged.
     async fn marks(s: &Scrub, vm: &str) -> Vec<bool> {
-        let points = s.protection.points(vm).await.unwrap();
+        let points = s.replicas.points(vm).await.unwrap();
         points.iter().map(|p| p.damaged).collect()
     }
 
@@ -794,11 +794,7 @@ mod tests {
         assert_eq!(s.vault.store().head(&key).await.unwrap(), None);
         assert!(marks(&s, "a").await.iter().all(|&d| d));
         assert!(marks(&s, "b").await.iter().all(|&d| !d));
-        let e = s
-            .protection
-            .refuse_damaged("a", None, c1)
-            .await
-            .unwrap_err();
+        let e = s.replicas.refuse_damaged("a", None, c1).await.unwrap_err();
         assert_eq!(e.code(), "point_damaged");
 
         // The same block uploaded again (another VM's initial replication) stores it anew.
@@ -807,14 +803,14 @@ mod tests {
         assert!(r.clean, "{r:?}");
         assert_eq!(r.healed, vec![key.to_string()]);
         assert!(marks(&s, "a").await.iter().all(|&d| !d));
-        let reader = s.protection.point_reader("a", "d", 0).await.unwrap();
+        let reader = s.replicas.point_reader("a", "d", 0).await.unwrap();
         assert_eq!(reader.read_block(0).await.unwrap().0, b1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_resync_resends_a_registered_block_and_heals_it() {
         use crate::chunk::PlainHash;
-        use crate::protection::resync::{digest_of, DigestRequest, ResyncRequest};
+        use crate::replica::resync::{digest_of, DigestRequest, ResyncRequest};
         let s = service().await;
         let (b1, b2) = (block(1), block(2));
         upload(&s, "a", &[b1.clone(), b2.clone()]).await;
@@ -836,9 +832,9 @@ mod tests {
             now: true,
             disks: vec![],
         };
-        s.protection.start_resync("a", &req, "test").await.unwrap();
+        s.resyncs.start_resync("a", &req, "test").await.unwrap();
         // The replica's hash of block 0 matches nothing, block 1's is the real one.
-        let hashes = s.protection.resync_hashes("h", "a", "d").await.unwrap();
+        let hashes = s.resyncs.resync_hashes("h", "a", "d").await.unwrap();
         assert_ne!(&hashes[..32], &PlainHash::of(&b1).0[..]);
         assert_eq!(&hashes[32..64], &PlainHash::of(&b2).0[..]);
         // A whole-block patch (data record at 0) rebuilds it.
@@ -846,30 +842,30 @@ mod tests {
         patch.extend_from_slice(&0u32.to_le_bytes());
         patch.extend_from_slice(&(b1.len() as u32).to_le_bytes());
         patch.extend_from_slice(&b1);
-        s.protection
+        s.resyncs
             .resync_put_patch("h", "a", "d", 0, PlainHash::of(&b1), patch.into())
             .await
             .unwrap();
         let digest = digest_of(&[PlainHash::of(&b1), PlainHash::of(&b2)]).to_hex();
-        s.protection
+        s.resyncs
             .resync_complete("h", "a", "d", &DigestRequest { digest })
             .await
             .unwrap();
         let r = verify(&s).await;
         assert!(r.clean, "{r:?}");
         assert_eq!(r.healed.len(), 1);
-        for p in s.protection.points("a").await.unwrap() {
+        for p in s.replicas.points("a").await.unwrap() {
             assert!(!p.damaged);
-            let reader = s.protection.point_reader("a", "d", p.cycle).await.unwrap();
+            let reader = s.replicas.point_reader("a", "d", p.cycle).await.unwrap();
             assert_eq!(reader.read_block(0).await.unwrap().0, b1);
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_completed_disk_asks_for_blocks_of_quarantined_chunks_and_takes_only_those() {
+        use crate::catalog::Health;
         use crate::chunk::PlainHash;
-        use crate::protection::session::{QueryBlock, ReceivedQuery};
-        use crate::protection::Health;
+        use crate::ingest::blocks::{QueryBlock, ReceivedQuery};
         let s = service().await;
         let (b1, b2) = (block(1), block(2));
         upload(&s, "a", &[b1.clone(), b2.clone()]).await;
@@ -884,8 +880,8 @@ mod tests {
                 })
                 .collect(),
         };
-        let missing = || s.protection.missing_blocks("h", "a", "d", &query);
-        let health = || async { s.protection.list().await[0].health };
+        let missing = || s.ingest.missing_blocks("h", "a", "d", &query);
+        let health = || async { s.overview.list().await[0].health };
         assert_eq!(missing().await.unwrap(), Vec::<u64>::new());
         let name = ChunkName::derive(
             s.vault.keys().name_key(),
@@ -901,18 +897,18 @@ mod tests {
 
         assert_eq!(missing().await.unwrap(), vec![0]);
         let e = s
-            .protection
+            .ingest
             .put_block("h", "a", "d", 1, PlainHash::of(&b2), b2.clone())
             .await
             .unwrap_err();
         assert_eq!(e.code(), "replication_complete");
         let ack = s
-            .protection
+            .ingest
             .put_block("h", "a", "d", 0, PlainHash::of(&b1), b1.clone())
             .await
             .unwrap();
         assert_eq!(ack.outcome, "healed");
-        let reg = s.protection.damage.get().await;
+        let reg = s.replicas.damage().get().await;
         assert!(reg.objects.is_empty(), "{:?}", reg.objects);
         assert_eq!(health().await, Health::Normal);
         assert!(marks(&s, "a").await.iter().all(|&d| !d));
@@ -920,7 +916,7 @@ mod tests {
         let r = verify(&s).await;
         assert!(r.clean, "{r:?}");
         assert_eq!(r.healed, vec![key.to_string()]);
-        assert!(s.protection.damage.get().await.healed.is_empty());
+        assert!(s.replicas.damage().get().await.healed.is_empty());
     }
 
     #[test]

@@ -67,7 +67,7 @@ async fn agent_failback_fine(
     DiskName(disk): DiskName,
     body: Body,
 ) -> ApiResult<Response> {
-    let req: crate::protection::resync::FineRequest = read_json(body).await?;
+    let req: crate::replica::resync::FineRequest = read_json(body).await?;
     Ok(octets(
         s.failovers.failback_fine(&host, &vm, &disk, &req).await?,
     ))
@@ -93,7 +93,7 @@ async fn agent_failback_complete(
     DiskName(disk): DiskName,
     body: Body,
 ) -> ApiResult<Json<crate::failover::failback::FailbackRecord>> {
-    let req: crate::protection::resync::DigestRequest = read_json(body).await?;
+    let req: crate::replica::resync::DigestRequest = read_json(body).await?;
     Ok(Json(
         s.failovers
             .failback_complete(&host, &vm, &disk, &req)

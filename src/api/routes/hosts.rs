@@ -54,7 +54,7 @@ struct HostView {
 
 async fn list_hosts(_: Operator, State(s): State<AppState>) -> Json<Vec<HostView>> {
     let reg = s.registry.snapshot().await;
-    let vms = s.protection.list().await;
+    let vms = s.overview.list().await;
     Json(
         reg.hosts
             .values()

@@ -13,7 +13,8 @@ use crate::api::auth::AgentHost;
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskName, LogId, Query, VmName};
 use crate::api::AppState;
-use crate::protection::{CompleteRequest, ReceivedQuery, VmSpec};
+use crate::catalog::VmSpec;
+use crate::ingest::{CompleteRequest, ReceivedQuery};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -44,9 +45,10 @@ async fn enable_protection(
     State(s): State<AppState>,
     VmName(vm): VmName,
     body: Body,
-) -> ApiResult<(StatusCode, Json<crate::protection::VmView>)> {
+) -> ApiResult<(StatusCode, Json<crate::catalog::VmView>)> {
     let spec: VmSpec = read_json(body).await?;
-    let (view, created) = s.protection.enable(&host, &vm, &spec).await?;
+    let (rec, created) = s.catalog.enable(&host, &vm, &spec).await?;
+    let view = s.overview.view(&rec).await;
     Ok((
         if created {
             StatusCode::CREATED
@@ -61,8 +63,8 @@ async fn agent_get_vm(
     _: AgentHost,
     State(s): State<AppState>,
     CallerVm { record: rec, .. }: CallerVm,
-) -> ApiResult<Json<crate::protection::VmView>> {
-    Ok(Json(s.protection.view(&rec).await))
+) -> ApiResult<Json<crate::catalog::VmView>> {
+    Ok(Json(s.overview.view(&rec).await))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -79,7 +81,7 @@ async fn agent_query_blocks(
 ) -> ApiResult<Json<MissingBlocks>> {
     let q: ReceivedQuery = read_json(body).await?;
     Ok(Json(MissingBlocks {
-        missing: s.protection.missing_blocks(&host, &vm, &disk, &q).await?,
+        missing: s.ingest.missing_blocks(&host, &vm, &disk, &q).await?,
     }))
 }
 
@@ -91,13 +93,13 @@ async fn agent_put_block(
     BlockIndex(i): BlockIndex,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<crate::protection::BlockAck>> {
+) -> ApiResult<Json<crate::ingest::BlockAck>> {
     // Authorization and geometry before reading a byte of the body.
-    let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
+    let (_, d) = s.catalog.disk_for(Some(&host), &vm, &disk).await?;
     let (claimed, bytes, _ingesting) =
         read_block_body(&s, &host, &headers, body, d.block_size as usize, "block").await?;
     Ok(Json(
-        s.protection
+        s.ingest
             .put_block(&host, &vm, &disk, i, claimed, bytes)
             .await?,
     ))
@@ -109,11 +111,9 @@ async fn agent_complete_disk(
     VmName(vm): VmName,
     DiskName(disk): DiskName,
     body: Body,
-) -> ApiResult<Json<crate::protection::DiskView>> {
+) -> ApiResult<Json<crate::catalog::DiskView>> {
     let req: CompleteRequest = read_json(body).await?;
-    Ok(Json(
-        s.protection.complete_disk(&host, &vm, &disk, &req).await?,
-    ))
+    Ok(Json(s.ingest.complete_disk(&host, &vm, &disk, &req).await?))
 }
 
 #[derive(Deserialize)]
@@ -134,12 +134,12 @@ async fn agent_put_log(
     Query(q): Query<LogQuery>,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<crate::protection::delta::LogAck>> {
+) -> ApiResult<Json<crate::ingest::logs::LogAck>> {
     let len = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let meta = crate::protection::delta::LogMeta {
+    let meta = crate::ingest::logs::LogMeta {
         cycle: q.cycle,
         app_consistent: q.app_consistent,
         final_log: q.final_log,
@@ -155,7 +155,7 @@ async fn agent_put_log(
     // drops this handler's future, and a log accepted that way would stop wherever it was,
     // leaving the frames already stored behind. The task instead sees the body end in an error
     // and deletes them, as for any refused log.
-    let p = s.protection.clone();
+    let p = s.ingest.clone();
     let ack = tokio::spawn(async move {
         let _memory = memory;
         p.accept_log(&host, &vm, &disk, &log_id, meta, len, stream)

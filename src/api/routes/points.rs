@@ -21,8 +21,8 @@ async fn list_points(
     _: Operator,
     State(s): State<AppState>,
     VmName(vm): VmName,
-) -> ApiResult<Json<Vec<crate::protection::points::PointView>>> {
-    Ok(Json(s.protection.points_and_incomplete(&vm).await?))
+) -> ApiResult<Json<Vec<crate::replica::points::PointView>>> {
+    Ok(Json(s.replicas.points_and_incomplete(&vm).await?))
 }
 
 #[derive(Deserialize, Default)]
@@ -41,12 +41,12 @@ async fn merge_vm(
     State(s): State<AppState>,
     VmName(vm): VmName,
     body: Body,
-) -> ApiResult<Json<crate::protection::points::MergeReport>> {
+) -> ApiResult<Json<crate::replica::points::MergeReport>> {
     let req: MergeRequest = read_json(body).await?;
-    s.protection.vm_for(None, &vm).await?;
+    s.catalog.vm_for(None, &vm).await?;
     // Resolved before the job exists: a refused point leaves no job running forever.
     let through = match &req.through {
-        Some(p) => Some(s.protection.resolve_point(&vm, p).await?.cycle),
+        Some(p) => Some(s.replicas.resolve_point(&vm, p).await?.cycle),
         None => None,
     };
     let job = s
@@ -58,7 +58,7 @@ async fn merge_vm(
             crate::jobs::JobState::Running,
         )
         .await?;
-    match s.protection.merge_vm_through(&vm, req.all, through).await {
+    match s.replicas.merge_vm_through(&vm, req.all, through).await {
         Ok(r) => {
             s.jobs.succeed(&job.id).await?;
             Ok(Json(r))

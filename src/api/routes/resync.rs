@@ -45,10 +45,8 @@ async fn agent_resync_view(
     State(s): State<AppState>,
     VmName(vm): VmName,
     DiskName(disk): DiskName,
-) -> ApiResult<Json<crate::protection::resync::ResyncDiskView>> {
-    Ok(Json(
-        s.protection.resync_disk_view(&host, &vm, &disk).await?,
-    ))
+) -> ApiResult<Json<crate::replica::resync::ResyncDiskView>> {
+    Ok(Json(s.resyncs.resync_disk_view(&host, &vm, &disk).await?))
 }
 
 async fn agent_resync_hashes(
@@ -57,7 +55,7 @@ async fn agent_resync_hashes(
     VmName(vm): VmName,
     DiskName(disk): DiskName,
 ) -> ApiResult<Response> {
-    Ok(octets(s.protection.resync_hashes(&host, &vm, &disk).await?))
+    Ok(octets(s.resyncs.resync_hashes(&host, &vm, &disk).await?))
 }
 
 async fn agent_resync_fine(
@@ -67,9 +65,9 @@ async fn agent_resync_fine(
     DiskName(disk): DiskName,
     body: Body,
 ) -> ApiResult<Response> {
-    let req: crate::protection::resync::FineRequest = read_json(body).await?;
+    let req: crate::replica::resync::FineRequest = read_json(body).await?;
     Ok(octets(
-        s.protection.resync_fine(&host, &vm, &disk, &req).await?,
+        s.resyncs.resync_fine(&host, &vm, &disk, &req).await?,
     ))
 }
 
@@ -81,13 +79,13 @@ async fn agent_resync_patch(
     BlockIndex(i): BlockIndex,
     headers: HeaderMap,
     body: Body,
-) -> ApiResult<Json<crate::protection::resync::PatchAck>> {
-    let (_, d) = s.protection.disk_for(Some(&host), &vm, &disk).await?;
+) -> ApiResult<Json<crate::replica::resync::PatchAck>> {
+    let (_, d) = s.catalog.disk_for(Some(&host), &vm, &disk).await?;
     let limit = crate::replica::patch::max_patch_len(d.block_size as usize);
     let (claimed, bytes, _ingesting) =
         read_block_body(&s, &host, &headers, body, limit, "patch").await?;
     Ok(Json(
-        s.protection
+        s.resyncs
             .resync_put_patch(&host, &vm, &disk, i, claimed, bytes)
             .await?,
     ))
@@ -99,12 +97,10 @@ async fn agent_resync_complete(
     VmName(vm): VmName,
     DiskName(disk): DiskName,
     body: Body,
-) -> ApiResult<Json<crate::protection::resync::ResyncCompletion>> {
-    let req: crate::protection::resync::DigestRequest = read_json(body).await?;
+) -> ApiResult<Json<crate::replica::resync::ResyncCompletion>> {
+    let req: crate::replica::resync::DigestRequest = read_json(body).await?;
     Ok(Json(
-        s.protection
-            .resync_complete(&host, &vm, &disk, &req)
-            .await?,
+        s.resyncs.resync_complete(&host, &vm, &disk, &req).await?,
     ))
 }
 
@@ -113,10 +109,10 @@ async fn start_resync(
     State(s): State<AppState>,
     VmName(vm): VmName,
     body: Body,
-) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
-    let req: crate::protection::resync::ResyncRequest = read_json(body).await?;
+) -> ApiResult<Json<crate::replica::resync::ResyncSession>> {
+    let req: crate::replica::resync::ResyncRequest = read_json(body).await?;
     Ok(Json(
-        s.protection
+        s.resyncs
             .start_resync(&vm, &req, "requested by the operator")
             .await?,
     ))
@@ -129,8 +125,8 @@ async fn show_resync(
         name: vm,
         record: v,
     }: CallerVm,
-) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
-    Ok(Json(s.protection.resync_session(&v.id).await?.ok_or_else(
+) -> ApiResult<Json<crate::replica::resync::ResyncSession>> {
+    Ok(Json(s.resyncs.resync_session(&v.id).await?.ok_or_else(
         || {
             Error::not_found(
                 "no_resync",
@@ -144,6 +140,6 @@ async fn cancel_resync(
     _: Operator,
     State(s): State<AppState>,
     VmName(vm): VmName,
-) -> ApiResult<Json<crate::protection::resync::ResyncSession>> {
-    Ok(Json(s.protection.cancel_resync(&vm).await?))
+) -> ApiResult<Json<crate::replica::resync::ResyncSession>> {
+    Ok(Json(s.resyncs.cancel_resync(&vm).await?))
 }

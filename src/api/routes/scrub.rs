@@ -46,7 +46,7 @@ async fn verify_report(
 async fn damage_register(
     _: Operator,
     State(s): State<AppState>,
-) -> Json<crate::scrub::damage::DamageRecord> {
+) -> Json<crate::replica::damage::DamageRecord> {
     Json((*s.scrub.damage().await).clone())
 }
 

@@ -34,11 +34,11 @@ async fn healthz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
-    for v in s.protection.list().await {
+    for v in s.overview.list().await {
         let health = match v.health {
-            crate::protection::Health::Normal => 0.0,
-            crate::protection::Health::Warning => 1.0,
-            crate::protection::Health::Critical => 2.0,
+            crate::catalog::Health::Normal => 0.0,
+            crate::catalog::Health::Warning => 1.0,
+            crate::catalog::Health::Critical => 2.0,
         };
         metrics::gauge!("drvault_vm_health", "vm" => v.name.clone()).set(health);
         metrics::gauge!("drvault_vm_replication_progress", "vm" => v.name.clone()).set(v.progress);
@@ -85,6 +85,6 @@ struct ServerInfo {
 async fn server_info(_: Operator, State(s): State<AppState>) -> Json<ServerInfo> {
     Json(ServerInfo {
         version: env!("CARGO_PKG_VERSION"),
-        block_size: s.protection.block_size(),
+        block_size: s.catalog.block_size(),
     })
 }

@@ -29,16 +29,16 @@ pub(super) fn routes() -> Router<AppState> {
         )
 }
 
-async fn list_vms(_: Operator, State(s): State<AppState>) -> Json<Vec<crate::protection::VmView>> {
-    Json(s.protection.list().await)
+async fn list_vms(_: Operator, State(s): State<AppState>) -> Json<Vec<crate::catalog::VmView>> {
+    Json(s.overview.list().await)
 }
 
 async fn get_vm(
     _: Operator,
     State(s): State<AppState>,
     CallerVm { record: rec, .. }: CallerVm,
-) -> ApiResult<Json<crate::protection::VmView>> {
-    Ok(Json(s.protection.view(&rec).await))
+) -> ApiResult<Json<crate::catalog::VmView>> {
+    Ok(Json(s.overview.view(&rec).await))
 }
 
 /// A disk's map as the export client needs it: geometry and the data blocks with their hashes.
@@ -69,11 +69,9 @@ async fn get_map(
     Query(q): Query<PointQuery>,
 ) -> ApiResult<Json<MapView>> {
     if let Some(sel) = q.point {
-        let p = s.protection.resolve_point(&vm, &sel).await?;
-        s.protection
-            .refuse_damaged(&vm, Some(&disk), p.cycle)
-            .await?;
-        let (d, blocks) = s.protection.point_blocks(&vm, &disk, p.cycle).await?;
+        let p = s.replicas.resolve_point(&vm, &sel).await?;
+        s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
+        let (d, blocks) = s.replicas.point_blocks(&vm, &disk, p.cycle).await?;
         let data = blocks
             .into_iter()
             .map(|(i, h)| (i, h.unwrap_or_default()))
@@ -87,8 +85,8 @@ async fn get_map(
             point: Some(p.id),
         }));
     }
-    let (d, map) = s.protection.base_map(&vm, &disk).await?;
-    s.protection
+    let (d, map) = s.replicas.base_map(&vm, &disk).await?;
+    s.replicas
         .refuse_damaged(&vm, Some(&disk), d.base_point.cycle)
         .await?;
     let data = map
@@ -117,17 +115,15 @@ async fn get_block(
 ) -> ApiResult<Response> {
     let (bytes, hash) = match q.point {
         Some(sel) => {
-            let p = s.protection.resolve_point(&vm, &sel).await?;
-            s.protection
-                .refuse_damaged(&vm, Some(&disk), p.cycle)
-                .await?;
-            s.protection
+            let p = s.replicas.resolve_point(&vm, &sel).await?;
+            s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
+            s.replicas
                 .point_reader(&vm, &disk, p.cycle)
                 .await?
                 .read_block(i)
                 .await?
         }
-        None => s.protection.read_block(&vm, &disk, i).await?,
+        None => s.replicas.read_block(&vm, &disk, i).await?,
     };
     let mut resp = Body::from(bytes).into_response();
     resp.headers_mut().insert(
@@ -150,9 +146,10 @@ async fn set_vm_policy(
     State(s): State<AppState>,
     VmName(vm): VmName,
     body: Body,
-) -> ApiResult<Json<crate::protection::VmView>> {
-    let change: crate::protection::PolicyChange = read_json(body).await?;
-    Ok(Json(s.protection.set_policy(&vm, &change).await?))
+) -> ApiResult<Json<crate::catalog::VmView>> {
+    let change: crate::catalog::PolicyChange = read_json(body).await?;
+    let rec = s.catalog.set_policy(&vm, &change).await?;
+    Ok(Json(s.overview.view(&rec).await))
 }
 
 async fn set_nic_override(
@@ -161,10 +158,10 @@ async fn set_nic_override(
     VmName(vm): VmName,
     NicIndex(i): NicIndex,
     body: Body,
-) -> ApiResult<Json<crate::protection::VmView>> {
+) -> ApiResult<Json<crate::catalog::VmView>> {
     let o: crate::failover::definition::NicOptions = read_json(body).await?;
-    let rec = s.protection.set_nic_override(&vm, i, Some(o)).await?;
-    Ok(Json(s.protection.view(&rec).await))
+    let rec = s.catalog.set_nic_override(&vm, i, Some(o)).await?;
+    Ok(Json(s.overview.view(&rec).await))
 }
 
 async fn clear_nic_override(
@@ -172,7 +169,7 @@ async fn clear_nic_override(
     State(s): State<AppState>,
     VmName(vm): VmName,
     NicIndex(i): NicIndex,
-) -> ApiResult<Json<crate::protection::VmView>> {
-    let rec = s.protection.set_nic_override(&vm, i, None).await?;
-    Ok(Json(s.protection.view(&rec).await))
+) -> ApiResult<Json<crate::catalog::VmView>> {
+    let rec = s.catalog.set_nic_override(&vm, i, None).await?;
+    Ok(Json(s.overview.view(&rec).await))
 }

@@ -19,10 +19,15 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::{BasePoint, DiskRecord, DiskState, Protection};
+use super::Replicas;
+use crate::catalog::{BasePoint, DiskRecord, DiskState};
+use crate::chunk::{ChunkName, PlainHash};
 use crate::error::{Error, Result};
+use crate::journal::JournalEntry;
+use crate::replica::blockmap::block_len;
 use crate::replica::point::{PointReader, MERGE_GROUP_BYTES};
 use crate::replica::{BlockMap, MapEntry};
+use bytes::Bytes;
 
 /// A VM recovery point as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -87,7 +92,7 @@ pub(crate) struct PinnedRefs {
 }
 
 /// A point reader with the pin that keeps a merge from deleting the logs it reads while it
-/// lives (see [`Protection::merge_disk`]). Clones share the pin; the cache keeps only the bare
+/// lives (see [`Replicas::merge_disk`]). Clones share the pin; the cache keeps only the bare
 /// reader, so an idle cached reader never holds a deletion back.
 #[derive(Clone)]
 pub struct PinnedReader {
@@ -165,7 +170,7 @@ fn disk_points(d: &DiskRecord) -> Vec<(u64, u64, bool, bool)> {
     v
 }
 
-impl Protection {
+impl Replicas {
     /// The VM's recovery points, oldest first.
     pub async fn points(&self, vm: &str) -> Result<Vec<PointView>> {
         let mut points = self.points_and_incomplete(vm).await?;
@@ -178,14 +183,14 @@ impl Protection {
     /// names those disks), oldest first. A disk still in initial replication makes `c0` wait
     /// for it. A cycle a disk skipped (it sent a later one) never completes and is not listed.
     pub async fn points_and_incomplete(&self, vm: &str) -> Result<Vec<PointView>> {
-        let rec = self.vm_for(None, vm).await?;
+        let rec = self.catalog.vm_for(None, vm).await?;
         // By cycle: (time, app, final, disks that have it).
         let mut per_cycle: BTreeMap<u64, (u64, bool, bool, Vec<String>)> = BTreeMap::new();
         let mut disks = Vec::new();
         // Each disk's newest cycle; `None` while initial replication runs.
         let mut last_cycle: Vec<(String, Option<u64>)> = Vec::new();
         for spec in &rec.spec.disks {
-            let (_, d) = self.disk_for(None, vm, &spec.id).await?;
+            let (_, d) = self.catalog.disk_for(None, vm, &spec.id).await?;
             disks.push(d.disk.clone());
             if d.state != DiskState::Complete {
                 last_cycle.push((d.disk.clone(), None));
@@ -247,7 +252,7 @@ impl Protection {
                 p.damage = Some(format!(
                     "{} damaged or missing object(s): {}",
                     hits.len(),
-                    crate::scrub::damage::summary(&hits)
+                    super::damage::summary(&hits)
                 ));
             }
         }
@@ -312,12 +317,12 @@ impl Protection {
 
     /// A reader for one disk at a cycle (cached: points are immutable until merged away).
     pub async fn point_reader(&self, vm: &str, disk: &str, cycle: u64) -> Result<PinnedReader> {
-        let (_, ids) = self.disk_for(None, vm, disk).await?;
+        let (_, ids) = self.catalog.disk_for(None, vm, disk).await?;
         // Pinned before the record is read: a merge that commits later sees the pin and keeps
         // the logs this reader may use; one that committed earlier is in the record read below.
         let pin = self.pin_readers(&ids.vm_id, &ids.disk_id);
         // One record for everything below: the journal may be shortened by a merge meanwhile.
-        let (_, d) = self.disk_for(None, vm, disk).await?;
+        let (_, d) = self.catalog.disk_for(None, vm, disk).await?;
         let chain = point_chain(&d, cycle)?;
         if let Some(root) = &chain.root {
             self.hold_refs(
@@ -351,7 +356,7 @@ impl Protection {
         let base = self.map_by_root(&base_root).await?;
         let reader = Arc::new(
             PointReader::build(
-                self.vault.chunks.clone(),
+                self.catalog.vault().chunks.clone(),
                 self.frames.clone(),
                 &d.vm_id,
                 &d.disk_id,
@@ -413,7 +418,7 @@ impl Protection {
         self.full_map_in(reader, MERGE_GROUP_BYTES).await
     }
 
-    /// [`Protection::full_map`] with groups of `budget` log bytes.
+    /// [`Replicas::full_map`] with groups of `budget` log bytes.
     async fn full_map_in(&self, reader: &PinnedReader, budget: u64) -> Result<(BlockMap, u64)> {
         let mut map: BlockMap = reader.base().clone();
         let mut rewritten = 0u64;
@@ -421,7 +426,7 @@ impl Protection {
             let overlay = reader.load(&group).await?;
             let overlay = &overlay;
             let mut results = futures_util::stream::iter(group.iter().copied().map(|i| {
-                let chunks = self.vault.chunks.clone();
+                let chunks = self.catalog.vault().chunks.clone();
                 async move {
                     let (bytes, hash) = reader.block_with(i, overlay).await?;
                     let put = chunks.put_block(bytes, Some(hash)).await?;
@@ -431,7 +436,7 @@ impl Protection {
             .buffer_unordered(4);
             while let Some(r) = results.next().await {
                 let (i, put) = r?;
-                self.note_stored(&put).await?;
+                self.damage.note_stored(&put).await?;
                 let e = match put.name {
                     Some(name) => MapEntry::Data {
                         name,
@@ -448,13 +453,13 @@ impl Protection {
 
     /// A block map by its root name (cached: maps are immutable).
     pub(crate) async fn map_by_root(&self, root: &str) -> Result<Arc<BlockMap>> {
-        if let Some(m) = self.sessions.maps.lock().await.get(root) {
+        if let Some(m) = self.maps.lock().await.get(root) {
             return Ok(m.clone());
         }
         let name = crate::chunk::ChunkName::from_hex(root)
             .ok_or_else(|| Error::internal(format!("malformed map root {root:?} in a record")))?;
-        let map = Arc::new(BlockMap::load(&self.vault.chunks, &name).await?);
-        let mut cache = self.sessions.maps.lock().await;
+        let map = Arc::new(BlockMap::load(&self.catalog.vault().chunks, &name).await?);
+        let mut cache = self.maps.lock().await;
         if cache.len() >= 16 {
             cache.clear();
         }
@@ -464,13 +469,13 @@ impl Protection {
 
     /// Merges the first `count` journal entries of a disk into its base map.
     pub async fn merge_disk(&self, vm: &str, disk: &str, count: usize) -> Result<MergeReport> {
-        let (_, d0) = self.disk_for(None, vm, disk).await?;
+        let (_, d0) = self.catalog.disk_for(None, vm, disk).await?;
         // New chunks and map, then the record: one critical section for garbage collection
         // (taken before the disk's lock, as every writer does).
-        let _fenced = self.vault.chunks.fence().writer().await;
-        let lock = self.log_lock_for(&d0).await;
+        let _fenced = self.catalog.vault().chunks.fence().writer().await;
+        let lock = self.catalog.journal_lock(&d0).await;
         let _held = lock.lock().await;
-        let (_, d) = self.disk_for(None, vm, disk).await?;
+        let (_, d) = self.catalog.disk_for(None, vm, disk).await?;
         let count = count.min(d.journal.len());
         if count == 0 {
             return Ok(MergeReport::default());
@@ -478,7 +483,7 @@ impl Protection {
         let last = d.journal[count - 1].clone();
         let reader = self.point_reader(vm, disk, last.cycle).await?;
         let (map, touched) = self.full_map(&reader).await?;
-        let root = map.save(&self.vault.chunks).await?;
+        let root = map.save(&self.catalog.vault().chunks).await?;
         let mut rec = d.clone();
         let merged: Vec<_> = rec.journal.drain(..count).collect();
         rec.map_root = Some(root.to_hex());
@@ -502,11 +507,11 @@ impl Protection {
             .as_deref()
             .map(|r| r.starts_with("pending log bytes"))
             .unwrap_or(false)
-            && rec.pending_log_bytes() < super::delta::resync_threshold(rec.size)
+            && rec.pending_log_bytes() < crate::catalog::resync_threshold(rec.size)
         {
             rec.resync_required = None;
         }
-        self.store_disk(rec.clone()).await?;
+        self.catalog.store_disk(rec.clone()).await?;
         self.readers
             .lock()
             .await
@@ -523,7 +528,7 @@ impl Protection {
             keys.push((e.log_id.clone(), log_key(&e.log_id)?));
             freed += e.log_bytes;
         }
-        let (chunks, frames) = (self.vault.chunks.clone(), self.frames.clone());
+        let (chunks, frames) = (self.catalog.vault().chunks.clone(), self.frames.clone());
         let (vm_id, disk_id) = (d.vm_id.clone(), d.disk_id.clone());
         let (vm_name, disk_name) = (vm.to_string(), disk.to_string());
         let delete = async move {
@@ -550,7 +555,7 @@ impl Protection {
                 readers = in_use,
                 "merged logs are deleted once the readers still using them finish"
             );
-            tokio::spawn(delete);
+            self.tasks.spawn("merged log delete", delete);
         } else {
             // Nothing reads them: gone before the merge returns, as callers may check.
             delete.await;
@@ -577,7 +582,7 @@ impl Protection {
         self.merge_vm_through(vm, all, None).await
     }
 
-    /// As [`Protection::merge_vm`]; with `through`, merges every log up to and including that
+    /// As [`Replicas::merge_vm`]; with `through`, merges every log up to and including that
     /// cycle instead (the points before it disappear, the later ones read the same).
     pub async fn merge_vm_through(
         &self,
@@ -585,25 +590,12 @@ impl Protection {
         all: bool,
         through: Option<u64>,
     ) -> Result<MergeReport> {
-        let rec = self.vm_for(None, vm).await?;
-        let retention = rec.spec.policy.clone().unwrap_or_default().retention_s;
-        let cutoff = crate::util::unix_now().saturating_sub(retention);
+        let rec = self.catalog.vm_for(None, vm).await?;
         let mut total = MergeReport::default();
         for spec in &rec.spec.disks {
-            let (_, d) = self.disk_for(None, vm, &spec.id).await?;
-            if d.state != DiskState::Complete {
+            let Some(r) = self.merge_disk_upto(&rec, &spec.id, all, through).await? else {
                 continue;
-            }
-            let count = match through {
-                Some(c) => d.journal.iter().take_while(|e| e.cycle <= c).count(),
-                None if all => d.journal.len(),
-                None => d
-                    .journal
-                    .iter()
-                    .take_while(|e| e.accepted_unix < cutoff)
-                    .count(),
             };
-            let r = self.merge_disk(vm, &spec.id, count).await?;
             total.disks += 1;
             total.logs_merged += r.logs_merged;
             total.blocks_rewritten += r.blocks_rewritten;
@@ -612,14 +604,63 @@ impl Protection {
         Ok(total)
     }
 
-    /// The background merge pass over every VM.
+    /// One disk's part of [`Replicas::merge_vm_through`]; `None` for a disk still in initial
+    /// replication.
+    async fn merge_disk_upto(
+        &self,
+        rec: &crate::catalog::VmRecord,
+        disk: &str,
+        all: bool,
+        through: Option<u64>,
+    ) -> Result<Option<MergeReport>> {
+        let retention = rec.spec.policy.clone().unwrap_or_default().retention_s;
+        let cutoff = crate::util::unix_now().saturating_sub(retention);
+        let (_, d) = self.catalog.disk_for(None, &rec.name, disk).await?;
+        if d.state != DiskState::Complete {
+            return Ok(None);
+        }
+        let count = match through {
+            Some(c) => d.journal.iter().take_while(|e| e.cycle <= c).count(),
+            None if all => d.journal.len(),
+            None => d
+                .journal
+                .iter()
+                .take_while(|e| e.accepted_unix < cutoff)
+                .count(),
+        };
+        Ok(Some(self.merge_disk(&rec.name, disk, count).await?))
+    }
+
+    /// The background merge pass: on every disk of every VM, the logs that left the retention
+    /// window. A disk whose merge failed is tried again only once its back-off passed (doubling
+    /// per failure up to a cap), so a disk that keeps failing is not retried on every pass and
+    /// does not hold back the other disks.
     pub async fn merge_expired_all(&self) {
-        let vms: Vec<String> = self.vms.read().await.keys().cloned().collect();
-        for vm in vms {
-            if let Err(e) = self.merge_vm(&vm, false).await {
-                tracing::warn!(%vm, error = %e, "background merge failed; will retry next pass");
+        for vm in self.catalog.vm_names().await {
+            let Ok(rec) = self.catalog.vm_for(None, &vm).await else {
+                continue;
+            };
+            for spec in &rec.spec.disks {
+                let key = (vm.clone(), spec.id.clone());
+                if !self.merge_retries.due(&key, std::time::Instant::now()) {
+                    continue;
+                }
+                match self.merge_disk_upto(&rec, &spec.id, false, None).await {
+                    Ok(_) => self.merge_retries.succeeded(&key),
+                    Err(e) => {
+                        let wait = self
+                            .merge_retries
+                            .failed(key, std::time::Instant::now(), &e);
+                        tracing::warn!(%vm, disk = %spec.id, error = %e, retry_in_s = wait.as_secs(), "background merge failed; retried after a back-off");
+                    }
+                }
             }
         }
+    }
+
+    /// The background merge's failure record of a disk, if its last try failed.
+    pub fn merge_retry(&self, vm: &str, disk: &str) -> Option<crate::tasks::Retry> {
+        self.merge_retries.get(&(vm.to_string(), disk.to_string()))
     }
 
     /// Data blocks at a point: base data blocks plus every block a log writes.
@@ -630,8 +671,141 @@ impl Protection {
         cycle: u64,
     ) -> Result<(DiskRecord, Vec<(u64, Option<String>)>)> {
         let reader = self.point_reader(vm, disk, cycle).await?;
-        let (_, d) = self.disk_for(None, vm, disk).await?;
+        let (_, d) = self.catalog.disk_for(None, vm, disk).await?;
         Ok((d, reader.data_blocks()))
+    }
+
+    /// The base block map of a completed disk.
+    pub async fn base_map(&self, vm: &str, disk: &str) -> Result<(DiskRecord, BlockMap)> {
+        let (_, d) = self.catalog.disk_for(None, vm, disk).await?;
+        let root = match (&d.state, &d.map_root) {
+            (DiskState::Complete, Some(r)) => ChunkName::from_hex(r)
+                .ok_or_else(|| Error::internal("bad map root in disk record"))?,
+            _ => {
+                return Err(Error::conflict(
+                    "replication_incomplete",
+                    format!("disk {disk} of VM {vm} has not completed initial replication"),
+                ))
+            }
+        };
+        let map = BlockMap::load(&self.catalog.vault().chunks, &root).await?;
+        Ok((d, map))
+    }
+
+    /// Reads one block of a completed disk's base map, verified (tag, name, plain hash).
+    pub async fn read_block(&self, vm: &str, disk: &str, index: u64) -> Result<(Bytes, PlainHash)> {
+        let (d, map) = self.cached_map(vm, disk).await?;
+        let entry = map.get(index).ok_or_else(|| {
+            Error::invalid(
+                "block_out_of_range",
+                format!(
+                    "block {index} is past the end of disk {disk} ({} blocks)",
+                    map.len()
+                ),
+            )
+        })?;
+        match entry {
+            MapEntry::Zero => {
+                let len = block_len(d.size, d.block_size, index) as usize;
+                let z = vec![0u8; len];
+                let h = PlainHash::of(&z);
+                Ok((Bytes::from(z), h))
+            }
+            MapEntry::Data { name, hash } => {
+                let (bytes, h) = self.catalog.vault().chunks.get_block(&name).await?;
+                if !h.ct_eq(&hash) {
+                    return Err(Error::Corrupt(crate::chunk::SealError::ContentMismatch {
+                        name: name.to_hex(),
+                    }));
+                }
+                Ok((bytes, h))
+            }
+        }
+    }
+
+    /// Base maps are immutable once written (content-addressed): cache a few by root name.
+    pub(crate) async fn cached_map(
+        &self,
+        vm: &str,
+        disk: &str,
+    ) -> Result<(DiskRecord, Arc<BlockMap>)> {
+        let (_, d) = self.catalog.disk_for(None, vm, disk).await?;
+        let root = d.map_root.clone().ok_or_else(|| {
+            Error::conflict(
+                "replication_incomplete",
+                format!("disk {disk} of VM {vm} has not completed initial replication"),
+            )
+        })?;
+        Ok((d, self.map_by_root(&root).await?))
+    }
+
+    /// Gives every disk of the VM a journal entry at one new cycle: the snapshot map for the
+    /// disks in `roots`, *unchanged* for the others. Each disk switches in one record update and
+    /// a disk that already has the entry (`tag`) is skipped, so an interrupted switch finishes
+    /// when run again. Snapshot disks restart their log chain. Returns the cycle.
+    pub async fn install_snapshots(
+        &self,
+        vm: &str,
+        tag: &str,
+        roots: &BTreeMap<String, String>,
+        fixed_cycle: Option<u64>,
+    ) -> Result<u64> {
+        let v = self.catalog.vm_for(None, vm).await?;
+        let mut disks = Vec::new();
+        for spec in &v.spec.disks {
+            disks.push(self.catalog.disk_for(None, vm, &spec.id).await?.1);
+        }
+        let cycle = match fixed_cycle.or_else(|| {
+            disks
+                .iter()
+                .flat_map(|d| d.journal.iter())
+                .find(|e| e.log_id.ends_with(tag))
+                .map(|e| e.cycle)
+        }) {
+            Some(c) => c,
+            None => disks.iter().map(|d| d.last_cycle()).max().unwrap_or(0) + 1,
+        };
+        for d0 in disks {
+            let lock = self.catalog.journal_lock(&d0).await;
+            let _held = lock.lock().await;
+            let (_, d) = self.catalog.disk_for(None, vm, &d0.disk).await?;
+            if d.journal.iter().any(|e| e.log_id.ends_with(tag)) {
+                continue;
+            }
+            let mut rec = d.clone();
+            let snapshot = roots.get(&d.disk).cloned();
+            let entry = JournalEntry {
+                log_id: format!(
+                    "{}{tag}",
+                    if snapshot.is_some() { "" } else { "unchanged-" }
+                ),
+                previous_id: String::new(),
+                cycle,
+                app_consistent: false,
+                final_log: false,
+                accepted_unix: crate::util::unix_now(),
+                log_bytes: 0,
+                extents: 0,
+                data_bytes: 0,
+                unchanged: snapshot.is_none(),
+                snapshot_root: snapshot.clone(),
+            };
+            if cycle <= rec.last_cycle() {
+                return Err(Error::internal(format!(
+                    "disk {} already has cycle {} past the switch cycle {cycle}",
+                    d.disk,
+                    rec.last_cycle()
+                )));
+            }
+            rec.journal.push(entry);
+            if snapshot.is_some() {
+                rec.resync_fence = rec.chain_head.take().or(rec.resync_fence);
+                rec.data_write_guid = None;
+                rec.resync_required = None;
+            }
+            self.catalog.store_disk(rec).await?;
+        }
+        Ok(cycle)
     }
 }
 
@@ -701,10 +875,12 @@ pub(crate) fn log_key(log_id: &str) -> Result<String> {
 mod tests {
     use super::*;
     use crate::agent::protect::disk_digest;
+    use crate::catalog::VmSpec;
     use crate::chunk::{CpuPool, KeyRing, PlainHash};
     use crate::format::hrl::{Guid, HrlWriter, HrlWriterParams};
-    use crate::protection::delta::LogMeta;
-    use crate::protection::{CompleteRequest, VmSpec};
+    use crate::ingest::logs::LogMeta;
+    use crate::ingest::CompleteRequest;
+    use crate::services::{Services, Settings};
     use crate::store::{Key, Store};
     use crate::vault::Vault;
     use bytes::Bytes;
@@ -714,7 +890,7 @@ mod tests {
     const BLOCKS: usize = 256;
 
     /// A VM whose disk holds block 0 and got two logs: c1 writes block 1, c2 block 2.
-    async fn protected_with_two_logs() -> (Protection, Vault) {
+    async fn protected_with_two_logs() -> (Services, Vault) {
         let logs = (1..=2u8)
             .map(|c| vec![(c as u64 * BS as u64, vec![c + 1; 4096])])
             .collect();
@@ -723,7 +899,7 @@ mod tests {
 
     /// A VM whose disk of `BLOCKS` blocks holds block 0 (all ones) and got one log per element of
     /// `logs` (cycles 1, 2, …), each made of its (disk offset, bytes) writes in that order.
-    async fn protected_with_logs(logs: Vec<Vec<(u64, Vec<u8>)>>) -> (Protection, Vault) {
+    async fn protected_with_logs(logs: Vec<Vec<(u64, Vec<u8>)>>) -> (Services, Vault) {
         let store = Store::open("memory://", &[]).unwrap();
         let vault = Vault::open(store, Arc::new(KeyRing::random()), CpuPool::new(2), 1)
             .await
@@ -731,17 +907,23 @@ mod tests {
         let jobs = crate::jobs::Jobs::load(vault.records.clone())
             .await
             .unwrap();
-        let p = Protection::load(vault.clone(), jobs, BS as u32, BTreeSet::new())
-            .await
-            .unwrap();
+        let p = Services::load(
+            vault.clone(),
+            jobs,
+            crate::tasks::Tasks::new(),
+            Settings::new(BS as u32),
+        )
+        .await
+        .unwrap();
         let size = (BLOCKS * BS) as u64;
         let spec: VmSpec =
             serde_json::from_value(serde_json::json!({"disks": [{"id": "os", "size": size}]}))
                 .unwrap();
-        p.enable("h", "vm", &spec).await.unwrap();
+        p.catalog.enable("h", "vm", &spec).await.unwrap();
         let base = vec![1u8; BS];
         let hash = PlainHash::of(&base);
-        p.put_block("h", "vm", "os", 0, hash, Bytes::from(base))
+        p.ingest
+            .put_block("h", "vm", "os", 0, hash, Bytes::from(base))
             .await
             .unwrap();
         let mut hashes = vec![None; BLOCKS];
@@ -750,7 +932,7 @@ mod tests {
             data_runs: vec![(0, 1)],
             digest: disk_digest(&hashes, size, BS as u32).to_hex(),
         };
-        p.complete_disk("h", "vm", "os", &req).await.unwrap();
+        p.ingest.complete_disk("h", "vm", "os", &req).await.unwrap();
         let mut prev = Guid([0; 16]);
         for (c, writes) in (1..=255u8).zip(logs) {
             let id = Guid([c; 16]);
@@ -772,7 +954,8 @@ mod tests {
                 app_consistent: false,
                 final_log: false,
             };
-            p.accept_log("h", "vm", "os", &id.to_string(), meta, Some(len), body)
+            p.ingest
+                .accept_log("h", "vm", "os", &id.to_string(), meta, Some(len), body)
                 .await
                 .unwrap();
             prev = id;
@@ -785,9 +968,9 @@ mod tests {
         let (p, vault) = protected_with_two_logs().await;
         let logs = Key::new(&["logs"]).unwrap();
         // A failover or an export has begun reading c2; every log is merged under it.
-        let reader = p.point_reader("vm", "os", 2).await.unwrap();
-        p.merge_vm("vm", true).await.unwrap();
-        assert_eq!(p.points("vm").await.unwrap().len(), 1);
+        let reader = p.replicas.point_reader("vm", "os", 2).await.unwrap();
+        p.replicas.merge_vm("vm", true).await.unwrap();
+        assert_eq!(p.replicas.points("vm").await.unwrap().len(), 1);
         for (i, byte) in [(0u64, 1u8), (1, 2), (2, 3)] {
             let (b, _) = reader.read_block(i).await.unwrap();
             assert_eq!(
@@ -812,6 +995,7 @@ mod tests {
         }
         // And the merged disk reads the same through a new reader.
         let (b, _) = p
+            .replicas
             .point_reader("vm", "os", 2)
             .await
             .unwrap()
@@ -865,18 +1049,18 @@ mod tests {
                 }
             }
         };
-        let reader = p.point_reader("vm", "os", 3).await.unwrap();
+        let reader = p.replicas.point_reader("vm", "os", 3).await.unwrap();
         for budget in [1, 100_000, 300_000, MERGE_GROUP_BYTES] {
-            let (map, n) = p.full_map_in(&reader, budget).await.unwrap();
+            let (map, n) = p.replicas.full_map_in(&reader, budget).await.unwrap();
             assert_eq!(n, 16, "blocks 4 to 19 are written");
             check(map, format!("groups of {budget} bytes")).await;
         }
         drop(reader);
-        p.merge_vm("vm", true).await.unwrap();
-        let (_, d) = p.disk_for(None, "vm", "os").await.unwrap();
+        p.replicas.merge_vm("vm", true).await.unwrap();
+        let (_, d) = p.catalog.disk_for(None, "vm", "os").await.unwrap();
         assert!(d.journal.is_empty());
         let root = d.map_root.clone().unwrap();
-        let merged = p.map_by_root(&root).await.unwrap();
+        let merged = p.replicas.map_by_root(&root).await.unwrap();
         check((*merged).clone(), "the merged base".into()).await;
     }
 
@@ -886,6 +1070,7 @@ mod tests {
         let logs = Key::new(&["logs"]).unwrap();
         // A reader used and dropped before the merge, and one cached: neither holds it back.
         let (b, _) = p
+            .replicas
             .point_reader("vm", "os", 1)
             .await
             .unwrap()
@@ -893,15 +1078,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(&b[..4096], &[2u8; 4096][..]);
-        p.merge_vm("vm", true).await.unwrap();
+        p.replicas.merge_vm("vm", true).await.unwrap();
         assert!(vault.store().list(&logs).await.unwrap().is_empty());
     }
 
     #[tokio::test]
     async fn a_reader_merged_away_before_it_was_built_is_refused() {
         let (p, _vault) = protected_with_two_logs().await;
-        p.merge_vm("vm", true).await.unwrap();
-        let e = p.point_reader("vm", "os", 1).await.err().unwrap();
+        p.replicas.merge_vm("vm", true).await.unwrap();
+        let e = p.replicas.point_reader("vm", "os", 1).await.err().unwrap();
         assert_eq!(e.code(), "point_not_found", "{e}");
     }
 
@@ -913,5 +1098,59 @@ mod tests {
         assert!(!pins_released(&pins, limit).await);
         drop(pin);
         assert!(pins_released(&pins, limit).await);
+    }
+
+    #[tokio::test]
+    async fn a_disk_whose_background_merge_fails_waits_its_back_off_while_others_merge() {
+        use crate::services::testing::{block, on_store, protect, send_log, BS};
+        use crate::store::faulty::{FaultKind, FaultOp, FaultRule, FaultyStore};
+        let (store, faults) = FaultyStore::wrap(&Store::open("memory://", &[]).unwrap(), 1);
+        let (s, _vault) = on_store(store).await;
+        for vm in ["a", "b"] {
+            protect(&s, vm, &[("os", vec![Some(block(1)), None])]).await;
+            send_log(&s, vm, "os", (1, 0), 1, (0, &[7u8; 4096]))
+                .await
+                .unwrap();
+            send_log(&s, vm, "os", (2, 1), 2, (BS as u64, &[8u8; 4096]))
+                .await
+                .unwrap();
+            // The first log left the retention window (a day) two days ago.
+            let (_, mut d) = s.catalog.disk_for(None, vm, "os").await.unwrap();
+            d.journal[0].accepted_unix -= 2 * 86_400;
+            s.catalog.store_disk(d).await.unwrap();
+        }
+        let journal = |vm: &'static str| {
+            let s = s.clone();
+            async move {
+                s.catalog
+                    .disk_for(None, vm, "os")
+                    .await
+                    .unwrap()
+                    .1
+                    .journal
+                    .len()
+            }
+        };
+        // VM a's logs cannot be read: its merge fails, b's goes ahead.
+        let a_logs = format!("logs/{}/", s.catalog.vm_id("a"));
+        faults
+            .set_rules(vec![
+                FaultRule::new(FaultOp::Get, FaultKind::Error(1.0)).under(&a_logs)
+            ])
+            .unwrap();
+        s.replicas.merge_expired_all().await;
+        assert_eq!((journal("a").await, journal("b").await), (2, 1));
+        let retry = s.replicas.merge_retry("a", "os").unwrap();
+        assert_eq!(retry.failures, 1);
+        assert!(retry.next_at >= std::time::Instant::now() + crate::replica::MERGE_RETRY_FIRST / 2);
+        assert!(s.replicas.merge_retry("b", "os").is_none());
+        // The store works again, but the disk's back-off has not passed: no new try yet.
+        faults.clear();
+        s.replicas.merge_expired_all().await;
+        assert_eq!(journal("a").await, 2);
+        assert_eq!(s.replicas.merge_retry("a", "os").unwrap().failures, 1);
+        // An operator's merge is not held back by it.
+        s.replicas.merge_vm("a", false).await.unwrap();
+        assert_eq!(journal("a").await, 1);
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! A chunk leaves the register as soon as an upload of its block stores it again (a re-run of
 //! `agent protect` with the same source, a resync, another VM's upload: the sender is told the
-//! server lacks such blocks, see [`Protection::chunk_needs_upload`]); the next verify reads it
+//! server lacks such blocks, see [`DamageRegister::chunk_needs_upload`]); the next verify reads it
 //! and reports it healed. Any entry also leaves when a later verify finds the object sound
 //! again (restored by hand) or, on a verify of every VM, when nothing references it any more.
 //! Block maps and change-log frames are not re-sent by agents: a point needing a damaged one
@@ -23,15 +23,16 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, RwLock};
 
-use super::ObjectFamily;
+use super::Replicas;
+use crate::catalog::{DiskRecord, Health};
 use crate::chunk::pipeline::BlockPut;
 use crate::chunk::{ChunkName, ChunkStore};
 use crate::error::{Error, Result};
-use crate::protection::{DiskRecord, Health, Protection};
 use crate::replica::blockmap::{MapEntry, MapRoot};
+use crate::scrub::ObjectFamily;
 use crate::store::PutOutcome;
 use crate::vault::layout::{self, Family};
-use crate::vault::Records;
+use crate::vault::Vault;
 
 /// One registered object.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -87,9 +88,12 @@ impl DamageRecord {
     }
 }
 
-/// Handle on the register. Cheap to clone.
-#[derive(Clone, Default)]
-pub struct Damage {
+/// The register: verify records and clears entries ([`DamageRegister::update`]), uploads heal
+/// chunks ([`DamageRegister::note_stored`]), and the read path asks what a point needs
+/// ([`DamageRegister::record_point_damage`], [`Replicas::refuse_damaged`]). Cheap to clone.
+#[derive(Clone)]
+pub struct DamageRegister {
+    vault: Vault,
     current: Arc<RwLock<Arc<DamageRecord>>>,
     /// Held across each read-modify-write of the register (verify's save, an upload's heal).
     writer: Arc<Mutex<()>>,
@@ -101,14 +105,16 @@ fn record_prefix() -> crate::store::Key {
     layout::record(Family::Scrub, "damage")
 }
 
-impl Damage {
-    pub async fn load(records: &Records) -> Result<Damage> {
-        let rec = records
+impl DamageRegister {
+    pub async fn load(vault: Vault) -> Result<DamageRegister> {
+        let rec = vault
+            .records
             .load::<DamageRecord>(&record_prefix())
             .await?
             .map(|v| v.value)
             .unwrap_or_default();
-        Ok(Damage {
+        Ok(DamageRegister {
+            vault,
             current: Arc::new(RwLock::new(Arc::new(rec))),
             writer: Default::default(),
             map_hits: Default::default(),
@@ -121,15 +127,12 @@ impl Damage {
 
     /// Stores the register `f` makes of the current one. Verify and uploads that heal write it,
     /// one at a time.
-    pub async fn update(
-        &self,
-        records: &Records,
-        f: impl FnOnce(&DamageRecord) -> DamageRecord,
-    ) -> Result<()> {
+    pub async fn update(&self, f: impl FnOnce(&DamageRecord) -> DamageRecord) -> Result<()> {
         let _writer = self.writer.lock().await;
         let rec = f(&*self.get().await);
         let r = rec.clone();
-        records
+        self.vault
+            .records
             .update(&record_prefix(), move |_: Option<&DamageRecord>| {
                 Ok(Some(r.clone()))
             })
@@ -143,8 +146,8 @@ impl Damage {
 
     /// Moves chunks an upload stored again from the register's objects to its healed set: the
     /// points that needed them read them again at once.
-    async fn heal(&self, records: &Records, key: &str) -> Result<()> {
-        self.update(records, |cur| {
+    async fn heal(&self, key: &str) -> Result<()> {
+        self.update(|cur| {
             let mut next = cur.clone();
             if next.objects.remove(key).is_some() {
                 next.healed.insert(key.to_string());
@@ -168,6 +171,127 @@ impl Damage {
         let hits = walk_for_hits(chunks, reg, root).await;
         self.map_hits.lock().await.insert(*root, hits.clone());
         hits
+    }
+
+    /// Whether the chunk of `name` is registered damaged and absent from its key (moved to
+    /// quarantine, or missing): an upload of its block stores it again, so a sender that asks
+    /// which blocks the server lacks is told to send it.
+    pub async fn chunk_needs_upload(&self, name: &ChunkName) -> Result<bool> {
+        if !self.get().await.has_chunk(name) {
+            return Ok(false);
+        }
+        let key = ChunkStore::chunk_key(name);
+        Ok(self.vault.store().head(&key).await?.is_none())
+    }
+
+    /// After a block was stored: when its chunk was registered damaged, this upload stored it
+    /// again (a put writes only where nothing is), which heals it. True when it did.
+    pub async fn note_stored(&self, put: &BlockPut) -> Result<bool> {
+        let Some(name) = put
+            .name
+            .filter(|_| put.outcome == Some(PutOutcome::Created))
+        else {
+            return Ok(false);
+        };
+        if !self.get().await.has_chunk(&name) {
+            return Ok(false);
+        }
+        let key = ChunkStore::chunk_key(&name);
+        self.heal(key.as_str()).await?;
+        tracing::info!(object = %key, "an upload stored a damaged chunk again: healed");
+        Ok(true)
+    }
+
+    /// Registered objects the point `cycle` of a disk record at hand reads through (see
+    /// [`Replicas::disk_point_damage`]).
+    pub async fn record_point_damage(
+        &self,
+        reg: &DamageRecord,
+        d: &DiskRecord,
+        cycle: u64,
+    ) -> Result<Vec<String>> {
+        let chain = super::points::point_chain(d, cycle)?;
+        let mut hits = Vec::new();
+        for log in &chain.logs {
+            let prefix = format!("{}/", layout::log_prefix(&d.vm_id, &d.disk_id, log));
+            hits.extend(
+                reg.objects
+                    .keys()
+                    .filter(|k| k.starts_with(&prefix))
+                    .cloned(),
+            );
+        }
+        if let Some(root) = chain.root {
+            let root = ChunkName::from_hex(&root)
+                .ok_or_else(|| Error::internal(format!("malformed map root {root:?}")))?;
+            hits.extend(self.map_hits(&self.vault.chunks, reg, &root).await);
+        }
+        Ok(hits)
+    }
+
+    /// What registered damage does to a VM's health, from its disk records (all complete): its
+    /// recovery points are those every disk has; with none of them restorable the VM is
+    /// Critical, with some damaged a Warning. `None` when no point is damaged.
+    pub async fn health(&self, vm: &str, disks: &[DiskRecord]) -> Option<(Health, String)> {
+        let reg = self.get().await;
+        if reg.objects.is_empty() || disks.is_empty() {
+            return None;
+        }
+        let cycles_of = |d: &DiskRecord| -> BTreeSet<u64> {
+            std::iter::once(d.base_point.cycle)
+                .chain(d.journal.iter().map(|e| e.cycle))
+                .collect()
+        };
+        let mut cycles = cycles_of(&disks[0]);
+        for d in &disks[1..] {
+            let other = cycles_of(d);
+            cycles.retain(|c| other.contains(c));
+        }
+        let (mut damaged, mut sound, mut hits) = (Vec::new(), Vec::new(), Vec::new());
+        for c in cycles {
+            let mut point_hits = Vec::new();
+            for d in disks {
+                // A point that cannot be traced reads as damaged: if in doubt, refuse.
+                match self.record_point_damage(&reg, d, c).await {
+                    Ok(h) => point_hits.extend(h),
+                    Err(e) => point_hits.push(format!("disk {} (unreadable: {e})", d.disk)),
+                }
+            }
+            if point_hits.is_empty() {
+                sound.push(format!("c{c}"));
+            } else {
+                damaged.push(format!("c{c}"));
+                hits.extend(point_hits);
+            }
+        }
+        if damaged.is_empty() {
+            return None;
+        }
+        hits.sort();
+        hits.dedup();
+        let objects = format!(
+            "{} object(s) verify found damaged or missing: {}",
+            hits.len(),
+            summary(&hits)
+        );
+        let hint = heal_hint(vm, &hits);
+        Some(match sound.last() {
+            None => (
+                Health::Critical,
+                format!(
+                    "no restorable recovery point: {} damaged ({objects}); {hint}",
+                    ids(&damaged)
+                ),
+            ),
+            Some(latest) => (
+                Health::Warning,
+                format!(
+                    "recovery point(s) {} damaged ({objects}); {} restorable, the latest {latest}; {hint}",
+                    ids(&damaged),
+                    sound.len()
+                ),
+            ),
+        })
     }
 }
 
@@ -216,36 +340,7 @@ async fn walk_for_hits(chunks: &ChunkStore, reg: &DamageRecord, root: &ChunkName
     hits
 }
 
-impl Protection {
-    /// Whether the chunk of `name` is registered damaged and absent from its key (moved to
-    /// quarantine, or missing): an upload of its block stores it again, so a sender that asks
-    /// which blocks the server lacks is told to send it.
-    pub(crate) async fn chunk_needs_upload(&self, name: &ChunkName) -> Result<bool> {
-        if !self.damage.get().await.has_chunk(name) {
-            return Ok(false);
-        }
-        let key = ChunkStore::chunk_key(name);
-        Ok(self.vault.store().head(&key).await?.is_none())
-    }
-
-    /// After a block was stored: when its chunk was registered damaged, this upload stored it
-    /// again (a put writes only where nothing is), which heals it. True when it did.
-    pub(crate) async fn note_stored(&self, put: &BlockPut) -> Result<bool> {
-        let Some(name) = put
-            .name
-            .filter(|_| put.outcome == Some(PutOutcome::Created))
-        else {
-            return Ok(false);
-        };
-        if !self.damage.get().await.has_chunk(&name) {
-            return Ok(false);
-        }
-        let key = ChunkStore::chunk_key(&name);
-        self.damage.heal(&self.vault.records, key.as_str()).await?;
-        tracing::info!(object = %key, "an upload stored a damaged chunk again: healed");
-        Ok(true)
-    }
-
+impl Replicas {
     /// Registered objects one disk's point `cycle` reads through (empty: the point is sound as
     /// far as verify knows).
     pub async fn disk_point_damage(&self, vm: &str, disk: &str, cycle: u64) -> Result<Vec<String>> {
@@ -253,108 +348,13 @@ impl Protection {
         if reg.objects.is_empty() {
             return Ok(Vec::new());
         }
-        let (_, d) = self.disk_for(None, vm, disk).await?;
-        self.disk_record_point_damage(&reg, &d, cycle).await
-    }
-
-    /// [`Protection::disk_point_damage`] of a disk record at hand.
-    async fn disk_record_point_damage(
-        &self,
-        reg: &DamageRecord,
-        d: &DiskRecord,
-        cycle: u64,
-    ) -> Result<Vec<String>> {
-        let chain = crate::protection::points::point_chain(d, cycle)?;
-        let mut hits = Vec::new();
-        for log in &chain.logs {
-            let prefix = format!("{}/", layout::log_prefix(&d.vm_id, &d.disk_id, log));
-            hits.extend(
-                reg.objects
-                    .keys()
-                    .filter(|k| k.starts_with(&prefix))
-                    .cloned(),
-            );
-        }
-        if let Some(root) = chain.root {
-            let root = ChunkName::from_hex(&root)
-                .ok_or_else(|| Error::internal(format!("malformed map root {root:?}")))?;
-            hits.extend(self.damage.map_hits(&self.vault.chunks, reg, &root).await);
-        }
-        Ok(hits)
-    }
-
-    /// What registered damage does to a VM's health, from its disk records (all complete): its
-    /// recovery points are those every disk has; with none of them restorable the VM is
-    /// Critical, with some damaged a Warning. `None` when no point is damaged.
-    pub(crate) async fn damage_health(
-        &self,
-        vm: &str,
-        disks: &[DiskRecord],
-    ) -> Option<(Health, String)> {
-        let reg = self.damage.get().await;
-        if reg.objects.is_empty() || disks.is_empty() {
-            return None;
-        }
-        let cycles_of = |d: &DiskRecord| -> BTreeSet<u64> {
-            std::iter::once(d.base_point.cycle)
-                .chain(d.journal.iter().map(|e| e.cycle))
-                .collect()
-        };
-        let mut cycles = cycles_of(&disks[0]);
-        for d in &disks[1..] {
-            let other = cycles_of(d);
-            cycles.retain(|c| other.contains(c));
-        }
-        let (mut damaged, mut sound, mut hits) = (Vec::new(), Vec::new(), Vec::new());
-        for c in cycles {
-            let mut point_hits = Vec::new();
-            for d in disks {
-                // A point that cannot be traced reads as damaged: if in doubt, refuse.
-                match self.disk_record_point_damage(&reg, d, c).await {
-                    Ok(h) => point_hits.extend(h),
-                    Err(e) => point_hits.push(format!("disk {} (unreadable: {e})", d.disk)),
-                }
-            }
-            if point_hits.is_empty() {
-                sound.push(format!("c{c}"));
-            } else {
-                damaged.push(format!("c{c}"));
-                hits.extend(point_hits);
-            }
-        }
-        if damaged.is_empty() {
-            return None;
-        }
-        hits.sort();
-        hits.dedup();
-        let objects = format!(
-            "{} object(s) verify found damaged or missing: {}",
-            hits.len(),
-            summary(&hits)
-        );
-        let hint = heal_hint(vm, &hits);
-        Some(match sound.last() {
-            None => (
-                Health::Critical,
-                format!(
-                    "no restorable recovery point: {} damaged ({objects}); {hint}",
-                    ids(&damaged)
-                ),
-            ),
-            Some(latest) => (
-                Health::Warning,
-                format!(
-                    "recovery point(s) {} damaged ({objects}); {} restorable, the latest {latest}; {hint}",
-                    ids(&damaged),
-                    sound.len()
-                ),
-            ),
-        })
+        let (_, d) = self.catalog.disk_for(None, vm, disk).await?;
+        self.damage.record_point_damage(&reg, &d, cycle).await
     }
 
     /// Registered objects a VM point reads through, on any disk.
     pub async fn point_damage(&self, vm: &str, cycle: u64) -> Result<Vec<String>> {
-        let rec = self.vm_for(None, vm).await?;
+        let rec = self.catalog.vm_for(None, vm).await?;
         let mut hits = Vec::new();
         for d in &rec.spec.disks {
             hits.extend(self.disk_point_damage(vm, &d.id, cycle).await?);

@@ -26,7 +26,6 @@
 //! the pre-resync chain head (`log_predates_resync`), whose logs are already contained in the
 //! resynchronized content.
 
-use futures_util::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -34,22 +33,23 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use super::session::Receipt;
-use super::{DiskRecord, DiskState, Protection};
+use super::damage::DamageRegister;
+use super::stage::{self, Receipt};
+use super::sync::{self, SyncSide};
+use super::Replicas;
+use crate::catalog::{Catalog, DiskRecord, DiskState, VmState};
 use crate::chunk::PlainHash;
 use crate::error::{Error, Kind, Result};
 use crate::jobs::{JobKind, JobState};
-use crate::journal::JournalEntry;
 use crate::replica::blockmap::{block_len, BlockMap, MapEntry};
-use crate::replica::patch;
+use crate::tasks::Tasks;
 use crate::vault::layout::{self, Family};
 
 /// What `resync/hashes` reports for a block whose chunk is registered damaged: a real block
 /// hashes to it with probability 2^-256, so the agent sends that block.
 const DAMAGED_BLOCK_HASH: [u8; 32] = [0xff; 32];
 
-/// Fine-hash requests name at most this many blocks (a 4 MiB block has 16 KiB of fine hashes).
-pub const MAX_FINE_BLOCKS: usize = 64;
+pub use super::sync::{digest_of, MAX_FINE_BLOCKS};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -228,18 +228,22 @@ impl Window {
     }
 }
 
-/// Session blocks read at once for one fine-hash request.
-const FINE_READS_IN_FLIGHT: usize = 4;
-
 /// (vm id, disk id, session id).
 type DiskSession = (String, String, String);
 /// A session's receipts by block index.
 type Receipts = Arc<Mutex<BTreeMap<u64, Receipt>>>;
 
-/// Open resync sessions' receipts, by (vm id, disk id, session).
-#[derive(Clone, Default)]
-pub struct ResyncCache {
-    receipts: Arc<Mutex<HashMap<DiskSession, Receipts>>>,
+/// The resync service: sessions, their staged receipts and the switch. Cheap to clone.
+#[derive(Clone)]
+pub struct Resyncs {
+    catalog: Catalog,
+    replicas: Replicas,
+    damage: DamageRegister,
+    tasks: Tasks,
+    /// Off-hours window sessions wait for (`None`: start at once).
+    window: Option<Window>,
+    /// Open sessions' receipts, by (vm id, disk id, session).
+    staged: Arc<Mutex<HashMap<DiskSession, Receipts>>>,
     /// One session transition at a time per VM.
     locks: Arc<Mutex<HashMap<String, Arc<Mutex<()>>>>>,
     /// Patch bytes received per (vm id, disk id, session) since the server started; written into
@@ -252,10 +256,39 @@ pub(crate) fn stage_id(session: &str) -> String {
     format!("rs-{session}")
 }
 
-impl Protection {
+impl Resyncs {
+    pub fn new(
+        catalog: Catalog,
+        replicas: Replicas,
+        damage: DamageRegister,
+        tasks: Tasks,
+        window: Option<Window>,
+    ) -> Resyncs {
+        Resyncs {
+            catalog,
+            replicas,
+            damage,
+            tasks,
+            window,
+            staged: Default::default(),
+            locks: Default::default(),
+            bytes: Default::default(),
+        }
+    }
+
+    /// Finishes every resync switch a crash interrupted (before anything reads the disks).
+    pub async fn finish_interrupted(&self) -> Result<()> {
+        for v in self.catalog.vms().await {
+            if self.resync_session(&v.id).await?.map(|s| s.state) == Some(SessionState::Committing)
+            {
+                self.commit_if_staged(&v.name).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn vm_lock(&self, vm_id: &str) -> Arc<Mutex<()>> {
-        self.resyncs
-            .locks
+        self.locks
             .lock()
             .await
             .entry(vm_id.to_string())
@@ -266,7 +299,8 @@ impl Protection {
     /// The VM's latest resync session, if any.
     pub async fn resync_session(&self, vm_id: &str) -> Result<Option<ResyncSession>> {
         Ok(self
-            .vault
+            .catalog
+            .vault()
             .records
             .load::<ResyncSession>(&layout::record(Family::Resync, vm_id))
             .await?
@@ -283,7 +317,8 @@ impl Protection {
 
     async fn save_session(&self, vm_id: &str, s: &ResyncSession) -> Result<()> {
         let s = s.clone();
-        self.vault
+        self.catalog
+            .vault()
             .records
             .update(
                 &layout::record(Family::Resync, vm_id),
@@ -301,8 +336,8 @@ impl Protection {
         req: &ResyncRequest,
         reason: &str,
     ) -> Result<ResyncSession> {
-        let v = self.vm_for(None, vm).await?;
-        if v.state == super::VmState::FailedOver {
+        let v = self.catalog.vm_for(None, vm).await?;
+        if v.state == VmState::FailedOver {
             return Err(Error::conflict("failed_over", format!("VM {vm} was failed over: fail back (drvault agent failback, drvault failback commit) instead of resynchronizing")));
         }
         let mut disks: Vec<String> = req.disks.clone();
@@ -316,7 +351,7 @@ impl Protection {
         }
         let mut records = Vec::new();
         for spec in &v.spec.disks {
-            let (_, d) = self.disk_for(None, vm, &spec.id).await?;
+            let (_, d) = self.catalog.disk_for(None, vm, &spec.id).await?;
             if d.state != DiskState::Complete {
                 return Err(Error::conflict("replication_incomplete", format!("disk {} of VM {vm} has not finished initial replication: there is no replica to resynchronize yet", spec.id)));
             }
@@ -337,7 +372,7 @@ impl Protection {
         let not_before = if req.now {
             0
         } else {
-            self.resync_window
+            self.window
                 .map(|w| w.next_open_unix())
                 .filter(|&t| t > crate::util::unix_now())
                 .unwrap_or(0)
@@ -357,7 +392,8 @@ impl Protection {
             return Ok(s);
         }
         let job = self
-            .jobs
+            .catalog
+            .jobs()
             .create(
                 JobKind::Resync,
                 Some(vm),
@@ -370,7 +406,8 @@ impl Protection {
             )
             .await?;
         let state = if not_before == 0 {
-            self.jobs
+            self.catalog
+                .jobs()
                 .step(&job.id, "Wait for the resync window", JobState::Succeeded)
                 .await?;
             SessionState::Active
@@ -400,7 +437,7 @@ impl Protection {
     /// Cancels the open session: staged data is dropped, the replica is untouched. Disks still
     /// marked resync-required keep refusing logs until a new session completes.
     pub async fn cancel_resync(&self, vm: &str) -> Result<ResyncSession> {
-        let v = self.vm_for(None, vm).await?;
+        let v = self.catalog.vm_for(None, vm).await?;
         let lock = self.vm_lock(&v.id).await;
         let _held = lock.lock().await;
         let mut s = self.open_resync(&v.id).await?.ok_or_else(|| {
@@ -418,14 +455,15 @@ impl Protection {
         s.state = SessionState::Cancelled;
         s.finished_unix = Some(crate::util::unix_now());
         self.save_session(&v.id, &s).await?;
-        self.jobs
+        self.catalog
+            .jobs()
             .fail(
                 &s.job,
                 &Error::conflict("resync_cancelled", "cancelled by the operator"),
             )
             .await?;
         for disk in s.disks.keys() {
-            let (_, d) = self.disk_for(None, vm, disk).await?;
+            let (_, d) = self.catalog.disk_for(None, vm, disk).await?;
             self.drop_stage(&d, &s.id).await;
         }
         tracing::info!(vm, session = %s.id, "resync session cancelled");
@@ -433,20 +471,15 @@ impl Protection {
     }
 
     async fn drop_stage(&self, d: &DiskRecord, session: &str) {
-        self.resyncs.receipts.lock().await.remove(&(
-            d.vm_id.clone(),
-            d.disk_id.clone(),
-            session.to_string(),
-        ));
-        let store = self.vault.store().clone();
-        let prefix = layout::stage_session(&d.vm_id, &d.disk_id, &stage_id(session));
-        tokio::spawn(async move {
-            if let Ok(items) = store.list(&prefix).await {
-                for l in items {
-                    let _ = store.delete(&l.key).await;
-                }
-            }
-        });
+        self.staged
+            .lock()
+            .await
+            .remove(&(d.vm_id.clone(), d.disk_id.clone(), session.to_string()));
+        stage::drop_receipts(
+            self.catalog.vault(),
+            &self.tasks,
+            layout::stage_session(&d.vm_id, &d.disk_id, &stage_id(session)),
+        );
     }
 
     /// The session and disk an agent works on, activated when its window opened, with the
@@ -457,10 +490,10 @@ impl Protection {
         vm: &str,
         disk: &str,
     ) -> Result<(ResyncSession, DiskRecord, Arc<BlockMap>)> {
-        let (v, d) = self.disk_for(Some(host), vm, disk).await?;
+        let (v, d) = self.catalog.disk_for(Some(host), vm, disk).await?;
         // The comparison base may be computed below (chunks and map, then the session record):
         // a critical section for garbage collection, entered before the VM's lock.
-        let fenced = self.vault.chunks.fence().writer().await;
+        let fenced = self.catalog.vault().chunks.fence().writer().await;
         let lock = self.vm_lock(&v.id).await;
         let _held = lock.lock().await;
         let mut s = self.open_resync(&v.id).await?.ok_or_else(|| {
@@ -487,21 +520,23 @@ impl Protection {
             }
             s.state = SessionState::Active;
             self.save_session(&v.id, &s).await?;
-            self.jobs
+            self.catalog
+                .jobs()
                 .step(&s.job, "Wait for the resync window", JobState::Succeeded)
                 .await?;
         }
         if s.state == SessionState::Active {
-            self.jobs
+            self.catalog
+                .jobs()
                 .step(&s.job, "Compare and send changed blocks", JobState::Running)
                 .await?;
         }
         let base = match &sd.base_root {
-            Some(root) => self.map_by_root(root).await?,
+            Some(root) => self.replicas.map_by_root(root).await?,
             None => {
                 let latest = async {
-                    let reader = self.point_reader(vm, disk, d.last_cycle()).await?;
-                    Ok::<_, Error>(self.full_map(&reader).await?.0)
+                    let reader = self.replicas.point_reader(vm, disk, d.last_cycle()).await?;
+                    Ok::<_, Error>(self.replicas.full_map(&reader).await?.0)
                 }
                 .await;
                 let map = match latest {
@@ -517,12 +552,12 @@ impl Protection {
                     }
                     Err(e) => return Err(e),
                 };
-                let root = map.save(&self.vault.chunks).await?.to_hex();
+                let root = map.save(&self.catalog.vault().chunks).await?.to_hex();
                 if let Some(x) = s.disks.get_mut(disk) {
                     x.base_root = Some(root.clone());
                 }
                 self.save_session(&v.id, &s).await?;
-                self.map_by_root(&root).await?
+                self.replicas.map_by_root(&root).await?
             }
         };
         drop(fenced);
@@ -535,14 +570,15 @@ impl Protection {
         session: &str,
     ) -> Result<Arc<Mutex<BTreeMap<u64, Receipt>>>> {
         let key = (d.vm_id.clone(), d.disk_id.clone(), session.to_string());
-        if let Some(r) = self.resyncs.receipts.lock().await.get(&key) {
+        if let Some(r) = self.staged.lock().await.get(&key) {
             return Ok(r.clone());
         }
         let prefix = layout::stage_session(&d.vm_id, &d.disk_id, &stage_id(session));
-        let loaded = Arc::new(Mutex::new(self.load_receipts(&prefix, &d.disk).await?));
+        let loaded = Arc::new(Mutex::new(
+            stage::load_receipts(self.catalog.vault(), &prefix, &d.disk).await?,
+        ));
         Ok(self
-            .resyncs
-            .receipts
+            .staged
             .lock()
             .await
             .entry(key)
@@ -584,7 +620,7 @@ impl Protection {
         vm: &str,
         disk: &str,
     ) -> Result<Option<ResyncDiskView>> {
-        let (v, d) = self.disk_for(Some(host), vm, disk).await?;
+        let (v, d) = self.catalog.disk_for(Some(host), vm, disk).await?;
         if d.resync_required.is_some() {
             return Ok(None);
         }
@@ -616,7 +652,7 @@ impl Protection {
         let (s, d, base) = self.agent_session(host, vm, disk).await?;
         let received = self.receipts(&d, &s.id).await?;
         let received = received.lock().await;
-        let mut out = Vec::with_capacity(base.len() as usize * 32);
+        let mut out = Vec::with_capacity(base.len() as usize);
         let zero_full = PlainHash::of(&vec![0u8; d.block_size as usize]);
         let damage = self.damage.get().await;
         for (i, e) in base.entries() {
@@ -638,9 +674,9 @@ impl Protection {
                     }
                 }
             };
-            out.extend_from_slice(&h.0);
+            out.push(h);
         }
-        Ok(Bytes::from(out))
+        Ok(sync::hashes_body(out))
     }
 
     /// A block as the session holds it.
@@ -669,7 +705,7 @@ impl Protection {
             // Damaged: the agent's patch rebuilds it from nothing (checked by its whole hash).
             MapEntry::Data { name, .. } if self.damage.get().await.has_chunk(&name) => Ok(zeros()),
             MapEntry::Data { name, hash } => {
-                let (b, h) = self.vault.chunks.get_block(&name).await?;
+                let (b, h) = self.catalog.vault().chunks.get_block(&name).await?;
                 if !h.ct_eq(&hash) {
                     return Err(Error::Corrupt(crate::chunk::SealError::ContentMismatch {
                         name: name.to_hex(),
@@ -680,7 +716,7 @@ impl Protection {
         }
     }
 
-    /// Fine hashes (see [`patch::fine_hashes`]) of the named blocks, concatenated in order.
+    /// Fine hashes (see [`crate::replica::patch::fine_hashes`]) of the named blocks, in order.
     pub async fn resync_fine(
         &self,
         host: &str,
@@ -688,47 +724,16 @@ impl Protection {
         disk: &str,
         req: &FineRequest,
     ) -> Result<Bytes> {
-        if req.blocks.len() > MAX_FINE_BLOCKS {
-            return Err(Error::invalid(
-                "query_too_large",
-                format!("at most {MAX_FINE_BLOCKS} blocks per fine-hash request"),
-            ));
-        }
+        sync::check_fine_request(&req.blocks)?;
         let (s, d, base) = self.agent_session(host, vm, disk).await?;
-        for &i in &req.blocks {
-            if i >= d.stats.blocks {
-                return Err(Error::invalid(
-                    "block_out_of_range",
-                    format!("block {i} is past the end of disk {disk}"),
-                ));
-            }
-        }
         let received = self.receipts(&d, &s.id).await?;
-        // Blocks are read (decrypt, decompress) and hashed a few at a time: one block at a
-        // time left the CPU pool idle while the next chunk was fetched.
-        let (d, base) = (&d, &base);
-        let hashes: Vec<Result<Vec<u8>>> = futures_util::stream::iter(req.blocks.iter().copied())
-            .map(|i| {
-                let received = received.clone();
-                async move {
-                    let r = received.lock().await.get(&i).copied();
-                    let block = self.session_block(d, base, r, i).await?;
-                    Ok(self
-                        .vault
-                        .chunks
-                        .cpu()
-                        .run(move || patch::fine_hashes(&block))
-                        .await)
-                }
-            })
-            .buffered(FINE_READS_IN_FLIGHT)
-            .collect()
-            .await;
-        let mut out = Vec::new();
-        for h in hashes {
-            out.extend(h?);
-        }
-        Ok(Bytes::from(out))
+        let side = SessionSide {
+            resyncs: self,
+            disk: &d,
+            base: &base,
+            received,
+        };
+        sync::fine_hashes(&side, self.catalog.vault().chunks.cpu(), &req.blocks).await
     }
 
     /// Applies one block's patch to the session's block, checks the result against the agent's
@@ -777,34 +782,22 @@ impl Protection {
                 patch_bytes: 0,
             });
         }
-        let mut block = self.session_block(&d, &base, prior, index).await?;
+        let block = self.session_block(&d, &base, prior, index).await?;
         let patch_len = body.len() as u64;
-        let (block, hash) = self
-            .vault
-            .chunks
-            .cpu()
-            .run(move || {
-                patch::apply(&mut block, &body).map(|_| {
-                    let h = PlainHash::of(&block);
-                    (block, h)
-                })
-            })
-            .await
-            .map_err(|e| Error::invalid("invalid_patch", format!("block {index}: {e}")))?;
-        if !hash.ct_eq(&claimed) {
-            return Err(Error::invalid("hash_mismatch", format!("block {index} after the patch hashes to {}, the agent said {}: the patch was made against other content; fetch the hashes again", hash.to_hex(), claimed.to_hex())));
-        }
+        let cpu = self.catalog.vault().chunks.cpu();
+        let (block, hash) = sync::apply_patch(cpu, index, block, body, claimed).await?;
         // Chunk, then receipt: one critical section for garbage collection.
-        let fenced = self.vault.chunks.fence().writer().await;
+        let fenced = self.catalog.vault().chunks.fence().writer().await;
         let put = self
-            .vault
+            .catalog
+            .vault()
             .chunks
             .put_block(Bytes::from(block), Some(hash))
             .await?;
         let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &stage_id(&s.id), index);
-        self.write_receipt(&key, &put).await?;
+        stage::write_receipt(self.catalog.vault(), &key, &put).await?;
         drop(fenced);
-        self.note_stored(&put).await?;
+        self.damage.note_stored(&put).await?;
         received.lock().await.insert(
             index,
             Receipt {
@@ -828,7 +821,7 @@ impl Protection {
 
     /// Per-disk wire bytes live in memory until completion writes them into the session.
     async fn note_resync_bytes(&self, d: &DiskRecord, session: &str, n: u64) {
-        let mut m = self.resyncs.bytes.lock().await;
+        let mut m = self.bytes.lock().await;
         *m.entry((d.vm_id.clone(), d.disk_id.clone(), session.to_string()))
             .or_default() += n;
     }
@@ -843,8 +836,7 @@ impl Protection {
         disk: &str,
         req: &DigestRequest,
     ) -> Result<ResyncCompletion> {
-        let claimed = PlainHash::from_hex(&req.digest)
-            .ok_or_else(|| Error::invalid("invalid_hash", "digest is not 64 hex digits"))?;
+        let claimed = sync::claimed_digest(&req.digest)?;
         let (s, d, base) = self.agent_session(host, vm, disk).await?;
         let already = s.disks.get(disk).and_then(|x| x.staged_root.clone());
         if already.is_none() {
@@ -865,17 +857,16 @@ impl Protection {
             let changed = received.len() as u64;
             drop(received);
             // The staged map, then the session record that refers to it: one critical section.
-            let _fenced = self.vault.chunks.fence().writer().await;
-            let root = map.save(&self.vault.chunks).await?.to_hex();
+            let _fenced = self.catalog.vault().chunks.fence().writer().await;
+            let root = map.save(&self.catalog.vault().chunks).await?.to_hex();
             let bytes = self
-                .resyncs
                 .bytes
                 .lock()
                 .await
                 .get(&(d.vm_id.clone(), d.disk_id.clone(), s.id.clone()))
                 .copied()
                 .unwrap_or(0);
-            let v = self.vm_for(None, vm).await?;
+            let v = self.catalog.vm_for(None, vm).await?;
             let lock = self.vm_lock(&v.id).await;
             let _held = lock.lock().await;
             let mut cur = self
@@ -910,7 +901,7 @@ impl Protection {
     /// Switches the replica when every disk of the open session is staged (also finishes a
     /// switch a crash interrupted: it is idempotent per disk).
     pub async fn commit_if_staged(&self, vm: &str) -> Result<(ResyncSession, Option<u64>)> {
-        let v = self.vm_for(None, vm).await?;
+        let v = self.catalog.vm_for(None, vm).await?;
         let lock = self.vm_lock(&v.id).await;
         let _held = lock.lock().await;
         let Some(mut s) = self.resync_session(&v.id).await? else {
@@ -933,109 +924,59 @@ impl Protection {
             .filter_map(|(k, x)| x.staged_root.clone().map(|r| (k.clone(), r)))
             .collect();
         let cycle = self
+            .replicas
             .install_snapshots(vm, &format!("resync:{}", s.id), &roots, s.commit_cycle)
             .await?;
         s.commit_cycle = Some(cycle);
         s.state = SessionState::Committed;
         s.finished_unix = Some(crate::util::unix_now());
         self.save_session(&v.id, &s).await?;
-        self.jobs
+        self.catalog
+            .jobs()
             .step(
                 &s.job,
                 "Compare and send changed blocks",
                 JobState::Succeeded,
             )
             .await?;
-        self.jobs
+        self.catalog
+            .jobs()
             .step(&s.job, "Switch the replica", JobState::Succeeded)
             .await?;
-        self.jobs.succeed(&s.job).await?;
+        self.catalog.jobs().succeed(&s.job).await?;
         for disk in s.disks.keys() {
-            let (_, d) = self.disk_for(None, vm, disk).await?;
+            let (_, d) = self.catalog.disk_for(None, vm, disk).await?;
             self.drop_stage(&d, &s.id).await;
         }
         tracing::info!(vm, session = %s.id, cycle, "resync committed: the replica switched");
         Ok((s, Some(cycle)))
     }
-
-    /// Gives every disk of the VM a journal entry at one new cycle: the snapshot map for the
-    /// disks in `roots`, *unchanged* for the others. Each disk switches in one record update and
-    /// a disk that already has the entry (`tag`) is skipped, so an interrupted switch finishes
-    /// when run again. Snapshot disks restart their log chain. Returns the cycle.
-    pub(crate) async fn install_snapshots(
-        &self,
-        vm: &str,
-        tag: &str,
-        roots: &BTreeMap<String, String>,
-        fixed_cycle: Option<u64>,
-    ) -> Result<u64> {
-        let v = self.vm_for(None, vm).await?;
-        let mut disks = Vec::new();
-        for spec in &v.spec.disks {
-            disks.push(self.disk_for(None, vm, &spec.id).await?.1);
-        }
-        let cycle = match fixed_cycle.or_else(|| {
-            disks
-                .iter()
-                .flat_map(|d| d.journal.iter())
-                .find(|e| e.log_id.ends_with(tag))
-                .map(|e| e.cycle)
-        }) {
-            Some(c) => c,
-            None => disks.iter().map(|d| d.last_cycle()).max().unwrap_or(0) + 1,
-        };
-        for d0 in disks {
-            let lock = self.log_lock_for(&d0).await;
-            let _held = lock.lock().await;
-            let (_, d) = self.disk_for(None, vm, &d0.disk).await?;
-            if d.journal.iter().any(|e| e.log_id.ends_with(tag)) {
-                continue;
-            }
-            let mut rec = d.clone();
-            let snapshot = roots.get(&d.disk).cloned();
-            let entry = JournalEntry {
-                log_id: format!(
-                    "{}{tag}",
-                    if snapshot.is_some() { "" } else { "unchanged-" }
-                ),
-                previous_id: String::new(),
-                cycle,
-                app_consistent: false,
-                final_log: false,
-                accepted_unix: crate::util::unix_now(),
-                log_bytes: 0,
-                extents: 0,
-                data_bytes: 0,
-                unchanged: snapshot.is_none(),
-                snapshot_root: snapshot.clone(),
-            };
-            if cycle <= rec.last_cycle() {
-                return Err(Error::internal(format!(
-                    "disk {} already has cycle {} past the switch cycle {cycle}",
-                    d.disk,
-                    rec.last_cycle()
-                )));
-            }
-            rec.journal.push(entry);
-            if snapshot.is_some() {
-                rec.resync_fence = rec.chain_head.take().or(rec.resync_fence);
-                rec.data_write_guid = None;
-                rec.resync_required = None;
-            }
-            self.store_disk(rec).await?;
-        }
-        Ok(cycle)
-    }
 }
 
-/// BLAKE3 over block hashes in order: what agent and server compare at the end of a resync or
-/// failback.
-pub fn digest_of(hashes: &[PlainHash]) -> PlainHash {
-    let mut h = blake3::Hasher::new();
-    for x in hashes {
-        h.update(&x.0);
+/// The replica's side of a resync: the session's staged view of one disk (received blocks over
+/// the comparison base).
+struct SessionSide<'a> {
+    resyncs: &'a Resyncs,
+    disk: &'a DiskRecord,
+    base: &'a BlockMap,
+    received: Receipts,
+}
+
+impl SyncSide for SessionSide<'_> {
+    fn disk(&self) -> &str {
+        &self.disk.disk
     }
-    PlainHash(*h.finalize().as_bytes())
+
+    fn blocks(&self) -> u64 {
+        self.disk.stats.blocks
+    }
+
+    async fn read_block(&self, index: u64) -> Result<Vec<u8>> {
+        let r = self.received.lock().await.get(&index).copied();
+        self.resyncs
+            .session_block(self.disk, self.base, r, index)
+            .await
+    }
 }
 
 /// [`digest_of`] a map's blocks (zero blocks: the hash of their zero bytes).
@@ -1055,6 +996,7 @@ pub fn map_digest(map: &BlockMap) -> PlainHash {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replica::patch;
 
     #[test]
     fn windows_open_and_wrap_past_midnight() {
@@ -1078,5 +1020,87 @@ mod tests {
         ] {
             assert!(Window::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_resync_sends_only_what_differs_and_switches_at_the_next_cycle() {
+        use crate::services::testing::{block, memory, protect, send_log};
+        let (s, _vault) = memory().await;
+        let old = vec![Some(block(1)), Some(block(2)), None, Some(block(4))];
+        protect(&s, "vm", &[("os", old)]).await;
+        send_log(&s, "vm", "os", (1, 0), 1, (0, &[7u8; 4096]))
+            .await
+            .unwrap();
+        let req = ResyncRequest {
+            now: true,
+            disks: vec![],
+        };
+        let session = s.resyncs.start_resync("vm", &req, "test").await.unwrap();
+        assert_eq!(session.state, SessionState::Active);
+        // The source now: block 0 as of c1, 4 KiB of block 1 changed, block 2 written.
+        let mut source: Vec<Vec<u8>> = [1u8, 2, 0, 4].iter().map(|&b| block(b).to_vec()).collect();
+        source[0][..4096].fill(7);
+        source[1][4096..8192].fill(0x55);
+        source[2].fill(0xaa);
+        let theirs = s.resyncs.resync_hashes("h", "vm", "os").await.unwrap();
+        assert_eq!(theirs.len(), 4 * 32);
+        let mut patched = Vec::new();
+        for (i, b) in source.iter().enumerate() {
+            if theirs[i * 32..(i + 1) * 32] == PlainHash::of(b).0[..] {
+                continue;
+            }
+            let fine = FineRequest {
+                blocks: vec![i as u64],
+            };
+            let fine = s.resyncs.resync_fine("h", "vm", "os", &fine).await.unwrap();
+            let ranges = patch::differing_ranges(b, &fine);
+            let body = Bytes::from(patch::encode(b, &ranges));
+            let ack = s
+                .resyncs
+                .resync_put_patch("h", "vm", "os", i as u64, PlainHash::of(b), body)
+                .await
+                .unwrap();
+            assert_eq!(ack.outcome, "stored");
+            patched.push((i, ranges.len()));
+        }
+        assert_eq!(patched, [(1, 1), (2, 1)], "only what differs is sent");
+        let hashes: Vec<PlainHash> = source.iter().map(|b| PlainHash::of(b)).collect();
+        let wrong = DigestRequest {
+            digest: digest_of(&hashes[..3]).to_hex(),
+        };
+        let e = s
+            .resyncs
+            .resync_complete("h", "vm", "os", &wrong)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "digest_mismatch");
+        let done = DigestRequest {
+            digest: digest_of(&hashes).to_hex(),
+        };
+        let done = s
+            .resyncs
+            .resync_complete("h", "vm", "os", &done)
+            .await
+            .unwrap();
+        assert_eq!((done.state, done.cycle), (SessionState::Committed, Some(2)));
+        // The new point reads the source, the one before it what it held.
+        let c2 = s.replicas.point_reader("vm", "os", 2).await.unwrap();
+        for (i, b) in source.iter().enumerate() {
+            assert!(
+                c2.read_block(i as u64).await.unwrap().0 == b[..],
+                "c2 block {i}"
+            );
+        }
+        let c1 = s.replicas.point_reader("vm", "os", 1).await.unwrap();
+        assert!(c1.read_block(1).await.unwrap().0 == block(2));
+        // The log chain restarts: a log continuing the one before the resync is refused.
+        let e = send_log(&s, "vm", "os", (2, 1), 3, (0, &[9u8; 4096]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "log_predates_resync");
+        let ack = send_log(&s, "vm", "os", (5, 4), 3, (0, &[9u8; 4096]))
+            .await
+            .unwrap();
+        assert_eq!((ack.status.as_str(), ack.cycle), ("accepted", 3));
     }
 }

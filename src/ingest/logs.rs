@@ -12,13 +12,12 @@
 //! a log that was not closed properly (EOLLocation 0), or a changed Vhd2DataWriteGuid is refused
 //! and marks the disk resync-required, as does pending log data reaching half the disk size.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
-use super::{DiskRecord, DiskState, Protection};
+use super::Ingest;
+use crate::catalog::{DiskRecord, DiskState, VmState};
 use crate::error::{Error, Result};
 use crate::file_formats::ObjectKind;
 use crate::format::hrl::{self, Guid, HrlError};
@@ -52,48 +51,15 @@ pub struct LogAck {
 }
 
 /// Pending (unmerged) log bytes at which a disk needs resynchronization: half its size.
-pub fn resync_threshold(disk_size: u64) -> u64 {
-    disk_size / 2
-}
+pub use crate::catalog::resync_threshold;
 
-impl DiskRecord {
-    /// Log bytes a read of the newest point goes through: those after the last snapshot.
-    pub fn pending_log_bytes(&self) -> u64 {
-        self.journal
-            .iter()
-            .rev()
-            .take_while(|e| e.snapshot_root.is_none())
-            .map(|e| e.log_bytes)
-            .sum()
-    }
-
-    pub fn last_cycle(&self) -> u64 {
-        self.journal
-            .last()
-            .map(|e| e.cycle)
-            .unwrap_or(self.base_point.cycle)
-    }
-}
-
-impl Protection {
-    pub(crate) async fn log_lock_for(&self, d: &DiskRecord) -> Arc<tokio::sync::Mutex<()>> {
-        self.log_lock(d).await
-    }
-
-    async fn log_lock(&self, d: &DiskRecord) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.log_locks.lock().await;
-        locks
-            .entry((d.vm_id.clone(), d.disk_id.clone()))
-            .or_default()
-            .clone()
-    }
-
+impl Ingest {
     async fn mark_resync(&self, vm: &str, disk: &str, reason: String) -> Result<()> {
-        let (_, mut d) = self.disk_for(None, vm, disk).await?;
+        let (_, mut d) = self.catalog.disk_for(None, vm, disk).await?;
         if d.resync_required.is_none() {
             tracing::warn!(vm, disk, %reason, "disk marked resync-required");
             d.resync_required = Some(reason.clone());
-            self.store_disk(d).await?;
+            self.catalog.store_disk(d).await?;
             self.open_resync_for(vm, disk, &reason).await;
         }
         Ok(())
@@ -102,11 +68,11 @@ impl Protection {
     /// Opens (or joins) the VM's resync session for a disk marked resync-required, in the
     /// off-hours window. A failure is logged: the mark stays and the operator can start one.
     async fn open_resync_for(&self, vm: &str, disk: &str, reason: &str) {
-        let req = super::resync::ResyncRequest {
+        let req = crate::replica::resync::ResyncRequest {
             now: false,
             disks: vec![disk.to_string()],
         };
-        if let Err(e) = self.start_resync(vm, &req, reason).await {
+        if let Err(e) = self.resyncs.start_resync(vm, &req, reason).await {
             tracing::warn!(vm, disk, error = %e, "could not open a resync session");
         }
     }
@@ -127,8 +93,8 @@ impl Protection {
         S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let (v, d) = self.disk_for(Some(host), vm, disk).await?;
-        if v.state == super::VmState::FailedOver {
+        let (v, d) = self.catalog.disk_for(Some(host), vm, disk).await?;
+        if v.state == VmState::FailedOver {
             return Err(Error::conflict("failed_over", format!("VM {vm} was failed over and the failover committed: the source's logs are refused; fail back and re-protect")));
         }
         let guid: Guid = log_id
@@ -138,16 +104,16 @@ impl Protection {
         if d.state != DiskState::Complete {
             return Err(Error::conflict("replication_incomplete", format!("disk {disk} of VM {vm} has not finished initial replication; logs start after it")));
         }
-        let lock = self.log_lock(&d).await;
+        let lock = self.catalog.journal_lock(&d).await;
         let _held = lock.lock().await;
-        let (_, d) = self.disk_for(Some(host), vm, disk).await?;
+        let (_, d) = self.catalog.disk_for(Some(host), vm, disk).await?;
         if let Some(e) = d.journal.iter().find(|e| e.log_id == log_id) {
             return Ok(ack(&d, e.cycle, &log_id, "already_accepted"));
         }
         if d.chain_head.as_deref() == Some(log_id.as_str()) {
             return Ok(ack(&d, d.last_cycle(), &log_id, "already_accepted"));
         }
-        if let Some(s) = self.open_resync(&v.id).await? {
+        if let Some(s) = self.resyncs.open_resync(&v.id).await? {
             return Err(Error::conflict_recoverable("resync_in_progress", format!("VM {vm} is being resynchronized (session {}, {}); logs are paused until it completes: discard logs cut before it and send the next cycle's log afterwards", s.id, s.state.word())));
         }
         if let Some(reason) = &d.resync_required {
@@ -166,18 +132,25 @@ impl Protection {
         let key_id = journal::log_key_id(&guid);
         // Until the journal refers to it (or it is refused), garbage collection keeps the log.
         let _receiving = self
-            .vault
+            .catalog
+            .vault()
             .chunks
             .fence()
             .log_upload(&layout::log_prefix(&d.vm_id, &d.disk_id, &key_id));
         // Frames from an earlier, failed attempt at this log are replaced or removed below.
-        let _ = journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
+        let _ =
+            journal::delete_log(&self.catalog.vault().chunks, &d.vm_id, &d.disk_id, &key_id).await;
         let stored = self.store_frames(&d, &key_id, max, &mut body).await;
         let len = match stored {
             Ok(len) => len,
             Err(e) => {
-                let _ =
-                    journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
+                let _ = journal::delete_log(
+                    &self.catalog.vault().chunks,
+                    &d.vm_id,
+                    &d.disk_id,
+                    &key_id,
+                )
+                .await;
                 return Err(e);
             }
         };
@@ -187,8 +160,13 @@ impl Protection {
         {
             Ok(a) => Ok(a),
             Err(e) => {
-                let _ =
-                    journal::delete_log(&self.vault.chunks, &d.vm_id, &d.disk_id, &key_id).await;
+                let _ = journal::delete_log(
+                    &self.catalog.vault().chunks,
+                    &d.vm_id,
+                    &d.disk_id,
+                    &key_id,
+                )
+                .await;
                 self.frames
                     .forget_prefix(layout::log_prefix(&d.vm_id, &d.disk_id, &key_id).as_str());
                 Err(e)
@@ -207,7 +185,12 @@ impl Protection {
         S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        let mut w = FrameWriter::new(self.vault.chunks.clone(), &d.vm_id, &d.disk_id, key_id);
+        let mut w = FrameWriter::new(
+            self.catalog.vault().chunks.clone(),
+            &d.vm_id,
+            &d.disk_id,
+            key_id,
+        );
         while let Some(piece) = body.next().await {
             let piece = piece.map_err(|e| {
                 Error::invalid("body_incomplete", format!("log upload was cut off: {e}"))
@@ -235,7 +218,7 @@ impl Protection {
         meta: &LogMeta,
     ) -> Result<LogAck> {
         let reader = StoredLog::new(
-            self.vault.chunks.clone(),
+            self.catalog.vault().chunks.clone(),
             &d.vm_id,
             &d.disk_id,
             key_id,
@@ -245,7 +228,8 @@ impl Protection {
         );
         let size = d.size;
         let parsed = self
-            .vault
+            .catalog
+            .vault()
             .chunks
             .cpu()
             .run(move || hrl::read_log(&reader, size))
@@ -344,7 +328,8 @@ impl Protection {
             .collect();
         let data_bytes = extents.iter().map(|e| e.length as u64).sum();
         let ekey = layout::log_extents(&d.vm_id, &d.disk_id, key_id);
-        self.vault
+        self.catalog
+            .vault()
             .chunks
             .put_sealed_compressed(ObjectKind::LogFrame, &ekey, encode_extents(&extents))
             .await?;
@@ -372,7 +357,7 @@ impl Protection {
                 rec.size
             ));
         }
-        self.store_disk(rec.clone()).await?;
+        self.catalog.store_disk(rec.clone()).await?;
         if rec.resync_required.is_some() && d.resync_required.is_none() {
             let reason = rec.resync_required.clone().unwrap_or_default();
             self.open_resync_for(vm, disk, &reason).await;
@@ -392,5 +377,66 @@ fn ack(d: &DiskRecord, cycle: u64, log_id: &str, status: &str) -> LogAck {
         journal_length: d.journal.len(),
         pending_log_bytes: d.pending_log_bytes(),
         resync_required: d.resync_required.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::services::testing::{block, memory, protect, send_log, BS};
+    use crate::store::Key;
+
+    #[tokio::test]
+    async fn a_log_that_breaks_the_chain_is_refused_and_the_disk_needs_a_resync() {
+        let (s, vault) = memory().await;
+        protect(&s, "vm", &[("os", vec![Some(block(1)), None])]).await;
+        let ack = send_log(&s, "vm", "os", (1, 0), 1, (0, &[7u8; 4096]))
+            .await
+            .unwrap();
+        assert_eq!((ack.status.as_str(), ack.journal_length), ("accepted", 1));
+        // A retry of an accepted log is acknowledged again, not applied twice.
+        let ack = send_log(&s, "vm", "os", (1, 0), 1, (0, &[7u8; 4096]))
+            .await
+            .unwrap();
+        assert_eq!(
+            (ack.status.as_str(), ack.journal_length),
+            ("already_accepted", 1)
+        );
+        let logs = || async {
+            vault
+                .store()
+                .list(&Key::new(&["logs"]).unwrap())
+                .await
+                .unwrap()
+                .len()
+        };
+        let stored = logs().await;
+        // Log 3 names log 2 as its predecessor, but the last accepted log is 1.
+        let e = send_log(&s, "vm", "os", (3, 2), 2, (BS as u64, &[8u8; 4096]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "chain_broken");
+        assert_eq!(
+            logs().await,
+            stored,
+            "the refused log's objects are deleted"
+        );
+        let (_, d) = s.catalog.disk_for(None, "vm", "os").await.unwrap();
+        assert_eq!(d.journal.len(), 1);
+        assert!(d.resync_required.is_some());
+        // A resync session opened for it; logs wait until it completes.
+        let session = s.resyncs.open_resync(&d.vm_id).await.unwrap();
+        assert!(session.is_some_and(|x| x.disks.contains_key("os")));
+        let e = send_log(&s, "vm", "os", (2, 1), 2, (0, &[9u8; 4096]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "resync_in_progress");
+        let view = s.overview.vm(None, "vm").await.unwrap();
+        assert!(
+            view.health_reasons
+                .iter()
+                .any(|r| r.contains("resynchronization")),
+            "{:?}",
+            view.health_reasons
+        );
     }
 }

@@ -1,16 +1,21 @@
-//! Protecting VMs: enable protection, initial replication, finalize protection (the seed's
-//! first three steps).
-//!
-//! * [`spec`]: the agent's declaration of a VM and the prerequisite checks.
-//! * [`session`]: receiving a disk's blocks (receipts, resume queries, completion into a map).
+//! The catalog: the vault's records of protected VMs and their disks, and the one place that
+//! changes them.
 //!
 //! State lives in the vault as versioned records (`records/vm/<id>`, `records/disk/<vm>-<disk>`);
-//! this service caches them because this process is their only writer.
+//! [`Catalog`] caches them because this process is their only writer, and every change is a
+//! compare-and-swap on the record's version followed by a cache refresh. Enabling protection
+//! (the agent's declaration, checked by [`spec`]) creates the records; finalizing it marks the
+//! VM protected once every disk completed initial replication.
+//!
+//! The services downstream hold a [`Catalog`] handle and only the caches they use:
+//! [`crate::ingest::Ingest`] (initial-replication blocks, change logs),
+//! [`crate::replica::Replicas`] (points, readers, merge, the damage register's point queries) and
+//! [`crate::replica::resync::Resyncs`] (resynchronization sessions). [`crate::overview`] composes
+//! them into what the API shows of a VM.
+//!
+//! Each disk also has a *journal lock* here: whoever changes a disk's journal (a log accepted, a
+//! merge, a resync or failback switch) holds it, so chain checks see a stable head.
 
-pub mod delta;
-pub mod points;
-pub mod resync;
-pub mod session;
 pub mod spec;
 
 pub use spec::validate as validate_spec;
@@ -19,14 +24,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::RwLock;
+use tokio::sync::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
 use crate::vault::layout::{self, Family};
+use crate::vault::records::Versioned;
 use crate::vault::Vault;
 
-pub use session::{BlockAck, CompleteRequest, ReceivedQuery};
 pub use spec::{DiskSpec, NicSpec, Policy, VmSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,7 +218,7 @@ pub struct DiskView {
     pub data_blocks: u64,
     pub zero_blocks: u64,
     /// Plain bytes in data blocks; sealed bytes written and bytes deduplicated by initial
-    /// replication (live while it runs: see `Sessions::written`).
+    /// replication (live while it runs: see `Ingest::written`).
     pub data_bytes: u64,
     pub stored_bytes: u64,
     pub deduplicated_bytes: u64,
@@ -226,46 +231,31 @@ pub struct DiskView {
     pub last_log: Option<String>,
 }
 
-/// Held while one log of a disk is accepted.
-type DiskLock = Arc<tokio::sync::Mutex<()>>;
+/// Held while one writer changes a disk's journal.
+type JournalLock = Arc<Mutex<()>>;
 
-/// The protection service.
+/// The VM and disk records, cached, with their compare-and-swap updates. Cheap to clone.
 #[derive(Clone)]
-pub struct Protection {
-    pub(crate) vault: Vault,
-    pub(crate) jobs: Jobs,
+pub struct Catalog {
+    vault: Vault,
+    jobs: Jobs,
     block_size: u32,
     mapped_networks: Arc<BTreeSet<String>>,
-    vms: Arc<RwLock<BTreeMap<String, VmRecord>>>,
+    /// VM records by name, with the version each was read or written at.
+    vms: Arc<RwLock<BTreeMap<String, Versioned<VmRecord>>>>,
     disks: Arc<RwLock<BTreeMap<(String, String), DiskRecord>>>,
-    pub(crate) sessions: session::Sessions,
-    /// One log accepted at a time per disk (chain checks need a stable head).
-    log_locks: Arc<tokio::sync::Mutex<BTreeMap<(String, String), DiskLock>>>,
-    /// Opened log frames, shared by validation and point reads.
-    pub(crate) frames: crate::journal::FrameCache,
-    pub(crate) max_log_bytes: u64,
-    /// Point readers by (vm id, disk id, cycle, base map root).
-    pub(crate) resyncs: resync::ResyncCache,
-    /// Off-hours window resync sessions wait for (`None`: start at once).
-    pub(crate) resync_window: Option<resync::Window>,
-    pub(crate) readers: points::ReaderCache,
-    /// The pins of every point reader handed out or being built, by (vm id, disk id): a merge
-    /// deletes the logs it folded in only once the readers pinned before it are gone.
-    pub(crate) reader_pins: points::ReaderPins,
-    /// What the pinned readers read through, kept by garbage collection.
-    pub(crate) reader_refs: points::ReaderRefs,
-    /// Objects verify found damaged or missing: points that need them are marked unusable.
-    pub(crate) damage: crate::scrub::damage::Damage,
+    /// One journal writer at a time per disk, by (vm id, disk id).
+    journal_locks: Arc<Mutex<BTreeMap<(String, String), JournalLock>>>,
 }
 
-impl Protection {
+impl Catalog {
     /// Loads every VM and disk record and finishes any finalize step a crash interrupted.
     pub async fn load(
         vault: Vault,
         jobs: Jobs,
         block_size: u32,
         mapped_networks: BTreeSet<String>,
-    ) -> Result<Protection> {
+    ) -> Result<Catalog> {
         let mut vms = BTreeMap::new();
         for id in vault.records.ids(Family::Vm).await? {
             if let Some(v) = vault
@@ -273,7 +263,7 @@ impl Protection {
                 .load::<VmRecord>(&layout::record(Family::Vm, &id))
                 .await?
             {
-                vms.insert(v.value.name.clone(), v.value);
+                vms.insert(v.value.name.clone(), v);
             }
         }
         let mut disks = BTreeMap::new();
@@ -286,69 +276,45 @@ impl Protection {
                 disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
             }
         }
-        let damage = crate::scrub::damage::Damage::load(&vault.records).await?;
-        let p = Protection {
+        let c = Catalog {
             vault,
             jobs,
             block_size,
             mapped_networks: Arc::new(mapped_networks),
             vms: Arc::new(RwLock::new(vms)),
             disks: Arc::new(RwLock::new(disks)),
-            sessions: session::Sessions::default(),
-            log_locks: Default::default(),
-            frames: crate::journal::FrameCache::new(64),
-            max_log_bytes: 64 << 30,
-            readers: Default::default(),
-            resyncs: Default::default(),
-            resync_window: None,
-            damage,
-            reader_pins: Default::default(),
-            reader_refs: Default::default(),
+            journal_locks: Default::default(),
         };
-        let pending: Vec<String> = p
+        let pending: Vec<String> = c
             .vms
             .read()
             .await
             .values()
-            .filter(|v| v.state == VmState::InitialReplication)
-            .map(|v| v.name.clone())
+            .filter(|v| v.value.state == VmState::InitialReplication)
+            .map(|v| v.value.name.clone())
             .collect();
         for vm in pending {
-            p.finalize_if_complete(&vm).await?;
+            c.finalize_if_complete(&vm).await?;
         }
-        // A resync switch a crash interrupted is finished before anything reads the disks.
-        let names: Vec<(String, String)> = p
-            .vms
-            .read()
-            .await
-            .values()
-            .map(|v| (v.name.clone(), v.id.clone()))
-            .collect();
-        for (vm, id) in names {
-            if p.resync_session(&id).await?.map(|s| s.state)
-                == Some(resync::SessionState::Committing)
-            {
-                p.commit_if_staged(&vm).await?;
-            }
-        }
-        Ok(p)
+        Ok(c)
     }
 
-    /// Largest change log accepted (bytes); larger uploads get 413.
-    pub fn with_max_log_bytes(mut self, max: u64) -> Protection {
-        self.max_log_bytes = max;
-        self
+    pub fn vault(&self) -> &Vault {
+        &self.vault
     }
 
-    /// The off-hours window resync sessions wait for (`None`: they start at once).
-    pub fn with_resync_window(mut self, w: Option<resync::Window>) -> Protection {
-        self.resync_window = w;
-        self
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
     }
 
     /// Block size given to newly protected disks.
     pub fn block_size(&self) -> u32 {
         self.block_size
+    }
+
+    /// Source networks the configuration maps (a NIC on another one gets a warning).
+    pub fn mapped_networks(&self) -> &BTreeSet<String> {
+        &self.mapped_networks
     }
 
     pub fn vm_id(&self, vm: &str) -> String {
@@ -359,10 +325,44 @@ impl Protection {
         self.vault.keys().ident("disk", &format!("{vm}\0{disk}"))
     }
 
+    /// The names of every protected VM.
+    pub async fn vm_names(&self) -> Vec<String> {
+        self.vms.read().await.keys().cloned().collect()
+    }
+
+    /// Every VM record, by name.
+    pub async fn vms(&self) -> Vec<VmRecord> {
+        self.vms
+            .read()
+            .await
+            .values()
+            .map(|v| v.value.clone())
+            .collect()
+    }
+
+    /// The disk's journal lock: held by whoever appends to or rewrites its journal.
+    pub async fn journal_lock(&self, d: &DiskRecord) -> JournalLock {
+        let mut locks = self.journal_locks.lock().await;
+        locks
+            .entry((d.vm_id.clone(), d.disk_id.clone()))
+            .or_default()
+            .clone()
+    }
+
+    /// The records of a VM's disks that exist, in the VM's order.
+    pub async fn disks_of(&self, rec: &VmRecord) -> Vec<DiskRecord> {
+        let disks = self.disks.read().await;
+        rec.spec
+            .disks
+            .iter()
+            .filter_map(|d| disks.get(&(rec.name.clone(), d.id.clone())).cloned())
+            .collect()
+    }
+
     /// Enable protection (idempotent for the same host and spec).
-    pub async fn enable(&self, host: &str, vm: &str, spec: &VmSpec) -> Result<(VmView, bool)> {
+    pub async fn enable(&self, host: &str, vm: &str, spec: &VmSpec) -> Result<(VmRecord, bool)> {
         let (spec, warnings) = spec::validate(vm, spec, &self.mapped_networks)?;
-        if let Some(existing) = self.vms.read().await.get(vm).cloned() {
+        if let Some(existing) = self.vms.read().await.get(vm).map(|v| v.value.clone()) {
             if existing.owner != host {
                 return Err(Error::forbidden(format!(
                     "VM {vm} is protected by another host"
@@ -382,7 +382,7 @@ impl Protection {
                     format!("VM {vm} is already protected with a different specification; disable protection first"),
                 ));
             }
-            return Ok((self.view(&existing).await, false));
+            return Ok((existing, false));
         }
         let vm_id = self.vm_id(vm);
         let mut steps: Vec<String> = vec!["Check prerequisites".into()];
@@ -426,7 +426,8 @@ impl Protection {
                 resync_required: None,
                 resync_fence: None,
                 stats: DiskStats {
-                    blocks: crate::replica::blockmap::block_count(d.size, self.block_size),
+                    // Every block is `block_size` bytes but the last (see `replica::blockmap`).
+                    blocks: d.size.div_ceil(self.block_size as u64),
                     ..Default::default()
                 },
                 completed_unix: None,
@@ -467,25 +468,41 @@ impl Protection {
                 recoverable: true,
             });
         }
-        self.vms.write().await.insert(vm.to_string(), rec.clone());
+        // `create` wrote version 1.
+        self.vms.write().await.insert(
+            vm.to_string(),
+            Versioned {
+                version: 1,
+                value: rec.clone(),
+            },
+        );
         tracing::info!(vm, host, disks = rec.spec.disks.len(), "protection enabled");
-        Ok((self.view(&rec).await, true))
+        Ok((rec, true))
     }
 
     /// Every VM record and every disk record, as this server holds them (it is their only
     /// writer, so these are the current versions).
-    pub(crate) async fn all_records(&self) -> (Vec<VmRecord>, Vec<DiskRecord>) {
-        let vms = self.vms.read().await.values().cloned().collect();
+    pub async fn all_records(&self) -> (Vec<VmRecord>, Vec<DiskRecord>) {
+        let vms = self
+            .vms
+            .read()
+            .await
+            .values()
+            .map(|v| v.value.clone())
+            .collect();
         let disks = self.disks.read().await.values().cloned().collect();
         (vms, disks)
     }
 
     /// The VM record, checking that `host` may act on it (None = operator).
     pub async fn vm_for(&self, host: Option<&str>, vm: &str) -> Result<VmRecord> {
-        let rec =
-            self.vms.read().await.get(vm).cloned().ok_or_else(|| {
-                Error::not_found("vm_not_found", format!("VM {vm} is not protected"))
-            })?;
+        let rec = self
+            .vms
+            .read()
+            .await
+            .get(vm)
+            .map(|v| v.value.clone())
+            .ok_or_else(|| Error::not_found("vm_not_found", format!("VM {vm} is not protected")))?;
         if let Some(h) = host {
             if rec.owner != h {
                 return Err(Error::forbidden(format!("VM {vm} belongs to another host")));
@@ -606,10 +623,14 @@ impl Protection {
             )
             .await?
             .ok_or_else(|| Error::internal("VM record missing after update"))?;
-        self.vms
-            .write()
-            .await
-            .insert(vm.to_string(), updated.value.clone());
+        // Concurrent updates can finish out of order: the cache keeps the newest version.
+        let mut vms = self.vms.write().await;
+        if vms
+            .get(vm)
+            .is_none_or(|cached| cached.version < updated.version)
+        {
+            vms.insert(vm.to_string(), updated.clone());
+        }
         Ok(updated.value)
     }
 
@@ -648,7 +669,7 @@ impl Protection {
     }
 
     /// Changes a VM's replication policy (operator). Validated like at enable time.
-    pub async fn set_policy(&self, vm: &str, change: &PolicyChange) -> Result<VmView> {
+    pub async fn set_policy(&self, vm: &str, change: &PolicyChange) -> Result<VmRecord> {
         let rec = self.vm_for(None, vm).await?;
         let mut policy = rec.spec.policy.clone().unwrap_or_default();
         if let Some(v) = change.interval_s {
@@ -668,200 +689,201 @@ impl Protection {
             })
             .await?;
         tracing::info!(vm, ?policy, "replication policy changed");
-        Ok(self.view(&updated).await)
+        Ok(updated)
+    }
+}
+
+/// Pending (unmerged) log bytes at which a disk needs resynchronization: half its size.
+pub fn resync_threshold(disk_size: u64) -> u64 {
+    disk_size / 2
+}
+
+impl DiskRecord {
+    /// Log bytes a read of the newest point goes through: those after the last snapshot.
+    pub fn pending_log_bytes(&self) -> u64 {
+        self.journal
+            .iter()
+            .rev()
+            .take_while(|e| e.snapshot_root.is_none())
+            .map(|e| e.log_bytes)
+            .sum()
     }
 
-    pub async fn list(&self) -> Vec<VmView> {
-        let vms: Vec<VmRecord> = self.vms.read().await.values().cloned().collect();
-        let mut out = Vec::with_capacity(vms.len());
-        for v in &vms {
-            out.push(self.view(v).await);
-        }
-        out
+    pub fn last_cycle(&self) -> u64 {
+        self.journal
+            .last()
+            .map(|e| e.cycle)
+            .unwrap_or(self.base_point.cycle)
+    }
+}
+
+/// What the API shows of one disk: `received` blocks and the `(stored, deduplicated)` bytes
+/// `written` so far count while initial replication runs (the record's figures once complete).
+pub fn disk_view(r: &DiskRecord, received: u64, written: (u64, u64)) -> DiskView {
+    let (stored_bytes, deduplicated_bytes) = written;
+    DiskView {
+        id: r.disk.clone(),
+        size: r.size,
+        block_size: r.block_size,
+        state: r.state,
+        blocks: r.stats.blocks,
+        blocks_received: received,
+        data_blocks: r.stats.data_blocks,
+        zero_blocks: r.stats.zero_blocks,
+        data_bytes: r.stats.data_bytes,
+        stored_bytes,
+        deduplicated_bytes,
+        journal_length: r.journal.len(),
+        pending_log_bytes: r.pending_log_bytes(),
+        resync_threshold_bytes: resync_threshold(r.size),
+        resync_required: r.resync_required.clone(),
+        last_log: r
+            .journal
+            .last()
+            .map(|e| crate::util::rfc3339(e.accepted_unix)),
+    }
+}
+
+/// [`disk_view`] of a disk whose initial replication completed (its record has the figures).
+pub fn complete_disk_view(r: &DiskRecord) -> DiskView {
+    disk_view(
+        r,
+        r.stats.blocks,
+        (r.stats.stored_bytes, r.stats.deduplicated_bytes),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failover::definition::NicOptions;
+    use crate::services::testing::{memory, reload, spec};
+
+    fn with_nics(mut s: VmSpec, n: usize) -> VmSpec {
+        s.nics = (0..n)
+            .map(|i| NicSpec {
+                network: "corp".into(),
+                mac: format!("00:15:5d:00:00:{i:02x}"),
+                ip: None,
+            })
+            .collect();
+        s
     }
 
-    pub async fn view(&self, rec: &VmRecord) -> VmView {
-        // A resync under way turns "resync required" from Critical (nothing is happening) into
-        // Warning (it is scheduled or progressing). An unreadable session record reads as none.
-        let open = self.open_resync(&rec.id).await.ok().flatten();
-        let resync = open.as_ref().map(|s| ResyncBrief {
-            session: s.id.clone(),
-            state: s.state.word().to_string(),
-            reason: s.reason.clone(),
-            not_before: (s.not_before_unix > 0).then(|| crate::util::rfc3339(s.not_before_unix)),
-            disks: s.disks.keys().cloned().collect(),
-            disks_done: s
-                .disks
-                .iter()
-                .filter(|(_, d)| d.staged_root.is_some())
-                .map(|(k, _)| k.clone())
-                .collect(),
-        });
-        let mut resyncing: Vec<String> = Vec::new();
-        let disks = self.disks.read().await;
-        let mut dv = Vec::new();
-        let (mut done, mut total) = (0u64, 0u64);
-        let mut critical: Vec<String> = Vec::new();
-        let mut earliest_latest = u64::MAX;
-        let mut complete: Vec<DiskRecord> = Vec::new();
-        for d in &rec.spec.disks {
-            if let Some(r) = disks.get(&(rec.name.clone(), d.id.clone())) {
-                if r.state == DiskState::Complete {
-                    complete.push(r.clone());
-                }
-                let (received, (stored_bytes, deduplicated_bytes)) = match r.state {
-                    DiskState::Complete => (
-                        r.stats.blocks,
-                        (r.stats.stored_bytes, r.stats.deduplicated_bytes),
-                    ),
-                    DiskState::Receiving => (
-                        self.sessions.received_count(&r.vm_id, &r.disk_id).await,
-                        self.sessions.written(&r.vm_id, &r.disk_id).await,
-                    ),
-                };
-                done += received.min(r.stats.blocks);
-                total += r.stats.blocks;
-                dv.push(DiskView {
-                    id: r.disk.clone(),
-                    size: r.size,
-                    block_size: r.block_size,
-                    state: r.state,
-                    blocks: r.stats.blocks,
-                    blocks_received: received,
-                    data_blocks: r.stats.data_blocks,
-                    zero_blocks: r.stats.zero_blocks,
-                    data_bytes: r.stats.data_bytes,
-                    stored_bytes,
-                    deduplicated_bytes,
-                    journal_length: r.journal.len(),
-                    pending_log_bytes: r.pending_log_bytes(),
-                    resync_threshold_bytes: delta::resync_threshold(r.size),
-                    resync_required: r.resync_required.clone(),
-                    last_log: r
-                        .journal
-                        .last()
-                        .map(|e| crate::util::rfc3339(e.accepted_unix)),
-                });
-                if let Some(reason) = &r.resync_required {
-                    match &resync {
-                        Some(b) if b.disks.contains(&r.disk) => resyncing.push(format!(
-                            "disk {}: resynchronization {} ({reason})",
-                            r.disk,
-                            match (b.state.as_str(), &b.not_before) {
-                                ("scheduled", Some(t)) => format!("scheduled for {t}"),
-                                ("scheduled", None) => "scheduled".to_string(),
-                                _ => "running".to_string(),
-                            }
-                        )),
-                        _ => critical.push(format!(
-                            "disk {}: resynchronization required: {reason}",
-                            r.disk
-                        )),
-                    }
-                }
-                earliest_latest = earliest_latest.min(
-                    r.journal
-                        .last()
-                        .map(|e| e.accepted_unix)
-                        .unwrap_or(r.base_point.time_unix),
-                );
-            }
-        }
-        drop(disks);
-        let mut damage_warning = None;
-        if complete.len() == rec.spec.disks.len() {
-            match self.damage_health(&rec.name, &complete).await {
-                Some((Health::Critical, reason)) => critical.push(reason),
-                Some((_, reason)) => damage_warning = Some(reason),
-                None => {}
-            }
-        }
-        let policy = rec.spec.policy.clone().unwrap_or_default();
-        // RPO: age of the newest point every disk has (the oldest of the disks' newest points).
-        let rpo_s = (rec.state == VmState::Protected && earliest_latest != u64::MAX)
-            .then(|| crate::util::unix_now().saturating_sub(earliest_latest));
-        let mut reasons = critical.clone();
-        reasons.extend(resyncing);
-        reasons.extend(damage_warning);
-        if let Some(r) = rpo_s {
-            if r > 2 * policy.interval_s {
-                reasons.push(format!(
-                    "RPO {r} s exceeds twice the replication interval ({} s)",
-                    policy.interval_s
-                ));
-            }
-        }
-        // From the configuration now, not the one at enable time: a mapping added since (and
-        // a restart) clears the warning.
-        reasons.extend(spec::unmapped_nic_warnings(
-            &rec.spec.nics,
-            &self.mapped_networks,
-        ));
-        let health = if !critical.is_empty() {
-            Health::Critical
-        } else if reasons.is_empty() {
-            Health::Normal
-        } else {
-            Health::Warning
-        };
-        VmView {
-            name: rec.name.clone(),
-            owner: rec.owner.clone(),
-            state: rec.state,
-            health,
-            health_reasons: reasons,
-            generation: rec.spec.generation,
-            cpus: rec.spec.cpus,
-            memory_mib: rec.spec.memory_mib,
-            policy,
-            disks: dv,
-            nics: rec.spec.nics.clone(),
-            created: crate::util::rfc3339(rec.created_unix),
-            protected: rec.protected_unix.map(crate::util::rfc3339),
-            enable_job: rec.enable_job.clone(),
-            finalize_job: rec.finalize_job.clone(),
-            progress: if rec.state == VmState::Protected {
-                1.0
-            } else if total == 0 {
-                0.0
-            } else {
-                done as f64 / total as f64
-            },
-            rpo_seconds: rpo_s,
-            resync,
-            failover: self.failover_brief(&rec.name).await,
-        }
-    }
-
-    /// The VM's failover while it is running or waiting for a commit or cleanup. An unreadable
-    /// failover record reads as none (the view is informative; failover commands report it).
-    async fn failover_brief(&self, vm: &str) -> Option<FailoverBrief> {
-        use crate::failover::definition::FailoverKind;
-        use crate::failover::service::{FailoverRecord, FailoverState};
-        let key =
-            crate::vault::layout::record(crate::vault::layout::Family::Failover, &self.vm_id(vm));
-        let rec = self
-            .vault
-            .records
-            .load::<FailoverRecord>(&key)
+    #[tokio::test]
+    async fn records_and_their_changes_survive_a_restart() {
+        let (s, vault) = memory().await;
+        let (rec, created) = s
+            .catalog
+            .enable("h", "vm", &spec(&[("os", 4), ("data", 2)]))
             .await
-            .ok()??
-            .value;
-        let kind = serde_json::to_value(rec.kind).ok()?.as_str()?.to_string();
-        let summary = match (rec.state, rec.kind) {
-            (FailoverState::Running, _) => format!("failing over ({kind})"),
-            (FailoverState::Succeeded, FailoverKind::Test) => {
-                "failed over (test), not cleaned up".to_string()
-            }
-            (FailoverState::Succeeded, _) => format!("failed over ({kind}), not committed"),
-            _ => return None,
+            .unwrap();
+        assert!(created);
+        assert_eq!(rec.state, VmState::InitialReplication);
+        let change = PolicyChange {
+            retention_s: Some(7200),
+            ..Default::default()
         };
-        Some(FailoverBrief {
-            id: rec.id,
-            kind,
-            state: serde_json::to_value(rec.state).ok()?.as_str()?.to_string(),
-            point: rec.point,
-            summary,
-        })
+        s.catalog.set_policy("vm", &change).await.unwrap();
+        let policy = |r: VmRecord| r.spec.policy.unwrap_or_default().retention_s;
+        // The cache answers with the change at once, a restarted server from the vault.
+        assert_eq!(policy(s.catalog.vm_for(None, "vm").await.unwrap()), 7200);
+        let again = reload(&vault).await;
+        assert_eq!(
+            policy(again.catalog.vm_for(Some("h"), "vm").await.unwrap()),
+            7200
+        );
+        let (_, d) = again.catalog.disk_for(None, "vm", "data").await.unwrap();
+        assert_eq!((d.state, d.stats.blocks), (DiskState::Receiving, 2));
+        let code = |e: Error| e.code().to_string();
+        assert_eq!(
+            code(again.catalog.vm_for(Some("other"), "vm").await.unwrap_err()),
+            "forbidden"
+        );
+        assert_eq!(
+            code(
+                again
+                    .catalog
+                    .disk_for(None, "vm", "swap")
+                    .await
+                    .unwrap_err()
+            ),
+            "disk_not_found"
+        );
+        assert_eq!(
+            code(again.catalog.vm_for(None, "nope").await.unwrap_err()),
+            "vm_not_found"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_policy_change_leaves_the_policy_as_it_was() {
+        let (s, vault) = memory().await;
+        s.catalog
+            .enable("h", "vm", &spec(&[("os", 1)]))
+            .await
+            .unwrap();
+        let bad = PolicyChange {
+            interval_s: Some(7),
+            ..Default::default()
+        };
+        let e = s.catalog.set_policy("vm", &bad).await.unwrap_err();
+        assert_eq!(e.code(), "invalid_policy");
+        for c in [s.catalog.clone(), reload(&vault).await.catalog] {
+            let r = c.vm_for(None, "vm").await.unwrap();
+            assert_eq!(r.spec.policy.unwrap_or_default(), Policy::default());
+        }
+    }
+
+    #[tokio::test]
+    async fn enabling_again_is_idempotent_and_a_different_spec_is_refused() {
+        let (s, _vault) = memory().await;
+        let first = spec(&[("os", 2)]);
+        s.catalog.enable("h", "vm", &first).await.unwrap();
+        let (again, created) = s.catalog.enable("h", "vm", &first).await.unwrap();
+        assert!(!created);
+        assert_eq!(
+            again.enable_job,
+            s.catalog.vm_for(None, "vm").await.unwrap().enable_job
+        );
+        let e = s
+            .catalog
+            .enable("h", "vm", &spec(&[("os", 3)]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "vm_exists");
+        let e = s.catalog.enable("h2", "vm", &first).await.unwrap_err();
+        assert_eq!(e.code(), "forbidden");
+        let (_, d) = s.catalog.disk_for(None, "vm", "os").await.unwrap();
+        assert_eq!(d.size, 2 * crate::services::testing::BS as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_nic_overrides_are_all_kept() {
+        let (s, vault) = memory().await;
+        s.catalog
+            .enable("h", "vm", &with_nics(spec(&[("os", 1)]), 8))
+            .await
+            .unwrap();
+        let sets = (0..8u32).map(|i| {
+            let c = s.catalog.clone();
+            tokio::spawn(async move {
+                let o = NicOptions {
+                    target: Some(format!("net/sub{i}")),
+                    ..Default::default()
+                };
+                c.set_nic_override("vm", i, Some(o)).await.unwrap();
+            })
+        });
+        for t in sets.collect::<Vec<_>>() {
+            t.await.unwrap();
+        }
+        // Each update is a compare-and-swap on the record: none overwrote another.
+        for c in [s.catalog.clone(), reload(&vault).await.catalog] {
+            let r = c.vm_for(None, "vm").await.unwrap();
+            assert_eq!(r.nic_overrides.len(), 8, "{:?}", r.nic_overrides);
+        }
+        let e = s.catalog.set_nic_override("vm", 8, None).await.unwrap_err();
+        assert_eq!(e.code(), "nic_not_found");
     }
 }

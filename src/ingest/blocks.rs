@@ -12,42 +12,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use super::{DiskRecord, DiskState, Protection};
+use super::Ingest;
+use crate::catalog::{complete_disk_view, DiskRecord, DiskState, DiskView, VmRecord, VmState};
 use crate::chunk::{ChunkName, PlainHash};
 use crate::error::{Error, Result};
-use crate::file_formats::ObjectKind;
 use crate::jobs::JobState;
 use crate::replica::blockmap::{block_len, BlockMap, MapEntry};
+use crate::replica::stage::{self, Receipt};
 use crate::store::PutOutcome;
 use crate::vault::layout;
 
-/// Receipt plaintext: chunk name (32, zero for a zero block) ‖ plain hash (32) ‖ length (u64 LE).
-const RECEIPT_LEN: usize = 72;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Receipt {
-    pub name: Option<ChunkName>,
-    pub hash: PlainHash,
-}
-
-/// Parses a receipt's plaintext; `None` when it is not `RECEIPT_LEN` bytes.
-pub(crate) fn parse_receipt(plain: &[u8]) -> Option<Receipt> {
-    if plain.len() != RECEIPT_LEN {
-        return None;
-    }
-    let n: [u8; 32] = crate::format::array_at(plain, 0);
-    let h: [u8; 32] = crate::format::array_at(plain, 32);
-    Some(Receipt {
-        name: (n != [0u8; 32]).then_some(ChunkName(n)),
-        hash: PlainHash(h),
-    })
-}
-
-struct SessionState {
+/// What this process knows of one disk's open initial-replication session.
+struct ReceivingSession {
     session: String,
     received: BTreeMap<u64, Receipt>,
     /// Sealed bytes stored and plain bytes deduplicated by this process's uploads. Receipts do
@@ -57,17 +36,16 @@ struct SessionState {
     deduplicated_bytes: u64,
 }
 
-type SharedState = Arc<Mutex<SessionState>>;
+type SharedSession = Arc<Mutex<ReceivingSession>>;
 
-/// In-memory view of open sessions, rebuilt from receipts on first use after a restart.
+/// In-memory view of open sessions by (vm id, disk id), rebuilt from receipts on first use after
+/// a restart.
 #[derive(Clone, Default)]
-pub struct Sessions {
-    open: Arc<Mutex<HashMap<(String, String), SharedState>>>,
-    /// Recently read block maps by root name (immutable objects, so never stale).
-    pub(crate) maps: Arc<Mutex<HashMap<String, Arc<BlockMap>>>>,
+pub(crate) struct ReceivingSessions {
+    open: Arc<Mutex<HashMap<(String, String), SharedSession>>>,
 }
 
-impl Sessions {
+impl ReceivingSessions {
     pub async fn received_count(&self, vm_id: &str, disk_id: &str) -> u64 {
         let s = self
             .open
@@ -81,7 +59,7 @@ impl Sessions {
         }
     }
 
-    /// (stored, deduplicated) bytes of the open session, see [`SessionState`].
+    /// (stored, deduplicated) bytes of the open session, see [`ReceivingSession`].
     pub async fn written(&self, vm_id: &str, disk_id: &str) -> (u64, u64) {
         let s = self
             .open
@@ -136,8 +114,18 @@ pub struct CompleteRequest {
 /// Largest resume query accepted in one request.
 pub const MAX_QUERY_BLOCKS: usize = 65_536;
 
-impl Protection {
-    async fn session_state(&self, d: &DiskRecord) -> Result<Arc<Mutex<SessionState>>> {
+impl Ingest {
+    /// Blocks the open session of a disk holds (0 when none is open).
+    pub async fn received_count(&self, vm_id: &str, disk_id: &str) -> u64 {
+        self.sessions.received_count(vm_id, disk_id).await
+    }
+
+    /// (stored, deduplicated) bytes of a disk's open session, see [`ReceivingSession`].
+    pub async fn written(&self, vm_id: &str, disk_id: &str) -> (u64, u64) {
+        self.sessions.written(vm_id, disk_id).await
+    }
+
+    async fn session_state(&self, d: &DiskRecord) -> Result<SharedSession> {
         let key = (d.vm_id.clone(), d.disk_id.clone());
         let slot = {
             let mut open = self.sessions.open.lock().await;
@@ -145,7 +133,7 @@ impl Protection {
                 Some(s) if s.lock().await.session == d.session => return Ok(s.clone()),
                 _ => {}
             }
-            let s = Arc::new(Mutex::new(SessionState {
+            let s = Arc::new(Mutex::new(ReceivingSession {
                 session: d.session.clone(),
                 received: BTreeMap::new(),
                 stored_bytes: 0,
@@ -158,57 +146,9 @@ impl Protection {
         // that arrive meanwhile wait and then see a complete picture.
         let mut st = slot.lock().await;
         let prefix = layout::stage_session(&d.vm_id, &d.disk_id, &d.session);
-        st.received = self.load_receipts(&prefix, &d.disk).await?;
+        st.received = stage::load_receipts(self.catalog.vault(), &prefix, &d.disk).await?;
         drop(st);
         Ok(slot)
-    }
-
-    /// Every receipt under a session prefix, by block index.
-    pub(crate) async fn load_receipts(
-        &self,
-        prefix: &crate::store::Key,
-        disk: &str,
-    ) -> Result<BTreeMap<u64, Receipt>> {
-        let listed = self.vault.store().list(prefix).await?;
-        let chunks = self.vault.chunks.clone();
-        let mut loads = futures_util::stream::iter(listed.into_iter().filter_map(|l| {
-            let index: u64 = l.key.name().parse().ok()?;
-            Some((index, l.key))
-        }))
-        .map(|(index, key)| {
-            let chunks = chunks.clone();
-            async move { (index, chunks.get_sealed(ObjectKind::Receipt, &key).await) }
-        })
-        .buffer_unordered(32);
-        let mut out = BTreeMap::new();
-        while let Some((index, r)) = loads.next().await {
-            let plain = r?;
-            let receipt = parse_receipt(&plain).ok_or_else(|| {
-                Error::internal(format!(
-                    "receipt {index} of disk {disk} has length {}",
-                    plain.len()
-                ))
-            })?;
-            out.insert(index, receipt);
-        }
-        Ok(out)
-    }
-
-    /// Writes the sealed receipt of a stored block (after the chunk, before the acknowledgement).
-    pub(crate) async fn write_receipt(
-        &self,
-        key: &crate::store::Key,
-        put: &crate::chunk::pipeline::BlockPut,
-    ) -> Result<()> {
-        let mut plain = Vec::with_capacity(RECEIPT_LEN);
-        plain.extend_from_slice(&put.name.map(|n| n.0).unwrap_or([0u8; 32]));
-        plain.extend_from_slice(&put.hash.0);
-        plain.extend_from_slice(&put.len.to_le_bytes());
-        self.vault
-            .chunks
-            .put_sealed(ObjectKind::Receipt, key, plain)
-            .await?;
-        Ok(())
     }
 
     /// Takes one block of an initial replication.
@@ -221,9 +161,10 @@ impl Protection {
         claimed: PlainHash,
         body: Bytes,
     ) -> Result<BlockAck> {
-        let (_, d) = self.disk_for(Some(host), vm, disk).await?;
+        let (_, d) = self.catalog.disk_for(Some(host), vm, disk).await?;
         check_block(&d, index, body.len() as u64)?;
         let damaged = self
+            .damage
             .chunk_needs_upload(&self.chunk_of(&claimed, &body))
             .await?;
         if d.state == DiskState::Complete {
@@ -246,12 +187,17 @@ impl Protection {
             }
         }
         // Chunk, then receipt, as one critical section for garbage collection.
-        let fenced = self.vault.chunks.fence().writer().await;
-        let put = self.vault.chunks.put_block(body, Some(claimed)).await?;
+        let fenced = self.catalog.vault().chunks.fence().writer().await;
+        let put = self
+            .catalog
+            .vault()
+            .chunks
+            .put_block(body, Some(claimed))
+            .await?;
         let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &d.session, index);
-        self.write_receipt(&key, &put).await?;
+        stage::write_receipt(self.catalog.vault(), &key, &put).await?;
         drop(fenced);
-        let healed = self.note_stored(&put).await?;
+        let healed = self.damage.note_stored(&put).await?;
         {
             let mut st = st.lock().await;
             st.received.insert(
@@ -284,14 +230,23 @@ impl Protection {
 
     /// The chunk name a block would be stored under (what the damage register knows it by).
     fn chunk_of(&self, hash: &PlainHash, body: &[u8]) -> ChunkName {
-        ChunkName::derive(self.vault.keys().name_key(), hash, body.len() as u64)
+        ChunkName::derive(
+            self.catalog.vault().keys().name_key(),
+            hash,
+            body.len() as u64,
+        )
     }
 
     /// Stores a block of a completed disk whose chunk verify registered damaged and moved
     /// aside: the map already names the chunk, so storing it again is all a heal takes.
     async fn heal_block(&self, index: u64, claimed: PlainHash, body: Bytes) -> Result<BlockAck> {
-        let put = self.vault.chunks.put_block(body, Some(claimed)).await?;
-        let healed = self.note_stored(&put).await?;
+        let put = self
+            .catalog
+            .vault()
+            .chunks
+            .put_block(body, Some(claimed))
+            .await?;
+        let healed = self.damage.note_stored(&put).await?;
         metrics::counter!("drvault_blocks_received_total").increment(1);
         metrics::counter!("drvault_bytes_received_total").increment(put.len);
         Ok(BlockAck {
@@ -302,9 +257,33 @@ impl Protection {
     }
 
     async fn note_progress(&self, d: &DiskRecord) {
-        if let Ok(v) = self.vm_for(None, &d.vm).await {
-            let view = self.view(&v).await;
-            self.jobs.set_progress(&v.enable_job, view.progress).await;
+        if let Ok(v) = self.catalog.vm_for(None, &d.vm).await {
+            let progress = self.progress(&v).await;
+            self.catalog
+                .jobs()
+                .set_progress(&v.enable_job, progress)
+                .await;
+        }
+    }
+
+    /// How far a VM's initial replication is, 0.0 ..= 1.0 (1.0 once protected).
+    pub async fn progress(&self, v: &VmRecord) -> f64 {
+        if v.state == VmState::Protected {
+            return 1.0;
+        }
+        let (mut done, mut total) = (0u64, 0u64);
+        for r in self.catalog.disks_of(v).await {
+            let received = match r.state {
+                DiskState::Complete => r.stats.blocks,
+                DiskState::Receiving => self.sessions.received_count(&r.vm_id, &r.disk_id).await,
+            };
+            done += received.min(r.stats.blocks);
+            total += r.stats.blocks;
+        }
+        if total == 0 {
+            0.0
+        } else {
+            done as f64 / total as f64
         }
     }
 
@@ -322,7 +301,7 @@ impl Protection {
                 format!("at most {MAX_QUERY_BLOCKS} blocks per query"),
             ));
         }
-        let (_, d) = self.disk_for(Some(host), vm, disk).await?;
+        let (_, d) = self.catalog.disk_for(Some(host), vm, disk).await?;
         let mut wanted = Vec::with_capacity(q.blocks.len());
         for b in &q.blocks {
             check_block(&d, b.index, block_len(d.size, d.block_size, b.index))?;
@@ -340,8 +319,8 @@ impl Protection {
         if !self.damage.get().await.objects.is_empty() {
             for (i, h) in &wanted {
                 let len = block_len(d.size, d.block_size, *i);
-                let name = ChunkName::derive(self.vault.keys().name_key(), h, len);
-                if self.chunk_needs_upload(&name).await? {
+                let name = ChunkName::derive(self.catalog.vault().keys().name_key(), h, len);
+                if self.damage.chunk_needs_upload(&name).await? {
                     missing.push(*i);
                 }
             }
@@ -370,8 +349,8 @@ impl Protection {
         vm: &str,
         disk: &str,
         req: &CompleteRequest,
-    ) -> Result<super::DiskView> {
-        let (_, d) = self.disk_for(Some(host), vm, disk).await?;
+    ) -> Result<DiskView> {
+        let (_, d) = self.catalog.disk_for(Some(host), vm, disk).await?;
         let claimed = PlainHash::from_hex(&req.digest)
             .ok_or_else(|| Error::invalid("invalid_hash", "digest is not 64 hex digits"))?;
         let nblocks = d.stats.blocks;
@@ -454,14 +433,14 @@ impl Protection {
         let written = (st.stored_bytes, st.deduplicated_bytes);
         drop(st);
         // The map's objects become reachable only with the record: one critical section.
-        let fenced = self.vault.chunks.fence().writer().await;
-        let root = map.save(&self.vault.chunks).await?;
+        let fenced = self.catalog.vault().chunks.fence().writer().await;
+        let root = map.save(&self.catalog.vault().chunks).await?;
         let mut rec = d.clone();
         rec.state = DiskState::Complete;
         rec.map_root = Some(root.to_hex());
         rec.content_digest = Some(actual.to_hex());
         rec.completed_unix = Some(crate::util::unix_now());
-        rec.base_point = super::BasePoint {
+        rec.base_point = crate::catalog::BasePoint {
             cycle: 0,
             time_unix: crate::util::unix_now(),
             app_consistent: false,
@@ -470,7 +449,7 @@ impl Protection {
         rec.stats.zero_blocks = nblocks - data_blocks;
         rec.stats.data_bytes = data_bytes;
         (rec.stats.stored_bytes, rec.stats.deduplicated_bytes) = written;
-        self.store_disk(rec.clone()).await?;
+        self.catalog.store_disk(rec.clone()).await?;
         drop(fenced);
         tracing::info!(
             vm,
@@ -484,17 +463,14 @@ impl Protection {
             .lock()
             .await
             .remove(&(d.vm_id.clone(), d.disk_id.clone()));
-        let store = self.vault.store().clone();
-        let prefix = layout::stage_session(&d.vm_id, &d.disk_id, &d.session);
-        tokio::spawn(async move {
-            if let Ok(items) = store.list(&prefix).await {
-                for l in items {
-                    let _ = store.delete(&l.key).await;
-                }
-            }
-        });
-        let v = self.vm_for(None, vm).await?;
-        self.jobs
+        stage::drop_receipts(
+            self.catalog.vault(),
+            &self.tasks,
+            layout::stage_session(&d.vm_id, &d.disk_id, &d.session),
+        );
+        let v = self.catalog.vm_for(None, vm).await?;
+        self.catalog
+            .jobs()
             .step(
                 &v.enable_job,
                 &format!("Initial replication of disk {disk}"),
@@ -502,99 +478,18 @@ impl Protection {
             )
             .await?;
         self.note_progress(&rec).await;
-        self.finalize_if_complete(vm).await?;
-        self.disk_view(vm, disk).await
+        self.catalog.finalize_if_complete(vm).await?;
+        Ok(complete_disk_view(&rec))
     }
 
-    async fn disk_view_if_same(
-        &self,
-        d: &DiskRecord,
-        claimed: &PlainHash,
-    ) -> Result<super::DiskView> {
+    async fn disk_view_if_same(&self, d: &DiskRecord, claimed: &PlainHash) -> Result<DiskView> {
         match d.content_digest.as_deref().and_then(PlainHash::from_hex) {
-            Some(h) if h.ct_eq(claimed) => self.disk_view(&d.vm, &d.disk).await,
+            Some(h) if h.ct_eq(claimed) => Ok(complete_disk_view(d)),
             _ => Err(Error::conflict(
                 "replication_complete",
                 format!("disk {} already completed with different content (changes since travel as change logs, or a resync); any blocks of damaged chunks this run sent were stored again", d.disk),
             )),
         }
-    }
-
-    pub async fn disk_view(&self, vm: &str, disk: &str) -> Result<super::DiskView> {
-        let v = self.vm_for(None, vm).await?;
-        let view = self.view(&v).await;
-        view.disks
-            .into_iter()
-            .find(|x| x.id == disk)
-            .ok_or_else(|| {
-                Error::not_found("disk_not_found", format!("VM {vm} has no disk {disk}"))
-            })
-    }
-
-    /// The base block map of a completed disk.
-    pub async fn base_map(&self, vm: &str, disk: &str) -> Result<(DiskRecord, BlockMap)> {
-        let (_, d) = self.disk_for(None, vm, disk).await?;
-        let root = match (&d.state, &d.map_root) {
-            (DiskState::Complete, Some(r)) => ChunkName::from_hex(r)
-                .ok_or_else(|| Error::internal("bad map root in disk record"))?,
-            _ => {
-                return Err(Error::conflict(
-                    "replication_incomplete",
-                    format!("disk {disk} of VM {vm} has not completed initial replication"),
-                ))
-            }
-        };
-        let map = BlockMap::load(&self.vault.chunks, &root).await?;
-        Ok((d, map))
-    }
-}
-
-impl Protection {
-    /// Reads one block of a completed disk's base map, verified (tag, name, plain hash).
-    pub async fn read_block(&self, vm: &str, disk: &str, index: u64) -> Result<(Bytes, PlainHash)> {
-        let (d, map) = self.cached_map(vm, disk).await?;
-        let entry = map.get(index).ok_or_else(|| {
-            Error::invalid(
-                "block_out_of_range",
-                format!(
-                    "block {index} is past the end of disk {disk} ({} blocks)",
-                    map.len()
-                ),
-            )
-        })?;
-        match entry {
-            MapEntry::Zero => {
-                let len = block_len(d.size, d.block_size, index) as usize;
-                let z = vec![0u8; len];
-                let h = PlainHash::of(&z);
-                Ok((Bytes::from(z), h))
-            }
-            MapEntry::Data { name, hash } => {
-                let (bytes, h) = self.vault.chunks.get_block(&name).await?;
-                if !h.ct_eq(&hash) {
-                    return Err(Error::Corrupt(crate::chunk::SealError::ContentMismatch {
-                        name: name.to_hex(),
-                    }));
-                }
-                Ok((bytes, h))
-            }
-        }
-    }
-
-    /// Base maps are immutable once written (content-addressed): cache a few by root name.
-    pub(crate) async fn cached_map(
-        &self,
-        vm: &str,
-        disk: &str,
-    ) -> Result<(DiskRecord, Arc<BlockMap>)> {
-        let (_, d) = self.disk_for(None, vm, disk).await?;
-        let root = d.map_root.clone().ok_or_else(|| {
-            Error::conflict(
-                "replication_incomplete",
-                format!("disk {disk} of VM {vm} has not completed initial replication"),
-            )
-        })?;
-        Ok((d, self.map_by_root(&root).await?))
     }
 }
 
@@ -622,4 +517,175 @@ fn check_block(d: &DiskRecord, index: u64, len: u64) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::testing::{block, digest, memory, reload, spec};
+
+    fn query(blocks: &[(u64, &Bytes)]) -> ReceivedQuery {
+        ReceivedQuery {
+            blocks: blocks
+                .iter()
+                .map(|(index, b)| QueryBlock {
+                    index: *index,
+                    hash: PlainHash::of(b).to_hex(),
+                })
+                .collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_upload_resumes_with_only_the_missing_blocks() {
+        let (s, vault) = memory().await;
+        s.catalog
+            .enable("h", "vm", &spec(&[("os", 4)]))
+            .await
+            .unwrap();
+        let blocks: Vec<Bytes> = (1..=4).map(block).collect();
+        for i in [0usize, 2] {
+            let ack = s
+                .ingest
+                .put_block(
+                    "h",
+                    "vm",
+                    "os",
+                    i as u64,
+                    PlainHash::of(&blocks[i]),
+                    blocks[i].clone(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(ack.outcome, "stored");
+        }
+        // The server restarts: what the session holds comes back from the receipts.
+        let s = reload(&vault).await;
+        let all: Vec<(u64, &Bytes)> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i as u64, b))
+            .collect();
+        let missing = s
+            .ingest
+            .missing_blocks("h", "vm", "os", &query(&all))
+            .await
+            .unwrap();
+        assert_eq!(missing, vec![1, 3]);
+        // Block 0 changed on the source since it was sent: it is wanted again.
+        let changed = block(9);
+        let missing = s
+            .ingest
+            .missing_blocks("h", "vm", "os", &query(&[(0, &changed), (2, &blocks[2])]))
+            .await
+            .unwrap();
+        assert_eq!(missing, vec![0]);
+        let again = s
+            .ingest
+            .put_block(
+                "h",
+                "vm",
+                "os",
+                2,
+                PlainHash::of(&blocks[2]),
+                blocks[2].clone(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(again.outcome, "already_received");
+        let view = s.overview.vm(Some("h"), "vm").await.unwrap();
+        assert_eq!(view.disks[0].blocks_received, 2);
+        assert_eq!(view.progress, 0.5);
+        let e = s
+            .ingest
+            .put_block(
+                "h",
+                "vm",
+                "os",
+                4,
+                PlainHash::of(&blocks[0]),
+                blocks[0].clone(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "block_out_of_range");
+    }
+
+    #[tokio::test]
+    async fn completion_checks_every_data_block_and_the_digest_then_protects_the_vm() {
+        let (s, _vault) = memory().await;
+        s.catalog
+            .enable("h", "vm", &spec(&[("os", 3)]))
+            .await
+            .unwrap();
+        // Blocks 0 and 2 hold data, block 1 is all zeros (never sent).
+        let disk = [Some(block(1)), None, Some(block(3))];
+        let put = |i: usize| {
+            let b = disk[i].clone().unwrap();
+            let s = s.clone();
+            async move {
+                s.ingest
+                    .put_block("h", "vm", "os", i as u64, PlainHash::of(&b), b)
+                    .await
+                    .unwrap()
+            }
+        };
+        put(0).await;
+        let req = CompleteRequest {
+            data_runs: vec![(0, 1), (2, 1)],
+            digest: digest(&disk),
+        };
+        let e = s
+            .ingest
+            .complete_disk("h", "vm", "os", &req)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "blocks_missing");
+        put(2).await;
+        let wrong = CompleteRequest {
+            data_runs: req.data_runs.clone(),
+            digest: digest(&[Some(block(1)), Some(block(2)), Some(block(3))]),
+        };
+        let e = s
+            .ingest
+            .complete_disk("h", "vm", "os", &wrong)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "digest_mismatch");
+        let (_, d) = s.catalog.disk_for(None, "vm", "os").await.unwrap();
+        assert_eq!(
+            d.state,
+            DiskState::Receiving,
+            "a refused completion changes nothing"
+        );
+        let view = s.ingest.complete_disk("h", "vm", "os", &req).await.unwrap();
+        assert_eq!(
+            (view.state, view.data_blocks, view.zero_blocks),
+            (DiskState::Complete, 2, 1)
+        );
+        // Completing again with the same content is acknowledged; the VM is protected and its
+        // initial point reads back what was sent.
+        s.ingest.complete_disk("h", "vm", "os", &req).await.unwrap();
+        let vm = s.catalog.vm_for(None, "vm").await.unwrap();
+        assert_eq!(vm.state, VmState::Protected);
+        assert!(vm.finalize_job.is_some());
+        let points = s.replicas.points("vm").await.unwrap();
+        assert_eq!(
+            points.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),
+            ["c0"]
+        );
+        for (i, want) in disk.iter().enumerate() {
+            let (got, _) = s.replicas.read_block("vm", "os", i as u64).await.unwrap();
+            let want = want
+                .clone()
+                .unwrap_or_else(|| Bytes::from(vec![0u8; got.len()]));
+            assert!(got == want, "block {i}");
+        }
+        let e = s
+            .ingest
+            .put_block("h", "vm", "os", 1, PlainHash::of(&block(5)), block(5))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "replication_complete");
+    }
 }

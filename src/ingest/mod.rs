@@ -1,0 +1,62 @@
+//! Ingest: what hosts send. [`blocks`] takes a disk's initial replication (block uploads with
+//! their receipts, resume queries, completion into the disk's base map, finalizing the VM);
+//! [`logs`] takes the MS-HRL change log of every later replication cycle (stored as frames,
+//! validated, chained, appended to the disk's journal).
+//!
+//! [`Ingest`] holds a [`Catalog`] handle and only the state it uses: the open initial-replication
+//! sessions and the opened-frame cache log validation shares with the point readers. It asks
+//! the damage register whether a block must be stored again (a heal), and the resync service to
+//! open a session when a log breaks the chain or pending log data grows past half the disk.
+
+pub mod blocks;
+pub mod logs;
+
+pub use blocks::{BlockAck, CompleteRequest, QueryBlock, ReceivedQuery, MAX_QUERY_BLOCKS};
+pub use logs::{LogAck, LogMeta};
+
+use crate::catalog::Catalog;
+use crate::replica::damage::DamageRegister;
+use crate::replica::resync::Resyncs;
+use crate::tasks::Tasks;
+
+/// Largest change log accepted by default (bytes).
+pub const DEFAULT_MAX_LOG_BYTES: u64 = 64 << 30;
+
+/// The ingest service. Cheap to clone.
+#[derive(Clone)]
+pub struct Ingest {
+    catalog: Catalog,
+    damage: DamageRegister,
+    resyncs: Resyncs,
+    tasks: Tasks,
+    sessions: blocks::ReceivingSessions,
+    /// Opened log frames, shared with the point readers.
+    frames: crate::journal::FrameCache,
+    max_log_bytes: u64,
+}
+
+impl Ingest {
+    pub fn new(
+        catalog: Catalog,
+        damage: DamageRegister,
+        resyncs: Resyncs,
+        frames: crate::journal::FrameCache,
+        tasks: Tasks,
+    ) -> Ingest {
+        Ingest {
+            catalog,
+            damage,
+            resyncs,
+            tasks,
+            sessions: Default::default(),
+            frames,
+            max_log_bytes: DEFAULT_MAX_LOG_BYTES,
+        }
+    }
+
+    /// Largest change log accepted (bytes); larger uploads get 413.
+    pub fn with_max_log_bytes(mut self, max: u64) -> Ingest {
+        self.max_log_bytes = max;
+        self
+    }
+}
