@@ -8,7 +8,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
 use super::auth::{AgentHost, Operator};
 use super::error::{ApiError, ApiResult};
@@ -21,9 +20,12 @@ use crate::vault::layout::{self, Family};
 use crate::vault::registry::{
     valid_name, HostEntry, ProviderEntry, Registry, HOST_TOKEN_PREFIX, PROVIDER_TOKEN_PREFIX,
 };
+use crate::wire::{
+    AddHost, AddProvider, FailbackCommitRequest, HostView, JobsQuery, LogQuery, MergeRequest,
+    PointQuery, ProviderView, ServerInfo,
+};
+pub use crate::wire::{Credentials, MapView, MissingBlocks, BLAKE3_HEADER};
 
-/// Header carrying a block's plain BLAKE3 (hex), on uploads and downloads.
-pub const BLAKE3_HEADER: &str = "x-drvault-blake3";
 /// Largest JSON request body.
 const MAX_JSON_BODY: usize = 16 * 1024 * 1024;
 
@@ -285,15 +287,9 @@ async fn metrics(State(s): State<AppState>) -> Response {
     }
 }
 
-#[derive(Serialize)]
-struct ServerInfo {
-    version: &'static str,
-    block_size: u32,
-}
-
 async fn server_info(_: Operator, State(s): State<AppState>) -> Json<ServerInfo> {
     Json(ServerInfo {
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").to_string(),
         block_size: s.protection.block_size(),
     })
 }
@@ -318,34 +314,6 @@ pub async fn update_registry(
         .ok_or_else(|| Error::internal("registry update returned nothing"))?;
     *s.registry.write().await = v.value.clone();
     Ok(v.value)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddHost {
-    name: String,
-    #[serde(default)]
-    cloud: Option<String>,
-}
-
-/// What an agent needs to connect: written to a credentials file by the CLI.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Credentials {
-    /// "host" or "provider".
-    pub kind: String,
-    pub name: String,
-    pub cloud: Option<String>,
-    pub server: String,
-    pub token: String,
-    pub ca_cert_pem: String,
-}
-
-#[derive(Serialize)]
-struct HostView {
-    name: String,
-    cloud: Option<String>,
-    created: String,
-    vms: Vec<String>,
 }
 
 async fn list_hosts(_: Operator, State(s): State<AppState>) -> Json<Vec<HostView>> {
@@ -428,20 +396,6 @@ async fn remove_host(
     .await?;
     tracing::info!(%host, "host removed; its token is revoked");
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddProvider {
-    name: String,
-    cloud: String,
-}
-
-#[derive(Serialize)]
-struct ProviderView {
-    name: String,
-    cloud: String,
-    created: String,
 }
 
 async fn list_providers(_: Operator, State(s): State<AppState>) -> Json<Vec<ProviderView>> {
@@ -535,26 +489,6 @@ async fn get_vm(
     Ok(Json(s.protection.view(&rec).await))
 }
 
-/// A disk's map as the export client needs it: geometry and the data blocks with their hashes.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MapView {
-    pub size: u64,
-    pub block_size: u32,
-    pub blocks: u64,
-    /// Data blocks only: `[index, plain BLAKE3 hex]`; every other block is zero. At a recovery
-    /// point, blocks written by logs have an empty hash (computed when the block is read; the
-    /// block response carries it).
-    pub data: Vec<(u64, String)>,
-    /// The recovery point these blocks are of (`None`: the base map).
-    #[serde(default)]
-    pub point: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct PointQuery {
-    point: Option<String>,
-}
-
 async fn get_map(
     _: Operator,
     State(s): State<AppState>,
@@ -641,11 +575,6 @@ async fn get_block(
     Ok(resp)
 }
 
-#[derive(Deserialize)]
-struct JobsQuery {
-    vm: Option<String>,
-}
-
 async fn list_jobs(
     _: Operator,
     State(s): State<AppState>,
@@ -702,11 +631,6 @@ async fn agent_get_vm(
     name("VM", &vm)?;
     let rec = s.protection.vm_for(Some(&host), &vm).await?;
     Ok(Json(s.protection.view(&rec).await))
-}
-
-#[derive(Serialize, Deserialize)]
-pub struct MissingBlocks {
-    pub missing: Vec<u64>,
 }
 
 async fn agent_query_blocks(
@@ -767,17 +691,6 @@ async fn list_points(
     Ok(Json(s.protection.points_and_incomplete(&vm).await?))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct MergeRequest {
-    /// Merge every log, not only those past the retention window.
-    #[serde(default)]
-    all: bool,
-    /// Merge every log up to and including this point (`c<cycle>`).
-    #[serde(default)]
-    through: Option<String>,
-}
-
 async fn merge_vm(
     _: Operator,
     State(s): State<AppState>,
@@ -811,15 +724,6 @@ async fn merge_vm(
             Err(e.into())
         }
     }
-}
-
-#[derive(Deserialize)]
-struct LogQuery {
-    cycle: Option<u64>,
-    #[serde(default)]
-    app_consistent: bool,
-    #[serde(default, rename = "final")]
-    final_log: bool,
 }
 
 async fn agent_put_log(
@@ -964,22 +868,17 @@ async fn get_plan(
     Ok(Json(s.plans.get(&p).await?))
 }
 
-#[derive(Serialize)]
-struct Started {
-    job: String,
-}
-
 async fn start_plan(
     _: Operator,
     State(s): State<AppState>,
     Path(p): Path<String>,
     body: Body,
-) -> ApiResult<(StatusCode, Json<Started>)> {
+) -> ApiResult<(StatusCode, Json<crate::wire::Started>)> {
     name("plan", &p)?;
     let req: crate::failover::plan::PlanFailoverRequest = read_json(body).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(Started {
+        Json(crate::wire::Started {
             job: s.plans.start(&p, req).await?,
         }),
     ))
@@ -1287,14 +1186,6 @@ async fn show_failback(
     Ok(Json(s.failovers.failback_record(&vm).await?.ok_or_else(
         || Error::not_found("no_failback", format!("VM {vm} has no failback")),
     )?))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FailbackCommitRequest {
-    /// Commit even if a disk was not synchronized (its on-premises copy is stale).
-    #[serde(default)]
-    force: bool,
 }
 
 async fn commit_failback(
