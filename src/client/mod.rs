@@ -10,7 +10,10 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::api::error::ErrorBody;
+use crate::wire::{ErrorBody, ACTING_HOST_HEADER};
+
+mod routes;
+pub use routes::{BlockDownload, SyncFlow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -108,7 +111,7 @@ impl Client {
             .request(method, format!("{}{}", self.base, path))
             .bearer_auth(&self.token);
         if let Some(h) = &self.acting_host {
-            r = r.header(crate::api::auth::ACTING_HOST_HEADER, h);
+            r = r.header(ACTING_HOST_HEADER, h);
         }
         r
     }
