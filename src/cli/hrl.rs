@@ -1,7 +1,6 @@
 //! `drvault hrl …`: make, read and apply real MS-HRL logs without a Hyper-V host.
 
 use std::io::BufWriter;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -136,27 +135,7 @@ pub fn inspect(path: &Path, disk_size: Option<u64>) -> Result<hrl::HrlLog> {
 
 /// Applies a log to a raw image in place.
 pub fn apply(log_path: &Path, image_path: &Path) -> Result<(u64, u64)> {
-    let img = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image_path)
-        .with_context(|| format!("opening {}", image_path.display()))?;
-    let size = img.metadata()?.len();
-    let f =
-        std::fs::File::open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
-    let log = hrl::read_log(&f, size).with_context(|| {
-        format!(
-            "{} is not a valid MS-HRL log for a {size}-byte disk",
-            log_path.display()
-        )
-    })?;
-    let mut bytes = 0u64;
-    hrl::apply(&log, &f, |off, data| {
-        bytes += data.len() as u64;
-        img.write_all_at(data, off)
-    })?;
-    img.sync_all()?;
-    Ok((log.extents.len() as u64, bytes))
+    Ok(hrl::apply_to_raw(log_path, image_path)?)
 }
 
 /// Prints a log the way `hrl inspect` shows it.

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::wire::{ErrorBody, ACTING_HOST_HEADER};
 
+pub mod export;
 mod routes;
 pub use routes::{BlockDownload, SyncFlow};
 
