@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use reqwest::Method;
 
 use super::jobs::wait_job;
 use super::operator::Conn;
+use crate::wire::{FailoverKind, FailoverRequest, JobState, NicOptions, PlanFailoverRequest};
 
 #[derive(clap::Args)]
 pub(super) struct FailoverStart {
@@ -68,14 +68,14 @@ pub(super) enum FailoverCmd {
     },
 }
 
-fn parse_nic_option(s: &str) -> Result<(u32, crate::failover::definition::NicOptions)> {
+fn parse_nic_option(s: &str) -> Result<(u32, NicOptions)> {
     let (idx, rest) = s
         .split_once(':')
         .ok_or_else(|| anyhow::anyhow!("--nic {s:?}: expected INDEX:ip=ADDR or INDEX:public"))?;
     let idx: u32 = idx
         .parse()
         .map_err(|_| anyhow::anyhow!("--nic {s:?}: {idx:?} is not a NIC index"))?;
-    let mut o = crate::failover::definition::NicOptions::default();
+    let mut o = NicOptions::default();
     for part in rest.split(',') {
         match part.split_once('=') {
             Some(("ip", v)) => {
@@ -96,17 +96,10 @@ pub(super) async fn failover_cmd(
     start: FailoverStart,
     conn: Conn,
 ) -> Result<i32> {
-    use crate::failover::service::{FailoverRecord, FailoverView};
     let c = conn.client()?;
     match cmd {
         Some(FailoverCmd::Cleanup { vm }) => {
-            let r: FailoverRecord = c
-                .send_json(
-                    Method::POST,
-                    &format!("/v1/vms/{vm}/failover/cleanup"),
-                    &serde_json::json!({}),
-                )
-                .await?;
+            let r = c.cleanup_failover(&vm).await?;
             println!(
                 "test failover {} of {vm} cleaned up; drill successful: {}",
                 r.id,
@@ -115,13 +108,7 @@ pub(super) async fn failover_cmd(
             Ok(0)
         }
         Some(FailoverCmd::Commit { vm }) => {
-            let r: FailoverRecord = c
-                .send_json(
-                    Method::POST,
-                    &format!("/v1/vms/{vm}/failover/commit"),
-                    &serde_json::json!({}),
-                )
-                .await?;
+            let r = c.commit_failover(&vm).await?;
             println!(
                 "failover {} of {vm} committed at point {}",
                 r.id,
@@ -130,13 +117,7 @@ pub(super) async fn failover_cmd(
             Ok(0)
         }
         Some(FailoverCmd::Cancel { vm }) => {
-            let r: FailoverRecord = c
-                .send_json(
-                    Method::POST,
-                    &format!("/v1/vms/{vm}/failover/cancel"),
-                    &serde_json::json!({}),
-                )
-                .await?;
+            let r = c.cancel_failover(&vm).await?;
             println!(
                 "planned failover {} of {vm}: stops waiting for the final logs",
                 r.id
@@ -144,7 +125,7 @@ pub(super) async fn failover_cmd(
             Ok(0)
         }
         Some(FailoverCmd::Show { vm, json }) => {
-            let v: FailoverView = c.get_json(&format!("/v1/vms/{vm}/failover")).await?;
+            let v = c.failover(&vm).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -203,17 +184,11 @@ pub(super) async fn failover_cmd(
             let kind = start
                 .kind
                 .ok_or_else(|| anyhow::anyhow!("--kind test|planned|unplanned is required"))?;
-            #[derive(serde::Deserialize)]
-            struct Started {
-                job: String,
-            }
-            let s: Started = c
-                .send_json(
-                    Method::POST,
-                    &format!("/v1/plans/{plan}/failover"),
-                    &serde_json::json!({"kind": kind, "point": start.point}),
-                )
-                .await?;
+            let req = PlanFailoverRequest {
+                kind: failover_kind(&kind)?,
+                point: start.point.clone(),
+            };
+            let s = c.start_plan(&plan, &req).await?;
             if start.no_wait {
                 println!("plan {plan} {kind} failover started: job {}", s.job);
                 return Ok(0);
@@ -222,7 +197,7 @@ pub(super) async fn failover_cmd(
             for st in &job.steps {
                 println!("  {:<18} {}", st.state.as_str(), st.name);
             }
-            if job.state != crate::jobs::JobState::Succeeded {
+            if job.state != JobState::Succeeded {
                 let e = job.error.map(|e| e.message).unwrap_or_default();
                 bail!("plan {plan} failed: {e}");
             }
@@ -238,31 +213,34 @@ pub(super) async fn failover_cmd(
             let kind = start
                 .kind
                 .ok_or_else(|| anyhow::anyhow!("--kind test|planned|unplanned is required"))?;
-            let mut nics = serde_json::Map::new();
+            let mut nics = std::collections::BTreeMap::new();
             for n in &start.nics {
                 let (i, o) = parse_nic_option(n)?;
-                nics.insert(i.to_string(), serde_json::to_value(o)?);
+                nics.insert(i, o);
             }
-            let body = serde_json::json!({"kind": kind, "point": start.point, "nics": nics, "wait_s": start.wait.map(|d| d.as_secs())});
-            let r: FailoverRecord = c
-                .send_json(Method::POST, &format!("/v1/vms/{vm}/failover"), &body)
-                .await?;
+            let req = FailoverRequest {
+                kind: failover_kind(&kind)?,
+                point: start.point.clone(),
+                nics,
+                wait_s: start.wait.map(|d| d.as_secs()),
+            };
+            let r = c.start_failover(&vm, &req).await?;
             if start.no_wait {
                 println!("{kind} failover {} of {vm} started: job {}", r.id, r.job);
                 return Ok(0);
             }
             let job = wait_job(&c, &r.job).await?;
-            let v: FailoverView = c.get_json(&format!("/v1/vms/{vm}/failover")).await?;
+            let v = c.failover(&vm).await?;
             if start.json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
-            } else if job.state == crate::jobs::JobState::Succeeded {
+            } else if job.state == JobState::Succeeded {
                 println!(
                     "{kind} failover of {vm} succeeded at point {} -> {}",
                     v.record.point.as_deref().unwrap_or("-"),
                     v.record.output_dir
                 );
             }
-            if job.state != crate::jobs::JobState::Succeeded {
+            if job.state != JobState::Succeeded {
                 let e = job
                     .error
                     .map(|e| format!("{} [{}]", e.message, e.code))
@@ -272,4 +250,14 @@ pub(super) async fn failover_cmd(
             Ok(0)
         }
     }
+}
+
+/// `--kind` (clap admits only these three words).
+fn failover_kind(kind: &str) -> Result<FailoverKind> {
+    Ok(match kind {
+        "test" => FailoverKind::Test,
+        "planned" => FailoverKind::Planned,
+        "unplanned" => FailoverKind::Unplanned,
+        other => bail!("--kind {other:?}: expected test, planned or unplanned"),
+    })
 }

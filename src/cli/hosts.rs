@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
-use super::operator::{self, Conn};
+use super::operator::{self, Conn, Registration};
+use crate::wire::{AddHost, AddProvider};
 
 #[derive(Subcommand)]
 pub(super) enum HostCmd {
@@ -56,35 +57,32 @@ pub(super) async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
             output,
         } => {
             let out = output.unwrap_or_else(|| PathBuf::from(format!("{name}.creds.json")));
-            let body = serde_json::json!({"name": name, "cloud": cloud});
-            operator::register(&c, "hosts", &name, &body, &out).await?;
+            let req = AddHost {
+                name: name.clone(),
+                cloud,
+            };
+            operator::register(&c, &Registration::Host(req), &out).await?;
             println!("host {name} registered; credentials written to {} (copy it to the host, keep it secret)", out.display());
         }
         HostCmd::List { json } => {
-            let v: serde_json::Value = c.get_json("/v1/hosts").await?;
+            let hosts = c.hosts().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", sorted_json(&hosts)?);
             } else {
                 println!("{:<24} {:<16} {:<22} VMS", "HOST", "CLOUD", "REGISTERED");
-                for h in v.as_array().into_iter().flatten() {
-                    let vms: Vec<&str> = h["vms"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|x| x.as_str())
-                        .collect();
+                for h in &hosts {
                     println!(
                         "{:<24} {:<16} {:<22} {}",
-                        h["name"].as_str().unwrap_or(""),
-                        h["cloud"].as_str().unwrap_or("-"),
-                        h["created"].as_str().unwrap_or(""),
-                        vms.join(",")
+                        h.name,
+                        h.cloud.as_deref().unwrap_or("-"),
+                        h.created,
+                        h.vms.join(",")
                     );
                 }
             }
         }
         HostCmd::Remove { name } => {
-            c.delete(&format!("/v1/hosts/{name}")).await?;
+            c.remove_host(&name).await?;
             println!("host {name} removed; its token no longer works");
         }
     }
@@ -100,33 +98,37 @@ pub(super) async fn provider(cmd: ProviderCmd, conn: Conn) -> Result<i32> {
             output,
         } => {
             let out = output.unwrap_or_else(|| PathBuf::from(format!("{name}.creds.json")));
-            let body = serde_json::json!({"name": name, "cloud": cloud});
-            operator::register(&c, "providers", &name, &body, &out).await?;
+            let req = AddProvider {
+                name: name.clone(),
+                cloud: cloud.clone(),
+            };
+            operator::register(&c, &Registration::Provider(req), &out).await?;
             println!(
                 "provider {name} registered for cloud {cloud}; credentials written to {}",
                 out.display()
             );
         }
         ProviderCmd::List { json } => {
-            let v: serde_json::Value = c.get_json("/v1/providers").await?;
+            let providers = c.providers().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", sorted_json(&providers)?);
             } else {
                 println!("{:<24} {:<16} REGISTERED", "PROVIDER", "CLOUD");
-                for p in v.as_array().into_iter().flatten() {
-                    println!(
-                        "{:<24} {:<16} {}",
-                        p["name"].as_str().unwrap_or(""),
-                        p["cloud"].as_str().unwrap_or(""),
-                        p["created"].as_str().unwrap_or("")
-                    );
+                for p in &providers {
+                    println!("{:<24} {:<16} {}", p.name, p.cloud, p.created);
                 }
             }
         }
         ProviderCmd::Remove { name } => {
-            c.delete(&format!("/v1/providers/{name}")).await?;
+            c.remove_provider(&name).await?;
             println!("provider {name} removed");
         }
     }
     Ok(0)
+}
+
+/// Pretty JSON with the keys of every object in alphabetical order, as these lists have always
+/// been printed.
+fn sorted_json<T: serde::Serialize>(v: &T) -> Result<String> {
+    Ok(serde_json::to_string_pretty(&serde_json::to_value(v)?)?)
 }

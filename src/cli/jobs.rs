@@ -7,6 +7,8 @@ use clap::Subcommand;
 
 use super::console;
 use super::operator::Conn;
+use crate::client::Client;
+use crate::wire::{Job, JobsQuery};
 
 #[derive(Subcommand)]
 pub(super) enum JobsCmd {
@@ -22,7 +24,7 @@ pub(super) async fn jobs(
 ) -> Result<i32> {
     let c = conn.client()?;
     if let Some(id) = id {
-        let j: crate::jobs::Job = c.get_json(&format!("/v1/jobs/{id}")).await?;
+        let j = c.job(&id).await?;
         if json {
             println!("{}", serde_json::to_string_pretty(&j)?);
         } else {
@@ -46,11 +48,7 @@ pub(super) async fn jobs(
         }
         return Ok(0);
     }
-    let path = match &vm {
-        Some(v) => format!("/v1/jobs?vm={v}"),
-        None => "/v1/jobs".to_string(),
-    };
-    let list: Vec<crate::jobs::Job> = c.get_json(&path).await?;
+    let list = c.jobs(&JobsQuery { vm }).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(0);
@@ -80,12 +78,12 @@ pub(super) async fn jobs(
 }
 
 /// Follows a job until it ends, showing its progress.
-pub(super) async fn wait_job(c: &crate::client::Client, id: &str) -> Result<crate::jobs::Job> {
+pub(super) async fn wait_job(c: &Client, id: &str) -> Result<Job> {
     use crate::agent::protect::FRACTION_STEPS;
     let bar = crate::agent::protect::fraction_bar(console(), "job");
     let mut told: Option<String> = None;
     loop {
-        let j: crate::jobs::Job = c.get_json(&format!("/v1/jobs/{id}")).await?;
+        let j = c.job(&id).await?;
         if j.waiting_for != told {
             if let Some(w) = &j.waiting_for {
                 let vm = j.vm.as_deref().unwrap_or("VM");
@@ -103,4 +101,11 @@ pub(super) async fn wait_job(c: &crate::client::Client, id: &str) -> Result<crat
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// `drvault jobs resume`: continue a job waiting for a manual action.
+pub(super) async fn resume(id: &str, conn: Conn) -> Result<i32> {
+    let j = conn.client()?.resume_job(id).await?;
+    println!("job {} ({}) resumed", j.id, j.title);
+    Ok(0)
 }

@@ -20,10 +20,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use reqwest::Method;
 
 use crate::format::image::SourceFormat;
-use crate::protection::VmView;
+use crate::wire::{NicOptions, PolicyChange};
 use jobs::wait_job;
 use operator::Conn;
 
@@ -364,18 +363,7 @@ async fn run(cli: Cli) -> Result<i32> {
             cmd: Some(jobs::JobsCmd::Resume { id }),
             conn,
             ..
-        } => {
-            let j: crate::jobs::Job = conn
-                .client()?
-                .send_json(
-                    Method::POST,
-                    &format!("/v1/jobs/{id}/resume"),
-                    &serde_json::json!({}),
-                )
-                .await?;
-            println!("job {} ({}) resumed", j.id, j.title);
-            Ok(0)
-        }
+        } => jobs::resume(&id, conn).await,
         Cmd::Jobs {
             cmd: None,
             id,
@@ -416,48 +404,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Agent { cmd } => agent::agent(cmd).await,
-        Cmd::Points { vm, json, conn } => {
-            let c = conn.client()?;
-            let points: Vec<crate::protection::points::PointView> =
-                c.get_json(&format!("/v1/vms/{vm}/points")).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&points)?);
-            } else {
-                println!(
-                    "{:<8} {:<22} {:<18} {:<6} {:<8} DISKS",
-                    "POINT", "TIME", "KIND", "FINAL", "DAMAGED"
-                );
-                for p in &points {
-                    if p.is_incomplete() {
-                        println!(
-                            "{:<8} {:<22} incomplete: waiting for {}{}",
-                            p.id,
-                            p.time,
-                            p.waiting_for.join(", "),
-                            if p.disks.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" (received: {})", p.disks.join(", "))
-                            }
-                        );
-                        continue;
-                    }
-                    println!(
-                        "{:<8} {:<22} {:<18} {:<6} {:<8} {}",
-                        p.id,
-                        p.time,
-                        p.kind,
-                        if p.final_point { "yes" } else { "" },
-                        if p.damaged { "yes" } else { "" },
-                        p.disks.join(",")
-                    );
-                    if let Some(d) = &p.damage {
-                        println!("         {d}");
-                    }
-                }
-            }
-            Ok(0)
-        }
+        Cmd::Points { vm, json, conn } => vms::points(&vm, json, conn).await,
         Cmd::Resync(a) => resync::resync_cmd(a).await,
         Cmd::Failback { cmd, conn } => resync::failback_cmd(cmd, conn).await,
         Cmd::Merge {
@@ -465,24 +412,7 @@ async fn run(cli: Cli) -> Result<i32> {
             all,
             through,
             conn,
-        } => {
-            let c = conn.client()?;
-            let r: crate::protection::points::MergeReport = c
-                .send_json(
-                    Method::POST,
-                    &format!("/v1/vms/{vm}/merge"),
-                    &serde_json::json!({"all": all, "through": through}),
-                )
-                .await?;
-            println!(
-                "merged {} logs on {} disks: {} blocks rewritten, {} of logs freed",
-                r.logs_merged,
-                r.disks,
-                r.blocks_rewritten,
-                crate::util::human_bytes(r.log_bytes_freed)
-            );
-            Ok(0)
-        }
+        } => vms::merge(&vm, all, through, conn).await,
         Cmd::Verify(a) => scrub::verify(a).await,
         Cmd::Gc(a) => scrub::gc(a).await,
         Cmd::Hrl { cmd } => hrl::hrl_cmd(cmd).await,
@@ -501,22 +431,19 @@ async fn run(cli: Cli) -> Result<i32> {
                 },
             conn,
         } => {
-            let c = conn.client()?;
-            let path = format!("/v1/vms/{name}/nics/{index}");
-            if clear {
-                c.delete(&path).await?;
-                println!("NIC {index} of {name}: override removed");
-            } else {
-                let o = crate::failover::definition::NicOptions {
+            vms::nic(
+                &name,
+                index,
+                NicOptions {
                     static_ip: ip,
                     public_ip: public,
                     target,
                     skip,
-                };
-                let _: VmView = c.send_json(Method::PUT, &path, &o).await?;
-                println!("NIC {index} of {name}: override set");
-            }
-            Ok(0)
+                },
+                clear,
+                conn,
+            )
+            .await
         }
         Cmd::Vm {
             cmd:
@@ -528,20 +455,12 @@ async fn run(cli: Cli) -> Result<i32> {
                 },
             conn,
         } => {
-            let c = conn.client()?;
-            let change = crate::protection::PolicyChange {
+            let change = PolicyChange {
                 interval_s: interval.map(|d| d.as_secs()),
                 retention_s: retention.map(|d| d.as_secs()),
                 app_consistent_every_s: app_consistent_every.map(|d| d.as_secs()),
             };
-            let v: VmView = c
-                .send_json(Method::PATCH, &format!("/v1/vms/{name}"), &change)
-                .await?;
-            println!(
-                "VM {}: interval {} s, retention {} s, app-consistent every {} s",
-                v.name, v.policy.interval_s, v.policy.retention_s, v.policy.app_consistent_every_s
-            );
-            Ok(0)
+            vms::set_policy(&name, &change, conn).await
         }
         Cmd::Key { cmd, conn } => key::run(cmd, conn).await,
         Cmd::Bench { cmd } => Ok(crate::bench::run(cmd).await?),

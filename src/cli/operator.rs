@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 pub use crate::client::export::export;
 use crate::client::Client;
 use crate::server::{ServerFile, OPERATOR_TOKEN_FILE, SERVER_FILE};
-use crate::wire::Credentials;
+use crate::wire::{AddHost, AddProvider, Credentials};
 
 /// Printed when the operator token is an argument.
 pub const TOKEN_ARG_WARNING: &str = "warning: --token on the command line shows in `ps` and /proc to every user of this machine; set DRVAULT_TOKEN instead (or let drvault read <data-dir>/operator.token)";
@@ -78,17 +78,26 @@ impl Conn {
     }
 }
 
-/// Registers a host or a provider (`family` is `hosts` or `providers`) and writes its
+/// What `register` registers.
+pub enum Registration {
+    Host(AddHost),
+    Provider(AddProvider),
+}
+
+impl Registration {
+    fn name(&self) -> &str {
+        match self {
+            Registration::Host(r) => &r.name,
+            Registration::Provider(r) => &r.name,
+        }
+    }
+}
+
+/// Registers a host or a provider and writes its
 /// credentials file to `out`. The token exists only in the server's answer, so the file is
 /// created (empty, 0600) before asking: a path that cannot be written fails with nothing
 /// registered. Should filling it fail afterwards, the registration is removed again.
-pub async fn register(
-    c: &Client,
-    family: &str,
-    name: &str,
-    body: &serde_json::Value,
-    out: &Path,
-) -> Result<()> {
+pub async fn register(c: &Client, what: &Registration, out: &Path) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -97,10 +106,11 @@ pub async fn register(
         .mode(0o600)
         .open(out)
         .with_context(|| format!("creating credentials file {}", out.display()))?;
-    let creds: Credentials = match c
-        .send_json(reqwest::Method::POST, &format!("/v1/{family}"), body)
-        .await
-    {
+    let answer = match what {
+        Registration::Host(req) => c.add_host(req).await,
+        Registration::Provider(req) => c.add_provider(req).await,
+    };
+    let creds: Credentials = match answer {
         Ok(creds) => creds,
         Err(e) => {
             let _ = std::fs::remove_file(out);
@@ -110,7 +120,12 @@ pub async fn register(
     let text = serde_json::to_string_pretty(&creds)?;
     if let Err(e) = f.write_all(text.as_bytes()).and_then(|()| f.sync_all()) {
         let _ = std::fs::remove_file(out);
-        let undone = match c.delete(&format!("/v1/{family}/{name}")).await {
+        let name = what.name();
+        let undo = match what {
+            Registration::Host(_) => c.remove_host(name).await,
+            Registration::Provider(_) => c.remove_provider(name).await,
+        };
+        let undone = match undo {
             Ok(()) => format!("{name} was not registered"),
             Err(undo) => format!("and removing the registration of {name} failed too ({undo}): remove it before adding it again"),
         };

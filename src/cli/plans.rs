@@ -2,9 +2,9 @@
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use reqwest::Method;
 
 use super::operator::Conn;
+use crate::wire::{Plan, PlanGroup};
 
 #[derive(Subcommand)]
 pub(super) enum PlanCmd {
@@ -30,7 +30,6 @@ pub(super) enum PlanCmd {
 }
 
 pub(super) async fn plan_cmd(cmd: PlanCmd, conn: Conn) -> Result<i32> {
-    use crate::failover::plan::{Plan, PlanGroup};
     let c = conn.client()?;
     match cmd {
         PlanCmd::Create {
@@ -79,13 +78,11 @@ pub(super) async fn plan_cmd(cmd: PlanCmd, conn: Conn) -> Result<i32> {
                 }
                 gs[n - 1].pause_before = true;
             }
-            let p: Plan = c
-                .send_json(Method::POST, "/v1/plans", &Plan { name, groups: gs })
-                .await?;
+            let p = c.create_plan(&Plan { name, groups: gs }).await?;
             println!("plan {} created with {} groups", p.name, p.groups.len());
         }
         PlanCmd::List { json } => {
-            let plans: Vec<Plan> = c.get_json("/v1/plans").await?;
+            let plans = c.plans().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&plans)?);
             } else {

@@ -54,17 +54,13 @@ pub(super) async fn serve(
 }
 
 pub(super) async fn status(wait: Option<Duration>, conn: Conn) -> Result<i32> {
-    #[derive(serde::Deserialize)]
-    struct Info {
-        version: String,
-    }
     let deadline = std::time::Instant::now() + wait.unwrap_or_default();
     loop {
         // server.json appears once the server listens; a stale one from a stopped server
         // fails to connect: both are retried while --wait lasts.
         let answer = async {
             let c = conn.client()?;
-            let info: Info = c.get_json("/v1/server").await?;
+            let info = c.server_info().await?;
             Ok::<_, anyhow::Error>((c.base().to_string(), info))
         }
         .await;

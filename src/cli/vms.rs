@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Subcommand;
 
 use super::operator::Conn;
-use crate::protection::VmView;
+use crate::wire::{MergeRequest, NicOptions, PolicyChange, VmView};
 
 #[derive(Subcommand)]
 pub(super) enum VmCmd {
@@ -48,8 +48,8 @@ pub(super) enum VmCmd {
 pub(super) async fn vms(name: Option<String>, json: bool, conn: Conn) -> Result<i32> {
     let c = conn.client()?;
     let list: Vec<VmView> = match &name {
-        Some(n) => vec![c.get_json(&format!("/v1/vms/{n}")).await?],
-        None => c.get_json("/v1/vms").await?,
+        Some(n) => vec![c.vm(n).await?],
+        None => c.vms().await?,
     };
     if json {
         let v = if name.is_some() {
@@ -64,13 +64,10 @@ pub(super) async fn vms(name: Option<String>, json: bool, conn: Conn) -> Result<
     let states = list
         .iter()
         .map(|v| match &v.failover {
-            Some(f) => Ok(f.summary.clone()),
-            None => Ok(serde_json::to_value(v.state)?
-                .as_str()
-                .unwrap_or("")
-                .to_string()),
+            Some(f) => f.summary.clone(),
+            None => v.state.as_str().to_string(),
         })
-        .collect::<Result<Vec<String>>>()?;
+        .collect::<Vec<String>>();
     let sw = states.iter().map(|s| s.len()).max().unwrap_or(0).max(20);
     println!(
         "{:<20} {:<sw$} {:<8} {:<12} {:>6} {:>9}  REASONS",
@@ -111,5 +108,92 @@ pub(super) async fn vms(name: Option<String>, json: bool, conn: Conn) -> Result<
             }
         }
     }
+    Ok(0)
+}
+
+/// `drvault points`: a VM's recovery points.
+pub(super) async fn points(vm: &str, json: bool, conn: Conn) -> Result<i32> {
+    let c = conn.client()?;
+    let points = c.points(vm).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&points)?);
+    } else {
+        println!(
+            "{:<8} {:<22} {:<18} {:<6} {:<8} DISKS",
+            "POINT", "TIME", "KIND", "FINAL", "DAMAGED"
+        );
+        for p in &points {
+            if p.is_incomplete() {
+                println!(
+                    "{:<8} {:<22} incomplete: waiting for {}{}",
+                    p.id,
+                    p.time,
+                    p.waiting_for.join(", "),
+                    if p.disks.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (received: {})", p.disks.join(", "))
+                    }
+                );
+                continue;
+            }
+            println!(
+                "{:<8} {:<22} {:<18} {:<6} {:<8} {}",
+                p.id,
+                p.time,
+                p.kind,
+                if p.final_point { "yes" } else { "" },
+                if p.damaged { "yes" } else { "" },
+                p.disks.join(",")
+            );
+            if let Some(d) = &p.damage {
+                println!("         {d}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `drvault merge`: merge logs into the replica now.
+pub(super) async fn merge(vm: &str, all: bool, through: Option<String>, conn: Conn) -> Result<i32> {
+    let c = conn.client()?;
+    let r = c.merge(vm, &MergeRequest { all, through }).await?;
+    println!(
+        "merged {} logs on {} disks: {} blocks rewritten, {} of logs freed",
+        r.logs_merged,
+        r.disks,
+        r.blocks_rewritten,
+        crate::util::human_bytes(r.log_bytes_freed)
+    );
+    Ok(0)
+}
+
+/// `drvault vm nic`: set or clear a NIC's failover override.
+pub(super) async fn nic(
+    name: &str,
+    index: u32,
+    options: NicOptions,
+    clear: bool,
+    conn: Conn,
+) -> Result<i32> {
+    let c = conn.client()?;
+    if clear {
+        c.clear_nic(name, index).await?;
+        println!("NIC {index} of {name}: override removed");
+    } else {
+        c.set_nic(name, index, &options).await?;
+        println!("NIC {index} of {name}: override set");
+    }
+    Ok(0)
+}
+
+/// `drvault vm set`: change a VM's replication policy.
+pub(super) async fn set_policy(name: &str, change: &PolicyChange, conn: Conn) -> Result<i32> {
+    let c = conn.client()?;
+    let v = c.set_policy(name, change).await?;
+    println!(
+        "VM {}: interval {} s, retention {} s, app-consistent every {} s",
+        v.name, v.policy.interval_s, v.policy.retention_s, v.policy.app_consistent_every_s
+    );
     Ok(0)
 }

@@ -168,6 +168,18 @@ impl Client {
             .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
+    /// A request without a body; JSON answer.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<T, ClientError> {
+        let r = self.send(self.req(method, path)).await?;
+        r.json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
         self.send(self.req(Method::DELETE, path)).await.map(|_| ())
     }

@@ -147,12 +147,8 @@ impl Client {
     }
 
     pub async fn clear_nic(&self, vm: &str, index: u32) -> Result<VmView, ClientError> {
-        self.send_json(
-            Method::DELETE,
-            &format!("/v1/vms/{vm}/nics/{index}"),
-            &Empty {},
-        )
-        .await
+        self.call(Method::DELETE, &format!("/v1/vms/{vm}/nics/{index}"))
+            .await
     }
 
     // ---------- failover, resync, failback (operator) ----------

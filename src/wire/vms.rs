@@ -51,6 +51,17 @@ pub enum VmState {
     FailedOver,
 }
 
+impl VmState {
+    /// The state as the JSON names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::InitialReplication => "initial_replication",
+            VmState::Protected => "protected",
+            VmState::FailedOver => "failed_over",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DiskState {
@@ -224,4 +235,23 @@ pub struct Policy {
     pub retention_s: u64,
     /// App-consistent snapshot frequency in seconds (0 = none).
     pub app_consistent_every_s: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_state_words_are_the_json_names() {
+        for s in [
+            VmState::InitialReplication,
+            VmState::Protected,
+            VmState::FailedOver,
+        ] {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::Value::String(s.as_str().into())
+            );
+        }
+    }
 }
