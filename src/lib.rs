@@ -34,6 +34,7 @@
 //! | [`failover`] | target networks and mappings, IP assignment, VM definitions |
 //! | [`scrub`] | verify (re-read and check, quarantine, damaged points), garbage collection |
 //! | [`api`] | HTTPS server, auth, typed path extractors, routes (a module per resource), the one error-to-HTTP mapping |
+//! | [`wire`] | the API contract: request and response bodies, header names, the error body (serde and std only) |
 //! | [`agent`], [`client`], [`cli`], [`bench`] | reference agent, API client, command line, benchmarks |
 //!
 //! ## Object key layout
@@ -106,3 +107,4 @@ pub mod store;
 pub mod tasks;
 pub mod util;
 pub mod vault;
+pub mod wire;

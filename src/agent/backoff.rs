@@ -115,7 +115,7 @@ const FAR_FUTURE_S: u64 = 100 * 365 * 24 * 3600;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::error::ErrorBody;
+    use crate::wire::ErrorBody;
     use reqwest::StatusCode;
     use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -19,15 +19,13 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::backoff::Backoff;
-use super::resync::{fetch_block_hashes, read_blocks, SourceBlock};
+use super::sync::{Differing, Direction, SourceBlock, SyncCounts, SyncParams};
 use super::AgentError;
 use crate::chunk::PlainHash;
-use crate::client::Client;
-use crate::failover::failback::{FailbackDiskView, FailbackRecord, RangeRequest};
+use crate::client::{Client, SyncFlow};
 use crate::format::image::{ImageFormat, SourceFormat};
-use crate::replica::blockmap::block_len;
 use crate::replica::patch;
-use crate::replica::resync::{DigestRequest, FineRequest, MAX_FINE_BLOCKS};
+use crate::wire::{DigestRequest, RangeRequest};
 
 pub struct FailbackOptions {
     pub vm: String,
@@ -132,13 +130,11 @@ pub async fn failback(
     opts: &FailbackOptions,
 ) -> Result<FailbackSummary, AgentError> {
     let t0 = Instant::now();
-    let base = format!("/v1/agent/vms/{}/disks/{}/failback", opts.vm, opts.disk);
-    let view: FailbackDiskView = opts
+    let view = opts
         .backoff
-        .retry("failback", || client.get_json(&base))
+        .retry("failback", || client.failback_view(&opts.vm, &opts.disk))
         .await?;
     let (file, created) = open_target(path, view.size, opts.full, opts.format)?;
-    let file = Arc::new(file);
     let mut summary = FailbackSummary {
         vm: opts.vm.clone(),
         disk: opts.disk.clone(),
@@ -147,85 +143,49 @@ pub async fn failback(
         created,
         ..Default::default()
     };
-    let theirs = fetch_block_hashes(client, &opts.backoff, &base, view.blocks).await?;
-    summary.hash_bytes_downloaded += theirs.len() as u64 * 32;
-
     // The local disk is read through the same image reader (raw or fixed VHD data region).
     let image: Arc<dyn crate::format::image::DiskImage> =
         Arc::from(crate::format::image::open_as(path, opts.format)?);
-    let bar = super::protect::progress_bar(opts.progress, view.size, "failback");
-    let mut rx = read_blocks(image, view.block_size, 8);
-    let mut batch: Vec<SourceBlock> = Vec::new();
-    while let Some(b) = rx.recv().await {
-        let b = b.map_err(AgentError::image)?;
-        bar.inc(b.data.len() as u64);
-        summary.blocks_compared += 1;
-        let want = theirs
-            .get(b.index as usize)
-            .copied()
-            .ok_or_else(|| AgentError::Invalid("block past the hashes".into()))?;
-        if !opts.full && b.hash.ct_eq(&want) {
-            continue;
-        }
-        summary.blocks_differing += 1;
-        if want.ct_eq(&PlainHash::of(&vec![0u8; b.data.len()])) {
-            // The target block is all zeros: nothing to download.
-            if !b.data.iter().all(|&x| x == 0) {
-                write_block(
-                    &file,
-                    path,
-                    b.index,
-                    view.block_size,
-                    &vec![0u8; b.data.len()],
-                )?;
-                summary.blocks_written += 1;
-            }
-            continue;
-        }
-        batch.push(b);
-        if batch.len() >= MAX_FINE_BLOCKS.min(16) {
-            fetch_batch(
-                client,
-                &base,
-                opts,
-                &file,
-                path,
-                &view,
-                &theirs,
-                std::mem::take(&mut batch),
-                &mut summary,
-            )
-            .await?;
-        }
-    }
-    if !batch.is_empty() {
-        fetch_batch(
-            client,
-            &base,
-            opts,
-            &file,
-            path,
-            &view,
-            &theirs,
-            batch,
-            &mut summary,
-        )
-        .await?;
-    }
-    bar.finish_and_clear();
+    let params = SyncParams {
+        client,
+        backoff: &opts.backoff,
+        flow: SyncFlow::Failback,
+        vm: &opts.vm,
+        disk: &opts.disk,
+        size: view.size,
+        block_size: view.block_size,
+        blocks: view.blocks,
+        fine: !opts.full,
+        every_block: opts.full,
+        overlap: 1,
+        progress: opts.progress,
+        label: "failback",
+    };
+    let download = Download {
+        client,
+        opts,
+        file: &file,
+        path,
+        block_size: view.block_size,
+    };
+    let outcome = super::sync::run(&params, image, &download).await?;
+    let n = outcome.counts;
+    summary.blocks_compared = n.compared;
+    summary.blocks_differing = n.differing;
+    summary.blocks_written = n.moved;
+    summary.bytes_downloaded = n.bytes;
+    summary.hash_bytes_downloaded = n.hash_bytes;
     file.sync_all().map_err(|e| AgentError::Disk {
         path: path.display().to_string(),
         message: format!("flushing: {e}"),
     })?;
     // Now the local disk equals the target, block by block (each write was verified).
     let req = DigestRequest {
-        digest: crate::replica::resync::digest_of(&theirs).to_hex(),
+        digest: crate::replica::sync::digest_of(&outcome.theirs).to_hex(),
     };
-    let url_complete = format!("{base}/complete");
-    let _: FailbackRecord = opts
-        .backoff
+    opts.backoff
         .retry("complete failback", || {
-            client.send_json(reqwest::Method::POST, &url_complete, &req)
+            client.failback_complete(&opts.vm, &opts.disk, &req)
         })
         .await?;
     summary.seconds = t0.elapsed().as_secs_f64();
@@ -246,80 +206,89 @@ fn write_block(
         })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn fetch_batch(
-    client: &Client,
-    base: &str,
-    opts: &FailbackOptions,
-    file: &File,
-    path: &Path,
-    view: &FailbackDiskView,
-    theirs: &[PlainHash],
-    batch: Vec<SourceBlock>,
-    summary: &mut FailbackSummary,
-) -> Result<(), AgentError> {
-    let fine = if opts.full {
-        bytes::Bytes::new()
-    } else {
-        let req = FineRequest {
-            blocks: batch.iter().map(|b| b.index).collect(),
-        };
-        let url_fine = format!("{base}/fine");
-        let f = opts
-            .backoff
-            .retry("fine hashes", || client.post_json_bytes(&url_fine, &req))
-            .await?;
-        summary.hash_bytes_downloaded += f.len() as u64;
-        f
-    };
-    let url_ranges = format!("{base}/ranges");
-    let mut at = 0usize;
-    for mut b in batch {
-        let len = block_len(view.size, view.block_size, b.index) as usize;
-        let n = len.div_ceil(patch::FINE) * patch::FINE_HASH_LEN;
-        let their_fine = fine.get(at..at + n).unwrap_or(&[]);
-        at += n;
-        // Ranges where the target differs from the local block (whole block with --full).
-        let ranges = if opts.full {
-            vec![(0u32, len as u32)]
-        } else {
-            patch::differing_ranges(&b.data, their_fine)
-        };
-        let want = theirs[b.index as usize];
-        let mut ok = false;
-        for attempt in [ranges, vec![(0u32, len as u32)]] {
-            let req = RangeRequest {
-                block: b.index,
-                ranges: attempt.clone(),
-            };
-            let bytes = opts
-                .backoff
-                .retry("download ranges", || {
-                    client.post_json_bytes(&url_ranges, &req)
-                })
-                .await?;
-            summary.bytes_downloaded += bytes.len() as u64;
-            let mut pos = 0usize;
-            for &(off, l) in &attempt {
-                let src = bytes.get(pos..pos + l as usize).ok_or_else(|| {
-                    AgentError::Invalid(format!("short range download for block {}", b.index))
-                })?;
-                b.data[off as usize..off as usize + l as usize].copy_from_slice(src);
-                pos += l as usize;
-            }
-            if PlainHash::of(&b.data).ct_eq(&want) {
-                ok = true;
-                break;
-            }
+/// A failback's direction: each differing block is patched in place from the target's ranges
+/// whose fine hashes differ (whole blocks with `--full`), verified against the target's block
+/// hash before it is written.
+struct Download<'a> {
+    client: &'a Client,
+    opts: &'a FailbackOptions,
+    file: &'a File,
+    path: &'a Path,
+    block_size: u32,
+}
+
+impl Direction for Download<'_> {
+    fn differs(
+        &self,
+        b: &SourceBlock,
+        theirs: &PlainHash,
+        counts: &mut SyncCounts,
+    ) -> Result<bool, AgentError> {
+        if !theirs.ct_eq(&PlainHash::of(&vec![0u8; b.data.len()])) {
+            return Ok(true);
         }
-        if !ok {
-            return Err(AgentError::Invalid(format!(
-                "block {} does not match the target's hash even when downloaded whole: the target is changing (is the failed-over VM still running?)",
-                b.index
-            )));
+        // The target block is all zeros: nothing to download.
+        if !b.data.iter().all(|&x| x == 0) {
+            write_block(
+                self.file,
+                self.path,
+                b.index,
+                self.block_size,
+                &vec![0u8; b.data.len()],
+            )?;
+            counts.moved += 1;
         }
-        write_block(file, path, b.index, view.block_size, &b.data)?;
-        summary.blocks_written += 1;
+        Ok(false)
     }
-    Ok(())
+
+    async fn batch(&self, blocks: Vec<Differing>) -> Result<SyncCounts, AgentError> {
+        let mut counts = SyncCounts::default();
+        for d in blocks {
+            let (mut b, want) = (d.block, d.theirs);
+            let len = b.data.len();
+            // Ranges where the target differs from the local block (whole block with --full).
+            let ranges = if self.opts.full {
+                vec![(0u32, len as u32)]
+            } else {
+                patch::differing_ranges(&b.data, &d.fine)
+            };
+            let mut ok = false;
+            for attempt in [ranges, vec![(0u32, len as u32)]] {
+                let req = RangeRequest {
+                    block: b.index,
+                    ranges: attempt.clone(),
+                };
+                let bytes = self
+                    .opts
+                    .backoff
+                    .retry("download ranges", || {
+                        self.client
+                            .failback_ranges(&self.opts.vm, &self.opts.disk, &req)
+                    })
+                    .await?;
+                counts.bytes += bytes.len() as u64;
+                let mut pos = 0usize;
+                for &(off, l) in &attempt {
+                    let src = bytes.get(pos..pos + l as usize).ok_or_else(|| {
+                        AgentError::Invalid(format!("short range download for block {}", b.index))
+                    })?;
+                    b.data[off as usize..off as usize + l as usize].copy_from_slice(src);
+                    pos += l as usize;
+                }
+                if PlainHash::of(&b.data).ct_eq(&want) {
+                    ok = true;
+                    break;
+                }
+            }
+            if !ok {
+                return Err(AgentError::Invalid(format!(
+                    "block {} does not match the target's hash even when downloaded whole: the target is changing (is the failed-over VM still running?)",
+                    b.index
+                )));
+            }
+            write_block(self.file, self.path, b.index, self.block_size, &b.data)?;
+            counts.moved += 1;
+        }
+        Ok(counts)
+    }
 }

@@ -7,11 +7,12 @@ pub mod failback;
 pub mod protect;
 pub mod replicate;
 pub mod resync;
+pub(crate) mod sync;
 
 use std::path::Path;
 
-use crate::api::routes::Credentials;
 use crate::client::{Client, ClientError};
+use crate::wire::Credentials;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

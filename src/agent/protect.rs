@@ -15,20 +15,18 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use super::backoff::Backoff;
 use super::AgentError;
-use crate::api::routes::{MissingBlocks, BLAKE3_HEADER};
-use crate::catalog::{DiskSpec, DiskView, NicSpec, Policy, VmSpec, VmView};
 use crate::chunk::digest::is_zero;
 use crate::chunk::PlainHash;
 use crate::client::Client;
 use crate::format::image::{DiskImage, SourceFormat};
-use crate::ingest::blocks::{CompleteRequest, QueryBlock, ReceivedQuery};
-use crate::ingest::BlockAck;
 use crate::replica::blockmap::{block_count, block_len};
+use crate::wire::{
+    CompleteRequest, DiskSpec, NicSpec, Policy, QueryBlock, ReceivedQuery, VmSpec, VmView,
+};
 
 /// One disk to protect: the image and its id.
 pub struct DiskSource {
@@ -136,11 +134,10 @@ pub async fn protect(
         nics: opts.nics.clone(),
         policy: opts.policy.clone(),
     };
-    let path = format!("/v1/agent/vms/{}", opts.vm);
     let view: VmView = opts
         .backoff
         .retry("enable protection", || {
-            client.send_json(Method::PUT, &path, &spec)
+            client.enable_protection(&opts.vm, &spec)
         })
         .await?;
     for w in &view.health_reasons {
@@ -157,7 +154,7 @@ pub async fn protect(
     }
     let view: VmView = opts
         .backoff
-        .retry("read VM state", || client.get_json(&path))
+        .retry("read VM state", || client.agent_vm(&opts.vm))
         .await?;
     Ok(ProtectSummary {
         vm: opts.vm.clone(),
@@ -211,12 +208,9 @@ async fn replicate_disk(
             data_runs: runs,
             digest: digest.to_hex(),
         };
-        let path = format!("/v1/agent/vms/{vm}/disks/{}/complete", d.id);
         match opts
             .backoff
-            .retry("complete disk", || {
-                client.send_json::<_, DiskView>(Method::POST, &path, &req)
-            })
+            .retry("complete disk", || client.complete_disk(vm, &d.id, &req))
             .await
         {
             Ok(_) => {
@@ -298,12 +292,9 @@ async fn upload_pass(
                 })
                 .collect(),
         };
-        let qpath = format!("/v1/agent/vms/{vm}/disks/{}/blocks/query", d.id);
-        let missing: MissingBlocks = opts
+        let missing = opts
             .backoff
-            .retry("query blocks", || {
-                client.send_json(Method::POST, &qpath, &q)
-            })
+            .retry("query blocks", || client.query_blocks(vm, &d.id, &q))
             .await?;
         let missing: std::collections::HashSet<u64> = missing.missing.into_iter().collect();
         let mut uploads = Vec::new();
@@ -317,8 +308,8 @@ async fn upload_pass(
         }
         let mut stream =
             futures_util::stream::iter(uploads.into_iter().map(|(index, data, hash)| {
-                let path = format!("/v1/agent/vms/{vm}/disks/{}/blocks/{index}", d.id);
-                let headers = [(BLAKE3_HEADER, hash.to_hex())];
+                let hash = hash.to_hex();
+                let disk = &d.id;
                 let backoff = opts.backoff.clone();
                 let latencies = opts.upload_latencies.clone();
                 async move {
@@ -326,7 +317,7 @@ async fn upload_pass(
                     let t = Instant::now();
                     let r = backoff
                         .retry("upload block", || {
-                            client.put_bytes::<BlockAck>(&path, &headers, data.clone())
+                            client.put_block(vm, disk, index, &hash, data.clone())
                         })
                         .await;
                     if let Some(l) = &latencies {

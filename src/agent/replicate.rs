@@ -6,13 +6,11 @@
 
 use std::path::Path;
 
-use reqwest::Method;
-
 use super::backoff::Backoff;
 use super::AgentError;
 use crate::client::Client;
 use crate::format::hrl::HrlHeader;
-use crate::ingest::logs::LogAck;
+use crate::wire::{LogAck, LogQuery};
 
 pub struct ReplicateOptions {
     pub vm: String,
@@ -47,31 +45,20 @@ pub async fn replicate(
     opts: &ReplicateOptions,
 ) -> Result<LogAck, AgentError> {
     let header = log_header(path)?;
-    let mut query = vec![];
-    if let Some(c) = opts.cycle {
-        query.push(format!("cycle={c}"));
-    }
-    if opts.app_consistent {
-        query.push("app_consistent=true".into());
-    }
-    if opts.final_log {
-        query.push("final=true".into());
-    }
-    let url = format!(
-        "/v1/agent/vms/{}/disks/{}/logs/{}{}{}",
-        opts.vm,
-        opts.disk,
-        header.unique_id,
-        if query.is_empty() { "" } else { "?" },
-        query.join("&")
-    );
+    let query = LogQuery {
+        cycle: opts.cycle,
+        app_consistent: opts.app_consistent,
+        final_log: opts.final_log,
+    };
+    let log_id = header.unique_id.to_string();
     let p = path.to_path_buf();
     // resync_in_progress: this log predates the resync, which will contain its changes; the
     // agent drops it (exit code 3) and sends the next cycle's log after the resync.
     opts.backoff
         .retry_unless("send log", &["resync_in_progress"], || {
             let p = p.clone();
-            let url = url.clone();
+            let query = &query;
+            let log_id = &log_id;
             async move {
                 let file = tokio::fs::File::open(&p).await.map_err(|e| {
                     crate::client::ClientError::Setup(format!("{}: {e}", p.display()))
@@ -83,9 +70,11 @@ pub async fn replicate(
                     .len();
                 let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
                 client
-                    .send_stream::<LogAck>(
-                        Method::PUT,
-                        &url,
+                    .put_log(
+                        &opts.vm,
+                        &opts.disk,
+                        log_id,
+                        query,
                         reqwest::Body::wrap_stream(stream),
                         Some(len),
                     )

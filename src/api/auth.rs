@@ -10,9 +10,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::error::Error;
 use crate::vault::registry::Principal;
-
-/// Header a provider uses to name the host it acts for.
-pub const ACTING_HOST_HEADER: &str = "x-drvault-host";
+pub use crate::wire::ACTING_HOST_HEADER;
 
 fn bearer(parts: &Parts) -> Result<&str, Error> {
     let unauthorized = |m: &str| Error::Unauthorized {

@@ -21,7 +21,6 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
 
 use super::auth::Operator;
 use super::error::ApiResult;
@@ -29,6 +28,7 @@ use super::extract::CallerVm;
 use super::AppState;
 use crate::catalog::VmRecord;
 use crate::failover::network::NetworkConfig;
+pub use crate::wire::NicMappingView;
 
 const INDEX_HTML: &str = include_str!("console/index.html");
 const APP_JS: &str = include_str!("console/app.js");
@@ -78,25 +78,6 @@ pub async fn app_css() -> Response {
 /// `GET /console/favicon.svg`.
 pub async fn favicon() -> Response {
     asset("image/svg+xml", FAVICON_SVG)
-}
-
-/// One NIC of a VM and where failovers attach it (`GET /v1/vms/{vm}/nics`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NicMappingView {
-    pub index: u32,
-    pub network: String,
-    pub mac: String,
-    pub ip: Option<String>,
-    /// `network/subnet` of planned and unplanned failovers; `None`: unmapped (they refuse).
-    pub failover_target: Option<String>,
-    /// `override` (the VM's NIC override) or `mapping` (the server config).
-    pub failover_target_from: Option<String>,
-    /// `network/subnet` of test failovers (always the mapping's test target).
-    pub test_target: Option<String>,
-    pub static_ip: Option<std::net::Ipv4Addr>,
-    pub public_ip: bool,
-    /// The NIC is left out of failed-over VMs.
-    pub skip: bool,
 }
 
 /// Where each NIC lands, by the rules of `failover::definition`: a NIC override's target wins

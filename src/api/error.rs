@@ -3,17 +3,9 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Kind};
-
-/// The JSON body of every error response (documented in docs/api.md).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ErrorBody {
-    pub code: String,
-    pub message: String,
-    pub recoverable: bool,
-}
+pub use crate::wire::ErrorBody;
 
 pub struct ApiError(pub Error);
 

@@ -5,21 +5,13 @@
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 
 use super::auth::Operator;
 use super::error::ApiResult;
 use super::AppState;
-use crate::chunk::keys::{KeyError, KeyUsage};
+use crate::chunk::keys::KeyError;
 use crate::error::Error;
-
-/// `GET /v1/keys` and the answer to a rotation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct KeysView {
-    /// The key new objects are sealed with.
-    pub active: u32,
-    pub keys: Vec<KeyUsage>,
-}
+pub use crate::wire::KeysView;
 
 pub fn routes() -> Router<AppState> {
     Router::new()

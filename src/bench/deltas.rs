@@ -389,7 +389,7 @@ impl RunState<'_> {
     async fn apply(&self, log: &Path) -> Result<f64, BenchError> {
         let (log, raw) = (log.to_path_buf(), self.expected.clone());
         let t = Instant::now();
-        tokio::task::spawn_blocking(move || crate::cli::hrl::apply(&log, &raw))
+        tokio::task::spawn_blocking(move || crate::format::hrl::apply_to_raw(&log, &raw))
             .await
             .map_err(|e| BenchError::Invalid(format!("hrl apply stopped: {e}")))?
             .map_err(|e| BenchError::Tool {
@@ -404,7 +404,7 @@ impl RunState<'_> {
     async fn export_checked(&self, name: &str) -> Result<f64, BenchError> {
         let out = self.dir.join(format!("{name}.vhd"));
         let t = Instant::now();
-        crate::cli::operator::export(
+        crate::client::export::export(
             &self.session.operator,
             &self.vm,
             DISK,

@@ -24,8 +24,8 @@ use super::server::SpawnedServer;
 use super::{io_err, parse_size_arg, percentile, BenchError};
 use crate::agent::backoff::Backoff;
 use crate::agent::protect::{protect, DiskSource, ProtectOptions, ProtectSummary};
-use crate::api::routes::Credentials;
 use crate::format::image::DiskImage;
+use crate::wire::Credentials;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct IngestArgs {

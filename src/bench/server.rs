@@ -12,10 +12,10 @@ use reqwest::Method;
 use super::{io_err, BenchError};
 use crate::agent::backoff::Backoff;
 use crate::agent::protect::{protect, DiskSource, ProtectOptions, ProtectSummary};
-use crate::api::routes::Credentials;
 use crate::client::Client;
 use crate::format::image::DiskImage;
 use crate::server::{ServerFile, OPERATOR_TOKEN_FILE, SERVER_FILE};
+use crate::wire::Credentials;
 
 /// A server process this harness started.
 pub struct SpawnedServer {

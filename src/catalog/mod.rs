@@ -32,41 +32,10 @@ use crate::vault::layout::{self, Family};
 use crate::vault::records::Versioned;
 use crate::vault::Vault;
 
+pub use crate::wire::{
+    DiskState, DiskView, FailoverBrief, Health, PolicyChange, ResyncBrief, VmState, VmView,
+};
 pub use spec::{DiskSpec, NicSpec, Policy, VmSpec};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmState {
-    InitialReplication,
-    Protected,
-    /// A planned or unplanned failover was committed: the source's logs are refused.
-    FailedOver,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DiskState {
-    /// Initial replication in progress: blocks arrive as receipts of the current session.
-    Receiving,
-    /// The disk's base block map is complete.
-    Complete,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Health {
-    Normal,
-    Warning,
-    Critical,
-}
-
-/// A change to a VM's policy: fields left out keep their value.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyChange {
-    pub interval_s: Option<u64>,
-    pub retention_s: Option<u64>,
-    pub app_consistent_every_s: Option<u64>,
-}
 
 /// The vault's record of a protected VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -148,87 +117,6 @@ pub struct DiskStats {
     /// Plain bytes of blocks whose chunk the vault already held (deduplication hits).
     #[serde(default)]
     pub deduplicated_bytes: u64,
-}
-
-/// What the API shows of a VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VmView {
-    pub name: String,
-    pub owner: String,
-    pub state: VmState,
-    pub health: Health,
-    pub health_reasons: Vec<String>,
-    pub generation: u8,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    pub policy: Policy,
-    pub disks: Vec<DiskView>,
-    pub nics: Vec<NicSpec>,
-    pub created: String,
-    pub protected: Option<String>,
-    pub enable_job: String,
-    pub finalize_job: Option<String>,
-    /// 0.0 ..= 1.0 while initial replication runs.
-    pub progress: f64,
-    /// Age in seconds of the latest recovery point all disks share (protected VMs only).
-    pub rpo_seconds: Option<u64>,
-    /// The open resync session (scheduled, active or committing), if any.
-    #[serde(default)]
-    pub resync: Option<ResyncBrief>,
-    /// A failover that is running, or done and not yet committed (or, a drill, cleaned up):
-    /// `state` stays `protected` meanwhile, as the source still replicates.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failover: Option<FailoverBrief>,
-}
-
-/// What the VM view tells of a failover in progress or waiting for commit or cleanup.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FailoverBrief {
-    pub id: String,
-    /// `test`, `planned` or `unplanned`.
-    pub kind: String,
-    /// `running` or `succeeded`.
-    pub state: String,
-    pub point: Option<String>,
-    /// For people: e.g. "failed over (planned), not committed".
-    pub summary: String,
-}
-
-/// What the VM view tells of an open resync session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ResyncBrief {
-    pub session: String,
-    pub state: String,
-    pub reason: String,
-    /// When a scheduled session may start (RFC 3339; absent: at once).
-    pub not_before: Option<String>,
-    pub disks: Vec<String>,
-    /// Disks the agent has completed (staged).
-    pub disks_done: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DiskView {
-    pub id: String,
-    pub size: u64,
-    pub block_size: u32,
-    pub state: DiskState,
-    pub blocks: u64,
-    pub blocks_received: u64,
-    pub data_blocks: u64,
-    pub zero_blocks: u64,
-    /// Plain bytes in data blocks; sealed bytes written and bytes deduplicated by initial
-    /// replication (live while it runs: see `Ingest::written`).
-    pub data_bytes: u64,
-    pub stored_bytes: u64,
-    pub deduplicated_bytes: u64,
-    /// Accepted logs not yet merged.
-    pub journal_length: usize,
-    pub pending_log_bytes: u64,
-    /// Pending bytes at which the disk needs resynchronization (50% of its size).
-    pub resync_threshold_bytes: u64,
-    pub resync_required: Option<String>,
-    pub last_log: Option<String>,
 }
 
 /// Held while one writer changes a disk's journal.

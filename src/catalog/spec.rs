@@ -5,80 +5,10 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 use crate::file_formats::MAX_DISK_SIZE;
 use crate::vault::registry::valid_name;
-
-/// The enable-protection request body (`PUT /v1/agent/vms/{vm}`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmSpec {
-    /// 1 (BIOS) or 2 (UEFI).
-    #[serde(default = "default_generation")]
-    pub generation: u8,
-    #[serde(default = "default_cpus")]
-    pub cpus: u32,
-    #[serde(default = "default_memory")]
-    pub memory_mib: u64,
-    pub disks: Vec<DiskSpec>,
-    #[serde(default)]
-    pub nics: Vec<NicSpec>,
-    #[serde(default)]
-    pub policy: Option<Policy>,
-}
-
-fn default_generation() -> u8 {
-    2
-}
-fn default_cpus() -> u32 {
-    2
-}
-fn default_memory() -> u64 {
-    4096
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskSpec {
-    /// Disk id, unique within the VM (the agent defaults it to the file name).
-    pub id: String,
-    /// Exact virtual size in bytes.
-    pub size: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NicSpec {
-    /// The source VM network the NIC is connected to (mapped to a target network at failover).
-    pub network: String,
-    pub mac: String,
-    #[serde(default)]
-    pub ip: Option<String>,
-}
-
-/// Replication policy (ASR's: interval, retention, app-consistent frequency).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Policy {
-    /// Replication interval in seconds: 30, 300 or 900.
-    pub interval_s: u64,
-    /// How long recovery points are kept, in seconds (any length; default 24 h).
-    pub retention_s: u64,
-    /// App-consistent snapshot frequency in seconds (0 = none).
-    pub app_consistent_every_s: u64,
-}
-
-impl Default for Policy {
-    fn default() -> Policy {
-        Policy {
-            interval_s: 300,
-            retention_s: 24 * 3600,
-            app_consistent_every_s: 3600,
-        }
-    }
-}
+pub use crate::wire::{DiskSpec, NicSpec, Policy, VmSpec};
 
 impl Policy {
     pub fn validate(&self) -> Result<()> {

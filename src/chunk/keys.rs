@@ -25,6 +25,7 @@ use aes_gcm::{Aes256Gcm, KeyInit};
 use serde::{Deserialize, Serialize};
 
 use crate::file_formats::{KDF_CHUNK_NAME, KDF_IDENT, KDF_SEAL, KDF_TOKEN};
+pub use crate::wire::KeyUsage;
 
 /// AES-GCM with random 96-bit nonces is safe for about 2^32 messages per key (NIST SP 800-38D).
 /// Sealing refuses past three quarters of that, whatever happened to rotation.
@@ -90,16 +91,6 @@ struct RingKey {
 struct RingState {
     active: u32,
     keys: BTreeMap<u32, RingKey>,
-}
-
-/// What `GET /v1/keys` shows about one key (never the key itself).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct KeyUsage {
-    pub id: u32,
-    pub active: bool,
-    pub created_unix: u64,
-    /// Seals made with the key (an upper bound across restarts).
-    pub seals: u64,
 }
 
 /// Derived keys, ready to use. Shared behind an `Arc`; rotation changes it in place.

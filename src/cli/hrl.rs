@@ -1,10 +1,10 @@
 //! `drvault hrl …`: make, read and apply real MS-HRL logs without a Hyper-V host.
 
 use std::io::BufWriter;
-use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use clap::Subcommand;
 use serde::Serialize;
 
 use crate::format::hrl::{self, Guid, HrlWriter, HrlWriterParams};
@@ -136,27 +136,7 @@ pub fn inspect(path: &Path, disk_size: Option<u64>) -> Result<hrl::HrlLog> {
 
 /// Applies a log to a raw image in place.
 pub fn apply(log_path: &Path, image_path: &Path) -> Result<(u64, u64)> {
-    let img = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image_path)
-        .with_context(|| format!("opening {}", image_path.display()))?;
-    let size = img.metadata()?.len();
-    let f =
-        std::fs::File::open(log_path).with_context(|| format!("opening {}", log_path.display()))?;
-    let log = hrl::read_log(&f, size).with_context(|| {
-        format!(
-            "{} is not a valid MS-HRL log for a {size}-byte disk",
-            log_path.display()
-        )
-    })?;
-    let mut bytes = 0u64;
-    hrl::apply(&log, &f, |off, data| {
-        bytes += data.len() as u64;
-        img.write_all_at(data, off)
-    })?;
-    img.sync_all()?;
-    Ok((log.extents.len() as u64, bytes))
+    Ok(hrl::apply_to_raw(log_path, image_path)?)
 }
 
 /// Prints a log the way `hrl inspect` shows it.
@@ -265,4 +245,107 @@ mod tests {
             "{e}"
         );
     }
+}
+
+#[derive(Subcommand)]
+pub(super) enum HrlCmd {
+    /// Write a log of the sectors where NEW differs from OLD (raw, VHD or VHDX).
+    Diff {
+        old: PathBuf,
+        new: PathBuf,
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        /// UniqueId of the previous log of this disk (the chain); default all zeros, which
+        /// only the first log after initial replication may use.
+        #[arg(long)]
+        previous_id: Option<String>,
+        /// The previous log of this disk (its .hrl file): the new log follows it, taking its
+        /// UniqueId as PreviousUniqueId and keeping its Vhd2DataWriteGuid. Use it for every
+        /// log after the first, instead of --previous-id.
+        #[arg(long, value_name = "PREVIOUS.hrl", conflicts_with_all = ["previous_id", "data_write_guid"])]
+        after: Option<PathBuf>,
+        /// UniqueId of this log; default random.
+        #[arg(long)]
+        unique_id: Option<String>,
+        /// Vhd2DataWriteGuid of the disk (must stay the same along a chain); default all zeros.
+        #[arg(long)]
+        data_write_guid: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a log and print its header and writes.
+    Inspect {
+        file: PathBuf,
+        /// Check writes against this disk size.
+        #[arg(long)]
+        disk_size: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a log to a raw image in place.
+    Apply { file: PathBuf, image: PathBuf },
+}
+
+fn guid_arg(
+    s: Option<String>,
+    default: crate::format::hrl::Guid,
+) -> Result<crate::format::hrl::Guid> {
+    match s {
+        Some(t) => t.parse().map_err(|_| {
+            anyhow::anyhow!("{t:?} is not a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")
+        }),
+        None => Ok(default),
+    }
+}
+
+pub(super) async fn hrl_cmd(cmd: HrlCmd) -> Result<i32> {
+    use crate::format::hrl::Guid;
+    match cmd {
+        HrlCmd::Diff {
+            old,
+            new,
+            output,
+            previous_id,
+            after,
+            unique_id,
+            data_write_guid,
+            json,
+        } => {
+            let (prev, dw) = match after {
+                Some(path) => tokio::task::spawn_blocking(move || chain_after(&path)).await??,
+                None => (
+                    guid_arg(previous_id, Guid::NIL)?,
+                    guid_arg(data_write_guid, Guid::NIL)?,
+                ),
+            };
+            let uid = guid_arg(unique_id, Guid::new_random())?;
+            let s = tokio::task::spawn_blocking(move || diff(&old, &new, &output, prev, uid, dw))
+                .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "log {} (after {}): {} writes, {} of data, {} log",
+                    s.unique_id,
+                    s.previous_unique_id,
+                    s.extents,
+                    crate::util::human_bytes(s.data_bytes),
+                    crate::util::human_bytes(s.log_bytes)
+                );
+            }
+        }
+        HrlCmd::Inspect {
+            file,
+            disk_size,
+            json,
+        } => {
+            let log = tokio::task::spawn_blocking(move || inspect(&file, disk_size)).await??;
+            print(&log, json)?;
+        }
+        HrlCmd::Apply { file, image } => {
+            let (n, bytes) = tokio::task::spawn_blocking(move || apply(&file, &image)).await??;
+            println!("applied {n} writes ({})", crate::util::human_bytes(bytes));
+        }
+    }
+    Ok(0)
 }

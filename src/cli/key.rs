@@ -2,10 +2,9 @@
 
 use anyhow::Result;
 use clap::Subcommand;
-use reqwest::Method;
 
 use super::operator::Conn;
-use crate::api::keys::KeysView;
+use crate::wire::KeysView;
 
 #[derive(Subcommand)]
 pub enum KeyCmd {
@@ -26,12 +25,8 @@ pub async fn run(cmd: KeyCmd, conn: Conn) -> Result<i32> {
     let c = conn.client()?;
     let rotated = matches!(cmd, KeyCmd::Rotate { .. });
     let (v, json): (KeysView, bool) = match cmd {
-        KeyCmd::List { json } => (c.get_json("/v1/keys").await?, json),
-        KeyCmd::Rotate { json } => (
-            c.send_json(Method::POST, "/v1/keys/rotate", &serde_json::json!({}))
-                .await?,
-            json,
-        ),
+        KeyCmd::List { json } => (c.keys().await?, json),
+        KeyCmd::Rotate { json } => (c.rotate_key().await?, json),
     };
     if rotated {
         // The operator, not only the server log, must hear it: a backup of the key file taken

@@ -2,17 +2,14 @@
 //! `--data-dir`, `--server`, `--token`, or the DRVAULT_* environment variables) and talk to the
 //! `/v1/` API like any other client.
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
-use futures_util::StreamExt;
+use anyhow::{bail, Context, Result};
 
-use crate::api::routes::{Credentials, MapView, BLAKE3_HEADER};
-use crate::chunk::PlainHash;
+pub use crate::client::export::export;
 use crate::client::Client;
 use crate::server::{ServerFile, OPERATOR_TOKEN_FILE, SERVER_FILE};
+use crate::wire::{AddHost, AddProvider, Credentials};
 
 /// Printed when the operator token is an argument.
 pub const TOKEN_ARG_WARNING: &str = "warning: --token on the command line shows in `ps` and /proc to every user of this machine; set DRVAULT_TOKEN instead (or let drvault read <data-dir>/operator.token)";
@@ -81,17 +78,26 @@ impl Conn {
     }
 }
 
-/// Registers a host or a provider (`family` is `hosts` or `providers`) and writes its
+/// What `register` registers.
+pub enum Registration {
+    Host(AddHost),
+    Provider(AddProvider),
+}
+
+impl Registration {
+    fn name(&self) -> &str {
+        match self {
+            Registration::Host(r) => &r.name,
+            Registration::Provider(r) => &r.name,
+        }
+    }
+}
+
+/// Registers a host or a provider and writes its
 /// credentials file to `out`. The token exists only in the server's answer, so the file is
 /// created (empty, 0600) before asking: a path that cannot be written fails with nothing
 /// registered. Should filling it fail afterwards, the registration is removed again.
-pub async fn register(
-    c: &Client,
-    family: &str,
-    name: &str,
-    body: &serde_json::Value,
-    out: &Path,
-) -> Result<()> {
+pub async fn register(c: &Client, what: &Registration, out: &Path) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -100,10 +106,11 @@ pub async fn register(
         .mode(0o600)
         .open(out)
         .with_context(|| format!("creating credentials file {}", out.display()))?;
-    let creds: Credentials = match c
-        .send_json(reqwest::Method::POST, &format!("/v1/{family}"), body)
-        .await
-    {
+    let answer = match what {
+        Registration::Host(req) => c.add_host(req).await,
+        Registration::Provider(req) => c.add_provider(req).await,
+    };
+    let creds: Credentials = match answer {
         Ok(creds) => creds,
         Err(e) => {
             let _ = std::fs::remove_file(out);
@@ -113,7 +120,12 @@ pub async fn register(
     let text = serde_json::to_string_pretty(&creds)?;
     if let Err(e) = f.write_all(text.as_bytes()).and_then(|()| f.sync_all()) {
         let _ = std::fs::remove_file(out);
-        let undone = match c.delete(&format!("/v1/{family}/{name}")).await {
+        let name = what.name();
+        let undo = match what {
+            Registration::Host(_) => c.remove_host(name).await,
+            Registration::Provider(_) => c.remove_provider(name).await,
+        };
+        let undone = match undo {
             Ok(()) => format!("{name} was not registered"),
             Err(undo) => format!("and removing the registration of {name} failed too ({undo}): remove it before adding it again"),
         };
@@ -123,90 +135,4 @@ pub async fn register(
         )));
     }
     Ok(())
-}
-
-/// Writes a disk of a VM as a fixed VHD or raw file, fetching data blocks in parallel, checking
-/// each block's hash, leaving zero blocks as holes. Returns (bytes written, data blocks).
-#[allow(clippy::too_many_arguments)] // one per `drvault export` flag
-pub async fn export(
-    client: &Client,
-    vm: &str,
-    disk: &str,
-    point: Option<&str>,
-    vhd: bool,
-    out: &Path,
-    parallel: usize,
-    progress: bool,
-) -> Result<(u64, u64)> {
-    let query = point.map(|p| format!("?point={p}")).unwrap_or_default();
-    let map: MapView = client
-        .get_json(&format!("/v1/vms/{vm}/disks/{disk}/map{query}"))
-        .await?;
-    // Errors name the file the operator asked for, not the temporary one it is built under.
-    let writing = || format!("writing {}", out.display());
-    let tmp = out.with_extension("partial");
-    let file = std::fs::File::create(&tmp).with_context(writing)?;
-    if let Err(e) = file.set_len(map.size) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(writing);
-    }
-    let file = Arc::new(file);
-    let bar = crate::agent::protect::progress_bar(
-        progress,
-        map.data.len() as u64 * map.block_size as u64,
-        disk,
-    );
-    let mut fetches = futures_util::stream::iter(map.data.iter().map(|(index, hash)| {
-        let path = format!("/v1/vms/{vm}/disks/{disk}/blocks/{index}{query}");
-        let file = file.clone();
-        let (index, hash) = (*index, hash.clone());
-        let offset = index * map.block_size as u64;
-        async move {
-            let (bytes, headers) = client.get_bytes(&path).await?;
-            // The block's header carries the hash the server computed from verified sources;
-            // the map carries it too except for blocks that logs write at a recovery point.
-            let header = headers.get(BLAKE3_HEADER).and_then(|v| v.to_str().ok()).and_then(PlainHash::from_hex);
-            let got = PlainHash::of(&bytes);
-            let from_map = if hash.is_empty() { None } else { Some(PlainHash::from_hex(&hash).ok_or_else(|| anyhow!("server sent a malformed hash for block {index}"))?) };
-            let ok = header.map(|h| h.ct_eq(&got)).unwrap_or(false) && from_map.map(|m| m.ct_eq(&got)).unwrap_or(true);
-            if !ok {
-                bail!("block {index} of disk {disk} failed verification: content does not match its hash");
-            }
-            let n = bytes.len() as u64;
-            tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset)).await?.with_context(writing)?;
-            Ok::<u64, anyhow::Error>(n)
-        }
-    }))
-    .buffer_unordered(parallel.max(1));
-    let mut written = 0u64;
-    while let Some(r) = fetches.next().await {
-        let n = match r {
-            Ok(n) => n,
-            Err(e) => {
-                // Nothing half-written is left behind: a damaged block fails the whole export.
-                drop(fetches);
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
-        };
-        written += n;
-        bar.inc(n);
-    }
-    drop(fetches);
-    bar.finish_and_clear();
-    if vhd {
-        let mut uid = [0u8; 16];
-        crate::util::fill_random(&mut uid);
-        let footer = crate::format::vhd::fixed_footer(
-            map.size,
-            uid,
-            crate::format::vhd::vhd_timestamp(crate::util::unix_now()),
-        )
-        .map_err(|e| anyhow!("VHD footer: {e}"))?;
-        file.write_all_at(&footer, map.size).with_context(writing)?;
-    }
-    file.sync_all().with_context(writing)?;
-    drop(file);
-    std::fs::rename(&tmp, out).with_context(writing)?;
-    Ok((written, map.data.len() as u64))
 }

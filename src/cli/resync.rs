@@ -4,13 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use reqwest::Method;
 
 use super::operator::Conn;
 use super::AgentConn;
 use crate::agent::backoff::Backoff;
-use crate::replica::resync::{ResyncRequest, ResyncSession};
 use crate::util::human_bytes;
+use crate::wire::{FailbackCommitRequest, FailbackRecord, ResyncRequest, ResyncSession};
 
 #[derive(clap::Args)]
 pub struct ResyncArgs {
@@ -137,21 +136,15 @@ pub async fn resync_cmd(a: ResyncArgs) -> Result<i32> {
     let c = a.conn.client()?;
     let vm = &a.vm;
     let s: ResyncSession = if a.status {
-        c.get_json(&format!("/v1/vms/{vm}/resync")).await?
+        c.resync(vm).await?
     } else if a.cancel {
-        c.send_json(
-            Method::POST,
-            &format!("/v1/vms/{vm}/resync/cancel"),
-            &serde_json::json!({}),
-        )
-        .await?
+        c.cancel_resync(vm).await?
     } else {
         let req = ResyncRequest {
             now: a.now,
             disks: a.disks.clone(),
         };
-        c.send_json(Method::POST, &format!("/v1/vms/{vm}/resync"), &req)
-            .await?
+        c.start_resync(vm, &req).await?
     };
     print_session(&s, a.json)?;
     if !a.status && !a.cancel && !a.json {
@@ -166,17 +159,13 @@ pub async fn resync_cmd(a: ResyncArgs) -> Result<i32> {
 
 pub async fn failback_cmd(cmd: FailbackCmd, conn: Conn) -> Result<i32> {
     let c = conn.client()?;
-    let (r, verb): (crate::failover::failback::FailbackRecord, &str) = match cmd {
+    let (r, verb): (FailbackRecord, &str) = match cmd {
         FailbackCmd::Commit { vm, force } => (
-            c.send_json(
-                Method::POST,
-                &format!("/v1/vms/{vm}/failback/commit"),
-                &serde_json::json!({ "force": force }),
-            )
-            .await?,
+            c.commit_failback(&vm, &FailbackCommitRequest { force })
+                .await?,
             "committed",
         ),
-        FailbackCmd::Show { vm } => (c.get_json(&format!("/v1/vms/{vm}/failback")).await?, "show"),
+        FailbackCmd::Show { vm } => (c.failback(&vm).await?, "show"),
     };
     println!(
         "failback of VM {} from failover {}: disks synchronized: {}{}",

@@ -3,13 +3,10 @@
 //! 1 on any error.
 
 use anyhow::{bail, Result};
-use reqwest::Method;
 
 use super::operator::Conn;
 use crate::client::Client;
-use crate::scrub::gc::GcReport;
-use crate::scrub::verify::VerifyReport;
-use crate::scrub::Started;
+use crate::wire::{GcReport, GcRequest, JobState, VerifyReport, VerifyRequest};
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
@@ -41,28 +38,28 @@ pub struct GcArgs {
     conn: Conn,
 }
 
-/// Starts the job at `path`, waits for it, fetches its report.
-async fn run_job<R: serde::de::DeserializeOwned>(
-    c: &Client,
-    path: &str,
-    body: &serde_json::Value,
-) -> Result<R> {
-    let s: Started = c.send_json(Method::POST, path, body).await?;
-    let job = super::wait_job(c, &s.job).await?;
-    if job.state != crate::jobs::JobState::Succeeded {
+/// Waits for a started job; an error unless it succeeded.
+async fn finish_job(c: &Client, id: &str) -> Result<()> {
+    let job = super::wait_job(c, id).await?;
+    if job.state != JobState::Succeeded {
         let e = job
             .error
             .map(|e| format!("{} [{}]", e.message, e.code))
             .unwrap_or_default();
         bail!("job {} ({}) failed: {e}", job.id, job.title);
     }
-    Ok(c.get_json(&format!("{path}/{}", s.job)).await?)
+    Ok(())
 }
 
 pub async fn verify(a: VerifyArgs) -> Result<i32> {
     let c = a.conn.client()?;
-    let body = serde_json::json!({"vm": a.vm, "sample_percent": a.sample});
-    let r: VerifyReport = run_job(&c, "/v1/verify", &body).await?;
+    let req = VerifyRequest {
+        vm: a.vm.clone(),
+        sample_percent: a.sample,
+    };
+    let s = c.start_verify(&req).await?;
+    finish_job(&c, &s.job).await?;
+    let r: VerifyReport = c.verify_report(&s.job).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -122,8 +119,13 @@ pub async fn verify(a: VerifyArgs) -> Result<i32> {
 
 pub async fn gc(a: GcArgs) -> Result<i32> {
     let c = a.conn.client()?;
-    let body = serde_json::json!({"dry_run": a.dry_run, "grace_s": a.grace});
-    let r: GcReport = run_job(&c, "/v1/gc", &body).await?;
+    let req = GcRequest {
+        dry_run: a.dry_run,
+        grace_s: a.grace,
+    };
+    let s = c.start_gc(&req).await?;
+    finish_job(&c, &s.job).await?;
+    let r: GcReport = c.gc_report(&s.job).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(0);

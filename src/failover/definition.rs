@@ -37,13 +37,17 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::ipam::{Allocations, NicRequest, Rule};
+use super::ipam::{Allocations, NicRequest};
 use super::network::{
     host_network_name, Ipv4Cidr, NetworkConfig, Subnet, TargetNetwork, RESERVED_AT_START,
 };
 use crate::catalog::spec::{normalize_mac, VmSpec};
 use crate::error::{Error, Result};
 use crate::vault::registry::valid_name;
+pub use crate::wire::{
+    DiskBus, DiskDefinition, FailoverInfo, FailoverKind, Firmware, NicDefinition, NicModel,
+    NicOptions, VmDefinition,
+};
 
 /// Version of the vm.json layout; bump on any incompatible change.
 pub const DEFINITION_VERSION: u32 = 1;
@@ -53,13 +57,6 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
 
 /// IDE has two channels of two devices.
 const MAX_IDE_DISKS: usize = 4;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Firmware {
-    Bios,
-    Uefi,
-}
 
 impl Firmware {
     pub fn from_generation(generation: u8) -> Result<Firmware> {
@@ -74,13 +71,6 @@ impl Firmware {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskBus {
-    Ide,
-    Virtio,
-}
-
 impl DiskBus {
     /// The bus of the disk at `index` in boot order (module doc).
     pub fn for_disk(firmware: Firmware, index: usize) -> DiskBus {
@@ -91,13 +81,6 @@ impl DiskBus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NicModel {
-    E1000,
-    Virtio,
-}
-
 impl NicModel {
     pub fn for_firmware(firmware: Firmware) -> NicModel {
         match firmware {
@@ -105,24 +88,6 @@ impl NicModel {
             Firmware::Uefi => NicModel::Virtio,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailoverKind {
-    Test,
-    Planned,
-    Unplanned,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FailoverInfo {
-    pub kind: FailoverKind,
-    pub id: String,
-    pub point_id: String,
-    pub time_unix: u64,
-    /// `time_unix` in RFC 3339, for people reading vm.json.
-    pub time: String,
 }
 
 impl FailoverInfo {
@@ -135,20 +100,6 @@ impl FailoverInfo {
             time: crate::util::rfc3339(time_unix),
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiskDefinition {
-    pub id: String,
-    /// Path of the fixed VHD as the hypervisor host sees it.
-    pub path: String,
-    pub bus: DiskBus,
-    /// Size the guest sees (the VHD's), a whole number of MiB.
-    pub virtual_size: u64,
-    /// The source disk's size; smaller than `virtual_size` when padded.
-    pub original_size: u64,
-    /// Whether the size was rounded up to whole MiB (Azure's rule for VHDs).
-    pub padded_to_mib: bool,
 }
 
 impl DiskDefinition {
@@ -170,61 +121,6 @@ impl DiskDefinition {
             padded_to_mib: virtual_size != original_size,
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NicDefinition {
-    /// Position in the VM spec's NIC list.
-    pub index: u32,
-    /// `AA:BB:CC:DD:EE:FF`, kept from the source so guest configuration bound to it still applies.
-    pub mac: String,
-    pub model: NicModel,
-    pub source_network: String,
-    pub source_ip: Option<IpAddr>,
-    pub network: String,
-    pub subnet: String,
-    /// The libvirt network it attaches to.
-    pub host_network: String,
-    pub ip: Ipv4Addr,
-    pub prefix_len: u8,
-    pub gateway: Ipv4Addr,
-    pub dns: Vec<Ipv4Addr>,
-    /// The target network has no route out of the host.
-    pub isolated: bool,
-    pub public_ip: bool,
-    pub rule: Rule,
-    /// Why the source IP was not kept, when it was not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmDefinition {
-    pub version: u32,
-    pub name: String,
-    pub firmware: Firmware,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    /// In boot order.
-    pub disks: Vec<DiskDefinition>,
-    pub nics: Vec<NicDefinition>,
-    pub failover: FailoverInfo,
-}
-
-/// Per-NIC choices of a failover request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NicOptions {
-    #[serde(default)]
-    pub static_ip: Option<Ipv4Addr>,
-    #[serde(default)]
-    pub public_ip: bool,
-    /// Target `network/subnet` instead of the mapping's (planned and unplanned failovers; drills
-    /// always use the mapping's test target).
-    #[serde(default)]
-    pub target: Option<String>,
-    /// Do not create this NIC on the failed-over VM.
-    #[serde(default)]
-    pub skip: bool,
 }
 
 impl NicOptions {
@@ -840,7 +736,8 @@ pub fn qemu_command_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::spec::{DiskSpec, NicSpec};
+    use crate::failover::ipam::Rule;
+    use crate::wire::{DiskSpec, NicSpec};
     use std::process::{Command, Stdio};
 
     const CONFIG: &str = r#"

@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use super::definition::FailoverKind;
 use super::service::{FailoverRecord, FailoverState, Failovers};
@@ -34,42 +33,7 @@ use crate::replica::blockmap::{block_count, block_len, BlockMap, MapEntry};
 use crate::replica::resync::{DigestRequest, FineRequest};
 use crate::replica::sync::{self, SyncSide};
 use crate::vault::layout::{self, Family};
-
-/// What the agent is told about one disk to fail back.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FailbackDiskView {
-    pub failover: String,
-    pub point: Option<String>,
-    pub size: u64,
-    pub block_size: u32,
-    pub blocks: u64,
-}
-
-/// Ranges of one target block to download.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RangeRequest {
-    pub block: u64,
-    pub ranges: Vec<(u32, u32)>,
-}
-
-/// The vault's record of a VM's failback.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct FailbackRecord {
-    pub vm: String,
-    pub failover: String,
-    /// Disks the agent brought up to date: digest of the target at that time.
-    pub synced: BTreeMap<String, SyncedDisk>,
-    pub committed_unix: Option<u64>,
-    pub cycle: Option<u64>,
-    pub job: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SyncedDisk {
-    pub digest: String,
-    pub synced_unix: u64,
-}
+pub use crate::wire::{FailbackDiskView, FailbackRecord, RangeRequest, SyncedDisk};
 
 /// (path, length, modification time in ns).
 type FileVersion = (PathBuf, u64, i128);

@@ -28,15 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::network::{Ipv4Cidr, Subnet, TargetNetwork};
 use crate::error::Error;
-
-/// Which rule gave a NIC its address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Rule {
-    Static,
-    KeptSource,
-    NextFree,
-}
+pub use crate::wire::Rule;
 
 /// Who holds an address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,8 +7,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use super::definition::FailoverKind;
 use super::service::{FailoverRequest, FailoverState, Failovers};
 use crate::catalog::Catalog;
@@ -18,42 +16,10 @@ use crate::replica::Replicas;
 use crate::vault::layout::{self, Family};
 use crate::vault::registry::valid_name;
 use crate::vault::Vault;
+pub use crate::wire::{Plan, PlanFailoverRequest, PlanGroup};
 
 /// Most VMs in one plan.
 pub const MAX_PLAN_VMS: usize = 100;
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct PlanGroup {
-    pub vms: Vec<String>,
-    /// Shell command run before the group's failovers; a non-zero exit stops the plan.
-    #[serde(default)]
-    pub pre: Option<String>,
-    /// Shell command run after them.
-    #[serde(default)]
-    pub post: Option<String>,
-    /// Wait for `drvault jobs resume` before the group starts (a manual action).
-    #[serde(default)]
-    pub pause_before: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct Plan {
-    pub name: String,
-    pub groups: Vec<PlanGroup>,
-}
-
-/// How a plan picks each VM's point.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlanFailoverRequest {
-    pub kind: FailoverKind,
-    /// `latest` (per VM, the default), `latest-common` (the latest cycle every VM of the plan
-    /// has), or any point selector applied to each VM.
-    #[serde(default)]
-    pub point: Option<String>,
-}
 
 #[derive(Clone)]
 pub struct Plans {

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
 
 use super::definition::{
     self, DiskDefinition, FailoverInfo, FailoverKind, Firmware, NicOptions, VmDefinition,
@@ -34,66 +33,9 @@ use crate::replica::MapEntry;
 use crate::replica::Replicas;
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
+pub use crate::wire::{FailoverRecord, FailoverRequest, FailoverState, FailoverView};
 
 const MIB: u64 = 1024 * 1024;
-
-/// What the operator asks for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FailoverRequest {
-    pub kind: FailoverKind,
-    /// latest, latest-app, c<cycle> or an RFC 3339 time; ignored by planned failovers, which use
-    /// the final point.
-    #[serde(default)]
-    pub point: Option<String>,
-    /// Per-NIC overrides by NIC index.
-    #[serde(default)]
-    pub nics: BTreeMap<u32, NicOptions>,
-    /// Planned failover: seconds to wait for the final logs (default from config).
-    #[serde(default)]
-    pub wait_s: Option<u64>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailoverState {
-    Running,
-    Succeeded,
-    Failed,
-    /// A drill whose output was removed; `drill_successful` says how it went.
-    CleanedUp,
-    Committed,
-    /// The VM failed back to on-premises and is protected again.
-    FailedBack,
-}
-
-/// The vault's record of a VM's current (latest) failover.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FailoverRecord {
-    pub id: String,
-    pub vm: String,
-    pub kind: FailoverKind,
-    pub state: FailoverState,
-    pub job: String,
-    pub point: Option<String>,
-    pub output_dir: String,
-    pub files: Vec<String>,
-    pub created_unix: u64,
-    pub ended_unix: Option<u64>,
-    pub error: Option<String>,
-    pub drill_successful: Option<bool>,
-}
-
-/// What `failover show` prints.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FailoverView {
-    pub record: FailoverRecord,
-    pub definition: Option<VmDefinition>,
-    pub qemu_command: Option<Vec<String>>,
-    /// Why there is no qemu command (and no qemu.sh), e.g. UEFI firmware not installed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub qemu_unavailable: Option<String>,
-}
 
 #[derive(Clone)]
 pub struct Failovers {

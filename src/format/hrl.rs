@@ -2016,3 +2016,59 @@ mod tests {
         }
     }
 }
+
+/// Why [`apply_to_raw`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("opening {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a valid MS-HRL log for a {size}-byte disk")]
+    NotALog {
+        path: String,
+        size: u64,
+        #[source]
+        source: HrlError,
+    },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Hrl(#[from] HrlError),
+}
+
+/// Applies the log at `log_path` to the raw image at `image_path` in place (validated first,
+/// fsynced after); returns (extents, bytes written).
+pub fn apply_to_raw(
+    log_path: &std::path::Path,
+    image_path: &std::path::Path,
+) -> Result<(u64, u64), ApplyError> {
+    use std::os::unix::fs::FileExt;
+    fn open(p: &std::path::Path) -> impl FnOnce(io::Error) -> ApplyError + '_ {
+        move |source| ApplyError::Open {
+            path: p.display().to_string(),
+            source,
+        }
+    }
+    let img = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image_path)
+        .map_err(open(image_path))?;
+    let size = img.metadata()?.len();
+    let f = std::fs::File::open(log_path).map_err(open(log_path))?;
+    let log = read_log(&f, size).map_err(|source| ApplyError::NotALog {
+        path: log_path.display().to_string(),
+        size,
+        source,
+    })?;
+    let mut bytes = 0u64;
+    apply(&log, &f, |off, data| {
+        bytes += data.len() as u64;
+        img.write_all_at(data, off)
+    })?;
+    img.sync_all()?;
+    Ok((log.extents.len() as u64, bytes))
+}

@@ -12,7 +12,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use super::Ingest;
@@ -24,6 +23,7 @@ use crate::replica::blockmap::{block_len, BlockMap, MapEntry};
 use crate::replica::stage::{self, Receipt};
 use crate::store::PutOutcome;
 use crate::vault::layout;
+pub use crate::wire::{BlockAck, CompleteRequest, QueryBlock, ReceivedQuery};
 
 /// What this process knows of one disk's open initial-replication session.
 struct ReceivingSession {
@@ -75,40 +75,6 @@ impl ReceivingSessions {
             None => (0, 0),
         }
     }
-}
-
-/// How an uploaded block was taken.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BlockAck {
-    pub index: u64,
-    /// `stored`, `deduplicated`, `zero`, `already_received`, or `healed` (the block's chunk was
-    /// registered damaged and is stored again).
-    pub outcome: String,
-    /// Bytes written to the store for this block (after compression and sealing).
-    pub stored_bytes: u64,
-}
-
-/// Resume query: the agent's view of some blocks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReceivedQuery {
-    pub blocks: Vec<QueryBlock>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QueryBlock {
-    pub index: u64,
-    pub hash: String,
-}
-
-/// Completion request: which blocks hold data (runs of `[first, count]`) and the digest over the
-/// plain hashes of all blocks in order (a zero block contributing the hash of its zero bytes).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompleteRequest {
-    pub data_runs: Vec<(u64, u64)>,
-    pub digest: String,
 }
 
 /// Largest resume query accepted in one request.

@@ -24,6 +24,7 @@ use crate::format::hrl::{self, Guid, HrlError};
 use crate::journal::{self, encode_extents, Extent, FrameWriter, JournalEntry, StoredLog};
 use crate::store::StoreError;
 use crate::vault::layout;
+pub use crate::wire::LogAck;
 
 /// What the agent says about a log besides its bytes.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -35,19 +36,6 @@ pub struct LogMeta {
     /// The last log before the source VM shut down (planned failover).
     #[serde(default, rename = "final")]
     pub final_log: bool,
-}
-
-/// The answer to a log upload.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LogAck {
-    pub log_id: String,
-    /// `accepted` or `already_accepted`.
-    pub status: String,
-    pub cycle: u64,
-    pub journal_length: usize,
-    pub pending_log_bytes: u64,
-    /// Set when this log made the disk resync-required (the log itself was accepted).
-    pub resync_required: Option<String>,
 }
 
 /// Pending (unmerged) log bytes at which a disk needs resynchronization: half its size.

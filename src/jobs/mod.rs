@@ -9,30 +9,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
 use crate::error::{Error, Result};
 use crate::vault::layout::{self, Family};
 use crate::vault::Records;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    EnableProtection,
-    FinalizeProtection,
-    Merge,
-    TestFailover,
-    PlannedFailover,
-    UnplannedFailover,
-    FailoverCleanup,
-    FailoverCommit,
-    RecoveryPlan,
-    Resync,
-    Failback,
-    Verify,
-    GarbageCollection,
-}
+pub use crate::wire::{Job, JobError, JobKind, JobState, JobStep};
 
 impl JobKind {
     pub fn title(self) -> &'static str {
@@ -54,16 +36,6 @@ impl JobKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Queued,
-    Running,
-    WaitingForInput,
-    Succeeded,
-    Failed,
-}
-
 impl JobState {
     pub fn is_final(self) -> bool {
         matches!(self, JobState::Succeeded | JobState::Failed)
@@ -77,39 +49,6 @@ impl JobState {
             JobState::Failed => "failed",
         }
     }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JobStep {
-    pub name: String,
-    pub state: JobState,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct JobError {
-    pub code: String,
-    pub message: String,
-    pub recoverable: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Job {
-    pub id: String,
-    pub kind: JobKind,
-    pub title: String,
-    pub vm: Option<String>,
-    pub state: JobState,
-    /// 0.0 ..= 1.0
-    pub progress: f64,
-    pub steps: Vec<JobStep>,
-    pub created_unix: u64,
-    pub started_unix: Option<u64>,
-    pub ended_unix: Option<u64>,
-    pub error: Option<JobError>,
-    /// While the job waits (`waiting_for_input`): what for, e.g. the disks whose final log a
-    /// planned failover still needs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub waiting_for: Option<String>,
 }
 
 /// The job registry: vault records plus an in-memory cache (this server writes all jobs).

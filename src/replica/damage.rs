@@ -17,10 +17,9 @@
 //! stays damaged until the object is restored or the point leaves retention; a resync gives
 //! the disk a new sound point.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, RwLock};
 
 use super::Replicas;
@@ -33,50 +32,7 @@ use crate::scrub::ObjectFamily;
 use crate::store::PutOutcome;
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
-
-/// One registered object.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct DamagedObject {
-    pub key: String,
-    pub family: ObjectFamily,
-    /// `missing` or `corrupt`.
-    pub problem: String,
-    pub reason: String,
-    /// Where its bytes were moved (none for a missing object).
-    pub quarantined: Option<String>,
-    /// What verify did: `quarantined`, `registered` (missing), `repaired` (a record rewritten
-    /// from the server's own copy: not registered), `kept` (a record with no other copy).
-    #[serde(default)]
-    pub action: String,
-    pub found_unix: u64,
-    /// What needed it when it was found.
-    pub affects: Vec<Affected>,
-}
-
-/// The points (or open session) of one disk that need an object.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Affected {
-    pub vm: String,
-    pub disk: String,
-    /// Point ids (`c<cycle>`) of the disk.
-    pub points: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session: Option<String>,
-}
-
-/// The stored register.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct DamageRecord {
-    pub objects: BTreeMap<String, DamagedObject>,
-    /// Start of the last verify that covered every VM and everything written before it (a
-    /// full one, or a scheduled one): the next scheduled verify reads what was written since.
-    #[serde(default)]
-    pub last_verify_unix: Option<u64>,
-    /// Registered chunks an upload has stored again since (they left `objects` then): the next
-    /// verify reads them and reports them healed.
-    #[serde(default)]
-    pub healed: BTreeSet<String>,
-}
+pub use crate::wire::{Affected, DamageRecord, DamagedObject};
 
 impl DamageRecord {
     /// Whether the chunk of that name is registered.

@@ -17,7 +17,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
 
 use super::Replicas;
 use crate::catalog::{BasePoint, DiskRecord, DiskState};
@@ -27,33 +26,8 @@ use crate::journal::JournalEntry;
 use crate::replica::blockmap::block_len;
 use crate::replica::point::{PointReader, MERGE_GROUP_BYTES};
 use crate::replica::{BlockMap, MapEntry};
+pub use crate::wire::{MergeReport, PointView};
 use bytes::Bytes;
-
-/// A VM recovery point as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PointView {
-    pub id: String,
-    pub cycle: u64,
-    pub time: String,
-    pub time_unix: u64,
-    /// `initial` (cycle 0, the initial replication), `crash_consistent` or `app_consistent`;
-    /// `incomplete` for a cycle some disks have sent and others not yet (see `waiting_for`):
-    /// not a recovery point until they do.
-    pub kind: String,
-    /// Every disk's log of the cycle was flagged final (the source VM had shut down).
-    pub final_point: bool,
-    pub disks: Vec<String>,
-    /// The point reads through an object verify found damaged or missing: failover and export
-    /// refuse it (`409 point_damaged`).
-    #[serde(default)]
-    pub damaged: bool,
-    /// Which objects, when damaged.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub damage: Option<String>,
-    /// An incomplete cycle: the disks whose log of the cycle has not arrived yet.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub waiting_for: Vec<String>,
-}
 
 impl PointView {
     /// A cycle some disks have and others are still expected to send.
@@ -143,15 +117,6 @@ async fn pins_released(pins: &[std::sync::Weak<()>], limit: std::time::Duration)
         pause = (pause * 2).min(std::time::Duration::from_secs(1));
     }
     true
-}
-
-/// What a merge did.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct MergeReport {
-    pub disks: usize,
-    pub logs_merged: usize,
-    pub blocks_rewritten: u64,
-    pub log_bytes_freed: u64,
 }
 
 /// Disk points: (cycle, time, app, final).

@@ -30,7 +30,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use super::damage::DamageRegister;
@@ -44,23 +43,16 @@ use crate::jobs::{JobKind, JobState};
 use crate::replica::blockmap::{block_len, BlockMap, MapEntry};
 use crate::tasks::Tasks;
 use crate::vault::layout::{self, Family};
+pub use crate::wire::{
+    DigestRequest, FineRequest, PatchAck, ResyncCompletion, ResyncDisk, ResyncDiskView,
+    ResyncRequest, ResyncSession, SessionState,
+};
 
 /// What `resync/hashes` reports for a block whose chunk is registered damaged: a real block
 /// hashes to it with probability 2^-256, so the agent sends that block.
 const DAMAGED_BLOCK_HASH: [u8; 32] = [0xff; 32];
 
 pub use super::sync::{digest_of, MAX_FINE_BLOCKS};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SessionState {
-    Scheduled,
-    Active,
-    /// Every disk is staged; the switch is under way (finished at the next start if interrupted).
-    Committing,
-    Committed,
-    Cancelled,
-}
 
 impl SessionState {
     pub fn word(self) -> &'static str {
@@ -80,95 +72,6 @@ impl SessionState {
             SessionState::Scheduled | SessionState::Active | SessionState::Committing
         )
     }
-}
-
-/// The vault's record of a VM's (latest) resync session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ResyncSession {
-    pub id: String,
-    pub vm: String,
-    pub state: SessionState,
-    pub reason: String,
-    pub requested_unix: u64,
-    /// When the session may start (the window's next opening; 0: at once).
-    pub not_before_unix: u64,
-    pub disks: BTreeMap<String, ResyncDisk>,
-    /// The cycle the switch writes (fixed before the first disk is switched).
-    pub commit_cycle: Option<u64>,
-    pub job: String,
-    pub finished_unix: Option<u64>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ResyncDisk {
-    /// The replica when the session began comparing (a full map of the newest point).
-    pub base_root: Option<String>,
-    /// The staged map once the agent completed the disk.
-    pub staged_root: Option<String>,
-    pub blocks_changed: u64,
-    /// Patch bytes received for this disk (the wire cost of the resync).
-    pub bytes_received: u64,
-}
-
-/// What the agent is told about one disk of a session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ResyncDiskView {
-    pub session: String,
-    pub state: SessionState,
-    pub reason: String,
-    pub size: u64,
-    pub block_size: u32,
-    pub blocks: u64,
-    pub staged: bool,
-    pub blocks_changed: u64,
-    /// The point the replica switched at, when the session is already committed (an agent
-    /// rerun after a kill that landed past the commit: there is nothing left to send).
-    #[serde(default)]
-    pub commit_cycle: Option<u64>,
-}
-
-/// The answer to one patch upload.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PatchAck {
-    pub index: u64,
-    /// `stored`, `deduplicated`, `zero` or `already_received`.
-    pub outcome: String,
-    pub patch_bytes: u64,
-}
-
-/// The answer to a disk's completion.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ResyncCompletion {
-    pub disk: String,
-    pub session: String,
-    pub state: SessionState,
-    /// Disks of the session still to be completed.
-    pub waiting_for: Vec<String>,
-    /// The cycle of the point the switch made (once committed).
-    pub cycle: Option<u64>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResyncRequest {
-    /// Start at once instead of in the off-hours window.
-    #[serde(default)]
-    pub now: bool,
-    /// Disks to resynchronize; default: those marked resync-required, else all.
-    #[serde(default)]
-    pub disks: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FineRequest {
-    pub blocks: Vec<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DigestRequest {
-    pub digest: String,
 }
 
 /// The off-hours window in server local time: `HH:MM-HH:MM`, wrapping past midnight when the

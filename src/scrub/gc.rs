@@ -13,8 +13,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
 use super::refs;
 use super::{ObjectFamily, Scrub};
 use crate::chunk::fence::Collection;
@@ -23,60 +21,15 @@ use crate::error::{Error, Result};
 use crate::jobs::JobState;
 use crate::store::Key;
 use crate::vault::layout;
+pub use crate::wire::{Count, GcReport, GcRequest};
 
 pub(super) const STEPS: &[&str] = &["Mark", "Sweep"];
-
-/// `POST /v1/gc`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GcRequest {
-    /// Report what would be freed, delete nothing.
-    #[serde(default)]
-    pub dry_run: bool,
-    /// Only objects older than this many seconds are deleted (default `[gc] grace_s`).
-    #[serde(default)]
-    pub grace_s: Option<u64>,
-}
-
-/// Objects and stored bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Count {
-    pub objects: u64,
-    pub bytes: u64,
-}
 
 impl Count {
     fn add(&mut self, bytes: u64) {
         self.objects += 1;
         self.bytes += bytes;
     }
-}
-
-/// What a collection did (`GET /v1/gc/{job}`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct GcReport {
-    pub job: String,
-    pub dry_run: bool,
-    pub grace_s: u64,
-    pub started_unix: u64,
-    pub seconds: f64,
-    /// Objects younger than this (Unix milliseconds) were kept whatever they are.
-    pub cutoff_unix_ms: u64,
-    /// Referenced: map objects and chunks by name, logs and open sessions by prefix.
-    pub marked: BTreeMap<ObjectFamily, u64>,
-    /// Objects listed under the swept prefixes.
-    pub scanned: u64,
-    /// Deleted (with `dry_run`: would be deleted), by family.
-    pub freed: BTreeMap<ObjectFamily, Count>,
-    pub freed_total: Count,
-    /// Unreferenced but inside the grace period (or written after the collection started).
-    pub kept_young: Count,
-    /// Unreferenced and old, but an upload stored or reused it while the collection ran.
-    pub kept_in_use: Count,
-    /// Staging files interrupted writes left in a local vault (`<key>#<n>`), older than the
-    /// cutoff and than [`STAGING_MIN_AGE_MS`]: removed (with `dry_run`: would be removed).
-    #[serde(default)]
-    pub staging_leftovers: Count,
 }
 
 /// Staging files younger than this are never removed, whatever the grace period: a write in

@@ -57,20 +57,10 @@ use crate::replica::Replicas;
 use crate::store::{Key, StoreError};
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
+pub use crate::wire::{ObjectFamily, Started};
 
 /// Default grace period of garbage collection: 24 hours and 5 minutes.
 pub const DEFAULT_GRACE_S: u64 = 24 * 3600 + 300;
-
-/// Families of objects, as reports name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ObjectFamily {
-    Chunk,
-    Map,
-    Log,
-    Receipt,
-    Record,
-}
 
 impl ObjectFamily {
     pub fn word(self) -> &'static str {
@@ -137,12 +127,6 @@ pub struct Scrub {
     /// The maintenance job running now, if any.
     running: Arc<Mutex<Option<String>>>,
     pub(crate) default_grace_s: u64,
-}
-
-/// Answer to starting a job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Started {
-    pub job: String,
 }
 
 impl Scrub {

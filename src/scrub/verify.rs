@@ -24,7 +24,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
 
 use super::refs::{self, MapWalk, RecordOwner, Roots};
 use super::{ObjectFamily, Problem, Scrub};
@@ -35,24 +34,13 @@ use crate::jobs::JobState;
 use crate::replica::damage::{Affected, DamagedObject};
 use crate::store::{Key, StoreError};
 use crate::vault::layout;
+pub use crate::wire::{Checked, DamagedPoint, VerifyReport, VerifyRequest};
 
 pub(super) const STEPS: &[&str] = &[
     "Collect references",
     "Read and check objects",
     "Quarantine and register damage",
 ];
-
-/// `POST /v1/verify`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VerifyRequest {
-    /// Only this VM's objects (default: every VM).
-    #[serde(default)]
-    pub vm: Option<String>,
-    /// Share of chunks and log frames to read, 0 < p ≤ 100 (default 100).
-    #[serde(default)]
-    pub sample_percent: Option<f64>,
-}
 
 impl VerifyRequest {
     pub fn validate(&self) -> Result<()> {
@@ -75,47 +63,6 @@ impl VerifyRequest {
     fn whole(&self) -> bool {
         self.vm.is_none() && self.sample_percent.unwrap_or(100.0) >= 100.0
     }
-}
-
-/// Objects and plaintext bytes read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Checked {
-    pub objects: u64,
-    pub bytes: u64,
-}
-
-/// A point that needs a damaged object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DamagedPoint {
-    pub vm: String,
-    pub point: String,
-    pub objects: Vec<String>,
-}
-
-/// What a verify found (`GET /v1/verify/{job}`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VerifyReport {
-    pub job: String,
-    pub vm: Option<String>,
-    pub sample_percent: f64,
-    /// Chunks and frames written before this time were not read (scheduled verify).
-    pub since_unix: Option<u64>,
-    pub started_unix: u64,
-    pub seconds: f64,
-    pub checked: BTreeMap<ObjectFamily, Checked>,
-    /// Plaintext bytes read and checked per second, in MB (10^6).
-    pub mb_per_s: f64,
-    /// Every object this run found damaged or missing (new or already registered), with what
-    /// was done about it and what needs it.
-    pub damaged: Vec<DamagedObject>,
-    /// Registered objects that read back sound now (re-uploaded or restored).
-    pub healed: Vec<String>,
-    /// Registered objects nothing references any more (dropped from the register).
-    pub unreferenced: Vec<String>,
-    /// Points now marked damaged.
-    pub damaged_points: Vec<DamagedPoint>,
-    /// Nothing damaged, nothing registered in the scope.
-    pub clean: bool,
 }
 
 /// Picks objects to read: registered ones always; others by age (schedule) and sample share.

@@ -5,7 +5,6 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 
 use super::octets;
 use crate::api::auth::{AgentHost, Operator};
@@ -13,6 +12,7 @@ use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, DiskName, VmName};
 use crate::api::AppState;
 use crate::error::Error;
+use crate::wire::FailbackCommitRequest;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -109,14 +109,6 @@ async fn show_failback(
     Ok(Json(s.failovers.failback_record(&vm).await?.ok_or_else(
         || Error::not_found("no_failback", format!("VM {vm} has no failback")),
     )?))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FailbackCommitRequest {
-    /// Commit even if a disk was not synchronized (its on-premises copy is stale).
-    #[serde(default)]
-    force: bool,
 }
 
 async fn commit_failback(

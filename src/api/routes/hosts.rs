@@ -6,12 +6,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, HostName, ProviderName};
 use crate::api::AppState;
+use crate::wire::{AddHost, AddProvider, Credentials, HostView, ProviderView};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -22,34 +22,6 @@ pub(super) fn routes() -> Router<AppState> {
             "/v1/providers/{name}",
             axum::routing::delete(remove_provider),
         )
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddHost {
-    name: String,
-    #[serde(default)]
-    cloud: Option<String>,
-}
-
-/// What an agent needs to connect: written to a credentials file by the CLI.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Credentials {
-    /// "host" or "provider".
-    pub kind: String,
-    pub name: String,
-    pub cloud: Option<String>,
-    pub server: String,
-    pub token: String,
-    pub ca_cert_pem: String,
-}
-
-#[derive(Serialize)]
-struct HostView {
-    name: String,
-    cloud: Option<String>,
-    created: String,
-    vms: Vec<String>,
 }
 
 async fn list_hosts(_: Operator, State(s): State<AppState>) -> Json<Vec<HostView>> {
@@ -101,20 +73,6 @@ async fn remove_host(
     s.registry.remove_host(&host).await?;
     tracing::info!(%host, "host removed; its token is revoked");
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddProvider {
-    name: String,
-    cloud: String,
-}
-
-#[derive(Serialize)]
-struct ProviderView {
-    name: String,
-    cloud: String,
-    created: String,
 }
 
 async fn list_providers(_: Operator, State(s): State<AppState>) -> Json<Vec<ProviderView>> {

@@ -6,7 +6,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{post, put};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 
 use super::read_block_body;
 use crate::api::auth::AgentHost;
@@ -15,6 +14,7 @@ use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskName, LogId, Quer
 use crate::api::AppState;
 use crate::catalog::VmSpec;
 use crate::ingest::{CompleteRequest, ReceivedQuery};
+use crate::wire::{LogQuery, MissingBlocks};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -67,11 +67,6 @@ async fn agent_get_vm(
     Ok(Json(s.overview.view(&rec).await))
 }
 
-#[derive(Serialize, Deserialize)]
-pub struct MissingBlocks {
-    pub missing: Vec<u64>,
-}
-
 async fn agent_query_blocks(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
@@ -114,15 +109,6 @@ async fn agent_complete_disk(
 ) -> ApiResult<Json<crate::catalog::DiskView>> {
     let req: CompleteRequest = read_json(body).await?;
     Ok(Json(s.ingest.complete_disk(&host, &vm, &disk, &req).await?))
-}
-
-#[derive(Deserialize)]
-struct LogQuery {
-    cycle: Option<u64>,
-    #[serde(default)]
-    app_consistent: bool,
-    #[serde(default, rename = "final")]
-    final_log: bool,
 }
 
 async fn agent_put_log(

@@ -3,24 +3,19 @@
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
 use crate::api::extract::{JobId, Query};
 use crate::api::AppState;
 use crate::error::Error;
+use crate::wire::JobsQuery;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/resume", post(resume_job))
-}
-
-#[derive(Deserialize)]
-struct JobsQuery {
-    vm: Option<String>,
 }
 
 async fn list_jobs(

@@ -26,10 +26,6 @@ mod scrub;
 mod system;
 mod vms;
 
-pub use hosts::Credentials;
-pub use ingest::MissingBlocks;
-pub use vms::MapView;
-
 pub fn routes() -> Router<AppState> {
     Router::new()
         .merge(system::routes())
@@ -45,8 +41,7 @@ pub fn routes() -> Router<AppState> {
         .merge(scrub::routes())
 }
 
-/// Header carrying a block's plain BLAKE3 (hex), on uploads and downloads.
-pub const BLAKE3_HEADER: &str = "x-drvault-blake3";
+pub use crate::wire::BLAKE3_HEADER;
 
 pub async fn not_found() -> ApiError {
     Error::not_found("no_such_route", "no such route; see docs/api.md").into()

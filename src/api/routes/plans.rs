@@ -5,12 +5,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
 
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, PlanName};
 use crate::api::AppState;
+use crate::wire::Started;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -41,11 +41,6 @@ async fn get_plan(
     PlanName(p): PlanName,
 ) -> ApiResult<Json<crate::failover::plan::Plan>> {
     Ok(Json(s.plans.get(&p).await?))
-}
-
-#[derive(Serialize)]
-struct Started {
-    job: String,
 }
 
 async fn start_plan(

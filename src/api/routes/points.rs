@@ -4,12 +4,12 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
 
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, VmName};
 use crate::api::AppState;
+use crate::wire::MergeRequest;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -23,17 +23,6 @@ async fn list_points(
     VmName(vm): VmName,
 ) -> ApiResult<Json<Vec<crate::replica::points::PointView>>> {
     Ok(Json(s.replicas.points_and_incomplete(&vm).await?))
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct MergeRequest {
-    /// Merge every log, not only those past the retention window.
-    #[serde(default)]
-    all: bool,
-    /// Merge every log up to and including this point (`c<cycle>`).
-    #[serde(default)]
-    through: Option<String>,
 }
 
 async fn merge_vm(

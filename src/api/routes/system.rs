@@ -5,11 +5,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
 
 use crate::api::auth::Operator;
 use crate::api::AppState;
 use crate::vault::layout;
+use crate::wire::ServerInfo;
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -76,15 +76,9 @@ async fn metrics(State(s): State<AppState>) -> Response {
     }
 }
 
-#[derive(Serialize)]
-struct ServerInfo {
-    version: &'static str,
-    block_size: u32,
-}
-
 async fn server_info(_: Operator, State(s): State<AppState>) -> Json<ServerInfo> {
     Json(ServerInfo {
-        version: env!("CARGO_PKG_VERSION"),
+        version: env!("CARGO_PKG_VERSION").to_string(),
         block_size: s.catalog.block_size(),
     })
 }

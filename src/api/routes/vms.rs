@@ -6,7 +6,6 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
 
 use super::BLAKE3_HEADER;
 use crate::api::auth::Operator;
@@ -15,6 +14,7 @@ use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskName, NicIndex, Q
 use crate::api::AppState;
 use crate::error::Error;
 use crate::replica::MapEntry;
+use crate::wire::{MapView, PointQuery};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -39,26 +39,6 @@ async fn get_vm(
     CallerVm { record: rec, .. }: CallerVm,
 ) -> ApiResult<Json<crate::catalog::VmView>> {
     Ok(Json(s.overview.view(&rec).await))
-}
-
-/// A disk's map as the export client needs it: geometry and the data blocks with their hashes.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MapView {
-    pub size: u64,
-    pub block_size: u32,
-    pub blocks: u64,
-    /// Data blocks only: `[index, plain BLAKE3 hex]`; every other block is zero. At a recovery
-    /// point, blocks written by logs have an empty hash (computed when the block is read; the
-    /// block response carries it).
-    pub data: Vec<(u64, String)>,
-    /// The recovery point these blocks are of (`None`: the base map).
-    #[serde(default)]
-    pub point: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct PointQuery {
-    point: Option<String>,
 }
 
 async fn get_map(

@@ -10,7 +10,11 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::api::error::ErrorBody;
+use crate::wire::{ErrorBody, ACTING_HOST_HEADER};
+
+pub mod export;
+mod routes;
+pub use routes::{BlockDownload, SyncFlow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -108,7 +112,7 @@ impl Client {
             .request(method, format!("{}{}", self.base, path))
             .bearer_auth(&self.token);
         if let Some(h) = &self.acting_host {
-            r = r.header(crate::api::auth::ACTING_HOST_HEADER, h);
+            r = r.header(ACTING_HOST_HEADER, h);
         }
         r
     }
@@ -159,6 +163,18 @@ impl Client {
         body: &B,
     ) -> Result<T, ClientError> {
         let r = self.send(self.req(method, path).json(body)).await?;
+        r.json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// A request without a body; JSON answer.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<T, ClientError> {
+        let r = self.send(self.req(method, path)).await?;
         r.json()
             .await
             .map_err(|e| ClientError::Decode(e.to_string()))

@@ -1,0 +1,76 @@
+//! `drvault serve` and `drvault status`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use super::init_logging;
+use super::operator::Conn;
+
+pub(super) async fn serve(
+    config: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+) -> Result<i32> {
+    let mut cfg = match &config {
+        Some(p) => crate::config::Config::load(p)?,
+        None => crate::config::Config::default(),
+    };
+    if let Some(d) = data_dir {
+        cfg.server.data_dir = d;
+    }
+    if let Some(l) = listen {
+        cfg.server.listen = l;
+    }
+    cfg.validate()?;
+    init_logging("info", cfg.server.log_format == "json");
+    let prepared = crate::server::prepare(cfg.clone()).await?;
+    let dd = &cfg.server.data_dir;
+    println!(
+        "drvault {} serving {}",
+        env!("CARGO_PKG_VERSION"),
+        prepared.url
+    );
+    println!("  vault           {}", cfg.vault_url()?);
+    println!("  master key      {}", cfg.master_key_path().display());
+    println!(
+        "  operator token  {}",
+        dd.join(crate::server::OPERATOR_TOKEN_FILE).display()
+    );
+    println!(
+        "  server file     {}",
+        dd.join(crate::server::SERVER_FILE).display()
+    );
+    println!(
+        "  console         {}/ (sign in with the operator token)",
+        prepared.url
+    );
+    println!("  metrics         {}/metrics", prepared.url);
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    crate::server::run(prepared, crate::server::shutdown_signal()).await;
+    Ok(0)
+}
+
+pub(super) async fn status(wait: Option<Duration>, conn: Conn) -> Result<i32> {
+    let deadline = std::time::Instant::now() + wait.unwrap_or_default();
+    loop {
+        // server.json appears once the server listens; a stale one from a stopped server
+        // fails to connect: both are retried while --wait lasts.
+        let answer = async {
+            let c = conn.client()?;
+            let info = c.server_info().await?;
+            Ok::<_, anyhow::Error>((c.base().to_string(), info))
+        }
+        .await;
+        match answer {
+            Ok((url, info)) => {
+                println!("drvault {} answers at {url}", info.version);
+                return Ok(0);
+            }
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

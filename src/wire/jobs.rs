@@ -1,0 +1,70 @@
+//! Jobs (`/v1/jobs`).
+
+use serde::{Deserialize, Serialize};
+
+/// Query of the job list: only this VM's jobs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobsQuery {
+    pub vm: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    EnableProtection,
+    FinalizeProtection,
+    Merge,
+    TestFailover,
+    PlannedFailover,
+    UnplannedFailover,
+    FailoverCleanup,
+    FailoverCommit,
+    RecoveryPlan,
+    Resync,
+    Failback,
+    Verify,
+    GarbageCollection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    WaitingForInput,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobStep {
+    pub name: String,
+    pub state: JobState,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobError {
+    pub code: String,
+    pub message: String,
+    pub recoverable: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Job {
+    pub id: String,
+    pub kind: JobKind,
+    pub title: String,
+    pub vm: Option<String>,
+    pub state: JobState,
+    /// 0.0 ..= 1.0
+    pub progress: f64,
+    pub steps: Vec<JobStep>,
+    pub created_unix: u64,
+    pub started_unix: Option<u64>,
+    pub ended_unix: Option<u64>,
+    pub error: Option<JobError>,
+    /// While the job waits (`waiting_for_input`): what for, e.g. the disks whose final log a
+    /// planned failover still needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+}

@@ -1,0 +1,46 @@
+//! The wire contract of the `/v1/` API: every request and response body, the header names and
+//! the error body, shared by the server (`api`), the client, the CLI and the agent. This module
+//! depends on serde and std only (and on its own items), so a client can use it without the
+//! server's modules. docs/api.md describes the routes these bodies travel on.
+
+use serde::{Deserialize, Serialize};
+
+pub mod failback;
+pub mod failover;
+pub mod hosts;
+pub mod ingest;
+pub mod jobs;
+pub mod keys;
+pub mod plans;
+pub mod points;
+pub mod resync;
+pub mod scrub;
+pub mod server;
+pub mod vms;
+
+pub use failback::*;
+pub use failover::*;
+pub use hosts::*;
+pub use ingest::*;
+pub use jobs::*;
+pub use keys::*;
+pub use plans::*;
+pub use points::*;
+pub use resync::*;
+pub use scrub::*;
+pub use server::*;
+pub use vms::*;
+
+/// Header carrying a block's plain BLAKE3 (hex), on uploads and downloads.
+pub const BLAKE3_HEADER: &str = "x-drvault-blake3";
+
+/// Header a provider uses to name the host it acts for.
+pub const ACTING_HOST_HEADER: &str = "x-drvault-host";
+
+/// The JSON body of every error response (documented in docs/api.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    pub recoverable: bool,
+}
