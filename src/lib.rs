@@ -99,6 +99,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod journal;
 pub mod overview;
+pub mod progress;
 pub mod replica;
 pub mod scrub;
 pub mod server;

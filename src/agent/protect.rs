@@ -14,7 +14,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use super::backoff::Backoff;
@@ -250,7 +249,7 @@ async fn upload_pass(
     let image = d.image.clone();
     let reader = tokio::task::spawn_blocking(move || read_blocks(&*image, block_size, tx));
 
-    let bar = progress_bar(opts.progress, size, &d.id);
+    let bar = crate::progress::progress_bar(opts.progress, size, &d.id);
     let mut hashes: Vec<Option<PlainHash>> = vec![None; nblocks as usize];
     let (mut data_blocks, mut zero_blocks) = (0u64, 0u64);
     let mut done = false;
@@ -469,40 +468,4 @@ pub fn disk_digest(hashes: &[Option<PlainHash>], size: u64, block_size: u32) -> 
         h.update(&v.0);
     }
     PlainHash(*h.finalize().as_bytes())
-}
-
-pub fn progress_bar(enabled: bool, total: u64, label: &str) -> ProgressBar {
-    styled_bar(
-        enabled,
-        total,
-        label,
-        "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-    )
-}
-
-/// Positions of a [`fraction_bar`]: set `(fraction * FRACTION_STEPS)`.
-pub const FRACTION_STEPS: u64 = 1000;
-
-/// A progress bar for work known only as a fraction done (a server job): a percentage, no
-/// byte units or rates that would be about the scale, not the data.
-pub fn fraction_bar(enabled: bool, label: &str) -> ProgressBar {
-    styled_bar(
-        enabled,
-        FRACTION_STEPS,
-        label,
-        "{prefix:>10} [{bar:30}] {percent:>3}% {msg} ({elapsed})",
-    )
-}
-
-fn styled_bar(enabled: bool, total: u64, label: &str, template: &str) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr_with_hz(4));
-    let style = ProgressStyle::with_template(template)
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    bar.set_style(style);
-    bar.set_prefix(label.to_string());
-    bar
 }

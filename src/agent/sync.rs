@@ -124,7 +124,7 @@ pub(crate) async fn run<D: Direction>(
         hash_bytes: theirs.len() as u64 * 32,
         ..Default::default()
     };
-    let bar = super::protect::progress_bar(p.progress, p.size, p.label);
+    let bar = crate::progress::progress_bar(p.progress, p.size, p.label);
     let mut rx = read_blocks(image, p.block_size, 8);
     let mut ours = Vec::with_capacity(p.blocks as usize);
     let mut inflight = futures_util::stream::FuturesUnordered::new();

@@ -53,7 +53,7 @@ pub struct VmRecord {
     pub finalize_job: Option<String>,
     /// Per-NIC failover overrides by NIC index (target subnet, static IP, public address, skip).
     #[serde(default)]
-    pub nic_overrides: BTreeMap<u32, crate::failover::definition::NicOptions>,
+    pub nic_overrides: BTreeMap<u32, crate::wire::NicOptions>,
 }
 
 /// The vault's record of one disk.
@@ -537,7 +537,7 @@ impl Catalog {
         &self,
         vm: &str,
         index: u32,
-        o: Option<crate::failover::definition::NicOptions>,
+        o: Option<crate::wire::NicOptions>,
     ) -> Result<VmRecord> {
         let rec = self.vm_for(None, vm).await?;
         if index as usize >= rec.spec.nics.len() {
@@ -644,8 +644,8 @@ pub fn complete_disk_view(r: &DiskRecord) -> DiskView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::failover::definition::NicOptions;
     use crate::services::testing::{memory, reload, spec};
+    use crate::wire::NicOptions;
 
     fn with_nics(mut s: VmSpec, n: usize) -> VmSpec {
         s.nics = (0..n)

@@ -79,8 +79,8 @@ pub(super) async fn jobs(
 
 /// Follows a job until it ends, showing its progress.
 pub(super) async fn wait_job(c: &Client, id: &str) -> Result<Job> {
-    use crate::agent::protect::FRACTION_STEPS;
-    let bar = crate::agent::protect::fraction_bar(console(), "job");
+    use crate::progress::FRACTION_STEPS;
+    let bar = crate::progress::fraction_bar(console(), "job");
     let mut told: Option<String> = None;
     loop {
         let j = c.job(&id).await?;

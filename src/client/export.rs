@@ -34,7 +34,7 @@ pub async fn export(
         return Err(e).with_context(writing);
     }
     let file = Arc::new(file);
-    let bar = crate::agent::protect::progress_bar(
+    let bar = crate::progress::progress_bar(
         progress,
         map.data.len() as u64 * map.block_size as u64,
         disk,

@@ -28,10 +28,10 @@ use crate::chunk::pipeline::BlockPut;
 use crate::chunk::{ChunkName, ChunkStore};
 use crate::error::{Error, Result};
 use crate::replica::blockmap::{MapEntry, MapRoot};
-use crate::scrub::ObjectFamily;
 use crate::store::PutOutcome;
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
+use crate::wire::ObjectFamily;
 pub use crate::wire::{Affected, DamageRecord, DamagedObject};
 
 impl DamageRecord {

@@ -7,6 +7,7 @@ mod common;
 mod emulators;
 
 mod api_auth;
+mod architecture;
 mod azure_e2e;
 mod bench_smoke;
 mod concurrency;
