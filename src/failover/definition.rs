@@ -37,7 +37,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::ipam::{Allocations, NicRequest, Rule};
+use super::address::{Allocations, NicRequest, Rule};
 use super::network::{
     host_network_name, Ipv4Cidr, NetworkConfig, Subnet, TargetNetwork, RESERVED_AT_START,
 };

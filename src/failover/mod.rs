@@ -3,14 +3,14 @@
 //!
 //! - [`network`]: target networks, subnets and the source → target network mapping from the
 //!   server config, with line-accurate validation; the IPv4 prefix type.
-//! - [`ipam`]: which address each failed-over NIC gets (static, kept source IP, or next free),
+//! - [`address`]: which address each failed-over NIC gets (static, kept source IP, or next free),
 //!   as pure state the caller persists with compare-and-swap.
 //! - [`definition`]: the VM definition written next to the disks (vm.json) and its renderings
 //!   as libvirt domain/network XML and as a qemu command line.
 
 pub mod definition;
 pub mod failback;
-pub mod ipam;
+pub mod address;
 pub mod network;
 pub mod output;
 pub mod plan;

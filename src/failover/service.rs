@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::definition::{
     self, DiskDefinition, FailoverInfo, FailoverKind, Firmware, NicOptions, VmDefinition,
 };
-use super::ipam::Allocations;
+use super::address::Allocations;
 use super::network::NetworkConfig;
 use super::output::{AlignedBuf, DiskOutput};
 use crate::chunk::digest::is_zero;
