@@ -8,10 +8,14 @@
 //! - [`definition`]: the VM definition written next to the disks (vm.json) and its renderings
 //!   as libvirt domain/network XML and as a qemu command line.
 
+pub mod address;
+pub mod choose;
 pub mod definition;
 pub mod failback;
-pub mod address;
+pub mod libvirt;
+pub mod materialize;
 pub mod network;
 pub mod output;
 pub mod plan;
+pub mod qemu;
 pub mod service;

@@ -14,27 +14,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use super::address::Allocations;
 use super::definition::{
     self, DiskDefinition, FailoverInfo, FailoverKind, Firmware, NicOptions, VmDefinition,
 };
-use super::address::Allocations;
 use super::network::NetworkConfig;
-use super::output::{AlignedBuf, DiskOutput};
-use crate::chunk::digest::is_zero;
-use crate::chunk::{ChunkStore, SealError};
+pub use super::qemu::public_forwards;
+use super::qemu::shell_quote;
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
-use crate::protection::points::PinnedReader;
 use crate::protection::{Protection, VmState};
-use crate::replica::point::PointReader;
-use crate::replica::MapEntry;
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
-
-const MIB: u64 = 1024 * 1024;
 
 /// What the operator asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -96,16 +89,16 @@ pub struct FailoverView {
 
 #[derive(Clone)]
 pub struct Failovers {
-    vault: Vault,
+    pub(super) vault: Vault,
     pub(super) protection: Protection,
-    jobs: Jobs,
+    pub(super) jobs: Jobs,
     pub(super) target_hashes: super::failback::TargetHashes,
-    networks: Arc<NetworkConfig>,
+    pub(super) networks: Arc<NetworkConfig>,
     output: PathBuf,
     planned_wait: Duration,
     running: Arc<tokio::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// VMs whose planned failover an operator told to stop waiting for the final logs.
-    cancelled: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    pub(super) cancelled: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Failovers {
@@ -491,82 +484,6 @@ impl Failovers {
         Ok((point.id, files))
     }
 
-    /// Planned failover: every disk's newest log must be flagged final; wait for it, telling
-    /// the job which disks are still missing theirs, until `wait` ends or an operator cancels.
-    async fn wait_final(
-        &self,
-        vm: &str,
-        job: &str,
-        wait: Duration,
-    ) -> Result<crate::protection::points::PointView> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut told: Option<String> = None;
-        loop {
-            let points = self.protection.points(vm).await?;
-            if let Some(p) = points.iter().rev().find(|p| p.final_point) {
-                return Ok(p.clone());
-            }
-            let missing = self.disks_without_final_log(vm).await?;
-            let text = format!(
-                "the final log (sent with --final after the source VM shut down) of {} {}; waiting up to {} s",
-                if missing.len() == 1 { "disk" } else { "disks" },
-                missing.join(", "),
-                wait.as_secs()
-            );
-            if told.as_deref() != Some(text.as_str()) {
-                let total = self
-                    .protection
-                    .vm_for(None, vm)
-                    .await?
-                    .spec
-                    .disks
-                    .len()
-                    .max(1);
-                let done = total.saturating_sub(missing.len());
-                let t = text.clone();
-                self.jobs
-                    .modify(job, move |j| {
-                        j.waiting_for = Some(t.clone());
-                        j.progress = 0.1 * done as f64 / total as f64;
-                    })
-                    .await?;
-                told = Some(text);
-            }
-            let cancelled = self
-                .cancelled
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(vm);
-            if cancelled {
-                return Err(Error::conflict(
-                    "failover_cancelled",
-                    format!("planned failover of VM {vm} cancelled while it waited for the final logs of {}", missing.join(", ")),
-                ));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Conflict {
-                    code: "final_log_timeout",
-                    message: format!("planned failover of VM {vm}: the final log (sent with --final after the VM shut down) of {} did not arrive within {} s", missing.join(", "), wait.as_secs()),
-                    recoverable: true,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    /// The VM's disks whose newest log is not flagged final.
-    async fn disks_without_final_log(&self, vm: &str) -> Result<Vec<String>> {
-        let rec = self.protection.vm_for(None, vm).await?;
-        let mut out = Vec::new();
-        for d in &rec.spec.disks {
-            let (_, disk) = self.protection.disk_for(None, vm, &d.id).await?;
-            if !disk.journal.last().is_some_and(|e| e.final_log) {
-                out.push(d.id.clone());
-            }
-        }
-        Ok(out)
-    }
-
     /// Stops a planned failover that waits for the final logs: it ends failed
     /// (`failover_cancelled`), having written nothing, and the VM stays protected.
     pub async fn cancel(&self, vm: &str) -> Result<FailoverRecord> {
@@ -589,106 +506,6 @@ impl Failovers {
             .unwrap_or_else(|e| e.into_inner())
             .insert(vm.to_string());
         Ok(cur)
-    }
-
-    /// Writes one disk at a point as a fixed VHD: size rounded up to whole MiB (Azure's rule),
-    /// zero blocks left as holes, every block verified, fsynced. Returns (original, virtual) size.
-    async fn materialize(&self, reader: PinnedReader, path: &Path) -> Result<(u64, u64)> {
-        let blocks = reader.data_blocks();
-        let size = reader.base().disk_size();
-        let virt = size.div_ceil(MIB) * MIB;
-        let out = DiskOutput::create(path, virt + 512).map_err(|e| {
-            Error::local_write(&e, format!("creating {}: {e}", path.display()), |m| {
-                Error::invalid("output_not_writable", m)
-            })
-        })?;
-        let out = Arc::new(out);
-        let bs = reader.base().block_size() as u64;
-        let chunks = self.vault.chunks.clone();
-        // One aligned buffer per block in flight, reused: a fresh 4 MiB buffer per block costs
-        // its page faults and zeroing every time.
-        let buffers = Arc::new(std::sync::Mutex::new(Vec::<AlignedBuf>::new()));
-        let mut writes = futures_util::stream::iter(blocks.into_iter().map(|(i, _)| {
-            let (reader, chunks, out) = (reader.clone(), chunks.clone(), out.clone());
-            let buffers = buffers.clone();
-            async move {
-                let write_err = |e: std::io::Error| {
-                    Error::local_write(&e, format!("writing disk: {e}"), |m| {
-                        Error::invalid("output_not_writable", m)
-                    })
-                };
-                let joined = |e: tokio::task::JoinError| Error::internal(e.to_string());
-                let buf = buffers.lock().ok().and_then(|mut b| b.pop());
-                match chunk_block(&reader, &chunks, i, buf, bs as usize).await? {
-                    Some((buf, n)) => {
-                        let out = out.clone();
-                        let buf = tokio::task::spawn_blocking(move || {
-                            out.write_at(buf.window(n), i * bs).map(|()| buf)
-                        })
-                        .await
-                        .map_err(joined)?
-                        .map_err(write_err)?;
-                        if let Ok(mut b) = buffers.lock() {
-                            b.push(buf);
-                        }
-                    }
-                    None => {
-                        // Logs patch this block: it comes from the point reader, which copies.
-                        // A block logs zeroed stays a hole (checked off the runtime: 4 MiB).
-                        let bytes = reader.read_block(i).await?.0;
-                        tokio::task::spawn_blocking(move || {
-                            if is_zero(&bytes) {
-                                return Ok(());
-                            }
-                            out.write_at(&bytes, i * bs)
-                        })
-                        .await
-                        .map_err(joined)?
-                        .map_err(write_err)?;
-                    }
-                }
-                Ok::<(), Error>(())
-            }
-        }))
-        .buffer_unordered(MATERIALIZE_IN_FLIGHT);
-        while let Some(r) = writes.next().await {
-            r?;
-        }
-        let mut uid = [0u8; 16];
-        crate::util::fill_random(&mut uid);
-        let footer = crate::format::vhd::fixed_footer(
-            virt,
-            uid,
-            crate::format::vhd::vhd_timestamp(crate::util::unix_now()),
-        )
-        .map_err(|e| Error::internal(format!("VHD footer: {e}")))?;
-        drop(writes);
-        tokio::task::spawn_blocking(move || out.finish(&footer, virt))
-            .await
-            .map_err(|e| Error::internal(e.to_string()))?
-            .map_err(|e| {
-                Error::local_write(&e, format!("finishing disk: {e}"), |m| {
-                    Error::invalid("output_not_writable", m)
-                })
-            })?;
-        Ok((size, virt))
-    }
-
-    async fn release(&self, failover_id: &str) -> Result<()> {
-        self.vault
-            .records
-            .update(
-                &layout::record(Family::Ipam, "main"),
-                |cur: Option<&Allocations>| {
-                    let mut a = cur.cloned().unwrap_or_default();
-                    if a.release(failover_id).is_empty() {
-                        return Ok(None);
-                    }
-                    Ok(Some(a))
-                },
-            )
-            .await?;
-        Ok(())
     }
 
     /// Ends the failovers a previous server process left running (their task died with it) as
@@ -848,41 +665,6 @@ impl Failovers {
     }
 }
 
-/// Blocks read, verified and written at once per disk being materialized: enough to keep every
-/// CPU thread decrypting and decompressing while other blocks are read from the store or
-/// copied into the output file.
-const MATERIALIZE_IN_FLIGHT: usize = 8;
-
-/// A block no log of the point writes, read straight from its chunk into an aligned buffer
-/// (`buf`, or a new one of `block_size`): `get_block_into` checks the seal's tag and that the
-/// content derives the chunk's name, and the map's hash is compared here. Returns the buffer
-/// and the block's length; `None` for a block logs patch, which the caller reads through
-/// `PointReader::read_block` (it copies the bytes and hashes them a second time, which on a full
-/// disk would cost about a fifth of the materialization's CPU).
-async fn chunk_block(
-    reader: &PointReader,
-    chunks: &ChunkStore,
-    index: u64,
-    buf: Option<AlignedBuf>,
-    block_size: usize,
-) -> Result<Option<(AlignedBuf, usize)>> {
-    if reader.is_touched(index) {
-        return Ok(None);
-    }
-    let Some(MapEntry::Data { name, hash }) = reader.base().get(index) else {
-        return Ok(None);
-    };
-    let buf = buf.unwrap_or_else(|| AlignedBuf::new(block_size));
-    let at = buf.start();
-    let (vec, n, got) = chunks.get_block_into(&name, buf.into_vec(), at).await?;
-    if !got.ct_eq(&hash) {
-        return Err(Error::Corrupt(SealError::ContentMismatch {
-            name: name.to_hex(),
-        }));
-    }
-    Ok(Some((AlignedBuf::from_vec(vec), n)))
-}
-
 /// The VM's stored NIC overrides with the request's on top.
 fn merged_nic_options(
     rec: &crate::protection::VmRecord,
@@ -894,32 +676,6 @@ fn merged_nic_options(
         out.insert(*i, o.over(&base));
     }
     out
-}
-
-/// Host port for a NIC's public address: 20000 + the low 15 bits of its address, so every
-/// address of a /17 gets its own port; forwarded to the guest's SSH port (22).
-pub fn public_forwards(def: &VmDefinition) -> Vec<definition::HostForward> {
-    def.nics
-        .iter()
-        .filter(|n| n.public_ip)
-        .map(|n| definition::HostForward {
-            nic_index: n.index,
-            proto: definition::Proto::Tcp,
-            host_addr: std::net::Ipv4Addr::UNSPECIFIED,
-            host_port: 20000 + (u32::from(n.ip) & 0x7fff) as u16,
-            guest_port: 22,
-        })
-        .collect()
-}
-
-fn shell_quote(s: &str) -> String {
-    if s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_./=,:".contains(&b))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
 }
 
 fn sync_dir(dir: &Path) {
