@@ -8,11 +8,9 @@ use futures_util::StreamExt;
 use super::output::{AlignedBuf, DiskOutput};
 use super::service::Failovers;
 use crate::chunk::digest::is_zero;
-use crate::chunk::{ChunkStore, SealError};
 use crate::error::{Error, Result};
 use crate::protection::points::PinnedReader;
-use crate::replica::point::PointReader;
-use crate::replica::MapEntry;
+use crate::replica::point::ReadInto;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -34,12 +32,11 @@ impl Failovers {
         })?;
         let out = Arc::new(out);
         let bs = reader.base().block_size() as u64;
-        let chunks = self.vault.chunks.clone();
         // One aligned buffer per block in flight, reused: a fresh 4 MiB buffer per block costs
         // its page faults and zeroing every time.
         let buffers = Arc::new(std::sync::Mutex::new(Vec::<AlignedBuf>::new()));
         let mut writes = futures_util::stream::iter(blocks.into_iter().map(|(i, _)| {
-            let (reader, chunks, out) = (reader.clone(), chunks.clone(), out.clone());
+            let (reader, out) = (reader.clone(), out.clone());
             let buffers = buffers.clone();
             async move {
                 let write_err = |e: std::io::Error| {
@@ -48,29 +45,36 @@ impl Failovers {
                     })
                 };
                 let joined = |e: tokio::task::JoinError| Error::internal(e.to_string());
-                let buf = buffers.lock().ok().and_then(|mut b| b.pop());
-                match chunk_block(&reader, &chunks, i, buf, bs as usize).await? {
-                    Some((buf, n)) => {
-                        let out = out.clone();
+                let give_back = |buf: AlignedBuf| {
+                    if let Ok(mut b) = buffers.lock() {
+                        b.push(buf);
+                    }
+                };
+                let buf = buffers
+                    .lock()
+                    .ok()
+                    .and_then(|mut b| b.pop())
+                    .unwrap_or_else(|| AlignedBuf::new(bs as usize));
+                let at = buf.start();
+                match reader.read_block_into(i, buf.into_vec(), at).await? {
+                    ReadInto::Filled { buf, len } => {
+                        let buf = AlignedBuf::from_vec(buf);
                         let buf = tokio::task::spawn_blocking(move || {
-                            out.write_at(buf.window(n), i * bs).map(|()| buf)
+                            out.write_at(buf.window(len), i * bs).map(|()| buf)
                         })
                         .await
                         .map_err(joined)?
                         .map_err(write_err)?;
-                        if let Ok(mut b) = buffers.lock() {
-                            b.push(buf);
-                        }
+                        give_back(buf);
                     }
-                    None => {
-                        // Logs patch this block: it comes from the point reader, which copies.
+                    ReadInto::Copied { buf, data } => {
+                        give_back(AlignedBuf::from_vec(buf));
                         // A block logs zeroed stays a hole (checked off the runtime: 4 MiB).
-                        let bytes = reader.read_block(i).await?.0;
                         tokio::task::spawn_blocking(move || {
-                            if is_zero(&bytes) {
+                            if is_zero(&data) {
                                 return Ok(());
                             }
-                            out.write_at(&bytes, i * bs)
+                            out.write_at(&data, i * bs)
                         })
                         .await
                         .map_err(joined)?
@@ -109,33 +113,3 @@ impl Failovers {
 /// CPU thread decrypting and decompressing while other blocks are read from the store or
 /// copied into the output file.
 const MATERIALIZE_IN_FLIGHT: usize = 8;
-
-/// A block no log of the point writes, read straight from its chunk into an aligned buffer
-/// (`buf`, or a new one of `block_size`): `get_block_into` checks the seal's tag and that the
-/// content derives the chunk's name, and the map's hash is compared here. Returns the buffer
-/// and the block's length; `None` for a block logs patch, which the caller reads through
-/// `PointReader::read_block` (it copies the bytes and hashes them a second time, which on a full
-/// disk would cost about a fifth of the materialization's CPU).
-async fn chunk_block(
-    reader: &PointReader,
-    chunks: &ChunkStore,
-    index: u64,
-    buf: Option<AlignedBuf>,
-    block_size: usize,
-) -> Result<Option<(AlignedBuf, usize)>> {
-    if reader.is_touched(index) {
-        return Ok(None);
-    }
-    let Some(MapEntry::Data { name, hash }) = reader.base().get(index) else {
-        return Ok(None);
-    };
-    let buf = buf.unwrap_or_else(|| AlignedBuf::new(block_size));
-    let at = buf.start();
-    let (vec, n, got) = chunks.get_block_into(&name, buf.into_vec(), at).await?;
-    if !got.ct_eq(&hash) {
-        return Err(Error::Corrupt(SealError::ContentMismatch {
-            name: name.to_hex(),
-        }));
-    }
-    Ok(Some((AlignedBuf::from_vec(vec), n)))
-}
