@@ -507,6 +507,42 @@ pub fn assign_nics(
 }
 
 impl super::service::Failovers {
+    /// Step 3: every NIC's target and address, in one compare-and-swap on the vault's
+    /// allocation record, so concurrent failovers never collide (all NICs or none).
+    pub(super) async fn assign_addresses(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        info: &FailoverInfo,
+        options: &BTreeMap<u32, NicOptions>,
+    ) -> Result<Vec<NicDefinition>> {
+        let mut assigned = None;
+        self.vault
+            .records
+            .update(
+                &layout::record(Family::Ipam, "main"),
+                |cur: Option<&Allocations>| {
+                    let mut a = cur.cloned().unwrap_or_default();
+                    let nics = assign_nics(&self.networks, &mut a, vm, spec, info, options)?;
+                    assigned = Some(nics);
+                    Ok(Some(a))
+                },
+            )
+            .await?;
+        assigned.ok_or_else(|| Error::internal("address assignment produced nothing"))
+    }
+
+    /// The vault's allocation record as it stands.
+    pub(super) async fn allocations(&self) -> Result<Allocations> {
+        Ok(self
+            .vault
+            .records
+            .load(&layout::record(Family::Ipam, "main"))
+            .await?
+            .map(|v| v.value)
+            .unwrap_or_default())
+    }
+
     pub(super) async fn release(&self, failover_id: &str) -> Result<()> {
         self.vault
             .records

@@ -1,19 +1,94 @@
-//! Choosing the recovery point a failover materializes.
+//! Step 1 of a failover: choosing the recovery point. A planned failover waits (job state
+//! "waiting for input") until every disk's final log is in; the others resolve the requested
+//! point. A point verify found damaged is refused. Every disk's reader is taken here, which
+//! pins the point: from then on a merge cannot take it away.
 
 use std::time::Duration;
 
-use super::service::Failovers;
+use super::definition::FailoverKind;
+use super::service::{FailoverRequest, Failovers};
 use crate::error::{Error, Result};
+use crate::jobs::JobState;
+use crate::protection::points::{PinnedReader, PointView};
+use crate::protection::VmRecord;
+
+/// The point a failover materializes, with the VM as it stands and every disk's reader (in
+/// the spec's disk order).
+pub(super) struct Chosen {
+    pub point: PointView,
+    pub vm: VmRecord,
+    pub readers: Vec<PinnedReader>,
+}
 
 impl Failovers {
-    /// Planned failover: every disk's newest log must be flagged final; wait for it, telling
-    /// the job which disks are still missing theirs, until `wait` ends or an operator cancels.
-    pub(super) async fn wait_final(
+    /// The point a test or unplanned failover asks for, refused when verify found it damaged
+    /// (checked when the failover starts, so an impossible request fails before a job).
+    pub(super) async fn requested_point(
         &self,
         vm: &str,
+        req: &FailoverRequest,
+    ) -> Result<PointView> {
+        let p = self
+            .protection
+            .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
+            .await?;
+        self.protection.refuse_damaged(vm, None, p.cycle).await?;
+        Ok(p)
+    }
+
+    /// Step 1: the point, and every disk's reader at it.
+    pub(super) async fn choose_point(
+        &self,
+        vm: &str,
+        req: &FailoverRequest,
         job: &str,
-        wait: Duration,
-    ) -> Result<crate::protection::points::PointView> {
+    ) -> Result<Chosen> {
+        let point = if req.kind == FailoverKind::Planned {
+            self.jobs
+                .modify(job, |j| j.state = JobState::WaitingForInput)
+                .await?;
+            let wait = req
+                .wait_s
+                .map(Duration::from_secs)
+                .unwrap_or(self.planned_wait);
+            self.cancelled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(vm);
+            let p = self.wait_final(vm, job, wait).await?;
+            self.jobs
+                .modify(job, |j| {
+                    j.state = JobState::Running;
+                    j.waiting_for = None;
+                })
+                .await?;
+            p
+        } else {
+            self.protection
+                .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
+                .await?
+        };
+        self.protection
+            .refuse_damaged(vm, None, point.cycle)
+            .await?;
+        let vmrec = self.protection.vm_for(None, vm).await?;
+        let mut readers = Vec::with_capacity(vmrec.spec.disks.len());
+        for d in &vmrec.spec.disks {
+            readers.push(self.protection.point_reader(vm, &d.id, point.cycle).await?);
+        }
+        self.jobs
+            .step(job, "Choose recovery point", JobState::Succeeded)
+            .await?;
+        Ok(Chosen {
+            point,
+            vm: vmrec,
+            readers,
+        })
+    }
+
+    /// Planned failover: every disk's newest log must be flagged final; wait for it, telling
+    /// the job which disks are still missing theirs, until `wait` ends or an operator cancels.
+    async fn wait_final(&self, vm: &str, job: &str, wait: Duration) -> Result<PointView> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut told: Option<String> = None;
         loop {

@@ -32,13 +32,13 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use super::address::assign_nics;
 use super::address::Rule;
-pub use super::libvirt::{dhcp_hosts, libvirt_domain_xml, libvirt_network_xml, DhcpHost};
-pub use super::qemu::{qemu_command, qemu_command_with, HostForward, Proto};
+use super::libvirt::{libvirt_domain_xml, network_files};
+use super::qemu::{public_forwards, qemu_command, qemu_script};
 use crate::error::{Error, Result};
 use crate::protection::spec::{normalize_mac, VmSpec};
 use crate::vault::registry::valid_name;
@@ -348,10 +348,54 @@ impl VmDefinition {
     }
 }
 
+/// Step 4 of a failover: the definition's files next to the disks.
+impl super::service::Failovers {
+    /// Writes vm.json, the libvirt domain, the libvirt network of each target subnet and, when
+    /// the definition can run under qemu here, qemu.sh; then syncs the folder. Returns the
+    /// files' paths.
+    pub(super) async fn write_definition(
+        &self,
+        def: &VmDefinition,
+        dir: &Path,
+    ) -> Result<Vec<String>> {
+        let write = |name: &str, text: &str| -> Result<String> {
+            let p = dir.join(name);
+            std::fs::write(&p, text).map_err(|e| {
+                Error::local_write(&e, format!("writing {}: {e}", p.display()), |m| {
+                    Error::invalid("output_not_writable", m)
+                })
+            })?;
+            Ok(p.display().to_string())
+        };
+        let mut files = vec![
+            write("vm.json", &def.to_json()?)?,
+            write("domain.xml", &libvirt_domain_xml(def))?,
+        ];
+        let allocations = self.allocations().await?;
+        for (name, xml) in network_files(def, self.networks(), &allocations) {
+            files.push(write(&name, &xml)?);
+        }
+        match qemu_command(def, &public_forwards(def)) {
+            Err(e) => {
+                tracing::warn!(vm = %def.name, error = %e, "no qemu.sh: the definition cannot run under qemu here")
+            }
+            Ok(cmd) => files.push(write("qemu.sh", &qemu_script(&cmd))?),
+        }
+        sync_dir(dir);
+        Ok(files)
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::failover::address::Allocations;
+    use crate::failover::address::{assign_nics, Allocations};
     use crate::failover::network::NetworkConfig;
     use crate::protection::spec::{DiskSpec, NicSpec};
     use std::collections::BTreeMap;

@@ -1,13 +1,13 @@
 //! libvirt renderings of a VM definition: the domain, and one network per target subnet.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use super::address::Allocations;
 use super::address::RESERVED_AT_START;
 use super::definition::{DiskBus, FailoverKind, Firmware, NicModel, VmDefinition};
-use super::network::{host_network_name, Subnet, TargetNetwork};
+use super::network::{host_network_name, NetworkConfig, Subnet, TargetNetwork};
 
 // ---------------------------------------------------------------------------------------------
 // libvirt XML
@@ -236,11 +236,40 @@ pub fn libvirt_network_xml(network: &TargetNetwork, subnet: &Subnet, hosts: &[Dh
     x
 }
 
+/// The libvirt network of every target subnet `def`'s NICs attach to, once each, as (file
+/// name, XML), with every current allocation of the subnet as a static lease.
+pub fn network_files(
+    def: &VmDefinition,
+    networks: &NetworkConfig,
+    allocations: &Allocations,
+) -> Vec<(String, String)> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for n in &def.nics {
+        if !seen.insert(n.host_network.as_str()) {
+            continue;
+        }
+        let Some(net) = networks.network(&n.network) else {
+            continue;
+        };
+        let Some(sub) = net.subnet(&n.subnet) else {
+            continue;
+        };
+        let hosts = dhcp_hosts(allocations, net, sub);
+        out.push((
+            format!("network-{}.xml", n.host_network),
+            libvirt_network_xml(net, sub, &hosts),
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::failover::address::assign_nics;
     use crate::failover::definition::tests::{config, definition, spec};
-    use crate::failover::definition::{assign_nics, FailoverInfo};
+    use crate::failover::definition::FailoverInfo;
     use std::process::Command;
 
     /// Runs virt-xml-validate on `xml` against `schema`; panics with its output on refusal.

@@ -1,27 +1,92 @@
-//! Materializing disks: a recovery point of a disk written as a fixed VHD.
+//! Step 2 of a failover: materializing the disks. Each disk at the chosen point becomes a
+//! fixed VHD in the failover's folder (in parallel, every block verified as read, zero blocks
+//! left as holes, fsynced), read only through the point reader.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 
+use super::definition::{DiskDefinition, Firmware};
 use super::output::{AlignedBuf, DiskOutput};
 use super::service::Failovers;
 use crate::chunk::digest::is_zero;
 use crate::error::{Error, Result};
+use crate::jobs::JobState;
 use crate::protection::points::PinnedReader;
+use crate::protection::spec::VmSpec;
 use crate::replica::point::ReadInto;
 
 const MIB: u64 = 1024 * 1024;
 
+/// The disks a failover wrote: their definitions in boot order, and the files.
+pub(super) struct Materialized {
+    pub definitions: Vec<DiskDefinition>,
+    pub files: Vec<String>,
+}
+
 impl Failovers {
+    /// Step 2: every disk of `spec` (with its reader, in the same order) written into `dir`.
+    pub(super) async fn materialize_disks(
+        &self,
+        spec: &VmSpec,
+        readers: Vec<PinnedReader>,
+        job: &str,
+        dir: &Path,
+    ) -> Result<Materialized> {
+        let firmware = Firmware::from_generation(spec.generation)?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::local_write(&e, format!("cannot create {}: {e}", dir.display()), |m| {
+                Error::invalid("output_not_writable", m)
+            })
+        })?;
+        let total_disks = spec.disks.len().max(1) as f64;
+        let mut tasks = Vec::new();
+        for (i, (d, reader)) in spec.disks.iter().zip(readers).enumerate() {
+            let me = self.clone();
+            let disk = d.id.clone();
+            let path = dir.join(format!("{}.vhd", d.id));
+            let job = job.to_string();
+            tasks.push(tokio::spawn(async move {
+                let r = me.materialize(reader, &path).await;
+                if r.is_ok() {
+                    let _ = me
+                        .jobs
+                        .step(
+                            &job,
+                            &format!("Materialize disk {disk}"),
+                            JobState::Succeeded,
+                        )
+                        .await;
+                }
+                r.map(|(orig, virt)| (i, disk, path, orig, virt))
+            }));
+        }
+        let mut disks = Vec::new();
+        for (n, t) in tasks.into_iter().enumerate() {
+            let r = t
+                .await
+                .map_err(|e| Error::internal(format!("materialize task: {e}")))??;
+            self.jobs
+                .set_progress(job, 0.1 + 0.8 * (n + 1) as f64 / total_disks)
+                .await;
+            disks.push(r);
+        }
+        disks.sort_by_key(|d| d.0);
+        Ok(Materialized {
+            definitions: disks
+                .iter()
+                .map(|(i, id, path, orig, virt)| {
+                    DiskDefinition::new(firmware, *i, id, &path.display().to_string(), *orig, *virt)
+                })
+                .collect(),
+            files: disks.iter().map(|d| d.2.display().to_string()).collect(),
+        })
+    }
+
     /// Writes one disk at a point as a fixed VHD: size rounded up to whole MiB (Azure's rule),
     /// zero blocks left as holes, every block verified, fsynced. Returns (original, virtual) size.
-    pub(super) async fn materialize(
-        &self,
-        reader: PinnedReader,
-        path: &Path,
-    ) -> Result<(u64, u64)> {
+    async fn materialize(&self, reader: PinnedReader, path: &Path) -> Result<(u64, u64)> {
         let blocks = reader.data_blocks();
         let size = reader.base().disk_size();
         let virt = size.div_ceil(MIB) * MIB;

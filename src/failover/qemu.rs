@@ -185,7 +185,7 @@ pub fn public_forwards(def: &VmDefinition) -> Vec<HostForward> {
         .collect()
 }
 
-pub(super) fn shell_quote(s: &str) -> String {
+fn shell_quote(s: &str) -> String {
     if s.bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-_./=,:".contains(&b))
     {
@@ -193,6 +193,17 @@ pub(super) fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
+}
+
+/// `qemu.sh`: a shell script that runs `argv`.
+pub fn qemu_script(argv: &[String]) -> String {
+    format!(
+        "#!/bin/sh\nexec {}\n",
+        argv.iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
 }
 
 #[cfg(test)]

@@ -16,13 +16,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::address::Allocations;
-use super::definition::{
-    self, DiskDefinition, FailoverInfo, FailoverKind, Firmware, NicOptions, VmDefinition,
-};
+use super::definition::{self, FailoverInfo, FailoverKind, NicOptions, VmDefinition};
 use super::network::NetworkConfig;
 pub use super::qemu::public_forwards;
-use super::qemu::shell_quote;
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
 use crate::protection::{Protection, VmState};
@@ -95,7 +91,7 @@ pub struct Failovers {
     pub(super) target_hashes: super::failback::TargetHashes,
     pub(super) networks: Arc<NetworkConfig>,
     output: PathBuf,
-    planned_wait: Duration,
+    pub(super) planned_wait: Duration,
     running: Arc<tokio::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// VMs whose planned failover an operator told to stop waiting for the final logs.
     pub(super) cancelled: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
@@ -196,12 +192,7 @@ impl Failovers {
         }
         // Check the point and the mappings now, so an impossible request fails before a job.
         if req.kind != FailoverKind::Planned {
-            let p = self
-                .protection
-                .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
-                .await?;
-            // A point verify found damaged is refused before anything is written.
-            self.protection.refuse_damaged(vm, None, p.cycle).await?;
+            self.requested_point(vm, &req).await?;
         }
         let test = req.kind == FailoverKind::Test;
         let opts = merged_nic_options(&rec, &req);
@@ -308,6 +299,7 @@ impl Failovers {
         Ok(record)
     }
 
+    /// The failover's steps, in order; the caller undoes what they wrote on error.
     async fn run(
         &self,
         vm: &str,
@@ -315,173 +307,25 @@ impl Failovers {
         rec: FailoverRecord,
         dir: &Path,
     ) -> Result<(String, Vec<String>)> {
-        // 1. The point.
-        let point = if req.kind == FailoverKind::Planned {
-            self.jobs
-                .modify(&rec.job, |j| j.state = JobState::WaitingForInput)
-                .await?;
-            let wait = req
-                .wait_s
-                .map(Duration::from_secs)
-                .unwrap_or(self.planned_wait);
-            self.cancelled
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(vm);
-            let p = self.wait_final(vm, &rec.job, wait).await?;
-            self.jobs
-                .modify(&rec.job, |j| {
-                    j.state = JobState::Running;
-                    j.waiting_for = None;
-                })
-                .await?;
-            p
-        } else {
-            self.protection
-                .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
-                .await?
-        };
-        self.protection
-            .refuse_damaged(vm, None, point.cycle)
+        let chosen = self.choose_point(vm, req, &rec.job).await?;
+        let disks = self
+            .materialize_disks(&chosen.vm.spec, chosen.readers, &rec.job, dir)
             .await?;
-        // Every disk's reader is taken now: from here a merge cannot take the chosen point away
-        // (its logs stay until these readers are dropped).
-        let vmrec = self.protection.vm_for(None, vm).await?;
-        let mut readers = Vec::with_capacity(vmrec.spec.disks.len());
-        for d in &vmrec.spec.disks {
-            readers.push(self.protection.point_reader(vm, &d.id, point.cycle).await?);
-        }
-        self.jobs
-            .step(&rec.job, "Choose recovery point", JobState::Succeeded)
+        let info = FailoverInfo::new(req.kind, &rec.id, &chosen.point.id, chosen.point.time_unix);
+        let nic_opts = merged_nic_options(&chosen.vm, req);
+        let nics = self
+            .assign_addresses(vm, &chosen.vm.spec, &info, &nic_opts)
             .await?;
-        let firmware = Firmware::from_generation(vmrec.spec.generation)?;
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::local_write(&e, format!("cannot create {}: {e}", dir.display()), |m| {
-                Error::invalid("output_not_writable", m)
-            })
-        })?;
-        // 2. Disks, in parallel.
-        let total_disks = vmrec.spec.disks.len().max(1) as f64;
-        let mut tasks = Vec::new();
-        for (i, (d, reader)) in vmrec.spec.disks.iter().zip(readers).enumerate() {
-            let me = self.clone();
-            let disk = d.id.clone();
-            let path = dir.join(format!("{}.vhd", d.id));
-            let job = rec.job.clone();
-            tasks.push(tokio::spawn(async move {
-                let r = me.materialize(reader, &path).await;
-                if r.is_ok() {
-                    let _ = me
-                        .jobs
-                        .step(
-                            &job,
-                            &format!("Materialize disk {disk}"),
-                            JobState::Succeeded,
-                        )
-                        .await;
-                }
-                r.map(|(orig, virt)| (i, disk, path, orig, virt))
-            }));
-        }
-        let mut disks = Vec::new();
-        for (n, t) in tasks.into_iter().enumerate() {
-            let r = t
-                .await
-                .map_err(|e| Error::internal(format!("materialize task: {e}")))??;
-            self.jobs
-                .set_progress(&rec.job, 0.1 + 0.8 * (n + 1) as f64 / total_disks)
-                .await;
-            disks.push(r);
-        }
-        disks.sort_by_key(|d| d.0);
-        let disk_defs: Vec<DiskDefinition> = disks
-            .iter()
-            .map(|(i, id, path, orig, virt)| {
-                DiskDefinition::new(firmware, *i, id, &path.display().to_string(), *orig, *virt)
-            })
-            .collect();
-        // 3. Addresses: one CAS on the allocation record, so concurrent failovers never collide.
-        let info = FailoverInfo::new(req.kind, &rec.id, &point.id, point.time_unix);
-        let nets = self.networks.clone();
-        let spec = vmrec.spec.clone();
-        let nic_opts = merged_nic_options(&vmrec, req);
-        let mut assigned = None;
-        self.vault
-            .records
-            .update(
-                &layout::record(Family::Ipam, "main"),
-                |cur: Option<&Allocations>| {
-                    let mut a = cur.cloned().unwrap_or_default();
-                    let nics = definition::assign_nics(&nets, &mut a, vm, &spec, &info, &nic_opts)?;
-                    assigned = Some(nics);
-                    Ok(Some(a))
-                },
-            )
-            .await?;
-        let nics =
-            assigned.ok_or_else(|| Error::internal("address assignment produced nothing"))?;
         self.jobs
             .step(&rec.job, "Assign addresses", JobState::Succeeded)
             .await?;
-        // 4. The definition files.
-        let def = definition::build_definition(vm, &vmrec.spec, disk_defs, nics, info)?;
-        let mut files: Vec<String> = disks.iter().map(|d| d.2.display().to_string()).collect();
-        let write = |name: &str, text: &str| -> Result<String> {
-            let p = dir.join(name);
-            std::fs::write(&p, text).map_err(|e| {
-                Error::local_write(&e, format!("writing {}: {e}", p.display()), |m| {
-                    Error::invalid("output_not_writable", m)
-                })
-            })?;
-            Ok(p.display().to_string())
-        };
-        files.push(write("vm.json", &def.to_json()?)?);
-        files.push(write("domain.xml", &definition::libvirt_domain_xml(&def))?);
-        let allocs: Allocations = self
-            .vault
-            .records
-            .load(&layout::record(Family::Ipam, "main"))
-            .await?
-            .map(|v| v.value)
-            .unwrap_or_default();
-        let mut seen = std::collections::BTreeSet::new();
-        for n in &def.nics {
-            if !seen.insert(n.host_network.clone()) {
-                continue;
-            }
-            if let (Some(net), Some(sub)) = (
-                self.networks.network(&n.network),
-                self.networks
-                    .network(&n.network)
-                    .and_then(|x| x.subnet(&n.subnet)),
-            ) {
-                let hosts = definition::dhcp_hosts(&allocs, net, sub);
-                files.push(write(
-                    &format!("network-{}.xml", n.host_network),
-                    &definition::libvirt_network_xml(net, sub, &hosts),
-                )?);
-            }
-        }
-        match definition::qemu_command(&def, &public_forwards(&def)) {
-            Err(e) => {
-                tracing::warn!(vm = %def.name, error = %e, "no qemu.sh: the definition cannot run under qemu here")
-            }
-            Ok(cmd) => files.push(write(
-                "qemu.sh",
-                &format!(
-                    "#!/bin/sh\nexec {}\n",
-                    cmd.iter()
-                        .map(|a| shell_quote(a))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                ),
-            )?),
-        }
+        let def = definition::build_definition(vm, &chosen.vm.spec, disks.definitions, nics, info)?;
+        let mut files = disks.files;
+        files.extend(self.write_definition(&def, dir).await?);
         self.jobs
             .step(&rec.job, "Write VM definition", JobState::Succeeded)
             .await?;
-        sync_dir(dir);
-        Ok((point.id, files))
+        Ok((chosen.point.id, files))
     }
 
     /// Stops a planned failover that waits for the final logs: it ends failed
@@ -650,7 +494,7 @@ impl Failovers {
             .and_then(|b| VmDefinition::from_json(&b).ok());
         let (qemu, qemu_unavailable) = match def
             .as_ref()
-            .map(|d| definition::qemu_command(d, &public_forwards(d)))
+            .map(|d| super::qemu::qemu_command(d, &public_forwards(d)))
         {
             Some(Ok(cmd)) => (Some(cmd), None),
             Some(Err(e)) => (None, Some(e.to_string())),
@@ -676,10 +520,4 @@ fn merged_nic_options(
         out.insert(*i, o.over(&base));
     }
     out
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
 }
