@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use super::address::Rule;
 use super::libvirt::{libvirt_domain_xml, network_files};
+use super::output::output_error;
 use super::qemu::{public_forwards, qemu_command, qemu_script};
 use crate::error::{Error, Result};
 use crate::protection::spec::{normalize_mac, VmSpec};
@@ -360,11 +361,8 @@ impl super::service::Failovers {
     ) -> Result<Vec<String>> {
         let write = |name: &str, text: &str| -> Result<String> {
             let p = dir.join(name);
-            std::fs::write(&p, text).map_err(|e| {
-                Error::local_write(&e, format!("writing {}: {e}", p.display()), |m| {
-                    Error::invalid("output_not_writable", m)
-                })
-            })?;
+            std::fs::write(&p, text)
+                .map_err(|e| output_error(&e, format!("writing {}: {e}", p.display())))?;
             Ok(p.display().to_string())
         };
         let mut files = vec![

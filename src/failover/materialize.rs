@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use super::definition::{DiskDefinition, Firmware};
-use super::output::{AlignedBuf, DiskOutput};
+use super::output::{output_error, AlignedBuf, DiskOutput};
 use super::service::Failovers;
 use crate::chunk::digest::is_zero;
 use crate::error::{Error, Result};
@@ -35,11 +35,8 @@ impl Failovers {
         dir: &Path,
     ) -> Result<Materialized> {
         let firmware = Firmware::from_generation(spec.generation)?;
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::local_write(&e, format!("cannot create {}: {e}", dir.display()), |m| {
-                Error::invalid("output_not_writable", m)
-            })
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| output_error(&e, format!("cannot create {}: {e}", dir.display())))?;
         let total_disks = spec.disks.len().max(1) as f64;
         let mut tasks = Vec::new();
         for (i, (d, reader)) in spec.disks.iter().zip(readers).enumerate() {
@@ -90,11 +87,8 @@ impl Failovers {
         let blocks = reader.data_blocks();
         let size = reader.base().disk_size();
         let virt = size.div_ceil(MIB) * MIB;
-        let out = DiskOutput::create(path, virt + 512).map_err(|e| {
-            Error::local_write(&e, format!("creating {}: {e}", path.display()), |m| {
-                Error::invalid("output_not_writable", m)
-            })
-        })?;
+        let out = DiskOutput::create(path, virt + 512)
+            .map_err(|e| output_error(&e, format!("creating {}: {e}", path.display())))?;
         let out = Arc::new(out);
         let bs = reader.base().block_size() as u64;
         // One aligned buffer per block in flight, reused: a fresh 4 MiB buffer per block costs
@@ -104,11 +98,7 @@ impl Failovers {
             let (reader, out) = (reader.clone(), out.clone());
             let buffers = buffers.clone();
             async move {
-                let write_err = |e: std::io::Error| {
-                    Error::local_write(&e, format!("writing disk: {e}"), |m| {
-                        Error::invalid("output_not_writable", m)
-                    })
-                };
+                let write_err = |e: std::io::Error| output_error(&e, format!("writing disk: {e}"));
                 let joined = |e: tokio::task::JoinError| Error::internal(e.to_string());
                 let give_back = |buf: AlignedBuf| {
                     if let Ok(mut b) = buffers.lock() {
@@ -165,11 +155,7 @@ impl Failovers {
         tokio::task::spawn_blocking(move || out.finish(&footer, virt))
             .await
             .map_err(|e| Error::internal(e.to_string()))?
-            .map_err(|e| {
-                Error::local_write(&e, format!("finishing disk: {e}"), |m| {
-                    Error::invalid("output_not_writable", m)
-                })
-            })?;
+            .map_err(|e| output_error(&e, format!("finishing disk: {e}")))?;
         Ok((size, virt))
     }
 }

@@ -420,9 +420,10 @@ impl Failovers {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(Error::invalid(
-                        "cleanup_failed",
+                    return Err(Error::local_write(
+                        &e,
                         format!("removing {}: {e}", dir.display()),
+                        |m| Error::unavailable("cleanup_failed", m),
                     ))
                 }
             }

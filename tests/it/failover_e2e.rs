@@ -720,3 +720,77 @@ async fn a_mapping_added_later_clears_the_warning_and_vms_shows_an_uncommitted_f
         "{vms}"
     );
 }
+
+/// Failover output the server cannot write is the server's trouble, not the request's: the job
+/// fails with `output_not_writable`, recoverable (503 class), having removed what it wrote and
+/// released its addresses; once the folder is fixed the same failover succeeds and gets the
+/// addresses the failed one held. A file in place of the output folder makes the folder
+/// unwritable for every user, root included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_into_an_unwritable_folder_fails_recoverably_and_leaves_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let out = dir.join("failover-out");
+    std::fs::write(&out, "a file where the failover folder should be").unwrap();
+    let config = format!(
+        "{NETWORKS}\n[failover]\noutput_dir = {:?}\n",
+        out.display().to_string()
+    );
+    let server = Server::start(dir, Some(&config));
+    let creds = server.add_host("hv", None);
+    let img = dir.join("d.raw");
+    raw_image(&img, 2 * 1024 * 1024, &[(0, 100_000)], 4);
+    server.cli_ok(&[
+        "agent",
+        "protect",
+        "--creds",
+        creds.to_str().unwrap(),
+        "--vm",
+        "web01",
+        "--disk",
+        &format!("{}:d", img.display()),
+        "--nic",
+        "network=corp,mac=00:15:5d:00:01:01,ip=10.20.1.50",
+    ]);
+
+    let o = server.cli(&["failover", "--vm", "web01", "--kind", "unplanned"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("output_not_writable"), "{err}");
+    let jobs: Vec<Value> = server
+        .operator()
+        .get_json("/v1/jobs?vm=web01")
+        .await
+        .unwrap();
+    let job = jobs
+        .iter()
+        .find(|j| j["kind"] == "unplanned_failover")
+        .unwrap_or_else(|| panic!("{jobs:?}"));
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "output_not_writable", "{job}");
+    assert_eq!(job["error"]["recoverable"], true, "{job}");
+    let (v, _) = definition_dir(&server, "web01");
+    assert_eq!(v["record"]["state"], "failed", "{v}");
+    assert!(v["definition"].is_null(), "{v}");
+    let vm: Value = server.operator().get_json("/v1/vms/web01").await.unwrap();
+    assert_eq!(vm["state"], "protected", "{vm}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "a file where the failover folder should be",
+        "nothing written over it"
+    );
+
+    // Fixed: the same request goes through and keeps the source address, which the failed
+    // failover would still hold had it not released it.
+    std::fs::remove_file(&out).unwrap();
+    server.cli_ok(&["failover", "--vm", "web01", "--kind", "unplanned"]);
+    let (v, fo_dir) = definition_dir(&server, "web01");
+    assert_eq!(v["record"]["state"], "succeeded", "{v}");
+    assert_eq!(v["definition"]["nics"][0]["ip"], "10.20.1.50", "{v}");
+    assert!(fo_dir.join("d.vhd").is_file() && fo_dir.join("vm.json").is_file());
+    let left: Vec<_> = std::fs::read_dir(out.join("web01"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, vec![fo_dir], "only the successful failover's folder");
+}
