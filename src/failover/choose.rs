@@ -133,6 +133,9 @@ impl Failovers {
                     format!("planned failover of VM {vm} cancelled while it waited for the final logs of {}", missing.join(", ")),
                 ));
             }
+            if self.tasks.is_cancelled() {
+                return Err(stopping(vm));
+            }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::Conflict {
                     code: "final_log_timeout",
@@ -140,7 +143,10 @@ impl Failovers {
                     recoverable: true,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            tokio::select! {
+                _ = self.tasks.cancelled() => return Err(stopping(vm)),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
         }
     }
 
@@ -156,4 +162,13 @@ impl Failovers {
         }
         Ok(out)
     }
+}
+
+/// A planned failover still waiting for the final logs when the server stops ends as a restart
+/// would end it (nothing was written yet), rather than hold the shutdown for its whole wait.
+fn stopping(vm: &str) -> Error {
+    Error::conflict_recoverable(
+        "interrupted",
+        format!("the server stopped while the planned failover of VM {vm} waited for the final logs; run it again"),
+    )
 }

@@ -14,6 +14,7 @@ use super::service::{FailoverRequest, FailoverState, Failovers};
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
 use crate::protection::Protection;
+use crate::tasks::Tasks;
 use crate::vault::layout::{self, Family};
 use crate::vault::registry::valid_name;
 use crate::vault::Vault;
@@ -60,15 +61,24 @@ pub struct Plans {
     protection: Protection,
     jobs: Jobs,
     failovers: Failovers,
+    /// The server's background runner: plan runs are its tasks, so shutdown waits for them.
+    tasks: Tasks,
 }
 
 impl Plans {
-    pub fn new(vault: Vault, protection: Protection, jobs: Jobs, failovers: Failovers) -> Plans {
+    pub fn new(
+        vault: Vault,
+        protection: Protection,
+        jobs: Jobs,
+        failovers: Failovers,
+        tasks: Tasks,
+    ) -> Plans {
         Plans {
             vault,
             protection,
             jobs,
             failovers,
+            tasks,
         }
     }
 
@@ -195,7 +205,7 @@ impl Plans {
             .await?;
         let me = self.clone();
         let jid = job.id.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn("recovery plan", async move {
             match me.run(&plan, req.kind, point, &jid).await {
                 Ok(()) => {
                     let _ = me.jobs.succeed(&jid).await;
@@ -251,7 +261,17 @@ impl Plans {
                     .modify(job, |j| j.state = JobState::WaitingForInput)
                     .await?;
                 while !self.jobs.take_resume(job).await {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // A plan paused for a manual action ends as a restart would end it, rather
+                    // than hold the shutdown until someone resumes it.
+                    tokio::select! {
+                        _ = self.tasks.cancelled() => {
+                            return Err(Error::conflict_recoverable(
+                                "interrupted",
+                                format!("the server stopped while plan {} waited for a manual action before group {n}; run it again", plan.name),
+                            ))
+                        }
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
                 }
                 self.jobs
                     .modify(job, |j| j.state = JobState::Running)

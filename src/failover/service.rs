@@ -22,6 +22,7 @@ pub use super::qemu::public_forwards;
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
 use crate::protection::{Protection, VmState};
+use crate::tasks::Tasks;
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
 
@@ -92,6 +93,8 @@ pub struct Failovers {
     pub(super) networks: Arc<NetworkConfig>,
     output: PathBuf,
     pub(super) planned_wait: Duration,
+    /// The server's background runner: failover runs are its tasks, so shutdown waits for them.
+    pub(super) tasks: Tasks,
     running: Arc<tokio::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// VMs whose planned failover an operator told to stop waiting for the final logs.
     pub(super) cancelled: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
@@ -105,6 +108,7 @@ impl Failovers {
         networks: NetworkConfig,
         output: PathBuf,
         planned_wait: Duration,
+        tasks: Tasks,
     ) -> Failovers {
         Failovers {
             vault,
@@ -113,6 +117,7 @@ impl Failovers {
             networks: Arc::new(networks),
             output,
             planned_wait,
+            tasks,
             running: Default::default(),
             cancelled: Default::default(),
             target_hashes: Default::default(),
@@ -270,7 +275,7 @@ impl Failovers {
         let me = self.clone();
         let vm_s = vm.to_string();
         let rec2 = record.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn("failover", async move {
             let result = me.run(&vm_s, &req, rec2.clone(), &dir).await;
             let mut fin = rec2;
             fin.ended_unix = Some(crate::util::unix_now());

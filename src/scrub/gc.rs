@@ -286,7 +286,7 @@ pub(crate) mod tests {
         let p = Protection::load(vault.clone(), jobs.clone(), BS, Default::default())
             .await
             .unwrap();
-        Scrub::new(vault, p, jobs, 0)
+        Scrub::new(vault, p, jobs, 0, crate::tasks::Tasks::new())
     }
 
     pub(crate) fn block(seed: u8) -> Bytes {

@@ -794,3 +794,50 @@ async fn a_failover_into_an_unwritable_folder_fails_recoverably_and_leaves_nothi
         .collect();
     assert_eq!(left, vec![fo_dir], "only the successful failover's folder");
 }
+
+/// A server asked to stop while a failover runs lets it finish (within the shutdown grace)
+/// instead of dropping it mid-write: after the restart the failover has succeeded, its disk is
+/// whole, and it was not ended as interrupted. Chunk reads are slowed so the failover is
+/// certainly still running when the stop arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopping_during_a_failover_waits_for_it() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let (mut server, mut faults) = FaultRules::start(dir, Some(NETWORKS));
+    let creds = server.add_host("hv", None);
+    let img = dir.join("d.raw");
+    raw_image(&img, 4 * 1024 * 1024, &[(0, 4 * 1024 * 1024)], 7);
+    server.cli_ok(&[
+        "agent",
+        "protect",
+        "--creds",
+        creds.to_str().unwrap(),
+        "--vm",
+        "web01",
+        "--disk",
+        &format!("{}:d", img.display()),
+        "--nic",
+        "network=corp,mac=00:15:5d:00:01:01",
+    ]);
+    faults.set(&server, "op=get prefix=chunks/ kind=latency ms=1500");
+    server.cli_ok(&[
+        "failover", "--vm", "web01", "--kind", "unplanned", "--no-wait",
+    ]);
+    let v: Value = server.operator().get_json("/v1/vms/web01").await.unwrap();
+    assert_eq!(v["failover"]["state"], "running", "{v}");
+    let addr = server.addr();
+    let st = server.stop();
+    assert!(st.success(), "server stopped with {st}: {}", server.log());
+
+    let server = Server::start_at(dir, Some(NETWORKS), &addr);
+    let (v, fo_dir) = definition_dir(&server, "web01");
+    assert_eq!(v["record"]["state"], "succeeded", "{v}");
+    assert!(v["record"]["error"].is_null(), "{v}");
+    let vhd = fo_dir.join("d.vhd");
+    assert_eq!(
+        std::fs::metadata(&vhd).unwrap().len(),
+        4 * 1024 * 1024 + 512,
+        "a whole fixed VHD"
+    );
+    assert!(qemu_identical(&vhd, "vpc", &img, "raw"));
+}
