@@ -255,6 +255,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         config.networks(),
         std::path::absolute(config.failover_dir()).unwrap_or_else(|_| config.failover_dir()),
         Duration::from_secs(config.failover.planned_wait_s),
+        tasks.clone(),
     );
     failovers.recover_interrupted().await?;
     let plans = crate::failover::plan::Plans::new(
@@ -262,12 +263,14 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         protection.clone(),
         jobs.clone(),
         failovers.clone(),
+        tasks.clone(),
     );
     let scrub = crate::scrub::Scrub::new(
         vault.clone(),
         protection.clone(),
         jobs.clone(),
         config.gc.grace_s,
+        tasks.clone(),
     );
     if config.verify.interval_s > 0 {
         scrub.spawn_schedule(Duration::from_secs(config.verify.interval_s));
