@@ -449,4 +449,34 @@ mod tests {
         assert_eq!(dev_name("vd", 26), "vdaa");
         assert_eq!(dev_name("vd", 63), "vdbl");
     }
+
+    #[test]
+    fn network_files_cover_each_subnet_once_with_every_lease() {
+        let (def, allocs) = definition(2, 1, FailoverKind::Planned, "/vault/fo-1");
+        let files = network_files(&def, &config(), &allocs);
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "network-recovery-vnet.app.xml",
+                "network-recovery-vnet.db.xml"
+            ]
+        );
+        for (n, (_, xml)) in def.nics.iter().zip(&files) {
+            assert!(
+                xml.contains(&format!("ip='{}'", n.ip)),
+                "{} leases {}: {xml}",
+                n.host_network,
+                n.ip
+            );
+        }
+        // Two NICs on one subnet give one network, holding both leases.
+        let mut two = def.clone();
+        let mut second = two.nics[0].clone();
+        second.index = 5;
+        second.mac = "00:15:5D:01:02:09".into();
+        two.nics.truncate(1);
+        two.nics.push(second);
+        assert_eq!(network_files(&two, &config(), &allocs).len(), 1);
+    }
 }

@@ -347,4 +347,31 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+
+    #[test]
+    fn qemu_script_quotes_what_the_shell_would_split() {
+        let argv: Vec<String> = [
+            "qemu-system-x86_64",
+            "-drive",
+            "file=/a b/it's.vhd",
+            "-m",
+            "512M",
+        ]
+        .map(String::from)
+        .into();
+        let script = qemu_script(&argv);
+        assert_eq!(
+            script,
+            "#!/bin/sh\nexec qemu-system-x86_64 -drive 'file=/a b/it'\\''s.vhd' -m 512M\n"
+        );
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script.replace("exec qemu-system-x86_64", "printf '%s\\n'"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "-drive\nfile=/a b/it's.vhd\n-m\n512M\n"
+        );
+    }
 }
