@@ -54,6 +54,10 @@ pub enum Error {
     /// disk: as transient as a full store, and reported with the same code.
     #[error("{message}")]
     DiskFull { message: String },
+    /// A local resource the server needs cannot be used right now (failover output that cannot
+    /// be written): nothing was applied, and the same request may succeed once it is fixed.
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
     #[error("corrupt object: {0}")]
     Corrupt(#[from] SealError),
     #[error("internal error: {0}")]
@@ -95,6 +99,12 @@ impl Error {
             message: message.into(),
         }
     }
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Error {
+        Error::Unavailable {
+            code,
+            message: message.into(),
+        }
+    }
     pub fn internal(message: impl Into<String>) -> Error {
         Error::Internal(message.into())
     }
@@ -123,7 +133,9 @@ impl Error {
             Error::TooLarge { .. } => Kind::TooLarge,
             Error::Busy { .. } => Kind::Busy,
             Error::Store(StoreError::NotFound { .. }) => Kind::Corrupt,
-            Error::Store(_) | Error::DiskFull { .. } => Kind::Unavailable,
+            Error::Store(_) | Error::DiskFull { .. } | Error::Unavailable { .. } => {
+                Kind::Unavailable
+            }
             Error::Corrupt(_) => Kind::Corrupt,
             Error::Internal(_) => Kind::Internal,
         }
@@ -136,7 +148,8 @@ impl Error {
             | Error::NotFound { code, .. }
             | Error::Conflict { code, .. }
             | Error::TooLarge { code, .. }
-            | Error::Busy { code, .. } => code,
+            | Error::Busy { code, .. }
+            | Error::Unavailable { code, .. } => code,
             Error::Unauthorized { .. } => "unauthorized",
             Error::Forbidden { .. } => "forbidden",
             // An object the vault's own records point at is gone: that is damage, not a 404.
@@ -155,7 +168,8 @@ impl Error {
             Error::Conflict { recoverable, .. } => *recoverable,
             Error::Busy { .. } => true,
             Error::Store(StoreError::Unavailable { .. } | StoreError::Full { .. })
-            | Error::DiskFull { .. } => true,
+            | Error::DiskFull { .. }
+            | Error::Unavailable { .. } => true,
             _ => false,
         }
     }

@@ -241,6 +241,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         config.networks(),
         std::path::absolute(config.failover_dir()).unwrap_or_else(|_| config.failover_dir()),
         Duration::from_secs(config.failover.planned_wait_s),
+        tasks.clone(),
     );
     failovers.recover_interrupted().await?;
     let plans = crate::failover::plan::Plans::new(
@@ -249,6 +250,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         services.replicas.clone(),
         jobs.clone(),
         failovers.clone(),
+        tasks.clone(),
     );
     let scrub = crate::scrub::Scrub::new(
         vault.clone(),
@@ -257,6 +259,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         services.resyncs.clone(),
         jobs.clone(),
         config.gc.grace_s,
+        tasks.clone(),
     );
     if config.verify.interval_s > 0 {
         scrub.spawn_schedule(Duration::from_secs(config.verify.interval_s));

@@ -56,10 +56,6 @@ use crate::vault::registry::valid_name;
 /// Longest subnet prefix accepted: Azure's smallest subnet (8 addresses, 5 reserved).
 pub const MAX_SUBNET_PREFIX_LEN: u8 = 29;
 
-/// Addresses at the start of every subnet that are never handed out (network, gateway, and the
-/// two Azure keeps for DNS); the last address (broadcast) is reserved too.
-pub const RESERVED_AT_START: u64 = 4;
-
 // ---------------------------------------------------------------------------------------------
 // IPv4 prefixes
 // ---------------------------------------------------------------------------------------------
@@ -378,40 +374,6 @@ impl Subnet {
                 .nth(1)
                 .unwrap_or_else(|| self.prefix().network()),
         }
-    }
-
-    /// Why `ip` may never be handed out in this subnet, if it may not: Azure's five reserved
-    /// addresses plus the configured gateway. Addresses outside the subnet are not "reserved";
-    /// callers check containment first.
-    pub fn reserved_reason(&self, ip: Ipv4Addr) -> Option<&'static str> {
-        let prefix = self.prefix();
-        let offset = prefix.offset_of(ip)?;
-        if offset == 0 {
-            Some("the network address")
-        } else if ip == prefix.broadcast() {
-            Some("the broadcast address")
-        } else if ip == self.gateway() {
-            Some("the subnet's gateway")
-        } else if offset == 1 {
-            Some("reserved for the default gateway (first four addresses of a subnet)")
-        } else if offset < RESERVED_AT_START {
-            Some("reserved for DNS (first four addresses of a subnet)")
-        } else {
-            None
-        }
-    }
-
-    pub fn is_reserved(&self, ip: Ipv4Addr) -> bool {
-        self.reserved_reason(ip).is_some()
-    }
-
-    /// Addresses that may be handed out, ascending.
-    pub fn usable(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        let prefix = self.prefix();
-        prefix
-            .iter()
-            .skip(RESERVED_AT_START as usize)
-            .filter(move |ip| !self.is_reserved(*ip))
     }
 }
 
@@ -1140,33 +1102,6 @@ target = "recovery-vnet/db"
         c.validate("").unwrap();
         let bad = NetworkConfig::from_parts(vec![], vec![Mapping::new("corp", "v/app", None)]);
         assert_eq!(bad.validate("").unwrap_err().line(), 1);
-    }
-
-    #[test]
-    fn reserved_addresses_follow_azure() {
-        let s = Subnet::new("app", cidr("10.20.1.0/24"), Some(ip("10.20.1.100")));
-        for r in [
-            "10.20.1.0",
-            "10.20.1.1",
-            "10.20.1.2",
-            "10.20.1.3",
-            "10.20.1.100",
-            "10.20.1.255",
-        ] {
-            assert!(s.is_reserved(ip(r)), "{r}");
-        }
-        assert_eq!(
-            s.reserved_reason(ip("10.20.1.100")),
-            Some("the subnet's gateway")
-        );
-        assert!(!s.is_reserved(ip("10.20.1.4")) && !s.is_reserved(ip("10.20.1.254")));
-        assert!(!s.is_reserved(ip("10.20.2.0")), "outside is not 'reserved'");
-        assert_eq!(s.usable().count(), 256 - 6);
-        let tiny = Subnet::new("t", cidr("10.0.0.8/29"), None);
-        assert_eq!(
-            tiny.usable().collect::<Vec<_>>(),
-            vec![ip("10.0.0.12"), ip("10.0.0.13"), ip("10.0.0.14")]
-        );
     }
 
     /// Replaces `from` (which must occur once) in GOOD and validates.

@@ -16,6 +16,18 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::error::Error;
+
+/// A failed write of failover output (a disk, a definition file, the folder): the disk is
+/// full (`store_full`) or the folder cannot be written (`output_not_writable`). Both are the
+/// server's trouble, not the request's, and the same failover succeeds once it is fixed, so
+/// both are unavailable (503) and recoverable.
+pub fn output_error(error: &io::Error, message: String) -> Error {
+    Error::local_write(error, message, |m| {
+        Error::unavailable("output_not_writable", m)
+    })
+}
+
 /// Alignment of buffers, offsets and lengths for direct writes: the largest logical block size
 /// of common devices (devices with 512-byte blocks accept it too).
 pub const DIRECT_ALIGN: usize = 4096;

@@ -13,6 +13,7 @@ use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
 use crate::replica::Replicas;
+use crate::tasks::Tasks;
 use crate::vault::layout::{self, Family};
 use crate::vault::registry::valid_name;
 use crate::vault::Vault;
@@ -28,6 +29,8 @@ pub struct Plans {
     replicas: Replicas,
     jobs: Jobs,
     failovers: Failovers,
+    /// The server's background runner: plan runs are its tasks, so shutdown waits for them.
+    tasks: Tasks,
 }
 
 impl Plans {
@@ -37,6 +40,7 @@ impl Plans {
         replicas: Replicas,
         jobs: Jobs,
         failovers: Failovers,
+        tasks: Tasks,
     ) -> Plans {
         Plans {
             vault,
@@ -44,6 +48,7 @@ impl Plans {
             replicas,
             jobs,
             failovers,
+            tasks,
         }
     }
 
@@ -170,7 +175,7 @@ impl Plans {
             .await?;
         let me = self.clone();
         let jid = job.id.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn("recovery plan", async move {
             match me.run(&plan, req.kind, point, &jid).await {
                 Ok(()) => {
                     let _ = me.jobs.succeed(&jid).await;
@@ -226,7 +231,17 @@ impl Plans {
                     .modify(job, |j| j.state = JobState::WaitingForInput)
                     .await?;
                 while !self.jobs.take_resume(job).await {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // A plan paused for a manual action ends as a restart would end it, rather
+                    // than hold the shutdown until someone resumes it.
+                    tokio::select! {
+                        _ = self.tasks.cancelled() => {
+                            return Err(Error::conflict_recoverable(
+                                "interrupted",
+                                format!("the server stopped while plan {} waited for a manual action before group {n}; run it again", plan.name),
+                            ))
+                        }
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
                 }
                 self.jobs
                     .modify(job, |j| j.state = JobState::Running)

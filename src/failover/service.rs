@@ -14,42 +14,33 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-
-use super::definition::{
-    self, DiskDefinition, FailoverInfo, FailoverKind, Firmware, NicOptions, VmDefinition,
-};
-use super::ipam::Allocations;
+use super::definition::{self, FailoverInfo, FailoverKind, NicOptions, VmDefinition};
 use super::network::NetworkConfig;
-use super::output::{AlignedBuf, DiskOutput};
+pub use super::qemu::public_forwards;
 use crate::catalog::{Catalog, VmState};
-use crate::chunk::digest::is_zero;
-use crate::chunk::{ChunkStore, SealError};
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
-use crate::replica::point::PointReader;
-use crate::replica::points::PinnedReader;
-use crate::replica::MapEntry;
 use crate::replica::Replicas;
+use crate::tasks::Tasks;
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
 pub use crate::wire::{FailoverRecord, FailoverRequest, FailoverState, FailoverView};
 
-const MIB: u64 = 1024 * 1024;
-
 #[derive(Clone)]
 pub struct Failovers {
-    vault: Vault,
+    pub(super) vault: Vault,
     pub(super) catalog: Catalog,
     pub(super) replicas: Replicas,
-    jobs: Jobs,
+    pub(super) jobs: Jobs,
     pub(super) target_hashes: super::failback::TargetHashes,
-    networks: Arc<NetworkConfig>,
+    pub(super) networks: Arc<NetworkConfig>,
     output: PathBuf,
-    planned_wait: Duration,
+    pub(super) planned_wait: Duration,
+    /// The server's background runner: failover runs are its tasks, so shutdown waits for them.
+    pub(super) tasks: Tasks,
     running: Arc<tokio::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// VMs whose planned failover an operator told to stop waiting for the final logs.
-    cancelled: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    pub(super) cancelled: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Failovers {
@@ -61,6 +52,7 @@ impl Failovers {
         networks: NetworkConfig,
         output: PathBuf,
         planned_wait: Duration,
+        tasks: Tasks,
     ) -> Failovers {
         Failovers {
             vault,
@@ -70,6 +62,7 @@ impl Failovers {
             networks: Arc::new(networks),
             output,
             planned_wait,
+            tasks,
             running: Default::default(),
             cancelled: Default::default(),
             target_hashes: Default::default(),
@@ -149,12 +142,7 @@ impl Failovers {
         }
         // Check the point and the mappings now, so an impossible request fails before a job.
         if req.kind != FailoverKind::Planned {
-            let p = self
-                .replicas
-                .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
-                .await?;
-            // A point verify found damaged is refused before anything is written.
-            self.replicas.refuse_damaged(vm, None, p.cycle).await?;
+            self.requested_point(vm, &req).await?;
         }
         let test = req.kind == FailoverKind::Test;
         let opts = merged_nic_options(&rec, &req);
@@ -232,7 +220,7 @@ impl Failovers {
         let me = self.clone();
         let vm_s = vm.to_string();
         let rec2 = record.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn("failover", async move {
             let result = me.run(&vm_s, &req, rec2.clone(), &dir).await;
             let mut fin = rec2;
             fin.ended_unix = Some(crate::util::unix_now());
@@ -261,6 +249,7 @@ impl Failovers {
         Ok(record)
     }
 
+    /// The failover's steps, in order; the caller undoes what they wrote on error.
     async fn run(
         &self,
         vm: &str,
@@ -268,240 +257,25 @@ impl Failovers {
         rec: FailoverRecord,
         dir: &Path,
     ) -> Result<(String, Vec<String>)> {
-        // 1. The point.
-        let point = if req.kind == FailoverKind::Planned {
-            self.jobs
-                .modify(&rec.job, |j| j.state = JobState::WaitingForInput)
-                .await?;
-            let wait = req
-                .wait_s
-                .map(Duration::from_secs)
-                .unwrap_or(self.planned_wait);
-            self.cancelled
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(vm);
-            let p = self.wait_final(vm, &rec.job, wait).await?;
-            self.jobs
-                .modify(&rec.job, |j| {
-                    j.state = JobState::Running;
-                    j.waiting_for = None;
-                })
-                .await?;
-            p
-        } else {
-            self.replicas
-                .resolve_point(vm, req.point.as_deref().unwrap_or("latest"))
-                .await?
-        };
-        self.replicas.refuse_damaged(vm, None, point.cycle).await?;
-        // Every disk's reader is taken now: from here a merge cannot take the chosen point away
-        // (its logs stay until these readers are dropped).
-        let vmrec = self.catalog.vm_for(None, vm).await?;
-        let mut readers = Vec::with_capacity(vmrec.spec.disks.len());
-        for d in &vmrec.spec.disks {
-            readers.push(self.replicas.point_reader(vm, &d.id, point.cycle).await?);
-        }
-        self.jobs
-            .step(&rec.job, "Choose recovery point", JobState::Succeeded)
+        let chosen = self.choose_point(vm, req, &rec.job).await?;
+        let disks = self
+            .materialize_disks(&chosen.vm.spec, chosen.readers, &rec.job, dir)
             .await?;
-        let firmware = Firmware::from_generation(vmrec.spec.generation)?;
-        std::fs::create_dir_all(dir).map_err(|e| {
-            Error::local_write(&e, format!("cannot create {}: {e}", dir.display()), |m| {
-                Error::invalid("output_not_writable", m)
-            })
-        })?;
-        // 2. Disks, in parallel.
-        let total_disks = vmrec.spec.disks.len().max(1) as f64;
-        let mut tasks = Vec::new();
-        for (i, (d, reader)) in vmrec.spec.disks.iter().zip(readers).enumerate() {
-            let me = self.clone();
-            let disk = d.id.clone();
-            let path = dir.join(format!("{}.vhd", d.id));
-            let job = rec.job.clone();
-            tasks.push(tokio::spawn(async move {
-                let r = me.materialize(reader, &path).await;
-                if r.is_ok() {
-                    let _ = me
-                        .jobs
-                        .step(
-                            &job,
-                            &format!("Materialize disk {disk}"),
-                            JobState::Succeeded,
-                        )
-                        .await;
-                }
-                r.map(|(orig, virt)| (i, disk, path, orig, virt))
-            }));
-        }
-        let mut disks = Vec::new();
-        for (n, t) in tasks.into_iter().enumerate() {
-            let r = t
-                .await
-                .map_err(|e| Error::internal(format!("materialize task: {e}")))??;
-            self.jobs
-                .set_progress(&rec.job, 0.1 + 0.8 * (n + 1) as f64 / total_disks)
-                .await;
-            disks.push(r);
-        }
-        disks.sort_by_key(|d| d.0);
-        let disk_defs: Vec<DiskDefinition> = disks
-            .iter()
-            .map(|(i, id, path, orig, virt)| {
-                DiskDefinition::new(firmware, *i, id, &path.display().to_string(), *orig, *virt)
-            })
-            .collect();
-        // 3. Addresses: one CAS on the allocation record, so concurrent failovers never collide.
-        let info = FailoverInfo::new(req.kind, &rec.id, &point.id, point.time_unix);
-        let nets = self.networks.clone();
-        let spec = vmrec.spec.clone();
-        let nic_opts = merged_nic_options(&vmrec, req);
-        let mut assigned = None;
-        self.vault
-            .records
-            .update(
-                &layout::record(Family::Ipam, "main"),
-                |cur: Option<&Allocations>| {
-                    let mut a = cur.cloned().unwrap_or_default();
-                    let nics = definition::assign_nics(&nets, &mut a, vm, &spec, &info, &nic_opts)?;
-                    assigned = Some(nics);
-                    Ok(Some(a))
-                },
-            )
+        let info = FailoverInfo::new(req.kind, &rec.id, &chosen.point.id, chosen.point.time_unix);
+        let nic_opts = merged_nic_options(&chosen.vm, req);
+        let nics = self
+            .assign_addresses(vm, &chosen.vm.spec, &info, &nic_opts)
             .await?;
-        let nics =
-            assigned.ok_or_else(|| Error::internal("address assignment produced nothing"))?;
         self.jobs
             .step(&rec.job, "Assign addresses", JobState::Succeeded)
             .await?;
-        // 4. The definition files.
-        let def = definition::build_definition(vm, &vmrec.spec, disk_defs, nics, info)?;
-        let mut files: Vec<String> = disks.iter().map(|d| d.2.display().to_string()).collect();
-        let write = |name: &str, text: &str| -> Result<String> {
-            let p = dir.join(name);
-            std::fs::write(&p, text).map_err(|e| {
-                Error::local_write(&e, format!("writing {}: {e}", p.display()), |m| {
-                    Error::invalid("output_not_writable", m)
-                })
-            })?;
-            Ok(p.display().to_string())
-        };
-        files.push(write("vm.json", &def.to_json()?)?);
-        files.push(write("domain.xml", &definition::libvirt_domain_xml(&def))?);
-        let allocs: Allocations = self
-            .vault
-            .records
-            .load(&layout::record(Family::Ipam, "main"))
-            .await?
-            .map(|v| v.value)
-            .unwrap_or_default();
-        let mut seen = std::collections::BTreeSet::new();
-        for n in &def.nics {
-            if !seen.insert(n.host_network.clone()) {
-                continue;
-            }
-            if let (Some(net), Some(sub)) = (
-                self.networks.network(&n.network),
-                self.networks
-                    .network(&n.network)
-                    .and_then(|x| x.subnet(&n.subnet)),
-            ) {
-                let hosts = definition::dhcp_hosts(&allocs, net, sub);
-                files.push(write(
-                    &format!("network-{}.xml", n.host_network),
-                    &definition::libvirt_network_xml(net, sub, &hosts),
-                )?);
-            }
-        }
-        match definition::qemu_command(&def, &public_forwards(&def)) {
-            Err(e) => {
-                tracing::warn!(vm = %def.name, error = %e, "no qemu.sh: the definition cannot run under qemu here")
-            }
-            Ok(cmd) => files.push(write(
-                "qemu.sh",
-                &format!(
-                    "#!/bin/sh\nexec {}\n",
-                    cmd.iter()
-                        .map(|a| shell_quote(a))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                ),
-            )?),
-        }
+        let def = definition::build_definition(vm, &chosen.vm.spec, disks.definitions, nics, info)?;
+        let mut files = disks.files;
+        files.extend(self.write_definition(&def, dir).await?);
         self.jobs
             .step(&rec.job, "Write VM definition", JobState::Succeeded)
             .await?;
-        sync_dir(dir);
-        Ok((point.id, files))
-    }
-
-    /// Planned failover: every disk's newest log must be flagged final; wait for it, telling
-    /// the job which disks are still missing theirs, until `wait` ends or an operator cancels.
-    async fn wait_final(
-        &self,
-        vm: &str,
-        job: &str,
-        wait: Duration,
-    ) -> Result<crate::replica::points::PointView> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut told: Option<String> = None;
-        loop {
-            let points = self.replicas.points(vm).await?;
-            if let Some(p) = points.iter().rev().find(|p| p.final_point) {
-                return Ok(p.clone());
-            }
-            let missing = self.disks_without_final_log(vm).await?;
-            let text = format!(
-                "the final log (sent with --final after the source VM shut down) of {} {}; waiting up to {} s",
-                if missing.len() == 1 { "disk" } else { "disks" },
-                missing.join(", "),
-                wait.as_secs()
-            );
-            if told.as_deref() != Some(text.as_str()) {
-                let total = self.catalog.vm_for(None, vm).await?.spec.disks.len().max(1);
-                let done = total.saturating_sub(missing.len());
-                let t = text.clone();
-                self.jobs
-                    .modify(job, move |j| {
-                        j.waiting_for = Some(t.clone());
-                        j.progress = 0.1 * done as f64 / total as f64;
-                    })
-                    .await?;
-                told = Some(text);
-            }
-            let cancelled = self
-                .cancelled
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(vm);
-            if cancelled {
-                return Err(Error::conflict(
-                    "failover_cancelled",
-                    format!("planned failover of VM {vm} cancelled while it waited for the final logs of {}", missing.join(", ")),
-                ));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::Conflict {
-                    code: "final_log_timeout",
-                    message: format!("planned failover of VM {vm}: the final log (sent with --final after the VM shut down) of {} did not arrive within {} s", missing.join(", "), wait.as_secs()),
-                    recoverable: true,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    /// The VM's disks whose newest log is not flagged final.
-    async fn disks_without_final_log(&self, vm: &str) -> Result<Vec<String>> {
-        let rec = self.catalog.vm_for(None, vm).await?;
-        let mut out = Vec::new();
-        for d in &rec.spec.disks {
-            let (_, disk) = self.catalog.disk_for(None, vm, &d.id).await?;
-            if !disk.journal.last().is_some_and(|e| e.final_log) {
-                out.push(d.id.clone());
-            }
-        }
-        Ok(out)
+        Ok((chosen.point.id, files))
     }
 
     /// Stops a planned failover that waits for the final logs: it ends failed
@@ -526,106 +300,6 @@ impl Failovers {
             .unwrap_or_else(|e| e.into_inner())
             .insert(vm.to_string());
         Ok(cur)
-    }
-
-    /// Writes one disk at a point as a fixed VHD: size rounded up to whole MiB (Azure's rule),
-    /// zero blocks left as holes, every block verified, fsynced. Returns (original, virtual) size.
-    async fn materialize(&self, reader: PinnedReader, path: &Path) -> Result<(u64, u64)> {
-        let blocks = reader.data_blocks();
-        let size = reader.base().disk_size();
-        let virt = size.div_ceil(MIB) * MIB;
-        let out = DiskOutput::create(path, virt + 512).map_err(|e| {
-            Error::local_write(&e, format!("creating {}: {e}", path.display()), |m| {
-                Error::invalid("output_not_writable", m)
-            })
-        })?;
-        let out = Arc::new(out);
-        let bs = reader.base().block_size() as u64;
-        let chunks = self.vault.chunks.clone();
-        // One aligned buffer per block in flight, reused: a fresh 4 MiB buffer per block costs
-        // its page faults and zeroing every time.
-        let buffers = Arc::new(std::sync::Mutex::new(Vec::<AlignedBuf>::new()));
-        let mut writes = futures_util::stream::iter(blocks.into_iter().map(|(i, _)| {
-            let (reader, chunks, out) = (reader.clone(), chunks.clone(), out.clone());
-            let buffers = buffers.clone();
-            async move {
-                let write_err = |e: std::io::Error| {
-                    Error::local_write(&e, format!("writing disk: {e}"), |m| {
-                        Error::invalid("output_not_writable", m)
-                    })
-                };
-                let joined = |e: tokio::task::JoinError| Error::internal(e.to_string());
-                let buf = buffers.lock().ok().and_then(|mut b| b.pop());
-                match chunk_block(&reader, &chunks, i, buf, bs as usize).await? {
-                    Some((buf, n)) => {
-                        let out = out.clone();
-                        let buf = tokio::task::spawn_blocking(move || {
-                            out.write_at(buf.window(n), i * bs).map(|()| buf)
-                        })
-                        .await
-                        .map_err(joined)?
-                        .map_err(write_err)?;
-                        if let Ok(mut b) = buffers.lock() {
-                            b.push(buf);
-                        }
-                    }
-                    None => {
-                        // Logs patch this block: it comes from the point reader, which copies.
-                        // A block logs zeroed stays a hole (checked off the runtime: 4 MiB).
-                        let bytes = reader.read_block(i).await?.0;
-                        tokio::task::spawn_blocking(move || {
-                            if is_zero(&bytes) {
-                                return Ok(());
-                            }
-                            out.write_at(&bytes, i * bs)
-                        })
-                        .await
-                        .map_err(joined)?
-                        .map_err(write_err)?;
-                    }
-                }
-                Ok::<(), Error>(())
-            }
-        }))
-        .buffer_unordered(MATERIALIZE_IN_FLIGHT);
-        while let Some(r) = writes.next().await {
-            r?;
-        }
-        let mut uid = [0u8; 16];
-        crate::util::fill_random(&mut uid);
-        let footer = crate::format::vhd::fixed_footer(
-            virt,
-            uid,
-            crate::format::vhd::vhd_timestamp(crate::util::unix_now()),
-        )
-        .map_err(|e| Error::internal(format!("VHD footer: {e}")))?;
-        drop(writes);
-        tokio::task::spawn_blocking(move || out.finish(&footer, virt))
-            .await
-            .map_err(|e| Error::internal(e.to_string()))?
-            .map_err(|e| {
-                Error::local_write(&e, format!("finishing disk: {e}"), |m| {
-                    Error::invalid("output_not_writable", m)
-                })
-            })?;
-        Ok((size, virt))
-    }
-
-    async fn release(&self, failover_id: &str) -> Result<()> {
-        self.vault
-            .records
-            .update(
-                &layout::record(Family::Ipam, "main"),
-                |cur: Option<&Allocations>| {
-                    let mut a = cur.cloned().unwrap_or_default();
-                    if a.release(failover_id).is_empty() {
-                        return Ok(None);
-                    }
-                    Ok(Some(a))
-                },
-            )
-            .await?;
-        Ok(())
     }
 
     /// Ends the failovers a previous server process left running (their task died with it) as
@@ -696,9 +370,10 @@ impl Failovers {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    return Err(Error::invalid(
-                        "cleanup_failed",
+                    return Err(Error::local_write(
+                        &e,
                         format!("removing {}: {e}", dir.display()),
+                        |m| Error::unavailable("cleanup_failed", m),
                     ))
                 }
             }
@@ -770,7 +445,7 @@ impl Failovers {
             .and_then(|b| VmDefinition::from_json(&b).ok());
         let (qemu, qemu_unavailable) = match def
             .as_ref()
-            .map(|d| definition::qemu_command(d, &public_forwards(d)))
+            .map(|d| super::qemu::qemu_command(d, &public_forwards(d)))
         {
             Some(Ok(cmd)) => (Some(cmd), None),
             Some(Err(e)) => (None, Some(e.to_string())),
@@ -785,41 +460,6 @@ impl Failovers {
     }
 }
 
-/// Blocks read, verified and written at once per disk being materialized: enough to keep every
-/// CPU thread decrypting and decompressing while other blocks are read from the store or
-/// copied into the output file.
-const MATERIALIZE_IN_FLIGHT: usize = 8;
-
-/// A block no log of the point writes, read straight from its chunk into an aligned buffer
-/// (`buf`, or a new one of `block_size`): `get_block_into` checks the seal's tag and that the
-/// content derives the chunk's name, and the map's hash is compared here. Returns the buffer
-/// and the block's length; `None` for a block logs patch, which the caller reads through
-/// `PointReader::read_block` (it copies the bytes and hashes them a second time, which on a full
-/// disk would cost about a fifth of the materialization's CPU).
-async fn chunk_block(
-    reader: &PointReader,
-    chunks: &ChunkStore,
-    index: u64,
-    buf: Option<AlignedBuf>,
-    block_size: usize,
-) -> Result<Option<(AlignedBuf, usize)>> {
-    if reader.is_touched(index) {
-        return Ok(None);
-    }
-    let Some(MapEntry::Data { name, hash }) = reader.base().get(index) else {
-        return Ok(None);
-    };
-    let buf = buf.unwrap_or_else(|| AlignedBuf::new(block_size));
-    let at = buf.start();
-    let (vec, n, got) = chunks.get_block_into(&name, buf.into_vec(), at).await?;
-    if !got.ct_eq(&hash) {
-        return Err(Error::Corrupt(SealError::ContentMismatch {
-            name: name.to_hex(),
-        }));
-    }
-    Ok(Some((AlignedBuf::from_vec(vec), n)))
-}
-
 /// The VM's stored NIC overrides with the request's on top.
 fn merged_nic_options(
     rec: &crate::catalog::VmRecord,
@@ -831,36 +471,4 @@ fn merged_nic_options(
         out.insert(*i, o.over(&base));
     }
     out
-}
-
-/// Host port for a NIC's public address: 20000 + the low 15 bits of its address, so every
-/// address of a /17 gets its own port; forwarded to the guest's SSH port (22).
-pub fn public_forwards(def: &VmDefinition) -> Vec<definition::HostForward> {
-    def.nics
-        .iter()
-        .filter(|n| n.public_ip)
-        .map(|n| definition::HostForward {
-            nic_index: n.index,
-            proto: definition::Proto::Tcp,
-            host_addr: std::net::Ipv4Addr::UNSPECIFIED,
-            host_port: 20000 + (u32::from(n.ip) & 0x7fff) as u16,
-            guest_port: 22,
-        })
-        .collect()
-}
-
-fn shell_quote(s: &str) -> String {
-    if s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_./=,:".contains(&b))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
-}
-
-fn sync_dir(dir: &Path) {
-    if let Ok(f) = std::fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
 }

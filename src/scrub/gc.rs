@@ -263,7 +263,15 @@ pub(crate) mod tests {
         .await
         .unwrap();
         Fixture {
-            scrub: Scrub::new(vault, sv.catalog, sv.replicas, sv.resyncs, jobs, 0),
+            scrub: Scrub::new(
+                vault,
+                sv.catalog,
+                sv.replicas,
+                sv.resyncs,
+                jobs,
+                0,
+                crate::tasks::Tasks::new(),
+            ),
             ingest: sv.ingest,
             overview: sv.overview,
         }

@@ -55,6 +55,7 @@ use crate::jobs::{Job, JobKind, JobState, Jobs};
 use crate::replica::resync::Resyncs;
 use crate::replica::Replicas;
 use crate::store::{Key, StoreError};
+use crate::tasks::Tasks;
 use crate::vault::layout::{self, Family};
 use crate::vault::Vault;
 pub use crate::wire::{ObjectFamily, Started};
@@ -127,6 +128,9 @@ pub struct Scrub {
     /// The maintenance job running now, if any.
     running: Arc<Mutex<Option<String>>>,
     pub(crate) default_grace_s: u64,
+    /// The server's background runner: jobs and schedules are its tasks, so shutdown stops
+    /// the schedules and waits for a running job.
+    tasks: Tasks,
 }
 
 impl Scrub {
@@ -137,6 +141,7 @@ impl Scrub {
         resyncs: Resyncs,
         jobs: Jobs,
         default_grace_s: u64,
+        tasks: Tasks,
     ) -> Scrub {
         Scrub {
             vault,
@@ -146,6 +151,7 @@ impl Scrub {
             jobs,
             running: Default::default(),
             default_grace_s,
+            tasks,
         }
     }
 
@@ -173,7 +179,7 @@ impl Scrub {
         let me = self.clone();
         let id = job.id.clone();
         let word = report_word(kind);
-        tokio::spawn(async move {
+        self.tasks.spawn(word, async move {
             let result = work(me.clone(), id.clone()).await;
             let stored = match result {
                 Ok(report) => me.store_report(word, &id, &report).await,
@@ -312,37 +318,47 @@ impl Scrub {
     /// refused because another maintenance job is running is tried again a minute later.
     pub fn spawn_gc_schedule(&self, interval: Duration) {
         let me = self.clone();
-        tokio::spawn(async move {
+        me.tasks.clone().spawn("gc schedule", async move {
             let first_start = crate::util::unix_now();
             loop {
                 let last = match me.last_gc().await {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::debug!(error = %e, "gc schedule unreadable; trying later");
-                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        if !nap(&me.tasks, Duration::from_secs(60)).await {
+                            return;
+                        }
                         continue;
                     }
                 };
                 let due = last.unwrap_or(first_start) + interval.as_secs();
                 let now = crate::util::unix_now();
                 if now < due {
-                    tokio::time::sleep(Duration::from_secs(due - now)).await;
+                    if !nap(&me.tasks, Duration::from_secs(due - now)).await {
+                        return;
+                    }
                     continue;
                 }
                 match me.start_gc(gc::GcRequest::default()).await {
                     Ok(job) => {
                         tracing::info!(job = %job.id, "scheduled garbage collection started");
                         while me.running.lock().await.is_some() {
-                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            if !nap(&me.tasks, Duration::from_secs(5)).await {
+                                return;
+                            }
                         }
                         // A failed run (store outage, unreadable map) tries again after an hour.
                         if me.last_gc().await.ok().flatten() == last {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            if !nap(&me.tasks, Duration::from_secs(3600)).await {
+                                return;
+                            }
                         }
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "scheduled garbage collection postponed");
-                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        if !nap(&me.tasks, Duration::from_secs(60)).await {
+                            return;
+                        }
                     }
                 }
             }
@@ -353,14 +369,16 @@ impl Scrub {
     /// last verify (a restarted server does not start over, nor verify at once on a new vault).
     pub fn spawn_schedule(&self, interval: Duration) {
         let me = self.clone();
-        tokio::spawn(async move {
+        me.tasks.clone().spawn("verify schedule", async move {
             let first_start = crate::util::unix_now();
             loop {
                 let last = me.damage().await.last_verify_unix;
                 let due = last.unwrap_or(first_start) + interval.as_secs();
                 let now = crate::util::unix_now();
                 if now < due {
-                    tokio::time::sleep(Duration::from_secs(due - now)).await;
+                    if !nap(&me.tasks, Duration::from_secs(due - now)).await {
+                        return;
+                    }
                     continue;
                 }
                 match me
@@ -370,16 +388,22 @@ impl Scrub {
                     Ok(job) => {
                         tracing::info!(job = %job.id, since = ?last, "scheduled verify started");
                         while me.running.lock().await.is_some() {
-                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            if !nap(&me.tasks, Duration::from_secs(5)).await {
+                                return;
+                            }
                         }
                         // A failed run (store outage) tries again after a while, not at once.
                         if me.damage().await.last_verify_unix == last {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            if !nap(&me.tasks, Duration::from_secs(3600)).await {
+                                return;
+                            }
                         }
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "scheduled verify postponed");
-                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        if !nap(&me.tasks, Duration::from_secs(60)).await {
+                            return;
+                        }
                     }
                 }
             }
@@ -401,5 +425,13 @@ fn report_word(kind: JobKind) -> &'static str {
     match kind {
         JobKind::GarbageCollection => "gc",
         _ => "verify",
+    }
+}
+
+/// Sleeps for `period`; false when the server began stopping meanwhile (a schedule then ends).
+async fn nap(tasks: &Tasks, period: Duration) -> bool {
+    tokio::select! {
+        _ = tasks.cancelled() => false,
+        _ = tokio::time::sleep(period) => true,
     }
 }

@@ -667,3 +667,129 @@ async fn a_mapping_added_later_clears_the_warning_and_vms_shows_an_uncommitted_f
         "{vms}"
     );
 }
+
+/// Failover output the server cannot write is the server's trouble, not the request's: the job
+/// fails with `output_not_writable`, recoverable (503 class), having removed what it wrote and
+/// released its addresses; once the folder is fixed the same failover succeeds and gets the
+/// addresses the failed one held. A file in place of the output folder makes the folder
+/// unwritable for every user, root included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_into_an_unwritable_folder_fails_recoverably_and_leaves_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let out = dir.join("failover-out");
+    std::fs::write(&out, "a file where the failover folder should be").unwrap();
+    let config = format!(
+        "{NETWORKS}\n[failover]\noutput_dir = {:?}\n",
+        out.display().to_string()
+    );
+    let server = Server::start(dir, Some(&config));
+    let creds = server.add_host("hv", None);
+    let img = dir.join("d.raw");
+    raw_image(&img, 2 * 1024 * 1024, &[(0, 100_000)], 4);
+    server.cli_ok(&[
+        "agent",
+        "protect",
+        "--creds",
+        creds.to_str().unwrap(),
+        "--vm",
+        "web01",
+        "--disk",
+        &format!("{}:d", img.display()),
+        "--nic",
+        "network=corp,mac=00:15:5d:00:01:01,ip=10.20.1.50",
+    ]);
+
+    let o = server.cli(&["failover", "--vm", "web01", "--kind", "unplanned"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("output_not_writable"), "{err}");
+    let jobs: Vec<Value> = server
+        .operator()
+        .get_json("/v1/jobs?vm=web01")
+        .await
+        .unwrap();
+    let job = jobs
+        .iter()
+        .find(|j| j["kind"] == "unplanned_failover")
+        .unwrap_or_else(|| panic!("{jobs:?}"));
+    assert_eq!(job["state"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "output_not_writable", "{job}");
+    assert_eq!(job["error"]["recoverable"], true, "{job}");
+    let (v, _) = definition_dir(&server, "web01");
+    assert_eq!(v["record"]["state"], "failed", "{v}");
+    assert!(v["definition"].is_null(), "{v}");
+    let vm: Value = server.operator().get_json("/v1/vms/web01").await.unwrap();
+    assert_eq!(vm["state"], "protected", "{vm}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "a file where the failover folder should be",
+        "nothing written over it"
+    );
+
+    // Fixed: the same request goes through and keeps the source address, which the failed
+    // failover would still hold had it not released it.
+    std::fs::remove_file(&out).unwrap();
+    server.cli_ok(&["failover", "--vm", "web01", "--kind", "unplanned"]);
+    let (v, fo_dir) = definition_dir(&server, "web01");
+    assert_eq!(v["record"]["state"], "succeeded", "{v}");
+    assert_eq!(v["definition"]["nics"][0]["ip"], "10.20.1.50", "{v}");
+    assert!(fo_dir.join("d.vhd").is_file() && fo_dir.join("vm.json").is_file());
+    let left: Vec<_> = std::fs::read_dir(out.join("web01"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(left, vec![fo_dir], "only the successful failover's folder");
+}
+
+/// A server asked to stop while a failover runs lets it finish (within the shutdown grace)
+/// instead of dropping it mid-write: after the restart the failover has succeeded, its disk is
+/// whole, and it was not ended as interrupted. Chunk reads are slowed so the failover is
+/// certainly still running when the stop arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopping_during_a_failover_waits_for_it() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let (mut server, mut faults) = FaultRules::start(dir, Some(NETWORKS));
+    let creds = server.add_host("hv", None);
+    let img = dir.join("d.raw");
+    raw_image(&img, 4 * 1024 * 1024, &[(0, 4 * 1024 * 1024)], 7);
+    server.cli_ok(&[
+        "agent",
+        "protect",
+        "--creds",
+        creds.to_str().unwrap(),
+        "--vm",
+        "web01",
+        "--disk",
+        &format!("{}:d", img.display()),
+        "--nic",
+        "network=corp,mac=00:15:5d:00:01:01",
+    ]);
+    faults.set(&server, "op=get prefix=chunks/ kind=latency ms=1500");
+    server.cli_ok(&[
+        "failover",
+        "--vm",
+        "web01",
+        "--kind",
+        "unplanned",
+        "--no-wait",
+    ]);
+    let v: Value = server.operator().get_json("/v1/vms/web01").await.unwrap();
+    assert_eq!(v["failover"]["state"], "running", "{v}");
+    let addr = server.addr();
+    let st = server.stop();
+    assert!(st.success(), "server stopped with {st}: {}", server.log());
+
+    let server = Server::start_at(dir, Some(NETWORKS), &addr);
+    let (v, fo_dir) = definition_dir(&server, "web01");
+    assert_eq!(v["record"]["state"], "succeeded", "{v}");
+    assert!(v["record"]["error"].is_null(), "{v}");
+    let vhd = fo_dir.join("d.vhd");
+    assert_eq!(
+        std::fs::metadata(&vhd).unwrap().len(),
+        4 * 1024 * 1024 + 512,
+        "a whole fixed VHD"
+    );
+    assert!(qemu_identical(&vhd, "vpc", &img, "raw"));
+}

@@ -26,8 +26,15 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
-use super::network::{Ipv4Cidr, Subnet, TargetNetwork};
-use crate::error::Error;
+use super::definition::{
+    is_unicast_mac, FailoverInfo, FailoverKind, Firmware, NicDefinition, NicModel, NicOptions,
+};
+use super::network::{host_network_name, Ipv4Cidr, NetworkConfig, Subnet, TargetNetwork};
+use crate::catalog::spec::normalize_mac;
+use crate::error::{Error, Result};
+use crate::vault::layout::{self, Family};
+use crate::wire::VmSpec;
+
 pub use crate::wire::Rule;
 
 /// Who holds an address.
@@ -351,6 +358,203 @@ impl Allocations {
     }
 }
 
+/// Addresses at the start of every subnet that are never handed out (network, gateway, and the
+/// two Azure keeps for DNS); the last address (broadcast) is reserved too.
+pub const RESERVED_AT_START: u64 = 4;
+
+impl Subnet {
+    /// Why `ip` may never be handed out in this subnet, if it may not: Azure's five reserved
+    /// addresses plus the configured gateway. Addresses outside the subnet are not "reserved";
+    /// callers check containment first.
+    pub fn reserved_reason(&self, ip: Ipv4Addr) -> Option<&'static str> {
+        let prefix = self.prefix();
+        let offset = prefix.offset_of(ip)?;
+        if offset == 0 {
+            Some("the network address")
+        } else if ip == prefix.broadcast() {
+            Some("the broadcast address")
+        } else if ip == self.gateway() {
+            Some("the subnet's gateway")
+        } else if offset == 1 {
+            Some("reserved for the default gateway (first four addresses of a subnet)")
+        } else if offset < RESERVED_AT_START {
+            Some("reserved for DNS (first four addresses of a subnet)")
+        } else {
+            None
+        }
+    }
+
+    pub fn is_reserved(&self, ip: Ipv4Addr) -> bool {
+        self.reserved_reason(ip).is_some()
+    }
+
+    /// Addresses that may be handed out, ascending.
+    pub fn usable(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        let prefix = self.prefix();
+        prefix
+            .iter()
+            .skip(RESERVED_AT_START as usize)
+            .filter(move |ip| !self.is_reserved(*ip))
+    }
+}
+
+/// Gives every NIC of `spec` its target subnet and address. All or nothing: on error
+/// `allocations` is unchanged. `options` is keyed by NIC index.
+pub fn assign_nics(
+    config: &NetworkConfig,
+    allocations: &mut Allocations,
+    vm: &str,
+    spec: &VmSpec,
+    failover: &FailoverInfo,
+    options: &BTreeMap<u32, NicOptions>,
+) -> Result<Vec<NicDefinition>> {
+    let firmware = Firmware::from_generation(spec.generation)?;
+    if let Some(i) = options
+        .keys()
+        .find(|&&i| usize::try_from(i).map_or(true, |i| i >= spec.nics.len()))
+    {
+        return Err(Error::invalid(
+            "unknown_nic",
+            format!("VM {vm} has no NIC {i} ({} NICs)", spec.nics.len()),
+        ));
+    }
+    let test = failover.kind == FailoverKind::Test;
+    let mut work = allocations.clone();
+    let mut out = Vec::with_capacity(spec.nics.len());
+    for (i, nic) in spec.nics.iter().enumerate() {
+        let index =
+            u32::try_from(i).map_err(|_| Error::invalid("invalid_vm_spec", "too many NICs"))?;
+        let opts = options.get(&index).cloned().unwrap_or_default();
+        let mac = normalize_mac(&nic.mac)
+            .filter(|m| is_unicast_mac(m))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "invalid_mac",
+                    format!("NIC {i} of VM {vm}: MAC {:?} is not a unicast MAC", nic.mac),
+                )
+            })?;
+        if opts.skip {
+            continue;
+        }
+        let overridden = match (&opts.target, test) {
+            (Some(t), false) => {
+                let found = t.split_once('/').and_then(|(n, s)| {
+                    config
+                        .network(n)
+                        .and_then(|net| net.subnet(s).map(|sub| (net, sub)))
+                });
+                Some(found.ok_or_else(|| {
+                    Error::invalid(
+                        "unknown_target_subnet",
+                        format!(
+                            "NIC {i} of VM {vm}: target {t:?} is not a configured network/subnet"
+                        ),
+                    )
+                })?)
+            }
+            _ => None,
+        };
+        let (net, subnet) = overridden.or_else(|| config.target_for(&nic.network, test)).ok_or_else(|| {
+            let which = if test { "test_target" } else { "target" };
+            Error::invalid(
+                "network_unmapped",
+                format!("NIC {i} ({mac}) of VM {vm} is on source network {:?}, which has no mapping with a {which}", nic.network),
+            )
+        })?;
+        // The spec was normalized at protection time; an unparsable address is treated as none.
+        let source_ip: Option<IpAddr> = nic.ip.as_deref().and_then(|s| s.parse().ok());
+        let req = NicRequest {
+            vm: vm.to_string(),
+            nic_index: index,
+            mac: mac.clone(),
+            failover_id: failover.id.clone(),
+            static_ip: opts.static_ip,
+            source_ip,
+        };
+        let got = work.assign(net, subnet, &req)?;
+        let note = got
+            .source_not_kept
+            .as_ref()
+            .zip(source_ip)
+            .map(|(why, src)| format!("source IP {src} not kept: {why}"));
+        out.push(NicDefinition {
+            index,
+            mac,
+            model: NicModel::for_firmware(firmware),
+            source_network: nic.network.clone(),
+            source_ip,
+            network: net.name().to_string(),
+            subnet: subnet.name().to_string(),
+            host_network: host_network_name(net.name(), subnet.name()),
+            ip: got.ip,
+            prefix_len: got.prefix.prefix_len(),
+            gateway: subnet.gateway(),
+            dns: net.dns_servers(),
+            isolated: net.isolated,
+            public_ip: opts.public_ip,
+            rule: got.rule,
+            note,
+        });
+    }
+    *allocations = work;
+    Ok(out)
+}
+
+impl super::service::Failovers {
+    /// Step 3: every NIC's target and address, in one compare-and-swap on the vault's
+    /// allocation record, so concurrent failovers never collide (all NICs or none).
+    pub(super) async fn assign_addresses(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        info: &FailoverInfo,
+        options: &BTreeMap<u32, NicOptions>,
+    ) -> Result<Vec<NicDefinition>> {
+        let mut assigned = None;
+        self.vault
+            .records
+            .update(
+                &layout::record(Family::Ipam, "main"),
+                |cur: Option<&Allocations>| {
+                    let mut a = cur.cloned().unwrap_or_default();
+                    let nics = assign_nics(&self.networks, &mut a, vm, spec, info, options)?;
+                    assigned = Some(nics);
+                    Ok(Some(a))
+                },
+            )
+            .await?;
+        assigned.ok_or_else(|| Error::internal("address assignment produced nothing"))
+    }
+
+    /// The vault's allocation record as it stands.
+    pub(super) async fn allocations(&self) -> Result<Allocations> {
+        Ok(self
+            .vault
+            .records
+            .load(&layout::record(Family::Ipam, "main"))
+            .await?
+            .map(|v| v.value)
+            .unwrap_or_default())
+    }
+
+    pub(super) async fn release(&self, failover_id: &str) -> Result<()> {
+        self.vault
+            .records
+            .update(
+                &layout::record(Family::Ipam, "main"),
+                |cur: Option<&Allocations>| {
+                    let mut a = cur.cloned().unwrap_or_default();
+                    if a.release(failover_id).is_empty() {
+                        return Ok(None);
+                    }
+                    Ok(Some(a))
+                },
+            )
+            .await?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +564,34 @@ mod tests {
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn reserved_addresses_follow_azure() {
+        let cidr = |s: &str| s.parse::<Ipv4Cidr>().unwrap();
+        let s = Subnet::new("app", cidr("10.20.1.0/24"), Some(ip("10.20.1.100")));
+        for r in [
+            "10.20.1.0",
+            "10.20.1.1",
+            "10.20.1.2",
+            "10.20.1.3",
+            "10.20.1.100",
+            "10.20.1.255",
+        ] {
+            assert!(s.is_reserved(ip(r)), "{r}");
+        }
+        assert_eq!(
+            s.reserved_reason(ip("10.20.1.100")),
+            Some("the subnet's gateway")
+        );
+        assert!(!s.is_reserved(ip("10.20.1.4")) && !s.is_reserved(ip("10.20.1.254")));
+        assert!(!s.is_reserved(ip("10.20.2.0")), "outside is not 'reserved'");
+        assert_eq!(s.usable().count(), 256 - 6);
+        let tiny = Subnet::new("t", cidr("10.0.0.8/29"), None);
+        assert_eq!(
+            tiny.usable().collect::<Vec<_>>(),
+            vec![ip("10.0.0.12"), ip("10.0.0.13"), ip("10.0.0.14")]
+        );
     }
 
     fn net(prefix: &str, gateway: Option<&str>) -> (TargetNetwork, Subnet) {
@@ -726,5 +958,164 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod nic_tests {
+    use super::*;
+    use crate::failover::definition::tests::{config, definition, spec};
+    use crate::failover::definition::{FailoverInfo, FailoverKind, NicModel, NicOptions};
+
+    #[test]
+    fn nic_overrides_skip_a_nic_and_move_one_to_another_subnet() {
+        let fo = FailoverInfo::new(FailoverKind::Unplanned, "u1", "rp", 0);
+        let opts: BTreeMap<u32, NicOptions> = [
+            (
+                0,
+                NicOptions {
+                    target: Some("recovery-vnet/db".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                1,
+                NicOptions {
+                    skip: true,
+                    ..Default::default()
+                },
+            ),
+        ]
+        .into();
+        let mut allocs = Allocations::new();
+        let nics = assign_nics(&config(), &mut allocs, "web01", &spec(1, 1), &fo, &opts).unwrap();
+        assert_eq!(nics.len(), 1, "NIC 1 is skipped");
+        assert_eq!((nics[0].index, nics[0].subnet.as_str()), (0, "db"));
+        assert!(nics[0].ip.octets()[..3] == [10, 20, 2], "{}", nics[0].ip);
+
+        // A drill ignores the target override (drills stay on the test network).
+        let drill = FailoverInfo::new(FailoverKind::Test, "t1", "rp", 0);
+        let mut allocs = Allocations::new();
+        let nics =
+            assign_nics(&config(), &mut allocs, "web01", &spec(1, 1), &drill, &opts).unwrap();
+        assert_eq!(nics[0].network, "drill-vnet");
+
+        // An unknown target is refused and allocates nothing.
+        let bad: BTreeMap<u32, NicOptions> = [(
+            0,
+            NicOptions {
+                target: Some("recovery-vnet/nope".into()),
+                ..Default::default()
+            },
+        )]
+        .into();
+        let mut allocs = Allocations::new();
+        let e = assign_nics(&config(), &mut allocs, "web01", &spec(1, 1), &fo, &bad).unwrap_err();
+        assert_eq!(e.code(), "unknown_target_subnet");
+        assert!(allocs.is_empty());
+    }
+
+    #[test]
+    fn nics_get_targets_and_addresses() {
+        let (def, allocs) = definition(2, 1, FailoverKind::Planned, "/vault/fo-1");
+        let [app, db] = &def.nics[..] else {
+            panic!("{:?}", def.nics)
+        };
+        assert_eq!(
+            (
+                app.network.as_str(),
+                app.subnet.as_str(),
+                app.host_network.as_str()
+            ),
+            ("recovery-vnet", "app", "recovery-vnet.app")
+        );
+        assert_eq!(
+            (app.ip, app.rule, app.prefix_len),
+            ("10.20.1.50".parse().unwrap(), Rule::KeptSource, 24)
+        );
+        assert_eq!(app.gateway, "10.20.1.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(app.dns.len(), 2);
+        assert!(app.public_ip && !app.isolated && app.note.is_none());
+        assert_eq!(app.model, NicModel::Virtio);
+        assert_eq!(
+            (db.ip, db.rule),
+            ("10.20.2.4".parse().unwrap(), Rule::NextFree)
+        );
+        assert_eq!(db.gateway, "10.20.2.100".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            db.note.as_deref(),
+            Some("source IP 192.168.7.9 not kept: it is outside the target subnet 10.20.2.0/24")
+        );
+        assert!(!db.public_ip);
+        assert_eq!(allocs.len(), 2);
+        // A test failover lands on the drill network.
+        let (test, _) = definition(2, 1, FailoverKind::Test, "/vault/fo-1");
+        assert_eq!(
+            (test.nics[0].network.as_str(), test.nics[0].isolated),
+            ("drill-vnet", true)
+        );
+    }
+
+    #[test]
+    fn nic_assignment_is_all_or_nothing() {
+        let fo = FailoverInfo::new(FailoverKind::Test, "t1", "rp", 0);
+        let mut allocs = Allocations::new();
+        // The second NIC (backend) has no test target: nothing may stay allocated for the first.
+        let e = assign_nics(
+            &config(),
+            &mut allocs,
+            "web01",
+            &spec(2, 1),
+            &fo,
+            &BTreeMap::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "network_unmapped");
+        assert!(e.to_string().contains("test_target"), "{e}");
+        assert!(allocs.is_empty());
+
+        let fo = FailoverInfo::new(FailoverKind::Unplanned, "u1", "rp", 0);
+        let bad_static: BTreeMap<u32, NicOptions> = [(
+            1,
+            NicOptions {
+                static_ip: Some("10.20.1.9".parse().unwrap()),
+                public_ip: false,
+                ..Default::default()
+            },
+        )]
+        .into();
+        let e = assign_nics(
+            &config(),
+            &mut allocs,
+            "web01",
+            &spec(2, 1),
+            &fo,
+            &bad_static,
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "static_ip_outside_subnet");
+        assert!(allocs.is_empty());
+
+        let unknown: BTreeMap<u32, NicOptions> = [(2, NicOptions::default())].into();
+        assert_eq!(
+            assign_nics(&config(), &mut allocs, "web01", &spec(2, 1), &fo, &unknown)
+                .unwrap_err()
+                .code(),
+            "unknown_nic"
+        );
+
+        let mut multicast = spec(2, 1);
+        multicast.nics[1].mac = "01:00:5E:00:00:01".into();
+        let e = assign_nics(
+            &config(),
+            &mut allocs,
+            "web01",
+            &multicast,
+            &fo,
+            &BTreeMap::new(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "invalid_mac");
+        assert!(allocs.is_empty());
     }
 }
