@@ -114,3 +114,13 @@ pub const PATCH_FINE_HASH_LEN: usize = 16;
 pub const PATCH_RECORD_HEADER: usize = 9;
 pub const PATCH_OP_DATA: u8 = 0;
 pub const PATCH_OP_ZERO: u8 = 1;
+
+/// Receipt plaintext (`stage/…` objects): chunk name (32, zero for a zero block) ‖ plain hash
+/// (32) ‖ length (u64 LE).
+pub const RECEIPT_LEN: usize = 72;
+
+/// Domains of the keyed identifiers (`KeyRing::ident`) that name records: a VM's record id, a
+/// disk's (of `"<vm>\0<disk>"`), a recovery plan's.
+pub const IDENT_VM: &str = "vm";
+pub const IDENT_DISK: &str = "disk";
+pub const IDENT_PLAN: &str = "plan";

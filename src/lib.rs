@@ -7,35 +7,51 @@
 //!
 //! ## Data flow (one direction)
 //!
+//! The folders follow the flow: `api → ingest → chunk → store`, `journal` and `replica` turn what
+//! was received into points, `failover` reads points out. Arrows are imports; there is no cycle
+//! (`tests/it/architecture.rs` checks it).
+//!
 //! ```text
-//! agent ──HTTPS──▶ api ──▶ ingest (blocks with receipts, change logs) ──▶ chunk (hash → compress
-//!                   │          │                                           → seal) ──▶ store
-//!                   │          └──▶ catalog (VM and disk records, journals)
-//!                   ├──▶ replica (points and readers, merge, resync, damage register)
-//!                   │        └── completion, merge and resync switch write the disk's block map
-//!                   └──▶ failover (networks, IP assignment, VM definitions), reads through replica
-//! scrub (verify, garbage collection) walks what the records reference, beside the flow;
-//! overview composes the services into what the API shows of a VM;
-//! jobs observe every long operation; nothing below `api` knows about HTTP;
-//! only `store` imports object_store.
+//! agent, cli ──▶ client ──HTTPS (wire types)──▶ api (extractors, routes per resource)
+//!                                                  │
+//!        ┌───────────────────┬─────────────────────┼───────────────────┬──────────────────┐
+//!        ▼                   ▼                     ▼                   ▼                  ▼
+//!      ingest ─────────▶ replica ◀────────────── failover           scrub            overview
+//!   (blocks, logs)    (points, readers,      (choose → materialize  (verify, gc)   (the VM view)
+//!        │             merge, resync,          → address → define)      │
+//!        │             damage register)               │                 │
+//!        └────────┬──────────┴────────────────────────┴─────────────────┘
+//!                 ▼
+//!      catalog (VM and disk records) · journal (stored logs) · jobs
+//!                 ▼
+//!      vault (layout, versioned records, registry) ──▶ chunk (name → compress → seal) ──▶ store
 //! ```
+//!
+//! [`services`] loads and composes the stateful services (catalog, ingest, replicas, resyncs);
+//! [`tasks`] runs their background work (merge, schedules, deletes, failovers) so shutdown can
+//! drain it. Nothing below `api` knows about HTTP; only `store` imports object_store; [`wire`]
+//! imports nothing from the crate, and the agent and client never import server modules.
 //!
 //! | module | concept |
 //! |---|---|
 //! | [`store`] | the object store (local dir with fsync, Azure Blob, S3, memory), fault injection |
 //! | [`chunk`] | keyed names (the only place they are computed), sealing, key ring, the pipeline |
 //! | [`vault`] | key layout, versioned records (create-only version n+1), registry of hosts, providers and token digests (`Registrar`) |
+//! | [`file_formats`] | every persisted constant of drvault's own formats |
 //! | [`format`] | MS-HRL logs, VHD and VHDX readers, fixed-VHD footer |
 //! | [`catalog`] | VM and disk records (cached, compare-and-swap), enable and finalize protection |
 //! | [`ingest`] | initial-replication blocks (receipts, resume, completion), change logs |
-//! | [`replica`] | block maps, points and point readers, merge, resync, the damage register |
+//! | [`journal`] | stored change logs: frames, extent index, the frame cache |
+//! | [`replica`] | block maps, points and point readers, merge, resync, the block-sync protocol, the damage register |
 //! | [`services`], [`overview`] | the services composed and loaded; what the API shows of a VM |
+//! | [`tasks`] | tracked background work and per-key retry back-off |
 //! | [`jobs`] | the Jobs tab: job records, steps, progress |
-//! | [`failover`] | target networks and mappings, IP assignment, VM definitions |
+//! | [`failover`] | choose point → materialize disks → assign addresses → write definition; networks, plans, failback |
 //! | [`scrub`] | verify (re-read and check, quarantine, damaged points), garbage collection |
 //! | [`api`] | HTTPS server, auth, typed path extractors, routes (a module per resource), the one error-to-HTTP mapping |
 //! | [`wire`] | the API contract: request and response bodies, header names, the error body (serde and std only) |
-//! | [`agent`], [`client`], [`cli`], [`bench`] | reference agent, API client, command line, benchmarks |
+//! | [`client`] | the typed API client: a method per route |
+//! | [`agent`], [`cli`], [`bench`], [`progress`] | reference agent (one block-sync driver for resync and failback), command line (a file per command family), benchmarks, progress bars |
 //!
 //! ## Object key layout
 //!

@@ -20,7 +20,7 @@ use crate::chunk::PlainHash;
 use crate::client::{Client, SyncFlow};
 use crate::format::image::SourceFormat;
 use crate::replica::patch;
-use crate::wire::{DigestRequest, ResyncDiskView, SessionState};
+use crate::wire::{DigestRequest, ResyncDiskView, ResyncState};
 
 pub struct ResyncOptions {
     pub vm: String,
@@ -90,7 +90,7 @@ pub async fn resync(
         size,
         ..Default::default()
     };
-    if view.state == SessionState::Committed {
+    if view.state == ResyncState::Committed {
         // The session this disk belonged to already switched the replica (this agent, or an
         // earlier run of it, was stopped after completing): nothing to compare or send.
         summary.state = view.state.word().to_string();

@@ -206,11 +206,13 @@ impl Catalog {
     }
 
     pub fn vm_id(&self, vm: &str) -> String {
-        self.vault.keys().ident("vm", vm)
+        self.vault.keys().ident(crate::file_formats::IDENT_VM, vm)
     }
 
     pub fn disk_id(&self, vm: &str, disk: &str) -> String {
-        self.vault.keys().ident("disk", &format!("{vm}\0{disk}"))
+        self.vault
+            .keys()
+            .ident(crate::file_formats::IDENT_DISK, &format!("{vm}\0{disk}"))
     }
 
     /// The names of every protected VM.

@@ -53,7 +53,13 @@ impl Plans {
     }
 
     fn key(&self, name: &str) -> crate::store::Key {
-        layout::record(Family::Plan, &self.vault.keys().ident("plan", name))
+        layout::record(
+            Family::Plan,
+            &self
+                .vault
+                .keys()
+                .ident(crate::file_formats::IDENT_PLAN, name),
+        )
     }
 
     pub async fn create(&self, plan: Plan) -> Result<Plan> {

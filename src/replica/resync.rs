@@ -45,7 +45,7 @@ use crate::tasks::Tasks;
 use crate::vault::layout::{self, Family};
 pub use crate::wire::{
     DigestRequest, FineRequest, PatchAck, ResyncCompletion, ResyncDisk, ResyncDiskView,
-    ResyncRequest, ResyncSession, SessionState,
+    ResyncRequest, ResyncSession, ResyncState,
 };
 
 /// What `resync/hashes` reports for a block whose chunk is registered damaged: a real block
@@ -54,14 +54,14 @@ const DAMAGED_BLOCK_HASH: [u8; 32] = [0xff; 32];
 
 pub use super::sync::{digest_of, MAX_FINE_BLOCKS};
 
-impl SessionState {
+impl ResyncState {
     pub fn word(self) -> &'static str {
         match self {
-            SessionState::Scheduled => "scheduled",
-            SessionState::Active => "active",
-            SessionState::Committing => "committing",
-            SessionState::Committed => "committed",
-            SessionState::Cancelled => "cancelled",
+            ResyncState::Scheduled => "scheduled",
+            ResyncState::Active => "active",
+            ResyncState::Committing => "committing",
+            ResyncState::Committed => "committed",
+            ResyncState::Cancelled => "cancelled",
         }
     }
 
@@ -69,7 +69,7 @@ impl SessionState {
     pub fn is_open(self) -> bool {
         matches!(
             self,
-            SessionState::Scheduled | SessionState::Active | SessionState::Committing
+            ResyncState::Scheduled | ResyncState::Active | ResyncState::Committing
         )
     }
 }
@@ -182,8 +182,7 @@ impl Resyncs {
     /// Finishes every resync switch a crash interrupted (before anything reads the disks).
     pub async fn finish_interrupted(&self) -> Result<()> {
         for v in self.catalog.vms().await {
-            if self.resync_session(&v.id).await?.map(|s| s.state) == Some(SessionState::Committing)
-            {
+            if self.resync_session(&v.id).await?.map(|s| s.state) == Some(ResyncState::Committing) {
                 self.commit_if_staged(&v.name).await?;
             }
         }
@@ -281,14 +280,14 @@ impl Resyncs {
                 .unwrap_or(0)
         };
         if let Some(mut s) = self.open_resync(&v.id).await? {
-            if s.state == SessionState::Committing {
+            if s.state == ResyncState::Committing {
                 return Ok(s);
             }
             for d in disks {
                 s.disks.entry(d).or_default();
             }
-            if req.now && s.state == SessionState::Scheduled {
-                s.state = SessionState::Active;
+            if req.now && s.state == ResyncState::Scheduled {
+                s.state = ResyncState::Active;
                 s.not_before_unix = 0;
             }
             self.save_session(&v.id, &s).await?;
@@ -313,9 +312,9 @@ impl Resyncs {
                 .jobs()
                 .step(&job.id, "Wait for the resync window", JobState::Succeeded)
                 .await?;
-            SessionState::Active
+            ResyncState::Active
         } else {
-            SessionState::Scheduled
+            ResyncState::Scheduled
         };
         let s = ResyncSession {
             id: uuid::Uuid::new_v4().simple().to_string(),
@@ -349,13 +348,13 @@ impl Resyncs {
                 format!("VM {vm} has no resync session to cancel"),
             )
         })?;
-        if s.state == SessionState::Committing {
+        if s.state == ResyncState::Committing {
             return Err(Error::conflict(
                 "resync_committing",
                 "the resync is switching the replica and cannot be cancelled",
             ));
         }
-        s.state = SessionState::Cancelled;
+        s.state = ResyncState::Cancelled;
         s.finished_unix = Some(crate::util::unix_now());
         self.save_session(&v.id, &s).await?;
         self.catalog
@@ -411,7 +410,7 @@ impl Resyncs {
                 ),
             ));
         };
-        if s.state == SessionState::Scheduled {
+        if s.state == ResyncState::Scheduled {
             let now = crate::util::unix_now();
             if now < s.not_before_unix {
                 let wait = s.not_before_unix - now;
@@ -421,14 +420,14 @@ impl Resyncs {
                     retry_after_s: wait,
                 });
             }
-            s.state = SessionState::Active;
+            s.state = ResyncState::Active;
             self.save_session(&v.id, &s).await?;
             self.catalog
                 .jobs()
                 .step(&s.job, "Wait for the resync window", JobState::Succeeded)
                 .await?;
         }
-        if s.state == SessionState::Active {
+        if s.state == ResyncState::Active {
             self.catalog
                 .jobs()
                 .step(&s.job, "Compare and send changed blocks", JobState::Running)
@@ -530,7 +529,7 @@ impl Resyncs {
         let Some(s) = self.resync_session(&v.id).await? else {
             return Ok(None);
         };
-        if s.state != SessionState::Committed {
+        if s.state != ResyncState::Committed {
             return Ok(None);
         }
         let Some(sd) = s.disks.get(disk) else {
@@ -651,7 +650,7 @@ impl Resyncs {
         body: Bytes,
     ) -> Result<PatchAck> {
         let (s, d, base) = self.agent_session(host, vm, disk).await?;
-        if s.state != SessionState::Active {
+        if s.state != ResyncState::Active {
             return Err(Error::conflict(
                 "resync_committing",
                 "the session is switching the replica; no more blocks are taken",
@@ -813,13 +812,13 @@ impl Resyncs {
                 format!("VM {vm} has no resync session"),
             ));
         };
-        if s.state == SessionState::Committed {
+        if s.state == ResyncState::Committed {
             return Ok((s.clone(), s.commit_cycle));
         }
         if !s.state.is_open() || s.disks.values().any(|x| x.staged_root.is_none()) {
             return Ok((s, None));
         }
-        s.state = SessionState::Committing;
+        s.state = ResyncState::Committing;
         self.save_session(&v.id, &s).await?;
         let roots: BTreeMap<String, String> = s
             .disks
@@ -831,7 +830,7 @@ impl Resyncs {
             .install_snapshots(vm, &format!("resync:{}", s.id), &roots, s.commit_cycle)
             .await?;
         s.commit_cycle = Some(cycle);
-        s.state = SessionState::Committed;
+        s.state = ResyncState::Committed;
         s.finished_unix = Some(crate::util::unix_now());
         self.save_session(&v.id, &s).await?;
         self.catalog
@@ -939,7 +938,7 @@ mod tests {
             disks: vec![],
         };
         let session = s.resyncs.start_resync("vm", &req, "test").await.unwrap();
-        assert_eq!(session.state, SessionState::Active);
+        assert_eq!(session.state, ResyncState::Active);
         // The source now: block 0 as of c1, 4 KiB of block 1 changed, block 2 written.
         let mut source: Vec<Vec<u8>> = [1u8, 2, 0, 4].iter().map(|&b| block(b).to_vec()).collect();
         source[0][..4096].fill(7);
@@ -985,7 +984,7 @@ mod tests {
             .resync_complete("h", "vm", "os", &done)
             .await
             .unwrap();
-        assert_eq!((done.state, done.cycle), (SessionState::Committed, Some(2)));
+        assert_eq!((done.state, done.cycle), (ResyncState::Committed, Some(2)));
         // The new point reads the source, the one before it what it held.
         let c2 = s.replicas.point_reader("vm", "os", 2).await.unwrap();
         for (i, b) in source.iter().enumerate() {

@@ -12,11 +12,8 @@ use futures_util::StreamExt;
 
 use crate::chunk::{ChunkName, PlainHash};
 use crate::error::{Error, Result};
-use crate::file_formats::ObjectKind;
+use crate::file_formats::{ObjectKind, RECEIPT_LEN};
 use crate::vault::Vault;
-
-/// Receipt plaintext: chunk name (32, zero for a zero block) ‖ plain hash (32) ‖ length (u64 LE).
-const RECEIPT_LEN: usize = 72;
 
 /// One received block: its chunk (`None` for a zero block) and plain hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

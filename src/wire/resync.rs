@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum SessionState {
+pub enum ResyncState {
     Scheduled,
     Active,
     /// Every disk is staged; the switch is under way (finished at the next start if interrupted).
@@ -21,7 +21,7 @@ pub enum SessionState {
 pub struct ResyncSession {
     pub id: String,
     pub vm: String,
-    pub state: SessionState,
+    pub state: ResyncState,
     pub reason: String,
     pub requested_unix: u64,
     /// When the session may start (the window's next opening; 0: at once).
@@ -48,7 +48,7 @@ pub struct ResyncDisk {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResyncDiskView {
     pub session: String,
-    pub state: SessionState,
+    pub state: ResyncState,
     pub reason: String,
     pub size: u64,
     pub block_size: u32,
@@ -75,7 +75,7 @@ pub struct PatchAck {
 pub struct ResyncCompletion {
     pub disk: String,
     pub session: String,
-    pub state: SessionState,
+    pub state: ResyncState,
     /// Disks of the session still to be completed.
     pub waiting_for: Vec<String>,
     /// The cycle of the point the switch made (once committed).
