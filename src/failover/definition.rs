@@ -17,10 +17,10 @@
 //!   file is refused rather than started on SeaBIOS, where it could never boot.
 //!
 //! Network decisions:
-//! - Each (network, subnet) is one libvirt network named [`host_network_name`]: the host's
+//! - Each (network, subnet) is one libvirt network named [`host_network_name`](super::network::host_network_name): the host's
 //!   address on its bridge is the subnet's gateway, DHCP serves the subnet's usable addresses
 //!   and pins every allocated NIC's MAC to its IPAM address (list every allocation of the
-//!   subnet, see [`dhcp_hosts`], so the dynamic range never hands out an allocated address).
+//!   subnet, see [`dhcp_hosts`](super::libvirt::dhcp_hosts), so the dynamic range never hands out an allocated address).
 //!   The configured DNS servers become dnsmasq forwarders (libvirt has no plain way to hand
 //!   them out by DHCP), so guests resolve through their gateway. `isolated` networks get no
 //!   `<forward>`: no route out of the host.

@@ -8,7 +8,7 @@
 //! aligned for it; whatever is not aligned (a disk's short last block, the VHD footer, a block
 //! that logs patched and that arrives in an ordinary buffer) goes through the cache, which the
 //! final fsync covers. A file system that refuses `O_DIRECT` (tmpfs, some network and overlay
-//! file systems) gets every write through the cache, flushed as it goes (see [`Flusher`]).
+//! file systems) gets every write through the cache, flushed as it goes (see `Flusher`).
 
 use std::fs::File;
 use std::io;
