@@ -238,9 +238,12 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         services.catalog.clone(),
         services.replicas.clone(),
         jobs.clone(),
-        config.networks(),
-        std::path::absolute(config.failover_dir()).unwrap_or_else(|_| config.failover_dir()),
-        Duration::from_secs(config.failover.planned_wait_s),
+        crate::failover::service::FailoverSettings {
+            networks: config.networks(),
+            output: std::path::absolute(config.failover_dir())
+                .unwrap_or_else(|_| config.failover_dir()),
+            planned_wait: Duration::from_secs(config.failover.planned_wait_s),
+        },
         tasks.clone(),
     );
     failovers.recover_interrupted().await?;

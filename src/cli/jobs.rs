@@ -83,7 +83,7 @@ pub(super) async fn wait_job(c: &Client, id: &str) -> Result<Job> {
     let bar = crate::progress::fraction_bar(console(), "job");
     let mut told: Option<String> = None;
     loop {
-        let j = c.job(&id).await?;
+        let j = c.job(id).await?;
         if j.waiting_for != told {
             if let Some(w) = &j.waiting_for {
                 let vm = j.vm.as_deref().unwrap_or("VM");

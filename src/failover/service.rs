@@ -43,17 +43,30 @@ pub struct Failovers {
     pub(super) cancelled: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
+/// Where failovers write and attach, from the server config.
+pub struct FailoverSettings {
+    /// Target networks and the source → target mapping.
+    pub networks: NetworkConfig,
+    /// The directory each failover's disks and definition go under.
+    pub output: PathBuf,
+    /// How long a planned failover waits for the final logs unless the request says.
+    pub planned_wait: Duration,
+}
+
 impl Failovers {
     pub fn new(
         vault: Vault,
         catalog: Catalog,
         replicas: Replicas,
         jobs: Jobs,
-        networks: NetworkConfig,
-        output: PathBuf,
-        planned_wait: Duration,
+        settings: FailoverSettings,
         tasks: Tasks,
     ) -> Failovers {
+        let FailoverSettings {
+            networks,
+            output,
+            planned_wait,
+        } = settings;
         Failovers {
             vault,
             catalog,

@@ -348,10 +348,10 @@ impl Scrub {
                             }
                         }
                         // A failed run (store outage, unreadable map) tries again after an hour.
-                        if me.last_gc().await.ok().flatten() == last {
-                            if !nap(&me.tasks, Duration::from_secs(3600)).await {
-                                return;
-                            }
+                        if me.last_gc().await.ok().flatten() == last
+                            && !nap(&me.tasks, Duration::from_secs(3600)).await
+                        {
+                            return;
                         }
                     }
                     Err(e) => {
@@ -393,10 +393,10 @@ impl Scrub {
                             }
                         }
                         // A failed run (store outage) tries again after a while, not at once.
-                        if me.damage().await.last_verify_unix == last {
-                            if !nap(&me.tasks, Duration::from_secs(3600)).await {
-                                return;
-                            }
+                        if me.damage().await.last_verify_unix == last
+                            && !nap(&me.tasks, Duration::from_secs(3600)).await
+                        {
+                            return;
                         }
                     }
                     Err(e) => {
