@@ -84,6 +84,23 @@ name_segment!(
     "disk",
     "disk"
 );
+/// `{vm}/disks/{disk}`: a disk route's VM and disk, checked in that order (as two extractors
+/// would), so a handler of a disk takes one argument for both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskPath {
+    pub vm: String,
+    pub disk: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for DiskPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let VmName(vm) = VmName::from_request_parts(parts, state).await?;
+        let DiskName(disk) = DiskName::from_request_parts(parts, state).await?;
+        Ok(DiskPath { vm, disk })
+    }
+}
+
 name_segment!(
     /// `{name}` of `/v1/hosts/{name}`.
     HostName,

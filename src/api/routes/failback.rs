@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use super::octets;
 use crate::api::auth::{AgentHost, Operator};
 use crate::api::error::ApiResult;
-use crate::api::extract::{read_json, DiskName, VmName};
+use crate::api::extract::{read_json, DiskPath, VmName};
 use crate::api::AppState;
 use crate::error::Error;
 use crate::wire::FailbackCommitRequest;
@@ -43,8 +43,7 @@ pub(super) fn routes() -> Router<AppState> {
 async fn agent_failback_view(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
 ) -> ApiResult<Json<crate::failover::failback::FailbackDiskView>> {
     Ok(Json(s.failovers.failback_view(&host, &vm, &disk).await?))
 }
@@ -52,8 +51,7 @@ async fn agent_failback_view(
 async fn agent_failback_hashes(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
 ) -> ApiResult<Response> {
     Ok(octets(
         s.failovers.failback_hashes(&host, &vm, &disk).await?,
@@ -63,8 +61,7 @@ async fn agent_failback_hashes(
 async fn agent_failback_fine(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     body: Body,
 ) -> ApiResult<Response> {
     let req: crate::replica::resync::FineRequest = read_json(body).await?;
@@ -76,8 +73,7 @@ async fn agent_failback_fine(
 async fn agent_failback_ranges(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     body: Body,
 ) -> ApiResult<Response> {
     let req: crate::failover::failback::RangeRequest = read_json(body).await?;
@@ -89,8 +85,7 @@ async fn agent_failback_ranges(
 async fn agent_failback_complete(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     body: Body,
 ) -> ApiResult<Json<crate::failover::failback::FailbackRecord>> {
     let req: crate::replica::resync::DigestRequest = read_json(body).await?;

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use super::read_block_body;
 use crate::api::auth::AgentHost;
 use crate::api::error::ApiResult;
-use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskName, LogId, Query, VmName};
+use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskPath, LogId, Query, VmName};
 use crate::api::AppState;
 use crate::catalog::VmSpec;
 use crate::ingest::{CompleteRequest, ReceivedQuery};
@@ -70,8 +70,7 @@ async fn agent_get_vm(
 async fn agent_query_blocks(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     body: Body,
 ) -> ApiResult<Json<MissingBlocks>> {
     let q: ReceivedQuery = read_json(body).await?;
@@ -83,8 +82,7 @@ async fn agent_query_blocks(
 async fn agent_put_block(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     BlockIndex(i): BlockIndex,
     headers: HeaderMap,
     body: Body,
@@ -103,21 +101,17 @@ async fn agent_put_block(
 async fn agent_complete_disk(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     body: Body,
 ) -> ApiResult<Json<crate::catalog::DiskView>> {
     let req: CompleteRequest = read_json(body).await?;
     Ok(Json(s.ingest.complete_disk(&host, &vm, &disk, &req).await?))
 }
 
-// An axum handler takes one argument per extractor; each checks one part of the request.
-#[allow(clippy::too_many_arguments)]
 async fn agent_put_log(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     LogId(log_id): LogId,
     Query(q): Query<LogQuery>,
     headers: HeaderMap,

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use super::{octets, read_block_body};
 use crate::api::auth::{AgentHost, Operator};
 use crate::api::error::ApiResult;
-use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskName, VmName};
+use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskPath, VmName};
 use crate::api::AppState;
 use crate::error::Error;
 
@@ -43,8 +43,7 @@ pub(super) fn routes() -> Router<AppState> {
 async fn agent_resync_view(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
 ) -> ApiResult<Json<crate::replica::resync::ResyncDiskView>> {
     Ok(Json(s.resyncs.resync_disk_view(&host, &vm, &disk).await?))
 }
@@ -52,8 +51,7 @@ async fn agent_resync_view(
 async fn agent_resync_hashes(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
 ) -> ApiResult<Response> {
     Ok(octets(s.resyncs.resync_hashes(&host, &vm, &disk).await?))
 }
@@ -61,8 +59,7 @@ async fn agent_resync_hashes(
 async fn agent_resync_fine(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     body: Body,
 ) -> ApiResult<Response> {
     let req: crate::replica::resync::FineRequest = read_json(body).await?;
@@ -74,8 +71,7 @@ async fn agent_resync_fine(
 async fn agent_resync_patch(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     BlockIndex(i): BlockIndex,
     headers: HeaderMap,
     body: Body,
@@ -94,8 +90,7 @@ async fn agent_resync_patch(
 async fn agent_resync_complete(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     body: Body,
 ) -> ApiResult<Json<crate::replica::resync::ResyncCompletion>> {
     let req: crate::replica::resync::DigestRequest = read_json(body).await?;

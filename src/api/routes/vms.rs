@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use super::BLAKE3_HEADER;
 use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
-use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskName, NicIndex, Query, VmName};
+use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskPath, NicIndex, Query, VmName};
 use crate::api::AppState;
 use crate::error::Error;
 use crate::replica::MapEntry;
@@ -44,8 +44,7 @@ async fn get_vm(
 async fn get_map(
     _: Operator,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     Query(q): Query<PointQuery>,
 ) -> ApiResult<Json<MapView>> {
     if let Some(sel) = q.point {
@@ -88,8 +87,7 @@ async fn get_map(
 async fn get_block(
     _: Operator,
     State(s): State<AppState>,
-    VmName(vm): VmName,
-    DiskName(disk): DiskName,
+    DiskPath { vm, disk }: DiskPath,
     BlockIndex(i): BlockIndex,
     Query(q): Query<PointQuery>,
 ) -> ApiResult<Response> {
