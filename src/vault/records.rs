@@ -5,8 +5,20 @@
 //! Azure with `If-None-Match: *`, S3 conditional writes). An update reads the highest version n,
 //! computes the new value and creates n+1; losing a race means `Existed`: re-read and retry
 //! (compare-and-swap, as SlateDB's manifest store does). Readers take the highest version, so a
-//! record is never seen half-written. Versions older than n-1 are pruned after a successful
-//! update: a reader that listed just before still finds the version it picked.
+//! record is never seen half-written.
+//!
+//! Pruning and the stale writer. Old versions are deleted after a successful update, which
+//! reopens their numbers: a writer that read version n-1 and then stalled (a slow put, a paused
+//! process) can create version n again after n was pruned, and a create-only put cannot tell.
+//! Two rules close this. A version is pruned only when it was superseded more than
+//! [`VERSION_GRACE_MS`] ago (by the store's clock: its successor's modification time, compared
+//! with the newest version's), so above a stale write at least one version is that old; a
+//! fresh write's successors are all younger than it. After creating version n, the writer lists
+//! the versions: if none is above n, n is the latest; if one above n is older than n
+//! by more than half the grace, n was a stale re-creation: it is deleted and the update retried;
+//! otherwise another writer already built on n, and n counts. The argument needs the list to
+//! follow the put within half the grace; when it does not, the outcome is unknown and the update
+//! answers `record_contended` instead of guessing.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -28,14 +40,43 @@ pub struct Versioned<T> {
 #[derive(Clone)]
 pub struct Records {
     chunks: ChunkStore,
+    grace_ms: u64,
 }
 
 /// How many times an update retries after losing a race before reporting the store busy.
 const MAX_CAS_ATTEMPTS: usize = 64;
 
+/// How long a superseded version is kept before pruning (see the module doc).
+pub const VERSION_GRACE_MS: u64 = 30_000;
+
 impl Records {
     pub fn new(chunks: ChunkStore) -> Records {
-        Records { chunks }
+        Records {
+            chunks,
+            grace_ms: VERSION_GRACE_MS,
+        }
+    }
+
+    /// The same records with another pruning grace (tests).
+    #[cfg(test)]
+    fn with_grace_ms(mut self, grace_ms: u64) -> Records {
+        self.grace_ms = grace_ms;
+        self
+    }
+
+    /// Versions with their modification times (store clock, ms), lowest first.
+    async fn listed_versions(&self, prefix: &Key) -> Result<Vec<(u64, u64)>> {
+        let mut v: Vec<(u64, u64)> = self
+            .chunks
+            .store()
+            .list(prefix)
+            .await?
+            .iter()
+            .filter(|l| l.key.as_str().len() == prefix.as_str().len() + 22)
+            .filter_map(|l| Some((layout::parse_record_version(&l.key)?, l.modified_ms)))
+            .collect();
+        v.sort_unstable();
+        Ok(v)
     }
 
     async fn versions(&self, prefix: &Key) -> Result<Vec<u64>> {
@@ -85,7 +126,55 @@ impl Records {
         if !self.versions(prefix).await?.is_empty() {
             return Ok(false);
         }
-        Ok(self.write_version(prefix, 1, value).await? == PutOutcome::Created)
+        let started = std::time::Instant::now();
+        Ok(
+            self.write_version(prefix, 1, value).await? == PutOutcome::Created
+                && self.confirm_latest(prefix, 1, started).await?,
+        )
+    }
+
+    /// After creating `version` (its put started at `started`): whether the write counts (see
+    /// the module doc). A stale re-creation is deleted; a write that counts prunes what it
+    /// superseded long enough ago.
+    async fn confirm_latest(
+        &self,
+        prefix: &Key,
+        version: u64,
+        started: std::time::Instant,
+    ) -> Result<bool> {
+        let listed = self.listed_versions(prefix).await?;
+        if started.elapsed().as_millis() as u64 > self.grace_ms / 2 {
+            return Err(Error::Busy {
+                code: "record_contended",
+                message: format!(
+                    "record {prefix}: the store took over {} s to write and list version {version}; \
+                     whether the update took effect is unknown: read the record before retrying",
+                    self.grace_ms / 2000
+                ),
+                retry_after_s: 1,
+            });
+        }
+        if listed.last().is_some_and(|&(v, _)| v == version) {
+            self.prune(prefix, version, &listed).await;
+            return Ok(true);
+        }
+        // Others are above. Built on this write, they are all younger than it; above a stale
+        // one, at least one is older by more than half the grace. Only a stale version can be
+        // pruned this soon.
+        let counts = match listed.iter().find(|(v, _)| *v == version) {
+            None => false,
+            Some(&(_, mine)) => !listed
+                .iter()
+                .any(|&(v, t)| v > version && t + self.grace_ms / 2 < mine),
+        };
+        if !counts {
+            let _ = self
+                .chunks
+                .store()
+                .delete(&layout::record_version(prefix, version))
+                .await;
+        }
+        Ok(counts)
     }
 
     /// Compare-and-swap update. `f` sees the current value (None if absent) and returns the new
@@ -101,15 +190,15 @@ impl Records {
             let next = f(cur.as_ref().map(|c| &c.value))?;
             let Some(next) = next else { return Ok(cur) };
             let version = cur.as_ref().map(|c| c.version).unwrap_or(0) + 1;
+            let started = std::time::Instant::now();
             match self.write_version(prefix, version, &next).await? {
-                PutOutcome::Created => {
-                    self.prune(prefix, version).await;
+                PutOutcome::Created if self.confirm_latest(prefix, version, started).await? => {
                     return Ok(Some(Versioned {
                         version,
                         value: next,
                     }));
                 }
-                PutOutcome::Existed => continue,
+                PutOutcome::Created | PutOutcome::Existed => continue,
             }
         }
         Err(Error::Busy {
@@ -134,13 +223,18 @@ impl Records {
             .await?)
     }
 
-    /// Deletes versions older than `current - 1`. Best effort: leftovers are harmless.
-    async fn prune(&self, prefix: &Key, current: u64) {
-        if current < 3 {
+    /// Deletes versions below `current - 1` that were superseded more than the grace before
+    /// `current` was written (`listed`: the versions with their times, lowest first). Best
+    /// effort: leftovers are harmless.
+    async fn prune(&self, prefix: &Key, current: u64, listed: &[(u64, u64)]) {
+        let Some(&(_, now)) = listed.iter().find(|(v, _)| *v == current) else {
             return;
-        }
-        if let Ok(versions) = self.versions(prefix).await {
-            for v in versions.into_iter().filter(|&v| v + 1 < current) {
+        };
+        for &(v, _) in listed.iter().filter(|(v, _)| v + 1 < current) {
+            let successor = listed.iter().find(|(s, _)| *s == v + 1).map(|&(_, t)| t);
+            // A version whose successor is missing is a stale writer's leftover: that writer
+            // deletes it (pruning it here could hide an old version from its check).
+            if successor.is_some_and(|t| t + self.grace_ms < now) {
                 let _ = self
                     .chunks
                     .store()
@@ -165,9 +259,10 @@ impl Records {
         value: &T,
     ) -> Result<Option<u64>> {
         let next = self.latest_version(prefix).await?.unwrap_or(0) + 1;
+        let started = std::time::Instant::now();
         Ok(match self.write_version(prefix, next, value).await? {
-            PutOutcome::Created => Some(next),
-            PutOutcome::Existed => None,
+            PutOutcome::Created if self.confirm_latest(prefix, next, started).await? => Some(next),
+            PutOutcome::Created | PutOutcome::Existed => None,
         })
     }
 
@@ -224,29 +319,74 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn versions_advance_and_prune() {
-        let r = records();
+    async fn versions_advance_and_old_ones_are_pruned_after_the_grace() {
+        let r = records().with_grace_ms(50);
         let p = layout::record(Family::Vm, "abc");
         assert!(r.load::<u32>(&p).await.unwrap().is_none());
         assert!(r.create(&p, &1u32).await.unwrap());
         assert!(!r.create(&p, &9u32).await.unwrap());
+        let bump = |cur: Option<&u32>| Ok(Some(cur.copied().unwrap_or(0) + 1));
         for i in 2..=10u32 {
-            let v = r
-                .update(&p, |cur: Option<&u32>| {
-                    Ok(Some(cur.copied().unwrap_or(0) + 1))
-                })
-                .await
-                .unwrap()
-                .unwrap();
+            let v = r.update(&p, bump).await.unwrap().unwrap();
             assert_eq!(v.version, i as u64);
         }
         let cur = r.load::<u32>(&p).await.unwrap().unwrap();
         assert_eq!((cur.version, cur.value), (10, 10));
-        assert!(r.versions(&p).await.unwrap().len() <= 3);
+        // Not a wait for a condition: the versions' store times must be older than the grace.
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        r.update(&p, bump).await.unwrap();
+        assert_eq!(r.versions(&p).await.unwrap(), vec![10, 11]);
         assert_eq!(r.ids(Family::Vm).await.unwrap(), vec!["abc".to_string()]);
     }
 
     #[tokio::test]
+    async fn young_versions_are_kept_so_a_reader_finds_what_it_listed() {
+        let r = records();
+        let p = layout::record(Family::Vm, "young");
+        r.create(&p, &1u32).await.unwrap();
+        for i in 2..=6u32 {
+            r.update(&p, |_: Option<&u32>| Ok(Some(i))).await.unwrap();
+        }
+        assert_eq!(r.versions(&p).await.unwrap(), vec![1, 2, 3, 4, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn a_stale_writer_cannot_bring_back_a_pruned_version_number() {
+        let r = records().with_grace_ms(100);
+        let p = layout::record(Family::Vm, "stale");
+        r.create(&p, &1u32).await.unwrap();
+        for i in 2..=5u32 {
+            tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+            r.update(&p, |_: Option<&u32>| Ok(Some(i))).await.unwrap();
+        }
+        assert_eq!(r.versions(&p).await.unwrap(), vec![4, 5]);
+        // A writer that read version 1 long ago now writes version 2, which was pruned: the
+        // create-only put succeeds, but the write lost the race and must not count.
+        let started = std::time::Instant::now();
+        assert_eq!(
+            r.write_version(&p, 2, &99u32).await.unwrap(),
+            PutOutcome::Created
+        );
+        assert!(!r.confirm_latest(&p, 2, started).await.unwrap());
+        assert_eq!(r.versions(&p).await.unwrap(), vec![4, 5], "orphan removed");
+        let cur = r.load::<u32>(&p).await.unwrap().unwrap();
+        assert_eq!((cur.version, cur.value), (5, 5));
+    }
+
+    #[tokio::test]
+    async fn a_write_another_writer_already_built_on_counts() {
+        let r = records().with_grace_ms(100);
+        let p = layout::record(Family::Vm, "built-on");
+        r.create(&p, &1u32).await.unwrap();
+        let started = std::time::Instant::now();
+        r.write_version(&p, 2, &2u32).await.unwrap();
+        // Before the writer of 2 lists, another reads 2 and writes 3 on top of it.
+        r.write_version(&p, 3, &3u32).await.unwrap();
+        assert!(r.confirm_latest(&p, 2, started).await.unwrap());
+        assert_eq!(r.versions(&p).await.unwrap(), vec![1, 2, 3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_updates_lose_nothing() {
         let r = records();
         let p = layout::record(Family::Job, "counter");
