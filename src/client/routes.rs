@@ -293,6 +293,12 @@ impl Client {
         self.get_json(&format!("/v1/agent/vms/{vm}")).await
     }
 
+    /// The long-running agent's report for this interval; the answer directs the next one.
+    pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<HeartbeatAck, ClientError> {
+        self.send_json(Method::POST, "/v1/agent/heartbeat", hb)
+            .await
+    }
+
     pub async fn query_blocks(
         &self,
         vm: &str,

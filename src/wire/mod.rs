@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod agents;
 pub mod failback;
 pub mod failover;
 pub mod hosts;
@@ -18,6 +19,7 @@ pub mod scrub;
 pub mod server;
 pub mod vms;
 
+pub use agents::*;
 pub use failback::*;
 pub use failover::*;
 pub use hosts::*;

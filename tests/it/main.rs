@@ -6,6 +6,7 @@ mod common;
 #[path = "support/emulators.rs"]
 mod emulators;
 
+mod agent_run;
 mod api_auth;
 mod architecture;
 mod azure_e2e;
@@ -17,7 +18,9 @@ mod crash;
 mod delta_e2e;
 mod failover_e2e;
 mod faults;
+mod health;
 mod hostile;
+mod lifecycle;
 mod protect_e2e;
 mod readme_flow;
 mod resync_e2e;

@@ -1,0 +1,1 @@
+//! `drvault agent run`: the long-running host agent (issue "Continuous protection").

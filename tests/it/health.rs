@@ -1,0 +1,1 @@
+//! Heartbeats and health: what the server knows of every host and VM.
