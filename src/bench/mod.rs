@@ -18,6 +18,8 @@
 //! of the copy, with the source in the page cache; (c) `restic backup` of the image into a fresh
 //! local repository (format 2, so it compresses like we do). Ratios are ours / baseline.
 //!
+//! `drvault bench heartbeats` ([`heartbeats`]) measures the server's CPU for agents' heartbeats.
+//!
 //! `drvault bench deltas` ([`deltas`]) and `drvault bench failover` ([`failover`]) report in
 //! one row form, figure | ours | baseline | ratio ([`report::Figure`]), with the same `--json`,
 //! spawned-or-existing server ([`server`]) and generated images ([`images`]).
@@ -40,6 +42,7 @@ pub mod baselines;
 pub mod changes;
 pub mod deltas;
 pub mod failover;
+pub mod heartbeats;
 pub mod images;
 pub mod ingest;
 pub mod procstat;
@@ -69,6 +72,9 @@ pub enum BenchCmd {
     /// Protect an image, change it without logs (a broken chain), resynchronize it and report
     /// time and bytes on the wire against `rsync --no-whole-file --inplace` of the same files.
     Resync(resync::ResyncArgs),
+    /// Register N hosts with a protected VM each, send the long-running agent's heartbeat from
+    /// every host each interval, and report the server's CPU against the same server idle.
+    Heartbeats(heartbeats::HeartbeatsArgs),
 }
 
 /// Errors of the harness, with what it was doing.
@@ -122,6 +128,7 @@ pub async fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
         BenchCmd::Deltas(args) => deltas::run(args).await,
         BenchCmd::Failover(args) => failover::run(args).await,
         BenchCmd::Resync(args) => resync::run(args).await,
+        BenchCmd::Heartbeats(args) => heartbeats::run(args).await,
     }
 }
 
