@@ -18,7 +18,8 @@
 //! of the copy, with the source in the page cache; (c) `restic backup` of the image into a fresh
 //! local repository (format 2, so it compresses like we do). Ratios are ours / baseline.
 //!
-//! `drvault bench heartbeats` ([`heartbeats`]) measures the server's CPU for agents' heartbeats.
+//! `drvault bench heartbeats` ([`heartbeats`]) measures the server's CPU for agents' heartbeats,
+//! `drvault bench rpo` ([`rpo`]) the RPO a long-running agent achieves.
 //!
 //! `drvault bench deltas` ([`deltas`]) and `drvault bench failover` ([`failover`]) report in
 //! one row form, figure | ours | baseline | ratio ([`report::Figure`]), with the same `--json`,
@@ -48,6 +49,7 @@ pub mod ingest;
 pub mod procstat;
 pub mod report;
 pub mod resync;
+pub mod rpo;
 pub mod server;
 pub mod sparse;
 
@@ -75,6 +77,10 @@ pub enum BenchCmd {
     /// Register N hosts with a protected VM each, send the long-running agent's heartbeat from
     /// every host each interval, and report the server's CPU against the same server idle.
     Heartbeats(heartbeats::HeartbeatsArgs),
+    /// Run `drvault agent run` over N VMs whose disks a writer changes continuously, and report
+    /// the RPO (time from a write to the first point holding it), p50 and p99, against the
+    /// policy interval.
+    Rpo(rpo::RpoArgs),
 }
 
 /// Errors of the harness, with what it was doing.
@@ -129,6 +135,7 @@ pub async fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
         BenchCmd::Failover(args) => failover::run(args).await,
         BenchCmd::Resync(args) => resync::run(args).await,
         BenchCmd::Heartbeats(args) => heartbeats::run(args).await,
+        BenchCmd::Rpo(args) => rpo::run(args).await,
     }
 }
 
