@@ -346,7 +346,12 @@ fn sigterm_mid_run_then_restart_loses_nothing_and_sends_nothing_twice() {
     let left = hrl_files(&spool).len() as u64;
     let sent = latest_cycle(&s, "vma").unwrap();
     assert!(left > 0, "SIGTERM came too late to test anything: {}", agent.log());
-    assert_eq!(sent + left, n, "every log is either acknowledged or still in the spool");
+    // A log the server took just before the agent stopped may still be in the spool (its
+    // acknowledgement abandoned): the restart sends it again, and it is recognised.
+    assert!(
+        (n..=n + 1).contains(&(sent + left)),
+        "every log is acknowledged or still in the spool: {sent} sent, {left} left of {n}"
+    );
     let mut agent = Agent::start(&cfg, &t.path().join("agent2.log"));
     wait_point(&s, &mut agent, "vma", n, cycles(1));
     eventually(cycles(1), "spool emptied", || {

@@ -421,7 +421,10 @@ const FALLBACK_INTERVAL: Duration = Duration::from_secs(30);
 async fn cycle(sh: &Shared, run: &mut VmRun) -> Result<Duration, (Fault, Duration)> {
     let vm = run.cfg.name.clone();
     let view = match sh.client.agent_vm(&vm).await {
-        Ok(v) if v.state != VmState::InitialReplication => v,
+        // Initial replication is over once every disk is complete (the VM's state follows
+        // when the finalize job has run): from then on logs are what is sent, and a second
+        // baseline would break the chains already started.
+        Ok(v) if all_disks_complete(run, &v) => v,
         Ok(_) => protect(sh, run).await.map_err(|f| (f, FALLBACK_INTERVAL))?,
         Err(e) if e.code() == Some("vm_not_found") => {
             protect(sh, run).await.map_err(|f| (f, FALLBACK_INTERVAL))?
@@ -476,6 +479,14 @@ async fn cycle(sh: &Shared, run: &mut VmRun) -> Result<Duration, (Fault, Duratio
     send(sh, run).await.map_err(fail)?;
     sh.report(&vm, |r| r.last_cycle_unix = Some(source::unix_now()));
     Ok(interval)
+}
+
+fn all_disks_complete(run: &VmRun, view: &VmView) -> bool {
+    run.cfg.disks.iter().all(|d| {
+        view.disks
+            .iter()
+            .any(|v| v.id == d.id && v.state == crate::wire::DiskState::Complete)
+    })
 }
 
 /// Cuts every disk's logs; on an app-consistent cycle inside the hooks.
@@ -611,7 +622,7 @@ async fn protect(sh: &Shared, run: &mut VmRun) -> Result<VmView, Fault> {
     tracing::info!(vm = %vm, "enabling protection / initial replication");
     tokio::task::block_in_place(|| {
         for s in run.sources.iter_mut() {
-            s.restart_chain(1)?;
+            s.take_baseline()?;
         }
         Ok::<(), SourceError>(())
     })?;

@@ -92,6 +92,12 @@ pub trait LogSource: Send {
     /// (before initial replication, and before a resync, whose replica contains their
     /// changes); the next log starts a new chain with cycle `next_cycle`.
     fn restart_chain(&mut self, next_cycle: u64) -> Result<(), SourceError>;
+    /// Before an initial replication (started or resumed): what the server will hold is the
+    /// disk as it is from now on. The spool keeps its logs: the host's change tracking
+    /// started with the replication.
+    fn take_baseline(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
     /// The cycle the next cut would take (None: numbered by the server).
     fn next_cycle(&self) -> Option<u64>;
     /// Makes the next cut's cycle at least `at_least` (after a resync committed as a cycle).
@@ -502,6 +508,10 @@ impl LogSource for ImageDiffSource {
             next_cycle,
             pending: Vec::new(),
         })
+    }
+
+    fn take_baseline(&mut self) -> Result<(), SourceError> {
+        self.restart_chain(1)
     }
 
     fn next_cycle(&self) -> Option<u64> {
