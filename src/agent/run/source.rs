@@ -608,7 +608,9 @@ impl LogSource for ImageDiffSource {
                         .map_err(|e| io_err(&self.state_path, e))?,
                     bytes: l.bytes,
                     closed_unix: l.closed_unix,
-                    cycle: Some(l.cycle),
+                    // 0: after a resync whose cycle the agent could not learn, the server
+                    // numbers the log (after the resync's cycle).
+                    cycle: (l.cycle > 0).then_some(l.cycle),
                     app_consistent: l.app_consistent,
                 })
             })
