@@ -7,6 +7,7 @@ pub mod failback;
 pub mod protect;
 pub mod replicate;
 pub mod resync;
+pub mod run;
 pub(crate) mod sync;
 
 use std::path::Path;

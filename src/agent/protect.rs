@@ -48,6 +48,8 @@ pub struct ProtectOptions {
     /// When set, the seconds each block upload took (retries included) are appended here;
     /// `drvault bench` reads them for latency percentiles.
     pub upload_latencies: Option<Arc<std::sync::Mutex<Vec<f64>>>>,
+    /// Bandwidth limit on block bodies (`drvault agent run`'s schedule), if any.
+    pub throttle: Option<Arc<super::run::schedule::Throttle>>,
 }
 
 /// What one disk's replication did.
@@ -311,8 +313,12 @@ async fn upload_pass(
                 let disk = &d.id;
                 let backoff = opts.backoff.clone();
                 let latencies = opts.upload_latencies.clone();
+                let throttle = opts.throttle.clone();
                 async move {
                     let len = data.len() as u64;
+                    if let Some(t) = &throttle {
+                        t.take(len).await;
+                    }
                     let t = Instant::now();
                     let r = backoff
                         .retry("upload block", || {

@@ -348,6 +348,7 @@ async fn drive_agents(
             },
             progress: false,
             upload_latencies: Some(latencies.clone()),
+            throttle: None,
         };
         jobs.push((client, source, opts));
     }

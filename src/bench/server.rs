@@ -283,6 +283,7 @@ impl RunClients {
             backoff: quick_backoff(),
             progress: false,
             upload_latencies: None,
+            throttle: None,
         };
         protect(&self.agent, std::slice::from_ref(&source), &opts)
             .await

@@ -12,6 +12,29 @@ use crate::wire::{NicSpec, Policy};
 
 #[derive(Subcommand)]
 pub(super) enum AgentCmd {
+    /// Run the long-running host agent in the foreground: protect the VMs of the
+    /// configuration (initial replication, resumed where it stopped), then ship change logs
+    /// every policy interval, run app-consistent cycles between the pre-freeze and post-thaw
+    /// hooks, run resync sessions the server opens, heartbeat, and retry with back-off.
+    /// Structured logs on stderr (RUST_LOG sets levels). SIGTERM or SIGINT: stops starting
+    /// new work, abandons the upload in flight (it is sent again by the next run), exits 0.
+    /// config/agent.example.toml documents every field; config/drvault-agent.service runs it
+    /// under systemd.
+    Run {
+        /// The agent configuration (TOML). Relative paths inside it are taken from its
+        /// directory.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only check the configuration (disks exist and open, schedule parses), then exit.
+        #[arg(long)]
+        check: bool,
+        /// Log as JSON lines (for collectors) instead of text.
+        #[arg(long)]
+        log_json: bool,
+        /// Multiplies every back-off wait (1, 2, 4, 8, 10, then 30 minutes); for tests.
+        #[arg(long, env = "DRVAULT_BACKOFF_SCALE", default_value_t = 1.0, hide = true)]
+        backoff_scale: f64,
+    },
     /// Resynchronize one disk of an open resync session: fetch the replica's checksums, compare
     /// with PATH, upload only differing 4 KiB pieces. Rerun to resume.
     Resync(resync::AgentResyncArgs),
@@ -81,6 +104,31 @@ pub(super) enum AgentCmd {
 
 pub(super) async fn agent(cmd: AgentCmd) -> Result<i32> {
     match cmd {
+        AgentCmd::Run {
+            config,
+            check,
+            log_json,
+            backoff_scale,
+        } => {
+            super::init_logging("info", log_json);
+            let cfg = crate::agent::run::config::AgentConfig::load(&config)?;
+            if check {
+                for vm in &cfg.vms {
+                    for d in &vm.disks {
+                        crate::agent::protect::open_disk(&d.path, Some(d.id.clone()), d.format)?;
+                    }
+                }
+                println!("{}: {} VMs, configuration valid", config.display(), cfg.vms.len());
+                return Ok(0);
+            }
+            crate::agent::run::run(
+                cfg,
+                crate::agent::run::RunOptions { backoff_scale },
+            )
+            .await
+            .context("agent run")?;
+            Ok(0)
+        }
         AgentCmd::Replicate {
             conn,
             vm,
@@ -180,6 +228,7 @@ pub(super) async fn agent(cmd: AgentCmd) -> Result<i32> {
                 },
                 progress: console() && !json,
                 upload_latencies: None,
+                throttle: None,
             };
             let summary = crate::agent::protect::protect(&client, &sources, &opts)
                 .await

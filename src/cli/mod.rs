@@ -247,7 +247,15 @@ pub fn main() -> i32 {
         eprintln!("{}", operator::TOKEN_ARG_WARNING);
     }
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let is_serve = matches!(cli.cmd, Cmd::Serve { .. });
+    // The server and the long-running agent set up their own logging (level info).
+    let is_serve = matches!(
+        cli.cmd,
+        Cmd::Serve { .. }
+            | Cmd::Agent {
+                cmd: agent::AgentCmd::Run { .. },
+                ..
+            }
+    );
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
