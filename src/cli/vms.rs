@@ -33,7 +33,7 @@ pub(super) enum VmCmd {
     /// Set the replication interval, retention window or app-consistent frequency.
     Set {
         name: String,
-        /// Replication interval: 30s, 5m or 15m.
+        /// Replication interval: 1s up to 24h (e.g. 1s, 30s, 5m, 15m).
         #[arg(long, value_parser = humantime::parse_duration)]
         interval: Option<Duration>,
         /// How long recovery points are kept (any length, e.g. 24h, 7d).
