@@ -435,3 +435,124 @@ fn level_rank(h: Health) -> u8 {
         Health::Critical => 2,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::wire::{AgentFault, VmReport};
+
+    fn contact(last: u64, interval_s: u64, report: Option<VmReport>) -> HostContact {
+        HostContact {
+            agent_version: "1".into(),
+            interval_s,
+            last_contact_unix: last,
+            vms: report.into_iter().map(|r| (r.vm.clone(), r)).collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    fn report(replicating: bool, error: Option<(&str, bool)>) -> VmReport {
+        VmReport {
+            vm: "web".into(),
+            replicating,
+            disks: vec![],
+            last_error: error.map(|(code, recoverable)| AgentFault {
+                code: code.into(),
+                message: "boom".into(),
+                recoverable,
+                at_unix: 1,
+            }),
+            last_cycle_unix: None,
+        }
+    }
+
+    fn codes(f: &[HealthFinding]) -> Vec<(Health, String)> {
+        f.iter().map(|f| (f.level, f.code.clone())).collect()
+    }
+
+    fn want(v: &[(Health, &str)]) -> Vec<(Health, String)> {
+        v.iter().map(|(l, c)| (*l, c.to_string())).collect()
+    }
+
+    const FLOOR: HealthSettings = HealthSettings {
+        not_reporting_critical_floor_s: 900,
+    };
+
+    #[test]
+    fn a_silent_host_is_late_after_two_intervals_and_not_reporting_after_ten_or_the_floor() {
+        let c = contact(1000, 60, None);
+        let at = |now| codes(&agent_findings("hv", &c, "web", now, FLOOR));
+        assert_eq!(at(1000), want(&[]));
+        assert_eq!(at(1120), want(&[]), "exactly two intervals is still on time");
+        assert_eq!(at(1121), want(&[(Health::Warning, "host_late")]));
+        // 10 intervals is 600 s, below the 900 s floor: Critical only past the floor.
+        assert_eq!(at(1700), want(&[(Health::Warning, "host_late")]));
+        assert_eq!(at(1901), want(&[(Health::Critical, "host_not_reporting")]));
+        // Past the floor, 10 intervals rule: 300 s intervals → 3000 s.
+        let slow = contact(1000, 300, None);
+        let at = |now| codes(&agent_findings("hv", &slow, "web", now, FLOOR));
+        assert_eq!(at(4000), want(&[(Health::Warning, "host_late")]));
+        assert_eq!(at(4001), want(&[(Health::Critical, "host_not_reporting")]));
+        // A lowered floor (tests, labs): 10 intervals of 1 s.
+        let fast = contact(1000, 1, None);
+        let low = HealthSettings {
+            not_reporting_critical_floor_s: 5,
+        };
+        assert_eq!(
+            codes(&agent_findings("hv", &fast, "web", 1003, low)),
+            want(&[(Health::Warning, "host_late")])
+        );
+        assert_eq!(
+            codes(&agent_findings("hv", &fast, "web", 1011, low)),
+            want(&[(Health::Critical, "host_not_reporting")])
+        );
+    }
+
+    #[test]
+    fn a_non_recoverable_agent_error_is_critical_with_its_code() {
+        let c = contact(1000, 5, Some(report(false, Some(("failed_over", false)))));
+        let f = agent_findings("hv", &c, "web", 1001, FLOOR);
+        assert_eq!(codes(&f), want(&[(Health::Critical, "failed_over")]));
+        assert!(f[0].reason.contains("boom"), "{f:?}");
+        // A recoverable one is being retried: no finding (it shows as the last error).
+        let c = contact(1000, 5, Some(report(true, Some(("store_busy", true)))));
+        assert_eq!(codes(&agent_findings("hv", &c, "web", 1001, FLOOR)), want(&[]));
+        // Stopped without an error says so; another VM's report does not count.
+        let c = contact(1000, 5, Some(report(false, None)));
+        assert_eq!(
+            codes(&agent_findings("hv", &c, "web", 1001, FLOOR)),
+            want(&[(Health::Critical, "replication_stopped")])
+        );
+        assert_eq!(codes(&agent_findings("hv", &c, "db", 1001, FLOOR)), want(&[]));
+    }
+
+    #[test]
+    fn rpo_is_measured_against_the_policys_limit() {
+        let p = |interval_s| Policy {
+            interval_s,
+            retention_s: 86_400,
+            app_consistent_every_s: 0,
+        };
+        assert_eq!(rpo_limit_s(&p(300)), 600);
+        assert_eq!(rpo_limit_s(&p(1)), 31, "a margin for shipping the cycle");
+        assert_eq!(rpo_finding(600, &p(300)), None);
+        assert_eq!(rpo_finding(601, &p(300)).unwrap().code, "rpo_exceeded");
+        assert_eq!(rpo_finding(1800, &p(300)).unwrap().level, Health::Warning);
+        let c = rpo_finding(1801, &p(300)).unwrap();
+        assert_eq!((c.level, c.code.as_str()), (Health::Critical, "rpo_critical"));
+    }
+
+    #[test]
+    fn an_overdue_app_consistent_point_is_a_warning() {
+        let p = |every| Policy {
+            interval_s: 30,
+            retention_s: 86_400,
+            app_consistent_every_s: every,
+        };
+        assert_eq!(app_consistent_finding(7200, &p(3600)), None);
+        let w = app_consistent_finding(7201, &p(3600)).unwrap();
+        assert_eq!((w.level, w.code.as_str()), (Health::Warning, "app_consistent_overdue"));
+        assert_eq!(app_consistent_finding(u64::MAX, &p(0)), None, "none asked for");
+    }
+}
