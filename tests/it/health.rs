@@ -353,7 +353,7 @@ async fn retention_expiry_folds_old_logs_into_the_replica_and_the_points_list_sh
         t.path(),
         &config,
         "web",
-        &["--interval", "1", "--retention", "3s"],
+        &["--interval", "1", "--retention", "10s"],
     );
     let op = server.operator();
     let mut prev = Guid::NIL;
@@ -370,7 +370,7 @@ async fn retention_expiry_folds_old_logs_into_the_replica_and_the_points_list_sh
     let ids = |p: &[drvault::wire::PointView]| p.iter().map(|p| p.id.clone()).collect::<Vec<_>>();
     let all = op.points("web").await.unwrap();
     assert_eq!(ids(&all), ["c0", "c1", "c2", "c3"]);
-    // Once the logs are older than the 3 s retention, the background merge folds them in.
+    // Once the logs are older than the 10 s retention, the background merge folds them in.
     let left = eventually_async(Duration::from_secs(90), "points past retention merged", || async {
         let p = op.points("web").await.map_err(|e| e.to_string())?;
         (p.len() == 1).then_some(p.clone()).ok_or(format!("{:?}", ids(&p)))
