@@ -575,7 +575,8 @@ mod tests {
                 [$((stringify!($name), format!("{:?}", example.$name), format!("{:?}", d.$name))),*]
             };
         }
-        let sections = sections!(server, vault, ingest, replica, failover, resync, verify, gc, health);
+        let sections =
+            sections!(server, vault, ingest, replica, failover, resync, verify, gc, health);
         for (name, stated, default) in sections {
             assert_eq!(
                 stated,

@@ -137,7 +137,9 @@ pub fn app_consistent_finding(age_s: u64, policy: &Policy) -> Option<HealthFindi
         finding(
             Health::Warning,
             "app_consistent_overdue",
-            format!("no app-consistent point for {age_s} s (the policy asks for one every {every} s)"),
+            format!(
+                "no app-consistent point for {age_s} s (the policy asks for one every {every} s)"
+            ),
         )
     })
 }
@@ -311,11 +313,9 @@ impl Overview {
         let mut damage_warning = None;
         if complete.len() == rec.spec.disks.len() {
             match self.replicas.damage().health(&rec.name, &complete).await {
-                Some((Health::Critical, reason)) => critical.push(finding(
-                    Health::Critical,
-                    "no_restorable_point",
-                    reason,
-                )),
+                Some((Health::Critical, reason)) => {
+                    critical.push(finding(Health::Critical, "no_restorable_point", reason))
+                }
                 Some((_, reason)) => {
                     damage_warning = Some(finding(Health::Warning, "points_damaged", reason))
                 }
@@ -325,8 +325,8 @@ impl Overview {
         let policy = rec.spec.policy.clone().unwrap_or_default();
         let protected = rec.state == VmState::Protected;
         // RPO: age of the newest point every disk has (the oldest of the disks' newest points).
-        let rpo_s = (protected && earliest_latest != u64::MAX)
-            .then(|| now.saturating_sub(earliest_latest));
+        let rpo_s =
+            (protected && earliest_latest != u64::MAX).then(|| now.saturating_sub(earliest_latest));
         let contact = self.contacts.host(&rec.owner);
         let mut findings = Vec::new();
         if let Some(c) = &contact {
@@ -448,7 +448,10 @@ mod tests {
             agent_version: "1".into(),
             interval_s,
             last_contact_unix: last,
-            vms: report.into_iter().map(|r| (r.vm.clone(), r)).collect::<BTreeMap<_, _>>(),
+            vms: report
+                .into_iter()
+                .map(|r| (r.vm.clone(), r))
+                .collect::<BTreeMap<_, _>>(),
         }
     }
 
@@ -484,7 +487,11 @@ mod tests {
         let c = contact(1000, 60, None);
         let at = |now| codes(&agent_findings("hv", &c, "web", now, FLOOR));
         assert_eq!(at(1000), want(&[]));
-        assert_eq!(at(1120), want(&[]), "exactly two intervals is still on time");
+        assert_eq!(
+            at(1120),
+            want(&[]),
+            "exactly two intervals is still on time"
+        );
         assert_eq!(at(1121), want(&[(Health::Warning, "host_late")]));
         // 10 intervals is 600 s, below the 900 s floor: Critical only past the floor.
         assert_eq!(at(1700), want(&[(Health::Warning, "host_late")]));
@@ -517,14 +524,20 @@ mod tests {
         assert!(f[0].reason.contains("boom"), "{f:?}");
         // A recoverable one is being retried: no finding (it shows as the last error).
         let c = contact(1000, 5, Some(report(true, Some(("store_busy", true)))));
-        assert_eq!(codes(&agent_findings("hv", &c, "web", 1001, FLOOR)), want(&[]));
+        assert_eq!(
+            codes(&agent_findings("hv", &c, "web", 1001, FLOOR)),
+            want(&[])
+        );
         // Stopped without an error says so; another VM's report does not count.
         let c = contact(1000, 5, Some(report(false, None)));
         assert_eq!(
             codes(&agent_findings("hv", &c, "web", 1001, FLOOR)),
             want(&[(Health::Critical, "replication_stopped")])
         );
-        assert_eq!(codes(&agent_findings("hv", &c, "db", 1001, FLOOR)), want(&[]));
+        assert_eq!(
+            codes(&agent_findings("hv", &c, "db", 1001, FLOOR)),
+            want(&[])
+        );
     }
 
     #[test]
@@ -540,7 +553,10 @@ mod tests {
         assert_eq!(rpo_finding(601, &p(300)).unwrap().code, "rpo_exceeded");
         assert_eq!(rpo_finding(1800, &p(300)).unwrap().level, Health::Warning);
         let c = rpo_finding(1801, &p(300)).unwrap();
-        assert_eq!((c.level, c.code.as_str()), (Health::Critical, "rpo_critical"));
+        assert_eq!(
+            (c.level, c.code.as_str()),
+            (Health::Critical, "rpo_critical")
+        );
     }
 
     #[test]
@@ -552,7 +568,14 @@ mod tests {
         };
         assert_eq!(app_consistent_finding(7200, &p(3600)), None);
         let w = app_consistent_finding(7201, &p(3600)).unwrap();
-        assert_eq!((w.level, w.code.as_str()), (Health::Warning, "app_consistent_overdue"));
-        assert_eq!(app_consistent_finding(u64::MAX, &p(0)), None, "none asked for");
+        assert_eq!(
+            (w.level, w.code.as_str()),
+            (Health::Warning, "app_consistent_overdue")
+        );
+        assert_eq!(
+            app_consistent_finding(u64::MAX, &p(0)),
+            None,
+            "none asked for"
+        );
     }
 }

@@ -5,10 +5,10 @@
 use std::collections::BTreeSet;
 
 use crate::catalog::Catalog;
+use crate::contact::Contacts;
 use crate::error::Result;
 use crate::ingest::Ingest;
 use crate::jobs::Jobs;
-use crate::contact::Contacts;
 use crate::overview::{HealthSettings, Overview};
 use crate::replica::damage::DamageRegister;
 use crate::replica::resync::{Resyncs, Window};

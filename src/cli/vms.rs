@@ -115,7 +115,11 @@ pub(super) async fn vms(name: Option<String>, json: bool, conn: Conn) -> Result<
                     println!(
                         "  last error: {} ({}): {}",
                         f.code,
-                        if f.recoverable { "recoverable, retried" } else { "not recoverable" },
+                        if f.recoverable {
+                            "recoverable, retried"
+                        } else {
+                            "not recoverable"
+                        },
                         f.message
                     );
                 }

@@ -19,8 +19,7 @@ const MIB: u64 = 1024 * KIB;
 
 /// 64 KiB blocks; "not reporting" is Critical after 10 heartbeat intervals, with a floor of 4 s
 /// instead of 15 min so the test agent's 1 s heartbeats reach it quickly.
-const CONFIG: &str =
-    "[vault]\nblock_size = 65536\n[health]\nnot_reporting_critical_floor_s = 4\n";
+const CONFIG: &str = "[vault]\nblock_size = 65536\n[health]\nnot_reporting_critical_floor_s = 4\n";
 
 fn guid(n: u8) -> Guid {
     Guid([n; 16])
@@ -74,12 +73,7 @@ fn codes(v: &VmView) -> Vec<String> {
 }
 
 /// Polls the VM view until `want` holds (deadline generous for a loaded machine).
-async fn wait_view(
-    op: &Client,
-    vm: &str,
-    what: &str,
-    want: impl Fn(&VmView) -> bool,
-) -> VmView {
+async fn wait_view(op: &Client, vm: &str, what: &str, want: impl Fn(&VmView) -> bool) -> VmView {
     eventually_async(Duration::from_secs(60), what, || async {
         let v = op.vm(vm).await.map_err(|e| e.to_string())?;
         if want(&v) {
@@ -107,7 +101,10 @@ async fn a_silent_host_goes_warning_then_critical_and_back_to_normal_when_it_rep
     assert!(d.resync.is_none() && ack.throttle_mb_s.is_none());
     let v = op.vm("web").await.unwrap();
     let a = v.agent.as_ref().expect("the agent's report is shown");
-    assert_eq!((a.host.as_str(), a.agent_version.as_str()), ("hv", "9.9.9-test"));
+    assert_eq!(
+        (a.host.as_str(), a.agent_version.as_str()),
+        ("hv", "9.9.9-test")
+    );
     // The agent stops: 2 intervals of silence are a Warning, 10 (floor 4 s) Critical.
     let late = wait_view(&op, "web", "host late", |v| {
         v.health == Health::Warning && codes(v) == ["host_late"]
@@ -129,7 +126,10 @@ async fn a_silent_host_goes_warning_then_critical_and_back_to_normal_when_it_rep
         "{vms}"
     );
     let hosts = server.cli_ok(&["host", "list"]);
-    assert!(hosts.contains("9.9.9-test") && hosts.contains("s ago"), "{hosts}");
+    assert!(
+        hosts.contains("9.9.9-test") && hosts.contains("s ago"),
+        "{hosts}"
+    );
     let metrics = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).unwrap())
         .build()
@@ -208,13 +208,19 @@ async fn a_backlog_past_half_the_disk_requires_a_resync_and_schedules_a_session(
         .unwrap();
     assert!(ack.vms[0].resync.is_none());
     let v = op.vm("web").await.unwrap();
-    assert!(v.disks[0].resync_required.is_none() && v.resync.is_none(), "{v:?}");
+    assert!(
+        v.disks[0].resync_required.is_none() && v.resync.is_none(),
+        "{v:?}"
+    );
     // Half of it: the disk needs a resync, a session opens, and the answer tells the agent.
     let ack = host
         .heartbeat(&beat(600, "web", 512 * KIB, None))
         .await
         .unwrap();
-    let brief = ack.vms[0].resync.as_ref().expect("the session is in the answer");
+    let brief = ack.vms[0]
+        .resync
+        .as_ref()
+        .expect("the session is in the answer");
     assert!(
         ["scheduled", "active"].contains(&brief.state.as_str()),
         "{brief:?}"
@@ -228,7 +234,10 @@ async fn a_backlog_past_half_the_disk_requires_a_resync_and_schedules_a_session(
     // Logs wait for it.
     let log = make_log(&[(0, vec![5u8; 4096])], guid(1), Guid::NIL);
     let (status, code, _) = refused(send_log(&host, "web", "os", &log, guid(1), Some(1)).await);
-    assert_eq!((status.as_u16(), code.as_str()), (409, "resync_in_progress"));
+    assert_eq!(
+        (status.as_u16(), code.as_str()),
+        (409, "resync_in_progress")
+    );
     // The next heartbeat still names the same session; no second one opens.
     let again = host
         .heartbeat(&beat(600, "web", 700 * KIB, None))
@@ -249,7 +258,11 @@ async fn a_long_retention_with_heavy_rewrites_stays_normal() {
     // all within the 7-day retention; the host sends every log at once (no backlog).
     let mut prev = Guid::NIL;
     for n in 1..=8u8 {
-        let log = make_log(&[(0, pseudo_random(256 * KIB as usize, n as u64))], guid(n), prev);
+        let log = make_log(
+            &[(0, pseudo_random(256 * KIB as usize, n as u64))],
+            guid(n),
+            prev,
+        );
         let ack = send_log(&host, "web", "os", &log, guid(n), Some(n as u64))
             .await
             .unwrap();
@@ -283,7 +296,11 @@ async fn a_heartbeat_naming_another_hosts_vm_is_refused_and_changes_nothing() {
     hb.vms.extend(beat(1, "web", 900 * KIB, Some(fault)).vms);
     match other.heartbeat(&hb).await {
         Err(ClientError::Api { status, body, .. }) => {
-            assert_eq!((status.as_u16(), body.code.as_str()), (403, "forbidden"), "{body:?}");
+            assert_eq!(
+                (status.as_u16(), body.code.as_str()),
+                (403, "forbidden"),
+                "{body:?}"
+            );
             assert!(body.message.contains("another host"), "{body:?}");
         }
         r => panic!("expected 403, got {r:?}"),
@@ -332,7 +349,10 @@ async fn a_policy_interval_of_one_second_is_accepted_and_zero_refused() {
     };
     match op.set_policy("web", &zero).await {
         Err(ClientError::Api { status, body, .. }) => {
-            assert_eq!((status.as_u16(), body.code.as_str()), (400, "invalid_policy"));
+            assert_eq!(
+                (status.as_u16(), body.code.as_str()),
+                (400, "invalid_policy")
+            );
             assert!(body.message.contains("from 1 s"), "{body:?}");
         }
         r => panic!("expected 400, got {r:?}"),
@@ -342,7 +362,10 @@ async fn a_policy_interval_of_one_second_is_accepted_and_zero_refused() {
         interval_s: Some(5),
         ..Default::default()
     };
-    assert_eq!(op.set_policy("web", &five).await.unwrap().policy.interval_s, 5);
+    assert_eq!(
+        op.set_policy("web", &five).await.unwrap().policy.interval_s,
+        5
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,12 +394,22 @@ async fn retention_expiry_folds_old_logs_into_the_replica_and_the_points_list_sh
     let all = op.points("web").await.unwrap();
     assert_eq!(ids(&all), ["c0", "c1", "c2", "c3"]);
     // Once the logs are older than the 10 s retention, the background merge folds them in.
-    let left = eventually_async(Duration::from_secs(90), "points past retention merged", || async {
-        let p = op.points("web").await.map_err(|e| e.to_string())?;
-        (p.len() == 1).then_some(p.clone()).ok_or(format!("{:?}", ids(&p)))
-    })
+    let left = eventually_async(
+        Duration::from_secs(90),
+        "points past retention merged",
+        || async {
+            let p = op.points("web").await.map_err(|e| e.to_string())?;
+            (p.len() == 1)
+                .then_some(p.clone())
+                .ok_or(format!("{:?}", ids(&p)))
+        },
+    )
     .await;
-    assert_eq!(ids(&left), ["c3"], "the newest point remains, as the replica's base");
+    assert_eq!(
+        ids(&left),
+        ["c3"],
+        "the newest point remains, as the replica's base"
+    );
     let v = op.vm("web").await.unwrap();
     assert_eq!(v.disks[0].journal_length, 0);
     let out = t.path().join("latest.raw");

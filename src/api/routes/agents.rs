@@ -105,7 +105,10 @@ fn check(hb: &Heartbeat) -> Result<()> {
         return bad("agent_version: 1-64 characters".into());
     }
     if hb.vms.len() > MAX_VMS {
-        return bad(format!("{} VMs: at most {MAX_VMS} per heartbeat", hb.vms.len()));
+        return bad(format!(
+            "{} VMs: at most {MAX_VMS} per heartbeat",
+            hb.vms.len()
+        ));
     }
     let mut seen = std::collections::BTreeSet::new();
     for v in &hb.vms {
