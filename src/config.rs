@@ -42,6 +42,8 @@ pub struct Config {
     pub verify: VerifyConfig,
     #[serde(default)]
     pub gc: GcConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Target virtual networks (`[[network]]`, see failover::network).
     #[serde(default)]
     pub network: Vec<crate::failover::network::TargetNetwork>,
@@ -126,6 +128,33 @@ impl Default for GcConfig {
         GcConfig {
             grace_s: crate::scrub::DEFAULT_GRACE_S,
             interval_s: 86_400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// A host whose agent stopped sending heartbeats makes its VMs Critical ("host not
+    /// reporting") after 10 of its heartbeat intervals, but never sooner than this many seconds
+    /// (15 minutes, as the seed says). Lower it only for tests and labs, where agents report
+    /// every second and waiting 15 minutes proves nothing more.
+    pub not_reporting_critical_floor_s: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            not_reporting_critical_floor_s: crate::overview::HealthSettings::default()
+                .not_reporting_critical_floor_s,
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn settings(&self) -> crate::overview::HealthSettings {
+        crate::overview::HealthSettings {
+            not_reporting_critical_floor_s: self.not_reporting_critical_floor_s,
         }
     }
 }
@@ -546,7 +575,8 @@ mod tests {
                 [$((stringify!($name), format!("{:?}", example.$name), format!("{:?}", d.$name))),*]
             };
         }
-        let sections = sections!(server, vault, ingest, replica, failover, resync, verify, gc);
+        let sections =
+            sections!(server, vault, ingest, replica, failover, resync, verify, gc, health);
         for (name, stated, default) in sections {
             assert_eq!(
                 stated,
@@ -562,6 +592,7 @@ mod tests {
             ("gc", &["grace_s", "interval_s"][..]),
             ("verify", &["interval_s"][..]),
             ("replica", &["merge_interval_s"][..]),
+            ("health", &["not_reporting_critical_floor_s"][..]),
             ("failover", &["planned_wait_s"][..]),
             ("resync", &["window"][..]),
             ("ingest", &["max_inflight_blocks", "max_log_bytes"][..]),

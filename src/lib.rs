@@ -43,7 +43,8 @@
 //! | [`ingest`] | initial-replication blocks (receipts, resume, completion), change logs |
 //! | [`journal`] | stored change logs: frames, extent index, the frame cache |
 //! | [`replica`] | block maps, points and point readers, merge, resync, the block-sync protocol, the damage register |
-//! | [`services`], [`overview`] | the services composed and loaded; what the API shows of a VM |
+//! | [`services`], [`overview`] | the services composed and loaded; what the API shows of a VM, and its health rules |
+//! | [`contact`] | each host's last heartbeat (`drvault agent run`), kept in memory, saved every few seconds |
 //! | [`tasks`] | tracked background work and per-key retry back-off |
 //! | [`jobs`] | the Jobs tab: job records, steps, progress |
 //! | [`failover`] | choose point → materialize disks → assign addresses → write definition; networks, plans, failback |
@@ -107,6 +108,7 @@ pub mod chunk;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod contact;
 pub mod error;
 pub mod failover;
 pub mod file_formats;

@@ -206,6 +206,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             mapped_networks: config.networks().mapped_sources(),
             max_log_bytes: config.ingest.max_log_bytes,
             resync_window: config.resync.window()?,
+            health: config.health.settings(),
         },
     )
     .await?;
@@ -221,6 +222,8 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             },
         );
     }
+
+    services.contacts.spawn_persist(&tasks);
 
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
@@ -277,6 +280,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         replicas: services.replicas,
         resyncs: services.resyncs,
         overview: services.overview,
+        contacts: services.contacts,
         jobs,
         failovers,
         plans,

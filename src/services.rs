@@ -5,10 +5,11 @@
 use std::collections::BTreeSet;
 
 use crate::catalog::Catalog;
+use crate::contact::Contacts;
 use crate::error::Result;
 use crate::ingest::Ingest;
 use crate::jobs::Jobs;
-use crate::overview::Overview;
+use crate::overview::{HealthSettings, Overview};
 use crate::replica::damage::DamageRegister;
 use crate::replica::resync::{Resyncs, Window};
 use crate::replica::Replicas;
@@ -26,6 +27,8 @@ pub struct Settings {
     pub max_log_bytes: u64,
     /// Off-hours window resync sessions wait for (`None`: start at once).
     pub resync_window: Option<Window>,
+    /// Health thresholds (`[health]`).
+    pub health: HealthSettings,
 }
 
 impl Settings {
@@ -35,6 +38,7 @@ impl Settings {
             mapped_networks: BTreeSet::new(),
             max_log_bytes: crate::ingest::DEFAULT_MAX_LOG_BYTES,
             resync_window: None,
+            health: HealthSettings::default(),
         }
     }
 }
@@ -47,6 +51,8 @@ pub struct Services {
     pub replicas: Replicas,
     pub resyncs: Resyncs,
     pub overview: Overview,
+    /// Each host's last heartbeat.
+    pub contacts: Contacts,
 }
 
 impl Services {
@@ -64,6 +70,7 @@ impl Services {
             settings.mapped_networks,
         )
         .await?;
+        let contacts = Contacts::load(vault.records.clone()).await?;
         let damage = DamageRegister::load(vault).await?;
         let frames = crate::journal::FrameCache::new(64);
         let replicas = Replicas::new(
@@ -87,6 +94,8 @@ impl Services {
             ingest.clone(),
             replicas.clone(),
             resyncs.clone(),
+            contacts.clone(),
+            settings.health,
         );
         Ok(Services {
             catalog,
@@ -94,6 +103,7 @@ impl Services {
             replicas,
             resyncs,
             overview,
+            contacts,
         })
     }
 }

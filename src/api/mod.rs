@@ -48,6 +48,8 @@ pub struct AppState {
     pub resyncs: crate::replica::resync::Resyncs,
     /// What the API shows of a VM.
     pub overview: crate::overview::Overview,
+    /// Each host's last heartbeat (`POST /v1/agent/heartbeat`).
+    pub contacts: crate::contact::Contacts,
     pub jobs: Jobs,
     pub failovers: crate::failover::service::Failovers,
     pub plans: crate::failover::plan::Plans,

@@ -714,7 +714,7 @@ mod tests {
             .await
             .unwrap();
         let bad = PolicyChange {
-            interval_s: Some(7),
+            interval_s: Some(0),
             ..Default::default()
         };
         let e = s.catalog.set_policy("vm", &bad).await.unwrap_err();

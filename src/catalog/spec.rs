@@ -10,13 +10,19 @@ use crate::file_formats::MAX_DISK_SIZE;
 use crate::vault::registry::valid_name;
 pub use crate::wire::{DiskSpec, NicSpec, Policy, VmSpec};
 
+/// The longest replication interval a policy may set: a host that replicates less often than
+/// daily is not being protected continuously (and "not reporting" would take days to notice).
+pub const MAX_INTERVAL_S: u64 = 86_400;
+
 impl Policy {
     pub fn validate(&self) -> Result<()> {
-        if ![30, 300, 900].contains(&self.interval_s) {
+        // Any interval from 1 s: ASR offers 30 s, 5 and 15 min, continuous products run at
+        // seconds; the agent's cycle and heartbeat follow it.
+        if !(1..=MAX_INTERVAL_S).contains(&self.interval_s) {
             return Err(Error::invalid(
                 "invalid_policy",
                 format!(
-                    "replication interval {} s: must be 30, 300 or 900",
+                    "replication interval {} s: must be from 1 s to {MAX_INTERVAL_S} s (a day)",
                     self.interval_s
                 ),
             ));
@@ -188,6 +194,27 @@ mod tests {
     }
 
     #[test]
+    fn any_interval_from_one_second_to_a_day_is_a_valid_policy() {
+        for interval_s in [1, 2, 5, 30, 60, 300, 900, MAX_INTERVAL_S] {
+            let p = Policy {
+                interval_s,
+                retention_s: interval_s,
+                app_consistent_every_s: interval_s,
+            };
+            p.validate()
+                .unwrap_or_else(|e| panic!("{interval_s} s refused: {e}"));
+        }
+        let e = Policy {
+            interval_s: 0,
+            ..Policy::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(e.code(), "invalid_policy");
+        assert!(e.to_string().contains("from 1 s"), "{e}");
+    }
+
+    #[test]
     fn refuses_bad_specs() {
         let m = BTreeSet::new();
         let mut cases: Vec<(&str, VmSpec)> = Vec::new();
@@ -215,8 +242,15 @@ mod tests {
         cases.push(("web", s));
         let mut s = spec();
         s.policy = Some(Policy {
-            interval_s: 60,
+            interval_s: 0,
             ..Policy::default()
+        });
+        cases.push(("web", s));
+        let mut s = spec();
+        s.policy = Some(Policy {
+            interval_s: MAX_INTERVAL_S + 1,
+            retention_s: 7 * MAX_INTERVAL_S,
+            app_consistent_every_s: 0,
         });
         cases.push(("web", s));
         for (name, s) in cases {

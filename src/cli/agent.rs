@@ -87,7 +87,7 @@ pub(super) enum AgentCmd {
         cpus: u32,
         #[arg(long, default_value_t = 4096)]
         memory_mib: u64,
-        /// Replication interval in seconds (30, 300 or 900).
+        /// Replication interval in seconds (1 to 86400; e.g. 30, 300 or 900).
         #[arg(long)]
         interval: Option<u64>,
         /// Recovery point retention (e.g. 24h, 7d).

@@ -20,7 +20,16 @@ pub(super) enum HostCmd {
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
     },
-    /// List hosts and the VMs each protects.
+    /// Cap the bandwidth of a host's agent (`drvault agent run`), in MB/s; `--mb-s none` clears
+    /// the cap. The agent uses the lower of this and its own schedule.
+    Throttle {
+        name: String,
+        /// MB/s (e.g. 20, 0.5), or `none`.
+        #[arg(long = "mb-s", value_parser = parse_mb_s)]
+        mb_s: MbS,
+    },
+    /// List hosts with their agent's last contact, version, backlog, last error and bandwidth
+    /// cap, and the VMs each protects.
     List {
         #[arg(long)]
         json: bool,
@@ -69,16 +78,47 @@ pub(super) async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
             if json {
                 println!("{}", sorted_json(&hosts)?);
             } else {
-                println!("{:<24} {:<16} {:<22} VMS", "HOST", "CLOUD", "REGISTERED");
+                println!(
+                    "{:<24} {:<16} {:<22} {:<22} {:<10} {:>10} {:>9} {:<24} LAST ERROR",
+                    "HOST",
+                    "CLOUD",
+                    "REGISTERED",
+                    "LAST CONTACT",
+                    "AGENT",
+                    "BACKLOG",
+                    "CAP MB/S",
+                    "VMS"
+                );
                 for h in &hosts {
                     println!(
-                        "{:<24} {:<16} {:<22} {}",
+                        "{:<24} {:<16} {:<22} {:<22} {:<10} {:>10} {:>9} {:<24} {}",
                         h.name,
                         h.cloud.as_deref().unwrap_or("-"),
                         h.created,
-                        h.vms.join(",")
+                        match (&h.last_contact, h.last_contact_age_s) {
+                            (Some(_), Some(age)) => format!("{age} s ago"),
+                            _ => "never".to_string(),
+                        },
+                        h.agent_version.as_deref().unwrap_or("-"),
+                        if h.last_contact.is_some() {
+                            crate::util::human_bytes(h.backlog_bytes)
+                        } else {
+                            "-".to_string()
+                        },
+                        h.throttle_mb_s
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "-".to_string()),
+                        h.vms.join(","),
+                        h.last_error.as_deref().unwrap_or("-")
                     );
                 }
+            }
+        }
+        HostCmd::Throttle { name, mb_s } => {
+            c.set_host_throttle(&name, mb_s.0).await?;
+            match mb_s.0 {
+                Some(v) => println!("host {name}: agent bandwidth capped at {v} MB/s"),
+                None => println!("host {name}: bandwidth cap cleared"),
             }
         }
         HostCmd::Remove { name } => {
@@ -125,6 +165,22 @@ pub(super) async fn provider(cmd: ProviderCmd, conn: Conn) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// A bandwidth cap as given on the command line: MB/s, or `none`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MbS(Option<f64>);
+
+fn parse_mb_s(s: &str) -> std::result::Result<MbS, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(MbS(None));
+    }
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(MbS(Some(v))),
+        _ => Err(format!(
+            "{s:?}: a bandwidth in MB/s above 0 (e.g. 20 or 0.5), or none"
+        )),
+    }
 }
 
 /// Pretty JSON with the keys of every object in alphabetical order, as these lists have always

@@ -33,7 +33,7 @@ pub(super) enum VmCmd {
     /// Set the replication interval, retention window or app-consistent frequency.
     Set {
         name: String,
-        /// Replication interval: 30s, 5m or 15m.
+        /// Replication interval: 1s up to 24h (e.g. 1s, 30s, 5m, 15m).
         #[arg(long, value_parser = humantime::parse_duration)]
         interval: Option<Duration>,
         /// How long recovery points are kept (any length, e.g. 24h, 7d).
@@ -70,21 +70,60 @@ pub(super) async fn vms(name: Option<String>, json: bool, conn: Conn) -> Result<
         .collect::<Vec<String>>();
     let sw = states.iter().map(|s| s.len()).max().unwrap_or(0).max(20);
     println!(
-        "{:<20} {:<sw$} {:<8} {:<12} {:>6} {:>9}  REASONS",
-        "VM", "STATE", "HEALTH", "HOST", "DISKS", "PROGRESS"
+        "{:<20} {:<sw$} {:<8} {:<12} {:>6} {:>9} {:>13} {:>10}  REASONS",
+        "VM", "STATE", "HEALTH", "HOST", "DISKS", "PROGRESS", "LAST CONTACT", "BACKLOG"
     );
     for (v, state) in list.iter().zip(&states) {
+        // Hosts driven by hand send no heartbeats: nothing to show.
+        let (contact, backlog) = match &v.agent {
+            Some(a) => (
+                format!("{} s ago", a.last_contact_age_s),
+                crate::util::human_bytes(a.backlog_bytes),
+            ),
+            None => ("-".to_string(), "-".to_string()),
+        };
         println!(
-            "{:<20} {:<sw$} {:<8} {:<12} {:>6} {:>8.1}%  {}",
+            "{:<20} {:<sw$} {:<8} {:<12} {:>6} {:>8.1}% {:>13} {:>10}  {}",
             v.name,
             state,
             format!("{:?}", v.health),
             v.owner,
             v.disks.len(),
             v.progress * 100.0,
-            v.health_reasons.join("; ")
+            contact,
+            backlog,
+            v.health_findings
+                .iter()
+                .map(|f| format!("[{}] {}", f.code, f.reason))
+                .collect::<Vec<_>>()
+                .join("; ")
         );
         if name.is_some() {
+            if let Some(a) = &v.agent {
+                println!(
+                    "  agent {} on host {}: last contact {} ({} s ago, reports every {} s), {}, backlog {} in {} log(s)",
+                    a.agent_version,
+                    a.host,
+                    a.last_contact,
+                    a.last_contact_age_s,
+                    a.interval_s,
+                    if a.replicating { "replicating" } else { "not replicating" },
+                    crate::util::human_bytes(a.backlog_bytes),
+                    a.pending_logs
+                );
+                if let Some(f) = &a.last_error {
+                    println!(
+                        "  last error: {} ({}): {}",
+                        f.code,
+                        if f.recoverable {
+                            "recoverable, retried"
+                        } else {
+                            "not recoverable"
+                        },
+                        f.message
+                    );
+                }
+            }
             for d in &v.disks {
                 println!(
                     "  disk {:<16} {:>10}  {:?}  blocks {}/{} received, {} data, {} zero (block {} )",

@@ -54,6 +54,20 @@ impl Client {
         self.send_json(Method::POST, "/v1/hosts", req).await
     }
 
+    /// Sets (`None`: clears) the operator's bandwidth cap of a host, MB/s.
+    pub async fn set_host_throttle(
+        &self,
+        name: &str,
+        mb_s: Option<f64>,
+    ) -> Result<HostThrottle, ClientError> {
+        self.send_json(
+            Method::PUT,
+            &format!("/v1/hosts/{name}/throttle"),
+            &HostThrottle { mb_s },
+        )
+        .await
+    }
+
     pub async fn remove_host(&self, name: &str) -> Result<(), ClientError> {
         self.delete(&format!("/v1/hosts/{name}")).await
     }

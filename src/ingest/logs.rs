@@ -10,7 +10,9 @@
 //! Chain rules: the first log after initial replication starts
 //! the chain; each later log's PreviousUniqueId must be the last accepted UniqueId. A gap or fork,
 //! a log that was not closed properly (EOLLocation 0), or a changed Vhd2DataWriteGuid is refused
-//! and marks the disk resync-required, as does pending log data reaching half the disk size.
+//! and marks the disk resync-required, as does the host's backlog of logs not yet sent reaching
+//! half the disk size ([`Ingest::note_backlog`], from the agent's heartbeat). Logs the vault
+//! keeps within retention never count towards it, however long the retention.
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -38,7 +40,7 @@ pub struct LogMeta {
     pub final_log: bool,
 }
 
-/// Pending (unmerged) log bytes at which a disk needs resynchronization: half its size.
+/// Host backlog bytes at which a disk needs resynchronization: half its size.
 pub use crate::catalog::resync_threshold;
 
 impl Ingest {
@@ -51,6 +53,30 @@ impl Ingest {
             self.open_resync_for(vm, disk, &reason).await;
         }
         Ok(())
+    }
+
+    /// The host's agent reports `backlog_bytes` of change logs of this disk it could not send
+    /// yet: at half the disk size they are no longer worth sending (the seed's 50% rule), so the
+    /// disk is marked resync-required and a session opened in the window, as for a broken chain.
+    /// True when this call marked it. Disks still in initial replication, or already marked,
+    /// are left alone.
+    pub async fn note_backlog(&self, vm: &str, disk: &str, backlog_bytes: u64) -> Result<bool> {
+        let (_, d) = self.catalog.disk_for(None, vm, disk).await?;
+        if d.state != DiskState::Complete
+            || d.resync_required.is_some()
+            || backlog_bytes < resync_threshold(d.size)
+        {
+            return Ok(false);
+        }
+        // The disk record is rewritten: not while a log or a merge is changing it.
+        let lock = self.catalog.journal_lock(&d).await;
+        let _held = lock.lock().await;
+        let reason = format!(
+            "the host's backlog of unsent logs ({backlog_bytes} bytes) reached 50% of the disk size ({})",
+            d.size
+        );
+        self.mark_resync(vm, disk, reason).await?;
+        Ok(true)
     }
 
     /// Opens (or joins) the VM's resync session for a disk marked resync-required, in the
@@ -338,18 +364,7 @@ impl Ingest {
         rec.journal.push(entry.clone());
         rec.chain_head = Some(entry.log_id.clone());
         rec.data_write_guid = Some(write_guid);
-        if rec.pending_log_bytes() >= resync_threshold(rec.size) && rec.resync_required.is_none() {
-            rec.resync_required = Some(format!(
-                "pending log bytes ({}) reached 50% of the disk size ({})",
-                rec.pending_log_bytes(),
-                rec.size
-            ));
-        }
         self.catalog.store_disk(rec.clone()).await?;
-        if rec.resync_required.is_some() && d.resync_required.is_none() {
-            let reason = rec.resync_required.clone().unwrap_or_default();
-            self.open_resync_for(vm, disk, &reason).await;
-        }
         metrics::counter!("drvault_logs_accepted_total").increment(1);
         metrics::counter!("drvault_log_bytes_accepted_total").increment(len);
         tracing::info!(vm, disk, log = %entry.log_id, cycle, bytes = len, extents = entry.extents, "log accepted");

@@ -466,7 +466,8 @@ impl Replicas {
         });
         rec.stats.data_blocks = data_blocks;
         rec.stats.zero_blocks = zero_blocks;
-        // Pending bytes fell: a size-triggered resync mark no longer applies.
+        // Marks a server before the backlog rule set on logs kept ("pending log bytes …"):
+        // once merged below half the disk they no longer apply.
         if rec
             .resync_required
             .as_deref()

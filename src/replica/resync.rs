@@ -152,6 +152,9 @@ pub struct Resyncs {
     /// Patch bytes received per (vm id, disk id, session) since the server started; written into
     /// the session when the disk completes.
     bytes: Arc<Mutex<HashMap<DiskSession, u64>>>,
+    /// Each VM's session record as last read or written, by VM id: this server is the record's
+    /// only writer, and agents' heartbeats ask for it every interval without a store read.
+    sessions: Arc<Mutex<HashMap<String, Option<ResyncSession>>>>,
 }
 
 /// The stage directory of a resync session's receipts (`stage/<vm>/<disk>/rs-<session>`).
@@ -176,6 +179,7 @@ impl Resyncs {
             staged: Default::default(),
             locks: Default::default(),
             bytes: Default::default(),
+            sessions: Default::default(),
         }
     }
 
@@ -200,13 +204,24 @@ impl Resyncs {
 
     /// The VM's latest resync session, if any.
     pub async fn resync_session(&self, vm_id: &str) -> Result<Option<ResyncSession>> {
-        Ok(self
+        if let Some(s) = self.sessions.lock().await.get(vm_id) {
+            return Ok(s.clone());
+        }
+        let s = self
             .catalog
             .vault()
             .records
             .load::<ResyncSession>(&layout::record(Family::Resync, vm_id))
             .await?
-            .map(|v| v.value))
+            .map(|v| v.value);
+        // A save that ran meanwhile inserted the newer value: it stays.
+        Ok(self
+            .sessions
+            .lock()
+            .await
+            .entry(vm_id.to_string())
+            .or_insert(s)
+            .clone())
     }
 
     /// The VM's session when it pauses logs.
@@ -218,15 +233,21 @@ impl Resyncs {
     }
 
     async fn save_session(&self, vm_id: &str, s: &ResyncSession) -> Result<()> {
-        let s = s.clone();
+        let saved = s.clone();
+        // Forgotten first: a failed or uncertain write is read back from the store next time.
+        self.sessions.lock().await.remove(vm_id);
         self.catalog
             .vault()
             .records
             .update(
                 &layout::record(Family::Resync, vm_id),
-                move |_: Option<&ResyncSession>| Ok(Some(s.clone())),
+                move |_: Option<&ResyncSession>| Ok(Some(saved.clone())),
             )
             .await?;
+        self.sessions
+            .lock()
+            .await
+            .insert(vm_id.to_string(), Some(s.clone()));
         Ok(())
     }
 

@@ -44,6 +44,8 @@ pub enum Family {
     Failback,
     /// Verify and garbage collection: the damage register and the job reports.
     Scrub,
+    /// The hosts' last heartbeats (`contact/hosts`).
+    Contact,
 }
 
 impl Family {
@@ -59,6 +61,7 @@ impl Family {
             Family::Resync => "resync",
             Family::Failback => "failback",
             Family::Scrub => "scrub",
+            Family::Contact => "contact",
         }
     }
 }

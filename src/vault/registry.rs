@@ -32,7 +32,14 @@ pub struct HostEntry {
     pub token_digest: String,
     pub cloud: Option<String>,
     pub created_unix: u64,
+    /// The operator's bandwidth cap for the host's agent, MB/s (sent with each heartbeat
+    /// answer).
+    #[serde(default)]
+    pub throttle_mb_s: Option<f64>,
 }
+
+/// The largest bandwidth cap the operator may set, MB/s (100 GB/s: a typo, not a link).
+pub const MAX_THROTTLE_MB_S: f64 = 100_000.0;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProviderEntry {
@@ -164,12 +171,35 @@ impl Registrar {
                     token_digest: digest.clone(),
                     cloud: cloud.map(str::to_string),
                     created_unix: now,
+                    throttle_mb_s: None,
                 },
             );
             Ok(())
         })
         .await?;
         Ok(token)
+    }
+
+    /// Sets (or with `None` clears) the bandwidth cap of host `name`'s agent, in MB/s.
+    pub async fn set_throttle(&self, name: &str, mb_s: Option<f64>) -> Result<()> {
+        check_name("host", name)?;
+        if let Some(v) = mb_s {
+            if !(v.is_finite() && v > 0.0 && v <= MAX_THROTTLE_MB_S) {
+                return Err(Error::invalid(
+                    "invalid_throttle",
+                    format!("bandwidth cap {v} MB/s: must be more than 0 and at most {MAX_THROTTLE_MB_S} (or none to clear it)"),
+                ));
+            }
+        }
+        self.update(|r| {
+            let h = r.hosts.get_mut(name).ok_or_else(|| {
+                Error::not_found("host_not_found", format!("host {name} is not registered"))
+            })?;
+            h.throttle_mb_s = mb_s;
+            Ok(())
+        })
+        .await?;
+        Ok(())
     }
 
     /// Removes host `name`, which revokes its token.

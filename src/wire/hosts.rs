@@ -28,6 +28,30 @@ pub struct HostView {
     pub cloud: Option<String>,
     pub created: String,
     pub vms: Vec<String>,
+    /// The operator's bandwidth cap for the host's agent, MB/s.
+    #[serde(default)]
+    pub throttle_mb_s: Option<f64>,
+    /// The last heartbeat of the host's agent (RFC 3339) and its age; absent when it never sent
+    /// one (hosts driven by hand with `agent protect` and `agent replicate`).
+    #[serde(default)]
+    pub last_contact: Option<String>,
+    #[serde(default)]
+    pub last_contact_age_s: Option<u64>,
+    #[serde(default)]
+    pub agent_version: Option<String>,
+    /// Change logs the host holds and has not sent, all its VMs, bytes.
+    #[serde(default)]
+    pub backlog_bytes: u64,
+    /// The newest error the agent reported for any of its VMs: `vm: code: message`.
+    #[serde(default)]
+    pub last_error: Option<String>,
+}
+
+/// The operator's bandwidth cap for a host (`PUT /v1/hosts/{name}/throttle`); `None` clears it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostThrottle {
+    pub mb_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

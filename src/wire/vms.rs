@@ -95,6 +95,10 @@ pub struct VmView {
     pub state: VmState,
     pub health: Health,
     pub health_reasons: Vec<String>,
+    /// The same reasons with their level and a machine-readable code (`host_not_reporting`,
+    /// `rpo_exceeded`, the agent's error code, …), in the same order.
+    #[serde(default)]
+    pub health_findings: Vec<HealthFinding>,
     pub generation: u8,
     pub cpus: u32,
     pub memory_mib: u64,
@@ -116,6 +120,39 @@ pub struct VmView {
     /// `state` stays `protected` meanwhile, as the source still replicates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<FailoverBrief>,
+    /// What the owning host's agent last reported of this VM (`drvault agent run` heartbeats;
+    /// absent for hosts that never sent one).
+    #[serde(default)]
+    pub agent: Option<AgentBrief>,
+}
+
+/// One reason of a VM's health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthFinding {
+    pub level: Health,
+    pub code: String,
+    pub reason: String,
+}
+
+/// A VM as its host's agent last reported it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentBrief {
+    pub host: String,
+    pub agent_version: String,
+    /// The agent's heartbeat interval, seconds.
+    pub interval_s: u64,
+    /// The host's last heartbeat (RFC 3339) and its age in seconds.
+    pub last_contact: String,
+    pub last_contact_age_s: u64,
+    /// False when the agent reported replication of this VM stopped (or did not list the VM).
+    pub replicating: bool,
+    /// Bytes of change logs the host holds and has not sent, all disks.
+    pub backlog_bytes: u64,
+    pub pending_logs: u64,
+    #[serde(default)]
+    pub disks: Vec<super::DiskBacklog>,
+    #[serde(default)]
+    pub last_error: Option<super::AgentFault>,
 }
 
 /// What the VM view tells of a failover in progress or waiting for commit or cleanup.
@@ -162,7 +199,9 @@ pub struct DiskView {
     /// Accepted logs not yet merged.
     pub journal_length: usize,
     pub pending_log_bytes: u64,
-    /// Pending bytes at which the disk needs resynchronization (50% of its size).
+    /// Bytes of the host's backlog (change logs not yet sent, as its agent reports them) at
+    /// which the disk needs resynchronization: 50% of its size. Logs the vault keeps within
+    /// retention never count.
     pub resync_threshold_bytes: u64,
     pub resync_required: Option<String>,
     pub last_log: Option<String>,
@@ -229,7 +268,7 @@ pub struct NicSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    /// Replication interval in seconds: 30, 300 or 900.
+    /// Replication interval in seconds: any from 1 s (continuous) up to a day.
     pub interval_s: u64,
     /// How long recovery points are kept, in seconds (any length; default 24 h).
     pub retention_s: u64,

@@ -223,13 +223,19 @@ window.addEventListener('hashchange', route);
 
 const vmsState = { sort: 'name', dir: 1, filter: '' };
 
-/** The per-VM figures the table shows and sorts by (worst disk for pending, newest log). */
+/** Bytes of a disk's change logs the host's agent holds and has not sent (0 without heartbeats). */
+function backlogOf(vm, disk) {
+  return vm.agent?.disks?.find((x) => x.disk === disk.id)?.backlog_bytes ?? 0;
+}
+
+/** The per-VM figures the table shows and sorts by (worst disk for backlog, newest log). */
 function vmFigures(vm) {
   let pending = null;
   let lastLog = null;
   for (const d of vm.disks) {
-    const ratio = d.resync_threshold_bytes ? d.pending_log_bytes / d.resync_threshold_bytes : 0;
-    if (!pending || ratio > pending.ratio) pending = { ratio, disk: d };
+    const backlog = backlogOf(vm, d);
+    const ratio = d.resync_threshold_bytes ? backlog / d.resync_threshold_bytes : 0;
+    if (!pending || ratio > pending.ratio) pending = { ratio, disk: d, backlog };
     if (d.last_log && (!lastLog || d.last_log > lastLog)) lastLog = d.last_log;
   }
   const resync = vm.disks.filter((d) => d.resync_required);
@@ -265,6 +271,7 @@ const sorters = {
   state: (v) => v.state,
   rpo: (v) => v.rpo_seconds ?? Infinity,
   pending: (v) => vmFigures(v).pending?.ratio ?? 0,
+  contact: (v) => v.agent ? v.agent.last_contact_age_s : Infinity,
   last_log: (v) => vmFigures(v).lastLog ?? '',
 };
 
@@ -295,12 +302,14 @@ function vmsView() {
           vm.health_reasons.length ? el('ul', { class: 'reasons' }, vm.health_reasons.map((r) => el('li', {}, r))) : null),
         el('td', {}, vmStateCell(vm, f.resync)),
         el('td', { class: 'num' }, `${fmtDuration(vm.rpo_seconds)} / ${fmtDuration(vm.policy.interval_s)}`),
-        el('td', { class: 'num' }, p
-          ? [`${fmtBytes(p.pending_log_bytes)} / ${fmtBytes(p.resync_threshold_bytes)} `,
-            el('meter', { min: 0, max: p.resync_threshold_bytes || 1, value: p.pending_log_bytes, 'aria-label': `pending log bytes of disk ${p.id} against its resync threshold` }),
+        el('td', { class: 'num' }, p && vm.agent
+          ? [`${fmtBytes(f.pending.backlog)} / ${fmtBytes(p.resync_threshold_bytes)} `,
+            el('meter', { min: 0, max: p.resync_threshold_bytes || 1, value: f.pending.backlog, 'aria-label': `host backlog of disk ${p.id} against its resync threshold` }),
             ` ${pct(f.pending.ratio)}`]
           : '–'),
-        el('td', { class: 'num', title: f.lastLog ? fmtTime(f.lastLog) : '' }, f.lastLog ? ago(f.lastLog) : 'never'));
+        el('td', { class: 'num', title: f.lastLog ? fmtTime(f.lastLog) : '' }, f.lastLog ? ago(f.lastLog) : 'never'),
+        el('td', { class: 'num', title: vm.agent ? fmtTime(vm.agent.last_contact) : 'no heartbeat from this host (driven by hand)' },
+          vm.agent ? `${fmtDuration(vm.agent.last_contact_age_s)} ago` : '–'));
     }));
   };
   table.tHead.onclick = (ev) => {
@@ -401,9 +410,14 @@ async function vmPage(name) {
         ['Latest point', latest ? pointLabel(latest) : 'none'],
         ['Policy', `retention ${fmtDuration(vm.policy.retention_s)}, app-consistent every ${fmtDuration(vm.policy.app_consistent_every_s)}`],
         ['Host', vm.owner],
+        ['Agent', vm.agent
+          ? `${vm.agent.agent_version}, last contact ${fmtDuration(vm.agent.last_contact_age_s)} ago (reports every ${fmtDuration(vm.agent.interval_s)}), ` +
+            `${vm.agent.replicating ? 'replicating' : 'not replicating'}, backlog ${fmtBytes(vm.agent.backlog_bytes)} in ${vm.agent.pending_logs} log(s)`
+          : 'no heartbeat (driven by hand)'],
+        vm.agent?.last_error ? ['Last agent error', `${vm.agent.last_error.code} (${vm.agent.last_error.recoverable ? 'recoverable, retried' : 'not recoverable'}): ${vm.agent.last_error.message}`] : null,
         ['Hardware', `generation ${vm.generation}, ${vm.cpus} CPU, ${vm.memory_mib} MiB`],
         ['Protected since', fmtTime(vm.protected)],
-      ]),
+      ].filter(Boolean)),
       el('h3', {}, 'Actions'),
       el('div', { class: 'actions' }, actions.map(([kind, label]) => el('button', {
         type: 'button', 'data-action': kind, 'data-focus': `action:${kind}`,
@@ -421,7 +435,7 @@ async function vmPage(name) {
         fo.error ? ['Error', fo.error] : null,
       ].filter(Boolean))) : el('p', { class: 'muted' }, 'No failover yet.'),
       el('h3', {}, 'Disks'),
-      table(['Disk', 'Size', 'State', 'Blocks received', 'Data', 'Stored (sealed)', 'Deduplicated', 'Pending logs / threshold', 'Logs', 'Last log', 'Resync'],
+      table(['Disk', 'Size', 'State', 'Blocks received', 'Data', 'Stored (sealed)', 'Deduplicated', 'Logs kept', 'Host backlog / threshold', 'Logs', 'Last log', 'Resync'],
         vm.disks.map((d) => el('tr', {},
           el('th', { scope: 'row' }, d.id),
           el('td', { class: 'num' }, fmtBytes(d.size)),
@@ -430,7 +444,8 @@ async function vmPage(name) {
           el('td', { class: 'num' }, fmtBytes(d.data_bytes)),
           el('td', { class: 'num' }, fmtBytes(d.stored_bytes)),
           el('td', { class: 'num' }, fmtBytes(d.deduplicated_bytes)),
-          el('td', { class: 'num' }, `${fmtBytes(d.pending_log_bytes)} / ${fmtBytes(d.resync_threshold_bytes)}`),
+          el('td', { class: 'num' }, fmtBytes(d.pending_log_bytes)),
+          el('td', { class: 'num' }, vm.agent ? `${fmtBytes(backlogOf(vm, d))} / ${fmtBytes(d.resync_threshold_bytes)}` : '–'),
           el('td', { class: 'num' }, d.journal_length),
           el('td', { class: 'num', title: fmtTime(d.last_log) }, d.last_log ? ago(d.last_log) : 'never'),
           el('td', { class: d.resync_required ? 'health-Critical' : '' }, d.resync_required ?? 'no'))),

@@ -11,12 +11,16 @@ use crate::api::auth::Operator;
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, HostName, ProviderName};
 use crate::api::AppState;
-use crate::wire::{AddHost, AddProvider, Credentials, HostView, ProviderView};
+use crate::wire::{AddHost, AddProvider, Credentials, HostThrottle, HostView, ProviderView};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/hosts", get(list_hosts).post(add_host))
         .route("/v1/hosts/{name}", axum::routing::delete(remove_host))
+        .route(
+            "/v1/hosts/{name}/throttle",
+            axum::routing::put(set_throttle),
+        )
         .route("/v1/providers", get(list_providers).post(add_provider))
         .route(
             "/v1/providers/{name}",
@@ -27,21 +31,53 @@ pub(super) fn routes() -> Router<AppState> {
 async fn list_hosts(_: Operator, State(s): State<AppState>) -> Json<Vec<HostView>> {
     let reg = s.registry.snapshot().await;
     let vms = s.overview.list().await;
+    let contacts = s.contacts.all();
+    let now = crate::util::unix_now();
     Json(
         reg.hosts
             .values()
-            .map(|h| HostView {
-                name: h.name.clone(),
-                cloud: h.cloud.clone(),
-                created: crate::util::rfc3339(h.created_unix),
-                vms: vms
-                    .iter()
-                    .filter(|v| v.owner == h.name)
-                    .map(|v| v.name.clone())
-                    .collect(),
+            .map(|h| {
+                let c = contacts.get(&h.name);
+                let reports = c.iter().flat_map(|c| c.vms.values());
+                let last_error = reports
+                    .clone()
+                    .filter_map(|r| r.last_error.as_ref().map(|f| (r, f)))
+                    .max_by_key(|(_, f)| f.at_unix)
+                    .map(|(r, f)| format!("{}: {}: {}", r.vm, f.code, f.message));
+                HostView {
+                    name: h.name.clone(),
+                    cloud: h.cloud.clone(),
+                    created: crate::util::rfc3339(h.created_unix),
+                    vms: vms
+                        .iter()
+                        .filter(|v| v.owner == h.name)
+                        .map(|v| v.name.clone())
+                        .collect(),
+                    throttle_mb_s: h.throttle_mb_s,
+                    last_contact: c.map(|c| crate::util::rfc3339(c.last_contact_unix)),
+                    last_contact_age_s: c.map(|c| now.saturating_sub(c.last_contact_unix)),
+                    agent_version: c.map(|c| c.agent_version.clone()),
+                    backlog_bytes: reports
+                        .flat_map(|r| r.disks.iter())
+                        .map(|d| d.backlog_bytes)
+                        .sum(),
+                    last_error,
+                }
             })
             .collect(),
     )
+}
+
+async fn set_throttle(
+    _: Operator,
+    State(s): State<AppState>,
+    HostName(host): HostName,
+    body: Body,
+) -> ApiResult<Json<HostThrottle>> {
+    let req: HostThrottle = read_json(body).await?;
+    s.registry.set_throttle(&host, req.mb_s).await?;
+    tracing::info!(%host, mb_s = ?req.mb_s, "host bandwidth cap set");
+    Ok(Json(req))
 }
 
 async fn add_host(
@@ -71,6 +107,7 @@ async fn remove_host(
     HostName(host): HostName,
 ) -> ApiResult<StatusCode> {
     s.registry.remove_host(&host).await?;
+    s.contacts.forget(&host);
     tracing::info!(%host, "host removed; its token is revoked");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -14,6 +14,7 @@ use super::console;
 use crate::chunk::PlainHash;
 use crate::error::Error;
 
+mod agents;
 mod failback;
 mod failover;
 mod hosts;
@@ -33,6 +34,7 @@ pub fn routes() -> Router<AppState> {
         .merge(vms::routes())
         .merge(jobs::routes())
         .merge(ingest::routes())
+        .merge(agents::routes())
         .merge(points::routes())
         .merge(failover::routes())
         .merge(plans::routes())

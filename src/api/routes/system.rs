@@ -45,6 +45,17 @@ async fn metrics(State(s): State<AppState>) -> Response {
         if let Some(rpo) = v.rpo_seconds {
             metrics::gauge!("drvault_vm_rpo_seconds", "vm" => v.name.clone()).set(rpo as f64);
         }
+        if let Some(a) = &v.agent {
+            metrics::gauge!("drvault_vm_backlog_bytes", "vm" => v.name.clone())
+                .set(a.backlog_bytes as f64);
+            metrics::gauge!("drvault_vm_agent_error", "vm" => v.name.clone()).set(
+                match &a.last_error {
+                    Some(f) if !f.recoverable => 2.0,
+                    Some(_) => 1.0,
+                    None => 0.0,
+                },
+            );
+        }
         for d in &v.disks {
             let labels = [("vm", v.name.clone()), ("disk", d.id.clone())];
             metrics::gauge!("drvault_disk_pending_log_bytes", &labels)
@@ -58,6 +69,18 @@ async fn metrics(State(s): State<AppState>) -> Response {
                 },
             );
         }
+    }
+    let now = crate::util::unix_now();
+    for (host, c) in s.contacts.all() {
+        metrics::gauge!("drvault_host_last_contact_seconds", "host" => host.clone())
+            .set(now.saturating_sub(c.last_contact_unix) as f64);
+        let backlog: u64 = c
+            .vms
+            .values()
+            .flat_map(|r| r.disks.iter())
+            .map(|d| d.backlog_bytes)
+            .sum();
+        metrics::gauge!("drvault_host_backlog_bytes", "host" => host).set(backlog as f64);
     }
     match &s.metrics {
         Some(h) => (

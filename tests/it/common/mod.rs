@@ -408,8 +408,7 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 /// One replication cycle of a raw disk: `prev` copied to `next` with `writes` random
 /// sector-aligned writes of up to `max_len` bytes (about a quarter of them zeros), and the MS-HRL
 /// log from one to the other made by `drvault hrl diff` into `log`, chained to `prev_id` (the
-/// zero GUID for the first). Returns the new log's id. Callers keep cycles × `writes` ×
-/// `max_len` under half the disk: unmerged logs past that make the server demand a resync.
+/// zero GUID for the first). Returns the new log's id.
 pub fn next_cycle(
     rng: &mut Rng,
     prev: &Path,
