@@ -205,6 +205,7 @@ async fn measure(
             backoff: quick_backoff(),
             progress: false,
             upload_latencies: None,
+            throttle: None,
         };
         protect(&client, std::slice::from_ref(&source), &opts)
             .await
