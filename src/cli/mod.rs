@@ -117,7 +117,7 @@ enum Cmd {
         #[arg(short = 'o', long)]
         output: PathBuf,
         /// Recovery point: latest, latest-app, c<cycle>, or an RFC 3339 time (the latest point at
-        /// or before it). Default: the replica's base (initial replication or last merge).
+        /// or before it). Default: latest.
         #[arg(long)]
         point: Option<String>,
         /// Blocks fetched in parallel.

@@ -17,7 +17,8 @@ pub struct MapView {
     pub point: Option<String>,
 }
 
-/// Query of the map and block downloads: the recovery point to read (default: the base map).
+/// Query of the map and block downloads: the recovery point to read (default: `latest`, the
+/// newest complete point).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PointQuery {
     pub point: Option<String>,

@@ -1,5 +1,5 @@
 //! Protected VMs (operator): list and show, policy, NIC overrides, and reading a disk's map and
-//! blocks (at the replica or at a recovery point).
+//! blocks (at a recovery point, the newest by default).
 
 use axum::body::Body;
 use axum::extract::State;
@@ -13,7 +13,6 @@ use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskPath, NicIndex, Query, VmName};
 use crate::api::AppState;
 use crate::error::Error;
-use crate::replica::MapEntry;
 use crate::wire::{MapView, PointQuery};
 
 pub(super) fn routes() -> Router<AppState> {
@@ -47,40 +46,23 @@ async fn get_map(
     DiskPath { vm, disk }: DiskPath,
     Query(q): Query<PointQuery>,
 ) -> ApiResult<Json<MapView>> {
-    if let Some(sel) = q.point {
-        let p = s.replicas.resolve_point(&vm, &sel).await?;
-        s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
-        let (d, blocks) = s.replicas.point_blocks(&vm, &disk, p.cycle).await?;
-        let data = blocks
-            .into_iter()
-            .map(|(i, h)| (i, h.unwrap_or_default()))
-            .collect();
-        let blocks = d.stats.blocks;
-        return Ok(Json(MapView {
-            size: d.size,
-            block_size: d.block_size,
-            blocks,
-            data,
-            point: Some(p.id),
-        }));
-    }
-    let (d, map) = s.replicas.base_map(&vm, &disk).await?;
-    s.replicas
-        .refuse_damaged(&vm, Some(&disk), d.base_point.cycle)
-        .await?;
-    let data = map
-        .entries()
-        .filter_map(|(i, e)| match e {
-            MapEntry::Data { hash, .. } => Some((i, hash.to_hex())),
-            MapEntry::Zero => None,
-        })
+    // Without `point` the newest complete point: the base map alone is an old disk as soon as
+    // any log is retained after it.
+    let sel = q.point.as_deref().unwrap_or("latest");
+    let p = s.replicas.resolve_point(&vm, sel).await?;
+    s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
+    let (d, blocks) = s.replicas.point_blocks(&vm, &disk, p.cycle).await?;
+    let data = blocks
+        .into_iter()
+        .map(|(i, h)| (i, h.unwrap_or_default()))
         .collect();
+    let blocks = d.stats.blocks;
     Ok(Json(MapView {
         size: d.size,
         block_size: d.block_size,
-        blocks: map.len(),
+        blocks,
         data,
-        point: None,
+        point: Some(p.id),
     }))
 }
 
@@ -91,18 +73,15 @@ async fn get_block(
     BlockIndex(i): BlockIndex,
     Query(q): Query<PointQuery>,
 ) -> ApiResult<Response> {
-    let (bytes, hash) = match q.point {
-        Some(sel) => {
-            let p = s.replicas.resolve_point(&vm, &sel).await?;
-            s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
-            s.replicas
-                .point_reader(&vm, &disk, p.cycle)
-                .await?
-                .read_block(i)
-                .await?
-        }
-        None => s.replicas.read_block(&vm, &disk, i).await?,
-    };
+    let sel = q.point.as_deref().unwrap_or("latest");
+    let p = s.replicas.resolve_point(&vm, sel).await?;
+    s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
+    let (bytes, hash) = s
+        .replicas
+        .point_reader(&vm, &disk, p.cycle)
+        .await?
+        .read_block(i)
+        .await?;
     let mut resp = Body::from(bytes).into_response();
     resp.headers_mut().insert(
         BLAKE3_HEADER,
