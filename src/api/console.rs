@@ -175,6 +175,7 @@ mod tests {
             protected_unix: None,
             enable_job: "j".into(),
             finalize_job: None,
+            disabled_unix: None,
             nic_overrides: Default::default(),
         }
     }

@@ -16,6 +16,7 @@
 //! Each disk also has a *journal lock* here: whoever changes a disk's journal (a log accepted, a
 //! merge, a resync or failback switch) holds it, so chain checks see a stable head.
 
+mod lifecycle;
 pub mod spec;
 
 pub use spec::validate as validate_spec;
@@ -51,6 +52,9 @@ pub struct VmRecord {
     pub protected_unix: Option<u64>,
     pub enable_job: String,
     pub finalize_job: Option<String>,
+    /// When protection was disabled (state `disabled`): the points stay until retention passes.
+    #[serde(default)]
+    pub disabled_unix: Option<u64>,
     /// Per-NIC failover overrides by NIC index (target subnet, static IP, public address, skip).
     #[serde(default)]
     pub nic_overrides: BTreeMap<u32, crate::wire::NicOptions>,
@@ -100,8 +104,13 @@ pub struct DiskRecord {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BasePoint {
     pub cycle: u64,
+    /// The point's time: the merged log's own time where it had one.
     pub time_unix: u64,
     pub app_consistent: bool,
+    /// When the server accepted what the base holds (0 in records before it was kept: then
+    /// `time_unix`, which was that).
+    #[serde(default)]
+    pub accepted_unix: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -134,6 +143,9 @@ pub struct Catalog {
     disks: Arc<RwLock<BTreeMap<(String, String), DiskRecord>>>,
     /// One journal writer at a time per disk, by (vm id, disk id).
     journal_locks: Arc<Mutex<BTreeMap<(String, String), JournalLock>>>,
+    /// The hosts' clusters, once the server attached its registry: hosts of one cluster act on
+    /// each other's VMs. Without it only the owner does.
+    registry: Arc<std::sync::OnceLock<crate::vault::registry::Registrar>>,
 }
 
 impl Catalog {
@@ -172,6 +184,7 @@ impl Catalog {
             vms: Arc::new(RwLock::new(vms)),
             disks: Arc::new(RwLock::new(disks)),
             journal_locks: Default::default(),
+            registry: Default::default(),
         };
         let pending: Vec<String> = c
             .vms
@@ -189,6 +202,24 @@ impl Catalog {
 
     pub fn vault(&self) -> &Vault {
         &self.vault
+    }
+
+    /// Lets the hosts of a cluster act on each other's VMs (the registry knows the clusters).
+    pub fn attach_registry(&self, registry: crate::vault::registry::Registrar) {
+        // Set once at startup; a second call would only repeat the same registry.
+        let _ = self.registry.set(registry);
+    }
+
+    /// Whether `host` may act on a VM `owner` protected: the owner itself or a host of its
+    /// cluster (Hyper-V moves VMs between a cluster's nodes; the log chain continues).
+    pub async fn may_act(&self, host: &str, owner: &str) -> bool {
+        if host == owner {
+            return true;
+        }
+        match self.registry.get() {
+            Some(r) => r.same_cluster(host, owner).await,
+            None => false,
+        }
     }
 
     pub fn jobs(&self) -> &Jobs {
@@ -253,10 +284,13 @@ impl Catalog {
     pub async fn enable(&self, host: &str, vm: &str, spec: &VmSpec) -> Result<(VmRecord, bool)> {
         let (spec, warnings) = spec::validate(vm, spec, &self.mapped_networks)?;
         if let Some(existing) = self.vms.read().await.get(vm).map(|v| v.value.clone()) {
-            if existing.owner != host {
+            if !self.may_act(host, &existing.owner).await {
                 return Err(Error::forbidden(format!(
                     "VM {vm} is protected by another host"
                 )));
+            }
+            if existing.state == VmState::Disabled {
+                return Err(lifecycle::disabled_error(vm));
             }
             // The policy is the operator's after enabling (`drvault vm set`): compare the rest.
             let same = VmSpec {
@@ -344,6 +378,7 @@ impl Catalog {
             protected_unix: None,
             enable_job: job.id.clone(),
             finalize_job: None,
+            disabled_unix: None,
             nic_overrides: BTreeMap::new(),
         };
         if !self
@@ -394,8 +429,14 @@ impl Catalog {
             .map(|v| v.value.clone())
             .ok_or_else(|| Error::not_found("vm_not_found", format!("VM {vm} is not protected")))?;
         if let Some(h) = host {
-            if rec.owner != h {
-                return Err(Error::forbidden(format!("VM {vm} belongs to another host")));
+            if !self.may_act(h, &rec.owner).await {
+                return Err(Error::forbidden(format!(
+                    "VM {vm} belongs to another host (not of host {h}'s cluster)"
+                )));
+            }
+            // Agents are refused once protection is disabled; the operator still reads points.
+            if rec.state == VmState::Disabled {
+                return Err(lifecycle::disabled_error(vm));
             }
         }
         Ok(rec)
@@ -458,16 +499,15 @@ impl Catalog {
             .create(
                 JobKind::FinalizeProtection,
                 Some(vm),
-                &["Configure post-replication settings", "Mark protected"],
+                &[FAILOVER_SETTINGS_STEP, "Mark protected"],
                 JobState::Running,
             )
             .await?;
+        let found = self.check_failover_settings(&rec);
+        // Settings a failover needs never hold protection back: they can be fixed later (the
+        // VM's health reasons say so until they are); the step says what a failover meets now.
         self.jobs
-            .step(
-                &job.id,
-                "Configure post-replication settings",
-                JobState::Succeeded,
-            )
+            .step_with(&job.id, FAILOVER_SETTINGS_STEP, JobState::Succeeded, found)
             .await?;
         let now = crate::util::unix_now();
         let jid = job.id.clone();
@@ -489,6 +529,34 @@ impl Catalog {
         }
         tracing::info!(vm, "protection finalized: VM protected");
         Ok(())
+    }
+
+    /// What the finalize step checks of a VM about to be protected: each NIC's source network
+    /// has a target mapping, and the policy is valid. Returns the step's report: what holds and
+    /// problems found, each prefixed `warning:`.
+    fn check_failover_settings(&self, rec: &VmRecord) -> String {
+        let mut problems = spec::unmapped_nic_warnings(&rec.spec.nics, &self.mapped_networks);
+        let mut found: Vec<String> = rec
+            .spec
+            .nics
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| self.mapped_networks.contains(&n.network))
+            .map(|(i, n)| format!("NIC {i} ({}) mapped", n.network))
+            .collect();
+        if rec.spec.nics.is_empty() {
+            found.push("no NICs".into());
+        }
+        let policy = rec.spec.policy.clone().unwrap_or_default();
+        match policy.validate() {
+            Ok(()) => found.push(format!(
+                "policy valid (interval {} s, retention {} s, app-consistent every {} s)",
+                policy.interval_s, policy.retention_s, policy.app_consistent_every_s
+            )),
+            Err(e) => problems.push(format!("replication policy not valid: {e}")),
+        }
+        found.extend(problems.drain(..).map(|p| format!("warning: {p}")));
+        found.join("; ")
     }
 
     /// Read-modify-write of a VM record (compare-and-swap retried); `f` returns `false` to leave
@@ -582,6 +650,9 @@ impl Catalog {
         Ok(updated)
     }
 }
+
+/// The finalize job's first step: it checks what a failover of the VM will need.
+pub const FAILOVER_SETTINGS_STEP: &str = "Check network mappings and policy";
 
 /// Pending (unmerged) log bytes at which a disk needs resynchronization: half its size.
 pub fn resync_threshold(disk_size: u64) -> u64 {

@@ -16,6 +16,10 @@ pub(super) enum HostCmd {
         /// Put the host in a VMM cloud (its provider may then act for it).
         #[arg(long)]
         cloud: Option<String>,
+        /// Put the host in a cluster: any host of it may then replicate the VMs another host
+        /// of the cluster protected (a VM that moved between nodes keeps its log chain).
+        #[arg(long)]
+        cluster: Option<String>,
         /// Credentials file to write (default NAME.creds.json).
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
@@ -54,12 +58,14 @@ pub(super) async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
         HostCmd::Add {
             name,
             cloud,
+            cluster,
             output,
         } => {
             let out = output.unwrap_or_else(|| PathBuf::from(format!("{name}.creds.json")));
             let req = AddHost {
                 name: name.clone(),
                 cloud,
+                cluster,
             };
             operator::register(&c, &Registration::Host(req), &out).await?;
             println!("host {name} registered; credentials written to {} (copy it to the host, keep it secret)", out.display());
@@ -69,12 +75,16 @@ pub(super) async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
             if json {
                 println!("{}", sorted_json(&hosts)?);
             } else {
-                println!("{:<24} {:<16} {:<22} VMS", "HOST", "CLOUD", "REGISTERED");
+                println!(
+                    "{:<24} {:<16} {:<16} {:<22} VMS",
+                    "HOST", "CLOUD", "CLUSTER", "REGISTERED"
+                );
                 for h in &hosts {
                     println!(
-                        "{:<24} {:<16} {:<22} {}",
+                        "{:<24} {:<16} {:<16} {:<22} {}",
                         h.name,
                         h.cloud.as_deref().unwrap_or("-"),
+                        h.cluster.as_deref().unwrap_or("-"),
                         h.created,
                         h.vms.join(",")
                     );

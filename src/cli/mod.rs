@@ -126,7 +126,8 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Change a protected VM's replication policy (operator).
+    /// Change a protected VM's replication policy or NIC overrides, or disable its protection
+    /// (operator).
     Vm {
         #[command(subcommand)]
         cmd: vms::VmCmd,
@@ -462,6 +463,10 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             vms::set_policy(&name, &change, conn).await
         }
+        Cmd::Vm {
+            cmd: vms::VmCmd::Disable { vm, delete_data },
+            conn,
+        } => vms::disable(&vm, delete_data, conn).await,
         Cmd::Key { cmd, conn } => key::run(cmd, conn).await,
         Cmd::Bench { cmd } => Ok(crate::bench::run(cmd).await?),
     }

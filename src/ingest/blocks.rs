@@ -410,6 +410,7 @@ impl Ingest {
             cycle: 0,
             time_unix: crate::util::unix_now(),
             app_consistent: false,
+            accepted_unix: crate::util::unix_now(),
         };
         rec.stats.data_blocks = data_blocks;
         rec.stats.zero_blocks = nblocks - data_blocks;

@@ -119,19 +119,36 @@ async fn pins_released(pins: &[std::sync::Weak<()>], limit: std::time::Duration)
     true
 }
 
-/// Disk points: (cycle, time, app, final).
-fn disk_points(d: &DiskRecord) -> Vec<(u64, u64, bool, bool)> {
-    let mut v = vec![(
-        d.base_point.cycle,
-        d.base_point.time_unix,
-        d.base_point.app_consistent,
-        false,
-    )];
-    v.extend(
-        d.journal
-            .iter()
-            .map(|e| (e.cycle, e.accepted_unix, e.app_consistent, e.final_log)),
-    );
+/// One disk's point: its cycle, time (the log's own where it has one), when the server
+/// accepted it, app-consistent, final.
+struct DiskPoint {
+    cycle: u64,
+    time: u64,
+    accepted: u64,
+    app: bool,
+    fin: bool,
+}
+
+fn disk_points(d: &DiskRecord) -> Vec<DiskPoint> {
+    let b = &d.base_point;
+    let mut v = vec![DiskPoint {
+        cycle: b.cycle,
+        time: b.time_unix,
+        accepted: if b.accepted_unix > 0 {
+            b.accepted_unix
+        } else {
+            b.time_unix
+        },
+        app: b.app_consistent,
+        fin: false,
+    }];
+    v.extend(d.journal.iter().map(|e| DiskPoint {
+        cycle: e.cycle,
+        time: e.point_unix(),
+        accepted: e.accepted_unix,
+        app: e.app_consistent,
+        fin: e.final_log,
+    }));
     v
 }
 
@@ -149,8 +166,8 @@ impl Replicas {
     /// for it. A cycle a disk skipped (it sent a later one) never completes and is not listed.
     pub async fn points_and_incomplete(&self, vm: &str) -> Result<Vec<PointView>> {
         let rec = self.catalog.vm_for(None, vm).await?;
-        // By cycle: (time, app, final, disks that have it).
-        let mut per_cycle: BTreeMap<u64, (u64, bool, bool, Vec<String>)> = BTreeMap::new();
+        // By cycle: (time, app, final, disks that have it, accepted).
+        let mut per_cycle: BTreeMap<u64, (u64, bool, bool, Vec<String>, u64)> = BTreeMap::new();
         let mut disks = Vec::new();
         // Each disk's newest cycle; `None` while initial replication runs.
         let mut last_cycle: Vec<(String, Option<u64>)> = Vec::new();
@@ -162,20 +179,23 @@ impl Replicas {
                 continue;
             }
             last_cycle.push((d.disk.clone(), Some(d.last_cycle())));
-            for (c, t, app, fin) in disk_points(&d) {
-                let e = per_cycle.entry(c).or_insert((0, true, true, Vec::new()));
-                e.0 = e.0.max(t);
-                e.1 &= app;
-                e.2 &= fin;
+            for p in disk_points(&d) {
+                let e = per_cycle
+                    .entry(p.cycle)
+                    .or_insert((0, true, true, Vec::new(), 0));
+                e.0 = e.0.max(p.time);
+                e.1 &= p.app;
+                e.2 &= p.fin;
                 e.3.push(d.disk.clone());
+                e.4 = e.4.max(p.accepted);
             }
         }
         if last_cycle.iter().any(|(_, l)| l.is_none()) {
             // Before every disk completed initial replication there is no point at all.
-            per_cycle = BTreeMap::from([(0, (0, false, false, Vec::new()))]);
+            per_cycle = BTreeMap::from([(0, (0, false, false, Vec::new(), 0))]);
         }
         let mut points = Vec::new();
-        for (c, (t, app, fin, have)) in per_cycle {
+        for (c, (t, app, fin, have, accepted)) in per_cycle {
             let waiting_for: Vec<String> = last_cycle
                 .iter()
                 .filter(|(disk, last)| !have.contains(disk) && last.is_none_or(|l| l < c))
@@ -198,6 +218,12 @@ impl Replicas {
                     String::new()
                 },
                 time_unix: t,
+                accepted: if accepted > 0 {
+                    crate::util::rfc3339(accepted)
+                } else {
+                    String::new()
+                },
+                accepted_unix: accepted,
                 kind: kind.into(),
                 final_point: fin && c > 0 && waiting_for.is_empty(),
                 disks: if waiting_for.is_empty() {
@@ -454,8 +480,9 @@ impl Replicas {
         rec.map_root = Some(root.to_hex());
         rec.base_point = BasePoint {
             cycle: last.cycle,
-            time_unix: last.accepted_unix,
+            time_unix: last.point_unix(),
             app_consistent: last.app_consistent,
+            accepted_unix: last.accepted_unix,
         };
         let (data_blocks, zero_blocks) = map.entries().fold((0, 0), |(a, z), (_, e)| {
             if e == MapEntry::Zero {
@@ -749,6 +776,7 @@ impl Replicas {
                 app_consistent: false,
                 final_log: false,
                 accepted_unix: crate::util::unix_now(),
+                log_unix: None,
                 log_bytes: 0,
                 extents: 0,
                 data_bytes: 0,

@@ -4,7 +4,7 @@
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
 use super::BLAKE3_HEADER;
@@ -13,12 +13,13 @@ use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskPath, NicIndex, Query, VmName};
 use crate::api::AppState;
 use crate::error::Error;
-use crate::wire::{MapView, PointQuery};
+use crate::wire::{DisableReport, DisableRequest, MapView, PointQuery};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/vms", get(list_vms))
         .route("/v1/vms/{vm}", get(get_vm).patch(set_vm_policy))
+        .route("/v1/vms/{vm}/disable", post(disable_vm))
         .route("/v1/vms/{vm}/disks/{disk}/map", get(get_map))
         .route("/v1/vms/{vm}/disks/{disk}/blocks/{index}", get(get_block))
         .route("/v1/vms/{vm}/nics", get(super::console::vm_nics))
@@ -129,4 +130,18 @@ async fn clear_nic_override(
 ) -> ApiResult<Json<crate::catalog::VmView>> {
     let rec = s.catalog.set_nic_override(&vm, i, None).await?;
     Ok(Json(s.overview.view(&rec).await))
+}
+
+/// Stops protecting a VM (the "Disable protection" job), refused while a failover of it is in
+/// progress: it reads the points this would give up.
+async fn disable_vm(
+    _: Operator,
+    State(s): State<AppState>,
+    VmName(vm): VmName,
+    body: Body,
+) -> ApiResult<Json<DisableReport>> {
+    let req: DisableRequest = read_json(body).await?;
+    s.catalog.vm_for(None, &vm).await?;
+    s.failovers.refuse_in_progress(&vm).await?;
+    Ok(Json(s.catalog.disable(&vm, req.delete_data).await?))
 }
