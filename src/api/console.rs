@@ -176,6 +176,7 @@ mod tests {
             enable_job: "j".into(),
             finalize_job: None,
             disabled_unix: None,
+            removed_disks: Vec::new(),
             nic_overrides: Default::default(),
         }
     }

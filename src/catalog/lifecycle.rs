@@ -1,5 +1,16 @@
-//! Changing what is protected: disabling protection of a VM, with or without its data, and
-//! the background expiry of a disabled VM's records once its retention window has passed.
+//! Changing what is protected: the disks of a protected VM (added, removed, grown), disabling
+//! protection of a VM, with or without its data, and the background expiry of a disabled VM's
+//! records once its retention window has passed.
+//!
+//! Disks change when the agent declares the VM again (`agent protect`) with another disk list:
+//! - a new disk gets its own initial replication; the VM's points include it from the cycle
+//!   after the newest one when that completes (its `first_cycle`, which its initial
+//!   replication stands for; its first log follows it). Earlier points do not include it.
+//! - a disk left out is removed: no longer replicated (agents are refused), kept for the
+//!   points up to its last cycle, which still read it.
+//! - a larger size grows the disk: logs may write the new range from then on, each new log
+//!   entry records the size, and a point reads at the size of its newest log (older points
+//!   keep the old size). A smaller size is refused (`disk_shrink`).
 //!
 //! Disabling first marks the VM `disabled` (agents are refused from then on, see
 //! [`Catalog::vm_for`]) and waits for every disk's journal writer in flight, so no log accepted
@@ -9,7 +20,9 @@
 //! removed records referenced are garbage for the next collection (`drvault gc`), which keeps
 //! its grace period and write fence.
 
-use super::{Catalog, VmState};
+use std::collections::BTreeMap;
+
+use super::{BasePoint, Catalog, DiskRecord, DiskState, DiskStats, VmRecord, VmSpec, VmState};
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState};
 use crate::vault::layout::{self, Family};
@@ -115,7 +128,15 @@ impl Catalog {
     /// disks and the session records keyed by its id.
     async fn forget(&self, vm: &str) -> Result<()> {
         let rec = self.vm_for(None, vm).await?;
-        let disks = self.disks_of(&rec).await;
+        // Every disk record of the VM: its disks, removed ones, an added one never declared.
+        let disks: Vec<DiskRecord> = self
+            .disks
+            .read()
+            .await
+            .iter()
+            .filter(|((v, _), _)| v == vm)
+            .map(|(_, d)| d.clone())
+            .collect();
         // Held throughout: a merge or log waiting for a disk re-reads it afterwards, finds the
         // VM gone and writes nothing (it would otherwise store the disk record again).
         let mut locks = Vec::new();
@@ -147,6 +168,157 @@ impl Catalog {
             .retain(|(vm_id, _), _| *vm_id != rec.id);
         drop(held);
         Ok(())
+    }
+}
+
+impl Catalog {
+    /// Applies a re-declared disk list to protected VM `existing` (see the module doc); all
+    /// checks come before any change, so a refusal changes nothing.
+    pub(super) async fn change_disks(
+        &self,
+        existing: &VmRecord,
+        spec: &VmSpec,
+    ) -> Result<(VmRecord, bool)> {
+        let vm = existing.name.as_str();
+        let old: BTreeMap<&str, u64> = existing
+            .spec
+            .disks
+            .iter()
+            .map(|d| (d.id.as_str(), d.size))
+            .collect();
+        let (mut added, mut grown) = (Vec::new(), Vec::new());
+        for d in &spec.disks {
+            match old.get(d.id.as_str()) {
+                None if existing.removed_disks.iter().any(|r| r.id == d.id) => {
+                    return Err(Error::conflict(
+                        "disk_id_retained",
+                        format!("disk {} was removed from VM {vm} and the points before its removal still read it: give the new disk another id", d.id),
+                    ));
+                }
+                None => added.push(d.clone()),
+                Some(&size) if d.size < size => {
+                    return Err(Error::invalid(
+                        "disk_shrink",
+                        format!("disk {} of VM {vm} is {size} bytes; {} is smaller, and a protected disk cannot shrink (protect the smaller disk under another id, or disable protection first)", d.id, d.size),
+                    ));
+                }
+                Some(&size) if d.size > size => grown.push(d.clone()),
+                Some(_) => {}
+            }
+        }
+        let removed: Vec<_> = existing
+            .spec
+            .disks
+            .iter()
+            .filter(|d| !spec.disks.iter().any(|s| s.id == d.id))
+            .cloned()
+            .collect();
+        for g in &grown {
+            let (_, d) = self.disk_for(None, vm, &g.id).await?;
+            if d.state != DiskState::Complete {
+                return Err(Error::conflict(
+                    "replication_incomplete",
+                    format!("disk {} of VM {vm} grows once its initial replication completed", g.id),
+                ));
+            }
+        }
+        // New disk records first: invisible until the VM record lists them.
+        for a in &added {
+            let rec = self.new_disk_record(existing, &a.id, a.size, true);
+            self.store_disk(rec).await?;
+        }
+        for g in &grown {
+            let (_, d0) = self.disk_for(None, vm, &g.id).await?;
+            let lock = self.journal_lock(&d0).await;
+            let _held = lock.lock().await;
+            let (_, mut d) = self.disk_for(None, vm, &g.id).await?;
+            d.size = g.size;
+            d.stats.blocks = g.size.div_ceil(d.block_size as u64);
+            self.store_disk(d).await?;
+        }
+        let new_disks = spec.disks.clone();
+        let gone = removed.clone();
+        let updated = self
+            .update_vm(vm, |r| {
+                r.spec.disks = new_disks.clone();
+                for g in &gone {
+                    if !r.removed_disks.iter().any(|x| x.id == g.id) {
+                        r.removed_disks.push(g.clone());
+                    }
+                }
+                Ok(true)
+            })
+            .await?;
+        // Agents are refused for a removed disk from here on; a log already past that check
+        // holds the journal lock: its cycle counts as the disk's last.
+        for r in &removed {
+            let (_, d0) = self.disk_for(None, vm, &r.id).await?;
+            let lock = self.journal_lock(&d0).await;
+            let _held = lock.lock().await;
+            let (_, mut d) = self.disk_for(None, vm, &r.id).await?;
+            d.last_cycle_in_vm = Some(d.last_cycle());
+            self.store_disk(d).await?;
+        }
+        tracing::info!(
+            vm,
+            added = ?added.iter().map(|d| &d.id).collect::<Vec<_>>(),
+            removed = ?removed.iter().map(|d| &d.id).collect::<Vec<_>>(),
+            grown = ?grown.iter().map(|d| (&d.id, d.size)).collect::<Vec<_>>(),
+            "disks of a protected VM changed"
+        );
+        Ok((updated, false))
+    }
+
+    /// A disk record about to receive its initial replication.
+    pub(super) fn new_disk_record(
+        &self,
+        vm: &VmRecord,
+        disk: &str,
+        size: u64,
+        added: bool,
+    ) -> DiskRecord {
+        DiskRecord {
+            vm: vm.name.clone(),
+            disk: disk.to_string(),
+            vm_id: vm.id.clone(),
+            disk_id: self.disk_id(&vm.name, disk),
+            size,
+            block_size: self.block_size,
+            state: DiskState::Receiving,
+            session: uuid::Uuid::new_v4().simple().to_string(),
+            map_root: None,
+            content_digest: None,
+            journal: Vec::new(),
+            base_point: BasePoint::default(),
+            chain_head: None,
+            data_write_guid: None,
+            resync_required: None,
+            resync_fence: None,
+            added,
+            first_cycle: 0,
+            last_cycle_in_vm: None,
+            stats: DiskStats {
+                // Every block is `block_size` bytes but the last (see `replica::blockmap`).
+                blocks: size.div_ceil(self.block_size as u64),
+                ..Default::default()
+            },
+            completed_unix: None,
+        }
+    }
+
+    /// The cycle a disk added to `vm` joins the VM's points at, as its initial replication
+    /// completes: the one after the newest cycle any other disk has.
+    pub async fn joining_cycle(&self, vm: &str, disk: &str) -> Result<u64> {
+        let rec = self.vm_for(None, vm).await?;
+        Ok(self
+            .member_disks(&rec)
+            .await
+            .iter()
+            .filter(|d| d.disk != disk && d.state == DiskState::Complete)
+            .map(|d| d.last_cycle())
+            .max()
+            .unwrap_or(0)
+            + 1)
     }
 }
 

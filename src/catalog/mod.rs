@@ -55,6 +55,10 @@ pub struct VmRecord {
     /// When protection was disabled (state `disabled`): the points stay until retention passes.
     #[serde(default)]
     pub disabled_unix: Option<u64>,
+    /// Disks removed from the VM while protected: no longer replicated, still read by the
+    /// points from before their removal.
+    #[serde(default)]
+    pub removed_disks: Vec<DiskSpec>,
     /// Per-NIC failover overrides by NIC index (target subnet, static IP, public address, skip).
     #[serde(default)]
     pub nic_overrides: BTreeMap<u32, crate::wire::NicOptions>,
@@ -98,6 +102,17 @@ pub struct DiskRecord {
     /// names it as predecessor predates the resync and is refused.
     #[serde(default)]
     pub resync_fence: Option<String>,
+    /// Added to the VM after it was protected: it is in no point until its initial replication
+    /// completes, and then in those from `first_cycle` on.
+    #[serde(default)]
+    pub added: bool,
+    /// The first VM cycle whose points include the disk (0 for the disks the VM was protected
+    /// with; an added disk's initial replication stands for this cycle).
+    #[serde(default)]
+    pub first_cycle: u64,
+    /// Removed from the VM: the last cycle whose points include the disk.
+    #[serde(default)]
+    pub last_cycle_in_vm: Option<u64>,
 }
 
 /// The point the base map holds: the initial replication (cycle 0) or the last merged log.
@@ -174,6 +189,26 @@ impl Catalog {
                 .await?
             {
                 disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
+            }
+        }
+        // Disk records without their VM record: an enable that crashed before its commit point
+        // or a disable --delete-data cut short after it. Either way nothing reads them, and
+        // left in place they would keep the disk's objects from garbage collection.
+        let orphans: Vec<(String, String)> = disks
+            .keys()
+            .filter(|(vm, _)| !vms.contains_key(vm))
+            .cloned()
+            .collect();
+        for key in orphans {
+            if let Some(d) = disks.remove(&key) {
+                vault
+                    .records
+                    .remove(&layout::record(
+                        Family::Disk,
+                        &layout::disk_record_id(&d.vm_id, &d.disk_id),
+                    ))
+                    .await?;
+                tracing::info!(vm = %d.vm, disk = %d.disk, "removed a disk record whose VM record is gone");
             }
         }
         let c = Catalog {
@@ -270,6 +305,25 @@ impl Catalog {
             .clone()
     }
 
+    /// The records of every disk some point of the VM may include: its disks, then those
+    /// removed from it.
+    pub async fn member_disks(&self, rec: &VmRecord) -> Vec<DiskRecord> {
+        let disks = self.disks.read().await;
+        rec.spec
+            .disks
+            .iter()
+            .chain(&rec.removed_disks)
+            .filter_map(|d| disks.get(&(rec.name.clone(), d.id.clone())).cloned())
+            .collect()
+    }
+
+    /// The records of the disks VM point `cycle` is made of.
+    pub async fn point_disks(&self, rec: &VmRecord, cycle: u64) -> Vec<DiskRecord> {
+        let mut v = self.member_disks(rec).await;
+        v.retain(|d| d.in_cycle(cycle));
+        v
+    }
+
     /// The records of a VM's disks that exist, in the VM's order.
     pub async fn disks_of(&self, rec: &VmRecord) -> Vec<DiskRecord> {
         let disks = self.disks.read().await;
@@ -292,21 +346,26 @@ impl Catalog {
             if existing.state == VmState::Disabled {
                 return Err(lifecycle::disabled_error(vm));
             }
-            // The policy is the operator's after enabling (`drvault vm set`): compare the rest.
-            let same = VmSpec {
+            // The policy is the operator's after enabling (`drvault vm set`); disks may be
+            // added, removed or grown once the VM is protected; the rest must be the same.
+            let rest = |s: &VmSpec| VmSpec {
                 policy: None,
-                ..existing.spec.clone()
-            } == VmSpec {
-                policy: None,
-                ..spec.clone()
+                disks: Vec::new(),
+                ..s.clone()
             };
-            if !same {
+            let same_disks = existing.spec.disks == spec.disks;
+            if rest(&existing.spec) != rest(&spec)
+                || (!same_disks && existing.state != VmState::Protected)
+            {
                 return Err(Error::conflict(
                     "vm_exists",
-                    format!("VM {vm} is already protected with a different specification; disable protection first"),
+                    format!("VM {vm} is already protected with a different specification; disable protection first (disks alone may change once initial replication completed)"),
                 ));
             }
-            return Ok((existing, false));
+            if same_disks {
+                return Ok((existing, false));
+            }
+            return self.change_disks(&existing, &spec).await;
         }
         let vm_id = self.vm_id(vm);
         let mut steps: Vec<String> = vec!["Check prerequisites".into()];
@@ -349,6 +408,9 @@ impl Catalog {
                 data_write_guid: None,
                 resync_required: None,
                 resync_fence: None,
+                added: false,
+                first_cycle: 0,
+                last_cycle_in_vm: None,
                 stats: DiskStats {
                     // Every block is `block_size` bytes but the last (see `replica::blockmap`).
                     blocks: d.size.div_ceil(self.block_size as u64),
@@ -379,6 +441,7 @@ impl Catalog {
             enable_job: job.id.clone(),
             finalize_job: None,
             disabled_unix: None,
+            removed_disks: Vec::new(),
             nic_overrides: BTreeMap::new(),
         };
         if !self
@@ -458,6 +521,14 @@ impl Catalog {
             .ok_or_else(|| {
                 Error::not_found("disk_not_found", format!("VM {vm} has no disk {disk}"))
             })?;
+        // A removed disk's record stays for the points before its removal (the operator reads
+        // them); agents can no longer send it anything.
+        if host.is_some() && !v.spec.disks.iter().any(|s| s.id == disk) {
+            return Err(Error::conflict(
+                "disk_removed",
+                format!("disk {disk} was removed from VM {vm}: it is no longer replicated"),
+            ));
+        }
         Ok((v, d))
     }
 
@@ -668,6 +739,14 @@ impl DiskRecord {
             .take_while(|e| e.snapshot_root.is_none())
             .map(|e| e.log_bytes)
             .sum()
+    }
+
+    /// Whether VM point `cycle` includes this disk: from the cycle it joined the VM (once its
+    /// initial replication completed, for a disk added later) to the last before its removal.
+    pub fn in_cycle(&self, cycle: u64) -> bool {
+        (!self.added || self.state == DiskState::Complete)
+            && self.first_cycle <= cycle
+            && self.last_cycle_in_vm.is_none_or(|l| cycle <= l)
     }
 
     pub fn last_cycle(&self) -> u64 {

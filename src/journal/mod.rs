@@ -36,6 +36,11 @@ pub struct JournalEntry {
     /// time shows; `None` for a log without one and for entries that are not logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_unix: Option<u64>,
+    /// The disk's size when the log was accepted: a point reads at its newest log's size (a
+    /// grown disk's older points keep the old one). `None` in entries that are not logs and in
+    /// records from before disks could grow (the base map's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<u64>,
     pub log_bytes: u64,
     pub extents: u64,
     /// Bytes of disk data the log writes.

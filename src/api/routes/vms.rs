@@ -50,18 +50,18 @@ async fn get_map(
     // Without `point` the newest complete point: the base map alone is an old disk as soon as
     // any log is retained after it.
     let sel = q.point.as_deref().unwrap_or("latest");
-    let p = s.replicas.resolve_point(&vm, sel).await?;
+    let p = s.replicas.resolve_disk_point(&vm, &disk, sel).await?;
     s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
-    let (d, blocks) = s.replicas.point_blocks(&vm, &disk, p.cycle).await?;
+    // The disk as it was at the point: a grown disk's older points keep the older size.
+    let (d, size, blocks) = s.replicas.point_blocks(&vm, &disk, p.cycle).await?;
     let data = blocks
         .into_iter()
         .map(|(i, h)| (i, h.unwrap_or_default()))
         .collect();
-    let blocks = d.stats.blocks;
     Ok(Json(MapView {
-        size: d.size,
+        size,
         block_size: d.block_size,
-        blocks,
+        blocks: size.div_ceil(d.block_size as u64),
         data,
         point: Some(p.id),
     }))
@@ -75,7 +75,7 @@ async fn get_block(
     Query(q): Query<PointQuery>,
 ) -> ApiResult<Response> {
     let sel = q.point.as_deref().unwrap_or("latest");
-    let p = s.replicas.resolve_point(&vm, sel).await?;
+    let p = s.replicas.resolve_disk_point(&vm, &disk, sel).await?;
     s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
     let (bytes, hash) = s
         .replicas
