@@ -337,7 +337,10 @@ impl Catalog {
     /// Enable protection (idempotent for the same host and spec).
     pub async fn enable(&self, host: &str, vm: &str, spec: &VmSpec) -> Result<(VmRecord, bool)> {
         let (spec, warnings) = spec::validate(vm, spec, &self.mapped_networks)?;
-        if let Some(existing) = self.vms.read().await.get(vm).map(|v| v.value.clone()) {
+        // Bound first: the read guard must not live on into the disk change below, which
+        // writes the VM record.
+        let existing = self.vms.read().await.get(vm).map(|v| v.value.clone());
+        if let Some(existing) = existing {
             if !self.may_act(host, &existing.owner).await {
                 return Err(Error::forbidden(format!(
                     "VM {vm} is protected by another host"

@@ -37,6 +37,14 @@ impl World {
         }
     }
 
+    /// Points the host's credentials at the server again (a restart listens on a new port).
+    fn repoint(&self) {
+        let mut v: Value =
+            serde_json::from_str(&std::fs::read_to_string(&self.creds).unwrap()).unwrap();
+        v["server"] = Value::from(self.server.url.clone());
+        std::fs::write(&self.creds, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
@@ -52,7 +60,7 @@ impl World {
             .iter()
             .map(|(p, id)| format!("{}:{id}", p.display()))
             .collect();
-        let mut args = vec!["agent", "protect", "--creds", &c, "--vm", vm];
+        let mut args = vec!["agent", "protect", "--json", "--creds", &c, "--vm", vm];
         for s in &specs {
             args.push("--disk");
             args.push(s);
@@ -351,7 +359,9 @@ fn disable_with_delete_data_lets_gc_free_the_objects() {
     assert!(w.server.vault_objects("chunks").len() < chunks_before);
     // The other VM still reads; a restart does not bring the deleted VM back.
     assert!(w.export("keep", "d", None) == std::fs::read(&other).unwrap());
+    w.server.kill();
     w.server.restart();
+    w.repoint();
     refused_with(&w.server.cli(&["points", "--vm", "vm"]), "vm_not_found");
     assert!(w.export("keep", "d", None) == std::fs::read(&other).unwrap());
     // The name is free again.
@@ -453,4 +463,250 @@ fn hosts_of_a_cluster_continue_one_chain_and_others_are_refused() {
     let hosts: Vec<Value> =
         serde_json::from_str(&w.server.cli_ok(&["host", "list", "--json"])).unwrap();
     assert!(!hosts.iter().any(|h| h["name"] == "node3"), "{hosts:?}");
+}
+
+/// `hrl diff` of two states of a disk into `log`, chained to `prev_id`; returns the log's id.
+fn diff(w: &mut World, old: &Path, new: &Path, prev_id: &str, name: &str) -> (PathBuf, String) {
+    let log = w.path(&format!("{name}.hrl"));
+    let id = w.rng.guid();
+    w.server.cli_ok(&[
+        "hrl",
+        "diff",
+        old.to_str().unwrap(),
+        new.to_str().unwrap(),
+        "-o",
+        log.to_str().unwrap(),
+        "--previous-id",
+        prev_id,
+        "--unique-id",
+        &id,
+    ]);
+    (log, id)
+}
+
+fn point_disks(w: &World, vm: &str) -> Vec<(String, Vec<String>)> {
+    w.points(vm)
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap().to_string(),
+                p["disks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn export_refused(w: &World, vm: &str, disk: &str, point: &str, code: &str) {
+    let out = w.path("refused.raw");
+    let o = w.server.export(vm, disk, point, "raw", &out);
+    refused_with(&o, code);
+}
+
+#[test]
+fn an_added_disk_replicates_alone_and_joins_the_points_after_it() {
+    let mut w = World::new(CONFIG);
+    let os: Vec<PathBuf> = (0..4).map(|i| w.path(&format!("os{i}.raw"))).collect();
+    let data: Vec<PathBuf> = (0..2).map(|i| w.path(&format!("data{i}.raw"))).collect();
+    image(&os[0], SIZE, 10);
+    w.protect("vm", &[(&os[0], "os")]);
+    let (l1, id1) = w.cycle(&os[0], &os[1], ZERO_GUID, "os1");
+    w.replicate("vm", "os", &l1, 1);
+
+    // The host declares the VM again with a new disk: only that disk is replicated.
+    image(&data[0], 4 * MIB, 11);
+    let out = succeeded(
+        &w.protect_as(&w.creds, "vm", &[(&os[1], "os"), (&data[0], "data")]),
+        "agent protect with a new disk",
+    );
+    let summary: Value = serde_json::from_str(&out).unwrap();
+    let sent = |id: &str| {
+        summary["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap()["uploaded_blocks"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(sent("os"), 0, "the protected disk is not sent again: {summary}");
+    assert!(sent("data") > 0, "{summary}");
+    let vm: Value = serde_json::from_str(&w.server.cli_ok(&["vms", "vm", "--json"])).unwrap();
+    assert_eq!(vm["disks"].as_array().unwrap().len(), 2, "{vm}");
+    assert_eq!(vm["state"], "protected");
+    // Earlier points do not include it; the next cycle waits for the first disk's log.
+    let listed = w.points("vm");
+    assert_eq!(
+        point_disks(&w, "vm")[..2],
+        [
+            ("c0".into(), vec!["os".to_string()]),
+            ("c1".into(), vec!["os".to_string()])
+        ]
+    );
+    assert_eq!(listed[2]["id"], "c2", "{listed:?}");
+    assert_eq!(listed[2]["kind"], "incomplete", "{listed:?}");
+    assert_eq!(listed[2]["waiting_for"], serde_json::json!(["os"]), "{listed:?}");
+
+    let (l2, id2) = w.cycle(&os[1], &os[2], &id1, "os2");
+    w.replicate("vm", "os", &l2, 2);
+    // Its first log follows its initial replication (which stands for c2).
+    let (ld, _) = w.cycle(&data[0], &data[1], ZERO_GUID, "data1");
+    w.replicate("vm", "data", &ld, 3);
+    let (l3, _) = w.cycle(&os[2], &os[3], &id2, "os3");
+    w.replicate("vm", "os", &l3, 3);
+
+    let both = vec!["os".to_string(), "data".to_string()];
+    assert_eq!(
+        point_disks(&w, "vm"),
+        [
+            ("c0".into(), vec!["os".to_string()]),
+            ("c1".into(), vec!["os".to_string()]),
+            ("c2".into(), both.clone()),
+            ("c3".into(), both),
+        ]
+    );
+    // Every point exports as the model: earlier ones without the disk.
+    for (i, p) in ["c0", "c1", "c2", "c3"].iter().enumerate() {
+        assert!(w.export("vm", "os", Some(p)) == std::fs::read(&os[i]).unwrap(), "os at {p}");
+    }
+    assert!(w.export("vm", "data", Some("c2")) == std::fs::read(&data[0]).unwrap());
+    assert!(w.export("vm", "data", Some("c3")) == std::fs::read(&data[1]).unwrap());
+    assert!(w.export("vm", "data", None) == std::fs::read(&data[1]).unwrap());
+    for p in ["c0", "c1"] {
+        export_refused(&w, "vm", "data", p, "disk_not_in_point");
+    }
+}
+
+#[test]
+fn a_removed_disk_stays_in_the_points_before_its_removal() {
+    let mut w = World::new(CONFIG);
+    let os: Vec<PathBuf> = (0..3).map(|i| w.path(&format!("os{i}.raw"))).collect();
+    let data: Vec<PathBuf> = (0..3).map(|i| w.path(&format!("data{i}.raw"))).collect();
+    image(&os[0], SIZE, 20);
+    image(&data[0], 4 * MIB, 21);
+    w.protect("vm", &[(&os[0], "os"), (&data[0], "data")]);
+    let (lo1, ido1) = w.cycle(&os[0], &os[1], ZERO_GUID, "os1");
+    let (ld1, idd1) = w.cycle(&data[0], &data[1], ZERO_GUID, "data1");
+    w.replicate("vm", "os", &lo1, 1);
+    w.replicate("vm", "data", &ld1, 1);
+
+    // Declared again without the data disk: it is removed.
+    w.protect("vm", &[(&os[1], "os")]);
+    let (ld2, _) = w.cycle(&data[1], &data[2], &idd1, "data2");
+    refused_with(&w.replicate_as(&w.creds, "vm", "data", &ld2, 2), "disk_removed");
+    let (lo2, _) = w.cycle(&os[1], &os[2], &ido1, "os2");
+    w.replicate("vm", "os", &lo2, 2);
+
+    let both = vec!["os".to_string(), "data".to_string()];
+    assert_eq!(
+        point_disks(&w, "vm"),
+        [
+            ("c0".into(), both.clone()),
+            ("c1".into(), both),
+            ("c2".into(), vec!["os".to_string()]),
+        ]
+    );
+    for (i, p) in ["c0", "c1", "c2"].iter().enumerate() {
+        assert!(w.export("vm", "os", Some(p)) == std::fs::read(&os[i]).unwrap(), "os at {p}");
+    }
+    for (i, p) in ["c0", "c1"].iter().enumerate() {
+        assert!(w.export("vm", "data", Some(p)) == std::fs::read(&data[i]).unwrap(), "data at {p}");
+    }
+    export_refused(&w, "vm", "data", "c2", "disk_not_in_point");
+    export_refused(&w, "vm", "data", "latest", "disk_not_in_point");
+    let vm: Value = serde_json::from_str(&w.server.cli_ok(&["vms", "vm", "--json"])).unwrap();
+    assert_eq!(vm["disks"].as_array().unwrap().len(), 1, "{vm}");
+
+    // Its id cannot come back while points read it: a clear error, nothing changed.
+    refused_with(
+        &w.protect_as(&w.creds, "vm", &[(&os[2], "os"), (&data[2], "data")]),
+        "disk_id_retained",
+    );
+    assert_eq!(w.point_ids("vm"), ["c0", "c1", "c2"]);
+    // A restart keeps all of it.
+    w.server.kill();
+    w.server.restart();
+    assert!(w.export("vm", "data", Some("c1")) == std::fs::read(&data[1]).unwrap());
+    export_refused(&w, "vm", "data", "c2", "disk_not_in_point");
+}
+
+#[test]
+fn a_grown_disk_replicates_its_new_range_and_older_points_keep_the_old_size() {
+    let mut w = World::new(CONFIG);
+    // 4.5 MiB: the last 1 MiB block is short, and grows with the disk.
+    let small = 4 * MIB + 512 * KIB;
+    let big = 7 * MIB;
+    let os: Vec<PathBuf> = (0..5).map(|i| w.path(&format!("os{i}.raw"))).collect();
+    image(&os[0], small, 30);
+    w.protect("vm", &[(&os[0], "os")]);
+    let (l1, id1) = w.cycle(&os[0], &os[1], ZERO_GUID, "os1");
+    w.replicate("vm", "os", &l1, 1);
+
+    // The source grows: the new range is zeros until written.
+    let grown = w.path("grown.raw");
+    std::fs::copy(&os[1], &grown).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&grown)
+        .unwrap()
+        .set_len(big)
+        .unwrap();
+    w.protect("vm", &[(&grown, "os")]);
+    let vm: Value = serde_json::from_str(&w.server.cli_ok(&["vms", "vm", "--json"])).unwrap();
+    assert_eq!(vm["disks"][0]["size"], big, "{vm}");
+    // Writes in the new range, in the old short block's new part, and before.
+    std::fs::copy(&grown, &os[2]).unwrap();
+    write_at(&os[2], 6 * MIB + 4096, &pseudo_random(64 * KIB as usize, 31));
+    write_at(&os[2], small + 8192, &pseudo_random(16 * KIB as usize, 32));
+    write_at(&os[2], MIB, &pseudo_random(4096, 33));
+    let (l2, id2) = diff(&mut w, &grown, &os[2], &id1, "os2");
+    w.replicate("vm", "os", &l2, 2);
+
+    let sizes = |w: &World| -> Vec<(String, usize)> {
+        ["c0", "c1", "c2"]
+            .iter()
+            .filter(|p| w.point_ids("vm").iter().any(|x| x == *p))
+            .map(|p| (p.to_string(), w.export("vm", "os", Some(p)).len()))
+            .collect()
+    };
+    assert_eq!(
+        sizes(&w),
+        [
+            ("c0".into(), small as usize),
+            ("c1".into(), small as usize),
+            ("c2".into(), big as usize)
+        ]
+    );
+    for (i, p) in ["c0", "c1", "c2"].iter().enumerate() {
+        assert!(w.export("vm", "os", Some(p)) == std::fs::read(&os[i]).unwrap(), "os at {p}");
+    }
+    // A fixed VHD of the new point has the new size.
+    let vhd = w.path("os.vhd");
+    succeeded(&w.server.export("vm", "os", "c2", "vhd", &vhd), "vhd export");
+    assert_eq!(qemu_virtual_size(&vhd, "vpc"), big);
+    assert!(qemu_identical(&vhd, "vpc", &os[2], "raw"));
+
+    // Merged into the replica, the grown point reads the same, and logs go on.
+    w.server.cli_ok(&["merge", "--vm", "vm", "--all"]);
+    assert_eq!(w.point_ids("vm"), ["c2"]);
+    assert!(w.export("vm", "os", Some("c2")) == std::fs::read(&os[2]).unwrap());
+    std::fs::copy(&os[2], &os[3]).unwrap();
+    write_at(&os[3], big - 4096, &pseudo_random(4096, 34));
+    let (l3, _) = diff(&mut w, &os[2], &os[3], &id2, "os3");
+    w.replicate("vm", "os", &l3, 3);
+    assert!(w.export("vm", "os", None) == std::fs::read(&os[3]).unwrap());
+
+    // Shrinking is refused with a clear error, and nothing changes.
+    image(&os[4], 2 * MIB, 35);
+    let o = w.protect_as(&w.creds, "vm", &[(&os[4], "os")]);
+    refused_with(&o, "disk_shrink");
+    let vm: Value = serde_json::from_str(&w.server.cli_ok(&["vms", "vm", "--json"])).unwrap();
+    assert_eq!(vm["disks"][0]["size"], big, "{vm}");
+    assert_eq!(w.point_ids("vm"), ["c2", "c3"]);
+    assert!(w.export("vm", "os", None) == std::fs::read(&os[3]).unwrap());
 }
