@@ -150,7 +150,8 @@ pub async fn protect(
             .find(|x| x.id == d.id)
             .ok_or_else(|| AgentError::Invalid(format!("server did not list disk {}", d.id)))?;
         let was_complete = dv.state == crate::wire::DiskState::Complete;
-        summaries.push(replicate_disk(client, &opts.vm, d, dv.block_size, was_complete, opts).await?);
+        summaries
+            .push(replicate_disk(client, &opts.vm, d, dv.block_size, was_complete, opts).await?);
     }
     let view: VmView = opts
         .backoff

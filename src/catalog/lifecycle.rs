@@ -56,7 +56,12 @@ impl Catalog {
         };
         let job = self
             .jobs
-            .create(JobKind::DisableProtection, Some(vm), steps, JobState::Running)
+            .create(
+                JobKind::DisableProtection,
+                Some(vm),
+                steps,
+                JobState::Running,
+            )
             .await?;
         let result = async {
             let now = crate::util::unix_now();
@@ -119,7 +124,10 @@ impl Catalog {
             .collect();
         for vm in &due {
             self.forget(vm).await?;
-            tracing::info!(vm, "disabled VM's retention passed: its records were removed");
+            tracing::info!(
+                vm,
+                "disabled VM's retention passed: its records were removed"
+            );
         }
         Ok(due.len())
     }
@@ -218,7 +226,10 @@ impl Catalog {
             if d.state != DiskState::Complete {
                 return Err(Error::conflict(
                     "replication_incomplete",
-                    format!("disk {} of VM {vm} grows once its initial replication completed", g.id),
+                    format!(
+                        "disk {} of VM {vm} grows once its initial replication completed",
+                        g.id
+                    ),
                 ));
             }
         }

@@ -89,8 +89,10 @@ impl BlockMap {
         let mut m = self.clone();
         if disk_size > self.disk_size {
             m.disk_size = disk_size;
-            m.entries
-                .resize(block_count(disk_size, self.block_size) as usize, MapEntry::Zero);
+            m.entries.resize(
+                block_count(disk_size, self.block_size) as usize,
+                MapEntry::Zero,
+            );
         }
         m
     }

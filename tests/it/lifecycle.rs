@@ -145,7 +145,12 @@ impl World {
 
 /// A raw disk image of `size` bytes with some data.
 fn image(path: &Path, size: u64, seed: u64) {
-    raw_image(path, size, &[(0, MIB as usize), (size / 2, 512 * KIB as usize)], seed);
+    raw_image(
+        path,
+        size,
+        &[(0, MIB as usize), (size / 2, 512 * KIB as usize)],
+        seed,
+    );
 }
 
 fn stderr(o: &std::process::Output) -> String {
@@ -222,7 +227,10 @@ fn point_time_is_the_logs_own_with_the_accept_time_next_to_it() {
     assert_eq!(c1["time_unix"].as_u64(), Some(log_time), "{c1}");
     assert_eq!(c1["time"], "2025-05-08T06:13:20Z", "{c1}");
     let accepted = c1["accepted_unix"].as_u64().unwrap();
-    assert!(accepted >= before, "accept time {accepted} is the server's, not the log's");
+    assert!(
+        accepted >= before,
+        "accept time {accepted} is the server's, not the log's"
+    );
     assert!(!c1["accepted"].as_str().unwrap().is_empty());
     // The listing shows both.
     let listed = w.server.cli_ok(&["points", "--vm", "vm"]);
@@ -298,7 +306,10 @@ fn a_disabled_vm_keeps_its_points_refuses_uploads_and_expires_after_retention() 
     assert!(w.export("vm", "d", Some("c0")) == std::fs::read(&c0).unwrap());
     assert!(w.export("vm", "d", Some("c1")) == std::fs::read(&c1).unwrap());
     // Uploads are refused with a clear code, and nothing changes.
-    refused_with(&w.replicate_as(&w.creds, "vm", "d", &log2, 2), "vm_disabled");
+    refused_with(
+        &w.replicate_as(&w.creds, "vm", "d", &log2, 2),
+        "vm_disabled",
+    );
     refused_with(&w.protect_as(&w.creds, "vm", &[(&c0, "d")]), "vm_disabled");
     assert_eq!(w.point_ids("vm"), ["c0", "c1"]);
     // A failover of it too.
@@ -343,7 +354,9 @@ fn disable_with_delete_data_lets_gc_free_the_objects() {
     let chunks_before = w.server.vault_objects("chunks").len();
     assert!(!w.server.vault_objects("logs").is_empty());
 
-    let out = w.server.cli_ok(&["vm", "disable", "--vm", "vm", "--delete-data"]);
+    let out = w
+        .server
+        .cli_ok(&["vm", "disable", "--vm", "vm", "--delete-data"]);
     assert!(out.contains("records removed"), "{out}");
     refused_with(&w.server.cli(&["points", "--vm", "vm"]), "vm_not_found");
     let r = gc(&w);
@@ -393,7 +406,10 @@ fn disable_is_refused_for_an_unknown_vm_and_while_a_drill_is_up() {
     assert_eq!(vm["state"], "protected");
     let jobs: Vec<Value> =
         serde_json::from_str(&w.server.cli_ok(&["jobs", "--vm", "vm", "--json"])).unwrap();
-    assert!(!jobs.iter().any(|j| j["kind"] == "disable_protection"), "{jobs:?}");
+    assert!(
+        !jobs.iter().any(|j| j["kind"] == "disable_protection"),
+        "{jobs:?}"
+    );
     assert!(w.export("vm", "d", None) == std::fs::read(&src).unwrap());
     w.server.cli_ok(&["failover", "cleanup", "--vm", "vm"]);
     w.server.cli_ok(&["vm", "disable", "--vm", "vm"]);
@@ -430,13 +446,25 @@ fn hosts_of_a_cluster_continue_one_chain_and_others_are_refused() {
         w.path("c3.raw"),
     );
     image(&c0, SIZE, 8);
-    succeeded(&w.protect_as(&node1, "vm", &[(&c0, "d")]), "protect on node1");
+    succeeded(
+        &w.protect_as(&node1, "vm", &[(&c0, "d")]),
+        "protect on node1",
+    );
     let (log1, id1) = w.cycle(&c0, &c1, ZERO_GUID, "c1");
-    succeeded(&w.replicate_as(&node1, "vm", "d", &log1, 1), "c1 from node1");
+    succeeded(
+        &w.replicate_as(&node1, "vm", "d", &log1, 1),
+        "c1 from node1",
+    );
     // The VM moves to node2: its agent declares it again and continues the chain.
-    succeeded(&w.protect_as(&node2, "vm", &[(&c1, "d")]), "protect on node2");
+    succeeded(
+        &w.protect_as(&node2, "vm", &[(&c1, "d")]),
+        "protect on node2",
+    );
     let (log2, id2) = w.cycle(&c1, &c2, &id1, "c2");
-    succeeded(&w.replicate_as(&node2, "vm", "d", &log2, 2), "c2 from node2");
+    succeeded(
+        &w.replicate_as(&node2, "vm", "d", &log2, 2),
+        "c2 from node2",
+    );
     // Hosts outside the cluster are refused, and nothing changes.
     let (log3, _) = w.cycle(&c2, &c3, &id2, "c3");
     for creds in [&lone, &elsewhere] {
@@ -445,7 +473,10 @@ fn hosts_of_a_cluster_continue_one_chain_and_others_are_refused() {
     }
     assert_eq!(w.point_ids("vm"), ["c0", "c1", "c2"]);
     // Back on node1 the same chain goes on: no resync was needed anywhere.
-    succeeded(&w.replicate_as(&node1, "vm", "d", &log3, 3), "c3 from node1");
+    succeeded(
+        &w.replicate_as(&node1, "vm", "d", &log3, 3),
+        "c3 from node1",
+    );
     let vm: Value = serde_json::from_str(&w.server.cli_ok(&["vms", "vm", "--json"])).unwrap();
     let vm = if vm.is_array() { vm[0].clone() } else { vm };
     assert!(vm["disks"][0]["resync_required"].is_null(), "{vm}");
@@ -457,7 +488,9 @@ fn hosts_of_a_cluster_continue_one_chain_and_others_are_refused() {
     }
 
     // An invalid cluster name: a clear error, no host registered.
-    let o = w.server.cli(&["host", "add", "node3", "--cluster", "bad/name"]);
+    let o = w
+        .server
+        .cli(&["host", "add", "node3", "--cluster", "bad/name"]);
     refused_with(&o, "invalid_name");
     assert!(stderr(&o).contains("cluster"), "{}", stderr(&o));
     let hosts: Vec<Value> =
@@ -534,7 +567,11 @@ fn an_added_disk_replicates_alone_and_joins_the_points_after_it() {
             .as_u64()
             .unwrap()
     };
-    assert_eq!(sent("os"), 0, "the protected disk is not sent again: {summary}");
+    assert_eq!(
+        sent("os"),
+        0,
+        "the protected disk is not sent again: {summary}"
+    );
     assert!(sent("data") > 0, "{summary}");
     let vm: Value = serde_json::from_str(&w.server.cli_ok(&["vms", "vm", "--json"])).unwrap();
     assert_eq!(vm["disks"].as_array().unwrap().len(), 2, "{vm}");
@@ -550,7 +587,11 @@ fn an_added_disk_replicates_alone_and_joins_the_points_after_it() {
     );
     assert_eq!(listed[2]["id"], "c2", "{listed:?}");
     assert_eq!(listed[2]["kind"], "incomplete", "{listed:?}");
-    assert_eq!(listed[2]["waiting_for"], serde_json::json!(["os"]), "{listed:?}");
+    assert_eq!(
+        listed[2]["waiting_for"],
+        serde_json::json!(["os"]),
+        "{listed:?}"
+    );
 
     let (l2, id2) = w.cycle(&os[1], &os[2], &id1, "os2");
     w.replicate("vm", "os", &l2, 2);
@@ -572,7 +613,10 @@ fn an_added_disk_replicates_alone_and_joins_the_points_after_it() {
     );
     // Every point exports as the model: earlier ones without the disk.
     for (i, p) in ["c0", "c1", "c2", "c3"].iter().enumerate() {
-        assert!(w.export("vm", "os", Some(p)) == std::fs::read(&os[i]).unwrap(), "os at {p}");
+        assert!(
+            w.export("vm", "os", Some(p)) == std::fs::read(&os[i]).unwrap(),
+            "os at {p}"
+        );
     }
     assert!(w.export("vm", "data", Some("c2")) == std::fs::read(&data[0]).unwrap());
     assert!(w.export("vm", "data", Some("c3")) == std::fs::read(&data[1]).unwrap());
@@ -598,7 +642,10 @@ fn a_removed_disk_stays_in_the_points_before_its_removal() {
     // Declared again without the data disk: it is removed.
     w.protect("vm", &[(&os[1], "os")]);
     let (ld2, _) = w.cycle(&data[1], &data[2], &idd1, "data2");
-    refused_with(&w.replicate_as(&w.creds, "vm", "data", &ld2, 2), "disk_removed");
+    refused_with(
+        &w.replicate_as(&w.creds, "vm", "data", &ld2, 2),
+        "disk_removed",
+    );
     let (lo2, _) = w.cycle(&os[1], &os[2], &ido1, "os2");
     w.replicate("vm", "os", &lo2, 2);
 
@@ -612,10 +659,16 @@ fn a_removed_disk_stays_in_the_points_before_its_removal() {
         ]
     );
     for (i, p) in ["c0", "c1", "c2"].iter().enumerate() {
-        assert!(w.export("vm", "os", Some(p)) == std::fs::read(&os[i]).unwrap(), "os at {p}");
+        assert!(
+            w.export("vm", "os", Some(p)) == std::fs::read(&os[i]).unwrap(),
+            "os at {p}"
+        );
     }
     for (i, p) in ["c0", "c1"].iter().enumerate() {
-        assert!(w.export("vm", "data", Some(p)) == std::fs::read(&data[i]).unwrap(), "data at {p}");
+        assert!(
+            w.export("vm", "data", Some(p)) == std::fs::read(&data[i]).unwrap(),
+            "data at {p}"
+        );
     }
     export_refused(&w, "vm", "data", "c2", "disk_not_in_point");
     export_refused(&w, "vm", "data", "latest", "disk_not_in_point");
@@ -661,7 +714,11 @@ fn a_grown_disk_replicates_its_new_range_and_older_points_keep_the_old_size() {
     assert_eq!(vm["disks"][0]["size"], big, "{vm}");
     // Writes in the new range, in the old short block's new part, and before.
     std::fs::copy(&grown, &os[2]).unwrap();
-    write_at(&os[2], 6 * MIB + 4096, &pseudo_random(64 * KIB as usize, 31));
+    write_at(
+        &os[2],
+        6 * MIB + 4096,
+        &pseudo_random(64 * KIB as usize, 31),
+    );
     write_at(&os[2], small + 8192, &pseudo_random(16 * KIB as usize, 32));
     write_at(&os[2], MIB, &pseudo_random(4096, 33));
     let (l2, id2) = diff(&mut w, &grown, &os[2], &id1, "os2");
@@ -683,11 +740,17 @@ fn a_grown_disk_replicates_its_new_range_and_older_points_keep_the_old_size() {
         ]
     );
     for (i, p) in ["c0", "c1", "c2"].iter().enumerate() {
-        assert!(w.export("vm", "os", Some(p)) == std::fs::read(&os[i]).unwrap(), "os at {p}");
+        assert!(
+            w.export("vm", "os", Some(p)) == std::fs::read(&os[i]).unwrap(),
+            "os at {p}"
+        );
     }
     // A fixed VHD of the new point has the new size.
     let vhd = w.path("os.vhd");
-    succeeded(&w.server.export("vm", "os", "c2", "vhd", &vhd), "vhd export");
+    succeeded(
+        &w.server.export("vm", "os", "c2", "vhd", &vhd),
+        "vhd export",
+    );
     assert_eq!(qemu_virtual_size(&vhd, "vpc"), big);
     assert!(qemu_identical(&vhd, "vpc", &os[2], "raw"));
 
