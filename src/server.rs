@@ -210,6 +210,24 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         },
     )
     .await?;
+    services.catalog.attach_registry(registry.clone());
+    {
+        // Disabled VMs whose retention window passed lose their records (their objects are
+        // then garbage); checked as often as the background merge, at least every 5 minutes.
+        let period = match config.replica.merge_interval_s {
+            0 => 300,
+            s => s.min(300),
+        };
+        let c = services.catalog.clone();
+        tasks.every("disabled-expiry", Duration::from_secs(period), move || {
+            let c = c.clone();
+            async move {
+                if let Err(e) = c.expire_disabled().await {
+                    tracing::warn!(error = %e, "removing expired disabled VMs failed; retried next time");
+                }
+            }
+        });
+    }
     if config.replica.merge_interval_s > 0 {
         // Background merge: folds logs that left the retention window into base maps.
         let p = services.replicas.clone();

@@ -151,7 +151,9 @@ pub async fn protect(
             .iter()
             .find(|x| x.id == d.id)
             .ok_or_else(|| AgentError::Invalid(format!("server did not list disk {}", d.id)))?;
-        summaries.push(replicate_disk(client, &opts.vm, d, dv.block_size, opts).await?);
+        let was_complete = dv.state == crate::wire::DiskState::Complete;
+        summaries
+            .push(replicate_disk(client, &opts.vm, d, dv.block_size, was_complete, opts).await?);
     }
     let view: VmView = opts
         .backoff
@@ -191,6 +193,7 @@ async fn replicate_disk(
     vm: &str,
     d: &DiskSource,
     block_size: u32,
+    was_complete: bool,
     opts: &ProtectOptions,
 ) -> Result<DiskSummary, AgentError> {
     let start = Instant::now();
@@ -223,6 +226,16 @@ async fn replicate_disk(
                     && matches!(e.code(), Some("blocks_missing") | Some("digest_mismatch")) =>
             {
                 tracing::warn!(disk = %d.id, error = %e, "server lacks blocks; resuming");
+            }
+            // Declared again (a disk added to the VM, or the VM moved to another host of its
+            // cluster): a disk replicated before has changed since, and its changes travel as
+            // logs. The pass still re-sent any block of a chunk verify found damaged.
+            Err(AgentError::Client(e))
+                if was_complete && e.code() == Some("replication_complete") =>
+            {
+                tracing::info!(disk = %d.id, "replicated before; later changes travel as logs");
+                sum.seconds = start.elapsed().as_secs_f64();
+                return Ok(sum);
             }
             Err(e) => return Err(e),
         }

@@ -175,6 +175,8 @@ mod tests {
             protected_unix: None,
             enable_job: "j".into(),
             finalize_job: None,
+            disabled_unix: None,
+            removed_disks: Vec::new(),
             nic_overrides: Default::default(),
         }
     }

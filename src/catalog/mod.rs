@@ -16,6 +16,7 @@
 //! Each disk also has a *journal lock* here: whoever changes a disk's journal (a log accepted, a
 //! merge, a resync or failback switch) holds it, so chain checks see a stable head.
 
+mod lifecycle;
 pub mod spec;
 
 pub use spec::validate as validate_spec;
@@ -51,6 +52,13 @@ pub struct VmRecord {
     pub protected_unix: Option<u64>,
     pub enable_job: String,
     pub finalize_job: Option<String>,
+    /// When protection was disabled (state `disabled`): the points stay until retention passes.
+    #[serde(default)]
+    pub disabled_unix: Option<u64>,
+    /// Disks removed from the VM while protected: no longer replicated, still read by the
+    /// points from before their removal.
+    #[serde(default)]
+    pub removed_disks: Vec<DiskSpec>,
     /// Per-NIC failover overrides by NIC index (target subnet, static IP, public address, skip).
     #[serde(default)]
     pub nic_overrides: BTreeMap<u32, crate::wire::NicOptions>,
@@ -94,14 +102,30 @@ pub struct DiskRecord {
     /// names it as predecessor predates the resync and is refused.
     #[serde(default)]
     pub resync_fence: Option<String>,
+    /// Added to the VM after it was protected: it is in no point until its initial replication
+    /// completes, and then in those from `first_cycle` on.
+    #[serde(default)]
+    pub added: bool,
+    /// The first VM cycle whose points include the disk (0 for the disks the VM was protected
+    /// with; an added disk's initial replication stands for this cycle).
+    #[serde(default)]
+    pub first_cycle: u64,
+    /// Removed from the VM: the last cycle whose points include the disk.
+    #[serde(default)]
+    pub last_cycle_in_vm: Option<u64>,
 }
 
 /// The point the base map holds: the initial replication (cycle 0) or the last merged log.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BasePoint {
     pub cycle: u64,
+    /// The point's time: the merged log's own time where it had one.
     pub time_unix: u64,
     pub app_consistent: bool,
+    /// When the server accepted what the base holds (0 in records before it was kept: then
+    /// `time_unix`, which was that).
+    #[serde(default)]
+    pub accepted_unix: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -134,6 +158,9 @@ pub struct Catalog {
     disks: Arc<RwLock<BTreeMap<(String, String), DiskRecord>>>,
     /// One journal writer at a time per disk, by (vm id, disk id).
     journal_locks: Arc<Mutex<BTreeMap<(String, String), JournalLock>>>,
+    /// The hosts' clusters, once the server attached its registry: hosts of one cluster act on
+    /// each other's VMs. Without it only the owner does.
+    registry: Arc<std::sync::OnceLock<crate::vault::registry::Registrar>>,
 }
 
 impl Catalog {
@@ -164,6 +191,26 @@ impl Catalog {
                 disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
             }
         }
+        // Disk records without their VM record: an enable that crashed before its commit point
+        // or a disable --delete-data cut short after it. Either way nothing reads them, and
+        // left in place they would keep the disk's objects from garbage collection.
+        let orphans: Vec<(String, String)> = disks
+            .keys()
+            .filter(|(vm, _)| !vms.contains_key(vm))
+            .cloned()
+            .collect();
+        for key in orphans {
+            if let Some(d) = disks.remove(&key) {
+                vault
+                    .records
+                    .remove(&layout::record(
+                        Family::Disk,
+                        &layout::disk_record_id(&d.vm_id, &d.disk_id),
+                    ))
+                    .await?;
+                tracing::info!(vm = %d.vm, disk = %d.disk, "removed a disk record whose VM record is gone");
+            }
+        }
         let c = Catalog {
             vault,
             jobs,
@@ -172,6 +219,7 @@ impl Catalog {
             vms: Arc::new(RwLock::new(vms)),
             disks: Arc::new(RwLock::new(disks)),
             journal_locks: Default::default(),
+            registry: Default::default(),
         };
         let pending: Vec<String> = c
             .vms
@@ -189,6 +237,24 @@ impl Catalog {
 
     pub fn vault(&self) -> &Vault {
         &self.vault
+    }
+
+    /// Lets the hosts of a cluster act on each other's VMs (the registry knows the clusters).
+    pub fn attach_registry(&self, registry: crate::vault::registry::Registrar) {
+        // Set once at startup; a second call would only repeat the same registry.
+        let _ = self.registry.set(registry);
+    }
+
+    /// Whether `host` may act on a VM `owner` protected: the owner itself or a host of its
+    /// cluster (Hyper-V moves VMs between a cluster's nodes; the log chain continues).
+    pub async fn may_act(&self, host: &str, owner: &str) -> bool {
+        if host == owner {
+            return true;
+        }
+        match self.registry.get() {
+            Some(r) => r.same_cluster(host, owner).await,
+            None => false,
+        }
     }
 
     pub fn jobs(&self) -> &Jobs {
@@ -239,6 +305,25 @@ impl Catalog {
             .clone()
     }
 
+    /// The records of every disk some point of the VM may include: its disks, then those
+    /// removed from it.
+    pub async fn member_disks(&self, rec: &VmRecord) -> Vec<DiskRecord> {
+        let disks = self.disks.read().await;
+        rec.spec
+            .disks
+            .iter()
+            .chain(&rec.removed_disks)
+            .filter_map(|d| disks.get(&(rec.name.clone(), d.id.clone())).cloned())
+            .collect()
+    }
+
+    /// The records of the disks VM point `cycle` is made of.
+    pub async fn point_disks(&self, rec: &VmRecord, cycle: u64) -> Vec<DiskRecord> {
+        let mut v = self.member_disks(rec).await;
+        v.retain(|d| d.in_cycle(cycle));
+        v
+    }
+
     /// The records of a VM's disks that exist, in the VM's order.
     pub async fn disks_of(&self, rec: &VmRecord) -> Vec<DiskRecord> {
         let disks = self.disks.read().await;
@@ -252,27 +337,38 @@ impl Catalog {
     /// Enable protection (idempotent for the same host and spec).
     pub async fn enable(&self, host: &str, vm: &str, spec: &VmSpec) -> Result<(VmRecord, bool)> {
         let (spec, warnings) = spec::validate(vm, spec, &self.mapped_networks)?;
-        if let Some(existing) = self.vms.read().await.get(vm).map(|v| v.value.clone()) {
-            if existing.owner != host {
+        // Bound first: the read guard must not live on into the disk change below, which
+        // writes the VM record.
+        let existing = self.vms.read().await.get(vm).map(|v| v.value.clone());
+        if let Some(existing) = existing {
+            if !self.may_act(host, &existing.owner).await {
                 return Err(Error::forbidden(format!(
                     "VM {vm} is protected by another host"
                 )));
             }
-            // The policy is the operator's after enabling (`drvault vm set`): compare the rest.
-            let same = VmSpec {
+            if existing.state == VmState::Disabled {
+                return Err(lifecycle::disabled_error(vm));
+            }
+            // The policy is the operator's after enabling (`drvault vm set`); disks may be
+            // added, removed or grown once the VM is protected; the rest must be the same.
+            let rest = |s: &VmSpec| VmSpec {
                 policy: None,
-                ..existing.spec.clone()
-            } == VmSpec {
-                policy: None,
-                ..spec.clone()
+                disks: Vec::new(),
+                ..s.clone()
             };
-            if !same {
+            let same_disks = existing.spec.disks == spec.disks;
+            if rest(&existing.spec) != rest(&spec)
+                || (!same_disks && existing.state != VmState::Protected)
+            {
                 return Err(Error::conflict(
                     "vm_exists",
-                    format!("VM {vm} is already protected with a different specification; disable protection first"),
+                    format!("VM {vm} is already protected with a different specification; disable protection first (disks alone may change once initial replication completed)"),
                 ));
             }
-            return Ok((existing, false));
+            if same_disks {
+                return Ok((existing, false));
+            }
+            return self.change_disks(&existing, &spec).await;
         }
         let vm_id = self.vm_id(vm);
         let mut steps: Vec<String> = vec!["Check prerequisites".into()];
@@ -315,6 +411,9 @@ impl Catalog {
                 data_write_guid: None,
                 resync_required: None,
                 resync_fence: None,
+                added: false,
+                first_cycle: 0,
+                last_cycle_in_vm: None,
                 stats: DiskStats {
                     // Every block is `block_size` bytes but the last (see `replica::blockmap`).
                     blocks: d.size.div_ceil(self.block_size as u64),
@@ -344,6 +443,8 @@ impl Catalog {
             protected_unix: None,
             enable_job: job.id.clone(),
             finalize_job: None,
+            disabled_unix: None,
+            removed_disks: Vec::new(),
             nic_overrides: BTreeMap::new(),
         };
         if !self
@@ -394,8 +495,14 @@ impl Catalog {
             .map(|v| v.value.clone())
             .ok_or_else(|| Error::not_found("vm_not_found", format!("VM {vm} is not protected")))?;
         if let Some(h) = host {
-            if rec.owner != h {
-                return Err(Error::forbidden(format!("VM {vm} belongs to another host")));
+            if !self.may_act(h, &rec.owner).await {
+                return Err(Error::forbidden(format!(
+                    "VM {vm} belongs to another host (not of host {h}'s cluster)"
+                )));
+            }
+            // Agents are refused once protection is disabled; the operator still reads points.
+            if rec.state == VmState::Disabled {
+                return Err(lifecycle::disabled_error(vm));
             }
         }
         Ok(rec)
@@ -417,6 +524,14 @@ impl Catalog {
             .ok_or_else(|| {
                 Error::not_found("disk_not_found", format!("VM {vm} has no disk {disk}"))
             })?;
+        // A removed disk's record stays for the points before its removal (the operator reads
+        // them); agents can no longer send it anything.
+        if host.is_some() && !v.spec.disks.iter().any(|s| s.id == disk) {
+            return Err(Error::conflict(
+                "disk_removed",
+                format!("disk {disk} was removed from VM {vm}: it is no longer replicated"),
+            ));
+        }
         Ok((v, d))
     }
 
@@ -458,16 +573,15 @@ impl Catalog {
             .create(
                 JobKind::FinalizeProtection,
                 Some(vm),
-                &["Configure post-replication settings", "Mark protected"],
+                &[FAILOVER_SETTINGS_STEP, "Mark protected"],
                 JobState::Running,
             )
             .await?;
+        let found = self.check_failover_settings(&rec);
+        // Settings a failover needs never hold protection back: they can be fixed later (the
+        // VM's health reasons say so until they are); the step says what a failover meets now.
         self.jobs
-            .step(
-                &job.id,
-                "Configure post-replication settings",
-                JobState::Succeeded,
-            )
+            .step_with(&job.id, FAILOVER_SETTINGS_STEP, JobState::Succeeded, found)
             .await?;
         let now = crate::util::unix_now();
         let jid = job.id.clone();
@@ -489,6 +603,34 @@ impl Catalog {
         }
         tracing::info!(vm, "protection finalized: VM protected");
         Ok(())
+    }
+
+    /// What the finalize step checks of a VM about to be protected: each NIC's source network
+    /// has a target mapping, and the policy is valid. Returns the step's report: what holds and
+    /// problems found, each prefixed `warning:`.
+    fn check_failover_settings(&self, rec: &VmRecord) -> String {
+        let mut problems = spec::unmapped_nic_warnings(&rec.spec.nics, &self.mapped_networks);
+        let mut found: Vec<String> = rec
+            .spec
+            .nics
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| self.mapped_networks.contains(&n.network))
+            .map(|(i, n)| format!("NIC {i} ({}) mapped", n.network))
+            .collect();
+        if rec.spec.nics.is_empty() {
+            found.push("no NICs".into());
+        }
+        let policy = rec.spec.policy.clone().unwrap_or_default();
+        match policy.validate() {
+            Ok(()) => found.push(format!(
+                "policy valid (interval {} s, retention {} s, app-consistent every {} s)",
+                policy.interval_s, policy.retention_s, policy.app_consistent_every_s
+            )),
+            Err(e) => problems.push(format!("replication policy not valid: {e}")),
+        }
+        found.extend(problems.drain(..).map(|p| format!("warning: {p}")));
+        found.join("; ")
     }
 
     /// Read-modify-write of a VM record (compare-and-swap retried); `f` returns `false` to leave
@@ -583,6 +725,9 @@ impl Catalog {
     }
 }
 
+/// The finalize job's first step: it checks what a failover of the VM will need.
+pub const FAILOVER_SETTINGS_STEP: &str = "Check network mappings and policy";
+
 /// Pending (unmerged) log bytes at which a disk needs resynchronization: half its size.
 pub fn resync_threshold(disk_size: u64) -> u64 {
     disk_size / 2
@@ -597,6 +742,14 @@ impl DiskRecord {
             .take_while(|e| e.snapshot_root.is_none())
             .map(|e| e.log_bytes)
             .sum()
+    }
+
+    /// Whether VM point `cycle` includes this disk: from the cycle it joined the VM (once its
+    /// initial replication completed, for a disk added later) to the last before its removal.
+    pub fn in_cycle(&self, cycle: u64) -> bool {
+        (!self.added || self.state == DiskState::Complete)
+            && self.first_cycle <= cycle
+            && self.last_cycle_in_vm.is_none_or(|l| cycle <= l)
     }
 
     pub fn last_cycle(&self) -> u64 {

@@ -16,6 +16,10 @@ pub(super) enum HostCmd {
         /// Put the host in a VMM cloud (its provider may then act for it).
         #[arg(long)]
         cloud: Option<String>,
+        /// Put the host in a cluster: any host of it may then replicate the VMs another host
+        /// of the cluster protected (a VM that moved between nodes keeps its log chain).
+        #[arg(long)]
+        cluster: Option<String>,
         /// Credentials file to write (default NAME.creds.json).
         #[arg(short = 'o', long)]
         output: Option<PathBuf>,
@@ -63,12 +67,14 @@ pub(super) async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
         HostCmd::Add {
             name,
             cloud,
+            cluster,
             output,
         } => {
             let out = output.unwrap_or_else(|| PathBuf::from(format!("{name}.creds.json")));
             let req = AddHost {
                 name: name.clone(),
                 cloud,
+                cluster,
             };
             operator::register(&c, &Registration::Host(req), &out).await?;
             println!("host {name} registered; credentials written to {} (copy it to the host, keep it secret)", out.display());
@@ -79,9 +85,10 @@ pub(super) async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
                 println!("{}", sorted_json(&hosts)?);
             } else {
                 println!(
-                    "{:<24} {:<16} {:<22} {:<22} {:<10} {:>10} {:>9} {:<24} LAST ERROR",
+                    "{:<24} {:<16} {:<16} {:<22} {:<22} {:<10} {:>10} {:>9} {:<24} LAST ERROR",
                     "HOST",
                     "CLOUD",
+                    "CLUSTER",
                     "REGISTERED",
                     "LAST CONTACT",
                     "AGENT",
@@ -91,9 +98,10 @@ pub(super) async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
                 );
                 for h in &hosts {
                     println!(
-                        "{:<24} {:<16} {:<22} {:<22} {:<10} {:>10} {:>9} {:<24} {}",
+                        "{:<24} {:<16} {:<16} {:<22} {:<22} {:<10} {:>10} {:>9} {:<24} {}",
                         h.name,
                         h.cloud.as_deref().unwrap_or("-"),
+                        h.cluster.as_deref().unwrap_or("-"),
                         h.created,
                         match (&h.last_contact, h.last_contact_age_s) {
                             (Some(_), Some(age)) => format!("{age} s ago"),

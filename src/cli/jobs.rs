@@ -37,7 +37,10 @@ pub(super) async fn jobs(
                 j.vm.as_deref().unwrap_or("-")
             );
             for s in &j.steps {
-                println!("  {:<18} {}", s.state.as_str(), s.name);
+                match &s.detail {
+                    Some(d) => println!("  {:<18} {}: {d}", s.state.as_str(), s.name),
+                    None => println!("  {:<18} {}", s.state.as_str(), s.name),
+                }
             }
             if let Some(e) = &j.error {
                 println!(

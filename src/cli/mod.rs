@@ -117,7 +117,7 @@ enum Cmd {
         #[arg(short = 'o', long)]
         output: PathBuf,
         /// Recovery point: latest, latest-app, c<cycle>, or an RFC 3339 time (the latest point at
-        /// or before it). Default: the replica's base (initial replication or last merge).
+        /// or before it). Default: latest.
         #[arg(long)]
         point: Option<String>,
         /// Blocks fetched in parallel.
@@ -126,7 +126,8 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Change a protected VM's replication policy (operator).
+    /// Change a protected VM's replication policy or NIC overrides, or disable its protection
+    /// (operator).
     Vm {
         #[command(subcommand)]
         cmd: vms::VmCmd,
@@ -470,6 +471,10 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             vms::set_policy(&name, &change, conn).await
         }
+        Cmd::Vm {
+            cmd: vms::VmCmd::Disable { vm, delete_data },
+            conn,
+        } => vms::disable(&vm, delete_data, conn).await,
         Cmd::Key { cmd, conn } => key::run(cmd, conn).await,
         Cmd::Bench { cmd } => Ok(crate::bench::run(cmd).await?),
     }

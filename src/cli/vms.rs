@@ -30,6 +30,16 @@ pub(super) enum VmCmd {
         #[arg(long)]
         clear: bool,
     },
+    /// Stop protecting a VM: agents' uploads are refused from now on. Its points stay readable
+    /// (export) until the retention window passes, then its records are removed; with
+    /// --delete-data they go now and its objects are garbage for the next `drvault gc`.
+    /// Refused while a failover of the VM runs or waits for its commit.
+    Disable {
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        delete_data: bool,
+    },
     /// Set the replication interval, retention window or app-consistent frequency.
     Set {
         name: String,
@@ -157,9 +167,10 @@ pub(super) async fn points(vm: &str, json: bool, conn: Conn) -> Result<i32> {
     if json {
         println!("{}", serde_json::to_string_pretty(&points)?);
     } else {
+        // TIME is the logs' own (the host's clock), ACCEPTED the server's.
         println!(
-            "{:<8} {:<22} {:<18} {:<6} {:<8} DISKS",
-            "POINT", "TIME", "KIND", "FINAL", "DAMAGED"
+            "{:<8} {:<22} {:<22} {:<18} {:<6} {:<8} DISKS",
+            "POINT", "TIME", "ACCEPTED", "KIND", "FINAL", "DAMAGED"
         );
         for p in &points {
             if p.is_incomplete() {
@@ -177,9 +188,10 @@ pub(super) async fn points(vm: &str, json: bool, conn: Conn) -> Result<i32> {
                 continue;
             }
             println!(
-                "{:<8} {:<22} {:<18} {:<6} {:<8} {}",
+                "{:<8} {:<22} {:<22} {:<18} {:<6} {:<8} {}",
                 p.id,
                 p.time,
+                p.accepted,
                 p.kind,
                 if p.final_point { "yes" } else { "" },
                 if p.damaged { "yes" } else { "" },
@@ -234,5 +246,22 @@ pub(super) async fn set_policy(name: &str, change: &PolicyChange, conn: Conn) ->
         "VM {}: interval {} s, retention {} s, app-consistent every {} s",
         v.name, v.policy.interval_s, v.policy.retention_s, v.policy.app_consistent_every_s
     );
+    Ok(0)
+}
+
+pub(super) async fn disable(vm: &str, delete_data: bool, conn: Conn) -> Result<i32> {
+    let c = conn.client()?;
+    let r = c.disable_vm(vm, delete_data).await?;
+    match (&r.expires, r.deleted) {
+        (_, true) => println!(
+            "protection of {vm} disabled and its records removed (job {}): run `drvault gc` to free its objects",
+            r.job
+        ),
+        (Some(t), false) => println!(
+            "protection of {vm} disabled (job {}): its points stay readable until {t}",
+            r.job
+        ),
+        (None, false) => println!("protection of {vm} disabled (job {})", r.job),
+    }
     Ok(0)
 }

@@ -1,4 +1,4 @@
-//! `drvault export`: a disk of a VM (its base map or a recovery point) written to a local
+//! `drvault export`: a disk of a VM at a recovery point (the newest unless one is named) written to a local
 //! fixed VHD or raw file through the API, every block checked against its hash.
 
 use std::os::unix::fs::FileExt;
@@ -25,6 +25,9 @@ pub async fn export(
     progress: bool,
 ) -> Result<(u64, u64)> {
     let map = client.map(vm, disk, point).await?;
+    // Blocks are read at the point the map resolved to (`latest` or no point at all names
+    // whatever is newest when asked): a log accepted meanwhile must not mix two points.
+    let point = map.point.as_deref().or(point);
     // Errors name the file the operator asked for, not the temporary one it is built under.
     let writing = || format!("writing {}", out.display());
     let tmp = out.with_extension("partial");

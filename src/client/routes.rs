@@ -103,6 +103,20 @@ impl Client {
         self.get_json(&format!("/v1/vms/{vm}")).await
     }
 
+    /// Disables protection of `vm` (`delete_data`: its records go now).
+    pub async fn disable_vm(
+        &self,
+        vm: &str,
+        delete_data: bool,
+    ) -> Result<crate::wire::DisableReport, ClientError> {
+        self.send_json(
+            Method::POST,
+            &format!("/v1/vms/{vm}/disable"),
+            &crate::wire::DisableRequest { delete_data },
+        )
+        .await
+    }
+
     pub async fn set_policy(&self, vm: &str, change: &PolicyChange) -> Result<VmView, ClientError> {
         self.send_json(Method::PATCH, &format!("/v1/vms/{vm}"), change)
             .await

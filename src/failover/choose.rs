@@ -69,11 +69,20 @@ impl Failovers {
                 .await?
         };
         self.replicas.refuse_damaged(vm, None, point.cycle).await?;
-        let vmrec = self.catalog.vm_for(None, vm).await?;
-        let mut readers = Vec::with_capacity(vmrec.spec.disks.len());
-        for d in &vmrec.spec.disks {
-            readers.push(self.replicas.point_reader(vm, &d.id, point.cycle).await?);
+        let mut vmrec = self.catalog.vm_for(None, vm).await?;
+        // The disks of the point, which a disk added or removed since makes differ from the
+        // VM's current list; each at its size at the point.
+        let mut disks = Vec::new();
+        let mut readers = Vec::new();
+        for d in self.catalog.point_disks(&vmrec, point.cycle).await {
+            let reader = self.replicas.point_reader(vm, &d.disk, point.cycle).await?;
+            disks.push(crate::catalog::DiskSpec {
+                id: d.disk.clone(),
+                size: reader.size(),
+            });
+            readers.push(reader);
         }
+        vmrec.spec.disks = disks;
         self.jobs
             .step(job, "Choose recovery point", JobState::Succeeded)
             .await?;

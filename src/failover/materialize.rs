@@ -85,7 +85,7 @@ impl Failovers {
     /// zero blocks left as holes, every block verified, fsynced. Returns (original, virtual) size.
     async fn materialize(&self, reader: PinnedReader, path: &Path) -> Result<(u64, u64)> {
         let blocks = reader.data_blocks();
-        let size = reader.base().disk_size();
+        let size = reader.size();
         let virt = size.div_ceil(MIB) * MIB;
         let out = DiskOutput::create(path, virt + 512)
             .map_err(|e| output_error(&e, format!("creating {}: {e}", path.display())))?;

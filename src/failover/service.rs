@@ -142,17 +142,13 @@ impl Failovers {
                 format!("VM {vm} is already failed over and committed"),
             ));
         }
-        if let Some(cur) = self.current(vm).await? {
-            match cur.state {
-                FailoverState::Running => return Err(Error::conflict("failover_running", format!("a failover of VM {vm} is already running (job {})", cur.job))),
-                FailoverState::Succeeded if cur.kind == FailoverKind::Test => {
-                    return Err(Error::conflict("drill_not_cleaned_up", format!("the test failover of VM {vm} is still up: run `drvault failover cleanup --vm {vm}` first")))
-                }
-                FailoverState::Succeeded => return Err(Error::conflict("failover_not_committed", format!("VM {vm} has a failover waiting for commit")))
-                ,
-                _ => {}
-            }
+        if rec.state == VmState::Disabled {
+            return Err(Error::conflict(
+                "vm_disabled",
+                format!("protection of VM {vm} was disabled: its points can be exported, not failed over"),
+            ));
         }
+        self.refuse_in_progress(vm).await?;
         // Check the point and the mappings now, so an impossible request fails before a job.
         if req.kind != FailoverKind::Planned {
             self.requested_point(vm, &req).await?;
@@ -289,6 +285,23 @@ impl Failovers {
             .step(&rec.job, "Write VM definition", JobState::Succeeded)
             .await?;
         Ok((chosen.point.id, files))
+    }
+
+    /// Refuses while a failover of `vm` runs, waits for its commit, or a drill is still up
+    /// (a new failover, or disabling protection, would pull the points from under it).
+    pub async fn refuse_in_progress(&self, vm: &str) -> Result<()> {
+        if let Some(cur) = self.current(vm).await? {
+            match cur.state {
+                FailoverState::Running => return Err(Error::conflict("failover_running", format!("a failover of VM {vm} is already running (job {})", cur.job))),
+                FailoverState::Succeeded if cur.kind == FailoverKind::Test => {
+                    return Err(Error::conflict("drill_not_cleaned_up", format!("the test failover of VM {vm} is still up: run `drvault failover cleanup --vm {vm}` first")))
+                }
+                FailoverState::Succeeded => return Err(Error::conflict("failover_not_committed", format!("VM {vm} has a failover waiting for commit")))
+                ,
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Stops a planned failover that waits for the final logs: it ends failed

@@ -339,6 +339,17 @@ pub fn hrl_timestamp(t: SystemTime) -> u32 {
     u32::try_from(unix.saturating_sub(HRL_EPOCH_UNIX)).unwrap_or(u32::MAX)
 }
 
+impl HrlHeader {
+    /// The time the log's content reaches, in Unix seconds: its `LastModifiedTimeStamp` (the
+    /// last write it holds), else its `TimeStamp`; `None` when the log carries neither (0).
+    pub fn content_time_unix(&self) -> Option<u64> {
+        [self.last_modified_timestamp, self.timestamp]
+            .into_iter()
+            .find(|t| *t != 0)
+            .map(|t| HRL_EPOCH_UNIX + u64::from(t))
+    }
+}
+
 /// The log file header. `checksum` is the stored value on parse; [`HrlHeader::to_bytes`]
 /// recomputes it.
 #[derive(Debug, Clone, PartialEq, Eq)]

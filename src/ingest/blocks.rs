@@ -402,14 +402,23 @@ impl Ingest {
         let fenced = self.catalog.vault().chunks.fence().writer().await;
         let root = map.save(&self.catalog.vault().chunks).await?;
         let mut rec = d.clone();
+        // A disk added to a protected VM joins its points after the newest cycle: its initial
+        // replication stands for that cycle (the VM's first disks: the initial point c0).
+        let cycle = if d.added {
+            self.catalog.joining_cycle(vm, disk).await?
+        } else {
+            0
+        };
+        rec.first_cycle = cycle;
         rec.state = DiskState::Complete;
         rec.map_root = Some(root.to_hex());
         rec.content_digest = Some(actual.to_hex());
         rec.completed_unix = Some(crate::util::unix_now());
         rec.base_point = crate::catalog::BasePoint {
-            cycle: 0,
+            cycle,
             time_unix: crate::util::unix_now(),
             app_consistent: false,
+            accepted_unix: crate::util::unix_now(),
         };
         rec.stats.data_blocks = data_blocks;
         rec.stats.zero_blocks = nblocks - data_blocks;

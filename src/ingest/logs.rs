@@ -354,6 +354,8 @@ impl Ingest {
             app_consistent: meta.app_consistent,
             final_log: meta.final_log,
             accepted_unix: crate::util::unix_now(),
+            log_unix: h.content_time_unix(),
+            disk_size: Some(d.size),
             log_bytes: len,
             extents: extents.len() as u64,
             data_bytes,

@@ -32,6 +32,7 @@ impl JobKind {
             JobKind::Failback => "Fail back",
             JobKind::Verify => "Verify",
             JobKind::GarbageCollection => "Garbage collection",
+            JobKind::DisableProtection => "Disable protection",
         }
     }
 }
@@ -130,6 +131,7 @@ impl Jobs {
                 .map(|s| JobStep {
                     name: s.to_string(),
                     state: JobState::Queued,
+                    detail: None,
                 })
                 .collect(),
             created_unix: now,
@@ -175,6 +177,23 @@ impl Jobs {
             if j.state == JobState::Queued {
                 j.state = JobState::Running;
                 j.started_unix = Some(crate::util::unix_now());
+            }
+        })
+        .await
+    }
+
+    /// Sets a step's state and what it found.
+    pub async fn step_with(
+        &self,
+        id: &str,
+        step: &str,
+        state: JobState,
+        detail: String,
+    ) -> Result<Job> {
+        self.step(id, step, state).await?;
+        self.modify(id, |j| {
+            if let Some(s) = j.steps.iter_mut().find(|s| s.name == step) {
+                s.detail = Some(detail.clone());
             }
         })
         .await

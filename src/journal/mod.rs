@@ -32,6 +32,15 @@ pub struct JournalEntry {
     /// Sent after the source VM shut down (planned failover waits for it).
     pub final_log: bool,
     pub accepted_unix: u64,
+    /// The log's own time (its header's, see `HrlHeader::content_time_unix`): what a point's
+    /// time shows; `None` for a log without one and for entries that are not logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_unix: Option<u64>,
+    /// The disk's size when the log was accepted: a point reads at its newest log's size (a
+    /// grown disk's older points keep the old one). `None` in entries that are not logs and in
+    /// records from before disks could grow (the base map's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<u64>,
     pub log_bytes: u64,
     pub extents: u64,
     /// Bytes of disk data the log writes.
@@ -47,6 +56,11 @@ pub struct JournalEntry {
 }
 
 impl JournalEntry {
+    /// The time of the point this entry makes: the log's own time, else when it was accepted.
+    pub fn point_unix(&self) -> u64 {
+        self.log_unix.unwrap_or(self.accepted_unix)
+    }
+
     /// Whether a stored change log backs this entry.
     pub fn is_log(&self) -> bool {
         self.snapshot_root.is_none() && !self.unchanged

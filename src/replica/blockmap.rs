@@ -82,6 +82,21 @@ impl BlockMap {
         self.disk_size
     }
 
+    /// The map of the disk grown to `disk_size`: the new blocks are zeros. The caller rewrites
+    /// a short last block, which the larger size makes longer (its entry still names the
+    /// short chunk).
+    pub fn grown(&self, disk_size: u64) -> BlockMap {
+        let mut m = self.clone();
+        if disk_size > self.disk_size {
+            m.disk_size = disk_size;
+            m.entries.resize(
+                block_count(disk_size, self.block_size) as usize,
+                MapEntry::Zero,
+            );
+        }
+        m
+    }
+
     pub fn block_size(&self) -> u32 {
         self.block_size
     }

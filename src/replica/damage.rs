@@ -312,8 +312,8 @@ impl Replicas {
     pub async fn point_damage(&self, vm: &str, cycle: u64) -> Result<Vec<String>> {
         let rec = self.catalog.vm_for(None, vm).await?;
         let mut hits = Vec::new();
-        for d in &rec.spec.disks {
-            hits.extend(self.disk_point_damage(vm, &d.id, cycle).await?);
+        for d in self.catalog.point_disks(&rec, cycle).await {
+            hits.extend(self.disk_point_damage(vm, &d.disk, cycle).await?);
         }
         Ok(hits)
     }

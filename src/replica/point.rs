@@ -32,7 +32,7 @@ use crate::chunk::{ChunkStore, PlainHash, SealError};
 use crate::error::{Error, Result};
 use crate::file_formats::LOG_FRAME_LEN;
 use crate::journal::{self, FrameCache};
-use crate::replica::blockmap::{block_len, BlockMap, MapEntry};
+use crate::replica::blockmap::{block_count, block_len, BlockMap, MapEntry};
 
 /// Segment bytes a merge reads out at once (a group's budget).
 pub const MERGE_GROUP_BYTES: u64 = 128 << 20;
@@ -236,6 +236,9 @@ pub struct PointReader {
     vm_id: String,
     disk_id: String,
     base: Arc<BlockMap>,
+    /// The disk's size at this point: the base map's, or larger when the disk grew after it
+    /// (blocks past the base are zeros until a log writes them).
+    size: u64,
     logs: Vec<String>,
     segments: BTreeMap<u64, Vec<Segment>>,
     /// First block of each group single block reads load (groups of `READ_GROUP_BYTES`).
@@ -263,6 +266,27 @@ impl PointReader {
         base: Arc<BlockMap>,
         logs: Vec<String>,
     ) -> Result<PointReader> {
+        Self::build_sized(chunks, frames, vm_id, disk_id, base, logs, None).await
+    }
+
+    /// [`PointReader::build`] of a disk whose size at the point is `size` (`None`: the base
+    /// map's). A size below the base map's is refused: disks never shrink.
+    pub async fn build_sized(
+        chunks: ChunkStore,
+        frames: FrameCache,
+        vm_id: &str,
+        disk_id: &str,
+        base: Arc<BlockMap>,
+        logs: Vec<String>,
+        size: Option<u64>,
+    ) -> Result<PointReader> {
+        let size = size.unwrap_or(base.disk_size());
+        if size < base.disk_size() {
+            return Err(Error::internal(format!(
+                "disk {disk_id}: point size {size} is below its base map's {}",
+                base.disk_size()
+            )));
+        }
         let bs = base.block_size() as u64;
         let mut pieces: BTreeMap<u64, Vec<Segment>> = BTreeMap::new();
         for (li, log) in logs.iter().enumerate() {
@@ -276,7 +300,7 @@ impl PointReader {
                 let end = e
                     .disk_offset
                     .checked_add(e.length as u64)
-                    .filter(|&x| x <= base.disk_size())
+                    .filter(|&x| x <= size)
                     .ok_or_else(|| bad("extent past the disk end"))?;
                 e.log_offset
                     .checked_add(e.length as u64)
@@ -306,6 +330,12 @@ impl PointReader {
                     .collect::<BTreeMap<_, _>>()
             })
             .await;
+        let mut segments = segments;
+        // The base's short last block becomes longer when the disk grew: it is rebuilt (its
+        // chunk's bytes, then zeros) as logs' blocks are, never read straight from the chunk.
+        if let Some(last) = resized_last_block(&base, size) {
+            segments.entry(last).or_default();
+        }
         let read_groups = partition(&segments, READ_GROUP_BYTES)
             .iter()
             .filter_map(|g| g.first().copied())
@@ -316,6 +346,7 @@ impl PointReader {
             vm_id: vm_id.into(),
             disk_id: disk_id.into(),
             base,
+            size,
             logs,
             segments,
             read_groups,
@@ -326,6 +357,16 @@ impl PointReader {
 
     pub fn base(&self) -> &BlockMap {
         &self.base
+    }
+
+    /// The disk's size at this point.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Blocks of the disk at this point.
+    pub fn blocks(&self) -> u64 {
+        block_count(self.size, self.base.block_size())
     }
 
     /// Blocks some log of this point writes to.
@@ -413,16 +454,21 @@ impl PointReader {
     /// bytes `overlay` read for it (which must hold them if a log writes the block). Base
     /// chunks are verified (tag, name, map hash).
     pub async fn block_with(&self, index: u64, overlay: &Overlay) -> Result<(Bytes, PlainHash)> {
-        let entry = self.base.get(index).ok_or_else(|| {
-            Error::invalid(
-                "block_out_of_range",
-                format!(
-                    "block {index} is past the end of the disk ({} blocks)",
-                    self.base.len()
-                ),
-            )
-        })?;
-        let len = block_len(self.base.disk_size(), self.base.block_size(), index) as usize;
+        let entry = match self.base.get(index) {
+            Some(e) => e,
+            // Past the base map but within a grown disk: zeros until a log writes there.
+            None if index < self.blocks() => MapEntry::Zero,
+            None => {
+                return Err(Error::invalid(
+                    "block_out_of_range",
+                    format!(
+                        "block {index} is past the end of the disk ({} blocks)",
+                        self.blocks()
+                    ),
+                ))
+            }
+        };
+        let len = block_len(self.size, self.base.block_size(), index) as usize;
         let mut data = match entry {
             MapEntry::Zero => vec![0u8; len],
             MapEntry::Data { name, hash } => {
@@ -432,7 +478,10 @@ impl PointReader {
                         name: name.to_hex(),
                     }));
                 }
-                b.to_vec()
+                let mut v = b.to_vec();
+                // The old short last block of a grown disk: zeros after its bytes.
+                v.resize(len, 0);
+                v
             }
         };
         if let Some(segs) = self.segments.get(&index) {
@@ -514,6 +563,14 @@ impl PointReader {
         }
         Ok(ReadInto::Filled { buf, len })
     }
+}
+
+/// The base map's last block when it is short and the disk at the point is larger: that
+/// block's content at the point is longer than its chunk.
+pub(crate) fn resized_last_block(base: &BlockMap, size: u64) -> Option<u64> {
+    let last = base.len().checked_sub(1)?;
+    let bs = base.block_size() as u64;
+    (size > base.disk_size() && base.disk_size() % bs != 0).then_some(last)
 }
 
 /// Touched blocks in index order, cut where a group's segment bytes would pass `budget`.

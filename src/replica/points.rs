@@ -119,19 +119,36 @@ async fn pins_released(pins: &[std::sync::Weak<()>], limit: std::time::Duration)
     true
 }
 
-/// Disk points: (cycle, time, app, final).
-fn disk_points(d: &DiskRecord) -> Vec<(u64, u64, bool, bool)> {
-    let mut v = vec![(
-        d.base_point.cycle,
-        d.base_point.time_unix,
-        d.base_point.app_consistent,
-        false,
-    )];
-    v.extend(
-        d.journal
-            .iter()
-            .map(|e| (e.cycle, e.accepted_unix, e.app_consistent, e.final_log)),
-    );
+/// One disk's point: its cycle, time (the log's own where it has one), when the server
+/// accepted it, app-consistent, final.
+struct DiskPoint {
+    cycle: u64,
+    time: u64,
+    accepted: u64,
+    app: bool,
+    fin: bool,
+}
+
+fn disk_points(d: &DiskRecord) -> Vec<DiskPoint> {
+    let b = &d.base_point;
+    let mut v = vec![DiskPoint {
+        cycle: b.cycle,
+        time: b.time_unix,
+        accepted: if b.accepted_unix > 0 {
+            b.accepted_unix
+        } else {
+            b.time_unix
+        },
+        app: b.app_consistent,
+        fin: false,
+    }];
+    v.extend(d.journal.iter().map(|e| DiskPoint {
+        cycle: e.cycle,
+        time: e.point_unix(),
+        accepted: e.accepted_unix,
+        app: e.app_consistent,
+        fin: e.final_log,
+    }));
     v
 }
 
@@ -149,62 +166,85 @@ impl Replicas {
     /// for it. A cycle a disk skipped (it sent a later one) never completes and is not listed.
     pub async fn points_and_incomplete(&self, vm: &str) -> Result<Vec<PointView>> {
         let rec = self.catalog.vm_for(None, vm).await?;
-        // By cycle: (time, app, final, disks that have it).
-        let mut per_cycle: BTreeMap<u64, (u64, bool, bool, Vec<String>)> = BTreeMap::new();
-        let mut disks = Vec::new();
-        // Each disk's newest cycle; `None` while initial replication runs.
-        let mut last_cycle: Vec<(String, Option<u64>)> = Vec::new();
-        for spec in &rec.spec.disks {
-            let (_, d) = self.catalog.disk_for(None, vm, &spec.id).await?;
-            disks.push(d.disk.clone());
-            if d.state != DiskState::Complete {
-                last_cycle.push((d.disk.clone(), None));
-                continue;
-            }
-            last_cycle.push((d.disk.clone(), Some(d.last_cycle())));
-            for (c, t, app, fin) in disk_points(&d) {
-                let e = per_cycle.entry(c).or_insert((0, true, true, Vec::new()));
-                e.0 = e.0.max(t);
-                e.1 &= app;
-                e.2 &= fin;
-                e.3.push(d.disk.clone());
-            }
+        // Every disk some point may include (removed ones too), with its points by cycle.
+        let members = self.catalog.member_disks(&rec).await;
+        let mut per_disk: Vec<(&DiskRecord, BTreeMap<u64, DiskPoint>)> = Vec::new();
+        let mut cycles = BTreeSet::new();
+        for d in &members {
+            let pts: BTreeMap<u64, DiskPoint> = if d.state == DiskState::Complete {
+                disk_points(d).into_iter().map(|p| (p.cycle, p)).collect()
+            } else {
+                BTreeMap::new()
+            };
+            cycles.extend(pts.keys().copied());
+            per_disk.push((d, pts));
         }
-        if last_cycle.iter().any(|(_, l)| l.is_none()) {
-            // Before every disk completed initial replication there is no point at all.
-            per_cycle = BTreeMap::from([(0, (0, false, false, Vec::new()))]);
+        let first_disks_pending: Vec<String> = members
+            .iter()
+            .filter(|d| !d.added && d.state != DiskState::Complete)
+            .map(|d| d.disk.clone())
+            .collect();
+        if !first_disks_pending.is_empty() {
+            // Before every disk the VM was protected with completed initial replication there
+            // is no point at all: c0 waits for them.
+            return Ok(vec![PointView {
+                id: "c0".into(),
+                cycle: 0,
+                time: String::new(),
+                time_unix: 0,
+                accepted: String::new(),
+                accepted_unix: 0,
+                kind: "incomplete".into(),
+                final_point: false,
+                disks: Vec::new(),
+                damaged: false,
+                damage: None,
+                waiting_for: first_disks_pending,
+            }]);
         }
         let mut points = Vec::new();
-        for (c, (t, app, fin, have)) in per_cycle {
-            let waiting_for: Vec<String> = last_cycle
+        for c in cycles {
+            // The disks this cycle's point is made of, and which of them have it.
+            let required: Vec<&(&DiskRecord, BTreeMap<u64, DiskPoint>)> =
+                per_disk.iter().filter(|(d, _)| d.in_cycle(c)).collect();
+            let have: Vec<(&DiskRecord, &DiskPoint)> = required
                 .iter()
-                .filter(|(disk, last)| !have.contains(disk) && last.is_none_or(|l| l < c))
-                .map(|(disk, _)| disk.clone())
+                .filter_map(|(d, pts)| pts.get(&c).map(|p| (*d, p)))
                 .collect();
-            if have.len() != disks.len() && waiting_for.is_empty() {
+            let waiting_for: Vec<String> = required
+                .iter()
+                .filter(|(d, pts)| !pts.contains_key(&c) && d.last_cycle() < c)
+                .map(|(d, _)| d.disk.clone())
+                .collect();
+            if have.is_empty() || (have.len() != required.len() && waiting_for.is_empty()) {
                 continue;
             }
+            let t = have.iter().map(|(_, p)| p.time).max().unwrap_or(0);
+            let accepted = have.iter().map(|(_, p)| p.accepted).max().unwrap_or(0);
+            let app = have.iter().all(|(_, p)| p.app);
+            let fin = have.iter().all(|(_, p)| p.fin);
             let kind = if waiting_for.is_empty() {
                 point_kind(c, app)
             } else {
                 "incomplete"
             };
-            points.push(PointView {
-                id: format!("c{c}"),
-                cycle: c,
-                time: if t > 0 {
+            let rfc = |t: u64| {
+                if t > 0 {
                     crate::util::rfc3339(t)
                 } else {
                     String::new()
-                },
+                }
+            };
+            points.push(PointView {
+                id: format!("c{c}"),
+                cycle: c,
+                time: rfc(t),
                 time_unix: t,
+                accepted: rfc(accepted),
+                accepted_unix: accepted,
                 kind: kind.into(),
                 final_point: fin && c > 0 && waiting_for.is_empty(),
-                disks: if waiting_for.is_empty() {
-                    disks.clone()
-                } else {
-                    have
-                },
+                disks: have.iter().map(|(d, _)| d.disk.clone()).collect(),
                 damaged: false,
                 damage: None,
                 waiting_for,
@@ -280,6 +320,25 @@ impl Replicas {
         )))
     }
 
+    /// The point `sel` names, refused for a disk it does not include (added after it, or
+    /// removed before it): `404 disk_not_in_point`.
+    pub async fn resolve_disk_point(&self, vm: &str, disk: &str, sel: &str) -> Result<PointView> {
+        let p = self.resolve_point(vm, sel).await?;
+        // An unknown disk is answered as such first.
+        self.catalog.disk_for(None, vm, disk).await?;
+        if !p.disks.iter().any(|d| d == disk) {
+            return Err(Error::not_found(
+                "disk_not_in_point",
+                format!(
+                    "point {} of VM {vm} does not include disk {disk} (its disks: {})",
+                    p.id,
+                    p.disks.join(", ")
+                ),
+            ));
+        }
+        Ok(p)
+    }
+
     /// A reader for one disk at a cycle (cached: points are immutable until merged away).
     pub async fn point_reader(&self, vm: &str, disk: &str, cycle: u64) -> Result<PinnedReader> {
         let (_, ids) = self.catalog.disk_for(None, vm, disk).await?;
@@ -320,13 +379,14 @@ impl Replicas {
         })?;
         let base = self.map_by_root(&base_root).await?;
         let reader = Arc::new(
-            PointReader::build(
+            PointReader::build_sized(
                 self.catalog.vault().chunks.clone(),
                 self.frames.clone(),
                 &d.vm_id,
                 &d.disk_id,
                 base,
                 chain.logs,
+                chain.size,
             )
             .await?,
         );
@@ -385,7 +445,8 @@ impl Replicas {
 
     /// [`Replicas::full_map`] with groups of `budget` log bytes.
     async fn full_map_in(&self, reader: &PinnedReader, budget: u64) -> Result<(BlockMap, u64)> {
-        let mut map: BlockMap = reader.base().clone();
+        // A grown disk's point: the larger map (its short last block is among the touched).
+        let mut map: BlockMap = reader.base().grown(reader.size());
         let mut rewritten = 0u64;
         for group in reader.groups(budget) {
             let overlay = reader.load(&group).await?;
@@ -454,8 +515,9 @@ impl Replicas {
         rec.map_root = Some(root.to_hex());
         rec.base_point = BasePoint {
             cycle: last.cycle,
-            time_unix: last.accepted_unix,
+            time_unix: last.point_unix(),
             app_consistent: last.app_consistent,
+            accepted_unix: last.accepted_unix,
         };
         let (data_blocks, zero_blocks) = map.entries().fold((0, 0), |(a, z), (_, e)| {
             if e == MapEntry::Zero {
@@ -635,10 +697,10 @@ impl Replicas {
         vm: &str,
         disk: &str,
         cycle: u64,
-    ) -> Result<(DiskRecord, Vec<(u64, Option<String>)>)> {
+    ) -> Result<(DiskRecord, u64, Vec<(u64, Option<String>)>)> {
         let reader = self.point_reader(vm, disk, cycle).await?;
         let (_, d) = self.catalog.disk_for(None, vm, disk).await?;
-        Ok((d, reader.data_blocks()))
+        Ok((d, reader.size(), reader.data_blocks()))
     }
 
     /// The base block map of a completed disk.
@@ -750,6 +812,8 @@ impl Replicas {
                 app_consistent: false,
                 final_log: false,
                 accepted_unix: crate::util::unix_now(),
+                log_unix: None,
+                disk_size: None,
                 log_bytes: 0,
                 extents: 0,
                 data_bytes: 0,
@@ -802,6 +866,8 @@ pub(crate) struct PointChain {
     pub root: Option<String>,
     /// Object-key ids of the logs.
     pub logs: Vec<String>,
+    /// The disk's size at the point when a log after the root says it (a grown disk).
+    pub size: Option<u64>,
 }
 
 pub(crate) fn point_chain(d: &DiskRecord, cycle: u64) -> Result<PointChain> {
@@ -819,14 +885,14 @@ pub(crate) fn point_chain(d: &DiskRecord, cycle: u64) -> Result<PointChain> {
         None => d.map_root.clone(),
     };
     let from = snap.map(|i| i + 1).unwrap_or(0);
-    let logs = before
-        .get(from..)
-        .unwrap_or_default()
+    let after_root = before.get(from..).unwrap_or_default();
+    let logs = after_root
         .iter()
         .filter(|e| e.is_log())
         .map(|e| log_key(&e.log_id))
         .collect::<Result<Vec<_>>>()?;
-    Ok(PointChain { root, logs })
+    let size = after_root.iter().rev().find_map(|e| e.disk_size);
+    Ok(PointChain { root, logs, size })
 }
 
 /// Object-key id of a log from its GUID text.

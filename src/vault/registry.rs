@@ -31,6 +31,9 @@ pub struct HostEntry {
     pub name: String,
     pub token_digest: String,
     pub cloud: Option<String>,
+    /// Hosts of one cluster act on each other's VMs (see [`Registrar::same_cluster`]).
+    #[serde(default)]
+    pub cluster: Option<String>,
     pub created_unix: u64,
     /// The operator's bandwidth cap for the host's agent, MB/s (sent with each heartbeat
     /// answer).
@@ -147,12 +150,36 @@ impl Registrar {
         self.cache.read().await.hosts.get(name).cloned()
     }
 
+    /// Whether host `a` may act on what host `b` owns: the same host, or two registered hosts
+    /// of one cluster (a VM moves between a cluster's nodes and keeps its log chain).
+    pub async fn same_cluster(&self, a: &str, b: &str) -> bool {
+        if a == b {
+            return true;
+        }
+        let r = self.cache.read().await;
+        let cluster = |h: &str| r.hosts.get(h).and_then(|e| e.cluster.clone());
+        matches!((cluster(a), cluster(b)), (Some(x), Some(y)) if x == y)
+    }
+
     /// Registers host `name` (optionally in `cloud`) and returns its new token, shown once:
     /// only its digest is kept. Refused if a name is not valid or the host exists.
     pub async fn add_host(&self, name: &str, cloud: Option<&str>) -> Result<String> {
+        self.add_host_in(name, cloud, None).await
+    }
+
+    /// [`Registrar::add_host`] with the host's cluster, if it is in one.
+    pub async fn add_host_in(
+        &self,
+        name: &str,
+        cloud: Option<&str>,
+        cluster: Option<&str>,
+    ) -> Result<String> {
         check_name("host", name)?;
         if let Some(c) = cloud {
             check_name("cloud", c)?;
+        }
+        if let Some(c) = cluster {
+            check_name("cluster", c)?;
         }
         let token = crate::util::random_token(HOST_TOKEN_PREFIX);
         let digest = self.keys.token_digest(&token);
@@ -170,6 +197,7 @@ impl Registrar {
                     name: name.to_string(),
                     token_digest: digest.clone(),
                     cloud: cloud.map(str::to_string),
+                    cluster: cluster.map(str::to_string),
                     created_unix: now,
                     throttle_mb_s: None,
                 },

@@ -8,6 +8,10 @@ pub struct AddHost {
     pub name: String,
     #[serde(default)]
     pub cloud: Option<String>,
+    /// The host's cluster: any host of it may send the logs of a VM another one protected (a
+    /// cluster moves VMs between its nodes; the chain continues).
+    #[serde(default)]
+    pub cluster: Option<String>,
 }
 
 /// What an agent needs to connect: written to a credentials file by the CLI.
@@ -26,6 +30,8 @@ pub struct Credentials {
 pub struct HostView {
     pub name: String,
     pub cloud: Option<String>,
+    #[serde(default)]
+    pub cluster: Option<String>,
     pub created: String,
     pub vms: Vec<String>,
     /// The operator's bandwidth cap for the host's agent, MB/s.

@@ -24,6 +24,7 @@ pub enum JobKind {
     Failback,
     Verify,
     GarbageCollection,
+    DisableProtection,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +41,9 @@ pub enum JobState {
 pub struct JobStep {
     pub name: String,
     pub state: JobState,
+    /// What the step found or did, when it reports more than its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -18,8 +18,15 @@ pub struct MergeRequest {
 pub struct PointView {
     pub id: String,
     pub cycle: u64,
+    /// The point's time: the latest of its logs' own times (the MS-HRL header's), where a log
+    /// has none when the server accepted it.
     pub time: String,
     pub time_unix: u64,
+    /// When the server accepted the point's last log (RFC 3339 and Unix seconds).
+    #[serde(default)]
+    pub accepted: String,
+    #[serde(default)]
+    pub accepted_unix: u64,
     /// `initial` (cycle 0, the initial replication), `crash_consistent` or `app_consistent`;
     /// `incomplete` for a cycle some disks have sent and others not yet (see `waiting_for`):
     /// not a recovery point until they do.

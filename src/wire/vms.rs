@@ -17,7 +17,8 @@ pub struct MapView {
     pub point: Option<String>,
 }
 
-/// Query of the map and block downloads: the recovery point to read (default: the base map).
+/// Query of the map and block downloads: the recovery point to read (default: `latest`, the
+/// newest complete point).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PointQuery {
     pub point: Option<String>,
@@ -49,6 +50,9 @@ pub enum VmState {
     Protected,
     /// A planned or unplanned failover was committed: the source's logs are refused.
     FailedOver,
+    /// Protection was disabled (`drvault vm disable`): agents are refused, the points stay
+    /// readable until the retention window passes, then the VM's records are removed.
+    Disabled,
 }
 
 impl VmState {
@@ -58,6 +62,7 @@ impl VmState {
             VmState::InitialReplication => "initial_replication",
             VmState::Protected => "protected",
             VmState::FailedOver => "failed_over",
+            VmState::Disabled => "disabled",
         }
     }
 }
@@ -293,4 +298,26 @@ mod tests {
             );
         }
     }
+}
+
+/// `POST /v1/vms/{vm}/disable`: stop protecting a VM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisableRequest {
+    /// Remove the VM's records at once: its objects become garbage for the next collection.
+    /// Without it the points stay readable until the retention window passes.
+    #[serde(default)]
+    pub delete_data: bool,
+}
+
+/// What a disable did (the "Disable protection" job has the same steps).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DisableReport {
+    pub vm: String,
+    pub job: String,
+    /// The VM's records were removed (`delete_data`).
+    pub deleted: bool,
+    /// When the records go by themselves (RFC 3339), when they were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
 }

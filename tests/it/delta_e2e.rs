@@ -133,8 +133,8 @@ async fn model_every_point_merge_and_restart() {
         !gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("point_not_found")
     );
     assert!(
-        export_raw(&server, "m", "d", None, &out) == snapshots[2],
-        "the base map is now c2"
+        export_raw(&server, "m", "d", None, &out) == snapshots[5],
+        "without --point the export is the latest point, not the base map (now c2)"
     );
 
     // A restart loses nothing; the chain continues from the last log.

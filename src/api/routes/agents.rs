@@ -49,6 +49,9 @@ async fn heartbeat(
         owned.push(match s.catalog.vm_for(Some(&host), &r.vm).await {
             Ok(rec) => Some(rec),
             Err(Error::NotFound { .. }) => None,
+            // The host may act on it, but protection was disabled: the answer says so (the
+            // agent stops that VM) instead of refusing the whole report.
+            Err(e) if e.code() == "vm_disabled" => Some(s.catalog.vm_for(None, &r.vm).await?),
             Err(e) => return Err(e.into()),
         });
     }
@@ -66,7 +69,9 @@ async fn heartbeat(
             continue;
         };
         for b in &r.disks {
-            if rec.spec.disks.iter().any(|d| d.id == b.disk) {
+            if rec.state != crate::wire::VmState::Disabled
+                && rec.spec.disks.iter().any(|d| d.id == b.disk)
+            {
                 s.ingest
                     .note_backlog(&rec.name, &b.disk, b.backlog_bytes)
                     .await?;

@@ -47,6 +47,7 @@ async fn list_hosts(_: Operator, State(s): State<AppState>) -> Json<Vec<HostView
                 HostView {
                     name: h.name.clone(),
                     cloud: h.cloud.clone(),
+                    cluster: h.cluster.clone(),
                     created: crate::util::rfc3339(h.created_unix),
                     vms: vms
                         .iter()
@@ -86,8 +87,11 @@ async fn add_host(
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Credentials>)> {
     let req: AddHost = read_json(body).await?;
-    let token = s.registry.add_host(&req.name, req.cloud.as_deref()).await?;
-    tracing::info!(host = %req.name, "host registered");
+    let token = s
+        .registry
+        .add_host_in(&req.name, req.cloud.as_deref(), req.cluster.as_deref())
+        .await?;
+    tracing::info!(host = %req.name, cluster = ?req.cluster, "host registered");
     Ok((
         StatusCode::CREATED,
         Json(Credentials {

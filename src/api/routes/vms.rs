@@ -1,10 +1,10 @@
 //! Protected VMs (operator): list and show, policy, NIC overrides, and reading a disk's map and
-//! blocks (at the replica or at a recovery point).
+//! blocks (at a recovery point, the newest by default).
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
 use super::BLAKE3_HEADER;
@@ -13,13 +13,13 @@ use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskPath, NicIndex, Query, VmName};
 use crate::api::AppState;
 use crate::error::Error;
-use crate::replica::MapEntry;
-use crate::wire::{MapView, PointQuery};
+use crate::wire::{DisableReport, DisableRequest, MapView, PointQuery};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/vms", get(list_vms))
         .route("/v1/vms/{vm}", get(get_vm).patch(set_vm_policy))
+        .route("/v1/vms/{vm}/disable", post(disable_vm))
         .route("/v1/vms/{vm}/disks/{disk}/map", get(get_map))
         .route("/v1/vms/{vm}/disks/{disk}/blocks/{index}", get(get_block))
         .route("/v1/vms/{vm}/nics", get(super::console::vm_nics))
@@ -47,40 +47,23 @@ async fn get_map(
     DiskPath { vm, disk }: DiskPath,
     Query(q): Query<PointQuery>,
 ) -> ApiResult<Json<MapView>> {
-    if let Some(sel) = q.point {
-        let p = s.replicas.resolve_point(&vm, &sel).await?;
-        s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
-        let (d, blocks) = s.replicas.point_blocks(&vm, &disk, p.cycle).await?;
-        let data = blocks
-            .into_iter()
-            .map(|(i, h)| (i, h.unwrap_or_default()))
-            .collect();
-        let blocks = d.stats.blocks;
-        return Ok(Json(MapView {
-            size: d.size,
-            block_size: d.block_size,
-            blocks,
-            data,
-            point: Some(p.id),
-        }));
-    }
-    let (d, map) = s.replicas.base_map(&vm, &disk).await?;
-    s.replicas
-        .refuse_damaged(&vm, Some(&disk), d.base_point.cycle)
-        .await?;
-    let data = map
-        .entries()
-        .filter_map(|(i, e)| match e {
-            MapEntry::Data { hash, .. } => Some((i, hash.to_hex())),
-            MapEntry::Zero => None,
-        })
+    // Without `point` the newest complete point: the base map alone is an old disk as soon as
+    // any log is retained after it.
+    let sel = q.point.as_deref().unwrap_or("latest");
+    let p = s.replicas.resolve_disk_point(&vm, &disk, sel).await?;
+    s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
+    // The disk as it was at the point: a grown disk's older points keep the older size.
+    let (d, size, blocks) = s.replicas.point_blocks(&vm, &disk, p.cycle).await?;
+    let data = blocks
+        .into_iter()
+        .map(|(i, h)| (i, h.unwrap_or_default()))
         .collect();
     Ok(Json(MapView {
-        size: d.size,
+        size,
         block_size: d.block_size,
-        blocks: map.len(),
+        blocks: size.div_ceil(d.block_size as u64),
         data,
-        point: None,
+        point: Some(p.id),
     }))
 }
 
@@ -91,18 +74,15 @@ async fn get_block(
     BlockIndex(i): BlockIndex,
     Query(q): Query<PointQuery>,
 ) -> ApiResult<Response> {
-    let (bytes, hash) = match q.point {
-        Some(sel) => {
-            let p = s.replicas.resolve_point(&vm, &sel).await?;
-            s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
-            s.replicas
-                .point_reader(&vm, &disk, p.cycle)
-                .await?
-                .read_block(i)
-                .await?
-        }
-        None => s.replicas.read_block(&vm, &disk, i).await?,
-    };
+    let sel = q.point.as_deref().unwrap_or("latest");
+    let p = s.replicas.resolve_disk_point(&vm, &disk, sel).await?;
+    s.replicas.refuse_damaged(&vm, Some(&disk), p.cycle).await?;
+    let (bytes, hash) = s
+        .replicas
+        .point_reader(&vm, &disk, p.cycle)
+        .await?
+        .read_block(i)
+        .await?;
     let mut resp = Body::from(bytes).into_response();
     resp.headers_mut().insert(
         BLAKE3_HEADER,
@@ -150,4 +130,18 @@ async fn clear_nic_override(
 ) -> ApiResult<Json<crate::catalog::VmView>> {
     let rec = s.catalog.set_nic_override(&vm, i, None).await?;
     Ok(Json(s.overview.view(&rec).await))
+}
+
+/// Stops protecting a VM (the "Disable protection" job), refused while a failover of it is in
+/// progress: it reads the points this would give up.
+async fn disable_vm(
+    _: Operator,
+    State(s): State<AppState>,
+    VmName(vm): VmName,
+    body: Body,
+) -> ApiResult<Json<DisableReport>> {
+    let req: DisableRequest = read_json(body).await?;
+    s.catalog.vm_for(None, &vm).await?;
+    s.failovers.refuse_in_progress(&vm).await?;
+    Ok(Json(s.catalog.disable(&vm, req.delete_data).await?))
 }
