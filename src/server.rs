@@ -370,11 +370,16 @@ pub async fn run(p: Prepared, shutdown: impl Future<Output = ()>) {
     let limits = p.config.serve_limits();
     let data_dir = p.config.server.data_dir.clone();
     let tasks = p.state.tasks.clone();
+    let contacts = p.state.contacts.clone();
     let app = api::router(p.state, p.config.request_limits());
     let grace = limits.shutdown_grace;
     api::server::serve(p.listener, p.tls, app, limits, shutdown).await;
     // Background work (merges, schedules, failovers) gets the same grace as connections.
     tasks.shutdown(grace).await;
+    // The last heartbeats since the previous save: a clean stop loses none.
+    if let Err(e) = contacts.persist().await {
+        tracing::warn!(error = %e, "could not save the hosts' last heartbeats at shutdown");
+    }
     let _ = std::fs::remove_file(data_dir.join(SERVER_FILE));
     // Only now may another server take the directory (and write its own server.json).
     drop(p.lock);

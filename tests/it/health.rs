@@ -420,3 +420,50 @@ async fn retention_expiry_folds_old_logs_into_the_replica_and_the_points_list_sh
         "the merged replica holds every write"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_still_knows_when_each_host_last_reported() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut server, host, _) = protected(t.path(), CONFIG, "web", &[]);
+    host.heartbeat(&beat(600, "web", 3 * KIB, None))
+        .await
+        .unwrap();
+    let before = server.operator().vm("web").await.unwrap().agent.unwrap();
+    // Saved within a few seconds; then even a crash keeps it.
+    eventually(
+        Duration::from_secs(60),
+        "the contact record is saved",
+        || {
+            // A whole version, not the staging file of a write still under way.
+            let saved = server.vault_objects("records/contact");
+            saved
+                .iter()
+                .any(|k| k.contains("/v") && !k.contains('#'))
+                .then_some(())
+                .ok_or(format!("{saved:?}"))
+        },
+    );
+    server.kill9();
+    server.restart();
+    let after = server.operator().vm("web").await.unwrap().agent.unwrap();
+    assert_eq!(
+        (
+            &after.last_contact,
+            after.backlog_bytes,
+            &after.agent_version
+        ),
+        (&before.last_contact, 3 * KIB, &before.agent_version)
+    );
+    // A clean stop saves the last report at once.
+    let host = server.client_with(&Server::host_token(&t.path().join("hv.creds.json")));
+    let mut hb = beat(600, "web", 0, None);
+    hb.agent_version = "9.9.10-test".into();
+    host.heartbeat(&hb).await.unwrap();
+    assert!(server.stop().success());
+    server.restart();
+    let after = server.operator().vm("web").await.unwrap().agent.unwrap();
+    assert_eq!(
+        (after.agent_version.as_str(), after.backlog_bytes),
+        ("9.9.10-test", 0)
+    );
+}
