@@ -244,7 +244,7 @@ async fn heartbeat_loop(sh: Arc<Shared>, every_s: u64, mut stop: watch::Receiver
                 .collect(),
         };
         tokio::select! {
-            r = sh.client.heartbeat(&hb) => match r {
+            r = within(CALL_TIMEOUT, sh.client.heartbeat(&hb)) => match r {
                 Ok(ack) => {
                     sh.throttle.set_cap(ack.throttle_mb_s);
                     warned_missing = false;
@@ -420,7 +420,7 @@ const FALLBACK_INTERVAL: Duration = Duration::from_secs(30);
 /// One cycle; the answer is the interval until the next (also on error, for the back-off).
 async fn cycle(sh: &Shared, run: &mut VmRun) -> Result<Duration, (Fault, Duration)> {
     let vm = run.cfg.name.clone();
-    let view = match sh.client.agent_vm(&vm).await {
+    let view = match within(CALL_TIMEOUT, sh.client.agent_vm(&vm)).await {
         // Initial replication is over once every disk is complete (the VM's state follows
         // when the finalize job has run): from then on logs are what is sent, and a second
         // baseline would break the chains already started.
@@ -603,16 +603,39 @@ async fn put_log(
         app_consistent: log.app_consistent,
         final_log: false,
     };
-    sh.client
-        .put_log(
+    // The body may not go faster than the throttle (and 1 MB/s is assumed at least).
+    let rate = sh.throttle.rate_bytes_s().unwrap_or(f64::INFINITY).min(1e6);
+    let limit = CALL_TIMEOUT + Duration::from_secs_f64(len as f64 / rate);
+    within(
+        limit,
+        sh.client.put_log(
             vm,
             &log.disk,
             &log.unique_id.to_string(),
             &q,
             reqwest::Body::wrap_stream(stream),
             Some(len),
-        )
-        .await
+        ),
+    )
+    .await
+}
+
+/// How long a request without a large body may go unanswered: an unattended agent must not
+/// wait forever on a server that accepted a connection and never answers.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `call`, or a recoverable error once `limit` has passed without an answer.
+async fn within<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Transport(format!(
+            "no answer within {} s",
+            limit.as_secs()
+        ))),
+    }
 }
 
 /// Enables protection and runs (or resumes) initial replication. Image-diff sources take
