@@ -32,7 +32,12 @@ pub(super) enum AgentCmd {
         #[arg(long)]
         log_json: bool,
         /// Multiplies every back-off wait (1, 2, 4, 8, 10, then 30 minutes); for tests.
-        #[arg(long, env = "DRVAULT_BACKOFF_SCALE", default_value_t = 1.0, hide = true)]
+        #[arg(
+            long,
+            env = "DRVAULT_BACKOFF_SCALE",
+            default_value_t = 1.0,
+            hide = true
+        )]
         backoff_scale: f64,
     },
     /// Resynchronize one disk of an open resync session: fetch the replica's checksums, compare
@@ -118,15 +123,16 @@ pub(super) async fn agent(cmd: AgentCmd) -> Result<i32> {
                         crate::agent::protect::open_disk(&d.path, Some(d.id.clone()), d.format)?;
                     }
                 }
-                println!("{}: {} VMs, configuration valid", config.display(), cfg.vms.len());
+                println!(
+                    "{}: {} VMs, configuration valid",
+                    config.display(),
+                    cfg.vms.len()
+                );
                 return Ok(0);
             }
-            crate::agent::run::run(
-                cfg,
-                crate::agent::run::RunOptions { backoff_scale },
-            )
-            .await
-            .context("agent run")?;
+            crate::agent::run::run(cfg, crate::agent::run::RunOptions { backoff_scale })
+                .await
+                .context("agent run")?;
             Ok(0)
         }
         AgentCmd::Replicate {

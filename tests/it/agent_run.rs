@@ -63,7 +63,10 @@ impl Agent {
             }
             if Instant::now() > deadline {
                 let _ = c.kill();
-                panic!("agent did not stop within a minute of SIGTERM: {}", self.log());
+                panic!(
+                    "agent did not stop within a minute of SIGTERM: {}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -142,23 +145,27 @@ fn latest_cycle(s: &Server, vm: &str) -> Option<u64> {
 
 /// Waits for a point of `vm` with a cycle of at least `cycle`.
 fn wait_point(s: &Server, agent: &mut Agent, vm: &str, cycle: u64, within: Duration) -> u64 {
-    eventually(within, &format!("{vm} has a point c{cycle} or later"), || {
-        if let Some(st) = agent.exited() {
-            panic!("agent exited ({st}): {}", agent.log());
-        }
-        match latest_cycle(s, vm) {
-            Some(c) if c >= cycle => Ok(c),
-            other => {
-                let log = agent.log();
-                let tail = &log[log.len().saturating_sub(4000)..];
-                let slog = s.log();
-                let stail = &slog[slog.len().saturating_sub(3000)..];
-                Err(format!(
+    eventually(
+        within,
+        &format!("{vm} has a point c{cycle} or later"),
+        || {
+            if let Some(st) = agent.exited() {
+                panic!("agent exited ({st}): {}", agent.log());
+            }
+            match latest_cycle(s, vm) {
+                Some(c) if c >= cycle => Ok(c),
+                other => {
+                    let log = agent.log();
+                    let tail = &log[log.len().saturating_sub(4000)..];
+                    let slog = s.log();
+                    let stail = &slog[slog.len().saturating_sub(3000)..];
+                    Err(format!(
                     "latest {other:?}; agent log ends with:\n{tail}\nserver log ends with:\n{stail}"
                 ))
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 fn export_equals(s: &Server, vm: &str, disk: &str, point: &str, expected: &[u8], scratch: &Path) {
@@ -218,7 +225,11 @@ fn image_diff_agent_protects_and_replicates_every_cycle() {
     export_equals(&s, "web01", "os", &format!("c{after}"), &changed, t.path());
     export_equals(&s, "web01", "os", "latest", &changed, t.path());
     let st = agent.term();
-    assert!(st.success(), "SIGTERM ends the agent with 0: {st}: {}", agent.log());
+    assert!(
+        st.success(),
+        "SIGTERM ends the agent with 0: {st}: {}",
+        agent.log()
+    );
 }
 
 /// A closed log of `writes` for the spool, chained to `prev`.
@@ -273,7 +284,13 @@ fn spool_logs_are_sent_in_order_and_removed_and_an_invalid_one_is_refused() {
         apply(&mut model, &writes);
         states.push(model.clone());
     }
-    spool_log(&spool2, "1.hrl", Guid::new_random(), Guid::NIL, &common::random_writes(9, size, 3));
+    spool_log(
+        &spool2,
+        "1.hrl",
+        Guid::new_random(),
+        Guid::NIL,
+        &common::random_writes(9, size, 3),
+    );
     std::fs::write(spool2.join("2.hrl"), b"this is not a change log").unwrap();
     let policy = format!("interval_s = {INTERVAL_S}\napp_consistent_every_s = 0");
     let cfg = write_config(
@@ -289,7 +306,11 @@ fn spool_logs_are_sent_in_order_and_removed_and_an_invalid_one_is_refused() {
     wait_point(&s, &mut agent, "vma", 3, cycles(1));
     eventually(cycles(1), "spool of vma emptied", || {
         let left = hrl_files(&spool1);
-        if left.is_empty() { Ok(()) } else { Err(format!("{left:?}")) }
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
     });
     assert_eq!(
         points(&s, "vma").iter().map(|p| p.0).collect::<Vec<_>>(),
@@ -306,7 +327,11 @@ fn spool_logs_are_sent_in_order_and_removed_and_an_invalid_one_is_refused() {
             Err(log)
         }
     });
-    assert_eq!(hrl_files(&spool2), vec!["1.hrl", "2.hrl"], "nothing of vmb removed");
+    assert_eq!(
+        hrl_files(&spool2),
+        vec!["1.hrl", "2.hrl"],
+        "nothing of vmb removed"
+    );
     assert_eq!(
         points(&s, "vmb").iter().map(|p| p.0).collect::<Vec<_>>(),
         vec![0],
@@ -352,7 +377,11 @@ fn sigterm_mid_run_then_restart_loses_nothing_and_sends_nothing_twice() {
     assert!(st.success(), "SIGTERM: exit 0 ({st}): {}", agent.log());
     let left = hrl_files(&spool).len() as u64;
     let sent = latest_cycle(&s, "vma").unwrap();
-    assert!(left > 0, "SIGTERM came too late to test anything: {}", agent.log());
+    assert!(
+        left > 0,
+        "SIGTERM came too late to test anything: {}",
+        agent.log()
+    );
     // A log the server took just before the agent stopped may still be in the spool (its
     // acknowledgement abandoned): the restart sends it again, and it is recognised.
     assert!(
@@ -363,7 +392,11 @@ fn sigterm_mid_run_then_restart_loses_nothing_and_sends_nothing_twice() {
     wait_point(&s, &mut agent, "vma", n, cycles(1));
     eventually(cycles(1), "spool emptied", || {
         let l = hrl_files(&spool);
-        if l.is_empty() { Ok(()) } else { Err(format!("{l:?}")) }
+        if l.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{l:?}"))
+        }
     });
     assert_eq!(
         points(&s, "vma").iter().map(|p| p.0).collect::<Vec<_>>(),
@@ -388,7 +421,11 @@ fn bad_config_is_refused_before_anything_is_sent() {
     let cases = [
         (
             String::new(),
-            vm_toml("web01", "", &[("os", &disk, None), ("data", &missing, None)]),
+            vm_toml(
+                "web01",
+                "",
+                &[("os", &disk, None), ("data", &missing, None)],
+            ),
             "vm \"web01\".disk[1].path",
             "missing.raw",
         ),
@@ -415,8 +452,7 @@ fn bad_config_is_refused_before_anything_is_sent() {
         assert!(!o.status.success(), "{err}");
         assert!(err.contains(field) && err.contains(problem), "{err}");
     }
-    let vms: serde_json::Value =
-        serde_json::from_str(&s.cli_ok(&["vms", "--json"])).unwrap();
+    let vms: serde_json::Value = serde_json::from_str(&s.cli_ok(&["vms", "--json"])).unwrap();
     assert_eq!(vms.as_array().unwrap().len(), 0, "nothing created: {vms}");
 }
 
@@ -446,9 +482,17 @@ fn agent_runs_a_scheduled_resync_by_itself() {
     eventually(cycles(2), "the agent ran the resync", || {
         let o = s.cli_ok(&["resync", "--vm", "web01", "--status", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&o).map_err(|e| e.to_string())?;
-        if v["state"] == "committed" { Ok(()) } else { Err(o) }
+        if v["state"] == "committed" {
+            Ok(())
+        } else {
+            Err(o)
+        }
     });
-    assert!(agent.log().contains("disk resynchronized"), "{}", agent.log());
+    assert!(
+        agent.log().contains("disk resynchronized"),
+        "{}",
+        agent.log()
+    );
     let c = latest_cycle(&s, "web01").unwrap();
     // Cycles continue after the resync, on the new chain.
     wait_point(&s, &mut agent, "web01", c + 1, cycles(2));

@@ -221,10 +221,7 @@ impl AgentConfig {
             if !crate::vault::registry::valid_name(&v.name) {
                 return Err(field(
                     &format!("{at}.name"),
-                    format!(
-                        "{:?}: use 1-64 characters from A-Z a-z 0-9 . _ -",
-                        v.name
-                    ),
+                    format!("{:?}: use 1-64 characters from A-Z a-z 0-9 . _ -", v.name),
                 ));
             }
             let at = format!("vm {:?}", v.name);
@@ -364,7 +361,10 @@ mod tests {
         std::fs::create_dir_all(dir.join("spool")).unwrap();
         std::fs::write(dir.join("os.raw"), vec![0u8; 4096]).unwrap();
         std::fs::write(dir.join("c.json"), "{}").unwrap();
-        (dir, "creds = \"c.json\"\nstate_dir = \"state\"\n".to_string())
+        (
+            dir,
+            "creds = \"c.json\"\nstate_dir = \"state\"\n".to_string(),
+        )
     }
 
     fn err(text: &str, base: &Path) -> String {
@@ -385,7 +385,10 @@ mod tests {
         assert_eq!(c.state_dir, dir.join("state"));
         assert_eq!(c.vms[0].disks[0].id, "os");
         assert_eq!(c.vms[0].disks[0].source, SourceKind::ImageDiff);
-        assert_eq!(c.vms[0].disks[1].source, SourceKind::Spool(dir.join("spool")));
+        assert_eq!(
+            c.vms[0].disks[1].source,
+            SourceKind::Spool(dir.join("spool"))
+        );
         assert_eq!(c.vms[0].policy.as_ref().unwrap().interval_s, 30);
         assert_eq!(c.heartbeat_s, Some(5));
     }
@@ -405,14 +408,22 @@ mod tests {
             &format!("{head}[bandwidth]\n\"Mon-Fry 08:00-18:00\" = 20\n[[vm]]\nname = \"w\"\n[[vm.disk]]\npath = \"os.raw\"\n"),
             &dir,
         );
-        assert!(sched.contains("bandwidth") && sched.contains("Fry"), "{sched}");
+        assert!(
+            sched.contains("bandwidth") && sched.contains("Fry"),
+            "{sched}"
+        );
         let unknown = err(&format!("{head}colour = 1\n"), &dir);
         assert!(unknown.contains("colour"), "{unknown}");
         let spool = err(
-            &format!("{head}[[vm]]\nname = \"w\"\n[[vm.disk]]\npath = \"os.raw\"\nspool = \"os.raw\"\n"),
+            &format!(
+                "{head}[[vm]]\nname = \"w\"\n[[vm.disk]]\npath = \"os.raw\"\nspool = \"os.raw\"\n"
+            ),
             &dir,
         );
-        assert!(spool.contains("disk[0].spool") && spool.contains("not a directory"), "{spool}");
+        assert!(
+            spool.contains("disk[0].spool") && spool.contains("not a directory"),
+            "{spool}"
+        );
         let twice = err(
             &format!("{head}[[vm]]\nname = \"w\"\n[[vm.disk]]\npath = \"os.raw\"\n[[vm.disk]]\npath = \"os.raw\"\n"),
             &dir,

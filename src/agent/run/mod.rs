@@ -161,15 +161,18 @@ pub async fn run(cfg: AgentConfig, opts: RunOptions) -> Result<(), AgentError> {
     for vm in &cfg.vms {
         let mut disks = Vec::new();
         for d in &vm.disks {
-            disks.push(super::protect::open_disk(&d.path, Some(d.id.clone()), d.format)?);
+            disks.push(super::protect::open_disk(
+                &d.path,
+                Some(d.id.clone()),
+                d.format,
+            )?);
         }
         opened.push((vm.clone(), disks));
     }
     for vm in &cfg.vms {
         let dir = cfg.state_dir.join(&vm.name);
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            AgentError::Invalid(format!("state directory {}: {e}", dir.display()))
-        })?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| AgentError::Invalid(format!("state directory {}: {e}", dir.display())))?;
     }
     let client = connect(&cfg)?;
     let shared = Arc::new(Shared {
@@ -305,19 +308,21 @@ fn open_sources(
     vm.disks
         .iter()
         .zip(disks)
-        .map(|(d, src): (&DiskConfig, &DiskSource)| -> Result<Box<dyn LogSource>, SourceError> {
-            Ok(match &d.source {
-                SourceKind::Spool(spool) => Box::new(SpoolSource::open(
-                    &d.id,
-                    spool,
-                    src.image.virtual_size(),
-                    dir,
-                )?),
-                SourceKind::ImageDiff => {
-                    Box::new(ImageDiffSource::open(&d.id, &d.path, d.format, dir)?)
-                }
-            })
-        })
+        .map(
+            |(d, src): (&DiskConfig, &DiskSource)| -> Result<Box<dyn LogSource>, SourceError> {
+                Ok(match &d.source {
+                    SourceKind::Spool(spool) => Box::new(SpoolSource::open(
+                        &d.id,
+                        spool,
+                        src.image.virtual_size(),
+                        dir,
+                    )?),
+                    SourceKind::ImageDiff => {
+                        Box::new(ImageDiffSource::open(&d.id, &d.path, d.format, dir)?)
+                    }
+                })
+            },
+        )
         .collect()
 }
 
@@ -545,7 +550,10 @@ fn run_hook(argv: &[String], timeout: Duration) -> Result<(), String> {
             None if std::time::Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("{prog} did not finish within {} s", timeout.as_secs()));
+                return Err(format!(
+                    "{prog} did not finish within {} s",
+                    timeout.as_secs()
+                ));
             }
             None => std::thread::sleep(Duration::from_millis(20)),
         }

@@ -65,7 +65,9 @@ impl BandwidthSchedule {
             .iter()
             .filter(|w| (m + MINUTES_PER_WEEK - w.start) % MINUTES_PER_WEEK < w.len)
             .map(|w| w.mb_s)
-            .fold(None, |acc: Option<f64>, r| Some(acc.map_or(r, |a| a.min(r))));
+            .fold(None, |acc: Option<f64>, r| {
+                Some(acc.map_or(r, |a| a.min(r)))
+            });
         hit.or(self.default_mb_s)
     }
 
@@ -75,7 +77,8 @@ impl BandwidthSchedule {
             return self.default_mb_s;
         }
         let now = chrono::Local::now();
-        let minute = now.weekday().num_days_from_monday() * 24 * 60 + now.hour() * 60 + now.minute();
+        let minute =
+            now.weekday().num_days_from_monday() * 24 * 60 + now.hour() * 60 + now.minute();
         self.rate_at(minute)
     }
 }
@@ -93,12 +96,19 @@ fn parse_entry(key: &str) -> Result<Vec<(u32, u32)>, String> {
         .ok_or_else(|| format!("{key:?}: {expected}"))?;
     let from = parse_time(from.trim(), false).map_err(|m| format!("{key:?}: {m}"))?;
     let to = parse_time(to.trim(), true).map_err(|m| format!("{key:?}: {m}"))?;
-    let len = if to > from { to - from } else { to + 24 * 60 - from };
+    let len = if to > from {
+        to - from
+    } else {
+        to + 24 * 60 - from
+    };
     let mut out = Vec::new();
     for part in days.split(',') {
         let part = part.trim();
         let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (day(a).map_err(|m| format!("{key:?}: {m}"))?, day(b).map_err(|m| format!("{key:?}: {m}"))?),
+            Some((a, b)) => (
+                day(a).map_err(|m| format!("{key:?}: {m}"))?,
+                day(b).map_err(|m| format!("{key:?}: {m}"))?,
+            ),
             None => {
                 let d = day(part).map_err(|m| format!("{key:?}: {m}"))?;
                 (d, d)
@@ -209,12 +219,7 @@ mod tests {
     use super::*;
 
     fn sched(entries: &[(&str, f64)]) -> Result<BandwidthSchedule, (String, String)> {
-        BandwidthSchedule::from_table(
-            &entries
-                .iter()
-                .map(|(k, v)| (k.to_string(), *v))
-                .collect(),
-        )
+        BandwidthSchedule::from_table(&entries.iter().map(|(k, v)| (k.to_string(), *v)).collect())
     }
 
     const fn at(day: u32, h: u32, m: u32) -> u32 {
@@ -240,11 +245,23 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(s.rate_at(at(4, 23, 0)), Some(5.0), "Friday night");
-        assert_eq!(s.rate_at(at(1, 5, 59)), Some(5.0), "Monday's window runs into Tuesday");
+        assert_eq!(
+            s.rate_at(at(1, 5, 59)),
+            Some(5.0),
+            "Monday's window runs into Tuesday"
+        );
         assert_eq!(s.rate_at(at(1, 6, 0)), Some(50.0));
         assert_eq!(s.rate_at(at(6, 12, 0)), Some(8.0));
-        assert_eq!(s.rate_at(at(6, 23, 0)), Some(5.0), "the lowest of overlapping windows");
-        assert_eq!(s.rate_at(at(2, 12, 0)), Some(50.0), "default outside the windows");
+        assert_eq!(
+            s.rate_at(at(6, 23, 0)),
+            Some(5.0),
+            "the lowest of overlapping windows"
+        );
+        assert_eq!(
+            s.rate_at(at(2, 12, 0)),
+            Some(50.0),
+            "default outside the windows"
+        );
         let s = sched(&[("Mon,Wed 10:00-11:00", 1.0)]).unwrap();
         assert_eq!(s.rate_at(at(2, 10, 30)), Some(1.0));
         assert_eq!(s.rate_at(at(1, 10, 30)), None);

@@ -220,7 +220,9 @@ impl SpoolSource {
             found.push((path, log.header, meta.len(), closed));
         }
         found.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(chain_order(found, |x| (x.1.unique_id, x.1.previous_unique_id)))
+        Ok(chain_order(found, |x| {
+            (x.1.unique_id, x.1.previous_unique_id)
+        }))
     }
 }
 
@@ -308,10 +310,7 @@ impl LogSource for SpoolSource {
             .into_iter()
             .map(|(path, h, bytes, closed)| PendingLog {
                 disk: self.disk.clone(),
-                app_consistent: self
-                    .state
-                    .app_consistent
-                    .contains(&h.unique_id.to_string()),
+                app_consistent: self.state.app_consistent.contains(&h.unique_id.to_string()),
                 path,
                 unique_id: h.unique_id,
                 bytes,
@@ -443,8 +442,8 @@ impl ImageDiffSource {
         old: Option<&[u8]>,
         mut each: impl FnMut(u64, &[u8]) -> Result<(), SourceError>,
     ) -> Result<(u64, Vec<u8>), SourceError> {
-        let image =
-            crate::format::image::open_as(&self.image_path, self.format).map_err(|e| self.disk_err(e))?;
+        let image = crate::format::image::open_as(&self.image_path, self.format)
+            .map_err(|e| self.disk_err(e))?;
         let size = image.virtual_size();
         let mut hashes = Vec::with_capacity((size.div_ceil(piece) * 32) as usize);
         let mut buf = vec![0u8; piece as usize];
@@ -673,11 +672,19 @@ mod tests {
         s.cut(1, true).unwrap();
         let p = s.pending().unwrap();
         assert_eq!(p.len(), 2);
-        assert_eq!((p[0].cycle, p[1].cycle), (Some(1), Some(2)), "cycles never repeat");
+        assert_eq!(
+            (p[0].cycle, p[1].cycle),
+            (Some(1), Some(2)),
+            "cycles never repeat"
+        );
         assert!(!p[0].app_consistent && p[1].app_consistent);
         let h0 = crate::agent::replicate::log_header(&p[0].path).unwrap();
         let h1 = crate::agent::replicate::log_header(&p[1].path).unwrap();
-        assert_eq!(h0.previous_unique_id, Guid::NIL, "the first log starts the chain");
+        assert_eq!(
+            h0.previous_unique_id,
+            Guid::NIL,
+            "the first log starts the chain"
+        );
         assert_eq!(h1.previous_unique_id, h0.unique_id);
         assert_eq!(h0.vhd2_data_write_guid, h1.vhd2_data_write_guid);
         for l in &p {
@@ -704,7 +711,10 @@ mod tests {
         let h = crate::agent::replicate::log_header(&p[0].path).unwrap();
         assert_eq!(h.previous_unique_id, Guid::NIL);
         let f = std::fs::File::open(&p[0].path).unwrap();
-        assert!(hrl::read_log(&f, 1 << 20).unwrap().extents.is_empty(), "nothing changed");
+        assert!(
+            hrl::read_log(&f, 1 << 20).unwrap().extents.is_empty(),
+            "nothing changed"
+        );
     }
 
     fn spool_log(dir: &Path, name: &str, prev: Guid) -> Guid {
@@ -744,7 +754,10 @@ mod tests {
         assert!(!spool.join("c.hrl").exists());
         let mut s = SpoolSource::open("os", &spool, 1 << 20, &d).unwrap();
         assert_eq!(s.pending().unwrap().len(), 2);
-        assert!(s.pending().unwrap()[1].app_consistent, "kept across a restart");
+        assert!(
+            s.pending().unwrap()[1].app_consistent,
+            "kept across a restart"
+        );
         std::fs::write(spool.join("z.hrl"), b"garbage").unwrap();
         let e = s.pending().unwrap_err();
         assert_eq!(e.code(), "invalid_spool_log");
