@@ -510,9 +510,9 @@ fn agent_runs_a_scheduled_resync_by_itself() {
 /// DRVAULT_AGENT_DAY_S sets the length of the run (default 100 s); DRVAULT_CRASH_SEED replays
 /// the choices.
 #[test]
-#[ignore = "log uploads of this run stop being answered (agent: 'no answer within 60 s'), \
-            sometimes from the first cycle with two VMs sending at once: under diagnosis; \
-            run with --ignored"]
+#[ignore = "open bug: under this run the server sometimes stops answering (log uploads time \
+            out at the agent; once an export's map request timed out at the end): see the README's \
+            known limitations; run with --ignored"]
 fn simulated_day_with_kills_keeps_every_point_exact() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
