@@ -343,6 +343,20 @@ impl ChunkStore {
             .run(move || seal::open(&keys, kind, &key_str, Vec::from(raw)))
             .await?)
     }
+
+    /// [`get_sealed`](Self::get_sealed) for code already running on a CPU-pool thread (a log
+    /// parsed by [`CpuPool::run`] reading its frames): the object is fetched on `rt` and opened
+    /// on the calling thread. Taking a second pool permit there would deadlock once every
+    /// permit is held by such a parser waiting for one.
+    pub fn get_sealed_on_pool_thread(
+        &self,
+        rt: &tokio::runtime::Handle,
+        kind: ObjectKind,
+        key: &Key,
+    ) -> Result<Vec<u8>, ChunkError> {
+        let raw = rt.block_on(self.store.get(key))?;
+        Ok(seal::open(&self.keys, kind, key.as_str(), Vec::from(raw))?)
+    }
 }
 
 #[cfg(test)]

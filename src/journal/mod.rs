@@ -248,9 +248,11 @@ impl StoredLog {
         }
         // The store's error itself travels inside the io::Error (see [`store_failure`]): a
         // frame the store could not give back is the store's failure, not a bad log.
+        // This runs on a CPU-pool thread (the log is parsed there): the frame is opened here,
+        // not on the pool, which every parser waiting for a permit would deadlock.
         let f = self
-            .rt
-            .block_on(self.chunks.get_sealed(ObjectKind::LogFrame, &key))
+            .chunks
+            .get_sealed_on_pool_thread(&self.rt, ObjectKind::LogFrame, &key)
             .map_err(std::io::Error::other)?;
         let f = Arc::new(f);
         self.cache.put(key, f.clone());
@@ -425,6 +427,43 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
+    }
+
+    // Logs are parsed on the CPU pool and read their frames from there. With every permit held
+    // by such a parser, a frame opened through the pool waited for a permit that never came:
+    // the server stopped (two VMs of one agent sending logs at once on a 2-core machine).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parsers_holding_every_pool_permit_still_read_their_frames() {
+        let pool = CpuPool::new(1);
+        let cs = ChunkStore::new(
+            Store::open("memory://", &[]).unwrap(),
+            Arc::new(KeyRing::random()),
+            pool.clone(),
+            1,
+        );
+        let data = vec![5u8; LOG_FRAME_LEN + 100];
+        let mut w = FrameWriter::new(cs.clone(), "v", "d", "l");
+        w.push(Bytes::from(data.clone())).await.unwrap();
+        w.finish().await.unwrap();
+        let log = StoredLog::new(
+            cs.clone(),
+            "v",
+            "d",
+            "l",
+            data.len() as u64,
+            FrameCache::new(2),
+            tokio::runtime::Handle::current(),
+        );
+        let read = pool.run(move || {
+            let mut b = vec![0u8; data.len()];
+            log.read_exact_at(&mut b, 0).map(|_| b == data)
+        });
+        // A deadline for a deadlock, not a timing: the read takes milliseconds.
+        let same = tokio::time::timeout(std::time::Duration::from_secs(120), read)
+            .await
+            .expect("a frame read from a pool thread waited for the pool it holds")
+            .unwrap();
+        assert!(same);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
