@@ -510,9 +510,8 @@ fn agent_runs_a_scheduled_resync_by_itself() {
 /// DRVAULT_AGENT_DAY_S sets the length of the run (default 100 s); DRVAULT_CRASH_SEED replays
 /// the choices.
 #[test]
-#[ignore = "open bug: under this run the server sometimes stops answering (log uploads time \
-            out at the agent; once an export's map request timed out at the end): see the README's \
-            known limitations; run with --ignored"]
+#[ignore = "a soak of about two minutes with random SIGKILLs of the agent and the server: \
+            run with --ignored (DRVAULT_AGENT_DAY_S sets its length, DRVAULT_CRASH_SEED replays)"]
 fn simulated_day_with_kills_keeps_every_point_exact() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
