@@ -235,7 +235,7 @@ impl Catalog {
         }
         // New disk records first: invisible until the VM record lists them.
         for a in &added {
-            let rec = self.new_disk_record(existing, &a.id, a.size, true);
+            let rec = self.new_disk_record(&existing.name, &existing.id, &a.id, a.size, true);
             self.store_disk(rec).await?;
         }
         for g in &grown {
@@ -280,19 +280,20 @@ impl Catalog {
         Ok((updated, false))
     }
 
-    /// A disk record about to receive its initial replication.
+    /// A disk record about to receive its initial replication (`added`: to a protected VM).
     pub(super) fn new_disk_record(
         &self,
-        vm: &VmRecord,
+        vm: &str,
+        vm_id: &str,
         disk: &str,
         size: u64,
         added: bool,
     ) -> DiskRecord {
         DiskRecord {
-            vm: vm.name.clone(),
+            vm: vm.to_string(),
             disk: disk.to_string(),
-            vm_id: vm.id.clone(),
-            disk_id: self.disk_id(&vm.name, disk),
+            vm_id: vm_id.to_string(),
+            disk_id: self.disk_id(vm, disk),
             size,
             block_size: self.block_size,
             state: DiskState::Receiving,

@@ -393,34 +393,8 @@ impl Catalog {
         let now = crate::util::unix_now();
         // Disk records first: a VM record is never visible without its disks.
         for d in &spec.disks {
-            let disk_id = self.disk_id(vm, &d.id);
-            let rec = DiskRecord {
-                vm: vm.to_string(),
-                disk: d.id.clone(),
-                vm_id: vm_id.clone(),
-                disk_id: disk_id.clone(),
-                size: d.size,
-                block_size: self.block_size,
-                state: DiskState::Receiving,
-                session: uuid::Uuid::new_v4().simple().to_string(),
-                map_root: None,
-                content_digest: None,
-                journal: Vec::new(),
-                base_point: BasePoint::default(),
-                chain_head: None,
-                data_write_guid: None,
-                resync_required: None,
-                resync_fence: None,
-                added: false,
-                first_cycle: 0,
-                last_cycle_in_vm: None,
-                stats: DiskStats {
-                    // Every block is `block_size` bytes but the last (see `replica::blockmap`).
-                    blocks: d.size.div_ceil(self.block_size as u64),
-                    ..Default::default()
-                },
-                completed_unix: None,
-            };
+            let rec = self.new_disk_record(vm, &vm_id, &d.id, d.size, false);
+            let disk_id = rec.disk_id.clone();
             let prefix = layout::record(Family::Disk, &layout::disk_record_id(&vm_id, &disk_id));
             // A leftover from a crashed enable is replaced; the VM record below is the commit point.
             self.vault
