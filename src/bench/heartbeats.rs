@@ -82,21 +82,7 @@ pub async fn run(args: HeartbeatsArgs) -> Result<i32, BenchError> {
             "--runs, --hosts, --interval and --window must be at least 1".into(),
         ));
     }
-    let work = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(super::default_work_dir);
-    let run_dir = work.join("runs").join("heartbeats");
-    let _ = std::fs::remove_dir_all(&run_dir);
-    std::fs::create_dir_all(&run_dir).map_err(io_err("creating", &run_dir))?;
-    let exe = std::env::current_exe().map_err(io_err("locating", Path::new("this binary")))?;
-    let server = SpawnedServer::start(
-        &exe,
-        &run_dir.join("data"),
-        &run_dir.join("server.log"),
-        None,
-    )
-    .await?;
+    let (run_dir, _, server) = super::fresh_run(args.work_dir.as_deref(), "heartbeats").await?;
     let result = measure(&server, &args, &run_dir).await;
     let stopped = server.stop().await;
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -151,17 +137,11 @@ fn build(args: &HeartbeatsArgs, rounds: Vec<HeartbeatRound>) -> HeartbeatsReport
         hosts: args.hosts,
         interval_s: args.interval,
         window_s: args.window,
-        load_average: load_average(),
+        load_average: super::load_average(),
         rounds,
         figures,
         notes,
     }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// A simulated host: its client and the heartbeat it sends.

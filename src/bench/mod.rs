@@ -243,6 +243,35 @@ pub fn default_work_dir() -> PathBuf {
     std::env::temp_dir().join("drvault-bench")
 }
 
+/// The 1, 5 and 15 minute load averages, as printed with every figure.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// An empty `runs/NAME` under the work directory (default [`default_work_dir`]), this binary's
+/// path, and a server spawned on a fresh data directory there.
+pub(crate) async fn fresh_run(
+    work_dir: Option<&std::path::Path>,
+    name: &str,
+) -> Result<(PathBuf, PathBuf, server::SpawnedServer), BenchError> {
+    let work = work_dir.map_or_else(default_work_dir, std::path::Path::to_path_buf);
+    let run_dir = work.join("runs").join(name);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    std::fs::create_dir_all(&run_dir).map_err(io_err("creating", &run_dir))?;
+    let exe =
+        std::env::current_exe().map_err(io_err("locating", std::path::Path::new("this binary")))?;
+    let server = server::SpawnedServer::start(
+        &exe,
+        &run_dir.join("data"),
+        &run_dir.join("server.log"),
+        None,
+    )
+    .await?;
+    Ok((run_dir, exe, server))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,24 +85,8 @@ pub async fn run(args: RpoArgs) -> Result<i32, BenchError> {
             "--disk-size must be at least 8MiB".into(),
         ));
     }
-    let work = args
-        .work_dir
-        .clone()
-        .unwrap_or_else(super::default_work_dir);
-    let run_dir = work.join("runs").join("rpo");
-    let _ = std::fs::remove_dir_all(&run_dir);
-    std::fs::create_dir_all(&run_dir).map_err(io_err("creating", &run_dir))?;
-    let exe = std::env::current_exe().map_err(io_err("locating", Path::new("this binary")))?;
-    let load_average = std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into());
-    let server = SpawnedServer::start(
-        &exe,
-        &run_dir.join("data"),
-        &run_dir.join("server.log"),
-        None,
-    )
-    .await?;
+    let load_average = super::load_average();
+    let (run_dir, exe, server) = super::fresh_run(args.work_dir.as_deref(), "rpo").await?;
     let result = measure(&server, &exe, &args, &run_dir).await;
     let stopped = server.stop().await;
     let kept = result.is_err();
