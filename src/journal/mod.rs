@@ -372,6 +372,19 @@ mod tests {
     use crate::chunk::{CpuPool, KeyRing};
     use crate::store::Store;
 
+    /// Log "l" of disk "d" of VM "v", `len` bytes, read with a small frame cache.
+    fn stored(cs: &ChunkStore, len: u64) -> StoredLog {
+        StoredLog::new(
+            cs.clone(),
+            "v",
+            "d",
+            "l",
+            len,
+            FrameCache::new(2),
+            tokio::runtime::Handle::current(),
+        )
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn frames_round_trip_any_range() {
         let cs = ChunkStore::new(
@@ -388,15 +401,7 @@ mod tests {
             w.push(Bytes::copy_from_slice(piece)).await.unwrap();
         }
         assert_eq!(w.finish().await.unwrap(), data.len() as u64);
-        let log = StoredLog::new(
-            cs.clone(),
-            "v",
-            "d",
-            "l",
-            data.len() as u64,
-            FrameCache::new(2),
-            tokio::runtime::Handle::current(),
-        );
+        let log = stored(&cs, data.len() as u64);
         let d2 = data.clone();
         tokio::task::spawn_blocking(move || {
             for (off, len) in [
@@ -445,15 +450,7 @@ mod tests {
         let mut w = FrameWriter::new(cs.clone(), "v", "d", "l");
         w.push(Bytes::from(data.clone())).await.unwrap();
         w.finish().await.unwrap();
-        let log = StoredLog::new(
-            cs.clone(),
-            "v",
-            "d",
-            "l",
-            data.len() as u64,
-            FrameCache::new(2),
-            tokio::runtime::Handle::current(),
-        );
+        let log = stored(&cs, data.len() as u64);
         let read = pool.run(move || {
             let mut b = vec![0u8; data.len()];
             log.read_exact_at(&mut b, 0).map(|_| b == data)
