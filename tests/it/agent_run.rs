@@ -20,6 +20,18 @@ fn cycles(n: u64) -> Duration {
     Duration::from_secs(n * INTERVAL_S + 90)
 }
 
+/// Waits until the agent has sent (and removed) every log of `spool`.
+fn wait_spool_empty(spool: &Path, within: Duration, what: &str) {
+    eventually(within, what, || {
+        let left = hrl_files(spool);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    });
+}
+
 /// A running `drvault agent run`; killed on drop.
 struct Agent {
     child: Option<Child>,
@@ -304,14 +316,7 @@ fn spool_logs_are_sent_in_order_and_removed_and_an_invalid_one_is_refused() {
     );
     let mut agent = Agent::start(&cfg, &t.path().join("agent.log"));
     wait_point(&s, &mut agent, "vma", 3, cycles(1));
-    eventually(cycles(1), "spool of vma emptied", || {
-        let left = hrl_files(&spool1);
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{left:?}"))
-        }
-    });
+    wait_spool_empty(&spool1, cycles(1), "spool of vma emptied");
     assert_eq!(
         points(&s, "vma").iter().map(|p| p.0).collect::<Vec<_>>(),
         vec![0, 1, 2, 3]
@@ -390,14 +395,7 @@ fn sigterm_mid_run_then_restart_loses_nothing_and_sends_nothing_twice() {
     );
     let mut agent = Agent::start(&cfg, &t.path().join("agent2.log"));
     wait_point(&s, &mut agent, "vma", n, cycles(1));
-    eventually(cycles(1), "spool emptied", || {
-        let l = hrl_files(&spool);
-        if l.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("{l:?}"))
-        }
-    });
+    wait_spool_empty(&spool, cycles(1), "spool emptied");
     assert_eq!(
         points(&s, "vma").iter().map(|p| p.0).collect::<Vec<_>>(),
         (0..=n).collect::<Vec<_>>(),
