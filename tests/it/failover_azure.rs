@@ -1,0 +1,1 @@
+//! Failover into Azure storage: disks written as page-blob fixed VHDs on Azurite.
