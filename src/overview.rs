@@ -53,6 +53,12 @@ fn finding(level: Health, code: &str, reason: String) -> HealthFinding {
     }
 }
 
+/// How long a host may stay silent before it is "not reporting" (Critical): 10 of its
+/// intervals, at least the configured floor.
+pub fn not_reporting_after_s(contact: &HostContact, settings: HealthSettings) -> u64 {
+    (10 * contact.interval_s.max(1)).max(settings.not_reporting_critical_floor_s)
+}
+
 /// What the heartbeats of the VM's host say at `now`: a host silent for 2 intervals is
 /// Warning, for 10 intervals (at least the configured floor) Critical; a VM whose replication
 /// the agent stopped with a non-recoverable error is Critical with that error's code.
@@ -66,7 +72,7 @@ pub fn agent_findings(
     let mut out = Vec::new();
     let interval = contact.interval_s.max(1);
     let silent = now.saturating_sub(contact.last_contact_unix);
-    let critical_after = (10 * interval).max(settings.not_reporting_critical_floor_s);
+    let critical_after = not_reporting_after_s(contact, settings);
     if silent > critical_after {
         out.push(finding(
             Health::Critical,
@@ -208,6 +214,11 @@ pub struct Overview {
 }
 
 impl Overview {
+    /// The health thresholds in force.
+    pub fn health_settings(&self) -> HealthSettings {
+        self.health
+    }
+
     pub fn new(
         catalog: Catalog,
         ingest: Ingest,

@@ -398,8 +398,34 @@ fn install_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()
+                .inspect(|_| register_counters())
         })
         .clone()
+}
+
+/// Counters a dashboard or alert rule reads, exported at 0 from the start: a series that only
+/// appears with its first event reads as "no data" until then, and `rate()` misses that event.
+const COUNTERS_FROM_ZERO: &[&str] = &[
+    "drvault_blocks_received_total",
+    "drvault_blocks_stored_total",
+    "drvault_blocks_dedup_total",
+    "drvault_blocks_zero_total",
+    "drvault_bytes_received_total",
+    "drvault_bytes_stored_plain_total",
+    "drvault_bytes_stored_sealed_total",
+    "drvault_bytes_dedup_total",
+    "drvault_bytes_zero_total",
+    "drvault_logs_accepted_total",
+    "drvault_log_bytes_accepted_total",
+    "drvault_gc_freed_objects_total",
+    "drvault_gc_freed_bytes_total",
+    "drvault_quarantined_objects_total",
+];
+
+fn register_counters() {
+    for name in COUNTERS_FROM_ZERO {
+        metrics::counter!(*name).increment(0);
+    }
 }
 
 fn create_private_dir(p: &Path) -> Result<(), ServeError> {

@@ -45,6 +45,16 @@ async fn metrics(State(s): State<AppState>) -> Response {
         if let Some(rpo) = v.rpo_seconds {
             metrics::gauge!("drvault_vm_rpo_seconds", "vm" => v.name.clone()).set(rpo as f64);
         }
+        // The limit the server's own `rpo_exceeded` rule uses, so alert rules compare against
+        // the same figure instead of repeating the policy arithmetic.
+        metrics::gauge!("drvault_vm_rpo_limit_seconds", "vm" => v.name.clone())
+            .set(crate::overview::rpo_limit_s(&v.policy) as f64);
+        // A resync is due (some disk requires one) and has not run yet: waiting for its window,
+        // or for the agent.
+        let resync_waiting = v.disks.iter().any(|d| d.resync_required.is_some())
+            || v.resync.as_ref().is_some_and(|r| r.state == "scheduled");
+        metrics::gauge!("drvault_vm_resync_waiting", "vm" => v.name.clone())
+            .set(if resync_waiting { 1.0 } else { 0.0 });
         if let Some(a) = &v.agent {
             metrics::gauge!("drvault_vm_backlog_bytes", "vm" => v.name.clone())
                 .set(a.backlog_bytes as f64);
@@ -80,8 +90,11 @@ async fn metrics(State(s): State<AppState>) -> Response {
             .flat_map(|r| r.disks.iter())
             .map(|d| d.backlog_bytes)
             .sum();
+        metrics::gauge!("drvault_host_not_reporting_after_seconds", "host" => host.clone())
+            .set(crate::overview::not_reporting_after_s(&c, s.overview.health_settings()) as f64);
         metrics::gauge!("drvault_host_backlog_bytes", "host" => host).set(backlog as f64);
     }
+    vault_space(&s).await;
     match &s.metrics {
         Some(h) => (
             [(
@@ -96,6 +109,27 @@ async fn metrics(State(s): State<AppState>) -> Response {
             "metrics recorder not installed",
         )
             .into_response(),
+    }
+}
+
+/// Free and total bytes of the file system holding a local vault (`file://`), for the disk
+/// space alert; object stores have no such limit and export nothing.
+async fn vault_space(s: &AppState) {
+    let Some(dir) = s.vault.store().url().strip_prefix("file://") else {
+        return;
+    };
+    let dir = dir.to_string();
+    let stat = tokio::task::spawn_blocking(move || rustix::fs::statvfs(dir.as_str())).await;
+    match stat {
+        Ok(Ok(st)) => {
+            let unit = st.f_frsize.max(1);
+            metrics::gauge!("drvault_vault_free_bytes").set((st.f_bavail * unit) as f64);
+            metrics::gauge!("drvault_vault_capacity_bytes").set((st.f_blocks * unit) as f64);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not read the vault file system's free space")
+        }
+        Err(e) => tracing::warn!(error = %e, "free space check did not run"),
     }
 }
 
