@@ -159,6 +159,7 @@ const DONOR_PAGES: usize = 16384;
 
 pub async fn run(args: DeltasArgs) -> Result<i32, BenchError> {
     let target = Target::from_args(&args.target)?;
+    let load_at_start = super::load_average();
     let p = images::prepare(&args.image).await?;
     validate(&args, p.image.virtual_size())?;
     images::warm_page_cache(&p.path)?;
@@ -183,7 +184,8 @@ pub async fn run(args: DeltasArgs) -> Result<i32, BenchError> {
         eprintln!("bench: deltas run {}/{}", k + 1, args.runs);
         runs.push(run_once(&ctx, k).await?);
     }
-    let r = build(p.info, ctx.target.describe(), &args, runs);
+    let mut r = build(p.info, ctx.target.describe(), &args, runs);
+    r.notes.push(super::load_note(&load_at_start));
     if args.json {
         println!("{}", report::json(&r)?);
     } else {

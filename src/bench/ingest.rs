@@ -140,6 +140,7 @@ impl Ctx {
 
 pub async fn run(args: IngestArgs) -> Result<i32, BenchError> {
     validate(&args)?;
+    let load_at_start = super::load_average();
     let prepared = images::prepare(&args.image).await?;
     let (work, image_path, image) = (prepared.work, prepared.path, prepared.image);
     let target = match &args.creds {
@@ -172,7 +173,8 @@ pub async fn run(args: IngestArgs) -> Result<i32, BenchError> {
 
     match &args.plot {
         None => {
-            let r = measure(&ctx, &args, args.agents, !args.no_baselines, &info).await?;
+            let mut r = measure(&ctx, &args, args.agents, !args.no_baselines, &info).await?;
+            r.notes.push(super::load_note(&load_at_start));
             if args.json {
                 println!("{}", report::to_json(&r)?);
             } else {
@@ -189,6 +191,7 @@ pub async fn run(args: IngestArgs) -> Result<i32, BenchError> {
                     r.baseline_medians = first.baseline_medians.clone();
                     r.ratios = report::ratios(&r.median, &r.baseline_medians);
                 }
+                r.notes.push(super::load_note(&load_at_start));
                 points.push(r);
             }
             let plot = report::plot(&points, png);

@@ -251,6 +251,15 @@ pub fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// The note every report carries: the machine's load when the measurement started and ended
+/// (ratios hold on a loaded machine, absolute rates do not).
+pub fn load_note(at_start: &str) -> String {
+    format!(
+        "load average (1, 5, 15 min) at start {at_start}, at end {}",
+        load_average()
+    )
+}
+
 /// An empty `runs/NAME` under the work directory (default [`default_work_dir`]), this binary's
 /// path, and a server spawned on a fresh data directory there.
 pub(crate) async fn fresh_run(

@@ -127,6 +127,7 @@ pub async fn run(args: ResyncArgs) -> Result<i32, BenchError> {
         return Err(BenchError::Invalid("--change must be more than 0".into()));
     }
     let target = Target::from_args(&args.target)?;
+    let load_at_start = super::load_average();
     let p = images::prepare(&args.image).await?;
     let run_dir = p.work.join("runs").join("resync");
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -153,7 +154,8 @@ pub async fn run(args: ResyncArgs) -> Result<i32, BenchError> {
     let _ = std::fs::remove_dir_all(&run_dir);
     let runs = result?;
     stopped?;
-    let r = build(p.info, target.describe(), args.pattern.into(), runs);
+    let mut r = build(p.info, target.describe(), args.pattern.into(), runs);
+    r.notes.push(super::load_note(&load_at_start));
     if args.json {
         println!("{}", report::json(&r)?);
     } else {
