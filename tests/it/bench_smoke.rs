@@ -151,6 +151,15 @@ fn bench_deltas_smoke() {
         .unwrap()
         .iter()
         .any(|n| n.as_str().unwrap().contains("checked byte for byte")));
+    assert!(
+        r["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().starts_with("load average")),
+        "the report says how loaded the machine was: {}",
+        r["notes"]
+    );
     assert!(std::fs::read_dir(work.path().join("runs"))
         .map(|d| d.count() == 0)
         .unwrap_or(true));
