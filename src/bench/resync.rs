@@ -338,7 +338,10 @@ pub fn build(
             "initial replication of the same disk, s",
         ),
     ];
-    let vault: Vec<f64> = runs.iter().filter_map(|r| r.vault_per_changed_byte).collect();
+    let vault: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.vault_per_changed_byte)
+        .collect();
     figures.push(Figure::new(
         "vault bytes per changed byte, resync",
         &vault,
@@ -440,7 +443,10 @@ mod tests {
         assert_eq!(r.figures[3].ours, Some(1.1));
         assert_eq!(r.figures[4].baseline, Some(10.0));
         assert_eq!(r.figures[5].figure, "vault bytes per changed byte, resync");
-        assert_eq!((r.figures[5].ours, r.figures[5].ratio), (Some(2.0), Some(2.0)));
+        assert_eq!(
+            (r.figures[5].ours, r.figures[5].ratio),
+            (Some(2.0), Some(2.0))
+        );
         assert!(table(&r).contains("scattered 4 KiB writes"));
 
         let r = build(

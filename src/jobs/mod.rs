@@ -350,18 +350,16 @@ mod tests {
         let (_s, vault) = memory().await;
         let jobs = Jobs::load(vault.records.clone()).await.unwrap();
         let job = jobs
-            .create(JobKind::EnableProtection, Some("vm"), &["Copy"], JobState::Running)
+            .create(
+                JobKind::EnableProtection,
+                Some("vm"),
+                &["Copy"],
+                JobState::Running,
+            )
             .await
             .unwrap();
         let prefix = layout::record(Family::Job, &job.id);
-        let version = || async {
-            vault
-                .records
-                .load::<Job>(&prefix)
-                .await
-                .unwrap()
-                .unwrap()
-        };
+        let version = || async { vault.records.load::<Job>(&prefix).await.unwrap().unwrap() };
         let v0 = version().await.version;
         // A hundred blocks' progress: memory only.
         for k in 1..=100 {

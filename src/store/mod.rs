@@ -580,12 +580,8 @@ impl Store {
     pub async fn list(&self, prefix: &Key) -> Result<Vec<Listed>, StoreError> {
         let p = prefix.os_path();
         Op::List.requested();
-        let items: Vec<object_store::ObjectMeta> = self
-            .inner
-            .list(Some(&p))
-            .try_collect()
-            .await
-            .map_err(|e| {
+        let items: Vec<object_store::ObjectMeta> =
+            self.inner.list(Some(&p)).try_collect().await.map_err(|e| {
                 Op::List.failed();
                 StoreError::from_os("list", prefix, e)
             })?;
@@ -666,12 +662,16 @@ mod tests {
         let missing = Key::new(&["m", "missing"]).unwrap();
         s.put(&a, Bytes::from_static(b"0123456789")).await.unwrap();
         assert_eq!(
-            s.put_if_absent(&b, Bytes::from_static(b"xyz")).await.unwrap(),
+            s.put_if_absent(&b, Bytes::from_static(b"xyz"))
+                .await
+                .unwrap(),
             PutOutcome::Created
         );
         // A deduplication hit writes nothing.
         assert_eq!(
-            s.put_if_absent(&b, Bytes::from_static(b"other")).await.unwrap(),
+            s.put_if_absent(&b, Bytes::from_static(b"other"))
+                .await
+                .unwrap(),
             PutOutcome::Existed
         );
         assert_eq!(s.get(&a).await.unwrap().len(), 10);
@@ -694,8 +694,14 @@ mod tests {
         assert!(s.get_range(&a, 3..3).await.is_err());
 
         let text = handle.render();
-        let requests = |op: &str| counter(&text, &format!("drvault_store_requests_total{{op=\"{op}\"}}"));
-        let errors = |op: &str| counter(&text, &format!("drvault_store_errors_total{{op=\"{op}\"}}"));
+        let requests = |op: &str| {
+            counter(
+                &text,
+                &format!("drvault_store_requests_total{{op=\"{op}\"}}"),
+            )
+        };
+        let errors =
+            |op: &str| counter(&text, &format!("drvault_store_errors_total{{op=\"{op}\"}}"));
         assert_eq!(requests("put"), 1, "{text}");
         assert_eq!(requests("put_if_absent"), 2, "{text}");
         assert_eq!(requests("get"), 2, "{text}");

@@ -72,7 +72,10 @@ fn bench_ingest_smoke() {
     assert_eq!(r["ratios"]["mb_s_vs_borg"].is_null(), borg != "ok");
     // Random data does not compress: about one wire byte per data byte.
     let wire = run["wire_per_data_byte"].as_f64().unwrap();
-    assert!((0.9..1.2).contains(&wire), "wire bytes per data byte {wire}");
+    assert!(
+        (0.9..1.2).contains(&wire),
+        "wire bytes per data byte {wire}"
+    );
     let restic = r["baseline_medians"]["restic_status"].as_str().unwrap();
     assert!(
         restic == "ok" || restic.starts_with("missing"),
@@ -222,7 +225,11 @@ fn bench_resync_smoke() {
     assert!(positive(&run["resync_s"]));
     // The resync stored at least the 4 MiB blocks it patched (compressed random data) per
     // changed MiB: well above nothing, and a figure read from the server, not made up.
-    let v = figure(&r, "vault bytes per changed byte, resync", "1: the changed bytes");
+    let v = figure(
+        &r,
+        "vault bytes per changed byte, resync",
+        "1: the changed bytes",
+    );
     assert!(v["ours"].as_f64().unwrap() >= 1.0, "{v}");
     let f = figure(&r, "resync s (request to commit)", "rsync");
     let rsync = run["rsync"]["outcome"]["status"].as_str().unwrap();
@@ -357,9 +364,14 @@ fn uploads_and_resync_patches_cost_no_store_listing_per_block() {
 
     let before = store_counts(&server);
     let disk = format!("{}:d", src.display());
-    server.cli_ok(&["agent", "protect", "--creds", c, "--vm", "web", "--disk", &disk]);
+    server.cli_ok(&[
+        "agent", "protect", "--creds", c, "--vm", "web", "--disk", &disk,
+    ]);
     let after = store_counts(&server);
-    let (list, get) = (delta(&before, &after, "list"), delta(&before, &after, "get"));
+    let (list, get) = (
+        delta(&before, &after, "list"),
+        delta(&before, &after, "get"),
+    );
     eprintln!("protect of {BLOCKS} blocks: {after:?} - {before:?}");
     // Storing a block is a put of its chunk and of its receipt.
     assert!(
@@ -378,7 +390,15 @@ fn uploads_and_resync_patches_cost_no_store_listing_per_block() {
     server.cli_ok(&["resync", "--vm", "web", "--now"]);
     let before = store_counts(&server);
     let o = server.cli(&[
-        "agent", "resync", "--creds", c, "--vm", "web", "--disk", "d", "--json",
+        "agent",
+        "resync",
+        "--creds",
+        c,
+        "--vm",
+        "web",
+        "--disk",
+        "d",
+        "--json",
         src.to_str().unwrap(),
     ]);
     succeeded(&o, "agent resync");
