@@ -242,6 +242,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     }
 
     services.contacts.spawn_persist(&tasks);
+    jobs.spawn_progress_persist(&tasks);
 
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await

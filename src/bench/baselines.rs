@@ -9,6 +9,10 @@
 //!   durable writes with memory copies.
 //! * [`restic`]: `restic backup` of the image file into a fresh local repository of format 2
 //!   (compressed, encrypted, deduplicated: the closest widely used peer).
+//! * [`borg`]: `borg create --compression zstd,3` of the image file into a fresh encrypted
+//!   (repokey) local repository, the second such peer. Its cache and keys live under the
+//!   repository's directory too (`BORG_BASE_DIR`), so a run starts cold as restic's
+//!   `--no-cache` does and leaves nothing in the user's home.
 //!
 //! Rates are the image's logical size per second; CPU is per logical GB. For `cp` and `restic`
 //! the CPU comes from this process's children counters, read around the wait.
@@ -259,6 +263,60 @@ pub async fn restic(image: &Path, dir: &Path, tck: u64) -> Outcome {
     }
 }
 
+/// Whether `borg` can be run.
+pub async fn borg_present() -> bool {
+    tokio::process::Command::new("borg")
+        .arg("--version")
+        .output()
+        .await
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// `borg create --compression zstd,3 REPO::bench IMAGE` into a fresh repokey-encrypted
+/// repository under `dir` (removed afterwards); `borg init` is not timed.
+pub async fn borg(image: &Path, dir: &Path, tck: u64) -> Outcome {
+    if !borg_present().await {
+        return Outcome::Missing {
+            note: "borg is not installed (apt-get install borgbackup)".into(),
+        };
+    }
+    let root: PathBuf = dir.join("borg");
+    let repo = root.join("repo");
+    let run = async {
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).map_err(io_err("creating", &root))?;
+        let size = std::fs::metadata(image)
+            .map_err(io_err("reading", image))?
+            .len();
+        let base = |args: &[&str]| {
+            let mut c = tokio::process::Command::new("borg");
+            c.env("BORG_PASSPHRASE", "drvault-bench")
+                .env("BORG_DISPLAY_PASSPHRASE", "no")
+                .env("BORG_BASE_DIR", root.join("base"))
+                .stdin(std::process::Stdio::null())
+                .args(args);
+            c
+        };
+        let mut init = base(&["init", "--encryption", "repokey"]);
+        init.arg(&repo);
+        timed(&mut init, "borg init", tck).await?;
+        let mut create = base(&["create", "--compression", "zstd,3"]);
+        create.arg(format!("{}::bench", repo.display())).arg(image);
+        let (secs, cpu) = timed(&mut create, "borg create", tck).await?;
+        let written = dir_size(&repo);
+        Ok::<_, BenchError>(measured(size, secs, Some(cpu), Some(written)))
+    };
+    let r = run.await;
+    let _ = std::fs::remove_dir_all(&root);
+    match r {
+        Ok(m) => Outcome::Ok(m),
+        Err(e) => Outcome::Failed {
+            note: e.to_string(),
+        },
+    }
+}
+
 /// `qemu-img convert -f raw -O vpc -o subformat=fixed,force_size=on RAW DIR/qemu.vhd`, then
 /// `sync` of the output: the materialization peer. Returns (convert alone, convert + sync):
 /// qemu-img's convert does not flush by default, our failover fsyncs before it says done.
@@ -439,6 +497,29 @@ mod tests {
         let w = m.written_bytes.unwrap();
         assert!(w > 0 && w < 1 << 20, "one compressed block stored: {w}");
         assert!(!dir.path().join("p").exists(), "store removed afterwards");
+    }
+
+    #[tokio::test]
+    async fn borg_backs_up_an_image_or_says_it_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("img.raw");
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&image, &data).unwrap();
+        let work = dir.path().join("w");
+        match borg(&image, &work, 100).await {
+            Outcome::Ok(m) => {
+                // Compressed: far less than the 1 MiB image, and some bytes.
+                let w = m.written_bytes.unwrap();
+                assert!(w > 0 && w < 1 << 20, "{m:?}");
+                assert!(m.mb_s > 0.0);
+            }
+            Outcome::Missing { note } => {
+                assert!(!borg_present().await);
+                assert!(note.contains("borgbackup"), "{note}");
+            }
+            Outcome::Failed { note } => panic!("borg failed: {note}"),
+        }
+        assert!(!work.join("borg").exists(), "repository removed afterwards");
     }
 
     #[tokio::test]

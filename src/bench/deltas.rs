@@ -39,7 +39,10 @@ use super::changes::{self, DonorPages, LogFile, LogSpec, Pattern, EXTENT, PAGE};
 use super::images;
 use super::procstat::clock_ticks_per_second;
 use super::report::{self, Figure, ImageInfo};
-use super::server::{quick_backoff, run_tag, RunClients, Target, TargetArgs, DISK};
+use super::server::{
+    per_changed_byte, quick_backoff, run_tag, server_counter, RunClients, Target, TargetArgs, DISK,
+    IN_PLACE, VAULT_WRITTEN,
+};
 use super::{io_err, median, parse_size_arg, BenchError};
 use crate::agent::replicate::{replicate, ReplicateOptions};
 use crate::format::hrl::Guid;
@@ -86,6 +89,9 @@ pub struct PatternRun {
     pub merge_s: f64,
     pub merge_mb_s: f64,
     pub blocks_rewritten: u64,
+    /// Bytes the merge wrote into the vault per byte the log writes (`None`: the server keeps
+    /// no store byte count).
+    pub merge_vault_per_changed_byte: Option<f64>,
     /// `hrl apply` of the log to a raw copy of the disk, with fsync.
     pub apply: Outcome,
     pub pipeline: Outcome,
@@ -103,6 +109,8 @@ pub struct JournalRun {
     pub merge_s: f64,
     pub merge_mb_s: f64,
     pub blocks_rewritten: u64,
+    /// As [`PatternRun::merge_vault_per_changed_byte`], for the whole journal's merge.
+    pub merge_vault_per_changed_byte: Option<f64>,
     pub export_merged_s: f64,
     pub apply: Outcome,
     /// `cp` + fsync of the raw disk: the export baseline.
@@ -151,6 +159,7 @@ const DONOR_PAGES: usize = 16384;
 
 pub async fn run(args: DeltasArgs) -> Result<i32, BenchError> {
     let target = Target::from_args(&args.target)?;
+    let load_at_start = super::load_average();
     let p = images::prepare(&args.image).await?;
     validate(&args, p.image.virtual_size())?;
     images::warm_page_cache(&p.path)?;
@@ -175,7 +184,8 @@ pub async fn run(args: DeltasArgs) -> Result<i32, BenchError> {
         eprintln!("bench: deltas run {}/{}", k + 1, args.runs);
         runs.push(run_once(&ctx, k).await?);
     }
-    let r = build(p.info, ctx.target.describe(), &args, runs);
+    let mut r = build(p.info, ctx.target.describe(), &args, runs);
+    r.notes.push(super::load_note(&load_at_start));
     if args.json {
         println!("{}", report::json(&r)?);
     } else {
@@ -369,6 +379,11 @@ impl RunState<'_> {
         Ok((ack, secs))
     }
 
+    /// The server's [`VAULT_WRITTEN`] count.
+    async fn vault_written(&self) -> Result<Option<f64>, BenchError> {
+        server_counter(&self.session.operator, VAULT_WRITTEN).await
+    }
+
     /// Merges every log of the VM; returns the report and the request's time.
     async fn merge(&self) -> Result<(MergeReport, f64), BenchError> {
         let t = Instant::now();
@@ -470,7 +485,10 @@ async fn pattern_run(st: &mut RunState<'_>, pattern: Pattern) -> Result<PatternR
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let visible_ms = t.elapsed().as_secs_f64() * 1e3;
+    let written0 = st.vault_written().await?;
     let (merged, merge_s) = st.merge().await?;
+    let merge_vault_per_changed_byte =
+        per_changed_byte(written0, st.vault_written().await?, log.data_bytes);
     let apply = Outcome::Ok(mb_s(log.log_bytes, st.apply(&log.path).await?));
     let (pipeline, cp) = if st.ctx.args.no_baselines {
         let n = || Outcome::Failed {
@@ -498,6 +516,7 @@ async fn pattern_run(st: &mut RunState<'_>, pattern: Pattern) -> Result<PatternR
         merge_mb_s: log.log_bytes as f64 / merge_s.max(1e-9) / 1e6,
         merge_s,
         blocks_rewritten: merged.blocks_rewritten,
+        merge_vault_per_changed_byte,
         log,
         apply,
         pipeline,
@@ -534,7 +553,10 @@ async fn journal_run(st: &mut RunState<'_>) -> Result<JournalRun, BenchError> {
     }
     eprintln!("bench:   export with {n} unmerged logs, merge, export again");
     let export_journal_s = st.export_checked("export-journal").await?;
+    let written0 = st.vault_written().await?;
     let (merged, merge_s) = st.merge().await?;
+    let merge_vault_per_changed_byte =
+        per_changed_byte(written0, st.vault_written().await?, data_bytes);
     if merged.logs_merged != n {
         return Err(BenchError::Server(format!(
             "merge folded {} logs, expected {n}",
@@ -561,6 +583,7 @@ async fn journal_run(st: &mut RunState<'_>) -> Result<JournalRun, BenchError> {
         merge_mb_s: log_bytes as f64 / merge_s.max(1e-9) / 1e6,
         merge_s,
         blocks_rewritten: merged.blocks_rewritten,
+        merge_vault_per_changed_byte,
         export_merged_s,
         apply: Outcome::Ok(mb_s(log_bytes, apply_s)),
         cp_disk,
@@ -678,11 +701,35 @@ pub fn build(
         "blocks rewritten by merge, extents",
         &col(&|r| r.extents.blocks_rewritten as f64),
     ));
+    for (label, pick) in [
+        (
+            "scattered 4 KiB".to_string(),
+            Box::new(|r: &DeltaRun| r.scattered.merge_vault_per_changed_byte)
+                as Box<dyn Fn(&DeltaRun) -> Option<f64>>,
+        ),
+        (
+            "256 KiB extents".to_string(),
+            Box::new(|r: &DeltaRun| r.extents.merge_vault_per_changed_byte),
+        ),
+        (
+            format!("{n}-log journal"),
+            Box::new(|r: &DeltaRun| r.journal.merge_vault_per_changed_byte),
+        ),
+    ] {
+        let ours: Vec<f64> = runs.iter().filter_map(&pick).collect();
+        figures.push(Figure::new(
+            &format!("vault bytes per changed byte, merge, {label}"),
+            &ours,
+            &vec![Some(1.0); ours.len()],
+            IN_PLACE,
+        ));
+    }
     figures.push(Figure::alone("protect s (setup)", &col(&|r| r.protect_s)));
     let mut notes = vec![
         "MB = 10^6 bytes; rates count log-file bytes (data + 4 KiB header + metadata blocks); ratios are ours/baseline: above 1 is better for MB/s, below 1 for s and ms".to_string(),
         format!("each pattern log writes {} of disk data; the journal writes {} in {n} logs (each half 4 KiB writes, half 256 KiB extents); write contents are the image's own data pages", crate::util::human_bytes(a.log_size), crate::util::human_bytes(a.journal_size)),
         "merge rewrites each touched 4 MiB block once (read, apply, hash, compress, seal, fsync); hrl apply writes the log's bytes in place in a plaintext raw file".to_string(),
+        "vault bytes per changed byte: the server's drvault_store_bytes_written_total across the merge request (maps, chunks, records), over the disk bytes the logs write (overlapping writes counted each time)".to_string(),
         "every export was checked byte for byte against the raw disk with the same logs applied".to_string(),
         "agent, server and baselines share this machine; each run starts its own server on a fresh vault".to_string(),
     ];
@@ -804,6 +851,7 @@ mod tests {
             merge_s: 4.0,
             merge_mb_s: 25.0,
             blocks_rewritten: 7,
+            merge_vault_per_changed_byte: Some(if p == Pattern::Scattered { 4.5 } else { 1.5 }),
             apply: outcome(50.0),
             pipeline: outcome(400.0),
             cp: Outcome::Missing {
@@ -830,6 +878,7 @@ mod tests {
                 merge_s: 1.0,
                 merge_mb_s: 10.0,
                 blocks_rewritten: 1,
+                merge_vault_per_changed_byte: None,
                 export_merged_s: 2.0,
                 apply: outcome(20.0),
                 cp_disk: outcome(1.0),
@@ -863,6 +912,20 @@ mod tests {
             f("export s, point behind 50 logs", "export").ratio,
             Some(1.5)
         );
+        let merge_scattered = f(
+            "vault bytes per changed byte, merge, scattered 4 KiB",
+            "1: the changed bytes",
+        );
+        assert_eq!(
+            (merge_scattered.ours, merge_scattered.ratio),
+            (Some(4.5), Some(4.5))
+        );
+        // A server without the store byte count gives no figure, not a made-up one.
+        let journal = f(
+            "vault bytes per changed byte, merge, 50-log journal",
+            "1: the changed bytes",
+        );
+        assert_eq!((journal.ours, journal.ratio), (None, None));
         let t = table(&r);
         assert!(t.contains("missing: no cp"), "{t}");
         assert!(t.contains("ack s, scattered vs extents"));

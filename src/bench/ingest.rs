@@ -20,6 +20,7 @@ use super::baselines::{self, Outcome};
 use super::images::{self, DistinctImage, Gaps, PrefixImage};
 use super::procstat::{clock_ticks_per_second, cpu_ticks, peak_rss_kib};
 use super::report::{self, BaselineRun, ImageInfo, Report, RunFigures};
+use super::server::server_counter;
 use super::server::SpawnedServer;
 use super::{io_err, parse_size_arg, percentile, BenchError};
 use crate::agent::backoff::Backoff;
@@ -57,7 +58,7 @@ pub struct IngestArgs {
     /// With --creds: override the server URL written in the credentials.
     #[arg(long, requires = "creds")]
     pub server: Option<String>,
-    /// Skip the pipeline, cp and restic baselines.
+    /// Skip the pipeline, cp, restic and borg baselines.
     #[arg(long)]
     pub no_baselines: bool,
     /// Print one JSON report instead of the table.
@@ -139,6 +140,7 @@ impl Ctx {
 
 pub async fn run(args: IngestArgs) -> Result<i32, BenchError> {
     validate(&args)?;
+    let load_at_start = super::load_average();
     let prepared = images::prepare(&args.image).await?;
     let (work, image_path, image) = (prepared.work, prepared.path, prepared.image);
     let target = match &args.creds {
@@ -171,7 +173,8 @@ pub async fn run(args: IngestArgs) -> Result<i32, BenchError> {
 
     match &args.plot {
         None => {
-            let r = measure(&ctx, &args, args.agents, !args.no_baselines, &info).await?;
+            let mut r = measure(&ctx, &args, args.agents, !args.no_baselines, &info).await?;
+            r.notes.push(super::load_note(&load_at_start));
             if args.json {
                 println!("{}", report::to_json(&r)?);
             } else {
@@ -188,6 +191,7 @@ pub async fn run(args: IngestArgs) -> Result<i32, BenchError> {
                     r.baseline_medians = first.baseline_medians.clone();
                     r.ratios = report::ratios(&r.median, &r.baseline_medians);
                 }
+                r.notes.push(super::load_note(&load_at_start));
                 points.push(r);
             }
             let plot = report::plot(&points, png);
@@ -255,7 +259,7 @@ async fn measure(
 
 async fn baselines_once(ctx: &Ctx) -> Result<BaselineRun, BenchError> {
     let dir = ctx.work.join("runs").join("baselines");
-    eprintln!("bench:   baselines: pipeline, cp, restic");
+    eprintln!("bench:   baselines: pipeline, cp, restic, borg");
     let pipeline =
         match baselines::pipeline(ctx.image.clone(), &dir.join("pipeline"), ctx.tck).await {
             Ok(m) => Outcome::Ok(m),
@@ -265,11 +269,13 @@ async fn baselines_once(ctx: &Ctx) -> Result<BaselineRun, BenchError> {
         };
     let cp = baselines::cp(&ctx.image_path, &dir, ctx.tck).await;
     let restic = baselines::restic(&ctx.image_path, &dir, ctx.tck).await;
+    let borg = baselines::borg(&ctx.image_path, &dir, ctx.tck).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(BaselineRun {
         pipeline,
         cp,
         restic,
+        borg,
     })
 }
 
@@ -352,6 +358,12 @@ async fn drive_agents(
         };
         jobs.push((client, source, opts));
     }
+    // The server's count of body bytes received, when it keeps one; else the agents' own.
+    let metrics = crate::agent::client_for(creds, None).map_err(|e| BenchError::Agent {
+        vm: "-".into(),
+        source: e,
+    })?;
+    let wire0 = server_counter(&metrics, WIRE_COUNTER).await?;
     let server_cpu0 = match server_pid {
         Some(p) => Some(cpu_ticks(&p.to_string())?),
         None => None,
@@ -382,8 +394,9 @@ async fn drive_agents(
         _ => (None, None),
     };
     let summaries: Vec<ProtectSummary> = results.into_iter().collect::<Result<_, _>>()?;
+    let wire1 = server_counter(&metrics, WIRE_COUNTER).await?;
     let lat = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    Ok(figures(
+    let mut f = figures(
         &summaries,
         image.virtual_size(),
         wall,
@@ -391,7 +404,30 @@ async fn drive_agents(
         self_cpu1.own.saturating_sub(self_cpu0.own) as f64 / ctx.tck as f64,
         peak_kib,
         &lat,
-    ))
+    );
+    if let Some(w1) = wire1 {
+        f.wire_bytes = (w1 - wire0.unwrap_or(0.0)).max(0.0) as u64;
+        f.wire_bytes_source = format!("server {WIRE_COUNTER}");
+        f.wire_per_data_byte = ratio_of(f.wire_bytes, f.data_bytes);
+    }
+    Ok(f)
+}
+
+/// The server's count of request body bytes as they arrived (compressed when sent so).
+pub(super) const WIRE_COUNTER: &str = "drvault_wire_bytes_received_total";
+
+fn ratio_of(a: u64, b: u64) -> Option<f64> {
+    (b > 0).then(|| a as f64 / b as f64)
+}
+
+/// Bytes of a disk's data blocks: the block size is the power of two the block count implies
+/// (the server's, which the agent does not report), the last block possibly short.
+fn data_bytes(size: u64, blocks: u64, data_blocks: u64) -> u64 {
+    if blocks == 0 {
+        return 0;
+    }
+    let block = size.div_ceil(blocks).next_power_of_two();
+    data_blocks.saturating_mul(block).min(size)
 }
 
 /// Turns what the agents reported into the run's figures.
@@ -416,6 +452,7 @@ fn figures(
         f.zero_blocks += d.zero_blocks;
         f.uploaded_blocks += d.uploaded_blocks;
         f.sent_bytes += d.uploaded_bytes;
+        f.data_bytes += data_bytes(d.size, d.blocks, d.data_blocks);
         f.stored_bytes += d.stored_bytes;
         f.deduplicated_blocks += d.deduplicated_blocks;
     }
@@ -423,6 +460,10 @@ fn figures(
     let gb = (f.logical_bytes as f64 / 1e9).max(1e-12);
     f.logical_mb_s = f.logical_bytes as f64 / secs / 1e6;
     f.sent_mb_s = f.sent_bytes as f64 / secs / 1e6;
+    // Until the server's count is read: what the agents say they uploaded.
+    f.wire_bytes = f.sent_bytes;
+    f.wire_bytes_source = "agents' upload count".into();
+    f.wire_per_data_byte = ratio_of(f.sent_bytes, f.data_bytes);
     f.server_cpu_s = server_cpu_s;
     f.server_cpu_s_per_gb = server_cpu_s.map(|c| c / gb);
     f.agent_cpu_s_per_gb = agent_cpu_s / gb;
@@ -515,5 +556,33 @@ mod tests {
         assert_eq!(f.latency_p50_ms, Some(50.0));
         assert_eq!(f.latency_p99_ms, Some(99.0));
         assert_eq!(f.peak_server_rss_mib, Some(2.0));
+    }
+
+    #[test]
+    fn wire_bytes_per_data_byte_of_the_data_blocks() {
+        // 10 MiB in 3 blocks of 4 MiB: the last one holds 2 MiB.
+        assert_eq!(data_bytes(10 << 20, 3, 2), 8 << 20);
+        assert_eq!(data_bytes(10 << 20, 3, 3), 10 << 20);
+        assert_eq!(data_bytes(64 << 20, 16, 16), 64 << 20);
+        assert_eq!(data_bytes(0, 0, 0), 0);
+        let s = ProtectSummary {
+            vm: "v".into(),
+            state: "protected".into(),
+            disks: vec![DiskSummary {
+                size: 40 << 20,
+                blocks: 10,
+                data_blocks: 5,
+                uploaded_blocks: 5,
+                uploaded_bytes: 10 << 20,
+                ..Default::default()
+            }],
+            seconds: 1.0,
+        };
+        let f = figures(&[s], 40 << 20, 1.0, None, 0.0, None, &[]);
+        // Until the server's count is read, the agents' upload count stands for the wire.
+        assert_eq!(f.data_bytes, 20 << 20);
+        assert_eq!(f.wire_bytes, 10 << 20);
+        assert_eq!(f.wire_per_data_byte, Some(0.5));
+        assert!(f.wire_bytes_source.contains("agents"));
     }
 }

@@ -16,7 +16,8 @@
 //! hash, compress, seal, fsynced put into a fresh `file://` store, 2 CPU threads): the ceiling
 //! the server could reach without HTTP, TLS and the agent; (b) `cp` of the image plus an fsync
 //! of the copy, with the source in the page cache; (c) `restic backup` of the image into a fresh
-//! local repository (format 2, so it compresses like we do). Ratios are ours / baseline.
+//! local repository (format 2, so it compresses like we do); (d) `borg create --compression
+//! zstd,3` into a fresh encrypted (repokey) repository. Ratios are ours / baseline.
 //!
 //! `drvault bench heartbeats` ([`heartbeats`]) measures the server's CPU for agents' heartbeats,
 //! `drvault bench rpo` ([`rpo`]) the RPO a long-running agent achieves.
@@ -36,8 +37,8 @@
 //! * The agents run inside this process and share the machine with the server: on a small
 //!   machine the figure is what one box can do for both sides, and the agent CPU is reported
 //!   so the split can be seen.
-//! * A missing `restic` is reported as missing (install it with `apt-get install restic`);
-//!   the harness does not install software itself.
+//! * A missing `restic` or `borg` is reported as missing (`apt-get install restic
+//!   borgbackup`); the harness does not install software itself.
 
 pub mod baselines;
 pub mod changes;
@@ -62,7 +63,7 @@ use crate::client::ClientError;
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum BenchCmd {
     /// Replicate a disk image with N concurrent agents against a server and report throughput,
-    /// latency, server CPU and memory next to same-run baselines (pipeline, cp, restic).
+    /// latency, server CPU and memory next to same-run baselines (pipeline, cp, restic, borg).
     Ingest(ingest::IngestArgs),
     /// Send MS-HRL logs of scattered 4 KiB writes and of 256 KiB extents to a protected disk and
     /// report acknowledgement MB/s, time to the recovery point, merge MB/s and export time with
@@ -248,6 +249,15 @@ pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The note every report carries: the machine's load when the measurement started and ended
+/// (ratios hold on a loaded machine, absolute rates do not).
+pub fn load_note(at_start: &str) -> String {
+    format!(
+        "load average (1, 5, 15 min) at start {at_start}, at end {}",
+        load_average()
+    )
 }
 
 /// An empty `runs/NAME` under the work directory (default [`default_work_dir`]), this binary's

@@ -62,6 +62,14 @@ pub struct RunFigures {
     pub logical_bytes: u64,
     /// Data-block bytes uploaded.
     pub sent_bytes: u64,
+    /// Plain bytes of the data blocks (what had to travel before any compression).
+    pub data_bytes: u64,
+    /// Body bytes on the wire, from `wire_bytes_source`.
+    pub wire_bytes: u64,
+    /// The server's own count when it keeps one, else the agents' upload count.
+    pub wire_bytes_source: String,
+    /// `wire_bytes` / `data_bytes`.
+    pub wire_per_data_byte: Option<f64>,
     /// Bytes the server wrote after compression and sealing.
     pub stored_bytes: u64,
     pub data_blocks: u64,
@@ -86,6 +94,7 @@ pub struct BaselineRun {
     pub pipeline: Outcome,
     pub cp: Outcome,
     pub restic: Outcome,
+    pub borg: Outcome,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -100,6 +109,7 @@ pub struct Medians {
     pub peak_server_rss_mib: Option<f64>,
     pub wall_s: Option<f64>,
     pub stored_bytes: Option<f64>,
+    pub wire_per_data_byte: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -110,10 +120,13 @@ pub struct BaselineMedians {
     pub cp_cpu_s_per_gb: Option<f64>,
     pub restic_mb_s: Option<f64>,
     pub restic_cpu_s_per_gb: Option<f64>,
+    pub borg_mb_s: Option<f64>,
+    pub borg_cpu_s_per_gb: Option<f64>,
     /// "ok", "missing", "failed", or "not run"; with the first note when not ok.
     pub pipeline_status: String,
     pub cp_status: String,
     pub restic_status: String,
+    pub borg_status: String,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -121,8 +134,10 @@ pub struct Ratios {
     pub mb_s_vs_pipeline: Option<f64>,
     pub mb_s_vs_cp: Option<f64>,
     pub mb_s_vs_restic: Option<f64>,
+    pub mb_s_vs_borg: Option<f64>,
     pub cpu_vs_pipeline: Option<f64>,
     pub cpu_vs_restic: Option<f64>,
+    pub cpu_vs_borg: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -172,8 +187,10 @@ pub fn ratios(ours: &Medians, base: &BaselineMedians) -> Ratios {
         mb_s_vs_pipeline: ratio(ours.logical_mb_s, base.pipeline_mb_s),
         mb_s_vs_cp: ratio(ours.logical_mb_s, base.cp_mb_s),
         mb_s_vs_restic: ratio(ours.logical_mb_s, base.restic_mb_s),
+        mb_s_vs_borg: ratio(ours.logical_mb_s, base.borg_mb_s),
         cpu_vs_pipeline: ratio(ours.server_cpu_s_per_gb, base.pipeline_cpu_s_per_gb),
         cpu_vs_restic: ratio(ours.server_cpu_s_per_gb, base.restic_cpu_s_per_gb),
+        cpu_vs_borg: ratio(ours.server_cpu_s_per_gb, base.borg_cpu_s_per_gb),
     }
 }
 
@@ -199,6 +216,7 @@ pub fn build(
             .max_by(f64::total_cmp),
         wall_s: median_of(&runs, |r| Some(r.wall_s)),
         stored_bytes: median_of(&runs, |r| Some(r.stored_bytes as f64)),
+        wire_per_data_byte: median_of(&runs, |r| r.wire_per_data_byte),
     };
     let b = &baselines;
     let base = BaselineMedians {
@@ -208,9 +226,12 @@ pub fn build(
         cp_cpu_s_per_gb: median_of(b, |x| m(&x.cp, |v| v.cpu_s_per_gb)),
         restic_mb_s: median_of(b, |x| m(&x.restic, |v| Some(v.mb_s))),
         restic_cpu_s_per_gb: median_of(b, |x| m(&x.restic, |v| v.cpu_s_per_gb)),
+        borg_mb_s: median_of(b, |x| m(&x.borg, |v| Some(v.mb_s))),
+        borg_cpu_s_per_gb: median_of(b, |x| m(&x.borg, |v| v.cpu_s_per_gb)),
         pipeline_status: status(b, |x| &x.pipeline),
         cp_status: status(b, |x| &x.cp),
         restic_status: status(b, |x| &x.restic),
+        borg_status: status(b, |x| &x.borg),
     };
     let mut notes = vec![
         "MB = 10^6 bytes; logical = virtual disk bytes of all agents (zero blocks included); ratios are ours/baseline".to_string(),
@@ -226,7 +247,7 @@ pub fn build(
             "ext4 image: mkfs.ext4 -d over real files from /usr/share and /usr/lib filling ~{p}% of the size"
         ));
     }
-    notes.push("baselines are for one copy of the image (independent of the agent count): in-process pipeline = read+zero check+hash+zstd-1+AES-GCM+fsynced put, 2 CPU threads; cp = cp + fsync of the copy; restic = backup into a fresh format-2 repo".to_string());
+    notes.push("baselines are for one copy of the image (independent of the agent count): in-process pipeline = read+zero check+hash+zstd-1+AES-GCM+fsynced put, 2 CPU threads; cp = cp + fsync of the copy; restic = backup into a fresh format-2 repo; borg = borg create --compression zstd,3 into a fresh repokey-encrypted repo".to_string());
     Report {
         tool: "drvault bench ingest",
         version: env!("CARGO_PKG_VERSION"),
@@ -340,7 +361,26 @@ pub fn table(r: &Report) -> String {
         b.restic_mb_s,
         &st(&b.restic_status, "restic backup"),
     );
+    row(
+        &mut o,
+        "logical MB/s",
+        md.logical_mb_s,
+        b.borg_mb_s,
+        &st(&b.borg_status, "borg create zstd,3"),
+    );
     row(&mut o, "MB/s sent (data blocks)", md.sent_mb_s, None, "");
+    let wire_what = r
+        .runs
+        .first()
+        .map(|x| x.wire_bytes_source.clone())
+        .unwrap_or_default();
+    row(
+        &mut o,
+        "wire bytes per data byte",
+        md.wire_per_data_byte,
+        None,
+        &wire_what,
+    );
     row(
         &mut o,
         "server CPU s/GB",
@@ -354,6 +394,13 @@ pub fn table(r: &Report) -> String {
         md.server_cpu_s_per_gb,
         b.restic_cpu_s_per_gb,
         "restic CPU s/GB",
+    );
+    row(
+        &mut o,
+        "server CPU s/GB",
+        md.server_cpu_s_per_gb,
+        b.borg_cpu_s_per_gb,
+        "borg CPU s/GB",
     );
     row(
         &mut o,
@@ -646,11 +693,13 @@ pub fn sweep_table(points: &[Report], plot: &PlotOutcome) -> String {
     if let Some(p) = points.first() {
         let b = &p.baseline_medians;
         o.push_str(&format!(
-            "baselines (one image): pipeline {} MB/s, cp+fsync {} MB/s, restic {} MB/s ({})\n",
+            "baselines (one image): pipeline {} MB/s, cp+fsync {} MB/s, restic {} MB/s ({}), borg {} MB/s ({})\n",
             num(b.pipeline_mb_s),
             num(b.cp_mb_s),
             num(b.restic_mb_s),
-            b.restic_status
+            b.restic_status,
+            num(b.borg_mb_s),
+            b.borg_status
         ));
     }
     o.push_str(&format!(
@@ -700,6 +749,7 @@ mod tests {
             restic: Outcome::Missing {
                 note: "restic is not installed".into(),
             },
+            borg: ok(50.0, 4.0),
         };
         let r = build(
             ImageInfo::default(),
@@ -718,9 +768,14 @@ mod tests {
         assert_eq!(r.ratios.cpu_vs_pipeline, Some(2.0));
         assert_eq!(r.ratios.mb_s_vs_restic, None, "no figure is made up");
         assert!(r.baseline_medians.restic_status.starts_with("missing"));
+        // borg at 50 MB/s and 4 CPU s/GB: ours is 4x its rate at half its CPU.
+        assert_eq!(r.baseline_medians.borg_status, "ok");
+        assert_eq!(r.ratios.mb_s_vs_borg, Some(4.0));
+        assert_eq!(r.ratios.cpu_vs_borg, Some(0.5));
         let t = table(&r);
         assert!(t.contains("missing: restic is not installed"), "{t}");
         assert!(t.contains("in-process pipeline"));
+        assert!(t.contains("borg create zstd,3"), "{t}");
         let j: serde_json::Value = serde_json::from_str(&to_json(&r).unwrap()).unwrap();
         assert_eq!(j["median"]["logical_mb_s"], 200.0);
         assert_eq!(j["baselines"][0]["restic"]["status"], "missing");

@@ -29,7 +29,10 @@ use super::changes::{self, DonorPages, Pattern};
 use super::images;
 use super::procstat::clock_ticks_per_second;
 use super::report::{self, Figure, ImageInfo};
-use super::server::{quick_backoff, run_tag, RunClients, Target, TargetArgs, DISK};
+use super::server::{
+    per_changed_byte, quick_backoff, run_tag, server_counter, RunClients, Target, TargetArgs, DISK,
+    IN_PLACE, VAULT_WRITTEN,
+};
 use super::{io_err, BenchError};
 use crate::agent::resync::{resync, ResyncOptions};
 use crate::format::image::ImageFormat;
@@ -98,6 +101,9 @@ pub struct ResyncRun {
     pub bytes_uploaded: u64,
     pub hash_bytes_downloaded: u64,
     pub disk_bytes: u64,
+    /// Bytes the resync (request to commit) wrote into the vault per changed byte (`None`: the
+    /// server keeps no store byte count).
+    pub vault_per_changed_byte: Option<f64>,
     pub rsync: RsyncRun,
 }
 
@@ -121,6 +127,7 @@ pub async fn run(args: ResyncArgs) -> Result<i32, BenchError> {
         return Err(BenchError::Invalid("--change must be more than 0".into()));
     }
     let target = Target::from_args(&args.target)?;
+    let load_at_start = super::load_average();
     let p = images::prepare(&args.image).await?;
     let run_dir = p.work.join("runs").join("resync");
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -147,7 +154,8 @@ pub async fn run(args: ResyncArgs) -> Result<i32, BenchError> {
     let _ = std::fs::remove_dir_all(&run_dir);
     let runs = result?;
     stopped?;
-    let r = build(p.info, target.describe(), args.pattern.into(), runs);
+    let mut r = build(p.info, target.describe(), args.pattern.into(), runs);
+    r.notes.push(super::load_note(&load_at_start));
     if args.json {
         println!("{}", report::json(&r)?);
     } else {
@@ -188,6 +196,7 @@ async fn measure(
         images::warm_page_cache(&changed)?;
 
         eprintln!("bench:   resync of {vm}");
+        let written0 = server_counter(&session.operator, VAULT_WRITTEN).await?;
         let t = Instant::now();
         let _: serde_json::Value = session
             .operator
@@ -212,6 +221,11 @@ async fn measure(
                 source: e,
             })?;
         let resync_s = t.elapsed().as_secs_f64();
+        let vault_per_changed_byte = per_changed_byte(
+            written0,
+            server_counter(&session.operator, VAULT_WRITTEN).await?,
+            changed_bytes,
+        );
         if s.state != "committed" {
             return Err(BenchError::Server(format!(
                 "the resync of {vm} ended {} (waiting for {:?})",
@@ -251,6 +265,7 @@ async fn measure(
             bytes_uploaded: s.bytes_uploaded,
             hash_bytes_downloaded: s.hash_bytes_downloaded,
             disk_bytes: size,
+            vault_per_changed_byte,
             rsync,
         });
     }
@@ -283,7 +298,7 @@ pub fn build(
             rsync_what = format!("missing: {note}");
         }
     }
-    let figures = vec![
+    let mut figures = vec![
         Figure::against(
             "resync s (request to commit)",
             &secs,
@@ -323,11 +338,22 @@ pub fn build(
             "initial replication of the same disk, s",
         ),
     ];
+    let vault: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.vault_per_changed_byte)
+        .collect();
+    figures.push(Figure::new(
+        "vault bytes per changed byte, resync",
+        &vault,
+        &vec![Some(1.0); vault.len()],
+        IN_PLACE,
+    ));
     let notes = vec![
         "ratios are ours/baseline: below 1 is better for s and bytes, above 1 for MB/s".to_string(),
         "ours: block hashes on both sides, 4 KiB hashes of differing blocks, patches of differing pieces, digest check and switch to a new recovery point, over HTTPS".to_string(),
         "rsync: delta transfer between two local files (two processes and a pipe), then sync; its copy is checked byte for byte".to_string(),
         "the server checks the whole disk's digest before it commits a resync".to_string(),
+        "vault bytes per changed byte: the server's drvault_store_bytes_written_total from the resync request to its commit (chunks, receipts, maps, records), over the bytes the change wrote".to_string(),
     ];
     ResyncReport {
         tool: "drvault bench resync",
@@ -376,6 +402,7 @@ mod tests {
             bytes_uploaded: 1_100_000,
             hash_bytes_downloaded: 100_000,
             disk_bytes: 1_000_000_000,
+            vault_per_changed_byte: Some(resync_s),
             rsync: match rsync {
                 Some((s, b)) => RsyncRun {
                     outcome: Outcome::Ok(baselines::Measured {
@@ -415,6 +442,11 @@ mod tests {
         assert_eq!(r.figures[2].ratio, Some(0.5));
         assert_eq!(r.figures[3].ours, Some(1.1));
         assert_eq!(r.figures[4].baseline, Some(10.0));
+        assert_eq!(r.figures[5].figure, "vault bytes per changed byte, resync");
+        assert_eq!(
+            (r.figures[5].ours, r.figures[5].ratio),
+            (Some(2.0), Some(2.0))
+        );
         assert!(table(&r).contains("scattered 4 KiB writes"));
 
         let r = build(

@@ -329,6 +329,53 @@ impl RunClients {
     }
 }
 
+/// The sum over every series of the counter `name` on the server's `/metrics` (open to any
+/// client), or `None` when the server does not export it (an older server, or a counter not
+/// yet touched).
+pub async fn server_counter(client: &Client, name: &str) -> Result<Option<f64>, BenchError> {
+    let (body, _) = client.get_bytes("/metrics").await?;
+    Ok(counter_sum(&String::from_utf8_lossy(&body), name))
+}
+
+/// [`server_counter`] over a Prometheus text exposition.
+pub fn counter_sum(text: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // `name value` or `name{labels} value`; `name_more …` is another metric.
+        let value = if let Some(v) = rest.strip_prefix(' ') {
+            v
+        } else if rest.starts_with('{') {
+            match rest.rsplit_once("} ") {
+                Some((_, v)) => v,
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        if let Ok(v) = value.trim().parse::<f64>() {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// The server's count of object bytes it wrote into the vault (every store `put`).
+pub const VAULT_WRITTEN: &str = "drvault_store_bytes_written_total";
+
+/// What the vault bytes per changed byte figures compare with: a change written where it lands.
+pub const IN_PLACE: &str =
+    "1: the changed bytes written in place (hrl apply, ASR's replica page blob)";
+
+/// Vault bytes written between two readings of [`VAULT_WRITTEN`] per changed byte (`None` when
+/// the server keeps no such count or nothing changed).
+pub fn per_changed_byte(before: Option<f64>, after: Option<f64>, changed: u64) -> Option<f64> {
+    let written = after? - before.unwrap_or(0.0);
+    (changed > 0).then(|| written.max(0.0) / changed as f64)
+}
+
 /// The disk id benchmarks give the image.
 pub const DISK: &str = "disk0";
 
@@ -345,4 +392,33 @@ pub fn run_tag() -> String {
     let mut tag = [0u8; 4];
     crate::util::fill_random(&mut tag);
     hex::encode(tag)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_summed_over_their_series_and_absent_ones_are_none() {
+        let text = "# TYPE drvault_store_requests_total counter\n\
+            drvault_store_requests_total{op=\"get\"} 3\n\
+            drvault_store_requests_total{op=\"list\"} 4\n\
+            drvault_store_requests_total_other 100\n\
+            drvault_store_bytes_written_total 1048576\n";
+        assert_eq!(counter_sum(text, "drvault_store_requests_total"), Some(7.0));
+        assert_eq!(
+            counter_sum(text, "drvault_store_bytes_written_total"),
+            Some(1048576.0)
+        );
+        assert_eq!(counter_sum(text, "drvault_wire_bytes_received_total"), None);
+    }
+
+    #[test]
+    fn vault_bytes_per_changed_byte() {
+        assert_eq!(per_changed_byte(Some(100.0), Some(900.0), 400), Some(2.0));
+        // The counter appears with the first write.
+        assert_eq!(per_changed_byte(None, Some(400.0), 400), Some(1.0));
+        assert_eq!(per_changed_byte(None, None, 400), None);
+        assert_eq!(per_changed_byte(Some(1.0), Some(2.0), 0), None);
+    }
 }

@@ -3,11 +3,13 @@
 //! end time and, when it failed, the error the caller saw.
 //!
 //! Job records are versioned records in the vault (written on every state change); progress is
-//! kept in memory only and merged in when jobs are listed, so a hot upload path never writes a
-//! record per block.
+//! kept in memory and written into the record at most once every [`PROGRESS_PERSIST_EVERY`]
+//! (and with any other change of the job), so a hot upload path never writes a record per block
+//! and a restarted server still shows how far a job had come.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::RwLock;
 
@@ -52,13 +54,18 @@ impl JobState {
     }
 }
 
+/// How often progress kept in memory is written into job records, at most.
+pub const PROGRESS_PERSIST_EVERY: Duration = Duration::from_secs(1);
+
 /// The job registry: vault records plus an in-memory cache (this server writes all jobs).
 #[derive(Clone)]
 pub struct Jobs {
     records: Records,
     cache: Arc<RwLock<BTreeMap<String, Job>>>,
     /// Jobs an operator resumed (`drvault jobs resume`), consumed by the waiting job.
-    resumed: Arc<RwLock<std::collections::BTreeSet<String>>>,
+    resumed: Arc<RwLock<BTreeSet<String>>>,
+    /// Jobs whose progress changed in memory since their record was last written.
+    progress_unsaved: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 impl Jobs {
@@ -78,6 +85,7 @@ impl Jobs {
             records,
             cache: Arc::new(RwLock::new(cache)),
             resumed: Default::default(),
+            progress_unsaved: Default::default(),
         })
     }
 
@@ -152,12 +160,18 @@ impl Jobs {
     /// Applies `f` to a job and persists the result.
     pub async fn modify(&self, id: &str, f: impl Fn(&mut Job)) -> Result<Job> {
         let prefix = layout::record(Family::Job, id);
+        // The record's progress may be older than memory's: the write carries memory's along
+        // rather than taking the cache back to it.
+        let progress = self.cache.read().await.get(id).map(|j| j.progress);
         let updated = self
             .records
             .update(&prefix, |cur: Option<&Job>| {
                 let mut j = cur.cloned().ok_or_else(|| {
                     Error::not_found("job_not_found", format!("job {id} not found"))
                 })?;
+                if let Some(p) = progress {
+                    j.progress = p;
+                }
                 f(&mut j);
                 Ok(Some(j))
             })
@@ -227,11 +241,53 @@ impl Jobs {
         .await
     }
 
-    /// In-memory progress update (not persisted: cheap enough for the upload path).
+    /// In-memory progress update, cheap enough for the upload path: the record follows within
+    /// [`PROGRESS_PERSIST_EVERY`] ([`Jobs::persist_progress`]).
     pub async fn set_progress(&self, id: &str, progress: f64) {
+        let progress = progress.clamp(0.0, 1.0);
         if let Some(j) = self.cache.write().await.get_mut(id) {
-            j.progress = progress.clamp(0.0, 1.0);
+            if j.progress != progress {
+                j.progress = progress;
+                self.unsaved().insert(id.to_string());
+            }
         }
+    }
+
+    fn unsaved(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        // Inserts and takes are single steps: a poisoned set is still sound.
+        self.progress_unsaved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes into their records the progress of jobs that changed since their last write. A
+    /// job whose write failed is written again next time.
+    pub async fn persist_progress(&self) -> Result<()> {
+        let ids = std::mem::take(&mut *self.unsaved());
+        let mut first_error = None;
+        for id in ids {
+            // `modify` writes the cached progress whatever `f` does.
+            if let Err(e) = self.modify(&id, |_| {}).await {
+                if e.code() != "job_not_found" {
+                    self.unsaved().insert(id);
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Runs [`Jobs::persist_progress`] every [`PROGRESS_PERSIST_EVERY`] on `tasks`.
+    pub fn spawn_progress_persist(&self, tasks: &crate::tasks::Tasks) {
+        let me = self.clone();
+        tasks.every("job-progress-persist", PROGRESS_PERSIST_EVERY, move || {
+            let me = me.clone();
+            async move {
+                if let Err(e) = me.persist_progress().await {
+                    tracing::warn!(error = %e, "could not save the progress of jobs; retried");
+                }
+            }
+        });
     }
 
     /// Resumes a job waiting for a manual action.
@@ -281,5 +337,49 @@ fn publish_state_gauges(cache: &BTreeMap<String, Job>) {
     ] {
         let n = cache.values().filter(|j| j.state == state).count();
         metrics::gauge!("drvault_jobs", "state" => state.as_str()).set(n as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::testing::memory;
+
+    #[tokio::test]
+    async fn progress_reaches_the_record_once_per_persist_and_survives_a_restart() {
+        let (_s, vault) = memory().await;
+        let jobs = Jobs::load(vault.records.clone()).await.unwrap();
+        let job = jobs
+            .create(
+                JobKind::EnableProtection,
+                Some("vm"),
+                &["Copy"],
+                JobState::Running,
+            )
+            .await
+            .unwrap();
+        let prefix = layout::record(Family::Job, &job.id);
+        let version = || async { vault.records.load::<Job>(&prefix).await.unwrap().unwrap() };
+        let v0 = version().await.version;
+        // A hundred blocks' progress: memory only.
+        for k in 1..=100 {
+            jobs.set_progress(&job.id, f64::from(k) / 200.0).await;
+        }
+        assert_eq!(jobs.get(&job.id).await.unwrap().progress, 0.5);
+        assert_eq!(version().await.version, v0, "no record write per update");
+        jobs.persist_progress().await.unwrap();
+        let saved = version().await;
+        assert_eq!((saved.version, saved.value.progress), (v0 + 1, 0.5));
+        // Nothing changed since: nothing to write.
+        jobs.persist_progress().await.unwrap();
+        jobs.set_progress(&job.id, 0.5).await;
+        jobs.persist_progress().await.unwrap();
+        assert_eq!(version().await.version, v0 + 1);
+        // A step change keeps the progress memory has, and a restarted server shows it.
+        jobs.set_progress(&job.id, 0.75).await;
+        jobs.step(&job.id, "Copy", JobState::Running).await.unwrap();
+        assert_eq!(jobs.get(&job.id).await.unwrap().progress, 0.75);
+        let restarted = Jobs::load(vault.records.clone()).await.unwrap();
+        assert_eq!(restarted.get(&job.id).await.unwrap().progress, 0.75);
     }
 }

@@ -448,10 +448,20 @@ impl Resyncs {
                 .step(&s.job, "Wait for the resync window", JobState::Succeeded)
                 .await?;
         }
-        if s.state == ResyncState::Active {
+        // Every request of the comparison comes through here (hashes, fine hashes, each
+        // block's patch): the job's record is written when the step starts, not per block.
+        const COMPARE: &str = "Compare and send changed blocks";
+        let comparing = || async {
+            self.catalog.jobs().get(&s.job).await.is_some_and(|j| {
+                j.steps
+                    .iter()
+                    .any(|st| st.name == COMPARE && st.state == JobState::Running)
+            })
+        };
+        if s.state == ResyncState::Active && !comparing().await {
             self.catalog
                 .jobs()
-                .step(&s.job, "Compare and send changed blocks", JobState::Running)
+                .step(&s.job, COMPARE, JobState::Running)
                 .await?;
         }
         let base = match &sd.base_root {

@@ -20,6 +20,14 @@
 //! and cannot hold both: there a put of `a/b` fails (and a create-only put reports `Existed`)
 //! while `a/b/c` exists. The tests in `tests/it/store_conformance.rs` pin these semantics.
 //!
+//! Every operation counts itself in the process's metrics (a counter increment, nothing
+//! more): `drvault_store_requests_total{op}` per request sent to the backend (a `list` counts
+//! once however many pages the backend returns; a `get_range` past the end and a refused
+//! `delete` count the `head` they send to tell why), `drvault_store_errors_total{op}` per
+//! failed request (a missing key is an answer, not an error), and
+//! `drvault_store_bytes_written_total` / `drvault_store_bytes_read_total` for object bytes put
+//! and got. They make a per-block store round trip show up as requests per block.
+//!
 //! The vault format needs nothing else (see the crate docs for the key layout), which is what lets
 //! several servers share one bucket later. Keys are [`Key`]s: built only by server code from
 //! validated components, never from a caller-supplied path.
@@ -186,6 +194,48 @@ pub struct Listed {
     /// Last write, milliseconds since the Unix epoch (the store's clock: garbage collection
     /// compares it with its own start time and grace period).
     pub modified_ms: u64,
+}
+
+/// Store operations as the metrics label them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Put,
+    PutIfAbsent,
+    Get,
+    GetRange,
+    Head,
+    Delete,
+    List,
+}
+
+impl Op {
+    fn label(self) -> &'static str {
+        match self {
+            Op::Put => "put",
+            Op::PutIfAbsent => "put_if_absent",
+            Op::Get => "get",
+            Op::GetRange => "get_range",
+            Op::Head => "head",
+            Op::Delete => "delete",
+            Op::List => "list",
+        }
+    }
+
+    fn requested(self) {
+        metrics::counter!("drvault_store_requests_total", "op" => self.label()).increment(1);
+    }
+
+    fn failed(self) {
+        metrics::counter!("drvault_store_errors_total", "op" => self.label()).increment(1);
+    }
+}
+
+fn count_written(bytes: usize) {
+    metrics::counter!("drvault_store_bytes_written_total").increment(bytes as u64);
+}
+
+fn count_read(bytes: usize) {
+    metrics::counter!("drvault_store_bytes_read_total").increment(bytes as u64);
 }
 
 fn local_root(url: &str) -> Option<PathBuf> {
@@ -389,11 +439,22 @@ impl Store {
 
     /// Atomic whole-object write.
     pub async fn put(&self, key: &Key, data: Bytes) -> Result<(), StoreError> {
-        self.inner
+        Op::Put.requested();
+        let len = data.len();
+        match self
+            .inner
             .put(&key.os_path(), PutPayload::from_bytes(data))
             .await
-            .map(|_| ())
-            .map_err(|e| StoreError::from_os("put", key, e))
+        {
+            Ok(_) => {
+                count_written(len);
+                Ok(())
+            }
+            Err(e) => {
+                Op::Put.failed();
+                Err(StoreError::from_os("put", key, e))
+            }
+        }
     }
 
     /// Create-only write. `Existed` when the key already holds an object.
@@ -402,26 +463,43 @@ impl Store {
             mode: PutMode::Create,
             ..Default::default()
         };
+        Op::PutIfAbsent.requested();
+        let len = data.len();
         match self
             .inner
             .put_opts(&key.os_path(), PutPayload::from_bytes(data), opts)
             .await
         {
-            Ok(_) => Ok(PutOutcome::Created),
+            Ok(_) => {
+                count_written(len);
+                Ok(PutOutcome::Created)
+            }
             Err(object_store::Error::AlreadyExists { .. }) => Ok(PutOutcome::Existed),
-            Err(e) => Err(StoreError::from_os("put_if_absent", key, e)),
+            Err(e) => {
+                Op::PutIfAbsent.failed();
+                Err(StoreError::from_os("put_if_absent", key, e))
+            }
         }
     }
 
     pub async fn get(&self, key: &Key) -> Result<Bytes, StoreError> {
-        let r = self
-            .inner
-            .get(&key.os_path())
-            .await
-            .map_err(|e| StoreError::from_os("get", key, e))?;
-        r.bytes()
-            .await
-            .map_err(|e| StoreError::from_os("get", key, e))
+        Op::Get.requested();
+        let got = match self.inner.get(&key.os_path()).await {
+            Ok(r) => r.bytes().await,
+            Err(e) => Err(e),
+        };
+        match got {
+            Ok(bytes) => {
+                count_read(bytes.len());
+                Ok(bytes)
+            }
+            Err(e) => {
+                if !matches!(e, object_store::Error::NotFound { .. }) {
+                    Op::Get.failed();
+                }
+                Err(StoreError::from_os("get", key, e))
+            }
+        }
     }
 
     /// Exactly the bytes `range` of the object; see the module docs for the range rules.
@@ -434,12 +512,14 @@ impl Store {
         if range.start >= range.end {
             return Err(bad(None));
         }
+        Op::GetRange.requested();
         let bytes = match self.inner.get_range(&key.os_path(), range.clone()).await {
             Ok(bytes) => bytes,
             Err(e @ object_store::Error::NotFound { .. }) => {
                 return Err(StoreError::from_os("get_range", key, e))
             }
             Err(e) => {
+                Op::GetRange.failed();
                 // Backends report a start past the end as a generic error (or HTTP 416); only
                 // the object's size tells it apart from an outage. Costs a request on errors only.
                 return match self.head(key).await {
@@ -451,8 +531,10 @@ impl Store {
                 };
             }
         };
+        count_read(bytes.len());
         // A range running past the end comes back short instead of failing.
         if bytes.len() as u64 != range.end - range.start {
+            Op::GetRange.failed();
             let size = range.start.checked_add(bytes.len() as u64);
             return Err(bad(size));
         }
@@ -461,23 +543,35 @@ impl Store {
 
     /// Size of the object, or `None` when it does not exist.
     pub async fn head(&self, key: &Key) -> Result<Option<u64>, StoreError> {
+        Op::Head.requested();
         match self.inner.head(&key.os_path()).await {
             Ok(m) => Ok(Some(m.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(StoreError::from_os("head", key, e)),
+            Err(e) => {
+                Op::Head.failed();
+                Err(StoreError::from_os("head", key, e))
+            }
         }
     }
 
     /// Idempotent delete: deleting a missing key succeeds.
     pub async fn delete(&self, key: &Key) -> Result<(), StoreError> {
+        Op::Delete.requested();
         match self.inner.delete(&key.os_path()).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => match self.inner.head(&key.os_path()).await {
-                // The local backend refuses to delete a key that is only a prefix of other
-                // keys (a directory) where cloud stores succeed: no object there, nothing to do.
-                Err(object_store::Error::NotFound { .. }) => Ok(()),
-                _ => Err(StoreError::from_os("delete", key, e)),
-            },
+            Err(e) => {
+                Op::Head.requested();
+                match self.inner.head(&key.os_path()).await {
+                    // The local backend refuses to delete a key that is only a prefix of other
+                    // keys (a directory) where cloud stores succeed: no object there, nothing
+                    // to do.
+                    Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    _ => {
+                        Op::Delete.failed();
+                        Err(StoreError::from_os("delete", key, e))
+                    }
+                }
+            }
         }
     }
 
@@ -485,12 +579,12 @@ impl Store {
     /// shared bucket, staging files of the local backend) are skipped.
     pub async fn list(&self, prefix: &Key) -> Result<Vec<Listed>, StoreError> {
         let p = prefix.os_path();
-        let items: Vec<object_store::ObjectMeta> = self
-            .inner
-            .list(Some(&p))
-            .try_collect()
-            .await
-            .map_err(|e| StoreError::from_os("list", prefix, e))?;
+        Op::List.requested();
+        let items: Vec<object_store::ObjectMeta> =
+            self.inner.list(Some(&p)).try_collect().await.map_err(|e| {
+                Op::List.failed();
+                StoreError::from_os("list", prefix, e)
+            })?;
         Ok(items
             .into_iter()
             .filter_map(|m| {
@@ -547,6 +641,88 @@ mod tests {
                 other => panic!("{r:?}: {other:?}"),
             }
         }
+    }
+
+    /// The value of one counter in Prometheus text (0 when the series was never touched).
+    fn counter(text: &str, series: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn every_operation_counts_its_requests_errors_and_bytes() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Only this test's operations reach this recorder: the test runs on one thread.
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let s = Store::open("memory://", &[]).unwrap();
+        let a = Key::new(&["m", "a"]).unwrap();
+        let b = Key::new(&["m", "b"]).unwrap();
+        let missing = Key::new(&["m", "missing"]).unwrap();
+        s.put(&a, Bytes::from_static(b"0123456789")).await.unwrap();
+        assert_eq!(
+            s.put_if_absent(&b, Bytes::from_static(b"xyz"))
+                .await
+                .unwrap(),
+            PutOutcome::Created
+        );
+        // A deduplication hit writes nothing.
+        assert_eq!(
+            s.put_if_absent(&b, Bytes::from_static(b"other"))
+                .await
+                .unwrap(),
+            PutOutcome::Existed
+        );
+        assert_eq!(s.get(&a).await.unwrap().len(), 10);
+        assert_eq!(s.get_range(&a, 2..6).await.unwrap().len(), 4);
+        // A missing key is an answer, not a store error.
+        assert!(matches!(
+            s.get(&missing).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(s.head(&missing).await.unwrap(), None);
+        assert_eq!(s.head(&a).await.unwrap(), Some(10));
+        // A range past the end is refused: an error, and the head that told why.
+        assert!(matches!(
+            s.get_range(&a, 8..20).await,
+            Err(StoreError::BadRange { .. })
+        ));
+        assert_eq!(s.list(&Key::new(&["m"]).unwrap()).await.unwrap().len(), 2);
+        s.delete(&b).await.unwrap();
+        // An empty range never reaches the backend.
+        assert!(s.get_range(&a, 3..3).await.is_err());
+
+        let text = handle.render();
+        let requests = |op: &str| {
+            counter(
+                &text,
+                &format!("drvault_store_requests_total{{op=\"{op}\"}}"),
+            )
+        };
+        let errors =
+            |op: &str| counter(&text, &format!("drvault_store_errors_total{{op=\"{op}\"}}"));
+        assert_eq!(requests("put"), 1, "{text}");
+        assert_eq!(requests("put_if_absent"), 2, "{text}");
+        assert_eq!(requests("get"), 2, "{text}");
+        assert_eq!(requests("get_range"), 2, "{text}");
+        assert_eq!(requests("head"), 2, "{text}");
+        assert_eq!(requests("list"), 1, "{text}");
+        assert_eq!(requests("delete"), 1, "{text}");
+        assert_eq!(errors("get"), 0, "{text}");
+        assert_eq!(errors("get_range"), 1, "{text}");
+        assert_eq!(errors("put_if_absent"), 0, "{text}");
+        assert_eq!(
+            counter(&text, "drvault_store_bytes_written_total"),
+            10 + 3,
+            "{text}"
+        );
+        // The whole object, the 4-byte range and what the short range returned (8..10).
+        assert_eq!(
+            counter(&text, "drvault_store_bytes_read_total"),
+            10 + 4 + 2,
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -67,6 +67,15 @@ fn bench_ingest_smoke() {
     assert!(run["peak_server_rss_mib"].as_f64().unwrap() > 1.0);
     assert_eq!(r["baseline_medians"]["pipeline_status"], "ok");
     assert_eq!(r["baseline_medians"]["cp_status"], "ok");
+    let borg = r["baseline_medians"]["borg_status"].as_str().unwrap();
+    assert!(borg == "ok" || borg.starts_with("missing"), "borg: {borg}");
+    assert_eq!(r["ratios"]["mb_s_vs_borg"].is_null(), borg != "ok");
+    // Random data does not compress: about one wire byte per data byte.
+    let wire = run["wire_per_data_byte"].as_f64().unwrap();
+    assert!(
+        (0.9..1.2).contains(&wire),
+        "wire bytes per data byte {wire}"
+    );
     let restic = r["baseline_medians"]["restic_status"].as_str().unwrap();
     assert!(
         restic == "ok" || restic.starts_with("missing"),
@@ -126,6 +135,14 @@ fn bench_deltas_smoke() {
             "export s of the same point merged",
         ),
         ("export s, merged", "cp + fsync of the raw disk"),
+        (
+            "vault bytes per changed byte, merge, scattered 4 KiB",
+            "1: the changed bytes written in place",
+        ),
+        (
+            "vault bytes per changed byte, merge, 4-log journal",
+            "1: the changed bytes written in place",
+        ),
     ] {
         let f = figure(&r, name, what);
         assert!(positive(&f["ours"]), "{name}: {f}");
@@ -137,6 +154,15 @@ fn bench_deltas_smoke() {
         .unwrap()
         .iter()
         .any(|n| n.as_str().unwrap().contains("checked byte for byte")));
+    assert!(
+        r["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().starts_with("load average")),
+        "the report says how loaded the machine was: {}",
+        r["notes"]
+    );
     assert!(std::fs::read_dir(work.path().join("runs"))
         .map(|d| d.count() == 0)
         .unwrap_or(true));
@@ -197,6 +223,14 @@ fn bench_resync_smoke() {
     let up = run["bytes_uploaded"].as_u64().unwrap();
     assert!(up > 0 && up <= (1 << 20) + 9 * 256, "{run}");
     assert!(positive(&run["resync_s"]));
+    // The resync stored at least the 4 MiB blocks it patched (compressed random data) per
+    // changed MiB: well above nothing, and a figure read from the server, not made up.
+    let v = figure(
+        &r,
+        "vault bytes per changed byte, resync",
+        "1: the changed bytes",
+    );
+    assert!(v["ours"].as_f64().unwrap() >= 1.0, "{v}");
     let f = figure(&r, "resync s (request to commit)", "rsync");
     let rsync = run["rsync"]["outcome"]["status"].as_str().unwrap();
     assert!(rsync == "ok" || rsync == "missing", "rsync: {run}");
@@ -264,4 +298,119 @@ fn bench_ingest_sparse_smoke() {
         .path()
         .join("images/random-8388608-spread-33554432-zeros.img")
         .exists());
+}
+
+/// Store requests per operation and bytes written, as the server's /metrics counts them.
+fn store_counts(server: &crate::common::Server) -> std::collections::BTreeMap<String, u64> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let text = rt.block_on(async {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+            .get(format!("{}/metrics", server.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let key = if let Some(op) = series
+            .strip_prefix("drvault_store_requests_total{op=\"")
+            .and_then(|r| r.strip_suffix("\"}"))
+        {
+            op.to_string()
+        } else if series == "drvault_store_bytes_written_total" {
+            "bytes_written".to_string()
+        } else {
+            continue;
+        };
+        out.insert(key, value.parse::<f64>().unwrap() as u64);
+    }
+    out
+}
+
+/// Requests of `op` between two readings of [`store_counts`].
+fn delta(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    op: &str,
+) -> u64 {
+    after.get(op).copied().unwrap_or(0) - before.get(op).copied().unwrap_or(0)
+}
+
+/// Each uploaded block and each resync patch costs the store what storing it takes (its chunk
+/// and receipt), not a listing or a record rewrite: on Azure Blob every LIST per block is paid
+/// for per 64 KiB..4 MiB sent. The bounds leave room for the once-a-second progress write and
+/// the session's fixed records, on a slow machine.
+#[test]
+fn uploads_and_resync_patches_cost_no_store_listing_per_block() {
+    use crate::common::*;
+    const BLOCKS: u64 = 256;
+    const BS: u64 = 64 * KIB;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path();
+    let server = Server::start(dir, Some("[vault]\nblock_size = 65536\n"));
+    let creds = server.add_host("hv", None);
+    let c = creds.to_str().unwrap();
+    let src = dir.join("src.raw");
+    raw_image(&src, BLOCKS * BS, &[(0, (BLOCKS * BS) as usize)], 1);
+
+    let before = store_counts(&server);
+    let disk = format!("{}:d", src.display());
+    server.cli_ok(&[
+        "agent", "protect", "--creds", c, "--vm", "web", "--disk", &disk,
+    ]);
+    let after = store_counts(&server);
+    let (list, get) = (
+        delta(&before, &after, "list"),
+        delta(&before, &after, "get"),
+    );
+    eprintln!("protect of {BLOCKS} blocks: {after:?} - {before:?}");
+    // Storing a block is a put of its chunk and of its receipt.
+    assert!(
+        delta(&before, &after, "put_if_absent") + delta(&before, &after, "put") >= 2 * BLOCKS,
+        "every block stored: {after:?}"
+    );
+    assert!(
+        list <= BLOCKS / 4 && get <= BLOCKS / 4,
+        "protect of {BLOCKS} blocks listed {list} and read {get} objects"
+    );
+
+    // One 4 KiB write in every block, then a resync: one patch per block.
+    for b in 0..BLOCKS {
+        write_at(&src, b * BS + 8 * KIB, &pseudo_random(4096, 100 + b));
+    }
+    server.cli_ok(&["resync", "--vm", "web", "--now"]);
+    let before = store_counts(&server);
+    let o = server.cli(&[
+        "agent",
+        "resync",
+        "--creds",
+        c,
+        "--vm",
+        "web",
+        "--disk",
+        "d",
+        "--json",
+        src.to_str().unwrap(),
+    ]);
+    succeeded(&o, "agent resync");
+    let after = store_counts(&server);
+    let list = delta(&before, &after, "list");
+    eprintln!("resync of {BLOCKS} blocks: {after:?} - {before:?}");
+    assert!(
+        delta(&before, &after, "put") >= BLOCKS,
+        "a receipt per patched block: {after:?}"
+    );
+    assert!(
+        list <= BLOCKS / 4,
+        "a resync patching {BLOCKS} blocks listed {list} times"
+    );
 }
