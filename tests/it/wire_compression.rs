@@ -371,7 +371,7 @@ async fn compressed_logs_that_lie_are_cut_off_or_bombs_are_refused_and_the_journ
     assert_eq!(done["state"], "complete", "{done}");
     let log_id = "6b0f4c1e-2a3d-4e5f-8a9b-0c1d2e3f4a5b";
     let log = make_log(
-        &[(8192, compressible(200_000, 20))],
+        &[(8192, compressible(204_800, 20))],
         log_id.parse().unwrap(),
         ZERO_GUID.parse().unwrap(),
     );
