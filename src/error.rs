@@ -17,6 +17,8 @@ pub enum Kind {
     NotFound,
     Conflict,
     TooLarge,
+    /// A request body in an encoding the server does not take.
+    UnsupportedMedia,
     Busy,
     Unavailable,
     Corrupt,
@@ -41,6 +43,8 @@ pub enum Error {
     },
     #[error("{message}")]
     TooLarge { code: &'static str, message: String },
+    #[error("{message}")]
+    UnsupportedMedia { code: &'static str, message: String },
     /// Back-pressure: retry after the given number of seconds.
     #[error("{message}")]
     Busy {
@@ -131,6 +135,7 @@ impl Error {
             Error::NotFound { .. } => Kind::NotFound,
             Error::Conflict { .. } => Kind::Conflict,
             Error::TooLarge { .. } => Kind::TooLarge,
+            Error::UnsupportedMedia { .. } => Kind::UnsupportedMedia,
             Error::Busy { .. } => Kind::Busy,
             Error::Store(StoreError::NotFound { .. }) => Kind::Corrupt,
             Error::Store(_) | Error::DiskFull { .. } | Error::Unavailable { .. } => {
@@ -148,6 +153,7 @@ impl Error {
             | Error::NotFound { code, .. }
             | Error::Conflict { code, .. }
             | Error::TooLarge { code, .. }
+            | Error::UnsupportedMedia { code, .. }
             | Error::Busy { code, .. }
             | Error::Unavailable { code, .. } => code,
             Error::Unauthorized { .. } => "unauthorized",

@@ -64,6 +64,9 @@ pub struct DiskSummary {
     pub already_on_server: u64,
     pub uploaded_blocks: u64,
     pub uploaded_bytes: u64,
+    /// Bytes the uploaded blocks took on the wire (compressed unless compression is off).
+    #[serde(default)]
+    pub wire_bytes: u64,
     pub deduplicated_blocks: u64,
     /// Bytes the server wrote after compression and encryption.
     pub stored_bytes: u64,
@@ -329,13 +332,16 @@ async fn upload_pass(
                 let throttle = opts.throttle.clone();
                 async move {
                     let len = data.len() as u64;
+                    let body = client.encode_body(data).await;
+                    // The throttle limits the link: it counts bytes on the wire.
                     if let Some(t) = &throttle {
-                        t.take(len).await;
+                        t.take(body.wire_len()).await;
                     }
+                    let wire = body.wire_len();
                     let t = Instant::now();
                     let r = backoff
                         .retry("upload block", || {
-                            client.put_block(vm, disk, index, &hash, data.clone())
+                            client.put_block(vm, disk, index, &hash, &body)
                         })
                         .await;
                     if let Some(l) = &latencies {
@@ -343,14 +349,15 @@ async fn upload_pass(
                         let mut v = l.lock().unwrap_or_else(|e| e.into_inner());
                         v.push(t.elapsed().as_secs_f64());
                     }
-                    (len, r)
+                    (len, wire, r)
                 }
             }))
             .buffer_unordered(parallel);
-        while let Some((len, r)) = stream.next().await {
+        while let Some((len, wire, r)) = stream.next().await {
             let ack = r?;
             sum.uploaded_blocks += 1;
             sum.uploaded_bytes += len;
+            sum.wire_bytes += wire;
             sum.stored_bytes += ack.stored_bytes;
             if ack.outcome == "deduplicated" {
                 sum.deduplicated_blocks += 1;

@@ -1,7 +1,7 @@
 //! `drvault agent replicate`: send one disk's change log for a replication cycle.
 //!
-//! The log is streamed from the file (never read into memory whole); the server stores it as it
-//! arrives and acknowledges only once it is validated and in the journal. The log's UniqueId,
+//! The log is streamed from the file (never read into memory whole), zstd-compressed piece by
+//! piece unless compression is off; the server stores it as it arrives and acknowledges only once it is validated and in the journal. The log's UniqueId,
 //! read from its header here, names it in the URL so a retry of the same log is recognised.
 
 use std::path::Path;
@@ -69,15 +69,9 @@ pub async fn replicate(
                     .map_err(|e| crate::client::ClientError::Setup(e.to_string()))?
                     .len();
                 let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+                let log = client.encode_log(stream, len);
                 client
-                    .put_log(
-                        &opts.vm,
-                        &opts.disk,
-                        log_id,
-                        query,
-                        reqwest::Body::wrap_stream(stream),
-                        Some(len),
-                    )
+                    .put_log(&opts.vm, &opts.disk, log_id, query, log)
                     .await
             }
         })

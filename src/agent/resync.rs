@@ -168,9 +168,10 @@ impl Direction for Upload<'_> {
             let hash = hash.to_hex();
             async move {
                 let len = body.len() as u64;
+                let body = client.encode_body(body).await;
                 opts.backoff
                     .retry("upload patch", || {
-                        client.resync_put_patch(&opts.vm, &opts.disk, index, &hash, body.clone())
+                        client.resync_put_patch(&opts.vm, &opts.disk, index, &hash, &body)
                     })
                     .await
                     .map(|a| (len, a))

@@ -148,6 +148,18 @@ impl ChunkStore {
         data: Bytes,
         claimed: Option<PlainHash>,
     ) -> Result<BlockPut, ChunkError> {
+        self.put_block_with_payload(data, claimed, None).await
+    }
+
+    /// [`put_block`](Self::put_block) for a block that arrived zstd-compressed: `zstd` is the
+    /// payload `data` was inflated from with [`seal::inflate_bounded`]. When it is smaller than
+    /// the block it is sealed as it is, instead of compressing the block again.
+    pub async fn put_block_with_payload(
+        &self,
+        data: Bytes,
+        claimed: Option<PlainHash>,
+        zstd: Option<Bytes>,
+    ) -> Result<BlockPut, ChunkError> {
         let len = data.len() as u64;
         let keys = self.keys.clone();
         let d = data.clone();
@@ -198,9 +210,16 @@ impl ChunkStore {
         }
         let level = self.zstd_level;
         let key_str = key.as_str().to_string();
+        let reuse = zstd.filter(|z| z.len() < data.len());
+        let reused = reuse.is_some();
         let sealed = self
             .cpu
-            .run(move || seal::seal(&keys, ObjectKind::Chunk, &key_str, &data, Some(level)))
+            .run(move || match reuse {
+                Some(z) => {
+                    seal::seal_zstd_payload(&keys, ObjectKind::Chunk, &key_str, &z, data.len())
+                }
+                None => seal::seal(&keys, ObjectKind::Chunk, &key_str, &data, Some(level)),
+            })
             .await?;
         let stored = sealed.bytes.len() as u64;
         let outcome = self
@@ -214,6 +233,10 @@ impl ChunkStore {
         };
         match outcome {
             PutOutcome::Created => {
+                if reused {
+                    // Sealed from the sender's compressed bytes: no compression ran here.
+                    metrics::counter!("drvault_blocks_payload_reused_total").increment(1);
+                }
                 metrics::counter!("drvault_blocks_stored_total").increment(1);
                 metrics::counter!("drvault_bytes_stored_plain_total").increment(len);
                 metrics::counter!("drvault_bytes_stored_sealed_total").increment(stored);

@@ -96,7 +96,6 @@ pub fn seal(
     plaintext: &[u8],
     zstd_level: Option<i32>,
 ) -> Result<Sealed, KeyError> {
-    let (key_id, cipher) = keys.seal_cipher()?;
     let mut out = Vec::with_capacity(SEALED_HEADER_LEN + plaintext.len() + SEALED_TAG_LEN);
     out.resize(SEALED_HEADER_LEN, 0);
     let mut compressed = false;
@@ -121,6 +120,37 @@ pub fn seal(
     if !compressed {
         out.extend_from_slice(plaintext);
     }
+    seal_payload(keys, kind, name, out, compressed, plaintext.len())
+}
+
+/// Seals a zstd payload someone else compressed (an agent's upload) as it is, flagged
+/// compressed, for `plain_len` bytes of plaintext. The caller must have inflated `payload` with
+/// [`inflate_bounded`] to exactly the plaintext it vouches for (its hash checked): that is the
+/// decoding [`open`] repeats, so the object opens to the same bytes. Nothing is compressed here.
+pub fn seal_zstd_payload(
+    keys: &KeyRing,
+    kind: ObjectKind,
+    name: &str,
+    payload: &[u8],
+    plain_len: usize,
+) -> Result<Sealed, KeyError> {
+    let mut out = Vec::with_capacity(SEALED_HEADER_LEN + payload.len() + SEALED_TAG_LEN);
+    out.resize(SEALED_HEADER_LEN, 0);
+    out.extend_from_slice(payload);
+    seal_payload(keys, kind, name, out, true, plain_len)
+}
+
+/// Encrypts `out[SEALED_HEADER_LEN..]` (the payload, after room for the header) in place,
+/// writes the header and appends the tag.
+fn seal_payload(
+    keys: &KeyRing,
+    kind: ObjectKind,
+    name: &str,
+    mut out: Vec<u8>,
+    compressed: bool,
+    plain_len: usize,
+) -> Result<Sealed, KeyError> {
+    let (key_id, cipher) = keys.seal_cipher()?;
     let mut nonce = [0u8; 12];
     crate::util::fill_random(&mut nonce);
     let header = header_bytes(
@@ -128,7 +158,7 @@ pub fn seal(
         if compressed { FLAG_ZSTD } else { 0 },
         key_id,
         &nonce,
-        plaintext.len() as u64,
+        plain_len as u64,
     );
     out[..SEALED_HEADER_LEN].copy_from_slice(&header);
     let aad = associated_data(&header, name);
@@ -140,6 +170,39 @@ pub fn seal(
         compressed,
     })
 }
+
+/// Why a zstd payload did not inflate within its bound.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InflateError {
+    #[error("inflates to more than {bound} bytes")]
+    TooLong { bound: usize },
+    #[error("not a complete zstd stream ({reason})")]
+    Invalid { reason: &'static str },
+}
+
+/// Inflates a zstd payload (one or more frames) into a buffer of `bound` bytes, allocated up
+/// front: zstd stops at its end, so a payload claiming more (a zstd bomb) is refused without
+/// allocating what it claims. The same one-shot decoding as [`open`] uses, with the same
+/// context settings.
+pub fn inflate_bounded(payload: &[u8], bound: usize) -> Result<Vec<u8>, InflateError> {
+    let mut out: Vec<u8> = Vec::with_capacity(bound);
+    let got = DECOMPRESSOR.with(|d| d.borrow_mut().decompress(&mut out, payload));
+    match got {
+        Ok(n) => {
+            out.truncate(n);
+            Ok(out)
+        }
+        Err(code) if code == DST_SIZE_TOO_SMALL => Err(InflateError::TooLong { bound }),
+        Err(code) => Err(InflateError::Invalid {
+            reason: zstd::zstd_safe::get_error_name(code),
+        }),
+    }
+}
+
+/// zstd's error code for "destination buffer is too small" (codes are negated enum values).
+const DST_SIZE_TOO_SMALL: usize =
+    (zstd::zstd_safe::zstd_sys::ZSTD_ErrorCode::ZSTD_error_dstSize_tooSmall as usize)
+        .wrapping_neg();
 
 /// Opens a sealed object stored under `name`, expecting `kind`. Never returns wrong data: any
 /// change to the bytes, the name, or the key yields an error.
@@ -158,10 +221,7 @@ pub fn open(
     // Decompress into spare capacity (no zero-fill); zstd stops at the capacity, so a frame
     // that inflates past the recorded length fails instead of allocating more.
     let mut out: Vec<u8> = Vec::with_capacity(opened.plain_len);
-    let got = DECOMPRESSOR.with(|d| {
-        d.borrow_mut()
-            .decompress_to_buffer(opened.payload(&bytes), &mut out)
-    });
+    let got = DECOMPRESSOR.with(|d| d.borrow_mut().decompress(&mut out, opened.payload(&bytes)));
     check_inflated(name, got, opened.plain_len)?;
     Ok(out)
 }
@@ -185,10 +245,7 @@ pub fn open_into(
         });
     };
     if opened.compressed {
-        let got = DECOMPRESSOR.with(|d| {
-            d.borrow_mut()
-                .decompress_to_buffer(opened.payload(&bytes), dest)
-        });
+        let got = DECOMPRESSOR.with(|d| d.borrow_mut().decompress(dest, opened.payload(&bytes)));
         check_inflated(name, got, n)?;
     } else {
         dest.copy_from_slice(opened.payload(&bytes));
@@ -295,7 +352,7 @@ fn decrypt_in_place(
 /// A decompression's outcome against the recorded plaintext length.
 fn check_inflated(
     name: &str,
-    got: std::io::Result<usize>,
+    got: zstd::zstd_safe::SafeResult,
     plain_len: usize,
 ) -> Result<(), SealError> {
     match got {
@@ -304,9 +361,9 @@ fn check_inflated(
             name: name.to_string(),
             reason: format!("{k} bytes instead of {plain_len}"),
         }),
-        Err(e) => Err(SealError::BadPayload {
+        Err(code) => Err(SealError::BadPayload {
             name: name.to_string(),
-            reason: e.to_string(),
+            reason: zstd::zstd_safe::get_error_name(code).to_string(),
         }),
     }
 }
@@ -369,9 +426,11 @@ thread_local! {
     // zstd contexts are expensive to create (~100 KiB of tables); one per worker thread.
     static COMPRESSOR: std::cell::RefCell<(zstd::bulk::Compressor<'static>, Vec<u8>)> =
         std::cell::RefCell::new((zstd::bulk::Compressor::new(1).unwrap_or_else(|_| unreachable!("zstd context")), Vec::new()));
-    static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> = std::cell::RefCell::new({
-        let mut d = zstd::bulk::Decompressor::new().unwrap_or_else(|_| unreachable!("zstd context"));
-        let _ = d.window_log_max(ZSTD_WINDOW_LOG_MAX);
+    // One context for opening objects and for inflating agents' payloads before they are
+    // sealed as they are: both decode the same way.
+    static DECOMPRESSOR: std::cell::RefCell<zstd::zstd_safe::DCtx<'static>> = std::cell::RefCell::new({
+        let mut d = zstd::zstd_safe::DCtx::try_create().unwrap_or_else(|| unreachable!("zstd context"));
+        let _ = d.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX));
         d
     });
 }

@@ -145,8 +145,7 @@ pub(super) async fn agent(cmd: AgentCmd) -> Result<i32> {
             final_log,
             json,
         } => {
-            let creds = crate::agent::load_creds(&conn.creds)?;
-            let client = crate::agent::client_for(&creds, conn.host.clone())?;
+            let client = conn.client()?;
             let opts = crate::agent::replicate::ReplicateOptions {
                 vm,
                 disk,
@@ -195,8 +194,7 @@ pub(super) async fn agent(cmd: AgentCmd) -> Result<i32> {
             json,
             format,
         } => {
-            let creds = crate::agent::load_creds(&conn.creds)?;
-            let client = crate::agent::client_for(&creds, conn.host.clone())?;
+            let client = conn.client()?;
             let mut sources = Vec::new();
             for d in &disks {
                 let (path, id) = match d.rsplit_once(':') {

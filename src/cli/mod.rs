@@ -227,6 +227,18 @@ struct AgentConn {
     /// Give up retrying recoverable errors after this long (e.g. 30s, 2h).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     give_up_after: Duration,
+    /// Send block, patch and log bodies as they are instead of zstd-compressed (compression
+    /// roughly halves the bytes on the wire on typical disks and costs the host CPU).
+    #[arg(long, env = "DRVAULT_AGENT_NO_COMPRESS")]
+    no_compress: bool,
+}
+
+impl AgentConn {
+    /// A client for these credentials, compressing uploads unless `--no-compress`.
+    fn client(&self) -> anyhow::Result<crate::client::Client> {
+        let creds = crate::agent::load_creds(&self.creds)?;
+        Ok(crate::agent::client_for(&creds, self.host.clone())?.compress_uploads(!self.no_compress))
+    }
 }
 
 /// `--format` of the agent commands that read a disk image.

@@ -193,8 +193,7 @@ fn backoff(conn: &AgentConn) -> Backoff {
 }
 
 pub async fn agent_resync(a: AgentResyncArgs) -> Result<i32> {
-    let creds = crate::agent::load_creds(&a.conn.creds)?;
-    let client = crate::agent::client_for(&creds, a.conn.host.clone())?;
+    let client = a.conn.client()?;
     let opts = crate::agent::resync::ResyncOptions {
         vm: a.vm.clone(),
         disk: a.disk.clone(),
@@ -241,8 +240,7 @@ pub async fn agent_resync(a: AgentResyncArgs) -> Result<i32> {
 }
 
 pub async fn agent_failback(a: AgentFailbackArgs) -> Result<i32> {
-    let creds = crate::agent::load_creds(&a.conn.creds)?;
-    let client = crate::agent::client_for(&creds, a.conn.host.clone())?;
+    let client = a.conn.client()?;
     let opts = crate::agent::failback::FailbackOptions {
         vm: a.vm.clone(),
         disk: a.disk.clone(),

@@ -12,8 +12,10 @@ use serde::Serialize;
 
 use crate::wire::{ErrorBody, ACTING_HOST_HEADER};
 
+mod encode;
 pub mod export;
 mod routes;
+pub use encode::{LogUpload, UploadBody, UPLOAD_ZSTD_LEVEL};
 pub use routes::{BlockDownload, SyncFlow};
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,8 @@ pub struct Client {
     base: String,
     token: String,
     acting_host: Option<String>,
+    /// zstd level of upload bodies; `None` sends them as they are.
+    upload_zstd: Option<i32>,
 }
 
 impl Client {
@@ -93,6 +97,7 @@ impl Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
             acting_host: None,
+            upload_zstd: Some(UPLOAD_ZSTD_LEVEL),
         })
     }
 
@@ -194,6 +199,26 @@ impl Client {
         let mut rb = self.req(Method::PUT, path).body(body);
         for (k, v) in headers {
             rb = rb.header(*k, v);
+        }
+        let r = self.send(rb).await?;
+        r.json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// PUT an upload body (identity or zstd) with extra headers; JSON answer.
+    pub async fn put_body<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+        body: &UploadBody,
+    ) -> Result<T, ClientError> {
+        let mut rb = self.req(Method::PUT, path).body(body.bytes());
+        for (k, v) in headers {
+            rb = rb.header(*k, v);
+        }
+        if let Some(e) = body.encoding() {
+            rb = rb.header(reqwest::header::CONTENT_ENCODING, e);
         }
         let r = self.send(rb).await?;
         r.json()

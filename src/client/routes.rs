@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use reqwest::Method;
 
-use super::{Client, ClientError};
+use super::{Client, ClientError, LogUpload, UploadBody};
 use crate::wire::*;
 
 /// A block as the server sent it: its bytes and the plain BLAKE3 (hex) of its header.
@@ -341,16 +341,16 @@ impl Client {
         .await
     }
 
-    /// `blake3`: the block's plain BLAKE3 (hex), checked by the server.
+    /// `blake3`: the block's plain BLAKE3 (hex), checked by the server on the plain bytes.
     pub async fn put_block(
         &self,
         vm: &str,
         disk: &str,
         index: u64,
         blake3: &str,
-        body: Bytes,
+        body: &UploadBody,
     ) -> Result<BlockAck, ClientError> {
-        self.put_bytes(
+        self.put_body(
             &format!("/v1/agent/vms/{vm}/disks/{disk}/blocks/{index}"),
             &[(BLAKE3_HEADER, blake3.to_string())],
             body,
@@ -372,25 +372,37 @@ impl Client {
         .await
     }
 
-    /// Streams one change log (`len`: its length when known).
+    /// Streams one change log ([`Client::encode_log`] makes the body).
     pub async fn put_log(
         &self,
         vm: &str,
         disk: &str,
         log_id: &str,
         q: &LogQuery,
-        body: reqwest::Body,
-        len: Option<u64>,
+        log: LogUpload,
     ) -> Result<LogAck, ClientError> {
         let q = log_query(q);
         let sep = if q.is_empty() { "" } else { "?" };
-        self.send_stream(
-            Method::PUT,
-            &format!("/v1/agent/vms/{vm}/disks/{disk}/logs/{log_id}{sep}{q}"),
-            body,
-            len,
-        )
-        .await
+        let path = format!("/v1/agent/vms/{vm}/disks/{disk}/logs/{log_id}{sep}{q}");
+        let compressed = log.is_compressed();
+        let body = reqwest::Body::wrap_stream(log.pieces);
+        if !compressed {
+            return self
+                .send_stream(Method::PUT, &path, body, Some(log.plain_len))
+                .await;
+        }
+        // The compressed length is known only once it is sent: the server bounds the
+        // decompression by the plain length instead.
+        let rb = self
+            .req(Method::PUT, &path)
+            .body(body)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_ENCODING, ZSTD_ENCODING)
+            .header(PLAIN_LENGTH_HEADER, log.plain_len);
+        let r = self.send(rb).await?;
+        r.json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     // ---------- agent: resync and failback (block sync) ----------
@@ -406,9 +418,9 @@ impl Client {
         disk: &str,
         index: u64,
         blake3: &str,
-        patch: Bytes,
+        patch: &UploadBody,
     ) -> Result<PatchAck, ClientError> {
-        self.put_bytes(
+        self.put_body(
             &format!("/v1/agent/vms/{vm}/disks/{disk}/resync/blocks/{index}"),
             &[(BLAKE3_HEADER, blake3.to_string())],
             patch,

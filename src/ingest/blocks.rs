@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::Mutex;
 
+use super::wire::BlockBody;
 use super::Ingest;
 use crate::catalog::{complete_disk_view, DiskRecord, DiskState, DiskView, VmRecord, VmState};
 use crate::chunk::{ChunkName, PlainHash};
@@ -117,7 +118,7 @@ impl Ingest {
         Ok(slot)
     }
 
-    /// Takes one block of an initial replication.
+    /// Takes one block of an initial replication, sent as it is.
     pub async fn put_block(
         &self,
         host: &str,
@@ -127,6 +128,27 @@ impl Ingest {
         claimed: PlainHash,
         body: Bytes,
     ) -> Result<BlockAck> {
+        let body = BlockBody {
+            plain: body,
+            zstd: None,
+        };
+        self.put_block_body(host, vm, disk, index, claimed, body)
+            .await
+    }
+
+    /// Takes one block of an initial replication, decoded from the wire: a block that came
+    /// compressed is sealed from the sender's compressed bytes once its plain content is
+    /// checked against `claimed`.
+    pub async fn put_block_body(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        index: u64,
+        claimed: PlainHash,
+        block: BlockBody,
+    ) -> Result<BlockAck> {
+        let BlockBody { plain: body, zstd } = block;
         let (_, d) = self.catalog.disk_for(Some(host), vm, disk).await?;
         check_block(&d, index, body.len() as u64)?;
         let damaged = self
@@ -135,7 +157,7 @@ impl Ingest {
             .await?;
         if d.state == DiskState::Complete {
             if damaged {
-                return self.heal_block(index, claimed, body).await;
+                return self.heal_block(index, claimed, body, zstd).await;
             }
             return Err(Error::conflict(
                 "replication_complete",
@@ -158,7 +180,7 @@ impl Ingest {
             .catalog
             .vault()
             .chunks
-            .put_block(body, Some(claimed))
+            .put_block_with_payload(body, Some(claimed), zstd)
             .await?;
         let key = layout::stage_receipt(&d.vm_id, &d.disk_id, &d.session, index);
         stage::write_receipt(self.catalog.vault(), &key, &put).await?;
@@ -205,12 +227,18 @@ impl Ingest {
 
     /// Stores a block of a completed disk whose chunk verify registered damaged and moved
     /// aside: the map already names the chunk, so storing it again is all a heal takes.
-    async fn heal_block(&self, index: u64, claimed: PlainHash, body: Bytes) -> Result<BlockAck> {
+    async fn heal_block(
+        &self,
+        index: u64,
+        claimed: PlainHash,
+        body: Bytes,
+        zstd: Option<Bytes>,
+    ) -> Result<BlockAck> {
         let put = self
             .catalog
             .vault()
             .chunks
-            .put_block(body, Some(claimed))
+            .put_block_with_payload(body, Some(claimed), zstd)
             .await?;
         let healed = self.damage.note_stored(&put).await?;
         metrics::counter!("drvault_blocks_received_total").increment(1);

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+use super::wire::LogInflater;
 use super::Ingest;
 use crate::catalog::{DiskRecord, DiskState, VmState};
 use crate::error::{Error, Result};
@@ -38,6 +39,27 @@ pub struct LogMeta {
     /// The last log before the source VM shut down (planned failover).
     #[serde(default, rename = "final")]
     pub final_log: bool,
+}
+
+/// Adds plain log bytes to the frames, refusing a log that grows past `max` bytes.
+async fn push_within(w: &mut FrameWriter, plain: Bytes, max: u64) -> Result<()> {
+    if w.total() + plain.len() as u64 > max {
+        return Err(Error::TooLarge {
+            code: "log_too_large",
+            message: format!("log exceeds the {max}-byte limit"),
+        });
+    }
+    Ok(w.push(plain).await?)
+}
+
+/// How a log's body is sent, with the length the server may expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogBody {
+    /// As it is; `announced_len` is the body's `Content-Length` when it has one.
+    Identity { announced_len: Option<u64> },
+    /// zstd-compressed; inflated no further than `plain_len`, and refused unless it inflates
+    /// to exactly that.
+    Zstd { plain_len: u64 },
 }
 
 /// Host backlog bytes at which a disk needs resynchronization: half its size.
@@ -91,7 +113,7 @@ impl Ingest {
         }
     }
 
-    /// Accepts one change log streamed in `body`.
+    /// Accepts one change log streamed in `body`, sent as it is.
     #[allow(clippy::too_many_arguments)] // the request's path, headers and body, each named
     pub async fn accept_log<S, E>(
         &self,
@@ -101,6 +123,34 @@ impl Ingest {
         log_id: &str,
         meta: LogMeta,
         announced_len: Option<u64>,
+        body: S,
+    ) -> Result<LogAck>
+    where
+        S: Stream<Item = std::result::Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        self.accept_log_encoded(
+            host,
+            vm,
+            disk,
+            log_id,
+            meta,
+            LogBody::Identity { announced_len },
+            body,
+        )
+        .await
+    }
+
+    /// Accepts one change log streamed in `body`, encoded as `encoding` says.
+    #[allow(clippy::too_many_arguments)] // the request's path, headers and body, each named
+    pub async fn accept_log_encoded<S, E>(
+        &self,
+        host: &str,
+        vm: &str,
+        disk: &str,
+        log_id: &str,
+        meta: LogMeta,
+        encoding: LogBody,
         mut body: S,
     ) -> Result<LogAck>
     where
@@ -134,15 +184,17 @@ impl Ingest {
             return Err(Error::conflict("resync_required", format!("disk {disk} of VM {vm} needs resynchronization ({reason}); logs are refused until it completes")));
         }
         let max = self.max_log_bytes;
-        if announced_len.map(|l| l > max).unwrap_or(false) {
+        let (announced_len, inflater) = match encoding {
+            LogBody::Identity { announced_len } => (announced_len, None),
+            LogBody::Zstd { plain_len } => (Some(plain_len), Some(plain_len)),
+        };
+        if let Some(len) = announced_len.filter(|&l| l > max) {
             return Err(Error::TooLarge {
                 code: "log_too_large",
-                message: format!(
-                    "log of {} bytes exceeds the {max}-byte limit",
-                    announced_len.unwrap_or(0)
-                ),
+                message: format!("log of {len} bytes exceeds the {max}-byte limit"),
             });
         }
+        let inflater = inflater.map(LogInflater::new).transpose()?;
         let key_id = journal::log_key_id(&guid);
         // Until the journal refers to it (or it is refused), garbage collection keeps the log.
         let _receiving = self
@@ -154,7 +206,9 @@ impl Ingest {
         // Frames from an earlier, failed attempt at this log are replaced or removed below.
         let _ =
             journal::delete_log(&self.catalog.vault().chunks, &d.vm_id, &d.disk_id, &key_id).await;
-        let stored = self.store_frames(&d, &key_id, max, &mut body).await;
+        let stored = self
+            .store_frames(&d, &key_id, max, inflater, &mut body)
+            .await;
         let len = match stored {
             Ok(len) => len,
             Err(e) => {
@@ -188,11 +242,14 @@ impl Ingest {
         }
     }
 
+    /// Stores the log's frames as its body arrives; a compressed body goes through `inflater`
+    /// first, one bounded piece at a time on the CPU pool.
     async fn store_frames<S, E>(
         &self,
         d: &DiskRecord,
         key_id: &str,
         max: u64,
+        mut inflater: Option<LogInflater>,
         body: &mut S,
     ) -> Result<u64>
     where
@@ -205,17 +262,33 @@ impl Ingest {
             &d.disk_id,
             key_id,
         );
+        let cpu = self.catalog.vault().chunks.cpu().clone();
         while let Some(piece) = body.next().await {
             let piece = piece.map_err(|e| {
                 Error::invalid("body_incomplete", format!("log upload was cut off: {e}"))
             })?;
-            if w.total() + piece.len() as u64 > max {
-                return Err(Error::TooLarge {
-                    code: "log_too_large",
-                    message: format!("log exceeds the {max}-byte limit"),
-                });
+            let Some(mut inf) = inflater.take() else {
+                push_within(&mut w, piece, max).await?;
+                continue;
+            };
+            inf.feed(piece);
+            loop {
+                let (back, plain) = cpu
+                    .run(move || {
+                        let plain = inf.next_piece();
+                        (inf, plain)
+                    })
+                    .await;
+                inf = back;
+                match plain? {
+                    Some(plain) => push_within(&mut w, plain, max).await?,
+                    None => break,
+                }
             }
-            w.push(piece).await?;
+            inflater = Some(inf);
+        }
+        if let Some(inf) = &inflater {
+            inf.finish()?;
         }
         Ok(w.finish().await?)
     }

@@ -1,7 +1,8 @@
 //! Ingest: what hosts send. [`blocks`] takes a disk's initial replication (block uploads with
 //! their receipts, resume queries, completion into the disk's base map, finalizing the VM);
 //! [`logs`] takes the MS-HRL change log of every later replication cycle (stored as frames,
-//! validated, chained, appended to the disk's journal).
+//! validated, chained, appended to the disk's journal); [`wire`] decodes upload bodies
+//! (identity or zstd, inflated with a hard bound).
 //!
 //! [`Ingest`] holds a [`Catalog`] handle and only the state it uses: the open initial-replication
 //! sessions and the opened-frame cache log validation shares with the point readers. It asks
@@ -10,9 +11,10 @@
 
 pub mod blocks;
 pub mod logs;
+pub mod wire;
 
 pub use blocks::{BlockAck, CompleteRequest, QueryBlock, ReceivedQuery, MAX_QUERY_BLOCKS};
-pub use logs::{LogAck, LogMeta};
+pub use logs::{LogAck, LogBody, LogMeta};
 
 use crate::catalog::Catalog;
 use crate::replica::damage::DamageRegister;

@@ -36,6 +36,15 @@ pub use vms::*;
 /// Header carrying a block's plain BLAKE3 (hex), on uploads and downloads.
 pub const BLAKE3_HEADER: &str = "x-drvault-blake3";
 
+/// `Content-Encoding` of an upload body (block, resync patch, change log) compressed with zstd.
+/// Without the header a body is taken as it is (identity); any other encoding is refused with
+/// 415 `unsupported_content_encoding`.
+pub const ZSTD_ENCODING: &str = "zstd";
+
+/// Header of a zstd-compressed change log upload: the log's length before compression. The
+/// server decompresses no further than that, and refuses a log that does not inflate to it.
+pub const PLAIN_LENGTH_HEADER: &str = "x-drvault-plain-length";
+
 /// Header a provider uses to name the host it acts for.
 pub const ACTING_HOST_HEADER: &str = "x-drvault-host";
 

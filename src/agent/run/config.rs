@@ -36,6 +36,8 @@ struct RawConfig {
     host: Option<String>,
     state_dir: PathBuf,
     heartbeat_s: Option<u64>,
+    #[serde(default = "default_compress")]
+    compress: bool,
     #[serde(default)]
     bandwidth: BTreeMap<String, f64>,
     #[serde(default, rename = "vm")]
@@ -79,6 +81,9 @@ struct RawDisk {
     spool: Option<PathBuf>,
 }
 
+fn default_compress() -> bool {
+    true
+}
 fn default_generation() -> u8 {
     2
 }
@@ -113,6 +118,9 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// None: the shortest replication interval of the configured VMs.
     pub heartbeat_s: Option<u64>,
+    /// zstd-compress block, patch and log bodies on the wire (default); off sends them as they
+    /// are.
+    pub compress: bool,
     pub bandwidth: BandwidthSchedule,
     pub vms: Vec<VmConfig>,
 }
@@ -346,6 +354,7 @@ impl AgentConfig {
             host: raw.host,
             state_dir: abs(&raw.state_dir),
             heartbeat_s: raw.heartbeat_s,
+            compress: raw.compress,
             bandwidth,
             vms,
         })

@@ -52,6 +52,10 @@ pub struct RunOptions {
 
 /// Opens the connection the configuration names.
 pub fn connect(cfg: &AgentConfig) -> Result<Client, AgentError> {
+    Ok(connect_as(cfg)?.compress_uploads(cfg.compress))
+}
+
+fn connect_as(cfg: &AgentConfig) -> Result<Client, AgentError> {
     match &cfg.connection {
         Connection::Creds(path) => {
             let creds = super::load_creds(path)?;
@@ -597,15 +601,21 @@ async fn put_log(
         .map_err(|e| ClientError::Setup(e.to_string()))?
         .len();
     let throttle = sh.throttle.clone();
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).then(move |piece| {
-        let throttle = throttle.clone();
-        async move {
-            if let Ok(p) = &piece {
-                throttle.take(p.len() as u64).await;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+    let mut upload = sh.client.encode_log(stream, len);
+    // The throttle limits the link: it sees the pieces as they go on the wire.
+    upload.pieces = upload
+        .pieces
+        .then(move |piece| {
+            let throttle = throttle.clone();
+            async move {
+                if let Ok(p) = &piece {
+                    throttle.take(p.len() as u64).await;
+                }
+                piece
             }
-            piece
-        }
-    });
+        })
+        .boxed();
     let q = LogQuery {
         cycle: log.cycle,
         app_consistent: log.app_consistent,
@@ -616,14 +626,8 @@ async fn put_log(
     let limit = CALL_TIMEOUT + Duration::from_secs_f64(len as f64 / rate);
     within(
         limit,
-        sh.client.put_log(
-            vm,
-            &log.disk,
-            &log.unique_id.to_string(),
-            &q,
-            reqwest::Body::wrap_stream(stream),
-            Some(len),
-        ),
+        sh.client
+            .put_log(vm, &log.disk, &log.unique_id.to_string(), &q, upload),
     )
     .await
 }

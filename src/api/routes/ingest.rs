@@ -7,14 +7,17 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{post, put};
 use axum::{Json, Router};
 
-use super::read_block_body;
+use futures_util::StreamExt;
+
+use super::{content_encoding, read_block_body};
 use crate::api::auth::AgentHost;
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskPath, LogId, Query, VmName};
 use crate::api::AppState;
 use crate::catalog::VmSpec;
-use crate::ingest::{CompleteRequest, ReceivedQuery};
-use crate::wire::{LogQuery, MissingBlocks};
+use crate::ingest::wire::{BodyEncoding, WireError};
+use crate::ingest::{CompleteRequest, LogBody, ReceivedQuery};
+use crate::wire::{LogQuery, MissingBlocks, PLAIN_LENGTH_HEADER};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -93,7 +96,7 @@ async fn agent_put_block(
         read_block_body(&s, &host, &headers, body, d.block_size as usize, "block").await?;
     Ok(Json(
         s.ingest
-            .put_block(&host, &vm, &disk, i, claimed, bytes)
+            .put_block_body(&host, &vm, &disk, i, claimed, bytes)
             .await?,
     ))
 }
@@ -117,22 +120,23 @@ async fn agent_put_log(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Json<crate::ingest::logs::LogAck>> {
-    let len = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let encoding = log_body(&headers)?;
     let meta = crate::ingest::logs::LogMeta {
         cycle: q.cycle,
         app_consistent: q.app_consistent,
         final_log: q.final_log,
     };
-    // The log's frame buffer is body memory like a block's: reserved from the host's share
-    // before the first byte is read.
+    // The log's frame buffer (and a compressed log's decoder) is body memory like a block's:
+    // reserved from the host's share before the first byte is read.
     let memory = s
         .body_budget
-        .reserve(&host, crate::file_formats::LOG_FRAME_LEN as u64)
+        .reserve(&host, log_body_memory(&encoding))
         .await?;
-    let stream = body.into_data_stream();
+    let stream = body.into_data_stream().inspect(|piece| {
+        if let Ok(p) = piece {
+            metrics::counter!("drvault_wire_bytes_received_total").increment(p.len() as u64);
+        }
+    });
     // The log is taken in a task of its own: when a client disconnects mid-upload, the server
     // drops this handler's future, and a log accepted that way would stop wherever it was,
     // leaving the frames already stored behind. The task instead sees the body end in an error
@@ -140,10 +144,37 @@ async fn agent_put_log(
     let p = s.ingest.clone();
     let ack = tokio::spawn(async move {
         let _memory = memory;
-        p.accept_log(&host, &vm, &disk, &log_id, meta, len, stream)
+        p.accept_log_encoded(&host, &vm, &disk, &log_id, meta, encoding, stream)
             .await
     })
     .await
     .map_err(|e| crate::error::Error::internal(format!("log upload task failed: {e}")))??;
     Ok(Json(ack))
+}
+
+/// How a log upload's body is sent: as it is (with its `Content-Length` when it has one), or
+/// zstd-compressed with its plain length in [`PLAIN_LENGTH_HEADER`].
+fn log_body(headers: &HeaderMap) -> Result<LogBody, crate::error::Error> {
+    let number = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Ok(match content_encoding(headers)? {
+        BodyEncoding::Identity => LogBody::Identity {
+            announced_len: number(axum::http::header::CONTENT_LENGTH.as_str()),
+        },
+        BodyEncoding::Zstd => LogBody::Zstd {
+            plain_len: number(PLAIN_LENGTH_HEADER).ok_or(WireError::MissingPlainLength)?,
+        },
+    })
+}
+
+/// Body memory a log upload reserves.
+fn log_body_memory(body: &LogBody) -> u64 {
+    crate::ingest::wire::log_body_memory(match body {
+        LogBody::Identity { .. } => BodyEncoding::Identity,
+        LogBody::Zstd { .. } => BodyEncoding::Zstd,
+    })
 }

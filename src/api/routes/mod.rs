@@ -13,6 +13,7 @@ use super::AppState;
 use super::console;
 use crate::chunk::PlainHash;
 use crate::error::Error;
+use crate::ingest::wire::{decode_block, BlockBody, BodyEncoding};
 
 mod agents;
 mod failback;
@@ -56,18 +57,22 @@ struct Ingesting {
     _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// The hash header and a body of at most `limit` bytes. The body's memory is reserved from its
-/// host's share before it is read (without a reservation the body waits on the socket), and
-/// the ingest slot is taken only once the body is complete, so a host sending slowly holds
-/// memory from its own share and never a slot other hosts need.
+/// The hash header and a body of at most `limit` plain bytes, decoded as its
+/// `Content-Encoding` says (identity or zstd; anything else is refused before the body is read).
+/// The body's memory is reserved from its host's share before it is read (without a
+/// reservation the body waits on the socket), and the ingest slot is taken only once the body
+/// is complete, so a host sending slowly holds memory from its own share and never a slot other
+/// hosts need. A compressed body also reserves the `limit` bytes it may inflate to, and is
+/// inflated no further (a zstd bomb is refused without allocating what it claims).
 async fn read_block_body(
     s: &AppState,
     host: &str,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-    what: &str,
-) -> Result<(PlainHash, bytes::Bytes, Ingesting), Error> {
+    what: &'static str,
+) -> Result<(PlainHash, BlockBody, Ingesting), Error> {
+    let encoding = content_encoding(headers)?;
     let claimed = headers
         .get(BLAKE3_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -92,9 +97,13 @@ async fn read_block_body(
             ));
         }
     }
+    let inflated = match encoding {
+        BodyEncoding::Identity => 0,
+        BodyEncoding::Zstd => limit as u64,
+    };
     let memory = s
         .body_budget
-        .reserve(host, announced.unwrap_or(limit as u64))
+        .reserve(host, announced.unwrap_or(limit as u64) + inflated)
         .await?;
     // A body with a length cannot run past it (HTTP/1.1 and HTTP/2 both stop it there); one
     // without may be anything up to the limit, which was reserved in full.
@@ -111,20 +120,35 @@ async fn read_block_body(
             });
         }
     };
+    metrics::counter!("drvault_wire_bytes_received_total").increment(bytes.len() as u64);
     let slot = s
         .ingest_permits
         .clone()
         .acquire_owned()
         .await
         .map_err(|_| Error::internal("ingest closed"))?;
+    let decoded = s
+        .vault
+        .chunks
+        .cpu()
+        .run(move || decode_block(encoding, bytes, limit, what))
+        .await?;
     Ok((
         claimed,
-        bytes,
+        decoded,
         Ingesting {
             _body: memory,
             _slot: slot,
         },
     ))
+}
+
+/// The body's `Content-Encoding`: identity or zstd, else 415 `unsupported_content_encoding`.
+fn content_encoding(headers: &HeaderMap) -> Result<BodyEncoding, Error> {
+    let value = headers
+        .get(axum::http::header::CONTENT_ENCODING)
+        .map(|v| v.as_bytes());
+    Ok(BodyEncoding::from_header(value)?)
 }
 
 fn octets(bytes: bytes::Bytes) -> Response {

@@ -82,7 +82,7 @@ async fn agent_resync_patch(
         read_block_body(&s, &host, &headers, body, limit, "patch").await?;
     Ok(Json(
         s.resyncs
-            .resync_put_patch(&host, &vm, &disk, i, claimed, bytes)
+            .resync_put_patch(&host, &vm, &disk, i, claimed, bytes.plain)
             .await?,
     ))
 }
