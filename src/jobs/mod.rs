@@ -139,6 +139,7 @@ impl Jobs {
             ended_unix: None,
             error: None,
             waiting_for: None,
+            disks: Vec::new(),
         };
         self.records
             .create(&layout::record(Family::Job, &job.id), &job)
@@ -152,12 +153,26 @@ impl Jobs {
     /// Applies `f` to a job and persists the result.
     pub async fn modify(&self, id: &str, f: impl Fn(&mut Job)) -> Result<Job> {
         let prefix = layout::record(Family::Job, id);
+        // Per-disk progress lives in memory between durable changes: each one keeps it.
+        let disks = self
+            .cache
+            .read()
+            .await
+            .get(id)
+            .map(|j| j.disks.clone())
+            .unwrap_or_default();
         let updated = self
             .records
             .update(&prefix, |cur: Option<&Job>| {
                 let mut j = cur.cloned().ok_or_else(|| {
                     Error::not_found("job_not_found", format!("job {id} not found"))
                 })?;
+                for d in &disks {
+                    match j.disks.iter_mut().find(|x| x.disk == d.disk) {
+                        Some(x) => *x = d.clone(),
+                        None => j.disks.push(d.clone()),
+                    }
+                }
                 f(&mut j);
                 Ok(Some(j))
             })
@@ -231,6 +246,17 @@ impl Jobs {
     pub async fn set_progress(&self, id: &str, progress: f64) {
         if let Some(j) = self.cache.write().await.get_mut(id) {
             j.progress = progress.clamp(0.0, 1.0);
+        }
+    }
+
+    /// In-memory per-disk progress (persisted with the job's next durable change): replaces the
+    /// entry of the same disk, or adds it.
+    pub async fn set_disk_progress(&self, id: &str, disk: crate::wire::DiskProgress) {
+        if let Some(j) = self.cache.write().await.get_mut(id) {
+            match j.disks.iter_mut().find(|d| d.disk == disk.disk) {
+                Some(d) => *d = disk,
+                None => j.disks.push(disk),
+            }
         }
     }
 
