@@ -70,7 +70,9 @@ impl Target {
     fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         match self {
             Target::File(f) => f.write_all_at(data, offset),
-            Target::Vhdx { writer, .. } => writer.write_at(data, offset).map_err(std::io::Error::other),
+            Target::Vhdx { writer, .. } => {
+                writer.write_at(data, offset).map_err(std::io::Error::other)
+            }
         }
     }
 
@@ -102,11 +104,17 @@ impl crate::format::image::DiskImage for Empty {
     fn virtual_size(&self) -> u64 {
         self.0
     }
-    fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<(), crate::format::image::ImageError> {
+    fn read_at(
+        &self,
+        buf: &mut [u8],
+        _offset: u64,
+    ) -> Result<(), crate::format::image::ImageError> {
         buf.fill(0);
         Ok(())
     }
-    fn allocated_ranges(&self) -> Result<Vec<std::ops::Range<u64>>, crate::format::image::ImageError> {
+    fn allocated_ranges(
+        &self,
+    ) -> Result<Vec<std::ops::Range<u64>>, crate::format::image::ImageError> {
         Ok(Vec::new())
     }
 }
@@ -209,8 +217,7 @@ pub async fn failback(
         .backoff
         .retry("failback", || client.failback_view(&opts.vm, &opts.disk))
         .await?;
-    let (target, created) =
-        open_target(path, view.size, view.block_size, opts.full, opts.format)?;
+    let (target, created) = open_target(path, view.size, view.block_size, opts.full, opts.format)?;
     let mut summary = FailbackSummary {
         vm: opts.vm.clone(),
         disk: opts.disk.clone(),

@@ -162,7 +162,8 @@ pub async fn export_as(
 
 /// Completes the file once every block is in: the VHD footer, or the VHDX's structures; synced.
 fn finish(sink: Arc<Sink>, format: ExportFormat, size: u64) -> Result<()> {
-    let sink = Arc::try_unwrap(sink).map_err(|_| anyhow!("export: a block write is still running"))?;
+    let sink =
+        Arc::try_unwrap(sink).map_err(|_| anyhow!("export: a block write is still running"))?;
     match sink {
         Sink::File(file) => {
             if format == ExportFormat::Vhd {
@@ -179,7 +180,8 @@ fn finish(sink: Arc<Sink>, format: ExportFormat, size: u64) -> Result<()> {
             file.sync_all()?;
         }
         Sink::Vhdx(w) => {
-            let w = Arc::try_unwrap(w).map_err(|_| anyhow!("export: a block write is still running"))?;
+            let w = Arc::try_unwrap(w)
+                .map_err(|_| anyhow!("export: a block write is still running"))?;
             w.finish()?;
         }
     }

@@ -116,7 +116,9 @@ impl AzureTarget {
         let prefix = prefix.trim_matches('/').to_string();
         if prefix.split('/').any(|p| p == "." || p == "..")
             || prefix.contains("//")
-            || prefix.chars().any(|c| c.is_control() || c == '?' || c == '#' || c == '\\')
+            || prefix
+                .chars()
+                .any(|c| c.is_control() || c == '?' || c == '#' || c == '\\')
         {
             return Err(StoreError::Config(format!(
                 "failover.target {url:?}: the path inside the container must be plain names separated by /"
@@ -128,9 +130,8 @@ impl AzureTarget {
         })?;
         signing::check_account_name(&t.account)?;
         let key = signing::decode_key(&t.account, &t.key)?;
-        let endpoint = reqwest::Url::parse(t.endpoint.trim_end_matches('/')).map_err(|e| {
-            StoreError::Config(format!("azure endpoint {:?}: {e}", t.endpoint))
-        })?;
+        let endpoint = reqwest::Url::parse(t.endpoint.trim_end_matches('/'))
+            .map_err(|e| StoreError::Config(format!("azure endpoint {:?}: {e}", t.endpoint)))?;
         if !matches!(endpoint.scheme(), "http" | "https") || endpoint.query().is_some() {
             return Err(StoreError::Config(format!(
                 "azure endpoint {:?}: must be http(s) without a query",
@@ -224,7 +225,10 @@ impl AzureTarget {
             }
         }
         let len = body.as_ref().map_or(0, |b| b.len() as u64);
-        headers.push(("x-ms-date".into(), httpdate::fmt_http_date(SystemTime::now())));
+        headers.push((
+            "x-ms-date".into(),
+            httpdate::fmt_http_date(SystemTime::now()),
+        ));
         headers.push(("x-ms-version".into(), signing::version().into()));
         let query_owned: Vec<(String, String)> = query
             .iter()
@@ -252,11 +256,14 @@ impl AzureTarget {
             Some(b) => req.body(b),
             None => req.header("content-length", "0"),
         };
-        let response = req.send().await.map_err(|e| AzureTargetError::Unavailable {
-            op,
-            blob: name.clone(),
-            message: format!("request to {url} failed: {e}"),
-        })?;
+        let response = req
+            .send()
+            .await
+            .map_err(|e| AzureTargetError::Unavailable {
+                op,
+                blob: name.clone(),
+                message: format!("request to {url} failed: {e}"),
+            })?;
         let status = response.status().as_u16();
         if ok.contains(&status) {
             return Ok(response);
@@ -299,8 +306,16 @@ impl AzureTarget {
             ("x-ms-blob-type".into(), "PageBlob".into()),
             ("x-ms-blob-content-length".into(), size.to_string()),
         ];
-        self.request("create page blob", Method::PUT, Some(blob), &[], headers, None, &[201])
-            .await?;
+        self.request(
+            "create page blob",
+            Method::PUT,
+            Some(blob),
+            &[],
+            headers,
+            None,
+            &[201],
+        )
+        .await?;
         Ok(())
     }
 
@@ -319,7 +334,10 @@ impl AzureTarget {
         }
         let headers = vec![
             ("x-ms-page-write".into(), "update".into()),
-            ("x-ms-range".into(), format!("bytes={offset}-{}", offset + len - 1)),
+            (
+                "x-ms-range".into(),
+                format!("bytes={offset}-{}", offset + len - 1),
+            ),
         ];
         self.request(
             "put page",
@@ -352,9 +370,8 @@ impl AzureTarget {
             blob: blob.to_string(),
             message: format!("reading the answer: {e}"),
         })?;
-        parse_page_list(&xml).map_err(|reason| AzureTargetError::Invalid(format!(
-            "page list of {blob}: {reason}"
-        )))
+        parse_page_list(&xml)
+            .map_err(|reason| AzureTargetError::Invalid(format!("page list of {blob}: {reason}")))
     }
 
     /// Get Blob of `len` bytes at `offset` (ranged).
@@ -372,7 +389,15 @@ impl AzureTarget {
             format!("bytes={offset}-{}", offset + len - 1),
         )];
         let r = self
-            .request("read", Method::GET, Some(blob), &[], headers, None, &[200, 206])
+            .request(
+                "read",
+                Method::GET,
+                Some(blob),
+                &[],
+                headers,
+                None,
+                &[200, 206],
+            )
             .await?;
         let bytes = r.bytes().await.map_err(|e| AzureTargetError::Unavailable {
             op: "read",
@@ -392,7 +417,15 @@ impl AzureTarget {
     /// The size and ETag of a blob (Get Blob Properties); the ETag changes with every write.
     pub async fn properties(&self, blob: &str) -> Result<(u64, String), AzureTargetError> {
         let r = self
-            .request("properties", Method::HEAD, Some(blob), &[], Vec::new(), None, &[200])
+            .request(
+                "properties",
+                Method::HEAD,
+                Some(blob),
+                &[],
+                Vec::new(),
+                None,
+                &[200],
+            )
             .await?;
         let header = |name: &str| {
             r.headers()
@@ -411,7 +444,11 @@ impl AzureTarget {
         let mut names = Vec::new();
         let mut marker = String::new();
         loop {
-            let mut query = vec![("restype", "container"), ("comp", "list"), ("prefix", prefix)];
+            let mut query = vec![
+                ("restype", "container"),
+                ("comp", "list"),
+                ("prefix", prefix),
+            ];
             if !marker.is_empty() {
                 query.push(("marker", marker.as_str()));
             }
@@ -424,7 +461,10 @@ impl AzureTarget {
                 message: format!("reading the answer: {e}"),
             })?;
             names.extend(xml_values(&xml, "Name"));
-            marker = xml_values(&xml, "NextMarker").into_iter().next().unwrap_or_default();
+            marker = xml_values(&xml, "NextMarker")
+                .into_iter()
+                .next()
+                .unwrap_or_default();
             if marker.is_empty() {
                 return Ok(names);
             }
@@ -433,8 +473,16 @@ impl AzureTarget {
 
     /// Deletes a blob; one that is not there counts as deleted.
     pub async fn delete(&self, blob: &str) -> Result<(), AzureTargetError> {
-        self.request("delete", Method::DELETE, Some(blob), &[], Vec::new(), None, &[202, 404])
-            .await?;
+        self.request(
+            "delete",
+            Method::DELETE,
+            Some(blob),
+            &[],
+            Vec::new(),
+            None,
+            &[202, 404],
+        )
+        .await?;
         Ok(())
     }
 
@@ -580,7 +628,12 @@ mod tests {
         assert_eq!(t.blob_of_url(&t.blob_url(&b)), Some(b.as_str()));
         let t = AzureTarget::open("azure://dr-target", &opts).unwrap();
         assert_eq!(t.blob_name(&["x.vhd"]), "x.vhd");
-        for bad in ["s3://b", "az://Bad_Name", "az://ok-name/a/../b", "az://ok-name/a?b"] {
+        for bad in [
+            "s3://b",
+            "az://Bad_Name",
+            "az://ok-name/a/../b",
+            "az://ok-name/a?b",
+        ] {
             assert!(AzureTarget::open(bad, &opts).is_err(), "{bad}");
         }
     }

@@ -124,7 +124,12 @@ impl Failovers {
 
     /// The local copy of a disk the failover wrote to Azure storage, downloaded again when the
     /// blob changed since the last copy (its ETag differs).
-    async fn fetch_blob_disk(&self, rec: &FailoverRecord, folder_url: &str, disk: &str) -> Result<PathBuf> {
+    async fn fetch_blob_disk(
+        &self,
+        rec: &FailoverRecord,
+        folder_url: &str,
+        disk: &str,
+    ) -> Result<PathBuf> {
         let unreadable = |m: String| Error::conflict("target_disk_unreadable", m);
         let target = self.target.as_ref().ok_or_else(|| {
             unreadable(format!(
@@ -143,7 +148,9 @@ impl Failovers {
         // One download at a time: concurrent requests for the same disk share it.
         let _one = self.blob_fetch.lock().await;
         let (size, etag) = target.properties(&blob).await?;
-        let have = tokio::fs::read_to_string(&tag_path).await.unwrap_or_default();
+        let have = tokio::fs::read_to_string(&tag_path)
+            .await
+            .unwrap_or_default();
         if !etag.is_empty() && have == etag && path.exists() {
             return Ok(path);
         }
@@ -175,7 +182,10 @@ impl Failovers {
             let _ = std::fs::remove_file(&tmp);
             return Err(Error::conflict(
                 "target_changed",
-                format!("{} changed while it was read: is the failed-over VM still running?", target.blob_url(&blob)),
+                format!(
+                    "{} changed while it was read: is the failed-over VM still running?",
+                    target.blob_url(&blob)
+                ),
             ));
         }
         std::fs::rename(&tmp, &path).map_err(local)?;

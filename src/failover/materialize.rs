@@ -199,7 +199,8 @@ impl Failovers {
         let raw: [u8; 512] = back[..]
             .try_into()
             .map_err(|_| mismatch(format!("{} bytes read back", back.len())))?;
-        let parsed = crate::format::vhd::Footer::parse(&raw).map_err(|e| mismatch(e.to_string()))?;
+        let parsed =
+            crate::format::vhd::Footer::parse(&raw).map_err(|e| mismatch(e.to_string()))?;
         if parsed.current_size != virt {
             return Err(mismatch(format!("size {} instead of {virt}", parsed.current_size)).into());
         }

@@ -292,7 +292,9 @@ impl Failovers {
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!(failover = %rec.id, folder = %url, error = %e, "cannot delete the failover's page blobs");
-                Some(format!("partial page blobs left under {url}/ (deleting them failed: {e})"))
+                Some(format!(
+                    "partial page blobs left under {url}/ (deleting them failed: {e})"
+                ))
             }
         }
     }
@@ -394,7 +396,9 @@ impl Failovers {
             rec.ended_unix = Some(crate::util::unix_now());
             rec.error = Some("interrupted: the server stopped while the failover ran".into());
             if let Some(left) = self.delete_blobs(&rec).await {
-                rec.error = Some(format!("interrupted: the server stopped while the failover ran; {left}"));
+                rec.error = Some(format!(
+                    "interrupted: the server stopped while the failover ran; {left}"
+                ));
             }
             self.put_record(&rec).await?;
             tracing::warn!(vm = %rec.vm, failover = %rec.id, "failover interrupted by a restart marked failed");

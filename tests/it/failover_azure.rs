@@ -111,32 +111,57 @@ fn runtime() -> tokio::runtime::Runtime {
 /// Checks the disk blob `url` of a finished failover against the source image: page ranges
 /// exactly the data plus the footer, download identical to the source for qemu-img, footer a
 /// valid fixed-VHD footer for the project's reader.
-fn check_disk_blob(rt: &tokio::runtime::Runtime, azurite: &Azurite, url: &str, src: &Path, scratch: &Path) {
-    let target = AzureTarget::open(&format!("az://{CONTAINER}"), &target_options(&azurite.url())).unwrap();
-    let blob = target.blob_of_url(url).unwrap_or_else(|| panic!("{url} is not in {CONTAINER}"));
+fn check_disk_blob(
+    rt: &tokio::runtime::Runtime,
+    azurite: &Azurite,
+    url: &str,
+    src: &Path,
+    scratch: &Path,
+) {
+    let target = AzureTarget::open(
+        &format!("az://{CONTAINER}"),
+        &target_options(&azurite.url()),
+    )
+    .unwrap();
+    let blob = target
+        .blob_of_url(url)
+        .unwrap_or_else(|| panic!("{url} is not in {CONTAINER}"));
     let virt = 17 * MIB;
     let ranges = rt.block_on(target.page_ranges(blob)).unwrap();
     let mut want = data_pages(&std::fs::read(src).unwrap());
     want.push(virt..virt + 512);
-    assert_eq!(ranges, want, "page ranges are not exactly the data pages and the footer");
+    assert_eq!(
+        ranges, want,
+        "page ranges are not exactly the data pages and the footer"
+    );
 
     let bytes = rt.block_on(azurite.read(CONTAINER, blob)).unwrap();
     assert_eq!(bytes.len() as u64, virt + 512);
     let local = scratch.join("blob.vhd");
     std::fs::write(&local, &bytes).unwrap();
-    assert!(qemu_identical(&local, "vpc", src, "raw"), "qemu-img compare: the blob differs from the source");
-    let image = drvault::format::image::open(&local).expect("the project's reader opens the blob as a VHD");
-    assert_eq!(image.format(), drvault::format::image::ImageFormat::VhdFixed);
+    assert!(
+        qemu_identical(&local, "vpc", src, "raw"),
+        "qemu-img compare: the blob differs from the source"
+    );
+    let image =
+        drvault::format::image::open(&local).expect("the project's reader opens the blob as a VHD");
+    assert_eq!(
+        image.format(),
+        drvault::format::image::ImageFormat::VhdFixed
+    );
     assert_eq!(image.virtual_size(), virt);
     let footer: [u8; 512] = bytes[virt as usize..].try_into().unwrap();
-    let f = drvault::format::vhd::Footer::parse(&footer).expect("a valid footer (checksum, cookie)");
+    let f =
+        drvault::format::vhd::Footer::parse(&footer).expect("a valid footer (checksum, cookie)");
     assert_eq!((f.current_size, f.original_size), (virt, virt));
     std::fs::remove_file(local).unwrap();
 }
 
 #[test]
 fn failover_writes_page_blobs_of_only_the_data_and_drill_cleanup_leaves_the_container_as_it_was() {
-    let Some(azurite) = Azurite::start() else { return };
+    let Some(azurite) = Azurite::start() else {
+        return;
+    };
     let rt = runtime();
     let t = tempfile::tempdir().unwrap();
     let dir = t.path();
@@ -150,13 +175,25 @@ fn failover_writes_page_blobs_of_only_the_data_and_drill_cleanup_leaves_the_cont
     let rec = &v["record"];
     assert_eq!(rec["state"], "succeeded", "{rec}");
     let folder = rec["target"].as_str().unwrap();
-    assert!(folder.starts_with(&format!("az://{CONTAINER}/site-a/drills/app/")), "{folder}");
+    assert!(
+        folder.starts_with(&format!("az://{CONTAINER}/site-a/drills/app/")),
+        "{folder}"
+    );
     let disk_url = format!("{folder}/d.vhd");
-    assert!(rec["files"].as_array().unwrap().iter().any(|f| f == &disk_url.as_str()), "{rec}");
+    assert!(
+        rec["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == disk_url.as_str()),
+        "{rec}"
+    );
     check_disk_blob(&rt, &azurite, &disk_url, &src, dir);
 
     // The job showed the disk's progress: all its data bytes, a rate, done.
-    let job: Value = serde_json::from_str(&server.cli_ok(&["jobs", rec["job"].as_str().unwrap(), "--json"])).unwrap();
+    let job: Value =
+        serde_json::from_str(&server.cli_ok(&["jobs", rec["job"].as_str().unwrap(), "--json"]))
+            .unwrap();
     let d = &job["disks"][0];
     assert_eq!(d["disk"], "d", "{job}");
     assert_eq!(d["done"], true, "{job}");
@@ -174,12 +211,19 @@ fn failover_writes_page_blobs_of_only_the_data_and_drill_cleanup_leaves_the_cont
     server.cli_ok(&["failover", "--vm", "app", "--kind", "unplanned"]);
     let v = show(&server);
     let folder = v["record"]["target"].as_str().unwrap().to_string();
-    assert!(folder.starts_with(&format!("az://{CONTAINER}/site-a/app/")), "{folder}");
+    assert!(
+        folder.starts_with(&format!("az://{CONTAINER}/site-a/app/")),
+        "{folder}"
+    );
     check_disk_blob(&rt, &azurite, &format!("{folder}/d.vhd"), &src, dir);
 
     // Failback reads the page blob: the VM wrote 4 KiB into a zero block of it in Azure.
     server.cli_ok(&["failover", "commit", "--vm", "app"]);
-    let target = AzureTarget::open(&format!("az://{CONTAINER}"), &target_options(&azurite.url())).unwrap();
+    let target = AzureTarget::open(
+        &format!("az://{CONTAINER}"),
+        &target_options(&azurite.url()),
+    )
+    .unwrap();
     let blob = format!("{}/d.vhd", target.blob_of_url(&folder).unwrap());
     rt.block_on(target.put_pages(&blob, 5 * MIB, vec![0x77u8; 4096].into()))
         .unwrap();
@@ -199,7 +243,10 @@ fn failover_writes_page_blobs_of_only_the_data_and_drill_cleanup_leaves_the_cont
         "--full",
         back.to_str().unwrap(),
     ]);
-    assert!(std::fs::read(&back).unwrap() == want, "the failback copy differs from the blob");
+    assert!(
+        std::fs::read(&back).unwrap() == want,
+        "the failback copy differs from the blob"
+    );
 }
 
 /// A TCP proxy to `upstream` that, once `cut_after` bytes have gone upstream, drops every
@@ -266,7 +313,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, counted: impl Fn(u64)) {
 
 #[test]
 fn a_storage_error_midway_fails_the_job_recoverably_and_reports_no_half_written_disk() {
-    let Some(azurite) = Azurite::start() else { return };
+    let Some(azurite) = Azurite::start() else {
+        return;
+    };
     let rt = runtime();
     let upstream: u16 = azurite
         .url()
@@ -285,12 +334,20 @@ fn a_storage_error_midway_fails_the_job_recoverably_and_reports_no_half_written_
 
     let o = server.cli(&["failover", "--vm", "app", "--kind", "test"]);
     assert!(!o.status.success(), "the failover must fail");
-    assert!(proxy.cut.load(Ordering::Acquire), "the proxy cut the upload");
+    assert!(
+        proxy.cut.load(Ordering::Acquire),
+        "the proxy cut the upload"
+    );
     let v = show(&server);
     let rec = &v["record"];
     assert_eq!(rec["state"], "failed", "{rec}");
-    assert!(rec["files"].as_array().unwrap().is_empty(), "no disk is reported: {rec}");
-    let job: Value = serde_json::from_str(&server.cli_ok(&["jobs", rec["job"].as_str().unwrap(), "--json"])).unwrap();
+    assert!(
+        rec["files"].as_array().unwrap().is_empty(),
+        "no disk is reported: {rec}"
+    );
+    let job: Value =
+        serde_json::from_str(&server.cli_ok(&["jobs", rec["job"].as_str().unwrap(), "--json"]))
+            .unwrap();
     assert_eq!(job["state"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "target_unavailable", "{job}");
     assert_eq!(job["error"]["recoverable"], true, "{job}");

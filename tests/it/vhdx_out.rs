@@ -46,7 +46,11 @@ fn protected(dir: &Path) -> (Server, std::path::PathBuf, std::path::PathBuf) {
     raw_image(
         &src,
         SIZE,
-        &[(0, 300_000), (10 * MIB + 700_000, 600_000), (SIZE - 4096, 4096)],
+        &[
+            (0, 300_000),
+            (10 * MIB + 700_000, 600_000),
+            (SIZE - 4096, 4096),
+        ],
         11,
     );
     server.cli_ok(&[
@@ -71,18 +75,30 @@ fn export_as_vhdx_allocates_only_data_blocks_and_reads_back_identical() {
     let (server, _creds, src) = protected(dir);
 
     let raw = dir.join("d.raw");
-    succeeded(&server.export("app", "d", "latest", "raw", &raw), "raw export");
+    succeeded(
+        &server.export("app", "d", "latest", "raw", &raw),
+        "raw export",
+    );
     let vhdx = dir.join("d.vhdx");
-    succeeded(&server.export("app", "d", "latest", "vhdx", &vhdx), "vhdx export");
+    succeeded(
+        &server.export("app", "d", "latest", "vhdx", &vhdx),
+        "vhdx export",
+    );
 
     qemu_check_clean(&vhdx);
-    assert!(qemu_identical(&vhdx, "vhdx", &raw, "raw"), "qemu-img compare: not identical");
+    assert!(
+        qemu_identical(&vhdx, "vhdx", &raw, "raw"),
+        "qemu-img compare: not identical"
+    );
     assert_eq!(qemu_virtual_size(&vhdx, "vhdx"), SIZE);
 
     let (disk, all) = read_with_own_reader(&vhdx);
     assert!(!disk.is_fixed(), "a dynamic VHDX");
     assert!(!disk.log_replayed(), "the log is empty");
-    assert!(all == std::fs::read(&src).unwrap(), "the reader's view differs from the source");
+    assert!(
+        all == std::fs::read(&src).unwrap(),
+        "the reader's view differs from the source"
+    );
     // Blocks 0, 10, 11 and 63 hold data; every other BAT entry says not present.
     assert_eq!(
         disk.allocated_ranges(),
@@ -126,17 +142,31 @@ fn full_failback_to_a_new_vhdx_name_writes_a_dynamic_vhdx_of_the_failed_over_dis
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["created"], true, "{s}");
-    assert!(!dir.join("back.drvault-new").exists(), "the temporary file was renamed");
+    assert!(
+        !dir.join("back.drvault-new").exists(),
+        "the temporary file was renamed"
+    );
 
     qemu_check_clean(&out);
-    assert!(qemu_identical(&out, "vhdx", &target, "vpc"), "qemu-img compare: not identical");
+    assert!(
+        qemu_identical(&out, "vhdx", &target, "vpc"),
+        "qemu-img compare: not identical"
+    );
     let (disk, all) = read_with_own_reader(&out);
     let mut want = std::fs::read(&target).unwrap();
     want.truncate(SIZE as usize);
-    assert!(all == want, "the reader's view differs from the failed-over disk");
+    assert!(
+        all == want,
+        "the reader's view differs from the failed-over disk"
+    );
     assert_eq!(
         disk.allocated_ranges(),
-        vec![0..MIB, 10 * MIB..12 * MIB, 30 * MIB..31 * MIB, 63 * MIB..SIZE]
+        vec![
+            0..MIB,
+            10 * MIB..12 * MIB,
+            30 * MIB..31 * MIB,
+            63 * MIB..SIZE
+        ]
     );
     assert!(std::fs::metadata(&out).unwrap().len() < 16 * MIB);
 }

@@ -85,7 +85,9 @@ pub struct VhdxWriter {
 impl VhdxWriter {
     /// Starts a dynamic VHDX of `virtual_size` bytes in `file` (empty, opened for writing).
     pub fn new(file: File, virtual_size: u64, block_size: u32) -> Result<Self, VhdxWriteError> {
-        if virtual_size == 0 || virtual_size % u64::from(LOGICAL_SECTOR) != 0 || virtual_size > MAX_SIZE
+        if virtual_size == 0
+            || virtual_size % u64::from(LOGICAL_SECTOR) != 0
+            || virtual_size > MAX_SIZE
         {
             return Err(VhdxWriteError::BadSize(virtual_size));
         }
@@ -120,7 +122,10 @@ impl VhdxWriter {
     /// Writes to disjoint ranges may run concurrently.
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<(), VhdxWriteError> {
         let len = data.len() as u64;
-        if offset.checked_add(len).is_none_or(|end| end > self.virtual_size) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.virtual_size)
+        {
             return Err(VhdxWriteError::OutOfRange {
                 offset,
                 len,
@@ -169,10 +174,8 @@ impl VhdxWriter {
     /// Writes the metadata, BAT, region tables, headers and identifier, sizes the file to its
     /// last block and makes it durable. Returns the file.
     pub fn finish(self) -> Result<File, VhdxWriteError> {
-        let Allocation { blocks, next } = self
-            .alloc
-            .into_inner()
-            .unwrap_or_else(|e| e.into_inner());
+        let Allocation { blocks, next } =
+            self.alloc.into_inner().unwrap_or_else(|e| e.into_inner());
         let file = self.file;
         file.set_len(next)?;
         let bat = bat_bytes(&blocks, self.virtual_size, self.block_size);
@@ -290,7 +293,11 @@ fn metadata_region(virtual_size: u64, block_size: u32, disk_id: Guid) -> Vec<u8>
             IS_VIRTUAL_DISK | IS_REQUIRED,
             virtual_size.to_le_bytes().to_vec(),
         ),
-        (VIRTUAL_DISK_ID, IS_VIRTUAL_DISK | IS_REQUIRED, disk_id.0.to_vec()),
+        (
+            VIRTUAL_DISK_ID,
+            IS_VIRTUAL_DISK | IS_REQUIRED,
+            disk_id.0.to_vec(),
+        ),
         (
             LOGICAL_SECTOR_SIZE,
             IS_VIRTUAL_DISK | IS_REQUIRED,
