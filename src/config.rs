@@ -60,6 +60,14 @@ pub struct FailoverConfig {
     pub output_dir: Option<PathBuf>,
     /// How long a planned failover waits for every disk's final log, seconds.
     pub planned_wait_s: u64,
+    /// Where failed-over disks are written instead of `output_dir`: `az://container[/path]`
+    /// (page-blob fixed VHDs; VM definitions stay in `output_dir`). Default: none (local files).
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Credentials and endpoint of an `az://` target: the same keys as `[vault] options`
+    /// (azure_storage_account_name, azure_storage_account_key, azure_storage_endpoint, ...).
+    #[serde(default)]
+    pub target_options: BTreeMap<String, String>,
 }
 
 impl Default for FailoverConfig {
@@ -67,6 +75,8 @@ impl Default for FailoverConfig {
         FailoverConfig {
             output_dir: None,
             planned_wait_s: 3600,
+            target: None,
+            target_options: BTreeMap::new(),
         }
     }
 }
@@ -452,6 +462,22 @@ impl Config {
             self.network.clone(),
             self.mapping.clone(),
         )
+    }
+
+    /// The Azure storage failover target, when `[failover] target` names one.
+    pub fn failover_target(
+        &self,
+    ) -> Result<Option<crate::failover::azure_target::AzureTarget>, crate::store::StoreError> {
+        let Some(url) = &self.failover.target else {
+            return Ok(None);
+        };
+        let options: Vec<(String, String)> = self
+            .failover
+            .target_options
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        crate::failover::azure_target::AzureTarget::open(url, &options).map(Some)
     }
 
     pub fn failover_dir(&self) -> PathBuf {

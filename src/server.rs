@@ -265,6 +265,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             output: std::path::absolute(config.failover_dir())
                 .unwrap_or_else(|_| config.failover_dir()),
             planned_wait: Duration::from_secs(config.failover.planned_wait_s),
+            target: config.failover_target()?,
         },
         tasks.clone(),
     );

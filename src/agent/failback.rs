@@ -3,8 +3,10 @@
 //!
 //! PATH is the original disk or an alternate location: a raw image or a fixed VHD (the formats
 //! whose data can be written in place). With `--full` every block is downloaded and PATH may be
-//! missing: it is created (a fixed VHD when the name ends in `.vhd` or `--format vhd` says so,
-//! else raw; a name ending in `.vhdx` needs `--format raw`). Otherwise only
+//! missing: it is created (a fixed VHD when the name ends in `.vhd` or `--format vhd` says so, a
+//! dynamic VHDX when it ends in `.vhdx` or `--format vhdx` says so, else raw). A new VHDX is
+//! built under a temporary name (`.drvault-new`) with only the blocks that hold data allocated,
+//! and renamed to PATH once complete; VHDX is never written in place. Otherwise only
 //! blocks whose hash differs are compared by 4 KiB fine hashes and only differing ranges are
 //! downloaded. A block is written only after the patched block's BLAKE3 equals the target's; a
 //! mismatch fetches the whole block once, and fails if even that does not verify. A rerun after
@@ -54,14 +56,78 @@ pub struct FailbackSummary {
     pub seconds: f64,
 }
 
-/// Opens (or with `full`, creates) PATH for in-place writes; returns the file and whether it
+/// Where a failback writes blocks: the disk file in place, or a new VHDX being built.
+enum Target {
+    File(File),
+    Vhdx {
+        writer: crate::format::vhdx::VhdxWriter,
+        /// The temporary name it is built under; renamed to PATH when finished.
+        tmp: std::path::PathBuf,
+    },
+}
+
+impl Target {
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        match self {
+            Target::File(f) => f.write_all_at(data, offset),
+            Target::Vhdx { writer, .. } => {
+                writer.write_at(data, offset).map_err(std::io::Error::other)
+            }
+        }
+    }
+
+    /// Makes the written data durable (and a new VHDX complete, under its final name).
+    fn finish(self, path: &Path) -> Result<(), AgentError> {
+        let err = |m: String| AgentError::Disk {
+            path: path.display().to_string(),
+            message: m,
+        };
+        match self {
+            Target::File(f) => f.sync_all().map_err(|e| err(format!("flushing: {e}"))),
+            Target::Vhdx { writer, tmp } => {
+                writer
+                    .finish()
+                    .map_err(|e| err(format!("finishing the VHDX: {e}")))?;
+                std::fs::rename(&tmp, path).map_err(|e| err(format!("renaming into place: {e}")))
+            }
+        }
+    }
+}
+
+/// The local disk of a failback into a new VHDX: nothing yet, every block reads as zeros.
+struct Empty(u64);
+
+impl crate::format::image::DiskImage for Empty {
+    fn format(&self) -> ImageFormat {
+        ImageFormat::VhdxDynamic
+    }
+    fn virtual_size(&self) -> u64 {
+        self.0
+    }
+    fn read_at(
+        &self,
+        buf: &mut [u8],
+        _offset: u64,
+    ) -> Result<(), crate::format::image::ImageError> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn allocated_ranges(
+        &self,
+    ) -> Result<Vec<std::ops::Range<u64>>, crate::format::image::ImageError> {
+        Ok(Vec::new())
+    }
+}
+
+/// Opens (or with `full`, creates) PATH for in-place writes; returns the target and whether it
 /// was created.
 fn open_target(
     path: &Path,
     size: u64,
+    block_size: u32,
     full: bool,
     format: SourceFormat,
-) -> Result<(File, bool), AgentError> {
+) -> Result<(Target, bool), AgentError> {
     let err = |m: String| AgentError::Disk {
         path: path.display().to_string(),
         message: m,
@@ -69,9 +135,26 @@ fn open_target(
     let format = format.for_path(path);
     if !path.exists() {
         if format == SourceFormat::Vhdx {
-            return Err(err(
-                "failback writes raw disks and fixed VHDs, not VHDX: name the new file .vhd or .raw, or pass --format raw".into(),
-            ));
+            if !full {
+                return Err(err(
+                    "does not exist: give --full to download the whole disk to a new VHDX".into(),
+                ));
+            }
+            let tmp = path.with_extension("drvault-new");
+            let _ = std::fs::remove_file(&tmp);
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| err(format!("creating: {e}")))?;
+            let writer = crate::format::vhdx::VhdxWriter::new(
+                f,
+                size,
+                crate::format::vhdx::write::block_size_for(block_size),
+            )
+            .map_err(|e| err(e.to_string()))?;
+            return Ok((Target::Vhdx { writer, tmp }, true));
         }
         if !full {
             return Err(err(
@@ -101,12 +184,12 @@ fn open_target(
         }
         f.sync_all().map_err(|e| err(format!("syncing: {e}")))?;
         std::fs::rename(&tmp, path).map_err(|e| err(format!("renaming into place: {e}")))?;
-        return Ok((f, true));
+        return Ok((Target::File(f), true));
     }
     let image = crate::format::image::open_as(path, format)?;
     if !matches!(image.format(), ImageFormat::Raw | ImageFormat::VhdFixed) {
         return Err(err(format!(
-            "is a {:?} image: failback writes raw images and fixed VHDs in place; convert it (qemu-img convert -O raw) or fail back to a new file with --full",
+            "is a {:?} image: failback writes raw images and fixed VHDs in place; convert it (qemu-img convert -O raw) or fail back to a new file with --full (a new .vhdx name gives a dynamic VHDX)",
             image.format()
         )));
     }
@@ -121,7 +204,7 @@ fn open_target(
         .write(true)
         .open(path)
         .map_err(|e| err(format!("opening for writing: {e}")))?;
-    Ok((f, false))
+    Ok((Target::File(f), false))
 }
 
 pub async fn failback(
@@ -134,7 +217,7 @@ pub async fn failback(
         .backoff
         .retry("failback", || client.failback_view(&opts.vm, &opts.disk))
         .await?;
-    let (file, created) = open_target(path, view.size, opts.full, opts.format)?;
+    let (target, created) = open_target(path, view.size, view.block_size, opts.full, opts.format)?;
     let mut summary = FailbackSummary {
         vm: opts.vm.clone(),
         disk: opts.disk.clone(),
@@ -144,8 +227,10 @@ pub async fn failback(
         ..Default::default()
     };
     // The local disk is read through the same image reader (raw or fixed VHD data region).
-    let image: Arc<dyn crate::format::image::DiskImage> =
-        Arc::from(crate::format::image::open_as(path, opts.format)?);
+    let image: Arc<dyn crate::format::image::DiskImage> = match &target {
+        Target::Vhdx { .. } => Arc::new(Empty(view.size)),
+        Target::File(_) => Arc::from(crate::format::image::open_as(path, opts.format)?),
+    };
     let params = SyncParams {
         client,
         backoff: &opts.backoff,
@@ -164,7 +249,7 @@ pub async fn failback(
     let download = Download {
         client,
         opts,
-        file: &file,
+        file: &target,
         path,
         block_size: view.block_size,
     };
@@ -175,10 +260,7 @@ pub async fn failback(
     summary.blocks_written = n.moved;
     summary.bytes_downloaded = n.bytes;
     summary.hash_bytes_downloaded = n.hash_bytes;
-    file.sync_all().map_err(|e| AgentError::Disk {
-        path: path.display().to_string(),
-        message: format!("flushing: {e}"),
-    })?;
+    target.finish(path)?;
     // Now the local disk equals the target, block by block (each write was verified).
     let req = DigestRequest {
         digest: crate::replica::sync::digest_of(&outcome.theirs).to_hex(),
@@ -193,13 +275,13 @@ pub async fn failback(
 }
 
 fn write_block(
-    file: &File,
+    file: &Target,
     path: &Path,
     index: u64,
     block_size: u32,
     data: &[u8],
 ) -> Result<(), AgentError> {
-    file.write_all_at(data, index * block_size as u64)
+    file.write_at(data, index * block_size as u64)
         .map_err(|e| AgentError::Disk {
             path: path.display().to_string(),
             message: format!("writing block {index}: {e}"),
@@ -212,7 +294,7 @@ fn write_block(
 struct Download<'a> {
     client: &'a Client,
     opts: &'a FailbackOptions,
-    file: &'a File,
+    file: &'a Target,
     path: &'a Path,
     block_size: u32,
 }

@@ -42,6 +42,9 @@ pub(super) async fn jobs(
                     None => println!("  {:<18} {}", s.state.as_str(), s.name),
                 }
             }
+            for d in &j.disks {
+                println!("  {}", disk_line(d));
+            }
             if let Some(e) = &j.error {
                 println!(
                     "  error: {} ({}, recoverable: {})",
@@ -76,8 +79,30 @@ pub(super) async fn jobs(
             dur,
             j.error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
         );
+        if !j.state.is_final() {
+            for d in &j.disks {
+                println!("    {}", disk_line(d));
+            }
+        }
     }
     Ok(0)
+}
+
+/// One disk's progress: `disk os: 12.0 MiB of 40.0 MiB (30%), 85.3 MB/s, done`.
+fn disk_line(d: &crate::wire::DiskProgress) -> String {
+    let pct = if d.bytes_total == 0 {
+        100.0
+    } else {
+        d.bytes_written as f64 * 100.0 / d.bytes_total as f64
+    };
+    format!(
+        "disk {}: {} of {} ({pct:.0}%), {:.1} MB/s{}",
+        d.disk,
+        crate::util::human_bytes(d.bytes_written),
+        crate::util::human_bytes(d.bytes_total),
+        d.mb_s,
+        if d.done { ", done" } else { "" }
+    )
 }
 
 /// Follows a job until it ends, showing its progress.

@@ -106,13 +106,14 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Write a replicated disk as a fixed VHD or raw image, verifying every block (operator).
+    /// Write a replicated disk as a fixed VHD, a dynamic VHDX (only blocks with data allocated:
+    /// what a Hyper-V host takes back) or a raw image, verifying every block (operator).
     Export {
         #[arg(long)]
         vm: String,
         #[arg(long)]
         disk: String,
-        #[arg(long, value_parser = ["vhd", "raw"], default_value = "vhd")]
+        #[arg(long, value_parser = ["vhd", "vhdx", "raw"], default_value = "vhd")]
         format: String,
         #[arg(short = 'o', long)]
         output: PathBuf,
@@ -403,12 +404,14 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let client = conn.client()?;
             let start = std::time::Instant::now();
-            let (bytes, blocks) = operator::export(
+            let as_format = crate::client::export::ExportFormat::parse(&format)
+                .ok_or_else(|| anyhow::anyhow!("unknown export format {format}"))?;
+            let (bytes, blocks) = crate::client::export::export_as(
                 &client,
                 &vm,
                 &disk,
                 point.as_deref(),
-                format == "vhd",
+                as_format,
                 &output,
                 parallel,
                 console(),

@@ -15,6 +15,11 @@
 //!
 //! Only the disk's original size fails back: the MiB padding materialization added is outside
 //! the on-premises disk.
+//!
+//! When the failover wrote its disks to Azure storage, the page blob is where the VM ran from:
+//! it is read with Get Page Ranges and ranged GETs of the written pages (unwritten pages are
+//! zeros) into `<output>/<disk>.vhd`, again whenever the blob's ETag changes (the VM wrote),
+//! and compared from there.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -82,7 +87,10 @@ impl Failovers {
         if rec.kind == FailoverKind::Test || v.state != VmState::FailedOver {
             return Err(Error::conflict("not_failed_over", format!("VM {vm} is not failed over (a planned or unplanned failover, committed, runs the VM from the target): nothing to fail back")));
         }
-        let path = Path::new(&rec.output_dir).join(format!("{disk}.vhd"));
+        let path = match rec.target.as_deref() {
+            Some(url) => self.fetch_blob_disk(&rec, url, disk).await?,
+            None => Path::new(&rec.output_dir).join(format!("{disk}.vhd")),
+        };
         let p = path.clone();
         let image = tokio::task::spawn_blocking(move || crate::format::image::open(&p))
             .await
@@ -112,6 +120,77 @@ impl Failovers {
             block_size: d.block_size,
             record: rec,
         })
+    }
+
+    /// The local copy of a disk the failover wrote to Azure storage, downloaded again when the
+    /// blob changed since the last copy (its ETag differs).
+    async fn fetch_blob_disk(
+        &self,
+        rec: &FailoverRecord,
+        folder_url: &str,
+        disk: &str,
+    ) -> Result<PathBuf> {
+        let unreadable = |m: String| Error::conflict("target_disk_unreadable", m);
+        let target = self.target.as_ref().ok_or_else(|| {
+            unreadable(format!(
+                "the failover wrote its disks to {folder_url}, but [failover] target is not set now"
+            ))
+        })?;
+        let folder = target.blob_of_url(folder_url).ok_or_else(|| {
+            unreadable(format!(
+                "the failover wrote its disks to {folder_url}, not to the configured target {}",
+                target.url()
+            ))
+        })?;
+        let blob = format!("{folder}/{disk}.vhd");
+        let path = Path::new(&rec.output_dir).join(format!("{disk}.vhd"));
+        let tag_path = path.with_extension("vhd.etag");
+        // One download at a time: concurrent requests for the same disk share it.
+        let _one = self.blob_fetch.lock().await;
+        let (size, etag) = target.properties(&blob).await?;
+        let have = tokio::fs::read_to_string(&tag_path)
+            .await
+            .unwrap_or_default();
+        if !etag.is_empty() && have == etag && path.exists() {
+            return Ok(path);
+        }
+        let local = |e: std::io::Error| {
+            super::output::output_error(&e, format!("copying {blob} to {}: {e}", path.display()))
+        };
+        let tmp = path.with_extension("vhd.download");
+        let file = std::fs::File::create(&tmp).map_err(local)?;
+        file.set_len(size).map_err(local)?;
+        let file = Arc::new(file);
+        for r in target.page_ranges(&blob).await? {
+            let mut at = r.start;
+            while at < r.end.min(size) {
+                let n = (r.end.min(size) - at).min(super::azure_target::MAX_PUT_PAGE as u64);
+                let data = target.read_range(&blob, at, n).await?;
+                let f = file.clone();
+                tokio::task::spawn_blocking(move || {
+                    std::os::unix::fs::FileExt::write_all_at(f.as_ref(), &data, at)
+                })
+                .await
+                .map_err(|e| Error::internal(e.to_string()))?
+                .map_err(local)?;
+                at += n;
+            }
+        }
+        file.sync_all().map_err(local)?;
+        let (_, after) = target.properties(&blob).await?;
+        if after != etag {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::conflict(
+                "target_changed",
+                format!(
+                    "{} changed while it was read: is the failed-over VM still running?",
+                    target.blob_url(&blob)
+                ),
+            ));
+        }
+        std::fs::rename(&tmp, &path).map_err(local)?;
+        std::fs::write(&tag_path, etag.as_bytes()).map_err(local)?;
+        Ok(path)
     }
 
     async fn target_hashes(&self, t: &Target) -> Result<Arc<Vec<PlainHash>>> {

@@ -5,7 +5,7 @@
 //! 1. [`choose`] the recovery point (a planned failover waits for the final logs), taking every
 //!    disk's point reader;
 //! 2. [`materialize`] each disk as a fixed VHD, read through the point reader only ([`output`]
-//!    is the file it writes);
+//!    is the file it writes, [`azure_target`] the page blob when the target is Azure storage);
 //! 3. [`address`]: every NIC's target subnet and address (static, kept source IP, or next
 //!    free), as pure state persisted with one compare-and-swap, and released again on cleanup;
 //! 4. [`definition`]: the VM definition (vm.json) written next to the disks with its renderings,
@@ -16,6 +16,7 @@
 //! [`failback`] (the failed-over disk synced back on-premises).
 
 pub mod address;
+pub mod azure_target;
 pub mod choose;
 pub mod definition;
 pub mod failback;

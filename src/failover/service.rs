@@ -38,6 +38,10 @@ pub struct Failovers {
     pub(super) planned_wait: Duration,
     /// The server's background runner: failover runs are its tasks, so shutdown waits for them.
     pub(super) tasks: Tasks,
+    /// Azure storage the disks are written to instead of `output` (definitions stay there).
+    pub(super) target: Option<super::azure_target::AzureTarget>,
+    /// Held while a failback copies a disk from the Azure target.
+    pub(super) blob_fetch: Arc<tokio::sync::Mutex<()>>,
     running: Arc<tokio::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// VMs whose planned failover an operator told to stop waiting for the final logs.
     pub(super) cancelled: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
@@ -51,6 +55,8 @@ pub struct FailoverSettings {
     pub output: PathBuf,
     /// How long a planned failover waits for the final logs unless the request says.
     pub planned_wait: Duration,
+    /// Azure storage for the disks (`[failover] target`), instead of files in `output`.
+    pub target: Option<super::azure_target::AzureTarget>,
 }
 
 impl Failovers {
@@ -66,6 +72,7 @@ impl Failovers {
             networks,
             output,
             planned_wait,
+            target,
         } = settings;
         Failovers {
             vault,
@@ -76,6 +83,8 @@ impl Failovers {
             output,
             planned_wait,
             tasks,
+            target,
+            blob_fetch: Default::default(),
             running: Default::default(),
             cancelled: Default::default(),
             target_hashes: Default::default(),
@@ -185,6 +194,11 @@ impl Failovers {
             FailoverKind::Test => self.output.join("drills").join(vm).join(&id),
             _ => self.output.join(vm).join(&id),
         };
+        // A drill's blobs go under their own path, like its files.
+        let blob_folder = self.target.as_ref().map(|t| match req.kind {
+            FailoverKind::Test => t.blob_name(&["drills", vm, &id]),
+            _ => t.blob_name(&[vm, &id]),
+        });
         let kind = match req.kind {
             FailoverKind::Test => JobKind::TestFailover,
             FailoverKind::Planned => JobKind::PlannedFailover,
@@ -224,13 +238,20 @@ impl Failovers {
             ended_unix: None,
             error: None,
             drill_successful: None,
+            target: self
+                .target
+                .as_ref()
+                .zip(blob_folder.as_deref())
+                .map(|(t, f)| t.blob_url(f)),
         };
         self.put_record(&record).await?;
         let me = self.clone();
         let vm_s = vm.to_string();
         let rec2 = record.clone();
         self.tasks.spawn("failover", async move {
-            let result = me.run(&vm_s, &req, rec2.clone(), &dir).await;
+            let result = me
+                .run(&vm_s, &req, rec2.clone(), &dir, blob_folder.as_deref())
+                .await;
             let mut fin = rec2;
             fin.ended_unix = Some(crate::util::unix_now());
             match result {
@@ -248,6 +269,10 @@ impl Failovers {
                     let _ = me.release(&fin.id).await;
                     fin.state = FailoverState::Failed;
                     fin.error = Some(e.to_string());
+                    if let Some(left) = me.delete_blobs(&fin).await {
+                        // The storage is still failing: the partial blobs stay, named here.
+                        fin.error = Some(format!("{e}; {left}"));
+                    }
                     let _ = me.put_record(&fin).await;
                     let _ = me.jobs.fail(&fin.job, &e).await;
                     tracing::warn!(vm = %vm_s, failover = %fin.id, error = %e, "failover failed");
@@ -258,6 +283,22 @@ impl Failovers {
         Ok(record)
     }
 
+    /// Deletes the page blobs of a failover whose disks went to Azure storage. `None` when
+    /// they are gone (or there were none); otherwise what is left and why, for its record.
+    pub(super) async fn delete_blobs(&self, rec: &FailoverRecord) -> Option<String> {
+        let (target, url) = (self.target.as_ref()?, rec.target.as_deref()?);
+        let folder = target.blob_of_url(url)?;
+        match target.delete_under(folder).await {
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(failover = %rec.id, folder = %url, error = %e, "cannot delete the failover's page blobs");
+                Some(format!(
+                    "partial page blobs left under {url}/ (deleting them failed: {e})"
+                ))
+            }
+        }
+    }
+
     /// The failover's steps, in order; the caller undoes what they wrote on error.
     async fn run(
         &self,
@@ -265,10 +306,11 @@ impl Failovers {
         req: &FailoverRequest,
         rec: FailoverRecord,
         dir: &Path,
+        blob_folder: Option<&str>,
     ) -> Result<(String, Vec<String>)> {
         let chosen = self.choose_point(vm, req, &rec.job).await?;
         let disks = self
-            .materialize_disks(&chosen.vm.spec, chosen.readers, &rec.job, dir)
+            .materialize_disks(&chosen.vm.spec, chosen.readers, &rec.job, dir, blob_folder)
             .await?;
         let info = FailoverInfo::new(req.kind, &rec.id, &chosen.point.id, chosen.point.time_unix);
         let nic_opts = merged_nic_options(&chosen.vm, req);
@@ -353,6 +395,11 @@ impl Failovers {
             rec.state = FailoverState::Failed;
             rec.ended_unix = Some(crate::util::unix_now());
             rec.error = Some("interrupted: the server stopped while the failover ran".into());
+            if let Some(left) = self.delete_blobs(&rec).await {
+                rec.error = Some(format!(
+                    "interrupted: the server stopped while the failover ran; {left}"
+                ));
+            }
             self.put_record(&rec).await?;
             tracing::warn!(vm = %rec.vm, failover = %rec.id, "failover interrupted by a restart marked failed");
             n += 1;
@@ -402,6 +449,9 @@ impl Failovers {
                         |m| Error::unavailable("cleanup_failed", m),
                     ))
                 }
+            }
+            if let Some(left) = self.delete_blobs(&cur).await {
+                return Err(Error::unavailable("cleanup_failed", left));
             }
             self.jobs
                 .step(&job.id, "Delete drill output", JobState::Succeeded)

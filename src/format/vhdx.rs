@@ -1,5 +1,5 @@
 //! VHDX disks (Microsoft MS-VHDX, "Virtual Hard Disk v2"): reader for fixed and dynamic
-//! disks, with replay of the metadata log.
+//! disks, with replay of the metadata log; the writer of dynamic disks is [`write`].
 //!
 //! Layout (all integers little-endian, GUIDs in the Windows mixed-endian byte order):
 //! - 0: file type identifier `vhdxfile`; 64 KiB and 128 KiB: two 4 KiB headers, each with a
@@ -43,6 +43,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::{array_at, overlaps, ReadAt};
+
+pub mod write;
+pub use write::{VhdxWriteError, VhdxWriter};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;

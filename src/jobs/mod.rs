@@ -147,6 +147,7 @@ impl Jobs {
             ended_unix: None,
             error: None,
             waiting_for: None,
+            disks: Vec::new(),
         };
         self.records
             .create(&layout::record(Family::Job, &job.id), &job)
@@ -161,8 +162,11 @@ impl Jobs {
     pub async fn modify(&self, id: &str, f: impl Fn(&mut Job)) -> Result<Job> {
         let prefix = layout::record(Family::Job, id);
         // The record's progress may be older than memory's: the write carries memory's along
-        // rather than taking the cache back to it.
-        let progress = self.cache.read().await.get(id).map(|j| j.progress);
+        // rather than taking the cache back to it; per-disk progress likewise.
+        let (progress, disks) = match self.cache.read().await.get(id) {
+            Some(j) => (Some(j.progress), j.disks.clone()),
+            None => (None, Vec::new()),
+        };
         let updated = self
             .records
             .update(&prefix, |cur: Option<&Job>| {
@@ -171,6 +175,12 @@ impl Jobs {
                 })?;
                 if let Some(p) = progress {
                     j.progress = p;
+                }
+                for d in &disks {
+                    match j.disks.iter_mut().find(|x| x.disk == d.disk) {
+                        Some(x) => *x = d.clone(),
+                        None => j.disks.push(d.clone()),
+                    }
                 }
                 f(&mut j);
                 Ok(Some(j))
@@ -288,6 +298,18 @@ impl Jobs {
                 }
             }
         });
+    }
+
+    /// In-memory per-disk progress, written into the record with the progress (at most once per
+    /// [`PROGRESS_PERSIST_EVERY`]): replaces the entry of the same disk, or adds it.
+    pub async fn set_disk_progress(&self, id: &str, disk: crate::wire::DiskProgress) {
+        if let Some(j) = self.cache.write().await.get_mut(id) {
+            match j.disks.iter_mut().find(|d| d.disk == disk.disk) {
+                Some(d) => *d = disk,
+                None => j.disks.push(disk),
+            }
+            self.unsaved().insert(id.to_string());
+        }
     }
 
     /// Resumes a job waiting for a manual action.

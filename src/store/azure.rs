@@ -61,12 +61,14 @@ const EMULATOR_ACCOUNT: &str = "devstoreaccount1";
 const EMULATOR_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 
-/// Where and as whom to create an `az://` vault's container.
+/// Where and as whom to create an `az://` vault's container (and, for a failover target, to
+/// write its page blobs).
 #[derive(Debug, PartialEq, Eq)]
-struct Target {
-    endpoint: String,
-    account: String,
-    key: String,
+pub(crate) struct Target {
+    pub(crate) endpoint: String,
+    pub(crate) account: String,
+    /// The account key, base64 as given.
+    pub(crate) key: String,
 }
 
 /// Resolves the endpoint, account and key from the options the store is opened with (over the
@@ -75,7 +77,7 @@ struct Target {
 /// key default to the emulator's; otherwise the endpoint option or
 /// `https://<account>.blob.core.windows.net`. Only an account key can sign the request here:
 /// other credentials are refused with a hint rather than tried.
-fn target(container: &str, options: &[(String, String)]) -> Result<Target, StoreError> {
+pub(crate) fn target(container: &str, options: &[(String, String)]) -> Result<Target, StoreError> {
     use object_store::azure::AzureConfigKey as K;
     let b = super::azure_builder(container, options)?;
     let get = |k: K| b.get_config_value(&k).filter(|v| !v.trim().is_empty());
@@ -134,18 +136,7 @@ pub async fn ensure_container(
 ) -> Result<bool, StoreError> {
     check_container_name(container)?;
     check_account_name(account)?;
-    let key = base64::engine::general_purpose::STANDARD
-        .decode(access_key_b64.trim())
-        .map_err(|e| {
-            StoreError::Config(format!(
-                "azure access key of account {account}: not base64: {e}"
-            ))
-        })?;
-    if key.is_empty() {
-        return Err(StoreError::Config(format!(
-            "azure access key of account {account} is empty"
-        )));
-    }
+    let key = decode_key(account, access_key_b64)?;
     let url = container_url(endpoint, container)?;
 
     let date = httpdate::fmt_http_date(SystemTime::now());
@@ -207,9 +198,26 @@ pub async fn ensure_container(
     }
 }
 
+/// The account key's bytes, refused when not base64 or empty.
+pub(crate) fn decode_key(account: &str, access_key_b64: &str) -> Result<Vec<u8>, StoreError> {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(access_key_b64.trim())
+        .map_err(|e| {
+            StoreError::Config(format!(
+                "azure access key of account {account}: not base64: {e}"
+            ))
+        })?;
+    if key.is_empty() {
+        return Err(StoreError::Config(format!(
+            "azure access key of account {account} is empty"
+        )));
+    }
+    Ok(key)
+}
+
 /// Azure's container naming rules: 3-63 of `[a-z0-9-]`, starting and ending with a letter or
 /// digit, no `--`. Checked here so a typo is a clear local error instead of a 400.
-fn check_container_name(name: &str) -> Result<(), StoreError> {
+pub(crate) fn check_container_name(name: &str) -> Result<(), StoreError> {
     let ok = (3..=63).contains(&name.len())
         && name
             .bytes()
@@ -228,7 +236,7 @@ fn check_container_name(name: &str) -> Result<(), StoreError> {
 
 /// Storage account names are 3-24 lowercase letters and digits; the name is also part of the
 /// signed resource, so anything else would only produce a confusing signature mismatch.
-fn check_account_name(name: &str) -> Result<(), StoreError> {
+pub(crate) fn check_account_name(name: &str) -> Result<(), StoreError> {
     if (3..=24).contains(&name.len())
         && name
             .bytes()
@@ -262,15 +270,70 @@ fn container_url(endpoint: &str, container: &str) -> Result<reqwest::Url, StoreE
 
 /// The SharedKey string-to-sign of a body-less, unconditional container PUT.
 fn string_to_sign(account: &str, url_path: &str, date: &str) -> String {
-    // Content-Encoding, -Language, -Length (0 → empty), -MD5, -Type, Date (x-ms-date is used
-    // instead), If-Modified-Since, If-Match, If-None-Match, If-Unmodified-Since, Range.
-    let empty_standard_headers = "\n".repeat(11);
-    format!(
-        "PUT\n{empty_standard_headers}x-ms-date:{date}\nx-ms-version:{AZURE_VERSION}\n/{account}{url_path}\nrestype:container"
+    let ms = [
+        ("x-ms-date".to_string(), date.to_string()),
+        ("x-ms-version".to_string(), AZURE_VERSION.to_string()),
+    ];
+    shared_key_string(
+        "PUT",
+        0,
+        &ms,
+        account,
+        url_path,
+        &[("restype".into(), "container".into())],
     )
 }
 
-fn sign(key: &[u8], string_to_sign: &str) -> String {
+/// The SharedKey string-to-sign of a Blob service request that sets no standard header but
+/// Content-Length (no Content-Type, MD5, conditions or Range: ranges go in `x-ms-range`):
+///
+/// ```text
+/// VERB\n Content-Encoding\n Content-Language\n Content-Length (empty when 0)\n Content-MD5\n
+/// Content-Type\n Date\n If-Modified-Since\n If-Match\n If-None-Match\n If-Unmodified-Since\n
+/// Range\n  x-ms-* headers, lowercase, sorted, `name:value\n` each
+/// /<account><url path>  then `\nname:value` per query parameter, names lowercase, sorted
+/// ```
+pub(crate) fn shared_key_string(
+    method: &str,
+    content_length: u64,
+    ms_headers: &[(String, String)],
+    account: &str,
+    url_path: &str,
+    query: &[(String, String)],
+) -> String {
+    let length = if content_length == 0 {
+        String::new()
+    } else {
+        content_length.to_string()
+    };
+    let mut out = format!("{method}\n\n\n{length}\n\n\n\n\n\n\n\n\n");
+    let mut headers: Vec<(String, &str)> = ms_headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.trim()))
+        .collect();
+    headers.sort();
+    for (k, v) in headers {
+        out.push_str(&format!("{k}:{v}\n"));
+    }
+    out.push_str(&format!("/{account}{url_path}"));
+    let mut params: Vec<(String, &str)> = query
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str()))
+        .collect();
+    params.sort();
+    for (k, v) in params {
+        out.push_str(&format!("\n{k}:{v}"));
+    }
+    out
+}
+
+/// The service version requests are signed for.
+pub(crate) const fn version() -> &'static str {
+    AZURE_VERSION
+}
+
+/// `SharedKey` signature of `string_to_sign` (base64 HMAC-SHA256 with the decoded key).
+pub(crate) fn sign(key: &[u8], string_to_sign: &str) -> String {
     // HMAC accepts keys of any length, so `new_from_slice` cannot fail here; the empty key
     // is refused by the caller anyway.
     let mut mac = match hmac::Hmac::<sha2::Sha256>::new_from_slice(key) {

@@ -168,6 +168,11 @@ pub struct FailoverRecord {
     pub ended_unix: Option<u64>,
     pub error: Option<String>,
     pub drill_successful: Option<bool>,
+    /// Where the disks went when the failover target is Azure storage: the `az://container/path`
+    /// folder holding this failover's page blobs (its `files` name each disk's blob); the
+    /// definition files stay in `output_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
 }
 
 /// What `failover show` prints.

@@ -71,4 +71,22 @@ pub struct Job {
     /// planned failover still needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
+    /// Per-disk progress of a job that writes disks (a failover's materialization).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskProgress>,
+}
+
+/// How far a job has written one disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskProgress {
+    pub disk: String,
+    /// Data bytes written so far (blocks that hold data; zero blocks are never written).
+    pub bytes_written: u64,
+    /// Data bytes the disk has to write in all.
+    pub bytes_total: u64,
+    /// Average rate since the disk started, MB/s (10^6 bytes per second).
+    pub mb_s: f64,
+    /// Whether the disk is complete (for an Azure target: its footer read back and checked).
+    #[serde(default)]
+    pub done: bool,
 }

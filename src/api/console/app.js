@@ -562,7 +562,8 @@ function jobsView(openId) {
         }, j.title), el('div', { class: 'muted' }, stateText(j.kind))),
         el('td', {}, j.vm ? el('a', { href: `#/vms/${encodeURIComponent(j.vm)}` }, j.vm) : '–'),
         el('td', {}, el('span', { class: `badge state-${j.state}` }, stateText(j.state))),
-        el('td', { class: 'num' }, el('progress', { max: 1, value: j.progress, 'aria-label': `progress of job ${j.title}` }), ` ${pct(j.progress)}`),
+        el('td', { class: 'num' }, el('progress', { max: 1, value: j.progress, 'aria-label': `progress of job ${j.title}` }), ` ${pct(j.progress)}`,
+          (j.disks ?? []).map((d) => el('div', { class: 'muted disk-progress', 'data-disk': d.disk }, diskProgressText(d)))),
         el('td', { class: 'num' }, fmtTime(started)),
         el('td', { class: 'num' }, fmtDuration((j.ended_unix ?? now) - started)),
         el('td', { class: j.error ? 'health-Critical' : '' }, j.error ? `${j.error.message} [${j.error.code}]${j.error.recoverable ? ' (recoverable)' : ''}` : ''));
@@ -574,6 +575,12 @@ function jobsView(openId) {
     render();
   };
   poll(load, () => (anyActive ? 2000 : 10000));
+}
+
+/** One disk of a job: bytes written of the total, rate, done. */
+function diskProgressText(d) {
+  const share = d.bytes_total > 0 ? d.bytes_written / d.bytes_total : 1;
+  return `${d.disk}: ${fmtBytes(d.bytes_written)} / ${fmtBytes(d.bytes_total)} (${pct(share)}), ${d.mb_s.toFixed(1)} MB/s${d.done ? ', done' : ''}`;
 }
 
 // ---------- Throughput ----------
