@@ -428,6 +428,7 @@ fn register_counters() {
     for name in COUNTERS_FROM_ZERO {
         metrics::counter!(*name).increment(0);
     }
+    crate::store::register_metrics();
 }
 
 fn create_private_dir(p: &Path) -> Result<(), ServeError> {

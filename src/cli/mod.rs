@@ -238,7 +238,10 @@ impl AgentConn {
     /// A client for these credentials, compressing uploads unless `--no-compress`.
     fn client(&self) -> anyhow::Result<crate::client::Client> {
         let creds = crate::agent::load_creds(&self.creds)?;
-        Ok(crate::agent::client_for(&creds, self.host.clone())?.compress_uploads(!self.no_compress))
+        Ok(
+            crate::agent::client_for(&creds, self.host.clone())?
+                .compress_uploads(!self.no_compress),
+        )
     }
 }
 

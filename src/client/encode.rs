@@ -147,12 +147,14 @@ where
         };
         loop {
             let step = match pieces.next().await {
-                Some(Ok(piece)) => on_blocking_pool(move || {
-                    encoder.write_all(&piece)?;
-                    let out = std::mem::take(encoder.get_mut());
-                    Ok((Some(encoder), out))
-                })
-                .await,
+                Some(Ok(piece)) => {
+                    on_blocking_pool(move || {
+                        encoder.write_all(&piece)?;
+                        let out = std::mem::take(encoder.get_mut());
+                        Ok((Some(encoder), out))
+                    })
+                    .await
+                }
                 Some(Err(e)) => return Some((Err(e), None)),
                 None => on_blocking_pool(move || Ok((None, encoder.finish()?))).await,
             };
@@ -182,7 +184,9 @@ mod tests {
     use super::*;
 
     fn text(n: usize) -> Vec<u8> {
-        (0..n).map(|i| b"a change log, compressed "[i % 25]).collect()
+        (0..n)
+            .map(|i| b"a change log, compressed "[i % 25])
+            .collect()
     }
 
     #[tokio::test]

@@ -66,13 +66,18 @@ pub enum WireError {
     TooLong { what: &'static str, bound: u64 },
     #[error("{what} body is not a complete zstd stream ({reason}); nothing was stored")]
     Invalid { what: &'static str, reason: String },
-    #[error("{what} body inflates to {got} bytes, but {declared} were declared; nothing was stored")]
+    #[error(
+        "{what} body inflates to {got} bytes, but {declared} were declared; nothing was stored"
+    )]
     LengthMismatch {
         what: &'static str,
         got: u64,
         declared: u64,
     },
-    #[error("a zstd-compressed log needs header {} with its length before compression", crate::wire::PLAIN_LENGTH_HEADER)]
+    #[error(
+        "a zstd-compressed log needs header {} with its length before compression",
+        crate::wire::PLAIN_LENGTH_HEADER
+    )]
     MissingPlainLength,
 }
 
@@ -285,17 +290,33 @@ mod tests {
     fn a_block_inflates_within_its_bound_and_a_bomb_is_refused() {
         let plain = text(256 * 1024);
         let z = zstd::bulk::compress(&plain, 3).unwrap();
-        let b = decode_block(BodyEncoding::Zstd, Bytes::from(z.clone()), plain.len(), "block")
-            .unwrap();
+        let b = decode_block(
+            BodyEncoding::Zstd,
+            Bytes::from(z.clone()),
+            plain.len(),
+            "block",
+        )
+        .unwrap();
         assert_eq!(b.plain, plain);
         assert_eq!(b.zstd.as_deref(), Some(&z[..]));
         // 64 MiB of zeros compress to a few KiB: one byte of bound less refuses it.
         let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
         assert!(bomb.len() < 64 * 1024);
         let e = decode_block(BodyEncoding::Zstd, Bytes::from(bomb), 1 << 20, "block").unwrap_err();
-        assert_eq!(e, WireError::TooLong { what: "block", bound: 1 << 20 });
-        let e = decode_block(BodyEncoding::Zstd, Bytes::from(z[..z.len() / 2].to_vec()), plain.len(), "block")
-            .unwrap_err();
+        assert_eq!(
+            e,
+            WireError::TooLong {
+                what: "block",
+                bound: 1 << 20
+            }
+        );
+        let e = decode_block(
+            BodyEncoding::Zstd,
+            Bytes::from(z[..z.len() / 2].to_vec()),
+            plain.len(),
+            "block",
+        )
+        .unwrap_err();
         assert!(matches!(e, WireError::Invalid { .. }), "{e:?}");
     }
 
@@ -312,7 +333,13 @@ mod tests {
         assert!(matches!(e, WireError::LengthMismatch { .. }), "{e:?}");
         // Declared shorter than it is: refused once it passes, before the rest is inflated.
         let e = inflate_log(&z, 4096, 1000).unwrap_err();
-        assert_eq!(e, WireError::TooLong { what: "log", bound: 1000 });
+        assert_eq!(
+            e,
+            WireError::TooLong {
+                what: "log",
+                bound: 1000
+            }
+        );
         assert_eq!(
             LogInflater::new(0).unwrap().finish().unwrap_err(),
             WireError::Invalid {

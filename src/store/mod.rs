@@ -230,6 +230,25 @@ impl Op {
     }
 }
 
+/// Exports every operation's request and error counters at 0, so an alert on store errors
+/// reads 0 (not "no data") on a server that has had none.
+pub fn register_metrics() {
+    for op in [
+        Op::Put,
+        Op::PutIfAbsent,
+        Op::Get,
+        Op::GetRange,
+        Op::Head,
+        Op::Delete,
+        Op::List,
+    ] {
+        metrics::counter!("drvault_store_requests_total", "op" => op.label()).increment(0);
+        metrics::counter!("drvault_store_errors_total", "op" => op.label()).increment(0);
+    }
+    count_written(0);
+    count_read(0);
+}
+
 fn count_written(bytes: usize) {
     metrics::counter!("drvault_store_bytes_written_total").increment(bytes as u64);
 }

@@ -36,7 +36,9 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     for line in rules.lines() {
         if let Some(name) = line.trim().strip_prefix("- alert: ") {
             assert!(
-                tests.contains(&format!("alertname: {name}\n        exp_alerts:\n          - ")),
+                tests.contains(&format!(
+                    "alertname: {name}\n        exp_alerts:\n          - "
+                )),
                 "alert {name} has no promtool test that fires it"
             );
         }
@@ -93,11 +95,16 @@ async fn every_dashboard_query_and_alert_rule_names_a_metric_the_server_exports(
         assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
         for t in targets {
             let names = metric_names(t["expr"].as_str().expect("expr"));
-            assert!(!names.is_empty(), "panel {} queries no drvault metric", p["title"]);
+            assert!(
+                !names.is_empty(),
+                "panel {} queries no drvault metric",
+                p["title"]
+            );
             wanted.extend(names);
         }
     }
-    let rules = std::fs::read_to_string(repo().join("config/prometheus/drvault.rules.yml")).unwrap();
+    let rules =
+        std::fs::read_to_string(repo().join("config/prometheus/drvault.rules.yml")).unwrap();
     for line in rules.lines() {
         if let Some(expr) = line.trim().strip_prefix("expr: ") {
             wanted.extend(metric_names(expr));

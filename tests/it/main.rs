@@ -7,6 +7,7 @@ mod common;
 mod emulators;
 
 mod agent_run;
+mod alerts;
 mod api_auth;
 mod architecture;
 mod azure_e2e;

@@ -20,7 +20,12 @@ fn compressible(len: usize, seed: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 64);
     let mut i = 0u64;
     while v.len() < len {
-        writeln!(v, "seed {seed} line {i:08}: the quick brown fox {}", i * 7 % 13).unwrap();
+        writeln!(
+            v,
+            "seed {seed} line {i:08}: the quick brown fox {}",
+            i * 7 % 13
+        )
+        .unwrap();
         i += 1;
     }
     v.truncate(len);
@@ -304,7 +309,10 @@ async fn an_agent_cycle_goes_compressed_exports_exactly_and_uncompressed_still_w
         "{wire} bytes on the wire for {} bytes of blocks and log",
         blocks + logs
     );
-    assert_eq!(reused, 5, "every block sealed from the agent's compressed bytes");
+    assert_eq!(
+        reused, 5,
+        "every block sealed from the agent's compressed bytes"
+    );
 
     // The switch: the same data sent as it is by another VM travels whole, and still reads back.
     let plain_img = dir.join("data.raw");
@@ -393,10 +401,25 @@ async fn compressed_logs_that_lie_are_cut_off_or_bombs_are_refused_and_the_journ
     let r = put_log(&c, log_id, &zstd_log(1 << 20), zstd_bomb(1 << 30)).await;
     assert_eq!(refusal(r), (400, "decompressed_too_long".to_string()));
     // Without the plain length the server has no bound: refused before it reads the body.
-    let r = put_log(&c, log_id, &[("content-encoding", "zstd".into())], z.clone()).await;
+    let r = put_log(
+        &c,
+        log_id,
+        &[("content-encoding", "zstd".into())],
+        z.clone(),
+    )
+    .await;
     assert_eq!(refusal(r), (400, "missing_plain_length".to_string()));
-    let r = put_log(&c, log_id, &[("content-encoding", "gzip".into())], log.clone()).await;
-    assert_eq!(refusal(r), (415, "unsupported_content_encoding".to_string()));
+    let r = put_log(
+        &c,
+        log_id,
+        &[("content-encoding", "gzip".into())],
+        log.clone(),
+    )
+    .await;
+    assert_eq!(
+        refusal(r),
+        (415, "unsupported_content_encoding".to_string())
+    );
 
     assert_eq!(server.vault_objects("logs"), logs_before);
     let points = server.cli_ok(&["points", "--vm", "vm", "--json"]);
