@@ -16,9 +16,9 @@ use crate::wire::{HostNetworkView, HostSubnetView};
 
 #[derive(Subcommand)]
 pub enum NetworkCmd {
-    /// Create the bridges of a target network (gateway address, no forwarding out when the
-    /// network is isolated) and start a DHCP server (dnsmasq) per subnet with the current
-    /// reservations; run again after a failover to refresh them. Needs root.
+    /// Create the bridges of a target network (gateway address; an isolated network's VMs reach
+    /// that address and nothing else) and start a DHCP server (dnsmasq) per subnet with the
+    /// current reservations; run again after a failover to refresh them. Needs root.
     Up {
         /// A `[[network]]` name from the server's config.
         name: String,
