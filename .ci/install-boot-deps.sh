@@ -40,7 +40,11 @@ apt_update_once() {
 # can name them.
 # ---------------------------------------------------------------------------
 install_boot_disk_deps() {
-    local plain=(syslinux syslinux-common mtools dosfstools fdisk cpio libvirt-clients libxml2-utils ovmf)
+    # iproute2, dnsmasq-base, nftables and iputils-ping: `drvault network up` (bridges, DHCP
+    # with the failovers' reservations, isolation of drill networks) and the network boot
+    # test (tests/it/failover_network.rs), which pings the guests from their gateway.
+    local plain=(syslinux syslinux-common mtools dosfstools fdisk cpio libvirt-clients libxml2-utils ovmf
+        iproute2 dnsmasq-base nftables iputils-ping)
     # qemu-system-* must be the same release as the installed qemu-utils:
     # qemu-utils >= 8 Breaks qemu-system-common < 8, so installing Debian 12's
     # qemu-system-x86 (7.2) next to the machine image's qemu-utils from

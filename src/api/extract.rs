@@ -79,6 +79,12 @@ name_segment!(
     "VM"
 );
 name_segment!(
+    /// `{network}`: a target network's name.
+    NetworkName,
+    "network",
+    "network"
+);
+name_segment!(
     /// `{disk}`: a disk's id within its VM.
     DiskName,
     "disk",

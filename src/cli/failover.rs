@@ -167,8 +167,11 @@ pub(super) async fn failover_cmd(
                 for f in &r.files {
                     println!("  file       {f}");
                 }
-                if let Some(q) = &v.qemu_command {
-                    println!("  boot with  {}", q.join(" "));
+                if v.qemu_command.is_some() {
+                    println!(
+                        "  boot with  sh {}/qemu.sh   (NICs on the bridges `drvault network up` makes; DRVAULT_NET=user: qemu's user-mode network)",
+                        r.output_dir
+                    );
                 }
                 if let Some(why) = &v.qemu_unavailable {
                     println!("  qemu.sh    not written: {why}");

@@ -8,6 +8,7 @@ mod hosts;
 pub mod hrl;
 mod jobs;
 pub mod key;
+mod network;
 pub mod operator;
 mod plans;
 pub mod resync;
@@ -204,6 +205,14 @@ enum Cmd {
     Key {
         #[command(subcommand)]
         cmd: key::KeyCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Set a target network up on this host for failed-over VMs' qemu.sh: bridges with the
+    /// gateway addresses and DHCP with the failovers' reservations (root).
+    Network {
+        #[command(subcommand)]
+        cmd: network::NetworkCmd,
         #[command(flatten)]
         conn: Conn,
     },
@@ -494,6 +503,7 @@ async fn run(cli: Cli) -> Result<i32> {
             conn,
         } => vms::disable(&vm, delete_data, conn).await,
         Cmd::Key { cmd, conn } => key::run(cmd, conn).await,
+        Cmd::Network { cmd, conn } => network::run(cmd, conn).await,
         Cmd::Bench { cmd } => Ok(crate::bench::run(cmd).await?),
     }
 }

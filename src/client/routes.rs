@@ -42,6 +42,11 @@ struct Empty {}
 impl Client {
     // ---------- server, hosts, providers, keys (operator) ----------
 
+    /// A target network with its bridges and DHCP reservations (`drvault network up`).
+    pub async fn host_network(&self, name: &str) -> Result<HostNetworkView, ClientError> {
+        self.get_json(&format!("/v1/networks/{name}")).await
+    }
+
     pub async fn server_info(&self) -> Result<ServerInfo, ClientError> {
         self.get_json("/v1/server").await
     }

@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use super::definition::{
     is_unicast_mac, FailoverInfo, FailoverKind, Firmware, NicDefinition, NicModel, NicOptions,
 };
-use super::network::{host_network_name, Ipv4Cidr, NetworkConfig, Subnet, TargetNetwork};
+use super::network::{
+    bridge_name, host_network_name, Ipv4Cidr, NetworkConfig, Subnet, TargetNetwork,
+};
 use crate::catalog::spec::normalize_mac;
 use crate::error::{Error, Result};
 use crate::vault::layout::{self, Family};
@@ -535,6 +537,55 @@ impl super::service::Failovers {
             .await?
             .map(|v| v.value)
             .unwrap_or_default())
+    }
+
+    /// A target network as a host sets it up: per subnet its bridge, gateway and every
+    /// current allocation as a DHCP reservation (the same list the failover files hold).
+    pub async fn host_network(&self, name: &str) -> Result<crate::wire::HostNetworkView> {
+        use crate::wire::{DhcpReservation, HostNetworkView, HostSubnetView};
+        let net = self.networks.network(name).ok_or_else(|| {
+            Error::not_found(
+                "network_not_found",
+                format!("no target network {name:?} in the server's config"),
+            )
+        })?;
+        let allocations = self.allocations().await?;
+        let subnets = net
+            .subnets
+            .iter()
+            .map(|sub| {
+                let holders: BTreeMap<Ipv4Addr, &Allocation> =
+                    allocations.in_subnet(net, sub).collect();
+                let reservations = super::libvirt::dhcp_hosts(&allocations, net, sub)
+                    .into_iter()
+                    .filter_map(|h| {
+                        let a = holders.get(&h.ip)?;
+                        Some(DhcpReservation {
+                            mac: h.mac.to_ascii_lowercase(),
+                            ip: h.ip.to_string(),
+                            hostname: h.name,
+                            vm: a.vm.clone(),
+                            nic_index: a.nic_index,
+                            failover_id: a.failover_id.clone(),
+                        })
+                    })
+                    .collect();
+                HostSubnetView {
+                    name: sub.name().to_string(),
+                    host_network: host_network_name(net.name(), sub.name()),
+                    bridge: bridge_name(net.name(), sub.name()),
+                    prefix: sub.prefix().to_string(),
+                    gateway: sub.gateway().to_string(),
+                    reservations,
+                }
+            })
+            .collect();
+        Ok(HostNetworkView {
+            name: net.name().to_string(),
+            isolated: net.isolated,
+            dns: net.dns_servers().iter().map(|d| d.to_string()).collect(),
+            subnets,
+        })
     }
 
     pub(super) async fn release(&self, failover_id: &str) -> Result<()> {

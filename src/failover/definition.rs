@@ -24,18 +24,22 @@
 //!   The configured DNS servers become dnsmasq forwarders (libvirt has no plain way to hand
 //!   them out by DHCP), so guests resolve through their gateway. `isolated` networks get no
 //!   `<forward>`: no route out of the host.
-//! - The qemu command line uses user-mode networking, one private slirp network per NIC with the
-//!   target subnet's addresses (`net=`, `host=` gateway, `dhcpstart=` the NIC's IP), so the guest
-//!   gets its failover address by DHCP; a requested public address becomes host port forwards.
-//!   NICs there do not see each other: it is for booting and reaching one VM, libvirt is for
-//!   networks of VMs.
+//! - qemu.sh puts each NIC on a tap device on the Linux bridge of its target subnet
+//!   ([`bridge_name`](super::network::bridge_name), overridable per NIC), where `drvault network
+//!   up` (or the libvirt network) holds the gateway address and a DHCP server with the subnet's
+//!   reservations; `dhcp-hosts-<host network>.conf` beside it is the same list in dnsmasq's
+//!   format for a DHCP server of the site's own. With `DRVAULT_NET=user` it uses qemu's
+//!   user-mode networking instead ([`qemu_command`](super::qemu::qemu_command)): one private
+//!   slirp network per NIC with the target subnet's addresses (`net=`, `host=` gateway,
+//!   `dhcpstart=` the NIC's IP), a requested public address as host port forwards, no root
+//!   needed, but NICs there do not see each other.
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use super::libvirt::{libvirt_domain_xml, network_files};
+use super::libvirt::{dhcp_hosts_files, libvirt_domain_xml, network_files};
 use super::output::output_error;
-use super::qemu::{public_forwards, qemu_command, qemu_script};
+use super::qemu::{public_forwards, qemu_script_for};
 use crate::catalog::spec::normalize_mac;
 use crate::error::{Error, Result};
 use crate::vault::registry::valid_name;
@@ -244,8 +248,9 @@ impl VmDefinition {
 
 /// Step 4 of a failover: the definition's files next to the disks.
 impl super::service::Failovers {
-    /// Writes vm.json, the libvirt domain, the libvirt network of each target subnet and, when
-    /// the definition can run under qemu here, qemu.sh; then syncs the folder. Returns the
+    /// Writes vm.json, the libvirt domain, the libvirt network and the dnsmasq DHCP hosts file of
+    /// each target subnet and, when the definition can run under qemu here, qemu.sh; then syncs
+    /// the folder. Returns the
     /// files' paths.
     pub(super) async fn write_definition(
         &self,
@@ -266,11 +271,14 @@ impl super::service::Failovers {
         for (name, xml) in network_files(def, self.networks(), &allocations) {
             files.push(write(&name, &xml)?);
         }
-        match qemu_command(def, &public_forwards(def)) {
+        for (name, text) in dhcp_hosts_files(def, self.networks(), &allocations) {
+            files.push(write(&name, &text)?);
+        }
+        match qemu_script_for(def, &public_forwards(def)) {
             Err(e) => {
                 tracing::warn!(vm = %def.name, error = %e, "no qemu.sh: the definition cannot run under qemu here")
             }
-            Ok(cmd) => files.push(write("qemu.sh", &qemu_script(&cmd))?),
+            Ok(script) => files.push(write("qemu.sh", &script)?),
         }
         sync_dir(dir);
         Ok(files)

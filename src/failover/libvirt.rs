@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use super::address::Allocations;
 use super::address::RESERVED_AT_START;
 use super::definition::{DiskBus, FailoverKind, Firmware, NicModel, VmDefinition};
-use super::network::{host_network_name, NetworkConfig, Subnet, TargetNetwork};
+use super::network::{bridge_name, host_network_name, NetworkConfig, Subnet, TargetNetwork};
 
 // ---------------------------------------------------------------------------------------------
 // libvirt XML
@@ -200,7 +200,12 @@ pub fn libvirt_network_xml(network: &TargetNetwork, subnet: &Subnet, hosts: &[Dh
     if !network.isolated {
         x.push_str("  <forward mode='nat'/>\n");
     }
-    x.push_str("  <bridge stp='on' delay='0'/>\n");
+    // The same bridge `drvault network up` makes and qemu.sh attaches to.
+    let _ = writeln!(
+        x,
+        "  <bridge name='{}' stp='on' delay='0'/>",
+        bridge_name(network.name(), subnet.name())
+    );
     let dns = network.dns_servers();
     if !dns.is_empty() {
         x.push_str("  <dns>\n");
@@ -259,6 +264,47 @@ pub fn network_files(
         out.push((
             format!("network-{}.xml", n.host_network),
             libvirt_network_xml(net, sub, &hosts),
+        ));
+    }
+    out
+}
+
+/// DHCP reservations in the format of dnsmasq's `--dhcp-hostsfile`: `mac,ip[,name]` a line.
+pub fn dnsmasq_hosts(hosts: &[DhcpHost]) -> String {
+    let mut out = String::new();
+    for h in hosts {
+        let _ = write!(out, "{},{}", h.mac.to_ascii_lowercase(), h.ip);
+        if let Some(name) = &h.name {
+            let _ = write!(out, ",{name}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The reservations of every target subnet `def`'s NICs attach to, once each, as (file name,
+/// dnsmasq hosts file): every current allocation of the subnet, so a DHCP server given the
+/// file never hands an allocated address to another MAC.
+pub fn dhcp_hosts_files(
+    def: &VmDefinition,
+    networks: &NetworkConfig,
+    allocations: &Allocations,
+) -> Vec<(String, String)> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for n in &def.nics {
+        if !seen.insert(n.host_network.as_str()) {
+            continue;
+        }
+        let Some((net, sub)) = networks
+            .network(&n.network)
+            .and_then(|net| net.subnet(&n.subnet).map(|sub| (net, sub)))
+        else {
+            continue;
+        };
+        out.push((
+            format!("dhcp-hosts-{}.conf", n.host_network),
+            dnsmasq_hosts(&dhcp_hosts(allocations, net, sub)),
         ));
     }
     out

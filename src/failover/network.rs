@@ -397,6 +397,15 @@ pub fn host_network_name(network: &str, subnet: &str) -> String {
     format!("{network}.{subnet}")
 }
 
+/// The Linux bridge of a (network, subnet) pair on a host: `dv` and 10 hex digits of the
+/// BLAKE3 hash of its [`host_network_name`], because interface names are at most 15 bytes
+/// and network names are not. The same on every host, so qemu.sh and `drvault network up`
+/// agree without talking to each other.
+pub fn bridge_name(network: &str, subnet: &str) -> String {
+    let hash = blake3::hash(host_network_name(network, subnet).as_bytes());
+    format!("dv{}", &hash.to_hex()[..10])
+}
+
 /// `network/subnet` → its two names.
 fn split_target(target: &str) -> Option<(&str, &str)> {
     let (n, s) = target.split_once('/')?;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::definition::{DiskBus, Firmware, NicModel, VmDefinition, OVMF_CODE};
 use super::libvirt::dns_label;
-use super::network::Ipv4Cidr;
+use super::network::{bridge_name, Ipv4Cidr};
 use crate::error::{Error, Result};
 
 // ---------------------------------------------------------------------------------------------
@@ -51,42 +51,34 @@ pub fn qemu_command_with(
     host_forwards: &[HostForward],
     ovmf_code: Option<&Path>,
 ) -> Result<Vec<String>> {
+    let (machine, hardware) = machine_and_disks(def, ovmf_code)?;
+    let nics = user_nics(def, host_forwards)?;
+    let mut argv: Vec<String> = vec!["qemu-system-x86_64".into(), "-name".into(), def.name.clone()];
+    // KVM when the host has it, else software emulation (qemu tries the accelerators in order).
+    argv.extend(["-machine", machine, "-accel", "kvm", "-accel", "tcg"].map(String::from));
+    argv.extend(hardware);
+    argv.extend(nics);
+    argv.push("-nographic".into());
+    Ok(argv)
+}
+
+/// The machine type, and the memory, CPU, firmware and disk arguments (everything but the
+/// accelerator and the NICs).
+fn machine_and_disks(
+    def: &VmDefinition,
+    ovmf_code: Option<&Path>,
+) -> Result<(&'static str, Vec<String>)> {
     def.validate()?;
-    for f in host_forwards {
-        let nic = def.nics.iter().find(|n| n.index == f.nic_index);
-        if !nic.is_some_and(|n| n.public_ip) {
-            return Err(Error::invalid(
-                "invalid_forward",
-                format!(
-                    "port forward to NIC {} of VM {}: that NIC did not ask for a public address",
-                    f.nic_index, def.name
-                ),
-            ));
-        }
-        if f.host_port == 0 || f.guest_port == 0 {
-            return Err(Error::invalid(
-                "invalid_forward",
-                format!("port forward to NIC {}: port 0", f.nic_index),
-            ));
-        }
-    }
-    let mut argv: Vec<String> = vec![
-        "qemu-system-x86_64".into(),
-        "-name".into(),
-        def.name.clone(),
-    ];
     let machine = match def.firmware {
         Firmware::Bios => "pc",
         Firmware::Uefi => "q35",
     };
-    // KVM when the host has it, else software emulation (qemu tries the accelerators in order).
-    argv.extend(["-machine", machine, "-accel", "kvm", "-accel", "tcg"].map(String::from));
-    argv.extend([
+    let mut argv: Vec<String> = vec![
         "-m".into(),
         format!("{}M", def.memory_mib),
         "-smp".into(),
         def.cpus.to_string(),
-    ]);
+    ];
     if def.firmware == Firmware::Uefi {
         let Some(code) = ovmf_code else {
             return Err(Error::conflict(
@@ -127,11 +119,40 @@ pub fn qemu_command_with(
             format!("{device},bootindex={i},serial={}", qemu_value(&d.id)),
         ]);
     }
+    Ok((machine, argv))
+}
+
+fn nic_model(model: NicModel) -> &'static str {
+    match model {
+        NicModel::E1000 => "e1000",
+        NicModel::Virtio => "virtio-net-pci",
+    }
+}
+
+/// One private user-mode (slirp) network per NIC with the target subnet's addresses: needs
+/// neither root nor bridges, but NICs cannot reach each other.
+fn user_nics(def: &VmDefinition, host_forwards: &[HostForward]) -> Result<Vec<String>> {
+    for f in host_forwards {
+        let nic = def.nics.iter().find(|n| n.index == f.nic_index);
+        if !nic.is_some_and(|n| n.public_ip) {
+            return Err(Error::invalid(
+                "invalid_forward",
+                format!(
+                    "port forward to NIC {} of VM {}: that NIC did not ask for a public address",
+                    f.nic_index, def.name
+                ),
+            ));
+        }
+        if f.host_port == 0 || f.guest_port == 0 {
+            return Err(Error::invalid(
+                "invalid_forward",
+                format!("port forward to NIC {}: port 0", f.nic_index),
+            ));
+        }
+    }
+    let mut argv = Vec::new();
     for n in &def.nics {
-        let model = match n.model {
-            NicModel::E1000 => "e1000",
-            NicModel::Virtio => "virtio-net-pci",
-        };
+        let model = nic_model(n.model);
         let net = Ipv4Cidr::containing(n.ip, n.prefix_len).map_err(|e| {
             Error::invalid("invalid_vm_definition", format!("NIC {}: {e}", n.index))
         })?;
@@ -165,8 +186,158 @@ pub fn qemu_command_with(
     if def.nics.is_empty() {
         argv.extend(["-nic".into(), "none".into()]);
     }
-    argv.push("-nographic".into());
     Ok(argv)
+}
+
+/// Tap device names are at most 15 bytes: `dvt`, the shell's PID (at most 7 digits) and `n`
+/// leave 4 digits for the NIC's position. Hyper-V VMs have at most 12 NICs.
+const MAX_BRIDGED_NICS: usize = 100;
+
+/// `qemu.sh`: boots the definition with each NIC on a tap device attached to the Linux bridge
+/// of its target subnet (`drvault network up` creates them; an environment variable per NIC
+/// names another), or with `DRVAULT_NET=user` on qemu's user-mode network instead. The script
+/// explains its environment in its header; arguments are appended to qemu's command line.
+pub fn qemu_script_for(def: &VmDefinition, host_forwards: &[HostForward]) -> Result<String> {
+    let ovmf = Path::new(OVMF_CODE);
+    qemu_script_with(def, host_forwards, ovmf.exists().then_some(ovmf))
+}
+
+/// [`qemu_script_for`] with the UEFI firmware given (`None`: not installed).
+pub fn qemu_script_with(
+    def: &VmDefinition,
+    host_forwards: &[HostForward],
+    ovmf_code: Option<&Path>,
+) -> Result<String> {
+    let (machine, hardware) = machine_and_disks(def, ovmf_code)?;
+    let user = user_nics(def, host_forwards)?;
+    if def.nics.len() > MAX_BRIDGED_NICS {
+        return Err(Error::invalid(
+            "invalid_vm_definition",
+            format!(
+                "VM {} has {} NICs; qemu.sh supports at most {MAX_BRIDGED_NICS}",
+                def.name,
+                def.nics.len()
+            ),
+        ));
+    }
+    let head = |argv: &[String]| {
+        argv.iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let common = format!(
+        "qemu-system-x86_64 -name {} -machine \"{machine},accel=$accel\" {}",
+        shell_quote(&def.name),
+        head(&hardware)
+    );
+    let mut s = String::new();
+    let _ = writeln!(s, "#!/bin/sh");
+    let _ = writeln!(
+        s,
+        "# VM {} of drvault {} failover {} (recovery point {}, {}), generated by drvault.",
+        def.name,
+        kind_word(def),
+        def.failover.id,
+        def.failover.point_id,
+        def.failover.time
+    );
+    s.push_str(
+        "#\n\
+         # Each NIC is a tap device on the Linux bridge of its target subnet: `drvault network up\n\
+         # NETWORK` creates that bridge with the subnet's gateway address and a DHCP server holding\n\
+         # the failover's reservations (dhcp-hosts-*.conf beside this file), or set the NIC's\n\
+         # variable to a bridge of your own (an existing bridge, one on a VLAN):\n",
+    );
+    for n in &def.nics {
+        let _ = writeln!(
+            s,
+            "#   DRVAULT_BRIDGE_{}={}  NIC {} {} ({}) on {}/{}: {}/{} gateway {}",
+            n.index,
+            bridge_name(&n.network, &n.subnet),
+            n.index,
+            n.mac.to_ascii_lowercase(),
+            nic_model(n.model),
+            n.network,
+            n.subnet,
+            n.ip,
+            n.prefix_len,
+            n.gateway
+        );
+    }
+    s.push_str(
+        "# Tap devices need root (CAP_NET_ADMIN); they are removed when qemu exits.\n\
+         # DRVAULT_NET=user: qemu's user-mode network instead, one private network per NIC with\n\
+         #   the same addresses (no root, no bridges; NICs cannot reach each other or the host's\n\
+         #   networks; a NIC that asked for a public address gets host port forwards).\n\
+         # DRVAULT_ACCEL: the accelerators qemu tries, in order (default kvm:tcg).\n\
+         # Arguments are appended to qemu's command line (e.g. -display none -serial file:log).\n\
+         set -eu\n\
+         accel=\"${DRVAULT_ACCEL:-kvm:tcg}\"\n\
+         case \"${DRVAULT_NET:-bridge}\" in\n",
+    );
+    let _ = writeln!(
+        s,
+        "user) exec {common} {} -nographic \"$@\" ;;",
+        head(&user)
+    );
+    s.push_str(
+        "bridge) ;;\n\
+         *) echo \"qemu.sh: DRVAULT_NET must be bridge or user, not $DRVAULT_NET\" >&2; exit 2 ;;\n\
+         esac\n\
+         taps=\n\
+         cleanup() { for t in $taps; do ip link delete \"$t\" 2>/dev/null || true; done; }\n\
+         trap cleanup EXIT\n\
+         trap 'exit 129' HUP\n\
+         trap 'exit 130' INT\n\
+         trap 'exit 143' TERM\n\
+         # attach POSITION BRIDGE NIC: a new tap device on BRIDGE, named in $tap.\n\
+         attach() {\n\
+         \x20   if ! ip link show dev \"$2\" >/dev/null 2>&1; then\n\
+         \x20       echo \"qemu.sh: bridge $2 of NIC $3 does not exist: run 'drvault network up' for its network, or set DRVAULT_BRIDGE_$3\" >&2\n\
+         \x20       exit 1\n\
+         \x20   fi\n\
+         \x20   tap=\"dvt$$n$1\"\n\
+         \x20   ip tuntap add dev \"$tap\" mode tap\n\
+         \x20   taps=\"$taps $tap\"\n\
+         \x20   ip link set dev \"$tap\" master \"$2\" up\n\
+         }\n",
+    );
+    let mut nic_args = String::new();
+    for (pos, n) in def.nics.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "attach {pos} \"${{DRVAULT_BRIDGE_{}:-{}}}\" {}\ntap{pos}=$tap",
+            n.index,
+            bridge_name(&n.network, &n.subnet),
+            n.index
+        );
+        let _ = write!(
+            nic_args,
+            " -netdev \"tap,id=nic{},ifname=$tap{pos},script=no,downscript=no\" -device {}",
+            n.index,
+            shell_quote(&format!(
+                "{},netdev=nic{},mac={}",
+                nic_model(n.model),
+                n.index,
+                n.mac.to_ascii_lowercase()
+            ))
+        );
+    }
+    if def.nics.is_empty() {
+        nic_args.push_str(" -nic none");
+    }
+    // Not exec: the EXIT trap removes the tap devices once qemu is gone.
+    let _ = writeln!(s, "{common}{nic_args} -nographic \"$@\"");
+    Ok(s)
+}
+
+fn kind_word(def: &VmDefinition) -> &'static str {
+    match def.failover.kind {
+        super::definition::FailoverKind::Test => "test",
+        super::definition::FailoverKind::Planned => "planned",
+        super::definition::FailoverKind::Unplanned => "unplanned",
+    }
 }
 
 /// Host port for a NIC's public address: 20000 + the low 15 bits of its address, so every
@@ -193,17 +364,6 @@ fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
-}
-
-/// `qemu.sh`: a shell script that runs `argv`.
-pub fn qemu_script(argv: &[String]) -> String {
-    format!(
-        "#!/bin/sh\nexec {}\n",
-        argv.iter()
-            .map(|a| shell_quote(a))
-            .collect::<Vec<_>>()
-            .join(" ")
-    )
 }
 
 #[cfg(test)]
@@ -349,24 +509,13 @@ mod tests {
     }
 
     #[test]
-    fn qemu_script_quotes_what_the_shell_would_split() {
-        let argv: Vec<String> = [
-            "qemu-system-x86_64",
-            "-drive",
-            "file=/a b/it's.vhd",
-            "-m",
-            "512M",
-        ]
-        .map(String::from)
-        .into();
-        let script = qemu_script(&argv);
-        assert_eq!(
-            script,
-            "#!/bin/sh\nexec qemu-system-x86_64 -drive 'file=/a b/it'\\''s.vhd' -m 512M\n"
-        );
+    fn shell_quote_keeps_what_the_shell_would_split_whole() {
+        let args = ["-drive", "file=/a b/it's.vhd", "-m", "512M"];
+        let quoted: Vec<String> = args.iter().map(|a| shell_quote(a)).collect();
+        assert_eq!(quoted.join(" "), "-drive 'file=/a b/it'\\''s.vhd' -m 512M");
         let out = Command::new("sh")
             .arg("-c")
-            .arg(script.replace("exec qemu-system-x86_64", "printf '%s\\n'"))
+            .arg(format!("printf '%s\\n' {}", quoted.join(" ")))
             .output()
             .unwrap();
         assert_eq!(
@@ -374,4 +523,114 @@ mod tests {
             "-drive\nfile=/a b/it's.vhd\n-m\n512M\n"
         );
     }
+
+
+    /// Runs a generated qemu.sh with stand-ins for `ip` and qemu on PATH: what it asks of the
+    /// host, and qemu's argv, one argument a line.
+    fn run_script(script: &str, env: &[(&str, &str)], bridges: &str) -> (i32, String, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let log = dir.path().join("ip.log");
+        let argv = dir.path().join("argv");
+        let stub = |name: &str, body: String| {
+            let p = bin.join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}")).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        // `ip link show dev X` succeeds only for the bridges given.
+        stub(
+            "ip",
+            format!(
+                "echo \"$*\" >>{}\nif [ \"$1 $2\" = 'link show' ]; then case \" {bridges} \" in *\" $4 \"*) exit 0 ;; *) exit 1 ;; esac; fi\n",
+                log.display()
+            ),
+        );
+        stub(
+            "qemu-system-x86_64",
+            format!("printf '%s\\n' \"$@\" >{}\n", argv.display()),
+        );
+        let sh = dir.path().join("qemu.sh");
+        std::fs::write(&sh, script).unwrap();
+        let out = Command::new("sh")
+            .arg(&sh)
+            .args(["-display", "none"])
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(&argv).unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn qemu_sh_puts_each_nic_on_its_subnets_bridge_and_removes_its_taps() {
+        let (def, _) = definition(1, 1, FailoverKind::Planned, "/v");
+        let script = qemu_script_with(&def, &public_forwards(&def), None).unwrap();
+        let app = bridge_name("recovery-vnet", "app");
+        let db = bridge_name("recovery-vnet", "db");
+        assert_eq!(app.len(), 12);
+        assert_ne!(app, db);
+        assert!(
+            script.contains(&format!("DRVAULT_BRIDGE_0={app}  NIC 0 00:15:5d:01:02:03 (e1000) on recovery-vnet/app: 10.20.1.50/24 gateway 10.20.1.1")),
+            "{script}"
+        );
+
+        let (rc, ip, argv, err) = run_script(&script, &[], &format!("{app} {db}"));
+        assert_eq!(rc, 0, "{err}");
+        let taps: Vec<&str> = ip
+            .lines()
+            .filter_map(|l| l.strip_prefix("tuntap add dev "))
+            .map(|l| l.trim_end_matches(" mode tap"))
+            .collect();
+        assert_eq!(taps.len(), 2, "{ip}");
+        assert!(ip.contains(&format!("link set dev {} master {app} up", taps[0])), "{ip}");
+        assert!(ip.contains(&format!("link set dev {} master {db} up", taps[1])), "{ip}");
+        for t in &taps {
+            assert!(ip.contains(&format!("link delete {t}")), "taps removed on exit: {ip}");
+        }
+        let argv: Vec<&str> = argv.lines().collect();
+        let joined = argv.join(" ");
+        assert!(joined.contains("-machine pc,accel=kvm:tcg -m 1024M -smp 2"), "{joined}");
+        assert!(joined.contains(&format!(
+            "-netdev tap,id=nic0,ifname={},script=no,downscript=no -device e1000,netdev=nic0,mac=00:15:5d:01:02:03",
+            taps[0]
+        )), "{joined}");
+        assert!(joined.contains(&format!(
+            "-netdev tap,id=nic1,ifname={},script=no,downscript=no -device e1000,netdev=nic1,mac=00:15:5d:01:02:04",
+            taps[1]
+        )), "{joined}");
+        assert!(joined.ends_with("-nographic -display none"), "arguments appended: {joined}");
+
+        // A bridge of one's own, and another accelerator.
+        let (rc, ip, argv, err) = run_script(
+            &script,
+            &[("DRVAULT_BRIDGE_1", "br-site"), ("DRVAULT_ACCEL", "tcg")],
+            &format!("{app} br-site"),
+        );
+        assert_eq!(rc, 0, "{err}");
+        assert!(ip.contains(" master br-site up"), "{ip}");
+        assert!(argv.contains("pc,accel=tcg\n"), "{argv}");
+
+        // A missing bridge: nothing started, and the message says what to run.
+        let (rc, _, argv, err) = run_script(&script, &[], &app);
+        assert_eq!(rc, 1);
+        assert!(argv.is_empty());
+        assert!(
+            err.contains(&format!("bridge {db} of NIC 1 does not exist")) && err.contains("drvault network up"),
+            "{err}"
+        );
+
+        // User-mode networking: no taps, the slirp NICs of qemu_command.
+        let (rc, ip, argv, err) = run_script(&script, &[("DRVAULT_NET", "user")], "");
+        assert_eq!(rc, 0, "{err}");
+        assert!(ip.is_empty(), "{ip}");
+        assert!(argv.contains("user,id=nic0,mac=00:15:5d:01:02:03,model=e1000,net=10.20.1.0/24,host=10.20.1.1,dhcpstart=10.20.1.50,hostname=web01,hostfwd=tcp:0.0.0.0:"), "{argv}");
+    }
+
 }

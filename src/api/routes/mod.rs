@@ -21,6 +21,7 @@ mod failover;
 mod hosts;
 mod ingest;
 mod jobs;
+mod networks;
 mod plans;
 mod points;
 mod resync;
@@ -38,6 +39,7 @@ pub fn routes() -> Router<AppState> {
         .merge(agents::routes())
         .merge(points::routes())
         .merge(failover::routes())
+        .merge(networks::routes())
         .merge(plans::routes())
         .merge(resync::routes())
         .merge(failback::routes())

@@ -1,0 +1,23 @@
+//! Target networks (operator): what a host needs to set one up for failed-over VMs.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::api::auth::Operator;
+use crate::api::error::ApiResult;
+use crate::api::extract::NetworkName;
+use crate::api::AppState;
+use crate::wire::HostNetworkView;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new().route("/v1/networks/{network}", get(show_network))
+}
+
+async fn show_network(
+    _: Operator,
+    State(s): State<AppState>,
+    NetworkName(name): NetworkName,
+) -> ApiResult<Json<HostNetworkView>> {
+    Ok(Json(s.failovers.host_network(&name).await?))
+}
