@@ -16,6 +16,7 @@
 pub mod blockmap;
 pub mod damage;
 pub mod patch;
+pub mod pieces;
 pub mod point;
 pub mod points;
 pub mod resync;

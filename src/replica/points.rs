@@ -24,7 +24,9 @@ use crate::chunk::{ChunkName, PlainHash};
 use crate::error::{Error, Result};
 use crate::journal::JournalEntry;
 use crate::replica::blockmap::block_len;
-use crate::replica::point::{PointReader, MERGE_GROUP_BYTES};
+use crate::replica::blockmap::{Layers, PieceRef};
+use crate::replica::point::{resized_last_block, PointReader, MERGE_GROUP_BYTES};
+use crate::replica::pieces::{self, PackWriter, Plan};
 use crate::replica::{BlockMap, MapEntry};
 pub use crate::wire::{MergeReport, PointView};
 use bytes::Bytes;
@@ -83,20 +85,41 @@ impl std::ops::Deref for PinnedReader {
 
 impl PinnedReader {
     /// The point's data blocks in index order, each with its hash when the base map knows it
-    /// (`None` for blocks a log writes: their hash is known once read).
+    /// (`None` for blocks a log writes and for layered blocks: their hash is known once read).
     pub fn data_blocks(&self) -> Vec<(u64, Option<String>)> {
         let touched: BTreeSet<u64> = self.touched().collect();
         let mut out: BTreeMap<u64, Option<String>> = BTreeMap::new();
         for (i, e) in self.base().entries() {
             if let MapEntry::Data { hash, .. } = e {
-                out.insert(i, (!touched.contains(&i)).then(|| hash.to_hex()));
+                let whole = !touched.contains(&i) && !self.base().is_layered(i);
+                out.insert(i, whole.then(|| hash.to_hex()));
             }
+        }
+        for (i, _) in self.base().layered() {
+            out.insert(i, None);
         }
         for i in touched {
             out.insert(i, None);
         }
         out.into_iter().collect()
     }
+}
+
+/// What building a disk's map from a point cost.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapWrite {
+    /// Blocks stored whole (chunks) and blocks given new pieces.
+    pub blocks_whole: u64,
+    pub blocks_layered: u64,
+    /// Bytes of chunks and packs stored (map objects not included).
+    pub bytes_written: u64,
+}
+
+/// One block of [`Replicas::full_map_in`]: stored whole, or (kept pieces, new pieces, block
+/// hash when known).
+enum Built {
+    Whole(u64, crate::chunk::BlockPut),
+    Pieces(u64, Vec<usize>, Vec<pieces::SealedPiece>, Option<PlainHash>),
 }
 
 /// How long a merge's deletion waits for the readers pinned before it. Past that the logs are
@@ -435,46 +458,119 @@ impl Replicas {
         list.clone()
     }
 
-    /// The whole disk at a reader's point as one block map: the blocks its logs touch are read,
-    /// stored as chunks (once each) and put in the base's slots. Returns the map and how many
-    /// blocks were rewritten. Blocks go a group at a time, so each log frame is opened once
-    /// per group rather than once per piece (see [`crate::replica::point`]).
-    pub(crate) async fn full_map(&self, reader: &PinnedReader) -> Result<(BlockMap, u64)> {
+    /// The whole disk at a reader's point as one block map: the blocks its logs touch get
+    /// pieces for the pages the logs wrote ([`crate::replica::pieces`]), or are read and stored
+    /// whole as chunks when [`pieces::plan`] says so (compaction, a whole-block write, the
+    /// short last block of a grown disk), and put in the base's slots. Returns the map and
+    /// what writing it cost. Blocks go a group at a time, so each log frame is opened once per
+    /// group rather than once per piece (see [`crate::replica::point`]). The packs are stored
+    /// before this returns, so a map saved from the result never names a pack that is not there.
+    pub(crate) async fn full_map(&self, reader: &PinnedReader) -> Result<(BlockMap, MapWrite)> {
         self.full_map_in(reader, MERGE_GROUP_BYTES).await
     }
 
     /// [`Replicas::full_map`] with groups of `budget` log bytes.
-    async fn full_map_in(&self, reader: &PinnedReader, budget: u64) -> Result<(BlockMap, u64)> {
+    pub(crate) async fn full_map_in(
+        &self,
+        reader: &PinnedReader,
+        budget: u64,
+    ) -> Result<(BlockMap, MapWrite)> {
         // A grown disk's point: the larger map (its short last block is among the touched).
         let mut map: BlockMap = reader.base().grown(reader.size());
-        let mut rewritten = 0u64;
+        let resized = resized_last_block(reader.base(), reader.size());
+        let chunks = self.catalog.vault().chunks.clone();
+        let mut packs = PackWriter::new(chunks.clone());
+        let mut cost = MapWrite::default();
+        let base = reader.base();
+        let bs = base.block_size();
         for group in reader.groups(budget) {
             let overlay = reader.load(&group).await?;
             let overlay = &overlay;
             let mut results = futures_util::stream::iter(group.iter().copied().map(|i| {
-                let chunks = self.catalog.vault().chunks.clone();
+                let chunks = chunks.clone();
+                let len = block_len(reader.size(), bs, i) as u32;
+                let plan = if Some(i) == resized {
+                    Plan::Whole
+                } else {
+                    let old: Option<&Layers> = base.layers(i).map(|l| l.as_ref());
+                    pieces::plan(len, old, &reader.writes(i))
+                };
                 async move {
-                    let (bytes, hash) = reader.block_with(i, overlay).await?;
-                    let put = chunks.put_block(bytes, Some(hash)).await?;
-                    Ok::<_, Error>((i, put))
+                    let (ranges, kept, need_base) = match plan {
+                        Plan::Whole => {
+                            let (bytes, hash) = reader.block_with(i, overlay).await?;
+                            let put = chunks.put_block(bytes, Some(hash)).await?;
+                            return Ok::<_, Error>(Built::Whole(i, put));
+                        }
+                        Plan::Pieces {
+                            ranges,
+                            kept,
+                            need_base,
+                        } => (ranges, kept, need_base),
+                    };
+                    // Only a page the logs write in part needs the block's current bytes.
+                    let current = match need_base {
+                        true => Some(pieces::read_base(&chunks, base, i, len as usize).await?),
+                        false => None,
+                    };
+                    let mut sealed = Vec::with_capacity(ranges.len());
+                    for (a, e) in ranges {
+                        let mut buf = match &current {
+                            Some(c) => c
+                                .get(a as usize..e as usize)
+                                .ok_or_else(|| Error::internal("a piece past its block"))?
+                                .to_vec(),
+                            None => vec![0u8; (e - a) as usize],
+                        };
+                        reader.paint(i, overlay, &mut buf, a)?;
+                        sealed.push(pieces::seal_piece(&chunks, a, buf).await?);
+                    }
+                    // With the current bytes in hand, the block's new hash costs one pass.
+                    let hash = match current {
+                        Some(mut c) => {
+                            reader.paint(i, overlay, &mut c, 0)?;
+                            Some(chunks.cpu().run(move || PlainHash::of(&c)).await)
+                        }
+                        None => None,
+                    };
+                    Ok(Built::Pieces(i, kept, sealed, hash))
                 }
             }))
             .buffer_unordered(4);
             while let Some(r) = results.next().await {
-                let (i, put) = r?;
-                self.damage.note_stored(&put).await?;
-                let e = match put.name {
-                    Some(name) => MapEntry::Data {
-                        name,
-                        hash: put.hash,
-                    },
-                    None => MapEntry::Zero,
-                };
-                map.set(i, e)?;
+                match r? {
+                    Built::Whole(i, put) => {
+                        self.damage.note_stored(&put).await?;
+                        cost.bytes_written += put.stored_bytes;
+                        let e = match put.name {
+                            Some(name) => MapEntry::Data {
+                                name,
+                                hash: put.hash,
+                            },
+                            None => MapEntry::Zero,
+                        };
+                        map.set(i, e)?;
+                        cost.blocks_whole += 1;
+                    }
+                    Built::Pieces(i, kept, sealed, hash) => {
+                        let old = base.layers(i);
+                        let mut list: Vec<PieceRef> = kept
+                            .iter()
+                            .filter_map(|&k| old.and_then(|l| l.pieces.get(k)).copied())
+                            .collect();
+                        for p in sealed {
+                            list.push(packs.push(p).await?);
+                        }
+                        let e = map.get(i).unwrap_or(MapEntry::Zero);
+                        map.set_layered(i, e, Some(Layers { pieces: list, hash }))?;
+                        cost.blocks_layered += 1;
+                    }
+                }
             }
-            rewritten += group.len() as u64;
         }
-        Ok((map, rewritten))
+        packs.finish().await?;
+        cost.bytes_written += packs.bytes_written();
+        Ok((map, cost))
     }
 
     /// A block map by its root name (cached: maps are immutable).
@@ -508,8 +604,11 @@ impl Replicas {
         }
         let last = d.journal[count - 1].clone();
         let reader = self.point_reader(vm, disk, last.cycle).await?;
-        let (map, touched) = self.full_map(&reader).await?;
-        let root = map.save(&self.catalog.vault().chunks).await?;
+        let (map, cost) = self.full_map(&reader).await?;
+        let touched = cost.blocks_whole + cost.blocks_layered;
+        let (root, map_bytes) = map.save_counted(&self.catalog.vault().chunks).await?;
+        metrics::counter!("drvault_merge_bytes_written_total")
+            .increment(cost.bytes_written + map_bytes);
         let mut rec = d.clone();
         let merged: Vec<_> = rec.journal.drain(..count).collect();
         rec.map_root = Some(root.to_hex());
@@ -588,7 +687,8 @@ impl Replicas {
             // Nothing reads them: gone before the merge returns, as callers may check.
             delete.await;
         }
-        metrics::counter!("drvault_merge_blocks_rewritten_total").increment(touched);
+        metrics::counter!("drvault_merge_blocks_rewritten_total").increment(cost.blocks_whole);
+        metrics::counter!("drvault_merge_blocks_layered_total").increment(cost.blocks_layered);
         tracing::info!(
             vm,
             disk,
@@ -732,6 +832,19 @@ impl Replicas {
                 ),
             )
         })?;
+        if map.is_layered(index) {
+            let len = block_len(d.size, d.block_size, index) as usize;
+            let chunks = &self.catalog.vault().chunks;
+            let data = pieces::read_base(chunks, &map, index, len).await?;
+            let (data, h) = chunks
+                .cpu()
+                .run(move || {
+                    let h = PlainHash::of(&data);
+                    (data, h)
+                })
+                .await;
+            return Ok((Bytes::from(data), h));
+        }
         match entry {
             MapEntry::Zero => {
                 let len = block_len(d.size, d.block_size, index) as usize;

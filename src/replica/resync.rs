@@ -459,7 +459,8 @@ impl Resyncs {
             None => {
                 let latest = async {
                     let reader = self.replicas.point_reader(vm, disk, d.last_cycle()).await?;
-                    Ok::<_, Error>(self.replicas.full_map(&reader).await?.0)
+                    let map = self.replicas.full_map(&reader).await?.0;
+                    self.with_layered_hashes(map).await
                 }
                 .await;
                 let map = match latest {
@@ -485,6 +486,28 @@ impl Resyncs {
         };
         drop(fenced);
         Ok((s, d, base))
+    }
+
+    /// `map` with the hash of every layered block filled in: the comparison needs every
+    /// block's hash, and a layered block's is unknown when merge stored its pieces without
+    /// reading its base. Those blocks are read here, once per session (the base map it saves
+    /// keeps the hashes).
+    async fn with_layered_hashes(&self, mut map: BlockMap) -> Result<BlockMap> {
+        let chunks = &self.catalog.vault().chunks;
+        let unknown: Vec<u64> = map
+            .layered()
+            .filter(|(_, l)| l.hash.is_none())
+            .map(|(i, _)| i)
+            .collect();
+        for i in unknown {
+            let data = super::pieces::read_base(chunks, &map, i, map.block_len(i) as usize).await?;
+            let hash = chunks.cpu().run(move || PlainHash::of(&data)).await;
+            let base = map.get(i).unwrap_or(MapEntry::Zero);
+            let mut layers = map.layers(i).map(|l| (**l).clone()).unwrap_or_default();
+            layers.hash = Some(hash);
+            map.set_layered(i, base, Some(layers))?;
+        }
+        Ok(map)
     }
 
     async fn receipts(
@@ -587,6 +610,11 @@ impl Resyncs {
                 (None, MapEntry::Data { name, .. }) if damage.has_chunk(&name) => {
                     PlainHash(DAMAGED_BLOCK_HASH)
                 }
+                // A layered block: its hash was filled in when the session's base was fixed
+                // (a base without it matches nothing, so the agent sends the block).
+                (None, _) if base.is_layered(i) => base
+                    .content_hash(i)
+                    .unwrap_or(PlainHash(DAMAGED_BLOCK_HASH)),
                 (None, MapEntry::Data { hash, .. }) => hash,
                 (None, MapEntry::Zero) => {
                     let len = block_len(d.size, d.block_size, i);
@@ -623,6 +651,10 @@ impl Resyncs {
             })?,
         };
         let zeros = || vec![0u8; block_len(d.size, d.block_size, index) as usize];
+        if received.is_none() && base.is_layered(index) {
+            let len = block_len(d.size, d.block_size, index) as usize;
+            return super::pieces::read_base(&self.catalog.vault().chunks, base, index, len).await;
+        }
         match entry {
             MapEntry::Zero => Ok(zeros()),
             // Damaged: the agent's patch rebuilds it from nothing (checked by its whole hash).
@@ -908,6 +940,11 @@ pub fn map_digest(map: &BlockMap) -> PlainHash {
     let hashes: Vec<PlainHash> = map
         .entries()
         .map(|(i, e)| match e {
+            // A layered block counts by the hash of what it reads as; unknown, it matches
+            // nothing (resync fills these in before it compares).
+            _ if map.is_layered(i) => map
+                .content_hash(i)
+                .unwrap_or(PlainHash(DAMAGED_BLOCK_HASH)),
             MapEntry::Data { hash, .. } => hash,
             MapEntry::Zero if map.block_len(i) == map.block_size() as u64 => zero_full,
             MapEntry::Zero => PlainHash::of(&vec![0u8; map.block_len(i) as usize]),

@@ -342,6 +342,9 @@ pub struct MapWalk {
     pub roots: BTreeMap<ChunkName, Arc<MapRoot>>,
     /// Segments that opened, with the chunks their entries name.
     pub segments: BTreeMap<ChunkName, Vec<ChunkName>>,
+    /// Segments that opened, with the packs their layered entries' pieces name (only segments
+    /// that name some).
+    pub segment_packs: BTreeMap<ChunkName, Vec<ChunkName>>,
     pub problems: Vec<Problem>,
 }
 
@@ -349,6 +352,12 @@ impl MapWalk {
     /// Every chunk some opened segment names.
     pub fn chunks(&self) -> HashSet<ChunkName> {
         self.segments.values().flatten().copied().collect()
+    }
+
+    /// Every pack some opened segment names: a pack is kept while any live map references
+    /// any piece in it.
+    pub fn packs(&self) -> HashSet<ChunkName> {
+        self.segment_packs.values().flatten().copied().collect()
     }
 
     /// Roots whose segments include `segment`.
@@ -399,15 +408,27 @@ pub async fn walk_maps(
     let mut loads = futures_util::stream::iter(wanted.into_iter().filter_map(|(seg, (r, i))| {
         let root = Arc::clone(roots.get(&r)?);
         let chunks = chunks.clone();
-        Some(async move { (seg, root.load_segment(&chunks, i).await) })
+        Some(async move { (seg, root.load_segment_layered(&chunks, i).await) })
     }))
     .buffer_unordered(16);
     let mut segments = BTreeMap::new();
+    let mut segment_packs = BTreeMap::new();
     let mut problems = Vec::new();
     while let Some((seg, r)) = loads.next().await {
         match r {
-            Ok(entries) => {
-                let names = entries
+            Ok(loaded) => {
+                let mut packs: Vec<ChunkName> = loaded
+                    .layers
+                    .iter()
+                    .flat_map(|(_, l)| l.pieces.iter().filter_map(|p| p.pack))
+                    .collect();
+                packs.sort();
+                packs.dedup();
+                if !packs.is_empty() {
+                    segment_packs.insert(seg, packs);
+                }
+                let names = loaded
+                    .entries
                     .into_iter()
                     .filter_map(|e| match e {
                         MapEntry::Data { name, .. } => Some(name),
@@ -425,6 +446,7 @@ pub async fn walk_maps(
     }
     drop(loads);
     walk.segments = segments;
+    walk.segment_packs = segment_packs;
     walk.problems.extend(problems);
     Ok(walk)
 }
