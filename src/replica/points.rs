@@ -618,8 +618,8 @@ impl Replicas {
             app_consistent: last.app_consistent,
             accepted_unix: last.accepted_unix,
         };
-        let (data_blocks, zero_blocks) = map.entries().fold((0, 0), |(a, z), (_, e)| {
-            if e == MapEntry::Zero {
+        let (data_blocks, zero_blocks) = map.entries().fold((0, 0), |(a, z), (i, e)| {
+            if e == MapEntry::Zero && !map.is_layered(i) {
                 (a, z + 1)
             } else {
                 (a + 1, z)
@@ -1432,10 +1432,10 @@ mod tests {
                 assert!(got[..] == want[..], "{what}: c{c} block {i}");
                 assert!(h.ct_eq(&PlainHash::of(want)));
                 match r.read_block_into(i as u64, vec![0u8; bs], 0).await.unwrap() {
-                    point::ReadInto::Filled { buf, len } => {
+                    crate::replica::point::ReadInto::Filled { buf, len } => {
                         assert!(buf[..len] == want[..], "{what}: c{c} block {i} in place")
                     }
-                    point::ReadInto::Copied { data, .. } => {
+                    crate::replica::point::ReadInto::Copied { data, .. } => {
                         assert!(data[..] == want[..], "{what}: c{c} block {i} copied")
                     }
                 }

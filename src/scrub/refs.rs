@@ -26,7 +26,7 @@ use crate::catalog::{Catalog, DiskState};
 use crate::chunk::{ChunkName, ChunkStore};
 use crate::error::{Error, Result};
 use crate::file_formats::ObjectKind;
-use crate::replica::blockmap::{MapEntry, MapRoot};
+use crate::replica::blockmap::{MapEntry, MapRoot, PieceRef};
 use crate::replica::resync::Resyncs;
 use crate::store::Key;
 use crate::vault::layout::{self, Family};
@@ -345,6 +345,8 @@ pub struct MapWalk {
     /// Segments that opened, with the packs their layered entries' pieces name (only segments
     /// that name some).
     pub segment_packs: BTreeMap<ChunkName, Vec<ChunkName>>,
+    /// Every piece some opened segment names, by pack and offset in it (what verify reads).
+    pub pieces: BTreeMap<ChunkName, BTreeMap<u32, PieceRef>>,
     pub problems: Vec<Problem>,
 }
 
@@ -413,10 +415,19 @@ pub async fn walk_maps(
     .buffer_unordered(16);
     let mut segments = BTreeMap::new();
     let mut segment_packs = BTreeMap::new();
+    let mut pieces: BTreeMap<ChunkName, BTreeMap<u32, PieceRef>> = BTreeMap::new();
     let mut problems = Vec::new();
     while let Some((seg, r)) = loads.next().await {
         match r {
             Ok(loaded) => {
+                for p in loaded.layers.iter().flat_map(|(_, l)| &l.pieces) {
+                    if let Some(pack) = p.pack {
+                        pieces
+                            .entry(pack)
+                            .or_insert_with(BTreeMap::new)
+                            .insert(p.pack_offset, *p);
+                    }
+                }
                 let mut packs: Vec<ChunkName> = loaded
                     .layers
                     .iter()
@@ -447,6 +458,7 @@ pub async fn walk_maps(
     drop(loads);
     walk.segments = segments;
     walk.segment_packs = segment_packs;
+    walk.pieces = pieces;
     walk.problems.extend(problems);
     Ok(walk)
 }
