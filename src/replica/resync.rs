@@ -459,7 +459,9 @@ impl Resyncs {
             None => {
                 let latest = async {
                     let reader = self.replicas.point_reader(vm, disk, d.last_cycle()).await?;
-                    let map = self.replicas.full_map(&reader).await?.0;
+                    let (map, cost) = self.replicas.full_map(&reader).await?;
+                    metrics::counter!("drvault_resync_bytes_written_total")
+                        .increment(cost.bytes_written);
                     self.with_layered_hashes(map).await
                 }
                 .await;
@@ -476,7 +478,9 @@ impl Resyncs {
                     }
                     Err(e) => return Err(e),
                 };
-                let root = map.save(&self.catalog.vault().chunks).await?.to_hex();
+                let (root, map_bytes) = map.save_counted(&self.catalog.vault().chunks).await?;
+                metrics::counter!("drvault_resync_bytes_written_total").increment(map_bytes);
+                let root = root.to_hex();
                 if let Some(x) = s.disks.get_mut(disk) {
                     x.base_root = Some(root.clone());
                 }
@@ -753,6 +757,7 @@ impl Resyncs {
         stage::write_receipt(self.catalog.vault(), &key, &put).await?;
         drop(fenced);
         self.damage.note_stored(&put).await?;
+        metrics::counter!("drvault_resync_bytes_written_total").increment(put.stored_bytes);
         received.lock().await.insert(
             index,
             Receipt {
@@ -813,7 +818,9 @@ impl Resyncs {
             drop(received);
             // The staged map, then the session record that refers to it: one critical section.
             let _fenced = self.catalog.vault().chunks.fence().writer().await;
-            let root = map.save(&self.catalog.vault().chunks).await?.to_hex();
+            let (root, map_bytes) = map.save_counted(&self.catalog.vault().chunks).await?;
+            metrics::counter!("drvault_resync_bytes_written_total").increment(map_bytes);
+            let root = root.to_hex();
             let bytes = self
                 .bytes
                 .lock()
