@@ -1448,7 +1448,7 @@ mod tests {
         use crate::services::testing::{memory, protect, BS};
         let mut layered_seen = 0usize;
         for seed in 1..=5u64 {
-            let mut rng = Rng(seed * 0x9e37_79b9_7f4a_7c15);
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let (s, _vault) = memory().await;
             let blocks = rng.below(12) as usize + 4;
             let initial: Vec<Option<Bytes>> = (0..blocks)
