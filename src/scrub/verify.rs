@@ -125,7 +125,7 @@ pub(super) async fn run(
     crate::util::fill_random(&mut seed);
     let mut mtimes = HashMap::new();
     if since.is_some() {
-        for prefix in ["chunks", "logs"] {
+        for prefix in ["chunks", "packs", "logs"] {
             let k = Key::new(&[prefix]).ok_or_else(|| Error::internal("prefix"))?;
             for l in s.vault.store().list(&k).await? {
                 mtimes.insert(l.key.to_string(), l.modified_ms);
