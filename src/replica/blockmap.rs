@@ -36,9 +36,8 @@ use crate::chunk::seal::SealError;
 use crate::chunk::{ChunkName, ChunkStore, PlainHash};
 use crate::error::{Error, Result};
 use crate::file_formats::{
-    ObjectKind, MAP_ENTRY_LEN, MAP_LAYERED_HEADER, MAP_MAX_PIECES, MAP_PIECE_LEN,
-    MAP_ROOT_DOMAIN, MAP_SEGMENT_DOMAIN, MAP_SEGMENT_ENTRIES, MAP_VERSION, MAP_VERSION_LAYERED,
-    PIECE_ALIGN,
+    ObjectKind, MAP_ENTRY_LEN, MAP_LAYERED_HEADER, MAP_MAX_PIECES, MAP_PIECE_LEN, MAP_ROOT_DOMAIN,
+    MAP_SEGMENT_DOMAIN, MAP_SEGMENT_ENTRIES, MAP_VERSION, MAP_VERSION_LAYERED, PIECE_ALIGN,
 };
 use crate::store::PutOutcome;
 use crate::vault::layout;
@@ -334,7 +333,11 @@ impl BlockMap {
         for s in 0..root.segments.len() {
             let seg = root.load_segment_layered(chunks, s).await?;
             let first = (s * MAP_SEGMENT_ENTRIES) as u64;
-            layers.extend(seg.layers.into_iter().map(|(i, l)| (first + i, Arc::new(l))));
+            layers.extend(
+                seg.layers
+                    .into_iter()
+                    .map(|(i, l)| (first + i, Arc::new(l))),
+            );
             entries.extend(seg.entries);
         }
         Ok(BlockMap {
@@ -517,11 +520,18 @@ fn parse_layers(
             .ok_or("trailer cut short")?;
         pos += n * MAP_PIECE_LEN;
         let len = block_len(index);
-        let pieces: Vec<PieceRef> = body.chunks_exact(MAP_PIECE_LEN).map(PieceRef::read).collect();
+        let pieces: Vec<PieceRef> = body
+            .chunks_exact(MAP_PIECE_LEN)
+            .map(PieceRef::read)
+            .collect();
         for p in &pieces {
-            let aligned = p.at % PIECE_ALIGN == 0
-                && (p.len % PIECE_ALIGN == 0 || p.end() as u64 == len);
-            if p.len == 0 || p.end() as u64 > len || !aligned || (p.pack.is_none() && p.sealed_len != 0) {
+            let aligned =
+                p.at % PIECE_ALIGN == 0 && (p.len % PIECE_ALIGN == 0 || p.end() as u64 == len);
+            if p.len == 0
+                || p.end() as u64 > len
+                || !aligned
+                || (p.pack.is_none() && p.sealed_len != 0)
+            {
                 return Err(format!(
                     "layered entry {index}: piece at {} (+{}) does not fit its {len}-byte block",
                     p.at, p.len

@@ -64,8 +64,8 @@ pub async fn seal_piece(chunks: &ChunkStore, at: u32, data: Vec<u8>) -> Result<S
     let keys = chunks.keys().clone();
     let level = chunks.zstd_level();
     let name_chunks = chunks.clone();
-    let len = u32::try_from(data.len())
-        .map_err(|_| Error::internal("a piece longer than 4 GiB"))?;
+    let len =
+        u32::try_from(data.len()).map_err(|_| Error::internal("a piece longer than 4 GiB"))?;
     chunks
         .cpu()
         .run(move || {
@@ -401,7 +401,9 @@ mod tests {
         );
         // Past half the block, or past the piece count: whole.
         assert_eq!(plan(B, None, &[(0, B / 2 + 4096)]), Plan::Whole);
-        let many: Vec<(u32, u32)> = (0..=COMPACT_PIECES as u32).map(|k| (k * 8192, 4096)).collect();
+        let many: Vec<(u32, u32)> = (0..=COMPACT_PIECES as u32)
+            .map(|k| (k * 8192, 4096))
+            .collect();
         assert_eq!(plan(B, None, &many), Plan::Whole);
         // A short last block: its last page is short too.
         assert_eq!(
@@ -421,9 +423,16 @@ mod tests {
         let mut refs = Vec::new();
         for k in 0..3u8 {
             let data = vec![k + 1; 4096];
-            refs.push(w.push(seal_piece(&cs, k as u32 * 4096, data).await.unwrap()).await.unwrap());
+            refs.push(
+                w.push(seal_piece(&cs, k as u32 * 4096, data).await.unwrap())
+                    .await
+                    .unwrap(),
+            );
         }
-        let zero = w.push(seal_piece(&cs, 0, vec![0u8; 4096]).await.unwrap()).await.unwrap();
+        let zero = w
+            .push(seal_piece(&cs, 0, vec![0u8; 4096]).await.unwrap())
+            .await
+            .unwrap();
         assert!(zero.pack.is_none(), "zeros are not stored");
         w.finish().await.unwrap();
         assert!(w.bytes_written() > 0);
@@ -441,7 +450,13 @@ mod tests {
         let mut raw = cs.store().get(&key).await.unwrap().to_vec();
         raw[refs[2].pack_offset as usize + 40] ^= 1;
         cs.store().put(&key, raw.into()).await.unwrap();
-        assert_eq!(read_piece(&cs, &refs[2]).await.unwrap_err().code(), "corrupt_object");
-        assert!(read_piece(&cs, &refs[1]).await.is_ok(), "other pieces still read");
+        assert_eq!(
+            read_piece(&cs, &refs[2]).await.unwrap_err().code(),
+            "corrupt_object"
+        );
+        assert!(
+            read_piece(&cs, &refs[1]).await.is_ok(),
+            "other pieces still read"
+        );
     }
 }

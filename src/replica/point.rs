@@ -466,7 +466,8 @@ impl PointReader {
             ));
         }
         let len = block_len(self.size, self.base.block_size(), index) as usize;
-        let mut data = crate::replica::pieces::read_base(&self.chunks, &self.base, index, len).await?;
+        let mut data =
+            crate::replica::pieces::read_base(&self.chunks, &self.base, index, len).await?;
         self.paint(index, overlay, &mut data, 0)?;
         let data = Bytes::from(data);
         let d2 = data.clone();
@@ -493,9 +494,10 @@ impl PointReader {
         let Some(segs) = self.segments.get(&index) else {
             return Ok(());
         };
-        let bytes = overlay.blocks.get(&index).ok_or_else(|| {
-            Error::internal(format!("block {index} read without its log bytes"))
-        })?;
+        let bytes = overlay
+            .blocks
+            .get(&index)
+            .ok_or_else(|| Error::internal(format!("block {index} read without its log bytes")))?;
         let (lo, hi) = (dst_at as u64, dst_at as u64 + dst.len() as u64);
         let mut from = 0usize;
         for s in segs {

@@ -25,8 +25,8 @@ use crate::error::{Error, Result};
 use crate::journal::JournalEntry;
 use crate::replica::blockmap::block_len;
 use crate::replica::blockmap::{Layers, PieceRef};
-use crate::replica::point::{resized_last_block, PointReader, MERGE_GROUP_BYTES};
 use crate::replica::pieces::{self, PackWriter, Plan};
+use crate::replica::point::{resized_last_block, PointReader, MERGE_GROUP_BYTES};
 use crate::replica::{BlockMap, MapEntry};
 pub use crate::wire::{MergeReport, PointView};
 use bytes::Bytes;
@@ -1192,7 +1192,11 @@ mod tests {
         let reader = p.replicas.point_reader("vm", "os", 3).await.unwrap();
         for budget in [1, 100_000, 300_000, MERGE_GROUP_BYTES] {
             let (map, n) = p.replicas.full_map_in(&reader, budget).await.unwrap();
-            assert_eq!(n.blocks_whole + n.blocks_layered, 16, "blocks 4 to 19 are written");
+            assert_eq!(
+                n.blocks_whole + n.blocks_layered,
+                16,
+                "blocks 4 to 19 are written"
+            );
             check(map, format!("groups of {budget} bytes")).await;
         }
         drop(reader);
@@ -1344,7 +1348,15 @@ mod tests {
             final_log: false,
         };
         s.ingest
-            .accept_log("h", "vm", "os", &log_id(n).to_string(), meta, Some(len), body)
+            .accept_log(
+                "h",
+                "vm",
+                "os",
+                &log_id(n).to_string(),
+                meta,
+                Some(len),
+                body,
+            )
             .await
             .unwrap();
     }
@@ -1424,7 +1436,11 @@ mod tests {
             .iter()
             .map(|p| p.cycle)
             .collect();
-        assert_eq!(cycles, model.keys().copied().collect::<Vec<_>>(), "{what}: points");
+        assert_eq!(
+            cycles,
+            model.keys().copied().collect::<Vec<_>>(),
+            "{what}: points"
+        );
         for (&c, disk) in model {
             let r = s.replicas.point_reader("vm", "os", c).await.unwrap();
             for (i, want) in disk.chunks(bs).enumerate() {
@@ -1457,7 +1473,11 @@ mod tests {
             protect(&s, "vm", &[("os", initial.clone())]).await;
             let mut disk: Vec<u8> = initial
                 .iter()
-                .flat_map(|b| b.clone().map(|b| b.to_vec()).unwrap_or(vec![0u8; BS as usize]))
+                .flat_map(|b| {
+                    b.clone()
+                        .map(|b| b.to_vec())
+                        .unwrap_or(vec![0u8; BS as usize])
+                })
                 .collect();
             let size = disk.len() as u64;
             let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::from([(0, disk.clone())]);
@@ -1481,7 +1501,8 @@ mod tests {
                         let through = retained[rng.below(retained.len() as u64) as usize];
                         if rng.below(2) == 0 {
                             let r = s.replicas.point_reader("vm", "os", through).await.unwrap();
-                            let budget = [1, 5000, 200_000, MERGE_GROUP_BYTES][rng.below(4) as usize];
+                            let budget =
+                                [1, 5000, 200_000, MERGE_GROUP_BYTES][rng.below(4) as usize];
                             let (map, _) = s.replicas.full_map_in(&r, budget).await.unwrap();
                             for (i, want) in model[&through].chunks(BS as usize).enumerate() {
                                 let chunks = &s.catalog.vault().chunks;
@@ -1513,7 +1534,10 @@ mod tests {
                 check_points(&s, &model, &what).await;
             }
         }
-        assert!(layered_seen > 10, "merges stored pieces ({layered_seen} layered blocks seen)");
+        assert!(
+            layered_seen > 10,
+            "merges stored pieces ({layered_seen} layered blocks seen)"
+        );
     }
 
     /// Bytes a merge of one log of `writes` stores (pieces, chunks and map objects) on a
@@ -1524,10 +1548,17 @@ mod tests {
         let vault = Vault::open(store, Arc::new(KeyRing::random()), CpuPool::new(2), 1)
             .await
             .unwrap();
-        let jobs = crate::jobs::Jobs::load(vault.records.clone()).await.unwrap();
-        let s = Services::load(vault, jobs, crate::tasks::Tasks::new(), Settings::new(BLOCK))
+        let jobs = crate::jobs::Jobs::load(vault.records.clone())
             .await
             .unwrap();
+        let s = Services::load(
+            vault,
+            jobs,
+            crate::tasks::Tasks::new(),
+            Settings::new(BLOCK),
+        )
+        .await
+        .unwrap();
         let size = 64u64 << 20;
         let spec: VmSpec =
             serde_json::from_value(serde_json::json!({"disks": [{"id": "os", "size": size}]}))
@@ -1536,9 +1567,14 @@ mod tests {
         let mut rng = Rng(7);
         let mut hashes = Vec::new();
         for i in 0..16u64 {
-            let b: Vec<u8> = (0..BLOCK / 8).flat_map(|_| rng.next().to_le_bytes()).collect();
+            let b: Vec<u8> = (0..BLOCK / 8)
+                .flat_map(|_| rng.next().to_le_bytes())
+                .collect();
             let h = PlainHash::of(&b);
-            s.ingest.put_block("h", "vm", "os", i, h, Bytes::from(b)).await.unwrap();
+            s.ingest
+                .put_block("h", "vm", "os", i, h, Bytes::from(b))
+                .await
+                .unwrap();
             hashes.push(Some(h));
         }
         let req = CompleteRequest {
@@ -1553,7 +1589,9 @@ mod tests {
         // What it wrote reads back as the point.
         for i in 0..16u64 {
             let chunks = &s.catalog.vault().chunks;
-            let got = pieces::read_base(chunks, &map, i, BLOCK as usize).await.unwrap();
+            let got = pieces::read_base(chunks, &map, i, BLOCK as usize)
+                .await
+                .unwrap();
             assert!(got[..] == r.read_block(i).await.unwrap().0[..], "block {i}");
         }
         (cost.bytes_written + map_bytes, cost)
@@ -1562,9 +1600,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_merge_writes_about_the_bytes_that_changed() {
         let mut rng = Rng(99);
-        let mut noise = |n: usize| -> Vec<u8> {
-            (0..n / 8).flat_map(|_| rng.next().to_le_bytes()).collect()
-        };
+        let mut noise =
+            |n: usize| -> Vec<u8> { (0..n / 8).flat_map(|_| rng.next().to_le_bytes()).collect() };
         // A lone 4 KiB write: one piece and the map's changed segment and root, not a block.
         let (lone, cost) = merge_cost(vec![(5 * (4 << 20) + 40960, noise(4096))]).await;
         eprintln!("lone 4 KiB write: {lone} bytes written by merge ({cost:?})");

@@ -949,9 +949,7 @@ pub fn map_digest(map: &BlockMap) -> PlainHash {
         .map(|(i, e)| match e {
             // A layered block counts by the hash of what it reads as; unknown, it matches
             // nothing (resync fills these in before it compares).
-            _ if map.is_layered(i) => map
-                .content_hash(i)
-                .unwrap_or(PlainHash(DAMAGED_BLOCK_HASH)),
+            _ if map.is_layered(i) => map.content_hash(i).unwrap_or(PlainHash(DAMAGED_BLOCK_HASH)),
             MapEntry::Data { hash, .. } => hash,
             MapEntry::Zero if map.block_len(i) == map.block_size() as u64 => zero_full,
             MapEntry::Zero => PlainHash::of(&vec![0u8; map.block_len(i) as usize]),

@@ -69,7 +69,11 @@ fn a_vault_from_before_pieces_opens_exports_and_merges() {
     let want = |p: &str| expected.iter().find(|e| e.0 == p).unwrap().1.clone();
     let server = Server::start(tmp.path(), Some(NO_BACKGROUND_MERGE));
     for p in ["c1", "c2", "c3"] {
-        assert_eq!(export_sha256(&server, "old", p), want(p), "old vault at {p}");
+        assert_eq!(
+            export_sha256(&server, "old", p),
+            want(p),
+            "old vault at {p}"
+        );
     }
     // Merging c2 stores its changes as pieces over the old base (a sector write widened with
     // base bytes, a page of zeros), in a version-2 map.
@@ -79,14 +83,26 @@ fn a_vault_from_before_pieces_opens_exports_and_merges() {
         "the merge stored pieces in a pack"
     );
     for p in ["c2", "c3"] {
-        assert_eq!(export_sha256(&server, "old", p), want(p), "after merging c2, {p}");
+        assert_eq!(
+            export_sha256(&server, "old", p),
+            want(p),
+            "after merging c2, {p}"
+        );
     }
     server.cli_ok(&["gc", "--grace", "0"]);
     assert_eq!(export_sha256(&server, "old", "c2"), want("c2"), "after gc");
     server.cli_ok(&["merge", "--vm", "old", "--all"]);
-    assert_eq!(export_sha256(&server, "old", "c3"), want("c3"), "after merging all");
+    assert_eq!(
+        export_sha256(&server, "old", "c3"),
+        want("c3"),
+        "after merging all"
+    );
     let v = server.cli(&["verify"]);
-    assert!(v.status.success(), "verify: {}", String::from_utf8_lossy(&v.stdout));
+    assert!(
+        v.status.success(),
+        "verify: {}",
+        String::from_utf8_lossy(&v.stdout)
+    );
 }
 
 /// Writes `writes` into a copy of `from` named `to`.
@@ -111,8 +127,16 @@ fn a_merge_cut_off_after_its_packs_leaves_the_old_content_and_only_garbage() {
     let img: PathBuf = dir.join("os.raw");
     std::fs::write(&img, pseudo_random(1 << 20, 3)).unwrap();
     server.cli_ok(&[
-        "agent", "protect", "--creds", s(&creds), "--vm", "vm", "--disk",
-        &format!("{}:os", img.display()), "--format", "raw",
+        "agent",
+        "protect",
+        "--creds",
+        s(&creds),
+        "--vm",
+        "vm",
+        "--disk",
+        &format!("{}:os", img.display()),
+        "--format",
+        "raw",
     ]);
     // Two logs of scattered 4 KiB writes and one sector write.
     let mut prev = img.clone();
@@ -125,14 +149,30 @@ fn a_merge_cut_off_after_its_packs_leaves_the_old_content_and_only_garbage() {
             .collect();
         changed(&prev, &next, &writes);
         let log = dir.join(format!("c{c}.hrl"));
-        let mut diff = vec!["hrl".to_string(), "diff".into(), s(&prev).into(), s(&next).into()];
+        let mut diff = vec![
+            "hrl".to_string(),
+            "diff".into(),
+            s(&prev).into(),
+            s(&next).into(),
+        ];
         diff.extend(["-o".into(), s(&log).into()]);
         if c > 1 {
-            diff.extend(["--after".into(), s(&dir.join(format!("c{}.hrl", c - 1))).into()]);
+            diff.extend([
+                "--after".into(),
+                s(&dir.join(format!("c{}.hrl", c - 1))).into(),
+            ]);
         }
         server.cli_ok(&diff.iter().map(String::as_str).collect::<Vec<_>>());
         server.cli_ok(&[
-            "agent", "replicate", "--creds", s(&creds), "--vm", "vm", "--disk", "os", "--hrl",
+            "agent",
+            "replicate",
+            "--creds",
+            s(&creds),
+            "--vm",
+            "vm",
+            "--disk",
+            "os",
+            "--hrl",
             s(&log),
         ]);
         images.push(next.clone());
@@ -159,9 +199,15 @@ fn a_merge_cut_off_after_its_packs_leaves_the_old_content_and_only_garbage() {
         .into_iter()
         .filter(|p| packs.contains(p))
         .collect();
-    assert!(left.is_empty(), "unreferenced packs not collected: {left:?}");
+    assert!(
+        left.is_empty(),
+        "unreferenced packs not collected: {left:?}"
+    );
     server.cli_ok(&["merge", "--vm", "vm", "--all"]);
-    assert!(!server.vault_objects("packs").is_empty(), "the merge stored pieces");
+    assert!(
+        !server.vault_objects("packs").is_empty(),
+        "the merge stored pieces"
+    );
     server.export_os_equals("vm", "c2", &images[1], dir);
     server.cli_ok(&["gc", "--grace", "0"]);
     server.export_os_equals("vm", "c2", &images[1], dir);
