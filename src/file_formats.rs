@@ -31,17 +31,20 @@ pub enum ObjectKind {
     Receipt = 5,
     /// One frame of a stored change log.
     LogFrame = 6,
+    /// One piece of a block (a 4 KiB-aligned range), sealed on its own inside a pack.
+    Piece = 7,
 }
 
 impl ObjectKind {
     /// Every kind, in tag order.
-    pub const ALL: [ObjectKind; 6] = [
+    pub const ALL: [ObjectKind; 7] = [
         ObjectKind::Chunk,
         ObjectKind::MapRoot,
         ObjectKind::MapSegment,
         ObjectKind::Record,
         ObjectKind::Receipt,
         ObjectKind::LogFrame,
+        ObjectKind::Piece,
     ];
 
     pub fn from_u8(v: u8) -> Option<ObjectKind> {
@@ -52,6 +55,7 @@ impl ObjectKind {
             4 => ObjectKind::Record,
             5 => ObjectKind::Receipt,
             6 => ObjectKind::LogFrame,
+            7 => ObjectKind::Piece,
             _ => return None,
         })
     }
@@ -65,8 +69,31 @@ pub const FLAG_ZSTD: u8 = 0x01;
 pub const MAP_SEGMENT_ENTRIES: usize = 1024;
 /// Bytes per block-map entry: chunk name (32, all zero for a zero block) + plain BLAKE3 (32).
 pub const MAP_ENTRY_LEN: usize = 64;
-/// Version of the block-map root layout.
+/// Version of the block-map root layout: 1 is whole blocks only (every segment exactly
+/// `entries × MAP_ENTRY_LEN` bytes); 2 adds layered entries (a base plus pieces) in a trailer after a
+/// segment's entries. A map without pieces is still written as version 1.
 pub const MAP_VERSION: u32 = 1;
+pub const MAP_VERSION_LAYERED: u32 = 2;
+/// Bytes per piece reference in a version-2 segment: pack name (32, all zero for a zero piece) ‖
+/// offset in the block u32 ‖ length u32 ‖ offset in the pack u32 ‖ sealed length u32 ‖ plain BLAKE3
+/// of the piece (32).
+pub const MAP_PIECE_LEN: usize = 80;
+/// Header of a layered entry in a version-2 segment trailer: index in the segment u32 ‖ piece
+/// count u32 ‖ plain BLAKE3 of the whole block (32; all zero = not known).
+pub const MAP_LAYERED_HEADER: usize = 40;
+/// Most pieces one layered entry may hold (a bound on what a crafted segment can claim; merge
+/// compacts far earlier, at `COMPACT_PIECES`).
+pub const MAP_MAX_PIECES: usize = 1024;
+
+/// Piece granularity: piece offsets and lengths are multiples of it (except a piece ending at a
+/// short last block's end).
+pub const PIECE_ALIGN: u32 = 4096;
+/// A pack is closed once its sealed pieces reach this size (a few MiB: one PUT carries many
+/// pieces, and a range read fetches one).
+pub const PACK_TARGET_BYTES: usize = 4 * 1024 * 1024;
+/// Prefix of the associated-data name a piece is sealed under: `piece/<64 hex>`, the hex of the
+/// piece's content name (`ChunkName::derive` of its plain BLAKE3 and length).
+pub const PIECE_AAD_PREFIX: &str = "piece/";
 
 /// BLAKE3 `derive_key` contexts (globally unique, hard-coded, application-specific, as BLAKE3
 /// asks). Each derives one 32-byte key from a master key.

@@ -60,6 +60,7 @@
 //! vault/keycheck                          proves the key file opens this vault
 //! chunks/<3 hex>/<64 hex>                 block contents, shared by every disk
 //! maps/<3 hex>/<64 hex>                   block-map roots and segments
+//! packs/<3 hex>/<64 hex>                  sealed pieces of blocks (merge and resync changes)
 //! records/<family>/<id>/v<20 digits>      versioned records: registry, vm, disk, job
 //! stage/<vm>/<disk>/<session>/<index>     receipts of blocks received in a replication session
 //! logs/<vm>/<disk>/<log id>/f<n>, extents frames and extent list of a stored change log

@@ -135,6 +135,11 @@ impl ChunkStore {
         &self.cpu
     }
 
+    /// The zstd level objects are compressed with.
+    pub fn zstd_level(&self) -> i32 {
+        self.zstd_level
+    }
+
     /// The object key of a chunk: `chunks/<first 3 hex>/<64 hex>` (4096 fan-out directories).
     pub fn chunk_key(name: &ChunkName) -> Key {
         let h = name.to_hex();

@@ -263,7 +263,7 @@ async fn walk_for_hits(chunks: &ChunkStore, reg: &DamageRecord, root: &ChunkName
     let wanted: HashSet<&str> = reg
         .objects
         .values()
-        .filter(|o| o.family == ObjectFamily::Chunk)
+        .filter(|o| matches!(o.family, ObjectFamily::Chunk | ObjectFamily::Pack))
         .map(|o| o.key.as_str())
         .collect();
     let mut hits = Vec::new();
@@ -277,9 +277,17 @@ async fn walk_for_hits(chunks: &ChunkStore, reg: &DamageRecord, root: &ChunkName
         if wanted.is_empty() {
             continue;
         }
-        match m.load_segment(chunks, i).await {
-            Ok(entries) => {
-                for e in entries {
+        match m.load_segment_layered(chunks, i).await {
+            Ok(seg) => {
+                for p in seg.layers.iter().flat_map(|(_, l)| &l.pieces) {
+                    if let Some(pack) = p.pack {
+                        let k = layout::pack_object(&pack).to_string();
+                        if wanted.contains(k.as_str()) {
+                            hits.push(k);
+                        }
+                    }
+                }
+                for e in seg.entries {
                     if let MapEntry::Data { name, .. } = e {
                         let k = ChunkStore::chunk_key(&name).to_string();
                         if wanted.contains(k.as_str()) {

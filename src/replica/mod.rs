@@ -1,7 +1,9 @@
 //! Replicas: what a protected disk holds and everything that reads or rewrites it.
 //!
 //! * [`blockmap`]: the base block map (a disk's content at one point), two-level and
-//!   content-addressed; [`patch`]: the block patches resync and failback send.
+//!   content-addressed, whose entries may be layered (a base plus pieces); [`pieces`]: the
+//!   pieces merge stores for blocks that changed in part, sealed and packed many to an object;
+//!   [`patch`]: the block patches resync and failback send.
 //! * [`stage`]: receipts of blocks received for a map not committed yet (initial replication,
 //!   resync).
 //! * [`points`]: recovery points, point readers ([`point`]), merge, and the switch to a
@@ -16,6 +18,7 @@
 pub mod blockmap;
 pub mod damage;
 pub mod patch;
+pub mod pieces;
 pub mod point;
 pub mod points;
 pub mod resync;

@@ -225,7 +225,7 @@ pub struct Overlay {
 pub enum ReadInto {
     /// Read straight into the caller's buffer: `len` bytes from the offset it gave.
     Filled { buf: Vec<u8>, len: usize },
-    /// A block some log patches, or one the base holds as zeros: its bytes as
+    /// A block some log patches, one the base holds as zeros, or a layered one: its bytes as
     /// [`PointReader::read_block`] gives them; the buffer comes back untouched.
     Copied { buf: Vec<u8>, data: Bytes },
 }
@@ -450,61 +450,76 @@ impl PointReader {
         })
     }
 
-    /// A block's content at this point, with its plain hash, from its base content and the log
-    /// bytes `overlay` read for it (which must hold them if a log writes the block). Base
-    /// chunks are verified (tag, name, map hash).
+    /// A block's content at this point, with its plain hash, from its base content (chunk and
+    /// pieces) and the log bytes `overlay` read for it (which must hold them if a log writes the
+    /// block). Base chunks are verified (tag, name, map hash), pieces by their tags and hashes.
     pub async fn block_with(&self, index: u64, overlay: &Overlay) -> Result<(Bytes, PlainHash)> {
-        let entry = match self.base.get(index) {
-            Some(e) => e,
-            // Past the base map but within a grown disk: zeros until a log writes there.
-            None if index < self.blocks() => MapEntry::Zero,
-            None => {
-                return Err(Error::invalid(
-                    "block_out_of_range",
-                    format!(
-                        "block {index} is past the end of the disk ({} blocks)",
-                        self.blocks()
-                    ),
-                ))
-            }
-        };
-        let len = block_len(self.size, self.base.block_size(), index) as usize;
-        let mut data = match entry {
-            MapEntry::Zero => vec![0u8; len],
-            MapEntry::Data { name, hash } => {
-                let (b, h) = self.chunks.get_block(&name).await?;
-                if !h.ct_eq(&hash) {
-                    return Err(Error::Corrupt(SealError::ContentMismatch {
-                        name: name.to_hex(),
-                    }));
-                }
-                let mut v = b.to_vec();
-                // The old short last block of a grown disk: zeros after its bytes.
-                v.resize(len, 0);
-                v
-            }
-        };
-        if let Some(segs) = self.segments.get(&index) {
-            let bytes = overlay.blocks.get(&index).ok_or_else(|| {
-                Error::internal(format!("block {index} read without its log bytes"))
-            })?;
-            let mut from = 0usize;
-            for s in segs {
-                let (at, n) = (s.at as usize, s.len as usize);
-                let (Some(dst), Some(src)) = (data.get_mut(at..at + n), bytes.get(from..from + n))
-                else {
-                    return Err(Error::internal(format!(
-                        "block {index}: a log segment at {at} (+{n}) does not fit"
-                    )));
-                };
-                dst.copy_from_slice(src);
-                from += n;
-            }
+        // Blocks past the base map but within a grown disk read as zeros until a log writes
+        // there (`read_base` gives zeros for them).
+        if index >= self.blocks() {
+            return Err(Error::invalid(
+                "block_out_of_range",
+                format!(
+                    "block {index} is past the end of the disk ({} blocks)",
+                    self.blocks()
+                ),
+            ));
         }
+        let len = block_len(self.size, self.base.block_size(), index) as usize;
+        let mut data =
+            crate::replica::pieces::read_base(&self.chunks, &self.base, index, len).await?;
+        self.paint(index, overlay, &mut data, 0)?;
         let data = Bytes::from(data);
         let d2 = data.clone();
         let hash = self.chunks.cpu().run(move || PlainHash::of(&d2)).await;
         Ok((data, hash))
+    }
+
+    /// The ranges (offset in the block, length) the logs of this point write in block `index`,
+    /// in block order, not overlapping.
+    pub fn writes(&self, index: u64) -> Vec<(u32, u32)> {
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        for s in self.segments.get(&index).into_iter().flatten() {
+            match out.last_mut() {
+                Some((a, n)) if *a + *n == s.at => *n += s.len,
+                _ => out.push((s.at, s.len)),
+            }
+        }
+        out
+    }
+
+    /// Copies the log bytes `overlay` holds for block `index` into `dst`, which stands for the
+    /// block's bytes from offset `dst_at` on (writes outside it are skipped).
+    pub fn paint(&self, index: u64, overlay: &Overlay, dst: &mut [u8], dst_at: u32) -> Result<()> {
+        let Some(segs) = self.segments.get(&index) else {
+            return Ok(());
+        };
+        let bytes = overlay
+            .blocks
+            .get(&index)
+            .ok_or_else(|| Error::internal(format!("block {index} read without its log bytes")))?;
+        let (lo, hi) = (dst_at as u64, dst_at as u64 + dst.len() as u64);
+        let mut from = 0usize;
+        for s in segs {
+            let n = s.len as usize;
+            let (a, b) = ((s.at as u64).max(lo), (s.end() as u64).min(hi));
+            if a < b {
+                let skip = (a - s.at as u64) as usize;
+                let take = (b - a) as usize;
+                let (Some(d), Some(src)) = (
+                    dst.get_mut((a - lo) as usize..(b - lo) as usize),
+                    bytes.get(from + skip..from + skip + take),
+                ) else {
+                    return Err(Error::internal(format!(
+                        "block {index}: a log segment at {} (+{n}) does not fit",
+                        s.at
+                    )));
+                };
+                d.copy_from_slice(src);
+            }
+            from += n;
+        }
+        Ok(())
     }
 
     /// A block's content at this point, with its plain hash. Base chunks are verified (tag,
@@ -548,7 +563,11 @@ impl PointReader {
     /// must hold a whole block from `at` on.
     pub async fn read_block_into(&self, index: u64, buf: Vec<u8>, at: usize) -> Result<ReadInto> {
         let untouched_data = match self.base.get(index) {
-            Some(MapEntry::Data { name, hash }) if !self.is_touched(index) => Some((name, hash)),
+            Some(MapEntry::Data { name, hash })
+                if !self.is_touched(index) && !self.base.is_layered(index) =>
+            {
+                Some((name, hash))
+            }
             _ => None,
         };
         let Some((name, hash)) = untouched_data else {

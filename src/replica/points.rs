@@ -24,7 +24,9 @@ use crate::chunk::{ChunkName, PlainHash};
 use crate::error::{Error, Result};
 use crate::journal::JournalEntry;
 use crate::replica::blockmap::block_len;
-use crate::replica::point::{PointReader, MERGE_GROUP_BYTES};
+use crate::replica::blockmap::{Layers, PieceRef};
+use crate::replica::pieces::{self, PackWriter, Plan};
+use crate::replica::point::{resized_last_block, PointReader, MERGE_GROUP_BYTES};
 use crate::replica::{BlockMap, MapEntry};
 pub use crate::wire::{MergeReport, PointView};
 use bytes::Bytes;
@@ -83,20 +85,41 @@ impl std::ops::Deref for PinnedReader {
 
 impl PinnedReader {
     /// The point's data blocks in index order, each with its hash when the base map knows it
-    /// (`None` for blocks a log writes: their hash is known once read).
+    /// (`None` for blocks a log writes and for layered blocks: their hash is known once read).
     pub fn data_blocks(&self) -> Vec<(u64, Option<String>)> {
         let touched: BTreeSet<u64> = self.touched().collect();
         let mut out: BTreeMap<u64, Option<String>> = BTreeMap::new();
         for (i, e) in self.base().entries() {
             if let MapEntry::Data { hash, .. } = e {
-                out.insert(i, (!touched.contains(&i)).then(|| hash.to_hex()));
+                let whole = !touched.contains(&i) && !self.base().is_layered(i);
+                out.insert(i, whole.then(|| hash.to_hex()));
             }
+        }
+        for (i, _) in self.base().layered() {
+            out.insert(i, None);
         }
         for i in touched {
             out.insert(i, None);
         }
         out.into_iter().collect()
     }
+}
+
+/// What building a disk's map from a point cost.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapWrite {
+    /// Blocks stored whole (chunks) and blocks given new pieces.
+    pub blocks_whole: u64,
+    pub blocks_layered: u64,
+    /// Bytes of chunks and packs stored (map objects not included).
+    pub bytes_written: u64,
+}
+
+/// One block of [`Replicas::full_map_in`]: stored whole, or (kept pieces, new pieces, block
+/// hash when known).
+enum Built {
+    Whole(u64, crate::chunk::BlockPut),
+    Pieces(u64, Vec<usize>, Vec<pieces::SealedPiece>, Option<PlainHash>),
 }
 
 /// How long a merge's deletion waits for the readers pinned before it. Past that the logs are
@@ -435,46 +458,119 @@ impl Replicas {
         list.clone()
     }
 
-    /// The whole disk at a reader's point as one block map: the blocks its logs touch are read,
-    /// stored as chunks (once each) and put in the base's slots. Returns the map and how many
-    /// blocks were rewritten. Blocks go a group at a time, so each log frame is opened once
-    /// per group rather than once per piece (see [`crate::replica::point`]).
-    pub(crate) async fn full_map(&self, reader: &PinnedReader) -> Result<(BlockMap, u64)> {
+    /// The whole disk at a reader's point as one block map: the blocks its logs touch get
+    /// pieces for the pages the logs wrote ([`crate::replica::pieces`]), or are read and stored
+    /// whole as chunks when [`pieces::plan`] says so (compaction, a whole-block write, the
+    /// short last block of a grown disk), and put in the base's slots. Returns the map and
+    /// what writing it cost. Blocks go a group at a time, so each log frame is opened once per
+    /// group rather than once per piece (see [`crate::replica::point`]). The packs are stored
+    /// before this returns, so a map saved from the result never names a pack that is not there.
+    pub(crate) async fn full_map(&self, reader: &PinnedReader) -> Result<(BlockMap, MapWrite)> {
         self.full_map_in(reader, MERGE_GROUP_BYTES).await
     }
 
     /// [`Replicas::full_map`] with groups of `budget` log bytes.
-    async fn full_map_in(&self, reader: &PinnedReader, budget: u64) -> Result<(BlockMap, u64)> {
+    pub(crate) async fn full_map_in(
+        &self,
+        reader: &PinnedReader,
+        budget: u64,
+    ) -> Result<(BlockMap, MapWrite)> {
         // A grown disk's point: the larger map (its short last block is among the touched).
         let mut map: BlockMap = reader.base().grown(reader.size());
-        let mut rewritten = 0u64;
+        let resized = resized_last_block(reader.base(), reader.size());
+        let chunks = self.catalog.vault().chunks.clone();
+        let mut packs = PackWriter::new(chunks.clone());
+        let mut cost = MapWrite::default();
+        let base = reader.base();
+        let bs = base.block_size();
         for group in reader.groups(budget) {
             let overlay = reader.load(&group).await?;
             let overlay = &overlay;
             let mut results = futures_util::stream::iter(group.iter().copied().map(|i| {
-                let chunks = self.catalog.vault().chunks.clone();
+                let chunks = chunks.clone();
+                let len = block_len(reader.size(), bs, i) as u32;
+                let plan = if Some(i) == resized {
+                    Plan::Whole
+                } else {
+                    let old: Option<&Layers> = base.layers(i).map(|l| l.as_ref());
+                    pieces::plan(len, old, &reader.writes(i))
+                };
                 async move {
-                    let (bytes, hash) = reader.block_with(i, overlay).await?;
-                    let put = chunks.put_block(bytes, Some(hash)).await?;
-                    Ok::<_, Error>((i, put))
+                    let (ranges, kept, need_base) = match plan {
+                        Plan::Whole => {
+                            let (bytes, hash) = reader.block_with(i, overlay).await?;
+                            let put = chunks.put_block(bytes, Some(hash)).await?;
+                            return Ok::<_, Error>(Built::Whole(i, put));
+                        }
+                        Plan::Pieces {
+                            ranges,
+                            kept,
+                            need_base,
+                        } => (ranges, kept, need_base),
+                    };
+                    // Only a page the logs write in part needs the block's current bytes.
+                    let current = match need_base {
+                        true => Some(pieces::read_base(&chunks, base, i, len as usize).await?),
+                        false => None,
+                    };
+                    let mut sealed = Vec::with_capacity(ranges.len());
+                    for (a, e) in ranges {
+                        let mut buf = match &current {
+                            Some(c) => c
+                                .get(a as usize..e as usize)
+                                .ok_or_else(|| Error::internal("a piece past its block"))?
+                                .to_vec(),
+                            None => vec![0u8; (e - a) as usize],
+                        };
+                        reader.paint(i, overlay, &mut buf, a)?;
+                        sealed.push(pieces::seal_piece(&chunks, a, buf).await?);
+                    }
+                    // With the current bytes in hand, the block's new hash costs one pass.
+                    let hash = match current {
+                        Some(mut c) => {
+                            reader.paint(i, overlay, &mut c, 0)?;
+                            Some(chunks.cpu().run(move || PlainHash::of(&c)).await)
+                        }
+                        None => None,
+                    };
+                    Ok(Built::Pieces(i, kept, sealed, hash))
                 }
             }))
             .buffer_unordered(4);
             while let Some(r) = results.next().await {
-                let (i, put) = r?;
-                self.damage.note_stored(&put).await?;
-                let e = match put.name {
-                    Some(name) => MapEntry::Data {
-                        name,
-                        hash: put.hash,
-                    },
-                    None => MapEntry::Zero,
-                };
-                map.set(i, e)?;
+                match r? {
+                    Built::Whole(i, put) => {
+                        self.damage.note_stored(&put).await?;
+                        cost.bytes_written += put.stored_bytes;
+                        let e = match put.name {
+                            Some(name) => MapEntry::Data {
+                                name,
+                                hash: put.hash,
+                            },
+                            None => MapEntry::Zero,
+                        };
+                        map.set(i, e)?;
+                        cost.blocks_whole += 1;
+                    }
+                    Built::Pieces(i, kept, sealed, hash) => {
+                        let old = base.layers(i);
+                        let mut list: Vec<PieceRef> = kept
+                            .iter()
+                            .filter_map(|&k| old.and_then(|l| l.pieces.get(k)).copied())
+                            .collect();
+                        for p in sealed {
+                            list.push(packs.push(p).await?);
+                        }
+                        let e = map.get(i).unwrap_or(MapEntry::Zero);
+                        map.set_layered(i, e, Some(Layers { pieces: list, hash }))?;
+                        cost.blocks_layered += 1;
+                    }
+                }
             }
-            rewritten += group.len() as u64;
         }
-        Ok((map, rewritten))
+        packs.finish().await?;
+        cost.bytes_written += packs.bytes_written();
+        Ok((map, cost))
     }
 
     /// A block map by its root name (cached: maps are immutable).
@@ -508,8 +604,11 @@ impl Replicas {
         }
         let last = d.journal[count - 1].clone();
         let reader = self.point_reader(vm, disk, last.cycle).await?;
-        let (map, touched) = self.full_map(&reader).await?;
-        let root = map.save(&self.catalog.vault().chunks).await?;
+        let (map, cost) = self.full_map(&reader).await?;
+        let touched = cost.blocks_whole + cost.blocks_layered;
+        let (root, map_bytes) = map.save_counted(&self.catalog.vault().chunks).await?;
+        metrics::counter!("drvault_merge_bytes_written_total")
+            .increment(cost.bytes_written + map_bytes);
         let mut rec = d.clone();
         let merged: Vec<_> = rec.journal.drain(..count).collect();
         rec.map_root = Some(root.to_hex());
@@ -519,8 +618,8 @@ impl Replicas {
             app_consistent: last.app_consistent,
             accepted_unix: last.accepted_unix,
         };
-        let (data_blocks, zero_blocks) = map.entries().fold((0, 0), |(a, z), (_, e)| {
-            if e == MapEntry::Zero {
+        let (data_blocks, zero_blocks) = map.entries().fold((0, 0), |(a, z), (i, e)| {
+            if e == MapEntry::Zero && !map.is_layered(i) {
                 (a, z + 1)
             } else {
                 (a + 1, z)
@@ -588,7 +687,8 @@ impl Replicas {
             // Nothing reads them: gone before the merge returns, as callers may check.
             delete.await;
         }
-        metrics::counter!("drvault_merge_blocks_rewritten_total").increment(touched);
+        metrics::counter!("drvault_merge_blocks_rewritten_total").increment(cost.blocks_whole);
+        metrics::counter!("drvault_merge_blocks_layered_total").increment(cost.blocks_layered);
         tracing::info!(
             vm,
             disk,
@@ -732,6 +832,19 @@ impl Replicas {
                 ),
             )
         })?;
+        if map.is_layered(index) {
+            let len = block_len(d.size, d.block_size, index) as usize;
+            let chunks = &self.catalog.vault().chunks;
+            let data = pieces::read_base(chunks, &map, index, len).await?;
+            let (data, h) = chunks
+                .cpu()
+                .run(move || {
+                    let h = PlainHash::of(&data);
+                    (data, h)
+                })
+                .await;
+            return Ok((Bytes::from(data), h));
+        }
         match entry {
             MapEntry::Zero => {
                 let len = block_len(d.size, d.block_size, index) as usize;
@@ -1069,22 +1182,21 @@ mod tests {
             let chunks = chunks.clone();
             let raw = raw.clone();
             async move {
-                for (i, e) in map.entries() {
+                for (i, _) in map.entries() {
                     let want = &raw[i as usize * BS..(i as usize + 1) * BS];
-                    match e {
-                        MapEntry::Zero => assert!(want.iter().all(|&x| x == 0), "{what}: {i}"),
-                        MapEntry::Data { name, .. } => {
-                            let (got, _) = chunks.get_block(&name).await.unwrap();
-                            assert!(got[..] == want[..], "{what}: block {i}");
-                        }
-                    }
+                    let got = pieces::read_base(&chunks, &map, i, BS).await.unwrap();
+                    assert!(got[..] == want[..], "{what}: block {i}");
                 }
             }
         };
         let reader = p.replicas.point_reader("vm", "os", 3).await.unwrap();
         for budget in [1, 100_000, 300_000, MERGE_GROUP_BYTES] {
             let (map, n) = p.replicas.full_map_in(&reader, budget).await.unwrap();
-            assert_eq!(n, 16, "blocks 4 to 19 are written");
+            assert_eq!(
+                n.blocks_whole + n.blocks_layered,
+                16,
+                "blocks 4 to 19 are written"
+            );
             check(map, format!("groups of {budget} bytes")).await;
         }
         drop(reader);
@@ -1184,5 +1296,330 @@ mod tests {
         // An operator's merge is not held back by it.
         s.replicas.merge_vm("a", false).await.unwrap();
         assert_eq!(journal("a").await, 1);
+    }
+
+    /// xorshift64*: deterministic test data without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            // Runs of one value: compressible, and never all zeros by chance.
+            let v = self.next() as u8 | 1;
+            let mut out = vec![v; n];
+            for b in out.iter_mut().step_by(97) {
+                *b = self.next() as u8;
+            }
+            out
+        }
+    }
+
+    /// Sends a log of `writes` (disk offset, bytes) with id `n` after `after`, as `cycle`.
+    async fn send_writes(
+        s: &Services,
+        (n, after): (u8, u8),
+        cycle: u64,
+        writes: &[(u64, Vec<u8>)],
+    ) {
+        use crate::services::testing::log_id;
+        let mut w = HrlWriter::in_memory(HrlWriterParams {
+            unique_id: log_id(n),
+            previous_unique_id: log_id(after),
+            timestamp: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        for (off, data) in writes {
+            w.add_write(*off, data).unwrap();
+        }
+        let log = w.finish_to_vec().unwrap();
+        let len = log.len() as u64;
+        let body = futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from(log))]);
+        let meta = LogMeta {
+            cycle: Some(cycle),
+            app_consistent: false,
+            final_log: false,
+        };
+        s.ingest
+            .accept_log(
+                "h",
+                "vm",
+                "os",
+                &log_id(n).to_string(),
+                meta,
+                Some(len),
+                body,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Runs a whole resync of disk "os" to `source` (the agent's side of the protocol, in
+    /// process); returns the cycle it committed.
+    async fn resync_to(s: &Services, source: &[u8]) -> u64 {
+        use crate::replica::patch;
+        use crate::replica::resync::{digest_of, DigestRequest, FineRequest, ResyncRequest};
+        let bs = crate::services::testing::BS as usize;
+        let req = ResyncRequest {
+            now: true,
+            disks: vec![],
+        };
+        s.resyncs.start_resync("vm", &req, "test").await.unwrap();
+        let theirs = s.resyncs.resync_hashes("h", "vm", "os").await.unwrap();
+        let blocks: Vec<&[u8]> = source.chunks(bs).collect();
+        for (i, b) in blocks.iter().enumerate() {
+            if theirs[i * 32..(i + 1) * 32] == PlainHash::of(b).0[..] {
+                continue;
+            }
+            let fine = FineRequest {
+                blocks: vec![i as u64],
+            };
+            let fine = s.resyncs.resync_fine("h", "vm", "os", &fine).await.unwrap();
+            let ranges = patch::differing_ranges(b, &fine);
+            let body = Bytes::from(patch::encode(b, &ranges));
+            s.resyncs
+                .resync_put_patch("h", "vm", "os", i as u64, PlainHash::of(b), body)
+                .await
+                .unwrap();
+        }
+        let hashes: Vec<PlainHash> = blocks.iter().map(|b| PlainHash::of(b)).collect();
+        let done = DigestRequest {
+            digest: digest_of(&hashes).to_hex(),
+        };
+        let done = s
+            .resyncs
+            .resync_complete("h", "vm", "os", &done)
+            .await
+            .unwrap();
+        done.cycle.unwrap()
+    }
+
+    /// Random writes over a disk of `size` bytes: mostly 4 KiB pages, some sector-sized and
+    /// unaligned ones, some across block ends, now and then a whole block or more.
+    fn random_writes(rng: &mut Rng, size: u64) -> Vec<(u64, Vec<u8>)> {
+        let bs = crate::services::testing::BS as u64;
+        (0..rng.below(24) + 1)
+            .map(|_| {
+                let len = match rng.below(10) {
+                    0..=5 => 4096 * (rng.below(3) + 1),
+                    6 | 7 => 512 * (rng.below(9) + 1),
+                    8 => bs - 4096 + 512 * rng.below(24),
+                    _ => bs * (rng.below(2) + 1),
+                }
+                .min(size);
+                let off = match rng.below(3) {
+                    0 => rng.below((size - len) / 512 + 1) * 512,
+                    _ => rng.below((size - len) / 4096 + 1) * 4096,
+                };
+                let data = rng.bytes(len as usize);
+                (off, data)
+            })
+            .collect()
+    }
+
+    /// Checks every retained point of disk "os" against the model, block by block, through
+    /// the copying and the in-place read paths.
+    async fn check_points(s: &Services, model: &BTreeMap<u64, Vec<u8>>, what: &str) {
+        let bs = crate::services::testing::BS as usize;
+        let cycles: Vec<u64> = s
+            .replicas
+            .points("vm")
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.cycle)
+            .collect();
+        assert_eq!(
+            cycles,
+            model.keys().copied().collect::<Vec<_>>(),
+            "{what}: points"
+        );
+        for (&c, disk) in model {
+            let r = s.replicas.point_reader("vm", "os", c).await.unwrap();
+            for (i, want) in disk.chunks(bs).enumerate() {
+                let (got, h) = r.read_block(i as u64).await.unwrap();
+                assert!(got[..] == want[..], "{what}: c{c} block {i}");
+                assert!(h.ct_eq(&PlainHash::of(want)));
+                match r.read_block_into(i as u64, vec![0u8; bs], 0).await.unwrap() {
+                    crate::replica::point::ReadInto::Filled { buf, len } => {
+                        assert!(buf[..len] == want[..], "{what}: c{c} block {i} in place")
+                    }
+                    crate::replica::point::ReadInto::Copied { data, .. } => {
+                        assert!(data[..] == want[..], "{what}: c{c} block {i} copied")
+                    }
+                }
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_logs_resyncs_and_merges_read_as_the_flat_disk_at_every_point() {
+        use crate::services::testing::{memory, protect, BS};
+        let mut layered_seen = 0usize;
+        for seed in 1..=5u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let (s, _vault) = memory().await;
+            let blocks = rng.below(12) as usize + 4;
+            let initial: Vec<Option<Bytes>> = (0..blocks)
+                .map(|_| (rng.below(3) > 0).then(|| Bytes::from(rng.bytes(BS as usize))))
+                .collect();
+            protect(&s, "vm", &[("os", initial.clone())]).await;
+            let mut disk: Vec<u8> = initial
+                .iter()
+                .flat_map(|b| {
+                    b.clone()
+                        .map(|b| b.to_vec())
+                        .unwrap_or(vec![0u8; BS as usize])
+                })
+                .collect();
+            let size = disk.len() as u64;
+            let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::from([(0, disk.clone())]);
+            let (mut next_log, mut prev_log, mut cycle) = (1u8, 0u8, 0u64);
+            for step in 0..14 {
+                let what = format!("seed {seed} step {step}");
+                match rng.below(10) {
+                    0..=5 => {
+                        let writes = random_writes(&mut rng, size);
+                        for (off, data) in &writes {
+                            disk[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+                        }
+                        cycle += 1;
+                        send_writes(&s, (next_log, prev_log), cycle, &writes).await;
+                        (prev_log, next_log) = (next_log, next_log + 1);
+                        model.insert(cycle, disk.clone());
+                    }
+                    6..=8 => {
+                        // Through a random retained point, in groups of a random budget.
+                        let retained: Vec<u64> = model.keys().copied().collect();
+                        let through = retained[rng.below(retained.len() as u64) as usize];
+                        if rng.below(2) == 0 {
+                            let r = s.replicas.point_reader("vm", "os", through).await.unwrap();
+                            let budget =
+                                [1, 5000, 200_000, MERGE_GROUP_BYTES][rng.below(4) as usize];
+                            let (map, _) = s.replicas.full_map_in(&r, budget).await.unwrap();
+                            for (i, want) in model[&through].chunks(BS as usize).enumerate() {
+                                let chunks = &s.catalog.vault().chunks;
+                                let got = pieces::read_base(chunks, &map, i as u64, BS as usize)
+                                    .await
+                                    .unwrap();
+                                assert!(got[..] == want[..], "{what}: map block {i}");
+                            }
+                        }
+                        s.replicas
+                            .merge_vm_through("vm", false, Some(through))
+                            .await
+                            .unwrap();
+                        model.retain(|&c, _| c >= through);
+                        let (_, base) = s.replicas.cached_map("vm", "os").await.unwrap();
+                        layered_seen += base.layered().count();
+                    }
+                    _ => {
+                        for (off, data) in random_writes(&mut rng, size) {
+                            disk[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                        }
+                        cycle = resync_to(&s, &disk).await;
+                        // The chain restarts after a resync: the next log names a new parent.
+                        prev_log = next_log;
+                        next_log += 1;
+                        model.insert(cycle, disk.clone());
+                    }
+                }
+                check_points(&s, &model, &what).await;
+            }
+        }
+        assert!(
+            layered_seen > 10,
+            "merges stored pieces ({layered_seen} layered blocks seen)"
+        );
+    }
+
+    /// Bytes a merge of one log of `writes` stores (pieces, chunks and map objects) on a
+    /// 64 MiB disk of 4 MiB blocks of incompressible data.
+    async fn merge_cost(writes: Vec<(u64, Vec<u8>)>) -> (u64, MapWrite) {
+        const BLOCK: u32 = 4 << 20;
+        let store = Store::open("memory://", &[]).unwrap();
+        let vault = Vault::open(store, Arc::new(KeyRing::random()), CpuPool::new(2), 1)
+            .await
+            .unwrap();
+        let jobs = crate::jobs::Jobs::load(vault.records.clone())
+            .await
+            .unwrap();
+        let s = Services::load(
+            vault,
+            jobs,
+            crate::tasks::Tasks::new(),
+            Settings::new(BLOCK),
+        )
+        .await
+        .unwrap();
+        let size = 64u64 << 20;
+        let spec: VmSpec =
+            serde_json::from_value(serde_json::json!({"disks": [{"id": "os", "size": size}]}))
+                .unwrap();
+        s.catalog.enable("h", "vm", &spec).await.unwrap();
+        let mut rng = Rng(7);
+        let mut hashes = Vec::new();
+        for i in 0..16u64 {
+            let b: Vec<u8> = (0..BLOCK / 8)
+                .flat_map(|_| rng.next().to_le_bytes())
+                .collect();
+            let h = PlainHash::of(&b);
+            s.ingest
+                .put_block("h", "vm", "os", i, h, Bytes::from(b))
+                .await
+                .unwrap();
+            hashes.push(Some(h));
+        }
+        let req = CompleteRequest {
+            data_runs: vec![(0, 16)],
+            digest: disk_digest(&hashes, size, BLOCK).to_hex(),
+        };
+        s.ingest.complete_disk("h", "vm", "os", &req).await.unwrap();
+        send_writes(&s, (1, 0), 1, &writes).await;
+        let r = s.replicas.point_reader("vm", "os", 1).await.unwrap();
+        let (map, cost) = s.replicas.full_map(&r).await.unwrap();
+        let (_, map_bytes) = map.save_counted(&s.catalog.vault().chunks).await.unwrap();
+        // What it wrote reads back as the point.
+        for i in 0..16u64 {
+            let chunks = &s.catalog.vault().chunks;
+            let got = pieces::read_base(chunks, &map, i, BLOCK as usize)
+                .await
+                .unwrap();
+            assert!(got[..] == r.read_block(i).await.unwrap().0[..], "block {i}");
+        }
+        (cost.bytes_written + map_bytes, cost)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_merge_writes_about_the_bytes_that_changed() {
+        let mut rng = Rng(99);
+        let mut noise =
+            |n: usize| -> Vec<u8> { (0..n / 8).flat_map(|_| rng.next().to_le_bytes()).collect() };
+        // A lone 4 KiB write: one piece and the map's changed segment and root, not a block.
+        let (lone, cost) = merge_cost(vec![(5 * (4 << 20) + 40960, noise(4096))]).await;
+        eprintln!("lone 4 KiB write: {lone} bytes written by merge ({cost:?})");
+        assert_eq!((cost.blocks_whole, cost.blocks_layered), (0, 1));
+        assert!(lone < 16 * 1024, "a lone 4 KiB write cost {lone} bytes");
+        // 5% of the disk in scattered 4 KiB pages (distinct pages, so every byte is new).
+        let pages = (64u64 << 20) / 4096;
+        let mut chosen = BTreeSet::new();
+        let mut pick = Rng(5);
+        while chosen.len() < (pages / 20) as usize {
+            chosen.insert(pick.below(pages));
+        }
+        let writes: Vec<(u64, Vec<u8>)> = chosen.iter().map(|&p| (p * 4096, noise(4096))).collect();
+        let changed = writes.len() as u64 * 4096;
+        let (bytes, cost) = merge_cost(writes).await;
+        let ratio = bytes as f64 / changed as f64;
+        eprintln!("5% scattered 4 KiB writes on 64 MiB: {bytes} bytes written for {changed} changed, {ratio:.3} per changed byte ({cost:?})");
+        assert_eq!(cost.blocks_whole, 0, "no block rewritten whole");
+        assert!(ratio <= 1.2, "{ratio} bytes written per changed byte");
     }
 }

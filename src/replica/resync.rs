@@ -469,7 +469,10 @@ impl Resyncs {
             None => {
                 let latest = async {
                     let reader = self.replicas.point_reader(vm, disk, d.last_cycle()).await?;
-                    Ok::<_, Error>(self.replicas.full_map(&reader).await?.0)
+                    let (map, cost) = self.replicas.full_map(&reader).await?;
+                    metrics::counter!("drvault_resync_bytes_written_total")
+                        .increment(cost.bytes_written);
+                    self.with_layered_hashes(map).await
                 }
                 .await;
                 let map = match latest {
@@ -485,7 +488,9 @@ impl Resyncs {
                     }
                     Err(e) => return Err(e),
                 };
-                let root = map.save(&self.catalog.vault().chunks).await?.to_hex();
+                let (root, map_bytes) = map.save_counted(&self.catalog.vault().chunks).await?;
+                metrics::counter!("drvault_resync_bytes_written_total").increment(map_bytes);
+                let root = root.to_hex();
                 if let Some(x) = s.disks.get_mut(disk) {
                     x.base_root = Some(root.clone());
                 }
@@ -495,6 +500,28 @@ impl Resyncs {
         };
         drop(fenced);
         Ok((s, d, base))
+    }
+
+    /// `map` with the hash of every layered block filled in: the comparison needs every
+    /// block's hash, and a layered block's is unknown when merge stored its pieces without
+    /// reading its base. Those blocks are read here, once per session (the base map it saves
+    /// keeps the hashes).
+    async fn with_layered_hashes(&self, mut map: BlockMap) -> Result<BlockMap> {
+        let chunks = &self.catalog.vault().chunks;
+        let unknown: Vec<u64> = map
+            .layered()
+            .filter(|(_, l)| l.hash.is_none())
+            .map(|(i, _)| i)
+            .collect();
+        for i in unknown {
+            let data = super::pieces::read_base(chunks, &map, i, map.block_len(i) as usize).await?;
+            let hash = chunks.cpu().run(move || PlainHash::of(&data)).await;
+            let base = map.get(i).unwrap_or(MapEntry::Zero);
+            let mut layers = map.layers(i).map(|l| (**l).clone()).unwrap_or_default();
+            layers.hash = Some(hash);
+            map.set_layered(i, base, Some(layers))?;
+        }
+        Ok(map)
     }
 
     async fn receipts(
@@ -597,6 +624,11 @@ impl Resyncs {
                 (None, MapEntry::Data { name, .. }) if damage.has_chunk(&name) => {
                     PlainHash(DAMAGED_BLOCK_HASH)
                 }
+                // A layered block: its hash was filled in when the session's base was fixed
+                // (a base without it matches nothing, so the agent sends the block).
+                (None, _) if base.is_layered(i) => base
+                    .content_hash(i)
+                    .unwrap_or(PlainHash(DAMAGED_BLOCK_HASH)),
                 (None, MapEntry::Data { hash, .. }) => hash,
                 (None, MapEntry::Zero) => {
                     let len = block_len(d.size, d.block_size, i);
@@ -633,6 +665,10 @@ impl Resyncs {
             })?,
         };
         let zeros = || vec![0u8; block_len(d.size, d.block_size, index) as usize];
+        if received.is_none() && base.is_layered(index) {
+            let len = block_len(d.size, d.block_size, index) as usize;
+            return super::pieces::read_base(&self.catalog.vault().chunks, base, index, len).await;
+        }
         match entry {
             MapEntry::Zero => Ok(zeros()),
             // Damaged: the agent's patch rebuilds it from nothing (checked by its whole hash).
@@ -731,6 +767,7 @@ impl Resyncs {
         stage::write_receipt(self.catalog.vault(), &key, &put).await?;
         drop(fenced);
         self.damage.note_stored(&put).await?;
+        metrics::counter!("drvault_resync_bytes_written_total").increment(put.stored_bytes);
         received.lock().await.insert(
             index,
             Receipt {
@@ -791,7 +828,9 @@ impl Resyncs {
             drop(received);
             // The staged map, then the session record that refers to it: one critical section.
             let _fenced = self.catalog.vault().chunks.fence().writer().await;
-            let root = map.save(&self.catalog.vault().chunks).await?.to_hex();
+            let (root, map_bytes) = map.save_counted(&self.catalog.vault().chunks).await?;
+            metrics::counter!("drvault_resync_bytes_written_total").increment(map_bytes);
+            let root = root.to_hex();
             let bytes = self
                 .bytes
                 .lock()
@@ -918,6 +957,9 @@ pub fn map_digest(map: &BlockMap) -> PlainHash {
     let hashes: Vec<PlainHash> = map
         .entries()
         .map(|(i, e)| match e {
+            // A layered block counts by the hash of what it reads as; unknown, it matches
+            // nothing (resync fills these in before it compares).
+            _ if map.is_layered(i) => map.content_hash(i).unwrap_or(PlainHash(DAMAGED_BLOCK_HASH)),
             MapEntry::Data { hash, .. } => hash,
             MapEntry::Zero if map.block_len(i) == map.block_size() as u64 => zero_full,
             MapEntry::Zero => PlainHash::of(&vec![0u8; map.block_len(i) as usize]),

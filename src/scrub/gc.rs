@@ -1,7 +1,7 @@
 //! Garbage collection: mark what the records reference, sweep the rest (see the module docs of
 //! [`crate::scrub`] for why this is safe while agents upload).
 //!
-//! Swept prefixes: `chunks/` and `maps/` (content-addressed, shared: unmarked means no map and no
+//! Swept prefixes: `chunks/`, `maps/` and `packs/` (shared: unmarked means no map and no
 //! open session names them), `logs/` (a whole stored log is kept while a journal entry refers to
 //! it or while it is being received), `stage/` (receipts of sessions that are no longer open:
 //! completed, cancelled or replaced). Records and `quarantine/` are never swept.
@@ -101,6 +101,9 @@ pub async fn mark(s: &Scrub) -> Result<Marked> {
     for name in walk.chunks().iter().chain(roots.receipt_chunks.keys()) {
         m.keys.insert(ChunkStore::chunk_key(name).to_string());
     }
+    for name in walk.packs() {
+        m.keys.insert(layout::pack_object(&name).to_string());
+    }
     m.logs = roots.logs.keys().cloned().collect();
     m.logs
         .extend(pinned.into_iter().flat_map(|r| r.log_prefixes));
@@ -119,7 +122,7 @@ pub async fn sweep(
     report: &mut GcReport,
 ) -> Result<()> {
     let store = s.vault.store().clone();
-    for prefix in ["chunks", "maps", "logs", "stage"] {
+    for prefix in ["chunks", "maps", "packs", "logs", "stage"] {
         let p = Key::new(&[prefix]).ok_or_else(|| Error::internal("prefix"))?;
         for l in store.list(&p).await? {
             report.scanned += 1;

@@ -71,6 +71,7 @@ impl ObjectFamily {
             ObjectFamily::Log => "log",
             ObjectFamily::Receipt => "receipt",
             ObjectFamily::Record => "record",
+            ObjectFamily::Pack => "pack",
         }
     }
 
@@ -82,6 +83,7 @@ impl ObjectFamily {
             "logs" => ObjectFamily::Log,
             "stage" => ObjectFamily::Receipt,
             "records" => ObjectFamily::Record,
+            "packs" => ObjectFamily::Pack,
             _ => return None,
         })
     }

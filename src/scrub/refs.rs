@@ -26,7 +26,7 @@ use crate::catalog::{Catalog, DiskState};
 use crate::chunk::{ChunkName, ChunkStore};
 use crate::error::{Error, Result};
 use crate::file_formats::ObjectKind;
-use crate::replica::blockmap::{MapEntry, MapRoot};
+use crate::replica::blockmap::{MapEntry, MapRoot, PieceRef};
 use crate::replica::resync::Resyncs;
 use crate::store::Key;
 use crate::vault::layout::{self, Family};
@@ -342,6 +342,11 @@ pub struct MapWalk {
     pub roots: BTreeMap<ChunkName, Arc<MapRoot>>,
     /// Segments that opened, with the chunks their entries name.
     pub segments: BTreeMap<ChunkName, Vec<ChunkName>>,
+    /// Segments that opened, with the packs their layered entries' pieces name (only segments
+    /// that name some).
+    pub segment_packs: BTreeMap<ChunkName, Vec<ChunkName>>,
+    /// Every piece some opened segment names, by pack and offset in it (what verify reads).
+    pub pieces: BTreeMap<ChunkName, BTreeMap<u32, PieceRef>>,
     pub problems: Vec<Problem>,
 }
 
@@ -349,6 +354,12 @@ impl MapWalk {
     /// Every chunk some opened segment names.
     pub fn chunks(&self) -> HashSet<ChunkName> {
         self.segments.values().flatten().copied().collect()
+    }
+
+    /// Every pack some opened segment names: a pack is kept while any live map references
+    /// any piece in it.
+    pub fn packs(&self) -> HashSet<ChunkName> {
+        self.segment_packs.values().flatten().copied().collect()
     }
 
     /// Roots whose segments include `segment`.
@@ -399,15 +410,36 @@ pub async fn walk_maps(
     let mut loads = futures_util::stream::iter(wanted.into_iter().filter_map(|(seg, (r, i))| {
         let root = Arc::clone(roots.get(&r)?);
         let chunks = chunks.clone();
-        Some(async move { (seg, root.load_segment(&chunks, i).await) })
+        Some(async move { (seg, root.load_segment_layered(&chunks, i).await) })
     }))
     .buffer_unordered(16);
     let mut segments = BTreeMap::new();
+    let mut segment_packs = BTreeMap::new();
+    let mut pieces: BTreeMap<ChunkName, BTreeMap<u32, PieceRef>> = BTreeMap::new();
     let mut problems = Vec::new();
     while let Some((seg, r)) = loads.next().await {
         match r {
-            Ok(entries) => {
-                let names = entries
+            Ok(loaded) => {
+                for p in loaded.layers.iter().flat_map(|(_, l)| &l.pieces) {
+                    if let Some(pack) = p.pack {
+                        pieces
+                            .entry(pack)
+                            .or_insert_with(BTreeMap::new)
+                            .insert(p.pack_offset, *p);
+                    }
+                }
+                let mut packs: Vec<ChunkName> = loaded
+                    .layers
+                    .iter()
+                    .flat_map(|(_, l)| l.pieces.iter().filter_map(|p| p.pack))
+                    .collect();
+                packs.sort();
+                packs.dedup();
+                if !packs.is_empty() {
+                    segment_packs.insert(seg, packs);
+                }
+                let names = loaded
+                    .entries
                     .into_iter()
                     .filter_map(|e| match e {
                         MapEntry::Data { name, .. } => Some(name),
@@ -425,6 +457,8 @@ pub async fn walk_maps(
     }
     drop(loads);
     walk.segments = segments;
+    walk.segment_packs = segment_packs;
+    walk.pieces = pieces;
     walk.problems.extend(problems);
     Ok(walk)
 }

@@ -125,7 +125,7 @@ pub(super) async fn run(
     crate::util::fill_random(&mut seed);
     let mut mtimes = HashMap::new();
     if since.is_some() {
-        for prefix in ["chunks", "logs"] {
+        for prefix in ["chunks", "packs", "logs"] {
             let k = Key::new(&[prefix]).ok_or_else(|| Error::internal("prefix"))?;
             for l in s.vault.store().list(&k).await? {
                 mtimes.insert(l.key.to_string(), l.modified_ms);
@@ -174,6 +174,32 @@ pub(super) async fn run(
         }
     }
     drop(reads);
+
+    // Packs: every piece a live map names, each by its own range read (tag, length, hash).
+    // The first bad piece registers the whole pack: it is quarantined whole, and every map
+    // naming any of its pieces is attributed.
+    for (pack, refs_in) in &walk.pieces {
+        let key = layout::pack_object(pack);
+        if !sel.wants(&key) {
+            continue;
+        }
+        let c = checked.entry(ObjectFamily::Pack).or_default();
+        c.objects += 1;
+        for p in refs_in.values() {
+            match crate::replica::pieces::read_piece(chunks, p).await {
+                Ok(plain) => {
+                    checked.entry(ObjectFamily::Pack).or_default().bytes += plain.len() as u64
+                }
+                Err(e) => {
+                    problems.insert(
+                        key.to_string(),
+                        Problem::classify(&key, ObjectFamily::Pack, e)?,
+                    );
+                    break;
+                }
+            }
+        }
+    }
 
     // Logs: every frame the recorded length implies, each of its length, and the extent list.
     for (log, _) in roots.logs.values() {
@@ -409,6 +435,8 @@ async fn next_step(s: &Scrub, job: &str, done: &str, next: &str) -> Result<()> {
 struct Attribution {
     /// Damaged chunks → segments naming them.
     chunk_segments: HashMap<ChunkName, Vec<ChunkName>>,
+    /// Damaged packs → segments naming pieces in them.
+    pack_segments: HashMap<ChunkName, Vec<ChunkName>>,
     segment_roots: HashMap<ChunkName, Vec<ChunkName>>,
 }
 
@@ -427,6 +455,17 @@ impl Attribution {
                 }
             }
         }
+        let bad_packs: HashSet<ChunkName> = problems
+            .values()
+            .filter(|p| p.family == ObjectFamily::Pack)
+            .filter_map(|p| ChunkName::from_hex(p.key.name()))
+            .collect();
+        let mut pack_segments: HashMap<ChunkName, Vec<ChunkName>> = HashMap::new();
+        for (seg, packs) in &walk.segment_packs {
+            for n in packs.iter().filter(|n| bad_packs.contains(n)) {
+                pack_segments.entry(*n).or_default().push(*seg);
+            }
+        }
         let mut segment_roots: HashMap<ChunkName, Vec<ChunkName>> = HashMap::new();
         for r in walk.roots.values() {
             for seg in r.segments.iter().flatten() {
@@ -435,6 +474,7 @@ impl Attribution {
         }
         Attribution {
             chunk_segments,
+            pack_segments,
             segment_roots,
         }
     }
@@ -456,6 +496,13 @@ impl Attribution {
                 }
                 if let Some(h) = roots.receipt_chunks.get(&n) {
                     hs.extend(h);
+                }
+            }
+            (ObjectFamily::Pack, Some(n)) => {
+                for seg in self.pack_segments.get(&n).into_iter().flatten() {
+                    for r in self.segment_roots.get(seg).into_iter().flatten() {
+                        map_holders(r, &mut hs);
+                    }
                 }
             }
             (ObjectFamily::Map, Some(n)) => {
@@ -539,6 +586,7 @@ impl<'a> Referenced<'a> {
             (Some(ObjectFamily::Map), Some(n)) => {
                 self.walk.roots.contains_key(&n) || self.walk.segments.contains_key(&n)
             }
+            (Some(ObjectFamily::Pack), Some(n)) => self.walk.pieces.contains_key(&n),
             (Some(ObjectFamily::Log), _) => {
                 layout::log_prefix_of(&key).is_some_and(|p| self.roots.logs.contains_key(p))
             }

@@ -5,6 +5,7 @@
 //! vault/keycheck                            sealed; proves the key ring opens this vault
 //! chunks/<3 hex>/<64 hex>                   block contents (content-addressed, shared by all disks)
 //! maps/<3 hex>/<64 hex>                     block-map roots and segments (content-addressed)
+//! packs/<3 hex>/<64 hex>                    packs of sealed block pieces (random names)
 //! records/<family>/<id>/v<20 digits>        versioned records: registry, vm, disk, job
 //! stage/<vm>/<disk>/<session>/<10 digits>   receipts of blocks received in a replication session
 //! logs/<vm>/<disk>/<log id>/f<8 digits>      frames of a change log (1 MiB of the .hrl each)
@@ -28,6 +29,11 @@ pub fn key_check() -> Key {
 pub fn map_object(name: &ChunkName) -> Key {
     let h = name.to_hex();
     key(&["maps", &h[..KEY_FANOUT_HEX], &h])
+}
+
+pub fn pack_object(name: &ChunkName) -> Key {
+    let h = name.to_hex();
+    key(&["packs", &h[..KEY_FANOUT_HEX], &h])
 }
 
 /// Families of versioned records.

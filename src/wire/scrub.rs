@@ -13,6 +13,8 @@ pub enum ObjectFamily {
     Log,
     Receipt,
     Record,
+    /// A pack of sealed block pieces.
+    Pack,
 }
 
 /// Answer to starting a job.
