@@ -75,7 +75,11 @@ pub async fn run(cmd: NetworkCmd, conn: Conn) -> Result<i32> {
                     s.gateway,
                     prefix_len(&s.prefix)?,
                     s.reservations.len(),
-                    if v.isolated { ", isolated: the gateway address only, nothing routed" } else { "" }
+                    if v.isolated {
+                        ", isolated: the gateway address only, nothing routed"
+                    } else {
+                        ""
+                    }
                 );
             }
         }
@@ -157,18 +161,20 @@ impl Host {
 
     /// Runs `program args`; an error says what failed and what the tool printed.
     fn run(&self, program: &str, args: &[&str]) -> Result<()> {
-        let out = self
-            .command(program)
-            .args(args)
-            .output()
-            .with_context(|| format!("cannot run {program} (apt-get install iproute2 dnsmasq-base)"))?;
+        let out = self.command(program).args(args).output().with_context(|| {
+            format!("cannot run {program} (apt-get install iproute2 dnsmasq-base)")
+        })?;
         if !out.status.success() {
             bail!(
                 "{program} {} failed ({}): {}{}",
                 args.join(" "),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim(),
-                if self.netns.is_some() { "" } else { " (bridges and DHCP servers need root)" }
+                if self.netns.is_some() {
+                    ""
+                } else {
+                    " (bridges and DHCP servers need root)"
+                }
             );
         }
         Ok(())
@@ -199,7 +205,13 @@ impl Host {
         }
         self.run(
             "ip",
-            &["addr", "replace", &format!("{}/{len}", s.gateway), "dev", &s.bridge],
+            &[
+                "addr",
+                "replace",
+                &format!("{}/{len}", s.gateway),
+                "dev",
+                &s.bridge,
+            ],
         )?;
         self.run("ip", &["link", "set", "dev", &s.bridge, "up"])?;
         std::fs::create_dir_all(&self.run_dir)
@@ -245,7 +257,10 @@ impl Host {
             format!("--dhcp-option=option:router,{}", s.gateway),
         ];
         if !v.dns.is_empty() {
-            args.push(format!("--dhcp-option=option:dns-server,{}", v.dns.join(",")));
+            args.push(format!(
+                "--dhcp-option=option:dns-server,{}",
+                v.dns.join(",")
+            ));
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         // dnsmasq returns once its daemon is set up, or fails with the reason.
@@ -308,7 +323,11 @@ impl Host {
 
     /// The pid in `pid_file` when that process is a dnsmasq still running.
     fn running_dnsmasq(&self, pid_file: &Path) -> Option<u32> {
-        let pid: u32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+        let pid: u32 = std::fs::read_to_string(pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
         (comm.trim() == "dnsmasq").then_some(pid)
     }

@@ -53,7 +53,11 @@ pub fn qemu_command_with(
 ) -> Result<Vec<String>> {
     let (machine, hardware) = machine_and_disks(def, ovmf_code)?;
     let nics = user_nics(def, host_forwards)?;
-    let mut argv: Vec<String> = vec!["qemu-system-x86_64".into(), "-name".into(), def.name.clone()];
+    let mut argv: Vec<String> = vec![
+        "qemu-system-x86_64".into(),
+        "-name".into(),
+        def.name.clone(),
+    ];
     // KVM when the host has it, else software emulation (qemu tries the accelerators in order).
     argv.extend(["-machine", machine, "-accel", "kvm", "-accel", "tcg"].map(String::from));
     argv.extend(hardware);
@@ -524,10 +528,13 @@ mod tests {
         );
     }
 
-
     /// Runs a generated qemu.sh with stand-ins for `ip` and qemu on PATH: what it asks of the
     /// host, and qemu's argv, one argument a line.
-    fn run_script(script: &str, env: &[(&str, &str)], bridges: &str) -> (i32, String, String, String) {
+    fn run_script(
+        script: &str,
+        env: &[(&str, &str)],
+        bridges: &str,
+    ) -> (i32, String, String, String) {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
@@ -589,14 +596,26 @@ mod tests {
             .map(|l| l.trim_end_matches(" mode tap"))
             .collect();
         assert_eq!(taps.len(), 2, "{ip}");
-        assert!(ip.contains(&format!("link set dev {} master {app} up", taps[0])), "{ip}");
-        assert!(ip.contains(&format!("link set dev {} master {db} up", taps[1])), "{ip}");
+        assert!(
+            ip.contains(&format!("link set dev {} master {app} up", taps[0])),
+            "{ip}"
+        );
+        assert!(
+            ip.contains(&format!("link set dev {} master {db} up", taps[1])),
+            "{ip}"
+        );
         for t in &taps {
-            assert!(ip.contains(&format!("link delete {t}")), "taps removed on exit: {ip}");
+            assert!(
+                ip.contains(&format!("link delete {t}")),
+                "taps removed on exit: {ip}"
+            );
         }
         let argv: Vec<&str> = argv.lines().collect();
         let joined = argv.join(" ");
-        assert!(joined.contains("-machine pc,accel=kvm:tcg -m 1024M -smp 2"), "{joined}");
+        assert!(
+            joined.contains("-machine pc,accel=kvm:tcg -m 1024M -smp 2"),
+            "{joined}"
+        );
         assert!(joined.contains(&format!(
             "-netdev tap,id=nic0,ifname={},script=no,downscript=no -device e1000,netdev=nic0,mac=00:15:5d:01:02:03",
             taps[0]
@@ -605,7 +624,10 @@ mod tests {
             "-netdev tap,id=nic1,ifname={},script=no,downscript=no -device e1000,netdev=nic1,mac=00:15:5d:01:02:04",
             taps[1]
         )), "{joined}");
-        assert!(joined.ends_with("-nographic -display none"), "arguments appended: {joined}");
+        assert!(
+            joined.ends_with("-nographic -display none"),
+            "arguments appended: {joined}"
+        );
 
         // A bridge of one's own, and another accelerator.
         let (rc, ip, argv, err) = run_script(
@@ -622,7 +644,8 @@ mod tests {
         assert_eq!(rc, 1);
         assert!(argv.is_empty());
         assert!(
-            err.contains(&format!("bridge {db} of NIC 1 does not exist")) && err.contains("drvault network up"),
+            err.contains(&format!("bridge {db} of NIC 1 does not exist"))
+                && err.contains("drvault network up"),
             "{err}"
         );
 
@@ -632,5 +655,4 @@ mod tests {
         assert!(ip.is_empty(), "{ip}");
         assert!(argv.contains("user,id=nic0,mac=00:15:5d:01:02:03,model=e1000,net=10.20.1.0/24,host=10.20.1.1,dhcpstart=10.20.1.50,hostname=web01,hostfwd=tcp:0.0.0.0:"), "{argv}");
     }
-
 }

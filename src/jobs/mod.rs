@@ -189,6 +189,9 @@ impl Jobs {
             .ok_or_else(|| Error::not_found("job_not_found", format!("job {id} not found")))?;
         let mut c = self.cache.write().await;
         c.insert(id.to_string(), updated.value.clone());
+        // The write carried the progress: the once-a-second save has nothing left to write
+        // (a record version with nothing new would be a write no one asked for).
+        self.unsaved().remove(id);
         publish_state_gauges(&c);
         Ok(updated.value)
     }

@@ -340,13 +340,9 @@ fn failed_over_vms_boot_from_the_generated_qemu_sh_on_their_target_networks() {
         "first address after the reserved .0-.3"
     );
     assert_eq!(v2["definition"]["nics"][0]["rule"], "next_free");
-    let shown: Value = serde_json::from_str(&server.cli_ok(&[
-        "network",
-        "show",
-        "recovery-vnet",
-        "--json",
-    ]))
-    .unwrap();
+    let shown: Value =
+        serde_json::from_str(&server.cli_ok(&["network", "show", "recovery-vnet", "--json"]))
+            .unwrap();
     let reservations: Vec<(String, String)> = shown["subnets"][0]["reservations"]
         .as_array()
         .unwrap()
