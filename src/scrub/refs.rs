@@ -422,10 +422,7 @@ pub async fn walk_maps(
             Ok(loaded) => {
                 for p in loaded.layers.iter().flat_map(|(_, l)| &l.pieces) {
                     if let Some(pack) = p.pack {
-                        pieces
-                            .entry(pack)
-                            .or_insert_with(BTreeMap::new)
-                            .insert(p.pack_offset, *p);
+                        pieces.entry(pack).or_default().insert(p.pack_offset, *p);
                     }
                 }
                 let mut packs: Vec<ChunkName> = loaded

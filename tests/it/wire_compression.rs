@@ -96,8 +96,8 @@ fn server_peak_rss(server: &Server) -> u64 {
             continue;
         };
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        let ours = args.iter().any(|a| *a == b"serve".as_slice())
-            && args.iter().any(|a| *a == data_dir.as_bytes());
+        let ours =
+            args.iter().any(|a| *a == b"serve".as_slice()) && args.contains(&data_dir.as_bytes());
         if !ours {
             continue;
         }
