@@ -134,35 +134,18 @@ fn open_target(
     };
     let format = format.for_path(path);
     if !path.exists() {
-        if format == SourceFormat::Vhdx {
-            if !full {
-                return Err(err(
-                    "does not exist: give --full to download the whole disk to a new VHDX".into(),
-                ));
-            }
-            let tmp = path.with_extension("drvault-new");
-            let _ = std::fs::remove_file(&tmp);
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(|e| err(format!("creating: {e}")))?;
-            let writer = crate::format::vhdx::VhdxWriter::new(
-                f,
-                size,
-                crate::format::vhdx::write::block_size_for(block_size),
-            )
-            .map_err(|e| err(e.to_string()))?;
-            return Ok((Target::Vhdx { writer, tmp }, true));
-        }
         if !full {
-            return Err(err(
-                "does not exist: give --full to download the whole disk to a new file".into(),
-            ));
+            let what = if format == SourceFormat::Vhdx {
+                "VHDX"
+            } else {
+                "file"
+            };
+            return Err(err(format!(
+                "does not exist: give --full to download the whole disk to a new {what}"
+            )));
         }
-        // Sized and footed under a temporary name, then renamed: an agent killed here leaves
-        // either nothing at PATH or a whole, well-formed empty disk that a rerun fills.
+        // Built under a temporary name, then renamed: an agent killed here leaves either
+        // nothing at PATH or a whole, well-formed disk that a rerun fills.
         let tmp = path.with_extension("drvault-new");
         let _ = std::fs::remove_file(&tmp);
         let f = std::fs::OpenOptions::new()
@@ -171,6 +154,15 @@ fn open_target(
             .create_new(true)
             .open(&tmp)
             .map_err(|e| err(format!("creating: {e}")))?;
+        if format == SourceFormat::Vhdx {
+            let writer = crate::format::vhdx::VhdxWriter::new(
+                f,
+                size,
+                crate::format::vhdx::write::block_size_for(block_size),
+            )
+            .map_err(|e| err(e.to_string()))?;
+            return Ok((Target::Vhdx { writer, tmp }, true));
+        }
         f.set_len(size).map_err(|e| err(format!("sizing: {e}")))?;
         if format == SourceFormat::Vhd {
             let footer = crate::format::vhd::fixed_footer(

@@ -248,23 +248,34 @@ pub fn network_files(
     networks: &NetworkConfig,
     allocations: &Allocations,
 ) -> Vec<(String, String)> {
+    per_target_subnet(def, networks, |host_network, net, sub| {
+        (
+            format!("network-{host_network}.xml"),
+            libvirt_network_xml(net, sub, &dhcp_hosts(allocations, net, sub)),
+        )
+    })
+}
+
+/// `file(host network, network, subnet)` for every target subnet `def`'s NICs attach to, once
+/// each, in NIC order (subnets the config no longer names are left out).
+fn per_target_subnet(
+    def: &VmDefinition,
+    networks: &NetworkConfig,
+    file: impl Fn(&str, &TargetNetwork, &Subnet) -> (String, String),
+) -> Vec<(String, String)> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for n in &def.nics {
         if !seen.insert(n.host_network.as_str()) {
             continue;
         }
-        let Some(net) = networks.network(&n.network) else {
+        let Some((net, sub)) = networks
+            .network(&n.network)
+            .and_then(|net| net.subnet(&n.subnet).map(|sub| (net, sub)))
+        else {
             continue;
         };
-        let Some(sub) = net.subnet(&n.subnet) else {
-            continue;
-        };
-        let hosts = dhcp_hosts(allocations, net, sub);
-        out.push((
-            format!("network-{}.xml", n.host_network),
-            libvirt_network_xml(net, sub, &hosts),
-        ));
+        out.push(file(&n.host_network, net, sub));
     }
     out
 }
@@ -290,24 +301,12 @@ pub fn dhcp_hosts_files(
     networks: &NetworkConfig,
     allocations: &Allocations,
 ) -> Vec<(String, String)> {
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for n in &def.nics {
-        if !seen.insert(n.host_network.as_str()) {
-            continue;
-        }
-        let Some((net, sub)) = networks
-            .network(&n.network)
-            .and_then(|net| net.subnet(&n.subnet).map(|sub| (net, sub)))
-        else {
-            continue;
-        };
-        out.push((
-            format!("dhcp-hosts-{}.conf", n.host_network),
+    per_target_subnet(def, networks, |host_network, net, sub| {
+        (
+            format!("dhcp-hosts-{host_network}.conf"),
             dnsmasq_hosts(&dhcp_hosts(allocations, net, sub)),
-        ));
-    }
-    out
+        )
+    })
 }
 
 #[cfg(test)]

@@ -119,16 +119,7 @@ async fn every_dashboard_query_and_alert_rule_names_a_metric_the_server_exports(
     let host = server.client_with(&Server::host_token(&creds));
     let disk = t.path().join("os.raw");
     raw_image(&disk, MIB, &[(0, 4096)], 1);
-    server.cli_ok(&[
-        "agent",
-        "protect",
-        "--creds",
-        &creds.display().to_string(),
-        "--vm",
-        "web",
-        "--disk",
-        &format!("{}:os", disk.display()),
-    ]);
+    server.protect(&creds, "web", &format!("{}:os", disk.display()), &[]);
     host.heartbeat(&Heartbeat {
         agent_version: "9.9.9-test".into(),
         interval_s: 30,

@@ -66,18 +66,12 @@ fn protected(dir: &Path, endpoint: &str) -> (Server, std::path::PathBuf) {
         ],
         21,
     );
-    server.cli_ok(&[
-        "agent",
-        "protect",
-        "--creds",
-        creds.to_str().unwrap(),
-        "--vm",
+    server.protect(
+        &creds,
         "app",
-        "--disk",
         &format!("{}:d", src.display()),
-        "--generation",
-        "1",
-    ]);
+        &["--generation", "1"],
+    );
     (server, src)
 }
 

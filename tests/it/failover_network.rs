@@ -251,24 +251,21 @@ fn failover(server: &Server, vm: &str, kind: &str) -> (Value, PathBuf) {
 }
 
 fn protect(server: &Server, creds: &str, vm: &str, img: &Path, nic: &str) {
-    server.cli_ok(&[
-        "agent",
-        "protect",
-        "--creds",
-        creds,
-        "--vm",
+    server.protect(
+        Path::new(creds),
         vm,
-        "--disk",
         &format!("{}:os", img.display()),
-        "--generation",
-        "1",
-        "--cpus",
-        "1",
-        "--memory-mib",
-        "256",
-        "--nic",
-        nic,
-    ]);
+        &[
+            "--generation",
+            "1",
+            "--cpus",
+            "1",
+            "--memory-mib",
+            "256",
+            "--nic",
+            nic,
+        ],
+    );
 }
 
 #[test]

@@ -53,18 +53,12 @@ fn protected(dir: &Path) -> (Server, std::path::PathBuf, std::path::PathBuf) {
         ],
         11,
     );
-    server.cli_ok(&[
-        "agent",
-        "protect",
-        "--creds",
-        creds.to_str().unwrap(),
-        "--vm",
+    server.protect(
+        &creds,
         "app",
-        "--disk",
         &format!("{}:d", src.display()),
-        "--generation",
-        "1",
-    ]);
+        &["--generation", "1"],
+    );
     (server, creds, src)
 }
 

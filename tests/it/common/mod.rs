@@ -247,6 +247,17 @@ impl Server {
         out
     }
 
+    /// `drvault agent protect --creds CREDS --vm VM --disk DISK EXTRA…` (DISK as the CLI takes
+    /// it, e.g. `PATH:ID`), which must succeed; its output.
+    pub fn protect(&self, creds: &Path, vm: &str, disk: &str, extra: &[&str]) -> String {
+        let creds = creds.display().to_string();
+        let mut args = vec![
+            "agent", "protect", "--creds", &creds, "--vm", vm, "--disk", disk,
+        ];
+        args.extend_from_slice(extra);
+        self.cli_ok(&args)
+    }
+
     pub fn host_token(creds: &Path) -> String {
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(creds).unwrap()).unwrap();
