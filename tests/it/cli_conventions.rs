@@ -1,0 +1,1 @@
+//! cli_conventions tests (issue 21).

@@ -1,0 +1,1 @@
+//! openapi tests (issue 21).

@@ -1,0 +1,1 @@
+//! roles tests (issue 21).

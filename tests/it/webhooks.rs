@@ -1,0 +1,1 @@
+//! webhooks tests (issue 21).
