@@ -41,12 +41,14 @@
 //!   borgbackup`); the harness does not install software itself.
 
 pub mod baselines;
+pub mod boot;
 pub mod changes;
 pub mod deltas;
 pub mod failover;
 pub mod heartbeats;
 pub mod images;
 pub mod ingest;
+pub mod page_blobs;
 pub mod procstat;
 pub mod report;
 pub mod resync;

@@ -104,11 +104,24 @@ impl SpawnedServer {
         exe: &Path,
         run_dir: &Path,
     ) -> Result<(SpawnedServer, Credentials), BenchError> {
+        SpawnedServer::with_host_config(exe, run_dir, None).await
+    }
+
+    /// [`SpawnedServer::with_host`] with a config (TOML text, written to `run_dir/server.toml`).
+    pub async fn with_host_config(
+        exe: &Path,
+        run_dir: &Path,
+        config: Option<&str>,
+    ) -> Result<(SpawnedServer, Credentials), BenchError> {
+        let config_path = run_dir.join("server.toml");
+        if let Some(text) = config {
+            std::fs::write(&config_path, text).map_err(io_err("writing", &config_path))?;
+        }
         let s = SpawnedServer::start(
             exe,
             &run_dir.join("data"),
             &run_dir.join("server.log"),
-            None,
+            config.map(|_| config_path.as_path()),
         )
         .await?;
         let creds = s.add_host("bench").await?;
@@ -224,15 +237,28 @@ impl Target {
 
     /// Starts a server under `run_dir` (or connects to the existing one).
     pub async fn session(&self, run_dir: &Path) -> Result<RunClients, BenchError> {
+        self.session_with(run_dir, None).await
+    }
+
+    /// [`Target::session`] whose spawned server runs with `config` (TOML text); an existing
+    /// server keeps its own, so a config is refused for one.
+    pub async fn session_with(
+        &self,
+        run_dir: &Path,
+        config: Option<&str>,
+    ) -> Result<RunClients, BenchError> {
         match self {
             Target::Spawn { exe } => {
-                let (s, creds) = SpawnedServer::with_host(exe, run_dir).await?;
+                let (s, creds) = SpawnedServer::with_host_config(exe, run_dir, config).await?;
                 Ok(RunClients {
                     agent: agent_client(&creds)?,
                     operator: s.operator()?,
                     server: Some(s),
                 })
             }
+            Target::Remote { .. } if config.is_some() => Err(BenchError::Invalid(
+                "this figure configures the server it measures (failover target, networks): run it without --creds".into(),
+            )),
             Target::Remote {
                 creds,
                 operator_token,
@@ -267,6 +293,18 @@ impl RunClients {
         path: &Path,
         image: Arc<dyn DiskImage>,
     ) -> Result<ProtectSummary, BenchError> {
+        self.protect_vm(vm, path, image, 2, Vec::new()).await
+    }
+
+    /// Protects `image` as the one disk `disk0` of a new VM of `generation` with `nics`.
+    pub async fn protect_vm(
+        &self,
+        vm: &str,
+        path: &Path,
+        image: Arc<dyn DiskImage>,
+        generation: u8,
+        nics: Vec<crate::wire::NicSpec>,
+    ) -> Result<ProtectSummary, BenchError> {
         let source = DiskSource {
             id: DISK.into(),
             path: path.to_path_buf(),
@@ -274,10 +312,11 @@ impl RunClients {
         };
         let opts = ProtectOptions {
             vm: vm.to_string(),
-            generation: 2,
-            cpus: 2,
-            memory_mib: 2048,
-            nics: Vec::new(),
+            generation,
+            // A generation-1 guest here is the small boot fixture (256 MiB is plenty).
+            cpus: if generation == 1 { 1 } else { 2 },
+            memory_mib: if generation == 1 { 256 } else { 2048 },
+            nics,
             policy: None,
             parallel: 4,
             backoff: quick_backoff(),
