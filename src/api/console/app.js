@@ -465,7 +465,9 @@ function factList(pairs) {
 }
 
 function table(headers, rows, caption) {
-  return el('div', { class: 'table-wrap' }, el('table', {},
+  // A table wider than a phone scrolls inside its box; the box takes keyboard focus so that
+  // it can be scrolled without a mouse even when no cell holds a link or button.
+  return el('div', { class: 'table-wrap', role: 'region', tabindex: 0, 'aria-label': caption ?? headers.join(', ') }, el('table', {},
     caption ? el('caption', { class: 'sr-only' }, caption) : null,
     el('thead', {}, el('tr', {}, headers.map((h) => el('th', { scope: 'col' }, h)))),
     el('tbody', {}, rows)));
@@ -938,7 +940,7 @@ const affectsText = (a) => `${a.vm}/${a.disk}: ${a.points.length ? `points ${a.p
 function damagedObjectsTable(objects, caption) {
   return table(['Object', 'Family', 'Problem', 'Action', 'Found', 'Affected points'], objects.map((o) => el('tr', { 'data-object': o.key },
     el('th', { scope: 'row' }, el('code', {}, o.key)),
-    el('td', {}, o.family), el('td', {}, `${o.problem}: ${o.reason}`), el('td', {}, o.action || '–'),
+    el('td', {}, o.family), el('td', {}, o.reason && o.reason !== o.problem ? `${o.problem}: ${o.reason}` : o.problem), el('td', {}, o.action || '–'),
     el('td', { class: 'num' }, fmtTime(o.found_unix)),
     el('td', {}, o.affects.length ? el('ul', { class: 'affects' }, o.affects.map((a) => el('li', {}, affectsText(a)))) : 'nothing'))), caption);
 }
@@ -1023,7 +1025,7 @@ function failbackView() {
         el('th', { scope: 'row' }, el('a', { href: `#/vms/${encodeURIComponent(vm.name)}` }, vm.name)),
         el('td', {}, stateText(vm.state)),
         el('td', {}, fo ? `${fo.kind}, ${stateText(fo.state)}${fo.point ? ` at ${fo.point}` : ''}` : 'none'),
-        el('td', {}, vm.disks.map((d) => el('div', {}, `${d.id}: ${mine?.synced?.[d.id] ? `synchronized ${fmtTime(mine.synced[d.id].synced_unix)}` : 'not yet'}`))),
+        el('td', {}, vm.state !== 'failed_over' && !mine ? '–' : vm.disks.map((d) => el('div', {}, `${d.id}: ${mine?.synced?.[d.id] ? `synchronized ${fmtTime(mine.synced[d.id].synced_unix)}` : 'not yet'}`))),
         el('td', {}, failback?.committed_unix ? `committed ${fmtTime(failback.committed_unix)}${failback.cycle ? `, as point c${failback.cycle}` : ''}` : failback ? 'in progress' : 'not started'),
         el('td', {}, actionButton('Commit failback', block, {
           'data-action': 'failback_commit', 'data-key': vm.name, 'data-focus': `failback:${vm.name}`,
