@@ -131,7 +131,9 @@ fn console_drives_a_test_failover_in_headless_chromium() {
     // What the other views show: a provider, a plan pausing before its one group, and a second
     // VM whose chunk went missing, found by a verify run.
     server.cli_ok(&["provider", "add", "vmm01", "--cloud", "prod"]);
-    server.cli_ok(&["plan", "create", "web-tier", "--group", "web01", "--pause", "1"]);
+    server.cli_ok(&[
+        "plan", "create", "web-tier", "--group", "web01", "--pause", "1",
+    ]);
     let chunks_before = server.vault_objects("chunks");
     let db = dir.join("db.raw");
     raw_image(&db, 2 * 1024 * 1024, &[(0, 300_000)], 77);
