@@ -7,7 +7,10 @@
 //!   `Authorization: Bearer` on every `/v1/` call, exactly like the CLI. Nothing here reads or
 //!   sets a cookie, so there is no ambient authority to forge requests with.
 //! - Every figure the page shows comes from the API; business rules (health, RPO, thresholds)
-//!   stay on the server. The page only formats, sorts and plots.
+//!   stay on the server. The page only formats, sorts and plots. The one exception is saying
+//!   ahead of time why an action would be refused (the caller's role from `/v1/whoami`, the
+//!   VM's failover state), so a button is disabled with its reason instead of failing after
+//!   its dialog; the server still decides.
 //! - `Content-Security-Policy` allows scripts, styles and fetches from this origin only and no
 //!   inline script or style (charts are SVG elements made with DOM calls), so an injected string
 //!   can neither run nor exfiltrate; `frame-ancestors 'none'` stops click-jacking of the failover

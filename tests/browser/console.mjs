@@ -2,7 +2,11 @@
 //
 // Headless Debian Chromium through playwright-core (no browser download). Environment:
 // DRVAULT_URL, DRVAULT_TOKEN, DRVAULT_VM (a protected VM with a test-network mapping and an
-// app-consistent point c1), DRVAULT_ARTIFACTS (screenshots), CHROMIUM (default /usr/bin/chromium).
+// app-consistent point c1), DRVAULT_HOST (its host), DRVAULT_PROVIDER (a registered provider),
+// DRVAULT_PLAN (a plan failing DRVAULT_VM over after a pause), DRVAULT_DAMAGED_VM (a VM a verify
+// run found a missing chunk of, at its point c0), DRVAULT_ARTIFACTS (screenshots), CHROMIUM
+// (default /usr/bin/chromium). axe-core (node_modules/axe-core) checks every view: any serious or
+// critical violation fails the run, listed.
 // Exits 0 when every step passed; otherwise prints the failing step, saves failure.png, exits 1.
 
 import { chromium } from 'playwright-core';
@@ -13,6 +17,10 @@ import path from 'node:path';
 const url = process.env.DRVAULT_URL;
 const token = process.env.DRVAULT_TOKEN;
 const vm = process.env.DRVAULT_VM;
+const host = process.env.DRVAULT_HOST ?? 'hv';
+const provider = process.env.DRVAULT_PROVIDER ?? 'vmm01';
+const plan = process.env.DRVAULT_PLAN ?? 'web-tier';
+const damagedVm = process.env.DRVAULT_DAMAGED_VM ?? 'db01';
 const artifacts = process.env.DRVAULT_ARTIFACTS ?? 'target/console-artifacts';
 if (!url || !token || !vm) {
   console.error('DRVAULT_URL, DRVAULT_TOKEN and DRVAULT_VM are required');
@@ -36,6 +44,9 @@ const context = await chromium.launchPersistentContext(userDataDir, {
   ignoreHTTPSErrors: true,
   viewport: { width: 1280, height: 720 },
 });
+// axe-core goes in through the DevTools protocol on every document, which the page's CSP does
+// not govern (a <script> tag would be refused by it, as it should be).
+await context.addInitScript({ path: path.resolve('node_modules/axe-core/axe.min.js') });
 const page = context.pages()[0] ?? await context.newPage();
 page.setDefaultTimeout(30_000);
 
@@ -49,6 +60,35 @@ page.on('console', (m) => {
 });
 
 const shot = (name) => page.screenshot({ path: path.join(artifacts, name), fullPage: true });
+
+/** Runs axe-core on the page as shown; serious and critical violations are collected with the
+ *  view's name and fail the run at the end, all of them listed. */
+const axeFindings = [];
+const axeMinor = new Set();
+let axeRuns = 0;
+async function axeCheck(where) {
+  const violations = await page.evaluate(async () => {
+    const r = await window.axe.run(document, { resultTypes: ['violations'] });
+    return r.violations.map((v) => ({ id: v.id, impact: v.impact, help: v.help, nodes: v.nodes.slice(0, 6).map((n) => n.target.join(' ')) }));
+  });
+  axeRuns++;
+  for (const v of violations) {
+    if (v.impact === 'serious' || v.impact === 'critical') axeFindings.push(`${where}: ${v.impact} ${v.id} (${v.help}) at ${v.nodes.join(' | ')}`);
+    else axeMinor.add(`${v.impact} ${v.id}`);
+  }
+}
+
+/** A disabled action button and its reason, in the tooltip and in visible text. */
+async function disabledWithReason(scope, action, reasonPart) {
+  const btn = scope.locator(`button[data-action="${action}"]`);
+  check(await btn.isDisabled(), `${action} button is disabled`);
+  const title = await btn.getAttribute('title');
+  const why = (await scope.locator(`[data-why="${action}"]`).textContent()).trim();
+  check(title && title.includes(reasonPart), `${action} button's title gives the reason "${reasonPart}": ${title}`);
+  check(why === title, `${action}'s reason is visible text too (${why})`);
+  const described = await btn.getAttribute('aria-describedby');
+  check(described && (await page.locator(`#${described}`).textContent()).trim() === why, `${action} button is described by its reason`);
+}
 
 async function noHorizontalOverflow(where) {
   const o = await page.evaluate(() => ({
@@ -65,6 +105,8 @@ try {
   const resp = await page.goto(`${url}/`);
   check(resp.status() === 200, `GET / status ${resp.status()}`);
   await page.locator('#login-form').waitFor();
+  check(await page.evaluate(() => typeof window.axe?.run === 'function'), 'axe-core injected');
+  await axeCheck('login');
 
   log('a wrong token is refused');
   await page.fill('#token', 'drvo_not-the-right-token');
@@ -104,6 +146,13 @@ try {
   check(nic.includes('recovery-vnet/app') && nic.includes('drill-vnet/app'), `NIC mapping shown: ${nic}`);
   await shot('vm-1280.png');
 
+  log('before any failover: commit and cleanup are disabled with their reason, the drill is not');
+  const vmBody = page.locator('#vm-body');
+  await disabledWithReason(vmBody, 'commit', 'only after a planned or unplanned failover; this VM has none');
+  await disabledWithReason(vmBody, 'cleanup', 'no test failover to clean up');
+  check(await page.locator('button[data-action="test"]').isEnabled(), 'test failover allowed for the admin');
+  check(await page.locator('#whoami').textContent() === 'admin (admin)', `whoami shown: ${await page.locator('#whoami').textContent()}`);
+
   log('keyboard: Tab reaches the test failover button with a visible focus ring');
   await page.locator('#vm-title').click();
   let reached = false;
@@ -122,6 +171,7 @@ try {
   const text = await page.locator('#confirm-text').textContent();
   check(/recovery point c1 \(/.test(text), `the dialog names the latest point c1: ${text}`);
   await shot('confirm-1280.png');
+  await axeCheck('confirmation dialog');
   await page.click('#confirm-ok');
   await dialog.waitFor({ state: 'hidden' });
   await page.waitForURL(/#\/jobs\/[0-9a-f-]+$/);
@@ -146,6 +196,77 @@ try {
   await page.locator('#vm-message', { hasText: 'drill successful' }).waitFor();
   await page.locator('#failover-panel', { hasText: 'cleaned up' }).waitFor();
 
+  log(`plans: ${plan} shows its group; run it as a drill, it pauses, Resume continues it`);
+  await page.goto(`${url}/#/plans`);
+  const planPanel = page.locator(`#plans-body [data-plan="${plan}"]`);
+  await planPanel.waitFor();
+  const groupText = await planPanel.locator('li[data-group="1"]').textContent();
+  check(groupText.includes(vm) && groupText.includes('manual action'), `plan group shown: ${groupText}`);
+  await planPanel.locator('select').selectOption('test');
+  await planPanel.locator('button[data-action="plan_run"]').click();
+  await dialog.waitFor({ state: 'visible' });
+  const ptext = await page.locator('#confirm-text').textContent();
+  check(ptext.includes(`plan ${plan} as a test failover`) && ptext.includes(vm), `plan dialog names plan, kind and VMs: ${ptext}`);
+  await page.click('#confirm-ok');
+  await dialog.waitFor({ state: 'hidden' });
+  const started = await page.locator('#plans-message', { hasText: `Plan ${plan} started` }).textContent();
+  const runId = /job ([0-9a-f-]+)/.exec(started)?.[1];
+  check(runId, `plan run's job named: ${started}`);
+  const run = page.locator(`#plans-body tr[data-run="${runId}"]`);
+  await page.locator(`#plans-body tr[data-run="${runId}"][data-state="waiting_for_input"]`).waitFor({ timeout: 60_000 });
+  await shot('plans-1280.png');
+  await axeCheck('plans (a run paused)');
+  await run.locator('button[data-action="job_resume"]').click();
+  await page.locator(`#plans-body tr[data-run="${runId}"][data-state="succeeded"]`).waitFor({ timeout: 120_000 });
+  check((await run.textContent()).includes(`fail over ${vm}: succeeded`), `the run's steps shown: ${await run.textContent()}`);
+
+  log('the plan\'s drill is up: a new failover is refused before the dialog; clean it up');
+  await page.goto(`${url}/#/vms/${encodeURIComponent(vm)}`);
+  await page.locator('#failover-panel', { hasText: 'succeeded' }).waitFor();
+  await disabledWithReason(vmBody, 'test', 'the test failover is still up: clean it up first');
+  await disabledWithReason(vmBody, 'commit', 'a test failover is cleaned up, not committed');
+  await page.click('button[data-action="cleanup"]');
+  await dialog.waitFor({ state: 'visible' });
+  await page.click('#confirm-ok');
+  await page.locator('#failover-panel', { hasText: 'cleaned up' }).waitFor();
+
+  log('hosts and providers');
+  await page.goto(`${url}/#/hosts`);
+  const hostRow = page.locator(`#hosts-body tr[data-host="${host}"]`);
+  await hostRow.waitFor();
+  check(await hostRow.locator(`a[href="#/vms/${vm}"]`).count() === 1, 'the host lists its VM as a link');
+  check((await hostRow.textContent()).includes('never'), `a host without heartbeats shows no last contact: ${await hostRow.textContent()}`);
+  await page.locator(`#hosts-body tr[data-provider="${provider}"]`).waitFor();
+  await shot('hosts-1280.png');
+
+  log('verify: the run found the missing chunk and the point that needs it');
+  await page.goto(`${url}/#/verify`);
+  await page.locator('#verify-report[data-clean="false"]').waitFor();
+  await page.locator(`#verify-report tr[data-damaged-point="${damagedVm}/c0"]`).waitFor();
+  const affected = await page.locator('#verify-report [data-object] .affects').first().textContent();
+  check(affected.includes(`${damagedVm}/os: points c0`), `affected points shown: ${affected}`);
+  const register = await page.locator('#verify-body > .table-wrap [data-object]').first().textContent();
+  check(register.includes('missing') && register.includes(`${damagedVm}/os`), `damage register shown: ${register}`);
+  await shot('verify-1280.png');
+
+  log('failback: nothing to fail back, the commit button says why');
+  await page.goto(`${url}/#/failback`);
+  const fbRow = page.locator(`#failback-body tr[data-failback-vm="${vm}"]`);
+  await fbRow.waitFor();
+  check((await fbRow.textContent()).includes('test, cleaned up at c1'), `failover state shown: ${await fbRow.textContent()}`);
+  await disabledWithReason(fbRow, 'failback_commit', 'only after a committed planned or unplanned failover');
+  await shot('failback-1280.png');
+
+  log('audit log (or the notice that this server keeps none)');
+  await page.goto(`${url}/#/audit`);
+  await page.locator('#audit-none, #audit-body tr[data-seq]').first().waitFor();
+  if (await page.locator('#audit-none').count()) {
+    check((await page.locator('#audit-none').textContent()).includes('No audit log on this server'), 'no-audit notice');
+  } else {
+    check((await page.locator('#audit-body').textContent()).includes('failover'), 'the drills are in the audit log');
+  }
+  await shot('audit-1280.png');
+
   log('throughput plots from /metrics');
   await page.goto(`${url}/#/throughput`);
   await page.locator('#throughput-plots svg[data-plot="ingest"]').waitFor();
@@ -167,10 +288,16 @@ try {
       [`#/vms/${encodeURIComponent(vm)}`, '#timeline svg'],
       ['#/jobs', '#jobs-table tr[data-job-id]'],
       ['#/throughput', '#throughput-plots svg'],
+      ['#/hosts', `#hosts-body tr[data-host="${host}"]`],
+      ['#/plans', `#plans-body [data-plan="${plan}"]`],
+      ['#/verify', '#verify-report'],
+      ['#/failback', `#failback-body tr[data-failback-vm="${vm}"]`],
+      ['#/audit', '#audit-none, #audit-body tr[data-seq]'],
     ]) {
       await page.goto(`${url}/${hash}`);
       await page.locator(ready).first().waitFor();
       await noHorizontalOverflow(`${hash} at ${w}x${h}`);
+      await axeCheck(`${hash} at ${w}x${h}`);
     }
     if (w === 390) {
       await page.goto(`${url}/#/vms/${encodeURIComponent(vm)}`);
@@ -181,6 +308,51 @@ try {
       await shot('vms-390.png');
     }
   }
+
+  log('role rules as the page computes them (the module\'s own functions)');
+  const unit = await page.evaluate(async () => {
+    const m = await import('/console/app.js');
+    const vmP = { state: 'protected', disks: [{ id: 'os' }] };
+    const points = [{ id: 'c1' }];
+    const committed = { id: 'f1', kind: 'planned', state: 'committed', job: 'j' };
+    return {
+      viewerDrill: m.actionBlock('test', { role: 'viewer', vm: vmP, points }),
+      operatorDrill: m.actionBlock('test', { role: 'operator', vm: vmP, points }),
+      viewerVerify: m.roleBlock('verify', 'viewer'),
+      operatorVerify: m.roleBlock('verify', 'operator'),
+      unknownRole: m.roleBlock('plan_run', 'nobody'),
+      adminCommitBefore: m.actionBlock('commit', { role: 'admin', vm: vmP, points }),
+      commitAfter: m.actionBlock('commit', { role: 'operator', vm: vmP, points, fo: { ...committed, state: 'succeeded' } }),
+      failbackUnsynced: m.failbackBlock({ vm: { ...vmP, state: 'failed_over' }, fo: committed, failback: null }),
+      failbackSynced: m.failbackBlock({ vm: { ...vmP, state: 'failed_over' }, fo: committed, failback: { failover: 'f1', synced: { os: { digest: 'd', synced_unix: 1 } } } }),
+      viewerFailback: m.roleBlock('failback_commit', 'viewer'),
+    };
+  });
+  check(unit.viewerDrill === 'needs the operator role; this session is viewer', `viewer drill: ${unit.viewerDrill}`);
+  check(unit.operatorDrill === null && unit.operatorVerify === null && unit.commitAfter === null, `operator allowed: ${JSON.stringify(unit)}`);
+  check(unit.viewerVerify?.includes('operator') && unit.unknownRole?.includes('operator') && unit.viewerFailback?.includes('operator'), `viewer refused: ${JSON.stringify(unit)}`);
+  check(unit.adminCommitBefore?.startsWith('only after a planned or unplanned failover'), `commit before failover: ${unit.adminCommitBefore}`);
+  check(unit.failbackUnsynced?.startsWith('no disk synchronized yet') && unit.failbackSynced === null, `failback rules: ${JSON.stringify(unit)}`);
+
+  log('a viewer session (whoami answered as for a viewer account): the drill button says why not');
+  await page.setViewportSize({ width: 1280, height: 720 });
+  await page.route('**/v1/whoami', (r) => r.fulfill({ status: 200, contentType: 'application/json',
+    body: JSON.stringify({ account: 'auditor', role: 'viewer', expires_at: null }) }));
+  await page.goto(`${url}/#/vms/${encodeURIComponent(vm)}`);
+  await page.reload();
+  await page.locator('#whoami', { hasText: 'auditor (viewer)' }).waitFor();
+  await page.locator('button[data-action="test"]').waitFor();
+  await disabledWithReason(vmBody, 'test', 'needs the operator role; this session is viewer');
+  await disabledWithReason(vmBody, 'resync', 'needs the operator role');
+  await shot('vm-viewer-1280.png');
+  await axeCheck('VM page as a viewer');
+  await page.goto(`${url}/#/plans`);
+  await disabledWithReason(page.locator(`#plans-body [data-plan="${plan}"]`), 'plan_run', 'needs the operator role');
+  await page.unroute('**/v1/whoami');
+
+  check(axeRuns >= 22, `axe ran on every view (${axeRuns} runs)`);
+  check(axeFindings.length === 0, `axe-core found serious or critical violations:\n${axeFindings.join('\n')}`);
+  console.log(`[console.mjs] axe-core: ${axeRuns} runs, no serious or critical violation; lesser ones: ${[...axeMinor].join(', ') || 'none'}`);
 
   log('log out forgets the token');
   await page.click('#logout');

@@ -2,11 +2,15 @@
 //! (`tests/browser/console.mjs`) against a real server with a protected VM. The script logs in
 //! (after a wrong token is refused), reads the VM's health, opens its page, starts a test
 //! failover through the confirmation dialog, watches the job succeed in the Jobs view, cleans the
-//! drill up, plots throughput, checks both viewports for horizontal overflow and keyboard reach,
-//! and saves screenshots in `target/console-artifacts/` (or `$DRVAULT_ARTIFACTS`).
+//! drill up, runs a recovery plan that pauses and resumes it, shows hosts and providers, the
+//! verify run that found a missing chunk with the point it damaged, failback state and the audit
+//! log, checks that actions not allowed are disabled with their reason (by state, and by role
+//! for a viewer session), runs axe-core on every view, plots throughput, checks both viewports
+//! for horizontal overflow and keyboard reach, and saves screenshots in
+//! `target/console-artifacts/` (or `$DRVAULT_ARTIFACTS`).
 //!
-//! Needs `/usr/bin/chromium` (or `$CHROMIUM`), `node` and `node_modules/playwright-core`
-//! (`npm ci`); `.ci/run` installs all three. Without them the test fails when `CI` is set and
+//! Needs `/usr/bin/chromium` (or `$CHROMIUM`), `node`, `node_modules/playwright-core` and
+//! `node_modules/axe-core` (`npm ci`); `.ci/run` installs them. Without them the test fails when `CI` is set and
 //! is skipped with a notice otherwise.
 
 use crate::common;
@@ -37,6 +41,9 @@ fn missing_tools(repo: &Path, chromium: &Path) -> Vec<String> {
         .exists()
     {
         missing.push("node_modules/playwright-core (npm ci)".into());
+    }
+    if !repo.join("node_modules/axe-core/axe.min.js").exists() {
+        missing.push("node_modules/axe-core (npm ci)".into());
     }
     missing
 }
@@ -121,6 +128,30 @@ fn console_drives_a_test_failover_in_headless_chromium() {
         "--app-consistent",
     ]);
 
+    // What the other views show: a provider, a plan pausing before its one group, and a second
+    // VM whose chunk went missing, found by a verify run.
+    server.cli_ok(&["provider", "add", "vmm01", "--cloud", "prod"]);
+    server.cli_ok(&[
+        "plan", "create", "web-tier", "--group", "web01", "--pause", "1",
+    ]);
+    let chunks_before = server.vault_objects("chunks");
+    let db = dir.join("db.raw");
+    raw_image(&db, 2 * 1024 * 1024, &[(0, 300_000)], 77);
+    server.protect(&creds, "db01", &format!("{}:os", db.display()), &[]);
+    let lost = server
+        .vault_objects("chunks")
+        .into_iter()
+        .find(|k| !chunks_before.contains(k))
+        .expect("db01 stored a chunk of its own");
+    std::fs::remove_file(server.data_dir.join("vault").join(&lost)).unwrap();
+    let verify = server.cli(&["verify"]);
+    assert_eq!(
+        verify.status.code(),
+        Some(2),
+        "verify reports the damage: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+
     let artifacts = std::env::var_os("DRVAULT_ARTIFACTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join("target/console-artifacts"));
@@ -130,6 +161,10 @@ fn console_drives_a_test_failover_in_headless_chromium() {
         .env("DRVAULT_URL", &server.url)
         .env("DRVAULT_TOKEN", &server.token)
         .env("DRVAULT_VM", "web01")
+        .env("DRVAULT_HOST", "hv")
+        .env("DRVAULT_PROVIDER", "vmm01")
+        .env("DRVAULT_PLAN", "web-tier")
+        .env("DRVAULT_DAMAGED_VM", "db01")
         .env("DRVAULT_ARTIFACTS", &artifacts)
         .env("CHROMIUM", &chromium)
         .output()
@@ -145,7 +180,8 @@ fn console_drives_a_test_failover_in_headless_chromium() {
     );
     println!("{stdout}");
 
-    // What the page did, as the server saw it: one drill, run and cleaned up successfully.
+    // What the page did, as the server saw it: the plan's drill (the latest), run and cleaned up
+    // successfully, and the plan's run resumed to success.
     let v: Value =
         serde_json::from_str(&server.cli_ok(&["failover", "show", "--vm", "web01", "--json"]))
             .unwrap();
@@ -153,7 +189,27 @@ fn console_drives_a_test_failover_in_headless_chromium() {
     assert_eq!(v["record"]["point"], "c1", "the point the dialog named");
     assert_eq!(v["record"]["state"], "cleaned_up");
     assert_eq!(v["record"]["drill_successful"], true);
-    for shot in ["vms-1280.png", "vm-1280.png", "jobs-1280.png", "vm-390.png"] {
+    let jobs: Value = serde_json::from_str(&server.cli_ok(&["jobs", "--json"])).unwrap();
+    let plan_runs: Vec<&Value> = jobs
+        .as_array()
+        .expect("a job list")
+        .iter()
+        .filter(|j| j["kind"] == "recovery_plan")
+        .collect();
+    assert_eq!(plan_runs.len(), 1, "one plan run: {plan_runs:?}");
+    assert_eq!(plan_runs[0]["state"], "succeeded");
+    for shot in [
+        "vms-1280.png",
+        "vm-1280.png",
+        "jobs-1280.png",
+        "vm-390.png",
+        "plans-1280.png",
+        "hosts-1280.png",
+        "verify-1280.png",
+        "failback-1280.png",
+        "audit-1280.png",
+        "vm-viewer-1280.png",
+    ] {
         let p = artifacts.join(shot);
         assert!(
             std::fs::metadata(&p)

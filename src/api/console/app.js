@@ -122,12 +122,136 @@ async function api(path, { method = 'GET', body, logoutOn401 = true } = {}) {
   return resp.status === 204 ? null : resp.json();
 }
 
+// ---------- roles and what each action needs ----------
+
+const ROLE_RANK = { viewer: 0, operator: 1, admin: 2 };
+
+/** The role each console action needs (the server's role matrix: operators run failovers of
+ *  every kind, commit, cleanup, resync, failback, plans, resume and verify). The server still
+ *  decides; this only says so before the dialog instead of after it. */
+export const ACTION_ROLE = {
+  test: 'operator', cleanup: 'operator', planned: 'operator', unplanned: 'operator',
+  commit: 'operator', resync: 'operator', failback_commit: 'operator', plan_run: 'operator',
+  job_resume: 'operator', verify: 'operator',
+};
+
+/** Who this session is (`GET /v1/whoami`). A server without that route predates accounts:
+ *  its one operator token can do everything, as the admin account can. */
+let whoami = { account: 'admin', role: 'admin', expires_at: null };
+
+async function loadWhoami() {
+  try {
+    whoami = await api('/v1/whoami', { logoutOn401: false });
+  } catch (e) {
+    if (e.status !== 404) throw e;
+    whoami = { account: 'admin', role: 'admin', expires_at: null };
+  }
+  $('#whoami').textContent = `${whoami.account} (${whoami.role})` +
+    (whoami.expires_at ? `, token expires ${fmtTime(whoami.expires_at)}` : '');
+}
+
+/** Why `role` may not run `action`, or null when it may. */
+export function roleBlock(action, role) {
+  const need = ACTION_ROLE[action] ?? 'admin';
+  if ((ROLE_RANK[role] ?? -1) >= ROLE_RANK[need]) return null;
+  return `needs the ${need} role; this session is ${role}`;
+}
+
+/** Why a VM action cannot run in the VM's current state, or null. `vm` is `GET /v1/vms/{vm}`,
+ *  `fo` the failover record (`GET /v1/vms/{vm}/failover`'s record, or null), `points` the
+ *  complete recovery points. Mirrors the server's refusals (failover_running,
+ *  drill_not_cleaned_up, failover_not_committed, not_a_drill, failover_not_succeeded, …). */
+export function stateBlock(kind, { vm, fo = null, points = [] }) {
+  if (vm.state === 'disabled') return 'protection of this VM is disabled';
+  const isFailover = kind === 'test' || kind === 'planned' || kind === 'unplanned';
+  if (isFailover || kind === 'resync') {
+    if (vm.state === 'failed_over') {
+      return kind === 'resync' ? 'the VM is failed over: fail it back instead of resynchronizing' : 'the VM is failed over: fail it back first';
+    }
+    if (vm.state === 'initial_replication') return 'initial replication is not finished';
+  }
+  if (isFailover) {
+    if (kind !== 'planned' && !points.length) return 'no recovery point yet';
+    if (fo?.state === 'running') return `a ${fo.kind} failover is running (job ${fo.job})`;
+    if (fo?.state === 'succeeded' && fo.kind === 'test') return 'the test failover is still up: clean it up first';
+    if (fo?.state === 'succeeded') return `the ${fo.kind} failover waits for commit`;
+  }
+  if (kind === 'cleanup') {
+    if (!fo) return 'no test failover to clean up';
+    if (fo.kind !== 'test') return `only a test failover is cleaned up; commit the ${fo.kind} failover`;
+    if (fo.state === 'running') return 'the test failover is still running';
+    if (fo.state === 'cleaned_up') return 'the test failover is already cleaned up';
+  }
+  if (kind === 'commit') {
+    if (!fo) return 'only after a planned or unplanned failover; this VM has none';
+    if (fo.kind === 'test') return 'only after a planned or unplanned failover; a test failover is cleaned up, not committed';
+    if (fo.state === 'committed') return 'the failover is already committed';
+    if (fo.state !== 'succeeded') return `the ${fo.kind} failover is ${stateText(fo.state)}, not succeeded`;
+  }
+  return null;
+}
+
+/** Why failback cannot be committed, or null: only after a committed planned or unplanned
+ *  failover, and once the agent synchronized every disk back (`drvault agent failback`). */
+export function failbackBlock({ vm, fo = null, failback = null }) {
+  if (failback?.committed_unix && vm.state !== 'failed_over') return `failed back ${fmtTime(failback.committed_unix)}`;
+  if (vm.state !== 'failed_over' || !fo || fo.kind === 'test') return 'only after a committed planned or unplanned failover';
+  const synced = failback && failback.failover === fo.id ? failback.synced : {};
+  const missing = vm.disks.map((d) => d.id).filter((d) => !synced[d]);
+  if (missing.length === vm.disks.length) return 'no disk synchronized yet: run drvault agent failback on the host';
+  if (missing.length) return `disk ${missing.join(', ')} not synchronized yet: run drvault agent failback for it`;
+  return null;
+}
+
+/** Role first (it holds whatever the state), then the state. */
+export function actionBlock(kind, ctx) {
+  return roleBlock(kind, ctx.role ?? whoami.role) ?? stateBlock(kind, ctx);
+}
+
+/** A button that, when the action is not allowed, is disabled and says why both in its
+ *  tooltip and in visible text next to it (a disabled button gets no keyboard focus, so a
+ *  tooltip alone would hide the reason from keyboard and screen-reader users). */
+function actionButton(label, reason, attrs) {
+  const whyId = reason ? `why-${attrs['data-action']}${attrs['data-key'] ? `-${attrs['data-key']}` : ''}` : null;
+  return el('span', { class: 'action' },
+    el('button', { type: 'button', ...attrs, disabled: !!reason, title: reason, 'aria-describedby': whyId }, label),
+    reason ? el('span', { class: 'why', id: whyId, 'data-why': attrs['data-action'] }, reason) : null);
+}
+
+// ---------- a generic confirmation ----------
+
+/** Asks before an action with the shared dialog (no point to choose); `run` performs it and
+ *  may throw an ApiError, which the dialog shows. */
+function ask({ title, text, okLabel, run }) {
+  $('#confirm-title').textContent = title;
+  $('#confirm-text').textContent = text;
+  $('#confirm-error').textContent = '';
+  $('#confirm-point-row').hidden = true;
+  const ok = $('#confirm-ok');
+  ok.textContent = okLabel;
+  ok.disabled = false;
+  ok.onclick = async () => {
+    ok.disabled = true;
+    try {
+      await run();
+      dialog.close();
+    } catch (e) {
+      ok.disabled = false;
+      $('#confirm-error').textContent = `Refused: ${e.message} [${e.code}]`;
+    }
+  };
+  $('#confirm-cancel').onclick = () => dialog.close();
+  dialog.showModal();
+  $('#confirm-cancel').focus();
+}
+
 // ---------- login ----------
 
 async function login(candidate) {
   token = candidate;
   try {
     const info = await api('/v1/server', { logoutOn401: false });
+    await loadWhoami();
     sessionStorage.setItem(TOKEN_KEY, candidate);
     $('#server-info').textContent = `server ${info.version}`;
     return null;
@@ -144,6 +268,7 @@ function logout(reason = '') {
   sessionStorage.removeItem(TOKEN_KEY);
   $('#login-error').textContent = reason;
   $('#server-info').textContent = '';
+  $('#whoami').textContent = '';
   if (location.hash !== '#/login') location.hash = '#/login';
   else route();
 }
@@ -210,6 +335,16 @@ function route() {
       return jobsView(parts[1] ?? null);
     case 'throughput':
       return throughputView();
+    case 'hosts':
+      return hostsView();
+    case 'plans':
+      return plansView();
+    case 'verify':
+      return verifyView(parts[1] ?? null);
+    case 'failback':
+      return failbackView();
+    case 'audit':
+      return auditView();
     case 'login':
       if (token) { location.hash = '#/vms'; return; }
       break;
@@ -330,7 +465,9 @@ function factList(pairs) {
 }
 
 function table(headers, rows, caption) {
-  return el('div', { class: 'table-wrap' }, el('table', {},
+  // A table wider than a phone scrolls inside its box; the box takes keyboard focus so that
+  // it can be scrolled without a mouse even when no cell holds a link or button.
+  return el('div', { class: 'table-wrap', role: 'region', tabindex: 0, 'aria-label': caption ?? headers.join(', ') }, el('table', {},
     caption ? el('caption', { class: 'sr-only' }, caption) : null,
     el('thead', {}, el('tr', {}, headers.map((h) => el('th', { scope: 'col' }, h)))),
     el('tbody', {}, rows)));
@@ -419,10 +556,10 @@ async function vmPage(name) {
         ['Protected since', fmtTime(vm.protected)],
       ].filter(Boolean)),
       el('h3', {}, 'Actions'),
-      el('div', { class: 'actions' }, actions.map(([kind, label]) => el('button', {
-        type: 'button', 'data-action': kind, 'data-focus': `action:${kind}`,
+      el('div', { class: 'actions' }, actions.map(([kind, label]) => actionButton(label, actionBlock(kind, { vm, fo, points }), {
+        'data-action': kind, 'data-focus': `action:${kind}`,
         onclick: () => confirmAction(kind, vm, points, fo, say, load),
-      }, label))),
+      }))),
       el('p', { id: 'vm-message', role: 'status' }, message),
       el('h3', {}, 'Current failover'),
       fo ? el('div', { class: 'panel', id: 'failover-panel' }, factList([
@@ -686,6 +823,253 @@ function throughputView() {
 }
 
 setInterval(scrape, 2000);
+
+// ---------- Hosts and providers ----------
+
+function hostsView() {
+  show('hosts');
+  poll(async () => {
+    const [hosts, providers] = await Promise.all([api('/v1/hosts'), api('/v1/providers')]);
+    $('#hosts-status').textContent = `${hosts.length} host${hosts.length === 1 ? '' : 's'}, ` +
+      `${providers.length} provider${providers.length === 1 ? '' : 's'} · updated ${fmtTime(Date.now() / 1000)}`;
+    replace($('#hosts-body'),
+      el('h3', {}, 'Hosts'),
+      hosts.length ? table(['Host', 'Cloud / cluster', 'VMs', 'Last contact', 'Agent', 'Backlog', 'Throttle', 'Last error'],
+        hosts.map((h) => el('tr', { 'data-host': h.name },
+          el('th', { scope: 'row' }, h.name),
+          el('td', {}, [h.cloud ? `cloud ${h.cloud}` : null, h.cluster ? `cluster ${h.cluster}` : null].filter(Boolean).join(', ') || '–'),
+          el('td', {}, h.vms.length
+            ? h.vms.map((v, i) => [i ? ', ' : '', el('a', { href: `#/vms/${encodeURIComponent(v)}` }, v)])
+            : 'none'),
+          el('td', { class: 'num', title: h.last_contact ? fmtTime(h.last_contact) : 'this host never sent a heartbeat (driven by hand)' },
+            h.last_contact_age_s !== null && h.last_contact_age_s !== undefined ? `${fmtDuration(h.last_contact_age_s)} ago` : 'never'),
+          el('td', {}, h.agent_version ?? '–'),
+          el('td', { class: 'num' }, fmtBytes(h.backlog_bytes)),
+          el('td', { class: 'num' }, h.throttle_mb_s ? `${h.throttle_mb_s} MB/s` : 'none'),
+          el('td', { class: h.last_error ? 'health-Critical' : '' }, h.last_error ?? ''))),
+        'Registered Hyper-V hosts, their VMs and last contact')
+        : el('p', { class: 'muted' }, 'No host registered (drvault host add).'),
+      el('h3', {}, 'Providers'),
+      providers.length ? table(['Provider', 'Cloud', 'Registered'],
+        providers.map((p) => el('tr', { 'data-provider': p.name },
+          el('th', { scope: 'row' }, p.name), el('td', {}, p.cloud), el('td', {}, fmtTime(p.created)))),
+        'Providers (VMM servers) acting for the hosts of a cloud')
+        : el('p', { class: 'muted' }, 'No provider registered (drvault provider add).'));
+  }, () => 10000);
+}
+
+// ---------- Recovery plans ----------
+
+const PLAN_KINDS = [['test', 'Test failover'], ['planned', 'Planned failover'], ['unplanned', 'Unplanned failover']];
+
+function plansView() {
+  show('plans');
+  const body = $('#plans-body');
+  const say = (m) => { $('#plans-message').textContent = m; };
+  let anyActive = false;
+  const load = async () => {
+    const [plans, jobs] = await Promise.all([api('/v1/plans'), api('/v1/jobs')]);
+    const runs = jobs.filter((j) => j.kind === 'recovery_plan').sort((a, b) => b.created_unix - a.created_unix || a.id.localeCompare(b.id));
+    anyActive = runs.some((j) => ACTIVE_JOB.has(j.state));
+    $('#plans-status').textContent = `${plans.length} plan${plans.length === 1 ? '' : 's'}, ${runs.length} run${runs.length === 1 ? '' : 's'} · updated ${fmtTime(Date.now() / 1000)}`;
+    const runBlock = roleBlock('plan_run', whoami.role);
+    const kindOf = (name) => body.querySelector(`select[data-plan-kind="${CSS.escape(name)}"]`)?.value ?? 'test';
+    replace(body,
+      plans.length ? plans.map((p) => {
+        const kindId = `plan-kind-${p.name}`;
+        const kept = kindOf(p.name);
+        return el('div', { class: 'panel plan', 'data-plan': p.name },
+          el('h3', {}, `Plan ${p.name}`),
+          el('ol', { class: 'groups' }, p.groups.map((g, i) => el('li', { 'data-group': i + 1 },
+            `Group ${i + 1}: ${g.vms.join(', ')}`,
+            g.pause_before ? el('div', { class: 'health-Warning' }, 'pauses first for a manual action (resume below)') : null,
+            g.pre ? el('div', { class: 'muted' }, 'before: ', el('code', {}, g.pre)) : null,
+            g.post ? el('div', { class: 'muted' }, 'after: ', el('code', {}, g.post)) : null))),
+          el('div', { class: 'actions' },
+            el('label', { for: kindId }, 'Kind'),
+            el('select', { id: kindId, 'data-plan-kind': p.name, 'data-focus': `plan-kind:${p.name}` },
+              PLAN_KINDS.map(([k, label]) => el('option', { value: k, selected: k === kept }, label))),
+            actionButton('Run plan', runBlock, {
+              'data-action': 'plan_run', 'data-key': p.name, 'data-focus': `plan-run:${p.name}`,
+              onclick: () => {
+                const kind = kindOf(p.name);
+                const label = PLAN_KINDS.find(([k]) => k === kind)[1].toLowerCase();
+                ask({
+                  title: `Run plan ${p.name}`,
+                  text: `Run plan ${p.name} as a ${label} of each VM at its latest recovery point, ` +
+                    `group by group: ${p.groups.map((g, i) => `${i + 1}. ${g.vms.join(', ')}${g.pause_before ? ' (after a manual resume)' : ''}`).join('; ')}.`,
+                  okLabel: 'Run plan',
+                  run: async () => {
+                    const r = await api(`/v1/plans/${encodeURIComponent(p.name)}/failover`, { method: 'POST', body: { kind } });
+                    say(`Plan ${p.name} started (${label}): job ${r.job}.`);
+                    await load();
+                  },
+                });
+              },
+            })));
+      }) : el('p', { class: 'muted' }, 'No recovery plan (drvault plan create).'),
+      el('h3', {}, 'Plan runs'),
+      runs.length ? table(['Run', 'State', 'Steps', 'Started', 'Error', 'Action'], runs.map((j) => {
+        const waiting = j.state === 'waiting_for_input';
+        const resumeBlock = roleBlock('job_resume', whoami.role) ?? (waiting ? null : `the run is ${stateText(j.state)}, not paused`);
+        return el('tr', { 'data-run': j.id, 'data-state': j.state },
+          el('th', { scope: 'row' }, el('a', { href: `#/jobs/${j.id}` }, j.id.slice(0, 8)), el('div', { class: 'muted' }, j.title)),
+          el('td', {}, el('span', { class: `badge state-${j.state}` }, stateText(j.state)), j.waiting_for ? el('div', { class: 'muted' }, j.waiting_for) : null),
+          el('td', {}, el('ol', { class: 'steps-list' }, j.steps.map((s) => el('li', {}, `${s.name}: ${stateText(s.state)}`)))),
+          el('td', { class: 'num' }, fmtTime(j.started_unix ?? j.created_unix)),
+          el('td', { class: j.error ? 'health-Critical' : '' }, j.error ? `${j.error.message} [${j.error.code}]` : ''),
+          el('td', {}, ACTIVE_JOB.has(j.state) ? actionButton('Resume', resumeBlock, {
+            'data-action': 'job_resume', 'data-key': j.id, 'data-focus': `resume:${j.id}`,
+            onclick: async () => {
+              try {
+                await api(`/v1/jobs/${encodeURIComponent(j.id)}/resume`, { method: 'POST' });
+                say(`Run ${j.id} resumed.`);
+              } catch (e) { say(`Resume refused: ${e.message} [${e.code}]`); }
+              await load();
+            },
+          }) : ''));
+      }), 'Recovery plan runs, newest first; a paused run waits for Resume') : el('p', { class: 'muted' }, 'No plan has run yet.'));
+  };
+  poll(load, () => (anyActive ? 2000 : 10000));
+}
+
+// ---------- Verify and damage ----------
+
+const affectsText = (a) => `${a.vm}/${a.disk}: ${a.points.length ? `points ${a.points.join(', ')}` : 'no point'}${a.session ? ` (session ${a.session})` : ''}`;
+
+function damagedObjectsTable(objects, caption) {
+  return table(['Object', 'Family', 'Problem', 'Action', 'Found', 'Affected points'], objects.map((o) => el('tr', { 'data-object': o.key },
+    el('th', { scope: 'row' }, el('code', {}, o.key)),
+    el('td', {}, o.family), el('td', {}, o.reason && o.reason !== o.problem ? `${o.problem}: ${o.reason}` : o.problem), el('td', {}, o.action || '–'),
+    el('td', { class: 'num' }, fmtTime(o.found_unix)),
+    el('td', {}, o.affects.length ? el('ul', { class: 'affects' }, o.affects.map((a) => el('li', {}, affectsText(a)))) : 'nothing'))), caption);
+}
+
+function verifyView(openId) {
+  show('verify');
+  const body = $('#verify-body');
+  let anyActive = false;
+  const load = async () => {
+    const [jobs, damage] = await Promise.all([api('/v1/jobs'), api('/v1/damage')]);
+    const runs = jobs.filter((j) => j.kind === 'verify').sort((a, b) => b.created_unix - a.created_unix || a.id.localeCompare(b.id));
+    anyActive = runs.some((j) => ACTIVE_JOB.has(j.state));
+    const shown = runs.find((j) => j.id === openId) ?? runs.find((j) => !ACTIVE_JOB.has(j.state)) ?? null;
+    const report = shown && !ACTIVE_JOB.has(shown.state)
+      ? await api(`/v1/verify/${encodeURIComponent(shown.id)}`).catch((e) => ({ error: e }))
+      : null;
+    const registered = Object.values(damage.objects ?? {});
+    $('#verify-status').textContent = `${runs.length} verify run${runs.length === 1 ? '' : 's'}, ${registered.length} damaged object${registered.length === 1 ? '' : 's'} registered · updated ${fmtTime(Date.now() / 1000)}`;
+    const verifyBlock = roleBlock('verify', whoami.role) ?? (anyActive ? 'a verify is running' : null);
+    replace(body,
+      el('div', { class: 'actions' }, actionButton('Run verify (every VM)', verifyBlock, {
+        'data-action': 'verify', 'data-focus': 'verify-run',
+        onclick: () => ask({
+          title: 'Run verify',
+          text: 'Re-read every chunk, map, log and record of every VM and check it; damaged objects are quarantined and the points that need them marked damaged.',
+          okLabel: 'Run verify',
+          run: async () => {
+            const r = await api('/v1/verify', { method: 'POST', body: {} });
+            location.hash = `#/verify/${r.job}`;
+          },
+        }),
+      })),
+      el('h3', {}, 'Damage register'),
+      el('p', { class: 'muted' }, damage.last_verify_unix ? `Last full verify started ${fmtTime(damage.last_verify_unix)}.` : 'No full verify yet.'),
+      registered.length ? damagedObjectsTable(registered, 'Damaged objects the server knows of and the points that need them')
+        : el('p', { id: 'damage-clean' }, 'No damaged object registered.'),
+      el('h3', {}, shown ? `Verify run ${shown.id.slice(0, 8)} (${stateText(shown.state)})` : 'Verify runs'),
+      !shown ? el('p', { class: 'muted' }, 'No verify has run yet.')
+        : ACTIVE_JOB.has(shown.state) ? el('p', {}, `Running: ${pct(shown.progress)}`)
+          : report?.error ? el('p', { class: 'error' }, `No report: ${report.error.message} [${report.error.code}]`)
+            : el('div', { id: 'verify-report', 'data-job': shown.id, 'data-clean': report.clean ? 'true' : 'false' },
+              factList([
+                ['Result', el('span', { class: `badge ${report.clean ? 'health-Normal' : 'health-Critical'}` }, report.clean ? 'clean' : 'damage found')],
+                ['Scope', `${report.vm ? `VM ${report.vm}` : 'every VM'}, ${report.sample_percent}% sampled${report.since_unix ? `, written since ${fmtTime(report.since_unix)}` : ''}`],
+                ['Started', fmtTime(report.started_unix)],
+                ['Took', `${fmtDuration(report.seconds)} (${report.mb_per_s.toFixed(1)} MB/s)`],
+                ['Healed', report.healed.length ? report.healed.join(', ') : 'none'],
+              ]),
+              table(['Family', 'Objects', 'Bytes'], Object.entries(report.checked).map(([f, c]) => el('tr', {},
+                el('th', { scope: 'row' }, f), el('td', { class: 'num' }, c.objects), el('td', { class: 'num' }, fmtBytes(c.bytes)))), 'Objects read and checked, by family'),
+              el('h4', {}, 'Damaged objects'),
+              report.damaged.length ? damagedObjectsTable(report.damaged, 'Objects this run found damaged or missing') : el('p', {}, 'None.'),
+              el('h4', {}, 'Damaged points'),
+              report.damaged_points.length ? table(['VM', 'Point', 'Objects'], report.damaged_points.map((d) => el('tr', { 'data-damaged-point': `${d.vm}/${d.point}` },
+                el('th', { scope: 'row' }, d.vm), el('td', {}, d.point), el('td', {}, d.objects.length))), 'Recovery points that need a damaged object') : el('p', {}, 'None.')),
+      runs.length > 1 ? el('details', {}, el('summary', {}, 'Earlier runs'), el('ul', {}, runs.map((j) => el('li', {},
+        el('a', { href: `#/verify/${j.id}` }, `${fmtTime(j.created_unix)} ${stateText(j.state)}`))))) : null);
+  };
+  poll(load, () => (anyActive ? 2000 : 10000));
+}
+
+// ---------- Failback ----------
+
+function failbackView() {
+  show('failback');
+  const say = (m) => { $('#failback-message').textContent = m; };
+  const load = async () => {
+    const vms = await api('/v1/vms');
+    const rows = await Promise.all(vms.map(async (vm) => {
+      const base = `/v1/vms/${encodeURIComponent(vm.name)}`;
+      const [fo, failback] = await Promise.all([
+        api(`${base}/failover`).then((v) => v.record).catch((e) => { if (e.code === 'failover_not_found') return null; throw e; }),
+        api(`${base}/failback`).catch((e) => { if (e.code === 'no_failback') return null; throw e; }),
+      ]);
+      return { vm, fo, failback };
+    }));
+    $('#failback-status').textContent = `${rows.filter((r) => r.vm.state === 'failed_over').length} of ${vms.length} VMs failed over · updated ${fmtTime(Date.now() / 1000)}`;
+    replace($('#failback-body'), rows.length ? table(['VM', 'State', 'Failover', 'Disks synchronized back', 'Failback', 'Action'], rows.map(({ vm, fo, failback }) => {
+      const mine = failback && fo && failback.failover === fo.id ? failback : null;
+      const block = roleBlock('failback_commit', whoami.role) ?? failbackBlock({ vm, fo, failback });
+      return el('tr', { 'data-failback-vm': vm.name },
+        el('th', { scope: 'row' }, el('a', { href: `#/vms/${encodeURIComponent(vm.name)}` }, vm.name)),
+        el('td', {}, stateText(vm.state)),
+        el('td', {}, fo ? `${fo.kind}, ${stateText(fo.state)}${fo.point ? ` at ${fo.point}` : ''}` : 'none'),
+        el('td', {}, vm.state !== 'failed_over' && !mine ? '–' : vm.disks.map((d) => el('div', {}, `${d.id}: ${mine?.synced?.[d.id] ? `synchronized ${fmtTime(mine.synced[d.id].synced_unix)}` : 'not yet'}`))),
+        el('td', {}, failback?.committed_unix ? `committed ${fmtTime(failback.committed_unix)}${failback.cycle ? `, as point c${failback.cycle}` : ''}` : failback ? 'in progress' : 'not started'),
+        el('td', {}, actionButton('Commit failback', block, {
+          'data-action': 'failback_commit', 'data-key': vm.name, 'data-focus': `failback:${vm.name}`,
+          onclick: () => ask({
+            title: `Commit failback: ${vm.name}`,
+            text: `The target disks of ${vm.name} become its newest point and the VM is protected again from the on-premises side.`,
+            okLabel: 'Commit failback',
+            run: async () => {
+              await api(`/v1/vms/${encodeURIComponent(vm.name)}/failback/commit`, { method: 'POST', body: {} });
+              say(`Failback of ${vm.name} committed.`);
+              await load();
+            },
+          }),
+        })));
+    }), 'Failback state per VM: a committed failover is failed back once every disk is synchronized') : el('p', { class: 'muted' }, 'No VM.'));
+  };
+  poll(load, () => 10000);
+}
+
+// ---------- Audit log ----------
+
+function auditView() {
+  show('audit');
+  poll(async () => {
+    let list;
+    try {
+      list = await api('/v1/audit?limit=200');
+    } catch (e) {
+      if (e.status !== 404) throw e;
+      $('#audit-status').textContent = '';
+      replace($('#audit-body'), el('p', { id: 'audit-none' }, 'No audit log on this server.'));
+      return;
+    }
+    const entries = (list.entries ?? []).slice().sort((a, b) => b.seq - a.seq);
+    $('#audit-status').textContent = `${entries.length} entr${entries.length === 1 ? 'y' : 'ies'}, newest first · updated ${fmtTime(Date.now() / 1000)}`;
+    replace($('#audit-body'), entries.length ? table(['#', 'When', 'Who', 'Action', 'Target', 'From', 'Result', 'Job'], entries.map((a) => el('tr', { 'data-seq': a.seq },
+      el('th', { scope: 'row', class: 'num' }, a.seq),
+      el('td', { class: 'num' }, fmtTime(a.at)),
+      el('td', {}, a.actor), el('td', {}, a.action), el('td', {}, a.target ?? '–'), el('td', {}, a.from ?? '–'),
+      el('td', { class: a.result === 'ok' ? 'health-Normal' : 'health-Critical' }, `${a.result} ${a.status}${a.code ? ` [${a.code}]` : ''}`),
+      el('td', {}, a.job ? el('a', { href: `#/jobs/${a.job}` }, a.job.slice(0, 8)) : '–'))), 'Operator actions, newest first')
+      : el('p', { class: 'muted' }, 'No entry yet.'));
+  }, () => 10000);
+}
 
 // ---------- start ----------
 
