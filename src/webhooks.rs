@@ -306,8 +306,8 @@ impl Sender {
                 return;
             }
         };
-        for i in 0..self.endpoints.len() {
-            if !self.endpoints[i].events.contains(&ev.event) {
+        for (i, endpoint) in self.endpoints.iter().enumerate() {
+            if !endpoint.events.contains(&ev.event) {
                 continue;
             }
             let permit = tokio::select! {
