@@ -295,3 +295,42 @@ fn bad_webhook_entries_stop_the_server_at_start() {
         assert!(!data.exists(), "nothing created for {bad}");
     }
 }
+
+/// A VM whose every recovery point turns out damaged goes Critical: the receiver gets
+/// `vm.health` with the level before, the new one and the findings that explain it.
+#[test]
+fn a_vm_health_change_reaches_the_receiver() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (addr, got) = receiver(&rt, vec![]);
+    let t = tempfile::tempdir().unwrap();
+    let mut server = Server::start(t.path(), Some(&config(addr, r#"["vm.health"]"#)));
+    let creds = server.add_host("hv", None);
+    let img = server.dir.join("h.raw");
+    raw_image(&img, MIB, &[(0, MIB as usize)], 7);
+    server.protect(&creds, "h", &format!("{}:d", img.display()), &[]);
+    // Restarted, the server starts comparing from the VM's level as it is now.
+    server.stop();
+    server.restart();
+    let before: Value = serde_json::from_str(&server.cli_ok(&["vms", "h", "--json"])).unwrap();
+    assert_ne!(before["health"], "Critical", "{before}");
+    for k in server.vault_objects("chunks") {
+        std::fs::write(server.data_dir.join("vault").join(&k), b"not a chunk").unwrap();
+    }
+    let o = server.cli(&["verify"]);
+    assert_eq!(o.status.code(), Some(7), "verify finds the damage");
+    let r = eventually(Duration::from_secs(60), "the vm.health event", || {
+        let got = got.lock().unwrap();
+        got.iter()
+            .find(|r| r.json()["vm_health"]["health"] == "Critical")
+            .cloned()
+            .ok_or_else(|| format!("{} requests so far", got.len()))
+    });
+    r.assert_signed();
+    let v = r.json();
+    assert_eq!(v["event"], "vm.health");
+    assert_eq!(r.header("x-drvault-event"), "vm.health");
+    assert_eq!(v["vm_health"]["vm"], "h");
+    assert_eq!(v["vm_health"]["previous"], before["health"], "{v}");
+    let findings = v["vm_health"]["findings"].as_array().unwrap();
+    assert!(findings.iter().any(|f| f["level"] == "Critical"), "{v}");
+}
