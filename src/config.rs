@@ -50,6 +50,9 @@ pub struct Config {
     /// Source network → target subnet mappings (`[[mapping]]`).
     #[serde(default)]
     pub mapping: Vec<crate::failover::network::Mapping>,
+    /// Endpoints told of job outcomes and VM health changes (`[[webhooks]]`).
+    #[serde(default)]
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -377,6 +380,8 @@ impl Config {
             ));
         }
         self.resync.window()?;
+        crate::webhooks::validate(&self.webhooks)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         self.validate_connections()?;
         self.validate_body_memory()?;
         let s = &self.server;

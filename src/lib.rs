@@ -52,6 +52,7 @@
 //! | [`api`] | HTTPS server, auth, typed path extractors, routes (a module per resource), the one error-to-HTTP mapping |
 //! | [`wire`] | the API contract: request and response bodies, header names, the error body (serde and std only) |
 //! | [`client`] | the typed API client: a method per route |
+//! | [`webhooks`] | signed POSTs to the configured endpoints on job outcomes and VM health changes, retried with back-off |
 //! | [`agent`], [`cli`], [`bench`], [`progress`] | reference agent (one block-sync driver for resync and failback), command line (a file per command family), benchmarks, progress bars |
 //!
 //! ## Object key layout
@@ -127,4 +128,5 @@ pub mod store;
 pub mod tasks;
 pub mod util;
 pub mod vault;
+pub mod webhooks;
 pub mod wire;

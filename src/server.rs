@@ -42,6 +42,8 @@ pub enum ServeError {
     Tls(#[from] crate::api::tls::TlsError),
     #[error("vault: {0}")]
     Vault(#[from] crate::error::Error),
+    #[error("{0}")]
+    Webhooks(#[from] crate::webhooks::WebhookError),
     #[error("vault store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("{0}")]
@@ -293,6 +295,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     if config.gc.interval_s > 0 {
         scrub.spawn_gc_schedule(Duration::from_secs(config.gc.interval_s));
     }
+    crate::webhooks::start(&config.webhooks, &jobs, &services.overview, &tasks)?;
     let state = AppState {
         vault,
         catalog: services.catalog,

@@ -52,18 +52,6 @@ impl AgentError {
     pub fn image(e: crate::format::image::ImageError) -> Self {
         AgentError::Image(Box::new(e))
     }
-
-    /// Exit code for the CLI: 2 for errors that need an operator (non-recoverable), 3 for
-    /// recoverable ones the agent gave up retrying or must wait out (resync scheduled or in
-    /// progress), 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            AgentError::Client(e) if !e.recoverable() => 2,
-            AgentError::Client(_) => 3,
-            AgentError::GaveUp { .. } => 3,
-            _ => 1,
-        }
-    }
 }
 
 /// Loads a credentials file written by `drvault host add` / `drvault provider add`.

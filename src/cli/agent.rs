@@ -161,7 +161,7 @@ pub(super) async fn agent(cmd: AgentCmd) -> Result<i32> {
                 .await
                 .context("replicate")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&ack)?);
+                super::print_json(&ack)?;
             } else {
                 println!(
                     "log {} {} as cycle {} ({} logs pending, {}){}",
@@ -238,7 +238,7 @@ pub(super) async fn agent(cmd: AgentCmd) -> Result<i32> {
                 .await
                 .context("protect")?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
+                super::print_json(&summary)?;
             } else {
                 println!(
                     "VM {}: {} ({:.1} s)",

@@ -127,7 +127,7 @@ pub(super) async fn failover_cmd(
         Some(FailoverCmd::Show { vm, json }) => {
             let v = c.failover(&vm).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                super::print_json(&v)?;
             } else {
                 let r = &v.record;
                 println!(
@@ -201,8 +201,7 @@ pub(super) async fn failover_cmd(
                 println!("  {:<18} {}", st.state.as_str(), st.name);
             }
             if job.state != JobState::Succeeded {
-                let e = job.error.map(|e| e.message).unwrap_or_default();
-                bail!("plan {plan} failed: {e}");
+                return Err(super::JobFailed::new(format!("plan {plan}"), &job).into());
             }
             println!("plan {plan}: {kind} failover succeeded");
             Ok(0)
@@ -235,7 +234,7 @@ pub(super) async fn failover_cmd(
             let job = wait_job(&c, &r.job).await?;
             let v = c.failover(&vm).await?;
             if start.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                super::print_json(&v)?;
             } else if job.state == JobState::Succeeded {
                 println!(
                     "{kind} failover of {vm} succeeded at point {} -> {}",
@@ -244,11 +243,8 @@ pub(super) async fn failover_cmd(
                 );
             }
             if job.state != JobState::Succeeded {
-                let e = job
-                    .error
-                    .map(|e| format!("{} [{}]", e.message, e.code))
-                    .unwrap_or_default();
-                bail!("{kind} failover of {vm} failed: {e}");
+                let what = format!("{kind} failover of {vm}");
+                return Err(super::JobFailed::new(what, &job).into());
             }
             Ok(0)
         }

@@ -82,7 +82,7 @@ pub(super) async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
         HostCmd::List { json } => {
             let hosts = c.hosts().await?;
             if json {
-                println!("{}", sorted_json(&hosts)?);
+                super::print_json(&hosts)?;
             } else {
                 println!(
                     "{:<24} {:<16} {:<16} {:<22} {:<22} {:<10} {:>10} {:>9} {:<24} LAST ERROR",
@@ -159,7 +159,7 @@ pub(super) async fn provider(cmd: ProviderCmd, conn: Conn) -> Result<i32> {
         ProviderCmd::List { json } => {
             let providers = c.providers().await?;
             if json {
-                println!("{}", sorted_json(&providers)?);
+                super::print_json(&providers)?;
             } else {
                 println!("{:<24} {:<16} REGISTERED", "PROVIDER", "CLOUD");
                 for p in &providers {
@@ -189,10 +189,4 @@ fn parse_mb_s(s: &str) -> std::result::Result<MbS, String> {
             "{s:?}: a bandwidth in MB/s above 0 (e.g. 20 or 0.5), or none"
         )),
     }
-}
-
-/// Pretty JSON with the keys of every object in alphabetical order, as these lists have always
-/// been printed.
-fn sorted_json<T: serde::Serialize>(v: &T) -> Result<String> {
-    Ok(serde_json::to_string_pretty(&serde_json::to_value(v)?)?)
 }

@@ -158,7 +158,7 @@ pub fn print(log: &hrl::HrlLog, json: bool) -> Result<()> {
                 "timestamp": e.timestamp, "data_checksum": e.data_checksum,
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        super::print_json(&v)?;
         return Ok(());
     }
     println!("UniqueId              {}", h.unique_id);
@@ -322,7 +322,7 @@ pub(super) async fn hrl_cmd(cmd: HrlCmd) -> Result<i32> {
             let s = tokio::task::spawn_blocking(move || diff(&old, &new, &output, prev, uid, dw))
                 .await??;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                super::print_json(&s)?;
             } else {
                 println!(
                     "log {} (after {}): {} writes, {} of data, {} log",

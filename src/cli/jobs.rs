@@ -26,7 +26,7 @@ pub(super) async fn jobs(
     if let Some(id) = id {
         let j = c.job(&id).await?;
         if json {
-            println!("{}", serde_json::to_string_pretty(&j)?);
+            super::print_json(&j)?;
         } else {
             println!(
                 "{} {} [{}] {:.0}% vm={}",
@@ -56,7 +56,7 @@ pub(super) async fn jobs(
     }
     let list = c.jobs(&JobsQuery { vm }).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&list)?);
+        super::print_json(&list)?;
         return Ok(0);
     }
     println!(

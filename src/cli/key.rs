@@ -39,7 +39,7 @@ pub async fn run(cmd: KeyCmd, conn: Conn) -> Result<i32> {
         );
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        super::print_json(&v)?;
         return Ok(0);
     }
     println!("{:<6} {:<8} {:<22} SEALS", "KEY", "ACTIVE", "CREATED");

@@ -38,7 +38,8 @@ and materializes bootable fixed VHD disks on failover.\n\n\
 Start a server:            drvault serve\n\
 Register a host:           drvault host add hv01\n\
 Protect a VM (on the host): drvault agent protect --creds hv01.creds.json --vm web01 --disk web01.vhdx\n\
-Read a disk back:          drvault export --vm web01 --disk web01 --format vhd -o web01.vhd"
+Read a disk back:          drvault export --vm web01 --disk web01 --format vhd -o web01.vhd",
+    after_help = EXIT_CODES_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -67,6 +68,8 @@ enum Cmd {
         /// Keep trying this long (e.g. 30s) while the server is starting.
         #[arg(long, value_parser = humantime::parse_duration)]
         wait: Option<Duration>,
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -186,8 +189,16 @@ enum Cmd {
         conn: Conn,
     },
     /// Re-read the vault's objects and check them (tag, hash); quarantine what is damaged and
-    /// mark the recovery points that need it (operator). Exit status 2 when damage was found.
+    /// mark the recovery points that need it (operator). Exit status 7 when damage was found.
     Verify(scrub::VerifyArgs),
+    /// List the damaged objects verify registered and the recovery points that need them,
+    /// without running a verify (operator).
+    Damage {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Delete objects no retained point or open session references, older than the grace
     /// period (operator). Safe while agents upload.
     Gc(scrub::GcArgs),
@@ -221,6 +232,117 @@ enum Cmd {
         #[command(subcommand)]
         cmd: crate::bench::BenchCmd,
     },
+    /// Print a shell completion script: `source <(drvault completions bash)`, or save it where
+    /// the shell loads completions from (e.g. /usr/share/bash-completion/completions/drvault).
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the man page drvault(1), or with --dir write one page per command and subcommand
+    /// (drvault.1, drvault-failover.1, drvault-failover-commit.1, ...) into that directory.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// The shells `drvault completions` writes scripts for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The exit status of every command. `main` derives it from the error in one place
+/// ([`exit_code`]); this table is also the `drvault --help` epilogue and the README's.
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// Anything not below: a local file, a value refused before asking the server, a server
+    /// answer that could not be read.
+    pub const ERROR: i32 = 1;
+    /// The command line itself: unknown command or option, missing or malformed argument.
+    pub const USAGE: i32 = 2;
+    /// Temporary: the server said to come back later (busy, resync scheduled or running), or
+    /// the agent gave up retrying such errors or an unreachable server.
+    pub const RETRY_LATER: i32 = 3;
+    /// The server refused the request and retrying will not change that (not found, conflict,
+    /// invalid, not allowed: the message carries the server's error code).
+    pub const REFUSED: i32 = 4;
+    /// The server could not be reached (connection refused, TLS, timeout).
+    pub const UNREACHABLE: i32 = 5;
+    /// A job the command started and followed (failover, plan, verify, gc) ended failed.
+    pub const JOB_FAILED: i32 = 6;
+    /// `drvault verify` found damage (the report lists it).
+    pub const DAMAGE: i32 = 7;
+    /// The reader of the output went away (`drvault jobs | head`), as SIGPIPE would.
+    pub const BROKEN_PIPE: i32 = 128 + 13;
+}
+
+/// The exit-code table as `drvault --help` shows it (kept beside [`exit`]).
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0    success
+  1    error not listed below (a local file, a value refused before asking the server)
+  2    usage: unknown command or option, missing or malformed argument
+  3    temporary: the server said to retry later, or the agent gave up retrying
+  4    refused by the server (not found, conflict, invalid, not allowed)
+  5    server unreachable (connection refused, TLS, timeout)
+  6    a job the command followed (failover, plan, verify, gc) failed
+  7    verify found damage
+  141  output closed early (e.g. piped into head)";
+
+/// A job the command followed to its end did not succeed ([`exit::JOB_FAILED`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{what} failed: {reason}")]
+pub struct JobFailed {
+    what: String,
+    reason: String,
+}
+
+impl JobFailed {
+    /// `what` names the job for the message ("test failover of web01", "job ID (Verify)").
+    fn new(what: impl Into<String>, job: &crate::wire::Job) -> JobFailed {
+        let reason = match &job.error {
+            Some(e) => format!("{} [{}]", e.message, e.code),
+            None => format!("ended {}", job.state.as_str()),
+        };
+        JobFailed {
+            what: what.into(),
+            reason,
+        }
+    }
+}
+
+/// The exit status for a failed command: the first cause in the chain that the table names.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    use crate::agent::AgentError;
+    use crate::client::ClientError;
+    let client = |c: &ClientError| match c {
+        ClientError::Transport(_) => exit::UNREACHABLE,
+        ClientError::Api { .. } if c.recoverable() => exit::RETRY_LATER,
+        ClientError::Api { .. } => exit::REFUSED,
+        ClientError::Decode(_) | ClientError::Setup(_) => exit::ERROR,
+    };
+    for cause in e.chain() {
+        if cause.is::<JobFailed>() {
+            return exit::JOB_FAILED;
+        }
+        if let Some(a) = cause.downcast_ref::<AgentError>() {
+            return match a {
+                // The agent retries what is recoverable (unreachable included) before it
+                // gives up; an error that reaches here unretried was meant to be waited out.
+                AgentError::GaveUp { .. } => exit::RETRY_LATER,
+                AgentError::Client(c) if c.recoverable() => exit::RETRY_LATER,
+                AgentError::Client(c) => client(c),
+                _ => exit::ERROR,
+            };
+        }
+        if let Some(c) = cause.downcast_ref::<ClientError>() {
+            return client(c);
+        }
+    }
+    exit::ERROR
 }
 
 #[derive(clap::Args, Clone)]
@@ -299,10 +421,38 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_text(&e));
-            match e.downcast_ref::<crate::agent::AgentError>() {
-                Some(a) => a.exit_code(),
-                None => 1,
-            }
+            exit_code(&e)
+        }
+    }
+}
+
+/// `drvault completions SHELL`: the script on stdout.
+fn completions(shell: CompletionShell) -> i32 {
+    use clap_complete::Shell;
+    let shell = match shell {
+        CompletionShell::Bash => Shell::Bash,
+        CompletionShell::Zsh => Shell::Zsh,
+        CompletionShell::Fish => Shell::Fish,
+    };
+    let mut cmd = Cli::command();
+    clap_complete::generate(shell, &mut cmd, "drvault", &mut std::io::stdout());
+    exit::OK
+}
+
+/// `drvault man [--dir DIR]`: drvault(1) on stdout, or every page into DIR.
+fn man(dir: Option<&std::path::Path>) -> i32 {
+    let cmd = Cli::command();
+    let done = match dir {
+        None => clap_mangen::Man::new(cmd).render(&mut std::io::stdout()),
+        Some(d) => std::fs::create_dir_all(d)
+            .and_then(|()| clap_mangen::generate_to(cmd, d))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", d.display()))),
+    };
+    match done {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: writing the man pages: {e}");
+            exit::ERROR
         }
     }
 }
@@ -342,7 +492,7 @@ fn error_text(e: &anyhow::Error) -> String {
 }
 
 /// Exit code of a command whose output reader went away, as if SIGPIPE had ended it.
-pub const BROKEN_PIPE_EXIT: i32 = 128 + 13;
+pub const BROKEN_PIPE_EXIT: i32 = exit::BROKEN_PIPE;
 
 /// `drvault jobs | head`: once the reader has gone, writes to stdout fail with EPIPE (Rust
 /// ignores SIGPIPE, and restoring it needs unsafe code) and `println!` panics with a backtrace
@@ -389,7 +539,7 @@ async fn run(cli: Cli) -> Result<i32> {
             data_dir,
             listen,
         } => server::serve(config, data_dir, listen).await,
-        Cmd::Status { wait, conn } => server::status(wait, conn).await,
+        Cmd::Status { wait, json, conn } => server::status(wait, json, conn).await,
         Cmd::Host { cmd, conn } => hosts::host(cmd, conn).await,
         Cmd::Provider { cmd, conn } => hosts::provider(cmd, conn).await,
         Cmd::Vms { name, json, conn } => vms::vms(name, json, conn).await,
@@ -450,6 +600,7 @@ async fn run(cli: Cli) -> Result<i32> {
             conn,
         } => vms::merge(&vm, all, through, conn).await,
         Cmd::Verify(a) => scrub::verify(a).await,
+        Cmd::Damage { json, conn } => scrub::damage(json, conn).await,
         Cmd::Gc(a) => scrub::gc(a).await,
         Cmd::Hrl { cmd } => hrl::hrl_cmd(cmd).await,
         Cmd::Failover { cmd, start, conn } => failover::failover_cmd(cmd, start, conn).await,
@@ -505,7 +656,20 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Key { cmd, conn } => key::run(cmd, conn).await,
         Cmd::Network { cmd, conn } => network::run(cmd, conn).await,
         Cmd::Bench { cmd } => Ok(crate::bench::run(cmd).await?),
+        Cmd::Completions { shell } => Ok(completions(shell)),
+        Cmd::Man { dir } => Ok(man(dir.as_deref())),
     }
+}
+
+/// `--json` output of every command: pretty-printed, the keys of every object in alphabetical
+/// order (through `serde_json::Value`, whose maps are sorted), so scripts and diffs see the
+/// same shape from every listing.
+pub(crate) fn print_json<T: serde::Serialize + ?Sized>(v: &T) -> Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::to_value(v)?)?
+    );
+    Ok(())
 }
 
 fn console() -> bool {

@@ -57,7 +57,7 @@ pub async fn run(cmd: NetworkCmd, conn: Conn) -> Result<i32> {
         NetworkCmd::Show { name, json } => {
             let v = conn.client()?.host_network(&name).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                super::print_json(&v)?;
             } else {
                 print_view(&v);
             }

@@ -84,7 +84,7 @@ pub(super) async fn plan_cmd(cmd: PlanCmd, conn: Conn) -> Result<i32> {
         PlanCmd::List { json } => {
             let plans = c.plans().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&plans)?);
+                super::print_json(&plans)?;
             } else {
                 for p in &plans {
                     let groups: Vec<String> = p

@@ -48,6 +48,8 @@ pub enum FailbackCmd {
     Show {
         #[arg(long)]
         vm: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -92,7 +94,7 @@ pub struct AgentFailbackArgs {
 
 fn print_session(s: &ResyncSession, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(s)?);
+        super::print_json(s)?;
         return Ok(());
     }
     let when = if s.not_before_unix > 0 && s.state.word() == "scheduled" {
@@ -165,7 +167,11 @@ pub async fn failback_cmd(cmd: FailbackCmd, conn: Conn) -> Result<i32> {
                 .await?,
             "committed",
         ),
-        FailbackCmd::Show { vm } => (c.failback(&vm).await?, "show"),
+        FailbackCmd::Show { vm, json: true } => {
+            super::print_json(&c.failback(&vm).await?)?;
+            return Ok(0);
+        }
+        FailbackCmd::Show { vm, json: false } => (c.failback(&vm).await?, "show"),
     };
     println!(
         "failback of VM {} from failover {}: disks synchronized: {}{}",
@@ -206,7 +212,7 @@ pub async fn agent_resync(a: AgentResyncArgs) -> Result<i32> {
         .await
         .context("resync")?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        super::print_json(&s)?;
     } else if s.blocks_compared == 0 && s.state == "committed" {
         println!(
             "disk {} of {}: already resynchronized by session {}{}; nothing to send",
@@ -253,7 +259,7 @@ pub async fn agent_failback(a: AgentFailbackArgs) -> Result<i32> {
         .await
         .context("failback")?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        super::print_json(&s)?;
     } else {
         println!(
             "disk {} of {} is up to date with failover {}: {} blocks compared, {} differed, {} written; downloaded {} ({} of hashes) in {:.1} s{}",

@@ -1,12 +1,12 @@
 //! `drvault verify` and `drvault gc`: start the job, follow it, print its report. Exit status 0
-//! when the run succeeded (and, for verify, found the scope clean), 2 when verify found damage,
-//! 1 on any error.
+//! when the run succeeded (and, for verify, found the scope clean), [`super::exit::DAMAGE`] when
+//! verify found damage, otherwise what [`super::exit`] says of the error.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use super::operator::Conn;
 use crate::client::Client;
-use crate::wire::{GcReport, GcRequest, JobState, VerifyReport, VerifyRequest};
+use crate::wire::{DamagedObject, GcReport, GcRequest, JobState, VerifyReport, VerifyRequest};
 
 #[derive(clap::Args)]
 pub struct VerifyArgs {
@@ -42,11 +42,8 @@ pub struct GcArgs {
 async fn finish_job(c: &Client, id: &str) -> Result<()> {
     let job = super::wait_job(c, id).await?;
     if job.state != JobState::Succeeded {
-        let e = job
-            .error
-            .map(|e| format!("{} [{}]", e.message, e.code))
-            .unwrap_or_default();
-        bail!("job {} ({}) failed: {e}", job.id, job.title);
+        let what = format!("job {} ({})", job.id, job.title);
+        return Err(super::JobFailed::new(what, &job).into());
     }
     Ok(())
 }
@@ -61,7 +58,7 @@ pub async fn verify(a: VerifyArgs) -> Result<i32> {
     finish_job(&c, &s.job).await?;
     let r: VerifyReport = c.verify_report(&s.job).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        super::print_json(&r)?;
     } else {
         let (objects, bytes) = r
             .checked
@@ -82,24 +79,7 @@ pub async fn verify(a: VerifyArgs) -> Result<i32> {
             println!("  {:<8} {:>8} objects", f.word(), c.objects);
         }
         for o in &r.damaged {
-            println!(
-                "DAMAGED {} ({}, {}): {} [{}]",
-                o.key,
-                o.family.word(),
-                o.problem,
-                o.reason,
-                o.action
-            );
-            for af in &o.affects {
-                println!(
-                    "  needed by VM {} disk {} {}",
-                    af.vm,
-                    if af.disk.is_empty() { "-" } else { &af.disk },
-                    af.session
-                        .clone()
-                        .unwrap_or_else(|| format!("points {}", af.points.join(",")))
-                );
-            }
+            print_damaged(o);
         }
         for p in &r.damaged_points {
             println!(
@@ -114,7 +94,57 @@ pub async fn verify(a: VerifyArgs) -> Result<i32> {
             println!("clean: nothing damaged");
         }
     }
-    Ok(if r.clean { 0 } else { 2 })
+    Ok(if r.clean {
+        super::exit::OK
+    } else {
+        super::exit::DAMAGE
+    })
+}
+
+/// One damaged object and what needs it (verify's report and `drvault damage`).
+fn print_damaged(o: &DamagedObject) {
+    println!(
+        "DAMAGED {} ({}, {}): {} [{}]",
+        o.key,
+        o.family.word(),
+        o.problem,
+        o.reason,
+        o.action
+    );
+    for af in &o.affects {
+        println!(
+            "  needed by VM {} disk {} {}",
+            af.vm,
+            if af.disk.is_empty() { "-" } else { &af.disk },
+            af.session
+                .clone()
+                .unwrap_or_else(|| format!("points {}", af.points.join(",")))
+        );
+    }
+}
+
+/// `drvault damage`: the damage register as it stands (what verify found and no upload has
+/// healed yet), without running a verify.
+pub async fn damage(json: bool, conn: Conn) -> Result<i32> {
+    let r = conn.client()?.damage().await?;
+    if json {
+        super::print_json(&r)?;
+        return Ok(0);
+    }
+    for o in r.objects.values() {
+        print_damaged(o);
+    }
+    if r.objects.is_empty() {
+        println!("no damaged objects registered");
+    }
+    for k in &r.healed {
+        println!("stored again since (the next verify reports it healed): {k}");
+    }
+    match r.last_verify_unix {
+        Some(t) => println!("last full verify: {}", crate::util::rfc3339(t)),
+        None => println!("no full verify yet"),
+    }
+    Ok(0)
 }
 
 pub async fn gc(a: GcArgs) -> Result<i32> {
@@ -127,7 +157,7 @@ pub async fn gc(a: GcArgs) -> Result<i32> {
     finish_job(&c, &s.job).await?;
     let r: GcReport = c.gc_report(&s.job).await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        super::print_json(&r)?;
         return Ok(0);
     }
     println!(

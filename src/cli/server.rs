@@ -53,7 +53,7 @@ pub(super) async fn serve(
     Ok(0)
 }
 
-pub(super) async fn status(wait: Option<Duration>, conn: Conn) -> Result<i32> {
+pub(super) async fn status(wait: Option<Duration>, json: bool, conn: Conn) -> Result<i32> {
     let deadline = std::time::Instant::now() + wait.unwrap_or_default();
     loop {
         // server.json appears once the server listens; a stale one from a stopped server
@@ -65,6 +65,12 @@ pub(super) async fn status(wait: Option<Duration>, conn: Conn) -> Result<i32> {
         }
         .await;
         match answer {
+            Ok((url, info)) if json => {
+                let mut v = serde_json::to_value(&info)?;
+                v["url"] = serde_json::Value::String(url);
+                super::print_json(&v)?;
+                return Ok(0);
+            }
             Ok((url, info)) => {
                 println!("drvault {} answers at {url}", info.version);
                 return Ok(0);

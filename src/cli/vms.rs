@@ -67,7 +67,7 @@ pub(super) async fn vms(name: Option<String>, json: bool, conn: Conn) -> Result<
         } else {
             serde_json::to_value(&list)?
         };
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        super::print_json(&v)?;
         return Ok(0);
     }
     // A failover in progress or not yet committed says so instead of `protected`.
@@ -165,7 +165,7 @@ pub(super) async fn points(vm: &str, json: bool, conn: Conn) -> Result<i32> {
     let c = conn.client()?;
     let points = c.points(vm).await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&points)?);
+        super::print_json(&points)?;
     } else {
         // TIME is the logs' own (the host's clock), ACCEPTED the server's.
         println!(

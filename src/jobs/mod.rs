@@ -66,7 +66,13 @@ pub struct Jobs {
     resumed: Arc<RwLock<BTreeSet<String>>>,
     /// Jobs whose progress changed in memory since their record was last written.
     progress_unsaved: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    /// Each job as it reaches a final state, for whoever listens (webhooks); sending never
+    /// waits, a listener that falls behind is told how many it missed.
+    finished: tokio::sync::broadcast::Sender<Job>,
 }
+
+/// Finished jobs a slow listener may fall behind by before it misses some.
+const FINISHED_BACKLOG: usize = 256;
 
 impl Jobs {
     /// Loads every job record of the vault.
@@ -86,7 +92,13 @@ impl Jobs {
             cache: Arc::new(RwLock::new(cache)),
             resumed: Default::default(),
             progress_unsaved: Default::default(),
+            finished: tokio::sync::broadcast::channel(FINISHED_BACKLOG).0,
         })
+    }
+
+    /// Every job that reaches a final state from now on.
+    pub fn subscribe_finished(&self) -> tokio::sync::broadcast::Receiver<Job> {
+        self.finished.subscribe()
     }
 
     /// Marks failed every job a previous server process left unfinished, except "Enable
@@ -163,9 +175,9 @@ impl Jobs {
         let prefix = layout::record(Family::Job, id);
         // The record's progress may be older than memory's: the write carries memory's along
         // rather than taking the cache back to it; per-disk progress likewise.
-        let (progress, disks) = match self.cache.read().await.get(id) {
-            Some(j) => (Some(j.progress), j.disks.clone()),
-            None => (None, Vec::new()),
+        let (progress, disks, was_final) = match self.cache.read().await.get(id) {
+            Some(j) => (Some(j.progress), j.disks.clone(), j.state.is_final()),
+            None => (None, Vec::new(), false),
         };
         let updated = self
             .records
@@ -193,6 +205,10 @@ impl Jobs {
         // (a record version with nothing new would be a write no one asked for).
         self.unsaved().remove(id);
         publish_state_gauges(&c);
+        if updated.value.state.is_final() && !was_final {
+            // No listener is not an error: webhooks may be off.
+            let _ = self.finished.send(updated.value.clone());
+        }
         Ok(updated.value)
     }
 

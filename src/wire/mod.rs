@@ -19,6 +19,7 @@ pub mod resync;
 pub mod scrub;
 pub mod server;
 pub mod vms;
+pub mod webhooks;
 
 pub use agents::*;
 pub use failback::*;
@@ -34,6 +35,7 @@ pub use resync::*;
 pub use scrub::*;
 pub use server::*;
 pub use vms::*;
+pub use webhooks::*;
 
 /// Header carrying a block's plain BLAKE3 (hex), on uploads and downloads.
 pub const BLAKE3_HEADER: &str = "x-drvault-blake3";

@@ -202,7 +202,7 @@ fn failover_boots_the_changed_disk_then_the_earlier_point() {
     ]);
     assert_eq!(
         o.status.code(),
-        Some(2),
+        Some(4),
         "non-recoverable exit code: {}",
         String::from_utf8_lossy(&o.stderr)
     );

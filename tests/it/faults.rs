@@ -428,7 +428,7 @@ fn verify(f: &Faulty) -> (Value, bool) {
     let o = f.server.cli(&["verify", "--json"]);
     let code = o.status.code();
     assert!(
-        code == Some(0) || code == Some(2),
+        code == Some(0) || code == Some(7),
         "verify failed: {}",
         stderr(&o)
     );
