@@ -147,8 +147,8 @@ fn console_drives_a_test_failover_in_headless_chromium() {
     let verify = server.cli(&["verify"]);
     assert_eq!(
         verify.status.code(),
-        Some(2),
-        "verify reports the damage: {}",
+        Some(7),
+        "verify reports the damage (exit code 7): {}",
         String::from_utf8_lossy(&verify.stdout)
     );
 
