@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod accounts;
 pub mod agents;
 pub mod failback;
 pub mod failover;
@@ -20,6 +21,7 @@ pub mod scrub;
 pub mod server;
 pub mod vms;
 
+pub use accounts::*;
 pub use agents::*;
 pub use failback::*;
 pub use failover::*;
