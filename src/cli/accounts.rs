@@ -68,7 +68,10 @@ pub(super) async fn account(cmd: AccountCmd, conn: Conn) -> Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&accounts)?);
             } else {
-                println!("{:<24} {:<9} {:<22} {:>6} EXPIRES", "ACCOUNT", "ROLE", "CREATED", "TOKENS");
+                println!(
+                    "{:<24} {:<9} {:<22} {:>6} EXPIRES",
+                    "ACCOUNT", "ROLE", "CREATED", "TOKENS"
+                );
                 for a in &accounts {
                     println!(
                         "{:<24} {:<9} {:<22} {:>6} {}",
@@ -115,7 +118,12 @@ pub(super) async fn account(cmd: AccountCmd, conn: Conn) -> Result<i32> {
             let target = if rewrite_own { Some(own_file) } else { output };
             let pending = target.as_deref().map(SecretFile::prepare).transpose()?;
             let t = c
-                .rotate_account_token(&name, &RotateToken { expires_at: expires })
+                .rotate_account_token(
+                    &name,
+                    &RotateToken {
+                        expires_at: expires,
+                    },
+                )
                 .await?;
             deliver_token(pending, &t.token, &format!("account {name}: new token"))?;
             println!("the other tokens of account {name} no longer work");

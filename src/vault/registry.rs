@@ -122,7 +122,10 @@ pub enum Principal {
 pub enum Refusal {
     Unknown,
     /// A token of `account` that expired at `expired_unix`.
-    Expired { account: String, expired_unix: u64 },
+    Expired {
+        account: String,
+        expired_unix: u64,
+    },
 }
 
 /// Token prefixes: they make a pasted token recognisable and let the server refuse the wrong
@@ -183,7 +186,11 @@ impl Registry {
                 tokens: Vec::new(),
                 created_unix: now,
             });
-        for digest in legacy.iter().map(String::as_str).chain(file_is_new.then_some(file_digest)) {
+        for digest in legacy
+            .iter()
+            .map(String::as_str)
+            .chain(file_is_new.then_some(file_digest))
+        {
             if !first.tokens.iter().any(|t| t.digest == digest) {
                 first.tokens.push(TokenEntry {
                     digest: digest.to_string(),
@@ -322,11 +329,16 @@ impl Registrar {
     pub async fn remove_account(&self, name: &str) -> Result<()> {
         check_name("account", name)?;
         self.update(|r| {
-            let a = r.accounts.get(name).ok_or_else(|| account_not_found(name))?;
+            let a = r
+                .accounts
+                .get(name)
+                .ok_or_else(|| account_not_found(name))?;
             if a.role == Role::Admin && r.admins() == 1 {
                 return Err(Error::conflict(
                     "last_admin",
-                    format!("account {name} is the last admin; add another admin before removing it"),
+                    format!(
+                        "account {name} is the last admin; add another admin before removing it"
+                    ),
                 ));
             }
             r.accounts.remove(name);
@@ -568,7 +580,10 @@ impl Registrar {
 }
 
 fn account_not_found(name: &str) -> Error {
-    Error::not_found("account_not_found", format!("account {name} does not exist"))
+    Error::not_found(
+        "account_not_found",
+        format!("account {name} does not exist"),
+    )
 }
 
 /// An expiry must lie ahead: a token born expired is a typo, not a wish.
@@ -782,7 +797,13 @@ mod tests {
             .value;
         assert!(written.get("operator_tokens").is_none(), "{written}");
         assert_eq!(written["accounts"]["admin"]["role"], "admin");
-        assert_eq!(written["accounts"]["admin"]["tokens"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            written["accounts"]["admin"]["tokens"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[tokio::test]
@@ -800,7 +821,10 @@ mod tests {
     async fn accounts_rotation_expiry_and_the_last_admin() {
         let (r, _, _) = open().await;
         let now = crate::util::unix_now();
-        let viewer = r.add_account("ann", Role::Viewer, Some(now + 3600)).await.unwrap();
+        let viewer = r
+            .add_account("ann", Role::Viewer, Some(now + 3600))
+            .await
+            .unwrap();
         assert_eq!(
             r.resolve_token(&viewer).await,
             Some(Principal::Account {
@@ -820,10 +844,16 @@ mod tests {
                 expired_unix: now + 3600
             })
         );
-        let e = r.add_account("bob", Role::Operator, Some(now - 1)).await.unwrap_err();
+        let e = r
+            .add_account("bob", Role::Operator, Some(now - 1))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), "invalid_expiry");
         assert_eq!(
-            r.add_account("ann", Role::Admin, None).await.unwrap_err().code(),
+            r.add_account("ann", Role::Admin, None)
+                .await
+                .unwrap_err()
+                .code(),
             "account_exists"
         );
         let e = r.remove_account(FIRST_ACCOUNT).await.unwrap_err();

@@ -116,7 +116,10 @@ async fn each_role_reaches_its_routes_and_is_refused_the_others_naming_the_role(
             .send_json::<_, Value>(Method::POST, "/v1/vms/web01/failover", &drill)
             .await,
     );
-    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "role_required"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::FORBIDDEN, "role_required")
+    );
     assert_eq!(
         message,
         "this needs role operator; account ann has role viewer"
@@ -138,7 +141,10 @@ async fn each_role_reaches_its_routes_and_is_refused_the_others_naming_the_role(
             .send_json::<_, Value>(Method::POST, "/v1/vms/web01/failover/cleanup", &json!({}))
             .await,
     );
-    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "role_required"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::FORBIDDEN, "role_required")
+    );
     operator
         .send_json::<_, Value>(Method::POST, "/v1/vms/web01/failover/cleanup", &json!({}))
         .await
@@ -171,9 +177,15 @@ async fn each_role_reaches_its_routes_and_is_refused_the_others_naming_the_role(
             );
         }
         let (status, code, _) = refusal(c.delete("/v1/accounts/admin").await);
-        assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "role_required"));
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::FORBIDDEN, "role_required")
+        );
     }
-    assert_eq!(admin.get_json::<Value>("/v1/hosts").await.unwrap(), hosts_before);
+    assert_eq!(
+        admin.get_json::<Value>("/v1/hosts").await.unwrap(),
+        hosts_before
+    );
     let names: Vec<Value> = admin.get_json("/v1/accounts").await.unwrap();
     let names: Vec<&str> = names.iter().map(|a| a["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["admin", "ann", "otto"]);
@@ -185,10 +197,16 @@ async fn each_role_reaches_its_routes_and_is_refused_the_others_naming_the_role(
     assert_eq!(creds["kind"], "host");
     // Account tokens still open no agent route, and host tokens no operator route.
     let (status, code, _) = refusal(operator.get_json::<Value>("/v1/agent/vms/web01").await);
-    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
     let host = server.client_with(creds["token"].as_str().unwrap());
     let (status, code, _) = refusal(host.get_json::<Value>("/v1/whoami").await);
-    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "forbidden"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -210,7 +228,10 @@ async fn rotated_tokens_revoke_the_old_ones_and_the_host_agent_keeps_replicating
             .get_json::<Value>("/v1/agent/vms/web01")
             .await,
     );
-    assert_eq!((status, code.as_str()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&creds).unwrap().permissions().mode();
@@ -253,7 +274,10 @@ async fn rotated_tokens_revoke_the_old_ones_and_the_host_agent_keeps_replicating
         .unwrap();
     assert_eq!(rotated["account"], "ann");
     let (status, code, _) = refusal(ann.get_json::<Value>("/v1/whoami").await);
-    assert_eq!((status, code.as_str()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
     let ann = server.client_with(rotated["token"].as_str().unwrap());
     let w: Value = ann.get_json("/v1/whoami").await.unwrap();
     assert_eq!(w["account"], "ann");
@@ -274,7 +298,10 @@ async fn rotated_tokens_revoke_the_old_ones_and_the_host_agent_keeps_replicating
             .get_json::<Value>("/v1/vms")
             .await,
     );
-    assert_eq!((status, code.as_str()), (StatusCode::UNAUTHORIZED, "unauthorized"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
     let w: Value = server
         .client_with(file.trim())
         .get_json("/v1/whoami")
@@ -349,7 +376,10 @@ async fn bad_account_requests_are_refused_and_change_nothing() {
             )
             .await,
     );
-    assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, "invalid_role"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_REQUEST, "invalid_role")
+    );
     for role in ["\"superuser\"", "viewer", "operator", "admin"] {
         assert!(message.contains(role), "{role} not in {message}");
     }
@@ -369,13 +399,23 @@ async fn bad_account_requests_are_refused_and_change_nothing() {
                 .send_json::<_, Value>(Method::POST, "/v1/accounts", &body)
                 .await,
         );
-        assert_eq!((status, code.as_str()), (StatusCode::BAD_REQUEST, want), "{body}");
+        assert_eq!(
+            (status, code.as_str()),
+            (StatusCode::BAD_REQUEST, want),
+            "{body}"
+        );
     }
-    assert_eq!(admin.get_json::<Value>("/v1/accounts").await.unwrap(), before);
+    assert_eq!(
+        admin.get_json::<Value>("/v1/accounts").await.unwrap(),
+        before
+    );
 
     // The only admin cannot be removed; with a second one it can, and its token stops working.
     let (status, code, message) = refusal(admin.delete("/v1/accounts/admin").await);
-    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "last_admin"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::CONFLICT, "last_admin")
+    );
     assert!(message.contains("last admin"), "{message}");
     admin.get_json::<Value>("/v1/whoami").await.unwrap();
 
@@ -389,11 +429,17 @@ async fn bad_account_requests_are_refused_and_change_nothing() {
             )
             .await,
     );
-    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "account_exists"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::CONFLICT, "account_exists")
+    );
     let root: Value = second.get_json("/v1/whoami").await.unwrap();
     assert_eq!(root["role"], "admin", "the duplicate changed nothing");
     let (status, code, _) = refusal(admin.delete("/v1/accounts/nobody").await);
-    assert_eq!((status, code.as_str()), (StatusCode::NOT_FOUND, "account_not_found"));
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::NOT_FOUND, "account_not_found")
+    );
 
     second.delete("/v1/accounts/admin").await.unwrap();
     let (status, _, _) = refusal(admin.get_json::<Value>("/v1/whoami").await);
@@ -436,7 +482,10 @@ async fn the_account_commands_list_add_and_explain_the_roles() {
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("needs role admin; account ann has role viewer"), "{err}");
+    assert!(
+        err.contains("needs role admin; account ann has role viewer"),
+        "{err}"
+    );
     assert!(!server.dir.join("hv9.creds.json").exists());
     let bad = server.cli(&["account", "add", "x", "--role", "superuser"]);
     assert!(!bad.status.success());

@@ -119,7 +119,9 @@ fn parse_expiry(s: Option<&str>) -> Result<Option<u64>, Error> {
     let bad = || {
         Error::invalid(
             "invalid_expiry",
-            format!("expires_at {s:?}: use an RFC 3339 time in the future, e.g. 2030-01-31T18:00:00Z"),
+            format!(
+                "expires_at {s:?}: use an RFC 3339 time in the future, e.g. 2030-01-31T18:00:00Z"
+            ),
         )
     };
     let t = chrono::DateTime::parse_from_rfc3339(s).map_err(|_| bad())?;

@@ -17,7 +17,10 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/hosts", get(list_hosts).post(add_host))
         .route("/v1/hosts/{name}", axum::routing::delete(remove_host))
-        .route("/v1/hosts/{name}/token", axum::routing::post(rotate_host_token))
+        .route(
+            "/v1/hosts/{name}/token",
+            axum::routing::post(rotate_host_token),
+        )
         .route(
             "/v1/hosts/{name}/throttle",
             axum::routing::put(set_throttle),
