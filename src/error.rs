@@ -33,6 +33,16 @@ pub enum Error {
     Unauthorized { message: String },
     #[error("{message}")]
     Forbidden { message: String },
+    /// A token that was valid once and whose expiry passed.
+    #[error("{message}")]
+    TokenExpired { message: String },
+    /// The caller's account has a role below the one the route needs.
+    #[error("this needs role {needed}; account {account} has role {actual}")]
+    RoleRequired {
+        needed: crate::wire::Role,
+        account: String,
+        actual: crate::wire::Role,
+    },
     #[error("{message}")]
     NotFound { code: &'static str, message: String },
     #[error("{message}")]
@@ -130,8 +140,8 @@ impl Error {
     pub fn kind(&self) -> Kind {
         match self {
             Error::Invalid { .. } => Kind::InvalidInput,
-            Error::Unauthorized { .. } => Kind::Unauthorized,
-            Error::Forbidden { .. } => Kind::Forbidden,
+            Error::Unauthorized { .. } | Error::TokenExpired { .. } => Kind::Unauthorized,
+            Error::Forbidden { .. } | Error::RoleRequired { .. } => Kind::Forbidden,
             Error::NotFound { .. } => Kind::NotFound,
             Error::Conflict { .. } => Kind::Conflict,
             Error::TooLarge { .. } => Kind::TooLarge,
@@ -158,6 +168,8 @@ impl Error {
             | Error::Unavailable { code, .. } => code,
             Error::Unauthorized { .. } => "unauthorized",
             Error::Forbidden { .. } => "forbidden",
+            Error::TokenExpired { .. } => "token_expired",
+            Error::RoleRequired { .. } => "role_required",
             // An object the vault's own records point at is gone: that is damage, not a 404.
             Error::Store(StoreError::NotFound { .. }) => "object_missing",
             Error::Store(StoreError::Config(_)) => "store_misconfigured",

@@ -1,7 +1,8 @@
 //! Bearer-token authentication and the authorization rules (docs/api.md): only the host that
-//! owns a VM reaches its data; the operator token opens operator routes only; a host token opens
-//! agent routes only, for the VMs that host protected; a provider token acts for any host of its
-//! cloud (named per request in `X-Drvault-Host`) and no other.
+//! owns a VM reaches its data; an account token opens operator routes only, those its role
+//! admits ([`Viewer`], [`Operator`], [`Admin`]); a host token opens agent routes only, for the
+//! VMs that host protected; a provider token acts for any host of its cloud (named per request
+//! in `X-Drvault-Host`) and no other.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -9,7 +10,7 @@ use axum::http::request::Parts;
 use super::error::ApiError;
 use super::AppState;
 use crate::error::Error;
-use crate::vault::registry::Principal;
+use crate::vault::registry::{Principal, Role};
 pub use crate::wire::ACTING_HOST_HEADER;
 
 fn bearer(parts: &Parts) -> Result<&str, Error> {
@@ -34,30 +35,75 @@ fn bearer(parts: &Parts) -> Result<&str, Error> {
 
 async fn principal(parts: &Parts, state: &AppState) -> Result<Principal, Error> {
     let token = bearer(parts)?;
-    state
-        .registry
-        .resolve_token(token)
-        .await
-        .ok_or(Error::Unauthorized {
-            message: "unknown or revoked token".into(),
-        })
+    state.registry.authenticate(token).await
 }
 
-/// Extractor for operator routes.
-pub struct Operator;
-
-impl FromRequestParts<AppState> for Operator {
-    type Rejection = ApiError;
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        match principal(parts, state).await? {
-            Principal::Operator => Ok(Operator),
-            _ => Err(Error::forbidden("this route needs the operator token; host and provider tokens are for agent routes").into()),
-        }
+/// The account behind an operator route's token, admitted if its role is `needed` or above.
+async fn account(parts: &Parts, state: &AppState, needed: Role) -> Result<Account, Error> {
+    match principal(parts, state).await? {
+        Principal::Account {
+            name,
+            role,
+            expires_unix,
+        } if role >= needed => Ok(Account {
+            name,
+            role,
+            expires_unix,
+        }),
+        Principal::Account { name, role, .. } => Err(Error::RoleRequired {
+            needed,
+            account: name,
+            actual: role,
+        }),
+        _ => Err(Error::forbidden(
+            "this route needs an operator account's token; host and provider tokens are for agent routes",
+        )),
     }
 }
+
+/// The operator account a request came from.
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: String,
+    pub role: Role,
+    /// When the token the request used expires.
+    pub expires_unix: Option<u64>,
+}
+
+/// Declares an extractor admitting accounts of `$role` and above.
+macro_rules! role_extractor {
+    ($(#[$doc:meta])* $name:ident, $role:expr) => {
+        $(#[$doc])*
+        pub struct $name(pub Account);
+
+        impl FromRequestParts<AppState> for $name {
+            type Rejection = ApiError;
+            async fn from_request_parts(
+                parts: &mut Parts,
+                state: &AppState,
+            ) -> Result<Self, Self::Rejection> {
+                Ok($name(account(parts, state, $role).await?))
+            }
+        }
+    };
+}
+
+role_extractor!(
+    /// Routes that read (every GET): any account.
+    Viewer,
+    Role::Viewer
+);
+role_extractor!(
+    /// Routes that act on VMs (drills, failover, commit, cleanup, cancel, resync, failback, plans
+    /// run and resume, verify, merge): accounts with role operator or admin.
+    Operator,
+    Role::Operator
+);
+role_extractor!(
+    /// Routes that manage the server (hosts, providers, keys, accounts, gc): admin accounts.
+    Admin,
+    Role::Admin
+);
 
 /// Extractor for agent routes: the host on whose behalf the request acts.
 pub struct AgentHost(pub String);
@@ -80,8 +126,8 @@ async fn acting_host(parts: &Parts, state: &AppState, who: Principal) -> Result<
         .get(ACTING_HOST_HEADER)
         .map(|v| v.to_str().unwrap_or("\u{0}").to_string());
     match who {
-        Principal::Operator => Err(Error::forbidden(
-            "the operator token cannot be used on agent routes; use a host credential",
+        Principal::Account { .. } => Err(Error::forbidden(
+            "an operator account's token cannot be used on agent routes; use a host credential",
         )),
         Principal::Host { name } => match acting {
             Some(a) if a != name => Err(Error::forbidden(format!(
@@ -109,8 +155,10 @@ async fn acting_host(parts: &Parts, state: &AppState, who: Principal) -> Result<
 }
 
 /// Either kind of caller, for extractors that serve operator and agent routes alike (the route
-/// itself still names which kind it admits, with [`Operator`] or [`AgentHost`]).
+/// itself still names which kind and role it admits, with [`Viewer`], [`Operator`], [`Admin`]
+/// or [`AgentHost`]).
 pub enum Caller {
+    /// Any operator account (the route's own extractor checks its role).
     Operator,
     /// An agent, acting for this host.
     Agent(String),
@@ -133,7 +181,7 @@ impl FromRequestParts<AppState> for Caller {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         match principal(parts, state).await? {
-            Principal::Operator => Ok(Caller::Operator),
+            Principal::Account { .. } => Ok(Caller::Operator),
             who => Ok(Caller::Agent(acting_host(parts, state, who).await?)),
         }
     }

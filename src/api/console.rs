@@ -25,7 +25,7 @@ use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::auth::Operator;
+use super::auth::Viewer;
 use super::error::ApiResult;
 use super::extract::CallerVm;
 use super::AppState;
@@ -121,7 +121,7 @@ pub fn nic_mappings(rec: &VmRecord, config: &NetworkConfig) -> Vec<NicMappingVie
 
 /// `GET /v1/vms/{vm}/nics` (operator).
 pub async fn vm_nics(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     CallerVm { record: rec, .. }: CallerVm,
 ) -> ApiResult<Json<Vec<NicMappingView>>> {

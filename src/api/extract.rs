@@ -120,6 +120,12 @@ name_segment!(
     "provider"
 );
 name_segment!(
+    /// `{name}` of `/v1/accounts/{name}`.
+    AccountName,
+    "name",
+    "account"
+);
+name_segment!(
     /// `{name}` of `/v1/plans/{name}`.
     PlanName,
     "name",

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::auth::Operator;
+use super::auth::{Admin, Viewer};
 use super::error::ApiResult;
 use super::AppState;
 use crate::chunk::keys::KeyError;
@@ -27,11 +27,11 @@ fn view(s: &AppState) -> KeysView {
     }
 }
 
-async fn list_keys(_: Operator, State(s): State<AppState>) -> Json<KeysView> {
+async fn list_keys(_: Viewer, State(s): State<AppState>) -> Json<KeysView> {
     Json(view(&s))
 }
 
-async fn rotate_key(_: Operator, State(s): State<AppState>) -> ApiResult<Json<KeysView>> {
+async fn rotate_key(_: Admin, State(s): State<AppState>) -> ApiResult<Json<KeysView>> {
     let keys = s.vault.keys().clone();
     // Writes and fsyncs the key file: off the async workers.
     let r = tokio::task::spawn_blocking(move || keys.rotate())

@@ -191,7 +191,7 @@ async fn principal_of(state: &AppState, authorization: Option<&str>) -> Option<P
 /// The rate-limit bucket of a request: the host it acts for, or `None` (not limited).
 fn bucket_of(principal: Principal, acting: Option<&str>) -> Option<String> {
     match principal {
-        Principal::Operator => None,
+        Principal::Account { .. } => None,
         Principal::Host { name } => Some(format!("host {name}")),
         Principal::Provider { name, .. } => {
             let acting = acting.unwrap_or("");
@@ -216,7 +216,7 @@ fn reserve_serves(method: &Method, path: &str, principal: Option<&Principal>) ->
         "/console/app.css",
         "/console/favicon.svg",
     ];
-    matches!(principal, Some(Principal::Operator))
+    matches!(principal, Some(Principal::Account { .. }))
         || (matches!(*method, Method::GET | Method::HEAD) && OPEN.contains(&path))
 }
 

@@ -40,6 +40,14 @@ pub(super) enum HostCmd {
     },
     /// Remove a host: its token stops working at once.
     Remove { name: String },
+    /// Give a host a new token (the old one stops working at once) and write its credentials
+    /// file anew; its VMs stay protected. Restart the host's agent with the new file.
+    RotateToken {
+        name: String,
+        /// Credentials file to write (default NAME.creds.json, replaced whole).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -58,6 +66,14 @@ pub(super) enum ProviderCmd {
     },
     Remove {
         name: String,
+    },
+    /// Give a provider a new token (the old one stops working at once) and write its
+    /// credentials file anew.
+    RotateToken {
+        name: String,
+        /// Credentials file to write (default NAME.creds.json, replaced whole).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -133,6 +149,9 @@ pub(super) async fn host(cmd: HostCmd, conn: Conn) -> Result<i32> {
             c.remove_host(&name).await?;
             println!("host {name} removed; its token no longer works");
         }
+        HostCmd::RotateToken { name, output } => {
+            super::accounts::rotate_agent_token(&c, "host", &name, output).await?;
+        }
     }
     Ok(0)
 }
@@ -170,6 +189,9 @@ pub(super) async fn provider(cmd: ProviderCmd, conn: Conn) -> Result<i32> {
         ProviderCmd::Remove { name } => {
             c.remove_provider(&name).await?;
             println!("provider {name} removed");
+        }
+        ProviderCmd::RotateToken { name, output } => {
+            super::accounts::rotate_agent_token(&c, "provider", &name, output).await?;
         }
     }
     Ok(0)

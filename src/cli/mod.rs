@@ -2,6 +2,7 @@
 //! agent and the benchmark harness. Every operator and agent command is a client of the HTTPS
 //! API; nothing here reaches into the vault directly.
 
+mod accounts;
 mod agent;
 mod failover;
 mod hosts;
@@ -84,6 +85,14 @@ enum Cmd {
     Provider {
         #[command(subcommand)]
         cmd: hosts::ProviderCmd,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Operator accounts (viewer, operator, admin) and their tokens (admin; list: viewer).
+    #[command(after_help = accounts::ROLES_HELP)]
+    Account {
+        #[command(subcommand)]
+        cmd: accounts::AccountCmd,
         #[command(flatten)]
         conn: Conn,
     },
@@ -542,6 +551,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Status { wait, json, conn } => server::status(wait, json, conn).await,
         Cmd::Host { cmd, conn } => hosts::host(cmd, conn).await,
         Cmd::Provider { cmd, conn } => hosts::provider(cmd, conn).await,
+        Cmd::Account { cmd, conn } => accounts::account(cmd, conn).await,
         Cmd::Vms { name, json, conn } => vms::vms(name, json, conn).await,
         Cmd::Jobs {
             cmd: Some(jobs::JobsCmd::Resume { id }),

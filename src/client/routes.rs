@@ -89,6 +89,50 @@ impl Client {
         self.delete(&format!("/v1/providers/{name}")).await
     }
 
+    /// A new token for a host (the old one is revoked): the credentials its agent now needs.
+    pub async fn rotate_host_token(&self, name: &str) -> Result<Credentials, ClientError> {
+        self.send_json(Method::POST, &format!("/v1/hosts/{name}/token"), &Empty {})
+            .await
+    }
+
+    /// A new token for a provider (the old one is revoked).
+    pub async fn rotate_provider_token(&self, name: &str) -> Result<Credentials, ClientError> {
+        self.send_json(
+            Method::POST,
+            &format!("/v1/providers/{name}/token"),
+            &Empty {},
+        )
+        .await
+    }
+
+    // ---------- accounts ----------
+
+    pub async fn whoami(&self) -> Result<Whoami, ClientError> {
+        self.get_json("/v1/whoami").await
+    }
+
+    pub async fn accounts(&self) -> Result<Vec<AccountView>, ClientError> {
+        self.get_json("/v1/accounts").await
+    }
+
+    pub async fn add_account(&self, req: &AddAccount) -> Result<AccountToken, ClientError> {
+        self.send_json(Method::POST, "/v1/accounts", req).await
+    }
+
+    pub async fn remove_account(&self, name: &str) -> Result<(), ClientError> {
+        self.delete(&format!("/v1/accounts/{name}")).await
+    }
+
+    /// A new token for an account; its other tokens are revoked.
+    pub async fn rotate_account_token(
+        &self,
+        name: &str,
+        req: &RotateToken,
+    ) -> Result<AccountToken, ClientError> {
+        self.send_json(Method::POST, &format!("/v1/accounts/{name}/token"), req)
+            .await
+    }
+
     pub async fn keys(&self) -> Result<KeysView, ClientError> {
         self.get_json("/v1/keys").await
     }

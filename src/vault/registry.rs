@@ -1,11 +1,11 @@
-//! Who may talk to the server: the operator, registered hosts, and VMM-style providers that act
-//! for every host of one cloud. Tokens are random 256-bit values shown once; the vault keeps only
-//! their keyed digests (`KeyRing::token_digest`).
+//! Who may talk to the server: operator accounts (each with a role), registered hosts, and
+//! VMM-style providers that act for every host of one cloud. Tokens are random 256-bit values
+//! shown once; the vault keeps only their keyed digests (`KeyRing::token_digest`).
 //!
 //! [`Registry`] is the record (one, `registry/main`); [`Registrar`] is the service that owns it:
 //! the cached copy every request's token is resolved against, and the compare-and-swap updates
-//! that register and remove hosts and providers. The server is the record's only writer, so
-//! the cache is refreshed by its own updates.
+//! that register and remove accounts, hosts and providers and rotate their tokens. The server is
+//! the record's only writer, so the cache is refreshed by its own updates.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,13 +17,59 @@ use crate::chunk::KeyRing;
 use crate::error::{Error, Result};
 use crate::vault::layout::{self, Family};
 use crate::vault::Records;
+pub use crate::wire::Role;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Registry {
-    /// Digests of operator tokens.
+    /// Digests of the one shared operator token of a vault written before accounts existed.
+    /// Read so that such a vault keeps working: [`Registrar::open`] moves them into account
+    /// [`FIRST_ACCOUNT`], and they are never written again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operator_tokens: Vec<String>,
+    #[serde(default)]
+    pub accounts: BTreeMap<String, AccountEntry>,
+    /// Digest of the data directory's operator token file last taken in at a start. A file
+    /// whose token differs (deleted and created anew, or replaced by hand) gives account
+    /// [`FIRST_ACCOUNT`] that token once; the same file again adds nothing, so a token the
+    /// admins rotated or revoked stays revoked across restarts.
+    #[serde(default)]
+    pub token_file_digest: Option<String>,
     pub hosts: BTreeMap<String, HostEntry>,
     pub providers: BTreeMap<String, ProviderEntry>,
+}
+
+/// The account a first start creates (role admin), holding the data directory's operator token.
+pub const FIRST_ACCOUNT: &str = "admin";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountEntry {
+    pub name: String,
+    pub role: Role,
+    pub tokens: Vec<TokenEntry>,
+    pub created_unix: u64,
+}
+
+/// One token of an account: its digest, never the token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenEntry {
+    pub digest: String,
+    pub created_unix: u64,
+    /// From this second on the token is refused (`token_expired`).
+    #[serde(default)]
+    pub expires_unix: Option<u64>,
+}
+
+impl TokenEntry {
+    fn expired(&self, now: u64) -> bool {
+        self.expires_unix.is_some_and(|e| e <= now)
+    }
+}
+
+impl AccountEntry {
+    /// Tokens that still work at `now`.
+    pub fn live_tokens(&self, now: u64) -> impl Iterator<Item = &TokenEntry> {
+        self.tokens.iter().filter(move |t| !t.expired(now))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,7 +101,12 @@ pub struct ProviderEntry {
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    Operator,
+    /// An operator account; `expires_unix` is the expiry of the token it used.
+    Account {
+        name: String,
+        role: Role,
+        expires_unix: Option<u64>,
+    },
     Host {
         name: String,
     },
@@ -66,6 +117,17 @@ pub enum Principal {
     },
 }
 
+/// Why a token opens nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    Unknown,
+    /// A token of `account` that expired at `expired_unix`.
+    Expired {
+        account: String,
+        expired_unix: u64,
+    },
+}
+
 /// Token prefixes: they make a pasted token recognisable and let the server refuse the wrong
 /// kind early, but authority comes only from the digest lookup.
 pub const OPERATOR_TOKEN_PREFIX: &str = "drvo_";
@@ -73,24 +135,83 @@ pub const HOST_TOKEN_PREFIX: &str = "drvh_";
 pub const PROVIDER_TOKEN_PREFIX: &str = "drvp_";
 
 impl Registry {
-    /// Finds who holds the token with this digest.
-    pub fn resolve(&self, digest: &str) -> Option<Principal> {
+    /// Finds who holds the token with this digest at time `now`.
+    pub fn resolve(&self, digest: &str, now: u64) -> std::result::Result<Principal, Refusal> {
         let eq = |a: &str| constant_time_eq(a.as_bytes(), digest.as_bytes());
-        if self.operator_tokens.iter().any(|d| eq(d)) {
-            return Some(Principal::Operator);
+        for a in self.accounts.values() {
+            if let Some(t) = a.tokens.iter().find(|t| eq(&t.digest)) {
+                return match t.expires_unix {
+                    Some(at) if at <= now => Err(Refusal::Expired {
+                        account: a.name.clone(),
+                        expired_unix: at,
+                    }),
+                    expires_unix => Ok(Principal::Account {
+                        name: a.name.clone(),
+                        role: a.role,
+                        expires_unix,
+                    }),
+                };
+            }
         }
         if let Some(h) = self.hosts.values().find(|h| eq(&h.token_digest)) {
-            return Some(Principal::Host {
+            return Ok(Principal::Host {
                 name: h.name.clone(),
             });
         }
         if let Some(p) = self.providers.values().find(|p| eq(&p.token_digest)) {
-            return Some(Principal::Provider {
+            return Ok(Principal::Provider {
                 name: p.name.clone(),
                 cloud: p.cloud.clone(),
             });
         }
-        None
+        Err(Refusal::Unknown)
+    }
+
+    /// Moves a pre-account vault's operator digests into account [`FIRST_ACCOUNT`], and takes
+    /// in the token file's digest if it is new (see [`Registry::token_file_digest`]). Whether
+    /// anything changed.
+    fn take_in(&mut self, file_digest: &str, now: u64) -> bool {
+        let mut changed = false;
+        let legacy = std::mem::take(&mut self.operator_tokens);
+        let file_is_new = self.token_file_digest.as_deref() != Some(file_digest);
+        if legacy.is_empty() && !file_is_new {
+            return false;
+        }
+        let first = self
+            .accounts
+            .entry(FIRST_ACCOUNT.to_string())
+            .or_insert_with(|| AccountEntry {
+                name: FIRST_ACCOUNT.to_string(),
+                role: Role::Admin,
+                tokens: Vec::new(),
+                created_unix: now,
+            });
+        for digest in legacy
+            .iter()
+            .map(String::as_str)
+            .chain(file_is_new.then_some(file_digest))
+        {
+            if !first.tokens.iter().any(|t| t.digest == digest) {
+                first.tokens.push(TokenEntry {
+                    digest: digest.to_string(),
+                    created_unix: now,
+                    expires_unix: None,
+                });
+            }
+            changed = true;
+        }
+        // Whoever holds the data directory holds the vault's key too: the account it opens
+        // is an admin again, even if it was demoted or removed since.
+        first.role = Role::Admin;
+        self.token_file_digest = Some(file_digest.to_string());
+        changed
+    }
+
+    fn admins(&self) -> usize {
+        self.accounts
+            .values()
+            .filter(|a| a.role == Role::Admin)
+            .count()
     }
 }
 
@@ -103,22 +224,21 @@ pub struct Registrar {
 }
 
 impl Registrar {
-    /// Loads the registry, adding the digest of `operator_token` if it is not there yet (a
-    /// first start, or a new operator token file).
+    /// Loads the registry. The data directory's `operator_token` becomes a token of account
+    /// [`FIRST_ACCOUNT`] (role admin) on a first start, when the vault predates accounts (its
+    /// operator tokens move there too), or when the file holds a token not taken in before.
     pub async fn open(
         records: Records,
         keys: Arc<KeyRing>,
         operator_token: &str,
     ) -> Result<Registrar> {
         let digest = keys.token_digest(operator_token);
+        let now = crate::util::unix_now();
         let registry = records
             .update(&Self::key(), |cur: Option<&Registry>| {
                 let mut r = cur.cloned().unwrap_or_default();
-                if r.operator_tokens.contains(&digest) {
-                    return Ok(cur.is_none().then_some(r));
-                }
-                r.operator_tokens.push(digest.clone());
-                Ok(Some(r))
+                let changed = r.take_in(&digest, now);
+                Ok((changed || cur.is_none()).then_some(r))
             })
             .await?
             .map(|v| v.value)
@@ -134,10 +254,167 @@ impl Registrar {
         layout::record(Family::Registry, "main")
     }
 
-    /// Who holds `token`, if anyone: the token's keyed digest looked up in the cache.
+    /// Who holds `token`, if anyone and it has not expired: the token's keyed digest looked up
+    /// in the cache.
     pub async fn resolve_token(&self, token: &str) -> Option<Principal> {
+        self.authenticate(token).await.ok()
+    }
+
+    /// Who holds `token`, or why nobody does: 401 `unauthorized` for an unknown or revoked
+    /// token, 401 `token_expired` for an expired one.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal> {
         let digest = self.keys.token_digest(token);
-        self.cache.read().await.resolve(&digest)
+        let now = crate::util::unix_now();
+        self.cache
+            .read()
+            .await
+            .resolve(&digest, now)
+            .map_err(|r| match r {
+                Refusal::Unknown => Error::Unauthorized {
+                    message: "unknown or revoked token".into(),
+                },
+                Refusal::Expired {
+                    account,
+                    expired_unix,
+                } => Error::TokenExpired {
+                    message: format!(
+                        "the token of account {account} expired at {}; an admin can issue a new one (drvault account rotate {account})",
+                        crate::util::rfc3339(expired_unix)
+                    ),
+                },
+            })
+    }
+
+    /// Creates account `name` with `role` and returns its token, shown once. `expires_unix`
+    /// must be in the future.
+    pub async fn add_account(
+        &self,
+        name: &str,
+        role: Role,
+        expires_unix: Option<u64>,
+    ) -> Result<String> {
+        check_name("account", name)?;
+        let now = crate::util::unix_now();
+        check_expiry(expires_unix, now)?;
+        let token = crate::util::random_token(OPERATOR_TOKEN_PREFIX);
+        let digest = self.keys.token_digest(&token);
+        self.update(|r| {
+            if r.accounts.contains_key(name) {
+                return Err(Error::conflict(
+                    "account_exists",
+                    format!("account {name} already exists"),
+                ));
+            }
+            r.accounts.insert(
+                name.to_string(),
+                AccountEntry {
+                    name: name.to_string(),
+                    role,
+                    tokens: vec![TokenEntry {
+                        digest: digest.clone(),
+                        created_unix: now,
+                        expires_unix,
+                    }],
+                    created_unix: now,
+                },
+            );
+            Ok(())
+        })
+        .await?;
+        Ok(token)
+    }
+
+    /// Removes account `name`, which revokes its tokens. The last admin account stays: without
+    /// it nobody could manage accounts, hosts or keys.
+    pub async fn remove_account(&self, name: &str) -> Result<()> {
+        check_name("account", name)?;
+        self.update(|r| {
+            let a = r
+                .accounts
+                .get(name)
+                .ok_or_else(|| account_not_found(name))?;
+            if a.role == Role::Admin && r.admins() == 1 {
+                return Err(Error::conflict(
+                    "last_admin",
+                    format!(
+                        "account {name} is the last admin; add another admin before removing it"
+                    ),
+                ));
+            }
+            r.accounts.remove(name);
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Gives account `name` one new token (returned, shown once) and revokes all its others.
+    pub async fn rotate_account(
+        &self,
+        name: &str,
+        expires_unix: Option<u64>,
+    ) -> Result<(String, Role)> {
+        check_name("account", name)?;
+        let now = crate::util::unix_now();
+        check_expiry(expires_unix, now)?;
+        let token = crate::util::random_token(OPERATOR_TOKEN_PREFIX);
+        let digest = self.keys.token_digest(&token);
+        let r = self
+            .update(|r| {
+                let a = r
+                    .accounts
+                    .get_mut(name)
+                    .ok_or_else(|| account_not_found(name))?;
+                a.tokens = vec![TokenEntry {
+                    digest: digest.clone(),
+                    created_unix: now,
+                    expires_unix,
+                }];
+                Ok(())
+            })
+            .await?;
+        let role = r
+            .accounts
+            .get(name)
+            .map(|a| a.role)
+            .ok_or_else(|| Error::internal("rotated account vanished"))?;
+        Ok((token, role))
+    }
+
+    /// Gives host `name` a new token (returned, shown once); the old one stops working at once.
+    /// Its VMs, cluster and cloud stay as they are: nothing is protected again.
+    pub async fn rotate_host(&self, name: &str) -> Result<String> {
+        check_name("host", name)?;
+        let token = crate::util::random_token(HOST_TOKEN_PREFIX);
+        let digest = self.keys.token_digest(&token);
+        self.update(|r| {
+            let h = r.hosts.get_mut(name).ok_or_else(|| {
+                Error::not_found("host_not_found", format!("host {name} is not registered"))
+            })?;
+            h.token_digest = digest.clone();
+            Ok(())
+        })
+        .await?;
+        Ok(token)
+    }
+
+    /// Gives provider `name` a new token (returned, shown once); the old one stops working.
+    pub async fn rotate_provider(&self, name: &str) -> Result<String> {
+        check_name("provider", name)?;
+        let token = crate::util::random_token(PROVIDER_TOKEN_PREFIX);
+        let digest = self.keys.token_digest(&token);
+        self.update(|r| {
+            let p = r.providers.get_mut(name).ok_or_else(|| {
+                Error::not_found(
+                    "provider_not_found",
+                    format!("provider {name} is not registered"),
+                )
+            })?;
+            p.token_digest = digest.clone();
+            Ok(())
+        })
+        .await?;
+        Ok(token)
     }
 
     /// A copy of the cached registry.
@@ -302,6 +579,28 @@ impl Registrar {
     }
 }
 
+fn account_not_found(name: &str) -> Error {
+    Error::not_found(
+        "account_not_found",
+        format!("account {name} does not exist"),
+    )
+}
+
+/// An expiry must lie ahead: a token born expired is a typo, not a wish.
+fn check_expiry(expires_unix: Option<u64>, now: u64) -> Result<()> {
+    match expires_unix {
+        Some(at) if at <= now => Err(Error::invalid(
+            "invalid_expiry",
+            format!(
+                "expires_at {} is not in the future (now {})",
+                crate::util::rfc3339(at),
+                crate::util::rfc3339(now)
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -378,7 +677,7 @@ mod tests {
     #[tokio::test]
     async fn tokens_resolve_to_who_was_registered_until_removed() {
         let (r, _, _) = open().await;
-        assert_eq!(r.resolve_token(OPERATOR).await, Some(Principal::Operator));
+        assert_eq!(r.resolve_token(OPERATOR).await, Some(admin()));
         let host = r.add_host("hv1", Some("cloud-a")).await.unwrap();
         let provider = r.add_provider("vmm", "cloud-a").await.unwrap();
         assert!(host.starts_with(HOST_TOKEN_PREFIX) && provider.starts_with(PROVIDER_TOKEN_PREFIX));
@@ -441,8 +740,16 @@ mod tests {
         assert!(!after.contains("hv2") && !after.contains("\"d\""));
     }
 
+    fn admin() -> Principal {
+        Principal::Account {
+            name: FIRST_ACCOUNT.into(),
+            role: Role::Admin,
+            expires_unix: None,
+        }
+    }
+
     #[tokio::test]
-    async fn a_reopened_registry_has_what_was_written_and_one_operator_digest() {
+    async fn a_reopened_registry_has_what_was_written_and_one_admin_digest() {
         let (r, records, keys) = open().await;
         let host = r.add_host("hv1", None).await.unwrap();
         let again = Registrar::open(records.clone(), keys.clone(), OPERATOR)
@@ -452,16 +759,120 @@ mod tests {
             again.resolve_token(&host).await,
             Some(Principal::Host { name: "hv1".into() })
         );
-        assert_eq!(again.snapshot().await.operator_tokens.len(), 1);
-        // A new operator token is added beside the old one.
+        let snap = again.snapshot().await;
+        assert_eq!(snap.accounts.len(), 1);
+        assert_eq!(snap.accounts[FIRST_ACCOUNT].tokens.len(), 1);
+        // A new token file (deleted and created anew) opens account admin beside the old token.
         let third = Registrar::open(records, keys, "drvo_second").await.unwrap();
+        assert_eq!(third.resolve_token("drvo_second").await, Some(admin()));
+        assert_eq!(third.resolve_token(OPERATOR).await, Some(admin()));
+    }
+
+    #[tokio::test]
+    async fn a_vault_from_before_accounts_keeps_its_operator_tokens_as_account_admin() {
+        let keys = Arc::new(KeyRing::random());
+        let records = records(&keys);
+        // The record as the server wrote it before accounts existed.
+        let old = serde_json::json!({
+            "operator_tokens": [keys.token_digest(OPERATOR), keys.token_digest("drvo_older")],
+            "hosts": {"hv1": {"name": "hv1", "token_digest": keys.token_digest("drvh_h"),
+                              "cloud": null, "created_unix": 1}},
+            "providers": {}
+        });
+        records.create(&Registrar::key(), &old).await.unwrap();
+        let r = Registrar::open(records.clone(), keys.clone(), OPERATOR)
+            .await
+            .unwrap();
+        assert_eq!(r.resolve_token(OPERATOR).await, Some(admin()));
+        assert_eq!(r.resolve_token("drvo_older").await, Some(admin()));
         assert_eq!(
-            third.resolve_token("drvo_second").await,
-            Some(Principal::Operator)
+            r.resolve_token("drvh_h").await,
+            Some(Principal::Host { name: "hv1".into() })
         );
+        let written: serde_json::Value = records
+            .load(&Registrar::key())
+            .await
+            .unwrap()
+            .unwrap()
+            .value;
+        assert!(written.get("operator_tokens").is_none(), "{written}");
+        assert_eq!(written["accounts"]["admin"]["role"], "admin");
         assert_eq!(
-            third.resolve_token(OPERATOR).await,
-            Some(Principal::Operator)
+            written["accounts"]["admin"]["tokens"]
+                .as_array()
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rotated_admin_token_stays_revoked_when_the_server_restarts_with_the_same_file() {
+        let (r, records, keys) = open().await;
+        let (new, role) = r.rotate_account(FIRST_ACCOUNT, None).await.unwrap();
+        assert_eq!(role, Role::Admin);
+        assert_eq!(r.resolve_token(OPERATOR).await, None);
+        let again = Registrar::open(records, keys, OPERATOR).await.unwrap();
+        assert_eq!(again.resolve_token(OPERATOR).await, None);
+        assert_eq!(again.resolve_token(&new).await, Some(admin()));
+    }
+
+    #[tokio::test]
+    async fn accounts_rotation_expiry_and_the_last_admin() {
+        let (r, _, _) = open().await;
+        let now = crate::util::unix_now();
+        let viewer = r
+            .add_account("ann", Role::Viewer, Some(now + 3600))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.resolve_token(&viewer).await,
+            Some(Principal::Account {
+                name: "ann".into(),
+                role: Role::Viewer,
+                expires_unix: Some(now + 3600)
+            })
+        );
+        let snap = r.snapshot().await;
+        assert!(!serde_json::to_string(&snap).unwrap().contains(&viewer));
+        // Expired: refused with its own code, naming the account.
+        let expired = snap.resolve(&r.keys.token_digest(&viewer), now + 3600);
+        assert_eq!(
+            expired,
+            Err(Refusal::Expired {
+                account: "ann".into(),
+                expired_unix: now + 3600
+            })
+        );
+        let e = r
+            .add_account("bob", Role::Operator, Some(now - 1))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "invalid_expiry");
+        assert_eq!(
+            r.add_account("ann", Role::Admin, None)
+                .await
+                .unwrap_err()
+                .code(),
+            "account_exists"
+        );
+        let e = r.remove_account(FIRST_ACCOUNT).await.unwrap_err();
+        assert_eq!(e.code(), "last_admin");
+        assert!(r.snapshot().await.accounts.contains_key(FIRST_ACCOUNT));
+        assert!(!r.snapshot().await.accounts.contains_key("bob"));
+
+        let (rotated, _) = r.rotate_account("ann", None).await.unwrap();
+        assert_eq!(r.resolve_token(&viewer).await, None);
+        assert!(r.resolve_token(&rotated).await.is_some());
+        r.remove_account("ann").await.unwrap();
+        assert_eq!(r.resolve_token(&rotated).await, None);
+
+        let host = r.add_host("hv1", None).await.unwrap();
+        let host2 = r.rotate_host("hv1").await.unwrap();
+        assert_eq!(r.resolve_token(&host).await, None);
+        assert_eq!(
+            r.resolve_token(&host2).await,
+            Some(Principal::Host { name: "hv1".into() })
         );
     }
 }

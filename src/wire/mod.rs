@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod accounts;
 pub mod agents;
 pub mod failback;
 pub mod failover;
@@ -21,6 +22,7 @@ pub mod server;
 pub mod vms;
 pub mod webhooks;
 
+pub use accounts::*;
 pub use agents::*;
 pub use failback::*;
 pub use failover::*;

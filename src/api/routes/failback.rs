@@ -7,7 +7,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use super::octets;
-use crate::api::auth::{AgentHost, Operator};
+use crate::api::auth::{AgentHost, Operator, Viewer};
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, DiskPath, VmName};
 use crate::api::AppState;
@@ -97,7 +97,7 @@ async fn agent_failback_complete(
 }
 
 async fn show_failback(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     VmName(vm): VmName,
 ) -> ApiResult<Json<crate::failover::failback::FailbackRecord>> {

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::api::auth::Operator;
+use crate::api::auth::{Operator, Viewer};
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, CallerVm, VmName};
 use crate::api::AppState;
@@ -36,7 +36,7 @@ async fn start_failover(
 }
 
 async fn show_failover(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     CallerVm { name: vm, .. }: CallerVm,
 ) -> ApiResult<Json<crate::failover::service::FailoverView>> {

@@ -1,5 +1,5 @@
-//! Hosts and providers (operator): register, list, remove; registering returns the credentials
-//! an agent connects with.
+//! Hosts and providers: list (viewer); register, remove, rotate a token (admin). Registering and
+//! rotating return the credentials an agent connects with.
 
 use axum::body::Body;
 use axum::extract::State;
@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::api::auth::Operator;
+use crate::api::auth::{Admin, Viewer};
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, HostName, ProviderName};
 use crate::api::AppState;
@@ -18,6 +18,10 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/hosts", get(list_hosts).post(add_host))
         .route("/v1/hosts/{name}", axum::routing::delete(remove_host))
         .route(
+            "/v1/hosts/{name}/token",
+            axum::routing::post(rotate_host_token),
+        )
+        .route(
             "/v1/hosts/{name}/throttle",
             axum::routing::put(set_throttle),
         )
@@ -26,9 +30,13 @@ pub(super) fn routes() -> Router<AppState> {
             "/v1/providers/{name}",
             axum::routing::delete(remove_provider),
         )
+        .route(
+            "/v1/providers/{name}/token",
+            axum::routing::post(rotate_provider_token),
+        )
 }
 
-async fn list_hosts(_: Operator, State(s): State<AppState>) -> Json<Vec<HostView>> {
+async fn list_hosts(_: Viewer, State(s): State<AppState>) -> Json<Vec<HostView>> {
     let reg = s.registry.snapshot().await;
     let vms = s.overview.list().await;
     let contacts = s.contacts.all();
@@ -70,7 +78,7 @@ async fn list_hosts(_: Operator, State(s): State<AppState>) -> Json<Vec<HostView
 }
 
 async fn set_throttle(
-    _: Operator,
+    _: Admin,
     State(s): State<AppState>,
     HostName(host): HostName,
     body: Body,
@@ -82,7 +90,7 @@ async fn set_throttle(
 }
 
 async fn add_host(
-    _: Operator,
+    _: Admin,
     State(s): State<AppState>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Credentials>)> {
@@ -106,7 +114,7 @@ async fn add_host(
 }
 
 async fn remove_host(
-    _: Operator,
+    _: Admin,
     State(s): State<AppState>,
     HostName(host): HostName,
 ) -> ApiResult<StatusCode> {
@@ -116,7 +124,7 @@ async fn remove_host(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_providers(_: Operator, State(s): State<AppState>) -> Json<Vec<ProviderView>> {
+async fn list_providers(_: Viewer, State(s): State<AppState>) -> Json<Vec<ProviderView>> {
     let reg = s.registry.snapshot().await;
     Json(
         reg.providers
@@ -131,7 +139,7 @@ async fn list_providers(_: Operator, State(s): State<AppState>) -> Json<Vec<Prov
 }
 
 async fn add_provider(
-    _: Operator,
+    _: Admin,
     State(s): State<AppState>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Credentials>)> {
@@ -151,10 +159,54 @@ async fn add_provider(
 }
 
 async fn remove_provider(
-    _: Operator,
+    _: Admin,
     State(s): State<AppState>,
     ProviderName(p): ProviderName,
 ) -> ApiResult<StatusCode> {
     s.registry.remove_provider(&p).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A new token for a host; the old one stops working at once, its VMs stay protected.
+async fn rotate_host_token(
+    _: Admin,
+    State(s): State<AppState>,
+    HostName(host): HostName,
+) -> ApiResult<Json<Credentials>> {
+    let token = s.registry.rotate_host(&host).await?;
+    let cloud = s.registry.host(&host).await.and_then(|h| h.cloud);
+    tracing::info!(%host, "host token rotated; the old one is revoked");
+    Ok(Json(Credentials {
+        kind: "host".into(),
+        name: host,
+        cloud,
+        server: s.public_url.clone(),
+        token,
+        ca_cert_pem: s.ca_pem.clone(),
+    }))
+}
+
+/// A new token for a provider; the old one stops working at once.
+async fn rotate_provider_token(
+    _: Admin,
+    State(s): State<AppState>,
+    ProviderName(p): ProviderName,
+) -> ApiResult<Json<Credentials>> {
+    let token = s.registry.rotate_provider(&p).await?;
+    let cloud = s
+        .registry
+        .snapshot()
+        .await
+        .providers
+        .get(&p)
+        .map(|e| e.cloud.clone());
+    tracing::info!(provider = %p, "provider token rotated; the old one is revoked");
+    Ok(Json(Credentials {
+        kind: "provider".into(),
+        name: p,
+        cloud,
+        server: s.public_url.clone(),
+        token,
+        ca_cert_pem: s.ca_pem.clone(),
+    }))
 }

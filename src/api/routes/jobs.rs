@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::api::auth::Operator;
+use crate::api::auth::{Operator, Viewer};
 use crate::api::error::ApiResult;
 use crate::api::extract::{JobId, Query};
 use crate::api::AppState;
@@ -19,7 +19,7 @@ pub(super) fn routes() -> Router<AppState> {
 }
 
 async fn list_jobs(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     Query(q): Query<JobsQuery>,
 ) -> Json<Vec<crate::jobs::Job>> {
@@ -31,7 +31,7 @@ async fn list_jobs(
 }
 
 async fn get_job(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     JobId(id): JobId,
 ) -> ApiResult<Json<crate::jobs::Job>> {

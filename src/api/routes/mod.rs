@@ -15,6 +15,7 @@ use crate::chunk::PlainHash;
 use crate::error::Error;
 use crate::ingest::wire::{decode_block, BlockBody, BodyEncoding};
 
+mod accounts;
 mod agents;
 mod failback;
 mod failover;
@@ -32,6 +33,7 @@ mod vms;
 pub fn routes() -> Router<AppState> {
     Router::new()
         .merge(system::routes())
+        .merge(accounts::routes())
         .merge(hosts::routes())
         .merge(vms::routes())
         .merge(jobs::routes())

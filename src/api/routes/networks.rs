@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::api::auth::Operator;
+use crate::api::auth::Viewer;
 use crate::api::error::ApiResult;
 use crate::api::extract::NetworkName;
 use crate::api::AppState;
@@ -15,7 +15,7 @@ pub(super) fn routes() -> Router<AppState> {
 }
 
 async fn show_network(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     NetworkName(name): NetworkName,
 ) -> ApiResult<Json<HostNetworkView>> {

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::api::auth::Operator;
+use crate::api::auth::{Operator, Viewer};
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, PlanName};
 use crate::api::AppState;
@@ -20,7 +20,7 @@ pub(super) fn routes() -> Router<AppState> {
 }
 
 async fn list_plans(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
 ) -> ApiResult<Json<Vec<crate::failover::plan::Plan>>> {
     Ok(Json(s.plans.list().await?))
@@ -36,7 +36,7 @@ async fn create_plan(
 }
 
 async fn get_plan(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     PlanName(p): PlanName,
 ) -> ApiResult<Json<crate::failover::plan::Plan>> {

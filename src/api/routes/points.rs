@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::api::auth::Operator;
+use crate::api::auth::{Operator, Viewer};
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, VmName};
 use crate::api::AppState;
@@ -18,7 +18,7 @@ pub(super) fn routes() -> Router<AppState> {
 }
 
 async fn list_points(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     VmName(vm): VmName,
 ) -> ApiResult<Json<Vec<crate::replica::points::PointView>>> {

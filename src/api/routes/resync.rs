@@ -8,7 +8,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
 use super::{octets, read_block_body};
-use crate::api::auth::{AgentHost, Operator};
+use crate::api::auth::{AgentHost, Operator, Viewer};
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskPath, VmName};
 use crate::api::AppState;
@@ -114,7 +114,7 @@ async fn start_resync(
 }
 
 async fn show_resync(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     CallerVm {
         name: vm,

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::api::auth::Operator;
+use crate::api::auth::{Admin, Operator, Viewer};
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, JobId};
 use crate::api::AppState;
@@ -34,7 +34,7 @@ async fn start_verify(
 }
 
 async fn verify_report(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     JobId(id): JobId,
 ) -> ApiResult<Json<crate::scrub::verify::VerifyReport>> {
@@ -44,14 +44,14 @@ async fn verify_report(
 }
 
 async fn damage_register(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
 ) -> Json<crate::replica::damage::DamageRecord> {
     Json((*s.scrub.damage().await).clone())
 }
 
 async fn start_gc(
-    _: Operator,
+    _: Admin,
     State(s): State<AppState>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<crate::scrub::Started>)> {
@@ -64,7 +64,7 @@ async fn start_gc(
 }
 
 async fn gc_report(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     JobId(id): JobId,
 ) -> ApiResult<Json<crate::scrub::gc::GcReport>> {

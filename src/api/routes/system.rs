@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::api::auth::Operator;
+use crate::api::auth::Viewer;
 use crate::api::AppState;
 use crate::vault::layout;
 use crate::wire::ServerInfo;
@@ -133,7 +133,7 @@ async fn vault_space(s: &AppState) {
     }
 }
 
-async fn server_info(_: Operator, State(s): State<AppState>) -> Json<ServerInfo> {
+async fn server_info(_: Viewer, State(s): State<AppState>) -> Json<ServerInfo> {
     Json(ServerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         block_size: s.catalog.block_size(),

@@ -8,7 +8,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
 use super::BLAKE3_HEADER;
-use crate::api::auth::Operator;
+use crate::api::auth::{Admin, Operator, Viewer};
 use crate::api::error::ApiResult;
 use crate::api::extract::{read_json, BlockIndex, CallerVm, DiskPath, NicIndex, Query, VmName};
 use crate::api::AppState;
@@ -29,12 +29,12 @@ pub(super) fn routes() -> Router<AppState> {
         )
 }
 
-async fn list_vms(_: Operator, State(s): State<AppState>) -> Json<Vec<crate::catalog::VmView>> {
+async fn list_vms(_: Viewer, State(s): State<AppState>) -> Json<Vec<crate::catalog::VmView>> {
     Json(s.overview.list().await)
 }
 
 async fn get_vm(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     CallerVm { record: rec, .. }: CallerVm,
 ) -> ApiResult<Json<crate::catalog::VmView>> {
@@ -42,7 +42,7 @@ async fn get_vm(
 }
 
 async fn get_map(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     DiskPath { vm, disk }: DiskPath,
     Query(q): Query<PointQuery>,
@@ -68,7 +68,7 @@ async fn get_map(
 }
 
 async fn get_block(
-    _: Operator,
+    _: Viewer,
     State(s): State<AppState>,
     DiskPath { vm, disk }: DiskPath,
     BlockIndex(i): BlockIndex,
@@ -135,7 +135,7 @@ async fn clear_nic_override(
 /// Stops protecting a VM (the "Disable protection" job), refused while a failover of it is in
 /// progress: it reads the points this would give up.
 async fn disable_vm(
-    _: Operator,
+    _: Admin,
     State(s): State<AppState>,
     VmName(vm): VmName,
     body: Body,
