@@ -66,7 +66,7 @@ pub(super) async fn account(cmd: AccountCmd, conn: Conn) -> Result<i32> {
         AccountCmd::List { json } => {
             let accounts = c.accounts().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&accounts)?);
+                super::print_json(&accounts)?;
             } else {
                 println!(
                     "{:<24} {:<9} {:<22} {:>6} EXPIRES",
@@ -131,7 +131,7 @@ pub(super) async fn account(cmd: AccountCmd, conn: Conn) -> Result<i32> {
         AccountCmd::Whoami { json } => {
             let w = c.whoami().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&w)?);
+                super::print_json(&w)?;
             } else {
                 println!(
                     "account {} role {} token expires {}",

@@ -263,6 +263,8 @@ fn every_listing_prints_json() {
         &["verify"],
         &["gc", "--dry-run"],
         &["network", "show", "drill-vnet"],
+        &["account", "list"],
+        &["account", "whoami"],
     ] {
         let mut with_json = args.to_vec();
         with_json.push("--json");
