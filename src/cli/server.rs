@@ -43,7 +43,7 @@ pub(super) async fn serve(
         dd.join(crate::server::SERVER_FILE).display()
     );
     println!(
-        "  console         {}/ (sign in with the operator token)",
+        "  console         {}/ (sign in with an account token, e.g. admin's operator token)",
         prepared.url
     );
     println!("  metrics         {}/metrics", prepared.url);

@@ -152,6 +152,19 @@ fn console_drives_a_test_failover_in_headless_chromium() {
         String::from_utf8_lossy(&verify.stdout)
     );
 
+    // A viewer account: its session sees the actions it may not run disabled, with the reason.
+    let viewer_file = dir.join("auditor.token");
+    server.cli_ok(&[
+        "account",
+        "add",
+        "auditor",
+        "--role",
+        "viewer",
+        "-o",
+        viewer_file.to_str().unwrap(),
+    ]);
+    let viewer_token = std::fs::read_to_string(&viewer_file).unwrap();
+
     let artifacts = std::env::var_os("DRVAULT_ARTIFACTS")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join("target/console-artifacts"));
@@ -160,6 +173,7 @@ fn console_drives_a_test_failover_in_headless_chromium() {
         .current_dir(&repo)
         .env("DRVAULT_URL", &server.url)
         .env("DRVAULT_TOKEN", &server.token)
+        .env("DRVAULT_VIEWER_TOKEN", viewer_token.trim())
         .env("DRVAULT_VM", "web01")
         .env("DRVAULT_HOST", "hv")
         .env("DRVAULT_PROVIDER", "vmm01")

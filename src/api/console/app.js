@@ -258,7 +258,7 @@ async function login(candidate) {
   } catch (e) {
     token = null;
     if (e.status === 401) return 'token refused (401): ' + e.message;
-    if (e.status === 403) return 'token refused (403): this is not the operator token';
+    if (e.status === 403) return 'token refused (403): a host or provider token; sign in with an account token';
     return 'cannot reach the server: ' + e.message;
   }
 }
