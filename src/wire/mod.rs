@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod agents;
+pub mod audit;
 pub mod failback;
 pub mod failover;
 pub mod hosts;
@@ -21,6 +22,7 @@ pub mod server;
 pub mod vms;
 
 pub use agents::*;
+pub use audit::*;
 pub use failback::*;
 pub use failover::*;
 pub use hosts::*;
