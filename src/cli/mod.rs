@@ -3,6 +3,7 @@
 //! API; nothing here reaches into the vault directly.
 
 mod agent;
+mod audit;
 mod failover;
 mod hosts;
 pub mod hrl;
@@ -188,6 +189,8 @@ enum Cmd {
     /// Re-read the vault's objects and check them (tag, hash); quarantine what is damaged and
     /// mark the recovery points that need it (operator). Exit status 2 when damage was found.
     Verify(scrub::VerifyArgs),
+    /// The audit log: who did what, when, from where, with what result (operator).
+    Audit(audit::AuditArgs),
     /// Delete objects no retained point or open session references, older than the grace
     /// period (operator). Safe while agents upload.
     Gc(scrub::GcArgs),
@@ -451,6 +454,7 @@ async fn run(cli: Cli) -> Result<i32> {
         } => vms::merge(&vm, all, through, conn).await,
         Cmd::Verify(a) => scrub::verify(a).await,
         Cmd::Gc(a) => scrub::gc(a).await,
+        Cmd::Audit(a) => audit::run(a).await,
         Cmd::Hrl { cmd } => hrl::hrl_cmd(cmd).await,
         Cmd::Failover { cmd, start, conn } => failover::failover_cmd(cmd, start, conn).await,
         Cmd::Plan { cmd, conn } => plans::plan_cmd(cmd, conn).await,
