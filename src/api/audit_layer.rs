@@ -14,7 +14,6 @@
 //! module: the entry stays queued and is retried).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
@@ -87,16 +86,27 @@ pub async fn record(
         .unwrap_or_else(|| "unknown".to_string());
     let params = path_params(&template, req.uri().path());
 
-    // The handler reads the body as before; a copy of its start is kept on the way.
-    let peeked = Arc::new(Mutex::new(Vec::new()));
+    // The start of the body is read here (a refused request's handler never reads it) and
+    // handed on, followed by the rest: the handler sees the body as it was sent.
     let (parts, body) = req.into_parts();
-    let tee = peeked.clone();
-    let body = Body::from_stream(body.into_data_stream().inspect(move |chunk| {
-        if let (Ok(bytes), Ok(mut kept)) = (chunk, tee.lock()) {
-            let room = BODY_PEEK.saturating_sub(kept.len());
-            kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    let mut rest = body.into_data_stream().fuse();
+    let mut head: Vec<Result<bytes::Bytes, axum::Error>> = Vec::new();
+    let mut peeked = Vec::new();
+    while peeked.len() < BODY_PEEK {
+        match rest.next().await {
+            Some(Ok(b)) => {
+                let room = BODY_PEEK - peeked.len();
+                peeked.extend_from_slice(&b[..b.len().min(room)]);
+                head.push(Ok(b));
+            }
+            Some(Err(e)) => {
+                head.push(Err(e));
+                break;
+            }
+            None => break,
         }
-    }));
+    }
+    let body = Body::from_stream(futures_util::stream::iter(head).chain(rest));
     let resp = next.run(Request::from_parts(parts, body)).await;
 
     let (parts, body) = resp.into_parts();
@@ -106,10 +116,7 @@ pub async fn record(
         .unwrap_or_default();
     let answer: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
     let status = parts.status.as_u16();
-    let request: Option<serde_json::Value> = peeked
-        .lock()
-        .ok()
-        .and_then(|kept| serde_json::from_slice(&kept).ok());
+    let request: Option<serde_json::Value> = serde_json::from_slice(&peeked).ok();
     let (action, target) = describe(&method, &template, &params, request.as_ref());
     let field = |name: &str| {
         answer
