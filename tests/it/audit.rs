@@ -360,3 +360,49 @@ async fn the_cli_lists_entries_and_bad_queries_get_clear_errors() {
         assert_eq!((status, got.as_str()), (StatusCode::BAD_REQUEST, code), "{query}");
     }
 }
+
+/// `drvault_audit_write_errors_total` as /metrics shows it.
+async fn write_errors(c: &Client) -> f64 {
+    let (text, _) = c.get_bytes("/metrics").await.unwrap();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix("drvault_audit_write_errors_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no drvault_audit_write_errors_total in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_that_cannot_be_written_does_not_undo_the_action_and_is_written_later() {
+    let t = tempfile::tempdir().unwrap();
+    let (server, mut faults) = FaultRules::start(t.path(), Some(CONFIG));
+    let op = server.operator();
+    server.add_host("hv01", None);
+    assert_eq!(write_errors(&op).await, 0.0);
+
+    faults.set(&server, "op=put_if_absent prefix=audit/ kind=error");
+    // The actions happen and answer as they would; their entries wait.
+    for name in ["hv02", "hv03"] {
+        let seen = call(&op, Method::POST, "/v1/hosts", Some(json!({"name": name}))).await;
+        assert_eq!(seen.status, None, "{name}: {seen:?}");
+    }
+    let hosts: Value = op.get_json("/v1/hosts").await.unwrap();
+    assert_eq!(hosts.as_array().unwrap().len(), 3, "{hosts}");
+    assert!(write_errors(&op).await >= 2.0);
+    assert_eq!(last_seq(&entries(&op).await), 1, "nothing written while the store refuses");
+    assert!(server.log().contains("audit entry not written yet"), "{}", server.log());
+
+    // Once the store takes writes again, the queue is written in order by the retry.
+    faults.set(&server, "# healed");
+    let all = eventually_async(Duration::from_secs(60), "queued entries written", || async {
+        let all = entries(&op).await;
+        (all.len() == 3).then_some(all.clone()).ok_or(format!("{all:?}"))
+    })
+    .await;
+    let targets: Vec<&str> = all.iter().map(|e| e["target"].as_str().unwrap()).collect();
+    assert_eq!(targets, ["host/hv01", "host/hv02", "host/hv03"]);
+    for w in all.windows(2) {
+        assert_eq!(w[1]["prev"], w[0]["hash"]);
+    }
+    let (code, breaks) = verify_audit(&server);
+    assert_eq!((code, breaks), (Some(0), vec![]));
+}
