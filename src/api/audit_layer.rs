@@ -45,7 +45,9 @@ async fn list_audit(
     State(s): State<AppState>,
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<Json<AuditList>> {
-    Ok(Json(s.audit.list(&q).await.map_err(crate::error::Error::from)?))
+    Ok(Json(
+        s.audit.list(&q).await.map_err(crate::error::Error::from)?,
+    ))
 }
 
 /// Whether a request to `template` with `method` is recorded.
@@ -221,7 +223,10 @@ pub fn describe(
         }
         ("POST", "/v1/providers") => (
             "provider.add".into(),
-            format!("provider/{}", body_str("name").unwrap_or_else(|| "?".into())),
+            format!(
+                "provider/{}",
+                body_str("name").unwrap_or_else(|| "?".into())
+            ),
         ),
         ("DELETE", "/v1/providers/{name}") => (
             "provider.remove".into(),
@@ -260,13 +265,21 @@ fn generic(
     params: &[(String, String)],
     name: Option<String>,
 ) -> (String, String) {
-    let segments: Vec<&str> = template.split('/').filter(|s| !s.is_empty()).skip(1).collect();
+    let segments: Vec<&str> = template
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .skip(1)
+        .collect();
     let words: Vec<&str> = segments
         .iter()
         .copied()
         .filter(|s| !s.starts_with('{'))
         .collect();
-    let action = format!("{}.{}", words.join("."), method.as_str().to_ascii_lowercase());
+    let action = format!(
+        "{}.{}",
+        words.join("."),
+        method.as_str().to_ascii_lowercase()
+    );
     let family = words.first().copied().unwrap_or("v1");
     let target = match (params.first(), name) {
         (Some((_, v)), _) => format!("{family}/{v}"),
@@ -282,13 +295,23 @@ mod tests {
 
     fn named(method: Method, template: &str, path: &str, body: &str) -> (String, String) {
         let params = path_params(template, path);
-        describe(&method, template, &params, serde_json::from_str(body).ok().as_ref())
+        describe(
+            &method,
+            template,
+            &params,
+            serde_json::from_str(body).ok().as_ref(),
+        )
     }
 
     #[test]
     fn actions_and_targets_come_from_the_route_and_the_body() {
         assert_eq!(
-            named(Method::POST, "/v1/vms/{vm}/failover", "/v1/vms/web01/failover", r#"{"kind":"test"}"#),
+            named(
+                Method::POST,
+                "/v1/vms/{vm}/failover",
+                "/v1/vms/web01/failover",
+                r#"{"kind":"test"}"#
+            ),
             ("failover.test".into(), "vm/web01".into())
         );
         assert_eq!(
@@ -296,7 +319,12 @@ mod tests {
             ("host.add".into(), "host/hv01".into())
         );
         assert_eq!(
-            named(Method::POST, "/v1/accounts/{name}/token", "/v1/accounts/alice/token", ""),
+            named(
+                Method::POST,
+                "/v1/accounts/{name}/token",
+                "/v1/accounts/alice/token",
+                ""
+            ),
             ("accounts.token.post".into(), "accounts/alice".into())
         );
         assert!(!recorded(&Method::GET, "/v1/vms"));

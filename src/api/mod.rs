@@ -81,7 +81,10 @@ pub fn router(state: AppState, limits: limits::RequestLimits) -> Router {
     routes::routes()
         .merge(keys::routes())
         .merge(audit_layer::routes())
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), audit_layer::record))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_layer::record,
+        ))
         .route_layer(axum::middleware::from_fn(observe))
         .fallback(routes::not_found)
         .layer(axum::middleware::from_fn_with_state(

@@ -313,7 +313,11 @@ impl AuditLog {
         for &seq in &seqs {
             if seq > expected {
                 for missing in expected..seq {
-                    report(missing, "missing", format!("audit entry {missing} was removed"));
+                    report(
+                        missing,
+                        "missing",
+                        format!("audit entry {missing} was removed"),
+                    );
                     if missing - expected >= MAX_REPORTED as u64 {
                         break;
                     }
@@ -348,7 +352,9 @@ impl AuditLog {
                 report(
                     seq,
                     "edited",
-                    format!("audit entry {seq} does not match its own hash: its content was changed"),
+                    format!(
+                        "audit entry {seq} does not match its own hash: its content was changed"
+                    ),
                 );
             } else if let Some(p) = prev.as_deref().filter(|p| *p != e.prev) {
                 report(
@@ -487,7 +493,10 @@ mod tests {
         assert_eq!((c.seq, c.prev.as_str()), (3, b.hash.as_str()));
         assert!(again.check_chain().await.unwrap().is_empty());
         let all = again.list(&AuditQuery::default()).await.unwrap();
-        assert_eq!(all.entries.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            all.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         let last = again
             .list(&AuditQuery {
                 since: None,

@@ -54,14 +54,18 @@ async fn call(c: &Client, method: Method, path: &str, body: Option<Value>) -> Se
 }
 
 async fn wait_final(c: &Client, job: &str) {
-    eventually_async(Duration::from_secs(120), &format!("job {job} ends"), || async {
-        let j = c.job(job).await.map_err(|e| e.to_string())?;
-        if j.state.is_final() {
-            Ok(())
-        } else {
-            Err(format!("{:?}", j.state))
-        }
-    })
+    eventually_async(
+        Duration::from_secs(120),
+        &format!("job {job} ends"),
+        || async {
+            let j = c.job(job).await.map_err(|e| e.to_string())?;
+            if j.state.is_final() {
+                Ok(())
+            } else {
+                Err(format!("{:?}", j.state))
+            }
+        },
+    )
     .await
 }
 
@@ -135,33 +139,195 @@ async fn every_operator_action_leaves_exactly_one_entry() {
 
     let vm = "/v1/vms/web01";
     let steps: Vec<(Method, String, Option<Value>, &str, &str)> = vec![
-        (Method::POST, "/v1/hosts".into(), Some(json!({"name": "hv02"})), "host.add", "host/hv02"),
-        (Method::PUT, "/v1/hosts/hv02/throttle".into(), Some(json!({"mb_s": 10.0})), "host.throttle", "host/hv02"),
-        (Method::DELETE, "/v1/hosts/hv02".into(), None, "host.remove", "host/hv02"),
-        (Method::POST, "/v1/providers".into(), Some(json!({"name": "vmm01", "cloud": "prod"})), "provider.add", "provider/vmm01"),
-        (Method::DELETE, "/v1/providers/vmm01".into(), None, "provider.remove", "provider/vmm01"),
-        (Method::PATCH, vm.into(), Some(json!({"interval_s": 300})), "vm.policy", "vm/web01"),
-        (Method::PUT, format!("{vm}/nics/0"), Some(json!({"skip": true})), "vm.nic.set", "vm/web01/nic/0"),
-        (Method::DELETE, format!("{vm}/nics/0"), None, "vm.nic.clear", "vm/web01/nic/0"),
-        (Method::POST, format!("{vm}/merge"), Some(json!({"all": true})), "vm.merge", "vm/web01"),
-        (Method::POST, "/v1/plans".into(), Some(json!({"name": "shop", "groups": [{"vms": ["web01"]}]})), "plan.create", "plan/shop"),
-        (Method::POST, format!("{vm}/failover"), Some(json!({"kind": "test"})), "failover.test", "vm/web01"),
-        (Method::POST, format!("{vm}/failover/cleanup"), None, "failover.cleanup", "vm/web01"),
-        (Method::POST, "/v1/plans/shop/failover".into(), Some(json!({"kind": "test"})), "plan.failover.test", "plan/shop"),
-        (Method::POST, format!("{vm}/failover/cleanup"), None, "failover.cleanup", "vm/web01"),
-        (Method::POST, "/v1/jobs/00000000-0000-4000-8000-000000000000/resume".into(), None, "job.resume", "job/00000000-0000-4000-8000-000000000000"),
-        (Method::POST, format!("{vm}/resync"), Some(json!({"now": true})), "resync.start", "vm/web01"),
-        (Method::POST, format!("{vm}/resync/cancel"), None, "resync.cancel", "vm/web01"),
-        (Method::POST, format!("{vm}/failover"), Some(json!({"kind": "planned", "wait_s": 600})), "failover.planned", "vm/web01"),
-        (Method::POST, format!("{vm}/failover/cancel"), None, "failover.cancel", "vm/web01"),
-        (Method::POST, format!("{vm}/failover"), Some(json!({"kind": "unplanned"})), "failover.unplanned", "vm/web01"),
-        (Method::POST, format!("{vm}/failover/commit"), None, "failover.commit", "vm/web01"),
-        (Method::POST, format!("{vm}/failback/commit"), None, "failback.commit", "vm/web01"),
-        (Method::POST, "/v1/verify".into(), Some(json!({})), "verify", "vault"),
-        (Method::POST, "/v1/gc".into(), Some(json!({"dry_run": true})), "gc.dry_run", "vault"),
-        (Method::POST, "/v1/gc".into(), Some(json!({})), "gc", "vault"),
-        (Method::POST, "/v1/keys/rotate".into(), None, "key.rotate", "vault"),
-        (Method::POST, format!("{vm}/disable"), Some(json!({})), "vm.disable", "vm/web01"),
+        (
+            Method::POST,
+            "/v1/hosts".into(),
+            Some(json!({"name": "hv02"})),
+            "host.add",
+            "host/hv02",
+        ),
+        (
+            Method::PUT,
+            "/v1/hosts/hv02/throttle".into(),
+            Some(json!({"mb_s": 10.0})),
+            "host.throttle",
+            "host/hv02",
+        ),
+        (
+            Method::DELETE,
+            "/v1/hosts/hv02".into(),
+            None,
+            "host.remove",
+            "host/hv02",
+        ),
+        (
+            Method::POST,
+            "/v1/providers".into(),
+            Some(json!({"name": "vmm01", "cloud": "prod"})),
+            "provider.add",
+            "provider/vmm01",
+        ),
+        (
+            Method::DELETE,
+            "/v1/providers/vmm01".into(),
+            None,
+            "provider.remove",
+            "provider/vmm01",
+        ),
+        (
+            Method::PATCH,
+            vm.into(),
+            Some(json!({"interval_s": 300})),
+            "vm.policy",
+            "vm/web01",
+        ),
+        (
+            Method::PUT,
+            format!("{vm}/nics/0"),
+            Some(json!({"skip": true})),
+            "vm.nic.set",
+            "vm/web01/nic/0",
+        ),
+        (
+            Method::DELETE,
+            format!("{vm}/nics/0"),
+            None,
+            "vm.nic.clear",
+            "vm/web01/nic/0",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/merge"),
+            Some(json!({"all": true})),
+            "vm.merge",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            "/v1/plans".into(),
+            Some(json!({"name": "shop", "groups": [{"vms": ["web01"]}]})),
+            "plan.create",
+            "plan/shop",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/failover"),
+            Some(json!({"kind": "test"})),
+            "failover.test",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/failover/cleanup"),
+            None,
+            "failover.cleanup",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            "/v1/plans/shop/failover".into(),
+            Some(json!({"kind": "test"})),
+            "plan.failover.test",
+            "plan/shop",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/failover/cleanup"),
+            None,
+            "failover.cleanup",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs/00000000-0000-4000-8000-000000000000/resume".into(),
+            None,
+            "job.resume",
+            "job/00000000-0000-4000-8000-000000000000",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/resync"),
+            Some(json!({"now": true})),
+            "resync.start",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/resync/cancel"),
+            None,
+            "resync.cancel",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/failover"),
+            Some(json!({"kind": "planned", "wait_s": 600})),
+            "failover.planned",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/failover/cancel"),
+            None,
+            "failover.cancel",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/failover"),
+            Some(json!({"kind": "unplanned"})),
+            "failover.unplanned",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/failover/commit"),
+            None,
+            "failover.commit",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/failback/commit"),
+            None,
+            "failback.commit",
+            "vm/web01",
+        ),
+        (
+            Method::POST,
+            "/v1/verify".into(),
+            Some(json!({})),
+            "verify",
+            "vault",
+        ),
+        (
+            Method::POST,
+            "/v1/gc".into(),
+            Some(json!({"dry_run": true})),
+            "gc.dry_run",
+            "vault",
+        ),
+        (
+            Method::POST,
+            "/v1/gc".into(),
+            Some(json!({})),
+            "gc",
+            "vault",
+        ),
+        (
+            Method::POST,
+            "/v1/keys/rotate".into(),
+            None,
+            "key.rotate",
+            "vault",
+        ),
+        (
+            Method::POST,
+            format!("{vm}/disable"),
+            Some(json!({})),
+            "vm.disable",
+            "vm/web01",
+        ),
     ];
     // Jobs that end by themselves are waited for, so the next action does not meet them
     // running; the planned failover's waits for final logs until it is cancelled.
@@ -205,7 +371,10 @@ async fn every_operator_action_leaves_exactly_one_entry() {
     let all = entries(&op).await;
     for w in all.windows(2) {
         assert_eq!(w[1]["prev"], w[0]["hash"]);
-        assert_eq!(w[1]["seq"].as_u64().unwrap(), w[0]["seq"].as_u64().unwrap() + 1);
+        assert_eq!(
+            w[1]["seq"].as_u64().unwrap(),
+            w[0]["seq"].as_u64().unwrap() + 1
+        );
     }
 }
 
@@ -219,26 +388,63 @@ async fn refused_requests_are_recorded_as_refused() {
     let stranger = server.client_with("dv_op_not-a-token-of-this-server");
 
     let before = last_seq(&entries(&op).await);
-    let seen = call(&host, Method::POST, "/v1/hosts", Some(json!({"name": "evil"}))).await;
+    let seen = call(
+        &host,
+        Method::POST,
+        "/v1/hosts",
+        Some(json!({"name": "evil"})),
+    )
+    .await;
     assert_eq!(seen.status, Some(403));
-    check_one(&entries(&op).await, before, "host/hv01", "host.add", "host/evil", &seen);
+    check_one(
+        &entries(&op).await,
+        before,
+        "host/hv01",
+        "host.add",
+        "host/evil",
+        &seen,
+    );
 
     let before = last_seq(&entries(&op).await);
     let seen = call(&stranger, Method::POST, "/v1/keys/rotate", None).await;
     assert_eq!(seen.status, Some(401));
-    check_one(&entries(&op).await, before, "unknown", "key.rotate", "vault", &seen);
+    check_one(
+        &entries(&op).await,
+        before,
+        "unknown",
+        "key.rotate",
+        "vault",
+        &seen,
+    );
     assert_eq!(seen.code.as_deref(), Some("unauthorized"));
 
     // Bad input to an action is an action refused, recorded with its code.
     let before = last_seq(&entries(&op).await);
-    let seen = call(&op, Method::POST, "/v1/vms/nosuchvm/failover", Some(json!({"kind": "test"}))).await;
+    let seen = call(
+        &op,
+        Method::POST,
+        "/v1/vms/nosuchvm/failover",
+        Some(json!({"kind": "test"})),
+    )
+    .await;
     assert_eq!(seen.status, Some(404));
-    check_one(&entries(&op).await, before, "admin", "failover.test", "vm/nosuchvm", &seen);
+    check_one(
+        &entries(&op).await,
+        before,
+        "admin",
+        "failover.test",
+        "vm/nosuchvm",
+        &seen,
+    );
     assert_eq!(server.vault_objects("audit").len() as u64, before + 1);
 }
 
 fn entry_path(server: &Server, seq: u64) -> PathBuf {
-    server.data_dir.join("vault").join("audit").join(format!("{seq:020}"))
+    server
+        .data_dir
+        .join("vault")
+        .join("audit")
+        .join(format!("{seq:020}"))
 }
 
 /// Runs `drvault verify --json`: its exit code and the audit breaks, as (seq, problem).
@@ -252,7 +458,10 @@ fn verify_audit(server: &Server) -> (Option<i32>, Vec<(u64, String)>) {
         .iter()
         .map(|d| {
             assert_eq!(d["kind"], "audit_chain", "{d}");
-            (d["seq"].as_u64().unwrap(), d["problem"].as_str().unwrap().to_string())
+            (
+                d["seq"].as_u64().unwrap(),
+                d["problem"].as_str().unwrap().to_string(),
+            )
         })
         .collect();
     (o.status.code(), breaks)
@@ -264,11 +473,21 @@ async fn verify_reports_edited_removed_and_swapped_entries() {
     let server = Server::start(t.path(), Some(CONFIG));
     let op = server.operator();
     for n in 1..=7 {
-        call(&op, Method::POST, "/v1/hosts", Some(json!({"name": format!("hv{n:02}")}))).await;
+        call(
+            &op,
+            Method::POST,
+            "/v1/hosts",
+            Some(json!({"name": format!("hv{n:02}")})),
+        )
+        .await;
     }
     assert_eq!(last_seq(&entries(&op).await), 7);
     let (code, breaks) = verify_audit(&server);
-    assert_eq!((code, breaks), (Some(0), vec![]), "an untouched log is whole");
+    assert_eq!(
+        (code, breaks),
+        (Some(0), vec![]),
+        "an untouched log is whole"
+    );
 
     // Edit: one byte of entry 2 changed in place.
     let p = entry_path(&server, 2);
@@ -306,7 +525,10 @@ async fn verify_reports_edited_removed_and_swapped_entries() {
     let o = server.cli(&["verify"]);
     let text = String::from_utf8_lossy(&o.stdout);
     for seq in [2, 4, 6, 7] {
-        assert!(text.contains(&format!("DAMAGED audit entry {seq} (audit_chain")), "{text}");
+        assert!(
+            text.contains(&format!("DAMAGED audit entry {seq} (audit_chain")),
+            "{text}"
+        );
     }
 }
 
@@ -321,18 +543,39 @@ async fn the_cli_lists_entries_and_bad_queries_get_clear_errors() {
     let table = server.cli_ok(&["audit"]);
     let lines: Vec<&str> = table.lines().collect();
     assert!(lines[0].starts_with("   SEQ AT"), "{table}");
-    assert!(lines[1].contains("admin") && lines[1].contains("host.add") && lines[1].contains("host/hv01"), "{table}");
+    assert!(
+        lines[1].contains("admin")
+            && lines[1].contains("host.add")
+            && lines[1].contains("host/hv01"),
+        "{table}"
+    );
     assert!(lines[2].contains("host/hv02"), "{table}");
 
-    let json: Value = serde_json::from_str(&server.cli_ok(&["audit", "--json", "--limit", "1"])).unwrap();
+    let json: Value =
+        serde_json::from_str(&server.cli_ok(&["audit", "--json", "--limit", "1"])).unwrap();
     let e = &json["entries"];
     assert_eq!(e.as_array().unwrap().len(), 1);
     assert_eq!(e[0]["target"], "host/hv02");
     let since = e[0]["at"].as_str().unwrap().to_string();
-    let json: Value = serde_json::from_str(&server.cli_ok(&["audit", "--json", "--since", &since])).unwrap();
-    assert!(json["entries"].as_array().unwrap().iter().all(|e| e["at"].as_str().unwrap() >= since.as_str()));
-    assert!(json["entries"].as_array().unwrap().iter().any(|e| e["target"] == "host/hv02"));
-    let future: Value = serde_json::from_str(&server.cli_ok(&["audit", "--json", "--since", "2999-01-01T00:00:00Z"])).unwrap();
+    let json: Value =
+        serde_json::from_str(&server.cli_ok(&["audit", "--json", "--since", &since])).unwrap();
+    assert!(json["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["at"].as_str().unwrap() >= since.as_str()));
+    assert!(json["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["target"] == "host/hv02"));
+    let future: Value = serde_json::from_str(&server.cli_ok(&[
+        "audit",
+        "--json",
+        "--since",
+        "2999-01-01T00:00:00Z",
+    ]))
+    .unwrap();
     assert_eq!(future["entries"], json!([]));
 
     // The CLI refuses a bad time or limit before asking.
@@ -344,9 +587,15 @@ async fn the_cli_lists_entries_and_bad_queries_get_clear_errors() {
         let o = server.cli(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("--since") || err.contains("--limit"), "{args:?}: {err}");
+        assert!(
+            err.contains("--since") || err.contains("--limit"),
+            "{args:?}: {err}"
+        );
     }
-    assert!(String::from_utf8_lossy(&server.cli(&["audit", "--since", "notadate"]).stderr).contains("RFC 3339"));
+    assert!(
+        String::from_utf8_lossy(&server.cli(&["audit", "--since", "notadate"]).stderr)
+            .contains("RFC 3339")
+    );
 
     // The API refuses them with a code.
     for (query, code) in [
@@ -357,7 +606,11 @@ async fn the_cli_lists_entries_and_bad_queries_get_clear_errors() {
         ("colour=blue", "invalid_query"),
     ] {
         let (status, got, _) = refused(op.get_json(&format!("/v1/audit?{query}")).await);
-        assert_eq!((status, got.as_str()), (StatusCode::BAD_REQUEST, code), "{query}");
+        assert_eq!(
+            (status, got.as_str()),
+            (StatusCode::BAD_REQUEST, code),
+            "{query}"
+        );
     }
 }
 
@@ -388,15 +641,29 @@ async fn an_entry_that_cannot_be_written_does_not_undo_the_action_and_is_written
     let hosts: Value = op.get_json("/v1/hosts").await.unwrap();
     assert_eq!(hosts.as_array().unwrap().len(), 3, "{hosts}");
     assert!(write_errors(&op).await >= 2.0);
-    assert_eq!(last_seq(&entries(&op).await), 1, "nothing written while the store refuses");
-    assert!(server.log().contains("audit entry not written yet"), "{}", server.log());
+    assert_eq!(
+        last_seq(&entries(&op).await),
+        1,
+        "nothing written while the store refuses"
+    );
+    assert!(
+        server.log().contains("audit entry not written yet"),
+        "{}",
+        server.log()
+    );
 
     // Once the store takes writes again, the queue is written in order by the retry.
     faults.set(&server, "# healed");
-    let all = eventually_async(Duration::from_secs(60), "queued entries written", || async {
-        let all = entries(&op).await;
-        (all.len() == 3).then_some(all.clone()).ok_or(format!("{all:?}"))
-    })
+    let all = eventually_async(
+        Duration::from_secs(60),
+        "queued entries written",
+        || async {
+            let all = entries(&op).await;
+            (all.len() == 3)
+                .then_some(all.clone())
+                .ok_or(format!("{all:?}"))
+        },
+    )
     .await;
     let targets: Vec<&str> = all.iter().map(|e| e["target"].as_str().unwrap()).collect();
     assert_eq!(targets, ["host/hv01", "host/hv02", "host/hv03"]);
