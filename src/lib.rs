@@ -49,6 +49,7 @@
 //! | [`jobs`] | the Jobs tab: job records, steps, progress |
 //! | [`failover`] | choose point → materialize disks → assign addresses → write definition; networks, plans, failback |
 //! | [`scrub`] | verify (re-read and check, quarantine, damaged points), garbage collection |
+//! | [`audit`] | the audit log of operator actions: one sealed, hash-chained entry per action (single writer) |
 //! | [`api`] | HTTPS server, auth, typed path extractors, routes (a module per resource), the one error-to-HTTP mapping |
 //! | [`wire`] | the API contract: request and response bodies, header names, the error body (serde and std only) |
 //! | [`client`] | the typed API client: a method per route |
@@ -66,6 +67,7 @@
 //! stage/<vm>/<disk>/<session>/<index>     receipts of blocks received in a replication session
 //! logs/<vm>/<disk>/<log id>/f<n>, extents frames and extent list of a stored change log
 //! quarantine/<original key>/<unix time>   damaged objects verify moved aside (never read)
+//! audit/<20 digits>                       audit-log entries, one per operator action (create-only)
 //! ```
 //!
 //! No key is also a prefix of other keys (the local backend cannot hold both). Formats:
@@ -104,6 +106,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod bench;
 pub mod catalog;
 pub mod chunk;

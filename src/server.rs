@@ -289,6 +289,11 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         config.gc.grace_s,
         tasks.clone(),
     );
+    let audit = crate::audit::AuditLog::open(vault.clone())
+        .await
+        .map_err(crate::error::Error::from)?;
+    audit.spawn_retry(&tasks);
+    scrub.attach_audit(audit.clone());
     if config.verify.interval_s > 0 {
         scrub.spawn_schedule(Duration::from_secs(config.verify.interval_s));
     }
@@ -309,6 +314,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         plans,
         scrub,
         registry,
+        audit,
         ingest_permits: Arc::new(Semaphore::new(config.ingest.max_inflight_blocks)),
         body_budget: api::body_budget::BodyBudget::new(
             config.ingest.body_memory_mib << 20,
@@ -425,6 +431,7 @@ const COUNTERS_FROM_ZERO: &[&str] = &[
     "drvault_gc_freed_objects_total",
     "drvault_gc_freed_bytes_total",
     "drvault_quarantined_objects_total",
+    "drvault_audit_write_errors_total",
 ];
 
 fn register_counters() {

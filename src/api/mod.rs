@@ -8,6 +8,7 @@
 //! e.g. `/v1/agent/vms/{vm}/disks/{disk}/blocks/{index}`), and the same label goes on the
 //! request counter and latency histogram.
 
+pub mod audit_layer;
 pub mod auth;
 pub mod body_budget;
 pub mod console;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub scrub: crate::scrub::Scrub,
     /// Hosts, providers and token digests (cached; this server is the registry's writer).
     pub registry: Registrar,
+    /// The audit log of operator actions ([`audit_layer`] records them).
+    pub audit: crate::audit::AuditLog,
     /// Block and patch bodies being stored at once (config `ingest.max_inflight_blocks`),
     /// taken once a body is complete.
     pub ingest_permits: Arc<Semaphore>,
@@ -77,6 +80,11 @@ pub fn router(state: AppState, limits: limits::RequestLimits) -> Router {
     let limiter = limits::Limiter::new(limits);
     routes::routes()
         .merge(keys::routes())
+        .merge(audit_layer::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            audit_layer::record,
+        ))
         .route_layer(axum::middleware::from_fn(observe))
         .fallback(routes::not_found)
         .layer(axum::middleware::from_fn_with_state(

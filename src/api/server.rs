@@ -195,6 +195,8 @@ pub async fn serve(
                 if let Some(why) = reserved {
                     req.extensions_mut().insert(why);
                 }
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
                 let app = app.clone();
                 async move {
                     let resp = app.oneshot(req).await?;

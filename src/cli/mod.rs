@@ -4,6 +4,7 @@
 
 mod accounts;
 mod agent;
+mod audit;
 mod failover;
 mod hosts;
 pub mod hrl;
@@ -208,6 +209,8 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The audit log: who did what, when, from where, with what result (operator).
+    Audit(audit::AuditArgs),
     /// Delete objects no retained point or open session references, older than the grace
     /// period (operator). Safe while agents upload.
     Gc(scrub::GcArgs),
@@ -612,6 +615,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Cmd::Verify(a) => scrub::verify(a).await,
         Cmd::Damage { json, conn } => scrub::damage(json, conn).await,
         Cmd::Gc(a) => scrub::gc(a).await,
+        Cmd::Audit(a) => audit::run(a).await,
         Cmd::Hrl { cmd } => hrl::hrl_cmd(cmd).await,
         Cmd::Failover { cmd, start, conn } => failover::failover_cmd(cmd, start, conn).await,
         Cmd::Plan { cmd, conn } => plans::plan_cmd(cmd, conn).await,

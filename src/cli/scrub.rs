@@ -87,6 +87,12 @@ pub async fn verify(a: VerifyArgs) -> Result<i32> {
                 p.point, p.vm
             );
         }
+        for d in &r.audit_damage {
+            println!(
+                "DAMAGED audit entry {} ({}, {}): {}",
+                d.seq, d.kind, d.problem, d.reason
+            );
+        }
         for k in &r.healed {
             println!("healed {k}");
         }

@@ -309,6 +309,21 @@ impl Client {
         }
     }
 
+    /// `GET /v1/audit` (`since` in RFC 3339 UTC, as `drvault audit` sends it).
+    pub async fn audit(&self, q: &AuditQuery) -> Result<AuditList, ClientError> {
+        let mut path = String::from("/v1/audit");
+        let mut sep = '?';
+        if let Some(since) = &q.since {
+            // `+` of an offset would read as a space in a query.
+            path.push_str(&format!("{sep}since={}", since.replace('+', "%2B")));
+            sep = '&';
+        }
+        if let Some(limit) = q.limit {
+            path.push_str(&format!("{sep}limit={limit}"));
+        }
+        self.get_json(&path).await
+    }
+
     pub async fn job(&self, id: &str) -> Result<Job, ClientError> {
         self.get_json(&format!("/v1/jobs/{id}")).await
     }

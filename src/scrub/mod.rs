@@ -133,6 +133,8 @@ pub struct Scrub {
     /// The server's background runner: jobs and schedules are its tasks, so shutdown stops
     /// the schedules and waits for a running job.
     tasks: Tasks,
+    /// The audit log whose chain verify walks, once the server attached it.
+    audit: Arc<std::sync::OnceLock<crate::audit::AuditLog>>,
 }
 
 impl Scrub {
@@ -154,7 +156,18 @@ impl Scrub {
             running: Default::default(),
             default_grace_s,
             tasks,
+            audit: Default::default(),
         }
+    }
+
+    /// Lets verify check the audit log's chain (and its tail against what this server wrote).
+    pub fn attach_audit(&self, audit: crate::audit::AuditLog) {
+        // Set once at startup; a second call would only repeat the same log.
+        let _ = self.audit.set(audit);
+    }
+
+    pub(crate) fn audit(&self) -> Option<&crate::audit::AuditLog> {
+        self.audit.get()
     }
 
     /// Creates the job and runs `work` in the background; refuses while another maintenance

@@ -19,6 +19,10 @@
 //! only writer holds the current value) and its bad version quarantined; other records (resync,
 //! failback) are copied to quarantine and left in place, so they fail loudly rather than an
 //! older version silently taking their place.
+//!
+//! A verify over every VM also walks the audit log's hash chain ([`crate::audit`]) and reports
+//! each removed, edited or reordered entry (`audit_damage`, kind `audit_chain`, with its
+//! sequence number). Those entries are left as they are: the log is evidence, not data to heal.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Instant;
@@ -393,9 +397,18 @@ pub(super) async fn run(
             .increment(c.objects);
         metrics::counter!("drvault_verify_bytes_total", "family" => f.word()).increment(c.bytes);
     }
+    let audit_damage = match (s.audit(), &req.vm) {
+        (Some(log), None) => log.check_chain().await.map_err(Error::from)?,
+        _ => Vec::new(),
+    };
+    for d in &audit_damage {
+        tracing::warn!(seq = d.seq, problem = %d.problem, reason = %d.reason, "verify found the audit chain broken");
+    }
+    metrics::counter!("drvault_verify_damaged_total", "family" => "audit_chain")
+        .increment(audit_damage.len() as u64);
     let seconds = started.elapsed().as_secs_f64();
     let bytes: u64 = checked.values().map(|c| c.bytes).sum();
-    let clean = damaged.is_empty() && damaged_points.is_empty();
+    let clean = damaged.is_empty() && damaged_points.is_empty() && audit_damage.is_empty();
     tracing::info!(
         job,
         damaged = damaged.len(),
@@ -420,6 +433,7 @@ pub(super) async fn run(
         healed,
         unreferenced,
         damaged_points,
+        audit_damage,
         clean,
     })
 }

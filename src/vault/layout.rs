@@ -11,6 +11,7 @@
 //! logs/<vm>/<disk>/<log id>/f<8 digits>      frames of a change log (1 MiB of the .hrl each)
 //! logs/<vm>/<disk>/<log id>/extents          its validated extent list
 //! quarantine/<original key>/<unix seconds>  a damaged object verify moved out of the way
+//! audit/<20 digits>                         one audit-log entry per sequence number (create-only)
 //! ```
 
 use crate::chunk::ChunkName;
@@ -125,6 +126,26 @@ pub fn log_frame(vm_id: &str, disk_id: &str, log_id: &str, n: u64) -> Key {
 /// The validated extent list of a stored change log.
 pub fn log_extents(vm_id: &str, disk_id: &str, log_id: &str) -> Key {
     key(&["logs", vm_id, disk_id, log_id, "extents"])
+}
+
+/// The prefix of the audit log's entries.
+pub fn audit_prefix() -> Key {
+    key(&["audit"])
+}
+
+/// Audit-log entry `seq`: one object each, written once, so an append never rewrites.
+pub fn audit_entry(seq: u64) -> Key {
+    key(&["audit", &format!("{seq:020}")])
+}
+
+/// The sequence number of a listed audit entry's key (`None` for anything else under the
+/// prefix, e.g. a local vault's staging file of an interrupted write).
+pub fn parse_audit_entry(k: &Key) -> Option<u64> {
+    let n = k.name();
+    if n.len() != 20 || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
 }
 
 /// Where verify keeps a damaged object's bytes: under its original key (so an operator sees what

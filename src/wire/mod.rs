@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod accounts;
 pub mod agents;
+pub mod audit;
 pub mod failback;
 pub mod failover;
 pub mod hosts;
@@ -24,6 +25,7 @@ pub mod webhooks;
 
 pub use accounts::*;
 pub use agents::*;
+pub use audit::*;
 pub use failback::*;
 pub use failover::*;
 pub use hosts::*;

@@ -72,7 +72,11 @@ pub struct VerifyReport {
     pub unreferenced: Vec<String>,
     /// Points now marked damaged.
     pub damaged_points: Vec<DamagedPoint>,
-    /// Nothing damaged, nothing registered in the scope.
+    /// Breaks in the audit log's hash chain (damage of kind `audit_chain`; checked by verifies
+    /// that cover every VM).
+    #[serde(default)]
+    pub audit_damage: Vec<crate::wire::AuditDamage>,
+    /// Nothing damaged, nothing registered in the scope, the audit chain whole.
     pub clean: bool,
 }
 

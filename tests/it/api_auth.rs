@@ -51,7 +51,15 @@ fn world() -> World {
 
 async fn snapshot(w: &World) -> (Vec<String>, Value) {
     let vms: Value = w.op.get_json("/v1/vms").await.unwrap();
-    (w.server.vault_objects(""), vms)
+    // The audit log records refused requests too (tests/it/audit.rs): everything else must stay.
+    let objects = w.server.vault_objects("");
+    (
+        objects
+            .into_iter()
+            .filter(|k| !k.starts_with("audit/"))
+            .collect(),
+        vms,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
