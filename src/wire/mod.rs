@@ -1,9 +1,11 @@
 //! The wire contract of the `/v1/` API: every request and response body, the header names and
 //! the error body, shared by the server (`api`), the client, the CLI and the agent. This module
-//! depends on serde and std only (and on its own items), so a client can use it without the
-//! server's modules. docs/api.md describes the routes these bodies travel on.
+//! depends on serde, std and utoipa's derives only (and on its own items), so a client can use
+//! it without the server's modules. docs/api.md describes the routes these bodies travel on; the
+//! `ToSchema` derives make their schemas in the OpenAPI document (`crate::api::openapi`).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 pub mod agents;
 pub mod failback;
@@ -51,7 +53,7 @@ pub const PLAIN_LENGTH_HEADER: &str = "x-drvault-plain-length";
 pub const ACTING_HOST_HEADER: &str = "x-drvault-host";
 
 /// The JSON body of every error response (documented in docs/api.md).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
