@@ -49,7 +49,7 @@
 //! | [`jobs`] | the Jobs tab: job records, steps, progress |
 //! | [`failover`] | choose point → materialize disks → assign addresses → write definition; networks, plans, failback |
 //! | [`scrub`] | verify (re-read and check, quarantine, damaged points), garbage collection |
-//! | [`api`] | HTTPS server, auth, typed path extractors, routes (a module per resource), the one error-to-HTTP mapping |
+//! | [`api`] | HTTPS server, auth, typed path extractors, routes (a module per resource), the one error-to-HTTP mapping, the OpenAPI document |
 //! | [`wire`] | the API contract: request and response bodies, header names, the error body (serde, std and utoipa's derives only) |
 //! | [`client`] | the typed API client: a method per route |
 //! | [`agent`], [`cli`], [`bench`], [`progress`] | reference agent (one block-sync driver for resync and failback), command line (a file per command family), benchmarks, progress bars |
