@@ -28,6 +28,7 @@ pub struct FailbackDiskView {
 #[serde(deny_unknown_fields)]
 pub struct RangeRequest {
     pub block: u64,
+    #[schema(schema_with = super::pair_schemas::u32_ranges)]
     pub ranges: Vec<(u32, u32)>,
 }
 

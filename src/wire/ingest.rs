@@ -51,6 +51,7 @@ pub struct QueryBlock {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompleteRequest {
+    #[schema(schema_with = super::pair_schemas::u64_runs)]
     pub data_runs: Vec<(u64, u64)>,
     pub digest: String,
 }

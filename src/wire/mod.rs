@@ -59,3 +59,51 @@ pub struct ErrorBody {
     pub message: String,
     pub recoverable: bool,
 }
+
+/// OpenAPI schemas of the bodies that hold JSON pairs (`[a, b]`): utoipa 5.5 writes a Rust tuple
+/// in OpenAPI 3.0's form (`items` as a list), which is no valid 3.1 schema; these use 3.1's
+/// `prefixItems`.
+pub(crate) mod pair_schemas {
+    use utoipa::openapi::schema::{
+        ArrayBuilder, ArrayItems, KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type,
+    };
+    use utoipa::openapi::{Array, RefOr};
+
+    fn unsigned(format: KnownFormat) -> Schema {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(format)))
+            .minimum(Some(0))
+            .into()
+    }
+
+    fn list_of_pairs(first: Schema, second: Schema) -> Array {
+        let pair = ArrayBuilder::new()
+            .prefix_items([first, second])
+            .items(ArrayItems::False)
+            .min_items(Some(2))
+            .max_items(Some(2))
+            .build();
+        ArrayBuilder::new()
+            .items(RefOr::T(Schema::Array(pair)))
+            .build()
+    }
+
+    /// `[[index, hash hex], …]`
+    pub fn index_and_hash() -> Array {
+        list_of_pairs(
+            unsigned(KnownFormat::Int64),
+            ObjectBuilder::new().schema_type(Type::String).into(),
+        )
+    }
+
+    /// `[[first, count], …]`
+    pub fn u64_runs() -> Array {
+        list_of_pairs(unsigned(KnownFormat::Int64), unsigned(KnownFormat::Int64))
+    }
+
+    /// `[[offset, length], …]`
+    pub fn u32_ranges() -> Array {
+        list_of_pairs(unsigned(KnownFormat::Int32), unsigned(KnownFormat::Int32))
+    }
+}

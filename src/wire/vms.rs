@@ -12,6 +12,7 @@ pub struct MapView {
     /// Data blocks only: `[index, plain BLAKE3 hex]`; every other block is zero. At a recovery
     /// point, blocks written by logs have an empty hash (computed when the block is read; the
     /// block response carries it).
+    #[schema(schema_with = super::pair_schemas::index_and_hash)]
     pub data: Vec<(u64, String)>,
     /// The recovery point these blocks are of (`None`: the base map).
     #[serde(default)]

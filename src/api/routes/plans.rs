@@ -43,6 +43,7 @@ async fn list_plans(
     request_body = crate::wire::Plan,
     responses(
         (status = 201, description = "The plan", body = crate::wire::Plan),
+        (status = 404, description = "`vm_not_found`: a VM of the plan is not protected", body = crate::wire::ErrorBody),
         (status = 409, description = "`plan_exists`", body = crate::wire::ErrorBody),
     )
 )]
