@@ -60,9 +60,8 @@ pub struct ErrorBody {
     pub recoverable: bool,
 }
 
-/// OpenAPI schemas of the bodies that hold JSON pairs (`[a, b]`): utoipa 5.5 writes a Rust tuple
-/// in OpenAPI 3.0's form (`items` as a list), which is no valid 3.1 schema; these use 3.1's
-/// `prefixItems`.
+/// OpenAPI schemas of the bodies that hold JSON pairs (`[a, b]`): utoipa writes a Rust tuple as
+/// `prefixItems` without a length, so `[]` or `[1]` would pass for a pair; these pin it to two.
 pub(crate) mod pair_schemas {
     use utoipa::openapi::schema::{
         ArrayBuilder, ArrayItems, KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type,
