@@ -253,7 +253,10 @@ pub mod params {
     #[allow(dead_code)]
     pub struct JobId {
         /// The job's id (a UUID; 400 `invalid_job_id` otherwise).
-        #[param(pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", example = "00000000-0000-4000-8000-000000000000")]
+        #[param(
+            pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+            example = "00000000-0000-4000-8000-000000000000"
+        )]
         pub id: String,
     }
 
@@ -262,7 +265,10 @@ pub mod params {
     #[allow(dead_code)]
     pub struct ReportJob {
         /// The verify or collection job's id (a UUID; 400 `invalid_job_id` otherwise).
-        #[param(pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", example = "00000000-0000-4000-8000-000000000000")]
+        #[param(
+            pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+            example = "00000000-0000-4000-8000-000000000000"
+        )]
         pub job: String,
     }
 
@@ -273,7 +279,10 @@ pub mod params {
     pub struct ActingHost {
         /// With a provider token: the host of the provider's cloud this request acts for
         /// (`X-Drvault-Host`); ignored with a host token.
-        #[param(rename = "X-Drvault-Host", pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+        #[param(
+            rename = "X-Drvault-Host",
+            pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+        )]
         pub acting_host: Option<String>,
     }
 }
