@@ -50,8 +50,8 @@
 //! | [`failover`] | choose point → materialize disks → assign addresses → write definition; networks, plans, failback |
 //! | [`scrub`] | verify (re-read and check, quarantine, damaged points), garbage collection |
 //! | [`audit`] | the audit log of operator actions: one sealed, hash-chained entry per action (single writer) |
-//! | [`api`] | HTTPS server, auth, typed path extractors, routes (a module per resource), the one error-to-HTTP mapping |
-//! | [`wire`] | the API contract: request and response bodies, header names, the error body (serde and std only) |
+//! | [`api`] | HTTPS server, auth, typed path extractors, routes (a module per resource), the one error-to-HTTP mapping, the OpenAPI document |
+//! | [`wire`] | the API contract: request and response bodies, header names, the error body (serde, std and utoipa's derives only) |
 //! | [`client`] | the typed API client: a method per route |
 //! | [`webhooks`] | signed POSTs to the configured endpoints on job outcomes and VM health changes, retried with back-off |
 //! | [`agent`], [`cli`], [`bench`], [`progress`] | reference agent (one block-sync driver for resync and failback), command line (a file per command family), benchmarks, progress bars |

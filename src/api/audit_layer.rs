@@ -40,6 +40,17 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new().route("/v1/audit", get(list_audit))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "audit",
+    summary = "The audit log: who did what, when, from where, with what result",
+    params(crate::wire::AuditQuery),
+    responses(
+        (status = 200, description = "Entries in sequence order", body = crate::wire::AuditList),
+        (status = 400, description = "`invalid_limit`, `invalid_since`, `invalid_query`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn list_audit(
     _: Viewer,
     State(s): State<AppState>,
@@ -349,7 +360,12 @@ mod tests {
             ("account.rotate_token".into(), "account/alice".into())
         );
         assert_eq!(
-            named(Method::POST, "/v1/things/{name}/reset", "/v1/things/x/reset", ""),
+            named(
+                Method::POST,
+                "/v1/things/{name}/reset",
+                "/v1/things/x/reset",
+                ""
+            ),
             ("things.reset.post".into(), "things/x".into())
         );
         assert!(!recorded(&Method::GET, "/v1/vms"));

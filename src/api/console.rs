@@ -64,21 +64,61 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 /// `GET /`: the page.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "console",
+    summary = "The web console's page",
+    security(()),
+    responses(
+        (status = 200, description = "The file", body = String, content_type = "text/html"),
+    )
+)]
 pub async fn index() -> Response {
     asset("text/html; charset=utf-8", INDEX_HTML)
 }
 
 /// `GET /console/app.js`: the page's one module.
+#[utoipa::path(
+    get,
+    path = "/console/app.js",
+    tag = "console",
+    summary = "The console's script",
+    security(()),
+    responses(
+        (status = 200, description = "The file", body = String, content_type = "text/javascript"),
+    )
+)]
 pub async fn app_js() -> Response {
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
 /// `GET /console/app.css`.
+#[utoipa::path(
+    get,
+    path = "/console/app.css",
+    tag = "console",
+    summary = "The console's style sheet",
+    security(()),
+    responses(
+        (status = 200, description = "The file", body = String, content_type = "text/css"),
+    )
+)]
 pub async fn app_css() -> Response {
     asset("text/css; charset=utf-8", APP_CSS)
 }
 
 /// `GET /console/favicon.svg`.
+#[utoipa::path(
+    get,
+    path = "/console/favicon.svg",
+    tag = "console",
+    summary = "The console's icon",
+    security(()),
+    responses(
+        (status = 200, description = "The file", body = String, content_type = "image/svg+xml"),
+    )
+)]
 pub async fn favicon() -> Response {
     asset("image/svg+xml", FAVICON_SVG)
 }
@@ -120,6 +160,16 @@ pub fn nic_mappings(rec: &VmRecord, config: &NetworkConfig) -> Vec<NicMappingVie
 }
 
 /// `GET /v1/vms/{vm}/nics` (operator).
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{vm}/nics",
+    tag = "vms",
+    summary = "Where each of a VM's NICs lands on failover",
+    params(crate::api::openapi::params::Vm),
+    responses(
+        (status = 200, description = "One entry per NIC", body = Vec<crate::wire::NicMappingView>),
+    )
+)]
 pub async fn vm_nics(
     _: Viewer,
     State(s): State<AppState>,

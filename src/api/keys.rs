@@ -27,10 +27,29 @@ fn view(s: &AppState) -> KeysView {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/keys",
+    tag = "keys",
+    summary = "The key ring (never key material)",
+    responses(
+        (status = 200, description = "Keys and their seal counts", body = crate::wire::KeysView),
+    )
+)]
 async fn list_keys(_: Viewer, State(s): State<AppState>) -> Json<KeysView> {
     Json(view(&s))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/keys/rotate",
+    tag = "keys",
+    summary = "Rotate the sealing key",
+    responses(
+        (status = 200, description = "The key ring with the new active key", body = crate::wire::KeysView),
+        (status = 409, description = "`key_rotation_refused`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn rotate_key(_: Admin, State(s): State<AppState>) -> ApiResult<Json<KeysView>> {
     let keys = s.vault.keys().clone();
     // Writes and fsyncs the key file: off the async workers.

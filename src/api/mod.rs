@@ -16,6 +16,7 @@ pub mod error;
 pub mod extract;
 pub mod keys;
 pub mod limits;
+pub mod openapi;
 pub mod routes;
 pub mod server;
 pub mod slots;

@@ -64,6 +64,9 @@ enum Cmd {
         #[arg(long, env = "DRVAULT_LISTEN")]
         listen: Option<String>,
     },
+    /// Print the API's OpenAPI 3.1 description (what GET /v1/openapi.json serves and
+    /// docs/openapi.json holds); needs no server.
+    Openapi,
     /// Check that the server answers (operator); --wait retries until it does, for scripts
     /// that start `drvault serve &` and go on at once.
     Status {
@@ -551,6 +554,10 @@ async fn run(cli: Cli) -> Result<i32> {
             data_dir,
             listen,
         } => server::serve(config, data_dir, listen).await,
+        Cmd::Openapi => {
+            print!("{}", crate::api::openapi::document_json());
+            Ok(0)
+        }
         Cmd::Status { wait, json, conn } => server::status(wait, json, conn).await,
         Cmd::Host { cmd, conn } => hosts::host(cmd, conn).await,
         Cmd::Provider { cmd, conn } => hosts::provider(cmd, conn).await,

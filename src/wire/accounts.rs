@@ -2,12 +2,15 @@
 //! rotation.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// What an operator account may do. Each role admits everything the roles before it do:
 /// `viewer` reads (every GET), `operator` also runs drills, failovers of every kind, commits,
 /// cleanups, cancels, resyncs, failbacks, plans, verify and merges, and `admin` also manages
 /// hosts, providers, keys, accounts and garbage collection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Viewer,
@@ -39,7 +42,7 @@ impl std::fmt::Display for Role {
 }
 
 /// `GET /v1/whoami`: the account a token belongs to.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Whoami {
     pub account: String,
     pub role: Role,
@@ -49,7 +52,7 @@ pub struct Whoami {
 
 /// `POST /v1/accounts`. The role is a plain string so that an unknown one is refused with the
 /// valid roles named (`invalid_role`) rather than a generic JSON error.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddAccount {
     pub name: String,
@@ -60,7 +63,7 @@ pub struct AddAccount {
 }
 
 /// `POST /v1/accounts/{name}/token`: a new token for the account; its other tokens are revoked.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateToken {
     #[serde(default)]
@@ -69,7 +72,7 @@ pub struct RotateToken {
 
 /// The answer to creating an account or rotating its token: the token, shown this once (the
 /// server keeps only its digest).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AccountToken {
     pub account: String,
     pub role: Role,
@@ -78,7 +81,7 @@ pub struct AccountToken {
 }
 
 /// One account in `GET /v1/accounts` (never a token).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct AccountView {
     pub name: String,
     pub role: Role,

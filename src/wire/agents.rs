@@ -2,11 +2,12 @@
 //! interval, and what the server answers (directives for the next interval).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{Policy, ResyncBrief, VmState};
 
 /// Sent by `drvault agent run` every heartbeat interval, for every VM in its configuration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     /// The agent's version (`CARGO_PKG_VERSION` of the reference agent).
@@ -18,7 +19,7 @@ pub struct Heartbeat {
 }
 
 /// One VM as its agent sees it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmReport {
     pub vm: String,
@@ -35,7 +36,7 @@ pub struct VmReport {
 }
 
 /// Change logs of one disk that the host holds and the server has not acknowledged.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskBacklog {
     pub disk: String,
@@ -48,7 +49,7 @@ pub struct DiskBacklog {
 }
 
 /// An error as the agent reports it: the server's error code where it came from the server.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentFault {
     pub code: String,
@@ -58,7 +59,7 @@ pub struct AgentFault {
 }
 
 /// The server's answer to a heartbeat.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatAck {
     pub server_time_unix: u64,
     /// The operator's bandwidth cap for this host in MB/s (the agent uses the lower of this and
@@ -71,7 +72,7 @@ pub struct HeartbeatAck {
 }
 
 /// The server's view of one VM, for the agent's next interval.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VmDirective {
     pub vm: String,
     /// Absent when the VM is not protected (the agent enables it).

@@ -1,11 +1,12 @@
 //! The audit log (`GET /v1/audit`): who did what to which object, from where, with what result.
 
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 /// One recorded operator action. Entries are numbered from 1 without gaps; each carries the
 /// BLAKE3 of its predecessor (`prev`) and its own (`hash`, over the entry's JSON with `hash`
 /// empty), so a removed, edited or reordered entry breaks the chain.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {
     pub seq: u64,
     /// When the action was answered (RFC 3339, seconds; never earlier than the previous entry).
@@ -33,7 +34,7 @@ pub struct AuditEntry {
 }
 
 /// `GET /v1/audit`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AuditList {
     /// Oldest first.
     pub entries: Vec<AuditEntry>,
@@ -41,7 +42,8 @@ pub struct AuditList {
 
 /// Query of `GET /v1/audit`: entries at or after `since` (RFC 3339), at most `limit` (1 to
 /// 1000, default 100). Without `since` the latest `limit` entries.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,7 +53,7 @@ pub struct AuditQuery {
 }
 
 /// A break in the audit chain that verify found (damage of kind `audit_chain`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AuditDamage {
     /// Always `audit_chain`.
     pub kind: String,

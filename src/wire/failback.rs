@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FailbackCommitRequest {
     /// Commit even if a disk was not synchronized (its on-premises copy is stale).
@@ -13,7 +14,7 @@ pub struct FailbackCommitRequest {
 }
 
 /// What the agent is told about one disk to fail back.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct FailbackDiskView {
     pub failover: String,
     pub point: Option<String>,
@@ -23,15 +24,16 @@ pub struct FailbackDiskView {
 }
 
 /// Ranges of one target block to download.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RangeRequest {
     pub block: u64,
+    #[schema(schema_with = super::pair_schemas::u32_ranges)]
     pub ranges: Vec<(u32, u32)>,
 }
 
 /// The vault's record of a VM's failback.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct FailbackRecord {
     pub vm: String,
     pub failover: String,
@@ -42,7 +44,7 @@ pub struct FailbackRecord {
     pub job: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SyncedDisk {
     pub digest: String,
     pub synced_unix: u64,

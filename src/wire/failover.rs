@@ -5,29 +5,30 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Firmware {
     Bios,
     Uefi,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DiskBus {
     Ide,
     Virtio,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NicModel {
     E1000,
     Virtio,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailoverKind {
     Test,
@@ -35,7 +36,7 @@ pub enum FailoverKind {
     Unplanned,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FailoverInfo {
     pub kind: FailoverKind,
     pub id: String,
@@ -45,7 +46,7 @@ pub struct FailoverInfo {
     pub time: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DiskDefinition {
     pub id: String,
     /// Path of the fixed VHD as the hypervisor host sees it.
@@ -59,7 +60,7 @@ pub struct DiskDefinition {
     pub padded_to_mib: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NicDefinition {
     /// Position in the VM spec's NIC list.
     pub index: u32,
@@ -67,14 +68,18 @@ pub struct NicDefinition {
     pub mac: String,
     pub model: NicModel,
     pub source_network: String,
+    #[schema(value_type = Option<String>)]
     pub source_ip: Option<IpAddr>,
     pub network: String,
     pub subnet: String,
     /// The libvirt network it attaches to.
     pub host_network: String,
+    #[schema(value_type = String, format = Ipv4)]
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
+    #[schema(value_type = String, format = Ipv4)]
     pub gateway: Ipv4Addr,
+    #[schema(value_type = Vec<String>)]
     pub dns: Vec<Ipv4Addr>,
     /// The target network has no route out of the host.
     pub isolated: bool,
@@ -85,7 +90,7 @@ pub struct NicDefinition {
     pub note: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VmDefinition {
     pub version: u32,
     pub name: String,
@@ -99,9 +104,10 @@ pub struct VmDefinition {
 }
 
 /// Per-NIC choices of a failover request.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NicOptions {
     #[serde(default)]
+    #[schema(value_type = Option<String>, format = Ipv4)]
     pub static_ip: Option<Ipv4Addr>,
     #[serde(default)]
     pub public_ip: bool,
@@ -115,7 +121,7 @@ pub struct NicOptions {
 }
 
 /// Which rule gave a NIC its address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     Static,
@@ -124,7 +130,7 @@ pub enum Rule {
 }
 
 /// What the operator asks for.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FailoverRequest {
     pub kind: FailoverKind,
@@ -140,7 +146,7 @@ pub struct FailoverRequest {
     pub wait_s: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailoverState {
     Running,
@@ -154,7 +160,7 @@ pub enum FailoverState {
 }
 
 /// The vault's record of a VM's current (latest) failover.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct FailoverRecord {
     pub id: String,
     pub vm: String,
@@ -176,7 +182,7 @@ pub struct FailoverRecord {
 }
 
 /// What `failover show` prints.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct FailoverView {
     pub record: FailoverRecord,
     pub definition: Option<VmDefinition>,

@@ -1,8 +1,9 @@
 //! Hosts and providers (`/v1/hosts`, `/v1/providers`) and the credentials they receive.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddHost {
     pub name: String,
@@ -15,7 +16,7 @@ pub struct AddHost {
 }
 
 /// What an agent needs to connect: written to a credentials file by the CLI.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Credentials {
     /// "host" or "provider".
     pub kind: String,
@@ -26,7 +27,7 @@ pub struct Credentials {
     pub ca_cert_pem: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HostView {
     pub name: String,
     pub cloud: Option<String>,
@@ -54,20 +55,20 @@ pub struct HostView {
 }
 
 /// The operator's bandwidth cap for a host (`PUT /v1/hosts/{name}/throttle`); `None` clears it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostThrottle {
     pub mb_s: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddProvider {
     pub name: String,
     pub cloud: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProviderView {
     pub name: String,
     pub cloud: String,

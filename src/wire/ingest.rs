@@ -2,15 +2,17 @@
 //! log uploads.
 
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 /// The answer to a resume query: the blocks the server still needs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct MissingBlocks {
     pub missing: Vec<u64>,
 }
 
 /// Query of a log upload (`PUT .../logs/{log_id}`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogQuery {
     pub cycle: Option<u64>,
     #[serde(default)]
@@ -20,7 +22,7 @@ pub struct LogQuery {
 }
 
 /// How an uploaded block was taken.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct BlockAck {
     pub index: u64,
     /// `stored`, `deduplicated`, `zero`, `already_received`, or `healed` (the block's chunk was
@@ -31,13 +33,13 @@ pub struct BlockAck {
 }
 
 /// Resume query: the agent's view of some blocks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReceivedQuery {
     pub blocks: Vec<QueryBlock>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QueryBlock {
     pub index: u64,
@@ -46,15 +48,16 @@ pub struct QueryBlock {
 
 /// Completion request: which blocks hold data (runs of `[first, count]`) and the digest over the
 /// plain hashes of all blocks in order (a zero block contributing the hash of its zero bytes).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompleteRequest {
+    #[schema(schema_with = super::pair_schemas::u64_runs)]
     pub data_runs: Vec<(u64, u64)>,
     pub digest: String,
 }
 
 /// The answer to a log upload.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct LogAck {
     pub log_id: String,
     /// `accepted` or `already_accepted`.

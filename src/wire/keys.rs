@@ -1,9 +1,10 @@
 //! Encryption keys (`/v1/keys`).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// `GET /v1/keys` and the answer to a rotation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct KeysView {
     /// The key new objects are sealed with.
     pub active: u32,
@@ -11,7 +12,7 @@ pub struct KeysView {
 }
 
 /// What `GET /v1/keys` shows about one key (never the key itself).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct KeyUsage {
     pub id: u32,
     pub active: bool,

@@ -1,9 +1,11 @@
 //! The wire contract of the `/v1/` API: every request and response body, the header names and
 //! the error body, shared by the server (`api`), the client, the CLI and the agent. This module
-//! depends on serde and std only (and on its own items), so a client can use it without the
-//! server's modules. docs/api.md describes the routes these bodies travel on.
+//! depends on serde, std and utoipa's derives only (and on its own items), so a client can use
+//! it without the server's modules. docs/api.md describes the routes these bodies travel on; the
+//! `ToSchema` derives make their schemas in the OpenAPI document (`crate::api::openapi`).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 pub mod accounts;
 pub mod agents;
@@ -57,9 +59,56 @@ pub const PLAIN_LENGTH_HEADER: &str = "x-drvault-plain-length";
 pub const ACTING_HOST_HEADER: &str = "x-drvault-host";
 
 /// The JSON body of every error response (documented in docs/api.md).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
     pub recoverable: bool,
+}
+
+/// OpenAPI schemas of the bodies that hold JSON pairs (`[a, b]`): utoipa writes a Rust tuple as
+/// `prefixItems` without a length, so `[]` or `[1]` would pass for a pair; these pin it to two.
+pub(crate) mod pair_schemas {
+    use utoipa::openapi::schema::{
+        ArrayBuilder, ArrayItems, KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type,
+    };
+    use utoipa::openapi::{Array, RefOr};
+
+    fn unsigned(format: KnownFormat) -> Schema {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(format)))
+            .minimum(Some(0))
+            .into()
+    }
+
+    fn list_of_pairs(first: Schema, second: Schema) -> Array {
+        let pair = ArrayBuilder::new()
+            .prefix_items([first, second])
+            .items(ArrayItems::False)
+            .min_items(Some(2))
+            .max_items(Some(2))
+            .build();
+        ArrayBuilder::new()
+            .items(RefOr::T(Schema::Array(pair)))
+            .build()
+    }
+
+    /// `[[index, hash hex], …]`
+    pub fn index_and_hash() -> Array {
+        list_of_pairs(
+            unsigned(KnownFormat::Int64),
+            ObjectBuilder::new().schema_type(Type::String).into(),
+        )
+    }
+
+    /// `[[first, count], …]`
+    pub fn u64_runs() -> Array {
+        list_of_pairs(unsigned(KnownFormat::Int64), unsigned(KnownFormat::Int64))
+    }
+
+    /// `[[offset, length], …]`
+    pub fn u32_ranges() -> Array {
+        list_of_pairs(unsigned(KnownFormat::Int32), unsigned(KnownFormat::Int32))
+    }
 }

@@ -1,10 +1,11 @@
 //! Target networks as a host that runs failed-over VMs sets them up (`drvault network up`).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// `GET /v1/networks/{network}`: every subnet of a configured target network with what its
 /// host side needs: the bridge, the gateway address and the DHCP reservations.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct HostNetworkView {
     pub name: String,
     /// No route out of the host (drill networks).
@@ -14,7 +15,7 @@ pub struct HostNetworkView {
     pub subnets: Vec<HostSubnetView>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct HostSubnetView {
     pub name: String,
     /// `network.subnet`: the libvirt network's name and the suffix of the failover files
@@ -30,7 +31,7 @@ pub struct HostSubnetView {
 }
 
 /// One static lease: the failed-over NIC with this MAC gets this address.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct DhcpReservation {
     /// `aa:bb:cc:dd:ee:ff`.
     pub mac: String,

@@ -1,10 +1,11 @@
 //! Recovery plans (`/v1/plans`).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::failover::FailoverKind;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanGroup {
     pub vms: Vec<String>,
@@ -19,7 +20,7 @@ pub struct PlanGroup {
     pub pause_before: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     pub name: String,
@@ -27,7 +28,7 @@ pub struct Plan {
 }
 
 /// How a plan picks each VM's point.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanFailoverRequest {
     pub kind: FailoverKind,

@@ -1,8 +1,9 @@
 //! Recovery points and merges.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MergeRequest {
     /// Merge every log, not only those past the retention window.
@@ -14,7 +15,7 @@ pub struct MergeRequest {
 }
 
 /// A VM recovery point as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct PointView {
     pub id: String,
     pub cycle: u64,
@@ -47,7 +48,7 @@ pub struct PointView {
 }
 
 /// What a merge did.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct MergeReport {
     pub disks: usize,
     pub logs_merged: usize,

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ResyncState {
     Scheduled,
@@ -17,7 +18,7 @@ pub enum ResyncState {
 }
 
 /// The vault's record of a VM's (latest) resync session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ResyncSession {
     pub id: String,
     pub vm: String,
@@ -33,7 +34,7 @@ pub struct ResyncSession {
     pub finished_unix: Option<u64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ResyncDisk {
     /// The replica when the session began comparing (a full map of the newest point).
     pub base_root: Option<String>,
@@ -45,7 +46,7 @@ pub struct ResyncDisk {
 }
 
 /// What the agent is told about one disk of a session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ResyncDiskView {
     pub session: String,
     pub state: ResyncState,
@@ -62,7 +63,7 @@ pub struct ResyncDiskView {
 }
 
 /// The answer to one patch upload.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PatchAck {
     pub index: u64,
     /// `stored`, `deduplicated`, `zero` or `already_received`.
@@ -71,7 +72,7 @@ pub struct PatchAck {
 }
 
 /// The answer to a disk's completion.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ResyncCompletion {
     pub disk: String,
     pub session: String,
@@ -82,7 +83,7 @@ pub struct ResyncCompletion {
     pub cycle: Option<u64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ResyncRequest {
     /// Start at once instead of in the off-hours window.
@@ -93,13 +94,13 @@ pub struct ResyncRequest {
     pub disks: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FineRequest {
     pub blocks: Vec<u64>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DigestRequest {
     pub digest: String,

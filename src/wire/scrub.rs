@@ -3,9 +3,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Families of objects, as reports name them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ObjectFamily {
     Chunk,
@@ -18,13 +21,13 @@ pub enum ObjectFamily {
 }
 
 /// Answer to starting a job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Started {
     pub job: String,
 }
 
 /// `POST /v1/verify`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
     /// Only this VM's objects (default: every VM).
@@ -36,14 +39,14 @@ pub struct VerifyRequest {
 }
 
 /// Objects and plaintext bytes read.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Checked {
     pub objects: u64,
     pub bytes: u64,
 }
 
 /// A point that needs a damaged object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DamagedPoint {
     pub vm: String,
     pub point: String,
@@ -51,7 +54,7 @@ pub struct DamagedPoint {
 }
 
 /// What a verify found (`GET /v1/verify/{job}`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VerifyReport {
     pub job: String,
     pub vm: Option<String>,
@@ -81,7 +84,7 @@ pub struct VerifyReport {
 }
 
 /// `POST /v1/gc`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GcRequest {
     /// Report what would be freed, delete nothing.
@@ -93,14 +96,14 @@ pub struct GcRequest {
 }
 
 /// Objects and stored bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Count {
     pub objects: u64,
     pub bytes: u64,
 }
 
 /// What a collection did (`GET /v1/gc/{job}`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct GcReport {
     pub job: String,
     pub dry_run: bool,
@@ -127,7 +130,7 @@ pub struct GcReport {
 }
 
 /// One registered object.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct DamagedObject {
     pub key: String,
     pub family: ObjectFamily,
@@ -146,7 +149,7 @@ pub struct DamagedObject {
 }
 
 /// The points (or open session) of one disk that need an object.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, ToSchema)]
 pub struct Affected {
     pub vm: String,
     pub disk: String,
@@ -157,7 +160,7 @@ pub struct Affected {
 }
 
 /// The stored register.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct DamageRecord {
     pub objects: BTreeMap<String, DamagedObject>,
     /// Start of the last verify that covered every VM and everything written before it (a

@@ -1,9 +1,10 @@
 //! Server identity (`GET /v1/server`).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// `GET /v1/server`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ServerInfo {
     pub version: String,
     pub block_size: u32,

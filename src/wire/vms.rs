@@ -1,9 +1,10 @@
 //! Protected VMs: the enable-protection spec, policy, VM, disk and NIC views, block maps.
 
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 /// A disk's map as the export client needs it: geometry and the data blocks with their hashes.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct MapView {
     pub size: u64,
     pub block_size: u32,
@@ -11,6 +12,7 @@ pub struct MapView {
     /// Data blocks only: `[index, plain BLAKE3 hex]`; every other block is zero. At a recovery
     /// point, blocks written by logs have an empty hash (computed when the block is read; the
     /// block response carries it).
+    #[schema(schema_with = super::pair_schemas::index_and_hash)]
     pub data: Vec<(u64, String)>,
     /// The recovery point these blocks are of (`None`: the base map).
     #[serde(default)]
@@ -19,13 +21,14 @@ pub struct MapView {
 
 /// Query of the map and block downloads: the recovery point to read (default: `latest`, the
 /// newest complete point).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PointQuery {
     pub point: Option<String>,
 }
 
 /// One NIC of a VM and where failovers attach it (`GET /v1/vms/{vm}/nics`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NicMappingView {
     pub index: u32,
     pub network: String,
@@ -37,13 +40,14 @@ pub struct NicMappingView {
     pub failover_target_from: Option<String>,
     /// `network/subnet` of test failovers (always the mapping's test target).
     pub test_target: Option<String>,
+    #[schema(value_type = Option<String>, format = Ipv4)]
     pub static_ip: Option<std::net::Ipv4Addr>,
     pub public_ip: bool,
     /// The NIC is left out of failed-over VMs.
     pub skip: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     InitialReplication,
@@ -67,7 +71,7 @@ impl VmState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DiskState {
     /// Initial replication in progress: blocks arrive as receipts of the current session.
@@ -76,7 +80,7 @@ pub enum DiskState {
     Complete,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub enum Health {
     Normal,
     Warning,
@@ -84,7 +88,7 @@ pub enum Health {
 }
 
 /// A change to a VM's policy: fields left out keep their value.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyChange {
     pub interval_s: Option<u64>,
@@ -93,7 +97,7 @@ pub struct PolicyChange {
 }
 
 /// What the API shows of a VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VmView {
     pub name: String,
     pub owner: String,
@@ -132,7 +136,7 @@ pub struct VmView {
 }
 
 /// One reason of a VM's health.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HealthFinding {
     pub level: Health,
     pub code: String,
@@ -140,7 +144,7 @@ pub struct HealthFinding {
 }
 
 /// A VM as its host's agent last reported it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AgentBrief {
     pub host: String,
     pub agent_version: String,
@@ -161,7 +165,7 @@ pub struct AgentBrief {
 }
 
 /// What the VM view tells of a failover in progress or waiting for commit or cleanup.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct FailoverBrief {
     pub id: String,
     /// `test`, `planned` or `unplanned`.
@@ -174,7 +178,7 @@ pub struct FailoverBrief {
 }
 
 /// What the VM view tells of an open resync session.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ResyncBrief {
     pub session: String,
     pub state: String,
@@ -186,7 +190,7 @@ pub struct ResyncBrief {
     pub disks_done: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DiskView {
     pub id: String,
     pub size: u64,
@@ -213,7 +217,7 @@ pub struct DiskView {
 }
 
 /// The enable-protection request body (`PUT /v1/agent/vms/{vm}`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// 1 (BIOS) or 2 (UEFI).
@@ -250,7 +254,7 @@ impl Default for Policy {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// Disk id, unique within the VM (the agent defaults it to the file name).
@@ -259,7 +263,7 @@ pub struct DiskSpec {
     pub size: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
     /// The source VM network the NIC is connected to (mapped to a target network at failover).
@@ -270,7 +274,7 @@ pub struct NicSpec {
 }
 
 /// Replication policy (ASR's: interval, retention, app-consistent frequency).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Replication interval in seconds: any from 1 s (continuous) up to a day.
@@ -301,7 +305,7 @@ mod tests {
 }
 
 /// `POST /v1/vms/{vm}/disable`: stop protecting a VM.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DisableRequest {
     /// Remove the VM's records at once: its objects become garbage for the next collection.
@@ -311,7 +315,7 @@ pub struct DisableRequest {
 }
 
 /// What a disable did (the "Disable protection" job has the same steps).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DisableReport {
     pub vm: String,
     pub job: String,

@@ -22,6 +22,15 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/accounts/{name}/token", post(rotate_token))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/whoami",
+    tag = "accounts",
+    summary = "The account and role of the token in use",
+    responses(
+        (status = 200, description = "The caller's account", body = crate::wire::Whoami),
+    )
+)]
 async fn whoami(Viewer(a): Viewer) -> Json<Whoami> {
     Json(Whoami {
         account: a.name,
@@ -30,6 +39,15 @@ async fn whoami(Viewer(a): Viewer) -> Json<Whoami> {
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/accounts",
+    tag = "accounts",
+    summary = "List operator accounts (never tokens)",
+    responses(
+        (status = 200, description = "Every account, its role and live tokens", body = Vec<crate::wire::AccountView>),
+    )
+)]
 async fn list_accounts(_: Viewer, State(s): State<AppState>) -> Json<Vec<AccountView>> {
     let now = crate::util::unix_now();
     let reg = s.registry.snapshot().await;
@@ -56,6 +74,18 @@ async fn list_accounts(_: Viewer, State(s): State<AppState>) -> Json<Vec<Account
     )
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/accounts",
+    tag = "accounts",
+    summary = "Create an account with a role; its token is shown once",
+    request_body = crate::wire::AddAccount,
+    responses(
+        (status = 201, description = "The new account's token", body = crate::wire::AccountToken),
+        (status = 400, description = "`invalid_role`, `invalid_expiry`, `invalid_name`", body = crate::wire::ErrorBody),
+        (status = 409, description = "`account_exists`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn add_account(
     _: Admin,
     State(s): State<AppState>,
@@ -85,6 +115,17 @@ async fn add_account(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/accounts/{name}",
+    tag = "accounts",
+    summary = "Remove an account; its tokens stop working",
+    params(crate::api::openapi::params::Named),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 409, description = "`last_admin`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn remove_account(
     _: Admin,
     State(s): State<AppState>,
@@ -95,6 +136,17 @@ async fn remove_account(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/accounts/{name}/token",
+    tag = "accounts",
+    summary = "Give an account a new token and revoke its others",
+    params(crate::api::openapi::params::Named),
+    request_body = crate::wire::RotateToken,
+    responses(
+        (status = 200, description = "The new token (shown once)", body = crate::wire::AccountToken),
+    )
+)]
 async fn rotate_token(
     _: Admin,
     State(s): State<AppState>,

@@ -35,6 +35,17 @@ const MAX_INTERVAL_S: u64 = crate::catalog::spec::MAX_INTERVAL_S;
 /// Longest agent version string and error message kept.
 const MAX_TEXT: usize = 4096;
 
+#[utoipa::path(
+    post,
+    path = "/v1/agent/heartbeat",
+    tag = "agent",
+    summary = "The long-running agent's report",
+    params(crate::api::openapi::params::ActingHost),
+    request_body = crate::wire::Heartbeat,
+    responses(
+        (status = 200, description = "What the agent should know for its next interval", body = crate::wire::HeartbeatAck),
+    )
+)]
 async fn heartbeat(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,

@@ -22,6 +22,18 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/vms/{vm}/failover/cancel", post(cancel_failover))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{vm}/failover",
+    tag = "failover",
+    summary = "Fail a VM over (test, planned or unplanned)",
+    params(crate::api::openapi::params::Vm),
+    request_body = crate::wire::FailoverRequest,
+    responses(
+        (status = 202, description = "The failover record; the work is a job", body = crate::wire::FailoverRecord),
+        (status = 409, description = "`vm_not_protected`, `failed_over`, `failover_running`, `drill_not_cleaned_up`, `failover_not_committed`, `point_damaged`, `network_unmapped`, `vm_disabled`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn start_failover(
     _: Operator,
     State(s): State<AppState>,
@@ -35,6 +47,16 @@ async fn start_failover(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{vm}/failover",
+    tag = "failover",
+    summary = "A VM's latest failover",
+    params(crate::api::openapi::params::Vm),
+    responses(
+        (status = 200, description = "The record, definition and qemu command", body = crate::wire::FailoverView),
+    )
+)]
 async fn show_failover(
     _: Viewer,
     State(s): State<AppState>,
@@ -43,6 +65,17 @@ async fn show_failover(
     Ok(Json(s.failovers.show(&vm).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{vm}/failover/cleanup",
+    tag = "failover",
+    summary = "End a drill",
+    params(crate::api::openapi::params::Vm),
+    responses(
+        (status = 200, description = "The failover record", body = crate::wire::FailoverRecord),
+        (status = 409, description = "The failover is not in a state that allows it", body = crate::wire::ErrorBody),
+    )
+)]
 async fn cleanup_failover(
     _: Operator,
     State(s): State<AppState>,
@@ -51,6 +84,17 @@ async fn cleanup_failover(
     Ok(Json(s.failovers.cleanup(&vm).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{vm}/failover/commit",
+    tag = "failover",
+    summary = "Commit a planned or unplanned failover",
+    params(crate::api::openapi::params::Vm),
+    responses(
+        (status = 200, description = "The failover record", body = crate::wire::FailoverRecord),
+        (status = 409, description = "The failover is not in a state that allows it", body = crate::wire::ErrorBody),
+    )
+)]
 async fn commit_failover(
     _: Operator,
     State(s): State<AppState>,
@@ -59,6 +103,17 @@ async fn commit_failover(
     Ok(Json(s.failovers.commit(&vm).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{vm}/failover/cancel",
+    tag = "failover",
+    summary = "Stop a planned failover waiting for final logs",
+    params(crate::api::openapi::params::Vm),
+    responses(
+        (status = 200, description = "The failover record", body = crate::wire::FailoverRecord),
+        (status = 409, description = "The failover is not in a state that allows it", body = crate::wire::ErrorBody),
+    )
+)]
 async fn cancel_failover(
     _: Operator,
     State(s): State<AppState>,

@@ -36,6 +36,15 @@ pub(super) fn routes() -> Router<AppState> {
         )
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/hosts",
+    tag = "hosts",
+    summary = "List hosts with their last contact",
+    responses(
+        (status = 200, description = "Every registered host", body = Vec<crate::wire::HostView>),
+    )
+)]
 async fn list_hosts(_: Viewer, State(s): State<AppState>) -> Json<Vec<HostView>> {
     let reg = s.registry.snapshot().await;
     let vms = s.overview.list().await;
@@ -77,6 +86,17 @@ async fn list_hosts(_: Viewer, State(s): State<AppState>) -> Json<Vec<HostView>>
     )
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/hosts/{name}/throttle",
+    tag = "hosts",
+    summary = "Set or clear a host agent's bandwidth cap",
+    params(crate::api::openapi::params::Named),
+    request_body = crate::wire::HostThrottle,
+    responses(
+        (status = 200, description = "The cap now set", body = crate::wire::HostThrottle),
+    )
+)]
 async fn set_throttle(
     _: Admin,
     State(s): State<AppState>,
@@ -89,6 +109,17 @@ async fn set_throttle(
     Ok(Json(req))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/hosts",
+    tag = "hosts",
+    summary = "Register a host",
+    request_body = crate::wire::AddHost,
+    responses(
+        (status = 201, description = "The host's credentials (shown once)", body = crate::wire::Credentials),
+        (status = 409, description = "`host_exists`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn add_host(
     _: Admin,
     State(s): State<AppState>,
@@ -113,6 +144,17 @@ async fn add_host(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/hosts/{name}",
+    tag = "hosts",
+    summary = "Remove a host and revoke its token",
+    params(crate::api::openapi::params::Named),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 409, description = "`host_in_use` and other conflicts", body = crate::wire::ErrorBody),
+    )
+)]
 async fn remove_host(
     _: Admin,
     State(s): State<AppState>,
@@ -124,6 +166,15 @@ async fn remove_host(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/providers",
+    tag = "hosts",
+    summary = "List providers",
+    responses(
+        (status = 200, description = "Every registered provider", body = Vec<crate::wire::ProviderView>),
+    )
+)]
 async fn list_providers(_: Viewer, State(s): State<AppState>) -> Json<Vec<ProviderView>> {
     let reg = s.registry.snapshot().await;
     Json(
@@ -138,6 +189,17 @@ async fn list_providers(_: Viewer, State(s): State<AppState>) -> Json<Vec<Provid
     )
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/providers",
+    tag = "hosts",
+    summary = "Register a provider for a cloud",
+    request_body = crate::wire::AddProvider,
+    responses(
+        (status = 201, description = "The provider's credentials (shown once)", body = crate::wire::Credentials),
+        (status = 409, description = "`provider_exists`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn add_provider(
     _: Admin,
     State(s): State<AppState>,
@@ -158,6 +220,16 @@ async fn add_provider(
     ))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/providers/{name}",
+    tag = "hosts",
+    summary = "Remove a provider and revoke its token",
+    params(crate::api::openapi::params::Named),
+    responses(
+        (status = 204, description = "Removed"),
+    )
+)]
 async fn remove_provider(
     _: Admin,
     State(s): State<AppState>,
@@ -168,6 +240,16 @@ async fn remove_provider(
 }
 
 /// A new token for a host; the old one stops working at once, its VMs stay protected.
+#[utoipa::path(
+    post,
+    path = "/v1/hosts/{name}/token",
+    tag = "hosts",
+    summary = "Give a host a new token and revoke the old one",
+    params(crate::api::openapi::params::Named),
+    responses(
+        (status = 200, description = "The host's new credentials (shown once)", body = crate::wire::Credentials),
+    )
+)]
 async fn rotate_host_token(
     _: Admin,
     State(s): State<AppState>,
@@ -187,6 +269,16 @@ async fn rotate_host_token(
 }
 
 /// A new token for a provider; the old one stops working at once.
+#[utoipa::path(
+    post,
+    path = "/v1/providers/{name}/token",
+    tag = "hosts",
+    summary = "Give a provider a new token and revoke the old one",
+    params(crate::api::openapi::params::Named),
+    responses(
+        (status = 200, description = "The provider's new credentials (shown once)", body = crate::wire::Credentials),
+    )
+)]
 async fn rotate_provider_token(
     _: Admin,
     State(s): State<AppState>,

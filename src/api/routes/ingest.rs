@@ -43,6 +43,19 @@ pub(super) fn routes() -> Router<AppState> {
         )
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/agent/vms/{vm}",
+    tag = "agent",
+    summary = "Enable protection, or change a protected VM's disks",
+    params(crate::api::openapi::params::Vm, crate::api::openapi::params::ActingHost),
+    request_body = crate::wire::VmSpec,
+    responses(
+        (status = 200, description = "The same spec again, or the disks changed", body = crate::wire::VmView),
+        (status = 201, description = "Protection enabled", body = crate::wire::VmView),
+        (status = 409, description = "`vm_exists`, `vm_disabled`, `disk_id_retained`, `replication_incomplete`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn enable_protection(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
@@ -62,6 +75,17 @@ async fn enable_protection(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/agent/vms/{vm}",
+    tag = "agent",
+    operation_id = "agent_get_vm",
+    summary = "The VM as its host sees it",
+    params(crate::api::openapi::params::Vm, crate::api::openapi::params::ActingHost),
+    responses(
+        (status = 200, description = "The VM", body = crate::wire::VmView),
+    )
+)]
 async fn agent_get_vm(
     _: AgentHost,
     State(s): State<AppState>,
@@ -70,6 +94,18 @@ async fn agent_get_vm(
     Ok(Json(s.overview.view(&rec).await))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/agent/vms/{vm}/disks/{disk}/blocks/query",
+    tag = "agent",
+    summary = "Which blocks the server still needs",
+    params(crate::api::openapi::params::Disk, crate::api::openapi::params::ActingHost),
+    request_body = crate::wire::ReceivedQuery,
+    responses(
+        (status = 200, description = "The missing blocks", body = crate::wire::MissingBlocks),
+        (status = 409, description = "`vm_disabled`, `disk_removed`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn agent_query_blocks(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
@@ -82,6 +118,19 @@ async fn agent_query_blocks(
     }))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/agent/vms/{vm}/disks/{disk}/blocks/{index}",
+    tag = "agent",
+    summary = "Upload a block of initial replication",
+    params(crate::api::openapi::params::Block, crate::api::openapi::params::ActingHost, ("X-Drvault-Blake3" = String, Header, description = "Plain BLAKE3 of the block (64 hex digits), checked by the server"), ("Content-Encoding" = Option<String>, Header, description = "`zstd` for a compressed body; absent: as it is")),
+    request_body(content = crate::api::openapi::Octets, content_type = "application/octet-stream"),
+    responses(
+        (status = 200, description = "Stored (durable)", body = crate::wire::BlockAck),
+        (status = 409, description = "`replication_complete`, `vm_disabled`, `disk_removed`", body = crate::wire::ErrorBody),
+        (status = 415, description = "`unsupported_content_encoding`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn agent_put_block(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
@@ -101,6 +150,18 @@ async fn agent_put_block(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/agent/vms/{vm}/disks/{disk}/complete",
+    tag = "agent",
+    summary = "Complete a disk's initial replication",
+    params(crate::api::openapi::params::Disk, crate::api::openapi::params::ActingHost),
+    request_body = crate::wire::CompleteRequest,
+    responses(
+        (status = 200, description = "The disk", body = crate::wire::DiskView),
+        (status = 409, description = "`blocks_missing`, `digest_mismatch`, `vm_disabled`, `disk_removed`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn agent_complete_disk(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
@@ -111,6 +172,20 @@ async fn agent_complete_disk(
     Ok(Json(s.ingest.complete_disk(&host, &vm, &disk, &req).await?))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/agent/vms/{vm}/disks/{disk}/logs/{log_id}",
+    tag = "agent",
+    summary = "Upload an MS-HRL change log",
+    params(crate::api::openapi::params::Log, crate::wire::LogQuery, crate::api::openapi::params::ActingHost, ("Content-Encoding" = Option<String>, Header, description = "`zstd` for a compressed body; absent: as it is"), ("X-Drvault-Plain-Length" = Option<u64>, Header, description = "A zstd-compressed log's length before compression (required with Content-Encoding: zstd)")),
+    request_body(content = crate::api::openapi::Octets, content_type = "application/octet-stream"),
+    responses(
+        (status = 200, description = "Accepted (or already accepted)", body = crate::wire::LogAck),
+        (status = 409, description = "`replication_incomplete`, `chain_broken`, `log_not_closed`, `offline_change`, `resync_required`, `resync_in_progress`, `log_predates_resync`, `failed_over`, `vm_disabled`, `disk_removed`", body = crate::wire::ErrorBody),
+        (status = 413, description = "`log_too_large`", body = crate::wire::ErrorBody),
+        (status = 415, description = "`unsupported_content_encoding`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn agent_put_log(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,

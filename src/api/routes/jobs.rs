@@ -18,6 +18,16 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/jobs/{id}/resume", post(resume_job))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    summary = "List jobs",
+    params(crate::wire::JobsQuery),
+    responses(
+        (status = 200, description = "Jobs, optionally of one VM", body = Vec<crate::wire::Job>),
+    )
+)]
 async fn list_jobs(
     _: Viewer,
     State(s): State<AppState>,
@@ -30,6 +40,16 @@ async fn list_jobs(
     Json(jobs)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    summary = "A job with its steps",
+    params(crate::api::openapi::params::JobId),
+    responses(
+        (status = 200, description = "The job", body = crate::wire::Job),
+    )
+)]
 async fn get_job(
     _: Viewer,
     State(s): State<AppState>,
@@ -42,6 +62,17 @@ async fn get_job(
         .ok_or_else(|| Error::not_found("job_not_found", format!("job {id} not found")).into())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/resume",
+    tag = "jobs",
+    summary = "Continue a job waiting for a manual action",
+    params(crate::api::openapi::params::JobId),
+    responses(
+        (status = 200, description = "The job", body = crate::wire::Job),
+        (status = 409, description = "`job_not_waiting`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn resume_job(
     _: Operator,
     State(s): State<AppState>,

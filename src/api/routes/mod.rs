@@ -15,20 +15,20 @@ use crate::chunk::PlainHash;
 use crate::error::Error;
 use crate::ingest::wire::{decode_block, BlockBody, BodyEncoding};
 
-mod accounts;
-mod agents;
-mod failback;
-mod failover;
-mod hosts;
-mod ingest;
-mod jobs;
-mod networks;
-mod plans;
-mod points;
-mod resync;
-mod scrub;
-mod system;
-mod vms;
+pub(super) mod accounts;
+pub(super) mod agents;
+pub(super) mod failback;
+pub(super) mod failover;
+pub(super) mod hosts;
+pub(super) mod ingest;
+pub(super) mod jobs;
+pub(super) mod networks;
+pub(super) mod plans;
+pub(super) mod points;
+pub(super) mod resync;
+pub(super) mod scrub;
+pub(super) mod system;
+pub(super) mod vms;
 
 pub fn routes() -> Router<AppState> {
     Router::new()

@@ -14,6 +14,16 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new().route("/v1/networks/{network}", get(show_network))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/networks/{network}",
+    tag = "failover",
+    summary = "A target network as a host sets it up",
+    params(crate::api::openapi::params::Network),
+    responses(
+        (status = 200, description = "The network with its reservations", body = crate::wire::HostNetworkView),
+    )
+)]
 async fn show_network(
     _: Viewer,
     State(s): State<AppState>,

@@ -19,6 +19,15 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/plans/{name}/failover", post(start_plan))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/plans",
+    tag = "failover",
+    summary = "List recovery plans",
+    responses(
+        (status = 200, description = "Every plan", body = Vec<crate::wire::Plan>),
+    )
+)]
 async fn list_plans(
     _: Viewer,
     State(s): State<AppState>,
@@ -26,6 +35,18 @@ async fn list_plans(
     Ok(Json(s.plans.list().await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/plans",
+    tag = "failover",
+    summary = "Create a recovery plan",
+    request_body = crate::wire::Plan,
+    responses(
+        (status = 201, description = "The plan", body = crate::wire::Plan),
+        (status = 404, description = "`vm_not_found`: a VM of the plan is not protected", body = crate::wire::ErrorBody),
+        (status = 409, description = "`plan_exists`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn create_plan(
     _: Operator,
     State(s): State<AppState>,
@@ -35,6 +56,16 @@ async fn create_plan(
     Ok((StatusCode::CREATED, Json(s.plans.create(plan).await?)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/plans/{name}",
+    tag = "failover",
+    summary = "A recovery plan",
+    params(crate::api::openapi::params::Named),
+    responses(
+        (status = 200, description = "The plan", body = crate::wire::Plan),
+    )
+)]
 async fn get_plan(
     _: Viewer,
     State(s): State<AppState>,
@@ -43,6 +74,18 @@ async fn get_plan(
     Ok(Json(s.plans.get(&p).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/plans/{name}/failover",
+    tag = "failover",
+    summary = "Run a recovery plan",
+    params(crate::api::openapi::params::Named),
+    request_body = crate::wire::PlanFailoverRequest,
+    responses(
+        (status = 202, description = "The plan's job", body = crate::wire::Started),
+        (status = 409, description = "A VM of the plan cannot fail over now", body = crate::wire::ErrorBody),
+    )
+)]
 async fn start_plan(
     _: Operator,
     State(s): State<AppState>,

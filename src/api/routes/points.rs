@@ -17,6 +17,16 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/vms/{vm}/merge", post(merge_vm))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{vm}/points",
+    tag = "points",
+    summary = "A VM's recovery points, oldest first",
+    params(crate::api::openapi::params::Vm),
+    responses(
+        (status = 200, description = "The points (and incomplete cycles)", body = Vec<crate::wire::PointView>),
+    )
+)]
 async fn list_points(
     _: Viewer,
     State(s): State<AppState>,
@@ -25,6 +35,18 @@ async fn list_points(
     Ok(Json(s.replicas.points_and_incomplete(&vm).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{vm}/merge",
+    tag = "points",
+    summary = "Merge logs into the replica now",
+    params(crate::api::openapi::params::Vm),
+    request_body = crate::wire::MergeRequest,
+    responses(
+        (status = 200, description = "What was merged", body = crate::wire::MergeReport),
+        (status = 409, description = "`point_incomplete`, `maintenance_running` and other conflicts", body = crate::wire::ErrorBody),
+    )
+)]
 async fn merge_vm(
     _: Operator,
     State(s): State<AppState>,

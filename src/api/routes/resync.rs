@@ -40,6 +40,17 @@ pub(super) fn routes() -> Router<AppState> {
         )
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/agent/vms/{vm}/disks/{disk}/resync",
+    tag = "resync",
+    summary = "What the agent resyncs of a disk",
+    params(crate::api::openapi::params::Disk, crate::api::openapi::params::ActingHost),
+    responses(
+        (status = 200, description = "The session as the disk sees it", body = crate::wire::ResyncDiskView),
+        (status = 409, description = "`resync_scheduled` (recoverable: `Retry-After` is the wait for the window), `resync_cancelled` and other session states", body = crate::wire::ErrorBody),
+    )
+)]
 async fn agent_resync_view(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
@@ -48,6 +59,17 @@ async fn agent_resync_view(
     Ok(Json(s.resyncs.resync_disk_view(&host, &vm, &disk).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/agent/vms/{vm}/disks/{disk}/resync/hashes",
+    tag = "resync",
+    summary = "BLAKE3 of every block of the replica (32 bytes each)",
+    params(crate::api::openapi::params::Disk, crate::api::openapi::params::ActingHost),
+    responses(
+        (status = 200, description = "32 bytes per block", body = crate::api::openapi::Octets, content_type = "application/octet-stream"),
+        (status = 409, description = "`resync_scheduled` (recoverable: `Retry-After` is the wait for the window), `resync_cancelled` and other session states", body = crate::wire::ErrorBody),
+    )
+)]
 async fn agent_resync_hashes(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
@@ -56,6 +78,18 @@ async fn agent_resync_hashes(
     Ok(octets(s.resyncs.resync_hashes(&host, &vm, &disk).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/agent/vms/{vm}/disks/{disk}/resync/fine",
+    tag = "resync",
+    summary = "16-byte hashes of each 4 KiB piece of some blocks",
+    params(crate::api::openapi::params::Disk, crate::api::openapi::params::ActingHost),
+    request_body = crate::wire::FineRequest,
+    responses(
+        (status = 200, description = "16 bytes per 4 KiB piece", body = crate::api::openapi::Octets, content_type = "application/octet-stream"),
+        (status = 409, description = "`resync_scheduled` (recoverable: `Retry-After` is the wait for the window), `resync_cancelled` and other session states", body = crate::wire::ErrorBody),
+    )
+)]
 async fn agent_resync_fine(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
@@ -68,6 +102,19 @@ async fn agent_resync_fine(
     ))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/agent/vms/{vm}/disks/{disk}/resync/blocks/{index}",
+    tag = "resync",
+    summary = "Upload a patch against a block",
+    params(crate::api::openapi::params::Block, crate::api::openapi::params::ActingHost, ("X-Drvault-Blake3" = String, Header, description = "Plain BLAKE3 of the block (64 hex digits), checked by the server"), ("Content-Encoding" = Option<String>, Header, description = "`zstd` for a compressed body; absent: as it is")),
+    request_body(content = crate::api::openapi::Octets, content_type = "application/octet-stream"),
+    responses(
+        (status = 200, description = "The patch is stored", body = crate::wire::PatchAck),
+        (status = 409, description = "`resync_scheduled` (recoverable: `Retry-After` is the wait for the window), `resync_cancelled` and other session states", body = crate::wire::ErrorBody),
+        (status = 415, description = "`unsupported_content_encoding`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn agent_resync_patch(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
@@ -87,6 +134,18 @@ async fn agent_resync_patch(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/agent/vms/{vm}/disks/{disk}/resync/complete",
+    tag = "resync",
+    summary = "Complete a disk's resync",
+    params(crate::api::openapi::params::Disk, crate::api::openapi::params::ActingHost),
+    request_body = crate::wire::DigestRequest,
+    responses(
+        (status = 200, description = "The disk's completion", body = crate::wire::ResyncCompletion),
+        (status = 409, description = "`digest_mismatch` and session states", body = crate::wire::ErrorBody),
+    )
+)]
 async fn agent_resync_complete(
     AgentHost(host): AgentHost,
     State(s): State<AppState>,
@@ -99,6 +158,18 @@ async fn agent_resync_complete(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{vm}/resync",
+    tag = "resync",
+    summary = "Start a resync session",
+    params(crate::api::openapi::params::Vm),
+    request_body = crate::wire::ResyncRequest,
+    responses(
+        (status = 200, description = "The session", body = crate::wire::ResyncSession),
+        (status = 409, description = "`failed_over`, `replication_incomplete`, `resync_in_progress`, `vm_disabled`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn start_resync(
     _: Operator,
     State(s): State<AppState>,
@@ -113,6 +184,16 @@ async fn start_resync(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{vm}/resync",
+    tag = "resync",
+    summary = "A VM's resync session",
+    params(crate::api::openapi::params::Vm),
+    responses(
+        (status = 200, description = "The session", body = crate::wire::ResyncSession),
+    )
+)]
 async fn show_resync(
     _: Viewer,
     State(s): State<AppState>,
@@ -131,6 +212,17 @@ async fn show_resync(
     )?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{vm}/resync/cancel",
+    tag = "resync",
+    summary = "Cancel a resync session",
+    params(crate::api::openapi::params::Vm),
+    responses(
+        (status = 200, description = "The cancelled session", body = crate::wire::ResyncSession),
+        (status = 409, description = "`resync_cancelled` and other conflicts", body = crate::wire::ErrorBody),
+    )
+)]
 async fn cancel_resync(
     _: Operator,
     State(s): State<AppState>,

@@ -20,6 +20,18 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/v1/gc/{job}", get(gc_report))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/verify",
+    tag = "scrub",
+    summary = "Verify the vault",
+    request_body = crate::wire::VerifyRequest,
+    responses(
+        (status = 202, description = "The verify job", body = crate::wire::Started),
+        (status = 404, description = "`vm_not_found`", body = crate::wire::ErrorBody),
+        (status = 409, description = "`maintenance_running` (recoverable)", body = crate::wire::ErrorBody),
+    )
+)]
 async fn start_verify(
     _: Operator,
     State(s): State<AppState>,
@@ -33,6 +45,17 @@ async fn start_verify(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/verify/{job}",
+    tag = "scrub",
+    summary = "A verify's report",
+    params(crate::api::openapi::params::ReportJob),
+    responses(
+        (status = 200, description = "The report", body = crate::wire::VerifyReport),
+        (status = 409, description = "`report_not_ready` (recoverable)", body = crate::wire::ErrorBody),
+    )
+)]
 async fn verify_report(
     _: Viewer,
     State(s): State<AppState>,
@@ -43,6 +66,15 @@ async fn verify_report(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/damage",
+    tag = "scrub",
+    summary = "The damage register",
+    responses(
+        (status = 200, description = "Damaged objects", body = crate::wire::DamageRecord),
+    )
+)]
 async fn damage_register(
     _: Viewer,
     State(s): State<AppState>,
@@ -50,6 +82,17 @@ async fn damage_register(
     Json((*s.scrub.damage().await).clone())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/gc",
+    tag = "scrub",
+    summary = "Collect garbage",
+    request_body = crate::wire::GcRequest,
+    responses(
+        (status = 202, description = "The collection job", body = crate::wire::Started),
+        (status = 409, description = "`maintenance_running` (recoverable)", body = crate::wire::ErrorBody),
+    )
+)]
 async fn start_gc(
     _: Admin,
     State(s): State<AppState>,
@@ -63,6 +106,17 @@ async fn start_gc(
     ))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/gc/{job}",
+    tag = "scrub",
+    summary = "A collection's report",
+    params(crate::api::openapi::params::ReportJob),
+    responses(
+        (status = 200, description = "The report", body = crate::wire::GcReport),
+        (status = 409, description = "`report_not_ready` (recoverable)", body = crate::wire::ErrorBody),
+    )
+)]
 async fn gc_report(
     _: Viewer,
     State(s): State<AppState>,

@@ -20,8 +20,20 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/console/app.css", get(super::console::app_css))
         .route("/console/favicon.svg", get(super::console::favicon))
         .route("/v1/server", get(server_info))
+        .route("/v1/openapi.json", get(crate::api::openapi::openapi_json))
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "system",
+    summary = "Whether the vault answers",
+    security(()),
+    responses(
+        (status = 200, description = "The vault answers: `{\"status\": \"ok\"}`", body = Object),
+        (status = 503, description = "The vault does not answer", body = Object),
+    )
+)]
 async fn healthz(State(s): State<AppState>) -> Response {
     match s.vault.store().head(&layout::key_check()).await {
         Ok(Some(_)) => Json(serde_json::json!({"status": "ok"})).into_response(),
@@ -33,6 +45,17 @@ async fn healthz(State(s): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "system",
+    summary = "Prometheus metrics (text format)",
+    security(()),
+    responses(
+        (status = 200, description = "Prometheus text exposition format 0.0.4", body = String, content_type = "text/plain"),
+        (status = 503, description = "No metrics recorder installed", body = String, content_type = "text/plain"),
+    )
+)]
 async fn metrics(State(s): State<AppState>) -> Response {
     for v in s.overview.list().await {
         let health = match v.health {
@@ -133,6 +156,15 @@ async fn vault_space(s: &AppState) {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/server",
+    tag = "system",
+    summary = "Server version and block size",
+    responses(
+        (status = 200, description = "Version and block size", body = crate::wire::ServerInfo),
+    )
+)]
 async fn server_info(_: Viewer, State(s): State<AppState>) -> Json<ServerInfo> {
     Json(ServerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),

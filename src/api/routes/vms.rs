@@ -29,10 +29,29 @@ pub(super) fn routes() -> Router<AppState> {
         )
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms",
+    tag = "vms",
+    summary = "List protected VMs",
+    responses(
+        (status = 200, description = "Every VM's view", body = Vec<crate::wire::VmView>),
+    )
+)]
 async fn list_vms(_: Viewer, State(s): State<AppState>) -> Json<Vec<crate::catalog::VmView>> {
     Json(s.overview.list().await)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{vm}",
+    tag = "vms",
+    summary = "A VM's view",
+    params(crate::api::openapi::params::Vm),
+    responses(
+        (status = 200, description = "The VM", body = crate::wire::VmView),
+    )
+)]
 async fn get_vm(
     _: Viewer,
     State(s): State<AppState>,
@@ -41,6 +60,17 @@ async fn get_vm(
     Ok(Json(s.overview.view(&rec).await))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{vm}/disks/{disk}/map",
+    tag = "vms",
+    summary = "A disk's block map at a recovery point",
+    params(crate::api::openapi::params::Disk, crate::wire::PointQuery),
+    responses(
+        (status = 200, description = "Geometry and the data blocks' hashes", body = crate::wire::MapView),
+        (status = 409, description = "`point_damaged`, `point_incomplete`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn get_map(
     _: Viewer,
     State(s): State<AppState>,
@@ -67,6 +97,17 @@ async fn get_map(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/vms/{vm}/disks/{disk}/blocks/{index}",
+    tag = "vms",
+    summary = "A block's bytes at a recovery point, verified",
+    params(crate::api::openapi::params::Block, crate::wire::PointQuery),
+    responses(
+        (status = 200, description = "The block's bytes", body = crate::api::openapi::Octets, content_type = "application/octet-stream", headers(("X-Drvault-Blake3" = String, description = "Plain BLAKE3 of the block (hex)"))),
+        (status = 409, description = "`point_damaged`, `point_incomplete`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn get_block(
     _: Viewer,
     State(s): State<AppState>,
@@ -99,6 +140,18 @@ async fn get_block(
     Ok(resp)
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/vms/{vm}",
+    tag = "vms",
+    summary = "Change a VM's replication policy",
+    params(crate::api::openapi::params::Vm),
+    request_body = crate::wire::PolicyChange,
+    responses(
+        (status = 200, description = "The VM with its new policy", body = crate::wire::VmView),
+        (status = 409, description = "`vm_disabled` and other conflicts", body = crate::wire::ErrorBody),
+    )
+)]
 async fn set_vm_policy(
     _: Operator,
     State(s): State<AppState>,
@@ -110,6 +163,18 @@ async fn set_vm_policy(
     Ok(Json(s.overview.view(&rec).await))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/vms/{vm}/nics/{index}",
+    tag = "vms",
+    summary = "Set a NIC's failover override",
+    params(crate::api::openapi::params::Nic),
+    request_body = crate::wire::NicOptions,
+    responses(
+        (status = 200, description = "The VM", body = crate::wire::VmView),
+        (status = 409, description = "`vm_disabled` and other conflicts", body = crate::wire::ErrorBody),
+    )
+)]
 async fn set_nic_override(
     _: Operator,
     State(s): State<AppState>,
@@ -122,6 +187,17 @@ async fn set_nic_override(
     Ok(Json(s.overview.view(&rec).await))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/vms/{vm}/nics/{index}",
+    tag = "vms",
+    summary = "Clear a NIC's failover override",
+    params(crate::api::openapi::params::Nic),
+    responses(
+        (status = 200, description = "The VM", body = crate::wire::VmView),
+        (status = 409, description = "`vm_disabled` and other conflicts", body = crate::wire::ErrorBody),
+    )
+)]
 async fn clear_nic_override(
     _: Operator,
     State(s): State<AppState>,
@@ -134,6 +210,18 @@ async fn clear_nic_override(
 
 /// Stops protecting a VM (the "Disable protection" job), refused while a failover of it is in
 /// progress: it reads the points this would give up.
+#[utoipa::path(
+    post,
+    path = "/v1/vms/{vm}/disable",
+    tag = "vms",
+    summary = "Stop protecting a VM",
+    params(crate::api::openapi::params::Vm),
+    request_body = crate::wire::DisableRequest,
+    responses(
+        (status = 200, description = "What the disable did", body = crate::wire::DisableReport),
+        (status = 409, description = "`failover_running`, `failover_not_committed`, `drill_not_cleaned_up`", body = crate::wire::ErrorBody),
+    )
+)]
 async fn disable_vm(
     _: Admin,
     State(s): State<AppState>,
