@@ -205,14 +205,19 @@ pub async fn cp(image: &Path, dir: &Path, tck: u64) -> Outcome {
     }
 }
 
-/// Whether `restic` can be run.
-pub async fn restic_present() -> bool {
-    tokio::process::Command::new("restic")
-        .arg("version")
+/// Whether `program args…` runs and exits 0: how a baseline finds out its tool is installed.
+pub async fn runs(program: &str, args: &[&str]) -> bool {
+    tokio::process::Command::new(program)
+        .args(args)
         .output()
         .await
         .map(|o| o.status.success())
         .unwrap_or(false)
+}
+
+/// Whether `restic` can be run.
+pub async fn restic_present() -> bool {
+    runs("restic", &["version"]).await
 }
 
 /// `restic backup IMAGE` into a fresh repository under `dir` (removed afterwards).
@@ -265,12 +270,7 @@ pub async fn restic(image: &Path, dir: &Path, tck: u64) -> Outcome {
 
 /// Whether `borg` can be run.
 pub async fn borg_present() -> bool {
-    tokio::process::Command::new("borg")
-        .arg("--version")
-        .output()
-        .await
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    runs("borg", &["--version"]).await
 }
 
 /// `borg create --compression zstd,3 REPO::bench IMAGE` into a fresh repokey-encrypted
@@ -321,13 +321,7 @@ pub async fn borg(image: &Path, dir: &Path, tck: u64) -> Outcome {
 /// `sync` of the output: the materialization peer. Returns (convert alone, convert + sync):
 /// qemu-img's convert does not flush by default, our failover fsyncs before it says done.
 pub async fn qemu_img_vpc(raw: &Path, dir: &Path, tck: u64) -> (Outcome, Outcome) {
-    let present = tokio::process::Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .await
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !present {
+    if !runs("qemu-img", &["--version"]).await {
         let m = Outcome::Missing {
             note: "qemu-img is not installed (apt-get install qemu-utils)".into(),
         };
@@ -375,13 +369,7 @@ pub async fn qemu_img_vpc(raw: &Path, dir: &Path, tck: u64) -> (Outcome, Outcome
 /// `sync DEST`: the delta-transfer peer of resync. DEST must already hold the old content. Returns the outcome (over `size`
 /// logical bytes) and rsync's "Total bytes sent".
 pub async fn rsync(src: &Path, dest: &Path, size: u64, tck: u64) -> (Outcome, Option<u64>) {
-    let present = tokio::process::Command::new("rsync")
-        .arg("--version")
-        .output()
-        .await
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !present {
+    if !runs("rsync", &["--version"]).await {
         return (
             Outcome::Missing {
                 note: "rsync is not installed (apt-get install rsync)".into(),

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::baselines::{Measured, Outcome};
+use super::baselines::{self, Measured, Outcome};
 use super::procstat::cpu_ticks;
 use super::{io_err, BenchError};
 use crate::failover::azure_target::AzureTarget;
@@ -110,13 +110,7 @@ pub async fn sdk_upload(
     target: &BlobTarget,
     tck: u64,
 ) -> (Outcome, Option<u64>) {
-    let present = tokio::process::Command::new("python3")
-        .args(["-c", "import azure.storage.blob"])
-        .output()
-        .await
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !present {
+    if !baselines::runs("python3", &["-c", "import azure.storage.blob"]).await {
         return (
             Outcome::Missing {
                 note: "azure-storage-blob is not installed (python3 -m pip install azure-storage-blob==12.23.1)".into(),

@@ -415,55 +415,53 @@ async fn refused_requests_are_recorded_as_refused() {
     let host = server.client_with(&Server::host_token(&creds));
     let stranger = server.client_with("dv_op_not-a-token-of-this-server");
 
-    let before = last_seq(&entries(&op).await);
-    let seen = call(
-        &host,
-        Method::POST,
-        "/v1/hosts",
-        Some(json!({"name": "evil"})),
-    )
-    .await;
-    assert_eq!(seen.status, Some(403));
-    check_one(
-        &entries(&op).await,
-        before,
-        "host/hv01",
-        "host.add",
-        "host/evil",
-        &seen,
-    );
-
-    let before = last_seq(&entries(&op).await);
-    let seen = call(&stranger, Method::POST, "/v1/keys/rotate", None).await;
-    assert_eq!(seen.status, Some(401));
-    check_one(
-        &entries(&op).await,
-        before,
-        "unknown",
-        "key.rotate",
-        "vault",
-        &seen,
-    );
-    assert_eq!(seen.code.as_deref(), Some("unauthorized"));
-
-    // Bad input to an action is an action refused, recorded with its code.
-    let before = last_seq(&entries(&op).await);
-    let seen = call(
-        &op,
-        Method::POST,
-        "/v1/vms/nosuchvm/failover",
-        Some(json!({"kind": "test"})),
-    )
-    .await;
-    assert_eq!(seen.status, Some(404));
-    check_one(
-        &entries(&op).await,
-        before,
-        "admin",
-        "failover.test",
-        "vm/nosuchvm",
-        &seen,
-    );
+    // A host token on an admin route (403), a token of no one (401), and bad input to an
+    // action (404): each an action refused, recorded once with its status and code.
+    let cases = [
+        (
+            &host,
+            Method::POST,
+            "/v1/hosts",
+            Some(json!({"name": "evil"})),
+            403,
+            "host/hv01",
+            "host.add",
+            "host/evil",
+            None,
+        ),
+        (
+            &stranger,
+            Method::POST,
+            "/v1/keys/rotate",
+            None,
+            401,
+            "unknown",
+            "key.rotate",
+            "vault",
+            Some("unauthorized"),
+        ),
+        (
+            &op,
+            Method::POST,
+            "/v1/vms/nosuchvm/failover",
+            Some(json!({"kind": "test"})),
+            404,
+            "admin",
+            "failover.test",
+            "vm/nosuchvm",
+            None,
+        ),
+    ];
+    let mut before = 0;
+    for (client, method, path, body, status, actor, action, target, code) in cases {
+        before = last_seq(&entries(&op).await);
+        let seen = call(client, method, path, body).await;
+        assert_eq!(seen.status, Some(status), "{path}");
+        check_one(&entries(&op).await, before, actor, action, target, &seen);
+        if let Some(code) = code {
+            assert_eq!(seen.code.as_deref(), Some(code));
+        }
+    }
     assert_eq!(server.vault_objects("audit").len() as u64, before + 1);
 }
 
