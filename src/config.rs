@@ -44,6 +44,9 @@ pub struct Config {
     pub gc: GcConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    /// Several servers on one vault: leases, their TTL, this server's identity (`[cluster]`).
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// Target virtual networks (`[[network]]`, see failover::network).
     #[serde(default)]
     pub network: Vec<crate::failover::network::TargetNetwork>,
@@ -141,6 +144,31 @@ impl Default for GcConfig {
         GcConfig {
             grace_s: crate::scrub::DEFAULT_GRACE_S,
             interval_s: 86_400,
+        }
+    }
+}
+
+/// `[cluster]`: what lets several `drvault serve` share one vault (see [`crate::cluster`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Seconds a server keeps its VMs' leases without renewing them: when it dies, the other
+    /// servers take its VMs over after this long (a shorter TTL fails over sooner and writes
+    /// the vault more often: one heartbeat per server every TTL/5).
+    pub lease_ttl_s: u64,
+    /// This server's name in the vault (default: generated once into `<data_dir>/server.id`).
+    pub server_id: Option<String>,
+    /// URL the other servers send agents to for the VMs this server holds (default:
+    /// `[server] public_url`, else https://<listen>).
+    pub advertise_url: Option<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            lease_ttl_s: 30,
+            server_id: None,
+            advertise_url: None,
         }
     }
 }
@@ -400,6 +428,19 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "server.body_idle_timeout_s must be at least 1".into(),
             ));
+        }
+        if !(2..=3600).contains(&self.cluster.lease_ttl_s) {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.lease_ttl_s {}: 2 to 3600 seconds",
+                self.cluster.lease_ttl_s
+            )));
+        }
+        if let Some(id) = &self.cluster.server_id {
+            if !crate::cluster::valid_server_id(id) {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster.server_id {id:?}: 1 to 64 of A-Z a-z 0-9 . _ -"
+                )));
+            }
         }
         if !["text", "json"].contains(&self.server.log_format.as_str()) {
             return Err(ConfigError::Invalid(format!(

@@ -51,6 +51,24 @@ pub struct Contacts {
     // A std lock: no await happens while it is held, and heartbeats only replace one entry.
     book: Arc<RwLock<ContactBook>>,
     dirty: Arc<AtomicBool>,
+    /// Hosts forgotten here since the last write (other servers' books may still hold them).
+    forgotten: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ContactBook {
+    /// Takes in `other`'s entries where they are newer: several servers on one vault each
+    /// receive some hosts' heartbeats (agents follow the VMs' leases).
+    fn merge(&mut self, other: &ContactBook) {
+        for (host, c) in &other.hosts {
+            let newer = self
+                .hosts
+                .get(host)
+                .is_none_or(|mine| mine.last_contact_unix < c.last_contact_unix);
+            if newer {
+                self.hosts.insert(host.clone(), c.clone());
+            }
+        }
+    }
 }
 
 fn record_key() -> crate::store::Key {
@@ -69,6 +87,7 @@ impl Contacts {
             records,
             book: Arc::new(RwLock::new(book)),
             dirty: Arc::new(AtomicBool::new(false)),
+            forgotten: Default::default(),
         })
     }
 
@@ -99,25 +118,56 @@ impl Contacts {
         if self.write().hosts.remove(host).is_some() {
             self.dirty.store(true, Ordering::Release);
         }
+        self.forgotten
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(host.to_string());
     }
 
     /// Writes the book to the vault when it changed since the last write. On failure the
     /// change stays pending for the next call.
+    ///
+    /// The write merges with the record (newest contact per host wins), and what other servers
+    /// wrote is taken into memory: any server shows every host's last contact.
     pub async fn persist(&self) -> Result<()> {
         if !self.dirty.swap(false, Ordering::AcqRel) {
+            let theirs = self.records.load::<ContactBook>(&record_key()).await?;
+            if let Some(v) = theirs {
+                self.write().merge(&v.value);
+            }
             return Ok(());
         }
         let book = self.read().clone();
+        let forgotten: Vec<String> =
+            std::mem::take(&mut *self.forgotten.lock().unwrap_or_else(|p| p.into_inner()));
         let r = self
             .records
-            .update(&record_key(), move |_: Option<&ContactBook>| {
-                Ok(Some(book.clone()))
+            .update(&record_key(), |cur: Option<&ContactBook>| {
+                let mut merged = book.clone();
+                if let Some(cur) = cur {
+                    merged.merge(cur);
+                }
+                for h in &forgotten {
+                    merged.hosts.remove(h);
+                }
+                Ok(Some(merged))
             })
             .await;
-        if r.is_err() {
-            self.dirty.store(true, Ordering::Release);
+        match r {
+            Ok(Some(v)) => {
+                self.write().merge(&v.value);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => {
+                self.dirty.store(true, Ordering::Release);
+                self.forgotten
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(forgotten);
+                Err(e)
+            }
         }
-        r.map(|_| ())
     }
 
     /// Runs [`Contacts::persist`] every [`PERSIST_EVERY`] on `tasks`.

@@ -72,6 +72,17 @@ pub enum Error {
     /// be written): nothing was applied, and the same request may succeed once it is fixed.
     #[error("{message}")]
     Unavailable { code: &'static str, message: String },
+    /// Another live server holds the VM's lease: the request belongs there.
+    #[error("VM {vm} is served by server {owner} at {owner_url}: send it there")]
+    LeaseHeld {
+        vm: String,
+        owner: String,
+        owner_url: String,
+    },
+    /// This server lost the lease while working (a newer epoch fenced it out): nothing of the
+    /// change was published; the agent's retry reaches the new holder.
+    #[error("{message}")]
+    LeaseLost { message: String },
     #[error("corrupt object: {0}")]
     Corrupt(#[from] SealError),
     #[error("internal error: {0}")]
@@ -143,7 +154,9 @@ impl Error {
             Error::Unauthorized { .. } | Error::TokenExpired { .. } => Kind::Unauthorized,
             Error::Forbidden { .. } | Error::RoleRequired { .. } => Kind::Forbidden,
             Error::NotFound { .. } => Kind::NotFound,
-            Error::Conflict { .. } => Kind::Conflict,
+            Error::Conflict { .. } | Error::LeaseHeld { .. } | Error::LeaseLost { .. } => {
+                Kind::Conflict
+            }
             Error::TooLarge { .. } => Kind::TooLarge,
             Error::UnsupportedMedia { .. } => Kind::UnsupportedMedia,
             Error::Busy { .. } => Kind::Busy,
@@ -170,6 +183,8 @@ impl Error {
             Error::Forbidden { .. } => "forbidden",
             Error::TokenExpired { .. } => "token_expired",
             Error::RoleRequired { .. } => "role_required",
+            Error::LeaseHeld { .. } => "lease_held",
+            Error::LeaseLost { .. } => "lease_lost",
             // An object the vault's own records point at is gone: that is damage, not a 404.
             Error::Store(StoreError::NotFound { .. }) => "object_missing",
             Error::Store(StoreError::Config(_)) => "store_misconfigured",
@@ -184,7 +199,7 @@ impl Error {
     pub fn recoverable(&self) -> bool {
         match self {
             Error::Conflict { recoverable, .. } => *recoverable,
-            Error::Busy { .. } => true,
+            Error::Busy { .. } | Error::LeaseHeld { .. } | Error::LeaseLost { .. } => true,
             Error::Store(StoreError::Unavailable { .. } | StoreError::Full { .. })
             | Error::DiskFull { .. }
             | Error::Unavailable { .. } => true,

@@ -37,6 +37,7 @@
 //! | [`store`] | the object store (local dir with fsync, Azure Blob, S3, memory), fault injection |
 //! | [`chunk`] | keyed names (the only place they are computed), sealing, key ring, the pipeline |
 //! | [`vault`] | key layout, versioned records (create-only version n+1), registry of hosts, providers and token digests (`Registrar`) |
+//! | [`cluster`] | several servers on one vault: server heartbeats, VM leases, fencing by epoch (`docs/cluster.md`) |
 //! | [`file_formats`] | every persisted constant of drvault's own formats |
 //! | [`format`] | MS-HRL logs, VHD and VHDX readers, fixed-VHD footer |
 //! | [`catalog`] | VM and disk records (cached, compare-and-swap), enable and finalize protection |
@@ -63,7 +64,7 @@
 //! chunks/<3 hex>/<64 hex>                 block contents, shared by every disk
 //! maps/<3 hex>/<64 hex>                   block-map roots and segments
 //! packs/<3 hex>/<64 hex>                  sealed pieces of blocks (merge and resync changes)
-//! records/<family>/<id>/v<20 digits>      versioned records: registry, vm, disk, job
+//! records/<family>/<id>/v<20 digits>      versioned records: registry, vm, disk, job, server, lease
 //! stage/<vm>/<disk>/<session>/<index>     receipts of blocks received in a replication session
 //! logs/<vm>/<disk>/<log id>/f<n>, extents frames and extent list of a stored change log
 //! quarantine/<original key>/<unix time>   damaged objects verify moved aside (never read)
@@ -80,8 +81,11 @@
 //!   Nothing half-written is visible: objects are put atomically, records are versioned.
 //! * Block uploads to one disk run concurrently: each touches only its own chunk (create-only,
 //!   so racing identical blocks make one object) and its own receipt key.
-//! * Record updates are compare-and-swap on version numbers; this process caches records because
-//!   it is their only writer (several servers on one vault will need per-disk leases first).
+//! * Record updates are compare-and-swap on version numbers. Several servers may share a vault:
+//!   a VM's records change only on the server holding its lease, and every change is fenced by
+//!   the lease's epoch ([`cluster`]). A server caches the records of the VMs it holds (it is
+//!   their only writer) and re-reads the others' when their version moves (every 2 s); the
+//!   registry likewise.
 //! * CPU work (hashing, compression, sealing) runs on a semaphore-bounded blocking pool. Upload
 //!   bodies (blocks, patches, log frames) reserve their memory from a global budget, a host at
 //!   most a share of it, before they are read, and take one of `ingest.max_inflight_blocks`
@@ -100,7 +104,9 @@
 //!
 //! Garbage collection deletes only what no record references, nothing younger than its start
 //! and grace period, and nothing a writer stored or reused while it ran ([`scrub`] has the
-//! argument). Verify and collection exclude each other (one maintenance job at a time).
+//! argument). Verify and collection exclude each other (one maintenance job at a time, on one
+//! server: the `maintenance` lease); with other servers live a collection runs in rounds that
+//! every server joins ([`scrub::rounds`]).
 
 #![forbid(unsafe_code)]
 
@@ -112,6 +118,7 @@ pub mod catalog;
 pub mod chunk;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod contact;
 pub mod error;

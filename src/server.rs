@@ -31,6 +31,9 @@ pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
 /// Held locked (exclusive) by the running server: one server per data directory.
 pub const LOCK_FILE: &str = "server.lock";
 
+/// How often a server re-reads the records other servers on the vault change.
+const REFRESH_PERIOD: Duration = Duration::from_secs(2);
+
 /// A startup failure, with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -126,18 +129,6 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         }
     }
     let store = Store::open(&url, &options)?;
-    // Staging files of writes a killed process never finished: nothing of this process writes
-    // yet, so whatever is there now belongs to no write in flight.
-    let left = store
-        .remove_staging_leftovers(crate::util::unix_now_ms(), false)
-        .await?;
-    if left.files > 0 {
-        tracing::info!(
-            files = left.files,
-            bytes = left.bytes,
-            "removed staging files of interrupted writes"
-        );
-    }
     // Test-only fault injection (DRVAULT_FAULTS); the store is returned unchanged without it.
     let (store, _faults) = crate::store::faulty::from_env(store)?;
     let cpu = CpuPool::new(config.cpu_threads());
@@ -195,7 +186,53 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     };
     let registry = Registrar::open(vault.records.clone(), vault.keys().clone(), &token).await?;
 
+    let listener = tokio::net::TcpListener::bind(&config.server.listen)
+        .await
+        .map_err(io_err("binding", Path::new(&config.server.listen)))?;
+    let local = listener
+        .local_addr()
+        .map_err(io_err("binding", Path::new(&config.server.listen)))?;
+    let url = config
+        .server
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("https://{local}"));
+    let server_id = crate::cluster::server_id(config.cluster.server_id.as_deref(), &data_dir)
+        .map_err(io_err("writing the server id in", &data_dir))?;
+    let cluster = crate::cluster::Cluster::new(
+        vault.records.clone(),
+        server_id,
+        config
+            .cluster
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| url.clone()),
+        Duration::from_secs(config.cluster.lease_ttl_s),
+    );
+    // Before anything takes a lease: this server's record, and the others' as they are now.
+    cluster.heartbeat().await?;
+    // Staging files of writes a killed process never finished: nothing of this process writes
+    // yet, so alone on the vault whatever is there belongs to no write in flight. With other
+    // servers live, their writes in flight have staging files too: only those older than any
+    // write lasts go.
+    let cutoff = match cluster.live_peers().is_empty() {
+        true => crate::util::unix_now_ms(),
+        false => crate::util::unix_now_ms().saturating_sub(crate::scrub::gc::STAGING_MIN_AGE_MS),
+    };
+    let left = vault
+        .store()
+        .remove_staging_leftovers(cutoff, false)
+        .await?;
+    if left.files > 0 {
+        tracing::info!(
+            files = left.files,
+            bytes = left.bytes,
+            "removed staging files of interrupted writes"
+        );
+    }
+
     let jobs = Jobs::load(vault.records.clone()).await?;
+    jobs.set_server(cluster.id());
     // Jobs whose task died with a previous process (a crash) never finish on their own.
     jobs.fail_interrupted().await?;
     let tasks = crate::tasks::Tasks::new();
@@ -209,6 +246,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             max_log_bytes: config.ingest.max_log_bytes,
             resync_window: config.resync.window()?,
             health: config.health.settings(),
+            cluster: Some(cluster.clone()),
         },
     )
     .await?;
@@ -245,18 +283,36 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
 
     services.contacts.spawn_persist(&tasks);
     jobs.spawn_progress_persist(&tasks);
-
-    let listener = tokio::net::TcpListener::bind(&config.server.listen)
-        .await
-        .map_err(io_err("binding", Path::new(&config.server.listen)))?;
-    let local = listener
-        .local_addr()
-        .map_err(io_err("binding", Path::new(&config.server.listen)))?;
-    let url = config
-        .server
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("https://{local}"));
+    cluster.spawn(&tasks);
+    {
+        // What other servers change: VM and disk records, hosts and accounts.
+        let c = services.catalog.clone();
+        let r = registry.clone();
+        let j = jobs.clone();
+        let cl = cluster.clone();
+        tasks.every("cluster-jobs-refresh", REFRESH_PERIOD * 5, move || {
+            let (j, cl) = (j.clone(), cl.clone());
+            async move {
+                if cl.live_peers().is_empty() {
+                    return;
+                }
+                if let Err(e) = j.refresh().await {
+                    tracing::warn!(error = %e, "reading other servers' jobs failed; retried");
+                }
+            }
+        });
+        tasks.every("cluster-refresh", REFRESH_PERIOD, move || {
+            let (c, r) = (c.clone(), r.clone());
+            async move {
+                if let Err(e) = c.refresh().await {
+                    tracing::warn!(error = %e, "refreshing records other servers changed failed; retried");
+                }
+                if let Err(e) = r.refresh().await {
+                    tracing::warn!(error = %e, "refreshing the registry failed; retried");
+                }
+            }
+        });
+    }
     let failovers = crate::failover::service::Failovers::new(
         vault.clone(),
         services.catalog.clone(),
@@ -294,6 +350,7 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         .map_err(crate::error::Error::from)?;
     audit.spawn_retry(&tasks);
     scrub.attach_audit(audit.clone());
+    scrub.spawn_participant();
     if config.verify.interval_s > 0 {
         scrub.spawn_schedule(Duration::from_secs(config.verify.interval_s));
     }
@@ -382,6 +439,7 @@ pub async fn run(p: Prepared, shutdown: impl Future<Output = ()>) {
     let data_dir = p.config.server.data_dir.clone();
     let tasks = p.state.tasks.clone();
     let contacts = p.state.contacts.clone();
+    let cluster = p.state.catalog.cluster().clone();
     let app = api::router(p.state, p.config.request_limits());
     let grace = limits.shutdown_grace;
     api::server::serve(p.listener, p.tls, app, limits, shutdown).await;
@@ -391,6 +449,8 @@ pub async fn run(p: Prepared, shutdown: impl Future<Output = ()>) {
     if let Err(e) = contacts.persist().await {
         tracing::warn!(error = %e, "could not save the hosts' last heartbeats at shutdown");
     }
+    // The other servers take this one's VMs at once instead of after the lease TTL.
+    cluster.stop().await;
     let _ = std::fs::remove_file(data_dir.join(SERVER_FILE));
     // Only now may another server take the directory (and write its own server.json).
     drop(p.lock);

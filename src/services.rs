@@ -29,6 +29,9 @@ pub struct Settings {
     pub resync_window: Option<Window>,
     /// Health thresholds (`[health]`).
     pub health: HealthSettings,
+    /// This server among the servers sharing the vault (`None`: a server of its own, as tests
+    /// use it).
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Settings {
@@ -39,6 +42,7 @@ impl Settings {
             max_log_bytes: crate::ingest::DEFAULT_MAX_LOG_BYTES,
             resync_window: None,
             health: HealthSettings::default(),
+            cluster: None,
         }
     }
 }
@@ -63,11 +67,20 @@ impl Services {
         tasks: Tasks,
         settings: Settings,
     ) -> Result<Services> {
+        let cluster = settings.cluster.unwrap_or_else(|| {
+            crate::cluster::Cluster::new(
+                vault.records.clone(),
+                "local".into(),
+                "https://localhost".into(),
+                std::time::Duration::from_secs(30),
+            )
+        });
         let catalog = Catalog::load(
             vault.clone(),
             jobs,
             settings.block_size,
             settings.mapped_networks,
+            cluster,
         )
         .await?;
         let contacts = Contacts::load(vault.records.clone()).await?;
@@ -248,5 +261,139 @@ pub(crate) mod testing {
         s.ingest
             .accept_log("h", vm, disk, &log_id(n).to_string(), meta, Some(len), body)
             .await
+    }
+}
+
+/// Two servers on one vault: the lease moves, and fencing stops the server that lost it.
+#[cfg(test)]
+mod fencing {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::testing::{block, protect, send_log};
+    use super::{Services, Settings};
+    use crate::chunk::{CpuPool, KeyRing};
+    use crate::cluster::Cluster;
+    use crate::error::Error;
+    use crate::jobs::Jobs;
+    use crate::store::Store;
+    use crate::vault::layout::{self, Family};
+    use crate::vault::Vault;
+
+    /// A server of id `id` over the shared directory, with its own store handle.
+    async fn server(
+        dir: &std::path::Path,
+        keys: &Arc<KeyRing>,
+        id: &str,
+        ttl: Duration,
+    ) -> Services {
+        let store = Store::open(&format!("file://{}", dir.display()), &[]).unwrap();
+        let vault = Vault::open(store, keys.clone(), CpuPool::new(1), 1)
+            .await
+            .unwrap();
+        let cluster = Cluster::new(
+            vault.records.clone(),
+            id.into(),
+            format!("https://{id}"),
+            ttl,
+        );
+        cluster.heartbeat().await.unwrap();
+        let jobs = Jobs::load(vault.records.clone()).await.unwrap();
+        jobs.set_server(id);
+        let mut settings = Settings::new(super::testing::BS);
+        settings.cluster = Some(cluster);
+        Services::load(vault, jobs, crate::tasks::Tasks::new(), settings)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_lost_the_lease_publishes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = Arc::new(KeyRing::random());
+        // A keeps counting its leases for most of 30 s; B gives up on a silent server after
+        // 1 s: A plays a server paused past its TTL (it never beats again).
+        let a = server(dir.path(), &keys, "a", Duration::from_secs(30)).await;
+        let b = server(dir.path(), &keys, "b", Duration::from_secs(1)).await;
+        protect(&a, "web", &[("os", vec![Some(block(1)), None])]).await;
+        send_log(&a, "web", "os", (1, 0), 1, (0, &[7u8; 512]))
+            .await
+            .unwrap();
+        assert!(a.catalog.holds("web"));
+
+        // While A is alive B sends the agent to it.
+        b.catalog.cluster().heartbeat().await.unwrap();
+        b.catalog.refresh().await.unwrap();
+        match b.catalog.hold("web").await {
+            Err(Error::LeaseHeld {
+                owner, owner_url, ..
+            }) => {
+                assert_eq!((owner.as_str(), owner_url.as_str()), ("a", "https://a"))
+            }
+            other => panic!("expected lease_held, got {other:?}"),
+        }
+        // A stops beating; once B has not seen it for its TTL, B takes the VM over.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while b.catalog.cluster().alive("a") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "A never looked dead to B"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            b.catalog.cluster().heartbeat().await.unwrap();
+        }
+        let epoch = b.catalog.hold("web").await.unwrap();
+        assert_eq!(epoch, 2);
+        let vault = b.catalog.vault().clone();
+        let disk_key = layout::record(
+            Family::Disk,
+            &layout::disk_record_id(&b.catalog.vm_id("web"), &b.catalog.disk_id("web", "os")),
+        );
+        let before = vault
+            .records
+            .load::<crate::catalog::DiskRecord>(&disk_key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            before.value.fence, 2,
+            "the takeover stamped the disk record"
+        );
+
+        // A still thinks it holds the VM (its own heartbeat is recent) and tries to publish:
+        // a log (disk record) and a policy change (VM record). Both are refused.
+        assert!(a.catalog.holds("web"));
+        let log = send_log(&a, "web", "os", (2, 1), 2, (512, &[8u8; 512])).await;
+        assert!(
+            matches!(log, Err(Error::LeaseLost { .. })),
+            "log through A: {log:?}"
+        );
+        let policy = a
+            .catalog
+            .set_policy(
+                "web",
+                &crate::wire::PolicyChange {
+                    retention_s: Some(7200),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert!(
+            matches!(policy, Err(Error::LeaseLost { .. })),
+            "policy through A: {policy:?}"
+        );
+        let after = vault
+            .records
+            .load::<crate::catalog::DiskRecord>(&disk_key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after.version, before.version, "A wrote nothing");
+        assert_eq!(after.value.chain_head, before.value.chain_head);
+
+        // B carries on from where the chain stands.
+        send_log(&b, "web", "os", (2, 1), 2, (512, &[8u8; 512]))
+            .await
+            .unwrap();
     }
 }

@@ -142,6 +142,7 @@ mod tests {
                 code: "x".into(),
                 message: "m".into(),
                 recoverable,
+                owner_url: None,
             },
             retry_after: None,
         }

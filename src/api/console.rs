@@ -231,6 +231,7 @@ mod tests {
             disabled_unix: None,
             removed_disks: Vec::new(),
             nic_overrides: Default::default(),
+            fence: 0,
         }
     }
 

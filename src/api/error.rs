@@ -44,6 +44,10 @@ impl IntoResponse for ApiError {
             code: e.code().to_string(),
             message: e.to_string(),
             recoverable: e.recoverable(),
+            owner_url: match &e {
+                Error::LeaseHeld { owner_url, .. } => Some(owner_url.clone()),
+                _ => None,
+            },
         };
         let mut resp = (status, axum::Json(body)).into_response();
         let retry = match &e {

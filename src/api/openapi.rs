@@ -42,6 +42,7 @@ const BEARER: &str = "bearer";
         system::healthz,
         system::metrics,
         system::server_info,
+        system::servers,
         openapi_json,
         console::index,
         console::app_js,

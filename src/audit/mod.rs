@@ -9,12 +9,13 @@
 //! [`AuditLog::check_chain`] walks the chain for verify; the tail is checked against what this
 //! process wrote, so truncating the newest entries is seen too.
 //!
-//! **One writer.** Sequence numbers and `prev` come from this process's memory: appends are
-//! serialized by one lock, and the server's data-directory lock keeps a second server off the
-//! same directory. Several servers on one vault (issue 19) would each number entries from their
-//! own memory; a create-only put that finds its number taken reports
-//! [`AuditError::Taken`] rather than overwrite, but a shared log will need a lease or a
-//! per-server chain first.
+//! **Several writers.** Sequence numbers and `prev` come from this process's memory, and
+//! appends are serialized by one lock. Several servers on one vault append to the one chain:
+//! an entry's create-only put that finds its number taken (another server appended first)
+//! re-reads the newest entry and renumbers and re-chains the entries still queued after it,
+//! then writes again. Queued entries are not stored yet, so renumbering them changes nothing
+//! anyone has read; the chain stays one line with no gap. Times are each server's clock, so
+//! two servers' entries may go back by the skew between them.
 //!
 //! **A write that fails.** The action it records has already happened and its answer stands
 //! (undoing a failover because the log could not be written would be worse). The entry keeps
@@ -136,7 +137,13 @@ struct Writer {
     pending: VecDeque<AuditEntry>,
     /// The newest entry this process knows stored (seq, hash): verify checks the tail with it.
     stored: Option<(u64, String)>,
+    /// The entry the last flush wrote last, as stored (renumbered if other servers appended).
+    last_written: Option<AuditEntry>,
 }
+
+/// How many times one flush re-chains after other servers' appends before giving up (the
+/// queue is written again later).
+const MAX_RECHAINS: usize = 64;
 
 impl AuditLog {
     /// Opens the log, continuing the chain after its newest entry.
@@ -148,6 +155,7 @@ impl AuditLog {
             last_at: 0,
             pending: VecDeque::new(),
             stored: None,
+            last_written: None,
         };
         if let Some(&last) = seqs.last() {
             w.next_seq = last + 1;
@@ -193,7 +201,8 @@ impl AuditLog {
         w.pending.push_back(e.clone());
         let flushed = self.flush_locked(&mut w).await;
         match flushed {
-            Ok(()) => Ok(e),
+            // Ours was queued last: the flush wrote it last (renumbered if it had to be).
+            Ok(()) => Ok(w.last_written.clone().unwrap_or(e)),
             Err(err) => {
                 tracing::error!(seq = e.seq, action = %e.action, target = %e.target, actor = %e.actor,
                     error = %err, "audit entry not written yet: the action stands; retrying in the background");
@@ -205,10 +214,20 @@ impl AuditLog {
     /// Writes the queued entries in order, stopping at the first that fails.
     async fn flush_locked(&self, w: &mut Writer) -> Result<(), AuditError> {
         let result = async {
+            let mut taken = 0;
             while let Some(e) = w.pending.front() {
-                write_entry(&self.vault, e).await?;
+                match write_entry(&self.vault, e).await {
+                    Ok(()) => {}
+                    // Another server appended this number first: continue after its entry.
+                    Err(AuditError::Taken { .. }) if taken < MAX_RECHAINS => {
+                        taken += 1;
+                        self.rechain(w).await?;
+                        continue;
+                    }
+                    Err(err) => return Err(err),
+                }
                 w.stored = Some((e.seq, e.hash.clone()));
-                w.pending.pop_front();
+                w.last_written = w.pending.pop_front();
             }
             Ok(())
         }
@@ -218,6 +237,28 @@ impl AuditLog {
             metrics::counter!("drvault_audit_write_errors_total").increment(1);
         }
         result
+    }
+
+    /// Renumbers and re-chains the queued entries after the newest stored one.
+    async fn rechain(&self, w: &mut Writer) -> Result<(), AuditError> {
+        let seqs = list_seqs(&self.vault).await?;
+        let Some(&last) = seqs.last() else {
+            return Ok(());
+        };
+        let tail = read_entry(&self.vault, last).await?;
+        let mut seq = last + 1;
+        let mut prev = tail.hash.clone();
+        for e in w.pending.iter_mut() {
+            e.seq = seq;
+            e.prev = prev.clone();
+            e.hash = String::new();
+            e.hash = entry_hash(e);
+            prev = e.hash.clone();
+            seq += 1;
+        }
+        w.next_seq = seq;
+        w.prev = prev;
+        Ok(())
     }
 
     /// Entries whose write failed and wait to be written again.

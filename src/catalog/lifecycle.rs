@@ -122,8 +122,19 @@ impl Catalog {
             .filter(|r| expiry(r).is_some_and(|t| t <= now))
             .map(|r| r.name)
             .collect();
+        let mut mine = Vec::new();
+        for vm in due {
+            if self.try_hold(&vm).await {
+                mine.push(vm);
+            }
+        }
+        let due = mine;
         for vm in &due {
-            self.forget(vm).await?;
+            match self.forget(vm).await {
+                // Held by another live server: its own background work expires it.
+                Err(Error::LeaseHeld { .. }) => continue,
+                other => other?,
+            }
             tracing::info!(
                 vm,
                 "disabled VM's retention passed: its records were removed"
@@ -136,6 +147,7 @@ impl Catalog {
     /// disks and the session records keyed by its id.
     async fn forget(&self, vm: &str) -> Result<()> {
         let rec = self.vm_for(None, vm).await?;
+        self.hold(vm).await?;
         // Every disk record of the VM: its disks, removed ones, an added one never declared.
         let disks: Vec<DiskRecord> = self
             .disks
@@ -309,6 +321,7 @@ impl Catalog {
             added,
             first_cycle: 0,
             last_cycle_in_vm: None,
+            fence: 0,
             stats: DiskStats {
                 // Every block is `block_size` bytes but the last (see `replica::blockmap`).
                 blocks: size.div_ceil(self.block_size as u64),

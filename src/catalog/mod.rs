@@ -27,10 +27,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, RwLock};
 
+use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::jobs::{JobKind, JobState, Jobs};
 use crate::vault::layout::{self, Family};
-use crate::vault::records::Versioned;
+use crate::vault::records::{Fenced, Versioned};
 use crate::vault::Vault;
 
 pub use crate::wire::{
@@ -62,6 +63,27 @@ pub struct VmRecord {
     /// Per-NIC failover overrides by NIC index (target subnet, static IP, public address, skip).
     #[serde(default)]
     pub nic_overrides: BTreeMap<u32, crate::wire::NicOptions>,
+    /// Epoch of the lease its last writer held (see [`crate::cluster`]).
+    #[serde(default)]
+    pub fence: u64,
+}
+
+impl Fenced for VmRecord {
+    fn fence(&self) -> u64 {
+        self.fence
+    }
+    fn set_fence(&mut self, epoch: u64) {
+        self.fence = epoch;
+    }
+}
+
+impl Fenced for DiskRecord {
+    fn fence(&self) -> u64 {
+        self.fence
+    }
+    fn set_fence(&mut self, epoch: u64) {
+        self.fence = epoch;
+    }
 }
 
 /// The vault's record of one disk.
@@ -113,6 +135,9 @@ pub struct DiskRecord {
     /// Removed from the VM: the last cycle whose points include the disk.
     #[serde(default)]
     pub last_cycle_in_vm: Option<u64>,
+    /// Epoch of the lease its last writer held (see [`crate::cluster`]).
+    #[serde(default)]
+    pub fence: u64,
 }
 
 /// The point the base map holds: the initial replication (cycle 0) or the last merged log.
@@ -161,7 +186,17 @@ pub struct Catalog {
     /// The hosts' clusters, once the server attached its registry: hosts of one cluster act on
     /// each other's VMs. Without it only the owner does.
     registry: Arc<std::sync::OnceLock<crate::vault::registry::Registrar>>,
+    /// This server among those sharing the vault: whose lease lets it change which VM.
+    cluster: Cluster,
+    /// Disk record versions as cached, by record id (VM records keep theirs in `vms`).
+    disk_versions: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    /// Called with a VM's id when this server takes its lease at a new epoch: services drop
+    /// what they cached of the VM while another server may have changed it.
+    on_take: Arc<std::sync::Mutex<Vec<TakeHook>>>,
 }
+
+/// See `Catalog::on_take`.
+type TakeHook = Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
 
 impl Catalog {
     /// Loads every VM and disk record and finishes any finalize step a crash interrupted.
@@ -170,6 +205,7 @@ impl Catalog {
         jobs: Jobs,
         block_size: u32,
         mapped_networks: BTreeSet<String>,
+        cluster: Cluster,
     ) -> Result<Catalog> {
         let mut vms = BTreeMap::new();
         for id in vault.records.ids(Family::Vm).await? {
@@ -182,23 +218,37 @@ impl Catalog {
             }
         }
         let mut disks = BTreeMap::new();
+        let mut disk_versions = BTreeMap::new();
         for id in vault.records.ids(Family::Disk).await? {
             if let Some(d) = vault
                 .records
                 .load::<DiskRecord>(&layout::record(Family::Disk, &id))
                 .await?
             {
+                disk_versions.insert(id, d.version);
                 disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
             }
         }
         // Disk records without their VM record: an enable that crashed before its commit point
         // or a disable --delete-data cut short after it. Either way nothing reads them, and
-        // left in place they would keep the disk's objects from garbage collection.
+        // left in place they would keep the disk's objects from garbage collection. With other
+        // servers on the vault such a record may be an enable in flight there: only records
+        // older than a lease TTL count (an enable writes its VM record within seconds).
         let orphans: Vec<(String, String)> = disks
             .keys()
             .filter(|(vm, _)| !vms.contains_key(vm))
             .cloned()
             .collect();
+        let mut orphans_old = Vec::new();
+        for key in orphans {
+            let Some(d) = disks.get(&key) else { continue };
+            let prefix =
+                layout::record(Family::Disk, &layout::disk_record_id(&d.vm_id, &d.disk_id));
+            if vault.records.age_s(&prefix).await? >= cluster.ttl().as_secs() {
+                orphans_old.push(key);
+            }
+        }
+        let orphans = orphans_old;
         for key in orphans {
             if let Some(d) = disks.remove(&key) {
                 vault
@@ -220,6 +270,9 @@ impl Catalog {
             disks: Arc::new(RwLock::new(disks)),
             journal_locks: Default::default(),
             registry: Default::default(),
+            cluster,
+            disk_versions: Arc::new(std::sync::Mutex::new(disk_versions)),
+            on_take: Default::default(),
         };
         let pending: Vec<String> = c
             .vms
@@ -230,9 +283,205 @@ impl Catalog {
             .map(|v| v.value.name.clone())
             .collect();
         for vm in pending {
-            c.finalize_if_complete(&vm).await?;
+            match c.finalize_if_complete(&vm).await {
+                // Another live server holds the VM: finalizing it is that server's work.
+                Err(Error::LeaseHeld { .. }) => {}
+                other => other?,
+            }
         }
         Ok(c)
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Registers what to drop when this server takes a VM over (see `on_take`).
+    pub fn on_take(
+        &self,
+        f: impl Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync + 'static,
+    ) {
+        self.on_take
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::new(f));
+    }
+
+    /// Whether this server holds the VM's lease now (background work skips the others).
+    pub fn holds(&self, vm: &str) -> bool {
+        self.cluster.holds(&self.vm_id(vm))
+    }
+
+    /// For background work: holds the VM's lease if it can be had, `false` when another live
+    /// server holds it (that server does the work) or taking it failed (logged; tried again
+    /// next time).
+    pub async fn try_hold(&self, vm: &str) -> bool {
+        if self.holds(vm) {
+            return true;
+        }
+        if self.cluster.held_elsewhere(vm) {
+            return false;
+        }
+        match self.hold(vm).await {
+            Ok(_) => true,
+            Err(Error::LeaseHeld { .. }) => false,
+            Err(e) => {
+                tracing::warn!(vm, error = %e, "could not take the VM's lease for background work");
+                false
+            }
+        }
+    }
+
+    /// Makes sure this server holds the VM's lease, taking it when it is free or its holder is
+    /// gone, and returns the epoch every record change is fenced with. `lease_held` (with the
+    /// holder's URL) when a live server holds it.
+    pub async fn hold(&self, vm: &str) -> Result<u64> {
+        let vm_id = self.vm_id(vm);
+        if let Some(e) = self.cluster.held_epoch(&vm_id) {
+            return Ok(e);
+        }
+        self.cluster
+            .acquire(&vm_id, vm, |epoch| self.take_records(vm, epoch))
+            .await
+    }
+
+    /// After taking a VM's lease at `epoch`: re-reads the VM's records from the vault (another
+    /// server may have changed them), stamps each with the epoch (the fence: from now on no
+    /// older holder's update succeeds), caches them, and tells the services.
+    async fn take_records(&self, vm: &str, epoch: u64) -> Result<()> {
+        let vm_id = self.vm_id(vm);
+        let records = &self.vault.records;
+        let stamp = |_: &mut VmRecord| Ok::<bool, Error>(true);
+        let vm_rec = records
+            .update_fenced(
+                &layout::record(Family::Vm, &vm_id),
+                epoch,
+                |cur: Option<&VmRecord>| {
+                    Ok(cur.cloned().map(|mut r| {
+                        let _ = stamp(&mut r);
+                        r
+                    }))
+                },
+            )
+            .await?;
+        let mut disk_ids: Vec<String> = Vec::new();
+        for id in records.ids(Family::Disk).await? {
+            if id.starts_with(&format!("{vm_id}-")) {
+                disk_ids.push(id);
+            }
+        }
+        let mut fenced = Vec::new();
+        for id in disk_ids {
+            let d = records
+                .update_fenced(
+                    &layout::record(Family::Disk, &id),
+                    epoch,
+                    |cur: Option<&DiskRecord>| Ok(cur.cloned()),
+                )
+                .await?;
+            if let Some(d) = d {
+                fenced.push((id, d));
+            }
+        }
+        {
+            let mut vms = self.vms.write().await;
+            match vm_rec {
+                Some(v) => {
+                    vms.insert(vm.to_string(), v);
+                }
+                None => {
+                    vms.remove(vm);
+                }
+            }
+        }
+        {
+            let mut disks = self.disks.write().await;
+            disks.retain(|(v, _), _| v != vm);
+            let mut versions = self.disk_versions.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, d) in fenced {
+                versions.insert(id, d.version);
+                disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
+            }
+        }
+        let cluster = self.cluster.clone();
+        self.jobs
+            .fail_orphans(vm, |server| !cluster.alive(server))
+            .await?;
+        let hooks: Vec<TakeHook> = self
+            .on_take
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for f in hooks {
+            f(vm_id.clone()).await;
+        }
+        Ok(())
+    }
+
+    /// Brings the cached records of the VMs this server does not hold up to the vault's
+    /// versions (other servers change them): two listings, and a read of each record whose
+    /// version moved. Called every few seconds.
+    pub async fn refresh(&self) -> Result<()> {
+        let records = &self.vault.records;
+        let vm_versions = records.latest_versions(Family::Vm).await?;
+        let disk_versions = records.latest_versions(Family::Disk).await?;
+        let cached: BTreeMap<String, (String, u64)> = self
+            .vms
+            .read()
+            .await
+            .values()
+            .map(|v| (v.value.id.clone(), (v.value.name.clone(), v.version)))
+            .collect();
+        for (id, version) in &vm_versions {
+            let held_name = cached.get(id).map(|(n, _)| n.clone());
+            if held_name.as_deref().is_some_and(|n| self.holds(n))
+                || self.cluster.holds(id)
+                || cached.get(id).is_some_and(|(_, v)| v >= version)
+            {
+                continue;
+            }
+            if let Some(v) = records
+                .load::<VmRecord>(&layout::record(Family::Vm, id))
+                .await?
+            {
+                let mut vms = self.vms.write().await;
+                if vms.get(&v.value.name).is_none_or(|c| c.version < v.version) {
+                    vms.insert(v.value.name.clone(), v);
+                }
+            }
+        }
+        // VMs whose record is gone (deleted on another server).
+        for (id, (name, _)) in &cached {
+            if !vm_versions.contains_key(id) && !self.cluster.holds(id) {
+                self.vms.write().await.remove(name);
+                self.disks.write().await.retain(|(v, _), _| v != name);
+            }
+        }
+        let known: BTreeMap<String, u64> = self
+            .disk_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for (id, version) in &disk_versions {
+            let vm_id = id.split('-').next().unwrap_or_default();
+            if self.cluster.holds(vm_id) || known.get(id).is_some_and(|v| v >= version) {
+                continue;
+            }
+            if let Some(d) = records
+                .load::<DiskRecord>(&layout::record(Family::Disk, id))
+                .await?
+            {
+                self.disk_versions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id.clone(), d.version);
+                self.disks
+                    .write()
+                    .await
+                    .insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
+            }
+        }
+        Ok(())
     }
 
     pub fn vault(&self) -> &Vault {
@@ -337,6 +586,9 @@ impl Catalog {
     /// Enable protection (idempotent for the same host and spec).
     pub async fn enable(&self, host: &str, vm: &str, spec: &VmSpec) -> Result<(VmRecord, bool)> {
         let (spec, warnings) = spec::validate(vm, spec, &self.mapped_networks)?;
+        // The lease first: taking it re-reads the VM's records, which another server may have
+        // written (enabled it there).
+        let epoch = self.hold(vm).await?;
         // Bound first: the read guard must not live on into the disk change below, which
         // writes the VM record.
         let existing = self.vms.read().await.get(vm).map(|v| v.value.clone());
@@ -395,16 +647,25 @@ impl Catalog {
         for d in &spec.disks {
             let rec = self.new_disk_record(vm, &vm_id, &d.id, d.size, false);
             let disk_id = rec.disk_id.clone();
-            let prefix = layout::record(Family::Disk, &layout::disk_record_id(&vm_id, &disk_id));
+            let id = layout::disk_record_id(&vm_id, &disk_id);
+            let prefix = layout::record(Family::Disk, &id);
             // A leftover from a crashed enable is replaced; the VM record below is the commit point.
-            self.vault
+            let stored = self
+                .vault
                 .records
-                .update(&prefix, |_: Option<&DiskRecord>| Ok(Some(rec.clone())))
-                .await?;
+                .update_fenced(&prefix, epoch, |_: Option<&DiskRecord>| {
+                    Ok(Some(rec.clone()))
+                })
+                .await?
+                .ok_or_else(|| Error::internal("disk record missing after update"))?;
+            self.disk_versions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, stored.version);
             self.disks
                 .write()
                 .await
-                .insert((vm.to_string(), d.id.clone()), rec);
+                .insert((vm.to_string(), d.id.clone()), stored.value);
         }
         let rec = VmRecord {
             name: vm.to_string(),
@@ -420,6 +681,7 @@ impl Catalog {
             disabled_unix: None,
             removed_disks: Vec::new(),
             nic_overrides: BTreeMap::new(),
+            fence: epoch,
         };
         if !self
             .vault
@@ -488,7 +750,15 @@ impl Catalog {
         vm: &str,
         disk: &str,
     ) -> Result<(VmRecord, DiskRecord)> {
-        let v = self.vm_for(host, vm).await?;
+        let mut v = self.vm_for(host, vm).await?;
+        if host.is_some() {
+            // What an agent sends for a disk changes it (blocks, logs, resync, failback): it
+            // belongs on the lease holder. Taking the lease may re-read the records.
+            self.hold(vm).await?;
+            if let Some(fresh) = self.vms.read().await.get(vm) {
+                v = fresh.value.clone();
+            }
+        }
         let d = self
             .disks
             .read()
@@ -510,18 +780,25 @@ impl Catalog {
     }
 
     pub(crate) async fn store_disk(&self, rec: DiskRecord) -> Result<()> {
-        let prefix = layout::record(
-            Family::Disk,
-            &layout::disk_record_id(&rec.vm_id, &rec.disk_id),
-        );
-        self.vault
+        let epoch = self.hold(&rec.vm).await?;
+        let id = layout::disk_record_id(&rec.vm_id, &rec.disk_id);
+        let prefix = layout::record(Family::Disk, &id);
+        let stored = self
+            .vault
             .records
-            .update(&prefix, |_: Option<&DiskRecord>| Ok(Some(rec.clone())))
-            .await?;
+            .update_fenced(&prefix, epoch, |_: Option<&DiskRecord>| {
+                Ok(Some(rec.clone()))
+            })
+            .await?
+            .ok_or_else(|| Error::internal("disk record missing after update"))?;
+        self.disk_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, stored.version);
         self.disks
             .write()
             .await
-            .insert((rec.vm.clone(), rec.disk.clone()), rec);
+            .insert((rec.vm.clone(), rec.disk.clone()), stored.value);
         Ok(())
     }
 
@@ -615,11 +892,13 @@ impl Catalog {
         f: impl Fn(&mut VmRecord) -> Result<bool>,
     ) -> Result<VmRecord> {
         let rec = self.vm_for(None, vm).await?;
+        let epoch = self.hold(vm).await?;
         let updated = self
             .vault
             .records
-            .update(
+            .update_fenced(
                 &layout::record(Family::Vm, &rec.id),
+                epoch,
                 |cur: Option<&VmRecord>| {
                     let mut r = cur
                         .cloned()

@@ -145,7 +145,39 @@ impl WriteFence {
     }
 }
 
+impl WriteFence {
+    /// Waits until no critical section runs and keeps new ones from starting until the guard
+    /// is dropped: a collection on another server deletes while this is held (see
+    /// [`crate::scrub`], "Several servers").
+    pub async fn block_writers(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
+        self.inner.writers.clone().write_owned().await
+    }
+}
+
 impl Collection {
+    /// The keys and log prefixes writers touched since the collection began.
+    pub fn touched(&self) -> (Vec<String>, Vec<String>) {
+        match self.fence.state().collecting.as_ref() {
+            Some(t) => (
+                t.keys.iter().cloned().collect(),
+                t.logs.iter().cloned().collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Counts keys and log prefixes other servers' writers touched as touched here.
+    pub fn add_touched(
+        &self,
+        keys: impl IntoIterator<Item = String>,
+        logs: impl IntoIterator<Item = String>,
+    ) {
+        if let Some(t) = self.fence.state().collecting.as_mut() {
+            t.keys.extend(keys);
+            t.logs.extend(logs);
+        }
+    }
+
     /// Deletes `key` unless a writer touched it (or, with `log_prefix`, its log) since the
     /// collection began. Returns whether it was deleted.
     pub async fn delete_if_untouched(

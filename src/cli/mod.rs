@@ -78,6 +78,14 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The servers sharing this server's vault: which are live, the VMs each holds, lease ages
+    /// (viewer). A server that stops answering loses its VMs to the others after the lease TTL.
+    Servers {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Register, list and remove Hyper-V hosts (operator).
     Host {
         #[command(subcommand)]
@@ -559,6 +567,7 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Status { wait, json, conn } => server::status(wait, json, conn).await,
+        Cmd::Servers { json, conn } => server::servers(json, conn).await,
         Cmd::Host { cmd, conn } => hosts::host(cmd, conn).await,
         Cmd::Provider { cmd, conn } => hosts::provider(cmd, conn).await,
         Cmd::Account { cmd, conn } => accounts::account(cmd, conn).await,

@@ -80,3 +80,41 @@ pub(super) async fn status(wait: Option<Duration>, json: bool, conn: Conn) -> Re
         }
     }
 }
+
+/// `drvault servers`.
+pub(super) async fn servers(json: bool, conn: Conn) -> Result<i32> {
+    let list = conn.client()?.servers().await?;
+    if json {
+        super::print_json(&list)?;
+        return Ok(0);
+    }
+    println!(
+        "{:<16} {:<5} {:>9} {:>6}  {:<28} VMS (epoch, lease age)",
+        "SERVER", "LIVE", "SEEN", "LEASES", "URL"
+    );
+    for s in &list.servers {
+        let vms: Vec<String> = s
+            .leases
+            .iter()
+            .map(|l| format!("{} ({}, {:.0}s)", l.vm, l.epoch, l.age_s))
+            .collect();
+        println!(
+            "{:<16} {:<5} {:>8.1}s {:>6}  {:<28} {}",
+            if s.this_server {
+                format!("{}*", s.id)
+            } else {
+                s.id.clone()
+            },
+            if s.live { "yes" } else { "no" },
+            s.last_seen_age_s,
+            s.leases.len(),
+            s.url,
+            vms.join(", ")
+        );
+    }
+    println!(
+        "(* answered; a server unseen for {} s is not live and its VMs go to the others)",
+        list.lease_ttl_s
+    );
+    Ok(0)
+}

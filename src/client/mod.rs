@@ -146,6 +146,7 @@ impl Client {
                 text
             },
             recoverable: status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS,
+            owner_url: None,
         });
         Err(ClientError::Api {
             status,

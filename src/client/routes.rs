@@ -51,6 +51,11 @@ impl Client {
         self.get_json("/v1/server").await
     }
 
+    /// The servers sharing the vault (`drvault servers`).
+    pub async fn servers(&self) -> Result<crate::wire::ServerList, ClientError> {
+        self.get_json("/v1/servers").await
+    }
+
     pub async fn hosts(&self) -> Result<Vec<HostView>, ClientError> {
         self.get_json("/v1/hosts").await
     }

@@ -361,6 +361,8 @@ impl Failovers {
     /// Ends the failback: every disk synchronized and unchanged since, the target disks become
     /// the replica's newest point, and the VM is protected again from the on-premises side.
     pub async fn failback_commit(&self, vm: &str, force: bool) -> Result<FailbackRecord> {
+        // Changes the VM: it runs on the server holding the VM's lease.
+        self.catalog.hold(vm).await?;
         let v = self.catalog.vm_for(None, vm).await?;
         if v.state != VmState::FailedOver {
             if let Some(r) = self

@@ -138,6 +138,8 @@ impl Failovers {
 
     /// Checks and starts a failover; returns its record (state running) at once.
     pub async fn start(&self, vm: &str, req: FailoverRequest) -> Result<FailoverRecord> {
+        // Changes the VM: it runs on the server holding the VM's lease.
+        self.catalog.hold(vm).await?;
         let rec = self.catalog.vm_for(None, vm).await?;
         if rec.state == VmState::InitialReplication {
             return Err(Error::conflict(
@@ -349,6 +351,8 @@ impl Failovers {
     /// Stops a planned failover that waits for the final logs: it ends failed
     /// (`failover_cancelled`), having written nothing, and the VM stays protected.
     pub async fn cancel(&self, vm: &str) -> Result<FailoverRecord> {
+        // Changes the VM: it runs on the server holding the VM's lease.
+        self.catalog.hold(vm).await?;
         let cur = self.current(vm).await?.ok_or_else(|| {
             Error::not_found("failover_not_found", format!("VM {vm} has no failover"))
         })?;
@@ -384,6 +388,10 @@ impl Failovers {
             if rec.state != FailoverState::Running {
                 continue;
             }
+            // Another live server holds the VM: the failover may be running there.
+            if !self.catalog.try_hold(&rec.vm).await {
+                continue;
+            }
             match tokio::fs::remove_dir_all(&rec.output_dir).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -410,6 +418,8 @@ impl Failovers {
     /// Removes a drill's output and releases its addresses; the drill counts as successful only
     /// when this succeeds.
     pub async fn cleanup(&self, vm: &str) -> Result<FailoverRecord> {
+        // Changes the VM: it runs on the server holding the VM's lease.
+        self.catalog.hold(vm).await?;
         let mut cur = self.current(vm).await?.ok_or_else(|| {
             Error::not_found("failover_not_found", format!("VM {vm} has no failover"))
         })?;
@@ -477,6 +487,8 @@ impl Failovers {
 
     /// Ends a planned or unplanned failover: the source's later logs are refused.
     pub async fn commit(&self, vm: &str) -> Result<FailoverRecord> {
+        // Changes the VM: it runs on the server holding the VM's lease.
+        self.catalog.hold(vm).await?;
         let mut cur = self.current(vm).await?.ok_or_else(|| {
             Error::not_found("failover_not_found", format!("VM {vm} has no failover"))
         })?;

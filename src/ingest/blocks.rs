@@ -47,6 +47,11 @@ pub(crate) struct ReceivingSessions {
 }
 
 impl ReceivingSessions {
+    /// Drops what this process cached of a VM's sessions (the next upload re-reads receipts).
+    pub async fn forget_vm(&self, vm_id: &str) {
+        self.open.lock().await.retain(|(v, _), _| v != vm_id);
+    }
+
     pub async fn received_count(&self, vm_id: &str, disk_id: &str) -> u64 {
         let s = self
             .open

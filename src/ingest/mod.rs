@@ -45,12 +45,19 @@ impl Ingest {
         frames: crate::journal::FrameCache,
         tasks: Tasks,
     ) -> Ingest {
+        let sessions = blocks::ReceivingSessions::default();
+        // Another server may have taken receipts while it held the VM: rebuild from the vault.
+        let s = sessions.clone();
+        catalog.on_take(move |vm_id| {
+            let s = s.clone();
+            Box::pin(async move { s.forget_vm(&vm_id).await })
+        });
         Ingest {
             catalog,
             damage,
             resyncs,
             tasks,
-            sessions: Default::default(),
+            sessions,
             frames,
             max_log_bytes: DEFAULT_MAX_LOG_BYTES,
         }

@@ -69,6 +69,10 @@ pub struct Jobs {
     /// Each job as it reaches a final state, for whoever listens (webhooks); sending never
     /// waits, a listener that falls behind is told how many it missed.
     finished: tokio::sync::broadcast::Sender<Job>,
+    /// This server's id, stamped on the jobs it creates.
+    server: Arc<std::sync::OnceLock<String>>,
+    /// Record versions of other servers' jobs as last read ([`Jobs::refresh`]).
+    seen: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
 }
 
 /// Finished jobs a slow listener may fall behind by before it misses some.
@@ -93,7 +97,44 @@ impl Jobs {
             resumed: Default::default(),
             progress_unsaved: Default::default(),
             finished: tokio::sync::broadcast::channel(FINISHED_BACKLOG).0,
+            server: Default::default(),
+            seen: Default::default(),
         })
+    }
+
+    /// Names the server that creates jobs from now on (set once, at start).
+    pub fn set_server(&self, id: &str) {
+        let _ = self.server.set(id.to_string());
+    }
+
+    fn is_mine(&self, j: &Job) -> bool {
+        j.server.is_none() || j.server.as_deref() == self.server.get().map(String::as_str)
+    }
+
+    /// Marks failed the unfinished jobs of `vm` that a server now gone ran (`gone` says which
+    /// servers are): this server took the VM over, and their tasks died with that server.
+    pub async fn fail_orphans(&self, vm: &str, gone: impl Fn(&str) -> bool) -> Result<usize> {
+        let stale: Vec<(String, String)> = self
+            .cache
+            .read()
+            .await
+            .values()
+            .filter(|j| !j.state.is_final() && j.kind != JobKind::EnableProtection)
+            .filter(|j| j.vm.as_deref() == Some(vm))
+            .filter_map(|j| Some((j.id.clone(), j.server.clone()?)))
+            .filter(|(_, s)| gone(s))
+            .collect();
+        for (id, server) in &stale {
+            let err = Error::Conflict {
+                code: "interrupted",
+                message: format!(
+                    "server {server} stopped while this job ran; run the operation again"
+                ),
+                recoverable: true,
+            };
+            self.fail(id, &err).await?;
+        }
+        Ok(stale.len())
     }
 
     /// Every job that reaches a final state from now on.
@@ -111,6 +152,9 @@ impl Jobs {
             .await
             .values()
             .filter(|j| !j.state.is_final() && j.kind != JobKind::EnableProtection)
+            // Other servers' jobs run there; the one that takes their VM over fails them if
+            // their server is gone.
+            .filter(|j| self.is_mine(j))
             .map(|j| j.id.clone())
             .collect();
         let err = Error::Conflict {
@@ -160,6 +204,7 @@ impl Jobs {
             error: None,
             waiting_for: None,
             disks: Vec::new(),
+            server: self.server.get().cloned(),
         };
         self.records
             .create(&layout::record(Family::Job, &job.id), &job)
@@ -354,6 +399,46 @@ impl Jobs {
 
     pub async fn get(&self, id: &str) -> Option<Job> {
         self.cache.read().await.get(id).cloned()
+    }
+
+    /// Reads the jobs other servers on the vault created or changed since the last call (their
+    /// record version moved). This server's own jobs are never re-read: it writes them, and its
+    /// cache may be ahead of their records (progress is saved every second).
+    pub async fn refresh(&self) -> Result<()> {
+        let latest = self.records.latest_versions(Family::Job).await?;
+        let stale: Vec<String> = {
+            let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let cache = self.cache.read().await;
+            latest
+                .iter()
+                .filter(|(id, v)| seen.get(*id).is_none_or(|s| s < *v))
+                .filter(|(id, _)| {
+                    cache
+                        .get(*id)
+                        .is_none_or(|j| !self.is_mine(j) || j.server.is_none())
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        for id in stale {
+            if let Some(v) = self
+                .records
+                .load::<Job>(&layout::record(Family::Job, &id))
+                .await?
+            {
+                self.seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id.clone(), v.version);
+                let mut c = self.cache.write().await;
+                if c.get(&id)
+                    .is_none_or(|j| !self.is_mine(j) || j.server.is_none())
+                {
+                    c.insert(id, v.value);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// All jobs, newest first.

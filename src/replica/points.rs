@@ -673,7 +673,16 @@ impl Replicas {
                 );
             }
         };
-        if in_use > 0 {
+        if !self.catalog.cluster().live_peers().is_empty() {
+            // Readers on other servers (an export, a failover) may be reading these logs and
+            // their pins are not seen here: garbage collection removes them, after its grace
+            // period and with every server's readers counted.
+            tracing::debug!(
+                vm,
+                disk,
+                "merged logs left to garbage collection: other servers share the vault"
+            );
+        } else if in_use > 0 {
             // The merge is done as far as its caller can tell: every point reads the same
             // whether the old logs exist or not, so it need not wait for the readers.
             tracing::info!(
@@ -768,6 +777,10 @@ impl Replicas {
             let Ok(rec) = self.catalog.vm_for(None, &vm).await else {
                 continue;
             };
+            // Another live server holds the VM and merges it.
+            if !self.catalog.try_hold(&vm).await {
+                continue;
+            }
             for spec in &rec.spec.disks {
                 let key = (vm.clone(), spec.id.clone());
                 if !self.merge_retries.due(&key, std::time::Instant::now()) {

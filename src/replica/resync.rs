@@ -170,8 +170,8 @@ impl Resyncs {
         tasks: Tasks,
         window: Option<Window>,
     ) -> Resyncs {
-        Resyncs {
-            catalog,
+        let r = Resyncs {
+            catalog: catalog.clone(),
             replicas,
             damage,
             tasks,
@@ -180,13 +180,27 @@ impl Resyncs {
             locks: Default::default(),
             bytes: Default::default(),
             sessions: Default::default(),
-        }
+        };
+        // Another server may have moved the VM's session on while it held the VM.
+        let c = r.clone();
+        catalog.on_take(move |vm_id| {
+            let c = c.clone();
+            Box::pin(async move {
+                c.staged.lock().await.retain(|k, _| k.0 != vm_id);
+                c.bytes.lock().await.retain(|k, _| k.0 != vm_id);
+                c.sessions.lock().await.remove(&vm_id);
+            })
+        });
+        r
     }
 
     /// Finishes every resync switch a crash interrupted (before anything reads the disks).
     pub async fn finish_interrupted(&self) -> Result<()> {
         for v in self.catalog.vms().await {
-            if self.resync_session(&v.id).await?.map(|s| s.state) == Some(ResyncState::Committing) {
+            if self.resync_session(&v.id).await?.map(|s| s.state) == Some(ResyncState::Committing)
+                // Another live server holds the VM and finishes it.
+                && self.catalog.try_hold(&v.name).await
+            {
                 self.commit_if_staged(&v.name).await?;
             }
         }
@@ -204,6 +218,18 @@ impl Resyncs {
 
     /// The VM's latest resync session, if any.
     pub async fn resync_session(&self, vm_id: &str) -> Result<Option<ResyncSession>> {
+        // The cache is good only while this server holds the VM (it is then the only writer);
+        // otherwise the holder may have moved the session on: read the vault.
+        let held = self.catalog.cluster().holds(vm_id);
+        if !held {
+            return Ok(self
+                .catalog
+                .vault()
+                .records
+                .load::<ResyncSession>(&layout::record(Family::Resync, vm_id))
+                .await?
+                .map(|v| v.value));
+        }
         if let Some(s) = self.sessions.lock().await.get(vm_id) {
             return Ok(s.clone());
         }
@@ -259,6 +285,8 @@ impl Resyncs {
         req: &ResyncRequest,
         reason: &str,
     ) -> Result<ResyncSession> {
+        // Changes the VM: it runs on the server holding the VM's lease.
+        self.catalog.hold(vm).await?;
         let v = self.catalog.vm_for(None, vm).await?;
         if v.state == VmState::FailedOver {
             return Err(Error::conflict("failed_over", format!("VM {vm} was failed over: fail back (drvault agent failback, drvault failback commit) instead of resynchronizing")));
@@ -360,6 +388,8 @@ impl Resyncs {
     /// Cancels the open session: staged data is dropped, the replica is untouched. Disks still
     /// marked resync-required keep refusing logs until a new session completes.
     pub async fn cancel_resync(&self, vm: &str) -> Result<ResyncSession> {
+        // Changes the VM: it runs on the server holding the VM's lease.
+        self.catalog.hold(vm).await?;
         let v = self.catalog.vm_for(None, vm).await?;
         let lock = self.vm_lock(&v.id).await;
         let _held = lock.lock().await;

@@ -111,6 +111,33 @@ pub async fn mark(s: &Scrub) -> Result<Marked> {
     Ok(m)
 }
 
+/// Adds to `marked` everything the maps under `roots` reference (readers on other servers).
+async fn keep_maps(s: &Scrub, marked: &mut Marked, roots: BTreeSet<ChunkName>) -> Result<()> {
+    if roots.is_empty() {
+        return Ok(());
+    }
+    let walk = refs::walk_maps(&s.vault.chunks, roots).await?;
+    if let Some(p) = walk.problems.first() {
+        return Err(Error::conflict(
+            "gc_mark_incomplete",
+            format!(
+                "a map another server's reader uses cannot be read ({}: {}); nothing is collected; run drvault verify",
+                p.key, p.reason
+            ),
+        ));
+    }
+    for name in walk.roots.keys().chain(walk.segments.keys()) {
+        marked.keys.insert(layout::map_object(name).to_string());
+    }
+    for name in walk.chunks() {
+        marked.keys.insert(ChunkStore::chunk_key(&name).to_string());
+    }
+    for name in walk.packs() {
+        marked.keys.insert(layout::pack_object(&name).to_string());
+    }
+    Ok(())
+}
+
 /// Deletes (or with `dry_run` counts) every listed object under the swept prefixes that is not
 /// marked, older than `cutoff_ms` and not touched by a writer during `collection`.
 pub async fn sweep(
@@ -153,16 +180,70 @@ pub async fn sweep(
 }
 
 pub(super) async fn run(s: &Scrub, job: &str, dry_run: bool, grace_s: u64) -> Result<GcReport> {
+    // Other servers on the vault take part in a round (see [`super::rounds`]).
+    let peers = s.catalog.cluster().live_peers();
+    if peers.is_empty() {
+        return run_round(s, job, dry_run, grace_s, None).await;
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let result = run_round(s, job, dry_run, grace_s, Some((&id, &peers))).await;
+    // Whatever happened, the other servers let their writers go.
+    if let Err(e) = s.set_phase(&id, super::rounds::Phase::Done).await {
+        tracing::warn!(error = %e, "could not end the collection round; the other servers end it when this server's lease ends");
+    }
+    result
+}
+
+async fn run_round(
+    s: &Scrub,
+    job: &str,
+    dry_run: bool,
+    grace_s: u64,
+    round: Option<(&str, &[String])>,
+) -> Result<GcReport> {
+    use super::rounds::Phase;
     let started = Instant::now();
     let started_unix = crate::util::unix_now();
+    let wait = s.catalog.cluster().ttl() * 2 + std::time::Duration::from_secs(10);
     s.jobs.step(job, "Mark", JobState::Running).await?;
+    if let Some((id, _)) = round {
+        s.set_phase(id, Phase::Mark).await?;
+    }
     // From here on every store or reuse by a writer is tracked, and the mark below sees every
     // reference made before.
     let collection = s.vault.chunks.fence().begin_collection().await;
     let t0 = crate::util::unix_now_ms();
-    let marked = mark(s).await?;
+    if let Some((id, peers)) = round {
+        // Every other server tracks its writers too now, and finished what it had in flight.
+        s.wait_acks(id, Phase::Mark, peers, wait).await?;
+        s.catalog.refresh().await?;
+    }
+    let mut marked = mark(s).await?;
     s.jobs.step(job, "Mark", JobState::Succeeded).await?;
     s.jobs.step(job, "Sweep", JobState::Running).await?;
+    if let Some((id, peers)) = round {
+        s.set_phase(id, Phase::Sweep).await?;
+        // Their writers are stopped now; what they touched and what their readers use stays.
+        let acks = s.wait_acks(id, Phase::Sweep, peers, wait).await?;
+        let mut maps = BTreeSet::new();
+        for ack in acks.into_values() {
+            collection.add_touched(ack.touched, ack.logs);
+            marked.logs.extend(ack.pinned_logs);
+            for root in ack.pinned_maps {
+                let name = ChunkName::from_hex(&root).ok_or_else(|| {
+                    Error::internal(format!("malformed map root {root:?} pinned by a server"))
+                })?;
+                maps.insert(name);
+            }
+        }
+        keep_maps(s, &mut marked, maps).await?;
+        if !s.catalog.cluster().holds(crate::cluster::MAINTENANCE) {
+            return Err(Error::Unavailable {
+                code: "maintenance_lease_lost",
+                message: "this server lost the maintenance lease during the collection (paused or cut off); nothing was deleted".into(),
+            });
+        }
+    }
     let cutoff = t0.min(crate::util::unix_now_ms().saturating_sub(grace_s.saturating_mul(1000)));
     let mut report = GcReport {
         job: job.to_string(),

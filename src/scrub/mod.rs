@@ -28,9 +28,14 @@
 //!    when it started (the fence's shared lock). This is what makes `--grace 0` safe too: a
 //!    deduplicated upload reuses an old, unreferenced chunk without making it younger.
 //!
+//! With other servers on the vault, condition 3 holds across processes: the collection runs
+//! in rounds ([`rounds`]) in which every live server begins a collection in its own fence
+//! before the mark, and stops its writers and reports what they touched (and what its point
+//! readers use) before the sweep.
+//!
 //! The grace period (default 24 h 5 min, as in Proxmox Backup Server) is the second line of
-//! defence for anything the fence does not see: another server process writing to the same
-//! vault, or a receipt a session wrote but no record points at. It must be longer than any
+//! defence for anything the fence does not see: a server that was not live when the round
+//! began, or a receipt a session wrote but no record points at. It must be longer than any
 //! upload session, because a chunk is referenced by a receipt only from the moment the
 //! receipt is written; 24 h covers a day-long initial replication step, and the 5 minutes cover
 //! clock differences between the server and the object store, whose clock stamps the objects.
@@ -41,6 +46,7 @@
 
 pub mod gc;
 pub mod refs;
+pub mod rounds;
 pub mod verify;
 
 use std::sync::Arc;
@@ -135,6 +141,8 @@ pub struct Scrub {
     tasks: Tasks,
     /// The audit log whose chain verify walks, once the server attached it.
     audit: Arc<std::sync::OnceLock<crate::audit::AuditLog>>,
+    /// This server's part in a collection another server runs ([`rounds`]).
+    joined: Arc<Mutex<Option<rounds::Joined>>>,
 }
 
 impl Scrub {
@@ -157,6 +165,7 @@ impl Scrub {
             default_grace_s,
             tasks,
             audit: Default::default(),
+            joined: Default::default(),
         }
     }
 
@@ -185,6 +194,20 @@ impl Scrub {
                 format!("a verify or garbage collection is already running (job {id}); wait for it to end"),
             ));
         }
+        // One server at a time runs maintenance: the lease says which.
+        let cluster = self.catalog.cluster().clone();
+        cluster
+            .acquire(crate::cluster::MAINTENANCE, crate::cluster::MAINTENANCE, |_| async {
+                Ok(())
+            })
+            .await
+            .map_err(|e| match e {
+                Error::LeaseHeld { owner, owner_url, .. } => Error::conflict_recoverable(
+                    "maintenance_running",
+                    format!("server {owner} ({owner_url}) is running a verify or garbage collection; wait for it to end"),
+                ),
+                other => other,
+            })?;
         let job = self
             .jobs
             .create(kind, None, steps, JobState::Running)
@@ -208,6 +231,14 @@ impl Scrub {
                     tracing::warn!(job = %id, kind = word, error = %e, "maintenance job failed");
                     let _ = me.jobs.fail(&id, &e).await;
                 }
+            }
+            if let Err(e) = me
+                .catalog
+                .cluster()
+                .release(crate::cluster::MAINTENANCE)
+                .await
+            {
+                tracing::warn!(error = %e, "could not release the maintenance lease; it frees when this server stops");
             }
             *me.running.lock().await = None;
         });

@@ -108,6 +108,8 @@ pub(super) async fn run(
 ) -> Result<VerifyReport> {
     let started = Instant::now();
     let started_unix = crate::util::unix_now();
+    // Records other servers on the vault changed since this one last looked.
+    s.catalog.refresh().await?;
     let chunks = &s.vault.chunks;
     let reg = s.replicas.damage().get().await;
 

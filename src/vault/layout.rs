@@ -53,6 +53,10 @@ pub enum Family {
     Scrub,
     /// The hosts' last heartbeats (`contact/hosts`).
     Contact,
+    /// Each server sharing the vault: its heartbeat and the leases it holds (`server/<id>`).
+    Server,
+    /// Who may change a VM (`lease/<vm id>`), or run maintenance (`lease/maintenance`).
+    Lease,
 }
 
 impl Family {
@@ -69,6 +73,8 @@ impl Family {
             Family::Failback => "failback",
             Family::Scrub => "scrub",
             Family::Contact => "contact",
+            Family::Server => "server",
+            Family::Lease => "lease",
         }
     }
 }

@@ -221,6 +221,8 @@ pub struct Registrar {
     records: Records,
     keys: Arc<KeyRing>,
     cache: Arc<RwLock<Registry>>,
+    /// The record version the cache holds: other servers on the vault update the registry too.
+    version: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Registrar {
@@ -234,20 +236,44 @@ impl Registrar {
     ) -> Result<Registrar> {
         let digest = keys.token_digest(operator_token);
         let now = crate::util::unix_now();
-        let registry = records
+        let (version, registry) = records
             .update(&Self::key(), |cur: Option<&Registry>| {
                 let mut r = cur.cloned().unwrap_or_default();
                 let changed = r.take_in(&digest, now);
                 Ok((changed || cur.is_none()).then_some(r))
             })
             .await?
-            .map(|v| v.value)
+            .map(|v| (v.version, v.value))
             .unwrap_or_default();
         Ok(Registrar {
             records,
             keys,
             cache: Arc::new(RwLock::new(registry)),
+            version: Arc::new(version.into()),
         })
+    }
+
+    /// Re-reads the registry when another server changed it (its version moved).
+    pub async fn refresh(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        let latest = self
+            .records
+            .latest_versions(Family::Registry)
+            .await?
+            .get("main")
+            .copied()
+            .unwrap_or(0);
+        if latest <= self.version.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some(v) = self.records.load::<Registry>(&Self::key()).await? {
+            let mut cache = self.cache.write().await;
+            if v.version > self.version.load(Ordering::Acquire) {
+                *cache = v.value;
+                self.version.store(v.version, Ordering::Release);
+            }
+        }
+        Ok(())
     }
 
     fn key() -> crate::store::Key {
@@ -574,7 +600,10 @@ impl Registrar {
             })
             .await?
             .ok_or_else(|| Error::internal("registry update returned nothing"))?;
-        *self.cache.write().await = v.value.clone();
+        let mut cache = self.cache.write().await;
+        *cache = v.value.clone();
+        self.version
+            .store(v.version, std::sync::atomic::Ordering::Release);
         Ok(v.value)
     }
 }

@@ -76,6 +76,9 @@ pub struct Job {
     /// Per-disk progress of a job that writes disks (a failover's materialization).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskProgress>,
+    /// The server that runs the job (several servers may share a vault).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 /// How far a job has written one disk.

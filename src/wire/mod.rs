@@ -64,6 +64,9 @@ pub struct ErrorBody {
     pub code: String,
     pub message: String,
     pub recoverable: bool,
+    /// With `lease_held`: the URL of the server that holds the VM; send the request there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_url: Option<String>,
 }
 
 /// OpenAPI schemas of the bodies that hold JSON pairs (`[a, b]`): utoipa writes a Rust tuple as

@@ -20,6 +20,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/console/app.css", get(super::console::app_css))
         .route("/console/favicon.svg", get(super::console::favicon))
         .route("/v1/server", get(server_info))
+        .route("/v1/servers", get(servers))
         .route("/v1/openapi.json", get(crate::api::openapi::openapi_json))
 }
 
@@ -169,5 +170,22 @@ async fn server_info(_: Viewer, State(s): State<AppState>) -> Json<ServerInfo> {
     Json(ServerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         block_size: s.catalog.block_size(),
+    })
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/servers",
+    tag = "system",
+    summary = "The servers sharing the vault, the VMs each holds and the lease ages",
+    responses(
+        (status = 200, description = "Servers as this one sees them", body = crate::wire::ServerList),
+    )
+)]
+async fn servers(_: Viewer, State(s): State<AppState>) -> Json<crate::wire::ServerList> {
+    let c = s.catalog.cluster();
+    Json(crate::wire::ServerList {
+        servers: c.servers(),
+        lease_ttl_s: c.ttl().as_secs(),
     })
 }
