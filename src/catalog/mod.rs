@@ -471,14 +471,14 @@ impl Catalog {
                 .load::<DiskRecord>(&layout::record(Family::Disk, id))
                 .await?
             {
-                self.disk_versions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id.clone(), d.version);
-                self.disks
-                    .write()
-                    .await
-                    .insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
+                // Under the cache's lock: a takeover of the VM meanwhile installed a newer
+                // version, which stays.
+                let mut disks = self.disks.write().await;
+                let mut versions = self.disk_versions.lock().unwrap_or_else(|p| p.into_inner());
+                if versions.get(id).is_none_or(|v| *v < d.version) {
+                    versions.insert(id.clone(), d.version);
+                    disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
+                }
             }
         }
         Ok(())
