@@ -93,3 +93,37 @@ fn three_servers_on_one_moto_bucket_each_replicate_a_vm() {
     };
     one_vm_per_server(cluster);
 }
+
+/// A server of the cluster that is paused (SIGSTOP), then killed (SIGKILL), holds up nothing
+/// the others do: a VM is protected and exported through server 0 meanwhile, and the paused
+/// server answers again once resumed.
+#[test]
+fn a_paused_or_dead_server_holds_up_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::file(dir.path());
+    cluster.start_server();
+    let creds = cluster.add_host(0, "hv0");
+    cluster.start(2);
+
+    cluster.pause(1);
+    let disk = dir.path().join("web-c0.raw");
+    small_disk(&disk, 4, 7);
+    cluster
+        .server(0)
+        .protect(&creds, "web", &format!("{}:os", disk.display()), &[]);
+    let scratch = dir.path().join("exports");
+    std::fs::create_dir_all(&scratch).unwrap();
+    export_equals(&cluster, 0, "web", &disk, &scratch);
+    let served = cluster
+        .metric(0, "drvault_http_requests_total")
+        .expect("server 0 counts its requests");
+    assert!(served > 0.0, "server 0 served the protection: {served}");
+
+    cluster.resume(1);
+    succeeded(
+        &cluster.server(1).cli(&["status", "--wait", "30s"]),
+        "status of the resumed server",
+    );
+    cluster.kill(1);
+    export_equals(&cluster, 0, "web", &disk, &scratch);
+}
