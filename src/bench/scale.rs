@@ -100,9 +100,13 @@ pub struct ScaleArgs {
 pub enum StoreSpec {
     File,
     /// Azurite's blob endpoint with the account in the path.
-    Azurite { endpoint: String },
+    Azurite {
+        endpoint: String,
+    },
     /// An S3 endpoint that accepts unsigned bucket creation (moto).
-    S3 { endpoint: String },
+    S3 {
+        endpoint: String,
+    },
 }
 
 /// Azurite's documented development account and key (public, fixed).
@@ -160,7 +164,10 @@ impl StoreSpec {
         name: &str,
         key_file: &Path,
     ) -> Result<String, BenchError> {
-        let key = format!("master_key_file = {}\n", toml_str(&key_file.display().to_string()));
+        let key = format!(
+            "master_key_file = {}\n",
+            toml_str(&key_file.display().to_string())
+        );
         Ok(match self {
             StoreSpec::File => {
                 let dir = run_dir.join("vault");
@@ -330,7 +337,8 @@ pub async fn run(args: ScaleArgs) -> Result<i32, BenchError> {
                 .await?,
             );
             let label = format!("r{k}-single");
-            fleet.push(ingest_once(&ctx, 1, args.single_agents, fleet_image.clone(), &label).await?);
+            fleet
+                .push(ingest_once(&ctx, 1, args.single_agents, fleet_image.clone(), &label).await?);
         }
         if death_status.is_empty() {
             eprintln!("bench: round {}/{}: server death", k + 1, args.runs);
@@ -536,7 +544,8 @@ fn agent_vm(
         vm: vm.clone(),
         source: e,
     })?;
-    let salt = u8::try_from(k + 1).map_err(|_| BenchError::Invalid(format!("agent {k}: too many")))?;
+    let salt =
+        u8::try_from(k + 1).map_err(|_| BenchError::Invalid(format!("agent {k}: too many")))?;
     let img: Arc<dyn DiskImage> = Arc::new(DistinctImage::new(image.clone(), salt)?);
     let size = image.virtual_size();
     let log = log_dir.join(format!("a{k}.hrl"));
@@ -629,7 +638,13 @@ async fn drive(
     std::fs::create_dir_all(&log_dir).map_err(io_err("creating", &log_dir))?;
     let mut vms = Vec::with_capacity(agents);
     for k in 0..agents {
-        vms.push(agent_vm(ctx, &cluster.creds(k, k % n)?, image, k, &log_dir)?);
+        vms.push(agent_vm(
+            ctx,
+            &cluster.creds(k, k % n)?,
+            image,
+            k,
+            &log_dir,
+        )?);
     }
     let pids: Vec<String> = cluster.live().map(|(_, s)| s.pid.to_string()).collect();
     let cpu0 = server_ticks(&pids)?;
@@ -658,7 +673,8 @@ async fn drive(
 }
 
 fn server_ticks(pids: &[String]) -> Result<u64, BenchError> {
-    pids.iter().try_fold(0u64, |sum, p| Ok(sum + cpu_ticks(p)?.own))
+    pids.iter()
+        .try_fold(0u64, |sum, p| Ok(sum + cpu_ticks(p)?.own))
 }
 
 /// With `--fleet-servers` servers and two VMs per server protected, SIGKILL the last server
@@ -692,7 +708,13 @@ async fn death_measure(
     std::fs::create_dir_all(&log_dir).map_err(io_err("creating", &log_dir))?;
     let mut vms = Vec::with_capacity(agents);
     for k in 0..agents {
-        vms.push(agent_vm(ctx, &cluster.creds(k, k % n)?, image, k, &log_dir)?);
+        vms.push(agent_vm(
+            ctx,
+            &cluster.creds(k, k % n)?,
+            image,
+            k,
+            &log_dir,
+        )?);
     }
     futures_util::future::join_all(vms.iter().map(replicate_vm))
         .await
@@ -827,8 +849,13 @@ fn build(
             &base_what,
         ));
         for i in 0..n {
-            let rss: Vec<f64> = of(n).filter_map(|r| r.peak_rss_mib.get(i).copied()).collect();
-            figures.push(peak(&format!("peak RSS MiB, server {} of {n}", i + 1), &rss));
+            let rss: Vec<f64> = of(n)
+                .filter_map(|r| r.peak_rss_mib.get(i).copied())
+                .collect();
+            figures.push(peak(
+                &format!("peak RSS MiB, server {} of {n}", i + 1),
+                &rss,
+            ));
         }
     }
     let mut notes = vec![format!(
@@ -857,7 +884,10 @@ fn build(
             .map(|r| r.peak_rss_mib.iter().copied().fold(0.0, f64::max))
             .collect();
         figures.push(peak(
-            &format!("fleet peak RSS MiB, largest of {} servers", args.fleet_servers),
+            &format!(
+                "fleet peak RSS MiB, largest of {} servers",
+                args.fleet_servers
+            ),
             &worst,
         ));
         let single_rss: Vec<f64> = single
@@ -971,9 +1001,15 @@ mod tests {
                 endpoint: "http://[::1]:5000".into()
             })
         );
-        assert!(parse_store("s3:http://10.0.0.5:9000").unwrap_err().contains("loopback"));
-        assert!(parse_store("s3:https://s3.amazonaws.com").unwrap_err().contains("loopback"));
-        assert!(parse_store("gcs:http://127.0.0.1:1").unwrap_err().contains("store kind"));
+        assert!(parse_store("s3:http://10.0.0.5:9000")
+            .unwrap_err()
+            .contains("loopback"));
+        assert!(parse_store("s3:https://s3.amazonaws.com")
+            .unwrap_err()
+            .contains("loopback"));
+        assert!(parse_store("gcs:http://127.0.0.1:1")
+            .unwrap_err()
+            .contains("store kind"));
         assert!(parse_store("az://c").is_err());
         assert!(parse_store("memory").is_err());
     }

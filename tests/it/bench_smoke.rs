@@ -534,7 +534,8 @@ fn bench_scale_smoke() {
     assert!(table.contains("load average"), "{table}");
     let death = "seconds from a server's death to all its VMs replicating again";
     assert!(
-        table.contains(death) || table.contains("server death: not available: leases not in this build"),
+        table.contains(death)
+            || table.contains("server death: not available: leases not in this build"),
         "the server-death figure is there or says why not:\n{table}"
     );
     if table.contains(death) {

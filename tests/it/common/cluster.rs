@@ -73,7 +73,11 @@ impl Cluster {
         let url = format!("{}/{VAULT_BUCKET}", moto.url());
         let resp = block_on(async move { reqwest::Client::new().put(&url).send().await })
             .expect("create the moto bucket");
-        assert!(resp.status().is_success(), "create bucket: {}", resp.status());
+        assert!(
+            resp.status().is_success(),
+            "create bucket: {}",
+            resp.status()
+        );
         let mut vault_section = format!(
             "[vault]\nurl = \"s3://{VAULT_BUCKET}\"\n{}\n[vault.options]\n",
             Self::shared_vault_keys(dir)
@@ -224,7 +228,11 @@ pub fn small_disk(path: &Path, mib: u64, seed: u64) {
     super::raw_image(
         path,
         mib * MIB,
-        &[(0, 256 * 1024), (mib * MIB / 2, 512 * 1024), (mib * MIB - MIB, 64 * 1024)],
+        &[
+            (0, 256 * 1024),
+            (mib * MIB / 2, 512 * 1024),
+            (mib * MIB - MIB, 64 * 1024),
+        ],
         seed,
     );
 }
