@@ -53,6 +53,7 @@ pub mod procstat;
 pub mod report;
 pub mod resync;
 pub mod rpo;
+pub mod scale;
 pub mod server;
 pub mod sparse;
 
@@ -84,6 +85,10 @@ pub enum BenchCmd {
     /// the RPO (time from a write to the first point holding it), p50 and p99, against the
     /// policy interval.
     Rpo(rpo::RpoArgs),
+    /// Several servers on one vault (file://, Azurite or moto S3): aggregate ingest and server
+    /// CPU per GB with 1, 2 and 3 servers, 64 agents spread over 3 servers against 16 on one,
+    /// and the time from a server's death to its VMs replicating again.
+    Scale(scale::ScaleArgs),
 }
 
 /// Errors of the harness, with what it was doing.
@@ -139,6 +144,7 @@ pub async fn run(cmd: BenchCmd) -> Result<i32, BenchError> {
         BenchCmd::Resync(args) => resync::run(args).await,
         BenchCmd::Heartbeats(args) => heartbeats::run(args).await,
         BenchCmd::Rpo(args) => rpo::run(args).await,
+        BenchCmd::Scale(args) => scale::run(args).await,
     }
 }
 

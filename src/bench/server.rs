@@ -145,6 +145,11 @@ impl SpawnedServer {
             .await?)
     }
 
+    /// SIGKILL (a crash: nothing drained or flushed); waits until the process is gone.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// SIGTERM (graceful shutdown), then SIGKILL after 15 s.
     pub async fn stop(mut self) -> Result<(), BenchError> {
         let _ = std::process::Command::new("kill")

@@ -459,3 +459,86 @@ fn uploads_and_resync_patches_cost_no_store_listing_per_block() {
         "a resync patching {BLOCKS} blocks listed {list} times"
     );
 }
+
+/// `drvault bench scale` with tiny sizes on file:// vaults: every row runs (1 and 2 servers on
+/// one vault, 4 agents spread over 2 servers against 2 on one) and the table names each
+/// figure with a measured number; the server-death row has a number or says why not.
+#[test]
+fn bench_scale_smoke() {
+    let work = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_drvault"))
+        .args([
+            "bench",
+            "scale",
+            "--store",
+            "file",
+            "--kind",
+            "random",
+            "--size",
+            "4MiB",
+            "--servers",
+            "1,2",
+            "--agents",
+            "3",
+            "--fleet-agents",
+            "4",
+            "--fleet-servers",
+            "2",
+            "--single-agents",
+            "2",
+            "--fleet-size",
+            "2MiB",
+            "--lease-ttl",
+            "5",
+            "--runs",
+            "1",
+            "--work-dir",
+        ])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench scale failed: {}\n{table}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The figure's own value: the second column of its row.
+    let value = |name: &str| -> f64 {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row {name:?} in:\n{table}"));
+        let v = row.split('|').nth(1).unwrap().trim();
+        v.parse()
+            .unwrap_or_else(|_| panic!("row {name:?} has no number ({v:?}):\n{table}"))
+    };
+    for name in [
+        "aggregate MB/s, 1 server(s)",
+        "aggregate MB/s, 2 server(s)",
+        "server CPU s/GB (sum), 1 server(s)",
+        "server CPU s/GB (sum), 2 server(s)",
+        "peak RSS MiB, server 1 of 2",
+        "peak RSS MiB, server 2 of 2",
+        "fleet MB/s, 4 agents on 2 servers",
+        "fleet peak RSS MiB, largest of 2 servers",
+        "peak RSS MiB, 1 server with 2 agents",
+    ] {
+        let v = value(name);
+        assert!(v > 0.0 && v.is_finite(), "{name}: {v}\n{table}");
+    }
+    assert!(
+        table.contains("1 server, same run") && table.contains("2 agents on 1 server"),
+        "the rows name their baselines:\n{table}"
+    );
+    assert!(table.contains("load average"), "{table}");
+    let death = "seconds from a server's death to all its VMs replicating again";
+    assert!(
+        table.contains(death)
+            || table.contains("server death: not available: leases not in this build"),
+        "the server-death figure is there or says why not:\n{table}"
+    );
+    if table.contains(death) {
+        assert!(value(death) > 0.0, "{table}");
+    }
+}

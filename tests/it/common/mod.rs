@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use drvault::client::Client;
 use drvault::server::ServerFile;
 
+pub mod cluster;
 mod wait;
 pub use wait::{eventually, eventually_async};
 
@@ -162,6 +163,11 @@ impl Server {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart of a running server");
         self.spawn();
+    }
+
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether the server process is still running.
