@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::common::cluster::{small_disk, Cluster};
-use crate::common::{next_cycle, succeeded, Rng, ZERO_GUID};
+use std::time::{Duration, Instant};
+
+use crate::common::{eventually, next_cycle, succeeded, Rng, ZERO_GUID};
 
 /// Servers in the first tests.
 const SERVERS: usize = 3;
@@ -56,10 +58,9 @@ fn one_vm_per_server(mut cluster: Cluster) {
     let scratch = dir.join("exports");
     std::fs::create_dir_all(&scratch).unwrap();
     for (i, (vm, source)) in sources.iter().enumerate() {
-        // TODO(coordinator, issue 19 catalog cache refresh by version): export through
-        // server (i + 1) % SERVERS, a different one than the VM replicated through, once a
-        // server sees VM records another server wrote after it loaded its catalog.
-        let reader = i;
+        // Through another server than the one the VM replicated through: each server reads
+        // the records the others write.
+        let reader = (i + 1) % SERVERS;
         export_equals(&cluster, reader, vm, source, &scratch);
     }
 }
@@ -126,4 +127,315 @@ fn a_paused_or_dead_server_holds_up_no_other() {
     );
     cluster.kill(1);
     export_equals(&cluster, 0, "web", &disk, &scratch);
+}
+
+/// VMs in the failure tests, spread over the servers.
+const VMS: usize = 12;
+/// Lease TTL of the failure tests: short, so takeovers happen within the test's time.
+const TTL_S: u64 = 3;
+
+/// An agent command (`drvault agent ARGS`) with fast back-off, run to completion.
+fn agent(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(crate::common::BIN)
+        .arg("agent")
+        .args(args)
+        .env("DRVAULT_BACKOFF_SCALE", "0.02")
+        .output()
+        .unwrap()
+}
+
+/// Credentials for an agent whose first URL is server `first`, then the others in order.
+fn creds_via(cluster: &Cluster, creds: &Path, first: usize) -> PathBuf {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(creds).unwrap()).unwrap();
+    let n = cluster.servers.len();
+    v["server"] = cluster.server(first).url.clone().into();
+    v["servers"] = (1..n)
+        .map(|k| serde_json::Value::String(cluster.server((first + k) % n).url.clone()))
+        .collect::<Vec<_>>()
+        .into();
+    let stem = creds.file_stem().unwrap().to_string_lossy().into_owned();
+    let out = creds.with_file_name(format!("{stem}.via{first}.json"));
+    std::fs::write(&out, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    out
+}
+
+/// `drvault servers --json` as server `i` answers.
+fn servers(cluster: &Cluster, i: usize) -> serde_json::Value {
+    serde_json::from_str(&cluster.server(i).cli_ok(&["servers", "--json"])).unwrap()
+}
+
+/// The VMs server `holder` holds, as server `asked` sees them.
+fn held_by(cluster: &Cluster, asked: usize, holder: usize) -> Vec<String> {
+    let id = std::fs::read_to_string(cluster.server(holder).data_dir.join("server.id")).unwrap();
+    servers(cluster, asked)["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["id"] == id.trim() && s["live"] == true)
+        .flat_map(|s| s["leases"].as_array().unwrap().clone())
+        .map(|l| l["vm"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// One VM's replication: its disk states by cycle, the chain's last log id, and the server
+/// its agent goes to first.
+struct Replicated {
+    vm: String,
+    states: Vec<PathBuf>,
+    last_log: String,
+    /// The log of each cycle from 1.
+    logs: Vec<PathBuf>,
+    creds: PathBuf,
+}
+
+impl Replicated {
+    /// Makes the next cycle's log and sends it (the agent follows the servers as they fail).
+    fn cycle(&mut self, rng: &mut Rng, dir: &Path) -> std::process::Child {
+        let k = self.states.len();
+        let next = dir.join(format!("{}-c{k}.raw", self.vm));
+        let log = dir.join(format!("{}-c{k}.hrl", self.vm));
+        self.last_log = next_cycle(
+            rng,
+            &self.states[k - 1],
+            &next,
+            &log,
+            &self.last_log,
+            3,
+            256 * 1024,
+        );
+        self.states.push(next);
+        self.logs.push(log);
+        let creds = self.creds.clone();
+        self.send(&creds)
+    }
+
+    /// Sends the last cycle's log again with other credentials.
+    fn resend(&self, creds: &Path) -> std::process::Child {
+        self.send(creds)
+    }
+
+    fn send(&self, creds: &Path) -> std::process::Child {
+        let k = self.states.len() - 1;
+        let log = &self.logs[k - 1];
+        std::process::Command::new(crate::common::BIN)
+            .args([
+                "agent",
+                "replicate",
+                "--creds",
+                creds.to_str().unwrap(),
+                "--vm",
+                &self.vm,
+                "--disk",
+                "os",
+                "--hrl",
+                log.to_str().unwrap(),
+                "--cycle",
+                &k.to_string(),
+            ])
+            .env("DRVAULT_BACKOFF_SCALE", "0.02")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+}
+
+fn finished(child: std::process::Child, what: &str) {
+    let out = child.wait_with_output().unwrap();
+    succeeded(&out, what);
+}
+
+/// Twelve VMs over three servers; one server is killed (SIGKILL) while its VMs' logs are in
+/// flight, another is paused (SIGSTOP) past its lease TTL in the middle of publishing a log and
+/// then resumed. The agents finish every cycle through the servers left, the resumed server's
+/// publication is refused by the fence (and counted), every point of every VM exports exactly
+/// through a server other than the one that took it, and verify finds the vault clean.
+fn servers_fail_and_the_agents_finish(mut cluster: Cluster) {
+    let backend = cluster.backend.name();
+    cluster
+        .config
+        .push_str(&format!("\n[cluster]\nlease_ttl_s = {TTL_S}\n"));
+    let dir = cluster.dir.clone();
+    // Server 2 can be told to stall a disk record's write (fault rules in a file it re-reads).
+    let faults = dir.join("s2-faults.spec");
+    std::fs::write(&faults, "# none yet\n").unwrap();
+    cluster.start(2);
+    let env = format!("@{}", faults.display());
+    cluster.start_server_with(&[("DRVAULT_FAULTS", env.as_str())]);
+    let host = cluster.add_host(0, "hv");
+
+    // Initial replication and cycle 1 of each VM through its home server (i % 3).
+    let mut rng = Rng(19);
+    let mut vms: Vec<Replicated> = (0..VMS)
+        .map(|i| {
+            let vm = format!("vm{i:02}");
+            let c0 = dir.join(format!("{vm}-c0.raw"));
+            small_disk(&c0, 4, 1000 + i as u64);
+            let creds = creds_via(&cluster, &host, i % SERVERS);
+            let disk = format!("{}:os", c0.display());
+            let creds_s = creds.to_str().unwrap().to_string();
+            succeeded(
+                &agent(&["protect", "--creds", &creds_s, "--vm", &vm, "--disk", &disk]),
+                &format!("{backend}: protect {vm}"),
+            );
+            Replicated {
+                vm,
+                states: vec![c0],
+                last_log: ZERO_GUID.to_string(),
+                logs: Vec::new(),
+                creds,
+            }
+        })
+        .collect();
+    let first: Vec<_> = vms.iter_mut().map(|r| r.cycle(&mut rng, &dir)).collect();
+    for (c, r) in first.into_iter().zip(&vms) {
+        finished(c, &format!("{backend}: cycle 1 of {}", r.vm));
+    }
+    // Each server holds the VMs whose agents came to it first.
+    for s in 0..SERVERS {
+        let mut held = held_by(&cluster, 0, s);
+        held.sort();
+        let want: Vec<String> = (0..VMS)
+            .filter(|i| i % SERVERS == s)
+            .map(|i| format!("vm{i:02}"))
+            .collect();
+        assert_eq!(held, want, "{backend}: leases of server {s}");
+    }
+
+    // Server 2 stalls the next disk-record write for 20 s; vm02 (held by server 2) sends its
+    // cycle 2 and the server gets as far as that write.
+    std::fs::write(
+        &faults,
+        "op=put_if_absent prefix=records/disk/ kind=latency ms=20000 times=1\n",
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "server 2 takes the fault rules",
+        || {
+            cluster
+                .server(2)
+                .log()
+                .contains("fault rules replaced")
+                .then_some(())
+                .ok_or_else(|| "not yet".to_string())
+        },
+    );
+    let stalled = vms[2].cycle(&mut rng, &dir);
+    eventually(
+        Duration::from_secs(30),
+        "server 2 stalls the disk record",
+        || {
+            cluster
+                .metric(2, "drvault_faults_injected_total")
+                .filter(|n| *n >= 1.0)
+                .ok_or_else(|| "no fault injected yet".to_string())
+        },
+    );
+    // Paused there, past its TTL.
+    cluster.pause(2);
+    let paused_at = Instant::now();
+
+    // Cycle 2 of server 1's VMs is in flight when server 1 dies.
+    let mut inflight = Vec::new();
+    for i in (0..VMS).filter(|i| i % SERVERS == 1) {
+        inflight.push((i, vms[i].cycle(&mut rng, &dir)));
+    }
+    cluster.kill(1);
+    // Cycle 2 of the other VMs of server 2 (paused: their agents' connections stall and time
+    // out, then they go on to the next URL), and of server 0's.
+    for i in (0..VMS).filter(|i| i % SERVERS != 1 && *i != 2) {
+        inflight.push((i, vms[i].cycle(&mut rng, &dir)));
+    }
+    // vm02's agent is stuck on the paused server; the host sends the same log again through
+    // server 0 (an agent restarted), which takes vm02 over once server 2 looks dead to it.
+    let resent = vms[2].resend(&creds_via(&cluster, &host, 0));
+    finished(
+        resent,
+        &format!("{backend}: cycle 2 of vm02 again, through server 0"),
+    );
+    assert!(held_by(&cluster, 0, 0).contains(&"vm02".to_string()));
+    for (i, c) in inflight {
+        finished(
+            c,
+            &format!("{backend}: cycle 2 of vm{i:02} with servers 1 and 2 down"),
+        );
+    }
+    assert!(
+        paused_at.elapsed() > Duration::from_secs(TTL_S),
+        "server 2 was paused past its TTL"
+    );
+    // Resumed: its stalled write finds the record fenced by server 0's epoch and is refused.
+    cluster.resume(2);
+    eventually(
+        Duration::from_secs(60),
+        "server 2's stalled publication is refused",
+        || {
+            cluster
+                .metric(2, "drvault_fenced_writes_total")
+                .filter(|n| *n >= 1.0)
+                .ok_or_else(|| "no fenced write yet".to_string())
+        },
+    );
+    finished(
+        stalled,
+        &format!("{backend}: cycle 2 of vm02 after its server paused"),
+    );
+    // Server 2 no longer holds vm02, and sends its agents to server 0.
+    assert!(!held_by(&cluster, 2, 2).contains(&"vm02".to_string()));
+
+    // Cycle 3 of every VM through whatever servers are left.
+    let third: Vec<_> = vms.iter_mut().map(|r| r.cycle(&mut rng, &dir)).collect();
+    for (c, r) in third.into_iter().zip(&vms) {
+        finished(c, &format!("{backend}: cycle 3 of {}", r.vm));
+    }
+
+    // Every point of every VM exports exactly, through a server other than its holder.
+    let scratch = dir.join("exports");
+    std::fs::create_dir_all(&scratch).unwrap();
+    for r in &vms {
+        let holder = (0..SERVERS)
+            .filter(|&s| s != 1)
+            .find(|&s| held_by(&cluster, 0, s).contains(&r.vm))
+            .unwrap_or(0);
+        let reader = if holder == 0 { 2 } else { 0 };
+        for (k, state) in r.states.iter().enumerate().skip(1) {
+            cluster
+                .server(reader)
+                .export_os_equals(&r.vm, &k.to_string(), state, &scratch);
+        }
+    }
+    let o = cluster.server(0).cli(&["verify", "--json"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{backend}: verify after the failures: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn twelve_vms_survive_a_killed_and_a_paused_server_on_a_file_vault() {
+    let dir = tempfile::tempdir().unwrap();
+    servers_fail_and_the_agents_finish(Cluster::file(dir.path()));
+}
+
+#[test]
+fn twelve_vms_survive_a_killed_and_a_paused_server_on_azurite() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = Cluster::azurite(dir.path()) else {
+        return;
+    };
+    servers_fail_and_the_agents_finish(cluster);
+}
+
+#[test]
+fn twelve_vms_survive_a_killed_and_a_paused_server_on_moto() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = Cluster::moto(dir.path()) else {
+        return;
+    };
+    servers_fail_and_the_agents_finish(cluster);
 }
