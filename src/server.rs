@@ -126,9 +126,16 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
         }
     }
     let store = Store::open(&url, &options)?;
+    // Test-only fault injection (DRVAULT_FAULTS); the store is returned unchanged without it.
+    let (store, _faults) = crate::store::faulty::from_env(store)?;
+    let cpu = CpuPool::new(config.cpu_threads());
+    // Refuses a vault of another key or of a format this release cannot serve; nothing below
+    // writes to the vault before this passed.
+    let vault = Vault::open(store, keys, cpu, config.vault.zstd_level).await?;
     // Staging files of writes a killed process never finished: nothing of this process writes
     // yet, so whatever is there now belongs to no write in flight.
-    let left = store
+    let left = vault
+        .store()
         .remove_staging_leftovers(crate::util::unix_now_ms(), false)
         .await?;
     if left.files > 0 {
@@ -138,10 +145,6 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             "removed staging files of interrupted writes"
         );
     }
-    // Test-only fault injection (DRVAULT_FAULTS); the store is returned unchanged without it.
-    let (store, _faults) = crate::store::faulty::from_env(store)?;
-    let cpu = CpuPool::new(config.cpu_threads());
-    let vault = Vault::open(store, keys, cpu, config.vault.zstd_level).await?;
 
     let (cert, key) = match (&config.server.tls_cert, &config.server.tls_key) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
@@ -193,6 +196,9 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             })
         }
     };
+    // Every start check passed: an older vault becomes this release's format before the first
+    // write of this server.
+    vault.upgrade_format().await?;
     let registry = Registrar::open(vault.records.clone(), vault.keys().clone(), &token).await?;
 
     let jobs = Jobs::load(vault.records.clone()).await?;
