@@ -140,6 +140,7 @@ async fn add_host(
             server: s.public_url.clone(),
             token,
             ca_cert_pem: s.ca_pem.clone(),
+            servers: Vec::new(),
         }),
     ))
 }
@@ -216,6 +217,7 @@ async fn add_provider(
             server: s.public_url.clone(),
             token,
             ca_cert_pem: s.ca_pem.clone(),
+            servers: Vec::new(),
         }),
     ))
 }
@@ -265,6 +267,7 @@ async fn rotate_host_token(
         server: s.public_url.clone(),
         token,
         ca_cert_pem: s.ca_pem.clone(),
+        servers: Vec::new(),
     }))
 }
 
@@ -300,5 +303,6 @@ async fn rotate_provider_token(
         server: s.public_url.clone(),
         token,
         ca_cert_pem: s.ca_pem.clone(),
+        servers: Vec::new(),
     }))
 }
