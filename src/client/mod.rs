@@ -147,10 +147,11 @@ impl Client {
             .build()
             .map_err(|e| ClientError::Setup(error_chain(&e)))?;
         // Built against a URL of the route: which one, and the path to send elsewhere.
-        let Some((first, path)) = self.route.locate(request.url().as_str()) else {
-            return self.answer(self.http.execute(request).await).await;
+        let (mut tried, path) = match self.route.locate(request.url().as_str()) {
+            Some((at, path)) => (vec![at], path),
+            // Not a URL of the route (`req` never builds one): sent there only.
+            None => (Vec::new(), String::new()),
         };
-        let mut tried = vec![first];
         let mut followed = false;
         let mut unanswered: Vec<String> = Vec::new();
         loop {
@@ -197,22 +198,6 @@ impl Client {
             return Err(api_error(status, &headers, text));
         }
     }
-
-    /// A response as the caller sees it: success, or the decoded error.
-    async fn answer(
-        &self,
-        outcome: Result<reqwest::Response, reqwest::Error>,
-    ) -> Result<reqwest::Response, ClientError> {
-        let resp = outcome.map_err(|e| ClientError::Transport(error_chain(&e)))?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap_or_default();
-        Err(api_error(status, &headers, text))
-    }
-
 
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let r = self.send(self.req(Method::GET, path)).await?;
@@ -346,7 +331,11 @@ fn moved(
 }
 
 /// The error of an answer that is not a success.
-fn api_error(status: StatusCode, headers: &reqwest::header::HeaderMap, text: String) -> ClientError {
+fn api_error(
+    status: StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    text: String,
+) -> ClientError {
     let retry_after = headers
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())

@@ -133,7 +133,8 @@ impl Route {
         let from = tried.last().map(|&i| s.urls[i].clone()).unwrap_or_default();
         // Another request may have moved on already; an owner's answer always wins.
         let moved_by_other = tried.last() != Some(&s.preferred);
-        if s.preferred != next && (!moved_by_other || matches!(failure, Failure::LeaseHeld { .. })) {
+        if s.preferred != next && (!moved_by_other || matches!(failure, Failure::LeaseHeld { .. }))
+        {
             s.preferred = next;
             tracing::info!(from = %from, to = %s.urls[next], reason = failure.reason(), "switching to another drvault server");
         }
@@ -193,7 +194,10 @@ mod tests {
 
     #[test]
     fn the_route_remembers_where_it_moved() {
-        let r = Route::new("https://s0:443/", &["https://s1:443".into(), "https://s0:443".into()]);
+        let r = Route::new(
+            "https://s0:443/",
+            &["https://s1:443".into(), "https://s0:443".into()],
+        );
         assert_eq!(r.urls(), vec!["https://s0:443", "https://s1:443"]);
         assert_eq!(r.preferred().0, 0);
         assert_eq!(
@@ -207,9 +211,18 @@ mod tests {
         );
         assert_eq!(r.preferred().0, 1);
         // A request still on the old URL fails later: it moves on, the preferred URL stays.
-        assert_eq!(r.advance(&[0], false, Failure::Unreachable).map(|n| n.0), Some(1));
         assert_eq!(
-            r.advance(&[1], false, Failure::LeaseHeld { owner_url: "https://s7:1" }),
+            r.advance(&[0], false, Failure::Unreachable).map(|n| n.0),
+            Some(1)
+        );
+        assert_eq!(
+            r.advance(
+                &[1],
+                false,
+                Failure::LeaseHeld {
+                    owner_url: "https://s7:1"
+                }
+            ),
             Some((2, "https://s7:1".into()))
         );
         assert_eq!(r.preferred(), (2, "https://s7:1".into()));

@@ -54,23 +54,26 @@ impl Vault {
         let created = self.check_key().await?;
         let mut from = None;
         self.records
-            .update(&layout::vault_format(), |cur: Option<&serde_json::Value>| {
-                // Read again on every attempt: another server may have upgraded the vault (or
-                // a newer release moved it on) since this one opened it.
-                let now = cur.map(format_number).unwrap_or_else(|| created.clone());
-                check_format(now.clone())?;
-                from = match now {
-                    FormatFound::Number(n) if n < VAULT_FORMAT => Some(n),
-                    _ => None,
-                };
-                Ok(from.map(|n| {
-                    serde_json::json!({
-                        "vault_format": VAULT_FORMAT,
-                        "upgraded_from": n,
-                        "upgraded_unix": crate::util::unix_now(),
-                    })
-                }))
-            })
+            .update(
+                &layout::vault_format(),
+                |cur: Option<&serde_json::Value>| {
+                    // Read again on every attempt: another server may have upgraded the vault (or
+                    // a newer release moved it on) since this one opened it.
+                    let now = cur.map(format_number).unwrap_or_else(|| created.clone());
+                    check_format(now.clone())?;
+                    from = match now {
+                        FormatFound::Number(n) if n < VAULT_FORMAT => Some(n),
+                        _ => None,
+                    };
+                    Ok(from.map(|n| {
+                        serde_json::json!({
+                            "vault_format": VAULT_FORMAT,
+                            "upgraded_from": n,
+                            "upgraded_unix": crate::util::unix_now(),
+                        })
+                    }))
+                },
+            )
             .await?;
         if let Some(n) = from {
             tracing::info!(from = n, to = VAULT_FORMAT, vault = %self.store().url(), "vault format upgraded");
@@ -206,7 +209,10 @@ mod tests {
             refused_code(FormatFound::Number(VAULT_FORMAT + 1)),
             Some("vault_format_newer")
         );
-        assert_eq!(refused_code(FormatFound::Number(0)), Some("vault_format_old"));
+        assert_eq!(
+            refused_code(FormatFound::Number(0)),
+            Some("vault_format_old")
+        );
         assert_eq!(
             refused_code(format_number(&serde_json::json!({"vault_format": "two"}))),
             Some("vault_format_unreadable")
@@ -215,7 +221,9 @@ mod tests {
             refused_code(format_number(&serde_json::json!({"vault_format": -1}))),
             Some("vault_format_unreadable")
         );
-        let msg = check_format(FormatFound::Number(99)).unwrap_err().to_string();
+        let msg = check_format(FormatFound::Number(99))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             msg,
             "vault format 99 is newer than this drvault (reads up to 2): upgrade drvault on this machine"
@@ -232,8 +240,8 @@ mod tests {
         let keys = Arc::new(KeyRing::random());
         // A vault as releases before format 2 created it: only the key check, saying 1.
         let chunks = ChunkStore::new(store.clone(), keys.clone(), CpuPool::new(1), 1);
-        let body = serde_json::to_vec(&serde_json::json!({"vault_format": 1, "created_unix": 1}))
-            .unwrap();
+        let body =
+            serde_json::to_vec(&serde_json::json!({"vault_format": 1, "created_unix": 1})).unwrap();
         chunks
             .put_sealed_if_absent(ObjectKind::Record, &layout::key_check(), body, false)
             .await
@@ -257,7 +265,10 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!((rec.version, &rec.value["vault_format"]), (1, &serde_json::json!(2)));
+        assert_eq!(
+            (rec.version, &rec.value["vault_format"]),
+            (1, &serde_json::json!(2))
+        );
         assert_eq!(store.get(&layout::key_check()).await.unwrap(), keycheck);
 
         // A newer release moves the vault on: this one refuses to open it.
@@ -269,7 +280,10 @@ mod tests {
             .unwrap();
         let e = open(&store, &keys).await.err().unwrap();
         assert_eq!(e.code(), "vault_format_newer");
-        assert_eq!(v.upgrade_format().await.unwrap_err().code(), "vault_format_newer");
+        assert_eq!(
+            v.upgrade_format().await.unwrap_err().code(),
+            "vault_format_newer"
+        );
     }
 
     #[tokio::test]

@@ -70,15 +70,20 @@ fn refused_start(dir: &Path, config: Option<&str>) -> (ExitStatus, String) {
 }
 
 /// Asserts a refused start: non-zero exit, `problem` on stderr, the vault tree unchanged.
-fn assert_refused(dir: &Path, config: Option<&str>, vault: &Path, problem: &str) {
+/// Returns stderr.
+fn assert_refused(dir: &Path, config: Option<&str>, vault: &Path, problem: &str) -> String {
     let before = vault_tree(vault);
     let (st, stderr) = refused_start(dir, config);
     assert!(!st.success(), "server exited with {st}: {stderr}");
-    assert!(stderr.contains(problem), "stderr does not say {problem:?}: {stderr}");
+    assert!(
+        stderr.contains(problem),
+        "stderr does not say {problem:?}: {stderr}"
+    );
     assert!(
         vault_tree(vault) == before,
         "the refused start changed the vault ({problem})"
     );
+    stderr
 }
 
 /// Runs `f` on the sealed objects of a local vault, opened with the key file `key`.
@@ -110,10 +115,11 @@ fn set_format(vault: &Path, key: &Path, value: serde_json::Value) {
     });
 }
 
-/// A server that ran once on `dir` and stopped: its vault directory.
+/// A server that ran once on `dir` and was killed: its vault directory. (Killed, not
+/// stopped: a SIGTERM this early may come before the server listens for it.)
 fn stopped_server(dir: &Path) -> PathBuf {
-    let mut s = Server::start(dir, None);
-    assert!(s.stop().success(), "{}", s.log());
+    std::fs::create_dir_all(dir).unwrap();
+    Server::start(dir, None).kill();
     dir.join("data/vault")
 }
 
@@ -124,13 +130,12 @@ fn a_server_with_another_master_key_refuses_a_shared_vault_and_writes_nothing() 
     let vault = stopped_server(&t.path().join("a"));
     // The second server has its own data directory, so its own (new) master key.
     let config = format!("[vault]\nurl = \"file://{}\"\n", vault.display());
-    assert_refused(
+    let stderr = assert_refused(
         &t.path().join("b"),
         Some(&config),
         &vault,
         "the master key file does not open this vault",
     );
-    let (_, stderr) = refused_start(&t.path().join("b"), Some(&config));
     assert!(stderr.contains("wrong key file for this vault"), "{stderr}");
 }
 
@@ -138,7 +143,11 @@ fn a_server_with_another_master_key_refuses_a_shared_vault_and_writes_nothing() 
 fn a_vault_of_a_newer_format_is_refused_before_anything_is_written() {
     let t = tempfile::tempdir().unwrap();
     let vault = stopped_server(t.path());
-    set_format(&vault, &t.path().join("data/master.key"), serde_json::json!({"vault_format": 99}));
+    set_format(
+        &vault,
+        &t.path().join("data/master.key"),
+        serde_json::json!({"vault_format": 99}),
+    );
     assert_refused(
         t.path(),
         None,
@@ -153,13 +162,22 @@ fn a_vault_of_a_too_old_or_unreadable_format_is_refused() {
     let vault = stopped_server(t.path());
     let key = t.path().join("data/master.key");
     set_format(&vault, &key, serde_json::json!({"vault_format": 0}));
-    assert_refused(t.path(), None, &vault, "vault format 0 is older than any this drvault can upgrade");
+    assert_refused(
+        t.path(),
+        None,
+        &vault,
+        "vault format 0 is older than any this drvault can upgrade",
+    );
     set_format(&vault, &key, serde_json::json!({"vault_format": "two"}));
-    assert_refused(t.path(), None, &vault, "the vault's format number cannot be read");
+    assert_refused(
+        t.path(),
+        None,
+        &vault,
+        "the vault's format number cannot be read",
+    );
     // A format this release serves again: the same vault starts.
     set_format(&vault, &key, serde_json::json!({"vault_format": 2}));
-    let mut s = Server::start(t.path(), None);
-    assert!(s.stop().success(), "{}", s.log());
+    Server::start(t.path(), None).kill();
 }
 
 #[test]
@@ -171,7 +189,11 @@ fn a_format_1_vault_is_upgraded_to_2_at_start() {
     std::fs::create_dir_all(t.path().join("data")).unwrap();
     common::run(
         "cp",
-        &["-a", fixture.join("vault").to_str().unwrap(), t.path().join("data").to_str().unwrap()],
+        &[
+            "-a",
+            fixture.join("vault").to_str().unwrap(),
+            t.path().join("data").to_str().unwrap(),
+        ],
     );
     std::fs::copy(fixture.join("master.key"), &key).unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -192,16 +214,25 @@ fn a_format_1_vault_is_upgraded_to_2_at_start() {
             .unwrap();
         serde_json::from_slice::<serde_json::Value>(&plain).unwrap()
     });
-    assert_eq!(created["vault_format"], 1, "the fixture was created at format 1");
+    assert_eq!(
+        created["vault_format"], 1,
+        "the fixture was created at format 1"
+    );
 
-    let mut s = Server::start(t.path(), None);
-    assert!(s.stop().success(), "{}", s.log());
+    Server::start(t.path(), None).kill();
     let rec = format(&vault).expect("the start recorded the format");
-    assert_eq!((&rec["vault_format"], &rec["upgraded_from"]), (&serde_json::json!(2), &serde_json::json!(1)), "{rec}");
-    assert_eq!(std::fs::read(vault.join("vault/keycheck")).unwrap(), keycheck, "the key check changed");
+    assert_eq!(
+        (&rec["vault_format"], &rec["upgraded_from"]),
+        (&serde_json::json!(2), &serde_json::json!(1)),
+        "{rec}"
+    );
+    assert_eq!(
+        std::fs::read(vault.join("vault/keycheck")).unwrap(),
+        keycheck,
+        "the key check changed"
+    );
     // The upgraded vault starts again and is not upgraded twice.
-    let mut s = Server::start(t.path(), None);
-    assert!(s.stop().success(), "{}", s.log());
+    Server::start(t.path(), None).kill();
     assert_eq!(record_versions(&vault, "records/vault/format"), 1);
 }
 
@@ -242,7 +273,12 @@ fn the_agent_uses_the_next_server_url_when_the_first_is_unreachable() {
         stderr
     };
     let os = t.path().join("os.raw");
-    raw_image(&os, 8 * MIB, &[(0, MIB as usize), (5 * MIB, 2 * MIB as usize)], 19);
+    raw_image(
+        &os,
+        8 * MIB,
+        &[(0, MIB as usize), (5 * MIB, 2 * MIB as usize)],
+        19,
+    );
     let os_arg = os.to_str().unwrap().to_string();
     let stderr = agent(&["protect", "--vm", "web01", "--disk", &os_arg]);
     assert!(
@@ -253,7 +289,15 @@ fn the_agent_uses_the_next_server_url_when_the_first_is_unreachable() {
     let log = t.path().join("os-c1.hrl");
     common::next_cycle(&mut Rng(7), &os, &c1, &log, ZERO_GUID, 20, 256 * 1024);
     agent(&[
-        "replicate", "--vm", "web01", "--disk", "os", "--hrl", log.to_str().unwrap(), "--cycle", "1",
+        "replicate",
+        "--vm",
+        "web01",
+        "--disk",
+        "os",
+        "--hrl",
+        log.to_str().unwrap(),
+        "--cycle",
+        "1",
     ]);
     server.export_os_equals("web01", "c1", &c1, t.path());
     server.export_os_equals("web01", "c0", &os, t.path());
