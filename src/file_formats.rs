@@ -151,3 +151,10 @@ pub const RECEIPT_LEN: usize = 72;
 pub const IDENT_VM: &str = "vm";
 pub const IDENT_DISK: &str = "disk";
 pub const IDENT_PLAN: &str = "plan";
+
+/// Vault format this release writes and understands. 1: one server per vault (what
+/// `vault/keycheck` of older vaults says); 2: records carry lease fences, so a server that does
+/// not fence (any release reading only format 1) must not write a vault a format-2 server used.
+pub const VAULT_FORMAT: u64 = 2;
+/// Oldest vault format this release opens, upgrading it to [`VAULT_FORMAT`] at start.
+pub const VAULT_FORMAT_OLDEST: u64 = 1;

@@ -65,6 +65,7 @@
 //! maps/<3 hex>/<64 hex>                   block-map roots and segments
 //! packs/<3 hex>/<64 hex>                  sealed pieces of blocks (merge and resync changes)
 //! records/<family>/<id>/v<20 digits>      versioned records: registry, vm, disk, job, server, lease
+//! records/vault/format/v<20 digits>       the vault's current format (read before any write)
 //! stage/<vm>/<disk>/<session>/<index>     receipts of blocks received in a replication session
 //! logs/<vm>/<disk>/<log id>/f<n>, extents frames and extent list of a stored change log
 //! quarantine/<original key>/<unix time>   damaged objects verify moved aside (never read)

@@ -132,6 +132,8 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
     // Test-only fault injection (DRVAULT_FAULTS); the store is returned unchanged without it.
     let (store, _faults) = crate::store::faulty::from_env(store)?;
     let cpu = CpuPool::new(config.cpu_threads());
+    // Refuses a vault of another key or of a format this release cannot serve; nothing below
+    // writes to the vault before this passed.
     let vault = Vault::open(store, keys, cpu, config.vault.zstd_level).await?;
 
     let (cert, key) = match (&config.server.tls_cert, &config.server.tls_key) {
@@ -184,6 +186,9 @@ pub async fn prepare(config: Config) -> Result<Prepared, ServeError> {
             })
         }
     };
+    // Every start check passed: an older vault becomes this release's format before the first
+    // write of this server.
+    vault.upgrade_format().await?;
     let registry = Registrar::open(vault.records.clone(), vault.keys().clone(), &token).await?;
 
     let listener = tokio::net::TcpListener::bind(&config.server.listen)

@@ -75,5 +75,9 @@ pub fn client_for(creds: &Credentials, acting_host: Option<String>) -> Result<Cl
             creds.name
         )));
     }
-    Ok(Client::new(&creds.server, &creds.token, Some(&creds.ca_cert_pem))?.acting_for(acting_host))
+    Ok(
+        Client::new(&creds.server, &creds.token, Some(&creds.ca_cert_pem))?
+            .with_servers(&creds.servers)
+            .acting_for(acting_host),
+    )
 }

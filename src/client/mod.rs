@@ -15,6 +15,7 @@ use crate::wire::{ErrorBody, ACTING_HOST_HEADER};
 mod encode;
 pub mod export;
 mod routes;
+mod servers;
 pub use encode::{LogUpload, UploadBody, UPLOAD_ZSTD_LEVEL};
 pub use routes::{BlockDownload, SyncFlow};
 
@@ -63,11 +64,13 @@ impl ClientError {
     }
 }
 
-/// A connection to one drvault server with one token.
+/// A connection to drvault with one token: one server URL, or several of servers sharing a
+/// vault (see [`Client::with_servers`]).
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
-    base: String,
+    /// The server URLs and the preferred one, shared by clones.
+    route: servers::Route,
     token: String,
     acting_host: Option<String>,
     /// zstd level of upload bodies; `None` sends them as they are.
@@ -94,7 +97,7 @@ impl Client {
         let http = b.build().map_err(|e| ClientError::Setup(e.to_string()))?;
         Ok(Client {
             http,
-            base: base.trim_end_matches('/').to_string(),
+            route: servers::Route::new(base, &[]),
             token: token.to_string(),
             acting_host: None,
             upload_zstd: Some(UPLOAD_ZSTD_LEVEL),
@@ -107,14 +110,28 @@ impl Client {
         self
     }
 
-    pub fn base(&self) -> &str {
-        &self.base
+    /// More URLs of servers on the same vault (a credentials file's `servers`), tried in order
+    /// after the first when a request gets no answer from it.
+    pub fn with_servers(mut self, more: &[String]) -> Client {
+        let (_, first) = self.route.preferred();
+        self.route = servers::Route::new(&first, more);
+        self
+    }
+
+    /// The URL requests go to first: the last one that answered.
+    pub fn base(&self) -> String {
+        self.route.preferred().1
+    }
+
+    /// Every server URL this client knows, in order.
+    pub fn urls(&self) -> Vec<String> {
+        self.route.urls()
     }
 
     fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         let mut r = self
             .http
-            .request(method, format!("{}{}", self.base, path))
+            .request(method, format!("{}{}", self.base(), path))
             .bearer_auth(&self.token);
         if let Some(h) = &self.acting_host {
             r = r.header(ACTING_HOST_HEADER, h);
@@ -122,37 +139,64 @@ impl Client {
         r
     }
 
+    /// Sends a request, moving on to another server URL when it gets no answer or a
+    /// `lease_held` one naming the owner. A request whose body cannot be sent again (a stream)
+    /// returns that error instead, with the preferred URL moved: the caller's retry goes there.
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let resp = rb
-            .send()
-            .await
-            .map_err(|e| ClientError::Transport(error_chain(&e)))?;
-        if resp.status().is_success() {
-            return Ok(resp);
+        let mut request = rb
+            .build()
+            .map_err(|e| ClientError::Setup(error_chain(&e)))?;
+        // Built against a URL of the route: which one, and the path to send elsewhere.
+        let (mut tried, path) = match self.route.locate(request.url().as_str()) {
+            Some((at, path)) => (vec![at], path),
+            // Not a URL of the route (`req` never builds one): sent there only.
+            None => (Vec::new(), String::new()),
+        };
+        let mut followed = false;
+        let mut unanswered: Vec<String> = Vec::new();
+        loop {
+            let again = request.try_clone();
+            let resp = match self.http.execute(request).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    unanswered.push(error_chain(&e));
+                    let next = self
+                        .route
+                        .advance(&tried, followed, servers::Failure::Unreachable);
+                    match (next, again) {
+                        (Some((i, base)), Some(retry)) => {
+                            request = moved(retry, &base, &path)?;
+                            tried.push(i);
+                            continue;
+                        }
+                        _ => return Err(ClientError::Transport(unanswered.join("; "))),
+                    }
+                }
+            };
+            if resp.status().is_success() {
+                return Ok(resp);
+            }
+            let (status, headers) = (resp.status(), resp.headers().clone());
+            let text = resp.text().await.unwrap_or_default();
+            if status == StatusCode::CONFLICT {
+                if let Some(owner_url) = lease_owner(&text) {
+                    let next = self.route.advance(
+                        &tried,
+                        followed,
+                        servers::Failure::LeaseHeld {
+                            owner_url: &owner_url,
+                        },
+                    );
+                    if let (Some((i, base)), Some(retry)) = (next, again) {
+                        request = moved(retry, &base, &path)?;
+                        tried.push(i);
+                        followed = true;
+                        continue;
+                    }
+                }
+            }
+            return Err(api_error(status, &headers, text));
         }
-        let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let text = resp.text().await.unwrap_or_default();
-        let body = serde_json::from_str::<ErrorBody>(&text).unwrap_or(ErrorBody {
-            code: format!("http_{}", status.as_u16()),
-            message: if text.is_empty() {
-                status.to_string()
-            } else {
-                text
-            },
-            recoverable: status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS,
-            owner_url: None,
-        });
-        Err(ClientError::Api {
-            status,
-            body,
-            retry_after,
-        })
     }
 
     pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -273,6 +317,51 @@ impl Client {
             .map_err(|e| ClientError::Transport(error_chain(&e)))?;
         Ok((b, headers))
     }
+}
+
+/// `request` sent to the server at `base` instead.
+fn moved(
+    mut request: reqwest::Request,
+    base: &str,
+    path: &str,
+) -> Result<reqwest::Request, ClientError> {
+    *request.url_mut() = reqwest::Url::parse(&format!("{base}{path}"))
+        .map_err(|e| ClientError::Setup(format!("server URL {base}: {e}")))?;
+    Ok(request)
+}
+
+/// The error of an answer that is not a success.
+fn api_error(
+    status: StatusCode,
+    headers: &reqwest::header::HeaderMap,
+    text: String,
+) -> ClientError {
+    let retry_after = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let body = serde_json::from_str::<ErrorBody>(&text).unwrap_or(ErrorBody {
+        code: format!("http_{}", status.as_u16()),
+        message: if text.is_empty() {
+            status.to_string()
+        } else {
+            text
+        },
+        recoverable: status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS,
+        owner_url: None,
+    });
+    ClientError::Api {
+        status,
+        body,
+        retry_after,
+    }
+}
+
+/// The owner's URL of a `lease_held` error body: the server holding the VM's lease.
+fn lease_owner(text: &str) -> Option<String> {
+    let b: ErrorBody = serde_json::from_str(text).ok()?;
+    (b.code == "lease_held").then_some(b.owner_url).flatten()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

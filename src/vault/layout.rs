@@ -7,6 +7,7 @@
 //! maps/<3 hex>/<64 hex>                     block-map roots and segments (content-addressed)
 //! packs/<3 hex>/<64 hex>                    packs of sealed block pieces (random names)
 //! records/<family>/<id>/v<20 digits>        versioned records: registry, vm, disk, job
+//! records/vault/format/v<20 digits>         the vault's current format (absent: the key check's)
 //! stage/<vm>/<disk>/<session>/<10 digits>   receipts of blocks received in a replication session
 //! logs/<vm>/<disk>/<log id>/f<8 digits>      frames of a change log (1 MiB of the .hrl each)
 //! logs/<vm>/<disk>/<log id>/extents          its validated extent list
@@ -25,6 +26,11 @@ fn key(segments: &[&str]) -> Key {
 
 pub fn key_check() -> Key {
     key(&["vault", "keycheck"])
+}
+
+/// The versioned record holding the vault's current format (absent: the key check's).
+pub fn vault_format() -> Key {
+    record(Family::Vault, "format")
 }
 
 pub fn map_object(name: &ChunkName) -> Key {
@@ -57,6 +63,8 @@ pub enum Family {
     Server,
     /// Who may change a VM (`lease/<vm id>`), or run maintenance (`lease/maintenance`).
     Lease,
+    /// Vault-wide settings: the format number (`vault/format`).
+    Vault,
 }
 
 impl Family {
@@ -75,6 +83,7 @@ impl Family {
             Family::Contact => "contact",
             Family::Server => "server",
             Family::Lease => "lease",
+            Family::Vault => "vault",
         }
     }
 }

@@ -25,6 +25,10 @@ pub struct Credentials {
     pub server: String,
     pub token: String,
     pub ca_cert_pem: String,
+    /// More URLs of servers on the same vault, tried in order after `server` when it cannot be
+    /// reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub servers: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

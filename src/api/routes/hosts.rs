@@ -140,6 +140,7 @@ async fn add_host(
             server: s.public_url.clone(),
             token,
             ca_cert_pem: s.ca_pem.clone(),
+            servers: other_servers(&s),
         }),
     ))
 }
@@ -216,6 +217,7 @@ async fn add_provider(
             server: s.public_url.clone(),
             token,
             ca_cert_pem: s.ca_pem.clone(),
+            servers: other_servers(&s),
         }),
     ))
 }
@@ -265,6 +267,7 @@ async fn rotate_host_token(
         server: s.public_url.clone(),
         token,
         ca_cert_pem: s.ca_pem.clone(),
+        servers: other_servers(&s),
     }))
 }
 
@@ -300,5 +303,17 @@ async fn rotate_provider_token(
         server: s.public_url.clone(),
         token,
         ca_cert_pem: s.ca_pem.clone(),
+        servers: other_servers(&s),
     }))
+}
+
+/// The URLs a credentials file lists after `server`: every live server's advertised URL but
+/// the public one (agents try them in order when it does not answer).
+fn other_servers(s: &AppState) -> Vec<String> {
+    s.catalog
+        .cluster()
+        .live_urls()
+        .into_iter()
+        .filter(|u| *u != s.public_url)
+        .collect()
 }
