@@ -193,7 +193,12 @@ pub struct Catalog {
     /// Called with a VM's id when this server takes its lease at a new epoch: services drop
     /// what they cached of the VM while another server may have changed it.
     on_take: Arc<std::sync::Mutex<Vec<TakeHook>>>,
+    /// When a read last re-read each VM's records ([`Catalog::refresh_soon`]).
+    refreshed: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
 }
+
+/// How stale the records of a VM held by another server may be when read here.
+const READ_STALENESS: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// See `Catalog::on_take`.
 type TakeHook = Arc<dyn Fn(String) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
@@ -273,6 +278,7 @@ impl Catalog {
             cluster,
             disk_versions: Arc::new(std::sync::Mutex::new(disk_versions)),
             on_take: Default::default(),
+            refreshed: Default::default(),
         };
         let pending: Vec<String> = c
             .vms
@@ -310,6 +316,11 @@ impl Catalog {
     /// Whether this server holds the VM's lease now (background work skips the others).
     pub fn holds(&self, vm: &str) -> bool {
         self.cluster.holds(&self.vm_id(vm))
+    }
+
+    /// Whether this server still holds the VM's lease according to the vault (one read).
+    pub async fn confirm_held(&self, vm: &str) -> bool {
+        self.cluster.confirm(&self.vm_id(vm)).await
     }
 
     /// For background work: holds the VM's lease if it can be had, `false` when another live
@@ -414,6 +425,71 @@ impl Catalog {
             .clone();
         for f in hooks {
             f(vm_id.clone()).await;
+        }
+        Ok(())
+    }
+
+    /// Re-reads `vm`'s records unless that happened in the last [`READ_STALENESS`]: what a
+    /// read of a VM this server does not hold may lag behind the vault. A failure leaves the
+    /// cache as it is (logged).
+    async fn refresh_soon(&self, vm: &str) {
+        {
+            let mut last = self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+            if last.get(vm).is_some_and(|t| t.elapsed() < READ_STALENESS) {
+                return;
+            }
+            if last.len() > 10_000 {
+                // Names nobody reads any more (and bogus ones) do not pile up.
+                last.retain(|_, t| t.elapsed() < READ_STALENESS);
+            }
+            last.insert(vm.to_string(), std::time::Instant::now());
+        }
+        if let Err(e) = self.refresh_vm(vm).await {
+            tracing::warn!(vm, error = %e, "re-reading a VM's records another server changed failed");
+        }
+    }
+
+    /// Re-reads one VM's record and its disks' records (see [`Catalog::refresh_soon`]).
+    async fn refresh_vm(&self, vm: &str) -> Result<()> {
+        let vm_id = self.vm_id(vm);
+        let records = &self.vault.records;
+        let Some(v) = records
+            .load::<VmRecord>(&layout::record(Family::Vm, &vm_id))
+            .await?
+        else {
+            if !self.cluster.holds(&vm_id) {
+                self.vms.write().await.remove(vm);
+                self.disks.write().await.retain(|(n, _), _| n != vm);
+            }
+            return Ok(());
+        };
+        let disks: Vec<String> = v
+            .value
+            .spec
+            .disks
+            .iter()
+            .chain(&v.value.removed_disks)
+            .map(|d| d.id.clone())
+            .collect();
+        {
+            let mut vms = self.vms.write().await;
+            if vms.get(vm).is_none_or(|c| c.version < v.version) {
+                vms.insert(vm.to_string(), v);
+            }
+        }
+        for disk in disks {
+            let id = layout::disk_record_id(&vm_id, &self.disk_id(vm, &disk));
+            if let Some(d) = records
+                .load::<DiskRecord>(&layout::record(Family::Disk, &id))
+                .await?
+            {
+                let mut cache = self.disks.write().await;
+                let mut versions = self.disk_versions.lock().unwrap_or_else(|p| p.into_inner());
+                if versions.get(&id).is_none_or(|known| *known < d.version) {
+                    versions.insert(id, d.version);
+                    cache.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
+                }
+            }
         }
         Ok(())
     }
@@ -723,6 +799,14 @@ impl Catalog {
 
     /// The VM record, checking that `host` may act on it (None = operator).
     pub async fn vm_for(&self, host: Option<&str>, vm: &str) -> Result<VmRecord> {
+        if !self.holds(vm) {
+            // Another server may have changed it (or created it) since the last refresh; a
+            // server alone on the vault re-reads only names it does not know.
+            let miss = !self.vms.read().await.contains_key(vm);
+            if miss || !self.cluster.live_peers().is_empty() {
+                self.refresh_soon(vm).await;
+            }
+        }
         let rec = self
             .vms
             .read()

@@ -211,6 +211,23 @@ impl Cluster {
         st.held.get(lease_id).map(|h| h.epoch)
     }
 
+    /// Whether the lease record in the vault still names this server at the epoch it holds
+    /// (a read of the record: for a step that must not run once another server took over).
+    pub async fn confirm(&self, lease_id: &str) -> bool {
+        let Some(epoch) = self.held_epoch(lease_id) else {
+            return false;
+        };
+        match self
+            .inner
+            .records
+            .load::<Lease>(&Self::lease_key(lease_id))
+            .await
+        {
+            Ok(Some(l)) => l.value.owner == self.inner.id && l.value.epoch == epoch,
+            _ => false,
+        }
+    }
+
     /// Whether this server holds the lease now.
     pub fn holds(&self, lease_id: &str) -> bool {
         self.held_epoch(lease_id).is_some()

@@ -212,13 +212,17 @@ impl Ingest {
         let len = match stored {
             Ok(len) => len,
             Err(e) => {
-                let _ = journal::delete_log(
-                    &self.catalog.vault().chunks,
-                    &d.vm_id,
-                    &d.disk_id,
-                    &key_id,
-                )
-                .await;
+                // Only while this server still holds the VM: otherwise the new holder may have
+                // stored (and accepted) this same log under the same keys.
+                if self.catalog.confirm_held(vm).await {
+                    let _ = journal::delete_log(
+                        &self.catalog.vault().chunks,
+                        &d.vm_id,
+                        &d.disk_id,
+                        &key_id,
+                    )
+                    .await;
+                }
                 return Err(e);
             }
         };
@@ -228,13 +232,18 @@ impl Ingest {
         {
             Ok(a) => Ok(a),
             Err(e) => {
-                let _ = journal::delete_log(
-                    &self.catalog.vault().chunks,
-                    &d.vm_id,
-                    &d.disk_id,
-                    &key_id,
-                )
-                .await;
+                // Fenced out (or no longer holding the VM): the log's keys may be the new
+                // holder's accepted log now; garbage collection takes ours if they are not.
+                let lost = matches!(e, Error::LeaseLost { .. } | Error::LeaseHeld { .. });
+                if !lost && self.catalog.confirm_held(vm).await {
+                    let _ = journal::delete_log(
+                        &self.catalog.vault().chunks,
+                        &d.vm_id,
+                        &d.disk_id,
+                        &key_id,
+                    )
+                    .await;
+                }
                 self.frames
                     .forget_prefix(layout::log_prefix(&d.vm_id, &d.disk_id, &key_id).as_str());
                 Err(e)

@@ -223,6 +223,8 @@ pub struct Registrar {
     cache: Arc<RwLock<Registry>>,
     /// The record version the cache holds: other servers on the vault update the registry too.
     version: Arc<std::sync::atomic::AtomicU64>,
+    /// When an unknown token last made the registry be re-read.
+    refreshed: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Registrar {
@@ -250,7 +252,19 @@ impl Registrar {
             keys,
             cache: Arc::new(RwLock::new(registry)),
             version: Arc::new(version.into()),
+            refreshed: Default::default(),
         })
+    }
+
+    /// Whether an unknown token may trigger a re-read now: at most every 500 ms, so a flood of
+    /// bad tokens costs the store one listing per half second.
+    fn may_refresh(&self) -> bool {
+        let mut last = self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(500)) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        true
     }
 
     /// Re-reads the registry when another server changed it (its version moved).
@@ -291,6 +305,13 @@ impl Registrar {
     pub async fn authenticate(&self, token: &str) -> Result<Principal> {
         let digest = self.keys.token_digest(token);
         let now = crate::util::unix_now();
+        let first = self.cache.read().await.resolve(&digest, now);
+        if matches!(first, Err(Refusal::Unknown)) && self.may_refresh() {
+            // Registered on another server of the vault since this one last read the registry.
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "re-reading the registry failed");
+            }
+        }
         self.cache
             .read()
             .await
