@@ -180,7 +180,9 @@ pub async fn sweep(
 }
 
 pub(super) async fn run(s: &Scrub, job: &str, dry_run: bool, grace_s: u64) -> Result<GcReport> {
-    // Other servers on the vault take part in a round (see [`super::rounds`]).
+    // Other servers on the vault take part in a round (see [`super::rounds`]): read who is
+    // live now, not as of the last heartbeat (a server started since must be in it).
+    s.catalog.cluster().heartbeat().await?;
     let peers = s.catalog.cluster().live_peers();
     if peers.is_empty() {
         return run_round(s, job, dry_run, grace_s, None).await;
@@ -216,8 +218,10 @@ async fn run_round(
     if let Some((id, peers)) = round {
         // Every other server tracks its writers too now, and finished what it had in flight.
         s.wait_acks(id, Phase::Mark, peers, wait).await?;
-        s.catalog.refresh().await?;
     }
+    // The mark reads the records as the vault has them: other servers (live or gone) may have
+    // changed those of the VMs this server does not hold since it last read them.
+    s.catalog.refresh().await?;
     let mut marked = mark(s).await?;
     s.jobs.step(job, "Mark", JobState::Succeeded).await?;
     s.jobs.step(job, "Sweep", JobState::Running).await?;
