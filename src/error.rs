@@ -72,13 +72,10 @@ pub enum Error {
     /// be written): nothing was applied, and the same request may succeed once it is fixed.
     #[error("{message}")]
     Unavailable { code: &'static str, message: String },
-    /// Another live server holds the VM's lease: the request belongs there.
-    #[error("VM {vm} is served by server {owner} at {owner_url}: send it there")]
-    LeaseHeld {
-        vm: String,
-        owner: String,
-        owner_url: String,
-    },
+    /// Another live server holds the VM's lease: the request belongs there
+    /// ([`Error::lease_held`] words the message).
+    #[error("{message}")]
+    LeaseHeld { message: String, owner_url: String },
     /// This server lost the lease while working (a newer epoch fenced it out): nothing of the
     /// change was published; the agent's retry reaches the new holder.
     #[error("{message}")]
@@ -128,6 +125,15 @@ impl Error {
         Error::Unavailable {
             code,
             message: message.into(),
+        }
+    }
+    /// `lease_held`: server `owner` at `owner_url` holds `subject` (a VM's name).
+    pub fn lease_held(subject: &str, owner: &str, owner_url: &str) -> Error {
+        Error::LeaseHeld {
+            message: format!(
+                "VM {subject} is served by server {owner} at {owner_url}: send it there"
+            ),
+            owner_url: owner_url.to_string(),
         }
     }
     pub fn internal(message: impl Into<String>) -> Error {

@@ -367,7 +367,7 @@ impl RunState<'_> {
             .await
             .map_err(|e| BenchError::Agent {
                 vm: self.vm.clone(),
-                source: e,
+                source: Box::new(e),
             })?;
         let secs = t.elapsed().as_secs_f64();
         if ack.status != "accepted" || ack.resync_required.is_some() {

@@ -164,7 +164,7 @@ async fn measure(
         let creds = server.add_host(&name).await?;
         let client = crate::agent::client_for(&creds, None).map_err(|e| BenchError::Agent {
             vm: name.clone(),
-            source: e,
+            source: Box::new(e),
         })?;
         let vm = format!("{name}-vm");
         let image: Arc<dyn crate::format::image::DiskImage> =
@@ -191,7 +191,7 @@ async fn measure(
             .await
             .map_err(|e| BenchError::Agent {
                 vm: vm.clone(),
-                source: e,
+                source: Box::new(e),
             })?;
         let beat = Heartbeat {
             agent_version: env!("CARGO_PKG_VERSION").into(),

@@ -324,7 +324,7 @@ async fn drive_agents(
         // One client per agent: separate connections, as separate hosts' agents would have.
         let client = crate::agent::client_for(creds, None).map_err(|e| BenchError::Agent {
             vm: format!("bench-{tag}-{k}"),
-            source: e,
+            source: Box::new(e),
         })?;
         let img: Arc<dyn DiskImage> = if ctx.distinct {
             let salt = u8::try_from(k + 1)
@@ -361,7 +361,7 @@ async fn drive_agents(
     // The server's count of body bytes received, when it keeps one; else the agents' own.
     let metrics = crate::agent::client_for(creds, None).map_err(|e| BenchError::Agent {
         vm: "-".into(),
-        source: e,
+        source: Box::new(e),
     })?;
     let wire0 = server_counter(&metrics, WIRE_COUNTER).await?;
     let server_cpu0 = match server_pid {
@@ -376,7 +376,7 @@ async fn drive_agents(
                 .await
                 .map_err(|e| BenchError::Agent {
                     vm: opts.vm.clone(),
-                    source: e,
+                    source: Box::new(e),
                 })
         }))
         .await;

@@ -109,7 +109,7 @@ pub enum BenchError {
     #[error("/proc: {0}")]
     Proc(String),
     #[error("agent {vm}: {source}")]
-    Agent { vm: String, source: AgentError },
+    Agent { vm: String, source: Box<AgentError> },
     #[error("{0}")]
     Client(#[from] ClientError),
     #[error("pipeline baseline: {0}")]

@@ -218,7 +218,7 @@ async fn measure(
             .await
             .map_err(|e| BenchError::Agent {
                 vm: vm.clone(),
-                source: e,
+                source: Box::new(e),
             })?;
         let resync_s = t.elapsed().as_secs_f64();
         let vault_per_changed_byte = per_changed_byte(

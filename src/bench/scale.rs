@@ -278,7 +278,7 @@ pub async fn run(args: ScaleArgs) -> Result<i32, BenchError> {
     let load_at_start = super::load_average();
     let prepared = images::prepare(&args.image).await?;
     images::warm_page_cache(&prepared.path)?;
-    let donor = DonorPages::sample(prepared.image.as_ref(), 1024, 0x7363_616c_65)?;
+    let donor = DonorPages::sample(prepared.image.as_ref(), 1024, 0x0073_6361_6c65)?;
     let ctx = Ctx {
         exe: std::env::current_exe().map_err(io_err("locating", Path::new("this binary")))?,
         work: prepared.work.clone(),
@@ -542,7 +542,7 @@ fn agent_vm(
     let vm = format!("scale-{}-{k}", ctx.tag);
     let client = crate::agent::client_for(creds, None).map_err(|e| BenchError::Agent {
         vm: vm.clone(),
-        source: e,
+        source: Box::new(e),
     })?;
     let salt =
         u8::try_from(k + 1).map_err(|_| BenchError::Invalid(format!("agent {k}: too many")))?;
@@ -588,7 +588,7 @@ fn agent_vm(
 async fn replicate_vm(a: &AgentVm) -> Result<(), BenchError> {
     let agent_err = |e| BenchError::Agent {
         vm: a.opts.vm.clone(),
-        source: e,
+        source: Box::new(e),
     };
     protect(&a.client, std::slice::from_ref(&a.source), &a.opts)
         .await
@@ -728,7 +728,7 @@ async fn death_measure(
         let size = image.virtual_size();
         let prev = crate::agent::replicate::log_header(&v.log).map_err(|e| BenchError::Agent {
             vm: v.opts.vm.clone(),
-            source: e,
+            source: Box::new(e),
         })?;
         let log = log_dir.join(format!("a{k}-c2.hrl"));
         let spec = LogSpec {
@@ -764,7 +764,7 @@ async fn death_measure(
             creds.server = urls[attempt % urls.len()].clone();
             let client = crate::agent::client_for(&creds, None).map_err(|e| BenchError::Agent {
                 vm: vm.clone(),
-                source: e,
+                source: Box::new(e),
             })?;
             let mut opts = cycle_opts(&vm, 2);
             // One quick try per server, then the next: the agent's own URL list does the same

@@ -180,7 +180,7 @@ pub fn log_tail(log: &Path) -> String {
 pub fn load_creds(path: &Path, server: Option<&str>) -> Result<Credentials, BenchError> {
     let mut creds = crate::agent::load_creds(path).map_err(|e| BenchError::Agent {
         vm: "-".into(),
-        source: e,
+        source: Box::new(e),
     })?;
     if let Some(s) = server {
         creds.server = s.to_string();
@@ -279,7 +279,7 @@ impl Target {
 fn agent_client(creds: &Credentials) -> Result<Client, BenchError> {
     crate::agent::client_for(creds, None).map_err(|e| BenchError::Agent {
         vm: "-".into(),
-        source: e,
+        source: Box::new(e),
     })
 }
 
@@ -333,7 +333,7 @@ impl RunClients {
             .await
             .map_err(|e| BenchError::Agent {
                 vm: vm.to_string(),
-                source: e,
+                source: Box::new(e),
             })
     }
 

@@ -307,11 +307,7 @@ impl Cluster {
                     }
                     (Some(l), Takeover::IfEpoch(e)) => {
                         if l.epoch != e {
-                            return Err(Error::LeaseHeld {
-                                vm: subject.to_string(),
-                                owner: l.owner.clone(),
-                                owner_url: l.owner_url.clone(),
-                            });
+                            return Err(Error::lease_held(subject, &l.owner, &l.owner_url));
                         }
                         l.epoch + 1
                     }
@@ -322,11 +318,7 @@ impl Cluster {
                             Self::peer_alive(&st, &l.owner, ttl)
                         };
                         if l.owner != me && !l.owner.is_empty() && alive {
-                            return Err(Error::LeaseHeld {
-                                vm: subject.to_string(),
-                                owner: l.owner.clone(),
-                                owner_url: l.owner_url.clone(),
-                            });
+                            return Err(Error::lease_held(subject, &l.owner, &l.owner_url));
                         }
                         l.epoch + 1
                     }
@@ -702,10 +694,9 @@ mod tests {
         assert_eq!(e, 1);
         b.heartbeat().await.unwrap();
         match b.take("vm1", "web01", Takeover::IfOwnerDead).await {
-            Err(Error::LeaseHeld {
-                owner, owner_url, ..
-            }) => {
-                assert_eq!((owner.as_str(), owner_url.as_str()), ("a", "https://a"));
+            Err(Error::LeaseHeld { message, owner_url }) => {
+                assert_eq!(owner_url, "https://a");
+                assert!(message.contains("server a "), "{message}");
             }
             other => panic!("expected lease_held, got {other:?}"),
         }

@@ -202,9 +202,9 @@ impl Scrub {
             })
             .await
             .map_err(|e| match e {
-                Error::LeaseHeld { owner, owner_url, .. } => Error::conflict_recoverable(
+                Error::LeaseHeld { owner_url, .. } => Error::conflict_recoverable(
                     "maintenance_running",
-                    format!("server {owner} ({owner_url}) is running a verify or garbage collection; wait for it to end"),
+                    format!("the server at {owner_url} is running a verify or garbage collection; wait for it to end"),
                 ),
                 other => other,
             })?;
