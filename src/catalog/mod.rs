@@ -449,6 +449,17 @@ impl Catalog {
         }
     }
 
+    /// Caches a disk record read from the vault unless a newer version is cached already
+    /// (checked under the cache's lock: a takeover meanwhile installed a newer one).
+    async fn install_disk(&self, id: &str, d: Versioned<DiskRecord>) {
+        let mut disks = self.disks.write().await;
+        let mut versions = self.disk_versions.lock().unwrap_or_else(|p| p.into_inner());
+        if versions.get(id).is_none_or(|v| *v < d.version) {
+            versions.insert(id.to_string(), d.version);
+            disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
+        }
+    }
+
     /// Re-reads one VM's record and its disks' records (see [`Catalog::refresh_soon`]).
     async fn refresh_vm(&self, vm: &str) -> Result<()> {
         let vm_id = self.vm_id(vm);
@@ -483,12 +494,7 @@ impl Catalog {
                 .load::<DiskRecord>(&layout::record(Family::Disk, &id))
                 .await?
             {
-                let mut cache = self.disks.write().await;
-                let mut versions = self.disk_versions.lock().unwrap_or_else(|p| p.into_inner());
-                if versions.get(&id).is_none_or(|known| *known < d.version) {
-                    versions.insert(id, d.version);
-                    cache.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
-                }
+                self.install_disk(&id, d).await;
             }
         }
         Ok(())
@@ -547,14 +553,7 @@ impl Catalog {
                 .load::<DiskRecord>(&layout::record(Family::Disk, id))
                 .await?
             {
-                // Under the cache's lock: a takeover of the VM meanwhile installed a newer
-                // version, which stays.
-                let mut disks = self.disks.write().await;
-                let mut versions = self.disk_versions.lock().unwrap_or_else(|p| p.into_inner());
-                if versions.get(id).is_none_or(|v| *v < d.version) {
-                    versions.insert(id.clone(), d.version);
-                    disks.insert((d.value.vm.clone(), d.value.disk.clone()), d.value);
-                }
+                self.install_disk(id, d).await;
             }
         }
         Ok(())
@@ -722,26 +721,8 @@ impl Catalog {
         // Disk records first: a VM record is never visible without its disks.
         for d in &spec.disks {
             let rec = self.new_disk_record(vm, &vm_id, &d.id, d.size, false);
-            let disk_id = rec.disk_id.clone();
-            let id = layout::disk_record_id(&vm_id, &disk_id);
-            let prefix = layout::record(Family::Disk, &id);
             // A leftover from a crashed enable is replaced; the VM record below is the commit point.
-            let stored = self
-                .vault
-                .records
-                .update_fenced(&prefix, epoch, |_: Option<&DiskRecord>| {
-                    Ok(Some(rec.clone()))
-                })
-                .await?
-                .ok_or_else(|| Error::internal("disk record missing after update"))?;
-            self.disk_versions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, stored.version);
-            self.disks
-                .write()
-                .await
-                .insert((vm.to_string(), d.id.clone()), stored.value);
+            self.write_disk(epoch, rec).await?;
         }
         let rec = VmRecord {
             name: vm.to_string(),
@@ -865,6 +846,11 @@ impl Catalog {
 
     pub(crate) async fn store_disk(&self, rec: DiskRecord) -> Result<()> {
         let epoch = self.hold(&rec.vm).await?;
+        self.write_disk(epoch, rec).await
+    }
+
+    /// Writes a disk record under lease `epoch` (fenced) and caches what was stored.
+    async fn write_disk(&self, epoch: u64, rec: DiskRecord) -> Result<()> {
         let id = layout::disk_record_id(&rec.vm_id, &rec.disk_id);
         let prefix = layout::record(Family::Disk, &id);
         let stored = self
