@@ -627,6 +627,21 @@ async fn ingest_once(
     Ok(run)
 }
 
+/// One VM per agent, agent k sent through server k mod `n`.
+fn agent_vms(
+    ctx: &Ctx,
+    cluster: &Cluster,
+    n: usize,
+    agents: usize,
+    image: &Arc<dyn DiskImage>,
+) -> Result<Vec<AgentVm>, BenchError> {
+    let log_dir = cluster.run_dir.join("logs");
+    std::fs::create_dir_all(&log_dir).map_err(io_err("creating", &log_dir))?;
+    (0..agents)
+        .map(|k| agent_vm(ctx, &cluster.creds(k, k % n)?, image, k, &log_dir))
+        .collect()
+}
+
 async fn drive(
     ctx: &Ctx,
     cluster: &Cluster,
@@ -634,18 +649,7 @@ async fn drive(
     agents: usize,
     image: &Arc<dyn DiskImage>,
 ) -> Result<IngestRun, BenchError> {
-    let log_dir = cluster.run_dir.join("logs");
-    std::fs::create_dir_all(&log_dir).map_err(io_err("creating", &log_dir))?;
-    let mut vms = Vec::with_capacity(agents);
-    for k in 0..agents {
-        vms.push(agent_vm(
-            ctx,
-            &cluster.creds(k, k % n)?,
-            image,
-            k,
-            &log_dir,
-        )?);
-    }
+    let vms = agent_vms(ctx, cluster, n, agents, image)?;
     let pids: Vec<String> = cluster.live().map(|(_, s)| s.pid.to_string()).collect();
     let cpu0 = server_ticks(&pids)?;
     let t0 = Instant::now();
@@ -704,18 +708,8 @@ async fn death_measure(
     agents: usize,
     image: &Arc<dyn DiskImage>,
 ) -> Result<DeathRun, BenchError> {
+    let vms = agent_vms(ctx, cluster, n, agents, image)?;
     let log_dir = cluster.run_dir.join("logs");
-    std::fs::create_dir_all(&log_dir).map_err(io_err("creating", &log_dir))?;
-    let mut vms = Vec::with_capacity(agents);
-    for k in 0..agents {
-        vms.push(agent_vm(
-            ctx,
-            &cluster.creds(k, k % n)?,
-            image,
-            k,
-            &log_dir,
-        )?);
-    }
     futures_util::future::join_all(vms.iter().map(replicate_vm))
         .await
         .into_iter()
